@@ -1,0 +1,53 @@
+//! Topic creation for local runs, tests and first start: create what is missing, leave what exists.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    /// `cleanup.policy=compact` (for `tally.budget`, whose key is the tenant).
+    pub compacted: bool,
+}
+
+impl TopicSpec {
+    pub fn new(name: impl Into<String>, partitions: i32) -> Self {
+        TopicSpec { name: name.into(), partitions, compacted: false }
+    }
+}
+
+/// Creates every topic that does not exist yet; an existing topic is left as it is.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
+    config.validate()?;
+    let admin: AdminClient<DefaultClientContext> = config.client_config().create().map_err(Error::Client)?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(1));
+            if t.compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|e| Error::Admin { topic: "*".into(), detail: e.to_string() })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(Error::Admin { topic, detail: code.to_string() }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The tenant-bound event consumer.
+//!
+//! A consumer-group member on one topic. The [`PartitionSink`] decides where each newly assigned
+//! partition resumes (the ledger answers from its own durable state, so exactly-once does not depend
+//! on the group's committed offsets) and is told, inside the rebalance and before the partition is
+//! gone, which partitions are revoked so it can finish their work.
+//!
+//! Invariants:
+//! * A batch holds only messages of partitions assigned at the moment it is returned: messages
+//!   buffered from a partition that is revoked mid-poll are dropped (its next owner re-reads them
+//!   from its resume offset).
+//! * Within a partition, deliveries come in offset order.
+//! * Every message becomes a [`Delivery`], valid or not; nothing is filtered out silently.
+//!
+//! librdkafka polling blocks, so each poll runs on tokio's blocking pool.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tally_schemas::{decode_message, Decoded, Rejection};
+
+use crate::config::KafkaConfig;
+use crate::error::{Error, Result};
+
+/// Where a newly assigned partition resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// At this offset (the next one to read).
+    At(i64),
+    /// At the start of the partition.
+    Beginning,
+    /// At the group's committed offset, or the start when there is none.
+    Committed,
+}
+
+/// The owner of what is consumed: it decides where partitions resume and is told of revocations.
+/// Both calls run on the librdkafka poll thread, inside a rebalance: they may block, briefly.
+pub trait PartitionSink: Send + Sync + 'static {
+    fn resume(&self, topic: &str, partition: i32) -> Resume;
+    /// Called before `partitions` are taken away. Every delivery of theirs returned so far has
+    /// reached the caller; the sink should make its work on them durable before returning.
+    fn partitions_revoked(&self, topic: &str, partitions: &[i32]);
+    /// Called after `partitions` are assigned (with the resume positions already applied).
+    fn partitions_assigned(&self, _topic: &str, _partitions: &[i32]) {}
+}
+
+/// One consumed message with its source and its verdict.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub partition: i32,
+    pub offset: i64,
+    /// Kafka timestamp (ms since the epoch), when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub outcome: std::result::Result<Decoded, Rejection>,
+}
+
+struct SinkContext {
+    topic: String,
+    sink: Arc<dyn PartitionSink>,
+    /// Partitions revoked by rebalances since the poll loop last looked.
+    revoked: Mutex<BTreeSet<i32>>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<i32> =
+            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                for &p in &partitions {
+                    let offset = match self.sink.resume(&self.topic, p) {
+                        Resume::At(o) => Offset::Offset(o),
+                        Resume::Beginning => Offset::Beginning,
+                        Resume::Committed => Offset::Stored,
+                    };
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                        tracing::error!(partition = p, error = %e, "cannot set resume offset");
+                    }
+                }
+                let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                match result {
+                    Ok(()) => {
+                        tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                        self.sink.partitions_assigned(&self.topic, &partitions);
+                    }
+                    Err(e) => tracing::error!(error = %e, ?partitions, "assign failed"),
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoked.lock().unwrap_or_else(PoisonError::into_inner).extend(partitions.iter().copied());
+                self.sink.partitions_revoked(&self.topic, &partitions);
+                let result = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, ?partitions, "unassign failed");
+                }
+                tracing::info!(topic = %self.topic, ?partitions, "partitions revoked");
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                self.revoked.lock().unwrap_or_else(PoisonError::into_inner).extend(partitions.iter().copied());
+                self.sink.partitions_revoked(&self.topic, &partitions);
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+        }
+    }
+}
+
+/// A consumer-group member yielding batches of [`Delivery`]s.
+pub struct EventConsumer {
+    consumer: Arc<BaseConsumer<SinkContext>>,
+    topic: String,
+    max_batch: usize,
+    max_wait: Duration,
+}
+
+impl EventConsumer {
+    /// Joins `group` and subscribes to `topic`. `max_batch` bounds a batch; a batch is returned
+    /// when full or when `max_wait` has passed since the first poll (possibly empty).
+    pub fn new(
+        config: &KafkaConfig,
+        group: &str,
+        topic: &str,
+        sink: Arc<dyn PartitionSink>,
+        max_batch: usize,
+        max_wait: Duration,
+    ) -> Result<Self> {
+        config.validate()?;
+        let context = SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()) };
+        let consumer: BaseConsumer<SinkContext> = config
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .create_with_context(context)
+            .map_err(Error::Client)?;
+        consumer.subscribe(&[topic]).map_err(Error::Consume)?;
+        Ok(EventConsumer { consumer: Arc::new(consumer), topic: topic.to_string(), max_batch: max_batch.max(1), max_wait })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Polls until a batch is full or `max_wait` has passed. Rebalances happen inside this call.
+    pub async fn next_batch(&self) -> Result<Vec<Delivery>> {
+        let consumer = Arc::clone(&self.consumer);
+        let (max_batch, max_wait) = (self.max_batch, self.max_wait);
+        tokio::task::spawn_blocking(move || poll_batch(&consumer, max_batch, max_wait))
+            .await
+            .map_err(|e| Error::PollThread(e.to_string()))?
+    }
+
+    /// Commits `next_offset` per partition to the group, so standard lag tools see progress.
+    /// The ledger never resumes from these; they are informational.
+    pub fn commit(&self, next_offsets: &[(i32, i64)]) -> Result<()> {
+        if next_offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, o) in next_offsets {
+            tpl.add_partition_offset(&self.topic, p, Offset::Offset(o)).map_err(Error::Commit)?;
+        }
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(Error::Commit)
+    }
+
+    /// The partitions currently assigned to this member.
+    pub fn assignment(&self) -> Result<Vec<i32>> {
+        let tpl = self.consumer.assignment().map_err(Error::Consume)?;
+        Ok(tpl.elements().iter().map(|e| e.partition()).collect())
+    }
+
+    /// Leaves the group: the sink is told of the final revocation before this returns.
+    pub async fn close(self) -> Result<()> {
+        let consumer = self.consumer;
+        tokio::task::spawn_blocking(move || {
+            consumer.unsubscribe();
+            // The revocation callback is served by poll; a few polls let it run before drop.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                consumer.poll(Duration::from_millis(50));
+                if consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+                    break;
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::PollThread(e.to_string()))
+    }
+}
+
+fn poll_batch(consumer: &BaseConsumer<SinkContext>, max_batch: usize, max_wait: Duration) -> Result<Vec<Delivery>> {
+    let context = consumer.context();
+    let deadline = Instant::now() + max_wait;
+    let mut batch = Vec::new();
+    while batch.len() < max_batch {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let polled = consumer.poll(deadline - now);
+        // Rebalance callbacks run inside poll, before the message it returns: drop what we hold
+        // of partitions revoked there, but keep what arrives after (possibly re-)assignment.
+        let revoked = std::mem::take(&mut *context.revoked.lock().unwrap_or_else(PoisonError::into_inner));
+        if !revoked.is_empty() {
+            batch.retain(|d: &Delivery| !revoked.contains(&d.partition));
+        }
+        let message = match polled {
+            None => continue,
+            Some(Ok(m)) => m,
+            Some(Err(KafkaError::PartitionEOF(_))) => continue,
+            Some(Err(e)) => {
+                // Transient broker errors are reported and polling continues; librdkafka recovers.
+                tracing::warn!(error = %e, "consumer error");
+                continue;
+            }
+        };
+        let headers: Vec<(String, Vec<u8>)> = message
+            .headers()
+            .map(|hs| {
+                hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+            })
+            .unwrap_or_default();
+        let value = message.payload().unwrap_or_default().to_vec();
+        let key = message.key().map(<[u8]>::to_vec);
+        let header_refs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let outcome = decode_message(key.as_deref(), &value, &header_refs);
+        batch.push(Delivery {
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key,
+            value,
+            headers,
+            outcome,
+        });
+    }
+    Ok(batch)
+}

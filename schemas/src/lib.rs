@@ -1,0 +1,21 @@
+//! Tally's wire contract, shared by every other crate.
+//!
+//! * [`Event`]: the v1 Tally event (SPEC §1) as a typed, already-validated value. The only way to
+//!   get one from untrusted bytes is [`Event::from_json`] or [`decode_message`], which reject bad
+//!   input with a [`Rejection`] carrying a stable [`RejectCode`].
+//! * [`decode_message`]: one Kafka message (key, value, headers) → a [`Decoded`] event bound to its
+//!   tenant, whether it arrived as plain Tally JSON or as a CloudEvent (structured or binary mode).
+//! * [`projection_schema`]: the Arrow schema of the Parquet projection (SPEC §5).
+//!
+//! This crate does no I/O and knows nothing of Kafka clients, so everything in it is testable with
+//! plain bytes.
+
+mod envelope;
+mod error;
+mod event;
+mod projection;
+
+pub use envelope::{decode_message, Decoded, IdempotencyKey, IngressFormat, MAX_MESSAGE_BYTES};
+pub use error::{RejectCode, Rejection};
+pub use event::{validate_tenant_id, Cost, Decision, Event, Usage};
+pub use projection::projection_schema;
