@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Benchmarks (never timed assertions in tests). `scripts/bench.sh ingest` starts the pinned broker
+# unless KAFKA_BOOTSTRAP is set, runs the ingest benchmark, and stops the broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-}
+case "$what" in
+  ingest)
+    if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
+      export TALLY_KAFKA_DATA=${TALLY_KAFKA_DATA:-$(mktemp -d "${TMPDIR:-/tmp}/tally-bench-kafka.XXXXXX")}
+      export TALLY_KAFKA_PORT=${TALLY_KAFKA_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+      trap 'scripts/kafka.sh stop' EXIT
+      KAFKA_BOOTSTRAP=$(scripts/kafka.sh start)
+      export KAFKA_BOOTSTRAP
+    fi
+    cargo bench --locked -p tally-ingest --bench consume
+    ;;
+  *)
+    echo "usage: $0 ingest" >&2
+    exit 2
+    ;;
+esac

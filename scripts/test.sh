@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test: starts the pinned local broker (installing it into ~/.cache/tally once) unless
+# KAFKA_BOOTSTRAP points at a running Kafka, runs the workspace tests against it, and stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export TALLY_KAFKA_DATA=${TALLY_KAFKA_DATA:-$(mktemp -d "${TMPDIR:-/tmp}/tally-test-kafka.XXXXXX")}
+if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
+  export TALLY_KAFKA_PORT=${TALLY_KAFKA_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+  trap 'scripts/kafka.sh stop' EXIT
+  KAFKA_BOOTSTRAP=$(scripts/kafka.sh start)
+  export KAFKA_BOOTSTRAP
+fi
+echo "test.sh: broker at $KAFKA_BOOTSTRAP" >&2
+
+cargo test --workspace --all-targets --locked "$@"
