@@ -12,17 +12,17 @@
 #   scripts/kafka.sh status           print the bootstrap address if it answers
 #
 # With KAFKA_BOOTSTRAP set, start/stop/status use that broker and never touch Tansu.
-# Settings (environment): TALLY_KAFKA_PORT (9092), TALLY_KAFKA_DATA (.tally/kafka),
-# TALLY_CACHE (~/.cache/tally), TALLY_KAFKA_PARTITIONS (8).
+# Settings (environment): TALLY_BROKER_PORT (9092), TALLY_BROKER_DATA (.tally/kafka),
+# TALLY_CACHE (~/.cache/tally), TALLY_BROKER_PARTITIONS (8).
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
 CACHE=${TALLY_CACHE:-$HOME/.cache/tally}
 TANSU_ROOT=$CACHE/tansu-$TANSU_VERSION
 TANSU=$TANSU_ROOT/bin/tansu
-PORT=${TALLY_KAFKA_PORT:-9092}
-DATA=${TALLY_KAFKA_DATA:-$(pwd)/.tally/kafka}
-PARTITIONS=${TALLY_KAFKA_PARTITIONS:-8}
+PORT=${TALLY_BROKER_PORT:-9092}
+DATA=${TALLY_BROKER_DATA:-$(pwd)/.tally/kafka}
+PARTITIONS=${TALLY_BROKER_PARTITIONS:-8}
 PIDFILE=$DATA/tansu.pid
 ADDR=127.0.0.1:$PORT
 

@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export TALLY_KAFKA_DATA=${TALLY_KAFKA_DATA:-$(mktemp -d "${TMPDIR:-/tmp}/tally-test-kafka.XXXXXX")}
+export TALLY_BROKER_DATA=${TALLY_BROKER_DATA:-$(mktemp -d "${TMPDIR:-/tmp}/tally-test-kafka.XXXXXX")}
 if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
-  export TALLY_KAFKA_PORT=${TALLY_KAFKA_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+  export TALLY_BROKER_PORT=${TALLY_BROKER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
   trap 'scripts/kafka.sh stop' EXIT
   KAFKA_BOOTSTRAP=$(scripts/kafka.sh start)
   export KAFKA_BOOTSTRAP

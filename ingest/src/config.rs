@@ -2,8 +2,8 @@
 //!
 //! `bootstrap` plus a pass-through map of librdkafka properties (`[kafka.librdkafka]` in TOML).
 //! Overrides come from the environment, given explicitly by the binary (this crate never reads the
-//! process environment itself): `KAFKA_BOOTSTRAP` replaces `bootstrap`, and `TALLY_KAFKA_<NAME>`
-//! sets the librdkafka property `<name>` with `_` read as `.` (`TALLY_KAFKA_SECURITY_PROTOCOL=ssl`
+//! process environment itself): `KAFKA_BOOTSTRAP` replaces `bootstrap`, and `TALLY_RDKAFKA_<NAME>`
+//! sets the librdkafka property `<name>` with `_` read as `.` (`TALLY_RDKAFKA_SECURITY_PROTOCOL=ssl`
 //! sets `security.protocol`).
 
 use std::collections::BTreeMap;
@@ -43,7 +43,7 @@ impl KafkaConfig {
         KafkaConfig { bootstrap: bootstrap.into(), ..KafkaConfig::default() }
     }
 
-    /// Applies `KAFKA_BOOTSTRAP` and `TALLY_KAFKA_*` overrides from the given variables.
+    /// Applies `KAFKA_BOOTSTRAP` and `TALLY_RDKAFKA_*` overrides from the given variables.
     pub fn apply_env<I, K, V>(&mut self, vars: I)
     where
         I: IntoIterator<Item = (K, V)>,
@@ -54,7 +54,7 @@ impl KafkaConfig {
             let key = key.as_ref();
             if key == "KAFKA_BOOTSTRAP" {
                 self.bootstrap = value.into();
-            } else if let Some(prop) = key.strip_prefix("TALLY_KAFKA_") {
+            } else if let Some(prop) = key.strip_prefix("TALLY_RDKAFKA_") {
                 self.librdkafka.insert(prop.to_ascii_lowercase().replace('_', "."), value.into());
             }
         }
@@ -105,8 +105,9 @@ mod tests {
         .unwrap();
         cfg.apply_env([
             ("KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
-            ("TALLY_KAFKA_SECURITY_PROTOCOL", "ssl"),
+            ("TALLY_RDKAFKA_SECURITY_PROTOCOL", "ssl"),
             ("UNRELATED", "x"),
+            ("TALLY_BROKER_DATA", "/tmp/not-a-kafka-property"),
         ]);
         assert_eq!(cfg.bootstrap, "127.0.0.1:19092");
         assert_eq!(cfg.librdkafka["security.protocol"], "ssl");
