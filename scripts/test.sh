@@ -13,4 +13,6 @@ if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
 fi
 echo "test.sh: broker at $KAFKA_BOOTSTRAP" >&2
 
-cargo test --workspace --all-targets --locked "$@"
+# Benches are built (so they cannot rot) but run only by scripts/bench.sh.
+cargo build --workspace --benches --locked
+cargo test --workspace --lib --bins --tests --locked "$@"

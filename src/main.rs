@@ -4,6 +4,7 @@
 
 mod config;
 mod consume;
+mod log_cmd;
 mod publish;
 
 use std::path::PathBuf;
@@ -34,6 +35,16 @@ enum Command {
     /// Consume events, dead-letter bad ones, and print a per-tenant summary.
     Consume(consume::Args),
     /// Create Tally's topics (events, its DLQ, budget) where missing.
+    /// Create a ledger signing key (private key file, mode 0600) and print the origin's vkey.
+    Keygen(log_cmd::KeygenArgs),
+    /// Print a tenant's verifier key (vkey).
+    Vkey(log_cmd::VkeyArgs),
+    /// Verify receipts and consistency proofs offline.
+    #[command(subcommand)]
+    Verify(log_cmd::VerifyCommand),
+    /// Offline tools over a ledger data directory.
+    #[command(subcommand)]
+    Log(log_cmd::LogCommand),
     Topics {
         #[arg(long, default_value = "tally.events")]
         events_topic: String,
@@ -50,27 +61,39 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let mut config = CliConfig::load(cli.config.as_deref(), std::env::vars())?;
-    if let Some(b) = cli.bootstrap {
-        config.kafka.bootstrap = b;
-    }
-    config.kafka.validate()?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Publish(args) => publish::run(&config, args).await,
-            Command::Consume(args) => consume::run(&config, args).await,
-            Command::Topics { events_topic, partitions } => {
-                let dlq = DeadLetterQueue::topic_for(&events_topic);
-                let topics = [
-                    TopicSpec::new(events_topic.clone(), partitions),
-                    TopicSpec::new(dlq.clone(), partitions),
-                    TopicSpec { compacted: true, ..TopicSpec::new("tally.budget", partitions) },
-                ];
-                ensure_topics(&config.kafka, &topics).await.context("creating topics")?;
-                println!("topics ready: {events_topic} ({partitions} partitions), {dlq}, tally.budget (compacted)");
-                Ok(())
-            }
+    // Offline commands run without Kafka settings or an async runtime.
+    let online = |config: Option<PathBuf>, bootstrap: Option<String>| -> anyhow::Result<(CliConfig, tokio::runtime::Runtime)> {
+        let mut config = CliConfig::load(config.as_deref(), std::env::vars())?;
+        if let Some(b) = bootstrap {
+            config.kafka.bootstrap = b;
         }
-    })
+        config.kafka.validate()?;
+        Ok((config, tokio::runtime::Runtime::new().context("starting the tokio runtime")?))
+    };
+    match cli.command {
+        Command::Keygen(args) => log_cmd::keygen(args),
+        Command::Vkey(args) => log_cmd::vkey(args),
+        Command::Verify(command) => log_cmd::verify(command),
+        Command::Log(command) => log_cmd::log(command),
+        Command::Publish(args) => {
+            let (config, rt) = online(cli.config, cli.bootstrap)?;
+            rt.block_on(publish::run(&config, args))
+        }
+        Command::Consume(args) => {
+            let (config, rt) = online(cli.config, cli.bootstrap)?;
+            rt.block_on(consume::run(&config, args))
+        }
+        Command::Topics { events_topic, partitions } => {
+            let (config, rt) = online(cli.config, cli.bootstrap)?;
+            let dlq = DeadLetterQueue::topic_for(&events_topic);
+            let topics = [
+                TopicSpec::new(events_topic.clone(), partitions),
+                TopicSpec::new(dlq.clone(), partitions),
+                TopicSpec { compacted: true, ..TopicSpec::new("tally.budget", partitions) },
+            ];
+            rt.block_on(ensure_topics(&config.kafka, &topics)).context("creating topics")?;
+            println!("topics ready: {events_topic} ({partitions} partitions), {dlq}, tally.budget (compacted)");
+            Ok(())
+        }
+    }
 }

@@ -3,19 +3,28 @@
 //! Tally wrote can check.
 //!
 //! * [`merkle`]: hashing, the append frontier, proofs and their verification.
-//! * [`NoteSigner`] / [`NoteVerifier`]: C2SP signed notes with Ed25519, vkeys, key IDs.
+//! * [`TenantLog`]: one tenant's durable log (checksummed frames, stored nodes, group commit,
+//!   torn-tail repair); [`Ledger`]: a directory of them, committed and checkpointed together.
+//! * [`NoteSigner`] / [`NoteVerifier`] / [`LedgerKey`]: C2SP signed notes with Ed25519.
 //! * [`Checkpoint`]: the C2SP tlog-checkpoint of a tenant's log (origin `<log-origin>/t/<tenant>`).
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
+//! * [`event_record`]: the canonical bytes of a ledger record.
 
 mod checkpoint;
 mod error;
+mod keyfile;
+mod ledger;
 mod log;
 pub mod merkle;
 mod note;
 mod receipt;
+mod record;
 
 pub use checkpoint::{tenant_origin, Checkpoint};
 pub use error::{Error, Result};
-pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
+pub use keyfile::LedgerKey;
+pub use ledger::Ledger;
 pub use log::{TenantLog, MAX_ENTRY_BYTES};
+pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use receipt::Receipt;
+pub use record::{event_record, Source};

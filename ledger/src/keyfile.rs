@@ -1,0 +1,118 @@
+//! The ledger's private signing key on disk and the per-tenant signers derived from it.
+//!
+//! One Ed25519 key signs every tenant's checkpoints; what differs per tenant is the key *name*
+//! (`<log-origin>/t/<tenant>`), and with it the key ID and the vkey. File format (one line, the
+//! same shape as Go's note private keys): `PRIVATE+KEY+<log-origin>+<hex key id>+<base64(0x01 || seed)>`.
+//! Files are created with mode 0600 and never overwritten.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rand::RngCore as _;
+
+use crate::checkpoint::tenant_origin;
+use crate::error::{Error, Result};
+use crate::note::{NoteSigner, NoteVerifier};
+
+#[derive(Clone)]
+pub struct LedgerKey {
+    origin: String,
+    seed: [u8; 32],
+}
+
+impl std::fmt::Debug for LedgerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerKey").field("origin", &self.origin).finish_non_exhaustive()
+    }
+}
+
+impl LedgerKey {
+    /// A fresh random key for the log origin (e.g. `tally.example.com`).
+    pub fn generate(origin: &str) -> Result<Self> {
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        NoteSigner::new(origin, seed)?;
+        Ok(LedgerKey { origin: origin.trim_end_matches('/').to_string(), seed })
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The signer for one tenant's log.
+    pub fn signer_for(&self, tenant_id: &str) -> Result<NoteSigner> {
+        NoteSigner::new(&tenant_origin(&self.origin, tenant_id), self.seed)
+    }
+
+    /// The vkey of the log origin itself.
+    pub fn origin_verifier(&self) -> Result<NoteVerifier> {
+        Ok(NoteSigner::new(&self.origin, self.seed)?.verifier())
+    }
+
+    pub fn to_text(&self) -> Result<String> {
+        let signer = NoteSigner::new(&self.origin, self.seed)?;
+        let mut key = vec![0x01];
+        key.extend_from_slice(&self.seed);
+        Ok(format!("PRIVATE+KEY+{}+{:08x}+{}\n", self.origin, signer.id(), B64.encode(key)))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = |why: &str| Error::BadKey(format!("private key file: {why}"));
+        let rest = text.trim().strip_prefix("PRIVATE+KEY+").ok_or_else(|| bad("must start with PRIVATE+KEY+"))?;
+        let mut parts = rest.splitn(3, '+');
+        let (origin, id, key) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(o), Some(i), Some(k)) => (o, i, k),
+            _ => return Err(bad("expected PRIVATE+KEY+<origin>+<key id>+<key>")),
+        };
+        let key = B64.decode(key).map_err(|_| bad("key is not base64"))?;
+        let seed: [u8; 32] = match key.split_first() {
+            Some((&0x01, seed)) => seed.try_into().map_err(|_| bad("an Ed25519 seed is 32 bytes"))?,
+            _ => return Err(bad("unknown algorithm (only Ed25519, 0x01)")),
+        };
+        let signer = NoteSigner::new(origin, seed)?;
+        if format!("{:08x}", signer.id()) != id {
+            return Err(bad("key id does not match the origin and key"));
+        }
+        Ok(LedgerKey { origin: origin.to_string(), seed })
+    }
+
+    /// Writes a new key file with mode 0600; refuses to overwrite an existing file.
+    pub fn write_new(&self, path: &Path) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        f.write_all(self.to_text()?.as_bytes()).map_err(|e| Error::io(path, e))?;
+        f.sync_all().map_err(|e| Error::io(path, e))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        LedgerKey::parse(&std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn write_read_and_refuse_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.key");
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        key.write_new(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let back = LedgerKey::read(&path).unwrap();
+        assert_eq!(back.signer_for("acme").unwrap().verifier(), key.signer_for("acme").unwrap().verifier());
+        assert_eq!(back.signer_for("acme").unwrap().name(), "tally.example.com/t/acme");
+        assert!(LedgerKey::generate("tally.example.com").unwrap().write_new(&path).is_err());
+        let tampered = key.to_text().unwrap().replacen("+", "+x", 3);
+        assert!(LedgerKey::parse(&tampered).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! Offline ledger tools: `tally keygen`, `tally vkey`, `tally verify`, `tally log import|receipt`.
+//! None of them needs Kafka; `verify` needs nothing but the files an auditor was given.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use tally_ledger::merkle::{verify_consistency, Hash};
+use tally_ledger::{event_record, tenant_origin, Checkpoint, Ledger, LedgerKey, NoteVerifier, Receipt, Source};
+use tally_schemas::Event;
+
+#[derive(clap::Args)]
+pub struct KeygenArgs {
+    /// Log origin; tenant logs are `<origin>/t/<tenant>` (e.g. tally.example.com).
+    #[arg(long)]
+    origin: String,
+    /// Private key file to create (mode 0600; never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let key = LedgerKey::generate(&args.origin)?;
+    key.write_new(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote private key {} (mode 0600); tenant vkeys: tally vkey --key {} --tenant <id>", args.out.display(), args.out.display());
+    println!("{}", key.origin_verifier()?);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct VkeyArgs {
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    tenant: String,
+}
+
+pub fn vkey(args: VkeyArgs) -> anyhow::Result<()> {
+    tally_schemas::validate_tenant_id(&args.tenant)?;
+    let key = LedgerKey::read(&args.key)?;
+    println!("{}", key.signer_for(&args.tenant)?.verifier());
+    Ok(())
+}
+
+#[derive(clap::Subcommand)]
+pub enum VerifyCommand {
+    /// Check a tlog-proof receipt and its entry against a vkey.
+    Receipt {
+        #[arg(long)]
+        vkey: String,
+        #[arg(long)]
+        receipt: PathBuf,
+        #[arg(long)]
+        entry: PathBuf,
+    },
+    /// Check that a newer checkpoint extends an older one (proof: base64 hashes, one per line).
+    Consistency {
+        #[arg(long)]
+        vkey: String,
+        #[arg(long)]
+        old: PathBuf,
+        #[arg(long)]
+        new: PathBuf,
+        #[arg(long)]
+        proof: PathBuf,
+    },
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
+    match command {
+        VerifyCommand::Receipt { vkey, receipt, entry } => {
+            let verifier = NoteVerifier::parse(&vkey)?;
+            let receipt = Receipt::parse(&read_text(&receipt)?)?;
+            let entry = std::fs::read(&entry).with_context(|| format!("reading {}", entry.display()))?;
+            let checkpoint = receipt.verify(&entry, &[verifier], None).context("receipt is not valid")?;
+            println!("valid: entry {} is in {} at tree size {}", receipt.index, checkpoint.origin, checkpoint.size);
+        }
+        VerifyCommand::Consistency { vkey, old, new, proof } => {
+            let verifier = NoteVerifier::parse(&vkey)?;
+            let old = Checkpoint::open(&read_text(&old)?, std::slice::from_ref(&verifier), None).context("old checkpoint")?;
+            let new = Checkpoint::open(&read_text(&new)?, &[verifier], Some(&old.origin)).context("new checkpoint")?;
+            let proof: Vec<Hash> = read_text(&proof)?
+                .lines()
+                .filter(|l| !l.is_empty())
+                .enumerate()
+                .map(|(i, l)| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(l)
+                        .ok()
+                        .and_then(|h| Hash::try_from(h).ok())
+                        .with_context(|| format!("proof line {} is not a base64 32-byte hash", i + 1))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            verify_consistency(old.size, new.size, &old.root, &new.root, &proof).context("consistency proof is not valid")?;
+            println!("valid: {} at size {} extends size {}", new.origin, new.size, old.size);
+        }
+    }
+    Ok(())
+}
+
+/// One tenant's log in a data directory, opened with the ledger key.
+#[derive(clap::Args)]
+pub struct TenantLogArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    tenant: String,
+}
+
+impl TenantLogArgs {
+    fn open(&self) -> anyhow::Result<Ledger> {
+        Ok(Ledger::open(&self.data, LedgerKey::read(&self.key)?)?)
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum LogCommand {
+    /// Append JSONL events to tenant logs in a data directory, without Kafka (backfills).
+    Import {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        input: PathBuf,
+    },
+    /// Export a receipt (tlog-proof) and the entry bytes for one record.
+    Receipt {
+        #[command(flatten)]
+        log: TenantLogArgs,
+        #[arg(long)]
+        seq: u64,
+        /// Writes `<out>.tlog-proof` and `<out>.entry`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a consistency proof between two sizes of a tenant's log.
+    Consistency {
+        #[command(flatten)]
+        log: TenantLogArgs,
+        #[arg(long)]
+        old: u64,
+        #[arg(long)]
+        new: u64,
+    },
+}
+
+pub fn log(command: LogCommand) -> anyhow::Result<()> {
+    match command {
+        LogCommand::Import { data, key, input } => import(&data, LedgerKey::read(&key)?, &input),
+        LogCommand::Receipt { log, seq, out } => {
+            let (receipt, entry) = log.open()?.receipt(&log.tenant, seq)?;
+            let proof_path = out.with_extension("tlog-proof");
+            let entry_path = out.with_extension("entry");
+            std::fs::write(&proof_path, receipt.to_text()).with_context(|| format!("writing {}", proof_path.display()))?;
+            std::fs::write(&entry_path, entry).with_context(|| format!("writing {}", entry_path.display()))?;
+            println!("{}\n{}", proof_path.display(), entry_path.display());
+            Ok(())
+        }
+        LogCommand::Consistency { log, old, new } => {
+            for hash in log.open()?.tenant(&log.tenant)?.consistency_proof(old, new)? {
+                println!("{}", base64::engine::general_purpose::STANDARD.encode(hash));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Imports valid events; invalid lines are reported with their line number and code, and skipped.
+fn import(data: &Path, key: LedgerKey, input: &Path) -> anyhow::Result<()> {
+    let mut ledger = Ledger::open(data, key)?;
+    let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let name = input.display().to_string();
+    let mut rejected = 0u64;
+    let mut added: BTreeMap<String, u64> = BTreeMap::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let line = line.with_context(|| format!("reading line {line_no}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event = match Event::from_json(line.as_bytes()) {
+            Ok(e) => e,
+            Err(rejection) => {
+                eprintln!("line {line_no}: rejected: {rejection}");
+                rejected += 1;
+                continue;
+            }
+        };
+        let digest: [u8; 32] = sha2_digest(line.as_bytes());
+        let log = ledger.tenant(&event.tenant_id)?;
+        let seq = log.size() + log.pending();
+        let record = event_record(seq, &event, &digest, &Source::File { file: name.clone(), line: line_no })?;
+        log.append(&record)?;
+        *added.entry(event.tenant_id.clone()).or_default() += 1;
+    }
+    let checkpoints = ledger.commit()?;
+    for (tenant, cp) in &checkpoints {
+        println!(
+            "{}: +{} -> size {} root {}",
+            tenant_origin(ledger.key().origin(), tenant),
+            added.get(tenant).copied().unwrap_or(0),
+            cp.size,
+            base64::engine::general_purpose::STANDARD.encode(cp.root)
+        );
+    }
+    if rejected > 0 {
+        bail!("{rejected} line(s) rejected; everything else was imported");
+    }
+    Ok(())
+}
+
+fn sha2_digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}

@@ -1,0 +1,88 @@
+//! The offline ledger tools end to end: keygen, import, receipt, verify (valid and tampered),
+//! consistency between two checkpoints. No broker needed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally")).args(args).env("RUST_LOG", "warn").output().expect("run tally")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "stdout: {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn events(path: &Path, from: usize, to: usize) {
+    let lines: Vec<String> = (from..to)
+        .map(|i| {
+            serde_json::json!({"event_id": format!("e{i}"), "tenant_id": (["acme", "globex", "initech"][i % 3]),
+                "occurred_at": "2026-11-02T09:15:00Z", "kind": "llm_call", "cost": {"amount_micros": i, "currency": "USD"}})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn import_receipt_verify_and_consistency() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let origin_vkey = ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key")]));
+    assert!(origin_vkey.starts_with("tally.example.com+"), "{origin_vkey}");
+    assert!(!tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key")]).status.success(), "never overwrites a key");
+
+    events(&dir.path().join("a.jsonl"), 0, 300);
+    let out = ok(&tally(&["log", "import", "--data", &p("data"), "--key", &p("ledger.key"), &p("a.jsonl")]));
+    assert!(out.contains("tally.example.com/t/acme: +100 -> size 100"), "{out}");
+    let vkey = ok(&tally(&["vkey", "--key", &p("ledger.key"), "--tenant", "acme"])).trim().to_string();
+    assert!(vkey.starts_with("tally.example.com/t/acme+"), "{vkey}");
+    std::fs::copy(dir.path().join("data/t/acme/checkpoint"), dir.path().join("old.checkpoint")).unwrap();
+
+    ok(&tally(&["log", "receipt", "--data", &p("data"), "--key", &p("ledger.key"), "--tenant", "acme", "--seq", "41", "--out", &p("r41")]));
+    let entry = std::fs::read_to_string(p("r41.entry")).unwrap();
+    assert!(entry.starts_with(r#"{"seq":41,"type":"event","event":{"event_id":"e123""#), "{entry}");
+    let verified = ok(&tally(&["verify", "receipt", "--vkey", &vkey, "--receipt", &p("r41.tlog-proof"), "--entry", &p("r41.entry")]));
+    assert!(verified.contains("valid: entry 41 is in tally.example.com/t/acme at tree size 100"), "{verified}");
+
+    // A changed entry, another tenant's key, a changed index: each rejected with its reason.
+    std::fs::write(p("bad.entry"), entry.replace("e123", "e124")).unwrap();
+    let out = tally(&["verify", "receipt", "--vkey", &vkey, "--receipt", &p("r41.tlog-proof"), "--entry", &p("bad.entry")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root mismatch"), "{}", String::from_utf8_lossy(&out.stderr));
+    let globex = ok(&tally(&["vkey", "--key", &p("ledger.key"), "--tenant", "globex"])).trim().to_string();
+    let out = tally(&["verify", "receipt", "--vkey", &globex, "--receipt", &p("r41.tlog-proof"), "--entry", &p("r41.entry")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key"), "{}", String::from_utf8_lossy(&out.stderr));
+    let receipt = std::fs::read_to_string(p("r41.tlog-proof")).unwrap();
+    std::fs::write(p("far.tlog-proof"), receipt.replace("index 41", "index 100")).unwrap();
+    let out = tally(&["verify", "receipt", "--vkey", &vkey, "--receipt", &p("far.tlog-proof"), "--entry", &p("r41.entry")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The log grows; the new checkpoint provably extends the old one.
+    events(&dir.path().join("b.jsonl"), 300, 450);
+    ok(&tally(&["log", "import", "--data", &p("data"), "--key", &p("ledger.key"), &p("b.jsonl")]));
+    let proof = ok(&tally(&["log", "consistency", "--data", &p("data"), "--key", &p("ledger.key"), "--tenant", "acme", "--old", "100", "--new", "150"]));
+    std::fs::write(p("proof"), &proof).unwrap();
+    let new_cp = p("data/t/acme/checkpoint");
+    let out = ok(&tally(&["verify", "consistency", "--vkey", &vkey, "--old", &p("old.checkpoint"), "--new", &new_cp, "--proof", &p("proof")]));
+    assert!(out.contains("at size 150 extends size 100"), "{out}");
+    let swapped = tally(&["verify", "consistency", "--vkey", &vkey, "--old", &new_cp, "--new", &p("old.checkpoint"), "--proof", &p("proof")]);
+    assert!(!swapped.status.success());
+}
+
+#[test]
+fn import_reports_invalid_lines_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("k")]));
+    std::fs::write(
+        p("in.jsonl"),
+        "{\"event_id\":\"a\",\"tenant_id\":\"acme\",\"occurred_at\":\"2026-11-02T09:15:00Z\",\"kind\":\"llm_call\"}\n{\"event_id\":\"b\",\"tenant_id\":\"acme\",\"kind\":\"llm_call\"}\n",
+    )
+    .unwrap();
+    let out = tally(&["log", "import", "--data", &p("d"), "--key", &p("k"), &p("in.jsonl")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2: rejected: missing_field"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("acme: +1 -> size 1"));
+}
