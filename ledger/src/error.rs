@@ -27,6 +27,10 @@ pub enum Error {
     EntryTooLarge(usize),
     #[error("corrupt log {path}: {detail}")]
     Corrupt { path: String, detail: String },
+    #[error("not a canonical tlog-tiles path: {0:?}")]
+    BadTilePath(String),
+    #[error("no such tile in this tree: {0}")]
+    NoSuchTile(String),
     #[error("sequence number {seq} is out of range: the log has {size} entries")]
     NoSuchEntry { seq: u64, size: u64 },
     #[error("i/o error on {path}: {source}")]

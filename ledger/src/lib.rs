@@ -9,6 +9,7 @@
 //! * [`Checkpoint`]: the C2SP tlog-checkpoint of a tenant's log (origin `<log-origin>/t/<tenant>`).
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
 //! * [`event_record`]: the canonical bytes of a ledger record.
+//! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
 mod checkpoint;
 mod error;
@@ -19,6 +20,7 @@ pub mod merkle;
 mod note;
 mod receipt;
 mod record;
+mod tiles;
 
 pub use checkpoint::{tenant_origin, Checkpoint};
 pub use error::{Error, Result};
@@ -28,3 +30,4 @@ pub use log::{TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use receipt::Receipt;
 pub use record::{event_record, Source};
+pub use tiles::{available_width, TilePath, TILE_WIDTH};

@@ -254,6 +254,26 @@ impl TenantLog {
         merkle::consistency_proof(self, old_size, new_size)
     }
 
+    /// A hash tile of the committed tree (`tile/<level>/<index>[.p/<width>]`).
+    pub fn hash_tile(&self, level: u8, index: u64, width: u16) -> Result<Vec<u8>> {
+        crate::tiles::hash_tile(self, level, index, width, self.durable_size)
+    }
+
+    /// An entry bundle (`tile/entries/<index>[.p/<width>]`): each entry as `u16 BE length || bytes`.
+    pub fn entry_bundle(&self, index: u64, width: u16) -> Result<Vec<u8>> {
+        use crate::tiles::{available_width, TilePath};
+        if u64::from(width) > available_width(0, index, self.durable_size) {
+            return Err(Error::NoSuchTile(TilePath::Entries { index, width }.to_path()));
+        }
+        let mut out = Vec::new();
+        for seq in index * 256..index * 256 + u64::from(width) {
+            let entry = self.entry(seq)?;
+            out.extend_from_slice(&(entry.len() as u16).to_be_bytes());
+            out.extend_from_slice(&entry);
+        }
+        Ok(out)
+    }
+
     fn check_size(&self, size: u64) -> Result<()> {
         if size > self.durable_size {
             return Err(Error::NoSuchEntry { seq: size, size: self.durable_size });
