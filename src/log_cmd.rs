@@ -141,6 +141,21 @@ pub enum LogCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Re-derive every root from the entries and check stored nodes, heads and checkpoints (fsck).
+    Audit {
+        #[arg(long)]
+        data: PathBuf,
+        /// With the key, checkpoint signatures are verified too.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Write a tenant's log as a static C2SP tlog-tiles tree (checkpoint, tile/…, tile/entries/…).
+    ExportTiles {
+        #[command(flatten)]
+        log: TenantLogArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a consistency proof between two sizes of a tenant's log.
     Consistency {
         #[command(flatten)]
@@ -164,6 +179,8 @@ pub fn log(command: LogCommand) -> anyhow::Result<()> {
             println!("{}\n{}", proof_path.display(), entry_path.display());
             Ok(())
         }
+        LogCommand::Audit { data, key } => audit(&data, key.as_deref()),
+        LogCommand::ExportTiles { log, out } => export_tiles(&log, &out),
         LogCommand::Consistency { log, old, new } => {
             for hash in log.open()?.tenant(&log.tenant)?.consistency_proof(old, new)? {
                 println!("{}", base64::engine::general_purpose::STANDARD.encode(hash));
@@ -220,4 +237,89 @@ fn import(data: &Path, key: LedgerKey, input: &Path) -> anyhow::Result<()> {
 fn sha2_digest(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     sha2::Sha256::digest(bytes).into()
+}
+
+fn audit(data: &Path, key: Option<&Path>) -> anyhow::Result<()> {
+    let key = key.map(LedgerKey::read).transpose()?;
+    let tenants_dir = data.join("t");
+    let mut tenants: Vec<String> = std::fs::read_dir(&tenants_dir)
+        .with_context(|| format!("reading {}", tenants_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|t| tally_schemas::validate_tenant_id(t).is_ok())
+        .collect();
+    tenants.sort();
+    let total: u64 = tenants
+        .iter()
+        .map(|t| std::fs::metadata(tenants_dir.join(t).join("entries")).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut damaged = 0;
+    for tenant in &tenants {
+        bar.set_message(tenant.clone());
+        let verifier = key.as_ref().map(|k| k.signer_for(tenant).map(|s| s.verifier())).transpose()?;
+        let report = tally_ledger::audit_tenant(&tenants_dir.join(tenant), verifier.as_ref(), &mut |n| bar.inc(n));
+        bar.suspend(|| {
+            if report.problems.is_empty() {
+                println!("ok {tenant}: {} entries", report.entries);
+            } else {
+                damaged += 1;
+                println!("DAMAGED {tenant}: {} intact entries", report.entries);
+                for p in &report.problems {
+                    println!("  {p}");
+                }
+            }
+        });
+    }
+    bar.finish_and_clear();
+    if damaged > 0 {
+        bail!("{damaged} of {} tenant logs are damaged", tenants.len());
+    }
+    println!("audited {} tenant logs: all sound", tenants.len());
+    Ok(())
+}
+
+fn export_tiles(args: &TenantLogArgs, out: &Path) -> anyhow::Result<()> {
+    use tally_ledger::{available_width, TilePath, TILE_WIDTH};
+    let mut ledger = args.open()?;
+    let note = ledger.checkpoint_note(&args.tenant)?;
+    let verifier = ledger.key().signer_for(&args.tenant)?.verifier();
+    // Tiles are cut at the checkpoint's size: its partial widths are the ones clients will ask for.
+    let size = Checkpoint::open(&note, &[verifier], None)?.size;
+    let log = ledger.tenant(&args.tenant)?;
+    let write = |path: String, bytes: &[u8]| -> anyhow::Result<()> {
+        let file = out.join(&path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&file, bytes).with_context(|| format!("writing {}", file.display()))
+    };
+    let mut files = 0u64;
+    for level in 0..8u8 {
+        let mut index = 0u64;
+        loop {
+            let width = available_width(level, index, size);
+            if width == 0 {
+                break;
+            }
+            let tile = TilePath::Hashes { level, index, width: width as u16 };
+            write(tile.to_path(), &log.hash_tile(level, index, width as u16)?)?;
+            if level == 0 {
+                let bundle = TilePath::Entries { index, width: width as u16 };
+                write(bundle.to_path(), &log.entry_bundle(index, width as u16)?)?;
+                files += 1;
+            }
+            files += 1;
+            if width < TILE_WIDTH {
+                break;
+            }
+            index += 1;
+        }
+    }
+    write("checkpoint".into(), note.as_bytes())?;
+    println!("wrote {} files for {} entries of {} to {}", files + 1, size, args.tenant, out.display());
+    Ok(())
 }

@@ -68,6 +68,26 @@ fn import_receipt_verify_and_consistency() {
     assert!(out.contains("at size 150 extends size 100"), "{out}");
     let swapped = tally(&["verify", "consistency", "--vkey", &vkey, "--old", &new_cp, "--new", &p("old.checkpoint"), "--proof", &p("proof")]);
     assert!(!swapped.status.success());
+
+    // A static tlog-tiles tree for acme at its checkpoint (150 entries: one partial tile each).
+    let out = ok(&tally(&["log", "export-tiles", "--data", &p("data"), "--key", &p("ledger.key"), "--tenant", "acme", "--out", &p("tiles")]));
+    assert!(out.contains("150 entries"), "{out}");
+    assert_eq!(std::fs::read(p("tiles/tile/0/000.p/150")).unwrap().len(), 150 * 32);
+    assert!(dir.path().join("tiles/tile/entries/000.p/150").exists());
+    assert_eq!(std::fs::read_to_string(p("tiles/checkpoint")).unwrap(), std::fs::read_to_string(&new_cp).unwrap());
+
+    // fsck: sound, then one flipped byte in an entry is found.
+    let out = ok(&tally(&["log", "audit", "--data", &p("data"), "--key", &p("ledger.key")]));
+    assert!(out.contains("audited 3 tenant logs: all sound"), "{out}");
+    let entries = dir.path().join("data/t/globex/entries");
+    let mut bytes = std::fs::read(&entries).unwrap();
+    bytes[500] ^= 0x20;
+    std::fs::write(&entries, bytes).unwrap();
+    let out = tally(&["log", "audit", "--data", &p("data"), "--key", &p("ledger.key")]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("DAMAGED globex") && stdout.contains("fails its checksum"), "{stdout}");
+    assert!(stdout.contains("ok acme"), "{stdout}");
 }
 
 #[test]

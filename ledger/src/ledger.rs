@@ -35,6 +35,13 @@ impl Ledger {
         tally_schemas::validate_tenant_id(tenant_id).map_err(|r| Error::BadKey(r.detail))?;
         if !self.tenants.contains_key(tenant_id) {
             let log = TenantLog::open(&self.dir.join("t").join(tenant_id))?;
+            // A crash between a commit and its checkpoint leaves the checkpoint behind the log:
+            // sign the committed size now (same bytes as the lost one would have been).
+            let stored = std::fs::read_to_string(log.dir().join("checkpoint")).ok();
+            let current = stored.as_deref().and_then(|n| crate::note::split_note(n).ok()).and_then(|(t, _)| Checkpoint::parse_text(t).ok());
+            if log.size() > 0 && current.map(|c| c.size) != Some(log.size()) {
+                write_checkpoint(&self.key, tenant_id, &log)?;
+            }
             self.tenants.insert(tenant_id.to_string(), log);
         }
         self.tenants.get_mut(tenant_id).ok_or_else(|| Error::BadKey(tenant_id.to_string()))
@@ -61,13 +68,7 @@ impl Ledger {
                 continue;
             }
             log.commit()?;
-            let checkpoint = Checkpoint { origin: crate::checkpoint::tenant_origin(self.key.origin(), tenant), size: log.size(), root: log.root() };
-            let note = checkpoint.sign(&[self.key.signer_for(tenant)?])?;
-            let path = log.dir().join("checkpoint");
-            let tmp = log.dir().join("checkpoint.tmp");
-            std::fs::write(&tmp, note.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-            out.push((tenant.clone(), checkpoint));
+            out.push((tenant.clone(), write_checkpoint(&self.key, tenant, log)?));
         }
         Ok(out)
     }
@@ -87,6 +88,17 @@ impl Ledger {
         let proof = log.inclusion_proof(seq, checkpoint.size)?;
         Ok((Receipt { index: seq, proof, checkpoint: note }, log.entry(seq)?))
     }
+}
+
+/// Signs the log's committed size and replaces the stored checkpoint atomically.
+fn write_checkpoint(key: &LedgerKey, tenant: &str, log: &TenantLog) -> Result<Checkpoint> {
+    let checkpoint = Checkpoint { origin: crate::checkpoint::tenant_origin(key.origin(), tenant), size: log.size(), root: log.root() };
+    let note = checkpoint.sign(&[key.signer_for(tenant)?])?;
+    let path = log.dir().join("checkpoint");
+    let tmp = log.dir().join("checkpoint.tmp");
+    std::fs::write(&tmp, note.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(checkpoint)
 }
 
 #[cfg(test)]
@@ -117,5 +129,19 @@ mod tests {
         let acme = key.signer_for("acme").unwrap().verifier();
         assert!(receipt.verify(&entry, &[acme], None).is_err());
         assert!(ledger.tenant("../etc").is_err(), "tenant ids are validated before touching paths");
+    }
+
+    #[test]
+    fn a_checkpoint_lost_after_its_commit_is_re_signed_identically_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut ledger = Ledger::open(dir.path(), key.clone()).unwrap();
+        ledger.tenant("acme").unwrap().append(b"one").unwrap();
+        ledger.commit().unwrap();
+        let signed = ledger.checkpoint_note("acme").unwrap();
+        drop(ledger);
+        std::fs::remove_file(dir.path().join("t/acme/checkpoint")).unwrap();
+        let mut ledger = Ledger::open(dir.path(), key).unwrap();
+        assert_eq!(ledger.checkpoint_note("acme").unwrap(), signed);
     }
 }

@@ -8,9 +8,11 @@
 //! * [`NoteSigner`] / [`NoteVerifier`] / [`LedgerKey`]: C2SP signed notes with Ed25519.
 //! * [`Checkpoint`]: the C2SP tlog-checkpoint of a tenant's log (origin `<log-origin>/t/<tenant>`).
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
+//! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
 //! * [`event_record`]: the canonical bytes of a ledger record.
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
+mod audit;
 mod checkpoint;
 mod error;
 mod keyfile;
@@ -22,6 +24,7 @@ mod receipt;
 mod record;
 mod tiles;
 
+pub use audit::{audit_tenant, AuditReport};
 pub use checkpoint::{tenant_origin, Checkpoint};
 pub use error::{Error, Result};
 pub use keyfile::LedgerKey;

@@ -316,7 +316,7 @@ impl NodeSource for TenantLog {
     }
 }
 
-fn read_head(dir: &Path) -> Result<(u64, Hash)> {
+pub(crate) fn read_head(dir: &Path) -> Result<(u64, Hash)> {
     let path = dir.join("head");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -324,7 +324,11 @@ fn read_head(dir: &Path) -> Result<(u64, Hash)> {
         Err(e) => return Err(Error::io(&path, e)),
     };
     let corrupt = || Error::Corrupt { path: path.display().to_string(), detail: format!("unreadable head {text:?}") };
-    let (size, root) = text.trim_end().split_once(' ').ok_or_else(corrupt)?;
+    // Strict: exactly `<decimal size> <base64 root>\n`, so any damage to the file is noticed.
+    let (size, root) = text.strip_suffix('\n').and_then(|t| t.split_once(' ')).ok_or_else(corrupt)?;
+    if size.is_empty() || (size.len() > 1 && size.starts_with('0')) || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(corrupt());
+    }
     let size = size.parse().map_err(|_| corrupt())?;
     let root: Hash = B64.decode(root).ok().and_then(|r| r.try_into().ok()).ok_or_else(corrupt)?;
     Ok((size, root))

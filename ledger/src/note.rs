@@ -174,7 +174,7 @@ pub struct VerifiedNote {
 }
 
 /// Splits a note into its text (with final LF) and signature lines.
-pub fn split_note(note: &str) -> Result<(&str, Vec<(&str, Vec<u8>)>)> {
+pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<(&str, Vec<u8>)>)> {
     if note.chars().any(|c| c.is_control() && c != '\n') {
         return Err(Error::BadNote("note holds control characters other than newline".into()));
     }
