@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (never timed assertions in tests). `scripts/bench.sh ingest` starts the pinned broker
 # unless KAFKA_BOOTSTRAP is set, runs the ingest benchmark, and stops the broker.
+# `scripts/bench.sh ledger` runs the ledger's append/proof benchmark (no broker needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
@@ -15,8 +16,11 @@ case "$what" in
     fi
     cargo bench --locked -p tally-ingest --bench consume
     ;;
+  ledger)
+    cargo bench --locked -p tally-ledger --bench ledger
+    ;;
   *)
-    echo "usage: $0 ingest" >&2
+    echo "usage: $0 ingest|ledger" >&2
     exit 2
     ;;
 esac

@@ -39,14 +39,16 @@ pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut 
         }
     };
     let checkpoint = read_checkpoint(dir, verifier, &mut report.problems);
-    let targets = [head.map(|h| h.0), checkpoint.as_ref().map(|c| c.size)];
+    let targets = [head.map(|h| h.size), checkpoint.as_ref().map(|c| c.size)];
     let mut roots_at: Vec<(u64, Hash)> = Vec::new();
+    // Byte offset at the end of the entry that completes the committed size.
+    let mut offset_at_head = (head.map(|h| h.size) == Some(0)).then_some(0u64);
 
     let open = |name: &str| File::open(dir.join(name)).map(BufReader::new);
-    let (mut entries, mut hashes) = match (open("entries"), open("hashes")) {
-        (Ok(e), Ok(h)) => (e, h),
-        (e, h) => {
-            for (name, r) in [("entries", e.err()), ("hashes", h.err())] {
+    let (mut entries, mut hashes, mut index) = match (open("entries"), open("hashes"), open("index")) {
+        (Ok(e), Ok(h), Ok(i)) => (e, h, i),
+        (e, h, i) => {
+            for (name, r) in [("entries", e.err()), ("hashes", h.err()), ("index", i.err())] {
                 if let Some(err) = r {
                     report.problems.push(format!("{name}: cannot open: {err}"));
                 }
@@ -89,6 +91,11 @@ pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut 
             report.problems.push(format!("entries: entry {} at offset {offset} fails its checksum", report.entries));
             break;
         }
+        let mut stored_offset = [0u8; 8];
+        if read_full(&mut index, &mut stored_offset).ok() != Some(8) || u64::from_be_bytes(stored_offset) != offset {
+            report.problems.push(format!("index: offset of entry {} is wrong or missing", report.entries));
+            break;
+        }
         offset += 8 + len as u64;
         nodes.clear();
         frontier.push(leaf_hash(&entry), &mut nodes);
@@ -107,6 +114,9 @@ pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut 
             node_pos += 1;
         }
         report.entries += 1;
+        if head.map(|h| h.size) == Some(report.entries) {
+            offset_at_head = Some(offset);
+        }
         if targets.contains(&Some(report.entries)) {
             roots_at.push((report.entries, frontier.root()));
         }
@@ -119,8 +129,14 @@ pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut 
     if read_full(&mut hashes, &mut trailing).ok() == Some(1) {
         report.problems.push(format!("hashes: more nodes stored than {} entries produce", report.entries));
     }
+    if read_full(&mut index, &mut trailing).ok() == Some(1) {
+        report.problems.push(format!("index: more offsets stored than {} entries", report.entries));
+    }
     let root_at = |size: u64| roots_at.iter().find(|(s, _)| *s == size).map(|(_, r)| *r);
-    if let Some((size, root)) = head {
+    if let Some(crate::log::Head { size, root, entries_len }) = head {
+        if offset_at_head.is_some_and(|o| o != entries_len) {
+            report.problems.push(format!("head: committed length {entries_len} is not where entry {size} ends"));
+        }
         match root_at(size) {
             None => report.problems.push(format!("head: committed size {size} but only {} intact entries", report.entries)),
             Some(r) if r != root => report.problems.push(format!("head: root at size {size} differs from the entries' root")),
@@ -209,13 +225,13 @@ mod tests {
         build(template.path(), &key);
         let v = key.signer_for("globex").unwrap().verifier();
         let mut rng = rand::rngs::StdRng::seed_from_u64(6962);
-        for trial in 0..400 {
+        for trial in 0..500 {
             let dir = tempfile::tempdir().unwrap();
-            for f in ["entries", "hashes", "head", "checkpoint"] {
+            for f in ["entries", "hashes", "index", "head", "checkpoint"] {
                 std::fs::create_dir_all(dir.path().join("t/globex")).unwrap();
                 std::fs::copy(template.path().join("t/globex").join(f), dir.path().join("t/globex").join(f)).unwrap();
             }
-            let file = ["entries", "hashes", "head", "checkpoint"][trial % 4];
+            let file = ["entries", "hashes", "index", "head", "checkpoint"][trial % 5];
             let path = dir.path().join("t/globex").join(file);
             let mut bytes = std::fs::read(&path).unwrap();
             let at = rng.gen_range(0..bytes.len());

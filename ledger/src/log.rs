@@ -2,22 +2,23 @@
 //!
 //! Files in the tenant's directory:
 //! * `entries`: frames `[u32 BE length][u32 BE CRC-32C of the entry][entry]`, append-only.
-//! * `hashes`: every perfect Merkle node, 32 bytes each, in post-order (see [`crate::merkle`]);
-//!   derived from `entries`, so it can always be repaired from them.
-//! * `head`: `<size> <base64 root>` of the last group commit, replaced atomically after both files
-//!   are fsynced. Entries up to `head` are durable and acknowledged.
+//! * `hashes`: every perfect Merkle node, 32 bytes each, in post-order (see [`crate::merkle`]).
+//! * `index`: the byte offset of each entry's frame, `u64` BE, 8 bytes per entry.
+//! * `head`: `<size> <base64 root> <entries length>` of the last group commit, replaced atomically
+//!   after the other files are fsynced. Entries up to `head` are durable and acknowledged.
 //!
-//! Appends are buffered in memory and written by [`TenantLog::commit`] (group commit: one write and
-//! one fsync per file for the whole batch). Only committed entries are served: sizes, proofs and
-//! entry reads stop at the durable size, so nothing that a crash could take back is ever shown.
+//! `hashes` and `index` are derived from `entries` and are rebuilt from them when they disagree
+//! with `head`. Appends are buffered in memory and written by [`TenantLog::commit`] (group commit:
+//! one write and one fsync per file for the whole batch). Only committed entries are served.
 //!
-//! Opening repairs a torn tail: frames after the last good one (short or failing their checksum)
-//! are cut off, the hash file is cut back and recomputed for the uncommitted tail, and the root at
-//! `head` is checked against the stored nodes. Damage *inside* the committed range is never
-//! repaired silently: it is an [`Error::Corrupt`].
+//! Opening costs O(log n) reads plus a scan of whatever follows the committed length: frames
+//! there (from a crash between write and head update) are kept while intact and cut at the first
+//! short or corrupt one. The committed range is not rescanned on open (that is `tally log audit`),
+//! but every entry read checks its CRC, so damage is reported, never served. A tenant keeps no
+//! per-entry state in memory.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -31,29 +32,72 @@ use crate::merkle::{self, leaf_hash, node_position, stored_nodes, Frontier, Hash
 pub const MAX_ENTRY_BYTES: usize = 65_535;
 const FRAME_HEADER: usize = 8;
 
+/// The last group commit, as recorded in `head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub size: u64,
+    pub root: Hash,
+    /// Bytes of `entries` holding the committed frames.
+    pub entries_len: u64,
+}
+
 pub struct TenantLog {
     dir: PathBuf,
     entries: File,
     hashes: File,
-    /// Byte offset of every durable entry's frame in `entries`.
-    offsets: Vec<u64>,
-    entries_len: u64,
+    index: File,
+    head: Head,
     frontier: Frontier,
-    durable_size: u64,
-    durable_root: Hash,
     pending_entries: Vec<u8>,
-    pending_offsets: Vec<u64>,
+    pending_index: Vec<u8>,
     pending_hashes: Vec<Hash>,
 }
 
 impl std::fmt::Debug for TenantLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantLog").field("dir", &self.dir).field("size", &self.durable_size).finish()
+        f.debug_struct("TenantLog").field("dir", &self.dir).field("size", &self.head.size).finish()
     }
 }
 
 fn crc(entry: &[u8]) -> u32 {
     crc32c::crc32c(entry)
+}
+
+/// Reads frames from `reader` (positioned at byte `start`) until the input ends or a frame is
+/// short or fails its checksum; calls `each(offset, entry)` for every intact one. Returns the
+/// byte length up to the end of the last intact frame.
+fn scan_frames(reader: &mut impl Read, start: u64, mut each: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+    let mut pos = start;
+    let mut entry = Vec::new();
+    loop {
+        let mut header = [0u8; FRAME_HEADER];
+        if read_full(reader, &mut header)? < FRAME_HEADER {
+            return Ok(pos);
+        }
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len > MAX_ENTRY_BYTES {
+            return Ok(pos);
+        }
+        entry.resize(len, 0);
+        if read_full(reader, &mut entry)? < len || crc(&entry) != u32::from_be_bytes([header[4], header[5], header[6], header[7]]) {
+            return Ok(pos);
+        }
+        each(pos, &entry)?;
+        pos += (FRAME_HEADER + len) as u64;
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Io { path: "entries".into(), source: e }),
+        }
+    }
+    Ok(filled)
 }
 
 impl TenantLog {
@@ -64,93 +108,115 @@ impl TenantLog {
             let path = dir.join(name);
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| Error::io(&path, e))
         };
-        let entries = open("entries")?;
-        let hashes = open("hashes")?;
-        let (head_size, head_root) = read_head(dir)?;
-
-        // 1. Scan frames; stop at the first short or corrupt one.
-        let mut raw = Vec::new();
-        (&entries).read_to_end(&mut raw).map_err(|e| Error::io(&dir.join("entries"), e))?;
-        let mut offsets = Vec::new();
-        let mut leaves = Vec::new();
-        let mut pos = 0usize;
-        while pos + FRAME_HEADER <= raw.len() {
-            let len = u32::from_be_bytes(raw[pos..pos + 4].try_into().unwrap_or_default()) as usize;
-            let sum = u32::from_be_bytes(raw[pos + 4..pos + 8].try_into().unwrap_or_default());
-            let end = pos + FRAME_HEADER + len;
-            if len > MAX_ENTRY_BYTES || end > raw.len() || crc(&raw[pos + FRAME_HEADER..end]) != sum {
-                break;
-            }
-            offsets.push(pos as u64);
-            leaves.push(leaf_hash(&raw[pos + FRAME_HEADER..end]));
-            pos = end;
-        }
-        let size = offsets.len() as u64;
-        if size < head_size {
-            return Err(Error::Corrupt {
-                path: dir.join("entries").display().to_string(),
-                detail: format!("committed size is {head_size} but only {size} entries are intact"),
-            });
-        }
-        if (pos as u64) < raw.len() as u64 {
-            tracing::warn!(dir = %dir.display(), kept = size, cut_bytes = raw.len() - pos, "torn tail cut from entries");
-            entries.set_len(pos as u64).map_err(|e| Error::io(&dir.join("entries"), e))?;
-        }
-
-        // 2. Keep stored nodes for the committed prefix; recompute the rest from the entries.
-        let hashes_path = dir.join("hashes");
-        let stored = hashes.metadata().map_err(|e| Error::io(&hashes_path, e))?.len() / 32;
-        let keep = if stored >= stored_nodes(head_size) { head_size } else { 0 };
-        hashes.set_len(stored_nodes(keep) * 32).map_err(|e| Error::io(&hashes_path, e))?;
+        let head = read_head(dir)?;
         let mut log = TenantLog {
             dir: dir.to_path_buf(),
-            entries,
-            hashes,
-            offsets: Vec::new(),
-            entries_len: pos as u64,
+            entries: open("entries")?,
+            hashes: open("hashes")?,
+            index: open("index")?,
+            head,
             frontier: Frontier::default(),
-            durable_size: keep,
-            durable_root: merkle::empty_root(),
             pending_entries: Vec::new(),
-            pending_offsets: Vec::new(),
+            pending_index: Vec::new(),
             pending_hashes: Vec::new(),
         };
-        log.offsets = offsets[..keep as usize].to_vec();
-        log.frontier = Frontier::load(&log, keep)?;
-        if keep > 0 && log.frontier.root() != head_root {
-            // The hash file does not match the committed head: rebuild it from the entries.
-            tracing::warn!(dir = %dir.display(), "hash file disagrees with the committed head; rebuilding");
-            log.hashes.set_len(0).map_err(|e| Error::io(&hashes_path, e))?;
-            log.durable_size = 0;
-            log.offsets.clear();
-            log.frontier = Frontier::default();
-            return log.replay(&offsets, &leaves, size, head_size, head_root);
+        let entries_path = dir.join("entries");
+        let file_len = log.entries.metadata().map_err(|e| Error::io(&entries_path, e))?.len();
+        if file_len < head.entries_len {
+            return Err(log.corrupt("entries", format!("committed length is {} bytes but the file has {file_len}", head.entries_len)));
         }
-        log.durable_root = log.frontier.root();
-        log.replay(&offsets[keep as usize..], &leaves[keep as usize..], size, head_size, head_root)
+        if !log.derived_files_match_head()? {
+            tracing::warn!(dir = %dir.display(), "index or hash file disagrees with the committed head; rebuilding");
+            log.rebuild_derived()?;
+        }
+        log.frontier = Frontier::load(&log, head.size)?;
+        if log.frontier.root() != head.root {
+            return Err(log.corrupt("entries", format!("entries do not hash to the committed root at size {}", head.size)));
+        }
+
+        // Frames written after the last head update: keep the intact ones, cut the rest.
+        let mut reader = BufReader::new(&log.entries);
+        reader.seek(SeekFrom::Start(head.entries_len)).map_err(|e| Error::io(&entries_path, e))?;
+        let mut tail: Vec<(u64, Hash)> = Vec::new();
+        let end = scan_frames(&mut reader, head.entries_len, |offset, entry| {
+            tail.push((offset, leaf_hash(entry)));
+            Ok(())
+        })?;
+        drop(reader);
+        if end < file_len {
+            tracing::warn!(dir = %dir.display(), kept = tail.len(), cut_bytes = file_len - end, "torn tail cut from entries");
+            log.entries.set_len(end).map_err(|e| Error::io(&entries_path, e))?;
+        }
+        if !tail.is_empty() {
+            for (offset, leaf) in tail {
+                log.pending_index.extend_from_slice(&offset.to_be_bytes());
+                log.frontier.push(leaf, &mut log.pending_hashes);
+            }
+            // The frames are already in `entries`; committing writes their nodes, index and head.
+            log.write_and_sync(end)?;
+        }
+        // Drop derived bytes a crash left beyond the committed state (they describe cut frames).
+        for (file, name, len) in [(&log.hashes, "hashes", stored_nodes(log.head.size) * 32), (&log.index, "index", log.head.size * 8)] {
+            file.set_len(len).map_err(|e| Error::io(&dir.join(name), e))?;
+        }
+        Ok(log)
     }
 
-    /// Re-adds already-written entries (their hashes) and commits them.
-    fn replay(mut self, offsets: &[u64], leaves: &[Hash], size: u64, head_size: u64, head_root: Hash) -> Result<TenantLog> {
-        let mut nodes = Vec::new();
-        for (&offset, &leaf) in offsets.iter().zip(leaves) {
-            self.frontier.push(leaf, &mut nodes);
-            self.offsets.push(offset);
+    fn corrupt(&self, file: &str, detail: String) -> Error {
+        Error::Corrupt { path: self.dir.join(file).display().to_string(), detail }
+    }
+
+    /// Whether `index` and `hashes` cover the committed size and agree with `head`.
+    fn derived_files_match_head(&self) -> Result<bool> {
+        let size = self.head.size;
+        let len = |f: &File, name: &str| f.metadata().map(|m| m.len()).map_err(|e| Error::io(&self.dir.join(name), e));
+        if len(&self.index, "index")? < size * 8 || len(&self.hashes, "hashes")? < stored_nodes(size) * 32 {
+            return Ok(false);
         }
-        // The committed prefix must still hash to the committed root, whichever way it was rebuilt.
-        if head_size > self.durable_size {
-            let at_head = root_of_prefix(&self, &nodes, head_size)?;
-            if at_head != head_root {
-                return Err(Error::Corrupt {
-                    path: self.dir.display().to_string(),
-                    detail: format!("entries do not hash to the committed root at size {head_size}"),
-                });
+        if size > 0 {
+            // The last committed frame must end exactly at the committed length.
+            let last = self.offset(size - 1)?;
+            let mut header = [0u8; FRAME_HEADER];
+            if self.entries.read_exact_at(&mut header, last).is_err() {
+                return Ok(false);
+            }
+            let frame_len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as u64;
+            if last + FRAME_HEADER as u64 + frame_len != self.head.entries_len {
+                return Ok(false);
+            }
+            if merkle::root(self, size)? != self.head.root {
+                return Ok(false);
             }
         }
-        self.pending_hashes = nodes;
-        debug_assert_eq!(self.frontier.size(), size);
-        self.write_and_sync()?;
-        Ok(self)
+        Ok(true)
+    }
+
+    /// Recomputes `index` and `hashes` for the committed range from `entries`.
+    fn rebuild_derived(&mut self) -> Result<()> {
+        let mut reader = BufReader::new(&self.entries);
+        let mut index = Vec::new();
+        let mut nodes = Vec::new();
+        let mut frontier = Frontier::default();
+        let committed = self.head.size;
+        let end = scan_frames(&mut reader, 0, |offset, entry| {
+            if frontier.size() < committed {
+                index.extend_from_slice(&offset.to_be_bytes());
+                frontier.push(leaf_hash(entry), &mut nodes);
+            }
+            Ok(())
+        })?;
+        drop(reader);
+        if frontier.size() < committed || end < self.head.entries_len {
+            return Err(self.corrupt("entries", format!("committed size is {committed} but only {} entries are intact", frontier.size())));
+        }
+        let bytes: Vec<u8> = nodes.iter().flatten().copied().collect();
+        for (file, name, data) in [(&self.index, "index", &index), (&self.hashes, "hashes", &bytes)] {
+            let path = self.dir.join(name);
+            file.set_len(0).map_err(|e| Error::io(&path, e))?;
+            file.write_all_at(data, 0).map_err(|e| Error::io(&path, e))?;
+            file.sync_data().map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -159,17 +225,17 @@ impl TenantLog {
 
     /// Entries committed and served.
     pub fn size(&self) -> u64 {
-        self.durable_size
+        self.head.size
     }
 
     /// Root of the committed tree.
     pub fn root(&self) -> Hash {
-        self.durable_root
+        self.head.root
     }
 
     /// Entries appended but not yet committed.
     pub fn pending(&self) -> u64 {
-        self.frontier.size() - self.durable_size
+        self.frontier.size() - self.head.size
     }
 
     /// Buffers one entry; returns its sequence number. Durable after [`TenantLog::commit`].
@@ -178,7 +244,8 @@ impl TenantLog {
             return Err(Error::EntryTooLarge(entry.len()));
         }
         let seq = self.frontier.size();
-        self.pending_offsets.push(self.entries_len + self.pending_entries.len() as u64);
+        let offset = self.head.entries_len + self.pending_entries.len() as u64;
+        self.pending_index.extend_from_slice(&offset.to_be_bytes());
         self.pending_entries.extend_from_slice(&(entry.len() as u32).to_be_bytes());
         self.pending_entries.extend_from_slice(&crc(entry).to_be_bytes());
         self.pending_entries.extend_from_slice(entry);
@@ -186,48 +253,59 @@ impl TenantLog {
         Ok(seq)
     }
 
-    /// Group commit: writes every pending entry and node, fsyncs both files, then the head.
+    /// Group commit: writes every pending entry, node and offset, fsyncs, then replaces the head.
     pub fn commit(&mut self) -> Result<()> {
         if self.pending() == 0 {
             return Ok(());
         }
-        self.write_and_sync()
+        let entries_path = self.dir.join("entries");
+        self.entries.write_all_at(&self.pending_entries, self.head.entries_len).map_err(|e| Error::io(&entries_path, e))?;
+        let end = self.head.entries_len + self.pending_entries.len() as u64;
+        self.write_and_sync(end)
     }
 
-    fn write_and_sync(&mut self) -> Result<()> {
-        let entries_path = self.dir.join("entries");
+    /// Writes pending nodes and offsets, fsyncs all files, and records the new head at `entries_len`.
+    fn write_and_sync(&mut self, entries_len: u64) -> Result<()> {
         let hashes_path = self.dir.join("hashes");
-        if !self.pending_entries.is_empty() {
-            self.entries.write_all_at(&self.pending_entries, self.entries_len).map_err(|e| Error::io(&entries_path, e))?;
-        }
+        let index_path = self.dir.join("index");
         let hash_bytes: Vec<u8> = self.pending_hashes.iter().flatten().copied().collect();
-        let hash_offset = stored_nodes(self.durable_size) * 32;
-        self.hashes.write_all_at(&hash_bytes, hash_offset).map_err(|e| Error::io(&hashes_path, e))?;
-        self.entries.sync_data().map_err(|e| Error::io(&entries_path, e))?;
-        self.hashes.sync_data().map_err(|e| Error::io(&hashes_path, e))?;
-        let size = self.frontier.size();
-        let root = self.frontier.root();
-        write_head(&self.dir, size, &root)?;
-        self.entries_len += self.pending_entries.len() as u64;
-        self.offsets.append(&mut self.pending_offsets);
+        self.hashes.write_all_at(&hash_bytes, stored_nodes(self.head.size) * 32).map_err(|e| Error::io(&hashes_path, e))?;
+        self.index.write_all_at(&self.pending_index, self.head.size * 8).map_err(|e| Error::io(&index_path, e))?;
+        for (file, path) in [(&self.entries, self.dir.join("entries")), (&self.hashes, hashes_path), (&self.index, index_path)] {
+            file.sync_data().map_err(|e| Error::io(&path, e))?;
+        }
+        let head = Head { size: self.frontier.size(), root: self.frontier.root(), entries_len };
+        write_head(&self.dir, &head)?;
+        self.head = head;
         self.pending_entries.clear();
+        self.pending_index.clear();
         self.pending_hashes.clear();
-        self.durable_size = size;
-        self.durable_root = root;
         Ok(())
     }
 
-    /// The committed entry `seq`.
+    fn offset(&self, seq: u64) -> Result<u64> {
+        let mut buf = [0u8; 8];
+        self.index.read_exact_at(&mut buf, seq * 8).map_err(|e| Error::io(&self.dir.join("index"), e))?;
+        Ok(u64::from_be_bytes(buf))
+    }
+
+    /// The committed entry `seq`; its checksum is verified on every read.
     pub fn entry(&self, seq: u64) -> Result<Vec<u8>> {
-        let offset = *self.offsets.get(seq as usize).filter(|_| seq < self.durable_size).ok_or(Error::NoSuchEntry { seq, size: self.durable_size })?;
+        if seq >= self.head.size {
+            return Err(Error::NoSuchEntry { seq, size: self.head.size });
+        }
+        let offset = self.offset(seq)?;
         let path = self.dir.join("entries");
         let mut header = [0u8; FRAME_HEADER];
         self.entries.read_exact_at(&mut header, offset).map_err(|e| Error::io(&path, e))?;
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len > MAX_ENTRY_BYTES || offset + (FRAME_HEADER + len) as u64 > self.head.entries_len {
+            return Err(self.corrupt("entries", format!("entry {seq} has a damaged frame header")));
+        }
         let mut entry = vec![0u8; len];
         self.entries.read_exact_at(&mut entry, offset + FRAME_HEADER as u64).map_err(|e| Error::io(&path, e))?;
         if crc(&entry) != u32::from_be_bytes([header[4], header[5], header[6], header[7]]) {
-            return Err(Error::Corrupt { path: path.display().to_string(), detail: format!("entry {seq} fails its checksum") });
+            return Err(self.corrupt("entries", format!("entry {seq} fails its checksum")));
         }
         Ok(entry)
     }
@@ -256,13 +334,13 @@ impl TenantLog {
 
     /// A hash tile of the committed tree (`tile/<level>/<index>[.p/<width>]`).
     pub fn hash_tile(&self, level: u8, index: u64, width: u16) -> Result<Vec<u8>> {
-        crate::tiles::hash_tile(self, level, index, width, self.durable_size)
+        crate::tiles::hash_tile(self, level, index, width, self.head.size)
     }
 
     /// An entry bundle (`tile/entries/<index>[.p/<width>]`): each entry as `u16 BE length || bytes`.
     pub fn entry_bundle(&self, index: u64, width: u16) -> Result<Vec<u8>> {
         use crate::tiles::{available_width, TilePath};
-        if u64::from(width) > available_width(0, index, self.durable_size) {
+        if u64::from(width) > available_width(0, index, self.head.size) {
             return Err(Error::NoSuchTile(TilePath::Entries { index, width }.to_path()));
         }
         let mut out = Vec::new();
@@ -275,35 +353,11 @@ impl TenantLog {
     }
 
     fn check_size(&self, size: u64) -> Result<()> {
-        if size > self.durable_size {
-            return Err(Error::NoSuchEntry { seq: size, size: self.durable_size });
+        if size > self.head.size {
+            return Err(Error::NoSuchEntry { seq: size, size: self.head.size });
         }
         Ok(())
     }
-}
-
-/// Root at `size` while some nodes are still only in `pending` (used during open).
-fn root_of_prefix(log: &TenantLog, pending: &[Hash], size: u64) -> Result<Hash> {
-    struct WithPending<'a> {
-        log: &'a TenantLog,
-        pending: &'a [Hash],
-        base: u64,
-    }
-    impl NodeSource for WithPending<'_> {
-        type Error = Error;
-        fn node(&self, level: u32, index: u64) -> Result<Hash> {
-            let pos = node_position(level, index);
-            if pos < self.base {
-                self.log.node(level, index)
-            } else {
-                self.pending.get((pos - self.base) as usize).copied().ok_or_else(|| Error::Corrupt {
-                    path: self.log.dir.display().to_string(),
-                    detail: format!("node {level}/{index} missing"),
-                })
-            }
-        }
-    }
-    merkle::root(&WithPending { log, pending, base: stored_nodes(log.durable_size) }, size)
 }
 
 impl NodeSource for TenantLog {
@@ -316,29 +370,31 @@ impl NodeSource for TenantLog {
     }
 }
 
-pub(crate) fn read_head(dir: &Path) -> Result<(u64, Hash)> {
+pub(crate) fn read_head(dir: &Path) -> Result<Head> {
     let path = dir.join("head");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, merkle::empty_root())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Head { size: 0, root: merkle::empty_root(), entries_len: 0 })
+        }
         Err(e) => return Err(Error::io(&path, e)),
     };
     let corrupt = || Error::Corrupt { path: path.display().to_string(), detail: format!("unreadable head {text:?}") };
-    // Strict: exactly `<decimal size> <base64 root>\n`, so any damage to the file is noticed.
-    let (size, root) = text.strip_suffix('\n').and_then(|t| t.split_once(' ')).ok_or_else(corrupt)?;
-    if size.is_empty() || (size.len() > 1 && size.starts_with('0')) || !size.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(corrupt());
-    }
-    let size = size.parse().map_err(|_| corrupt())?;
+    // Strict: exactly `<size> <base64 root> <length>\n`, so any damage to the file is noticed.
+    let fields: Vec<&str> = text.strip_suffix('\n').ok_or_else(corrupt)?.split(' ').collect();
+    let [size, root, len] = fields[..] else { return Err(corrupt()) };
+    let decimal = |s: &str| -> Option<u64> {
+        (!s.is_empty() && (s.len() == 1 || !s.starts_with('0')) && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+    };
     let root: Hash = B64.decode(root).ok().and_then(|r| r.try_into().ok()).ok_or_else(corrupt)?;
-    Ok((size, root))
+    Ok(Head { size: decimal(size).ok_or_else(corrupt)?, root, entries_len: decimal(len).ok_or_else(corrupt)? })
 }
 
-fn write_head(dir: &Path, size: u64, root: &Hash) -> Result<()> {
+fn write_head(dir: &Path, head: &Head) -> Result<()> {
     let tmp = dir.join("head.tmp");
     let path = dir.join("head");
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(format!("{size} {}\n", B64.encode(root)).as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(format!("{} {} {}\n", head.size, B64.encode(head.root), head.entries_len).as_bytes()).map_err(|e| Error::io(&tmp, e))?;
     f.sync_data().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
     // The rename itself must survive a crash: sync the directory.
@@ -402,7 +458,7 @@ mod tests {
         }
         log.commit().unwrap();
         let root = log.root();
-        let start = log.entries_len;
+        let start = log.head.entries_len;
         let mut frames = Vec::new();
         for i in committed..committed + extra {
             let e = entry(i);
@@ -426,7 +482,7 @@ mod tests {
         for cut in start as usize..full.len() {
             for corrupt in [false, true] {
                 let dir = tempfile::tempdir().unwrap();
-                for f in ["hashes", "head"] {
+                for f in ["hashes", "head", "index"] {
                     std::fs::copy(template.path().join(f), dir.path().join(f)).unwrap();
                 }
                 let mut bytes = full.clone();
@@ -450,12 +506,32 @@ mod tests {
     }
 
     #[test]
-    fn damage_inside_the_committed_range_is_an_error_not_a_silent_cut() {
-        let (dir, _, start) = crashed_log(10, 0);
+    fn damage_inside_the_committed_range_is_reported_when_read_never_served() {
+        let (dir, root, start) = crashed_log(10, 0);
         let mut bytes = std::fs::read(dir.path().join("entries")).unwrap();
         bytes[(start / 2) as usize] ^= 1;
         std::fs::write(dir.path().join("entries"), &bytes).unwrap();
-        assert!(matches!(TenantLog::open(dir.path()), Err(Error::Corrupt { .. })));
+        // Open does not rescan committed entries (that is the audit's job) ...
+        let log = TenantLog::open(dir.path()).unwrap();
+        assert_eq!(log.root(), root);
+        // ... but the damaged entry is never served.
+        let damaged: Vec<u64> = (0..10).filter(|&i| matches!(log.entry(i), Err(Error::Corrupt { .. }))).collect();
+        assert_eq!(damaged.len(), 1, "exactly the damaged entry is refused: {damaged:?}");
+    }
+
+    #[test]
+    fn a_lost_or_damaged_index_is_rebuilt_from_the_entries() {
+        let (dir, root, _) = crashed_log(300, 0);
+        std::fs::write(dir.path().join("index"), b"").unwrap();
+        let log = TenantLog::open(dir.path()).unwrap();
+        assert_eq!((log.size(), log.root()), (300, root));
+        assert_eq!(log.entry(299).unwrap(), entry(299));
+        drop(log);
+        let mut index = std::fs::read(dir.path().join("index")).unwrap();
+        index[299 * 8 + 7] ^= 1;
+        std::fs::write(dir.path().join("index"), &index).unwrap();
+        let log = TenantLog::open(dir.path()).unwrap();
+        assert_eq!(log.entry(299).unwrap(), entry(299));
     }
 
     #[test]
