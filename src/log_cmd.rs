@@ -104,20 +104,35 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One tenant's log in a data directory, opened with the ledger key.
+/// A ledger data directory and its signing keys (`--key` twice during a rotation).
 #[derive(clap::Args)]
-pub struct TenantLogArgs {
+pub struct LedgerArgs {
     #[arg(long)]
     data: PathBuf,
-    #[arg(long)]
-    key: PathBuf,
+    /// Private key file; repeat it to sign with several keys during a rotation.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+}
+
+impl LedgerArgs {
+    fn open(&self) -> anyhow::Result<Ledger> {
+        let keys = self.keys.iter().map(|k| LedgerKey::read(k).with_context(|| format!("reading key {}", k.display()))).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Ledger::open(&self.data, keys)?)
+    }
+}
+
+/// One tenant's log in a ledger data directory.
+#[derive(clap::Args)]
+pub struct TenantLogArgs {
+    #[command(flatten)]
+    ledger: LedgerArgs,
     #[arg(long)]
     tenant: String,
 }
 
 impl TenantLogArgs {
     fn open(&self) -> anyhow::Result<Ledger> {
-        Ok(Ledger::open(&self.data, LedgerKey::read(&self.key)?)?)
+        self.ledger.open()
     }
 }
 
@@ -125,10 +140,8 @@ impl TenantLogArgs {
 pub enum LogCommand {
     /// Append JSONL events to tenant logs in a data directory, without Kafka (backfills).
     Import {
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        ledger: LedgerArgs,
         input: PathBuf,
     },
     /// Export a receipt (tlog-proof) and the entry bytes for one record.
@@ -145,9 +158,9 @@ pub enum LogCommand {
     Audit {
         #[arg(long)]
         data: PathBuf,
-        /// With the key, checkpoint signatures are verified too.
-        #[arg(long)]
-        key: Option<PathBuf>,
+        /// With keys, checkpoint signatures are verified too (every key must have signed).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
     },
     /// Write a tenant's log as a static C2SP tlog-tiles tree (checkpoint, tile/…, tile/entries/…).
     ExportTiles {
@@ -169,7 +182,7 @@ pub enum LogCommand {
 
 pub fn log(command: LogCommand) -> anyhow::Result<()> {
     match command {
-        LogCommand::Import { data, key, input } => import(&data, LedgerKey::read(&key)?, &input),
+        LogCommand::Import { ledger, input } => import(ledger.open()?, &input),
         LogCommand::Receipt { log, seq, out } => {
             let (receipt, entry) = log.open()?.receipt(&log.tenant, seq)?;
             let proof_path = out.with_extension("tlog-proof");
@@ -179,7 +192,7 @@ pub fn log(command: LogCommand) -> anyhow::Result<()> {
             println!("{}\n{}", proof_path.display(), entry_path.display());
             Ok(())
         }
-        LogCommand::Audit { data, key } => audit(&data, key.as_deref()),
+        LogCommand::Audit { data, keys } => audit(&data, &keys),
         LogCommand::ExportTiles { log, out } => export_tiles(&log, &out),
         LogCommand::Consistency { log, old, new } => {
             for hash in log.open()?.tenant(&log.tenant)?.consistency_proof(old, new)? {
@@ -191,8 +204,7 @@ pub fn log(command: LogCommand) -> anyhow::Result<()> {
 }
 
 /// Imports valid events; invalid lines are reported with their line number and code, and skipped.
-fn import(data: &Path, key: LedgerKey, input: &Path) -> anyhow::Result<()> {
-    let mut ledger = Ledger::open(data, key)?;
+fn import(mut ledger: Ledger, input: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let name = input.display().to_string();
     let mut rejected = 0u64;
@@ -222,7 +234,7 @@ fn import(data: &Path, key: LedgerKey, input: &Path) -> anyhow::Result<()> {
     for (tenant, cp) in &checkpoints {
         println!(
             "{}: +{} -> size {} root {}",
-            tenant_origin(ledger.key().origin(), tenant),
+            tenant_origin(ledger.origin(), tenant),
             added.get(tenant).copied().unwrap_or(0),
             cp.size,
             base64::engine::general_purpose::STANDARD.encode(cp.root)
@@ -239,8 +251,8 @@ fn sha2_digest(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
 
-fn audit(data: &Path, key: Option<&Path>) -> anyhow::Result<()> {
-    let key = key.map(LedgerKey::read).transpose()?;
+fn audit(data: &Path, key_files: &[PathBuf]) -> anyhow::Result<()> {
+    let keys = key_files.iter().map(|k| LedgerKey::read(k)).collect::<Result<Vec<_>, _>>()?;
     let tenants_dir = data.join("t");
     let mut tenants: Vec<String> = std::fs::read_dir(&tenants_dir)
         .with_context(|| format!("reading {}", tenants_dir.display()))?
@@ -260,8 +272,8 @@ fn audit(data: &Path, key: Option<&Path>) -> anyhow::Result<()> {
     let mut damaged = 0;
     for tenant in &tenants {
         bar.set_message(tenant.clone());
-        let verifier = key.as_ref().map(|k| k.signer_for(tenant).map(|s| s.verifier())).transpose()?;
-        let report = tally_ledger::audit_tenant(&tenants_dir.join(tenant), verifier.as_ref(), &mut |n| bar.inc(n));
+        let verifiers = keys.iter().map(|k| k.signer_for(tenant).map(|s| s.verifier())).collect::<Result<Vec<_>, _>>()?;
+        let report = tally_ledger::audit_tenant(&tenants_dir.join(tenant), &verifiers, &mut |n| bar.inc(n));
         bar.suspend(|| {
             if report.problems.is_empty() {
                 println!("ok {tenant}: {} entries", report.entries);
@@ -286,9 +298,8 @@ fn export_tiles(args: &TenantLogArgs, out: &Path) -> anyhow::Result<()> {
     use tally_ledger::{available_width, TilePath, TILE_WIDTH};
     let mut ledger = args.open()?;
     let note = ledger.checkpoint_note(&args.tenant)?;
-    let verifier = ledger.key().signer_for(&args.tenant)?.verifier();
     // Tiles are cut at the checkpoint's size: its partial widths are the ones clients will ask for.
-    let size = Checkpoint::open(&note, &[verifier], None)?.size;
+    let size = Checkpoint::open(&note, &ledger.verifiers_for(&args.tenant)?, None)?.size;
     let log = ledger.tenant(&args.tenant)?;
     let write = |path: String, bytes: &[u8]| -> anyhow::Result<()> {
         let file = out.join(&path);

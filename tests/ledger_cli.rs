@@ -91,6 +91,30 @@ fn import_receipt_verify_and_consistency() {
 }
 
 #[test]
+fn key_rotation_both_keys_sign_then_the_new_one_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("old.key")]));
+    ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("new.key")]));
+    events(&dir.path().join("a.jsonl"), 0, 30);
+    ok(&tally(&["log", "import", "--data", &p("d"), "--key", &p("old.key"), "--key", &p("new.key"), &p("a.jsonl")]));
+    ok(&tally(&["log", "receipt", "--data", &p("d"), "--key", &p("old.key"), "--key", &p("new.key"), "--tenant", "acme", "--seq", "3", "--out", &p("r")]));
+    for key in ["old.key", "new.key"] {
+        let vkey = ok(&tally(&["vkey", "--key", &p(key), "--tenant", "acme"])).trim().to_string();
+        ok(&tally(&["verify", "receipt", "--vkey", &vkey, "--receipt", &p("r.tlog-proof"), "--entry", &p("r.entry")]));
+    }
+    ok(&tally(&["log", "audit", "--data", &p("d"), "--key", &p("old.key"), "--key", &p("new.key")]));
+    // The old key retires: opening with the new key alone re-signs; the audit with the old key now
+    // reports that it did not sign.
+    ok(&tally(&["log", "receipt", "--data", &p("d"), "--key", &p("new.key"), "--tenant", "acme", "--seq", "3", "--out", &p("r2")]));
+    let old_vkey = ok(&tally(&["vkey", "--key", &p("old.key"), "--tenant", "acme"])).trim().to_string();
+    let out = tally(&["verify", "receipt", "--vkey", &old_vkey, "--receipt", &p("r2.tlog-proof"), "--entry", &p("r2.entry")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tally(&["log", "audit", "--data", &p("d"), "--key", &p("old.key")]);
+    assert!(!out.status.success());
+}
+
+#[test]
 fn import_reports_invalid_lines_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();

@@ -33,7 +33,7 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 }
 
 fn disk_bytes(dir: &std::path::Path) -> u64 {
-    ["entries", "hashes", "head"].iter().map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0)).sum()
+    ["entries", "hashes", "index", "head"].iter().map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0)).sum()
 }
 
 fn fill(dir: &std::path::Path, n: u64) -> (TenantLog, Duration) {

@@ -27,9 +27,9 @@ pub struct AuditReport {
 /// Most node mismatches listed one by one (the count is always reported).
 const MAX_LISTED: usize = 10;
 
-/// Audits the log in `dir`. With `verifier`, the stored checkpoint's signature is checked too.
+/// Audits the log in `dir`. With `verifiers`, the stored checkpoint's signatures are checked too.
 /// `progress` receives the number of entry bytes processed as the audit advances.
-pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut dyn FnMut(u64)) -> AuditReport {
+pub fn audit_tenant(dir: &Path, verifiers: &[NoteVerifier], progress: &mut dyn FnMut(u64)) -> AuditReport {
     let mut report = AuditReport::default();
     let head = match read_head(dir) {
         Ok(h) => Some(h),
@@ -38,7 +38,7 @@ pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut 
             None
         }
     };
-    let checkpoint = read_checkpoint(dir, verifier, &mut report.problems);
+    let checkpoint = read_checkpoint(dir, verifiers, &mut report.problems);
     let targets = [head.map(|h| h.size), checkpoint.as_ref().map(|c| c.size)];
     let mut roots_at: Vec<(u64, Hash)> = Vec::new();
     // Byte offset at the end of the entry that completes the committed size.
@@ -153,7 +153,7 @@ pub fn audit_tenant(dir: &Path, verifier: Option<&NoteVerifier>, progress: &mut 
     report
 }
 
-fn read_checkpoint(dir: &Path, verifier: Option<&NoteVerifier>, problems: &mut Vec<String>) -> Option<Checkpoint> {
+fn read_checkpoint(dir: &Path, verifiers: &[NoteVerifier], problems: &mut Vec<String>) -> Option<Checkpoint> {
     let path = dir.join("checkpoint");
     let note = match std::fs::read(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -169,8 +169,13 @@ fn read_checkpoint(dir: &Path, verifier: Option<&NoteVerifier>, problems: &mut V
             }
         },
     };
-    let parsed = match verifier {
-        Some(v) => Checkpoint::open(&note, std::slice::from_ref(v), Some(v.name())),
+    let parsed = match verifiers.first() {
+        // Every configured key must have signed: a missing signature is a finding too.
+        Some(first) => verifiers
+            .iter()
+            .map(|v| Checkpoint::open(&note, std::slice::from_ref(v), Some(first.name())))
+            .collect::<crate::error::Result<Vec<_>>>()
+            .map(|mut all| all.remove(0)),
         None => crate::note::split_note(&note).and_then(|(text, _)| Checkpoint::parse_text(text)),
     };
     parsed.map_err(|e| problems.push(format!("checkpoint: {e}"))).ok()
@@ -196,7 +201,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn build(dir: &Path, key: &LedgerKey) {
-        let mut ledger = Ledger::open(dir, key.clone()).unwrap();
+        let mut ledger = Ledger::open(dir, vec![key.clone()]).unwrap();
         for i in 0..600u32 {
             let tenant = ["acme", "globex"][(i % 2) as usize];
             ledger.tenant(tenant).unwrap().append(format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "p".repeat((i % 40) as usize)).as_bytes()).unwrap();
@@ -213,7 +218,7 @@ mod tests {
         build(dir.path(), &key);
         let mut seen = 0;
         let v = key.signer_for("acme").unwrap().verifier();
-        let report = audit_tenant(&dir.path().join("t/acme"), Some(&v), &mut |n| seen += n);
+        let report = audit_tenant(&dir.path().join("t/acme"), &[v], &mut |n| seen += n);
         assert_eq!(report, AuditReport { entries: 300, problems: vec![] });
         assert_eq!(seen, std::fs::metadata(dir.path().join("t/acme/entries")).unwrap().len());
     }
@@ -237,7 +242,7 @@ mod tests {
             let at = rng.gen_range(0..bytes.len());
             bytes[at] ^= rng.gen_range(1..=255u8);
             std::fs::write(&path, &bytes).unwrap();
-            let report = audit_tenant(&dir.path().join("t/globex"), Some(&v), &mut |_| {});
+            let report = audit_tenant(&dir.path().join("t/globex"), std::slice::from_ref(&v), &mut |_| {});
             assert!(!report.problems.is_empty(), "trial {trial}: flip at byte {at} of {file} went unnoticed");
         }
     }

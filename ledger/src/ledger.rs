@@ -4,6 +4,11 @@
 //! After each group commit every tenant with new entries gets a checkpoint signed for its new
 //! size, stored as `<dir>/t/<tenant>/checkpoint`. Checkpoints are only ever signed for committed
 //! sizes of an append-only tree, so any two of them are consistent.
+//!
+//! Key rotation: the ledger signs with every key it is given (all for the same origin), so during
+//! a rotation each checkpoint carries both signatures and verifiers holding either vkey accept it.
+//! A stored checkpoint that is stale or was signed by another key set is re-signed when its tenant
+//! is opened; signing is deterministic, so an unchanged key set rewrites identical bytes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,18 +21,30 @@ use crate::receipt::Receipt;
 
 pub struct Ledger {
     dir: PathBuf,
-    key: LedgerKey,
+    keys: Vec<LedgerKey>,
     tenants: BTreeMap<String, TenantLog>,
 }
 
 impl Ledger {
-    pub fn open(dir: &Path, key: LedgerKey) -> Result<Ledger> {
+    /// Opens the ledger in `dir`, signing with every key in `keys` (one, or several during a
+    /// rotation; all must share one origin).
+    pub fn open(dir: &Path, keys: Vec<LedgerKey>) -> Result<Ledger> {
+        let origin = keys.first().map(|k| k.origin().to_string()).ok_or_else(|| Error::BadKey("a ledger needs at least one signing key".into()))?;
+        if let Some(other) = keys.iter().find(|k| k.origin() != origin) {
+            return Err(Error::BadKey(format!("all signing keys must share one origin: {origin:?} and {:?}", other.origin())));
+        }
         std::fs::create_dir_all(dir.join("t")).map_err(|e| Error::io(dir, e))?;
-        Ok(Ledger { dir: dir.to_path_buf(), key, tenants: BTreeMap::new() })
+        Ok(Ledger { dir: dir.to_path_buf(), keys, tenants: BTreeMap::new() })
     }
 
-    pub fn key(&self) -> &LedgerKey {
-        &self.key
+    /// The log origin (tenant logs are `<origin>/t/<tenant>`).
+    pub fn origin(&self) -> &str {
+        self.keys[0].origin()
+    }
+
+    /// The tenant's verifier keys, one per signing key.
+    pub fn verifiers_for(&self, tenant_id: &str) -> Result<Vec<crate::note::NoteVerifier>> {
+        self.keys.iter().map(|k| k.signer_for(tenant_id).map(|s| s.verifier())).collect()
     }
 
     /// The tenant's log, opened (and repaired) on first use.
@@ -37,10 +54,13 @@ impl Ledger {
             let log = TenantLog::open(&self.dir.join("t").join(tenant_id))?;
             // A crash between a commit and its checkpoint leaves the checkpoint behind the log:
             // sign the committed size now (same bytes as the lost one would have been).
-            let stored = std::fs::read_to_string(log.dir().join("checkpoint")).ok();
-            let current = stored.as_deref().and_then(|n| crate::note::split_note(n).ok()).and_then(|(t, _)| Checkpoint::parse_text(t).ok());
-            if log.size() > 0 && current.map(|c| c.size) != Some(log.size()) {
-                write_checkpoint(&self.key, tenant_id, &log)?;
+            if log.size() > 0 {
+                let stored = std::fs::read_to_string(log.dir().join("checkpoint")).ok();
+                let (checkpoint, note) = sign_checkpoint(&self.keys, tenant_id, &log)?;
+                if stored.as_deref() != Some(note.as_str()) {
+                    tracing::info!(tenant_id, size = checkpoint.size, "re-signing a stale checkpoint");
+                    store_checkpoint(&log, &note)?;
+                }
             }
             self.tenants.insert(tenant_id.to_string(), log);
         }
@@ -68,7 +88,9 @@ impl Ledger {
                 continue;
             }
             log.commit()?;
-            out.push((tenant.clone(), write_checkpoint(&self.key, tenant, log)?));
+            let (checkpoint, note) = sign_checkpoint(&self.keys, tenant, log)?;
+            store_checkpoint(log, &note)?;
+            out.push((tenant.clone(), checkpoint));
         }
         Ok(out)
     }
@@ -82,23 +104,27 @@ impl Ledger {
     /// A receipt for entry `seq` against the tenant's latest checkpoint, and the entry bytes.
     pub fn receipt(&mut self, tenant_id: &str, seq: u64) -> Result<(Receipt, Vec<u8>)> {
         let note = self.checkpoint_note(tenant_id)?;
-        let verifier = self.key.signer_for(tenant_id)?.verifier();
-        let checkpoint = Checkpoint::open(&note, &[verifier], None)?;
+        let checkpoint = Checkpoint::open(&note, &self.verifiers_for(tenant_id)?, None)?;
         let log = self.tenant(tenant_id)?;
         let proof = log.inclusion_proof(seq, checkpoint.size)?;
         Ok((Receipt { index: seq, proof, checkpoint: note }, log.entry(seq)?))
     }
 }
 
-/// Signs the log's committed size and replaces the stored checkpoint atomically.
-fn write_checkpoint(key: &LedgerKey, tenant: &str, log: &TenantLog) -> Result<Checkpoint> {
-    let checkpoint = Checkpoint { origin: crate::checkpoint::tenant_origin(key.origin(), tenant), size: log.size(), root: log.root() };
-    let note = checkpoint.sign(&[key.signer_for(tenant)?])?;
+/// The checkpoint of the log's committed size, signed by every key.
+fn sign_checkpoint(keys: &[LedgerKey], tenant: &str, log: &TenantLog) -> Result<(Checkpoint, String)> {
+    let checkpoint = Checkpoint { origin: crate::checkpoint::tenant_origin(keys[0].origin(), tenant), size: log.size(), root: log.root() };
+    let signers = keys.iter().map(|k| k.signer_for(tenant)).collect::<Result<Vec<_>>>()?;
+    let note = checkpoint.sign(&signers)?;
+    Ok((checkpoint, note))
+}
+
+/// Replaces the stored checkpoint atomically.
+fn store_checkpoint(log: &TenantLog, note: &str) -> Result<()> {
     let path = log.dir().join("checkpoint");
     let tmp = log.dir().join("checkpoint.tmp");
     std::fs::write(&tmp, note.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    Ok(checkpoint)
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
 }
 
 #[cfg(test)]
@@ -109,7 +135,7 @@ mod tests {
     fn commit_signs_checkpoints_and_receipts_verify_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
-        let mut ledger = Ledger::open(dir.path(), key.clone()).unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
         for i in 0..50u64 {
             let tenant = if i % 2 == 0 { "acme" } else { "globex" };
             ledger.tenant(tenant).unwrap().append(format!("entry {i}").as_bytes()).unwrap();
@@ -119,7 +145,7 @@ mod tests {
         assert!(ledger.commit().unwrap().is_empty(), "nothing new, no new checkpoint");
         drop(ledger);
 
-        let mut ledger = Ledger::open(dir.path(), key.clone()).unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
         assert_eq!(ledger.tenant_ids().unwrap(), ["acme", "globex"]);
         let (receipt, entry) = ledger.receipt("globex", 3).unwrap();
         assert_eq!(entry, b"entry 7");
@@ -135,13 +161,47 @@ mod tests {
     fn a_checkpoint_lost_after_its_commit_is_re_signed_identically_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
-        let mut ledger = Ledger::open(dir.path(), key.clone()).unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
         ledger.tenant("acme").unwrap().append(b"one").unwrap();
         ledger.commit().unwrap();
         let signed = ledger.checkpoint_note("acme").unwrap();
         drop(ledger);
         std::fs::remove_file(dir.path().join("t/acme/checkpoint")).unwrap();
-        let mut ledger = Ledger::open(dir.path(), key).unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![key]).unwrap();
         assert_eq!(ledger.checkpoint_note("acme").unwrap(), signed);
+    }
+
+    #[test]
+    fn rotation_signs_with_both_keys_then_only_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = LedgerKey::generate("tally.example.com").unwrap();
+        let new = LedgerKey::generate("tally.example.com").unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![old.clone()]).unwrap();
+        ledger.tenant("acme").unwrap().append(b"one").unwrap();
+        ledger.commit().unwrap();
+        drop(ledger);
+        let old_v = old.signer_for("acme").unwrap().verifier();
+        let new_v = new.signer_for("acme").unwrap().verifier();
+
+        // During the rotation both keys sign; holders of either vkey accept.
+        let mut ledger = Ledger::open(dir.path(), vec![old.clone(), new.clone()]).unwrap();
+        let note = ledger.checkpoint_note("acme").unwrap();
+        assert_eq!(note.matches('\u{2014}').count(), 2, "{note}");
+        let a = Checkpoint::open(&note, &[old_v.clone()], None).unwrap();
+        let b = Checkpoint::open(&note, &[new_v.clone()], None).unwrap();
+        assert_eq!(a, b);
+        drop(ledger);
+
+        // After it, only the new key signs; same tree, so old and new checkpoints are consistent.
+        let mut ledger = Ledger::open(dir.path(), vec![new]).unwrap();
+        let note = ledger.checkpoint_note("acme").unwrap();
+        assert!(Checkpoint::open(&note, &[old_v], None).is_err());
+        assert_eq!(Checkpoint::open(&note, &[new_v], None).unwrap(), a);
+        let other = LedgerKey::generate("other.example.com").unwrap();
+        assert!(Ledger::open(dir.path(), vec![ledger_key_clone(&ledger), other]).is_err(), "one origin only");
+    }
+
+    fn ledger_key_clone(ledger: &Ledger) -> LedgerKey {
+        ledger.keys[0].clone()
     }
 }
