@@ -11,7 +11,8 @@
 #   scripts/kafka.sh stop             stop it (SIGTERM, then SIGKILL after 10 s)
 #   scripts/kafka.sh status           print the bootstrap address if it answers
 #
-# With KAFKA_BOOTSTRAP set, start/stop/status use that broker and never touch Tansu.
+# With KAFKA_BOOTSTRAP set, start and status use that broker and never touch Tansu; stop only
+# ever stops a Tansu that `start` launched (recorded in its pidfile).
 # Settings (environment): TALLY_BROKER_PORT (9092), TALLY_BROKER_DATA (.tally/kafka),
 # TALLY_CACHE (~/.cache/tally), TALLY_BROKER_PARTITIONS (8).
 set -euo pipefail
@@ -94,7 +95,8 @@ start() {
 }
 
 stop() {
-  [ -n "${KAFKA_BOOTSTRAP:-}" ] && return 0
+  # Acts only on a broker this script started (its pidfile), never on an external KAFKA_BOOTSTRAP;
+  # callers export KAFKA_BOOTSTRAP after `start`, so the variable must not decide this.
   [ -f "$PIDFILE" ] || return 0
   local pid
   pid=$(cat "$PIDFILE")

@@ -11,6 +11,9 @@ use tally_ingest::KafkaConfig;
 pub struct CliConfig {
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// The ledger service (`tally ledger`).
+    #[serde(default)]
+    pub ledger: Option<tally_ledger::service::ServiceConfig>,
 }
 
 impl CliConfig {

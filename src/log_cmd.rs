@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use tally_ledger::merkle::{verify_consistency, Hash};
-use tally_ledger::{event_record, tenant_origin, Checkpoint, Ledger, LedgerKey, NoteVerifier, Receipt, Source};
+use tally_ledger::{event_record, tenant_origin, EventInput, Checkpoint, Ledger, LedgerKey, NoteVerifier, Receipt, Source};
 use tally_schemas::Event;
 
 #[derive(clap::Args)]
@@ -226,7 +226,8 @@ fn import(mut ledger: Ledger, input: &Path) -> anyhow::Result<()> {
         let digest: [u8; 32] = sha2_digest(line.as_bytes());
         let log = ledger.tenant(&event.tenant_id)?;
         let seq = log.size() + log.pending();
-        let record = event_record(seq, &event, &digest, &Source::File { file: name.clone(), line: line_no })?;
+        let source = Source::File { file: name.clone(), line: line_no };
+        let record = event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source })?;
         log.append(&record)?;
         *added.entry(event.tenant_id.clone()).or_default() += 1;
     }

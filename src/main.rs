@@ -45,6 +45,9 @@ enum Command {
     /// Offline tools over a ledger data directory.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
+    /// Run the ledger service: consume events into signed per-tenant logs and serve them over
+    /// HTTP. Needs a config file with a `[ledger]` table (see README).
+    Ledger,
     Topics {
         #[arg(long, default_value = "tally.events")]
         events_topic: String,
@@ -83,6 +86,18 @@ fn main() -> anyhow::Result<()> {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             rt.block_on(consume::run(&config, args))
         }
+        Command::Ledger => {
+            let (mut config, rt) = online(cli.config, cli.bootstrap)?;
+            let service = config.ledger.take().context("the configuration has no [ledger] table (pass --config)")?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(service.listen)
+                    .await
+                    .with_context(|| format!("binding ledger.listen {}", service.listen))?;
+                tracing::info!(listen = %listener.local_addr()?, topic = %service.topic, "ledger service starting");
+                tally_ledger::service::run(service, config.kafka, listener, shutdown_signal()).await?;
+                Ok(())
+            })
+        }
         Command::Topics { events_topic, partitions } => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             let dlq = DeadLetterQueue::topic_for(&events_topic);
@@ -95,5 +110,24 @@ fn main() -> anyhow::Result<()> {
             println!("topics ready: {events_topic} ({partitions} partitions), {dlq}, tally.budget (compacted)");
             Ok(())
         }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM, so the service commits what it applied before exiting.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }

@@ -23,6 +23,10 @@ pub enum Error {
     BadReceipt(String),
     #[error(transparent)]
     Proof(#[from] ProofError),
+    #[error("ledger service: {0}")]
+    Service(String),
+    #[error("bad record: {0}")]
+    BadRecord(String),
     #[error("entry is {0} bytes; an entry is at most 65535 bytes")]
     EntryTooLarge(usize),
     #[error("corrupt log {path}: {detail}")]

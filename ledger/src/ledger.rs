@@ -67,6 +67,11 @@ impl Ledger {
         self.tenants.get_mut(tenant_id).ok_or_else(|| Error::BadKey(tenant_id.to_string()))
     }
 
+    /// Whether the tenant has a log in this directory (the id must be valid).
+    pub fn has_tenant(&self, tenant_id: &str) -> bool {
+        tally_schemas::validate_tenant_id(tenant_id).is_ok() && self.dir.join("t").join(tenant_id).join("head").exists()
+    }
+
     /// Tenants that have a log in this directory.
     pub fn tenant_ids(&self) -> Result<Vec<String>> {
         let dir = self.dir.join("t");

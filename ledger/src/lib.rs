@@ -10,6 +10,7 @@
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
 //! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
 //! * [`event_record`]: the canonical bytes of a ledger record.
+//! * [`service`]: the Kafka-fed ledger service (`tally ledger`) and its HTTP API.
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
 mod audit;
@@ -21,6 +22,7 @@ mod log;
 pub mod merkle;
 mod note;
 mod receipt;
+pub mod service;
 mod record;
 mod tiles;
 
@@ -32,5 +34,5 @@ pub use ledger::Ledger;
 pub use log::{TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use receipt::Receipt;
-pub use record::{event_record, Source};
+pub use record::{conflict_record, event_record, EventInput, Source};
 pub use tiles::{available_width, TilePath, TILE_WIDTH};

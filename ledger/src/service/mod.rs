@@ -1,0 +1,242 @@
+//! The ledger service: consumes the events topic as a consumer-group member and keeps every
+//! tenant's signed log up to date.
+//!
+//! Each assigned partition is a [`PartitionLedger`] under `<data_dir>/partitions/<topic>-<p>/`.
+//! Where it resumes comes from that directory, never from the group's committed offsets (those
+//! are committed afterwards, for lag tools only). Deliveries are applied in order; rejected ones
+//! are dead-lettered before the progress that covers them is committed. Every
+//! `commit_interval_ms`, all partitions commit (fsync, new checkpoints, progress). A revoked
+//! partition is committed and closed inside the rebalance, so its next owner (another instance
+//! on the same volume) resumes exactly where this one stopped.
+//!
+//! The HTTP API ([`http`]) serves checkpoints, tiles, records, receipts and consistency proofs.
+
+mod http;
+mod partition;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tally_ingest::{DeadLetterQueue, EventConsumer, KafkaConfig, PartitionSink, Resume};
+
+pub use partition::{Applied, PartitionLedger};
+
+use crate::error::{Error, Result};
+use crate::keyfile::LedgerKey;
+
+/// `[ledger]` in the service's TOML configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Where partition state lives (a shared volume when several instances run).
+    pub data_dir: PathBuf,
+    /// Private key files; several during a key rotation.
+    pub keys: Vec<PathBuf>,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Defaults to `<topic>.dlq`.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// How often partitions commit and sign checkpoints.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// HTTP listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_topic() -> String {
+    "tally.events".into()
+}
+fn default_group() -> String {
+    "tally-ledger".into()
+}
+fn default_commit_interval_ms() -> u64 {
+    250
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl ServiceConfig {
+    /// Checks the settings, naming the bad key; loads the signing keys.
+    pub fn load_keys(&self) -> Result<Vec<LedgerKey>> {
+        if self.keys.is_empty() {
+            return Err(Error::BadKey("ledger.keys is empty: at least one signing key file is required".into()));
+        }
+        if self.commit_interval_ms == 0 || self.commit_interval_ms > 60_000 {
+            return Err(Error::BadKey(format!("ledger.commit_interval_ms = {} must be 1..=60000", self.commit_interval_ms)));
+        }
+        self.keys.iter().map(|k| LedgerKey::read(k)).collect()
+    }
+}
+
+/// Counters exported at `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub deduplicated: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub reread: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+/// State shared by the consume loop, the rebalance callbacks and the HTTP handlers.
+pub struct Shared {
+    root: PathBuf,
+    keys: Vec<LedgerKey>,
+    partitions: Mutex<BTreeMap<i32, PartitionLedger>>,
+    /// A failure inside a rebalance callback, reported by the consume loop.
+    fatal: Mutex<Option<String>>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    fn partitions(&self) -> MutexGuard<'_, BTreeMap<i32, PartitionLedger>> {
+        self.partitions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, message: String) {
+        tracing::error!(error = %message, "ledger service failure");
+        self.fatal.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(message);
+    }
+
+    /// Commits every open partition; returns the durable next offset of each.
+    fn commit_all(&self) -> Result<Vec<(i32, i64)>> {
+        let mut out = Vec::new();
+        for (p, ledger) in self.partitions().iter_mut() {
+            if let Some(next) = ledger.commit()? {
+                out.push((*p, next));
+            }
+        }
+        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+}
+
+struct Sink(Arc<Shared>);
+
+impl PartitionSink for Sink {
+    fn resume(&self, topic: &str, partition: i32) -> Resume {
+        let mut parts = self.0.partitions();
+        if let Some(p) = parts.get(&partition) {
+            return p.resume_offset().map_or(Resume::Beginning, Resume::At);
+        }
+        match PartitionLedger::open(&self.0.root, topic, partition, self.0.keys.clone()) {
+            Ok(p) => {
+                let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
+                parts.insert(partition, p);
+                resume
+            }
+            Err(e) => {
+                self.0.fail(format!("cannot open partition {partition}: {e}"));
+                Resume::Beginning
+            }
+        }
+    }
+
+    fn partitions_revoked(&self, _topic: &str, partitions: &[i32]) {
+        let mut parts = self.0.partitions();
+        for p in partitions {
+            if let Some(mut ledger) = parts.remove(p) {
+                if let Err(e) = ledger.commit() {
+                    self.0.fail(format!("cannot commit revoked partition {p}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the service until `shutdown` completes; serves HTTP on `listener`.
+pub async fn run(
+    config: ServiceConfig,
+    kafka: KafkaConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let keys = config.load_keys()?;
+    let shared = Arc::new(Shared {
+        root: config.data_dir.clone(),
+        keys,
+        partitions: Mutex::new(BTreeMap::new()),
+        fatal: Mutex::new(None),
+        metrics: Metrics::default(),
+    });
+    let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
+    let dlq_topic = config.dlq_topic.clone().unwrap_or_else(|| DeadLetterQueue::topic_for(&config.topic));
+    let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
+    let consumer = EventConsumer::new(
+        &kafka,
+        &config.group,
+        &config.topic,
+        Arc::new(Sink(Arc::clone(&shared))),
+        5_000,
+        Duration::from_millis(100),
+    )
+    .map_err(kafka_err)?;
+
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, Arc::clone(&shared), async move {
+        let _ = http_stopped.await;
+    }));
+
+    let interval = Duration::from_millis(config.commit_interval_ms);
+    let mut last_commit = Instant::now();
+    tokio::pin!(shutdown);
+    let result: Result<()> = async {
+        loop {
+            let batch = tokio::select! {
+                batch = consumer.next_batch() => batch.map_err(kafka_err)?,
+                _ = &mut shutdown => break,
+            };
+            if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                return Err(Error::Service(message));
+            }
+            let mut rejected = Vec::new();
+            {
+                let mut parts = shared.partitions();
+                for d in &batch {
+                    let Some(p) = parts.get_mut(&d.partition) else { continue };
+                    let m = &shared.metrics;
+                    match p.apply(d)? {
+                        Applied::Appended { .. } => m.accepted.fetch_add(1, Ordering::Relaxed),
+                        Applied::Deduplicated { .. } => m.deduplicated.fetch_add(1, Ordering::Relaxed),
+                        Applied::Conflict { .. } => m.conflicts.fetch_add(1, Ordering::Relaxed),
+                        Applied::AlreadyRecorded => m.reread.fetch_add(1, Ordering::Relaxed),
+                        Applied::Rejected => {
+                            rejected.push(d);
+                            m.dead_lettered.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            }
+            for d in rejected {
+                if let Err(rejection) = &d.outcome {
+                    dlq.send(&config.topic, d, rejection).await.map_err(kafka_err)?;
+                    tracing::warn!(partition = d.partition, offset = d.offset, code = rejection.code.as_str(), "dead-lettered");
+                }
+            }
+            if last_commit.elapsed() >= interval {
+                let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
+                consumer.commit(&offsets).map_err(kafka_err)?;
+                last_commit = Instant::now();
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Whatever ended the loop, make what was applied durable before leaving the group.
+    let committed = tokio::task::block_in_place(|| shared.commit_all());
+    consumer.close().await.map_err(kafka_err)?;
+    let _ = http_stop.send(());
+    let _ = server.await;
+    result.and(committed.map(|_| ()))
+}
