@@ -53,6 +53,8 @@ pub struct PartitionLedger {
     ledger: Ledger,
     /// Next offset to apply.
     next_offset: Option<i64>,
+    /// Next offset as last written to `progress`.
+    durable_next: Option<i64>,
     /// Last source offset recorded per tenant (pending records included).
     last_offset: HashMap<String, i64>,
     dedup: HashMap<DedupKey, Seen>,
@@ -111,7 +113,7 @@ impl PartitionLedger {
             }
         }
         tracing::info!(topic, partition, ?next_offset, tenants = last_offset.len(), "partition state opened");
-        Ok(PartitionLedger { topic: topic.to_string(), partition, dir, ledger, next_offset, last_offset, dedup })
+        Ok(PartitionLedger { topic: topic.to_string(), partition, dir, ledger, next_offset, durable_next: next_offset, last_offset, dedup })
     }
 
     /// Where consumption resumes: the durable progress, or the partition's start.
@@ -183,8 +185,9 @@ impl PartitionLedger {
         for (tenant, cp) in &checkpoints {
             tracing::debug!(tenant_id = %tenant, partition = self.partition, size = cp.size, "checkpoint signed");
         }
-        if let Some(next) = self.next_offset {
+        if let Some(next) = self.next_offset.filter(|_| self.next_offset != self.durable_next) {
             write_progress(&self.dir, next)?;
+            self.durable_next = Some(next);
         }
         Ok(self.next_offset)
     }
