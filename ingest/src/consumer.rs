@@ -140,8 +140,15 @@ impl EventConsumer {
     ) -> Result<Self> {
         config.validate()?;
         let context = SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()) };
-        let consumer: BaseConsumer<SinkContext> = config
-            .client_config()
+        let mut client = config.client_config();
+        // librdkafka's 45 s default session timeout is how long a SIGKILLed member keeps its
+        // partitions; 6 s is the smallest a stock Kafka broker accepts. Overridable.
+        for (key, default) in [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "1000")] {
+            if !config.librdkafka.contains_key(key) {
+                client.set(key, default);
+            }
+        }
+        let consumer: BaseConsumer<SinkContext> = client
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

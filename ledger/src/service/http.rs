@@ -1,5 +1,5 @@
 //! The ledger's read API over HTTP (axum): per tenant, the C2SP tlog-tiles paths, records,
-//! receipts and consistency proofs; `/healthz` and Prometheus `/metrics`.
+//! receipts and consistency proofs; `/healthz`, `/readyz` and Prometheus `/metrics`.
 //!
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with stable codes:
 //! `bad_request`, `not_found`, `internal`. Tenant ids are validated before any path is built.
@@ -33,6 +33,7 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
 pub(super) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/t/{tenant}/checkpoint", get(checkpoint))
         .route("/t/{tenant}/tile/{*rest}", get(tile))
@@ -133,6 +134,18 @@ async fn consistency(State(shared): State<Arc<Shared>>, Path(tenant): Path<Strin
         body.push('\n');
     }
     Ok(text(body))
+}
+
+/// Ready once this instance owns at least one partition and nothing has failed: a member that
+/// has not (yet) been assigned anything can serve no tenant.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "failed\n").into_response();
+    }
+    match shared.partitions().len() {
+        0 => (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response(),
+        n => format!("ready: {n} partitions\n").into_response(),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -1,0 +1,201 @@
+//! kill -9 harness: the `tally ledger` binary is SIGKILLed at random moments (at least 10 times)
+//! while 100,000 events are published and consumed, and restarted each time. At the end every
+//! event is in its tenant's log exactly once and in order, and every checkpoint observed along
+//! the way is consistent with the final log.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use tally_ingest::EventPublisher;
+use tally_ledger::{Checkpoint, Ledger, LedgerKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const EVENTS: u32 = 100_000;
+const TENANTS: u32 = 100;
+const PARTITIONS: i32 = 4;
+/// Long enough for at least 10 kill/restart cycles to fall inside the run.
+const PUBLISH_FOR: Duration = Duration::from_secs(40);
+
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some((std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()?, response[split + 4..].to_vec()))
+}
+
+fn spawn_ledger(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["--config", config.to_str().unwrap(), "ledger"])
+        .env("RUST_LOG", "warn,tally_ledger=info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start tally ledger")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    let kafka = kafka();
+    let topic = unique_topic("crash");
+    create_topic(&kafka, &topic, PARTITIONS).await;
+    create_topic(&kafka, &format!("{topic}.dlq"), PARTITIONS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("ledger.key");
+    let key = LedgerKey::generate("tally.example.com").unwrap();
+    key.write_new(&key_path).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("ledger.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbootstrap = \"{}\"\n[kafka.librdkafka]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"250\"\n\
+             [ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g\"\ncommit_interval_ms = 50\nlisten = \"{addr}\"\n",
+            kafka.bootstrap,
+            data.display(),
+            key_path.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("ledger.log");
+
+    // Publish in the background, paced so that the run spans all the kills.
+    let publishing = {
+        let kafka = kafka.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+            let mut pending = Vec::new();
+            let started = Instant::now();
+            for i in 0..EVENTS {
+                let tenant = format!("t{:03}", i % TENANTS);
+                pending.push(publisher.enqueue(Some(tenant.as_bytes()), &event_json(&tenant, &format!("e{i}"), 1), &[]).await.unwrap());
+                if i % 1_000 == 999 {
+                    let due = started + PUBLISH_FOR * (i + 1) / EVENTS;
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            for p in pending {
+                p.await.unwrap();
+            }
+        })
+    };
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(port));
+    let mut observed: Vec<(String, String)> = Vec::new();
+    let mut kills = 0;
+    let mut ready_after = Vec::new();
+    while kills < 10 || !publishing.is_finished() {
+        let started = Instant::now();
+        let mut child = spawn_ledger(&config, &log);
+        // Most kills land while the ledger is consuming; some during its start-up.
+        let alive_for = Duration::from_millis(rng.gen_range(0..2_000));
+        if rng.gen_bool(0.8) {
+            while !matches!(get(addr, "/readyz").await, Some((200, _))) {
+                assert!(started.elapsed() < Duration::from_secs(60), "not ready after 60 s; log:\n{}", log_tail(&log));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ready_after.push(started.elapsed());
+        }
+        let until = Instant::now() + alive_for;
+        while Instant::now() < until {
+            let tenant = format!("t{:03}", rng.gen_range(0..TENANTS));
+            if let Some((200, note)) = get(addr, &format!("/t/{tenant}/checkpoint")).await {
+                observed.push((tenant, String::from_utf8(note).unwrap()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        assert!(kills < 100, "publishing did not finish");
+    }
+    eprintln!("ready after restart: {ready_after:?}");
+    publishing.await.unwrap();
+
+    // A last run to the end, then SIGTERM.
+    let mut child = spawn_ledger(&config, &log);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let mut total = 0u64;
+        for t in 0..TENANTS {
+            if let Some((200, note)) = get(addr, &format!("/t/t{t:03}/checkpoint")).await {
+                total += String::from_utf8(note).unwrap().lines().nth(1).unwrap().parse::<u64>().unwrap();
+            }
+        }
+        if total == u64::from(EVENTS) {
+            break;
+        }
+        assert!(total <= u64::from(EVENTS), "more records ({total}) than events");
+        if Instant::now() >= deadline {
+            panic!("only {total} of {EVENTS} recorded; ledger log tail:\n{}", log_tail(&log));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sigterm(&child);
+    child.wait().unwrap();
+
+    // Every tenant's log: exactly its events, in publish order, each once.
+    let mut finals: BTreeMap<String, (Ledger, String)> = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let dir = data.join("partitions").join(format!("{topic}-{p}"));
+        if !dir.exists() {
+            continue;
+        }
+        let ledger = Ledger::open(&dir, vec![key.clone()]).unwrap();
+        for tenant in ledger.tenant_ids().unwrap() {
+            let mut ledger = Ledger::open(&dir, vec![key.clone()]).unwrap();
+            let log = ledger.tenant(&tenant).unwrap();
+            let n: u32 = tenant[1..].parse().unwrap();
+            assert_eq!(log.size(), u64::from(EVENTS / TENANTS), "{tenant}");
+            for seq in 0..log.size() {
+                let record: serde_json::Value = serde_json::from_slice(&log.entry(seq).unwrap()).unwrap();
+                assert_eq!(record["event"]["event_id"], format!("e{}", seq as u32 * TENANTS + n), "{tenant} seq {seq}");
+            }
+            finals.insert(tenant, (ledger, dir.display().to_string()));
+        }
+    }
+    assert_eq!(finals.len() as u32, TENANTS);
+
+    // Every checkpoint seen during the crashes is a prefix of the final log.
+    let mut verified = 0;
+    for (tenant, note) in &observed {
+        let verifiers = vec![key.signer_for(tenant).unwrap().verifier()];
+        let old = Checkpoint::open(note, &verifiers, None).unwrap();
+        let (ledger, _) = finals.get_mut(tenant).unwrap();
+        let log = ledger.tenant(tenant).unwrap();
+        let (size, root) = (log.size(), log.root());
+        if old.size == 0 {
+            continue;
+        }
+        let proof = log.consistency_proof(old.size, size).unwrap();
+        tally_ledger::merkle::verify_consistency(old.size, size, &old.root, &root, &proof)
+            .unwrap_or_else(|e| panic!("{tenant}: checkpoint at {} inconsistent with the final log: {e}", old.size));
+        verified += 1;
+    }
+    assert!(kills >= 10);
+    assert!(verified > 0, "no checkpoint was observed between kills; log:\n{}", log_tail(&log));
+    eprintln!("{kills} kills, {verified} observed checkpoints consistent with the final logs");
+}
+
+fn log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// SIGTERM, so the last run commits and leaves the group cleanly.
+fn sigterm(child: &Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
