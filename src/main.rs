@@ -6,6 +6,7 @@ mod config;
 mod consume;
 mod log_cmd;
 mod publish;
+mod token_cmd;
 
 use std::path::PathBuf;
 
@@ -34,7 +35,6 @@ enum Command {
     Publish(publish::Args),
     /// Consume events, dead-letter bad ones, and print a per-tenant summary.
     Consume(consume::Args),
-    /// Create Tally's topics (events, its DLQ, budget) where missing.
     /// Create a ledger signing key (private key file, mode 0600) and print the origin's vkey.
     Keygen(log_cmd::KeygenArgs),
     /// Print a tenant's verifier key (vkey).
@@ -48,6 +48,10 @@ enum Command {
     /// Run the ledger service: consume events into signed per-tenant logs and serve them over
     /// HTTP. Needs a config file with a `[ledger]` table (see README).
     Ledger,
+    /// Bearer tokens for the HTTP services.
+    #[command(subcommand)]
+    Token(token_cmd::TokenCommand),
+    /// Create Tally's topics (events, its DLQ, budget) where missing.
     Topics {
         #[arg(long, default_value = "tally.events")]
         events_topic: String,
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Command::Vkey(args) => log_cmd::vkey(args),
         Command::Verify(command) => log_cmd::verify(command),
         Command::Log(command) => log_cmd::log(command),
+        Command::Token(command) => token_cmd::run(command),
         Command::Publish(args) => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             rt.block_on(publish::run(&config, args))

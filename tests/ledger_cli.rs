@@ -130,3 +130,30 @@ fn import_reports_invalid_lines_and_keeps_the_rest() {
     assert!(stderr.contains("line 2: rejected: missing_field"), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("acme: +1 -> size 1"));
 }
+
+#[test]
+fn token_new_appends_a_hash_and_prints_the_token_once() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let f = file.to_str().unwrap();
+    let acme = ok(&tally(&["token", "new", "--name", "acme-app", "--role", "tenant", "--tenant", "acme", "--file", f]));
+    let reg = ok(&tally(&["token", "new", "--name", "auditor", "--role", "regulator", "--tenant", "acme", "--tenant", "globex", "--file", f]));
+    let (acme, reg) = (acme.trim(), reg.trim());
+    assert!(acme.starts_with("tally_") && reg.starts_with("tally_") && acme != reg);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(acme) && !text.contains(reg), "the file must not hold tokens");
+    assert_eq!(text.matches("[[token]]").count(), 2, "{text}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    // A duplicate name or a tenant token without its tenant is refused and nothing is written.
+    for args in [
+        &["token", "new", "--name", "acme-app", "--role", "admin", "--file", f][..],
+        &["token", "new", "--name", "x", "--role", "tenant", "--file", f][..],
+    ] {
+        let out = tally(args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("unique") || err.contains("exactly one tenant"), "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+}

@@ -42,6 +42,7 @@ async fn start(data: &Path, key: &Path, topic: &str, group: &str) -> Running {
         group: group.to_string(),
         commit_interval_ms: 100,
         listen: "127.0.0.1:0".parse().unwrap(),
+        tokens: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -10,10 +10,12 @@
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
 //! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
 //! * [`event_record`]: the canonical bytes of a ledger record.
+//! * [`auth`]: bearer tokens (stored hashed) and the roles of SPEC §5.
 //! * [`service`]: the Kafka-fed ledger service (`tally ledger`) and its HTTP API.
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
 mod audit;
+pub mod auth;
 mod checkpoint;
 mod error;
 mod keyfile;

@@ -2,15 +2,22 @@
 //! receipts and consistency proofs; `/healthz`, `/readyz` and Prometheus `/metrics`.
 //!
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with stable codes:
-//! `bad_request`, `not_found`, `internal`. Tenant ids are validated before any path is built.
-//! Bearer-token authorization (SPEC §5) is not implemented yet, so the default listen address
-//! is loopback only.
+//! `unauthenticated`, `forbidden`, `bad_request`, `not_found`, `internal`. Tenant ids are
+//! validated before any path is built.
+//!
+//! Authorization (SPEC §5, [`crate::auth`]): every per-tenant route needs a token that reaches
+//! that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); `/metrics` needs
+//! `admin`; `/healthz` and `/readyz` are open. The tenant check runs before the handler, so a
+//! refusal is the same whether or not the other tenant exists.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -18,6 +25,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::Shared;
+use crate::auth::{AuthError, Principal};
 use crate::checkpoint::Checkpoint;
 use crate::error::Error;
 use crate::receipt::Receipt;
@@ -31,16 +39,48 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>
 }
 
 pub(super) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let per_tenant = Router::new()
         .route("/t/{tenant}/checkpoint", get(checkpoint))
         .route("/t/{tenant}/tile/{*rest}", get(tile))
         .route("/v1/tenants/{tenant}/records/{seq}", get(record))
         .route("/v1/tenants/{tenant}/receipt/{seq}", get(receipt))
         .route("/v1/tenants/{tenant}/consistency", get(consistency))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_access));
+    let admin = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), admin_access));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(per_tenant)
+        .merge(admin)
         .with_state(shared)
+}
+
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    shared.tokens.authenticate(header).map_err(ApiError::from)
+}
+
+async fn tenant_access(State(shared): State<Arc<Shared>>, Path(params): Path<HashMap<String, String>>, request: Request, next: Next) -> Response {
+    let principal = match authenticate(&shared, request.headers()) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let tenant = params.get("tenant").map(String::as_str).unwrap_or_default();
+    if !principal.can_read_tenant(tenant) {
+        tracing::info!(token = %principal.name, role = principal.role.as_str(), tenant_id = %tenant, "refused: tenant not granted");
+        return ApiError::from(AuthError::Forbidden("access to this tenant")).into_response();
+    }
+    next.run(request).await
+}
+
+async fn admin_access(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    match authenticate(&shared, request.headers()) {
+        Ok(p) if p.is_admin() => next.run(request).await,
+        Ok(_) => ApiError::from(AuthError::Forbidden("admin access")).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 struct ApiError(StatusCode, &'static str, String);
@@ -48,7 +88,18 @@ struct ApiError(StatusCode, &'static str, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.1, "message": self.2}});
-        (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+        let mut response = (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+        ApiError(status, e.code(), e.to_string())
     }
 }
 
@@ -163,4 +214,122 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     }
     out.push_str(&format!("# HELP tally_ledger_partitions Partitions owned by this instance.\n# TYPE tally_ledger_partitions gauge\ntally_ledger_partitions {}\n", shared.partitions().len()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::auth::{new_token, stanza, Role, TokenStore};
+    use crate::keyfile::LedgerKey;
+    use crate::service::partition::test_delivery;
+    use crate::service::{Metrics, PartitionLedger};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        app: Router,
+        acme: String,
+        regulator: String,
+        billing: String,
+        admin: String,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        for (i, t) in ["acme", "globex", "acme"].iter().enumerate() {
+            p.apply(&test_delivery(i as i64, t, &format!("e{i}"), 5)).unwrap();
+        }
+        p.commit().unwrap();
+        let tokens = [
+            new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap(),
+            new_token("auditor", Role::Regulator, vec!["globex".into()]).unwrap(),
+            new_token("billing", Role::Billing, vec![]).unwrap(),
+            new_token("ops", Role::Admin, vec![]).unwrap(),
+        ];
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(&path, tokens.iter().map(|(_, e)| stanza(e).unwrap()).collect::<String>()).unwrap();
+        let shared = Arc::new(Shared {
+            root: dir.path().to_path_buf(),
+            keys: vec![key],
+            partitions: Mutex::new(BTreeMap::from([(3, p)])),
+            fatal: Mutex::new(None),
+            tokens: TokenStore::load(&path).unwrap(),
+            metrics: Metrics::default(),
+        });
+        let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);
+        Fixture { _dir: dir, app: router(shared), acme, regulator, billing, admin }
+    }
+
+    async fn call(app: &Router, path: &str, token: Option<&str>) -> (StatusCode, String, serde_json::Value) {
+        let mut request = axum::http::Request::get(path);
+        if let Some(t) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let response = app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        (status, text, json)
+    }
+
+    #[tokio::test]
+    async fn a_tenant_token_reaches_its_own_log_only() {
+        let f = fixture();
+        let (status, body, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.acme)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("tally.example.com/t/acme\n2\n"), "{body}");
+        assert_eq!(call(&f.app, "/v1/tenants/acme/records/1", Some(&f.acme)).await.0, StatusCode::OK);
+        // Another tenant, existing or not, gets the same refusal: nothing to infer.
+        let (s1, _, e1) = call(&f.app, "/t/globex/checkpoint", Some(&f.acme)).await;
+        let (s2, _, e2) = call(&f.app, "/t/nosuch/checkpoint", Some(&f.acme)).await;
+        assert_eq!((s1, s2), (StatusCode::FORBIDDEN, StatusCode::FORBIDDEN));
+        assert_eq!(e1, e2);
+        assert_eq!(e1["error"]["code"], "forbidden");
+        for path in ["/t/globex/tile/0/000.p/1", "/v1/tenants/globex/records/0", "/v1/tenants/globex/receipt/0", "/v1/tenants/globex/consistency?old=0&new=1", "/metrics"] {
+            assert_eq!(call(&f.app, path, Some(&f.acme)).await.0, StatusCode::FORBIDDEN, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn regulators_billing_and_admins() {
+        let f = fixture();
+        assert_eq!(call(&f.app, "/v1/tenants/globex/receipt/0", Some(&f.regulator)).await.0, StatusCode::OK);
+        assert_eq!(call(&f.app, "/v1/tenants/acme/receipt/0", Some(&f.regulator)).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(call(&f.app, "/v1/tenants/acme/records/0", Some(&f.billing)).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(call(&f.app, "/v1/tenants/acme/records/0", Some(&f.admin)).await.0, StatusCode::OK);
+        let (status, body, _) = call(&f.app, "/metrics", Some(&f.admin)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("tally_ledger_partitions 1"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn no_or_unknown_token_is_unauthenticated_and_probes_stay_open() {
+        let f = fixture();
+        for token in [None, Some("tally_not-a-token")] {
+            let (status, _, json) = call(&f.app, "/t/acme/checkpoint", token).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert_eq!(json["error"]["code"], "unauthenticated");
+        }
+        assert_eq!(call(&f.app, "/healthz", None).await.0, StatusCode::OK);
+        let (status, body, _) = call(&f.app, "/readyz", None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ready: 1 partitions\n"));
+    }
+
+    #[tokio::test]
+    async fn bad_requests_have_stable_codes() {
+        let f = fixture();
+        let (status, _, json) = call(&f.app, "/t/..%2Fglobex/checkpoint", Some(&f.admin)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+        let (status, _, json) = call(&f.app, "/v1/tenants/acme/records/99", Some(&f.acme)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    }
 }

@@ -26,6 +26,7 @@ use tally_ingest::{DeadLetterQueue, EventConsumer, KafkaConfig, PartitionSink, R
 
 pub use partition::{Applied, PartitionLedger};
 
+use crate::auth::TokenStore;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 
@@ -50,6 +51,10 @@ pub struct ServiceConfig {
     /// HTTP listen address.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Token file (`tally token new`). Without one, authorization is off and `listen` must be
+    /// a loopback address.
+    #[serde(default)]
+    pub tokens: Option<PathBuf>,
 }
 
 fn default_topic() -> String {
@@ -74,7 +79,21 @@ impl ServiceConfig {
         if self.commit_interval_ms == 0 || self.commit_interval_ms > 60_000 {
             return Err(Error::BadKey(format!("ledger.commit_interval_ms = {} must be 1..=60000", self.commit_interval_ms)));
         }
+        if self.tokens.is_none() && !self.listen.ip().is_loopback() {
+            return Err(Error::BadKey(format!(
+                "ledger.tokens is required when ledger.listen ({}) is not a loopback address",
+                self.listen
+            )));
+        }
         self.keys.iter().map(|k| LedgerKey::read(k)).collect()
+    }
+
+    /// The token store `tokens` names, or authorization off.
+    pub fn load_tokens(&self) -> Result<TokenStore> {
+        match &self.tokens {
+            Some(path) => TokenStore::load(path),
+            None => Ok(TokenStore::disabled()),
+        }
     }
 }
 
@@ -96,6 +115,7 @@ pub struct Shared {
     partitions: Mutex<BTreeMap<i32, PartitionLedger>>,
     /// A failure inside a rebalance callback, reported by the consume loop.
     fatal: Mutex<Option<String>>,
+    tokens: TokenStore,
     pub metrics: Metrics,
 }
 
@@ -163,11 +183,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let keys = config.load_keys()?;
+    let tokens = config.load_tokens()?;
     let shared = Arc::new(Shared {
         root: config.data_dir.clone(),
         keys,
         partitions: Mutex::new(BTreeMap::new()),
         fatal: Mutex::new(None),
+        tokens,
         metrics: Metrics::default(),
     });
     let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
@@ -239,4 +261,35 @@ pub async fn run(
     let _ = http_stop.send(());
     let _ = server.await;
     result.and(committed.map(|_| ()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> std::result::Result<ServiceConfig, String> {
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let path = dir.join("k");
+        key.write_new(&path).unwrap();
+        let text = format!("data_dir = \"{}\"\nkeys = [\"{}\"]\n{extra}", dir.display(), path.display());
+        let config: ServiceConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        config.load_keys().map_err(|e| e.to_string())?;
+        config.load_tokens().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn settings_are_validated_naming_the_key() {
+        assert!(config("").is_ok());
+        let err = config("listen = \"0.0.0.0:8080\"\n").unwrap_err();
+        assert!(err.contains("ledger.tokens is required"), "{err}");
+        let err = config("commit_interval_ms = 0\n").unwrap_err();
+        assert!(err.contains("ledger.commit_interval_ms"), "{err}");
+        let err = config("comit_interval_ms = 5\n").unwrap_err();
+        assert!(err.contains("unknown field `comit_interval_ms`"), "{err}");
+        let err = config("tokens = \"/nonexistent/tokens.toml\"\n").unwrap_err();
+        assert!(err.contains("/nonexistent/tokens.toml"), "{err}");
+    }
 }

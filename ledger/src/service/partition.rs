@@ -216,18 +216,23 @@ fn write_progress(dir: &Path, next: i64) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
+/// A delivery of a valid `llm_call` event, for tests in this module and [`super::http`].
+#[cfg(test)]
+pub(super) fn test_delivery(offset: i64, tenant: &str, id: &str, cost: i64) -> Delivery {
+    let value = format!(
+        r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","cost":{{"amount_micros":{cost},"currency":"USD"}}}}"#
+    )
+    .into_bytes();
+    let outcome = tally_schemas::decode_message(Some(tenant.as_bytes()), &value, &[]);
+    Delivery { partition: 3, offset, timestamp_ms: Some(1_700_000_000_000 + offset), key: Some(tenant.as_bytes().to_vec()), value, headers: vec![], outcome }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_schemas::decode_message;
 
     fn delivery(offset: i64, tenant: &str, id: &str, cost: i64) -> Delivery {
-        let value = format!(
-            r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","cost":{{"amount_micros":{cost},"currency":"USD"}}}}"#
-        )
-        .into_bytes();
-        let outcome = decode_message(Some(tenant.as_bytes()), &value, &[]);
-        Delivery { partition: 3, offset, timestamp_ms: Some(1_700_000_000_000 + offset), key: Some(tenant.as_bytes().to_vec()), value, headers: vec![], outcome }
+        test_delivery(offset, tenant, id, cost)
     }
 
     #[test]

@@ -1,0 +1,372 @@
+//! Bearer-token authorization (SPEC §5), shared by every Tally HTTP service.
+//!
+//! Tokens are random 256-bit strings handed out once by `tally token new`; the token file stores
+//! only their SHA-256 (hex), a name and a role. Because a token has 256 bits of entropy, a plain
+//! hash is enough (nothing to brute-force), and because lookup is by hash, comparing never leaks
+//! timing about a stored token.
+//!
+//! Roles: `tenant` (exactly one tenant), `regulator` (the tenants it names: their records and
+//! proofs), `billing` (every tenant's spend, nothing per record), `admin` (everything, metrics).
+//! A refusal never depends on whether the other tenant exists, so it reveals nothing about it.
+//!
+//! The file is re-read when its modification time changes (checked at most once a second), so
+//! a token is revoked by deleting its stanza, without a restart. A file that no longer parses
+//! keeps the previous tokens in force and logs why.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Prefix of every token, so a leaked one is recognisable (secret scanners key on prefixes).
+pub const TOKEN_PREFIX: &str = "tally_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Tenant,
+    Regulator,
+    Billing,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Tenant => "tenant",
+            Role::Regulator => "regulator",
+            Role::Billing => "billing",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// One `[[token]]` stanza of the token file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Who holds it; shown in logs, never the token itself.
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of the token, lowercase hex.
+    pub sha256: String,
+    /// `tenant`: exactly one; `regulator`: one or more; others: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    #[serde(default)]
+    token: Vec<TokenEntry>,
+}
+
+/// Who is calling, once the token is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+    tenants: BTreeSet<String>,
+}
+
+impl Principal {
+    /// The caller when authorization is off (a loopback-only development setup).
+    pub fn anonymous_admin() -> Self {
+        Principal { name: "anonymous".into(), role: Role::Admin, tenants: BTreeSet::new() }
+    }
+
+    /// May read this tenant's records, proofs and reports.
+    pub fn can_read_tenant(&self, tenant: &str) -> bool {
+        match self.role {
+            Role::Admin => true,
+            Role::Tenant | Role::Regulator => self.tenants.contains(tenant),
+            Role::Billing => false,
+        }
+    }
+
+    /// May read every tenant's spend (billing reports).
+    pub fn can_read_all_spend(&self) -> bool {
+        matches!(self.role, Role::Billing | Role::Admin)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// Why a request was refused. `code()` is stable and shown to callers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("unknown or revoked token")]
+    Unknown,
+    #[error("this token does not grant {0}")]
+    Forbidden(&'static str),
+}
+
+impl AuthError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing | AuthError::Unknown => "unauthenticated",
+            AuthError::Forbidden(_) => "forbidden",
+        }
+    }
+
+    /// 401 for who-are-you, 403 for not-allowed.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::Missing | AuthError::Unknown => 401,
+            AuthError::Forbidden(_) => 403,
+        }
+    }
+}
+
+/// The tokens a service accepts, or none (authorization off).
+pub struct TokenStore {
+    path: Option<PathBuf>,
+    state: RwLock<Loaded>,
+    last_check: Mutex<Instant>,
+}
+
+struct Loaded {
+    modified: Option<SystemTime>,
+    by_hash: HashMap<[u8; 32], Principal>,
+}
+
+const RECHECK: Duration = Duration::from_secs(1);
+
+impl TokenStore {
+    /// Authorization off: every caller is an anonymous admin. Only for loopback listeners; the
+    /// services refuse to start otherwise.
+    pub fn disabled() -> Self {
+        TokenStore {
+            path: None,
+            state: RwLock::new(Loaded { modified: None, by_hash: HashMap::new() }),
+            last_check: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Loads and validates the token file; errors name the offending stanza.
+    pub fn load(path: &Path) -> Result<Self> {
+        let loaded = read_file(path)?;
+        Ok(TokenStore { path: Some(path.to_path_buf()), state: RwLock::new(loaded), last_check: Mutex::new(Instant::now()) })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// The caller behind an `Authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        if self.path.is_none() {
+            return Ok(Principal::anonymous_admin());
+        }
+        self.reload_if_changed();
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.by_hash.get(&hash).cloned().ok_or(AuthError::Unknown)
+    }
+
+    fn reload_if_changed(&self) {
+        let Some(path) = &self.path else { return };
+        {
+            let mut last = self.last_check.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.elapsed() < RECHECK {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified == self.state.read().unwrap_or_else(PoisonError::into_inner).modified {
+            return;
+        }
+        match read_file(path) {
+            Ok(loaded) => {
+                tracing::info!(path = %path.display(), tokens = loaded.by_hash.len(), "token file reloaded");
+                *self.state.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+            }
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "token file not reloaded; previous tokens stay in force"),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Loaded> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let file: TokenFile = toml::from_str(&text).map_err(|e| Error::BadTokens(format!("{}: {e}", path.display())))?;
+    let by_hash = principals(&file.token).map_err(|e| Error::BadTokens(format!("{}: {e}", path.display())))?;
+    Ok(Loaded { modified: Some(modified), by_hash })
+}
+
+/// Checks a token file's text as [`TokenStore::load`] would; returns how many tokens it holds.
+pub fn check_token_file(text: &str) -> Result<usize> {
+    let file: TokenFile = toml::from_str(text).map_err(|e| Error::BadTokens(e.to_string()))?;
+    Ok(principals(&file.token).map_err(Error::BadTokens)?.len())
+}
+
+fn principals(entries: &[TokenEntry]) -> std::result::Result<HashMap<[u8; 32], Principal>, String> {
+    let mut by_hash = HashMap::new();
+    let mut names = BTreeSet::new();
+    for (i, e) in entries.iter().enumerate() {
+        let at = format!("token[{i}] ({:?})", e.name);
+        if e.name.is_empty() || !names.insert(e.name.clone()) {
+            return Err(format!("{at}: name must be non-empty and unique"));
+        }
+        let hash: [u8; 32] = hex::decode(&e.sha256)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("{at}: sha256 must be 64 hex digits"))?;
+        for t in &e.tenants {
+            tally_schemas::validate_tenant_id(t).map_err(|_| format!("{at}: {t:?} is not a valid tenant id"))?;
+        }
+        match (e.role, e.tenants.len()) {
+            (Role::Tenant, 1) | (Role::Regulator, 1..) | (Role::Billing | Role::Admin, 0) => {}
+            (Role::Tenant, _) => return Err(format!("{at}: a tenant token names exactly one tenant")),
+            (Role::Regulator, _) => return Err(format!("{at}: a regulator token names at least one tenant")),
+            (role, _) => return Err(format!("{at}: a {} token names no tenants", role.as_str())),
+        }
+        let principal = Principal { name: e.name.clone(), role: e.role, tenants: e.tenants.iter().cloned().collect() };
+        if by_hash.insert(hash, principal).is_some() {
+            return Err(format!("{at}: the same token appears twice"));
+        }
+    }
+    Ok(by_hash)
+}
+
+/// A fresh token and its stanza for the token file. The token is shown once and never stored.
+pub fn new_token(name: &str, role: Role, tenants: Vec<String>) -> Result<(String, TokenEntry)> {
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let token = format!("{TOKEN_PREFIX}{}", hex::encode(secret));
+    let entry = TokenEntry { name: name.to_string(), role, sha256: hex::encode(Sha256::digest(token.as_bytes())), tenants };
+    principals(std::slice::from_ref(&entry)).map_err(Error::BadTokens)?;
+    Ok((token, entry))
+}
+
+/// The TOML stanza for one entry, to append to a token file.
+pub fn stanza(entry: &TokenEntry) -> Result<String> {
+    #[derive(Serialize)]
+    struct One<'a> {
+        token: [&'a TokenEntry; 1],
+    }
+    toml::to_string(&One { token: [entry] }).map_err(|e| Error::BadTokens(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_with(entries: &[(String, TokenEntry)]) -> (tempfile::TempDir, TokenStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let text: String = entries.iter().map(|(_, e)| stanza(e).unwrap()).collect::<Vec<_>>().join("\n");
+        std::fs::write(&path, text).unwrap();
+        let store = TokenStore::load(&path).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn roles_reach_exactly_what_they_should() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let reg = new_token("regulator", Role::Regulator, vec!["acme".into(), "globex".into()]).unwrap();
+        let bill = new_token("billing", Role::Billing, vec![]).unwrap();
+        let admin = new_token("ops", Role::Admin, vec![]).unwrap();
+        let (_dir, store) = store_with(&[acme.clone(), reg.clone(), bill.clone(), admin.clone()]);
+        let who = |t: &str| store.authenticate(Some(&format!("Bearer {t}"))).unwrap();
+
+        let p = who(&acme.0);
+        assert!(p.can_read_tenant("acme") && !p.can_read_tenant("globex") && !p.can_read_all_spend() && !p.is_admin());
+        let p = who(&reg.0);
+        assert!(p.can_read_tenant("acme") && p.can_read_tenant("globex") && !p.can_read_tenant("initech"));
+        assert!(!p.can_read_all_spend());
+        let p = who(&bill.0);
+        assert!(p.can_read_all_spend() && !p.can_read_tenant("acme"));
+        let p = who(&admin.0);
+        assert!(p.is_admin() && p.can_read_tenant("anyone"));
+    }
+
+    #[test]
+    fn missing_unknown_and_malformed_headers_are_refused() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let (_dir, store) = store_with(&[acme.clone()]);
+        assert_eq!(store.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(store.authenticate(Some("Bearer ")), Err(AuthError::Missing));
+        assert_eq!(store.authenticate(Some(&format!("Basic {}", acme.0))), Err(AuthError::Missing));
+        assert_eq!(store.authenticate(Some("Bearer tally_0000")), Err(AuthError::Unknown));
+        // The stored hash is not a token.
+        assert_eq!(store.authenticate(Some(&format!("Bearer {}", acme.1.sha256))), Err(AuthError::Unknown));
+        assert_eq!(AuthError::Unknown.status(), 401);
+        assert_eq!(AuthError::Forbidden("x").status(), 403);
+    }
+
+    #[test]
+    fn the_file_holds_hashes_only() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let text = stanza(&acme.1).unwrap();
+        assert!(!text.contains(&acme.0));
+        assert!(text.contains(&acme.1.sha256));
+        assert!(acme.0.starts_with(TOKEN_PREFIX) && acme.0.len() == TOKEN_PREFIX.len() + 64);
+    }
+
+    #[test]
+    fn bad_stanzas_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let good = "0".repeat(64);
+        for (text, expect) in [
+            (format!("[[token]]\nname = \"a\"\nrole = \"tenant\"\nsha256 = \"{good}\"\n"), "exactly one tenant"),
+            (format!("[[token]]\nname = \"a\"\nrole = \"regulator\"\nsha256 = \"{good}\"\n"), "at least one tenant"),
+            (format!("[[token]]\nname = \"a\"\nrole = \"billing\"\nsha256 = \"{good}\"\ntenants = [\"x\"]\n"), "billing token names no tenants"),
+            ("[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"abc\"\n".to_string(), "64 hex digits"),
+            (format!("[[token]]\nname = \"a\"\nrole = \"tenant\"\nsha256 = \"{good}\"\ntenants = [\"../x\"]\n"), "not a valid tenant id"),
+            (format!("[[token]]\nname = \"a\"\nrole = \"root\"\nsha256 = \"{good}\"\n"), "unknown variant"),
+            (format!("[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{good}\"\nscope = 1\n"), "unknown field"),
+            (
+                format!("[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{good}\"\n[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{}\"\n", "1".repeat(64)),
+                "unique",
+            ),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let err = TokenStore::load(&path).err().unwrap().to_string();
+            assert!(err.contains(expect), "{text}\n=> {err}");
+        }
+    }
+
+    #[test]
+    fn revoking_takes_effect_without_restart() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let ops = new_token("ops", Role::Admin, vec![]).unwrap();
+        let (dir, store) = store_with(&[acme.clone(), ops.clone()]);
+        let header = format!("Bearer {}", acme.0);
+        assert!(store.authenticate(Some(&header)).is_ok());
+        std::thread::sleep(Duration::from_millis(20)); // a distinct mtime
+        std::fs::write(dir.path().join("tokens.toml"), stanza(&ops.1).unwrap()).unwrap();
+        *store.last_check.lock().unwrap() = Instant::now() - RECHECK;
+        assert_eq!(store.authenticate(Some(&header)), Err(AuthError::Unknown));
+        // A broken file keeps the last good tokens.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.path().join("tokens.toml"), "[[token]]\nname = 1\n").unwrap();
+        *store.last_check.lock().unwrap() = Instant::now() - RECHECK;
+        assert!(store.authenticate(Some(&format!("Bearer {}", ops.0))).is_ok());
+    }
+
+    #[test]
+    fn disabled_store_admits_an_anonymous_admin() {
+        let store = TokenStore::disabled();
+        assert!(!store.is_enabled());
+        assert_eq!(store.authenticate(None), Ok(Principal::anonymous_admin()));
+    }
+}
