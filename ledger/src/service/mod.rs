@@ -13,6 +13,7 @@
 
 mod http;
 mod partition;
+mod store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

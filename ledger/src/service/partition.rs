@@ -1,27 +1,31 @@
 //! One Kafka partition's share of the ledger: its own [`Ledger`] directory (every tenant keyed to
-//! this partition), the consumption progress, and the deduplication index.
+//! this partition) and its [`PartitionStore`] (dedup index, per-tenant coverage, next offset).
 //!
 //! Exactly once, without Kafka transactions:
-//! * Deliveries are applied in offset order. After the tenant logs are committed (fsynced, heads
-//!   replaced, checkpoints signed), `progress` records the next offset to read.
-//! * On open, consumption resumes at `progress`. A crash between a commit and the progress write
-//!   makes the service re-read messages whose records are already durable; each tenant's last
-//!   recorded source offset (read back from its log) makes those re-reads no-ops. So every
-//!   accepted event is in its log exactly once, whatever instant the process died at.
+//! * Deliveries are applied in offset order. A commit first makes the tenant logs durable (fsync,
+//!   heads replaced, checkpoints signed), then the store (dedup keys, each tenant's last source
+//!   offset, the next offset to read) in one transaction.
+//! * On open, consumption resumes at the store's next offset. A crash between the two commits
+//!   leaves the store behind the logs: open catches it up from the logs' tails, so each tenant's
+//!   last recorded source offset is exact and re-read messages whose records are already durable
+//!   are no-ops. Every accepted event is in its log exactly once, whatever instant the process
+//!   died at.
 //! * Dead-lettering is at least once: a rejected message in the re-read range is sent again.
 //!
-//! Deduplication: (tenant, idempotency key) → (content digest, seq), rebuilt from the logs on open.
+//! Deduplication: (tenant, idempotency key) → (content digest, seq), on disk, for the whole life
+//! of the log; memory holds only the keys of the current commit and one small entry per tenant.
 //! The same key with identical normalized content is a retry and is recorded once; with different
 //! content it is appended as a `conflict` record (never replacing the first) and counted.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tally_ingest::Delivery;
 use tally_schemas::{Decoded, Event, IdempotencyKey};
 
+use super::store::{Batch, DedupKey, PartitionStore, Seen, TenantState};
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 use crate::ledger::Ledger;
@@ -38,26 +42,21 @@ pub enum Applied {
     Rejected,
 }
 
-type DedupKey = [u8; 16];
-
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    content: [u8; 16],
-    seq: u64,
-}
-
 pub struct PartitionLedger {
     topic: String,
     partition: i32,
-    dir: PathBuf,
     ledger: Ledger,
+    store: PartitionStore,
     /// Next offset to apply.
     next_offset: Option<i64>,
-    /// Next offset as last written to `progress`.
+    /// Next offset as last committed to the store.
     durable_next: Option<i64>,
-    /// Last source offset recorded per tenant (pending records included).
-    last_offset: HashMap<String, i64>,
-    dedup: HashMap<DedupKey, Seen>,
+    /// Per tenant: coverage and last source offset, pending records included.
+    tenants: HashMap<String, TenantState>,
+    /// Tenants changed since the last commit.
+    dirty: BTreeSet<String>,
+    /// Dedup keys appended since the last commit.
+    pending: HashMap<DedupKey, Seen>,
 }
 
 fn dedup_key(tenant: &str, key: &IdempotencyKey) -> DedupKey {
@@ -78,10 +77,12 @@ fn content_digest(event: &Event) -> Result<[u8; 16]> {
 struct StoredRecord {
     #[serde(rename = "type")]
     record_type: String,
-    event: Event,
+    #[serde(default)]
+    event: Option<Event>,
     #[serde(default)]
     ce_source: Option<String>,
-    source: StoredSource,
+    #[serde(default)]
+    source: Option<StoredSource>,
 }
 
 #[derive(Deserialize)]
@@ -91,29 +92,57 @@ struct StoredSource {
 }
 
 impl PartitionLedger {
-    /// Opens (or creates) the state of `topic`/`partition` under `root`.
+    /// Opens (or creates) the state of `topic`/`partition` under `root`. Costs one store read
+    /// per tenant plus whatever of the logs' tails the store had not yet covered.
     pub fn open(root: &Path, topic: &str, partition: i32, keys: Vec<LedgerKey>) -> Result<PartitionLedger> {
         let dir = root.join("partitions").join(format!("{topic}-{partition}"));
         let mut ledger = Ledger::open(&dir, keys)?;
-        let next_offset = read_progress(&dir)?;
-        let mut last_offset = HashMap::new();
-        let mut dedup = HashMap::new();
+        let store = PartitionStore::open(&dir.join("state.redb"))?;
+        let next_offset = store.next_offset()?;
+        let mut tenants = HashMap::new();
+        let mut catch_up = Batch::default();
         for tenant in ledger.tenant_ids()? {
+            let mut state = store.tenant(&tenant)?;
             let log = ledger.tenant(&tenant)?;
-            for seq in 0..log.size() {
+            if state.indexed > log.size() {
+                return Err(Error::Corrupt {
+                    path: dir.display().to_string(),
+                    detail: format!("state covers {} records of {tenant} but its log holds {}", state.indexed, log.size()),
+                });
+            }
+            for seq in state.indexed..log.size() {
                 let record: StoredRecord = serde_json::from_slice(&log.entry(seq)?)
                     .map_err(|e| Error::BadRecord(format!("{tenant} entry {seq}: {e}")))?;
-                if let Some(o) = record.source.offset {
-                    last_offset.insert(tenant.clone(), o);
+                if let Some(o) = record.source.and_then(|s| s.offset) {
+                    state.last_offset = Some(o);
                 }
-                if record.record_type == "event" {
-                    let key = IdempotencyKey { source: record.ce_source, id: record.event.event_id.clone() };
-                    dedup.insert(dedup_key(&tenant, &key), Seen { content: content_digest(&record.event)?, seq });
+                if let (true, Some(event)) = (record.record_type == "event", &record.event) {
+                    let key = IdempotencyKey { source: record.ce_source, id: event.event_id.clone() };
+                    catch_up.seen.push((dedup_key(&tenant, &key), Seen { content: content_digest(event)?, seq }));
                 }
             }
+            if state.indexed < log.size() {
+                state.indexed = log.size();
+                catch_up.tenants.push((tenant.clone(), state));
+            }
+            tenants.insert(tenant, state);
         }
-        tracing::info!(topic, partition, ?next_offset, tenants = last_offset.len(), "partition state opened");
-        Ok(PartitionLedger { topic: topic.to_string(), partition, dir, ledger, next_offset, durable_next: next_offset, last_offset, dedup })
+        let caught_up = catch_up.seen.len();
+        if !catch_up.is_empty() {
+            store.commit(&catch_up)?;
+        }
+        tracing::info!(topic, partition, ?next_offset, tenants = tenants.len(), caught_up, "partition state opened");
+        Ok(PartitionLedger {
+            topic: topic.to_string(),
+            partition,
+            ledger,
+            store,
+            next_offset,
+            durable_next: next_offset,
+            tenants,
+            dirty: BTreeSet::new(),
+            pending: HashMap::new(),
+        })
     }
 
     /// Where consumption resumes: the durable progress, or the partition's start.
@@ -130,6 +159,11 @@ impl PartitionLedger {
         self.ledger.tenant_ids()
     }
 
+    /// Keys in the on-disk dedup index.
+    pub fn dedup_keys(&self) -> Result<u64> {
+        self.store.dedup_len()
+    }
+
     /// Applies one delivery of this partition (deliveries must come in offset order).
     pub fn apply(&mut self, delivery: &Delivery) -> Result<Applied> {
         if self.next_offset.is_some_and(|next| delivery.offset < next) {
@@ -141,7 +175,8 @@ impl PartitionLedger {
             Err(_) => return Ok(Applied::Rejected),
         };
         let tenant = decoded.event.tenant_id.clone();
-        if self.last_offset.get(&tenant).is_some_and(|&o| delivery.offset <= o) {
+        let state = self.tenants.get(&tenant).copied().unwrap_or_default();
+        if state.last_offset.is_some_and(|o| delivery.offset <= o) {
             return Ok(Applied::AlreadyRecorded);
         }
         let source = Source::Kafka {
@@ -158,9 +193,14 @@ impl PartitionLedger {
         };
         let key = dedup_key(&tenant, &decoded.key);
         let content = content_digest(&decoded.event)?;
+        let seen = match self.pending.get(&key) {
+            Some(seen) => Some(*seen),
+            None => self.store.lookup(&key)?,
+        };
         let log = self.ledger.tenant(&tenant)?;
         let seq = log.size() + log.pending();
-        let applied = match self.dedup.get(&key) {
+        // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
+        let applied = match seen.filter(|s| s.seq < seq) {
             Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
             Some(seen) => {
                 log.append(&conflict_record(seq, input, seen.seq)?)?;
@@ -168,52 +208,41 @@ impl PartitionLedger {
             }
             None => {
                 log.append(&event_record(seq, input)?)?;
-                self.dedup.insert(key, Seen { content, seq });
+                self.pending.insert(key, Seen { content, seq });
                 Applied::Appended { tenant: tenant.clone(), seq }
             }
         };
         if matches!(applied, Applied::Appended { .. } | Applied::Conflict { .. }) {
-            self.last_offset.insert(tenant, delivery.offset);
+            self.tenants.insert(tenant.clone(), TenantState { indexed: state.indexed, last_offset: Some(delivery.offset) });
+            self.dirty.insert(tenant);
         }
         Ok(applied)
     }
 
-    /// Commits every tenant log (signing checkpoints), then records the progress.
+    /// Commits every tenant log (signing checkpoints), then the store.
     /// Returns the next offset now durable, if any was consumed.
     pub fn commit(&mut self) -> Result<Option<i64>> {
         let checkpoints = self.ledger.commit()?;
         for (tenant, cp) in &checkpoints {
             tracing::debug!(tenant_id = %tenant, partition = self.partition, size = cp.size, "checkpoint signed");
         }
-        if let Some(next) = self.next_offset.filter(|_| self.next_offset != self.durable_next) {
-            write_progress(&self.dir, next)?;
-            self.durable_next = Some(next);
+        let mut batch = Batch {
+            seen: self.pending.drain().collect(),
+            tenants: Vec::with_capacity(self.dirty.len()),
+            next_offset: self.next_offset.filter(|_| self.next_offset != self.durable_next),
+        };
+        for tenant in std::mem::take(&mut self.dirty) {
+            let size = self.ledger.tenant(&tenant)?.size();
+            let state = self.tenants.entry(tenant.clone()).or_default();
+            state.indexed = size;
+            batch.tenants.push((tenant, *state));
+        }
+        if !batch.is_empty() {
+            self.store.commit(&batch)?;
+            self.durable_next = self.next_offset;
         }
         Ok(self.next_offset)
     }
-}
-
-fn read_progress(dir: &Path) -> Result<Option<i64>> {
-    let path = dir.join("progress");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text.trim_end().parse().map(Some).map_err(|_| Error::Corrupt {
-            path: path.display().to_string(),
-            detail: format!("unreadable progress {text:?}"),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(&path, e)),
-    }
-}
-
-fn write_progress(dir: &Path, next: i64) -> Result<()> {
-    use std::io::Write as _;
-    let tmp = dir.join("progress.tmp");
-    let path = dir.join("progress");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(format!("{next}\n").as_bytes()).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_data().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
 /// A delivery of a valid `llm_call` event, for tests in this module and [`super::http`].
@@ -251,7 +280,7 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_between_commit_and_progress_never_doubles_a_record() {
+    fn a_crash_between_the_log_and_store_commits_never_doubles_a_record() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
@@ -262,7 +291,7 @@ mod tests {
         for o in 10..20 {
             p.apply(&delivery(o, ["acme", "globex"][(o % 2) as usize], &format!("e{o}"), 1)).unwrap();
         }
-        // Crash after the logs are durable but before the progress write.
+        // Crash after the logs are durable but before the store commit.
         p.ledger().commit().unwrap();
         drop(p);
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
@@ -275,5 +304,27 @@ mod tests {
         p.commit().unwrap();
         assert_eq!(p.ledger().tenant("acme").unwrap().size(), 11);
         assert_eq!(p.ledger().tenant("globex").unwrap().size(), 11);
+    }
+
+    #[test]
+    fn a_retry_long_after_a_restart_is_still_deduplicated_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        for o in 0..100 {
+            p.apply(&delivery(o, "acme", &format!("e{o}"), 1)).unwrap();
+        }
+        p.commit().unwrap();
+        assert_eq!(p.dedup_keys().unwrap(), 100);
+        drop(p);
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert_eq!(p.resume_offset(), Some(100));
+        assert_eq!(p.apply(&delivery(100, "acme", "e7", 1)).unwrap(), Applied::Deduplicated { tenant: "acme".into() });
+        assert_eq!(p.apply(&delivery(101, "acme", "e8", 2)).unwrap(), Applied::Conflict { tenant: "acme".into(), seq: 100 });
+        assert_eq!(p.apply(&delivery(102, "acme", "e100", 1)).unwrap(), Applied::Appended { tenant: "acme".into(), seq: 101 });
+        // Within one commit too: the pending keys count.
+        assert_eq!(p.apply(&delivery(103, "acme", "e100", 1)).unwrap(), Applied::Deduplicated { tenant: "acme".into() });
+        p.commit().unwrap();
+        assert_eq!(p.dedup_keys().unwrap(), 101);
     }
 }
