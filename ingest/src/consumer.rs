@@ -14,7 +14,7 @@
 //!
 //! librdkafka polling blocks, so each poll runs on tokio's blocking pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -68,9 +68,22 @@ struct SinkContext {
     sink: Arc<dyn PartitionSink>,
     /// Partitions revoked by rebalances since the poll loop last looked.
     revoked: Mutex<BTreeSet<i32>>,
+    /// Messages behind the high watermark per assigned partition, from librdkafka statistics.
+    lag: Mutex<BTreeMap<i32, i64>>,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
+        lag.clear();
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            // -1 is librdkafka's partition for internal use; a negative lag means "not known yet".
+            for (p, stats) in topic.partitions.iter().filter(|(p, s)| **p >= 0 && s.consumer_lag >= 0) {
+                lag.insert(*p, stats.consumer_lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
@@ -139,11 +152,12 @@ impl EventConsumer {
         max_wait: Duration,
     ) -> Result<Self> {
         config.validate()?;
-        let context = SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()) };
+        let context = SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()), lag: Mutex::new(BTreeMap::new()) };
         let mut client = config.client_config();
         // librdkafka's 45 s default session timeout is how long a SIGKILLed member keeps its
         // partitions; 6 s is the smallest a stock Kafka broker accepts. Overridable.
-        for (key, default) in [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "1000")] {
+        // Statistics every 5 s feed `consumer_lag`.
+        for (key, default) in [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "1000"), ("statistics.interval.ms", "5000")] {
             if !config.librdkafka.contains_key(key) {
                 client.set(key, default);
             }
@@ -162,6 +176,12 @@ impl EventConsumer {
 
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// Messages between the committed offset and the high watermark, per assigned partition, as
+    /// of librdkafka's last statistics (`statistics.interval.ms`). Empty until the first report.
+    pub fn consumer_lag(&self) -> BTreeMap<i32, i64> {
+        self.consumer.context().lag.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Polls until a batch is full or `max_wait` has passed. Rebalances happen inside this call.

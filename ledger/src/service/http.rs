@@ -44,6 +44,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/t/{tenant}/tile/{*rest}", get(tile))
         .route("/v1/tenants/{tenant}/records/{seq}", get(record))
         .route("/v1/tenants/{tenant}/receipt/{seq}", get(receipt))
+        .route("/v1/tenants/{tenant}/receipt", get(receipt_by_event))
         .route("/v1/tenants/{tenant}/consistency", get(consistency))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_access));
     let admin = Router::new()
@@ -106,7 +107,7 @@ impl From<AuthError> for ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
-            Error::NoSuchEntry { .. } | Error::NoSuchTile(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            Error::NoSuchEntry { .. } | Error::NoSuchTile(_) | Error::NoSuchEvent(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             Error::BadTilePath(_) => ApiError(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             other => {
                 tracing::error!(error = %other, "request failed");
@@ -118,15 +119,46 @@ impl From<Error> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// `Path`, with a rejection in the API's JSON error shape.
+struct ApiPath<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+        }
+    }
+}
+
+/// `Query`, with a rejection in the API's JSON error shape.
+struct ApiQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+        }
+    }
+}
+
 /// Runs `f` on the tenant's log, wherever its partition is open here.
 fn with_tenant<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut crate::ledger::Ledger) -> crate::error::Result<T>) -> Result<T, ApiError> {
+    with_partition(shared, tenant, |p| f(p.ledger()))
+}
+
+/// Runs `f` on the partition holding the tenant's log.
+fn with_partition<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<T>) -> Result<T, ApiError> {
     if tally_schemas::validate_tenant_id(tenant).is_err() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id".into()));
     }
     let mut parts = shared.partitions();
     for p in parts.values_mut() {
         if p.ledger().has_tenant(tenant) {
-            return f(p.ledger()).map_err(ApiError::from);
+            return f(p).map_err(ApiError::from);
         }
     }
     Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no log for tenant {tenant} on this instance")))
@@ -136,12 +168,12 @@ fn text(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
-async fn checkpoint(State(shared): State<Arc<Shared>>, Path(tenant): Path<String>) -> ApiResult {
+async fn checkpoint(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>) -> ApiResult {
     let note = with_tenant(&shared, &tenant, |l| l.checkpoint_note(&tenant))?;
     Ok(([(header::CACHE_CONTROL, "no-cache")], text(note)).into_response())
 }
 
-async fn tile(State(shared): State<Arc<Shared>>, Path((tenant, rest)): Path<(String, String)>) -> ApiResult {
+async fn tile(State(shared): State<Arc<Shared>>, ApiPath((tenant, rest)): ApiPath<(String, String)>) -> ApiResult {
     let path = TilePath::parse(&format!("tile/{rest}"))?;
     let bytes = with_tenant(&shared, &tenant, |l| {
         let log = l.tenant(&tenant)?;
@@ -153,14 +185,32 @@ async fn tile(State(shared): State<Arc<Shared>>, Path((tenant, rest)): Path<(Str
     Ok(([(header::CONTENT_TYPE, "application/octet-stream"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], bytes).into_response())
 }
 
-async fn record(State(shared): State<Arc<Shared>>, Path((tenant, seq)): Path<(String, u64)>) -> ApiResult {
+async fn record(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
     let entry = with_tenant(&shared, &tenant, |l| l.tenant(&tenant)?.entry(seq))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], entry).into_response())
 }
 
-async fn receipt(State(shared): State<Arc<Shared>>, Path((tenant, seq)): Path<(String, u64)>) -> ApiResult {
+async fn receipt(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
     let (receipt, _entry): (Receipt, Vec<u8>) = with_tenant(&shared, &tenant, |l| l.receipt(&tenant, seq))?;
     Ok(text(receipt.to_text()))
+}
+
+#[derive(Deserialize)]
+struct ByEvent {
+    event_id: String,
+    /// The CloudEvents `source`, for events that arrived as CloudEvents.
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// The receipt of the record an event was first recorded as; `X-Tally-Seq` names its seq.
+async fn receipt_by_event(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, ApiQuery(by): ApiQuery<ByEvent>) -> ApiResult {
+    let key = tally_schemas::IdempotencyKey { source: by.source, id: by.event_id };
+    let (seq, receipt) = with_partition(&shared, &tenant, |p| {
+        let seq = p.seq_of(&tenant, &key)?.ok_or_else(|| Error::NoSuchEvent(key.id.clone()))?;
+        Ok((seq, p.ledger().receipt(&tenant, seq)?.0))
+    })?;
+    Ok(([("x-tally-seq", seq.to_string())], text(receipt.to_text())).into_response())
 }
 
 #[derive(Deserialize)]
@@ -169,7 +219,7 @@ struct Sizes {
     new: u64,
 }
 
-async fn consistency(State(shared): State<Arc<Shared>>, Path(tenant): Path<String>, Query(sizes): Query<Sizes>) -> ApiResult {
+async fn consistency(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, ApiQuery(sizes): ApiQuery<Sizes>) -> ApiResult {
     let proof = with_tenant(&shared, &tenant, |l| {
         let verifiers = l.verifiers_for(&tenant)?;
         let note = l.checkpoint_note(&tenant)?;
@@ -213,6 +263,14 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
     }
     out.push_str(&format!("# HELP tally_ledger_partitions Partitions owned by this instance.\n# TYPE tally_ledger_partitions gauge\ntally_ledger_partitions {}\n", shared.partitions().len()));
+    out.push_str(&format!(
+        "# HELP tally_ledger_checkpoint_lag_seconds Age of the oldest record not yet in a signed checkpoint (0: all signed).\n# TYPE tally_ledger_checkpoint_lag_seconds gauge\ntally_ledger_checkpoint_lag_seconds {:.3}\n",
+        m.checkpoint_lag_seconds()
+    ));
+    out.push_str("# HELP tally_ledger_consumer_lag Messages behind the partition's high watermark.\n# TYPE tally_ledger_consumer_lag gauge\n");
+    for (p, lag) in m.consumer_lag() {
+        out.push_str(&format!("tally_ledger_consumer_lag{{partition=\"{p}\"}} {lag}\n"));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -309,6 +367,7 @@ mod tests {
         let (status, body, _) = call(&f.app, "/metrics", Some(&f.admin)).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("tally_ledger_partitions 1"), "{body}");
+        assert!(body.contains("tally_ledger_checkpoint_lag_seconds 0.000"), "{body}");
     }
 
     #[tokio::test]
@@ -322,6 +381,21 @@ mod tests {
         assert_eq!(call(&f.app, "/healthz", None).await.0, StatusCode::OK);
         let (status, body, _) = call(&f.app, "/readyz", None).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ready: 1 partitions\n"));
+    }
+
+    #[tokio::test]
+    async fn receipts_by_event_id() {
+        let f = fixture();
+        let (status, by_event, _) = call(&f.app, "/v1/tenants/acme/receipt?event_id=e2", Some(&f.acme)).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, by_seq, _) = call(&f.app, "/v1/tenants/acme/receipt/1", Some(&f.acme)).await;
+        assert_eq!(by_event, by_seq);
+        let (status, _, json) = call(&f.app, "/v1/tenants/acme/receipt?event_id=e1", Some(&f.acme)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "e1 is globex's");
+        for path in ["/v1/tenants/acme/receipt", "/v1/tenants/acme/records/x", "/v1/tenants/acme/consistency?old=1"] {
+            let (status, _, json) = call(&f.app, path, Some(&f.acme)).await;
+            assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{path}");
+        }
     }
 
     #[tokio::test]

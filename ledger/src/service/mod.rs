@@ -107,6 +107,21 @@ pub struct Metrics {
     pub dead_lettered: AtomicU64,
     pub reread: AtomicU64,
     pub commits: AtomicU64,
+    /// Per partition: messages behind the high watermark (librdkafka statistics).
+    consumer_lag: Mutex<BTreeMap<i32, i64>>,
+    /// When the oldest record not yet covered by a signed checkpoint was appended.
+    unsigned_since: Mutex<Option<Instant>>,
+}
+
+impl Metrics {
+    /// Seconds the oldest record has waited for a signed checkpoint; 0 when all are covered.
+    pub fn checkpoint_lag_seconds(&self) -> f64 {
+        self.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner).map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    pub fn consumer_lag(&self) -> BTreeMap<i32, i64> {
+        self.consumer_lag.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 /// State shared by the consume loop, the rebalance callbacks and the HTTP handlers.
@@ -133,11 +148,18 @@ impl Shared {
     /// Commits every open partition; returns the durable next offset of each.
     fn commit_all(&self) -> Result<Vec<(i32, i64)>> {
         let mut out = Vec::new();
+        // Everything appended before this point is signed once the loop below succeeds.
+        let signing = Instant::now();
         for (p, ledger) in self.partitions().iter_mut() {
             if let Some(next) = ledger.commit()? {
                 out.push((*p, next));
             }
         }
+        let mut unsigned = self.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner);
+        if unsigned.is_some_and(|t| t <= signing) {
+            *unsigned = None;
+        }
+        drop(unsigned);
         self.metrics.commits.fetch_add(1, Ordering::Relaxed);
         Ok(out)
     }
@@ -224,15 +246,22 @@ pub async fn run(
                 return Err(Error::Service(message));
             }
             let mut rejected = Vec::new();
+            let mut appended = false;
             {
                 let mut parts = shared.partitions();
                 for d in &batch {
                     let Some(p) = parts.get_mut(&d.partition) else { continue };
                     let m = &shared.metrics;
                     match p.apply(d)? {
-                        Applied::Appended { .. } => m.accepted.fetch_add(1, Ordering::Relaxed),
+                        Applied::Appended { .. } => {
+                            appended = true;
+                            m.accepted.fetch_add(1, Ordering::Relaxed)
+                        }
                         Applied::Deduplicated { .. } => m.deduplicated.fetch_add(1, Ordering::Relaxed),
-                        Applied::Conflict { .. } => m.conflicts.fetch_add(1, Ordering::Relaxed),
+                        Applied::Conflict { .. } => {
+                            appended = true;
+                            m.conflicts.fetch_add(1, Ordering::Relaxed)
+                        }
                         Applied::AlreadyRecorded => m.reread.fetch_add(1, Ordering::Relaxed),
                         Applied::Rejected => {
                             rejected.push(d);
@@ -240,6 +269,9 @@ pub async fn run(
                         }
                     };
                 }
+            }
+            if appended {
+                shared.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(Instant::now);
             }
             for d in rejected {
                 if let Err(rejection) = &d.outcome {
@@ -251,6 +283,7 @@ pub async fn run(
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
                 consumer.commit(&offsets).map_err(kafka_err)?;
                 last_commit = Instant::now();
+                *shared.metrics.consumer_lag.lock().unwrap_or_else(PoisonError::into_inner) = consumer.consumer_lag();
             }
         }
         Ok(())

@@ -159,6 +159,17 @@ impl PartitionLedger {
         self.ledger.tenant_ids()
     }
 
+    /// The seq of the record first recorded under `key` for `tenant`, if any.
+    pub fn seq_of(&mut self, tenant: &str, key: &IdempotencyKey) -> Result<Option<u64>> {
+        let key = dedup_key(tenant, key);
+        let seen = match self.pending.get(&key) {
+            Some(seen) => Some(*seen),
+            None => self.store.lookup(&key)?,
+        };
+        let size = self.ledger.tenant(tenant)?.size();
+        Ok(seen.map(|s| s.seq).filter(|&seq| seq < size))
+    }
+
     /// Keys in the on-disk dedup index.
     pub fn dedup_keys(&self) -> Result<u64> {
         self.store.dedup_len()
