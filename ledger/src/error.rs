@@ -39,6 +39,8 @@ pub enum Error {
     NoSuchTile(String),
     #[error("sequence number {seq} is out of range: the log has {size} entries")]
     NoSuchEntry { seq: u64, size: u64 },
+    #[error("partition state {0} is locked by another ledger instance")]
+    PartitionBusy(String),
     #[error("no record of event {0:?} in this log")]
     NoSuchEvent(String),
     #[error("i/o error on {path}: {source}")]

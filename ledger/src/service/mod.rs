@@ -167,16 +167,27 @@ impl Shared {
 
 struct Sink(Arc<Shared>);
 
+/// How long an assigned partition waits for its previous owner to let go of it.
+const PARTITION_LOCK_WAIT: Duration = Duration::from_secs(30);
+
 impl PartitionSink for Sink {
     fn resume(&self, topic: &str, partition: i32) -> Resume {
-        let mut parts = self.0.partitions();
-        if let Some(p) = parts.get(&partition) {
+        if let Some(p) = self.0.partitions().get(&partition) {
             return p.resume_offset().map_or(Resume::Beginning, Resume::At);
         }
-        match PartitionLedger::open(&self.0.root, topic, partition, self.0.keys.clone()) {
+        // Opened without holding the partition map, so HTTP reads go on meanwhile. The previous owner (another instance) releases the partition when its revocation
+        // completes; a rebalance can assign it here a moment before that.
+        let deadline = Instant::now() + PARTITION_LOCK_WAIT;
+        let opened = loop {
+            match PartitionLedger::open(&self.0.root, topic, partition, self.0.keys.clone()) {
+                Err(Error::PartitionBusy(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                other => break other,
+            }
+        };
+        match opened {
             Ok(p) => {
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
-                parts.insert(partition, p);
+                self.0.partitions().insert(partition, p);
                 resume
             }
             Err(e) => {

@@ -43,6 +43,8 @@ pub enum Applied {
 }
 
 pub struct PartitionLedger {
+    /// Exclusive lock on `<dir>/lock`, held while open: two instances never write one partition.
+    _lock: std::fs::File,
     topic: String,
     partition: i32,
     ledger: Ledger,
@@ -96,8 +98,17 @@ impl PartitionLedger {
     /// per tenant plus whatever of the logs' tails the store had not yet covered.
     pub fn open(root: &Path, topic: &str, partition: i32, keys: Vec<LedgerKey>) -> Result<PartitionLedger> {
         let dir = root.join("partitions").join(format!("{topic}-{partition}"));
-        let mut ledger = Ledger::open(&dir, keys)?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Lock before anything is read or repaired: the previous owner may still be closing it.
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::PartitionBusy(dir.display().to_string())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
         let store = PartitionStore::open(&dir.join("state.redb"))?;
+        let mut ledger = Ledger::open(&dir, keys)?;
         let next_offset = store.next_offset()?;
         let mut tenants = HashMap::new();
         let mut catch_up = Batch::default();
@@ -133,6 +144,7 @@ impl PartitionLedger {
         }
         tracing::info!(topic, partition, ?next_offset, tenants = tenants.len(), caught_up, "partition state opened");
         Ok(PartitionLedger {
+            _lock: lock,
             topic: topic.to_string(),
             partition,
             ledger,
@@ -337,5 +349,16 @@ mod tests {
         assert_eq!(p.apply(&delivery(103, "acme", "e100", 1)).unwrap(), Applied::Deduplicated { tenant: "acme".into() });
         p.commit().unwrap();
         assert_eq!(p.dedup_keys().unwrap(), 101);
+    }
+
+    #[test]
+    fn a_partition_open_elsewhere_is_busy_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let first = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        let err = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).err().unwrap();
+        assert!(matches!(err, Error::PartitionBusy(_)), "{err}");
+        drop(first);
+        PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
     }
 }
