@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
 # The main job, end to end on one machine: start the pinned broker (unless KAFKA_BOOTSTRAP points
-# at a running Kafka), publish the sample events from schemas/examples/ (valid and invalid), consume
-# them, and print a per-tenant summary and what went to the dead-letter queue.
+# at a running Kafka), publish the sample events from schemas/examples/ (valid and invalid) plus a
+# small generated batch, print a per-tenant summary and what went to the dead-letter queue, run the
+# ledger service over them, fetch one tenant's receipt over HTTP with its bearer token and verify
+# it offline with `tally verify`.
+#
+# TALLY_BIN=<path> uses an already built binary (the test suite does); otherwise it builds one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --quiet --locked --bin tally
-TALLY=${CARGO_TARGET_DIR:-target}/debug/tally
+if [ -n "${TALLY_BIN:-}" ]; then
+  TALLY=$TALLY_BIN
+else
+  cargo build --quiet --locked --bin tally
+  TALLY=${CARGO_TARGET_DIR:-target}/debug/tally
+fi
 
+LEDGER_PID=
+cleanup() {
+  if [ -n "$LEDGER_PID" ]; then kill -TERM "$LEDGER_PID" 2>/dev/null && wait "$LEDGER_PID" 2>/dev/null || true; fi
+  if [ -n "${STARTED_BROKER:-}" ]; then scripts/kafka.sh stop; fi
+}
+trap cleanup EXIT
 if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
-  trap 'scripts/kafka.sh stop' EXIT
+  STARTED_BROKER=1
   KAFKA_BOOTSTRAP=$(scripts/kafka.sh start)
   export KAFKA_BOOTSTRAP
 fi
@@ -25,6 +39,12 @@ with open(sys.argv[1], "w") as out:
         value = json.load(open(path))
         if isinstance(value, dict) and isinstance(value.get("tenant_id"), str):
             out.write(json.dumps(value, separators=(",", ":")) + "\n")
+    # A few dozen more calls, so the logs have some depth.
+    for i in range(60):
+        tenant = ["acme", "globex", "initech"][i % 3]
+        out.write(json.dumps({"event_id": f"demo-{i}", "tenant_id": tenant, "occurred_at": "2026-11-02T09:%02d:00Z" % (i % 60),
+                              "kind": "llm_call", "action": "gpt-5-mini", "agent_id": "support-bot",
+                              "cost": {"amount_micros": 1200 + i, "currency": "USD"}}) + "\n")
 PY
 
 echo "== creating topics"
@@ -33,3 +53,49 @@ echo "== publishing $(wc -l <"$work/events.jsonl") sample events to $topic"
 "$TALLY" publish --topic "$topic" "$work/events.jsonl"
 echo "== consuming"
 "$TALLY" consume --topic "$topic" --group "demo-$run" --from-beginning --idle-exit 3
+
+echo "== running the ledger service over $topic"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$TALLY" keygen --origin demo.tally.example --out "$work/ledger.key" >/dev/null
+acme_token=$("$TALLY" token new --name acme-app --role tenant --tenant acme --file "$work/tokens.toml" 2>/dev/null)
+cat >"$work/ledger.toml" <<TOML
+[kafka]
+bootstrap = "$KAFKA_BOOTSTRAP"
+[ledger]
+data_dir = "$work/ledger"
+keys = ["$work/ledger.key"]
+topic = "$topic"
+group = "demo-ledger-$run"
+listen = "127.0.0.1:$port"
+tokens = "$work/tokens.toml"
+TOML
+RUST_LOG=warn "$TALLY" --config "$work/ledger.toml" ledger 2>"$work/ledger.log" &
+LEDGER_PID=$!
+base=http://127.0.0.1:$port
+auth=(-H "Authorization: Bearer $acme_token")
+want=$(grep -c '"tenant_id":"acme"' "$work/events.jsonl" || true)
+for _ in $(seq 1 120); do
+  size=$(curl -sf "${auth[@]}" "$base/t/acme/checkpoint" | sed -n 2p || true)
+  # Invalid samples for acme go to the DLQ, so the log holds at most $want records.
+  if [ -n "$size" ] && [ "$size" -gt 0 ] && [ "$(curl -sf "$base/readyz" >/dev/null && echo up)" = up ]; then
+    sleep 1
+    size=$(curl -sf "${auth[@]}" "$base/t/acme/checkpoint" | sed -n 2p)
+    break
+  fi
+  sleep 0.5
+done
+[ -n "${size:-}" ] || { echo "the ledger did not sign a checkpoint for acme; log:"; cat "$work/ledger.log"; exit 1; }
+echo "acme's signed checkpoint covers $size records (of $want acme lines published; invalid ones were dead-lettered):"
+curl -sf "${auth[@]}" "$base/t/acme/checkpoint" | sed 's/^/    /'
+
+echo "== fetching acme's receipt for its latest record and verifying it offline"
+seq=$((size - 1))
+curl -sf "${auth[@]}" "$base/v1/tenants/acme/receipt/$seq" >"$work/acme.tlog-proof"
+curl -sf "${auth[@]}" "$base/v1/tenants/acme/records/$seq" >"$work/acme.entry"
+vkey=$("$TALLY" vkey --key "$work/ledger.key" --tenant acme)
+echo "vkey: $vkey"
+"$TALLY" verify receipt --vkey "$vkey" --receipt "$work/acme.tlog-proof" --entry "$work/acme.entry"
+
+echo "== acme's token cannot read globex"
+curl -s "${auth[@]}" "$base/t/globex/checkpoint"
+echo

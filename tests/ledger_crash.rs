@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::{Rng, SeedableRng};
 use tally_ingest::EventPublisher;
-use tally_ledger::{Checkpoint, Ledger, LedgerKey};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tally_ledger::{Checkpoint, Ledger};
 
 const EVENTS: u32 = 100_000;
 const TENANTS: u32 = 100;
@@ -23,12 +22,7 @@ const PARTITIONS: i32 = 4;
 const PUBLISH_FOR: Duration = Duration::from_secs(40);
 
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some((std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()?, response[split + 4..].to_vec()))
+    http_get(addr, path).await
 }
 
 fn spawn_ledger(config: &std::path::Path, log: &std::path::Path) -> Child {
@@ -45,13 +39,7 @@ fn spawn_ledger(config: &std::path::Path, log: &std::path::Path) -> Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let kafka = kafka();
-    let topic = unique_topic("crash");
-    create_topic(&kafka, &topic, PARTITIONS).await;
-    create_topic(&kafka, &format!("{topic}.dlq"), PARTITIONS).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("ledger.key");
-    let key = LedgerKey::generate("tally.example.com").unwrap();
-    key.write_new(&key_path).unwrap();
+    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture("crash", PARTITIONS).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let data = dir.path().join("data");

@@ -12,52 +12,22 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tally_ingest::EventPublisher;
-use tally_ledger::service::ServiceConfig;
-use tally_ledger::{Checkpoint, LedgerKey, NoteVerifier, Receipt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tally_ledger::{Checkpoint, NoteVerifier, Receipt};
 
 /// A minimal HTTP/1.0 GET (the test needs no client library): (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let status = std::str::from_utf8(&response[9..12]).unwrap().parse().unwrap();
-    (status, response[split + 4..].to_vec())
-}
-
-struct Running {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<tally_ledger::Result<()>>,
+    http_get(addr, path).await.expect("ledger answers")
 }
 
 async fn start(data: &Path, key: &Path, topic: &str, group: &str) -> Running {
-    let config = ServiceConfig {
-        data_dir: data.to_path_buf(),
-        keys: vec![key.to_path_buf()],
-        topic: topic.to_string(),
-        dlq_topic: None,
-        group: group.to_string(),
-        commit_interval_ms: 100,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        tokens: None,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tally_ledger::service::run(config, kafka(), listener, async move {
-        let _ = stopped.await;
-    }));
-    Running { addr, stop, task }
+    start_ledger(data, key, topic, group, 100).await
 }
 
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().expect("service ran without error");
-    }
+trait WaitFor {
+    async fn wait_for(&self, sizes: &BTreeMap<String, u64>);
+}
+
+impl WaitFor for Running {
 
     /// Waits until every tenant's served checkpoint has the expected size.
     async fn wait_for(&self, sizes: &BTreeMap<String, u64>) {
@@ -82,13 +52,7 @@ impl Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_records_each_event_once_and_replays_identically() {
     let kafka = kafka();
-    let topic = unique_topic("ledger");
-    create_topic(&kafka, &topic, 4).await;
-    create_topic(&kafka, &format!("{topic}.dlq"), 4).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("ledger.key");
-    let key = LedgerKey::generate("tally.example.com").unwrap();
-    key.write_new(&key_path).unwrap();
+    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture("ledger", 4).await;
 
     // 1,000 events for 20 tenants, every 20th resent (a producer retry), one conflicting reuse of
     // an id, and 10 bad messages.

@@ -11,7 +11,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,47 +20,14 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 use tally_ingest::EventPublisher;
-use tally_ledger::service::ServiceConfig;
-use tally_ledger::{event_record, EventInput, Ledger, LedgerKey, Receipt, Source};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tally_ledger::{event_record, EventInput, Ledger, Receipt, Source};
 
 const EVENTS: u32 = 200_000;
 const TENANTS: u32 = 100;
 const PARTITIONS: i32 = 8;
 
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some((std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()?, String::from_utf8_lossy(&response[split + 4..]).into_owned()))
-}
-
-struct Instance {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<tally_ledger::Result<()>>,
-}
-
-async fn start(data: &Path, key: &Path, topic: &str) -> Instance {
-    let config = ServiceConfig {
-        data_dir: data.to_path_buf(),
-        keys: vec![key.to_path_buf()],
-        topic: topic.to_string(),
-        dlq_topic: None,
-        group: format!("{topic}.ledger"),
-        commit_interval_ms: 200,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        tokens: None,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tally_ledger::service::run(config, kafka(), listener, async move {
-        let _ = stopped.await;
-    }));
-    Instance { addr, stop, task }
+    http_get(addr, path).await.map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned()))
 }
 
 async fn metric(addr: SocketAddr, name: &str) -> u64 {
@@ -112,17 +78,12 @@ fn mth(leaves: &[Vec<u8>]) -> [u8; 32] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_split_partitions_and_record_each_event_once() {
     let kafka = kafka();
-    let topic = unique_topic("two");
-    create_topic(&kafka, &topic, PARTITIONS).await;
-    create_topic(&kafka, &format!("{topic}.dlq"), PARTITIONS).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("ledger.key");
-    let key = LedgerKey::generate("tally.example.com").unwrap();
-    key.write_new(&key_path).unwrap();
+    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture("two", PARTITIONS).await;
     let data = dir.path().join("data");
 
     // The first instance starts on an empty topic; the second joins once events are flowing.
-    let a = start(&data, &key_path, &topic).await;
+    let group = format!("{topic}.ledger");
+    let a = start_ledger(&data, &key_path, &topic, &group, 200).await;
     let publisher = EventPublisher::new(&kafka, &topic).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut retries: Vec<(String, Vec<u8>)> = Vec::new();
@@ -141,7 +102,7 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
             pending.push(publisher.enqueue(Some(t.as_bytes()), &v, &[]).await.unwrap());
         }
         if i == EVENTS / 4 {
-            b = Some(start(&data, &key_path, &topic).await);
+            b = Some(start_ledger(&data, &key_path, &topic, &group, 200).await);
         }
     }
     for (t, v) in retries.drain(..) {
@@ -174,10 +135,8 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
     let (status_a, _) = get(a.addr, "/t/t001/checkpoint").await.unwrap();
     let (status_b, _) = get(b.addr, "/t/t001/checkpoint").await.unwrap();
     assert_eq!([status_a, status_b].iter().filter(|s| **s == 200).count(), 1, "{status_a} {status_b}");
-    for i in [a, b] {
-        let _ = i.stop.send(());
-        i.task.await.unwrap().unwrap();
-    }
+    a.stop().await;
+    b.stop().await;
 
     // The independent recomputation, from the topic itself.
     let messages = read_topic(&topic);

@@ -101,3 +101,69 @@ pub fn event_json(tenant: &str, id: &str, cost_micros: i64) -> Vec<u8> {
     }))
     .unwrap()
 }
+
+/// `GET path` over plain HTTP/1.0: (status, body), or `None` while nothing listens.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some((std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()?, response[split + 4..].to_vec()))
+}
+
+/// A topic (and its DLQ) plus a fresh signing key in a temporary directory.
+pub struct LedgerFixture {
+    pub topic: String,
+    pub dir: tempfile::TempDir,
+    pub key_path: std::path::PathBuf,
+    pub key: tally_ledger::LedgerKey,
+}
+
+pub async fn ledger_fixture(prefix: &str, partitions: i32) -> LedgerFixture {
+    let kafka = kafka();
+    let topic = unique_topic(prefix);
+    create_topic(&kafka, &topic, partitions).await;
+    create_topic(&kafka, &format!("{topic}.dlq"), partitions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("ledger.key");
+    let key = tally_ledger::LedgerKey::generate("tally.example.com").unwrap();
+    key.write_new(&key_path).unwrap();
+    LedgerFixture { topic, dir, key_path, key }
+}
+
+/// A ledger service running in this process.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<tally_ledger::Result<()>>,
+}
+
+pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: &str, group: &str, commit_interval_ms: u64) -> Running {
+    let config = tally_ledger::service::ServiceConfig {
+        data_dir: data.to_path_buf(),
+        keys: vec![key.to_path_buf()],
+        topic: topic.to_string(),
+        dlq_topic: None,
+        group: group.to_string(),
+        commit_interval_ms,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tokens: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tally_ledger::service::run(config, kafka(), listener, async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+impl Running {
+    /// Stops the service (as SIGTERM would) and asserts it ran without error.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().expect("service ran without error");
+    }
+}
