@@ -2,11 +2,13 @@
 # Benchmarks (never timed assertions in tests). `scripts/bench.sh ingest` starts the pinned broker
 # unless KAFKA_BOOTSTRAP is set, runs the ingest benchmark, and stops the broker.
 # `scripts/bench.sh ledger` runs the ledger's append/proof benchmark (no broker needed).
+# `scripts/bench.sh pipeline` runs the end-to-end ledger benchmark (Kafka → signed logs, latency,
+# restart after kill -9) with the real binary; it starts the broker like `ingest`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
 case "$what" in
-  ingest)
+  ingest|pipeline)
     if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
       export TALLY_BROKER_DATA=${TALLY_BROKER_DATA:-$(mktemp -d "${TMPDIR:-/tmp}/tally-bench-kafka.XXXXXX")}
       export TALLY_BROKER_PORT=${TALLY_BROKER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
@@ -14,13 +16,17 @@ case "$what" in
       KAFKA_BOOTSTRAP=$(scripts/kafka.sh start)
       export KAFKA_BOOTSTRAP
     fi
-    cargo bench --locked -p tally-ingest --bench consume
+    if [ "$what" = ingest ]; then
+      cargo bench --locked -p tally-ingest --bench consume
+    else
+      cargo bench --locked -p tally --bench pipeline
+    fi
     ;;
   ledger)
     cargo bench --locked -p tally-ledger --bench ledger
     ;;
   *)
-    echo "usage: $0 ingest|ledger" >&2
+    echo "usage: $0 ingest|ledger|pipeline" >&2
     exit 2
     ;;
 esac

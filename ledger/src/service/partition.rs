@@ -97,6 +97,7 @@ impl PartitionLedger {
     /// Opens (or creates) the state of `topic`/`partition` under `root`. Costs one store read
     /// per tenant plus whatever of the logs' tails the store had not yet covered.
     pub fn open(root: &Path, topic: &str, partition: i32, keys: Vec<LedgerKey>) -> Result<PartitionLedger> {
+        let started = std::time::Instant::now();
         let dir = root.join("partitions").join(format!("{topic}-{partition}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Lock before anything is read or repaired: the previous owner may still be closing it.
@@ -142,7 +143,8 @@ impl PartitionLedger {
         if !catch_up.is_empty() {
             store.commit(&catch_up)?;
         }
-        tracing::info!(topic, partition, ?next_offset, tenants = tenants.len(), caught_up, "partition state opened");
+        let open_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(topic, partition, ?next_offset, tenants = tenants.len(), caught_up, open_ms, "partition state opened");
         Ok(PartitionLedger {
             _lock: lock,
             topic: topic.to_string(),
