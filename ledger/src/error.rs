@@ -23,6 +23,8 @@ pub enum Error {
     BadReceipt(String),
     #[error(transparent)]
     Proof(#[from] ProofError),
+    #[error("bad budget configuration: {0}")]
+    BadBudget(String),
     #[error("bad token file: {0}")]
     BadTokens(String),
     #[error("ledger service: {0}")]

@@ -10,12 +10,14 @@
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
 //! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
 //! * [`event_record`]: the canonical bytes of a ledger record.
+//! * [`budget`]: budget windows, configuration, and the budget state folded from a log.
 //! * [`auth`]: bearer tokens (stored hashed) and the roles of SPEC §5.
 //! * [`service`]: the Kafka-fed ledger service (`tally ledger`) and its HTTP API.
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
 mod audit;
 pub mod auth;
+pub mod budget;
 mod checkpoint;
 mod error;
 mod keyfile;

@@ -1,0 +1,19 @@
+//! Budgets (SPEC §4): per-tenant limits on task, day and billing period, enforced from the same
+//! log that proves what happened.
+//!
+//! * [`window`]: days and periods in the tenant's time zone (DST, short months, anchor days).
+//! * [`config`]: plans, per-tenant overrides and price tables (TOML) → a tenant's effective
+//!   [`TenantBudget`], which `config` records store.
+//! * [`state`]: [`BudgetState`], the fold over a tenant's log; its decisions and the admission
+//!   check. Pure: no I/O and no clock (callers pass `now`).
+
+mod config;
+mod state;
+mod window;
+
+pub use config::{BudgetFile, Price, TenantBudget};
+pub use state::{charge, Admission, Basis, BudgetDecision, BudgetRecord, BudgetState, Level, LevelState, Release, ReleaseReason, Status, Verdict};
+pub use window::Calendar;
+
+#[cfg(test)]
+mod tests;
