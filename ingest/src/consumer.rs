@@ -185,6 +185,13 @@ impl EventConsumer {
         &self.topic
     }
 
+    /// The number of partitions of the topic (a metadata request; blocks up to `timeout`).
+    pub fn partition_count(&self, timeout: Duration) -> Result<i32> {
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), timeout).map_err(Error::Consume)?;
+        let count = metadata.topics().iter().find(|t| t.name() == self.topic).map_or(0, |t| t.partitions().len());
+        i32::try_from(count).ok().filter(|c| *c > 0).ok_or_else(|| Error::Consume(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)))
+    }
+
     /// Messages between the committed offset and the high watermark, per assigned partition, as
     /// of librdkafka's last statistics (`statistics.interval.ms`). Empty until the first report.
     pub fn consumer_lag(&self) -> BTreeMap<i32, i64> {

@@ -8,6 +8,7 @@
 //!   offset, so the ledger can own its offsets; the sink is told before a partition is revoked.
 //! * [`DeadLetterQueue`]: the original bytes and headers of a rejected message, plus
 //!   `tally-error-*` headers, to `<topic>.dlq`.
+//! * [`tenant_partition`]: the partition a tenant's events land in (Kafka's murmur2 partitioner).
 //! * [`KafkaConfig`]: bootstrap plus librdkafka pass-through properties.
 //!
 //! librdkafka calls block, so polling happens on blocking threads; nothing here blocks the runtime.
@@ -17,6 +18,7 @@ mod config;
 mod consumer;
 mod dlq;
 mod error;
+mod partitioner;
 mod publisher;
 
 pub use admin::{ensure_topics, TopicSpec};
@@ -24,4 +26,5 @@ pub use config::KafkaConfig;
 pub use consumer::{Delivery, EventConsumer, PartitionSink, Resume};
 pub use dlq::{DeadLetterQueue, HEADER_ERROR_CODE, HEADER_ERROR_DETAIL, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
 pub use error::{Error, Result};
+pub use partitioner::{murmur2, tenant_partition};
 pub use publisher::{EventPublisher, Published};

@@ -36,6 +36,8 @@ impl EventPublisher {
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "60000")
+            // Java's partitioner, so the ledger (and any client) can compute a tenant's partition.
+            .set("partitioner", "murmur2_random")
             .create()
             .map_err(Error::Client)?;
         Ok(EventPublisher { producer, topic: topic.to_string() })

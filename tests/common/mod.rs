@@ -150,6 +150,9 @@ pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: 
         commit_interval_ms,
         listen: "127.0.0.1:0".parse().unwrap(),
         tokens: None,
+        budgets: None,
+        budget_topic: format!("{topic}.budget"),
+        advertise_url: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

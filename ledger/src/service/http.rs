@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -46,6 +46,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tenants/{tenant}/receipt/{seq}", get(receipt))
         .route("/v1/tenants/{tenant}/receipt", get(receipt_by_event))
         .route("/v1/tenants/{tenant}/consistency", get(consistency))
+        .route("/v1/tenants/{tenant}/budget", get(budget_state))
+        .route("/v1/tenants/{tenant}/budget/authorize", post(authorize))
+        .route("/v1/tenants/{tenant}/budget/release", post(release))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_access));
     let admin = Router::new()
         .route("/metrics", get(metrics))
@@ -122,7 +125,7 @@ type ApiResult = Result<Response, ApiError>;
 /// `Path`, with a rejection in the API's JSON error shape.
 struct ApiPath<T>(T);
 
-impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath<T> {
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<T>::from_request_parts(parts, state).await {
@@ -132,10 +135,23 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromR
     }
 }
 
+/// `Json`, with a rejection in the API's JSON error shape.
+struct ApiJson<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+        }
+    }
+}
+
 /// `Query`, with a rejection in the API's JSON error shape.
 struct ApiQuery<T>(T);
 
-impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
@@ -237,6 +253,182 @@ async fn consistency(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath
     Ok(text(body))
 }
 
+// ---- Budgets: admission, release, state -------------------------------------------------------
+
+/// The partition holding `tenant`'s budget, if this instance owns it; otherwise a 421 naming the
+/// owner (from `<data_dir>/owners/`), so the caller can retry there.
+fn owned_partition(shared: &Shared, tenant: &str) -> Result<i32, Response> {
+    if tally_schemas::validate_tenant_id(tenant).is_err() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id".into()).into_response());
+    }
+    let count = shared.partition_count.load(Ordering::Relaxed);
+    let partition = tally_ingest::tenant_partition(tenant, count);
+    if shared.partitions().contains_key(&partition) {
+        return Ok(partition);
+    }
+    let owner = super::read_owner(&shared.root, &shared.topic, partition);
+    let body = serde_json::json!({"error": {
+        "code": "not_owner",
+        "message": format!("partition {partition}, which holds this tenant, is owned by another instance"),
+        "owner": owner,
+    }});
+    let mut response = (StatusCode::MISDIRECTED_REQUEST, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    if let Some(url) = owner.and_then(|o| axum::http::HeaderValue::from_str(&o).ok()) {
+        response.headers_mut().insert("x-tally-owner", url);
+    }
+    Err(response)
+}
+
+/// Runs `f` on the owned partition on a blocking thread (it may fsync).
+async fn on_partition<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    partition: i32,
+    f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    let shared = Arc::clone(shared);
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut parts = shared.partitions();
+        match parts.get_mut(&partition) {
+            Some(p) => f(p).map_err(|e| ApiError::from(e).into_response()),
+            None => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response()),
+        }
+    })
+    .await;
+    joined.unwrap_or_else(|e| Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response()))
+}
+
+/// Makes the tenant's log durable up to `seq` (inclusive). Callers that arrive while another
+/// commit covers them return at once: concurrent admissions share one fsync.
+async fn make_durable(shared: &Arc<Shared>, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
+    on_partition(shared, partition, move |p| {
+        if p.committed_size(&tenant)? <= seq {
+            p.commit()?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    #[serde(default)]
+    task_id: Option<String>,
+    estimate_micros: i64,
+    #[serde(default = "default_ttl_ms")]
+    ttl_ms: i64,
+}
+
+fn default_ttl_ms() -> i64 {
+    60_000
+}
+
+const MAX_TTL_MS: i64 = 24 * 3600 * 1000;
+
+async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
+    let body = match body {
+        Ok(ApiJson(b)) => b,
+        Err(e) => return e.into_response(),
+    };
+    if body.estimate_micros < 0 {
+        return ApiError(StatusCode::BAD_REQUEST, "bad_request", "estimate_micros must be >= 0".into()).into_response();
+    }
+    if !(1..=MAX_TTL_MS).contains(&body.ttl_ms) {
+        return ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("ttl_ms must be 1..={MAX_TTL_MS}")).into_response();
+    }
+    if body.task_id.as_ref().is_some_and(|t| t.is_empty() || t.len() > 256) {
+        return ApiError(StatusCode::BAD_REQUEST, "bad_request", "task_id must be 1..=256 characters".into()).into_response();
+    }
+    let partition = match owned_partition(&shared, &tenant) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let t = tenant.clone();
+    let decided = on_partition(&shared, partition, move |p| {
+        let (verdict, admission) = p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)?;
+        let seq = p.committed_size(&t)? + p.ledger().tenant(&t)?.pending() - 1;
+        Ok((verdict, admission, seq))
+    })
+    .await;
+    let (verdict, admission, seq) = match decided {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    // Durable before the answer: a reservation a gateway was told about survives a crash.
+    if let Err(r) = make_durable(&shared, partition, tenant.clone(), seq).await {
+        return r;
+    }
+    let m = &shared.metrics;
+    if verdict.allowed { &m.admissions_allowed } else { &m.admissions_denied }.fetch_add(1, Ordering::Relaxed);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "decision": if verdict.allowed { "allow" } else { "deny" },
+            "reservation_id": admission.reservation_id,
+            "expires_at": admission.expires_at,
+            "denied_by": verdict.denied_by,
+            "seq": seq,
+            "levels": verdict.levels,
+        }),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    reservation_id: String,
+}
+
+async fn release(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, body: Result<ApiJson<ReleaseBody>, ApiError>) -> Response {
+    let body = match body {
+        Ok(ApiJson(b)) => b,
+        Err(e) => return e.into_response(),
+    };
+    let partition = match owned_partition(&shared, &tenant) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let t = tenant.clone();
+    let released = on_partition(&shared, partition, move |p| {
+        let released = p.release(&t, &body.reservation_id, jiff::Timestamp::now())?;
+        Ok(released.then(|| p.ledger().tenant(&t).map(|l| l.size() + l.pending() - 1)).transpose()?)
+    })
+    .await;
+    match released {
+        Ok(Some(seq)) => match make_durable(&shared, partition, tenant, seq).await {
+            Ok(()) => json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq})),
+            Err(r) => r,
+        },
+        Ok(None) => ApiError(StatusCode::NOT_FOUND, "not_found", "no such reservation (settled, released or expired)".into()).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct BudgetQuery {
+    #[serde(default)]
+    task_id: Option<String>,
+}
+
+async fn budget_state(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, ApiQuery(q): ApiQuery<BudgetQuery>) -> Response {
+    let partition = match owned_partition(&shared, &tenant) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let parts = shared.partitions();
+    let Some(p) = parts.get(&partition) else {
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response();
+    };
+    let state = p.budget(&tenant).cloned().unwrap_or_default();
+    drop(parts);
+    let (_, value) = super::budget_message(&tenant, q.task_id.as_deref(), &state, jiff::Timestamp::now());
+    ([(header::CONTENT_TYPE, "application/json")], value).into_response()
+}
+
 /// Ready once this instance owns at least one partition and nothing has failed: a member that
 /// has not (yet) been assigned anything can serve no tenant.
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
@@ -259,6 +451,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         ("tally_ledger_dead_lettered_total", "Messages sent to the DLQ.", &m.dead_lettered),
         ("tally_ledger_reread_total", "Messages re-read after a restart, already recorded.", &m.reread),
         ("tally_ledger_commits_total", "Group commits (each signs checkpoints).", &m.commits),
+        ("tally_ledger_budget_states_published_total", "Budget states published to the budget topic.", &m.budget_published),
+        ("tally_ledger_admissions_allowed_total", "Authorize requests allowed (with a reservation).", &m.admissions_allowed),
+        ("tally_ledger_admissions_denied_total", "Authorize requests denied.", &m.admissions_denied),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
     }
@@ -301,11 +496,18 @@ mod tests {
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
-        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 0, vec![key.clone()]).unwrap();
         for (i, t) in ["acme", "globex", "acme"].iter().enumerate() {
             p.apply(&test_delivery(i as i64, t, &format!("e{i}"), 5)).unwrap();
         }
         p.commit().unwrap();
+        // Budgets arrive after those events: acme's `config` record is appended at its first
+        // admission (seq 2).
+        let budgets: crate::budget::BudgetFile = toml::from_str(
+            "[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n",
+        )
+        .unwrap();
+        p.set_budget_file(Some(Arc::new(budgets.clone())));
         let tokens = [
             new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap(),
             new_token("auditor", Role::Regulator, vec!["globex".into()]).unwrap(),
@@ -317,9 +519,13 @@ mod tests {
         let shared = Arc::new(Shared {
             root: dir.path().to_path_buf(),
             keys: vec![key],
-            partitions: Mutex::new(BTreeMap::from([(3, p)])),
+            partitions: Mutex::new(BTreeMap::from([(0, p)])),
             fatal: Mutex::new(None),
             tokens: TokenStore::load(&path).unwrap(),
+            budgets: crate::service::BudgetSource::new(None, Some(budgets)),
+            partition_count: std::sync::atomic::AtomicI32::new(1),
+            topic: "events".into(),
+            advertise_url: "http://127.0.0.1:1".into(),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);
@@ -381,6 +587,71 @@ mod tests {
         assert_eq!(call(&f.app, "/healthz", None).await.0, StatusCode::OK);
         let (status, body, _) = call(&f.app, "/readyz", None).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ready: 1 partitions\n"));
+    }
+
+    async fn post(app: &Router, path: &str, token: &str, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+        let request = axum::http::Request::post(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_concurrent_dimes_against_five_dollars_allow_exactly_fifty() {
+        let f = fixture();
+        let mut calls = Vec::new();
+        for i in 0..1_000 {
+            let (app, token) = (f.app.clone(), f.acme.clone());
+            calls.push(tokio::spawn(async move {
+                post(&app, "/v1/tenants/acme/budget/authorize", &token, serde_json::json!({"task_id": format!("t{i}"), "estimate_micros": 100_000})).await
+            }));
+        }
+        let mut allowed = 0;
+        for c in calls {
+            let (status, body) = c.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body}");
+            match body["decision"].as_str() {
+                Some("allow") => allowed += 1,
+                Some("deny") => assert_eq!(body["denied_by"], "period", "{body}"),
+                other => panic!("{other:?}: {body}"),
+            }
+        }
+        assert_eq!(allowed, 50);
+        let (status, _, state) = call(&f.app, "/v1/tenants/acme/budget", Some(&f.acme)).await;
+        assert_eq!(status, StatusCode::OK);
+        let period = state["levels"].as_array().unwrap().iter().find(|l| l["level"] == "period").unwrap().clone();
+        assert_eq!((period["reserved_micros"].as_i64(), period["remaining_micros"].as_i64()), (Some(5_000_000), Some(0)), "{state}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_frees_budget_and_bad_bodies_are_refused() {
+        let f = fixture();
+        let (_, allow) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 5_000_000})).await;
+        assert_eq!(allow["decision"], "allow", "{allow}");
+        let (_, deny) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
+        assert_eq!((deny["decision"].as_str(), deny["denied_by"].as_str()), (Some("deny"), Some("period")), "{deny}");
+        let id = allow["reservation_id"].as_str().unwrap();
+        let (status, body) = post(&f.app, "/v1/tenants/acme/budget/release", &f.acme, serde_json::json!({"reservation_id": id})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, body) = post(&f.app, "/v1/tenants/acme/budget/release", &f.acme, serde_json::json!({"reservation_id": id})).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+        let (_, again) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
+        assert_eq!(again["decision"], "allow");
+        for body in [serde_json::json!({"estimate_micros": -1}), serde_json::json!({"estimate": 1}), serde_json::json!({"estimate_micros": 1, "ttl_ms": 0})] {
+            let (status, err) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, body.clone()).await;
+            assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{body}");
+        }
+        // Another tenant's budget is out of reach of acme's token.
+        let (status, _) = post(&f.app, "/v1/tenants/globex/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        // Every decision is in acme's log.
+        let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/2", Some(&f.admin)).await;
+        assert!(body.contains(r#""type":"config""#), "{body}");
     }
 
     #[tokio::test]

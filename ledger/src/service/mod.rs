@@ -23,11 +23,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tally_ingest::{DeadLetterQueue, EventConsumer, KafkaConfig, PartitionSink, Resume};
+use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, KafkaConfig, PartitionSink, Resume};
 
 pub use partition::{Applied, PartitionLedger};
 
 use crate::auth::TokenStore;
+use crate::budget::BudgetFile;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 
@@ -56,6 +57,20 @@ pub struct ServiceConfig {
     /// a loopback address.
     #[serde(default)]
     pub tokens: Option<PathBuf>,
+    /// Budgets file (plans, overrides, prices); re-read when it changes. None: no limits.
+    #[serde(default)]
+    pub budgets: Option<PathBuf>,
+    /// Compacted topic the budget state of each tenant (and task) is published to.
+    #[serde(default = "default_budget_topic")]
+    pub budget_topic: String,
+    /// The URL other instances give callers for tenants this instance owns
+    /// (default `http://<listen>`).
+    #[serde(default)]
+    pub advertise_url: Option<String>,
+}
+
+fn default_budget_topic() -> String {
+    "tally.budget".into()
 }
 
 fn default_topic() -> String {
@@ -89,6 +104,11 @@ impl ServiceConfig {
         self.keys.iter().map(|k| LedgerKey::read(k)).collect()
     }
 
+    /// The budgets file `budgets` names, validated.
+    pub fn load_budgets(&self) -> Result<Option<BudgetFile>> {
+        self.budgets.as_deref().map(BudgetFile::load).transpose()
+    }
+
     /// The token store `tokens` names, or authorization off.
     pub fn load_tokens(&self) -> Result<TokenStore> {
         match &self.tokens {
@@ -107,6 +127,9 @@ pub struct Metrics {
     pub dead_lettered: AtomicU64,
     pub reread: AtomicU64,
     pub commits: AtomicU64,
+    pub budget_published: AtomicU64,
+    pub admissions_allowed: AtomicU64,
+    pub admissions_denied: AtomicU64,
     /// Per partition: messages behind the high watermark (librdkafka statistics).
     consumer_lag: Mutex<BTreeMap<i32, i64>>,
     /// When the oldest record not yet covered by a signed checkpoint was appended.
@@ -132,7 +155,60 @@ pub struct Shared {
     /// A failure inside a rebalance callback, reported by the consume loop.
     fatal: Mutex<Option<String>>,
     tokens: TokenStore,
+    budgets: BudgetSource,
+    /// Partitions of the events topic (to find a tenant's partition).
+    partition_count: std::sync::atomic::AtomicI32,
+    topic: String,
+    advertise_url: String,
     pub metrics: Metrics,
+}
+
+/// The budgets file, re-read when its modification time changes (at most once a second).
+pub(super) struct BudgetSource {
+    path: Option<PathBuf>,
+    current: Mutex<(Option<std::time::SystemTime>, Option<Arc<BudgetFile>>)>,
+    last_check: Mutex<Instant>,
+}
+
+impl BudgetSource {
+    pub(super) fn new(path: Option<PathBuf>, file: Option<BudgetFile>) -> Self {
+        let modified = path.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        BudgetSource { path, current: Mutex::new((modified, file.map(Arc::new))), last_check: Mutex::new(Instant::now()) }
+    }
+
+    fn current(&self) -> Option<Arc<BudgetFile>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).1.clone()
+    }
+
+    /// The new file when it changed on disk and is valid; a broken file keeps the old one.
+    fn reload(&self) -> Option<Arc<BudgetFile>> {
+        let path = self.path.as_ref()?;
+        {
+            let mut last = self.last_check.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.elapsed() < Duration::from_secs(1) {
+                return None;
+            }
+            *last = Instant::now();
+        }
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if modified == current.0 {
+            return None;
+        }
+        current.0 = modified;
+        match BudgetFile::load(path) {
+            Ok(file) => {
+                tracing::info!(path = %path.display(), "budgets file reloaded");
+                let file = Arc::new(file);
+                current.1 = Some(Arc::clone(&file));
+                Some(file)
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "budgets file not reloaded; the previous budgets stay in force");
+                None
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -185,8 +261,12 @@ impl PartitionSink for Sink {
             }
         };
         match opened {
-            Ok(p) => {
+            Ok(mut p) => {
+                p.set_budget_file(self.0.budgets.current());
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
+                if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
+                    tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
+                }
                 self.0.partitions().insert(partition, p);
                 resume
             }
@@ -209,6 +289,20 @@ impl PartitionSink for Sink {
     }
 }
 
+/// `<data_dir>/owners/<topic>-<p>` names the instance that owns a partition, so the others can
+/// point callers at it.
+fn write_owner(root: &std::path::Path, topic: &str, partition: i32, url: &str) -> std::io::Result<()> {
+    let dir = root.join("owners");
+    std::fs::create_dir_all(&dir)?;
+    let tmp = dir.join(format!(".{topic}-{partition}.{}", std::process::id()));
+    std::fs::write(&tmp, url)?;
+    std::fs::rename(&tmp, dir.join(format!("{topic}-{partition}")))
+}
+
+fn read_owner(root: &std::path::Path, topic: &str, partition: i32) -> Option<String> {
+    std::fs::read_to_string(root.join("owners").join(format!("{topic}-{partition}"))).ok()
+}
+
 /// Runs the service until `shutdown` completes; serves HTTP on `listener`.
 pub async fn run(
     config: ServiceConfig,
@@ -218,12 +312,21 @@ pub async fn run(
 ) -> Result<()> {
     let keys = config.load_keys()?;
     let tokens = config.load_tokens()?;
+    let budgets = BudgetSource::new(config.budgets.clone(), config.load_budgets()?);
+    let advertise_url = match &config.advertise_url {
+        Some(url) => url.clone(),
+        None => format!("http://{}", listener.local_addr().map_err(|e| Error::Service(format!("listener address: {e}")))?),
+    };
     let shared = Arc::new(Shared {
         root: config.data_dir.clone(),
         keys,
         partitions: Mutex::new(BTreeMap::new()),
         fatal: Mutex::new(None),
         tokens,
+        budgets,
+        partition_count: std::sync::atomic::AtomicI32::new(0),
+        topic: config.topic.clone(),
+        advertise_url,
         metrics: Metrics::default(),
     });
     let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
@@ -238,6 +341,9 @@ pub async fn run(
         Duration::from_millis(100),
     )
     .map_err(kafka_err)?;
+    let partitions = tokio::task::block_in_place(|| consumer.partition_count(Duration::from_secs(30))).map_err(kafka_err)?;
+    shared.partition_count.store(partitions, Ordering::Relaxed);
+    let budget_publisher = tally_ingest::EventPublisher::new(&kafka, &config.budget_topic).map_err(kafka_err)?;
 
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(listener, Arc::clone(&shared), async move {
@@ -256,10 +362,32 @@ pub async fn run(
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
             }
-            let mut rejected = Vec::new();
+            // Dead-letter first: once a delivery is applied, any commit (the loop's or an
+            // admission's) may make progress past it durable.
+            let rejected: Vec<&Delivery> = {
+                let parts = shared.partitions();
+                batch
+                    .iter()
+                    .filter(|d| d.outcome.is_err())
+                    .filter(|d| parts.get(&d.partition).is_some_and(|p| p.resume_offset().is_none_or(|next| d.offset >= next)))
+                    .collect()
+            };
+            for d in rejected {
+                if let Err(rejection) = &d.outcome {
+                    dlq.send(&config.topic, d, rejection).await.map_err(kafka_err)?;
+                    tracing::warn!(partition = d.partition, offset = d.offset, code = rejection.code.as_str(), "dead-lettered");
+                }
+            }
+            if let Some(file) = shared.budgets.reload() {
+                for p in shared.partitions().values_mut() {
+                    p.set_budget_file(Some(Arc::clone(&file)));
+                }
+            }
             let mut appended = false;
+            let mut budget_changes = Vec::new();
             {
                 let mut parts = shared.partitions();
+                let now = jiff::Timestamp::now();
                 for d in &batch {
                     let Some(p) = parts.get_mut(&d.partition) else { continue };
                     let m = &shared.metrics;
@@ -274,21 +402,30 @@ pub async fn run(
                             m.conflicts.fetch_add(1, Ordering::Relaxed)
                         }
                         Applied::AlreadyRecorded => m.reread.fetch_add(1, Ordering::Relaxed),
-                        Applied::Rejected => {
-                            rejected.push(d);
-                            m.dead_lettered.fetch_add(1, Ordering::Relaxed)
-                        }
+                        Applied::Rejected => m.dead_lettered.fetch_add(1, Ordering::Relaxed),
                     };
+                }
+                for p in parts.values_mut() {
+                    appended |= p.tick(now)? > 0;
+                    for (tenant, task) in p.take_budget_changes() {
+                        if let Some(state) = p.budget(&tenant) {
+                            budget_changes.push(budget_message(&tenant, task.as_deref(), state, now));
+                        }
+                    }
                 }
             }
             if appended {
                 shared.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(Instant::now);
             }
-            for d in rejected {
-                if let Err(rejection) = &d.outcome {
-                    dlq.send(&config.topic, d, rejection).await.map_err(kafka_err)?;
-                    tracing::warn!(partition = d.partition, offset = d.offset, code = rejection.code.as_str(), "dead-lettered");
-                }
+            // Published before the commit: every figure is a fold of records that are in the log
+            // or will be re-derived identically from Kafka after a crash.
+            let mut deliveries = Vec::with_capacity(budget_changes.len());
+            for (key, value) in &budget_changes {
+                deliveries.push(budget_publisher.enqueue(Some(key.as_bytes()), value, &[]).await.map_err(kafka_err)?);
+            }
+            for d in deliveries {
+                d.await.map_err(kafka_err)?;
+                shared.metrics.budget_published.fetch_add(1, Ordering::Relaxed);
             }
             if last_commit.elapsed() >= interval {
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
@@ -306,6 +443,23 @@ pub async fn run(
     let _ = http_stop.send(());
     let _ = server.await;
     result.and(committed.map(|_| ()))
+}
+
+/// The `tally.budget` message for a tenant (or one of its tasks): key and JSON value.
+pub fn budget_message(tenant: &str, task: Option<&str>, state: &crate::budget::BudgetState, now: jiff::Timestamp) -> (String, Vec<u8>) {
+    let key = match task {
+        Some(t) => format!("{tenant}/{t}"),
+        None => tenant.to_string(),
+    };
+    let value = serde_json::json!({
+        "tenant_id": tenant,
+        "task_id": task,
+        "status": state.status(now, task),
+        "levels": state.levels(now, task),
+        "ceiling_priced_events": state.ceiling_priced,
+        "at": now,
+    });
+    (key, value.to_string().into_bytes())
 }
 
 #[cfg(test)]

@@ -16,9 +16,17 @@
 //! of the log; memory holds only the keys of the current commit and one small entry per tenant.
 //! The same key with identical normalized content is a retry and is recorded once; with different
 //! content it is appended as a `conflict` record (never replacing the first) and counted.
+//!
+//! Budgets: each tenant's [`BudgetState`] is the fold of its log, snapshotted in the store with
+//! the same coverage as the dedup index. An event's `budget` decisions are appended right after
+//! it; a tenant whose effective budget differs from its last `config` record gets a new one first.
+//! Admissions, releases, expiries and window restorations are records too.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+
+use jiff::Timestamp;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -26,6 +34,7 @@ use tally_ingest::Delivery;
 use tally_schemas::{Decoded, Event, IdempotencyKey};
 
 use super::store::{Batch, DedupKey, PartitionStore, Seen, TenantState};
+use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, Release, ReleaseReason, Verdict};
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 use crate::ledger::Ledger;
@@ -59,6 +68,14 @@ pub struct PartitionLedger {
     dirty: BTreeSet<String>,
     /// Dedup keys appended since the last commit.
     pending: HashMap<DedupKey, Seen>,
+    /// Budget state per tenant (every tenant with a log here).
+    budgets: HashMap<String, BudgetState>,
+    /// The budgets file in force, if any.
+    budget_file: Option<Arc<BudgetFile>>,
+    /// Tenants whose budget state changed since `take_budget_changes`.
+    budget_changed: BTreeSet<(String, Option<String>)>,
+    /// Tenants to compare with a newly loaded budgets file at the next tick.
+    config_pending: BTreeSet<String>,
 }
 
 fn dedup_key(tenant: &str, key: &IdempotencyKey) -> DedupKey {
@@ -112,9 +129,14 @@ impl PartitionLedger {
         let mut ledger = Ledger::open(&dir, keys)?;
         let next_offset = store.next_offset()?;
         let mut tenants = HashMap::new();
+        let mut budgets = HashMap::new();
         let mut catch_up = Batch::default();
         for tenant in ledger.tenant_ids()? {
             let mut state = store.tenant(&tenant)?;
+            let mut budget: BudgetState = match store.budget(&tenant)? {
+                Some(json) => serde_json::from_slice(&json).map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
+                None => BudgetState::default(),
+            };
             let log = ledger.tenant(&tenant)?;
             if state.indexed > log.size() {
                 return Err(Error::Corrupt {
@@ -123,7 +145,9 @@ impl PartitionLedger {
                 });
             }
             for seq in state.indexed..log.size() {
-                let record: StoredRecord = serde_json::from_slice(&log.entry(seq)?)
+                let entry = log.entry(seq)?;
+                budget.fold(&entry)?;
+                let record: StoredRecord = serde_json::from_slice(&entry)
                     .map_err(|e| Error::BadRecord(format!("{tenant} entry {seq}: {e}")))?;
                 if let Some(o) = record.source.and_then(|s| s.offset) {
                     state.last_offset = Some(o);
@@ -136,8 +160,10 @@ impl PartitionLedger {
             if state.indexed < log.size() {
                 state.indexed = log.size();
                 catch_up.tenants.push((tenant.clone(), state));
+                catch_up.budgets.push((tenant.clone(), serde_json::to_vec(&budget).map_err(|e| Error::BadRecord(e.to_string()))?));
             }
-            tenants.insert(tenant, state);
+            tenants.insert(tenant.clone(), state);
+            budgets.insert(tenant, budget);
         }
         let caught_up = catch_up.seen.len();
         if !catch_up.is_empty() {
@@ -156,6 +182,10 @@ impl PartitionLedger {
             tenants,
             dirty: BTreeSet::new(),
             pending: HashMap::new(),
+            budgets,
+            budget_file: None,
+            budget_changed: BTreeSet::new(),
+            config_pending: BTreeSet::new(),
         })
     }
 
@@ -222,18 +252,20 @@ impl PartitionLedger {
             Some(seen) => Some(*seen),
             None => self.store.lookup(&key)?,
         };
-        let log = self.ledger.tenant(&tenant)?;
-        let seq = log.size() + log.pending();
+        let size = self.next_seq(&tenant)?;
         // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
-        let applied = match seen.filter(|s| s.seq < seq) {
+        let applied = match seen.filter(|s| s.seq < size) {
             Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
             Some(seen) => {
-                log.append(&conflict_record(seq, input, seen.seq)?)?;
-                Applied::Conflict { tenant: tenant.clone(), seq }
+                self.ledger.tenant(&tenant)?.append(&conflict_record(size, input, seen.seq)?)?;
+                Applied::Conflict { tenant: tenant.clone(), seq: size }
             }
             None => {
-                log.append(&event_record(seq, input)?)?;
+                self.ensure_config(&tenant, Timestamp::now())?;
+                let seq = self.next_seq(&tenant)?;
+                self.ledger.tenant(&tenant)?.append(&event_record(seq, input)?)?;
                 self.pending.insert(key, Seen { content, seq });
+                self.after_event(&tenant, &decoded.event)?;
                 Applied::Appended { tenant: tenant.clone(), seq }
             }
         };
@@ -242,6 +274,151 @@ impl PartitionLedger {
             self.dirty.insert(tenant);
         }
         Ok(applied)
+    }
+
+    /// The seq the tenant's next record gets.
+    fn next_seq(&mut self, tenant: &str) -> Result<u64> {
+        let log = self.ledger.tenant(tenant)?;
+        Ok(log.size() + log.pending())
+    }
+
+    /// Appends a budget-side record and folds it into the tenant's state.
+    fn append_budget(&mut self, tenant: &str, make: impl FnOnce(u64) -> BudgetRecord) -> Result<u64> {
+        let seq = self.next_seq(tenant)?;
+        let record = make(seq);
+        self.ledger.tenant(tenant)?.append(&record.to_bytes()?)?;
+        self.budgets.entry(tenant.to_string()).or_default().apply_record(&record);
+        let task = match &record {
+            BudgetRecord::Admission { admission, .. } => admission.task_id.clone(),
+            BudgetRecord::Budget { decision, .. } if decision.level == crate::budget::Level::Task => Some(decision.scope.clone()),
+            _ => None,
+        };
+        self.budget_changed.insert((tenant.to_string(), None));
+        if task.is_some() {
+            self.budget_changed.insert((tenant.to_string(), task));
+        }
+        self.tenants.entry(tenant.to_string()).or_default();
+        self.dirty.insert(tenant.to_string());
+        Ok(seq)
+    }
+
+    /// Records the tenant's effective budget if it differs from the last `config` record.
+    fn ensure_config(&mut self, tenant: &str, now: Timestamp) -> Result<()> {
+        let Some(file) = self.budget_file.clone() else { return Ok(()) };
+        let effective = file.for_tenant(tenant)?;
+        let current = self.budgets.get(tenant).and_then(BudgetState::budget);
+        if current != Some(&effective) && (effective.has_limits() || current.is_some()) {
+            self.append_budget(tenant, |seq| BudgetRecord::Config { seq, at: now, budget: effective })?;
+        }
+        Ok(())
+    }
+
+    /// Charges an appended event and appends the decisions it triggers.
+    fn after_event(&mut self, tenant: &str, event: &Event) -> Result<()> {
+        let state = self.budgets.entry(tenant.to_string()).or_default();
+        let decisions = state.apply_event(event);
+        if state.budget().is_some() || event.reservation_id.is_some() {
+            self.budget_changed.insert((tenant.to_string(), None));
+            if let Some(task) = event.task_id.clone().filter(|_| state.budget().is_some_and(|b| b.task_micros.is_some())) {
+                self.budget_changed.insert((tenant.to_string(), Some(task)));
+            }
+        }
+        for decision in decisions {
+            self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
+        }
+        Ok(())
+    }
+
+    /// Uses `file` for budgets from now on (a reload): tenants whose effective budget changed
+    /// get a `config` record (and `restored` where a limit was lifted) at the next [`Self::tick`].
+    pub fn set_budget_file(&mut self, file: Option<Arc<BudgetFile>>) {
+        self.budget_file = file;
+        self.config_pending = self.budgets.keys().cloned().collect();
+    }
+
+    /// Time-driven records for every tenant at `now`: new configs, expired reservations,
+    /// restorations of ended windows. Returns how many records were appended.
+    pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
+        let mut tenants = std::mem::take(&mut self.config_pending);
+        tenants.extend(self.budgets.iter().filter(|(_, s)| s.next_wakeup().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()));
+        let mut appended = 0;
+        for tenant in tenants {
+            appended += self.settle_time(&tenant, now)?;
+        }
+        Ok(appended)
+    }
+
+    fn settle_time(&mut self, tenant: &str, now: Timestamp) -> Result<usize> {
+        let before = self.next_seq(tenant)?;
+        self.ensure_config(tenant, now)?;
+        let state = self.budgets.entry(tenant.to_string()).or_default();
+        let expired = state.expired(now);
+        for id in expired {
+            let expiry = Release { at: now, reservation_id: id, reason: ReleaseReason::Expired };
+            self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release: expiry })?;
+        }
+        let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(now)).unwrap_or_default();
+        for decision in due {
+            self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
+        }
+        Ok((self.next_seq(tenant)? - before) as usize)
+    }
+
+    /// An admission decision for `tenant` at `now`, recorded in its log (not yet durable: the
+    /// caller commits before answering). Expired reservations are released first, so they never
+    /// cause a denial.
+    pub fn authorize(&mut self, tenant: &str, now: Timestamp, task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> Result<(Verdict, Admission)> {
+        self.settle_time(tenant, now)?;
+        let state = self.budgets.entry(tenant.to_string()).or_default();
+        let verdict = state.authorize(now, task_id, estimate_micros);
+        let calendar = match state.budget() {
+            Some(b) => b.calendar()?,
+            None => crate::budget::Calendar::new("UTC", 1)?,
+        };
+        let seq = self.next_seq(tenant)?;
+        let admission = Admission {
+            at: now,
+            allowed: verdict.allowed,
+            task_id: task_id.map(str::to_string),
+            estimate_micros,
+            reservation_id: verdict.allowed.then(|| format!("res-{seq}")),
+            expires_at: verdict.allowed.then(|| now + jiff::SignedDuration::from_millis(ttl_ms)),
+            denied_by: verdict.denied_by,
+            day: calendar.day(now),
+            period: calendar.period(now),
+        };
+        let recorded = admission.clone();
+        self.append_budget(tenant, |seq| BudgetRecord::Admission { seq, admission: recorded })?;
+        Ok((verdict, admission))
+    }
+
+    /// Releases a reservation before its TTL. `false` if the tenant holds no such reservation.
+    pub fn release(&mut self, tenant: &str, reservation_id: &str, now: Timestamp) -> Result<bool> {
+        if !self.budgets.get(tenant).is_some_and(|s| s.has_reservation(reservation_id)) {
+            return Ok(false);
+        }
+        let release = Release { at: now, reservation_id: reservation_id.to_string(), reason: ReleaseReason::Released };
+        self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release })?;
+        Ok(true)
+    }
+
+    /// The tenant's committed (durable) log size.
+    pub fn committed_size(&mut self, tenant: &str) -> Result<u64> {
+        Ok(self.ledger.tenant(tenant)?.size())
+    }
+
+    pub fn budget(&self, tenant: &str) -> Option<&BudgetState> {
+        self.budgets.get(tenant)
+    }
+
+    /// (tenant, task) whose budget state changed since the last call (to publish).
+    pub fn take_budget_changes(&mut self) -> Vec<(String, Option<String>)> {
+        std::mem::take(&mut self.budget_changed).into_iter().collect()
+    }
+
+    /// Does this partition hold (or is it about to create) the tenant's state?
+    pub fn has_tenant(&mut self, tenant: &str) -> bool {
+        self.budgets.contains_key(tenant) || self.ledger.has_tenant(tenant)
     }
 
     /// Commits every tenant log (signing checkpoints), then the store.
@@ -254,13 +431,17 @@ impl PartitionLedger {
         let mut batch = Batch {
             seen: self.pending.drain().collect(),
             tenants: Vec::with_capacity(self.dirty.len()),
+            budgets: Vec::new(),
             next_offset: self.next_offset.filter(|_| self.next_offset != self.durable_next),
         };
         for tenant in std::mem::take(&mut self.dirty) {
             let size = self.ledger.tenant(&tenant)?.size();
             let state = self.tenants.entry(tenant.clone()).or_default();
             state.indexed = size;
-            batch.tenants.push((tenant, *state));
+            batch.tenants.push((tenant.clone(), *state));
+            if let Some(budget) = self.budgets.get(&tenant) {
+                batch.budgets.push((tenant, serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+            }
         }
         if !batch.is_empty() {
             self.store.commit(&batch)?;

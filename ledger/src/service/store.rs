@@ -1,5 +1,6 @@
 //! A partition's durable consumption state, beside its tenant logs: the deduplication index,
-//! what of each tenant's log that index covers, and the next offset to consume.
+//! what of each tenant's log that index covers, each tenant's budget state (a snapshot of the
+//! fold over the same records), and the next offset to consume.
 //!
 //! It is a redb database (`state.redb`), so memory stays bounded (a fixed page cache) however
 //! long the logs grow, and everything of one group commit lands in a single transaction (one
@@ -42,18 +43,21 @@ pub(super) struct TenantState {
 pub(super) struct Batch {
     pub seen: Vec<(DedupKey, Seen)>,
     pub tenants: Vec<(String, TenantState)>,
+    /// Budget state snapshots (JSON), covering the same records as `tenants`.
+    pub budgets: Vec<(String, Vec<u8>)>,
     pub next_offset: Option<i64>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty() && self.tenants.is_empty() && self.next_offset.is_none()
+        self.seen.is_empty() && self.tenants.is_empty() && self.budgets.is_empty() && self.next_offset.is_none()
     }
 }
 
 const DEDUP: TableDefinition<DedupKey, [u8; 24]> = TableDefinition::new("dedup");
 const TENANTS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("tenants");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+const BUDGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("budgets");
 const NEXT_OFFSET: &str = "next_offset";
 /// Page cache per partition: the bound on the index's memory.
 const CACHE_BYTES: usize = 32 << 20;
@@ -122,6 +126,13 @@ impl PartitionStore {
         Ok(table.get(tenant).map_err(|e| self.err(e))?.map(|v| decode_tenant(v.value())).unwrap_or_default())
     }
 
+    /// The tenant's budget state snapshot, if one was committed.
+    pub fn budget(&self, tenant: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(BUDGETS).map_err(|e| self.err(e))?;
+        Ok(table.get(tenant).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()))
+    }
+
     pub fn lookup(&self, key: &DedupKey) -> Result<Option<Seen>> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(DEDUP).map_err(|e| self.err(e))?;
@@ -142,6 +153,10 @@ impl PartitionStore {
             let mut tenants = txn.open_table(TENANTS).map_err(|e| self.err(e))?;
             for (tenant, state) in &batch.tenants {
                 tenants.insert(tenant.as_str(), encode_tenant(*state)).map_err(|e| self.err(e))?;
+            }
+            let mut budgets = txn.open_table(BUDGETS).map_err(|e| self.err(e))?;
+            for (tenant, state) in &batch.budgets {
+                budgets.insert(tenant.as_str(), state.as_slice()).map_err(|e| self.err(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             if let Some(next) = batch.next_offset {
@@ -175,6 +190,7 @@ mod tests {
             .commit(&Batch {
                 seen: vec![([9; 16], first)],
                 tenants: vec![("acme".into(), TenantState { indexed: 8, last_offset: Some(41) })],
+                budgets: vec![("acme".into(), b"{}".to_vec())],
                 next_offset: Some(42),
             })
             .unwrap();
@@ -185,6 +201,8 @@ mod tests {
         assert_eq!(store.lookup(&[8; 16]).unwrap(), None);
         assert_eq!(store.tenant("acme").unwrap(), TenantState { indexed: 8, last_offset: Some(41) });
         assert_eq!(store.next_offset().unwrap(), Some(42));
+        assert_eq!(store.budget("acme").unwrap(), Some(b"{}".to_vec()));
+        assert_eq!(store.budget("globex").unwrap(), None);
         assert_eq!(store.dedup_len().unwrap(), 1);
     }
 
