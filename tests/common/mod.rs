@@ -140,8 +140,9 @@ pub struct Running {
     task: tokio::task::JoinHandle<tally_ledger::Result<()>>,
 }
 
-pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: &str, group: &str, commit_interval_ms: u64) -> Running {
-    let config = tally_ledger::service::ServiceConfig {
+/// The service configuration the tests start from.
+pub fn ledger_config(data: &std::path::Path, key: &std::path::Path, topic: &str, group: &str, commit_interval_ms: u64) -> tally_ledger::service::ServiceConfig {
+    tally_ledger::service::ServiceConfig {
         data_dir: data.to_path_buf(),
         keys: vec![key.to_path_buf()],
         topic: topic.to_string(),
@@ -153,7 +154,14 @@ pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: 
         budgets: None,
         budget_topic: format!("{topic}.budget"),
         advertise_url: None,
-    };
+    }
+}
+
+pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: &str, group: &str, commit_interval_ms: u64) -> Running {
+    start_service(ledger_config(data, key, topic, group, commit_interval_ms)).await
+}
+
+pub async fn start_service(config: tally_ledger::service::ServiceConfig) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -161,6 +169,20 @@ pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: 
         let _ = stopped.await;
     }));
     Running { addr, stop, task }
+}
+
+/// `POST path` with a JSON body: (status, parsed JSON body).
+pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &serde_json::Value) -> Option<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let body = body.to_string();
+    let request = format!("POST {path} HTTP/1.0\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let status = std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()?;
+    Some((status, serde_json::from_slice(&response[split + 4..]).unwrap_or(serde_json::Value::Null)))
 }
 
 impl Running {

@@ -654,6 +654,20 @@ mod tests {
         assert!(body.contains(r#""type":"config""#), "{body}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_reservation_never_causes_a_denial() {
+        let f = fixture();
+        let body = serde_json::json!({"estimate_micros": 5_000_000, "ttl_ms": 50});
+        assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, body).await.1["decision"], "allow");
+        let small = serde_json::json!({"estimate_micros": 1});
+        assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, small.clone()).await.1["decision"], "deny");
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+        assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, small).await.1["decision"], "allow");
+        // The expiry is on the record, before the admission it made room for.
+        let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/5", Some(&f.admin)).await;
+        assert!(body.contains(r#""type":"release""#) && body.contains(r#""reason":"expired""#), "{body}");
+    }
+
     #[tokio::test]
     async fn receipts_by_event_id() {
         let f = fixture();

@@ -1,0 +1,209 @@
+//! Budgets end to end against the real broker: cost events published → the tenant's state on the
+//! budget topic says `exceeded` → the next authorize is denied; a budgets-file change takes effect
+//! without a restart; an unknown model is charged at the ceiling. And admissions across a
+//! `kill -9` of the ledger binary: reservations and totals survive, no overshoot.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::ClientConfig;
+use tally_ingest::EventPublisher;
+
+const BUDGETS: &str = r#"
+[plans.standard]
+day_micros = 1_000
+ceiling = { input_per_million_micros = 10_000_000, output_per_million_micros = 30_000_000 }
+[plans.standard.prices."gpt-5-mini"]
+input_per_million_micros = 250_000
+output_per_million_micros = 2_000_000
+[tenants.acme]
+plan = "standard"
+[tenants.globex]
+plan = "standard"
+"#;
+
+fn now_event(tenant: &str, id: &str, extra: serde_json::Value) -> Vec<u8> {
+    let mut e = serde_json::json!({"event_id": id, "tenant_id": tenant, "occurred_at": jiff::Timestamp::now().to_string(), "kind": "llm_call"});
+    e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    serde_json::to_vec(&e).unwrap()
+}
+
+/// Everything read from the budget topic so far, so a wait for one key never loses another's.
+struct BudgetWatch {
+    consumer: BaseConsumer,
+    seen: Vec<(String, serde_json::Value)>,
+}
+
+impl BudgetWatch {
+    /// Waits for a message with this key whose JSON satisfies `want` (including ones already read).
+    fn wait(&mut self, key: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((_, v)) = self.seen.iter().find(|(k, v)| k == key && want(v)) {
+                return v.clone();
+            }
+            assert!(Instant::now() < deadline, "no matching budget state for {key}; saw {:?}", self.seen);
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(200)) {
+                let k = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                self.seen.push((k, serde_json::from_slice(m.payload().unwrap()).unwrap()));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeded_state_reaches_the_budget_topic_and_the_next_authorize_is_denied() {
+    let kafka = kafka();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("budget", 4).await;
+    create_topic(&kafka, &format!("{topic}.budget"), 4).await;
+    let budgets = dir.path().join("budgets.toml");
+    std::fs::write(&budgets, BUDGETS).unwrap();
+    let mut config = ledger_config(&dir.path().join("data"), &key_path, &topic, &format!("{topic}.g"), 100);
+    config.budgets = Some(budgets.clone());
+    let service = start_service(config).await;
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", format!("{topic}.watch"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{topic}.budget")]).unwrap();
+    let mut watch = BudgetWatch { consumer, seen: Vec::new() };
+
+    let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+    for i in 0..3 {
+        let cost = serde_json::json!({"cost": {"amount_micros": 400, "currency": "USD"}});
+        publisher.publish(Some(b"acme"), &now_event("acme", &format!("a{i}"), cost), &[]).await.unwrap();
+    }
+    // An unpriced call with a model missing from the table: charged at the ceiling, flagged.
+    let unpriced = serde_json::json!({"action": "mystery-9", "usage": {"input_tokens": 10, "output_tokens": 10}});
+    publisher.publish(Some(b"globex"), &now_event("globex", "g0", unpriced), &[]).await.unwrap();
+
+    let state = tokio::task::block_in_place(|| watch.wait("acme", |v| v["status"] == "exceeded"));
+    let day = state["levels"].as_array().unwrap().iter().find(|l| l["level"] == "day").unwrap().clone();
+    assert_eq!((day["spent_micros"].as_i64(), day["limit_micros"].as_i64()), (Some(1_200), Some(1_000)), "{state}");
+    let globex = tokio::task::block_in_place(|| watch.wait("globex", |v| v["ceiling_priced_events"] == 1));
+    let day = globex["levels"].as_array().unwrap().iter().find(|l| l["level"] == "day").unwrap().clone();
+    assert_eq!(day["spent_micros"].as_i64(), Some(100 + 300), "never $0: {globex}");
+
+    let (status, verdict) = http_post(service.addr, "/v1/tenants/acme/budget/authorize", &serde_json::json!({"estimate_micros": 1})).await.unwrap();
+    assert_eq!((status, verdict["decision"].as_str(), verdict["denied_by"].as_str()), (200, Some("deny"), Some("day")), "{verdict}");
+    // The exceeded decision is in acme's signed log (seq 0 is its config record), right after
+    // the event that crossed.
+    let (_, record) = http_get(service.addr, "/v1/tenants/acme/records/4").await.unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert_eq!((record["type"].as_str(), record["status"].as_str(), record["level"].as_str()), (Some("budget"), Some("exceeded"), Some("day")), "{record}");
+
+    // Raising the limit takes effect without a restart: a config record, then `restored`.
+    std::fs::write(&budgets, BUDGETS.replace("day_micros = 1_000", "day_micros = 10_000")).unwrap();
+    let state = tokio::task::block_in_place(|| watch.wait("acme", |v| v["status"] == "ok"));
+    assert!(state["levels"].to_string().contains("10000"), "{state}");
+    let (_, verdict) = http_post(service.addr, "/v1/tenants/acme/budget/authorize", &serde_json::json!({"estimate_micros": 1})).await.unwrap();
+    assert_eq!(verdict["decision"], "allow", "{verdict}");
+    service.stop().await;
+}
+
+fn spawn_ledger(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["--config", config.to_str().unwrap(), "ledger"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start tally ledger")
+}
+
+async fn wait_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(addr, "/readyz").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "ledger not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_and_totals_survive_kill_9_without_overshoot() {
+    let kafka = kafka();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("admit", 2).await;
+    create_topic(&kafka, &format!("{topic}.budget"), 2).await;
+    let budgets = dir.path().join("budgets.toml");
+    std::fs::write(&budgets, "[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = dir.path().join("ledger.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbootstrap = \"{}\"\n[kafka.librdkafka]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"250\"\n\
+             [ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g\"\nlisten = \"{addr}\"\n\
+             budgets = \"{}\"\nbudget_topic = \"{topic}.budget\"\n",
+            kafka.bootstrap,
+            dir.path().join("data").display(),
+            key_path.display(),
+            budgets.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("ledger.log");
+
+    // 1,000 authorize calls of $0.10 against $5, 16 at a time; the ledger is SIGKILLed after the
+    // first 300 answers and restarted. A call in flight at the kill gets no answer (as a gateway
+    // would see a connection error); it may or may not have made a reservation.
+    let mut child = spawn_ledger(&config, &log);
+    wait_ready(addr).await;
+    let mut allowed = 0u32;
+    let mut answered = 0u32;
+    let mut next = 0u32;
+    let mut killed = false;
+    while next < 1_000 {
+        let mut batch = Vec::new();
+        for _ in 0..16 {
+            if next < 1_000 {
+                let body = serde_json::json!({"task_id": format!("t{next}"), "estimate_micros": 100_000, "ttl_ms": 3_600_000});
+                batch.push(tokio::spawn(async move { http_post(addr, "/v1/tenants/acme/budget/authorize", &body).await }));
+                next += 1;
+            }
+        }
+        for call in batch {
+            if let Some((200, v)) = call.await.unwrap() {
+                answered += 1;
+                if v["decision"] == "allow" {
+                    allowed += 1;
+                }
+            }
+        }
+        if !killed && answered >= 300 {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            killed = true;
+            child = spawn_ledger(&config, &log);
+            wait_ready(addr).await;
+            // Reservations made before the kill are still held after it.
+            let (_, state) = http_get(addr, "/v1/tenants/acme/budget").await.unwrap();
+            let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+            let period = state["levels"].as_array().unwrap().iter().find(|l| l["level"] == "period").unwrap().clone();
+            assert!(period["reserved_micros"].as_i64().unwrap() >= i64::from(allowed) * 100_000, "{state} after {allowed} allowed");
+        }
+    }
+    assert!(killed);
+    assert!(allowed <= 50, "overshoot: {allowed} reservations of $0.10 against $5");
+    let (_, state) = http_get(addr, "/v1/tenants/acme/budget").await.unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    let period = state["levels"].as_array().unwrap().iter().find(|l| l["level"] == "period").unwrap().clone();
+    // Every answered allow is still held (nothing a gateway was told about was lost), the cap is
+    // fully used by the 1,000 calls, and never exceeded.
+    let reserved = period["reserved_micros"].as_i64().unwrap();
+    assert!(reserved >= i64::from(allowed) * 100_000, "{state} after {allowed} allowed");
+    assert_eq!(reserved, 5_000_000, "{state}");
+    assert_eq!(period["remaining_micros"].as_i64(), Some(0), "{state}");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    child.wait().unwrap();
+}
