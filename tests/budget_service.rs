@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -110,17 +110,6 @@ async fn exceeded_state_reaches_the_budget_topic_and_the_next_authorize_is_denie
     service.stop().await;
 }
 
-fn spawn_ledger(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["--config", config.to_str().unwrap(), "ledger"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start tally ledger")
-}
-
 async fn wait_ready(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !matches!(http_get(addr, "/readyz").await, Some((200, _))) {
@@ -157,7 +146,7 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
     // 1,000 authorize calls of $0.10 against $5, 16 at a time; the ledger is SIGKILLed after the
     // first 300 answers and restarted. A call in flight at the kill gets no answer (as a gateway
     // would see a connection error); it may or may not have made a reservation.
-    let mut child = spawn_ledger(&config, &log);
+    let mut child = spawn_ledger_binary(&config, &log);
     wait_ready(addr).await;
     let mut allowed = 0u32;
     let mut answered = 0u32;
@@ -184,7 +173,7 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             killed = true;
-            child = spawn_ledger(&config, &log);
+            child = spawn_ledger_binary(&config, &log);
             wait_ready(addr).await;
             // Reservations made before the kill are still held after it.
             let (_, state) = http_get(addr, "/v1/tenants/acme/budget").await.unwrap();

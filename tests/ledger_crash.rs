@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,17 +23,6 @@ const PUBLISH_FOR: Duration = Duration::from_secs(40);
 
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
     http_get(addr, path).await
-}
-
-fn spawn_ledger(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["--config", config.to_str().unwrap(), "ledger"])
-        .env("RUST_LOG", "warn,tally_ledger=info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start tally ledger")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +74,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let mut ready_after = Vec::new();
     while kills < 10 || !publishing.is_finished() {
         let started = Instant::now();
-        let mut child = spawn_ledger(&config, &log);
+        let mut child = spawn_ledger_binary(&config, &log);
         // Most kills land while the ledger is consuming; some during its start-up.
         let alive_for = Duration::from_millis(rng.gen_range(0..2_000));
         if rng.gen_bool(0.8) {
@@ -112,7 +101,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     publishing.await.unwrap();
 
     // A last run to the end, then SIGTERM.
-    let mut child = spawn_ledger(&config, &log);
+    let mut child = spawn_ledger_binary(&config, &log);
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let mut total = 0u64;

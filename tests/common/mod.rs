@@ -192,3 +192,15 @@ impl Running {
         self.task.await.unwrap().expect("service ran without error");
     }
 }
+
+/// Starts the real `tally ledger` binary, appending its stderr to `log`.
+pub fn spawn_ledger_binary(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["--config", config.to_str().unwrap(), "ledger"])
+        .env("RUST_LOG", "warn,tally_ledger=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start tally ledger")
+}
