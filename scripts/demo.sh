@@ -58,6 +58,19 @@ echo "== running the ledger service over $topic"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$TALLY" keygen --origin demo.tally.example --out "$work/ledger.key" >/dev/null
 acme_token=$("$TALLY" token new --name acme-app --role tenant --tenant acme --file "$work/tokens.toml" 2>/dev/null)
+initech_token=$("$TALLY" token new --name initech-gateway --role tenant --tenant initech --file "$work/tokens.toml" 2>/dev/null)
+# initech's plan: \$0.05 a day; models priced per million tokens, unknown ones at the ceiling.
+cat >"$work/budgets.toml" <<'TOML'
+[plans.starter]
+day_micros = 50_000
+soft_threshold = 0.8
+ceiling = { input_per_million_micros = 10_000_000, output_per_million_micros = 30_000_000 }
+[plans.starter.prices."gpt-5-mini"]
+input_per_million_micros = 250_000
+output_per_million_micros = 2_000_000
+[tenants.initech]
+plan = "starter"
+TOML
 cat >"$work/ledger.toml" <<TOML
 [kafka]
 bootstrap = "$KAFKA_BOOTSTRAP"
@@ -68,6 +81,7 @@ topic = "$topic"
 group = "demo-ledger-$run"
 listen = "127.0.0.1:$port"
 tokens = "$work/tokens.toml"
+budgets = "$work/budgets.toml"
 TOML
 RUST_LOG=warn "$TALLY" --config "$work/ledger.toml" ledger 2>"$work/ledger.log" &
 LEDGER_PID=$!
@@ -96,3 +110,29 @@ echo "vkey: $vkey"
 echo "== acme's token cannot read globex"
 curl -s "${auth[@]}" "$base/t/globex/checkpoint"
 echo
+
+echo "== budgets: initech may spend \$0.05 a day; its gateway spends \$0.012 a call"
+for i in 1 2 3 4 5; do
+  printf '{"event_id":"spend-%s","tenant_id":"initech","occurred_at":"%s","kind":"llm_call","action":"gpt-5-mini","task_id":"ticket-42","cost":{"amount_micros":12000,"currency":"USD"}}\n' \
+    "$i" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+done >"$work/spend.jsonl"
+"$TALLY" publish --topic "$topic" "$work/spend.jsonl" >/dev/null
+iauth=(-H "Authorization: Bearer $initech_token")
+status=
+for _ in $(seq 1 60); do
+  status=$(curl -sf "${iauth[@]}" "$base/v1/tenants/initech/budget" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' || true)
+  [ "$status" = exceeded ] && break
+  sleep 0.5
+done
+echo "initech's budget state (also on the tally.budget topic): $status"
+curl -sf "${iauth[@]}" "$base/v1/tenants/initech/budget" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+for l in s["levels"]:
+    print("    %-6s %-10s spent %7d of %s micros, remaining %s" % (l["level"], l["scope"], l["spent_micros"], l.get("limit_micros", "-"), l.get("remaining_micros", "-")))'
+echo "== the gateway asks before its next \$0.01 call"
+curl -sf "${iauth[@]}" -X POST -H 'Content-Type: application/json' -d '{"task_id":"ticket-42","estimate_micros":10000}' \
+  "$base/v1/tenants/initech/budget/authorize" | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+print("authorize: %s (denied by the %s limit; decision recorded at seq %d of initech'"'"'s log)" % (v["decision"], v["denied_by"], v["seq"]))'

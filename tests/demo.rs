@@ -1,5 +1,6 @@
 //! The README's main command (`scripts/demo.sh`) against the test broker: events land in signed
-//! logs, a receipt fetched with a tenant's token verifies offline, another tenant is refused.
+//! logs, a receipt fetched with a tenant's token verifies offline, another tenant is refused, and
+//! a tenant past its day limit is denied its next call.
 
 mod common;
 
@@ -19,4 +20,6 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     assert!(stdout.contains("acme's signed checkpoint covers its 23 valid events"), "{stdout}");
     assert!(stdout.contains("valid: entry 22 is in demo.tally.example/t/acme at tree size 23"), "{stdout}");
     assert!(stdout.contains(r#"{"error":{"code":"forbidden""#), "{stdout}");
+    assert!(stdout.contains("initech's budget state (also on the tally.budget topic): exceeded"), "{stdout}");
+    assert!(stdout.contains("authorize: deny (denied by the day limit;"), "{stdout}");
 }
