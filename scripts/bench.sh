@@ -4,11 +4,13 @@
 # `scripts/bench.sh ledger` runs the ledger's append/proof benchmark (no broker needed).
 # `scripts/bench.sh pipeline` runs the end-to-end ledger benchmark (Kafka → signed logs, latency,
 # restart after kill -9) with the real binary; it starts the broker like `ingest`.
+# `scripts/bench.sh budget` runs the admission/budget benchmark (in-process, HTTP at 1/16/256
+# callers, event → budget topic); it starts the broker too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
 case "$what" in
-  ingest|pipeline)
+  ingest|pipeline|budget)
     if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
       export TALLY_BROKER_DATA=${TALLY_BROKER_DATA:-$(mktemp -d "${TMPDIR:-/tmp}/tally-bench-kafka.XXXXXX")}
       export TALLY_BROKER_PORT=${TALLY_BROKER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
@@ -16,17 +18,16 @@ case "$what" in
       KAFKA_BOOTSTRAP=$(scripts/kafka.sh start)
       export KAFKA_BOOTSTRAP
     fi
-    if [ "$what" = ingest ]; then
-      cargo bench --locked -p tally-ingest --bench consume
-    else
-      cargo bench --locked -p tally --bench pipeline
-    fi
+    case "$what" in
+      ingest) cargo bench --locked -p tally-ingest --bench consume ;;
+      *) cargo bench --locked -p tally --bench "$what" ;;
+    esac
     ;;
   ledger)
     cargo bench --locked -p tally-ledger --bench ledger
     ;;
   *)
-    echo "usage: $0 ingest|ledger|pipeline" >&2
+    echo "usage: $0 ingest|ledger|pipeline|budget" >&2
     exit 2
     ;;
 esac

@@ -170,3 +170,32 @@ async fn service_records_each_event_once_and_replays_identically() {
     }
     assert_eq!(compared, 20);
 }
+
+/// An instance left without partitions leaves and rejoins the group after `rejoin_after_ms`
+/// (the guard against brokers that never give a rejoined member its assignment back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_without_partitions_rejoins_the_group() {
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("rejoin", 1).await;
+    let group = format!("{topic}.g");
+    let data = dir.path().join("data");
+    let first = start_ledger(&data, &key_path, &topic, &group, 100).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(first.addr, "/readyz").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "first instance never got the partition");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut config = ledger_config(&data, &key_path, &topic, &group, 100);
+    config.rejoin_after_ms = 1_000;
+    let second = start_service(config).await;
+    loop {
+        let (_, metrics) = http_get(second.addr, "/metrics").await.unwrap_or_default();
+        let metrics = String::from_utf8_lossy(&metrics).into_owned();
+        if !metrics.contains("tally_ledger_rejoins_total 0") && metrics.contains("tally_ledger_rejoins_total") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the idle instance never rejoined:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    second.stop().await;
+    first.stop().await;
+}

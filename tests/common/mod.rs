@@ -154,6 +154,7 @@ pub fn ledger_config(data: &std::path::Path, key: &std::path::Path, topic: &str,
         budgets: None,
         budget_topic: format!("{topic}.budget"),
         advertise_url: None,
+        rejoin_after_ms: 30_000,
     }
 }
 

@@ -451,6 +451,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         ("tally_ledger_dead_lettered_total", "Messages sent to the DLQ.", &m.dead_lettered),
         ("tally_ledger_reread_total", "Messages re-read after a restart, already recorded.", &m.reread),
         ("tally_ledger_commits_total", "Group commits (each signs checkpoints).", &m.commits),
+        ("tally_ledger_rejoins_total", "Times this instance left and rejoined the group after owning no partition for rejoin_after_ms.", &m.rejoins),
         ("tally_ledger_budget_states_published_total", "Budget states published to the budget topic.", &m.budget_published),
         ("tally_ledger_admissions_allowed_total", "Authorize requests allowed (with a reservation).", &m.admissions_allowed),
         ("tally_ledger_admissions_denied_total", "Authorize requests denied.", &m.admissions_denied),

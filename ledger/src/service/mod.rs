@@ -67,6 +67,15 @@ pub struct ServiceConfig {
     /// (default `http://<listen>`).
     #[serde(default)]
     pub advertise_url: Option<String>,
+    /// An instance that has owned no partition for this long leaves the group and joins again
+    /// (0: never). Some brokers (Tansu 0.6.0) can leave a member that rejoined after a session
+    /// timeout without an assignment for good. Run no more instances than partitions.
+    #[serde(default = "default_rejoin_after_ms")]
+    pub rejoin_after_ms: u64,
+}
+
+fn default_rejoin_after_ms() -> u64 {
+    30_000
 }
 
 fn default_budget_topic() -> String {
@@ -128,6 +137,7 @@ pub struct Metrics {
     pub reread: AtomicU64,
     pub commits: AtomicU64,
     pub budget_published: AtomicU64,
+    pub rejoins: AtomicU64,
     pub admissions_allowed: AtomicU64,
     pub admissions_denied: AtomicU64,
     /// Per partition: messages behind the high watermark (librdkafka statistics).
@@ -332,15 +342,10 @@ pub async fn run(
     let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
     let dlq_topic = config.dlq_topic.clone().unwrap_or_else(|| DeadLetterQueue::topic_for(&config.topic));
     let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
-    let consumer = EventConsumer::new(
-        &kafka,
-        &config.group,
-        &config.topic,
-        Arc::new(Sink(Arc::clone(&shared))),
-        5_000,
-        Duration::from_millis(100),
-    )
-    .map_err(kafka_err)?;
+    let join = || EventConsumer::new(&kafka, &config.group, &config.topic, Arc::new(Sink(Arc::clone(&shared))), 5_000, Duration::from_millis(100));
+    let mut consumer = join().map_err(kafka_err)?;
+    let rejoin_after = Duration::from_millis(config.rejoin_after_ms);
+    let mut unassigned_since = Instant::now();
     let partitions = tokio::task::block_in_place(|| consumer.partition_count(Duration::from_secs(30))).map_err(kafka_err)?;
     shared.partition_count.store(partitions, Ordering::Relaxed);
     let budget_publisher = tally_ingest::EventPublisher::new(&kafka, &config.budget_topic).map_err(kafka_err)?;
@@ -361,6 +366,16 @@ pub async fn run(
             };
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
+            }
+            if !shared.partitions().is_empty() {
+                unassigned_since = Instant::now();
+            } else if !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
+                tracing::warn!(seconds = unassigned_since.elapsed().as_secs(), group = %config.group, "no partitions assigned; leaving the group and joining again");
+                let stale = std::mem::replace(&mut consumer, join().map_err(kafka_err)?);
+                stale.close().await.map_err(kafka_err)?;
+                shared.metrics.rejoins.fetch_add(1, Ordering::Relaxed);
+                unassigned_since = Instant::now();
+                continue;
             }
             // Dead-letter first: once a delivery is applied, any commit (the loop's or an
             // admission's) may make progress past it durable.

@@ -1,0 +1,234 @@
+//! Budget benchmark against a real broker:
+//!
+//! 1. In-process: `PartitionLedger::authorize` (decision + admission record, no fsync) latency,
+//!    and with a durable commit after every call (what one HTTP caller at a time pays).
+//! 2. HTTP over loopback (keep-alive) at 1, 16 and 256 concurrent callers against the running
+//!    service: authorize latency p50/p99 and decisions/s. Every answer is durable.
+//! 3. Event published → the tenant's new state on the budget topic: p50/p99 at 500 events/s.
+//!
+//! Run with `scripts/bench.sh budget`. Settings: TALLY_BENCH_AUTHORIZE (20000), KAFKA_BOOTSTRAP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::ClientConfig;
+use tally_ingest::{ensure_topics, EventPublisher, KafkaConfig, TopicSpec};
+use tally_ledger::service::{PartitionLedger, ServiceConfig};
+use tally_ledger::LedgerKey;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const BUDGETS: &str = "default_plan = \"big\"\n[plans.big]\nday_micros = 1_000_000_000_000\nperiod_micros = 1_000_000_000_000_000\n\
+ceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n";
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e6
+}
+
+fn report(what: &str, mut samples: Vec<Duration>, elapsed: Duration) {
+    samples.sort();
+    println!(
+        "{what}: p50 {:.0} µs, p99 {:.0} µs, {:.0} decisions/s",
+        pct(&samples, 0.5),
+        pct(&samples, 0.99),
+        samples.len() as f64 / elapsed.as_secs_f64()
+    );
+}
+
+/// A keep-alive HTTP/1.1 connection that POSTs JSON and reads the answer.
+struct Conn {
+    reader: BufReader<tokio::net::TcpStream>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn { reader: BufReader::new(stream) }
+    }
+
+    async fn post(&mut self, path: &str, body: &str) -> (u16, Vec<u8>) {
+        let request = format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        self.reader.get_mut().write_all(request.as_bytes()).await.unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).await.unwrap();
+        let status: u16 = line[9..12].parse().unwrap();
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).await.unwrap();
+        (status, body)
+    }
+}
+
+fn in_process(n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = LedgerKey::generate("bench.tally.example").unwrap();
+    let mut p = PartitionLedger::open(dir.path(), "bench", 0, vec![key]).unwrap();
+    let budgets: tally_ledger::budget::BudgetFile = toml::from_str(BUDGETS).unwrap();
+    p.set_budget_file(Some(Arc::new(budgets)));
+    for (durable, label) in [(false, "in-process authorize (decision + record, no fsync)"), (true, "in-process authorize + durable commit each")] {
+        let count = if durable { n / 10 } else { n };
+        let mut samples = Vec::with_capacity(count as usize);
+        let start = Instant::now();
+        for i in 0..count {
+            let t = Instant::now();
+            let (verdict, _) = p.authorize("acme", jiff::Timestamp::now(), Some(&format!("t{}", i % 100)), 1, 60_000).unwrap();
+            if durable {
+                p.commit().unwrap();
+            }
+            samples.push(t.elapsed());
+            assert!(verdict.allowed);
+        }
+        let elapsed = start.elapsed();
+        p.commit().unwrap();
+        report(label, samples, elapsed);
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = setting("TALLY_BENCH_AUTHORIZE", 20_000);
+    tokio::task::block_in_place(|| in_process(n));
+
+    let kafka = KafkaConfig::with_bootstrap(std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP (use scripts/bench.sh budget)"));
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let topic = format!("bench.budget.{run}");
+    let budget_topic = format!("{topic}.state");
+    ensure_topics(&kafka, &[TopicSpec::new(&topic, 4), TopicSpec::new(format!("{topic}.dlq"), 4), TopicSpec::new(&budget_topic, 4)]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ledger.key");
+    LedgerKey::generate("bench.tally.example").unwrap().write_new(&key).unwrap();
+    let budgets = dir.path().join("budgets.toml");
+    std::fs::write(&budgets, BUDGETS).unwrap();
+    let config = ServiceConfig {
+        data_dir: dir.path().join("data"),
+        keys: vec![key],
+        topic: topic.clone(),
+        dlq_topic: None,
+        group: format!("{topic}.ledger"),
+        commit_interval_ms: 250,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tokens: None,
+        budgets: Some(budgets),
+        budget_topic: budget_topic.clone(),
+        advertise_url: None,
+        rejoin_after_ms: 30_000,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(tally_ledger::service::run(config, kafka.clone(), listener, async move {
+        let _ = stopped.await;
+    }));
+    // Ready once every partition is assigned (one instance: all 4).
+    loop {
+        let mut c = Conn::open(addr).await;
+        let (status, _) = c.post("/v1/tenants/warmup/budget/authorize", r#"{"estimate_micros":1}"#).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for callers in [1usize, 16, 256] {
+        let per_caller = (n as usize / 4 / callers).max(10);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for c in 0..callers {
+            tasks.push(tokio::spawn(async move {
+                let mut conn = Conn::open(addr).await;
+                let tenant = format!("t{:03}", c % 64);
+                let mut samples = Vec::with_capacity(per_caller);
+                for i in 0..per_caller {
+                    let body = format!(r#"{{"task_id":"task{i}","estimate_micros":1}}"#);
+                    let t = Instant::now();
+                    let (status, answer) = conn.post(&format!("/v1/tenants/{tenant}/budget/authorize"), &body).await;
+                    samples.push(t.elapsed());
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+                }
+                samples
+            }));
+        }
+        let mut samples = Vec::new();
+        for t in tasks {
+            samples.extend(t.await.unwrap());
+        }
+        report(&format!("HTTP authorize, {callers} concurrent callers (durable answers)"), samples, start.elapsed());
+    }
+
+    // Event → state on the budget topic: each event costs 1 micro, so the state's day spend
+    // says which events it includes.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", format!("{topic}.watch"))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&budget_topic]).unwrap();
+    // Let the watcher join before measuring.
+    let joined = Instant::now();
+    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 && joined.elapsed() < Duration::from_secs(30) {
+        consumer.poll(Duration::from_millis(100));
+    }
+    let watcher = std::thread::spawn(move || {
+        let mut seen: Vec<(i64, Instant)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) {
+                if m.key() != Some(b"lat") {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                let spent = v["levels"].as_array().and_then(|l| l.iter().find(|l| l["level"] == "day")).and_then(|l| l["spent_micros"].as_i64()).unwrap_or(0);
+                seen.push((spent, Instant::now()));
+                if spent >= 2_000 {
+                    break;
+                }
+            }
+        }
+        seen
+    });
+    let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+    let mut produced = Vec::new();
+    let start = Instant::now();
+    for i in 0..2_000u32 {
+        tokio::time::sleep_until((start + Duration::from_micros(2_000 * u64::from(i))).into()).await;
+        let event = serde_json::json!({"event_id": format!("lat{i}"), "tenant_id": "lat", "occurred_at": jiff::Timestamp::now().to_string(),
+            "kind": "llm_call", "cost": {"amount_micros": 1, "currency": "USD"}});
+        produced.push(Instant::now());
+        let _ = publisher.enqueue(Some(b"lat"), &serde_json::to_vec(&event).unwrap(), &[]).await.unwrap();
+    }
+    let seen = tokio::task::block_in_place(|| watcher.join().unwrap());
+    let mut latencies = Vec::new();
+    for (k, at) in produced.iter().enumerate() {
+        if let Some((_, arrived)) = seen.iter().find(|(spent, _)| *spent > k as i64) {
+            latencies.push(arrived.saturating_duration_since(*at));
+        }
+    }
+    latencies.sort();
+    assert_eq!(latencies.len(), produced.len(), "every event's spend reached the budget topic");
+    println!(
+        "event published → state on the budget topic (500 events/s): p50 {:.1} ms, p99 {:.1} ms",
+        pct(&latencies, 0.5) / 1e3,
+        pct(&latencies, 0.99) / 1e3
+    );
+    let _ = stop.send(());
+    service.await.unwrap().unwrap();
+}
