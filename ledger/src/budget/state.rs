@@ -188,14 +188,33 @@ pub struct Verdict {
     pub levels: Vec<LevelState>,
 }
 
+/// The tenant's calendar, derived from its budget and kept so the hot path never looks up a
+/// time zone. Not part of the state's identity or its serialized form.
+#[derive(Debug, Clone, Default)]
+struct CalendarCache(Option<Calendar>);
+
+impl PartialEq for CalendarCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for CalendarCache {}
+
 /// One tenant's budget state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetState {
     budget: Option<TenantBudget>,
+    #[serde(skip)]
+    calendar: CalendarCache,
     spent_task: BTreeMap<String, i64>,
     spent_day: BTreeMap<Date, i64>,
     spent_period: BTreeMap<Date, i64>,
     reservations: BTreeMap<String, Reservation>,
+    /// Sums of `reservations` per scope, and their expiry order: O(log n) admissions.
+    reserved_task: BTreeMap<String, i64>,
+    reserved_day: BTreeMap<Date, i64>,
+    reserved_period: BTreeMap<Date, i64>,
+    expiries: BTreeSet<(Timestamp, String)>,
     /// (level, scope, status) already announced and not since restored.
     announced: BTreeSet<(Level, String, Status)>,
     /// Events charged at the ceiling price because their model had no price.
@@ -207,8 +226,44 @@ impl BudgetState {
         self.budget.as_ref()
     }
 
-    fn calendar(&self) -> Option<Calendar> {
+    /// Rebuilds what deserialization leaves out (the calendar).
+    pub fn restore_cache(&mut self) {
+        self.calendar = CalendarCache(self.budget.as_ref().and_then(|b| b.calendar().ok()));
+    }
+
+    /// The tenant's calendar, if it has a budget.
+    pub fn calendar(&self) -> Option<Calendar> {
+        if let Some(c) = &self.calendar.0 {
+            return Some(c.clone());
+        }
         self.budget.as_ref().and_then(|b| b.calendar().ok())
+    }
+
+    /// Adds (sign 1) or removes (sign -1) a reservation's amounts from the per-scope sums.
+    fn account(&mut self, id: &str, r: &Reservation, sign: i64) {
+        fn add<K: Ord>(m: &mut BTreeMap<K, i64>, k: K, v: i64) {
+            let e = m.entry(k).or_default();
+            *e += v;
+        }
+        if let Some(t) = &r.task_id {
+            add(&mut self.reserved_task, t.clone(), sign * r.amount);
+            self.reserved_task.retain(|_, v| *v != 0);
+        }
+        add(&mut self.reserved_day, r.day, sign * r.amount);
+        add(&mut self.reserved_period, r.period, sign * r.amount);
+        self.reserved_day.retain(|_, v| *v != 0);
+        self.reserved_period.retain(|_, v| *v != 0);
+        if sign > 0 {
+            self.expiries.insert((r.expires_at, id.to_string()));
+        } else {
+            self.expiries.remove(&(r.expires_at, id.to_string()));
+        }
+    }
+
+    fn remove_reservation(&mut self, id: &str) {
+        if let Some(r) = self.reservations.remove(id) {
+            self.account(id, &r, -1);
+        }
     }
 
     fn limit(&self, level: Level) -> Option<i64> {
@@ -230,15 +285,12 @@ impl BudgetState {
     }
 
     fn reserved(&self, level: Level, scope: &str) -> i64 {
-        self.reservations
-            .values()
-            .filter(|r| match level {
-                Level::Task => r.task_id.as_deref() == Some(scope),
-                Level::Day => r.day.to_string() == scope,
-                Level::Period => r.period.to_string() == scope,
-            })
-            .map(|r| r.amount)
-            .sum()
+        let by_date = |m: &BTreeMap<Date, i64>| scope.parse::<Date>().ok().and_then(|d| m.get(&d).copied()).unwrap_or(0);
+        match level {
+            Level::Task => self.reserved_task.get(scope).copied().unwrap_or(0),
+            Level::Day => by_date(&self.reserved_day),
+            Level::Period => by_date(&self.reserved_period),
+        }
     }
 
     /// Folds one stored record (any type). Returns the decisions an event record triggers; the
@@ -274,6 +326,7 @@ impl BudgetState {
         match record {
             BudgetRecord::Config { budget, .. } => {
                 self.budget = Some(budget.clone());
+                self.calendar = CalendarCache(budget.calendar().ok());
             }
             BudgetRecord::Budget { decision, .. } => {
                 let key = (decision.level, decision.scope.clone());
@@ -286,11 +339,13 @@ impl BudgetState {
             BudgetRecord::Admission { admission: a, .. } => {
                 if let (true, Some(id), Some(expires_at)) = (a.allowed, &a.reservation_id, a.expires_at) {
                     let r = Reservation { task_id: a.task_id.clone(), amount: a.estimate_micros, expires_at, day: a.day, period: a.period };
+                    self.remove_reservation(id);
+                    self.account(id, &r, 1);
                     self.reservations.insert(id.clone(), r);
                 }
             }
             BudgetRecord::Release { release, .. } => {
-                self.reservations.remove(&release.reservation_id);
+                self.remove_reservation(&release.reservation_id);
             }
         }
     }
@@ -298,7 +353,7 @@ impl BudgetState {
     /// Charges an event in its own day and period (and task); settles its reservation.
     pub fn apply_event(&mut self, event: &Event) -> Vec<BudgetDecision> {
         if let Some(id) = &event.reservation_id {
-            self.reservations.remove(id);
+            self.remove_reservation(id);
         }
         let (Some(budget), Some(calendar)) = (self.budget.clone(), self.calendar()) else { return Vec::new() };
         let (micros, basis) = charge(event, &budget);
@@ -368,7 +423,7 @@ impl BudgetState {
 
     /// Reservations whose TTL has passed at `now`.
     pub fn expired(&self, now: Timestamp) -> Vec<String> {
-        self.reservations.iter().filter(|(_, r)| r.expires_at <= now).map(|(id, _)| id.clone()).collect()
+        self.expiries.iter().take_while(|(at, _)| *at <= now).map(|(_, id)| id.clone()).collect()
     }
 
     pub fn has_reservation(&self, id: &str) -> bool {
@@ -377,7 +432,7 @@ impl BudgetState {
 
     /// When the next time-driven change (an expiry or a window end with an announcement) is due.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
-        let expiry = self.reservations.values().map(|r| r.expires_at).min();
+        let expiry = self.expiries.first().map(|(at, _)| *at);
         let calendar = self.calendar()?;
         let window = self
             .announced

@@ -76,6 +76,8 @@ pub struct PartitionLedger {
     budget_changed: BTreeSet<(String, Option<String>)>,
     /// Tenants to compare with a newly loaded budgets file at the next tick.
     config_pending: BTreeSet<String>,
+    /// Effective budgets resolved from `budget_file`, per tenant.
+    effective: HashMap<String, crate::budget::TenantBudget>,
 }
 
 fn dedup_key(tenant: &str, key: &IdempotencyKey) -> DedupKey {
@@ -137,6 +139,7 @@ impl PartitionLedger {
                 Some(json) => serde_json::from_slice(&json).map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
                 None => BudgetState::default(),
             };
+            budget.restore_cache();
             let log = ledger.tenant(&tenant)?;
             if state.indexed > log.size() {
                 return Err(Error::Corrupt {
@@ -186,6 +189,7 @@ impl PartitionLedger {
             budget_file: None,
             budget_changed: BTreeSet::new(),
             config_pending: BTreeSet::new(),
+            effective: HashMap::new(),
         })
     }
 
@@ -304,10 +308,15 @@ impl PartitionLedger {
 
     /// Records the tenant's effective budget if it differs from the last `config` record.
     fn ensure_config(&mut self, tenant: &str, now: Timestamp) -> Result<()> {
-        let Some(file) = self.budget_file.clone() else { return Ok(()) };
-        let effective = file.for_tenant(tenant)?;
+        let Some(file) = &self.budget_file else { return Ok(()) };
+        if !self.effective.contains_key(tenant) {
+            let b = file.for_tenant(tenant)?;
+            self.effective.insert(tenant.to_string(), b);
+        }
+        let Some(effective) = self.effective.get(tenant) else { return Ok(()) };
         let current = self.budgets.get(tenant).and_then(BudgetState::budget);
         if current != Some(&effective) && (effective.has_limits() || current.is_some()) {
+            let effective = effective.clone();
             self.append_budget(tenant, |seq| BudgetRecord::Config { seq, at: now, budget: effective })?;
         }
         Ok(())
@@ -333,6 +342,7 @@ impl PartitionLedger {
     /// get a `config` record (and `restored` where a limit was lifted) at the next [`Self::tick`].
     pub fn set_budget_file(&mut self, file: Option<Arc<BudgetFile>>) {
         self.budget_file = file;
+        self.effective.clear();
         self.config_pending = self.budgets.keys().cloned().collect();
     }
 
@@ -371,8 +381,8 @@ impl PartitionLedger {
         self.settle_time(tenant, now)?;
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let verdict = state.authorize(now, task_id, estimate_micros);
-        let calendar = match state.budget() {
-            Some(b) => b.calendar()?,
+        let calendar = match state.calendar() {
+            Some(c) => c,
             None => crate::budget::Calendar::new("UTC", 1)?,
         };
         let seq = self.next_seq(tenant)?;
