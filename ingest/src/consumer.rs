@@ -142,7 +142,8 @@ pub struct EventConsumer {
 
 impl EventConsumer {
     /// Joins `group` and subscribes to `topic`. `max_batch` bounds a batch; a batch is returned
-    /// when full or when `max_wait` has passed since the first poll (possibly empty).
+    /// when full, when librdkafka's queue is drained after at least one message, or when
+    /// `max_wait` has passed with nothing to deliver (empty).
     pub fn new(
         config: &KafkaConfig,
         group: &str,
@@ -198,7 +199,8 @@ impl EventConsumer {
         self.consumer.context().lag.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Polls until a batch is full or `max_wait` has passed. Rebalances happen inside this call.
+    /// Polls until a batch is full, the queue is drained, or `max_wait` has passed with nothing.
+    /// Rebalances happen inside this call.
     pub async fn next_batch(&self) -> Result<Vec<Delivery>> {
         let consumer = Arc::clone(&self.consumer);
         let (max_batch, max_wait) = (self.max_batch, self.max_wait);
@@ -254,7 +256,9 @@ fn poll_batch(consumer: &BaseConsumer<SinkContext>, max_batch: usize, max_wait: 
         if now >= deadline {
             break;
         }
-        let polled = consumer.poll(deadline - now);
+        // Wait for the first message only; after it, take what librdkafka already holds and stop
+        // when its queue is drained, so a trickle of events is not held back for `max_wait`.
+        let polled = consumer.poll(if batch.is_empty() { deadline - now } else { Duration::ZERO });
         // Rebalance callbacks run inside poll, before the message it returns: drop what we hold
         // of partitions revoked there, but keep what arrives after (possibly re-)assignment.
         let revoked = std::mem::take(&mut *context.revoked.lock().unwrap_or_else(PoisonError::into_inner));
@@ -262,6 +266,7 @@ fn poll_batch(consumer: &BaseConsumer<SinkContext>, max_batch: usize, max_wait: 
             batch.retain(|d: &Delivery| !revoked.contains(&d.partition));
         }
         let message = match polled {
+            None if !batch.is_empty() => break,
             None => continue,
             Some(Ok(m)) => m,
             Some(Err(KafkaError::PartitionEOF(_))) => continue,

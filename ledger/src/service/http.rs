@@ -486,7 +486,7 @@ mod tests {
     use crate::service::{Metrics, PartitionLedger};
 
     struct Fixture {
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
         app: Router,
         acme: String,
         regulator: String,
@@ -495,6 +495,11 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with(1)
+    }
+
+    /// `partition_count` partitions in the topic, of which this instance owns partition 0.
+    fn fixture_with(partition_count: i32) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
         let mut p = PartitionLedger::open(dir.path(), "events", 0, vec![key.clone()]).unwrap();
@@ -524,13 +529,13 @@ mod tests {
             fatal: Mutex::new(None),
             tokens: TokenStore::load(&path).unwrap(),
             budgets: crate::service::BudgetSource::new(None, Some(budgets)),
-            partition_count: std::sync::atomic::AtomicI32::new(1),
+            partition_count: std::sync::atomic::AtomicI32::new(partition_count),
             topic: "events".into(),
             advertise_url: "http://127.0.0.1:1".into(),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);
-        Fixture { _dir: dir, app: router(shared), acme, regulator, billing, admin }
+        Fixture { dir, app: router(shared), acme, regulator, billing, admin }
     }
 
     async fn call(app: &Router, path: &str, token: Option<&str>) -> (StatusCode, String, serde_json::Value) {
@@ -667,6 +672,28 @@ mod tests {
         // The expiry is on the record, before the admission it made room for.
         let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/5", Some(&f.admin)).await;
         assert!(body.contains(r#""type":"release""#) && body.contains(r#""reason":"expired""#), "{body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_on_another_instance_gets_the_owner_address() {
+        let f = fixture_with(2);
+        let elsewhere = (0..100).map(|i| format!("tenant{i}")).find(|t| tally_ingest::tenant_partition(t, 2) == 1).unwrap();
+        super::super::write_owner(f.dir.path(), "events", 1, "http://ledger-b:8080").unwrap();
+        let path = format!("/v1/tenants/{elsewhere}/budget/authorize");
+        let request = axum::http::Request::post(&path)
+            .header(header::AUTHORIZATION, format!("Bearer {}", f.admin))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"estimate_micros":1}"#))
+            .unwrap();
+        let response = f.app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(response.headers()["x-tally-owner"], "http://ledger-b:8080");
+        let body: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!((body["error"]["code"].as_str(), body["error"]["owner"].as_str()), (Some("not_owner"), Some("http://ledger-b:8080")));
+        // A tenant of the owned partition is answered here.
+        let here = (0..100).map(|i| format!("tenant{i}")).find(|t| tally_ingest::tenant_partition(t, 2) == 0).unwrap();
+        let (status, body) = post(&f.app, &format!("/v1/tenants/{here}/budget/authorize"), &f.admin, serde_json::json!({"estimate_micros": 1})).await;
+        assert_eq!((status, body["decision"].as_str()), (StatusCode::OK, Some("allow")), "{body}");
     }
 
     #[tokio::test]
