@@ -6,7 +6,8 @@
 //!    service: authorize latency p50/p99 and decisions/s. Every answer is durable.
 //! 3. Event published → the tenant's new state on the budget topic: p50/p99 at 500 events/s.
 //!
-//! Run with `scripts/bench.sh budget`. Settings: TALLY_BENCH_AUTHORIZE (20000), KAFKA_BOOTSTRAP.
+//! Run with `scripts/bench.sh budget`. Settings: TALLY_BENCH_AUTHORIZE (20000),
+//! TALLY_BENCH_FETCH_WAIT_MS (the ledger consumer's `fetch.wait.max.ms`; default 100), KAFKA_BOOTSTRAP.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,7 +107,10 @@ async fn main() {
     let n = setting("TALLY_BENCH_AUTHORIZE", 20_000);
     tokio::task::block_in_place(|| in_process(n));
 
-    let kafka = KafkaConfig::with_bootstrap(std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP (use scripts/bench.sh budget)"));
+    let mut kafka = KafkaConfig::with_bootstrap(std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP (use scripts/bench.sh budget)"));
+    if let Ok(wait) = std::env::var("TALLY_BENCH_FETCH_WAIT_MS") {
+        kafka.librdkafka.insert("fetch.wait.max.ms".into(), wait);
+    }
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let topic = format!("bench.budget.{run}");
     let budget_topic = format!("{topic}.state");
@@ -156,7 +160,8 @@ async fn main() {
                 let tenant = format!("t{:03}", c % 64);
                 let mut samples = Vec::with_capacity(per_caller);
                 for i in 0..per_caller {
-                    let body = format!(r#"{{"task_id":"task{i}","estimate_micros":1}}"#);
+                    // Long TTLs: expiries would otherwise land in the latency phase below.
+                    let body = format!(r#"{{"task_id":"task{i}","estimate_micros":1,"ttl_ms":3600000}}"#);
                     let t = Instant::now();
                     let (status, answer) = conn.post(&format!("/v1/tenants/{tenant}/budget/authorize"), &body).await;
                     samples.push(t.elapsed());
