@@ -103,8 +103,9 @@ async fn exceeded_state_reaches_the_budget_topic_and_the_next_authorize_is_denie
 
     // Raising the limit takes effect without a restart: a config record, then `restored`.
     std::fs::write(&budgets, BUDGETS.replace("day_micros = 1_000", "day_micros = 10_000")).unwrap();
-    let state = tokio::task::block_in_place(|| watch.wait("acme", |v| v["status"] == "ok"));
-    assert!(state["levels"].to_string().contains("10000"), "{state}");
+    let raised = |v: &serde_json::Value| v["levels"].as_array().is_some_and(|l| l.iter().any(|l| l["level"] == "day" && l["limit_micros"] == 10_000));
+    let state = tokio::task::block_in_place(|| watch.wait("acme", raised));
+    assert_eq!(state["status"], "ok", "{state}");
     let (_, verdict) = http_post(service.addr, "/v1/tenants/acme/budget/authorize", &serde_json::json!({"estimate_micros": 1})).await.unwrap();
     assert_eq!(verdict["decision"], "allow", "{verdict}");
     service.stop().await;
