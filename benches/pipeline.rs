@@ -11,7 +11,7 @@
 //!    includes the broker handing the partitions back (bounded by `session.timeout.ms`).
 //!
 //! Run with `scripts/bench.sh pipeline`. Settings: TALLY_BENCH_EVENTS (200000),
-//! TALLY_BENCH_RESTART_RECORDS (1000000), TALLY_BENCH_SESSION_TIMEOUT_MS (2000), KAFKA_BOOTSTRAP (set by scripts/bench.sh).
+//! TALLY_BENCH_RESTART_RECORDS (1000000), TALLY_BENCH_SESSION_TIMEOUT_MS (6000), KAFKA_BOOTSTRAP (set by scripts/bench.sh).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -145,9 +145,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() {
     let n = setting("TALLY_BENCH_EVENTS", 200_000);
     let restart_records = setting("TALLY_BENCH_RESTART_RECORDS", 1_000_000).max(n);
-    // How long the broker keeps a SIGKILLed member's partitions. Tansu accepts 2 s; stock Kafka's
-    // minimum is 6 s (group.min.session.timeout.ms), where static membership avoids the wait.
-    let session_timeout_ms = setting("TALLY_BENCH_SESSION_TIMEOUT_MS", 2_000);
+    // How long the broker keeps a SIGKILLed member's partitions. 6 s is stock Kafka's minimum
+    // (group.min.session.timeout.ms). Below ~4 s Tansu 0.6.0 livelocks: a follower's join sleeps
+    // 3 s in the coordinator, heartbeats go unanswered meanwhile, and sessions time out.
+    let session_timeout_ms = setting("TALLY_BENCH_SESSION_TIMEOUT_MS", 6_000);
     let kafka = KafkaConfig::with_bootstrap(std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP (use scripts/bench.sh pipeline)"));
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let topic = format!("bench.pipeline.{run}");
@@ -169,7 +170,7 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbootstrap = \"{}\"\n[kafka.librdkafka]\n\"session.timeout.ms\" = \"{session_timeout_ms}\"\n\"heartbeat.interval.ms\" = \"250\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.ledger\"\nlisten = \"{addr}\"\n",
+            "[kafka]\nbootstrap = \"{}\"\n[kafka.librdkafka]\n\"session.timeout.ms\" = \"{session_timeout_ms}\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.ledger\"\nlisten = \"{addr}\"\n",
             kafka.bootstrap,
             dir.path().join("data").display(),
             key.display()

@@ -132,7 +132,7 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbootstrap = \"{}\"\n[kafka.librdkafka]\n\"session.timeout.ms\" = \"2000\"\n\"heartbeat.interval.ms\" = \"250\"\n\
+            "[kafka]\nbootstrap = \"{}\"\n\
              [ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g\"\nlisten = \"{addr}\"\n\
              budgets = \"{}\"\nbudget_topic = \"{topic}.budget\"\n",
             kafka.bootstrap,

@@ -253,6 +253,9 @@ impl Shared {
 
 struct Sink(Arc<Shared>);
 
+/// How often progress is committed to the group (for lag tools; never read back by the ledger).
+const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(5);
+
 /// How long an assigned partition waits for its previous owner to let go of it.
 const PARTITION_LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -357,6 +360,7 @@ pub async fn run(
 
     let interval = Duration::from_millis(config.commit_interval_ms);
     let mut last_commit = Instant::now();
+    let mut last_kafka_commit = Instant::now();
     tokio::pin!(shutdown);
     let result: Result<()> = async {
         loop {
@@ -444,7 +448,13 @@ pub async fn run(
             }
             if last_commit.elapsed() >= interval {
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
-                consumer.commit(&offsets).map_err(kafka_err)?;
+                // Kafka's committed offsets are for lag tools only, and every commit is a write on
+                // the group coordinator's connection, where it queues ahead of heartbeats (Tansu
+                // on sqlite then misses sessions): send them every few seconds, not every commit.
+                if last_kafka_commit.elapsed() >= KAFKA_COMMIT_EVERY {
+                    consumer.commit(&offsets).map_err(kafka_err)?;
+                    last_kafka_commit = Instant::now();
+                }
                 last_commit = Instant::now();
                 *shared.metrics.consumer_lag.lock().unwrap_or_else(PoisonError::into_inner) = consumer.consumer_lag();
             }
@@ -454,6 +464,9 @@ pub async fn run(
     .await;
     // Whatever ended the loop, make what was applied durable before leaving the group.
     let committed = tokio::task::block_in_place(|| shared.commit_all());
+    if let Ok(offsets) = &committed {
+        consumer.commit(offsets).map_err(kafka_err)?;
+    }
     consumer.close().await.map_err(kafka_err)?;
     let _ = http_stop.send(());
     let _ = server.await;
