@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -171,8 +170,7 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
             }
         }
         if !killed && answered >= 300 {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            child.kill(); // SIGKILL
             killed = true;
             child = spawn_ledger_binary(&config, &log);
             wait_ready(addr).await;
@@ -194,6 +192,5 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
     assert!(reserved >= i64::from(allowed) * 100_000, "{state} after {allowed} allowed");
     assert_eq!(reserved, 5_000_000, "{state}");
     assert_eq!(period["remaining_micros"].as_i64(), Some(0), "{state}");
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    child.wait().unwrap();
+    child.terminate();
 }

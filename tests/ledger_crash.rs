@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,8 +26,9 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
-    let kafka = kafka();
-    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture("crash", PARTITIONS).await;
+    let broker = PrivateBroker::start();
+    let kafka = broker.kafka.clone();
+    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture_on(&kafka, "crash", PARTITIONS).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let data = dir.path().join("data");
@@ -99,8 +99,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.kill(); // SIGKILL
         kills += 1;
         assert!(kills < 100, "publishing did not finish");
     }
@@ -127,8 +126,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    sigterm(&child);
-    child.wait().unwrap();
+    child.terminate();
 
     // Every tenant's log: exactly its events, in publish order, each once.
     let mut finals: BTreeMap<String, (Ledger, String)> = BTreeMap::new();
@@ -179,8 +177,3 @@ fn log_tail(log: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// SIGTERM, so the last run commits and leaves the group cleanly.
-fn sigterm(child: &Child) {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-}

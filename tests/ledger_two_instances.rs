@@ -36,9 +36,9 @@ async fn metric(addr: SocketAddr, name: &str) -> u64 {
 }
 
 /// Every message of the topic, per partition in offset order: (offset, timestamp, key, value).
-fn read_topic(topic: &str) -> BTreeMap<i32, Vec<(i64, Option<i64>, Vec<u8>, Vec<u8>)>> {
+fn read_topic(kafka: &tally_ingest::KafkaConfig, topic: &str) -> BTreeMap<i32, Vec<(i64, Option<i64>, Vec<u8>, Vec<u8>)>> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka().bootstrap)
+        .set("bootstrap.servers", &kafka.bootstrap)
         .set("group.id", format!("{topic}.reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -77,13 +77,14 @@ fn mth(leaves: &[Vec<u8>]) -> [u8; 32] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_split_partitions_and_record_each_event_once() {
-    let kafka = kafka();
-    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture("two", PARTITIONS).await;
+    let broker = PrivateBroker::start();
+    let kafka = broker.kafka.clone();
+    let LedgerFixture { topic, dir, key_path, key } = ledger_fixture_on(&kafka, "two", PARTITIONS).await;
     let data = dir.path().join("data");
 
     // The first instance starts on an empty topic; the second joins once events are flowing.
     let group = format!("{topic}.ledger");
-    let a = start_ledger(&data, &key_path, &topic, &group, 200).await;
+    let a = start_service_on(ledger_config(&data, &key_path, &topic, &group, 200), kafka.clone()).await;
     let publisher = EventPublisher::new(&kafka, &topic).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut retries: Vec<(String, Vec<u8>)> = Vec::new();
@@ -102,7 +103,7 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
             pending.push(publisher.enqueue(Some(t.as_bytes()), &v, &[]).await.unwrap());
         }
         if i == EVENTS / 4 {
-            b = Some(start_ledger(&data, &key_path, &topic, &group, 200).await);
+            b = Some(start_service_on(ledger_config(&data, &key_path, &topic, &group, 200), kafka.clone()).await);
         }
     }
     for (t, v) in retries.drain(..) {
@@ -139,7 +140,7 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
     b.stop().await;
 
     // The independent recomputation, from the topic itself.
-    let messages = read_topic(&topic);
+    let messages = read_topic(&kafka, &topic);
     assert_eq!(messages.values().map(Vec::len).sum::<usize>(), sent);
     let mut expected: BTreeMap<String, (i32, Vec<Vec<u8>>)> = BTreeMap::new();
     let mut seen = HashSet::new();

@@ -122,7 +122,11 @@ pub struct LedgerFixture {
 }
 
 pub async fn ledger_fixture(prefix: &str, partitions: i32) -> LedgerFixture {
-    let kafka = kafka();
+    ledger_fixture_on(&kafka(), prefix, partitions).await
+}
+
+pub async fn ledger_fixture_on(kafka: &KafkaConfig, prefix: &str, partitions: i32) -> LedgerFixture {
+    let kafka = kafka.clone();
     let topic = unique_topic(prefix);
     create_topic(&kafka, &topic, partitions).await;
     create_topic(&kafka, &format!("{topic}.dlq"), partitions).await;
@@ -163,10 +167,14 @@ pub async fn start_ledger(data: &std::path::Path, key: &std::path::Path, topic: 
 }
 
 pub async fn start_service(config: tally_ledger::service::ServiceConfig) -> Running {
+    start_service_on(config, kafka()).await
+}
+
+pub async fn start_service_on(config: tally_ledger::service::ServiceConfig, kafka: KafkaConfig) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tally_ledger::service::run(config, kafka(), listener, async move {
+    let task = tokio::spawn(tally_ledger::service::run(config, kafka, listener, async move {
         let _ = stopped.await;
     }));
     Running { addr, stop, task }
@@ -194,14 +202,84 @@ impl Running {
     }
 }
 
+/// The real `tally ledger` binary, SIGKILLed when dropped, so a failing test never leaves one
+/// running.
+pub struct LedgerProcess(std::process::Child);
+
+impl LedgerProcess {
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM (a clean shutdown), and wait for it.
+    pub fn terminate(&mut self) {
+        let status = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for LedgerProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
 /// Starts the real `tally ledger` binary, appending its stderr to `log`.
-pub fn spawn_ledger_binary(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+pub fn spawn_ledger_binary(config: &std::path::Path, log: &std::path::Path) -> LedgerProcess {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["--config", config.to_str().unwrap(), "ledger"])
         .env("RUST_LOG", "warn,tally_ledger=info")
+        // The config file names the broker; KAFKA_BOOTSTRAP would override it.
+        .env_remove("KAFKA_BOOTSTRAP")
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("start tally ledger")
+        .expect("start tally ledger");
+    LedgerProcess(child)
+}
+
+/// A Tansu of this test's own, on a free port with fresh storage, stopped when dropped.
+///
+/// For the tests that churn consumer groups hardest (kill -9 restarts, two instances): Tansu
+/// 0.6.0's group coordinator slows down as groups accumulate over a test run, until heartbeats
+/// go unanswered within a session timeout. A fresh broker keeps those tests about the ledger.
+pub struct PrivateBroker {
+    pub kafka: KafkaConfig,
+    port: u16,
+    data: tempfile::TempDir,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let data = tempfile::tempdir().unwrap();
+        let out = Self::script("start", port, data.path());
+        assert!(out.status.success(), "kafka.sh start failed: {}", String::from_utf8_lossy(&out.stderr));
+        let bootstrap = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        PrivateBroker { kafka: KafkaConfig::with_bootstrap(bootstrap), port, data }
+    }
+
+    fn script(action: &str, port: u16, data: &std::path::Path) -> std::process::Output {
+        std::process::Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh"))
+            .arg(action)
+            .env_remove("KAFKA_BOOTSTRAP")
+            .env("TALLY_BROKER_PORT", port.to_string())
+            .env("TALLY_BROKER_DATA", data)
+            .env("TALLY_BROKER_PARTITIONS", "1")
+            .output()
+            .expect("run scripts/kafka.sh")
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Self::script("stop", self.port, self.data.path());
+    }
 }
