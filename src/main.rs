@@ -135,4 +135,15 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
     }
+    // The service makes what it applied durable first, then leaves the group. With the broker
+    // gone, librdkafka can wait on that leave indefinitely; give up after a while, which is no
+    // worse than a crash (recovery resumes from the durable state).
+    std::thread::spawn(|| {
+        std::thread::sleep(SHUTDOWN_GRACE);
+        tracing::error!(seconds = SHUTDOWN_GRACE.as_secs(), "shutdown is taking too long; exiting");
+        std::process::exit(1);
+    });
 }
+
+/// How long a shutdown may take once the signal arrived.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);

@@ -199,3 +199,34 @@ async fn an_instance_without_partitions_rejoins_the_group() {
     second.stop().await;
     first.stop().await;
 }
+
+/// SIGTERM exits even when the broker is gone (librdkafka would otherwise wait to leave the
+/// group forever): the durable state is written first, and the process gives up after 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_even_without_a_broker() {
+    let broker = PrivateBroker::start();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture_on(&broker.kafka, "term", 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("ledger.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbootstrap = \"{}\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            broker.kafka.bootstrap,
+            dir.path().join("data").display(),
+            key_path.display()
+        ),
+    )
+    .unwrap();
+    let mut ledger = spawn_ledger_binary(&config, &dir.path().join("ledger.log"));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(addr, "/readyz").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "ledger never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(broker);
+    let started = Instant::now();
+    ledger.terminate();
+    assert!(started.elapsed() < Duration::from_secs(40), "took {:?}", started.elapsed());
+}
