@@ -176,6 +176,13 @@ fn check_context(get: &dyn Fn(&str) -> Option<Result<String, Rejection>>) -> Res
     }
     let id = required("id")?;
     let source = required("source")?;
+    // The source is part of the idempotency key and of the stored record: bounded like an id.
+    if source.chars().count() > crate::event::MAX_ID_CHARS {
+        return Err(Rejection::new(
+            RejectCode::BadCloudEvent,
+            format!("cloudevent source is longer than {} characters", crate::event::MAX_ID_CHARS),
+        ));
+    }
     required("type")?;
     Ok(Context { id, source })
 }
@@ -343,6 +350,9 @@ mod tests {
     #[test]
     fn structured_cloudevent_with_base64_data() {
         let data = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&event("acme")).unwrap());
+        let long = json!({"specversion": "1.0", "id": "e1", "source": "s".repeat(257), "type": "t", "data": {"tenant_id": "acme", "occurred_at": "2026-11-02T09:15:00Z", "kind": "llm_call"}});
+        let err = decode_message(Some(b"acme"), long.to_string().as_bytes(), &[("content-type", b"application/cloudevents+json")]).unwrap_err();
+        assert_eq!(err.code, RejectCode::BadCloudEvent, "{err:?}");
         let ce = json!({"specversion": "1.0", "id": "e1", "source": "s", "type": "t", "data_base64": data});
         let headers = [("Content-Type", &b"application/cloudevents+json"[..])];
         let d = decode_message(Some(b"acme"), &serde_json::to_vec(&ce).unwrap(), &headers).unwrap();

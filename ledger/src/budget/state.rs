@@ -243,7 +243,7 @@ impl BudgetState {
     fn account(&mut self, id: &str, r: &Reservation, sign: i64) {
         fn add<K: Ord>(m: &mut BTreeMap<K, i64>, k: K, v: i64) {
             let e = m.entry(k).or_default();
-            *e += v;
+            *e = e.saturating_add(v);
         }
         if let Some(t) = &r.task_id {
             add(&mut self.reserved_task, t.clone(), sign * r.amount);
@@ -362,10 +362,14 @@ impl BudgetState {
         }
         let at = event.occurred_at;
         let (day, period) = (calendar.day(at), calendar.period(at));
-        *self.spent_day.entry(day).or_default() += micros;
-        *self.spent_period.entry(period).or_default() += micros;
+        // Saturating: a hostile or broken amount near i64::MAX must pin spend at "exhausted",
+        // never wrap it negative.
+        for spent in [self.spent_day.entry(day).or_default(), self.spent_period.entry(period).or_default()] {
+            *spent = spent.saturating_add(micros);
+        }
         if let Some(t) = &event.task_id {
-            *self.spent_task.entry(t.clone()).or_default() += micros;
+            let spent = self.spent_task.entry(t.clone()).or_default();
+            *spent = spent.saturating_add(micros);
         }
         let mut decisions = Vec::new();
         let scopes = [(Level::Task, event.task_id.clone()), (Level::Day, Some(day.to_string())), (Level::Period, Some(period.to_string()))];
@@ -433,7 +437,7 @@ impl BudgetState {
     /// When the next time-driven change (an expiry or a window end with an announcement) is due.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
         let expiry = self.expiries.first().map(|(at, _)| *at);
-        let calendar = self.calendar()?;
+        let Some(calendar) = self.calendar() else { return expiry };
         let window = self
             .announced
             .iter()
@@ -468,7 +472,7 @@ impl BudgetState {
                 limit_micros: limit,
                 spent_micros: spent,
                 reserved_micros: reserved,
-                remaining_micros: limit.map(|l| (l - spent - reserved).max(0)),
+                remaining_micros: limit.map(|l| l.saturating_sub(spent).saturating_sub(reserved).max(0)),
                 resets_at,
                 scope,
             });
@@ -481,7 +485,7 @@ impl BudgetState {
         let levels = self.levels(now, task_id);
         let denied_by = levels
             .iter()
-            .find(|l| l.limit_micros.is_some_and(|limit| l.spent_micros + l.reserved_micros + estimate > limit))
+            .find(|l| l.limit_micros.is_some_and(|limit| i128::from(l.spent_micros) + i128::from(l.reserved_micros) + i128::from(estimate) > i128::from(limit)))
             .map(|l| l.level);
         Verdict { allowed: denied_by.is_none(), denied_by, levels }
     }

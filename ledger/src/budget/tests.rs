@@ -235,3 +235,33 @@ fn budget_records_have_a_stable_shape() {
     assert_eq!(text, r#"{"type":"budget","seq":9,"at":"2026-11-02T09:00:00Z","status":"exceeded","level":"day","scope":"2026-11-02","limit_micros":10,"spent_micros":12}"#);
     assert_eq!(serde_json::from_str::<BudgetRecord>(&text).unwrap(), r);
 }
+
+#[test]
+fn huge_amounts_saturate_instead_of_wrapping_past_the_limit() {
+    let mut log = Log::default();
+    log.config(budget("period_micros = 5_000_000\n"), "2026-11-01T00:00:00Z");
+    log.event(&event("e1", "2026-11-02T09:00:00Z", Some(1), ""));
+    assert!(!log.authorize("2026-11-02T10:00:00Z", None, i64::MAX, 1_000).0.allowed);
+    log.event(&event("e2", "2026-11-02T09:00:00Z", Some(i64::MAX), ""));
+    log.event(&event("e3", "2026-11-02T09:00:00Z", Some(i64::MAX), ""));
+    assert!(!log.authorize("2026-11-02T10:00:00Z", None, 1, 1_000).0.allowed, "spend pinned at the top, not wrapped");
+    assert_eq!(log.state.status(ts("2026-11-02T10:00:00Z"), None), "exceeded");
+}
+
+#[test]
+fn reservations_of_a_tenant_without_limits_still_expire() {
+    let mut state = BudgetState::default();
+    let admission = Admission {
+        at: ts("2026-11-02T10:00:00Z"),
+        allowed: true,
+        task_id: None,
+        estimate_micros: 5,
+        reservation_id: Some("res-0".into()),
+        expires_at: Some(ts("2026-11-02T10:00:01Z")),
+        denied_by: None,
+        day: "2026-11-02".parse().unwrap(),
+        period: "2026-11-01".parse().unwrap(),
+    };
+    state.apply_record(&BudgetRecord::Admission { seq: 0, admission });
+    assert_eq!(state.next_wakeup(), Some(ts("2026-11-02T10:00:01Z")));
+}

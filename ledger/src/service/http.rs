@@ -328,14 +328,16 @@ fn default_ttl_ms() -> i64 {
 }
 
 const MAX_TTL_MS: i64 = 24 * 3600 * 1000;
+/// One billion dollars in micros: far above any real call, far below overflow.
+const MAX_ESTIMATE_MICROS: i64 = 1_000_000_000_000_000;
 
 async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
     let body = match body {
         Ok(ApiJson(b)) => b,
         Err(e) => return e.into_response(),
     };
-    if body.estimate_micros < 0 {
-        return ApiError(StatusCode::BAD_REQUEST, "bad_request", "estimate_micros must be >= 0".into()).into_response();
+    if !(0..=MAX_ESTIMATE_MICROS).contains(&body.estimate_micros) {
+        return ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("estimate_micros must be 0..={MAX_ESTIMATE_MICROS}")).into_response();
     }
     if !(1..=MAX_TTL_MS).contains(&body.ttl_ms) {
         return ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("ttl_ms must be 1..={MAX_TTL_MS}")).into_response();
@@ -648,7 +650,12 @@ mod tests {
         assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
         let (_, again) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
         assert_eq!(again["decision"], "allow");
-        for body in [serde_json::json!({"estimate_micros": -1}), serde_json::json!({"estimate": 1}), serde_json::json!({"estimate_micros": 1, "ttl_ms": 0})] {
+        for body in [
+            serde_json::json!({"estimate_micros": -1}),
+            serde_json::json!({"estimate_micros": i64::MAX}),
+            serde_json::json!({"estimate": 1}),
+            serde_json::json!({"estimate_micros": 1, "ttl_ms": 0}),
+        ] {
             let (status, err) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, body.clone()).await;
             assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{body}");
         }

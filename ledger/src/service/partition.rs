@@ -228,7 +228,13 @@ impl PartitionLedger {
         if self.next_offset.is_some_and(|next| delivery.offset < next) {
             return Ok(Applied::AlreadyRecorded);
         }
+        let applied = self.apply_new(delivery)?;
+        // Only now: a delivery that failed to apply must never be covered by durable progress.
         self.next_offset = Some(delivery.offset + 1);
+        Ok(applied)
+    }
+
+    fn apply_new(&mut self, delivery: &Delivery) -> Result<Applied> {
         let decoded: &Decoded = match &delivery.outcome {
             Ok(d) => d,
             Err(_) => return Ok(Applied::Rejected),
@@ -438,25 +444,32 @@ impl PartitionLedger {
         for (tenant, cp) in &checkpoints {
             tracing::debug!(tenant_id = %tenant, partition = self.partition, size = cp.size, "checkpoint signed");
         }
+        // Built from copies: if the store commit fails, nothing pending is forgotten and the
+        // next commit tries again.
         let mut batch = Batch {
-            seen: self.pending.drain().collect(),
+            seen: self.pending.iter().map(|(k, v)| (*k, *v)).collect(),
             tenants: Vec::with_capacity(self.dirty.len()),
             budgets: Vec::new(),
             next_offset: self.next_offset.filter(|_| self.next_offset != self.durable_next),
         };
-        for tenant in std::mem::take(&mut self.dirty) {
-            let size = self.ledger.tenant(&tenant)?.size();
-            let state = self.tenants.entry(tenant.clone()).or_default();
-            state.indexed = size;
-            batch.tenants.push((tenant.clone(), *state));
-            if let Some(budget) = self.budgets.get(&tenant) {
-                batch.budgets.push((tenant, serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+        let dirty: Vec<String> = self.dirty.iter().cloned().collect();
+        for tenant in &dirty {
+            let size = self.ledger.tenant(tenant)?.size();
+            let state = TenantState { indexed: size, ..self.tenants.get(tenant).copied().unwrap_or_default() };
+            batch.tenants.push((tenant.clone(), state));
+            if let Some(budget) = self.budgets.get(tenant) {
+                batch.budgets.push((tenant.clone(), serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
             }
         }
         if !batch.is_empty() {
             self.store.commit(&batch)?;
             self.durable_next = self.next_offset;
         }
+        self.pending.clear();
+        for (tenant, state) in batch.tenants {
+            self.tenants.insert(tenant, state);
+        }
+        self.dirty.retain(|t| !dirty.contains(t));
         Ok(self.next_offset)
     }
 }
