@@ -89,7 +89,7 @@ fn in_process(n: u64) {
         let start = Instant::now();
         for i in 0..count {
             let t = Instant::now();
-            let (verdict, _) = p.authorize("acme", jiff::Timestamp::now(), Some(&format!("t{}", i % 100)), 1, 60_000).unwrap();
+            let (verdict, _, _) = p.authorize("acme", jiff::Timestamp::now(), Some(&format!("t{}", i % 100)), 1, 60_000).unwrap();
             if durable {
                 p.commit().unwrap();
             }

@@ -9,20 +9,20 @@
 //! proofs), `billing` (every tenant's spend, nothing per record), `admin` (everything, metrics).
 //! A refusal never depends on whether the other tenant exists, so it reveals nothing about it.
 //!
-//! The file is re-read when its modification time changes (checked at most once a second), so
+//! The file is re-read when its modification time changes ([`FileWatch`]), so
 //! a token is revoked by deleting its stanza, without a restart. A file that no longer parses
 //! keeps the previous tokens in force and logs why.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::sync::{PoisonError, RwLock};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::watch::FileWatch;
 
 /// Prefix of every token, so a leaked one is recognisable (secret scanners key on prefixes).
 pub const TOKEN_PREFIX: &str = "tally_";
@@ -131,42 +131,36 @@ impl AuthError {
 
 /// The tokens a service accepts, or none (authorization off).
 pub struct TokenStore {
-    path: Option<PathBuf>,
+    /// The token file; none when authorization is off.
+    watch: Option<FileWatch>,
     state: RwLock<Loaded>,
-    last_check: Mutex<Instant>,
 }
 
 struct Loaded {
-    modified: Option<SystemTime>,
     by_hash: HashMap<[u8; 32], Principal>,
 }
-
-const RECHECK: Duration = Duration::from_secs(1);
 
 impl TokenStore {
     /// Authorization off: every caller is an anonymous admin. Only for loopback listeners; the
     /// services refuse to start otherwise.
     pub fn disabled() -> Self {
-        TokenStore {
-            path: None,
-            state: RwLock::new(Loaded { modified: None, by_hash: HashMap::new() }),
-            last_check: Mutex::new(Instant::now()),
-        }
+        TokenStore { watch: None, state: RwLock::new(Loaded { by_hash: HashMap::new() }) }
     }
 
     /// Loads and validates the token file; errors name the offending stanza.
     pub fn load(path: &Path) -> Result<Self> {
+        let watch = FileWatch::new(path);
         let loaded = read_file(path)?;
-        Ok(TokenStore { path: Some(path.to_path_buf()), state: RwLock::new(loaded), last_check: Mutex::new(Instant::now()) })
+        Ok(TokenStore { watch: Some(watch), state: RwLock::new(loaded) })
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.path.is_some()
+        self.watch.is_some()
     }
 
     /// The caller behind an `Authorization` header value.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
-        if self.path.is_none() {
+        if self.watch.is_none() {
             return Ok(Principal::anonymous_admin());
         }
         self.reload_if_changed();
@@ -181,18 +175,8 @@ impl TokenStore {
     }
 
     fn reload_if_changed(&self) {
-        let Some(path) = &self.path else { return };
-        {
-            let mut last = self.last_check.lock().unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < RECHECK {
-                return;
-            }
-            *last = Instant::now();
-        }
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if modified == self.state.read().unwrap_or_else(PoisonError::into_inner).modified {
-            return;
-        }
+        let Some(watch) = self.watch.as_ref().filter(|w| w.changed()) else { return };
+        let path = watch.path();
         match read_file(path) {
             Ok(loaded) => {
                 tracing::info!(path = %path.display(), tokens = loaded.by_hash.len(), "token file reloaded");
@@ -204,11 +188,10 @@ impl TokenStore {
 }
 
 fn read_file(path: &Path) -> Result<Loaded> {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| Error::io(path, e))?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let file: TokenFile = toml::from_str(&text).map_err(|e| Error::BadTokens(format!("{}: {e}", path.display())))?;
     let by_hash = principals(&file.token).map_err(|e| Error::BadTokens(format!("{}: {e}", path.display())))?;
-    Ok(Loaded { modified: Some(modified), by_hash })
+    Ok(Loaded { by_hash })
 }
 
 /// Checks a token file's text as [`TokenStore::load`] would; returns how many tokens it holds.
@@ -352,14 +335,14 @@ mod tests {
         let (dir, store) = store_with(&[acme.clone(), ops.clone()]);
         let header = format!("Bearer {}", acme.0);
         assert!(store.authenticate(Some(&header)).is_ok());
-        std::thread::sleep(Duration::from_millis(20)); // a distinct mtime
+        std::thread::sleep(std::time::Duration::from_millis(20)); // a distinct mtime
         std::fs::write(dir.path().join("tokens.toml"), stanza(&ops.1).unwrap()).unwrap();
-        *store.last_check.lock().unwrap() = Instant::now() - RECHECK;
+        store.watch.as_ref().unwrap().recheck_now();
         assert_eq!(store.authenticate(Some(&header)), Err(AuthError::Unknown));
         // A broken file keeps the last good tokens.
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(dir.path().join("tokens.toml"), "[[token]]\nname = 1\n").unwrap();
-        *store.last_check.lock().unwrap() = Instant::now() - RECHECK;
+        store.watch.as_ref().unwrap().recheck_now();
         assert!(store.authenticate(Some(&format!("Bearer {}", ops.0))).is_ok());
     }
 

@@ -29,6 +29,7 @@ mod receipt;
 pub mod service;
 mod record;
 mod tiles;
+mod watch;
 
 pub use audit::{audit_tenant, AuditReport};
 pub use checkpoint::{tenant_origin, Checkpoint};

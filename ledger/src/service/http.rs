@@ -350,12 +350,7 @@ async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<S
         Err(r) => return r,
     };
     let t = tenant.clone();
-    let decided = on_partition(&shared, partition, move |p| {
-        let (verdict, admission) = p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)?;
-        let seq = p.committed_size(&t)? + p.ledger().tenant(&t)?.pending() - 1;
-        Ok((verdict, admission, seq))
-    })
-    .await;
+    let decided = on_partition(&shared, partition, move |p| p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)).await;
     let (verdict, admission, seq) = match decided {
         Ok(v) => v,
         Err(r) => return r,
@@ -395,11 +390,7 @@ async fn release(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<Str
         Err(r) => return r,
     };
     let t = tenant.clone();
-    let released = on_partition(&shared, partition, move |p| {
-        let released = p.release(&t, &body.reservation_id, jiff::Timestamp::now())?;
-        Ok(released.then(|| p.ledger().tenant(&t).map(|l| l.size() + l.pending() - 1)).transpose()?)
-    })
-    .await;
+    let released = on_partition(&shared, partition, move |p| p.release(&t, &body.reservation_id, jiff::Timestamp::now())).await;
     match released {
         Ok(Some(seq)) => match make_durable(&shared, partition, tenant, seq).await {
             Ok(()) => json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq})),

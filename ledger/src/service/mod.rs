@@ -29,6 +29,7 @@ pub use partition::{Applied, PartitionLedger};
 
 use crate::auth::TokenStore;
 use crate::budget::BudgetFile;
+use crate::watch::FileWatch;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 
@@ -173,48 +174,33 @@ pub struct Shared {
     pub metrics: Metrics,
 }
 
-/// The budgets file, re-read when its modification time changes (at most once a second).
+/// The budgets file, re-read when it changes.
 pub(super) struct BudgetSource {
-    path: Option<PathBuf>,
-    current: Mutex<(Option<std::time::SystemTime>, Option<Arc<BudgetFile>>)>,
-    last_check: Mutex<Instant>,
+    watch: Option<FileWatch>,
+    current: Mutex<Option<Arc<BudgetFile>>>,
 }
 
 impl BudgetSource {
     pub(super) fn new(path: Option<PathBuf>, file: Option<BudgetFile>) -> Self {
-        let modified = path.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        BudgetSource { path, current: Mutex::new((modified, file.map(Arc::new))), last_check: Mutex::new(Instant::now()) }
+        BudgetSource { watch: path.as_deref().map(FileWatch::new), current: Mutex::new(file.map(Arc::new)) }
     }
 
     fn current(&self) -> Option<Arc<BudgetFile>> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner).1.clone()
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The new file when it changed on disk and is valid; a broken file keeps the old one.
     fn reload(&self) -> Option<Arc<BudgetFile>> {
-        let path = self.path.as_ref()?;
-        {
-            let mut last = self.last_check.lock().unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < Duration::from_secs(1) {
-                return None;
-            }
-            *last = Instant::now();
-        }
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if modified == current.0 {
-            return None;
-        }
-        current.0 = modified;
-        match BudgetFile::load(path) {
+        let watch = self.watch.as_ref().filter(|w| w.changed())?;
+        match BudgetFile::load(watch.path()) {
             Ok(file) => {
-                tracing::info!(path = %path.display(), "budgets file reloaded");
+                tracing::info!(path = %watch.path().display(), "budgets file reloaded");
                 let file = Arc::new(file);
-                current.1 = Some(Arc::clone(&file));
+                *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&file));
                 Some(file)
             }
             Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "budgets file not reloaded; the previous budgets stay in force");
+                tracing::error!(path = %watch.path().display(), error = %e, "budgets file not reloaded; the previous budgets stay in force");
                 None
             }
         }
@@ -252,6 +238,9 @@ impl Shared {
 }
 
 struct Sink(Arc<Shared>);
+
+/// How often expiries, window ends and budget-file changes are looked for.
+const TICK_EVERY: Duration = Duration::from_millis(100);
 
 /// How often progress is committed to the group (for lag tools; never read back by the ledger).
 const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(5);
@@ -361,6 +350,7 @@ pub async fn run(
     let interval = Duration::from_millis(config.commit_interval_ms);
     let mut last_commit = Instant::now();
     let mut last_kafka_commit = Instant::now();
+    let mut last_tick = Instant::now();
     tokio::pin!(shutdown);
     let result: Result<()> = async {
         loop {
@@ -424,8 +414,16 @@ pub async fn run(
                         Applied::Rejected => m.dead_lettered.fetch_add(1, Ordering::Relaxed),
                     };
                 }
+                // Time-driven records (expiries, window ends, new configs) scan every tenant, so
+                // not on every batch; an admission settles its own tenant's time regardless.
+                let tick = last_tick.elapsed() >= TICK_EVERY;
+                if tick {
+                    last_tick = Instant::now();
+                }
                 for p in parts.values_mut() {
-                    appended |= p.tick(now)? > 0;
+                    if tick {
+                        appended |= p.tick(now)? > 0;
+                    }
                     for (tenant, task) in p.take_budget_changes() {
                         if let Some(state) = p.budget(&tenant) {
                             budget_changes.push(budget_message(&tenant, task.as_deref(), state, now));

@@ -381,9 +381,9 @@ impl PartitionLedger {
     }
 
     /// An admission decision for `tenant` at `now`, recorded in its log (not yet durable: the
-    /// caller commits before answering). Expired reservations are released first, so they never
-    /// cause a denial.
-    pub fn authorize(&mut self, tenant: &str, now: Timestamp, task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> Result<(Verdict, Admission)> {
+    /// caller commits before answering), with the record's seq. Expired reservations are released
+    /// first, so they never cause a denial.
+    pub fn authorize(&mut self, tenant: &str, now: Timestamp, task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> Result<(Verdict, Admission, u64)> {
         self.settle_time(tenant, now)?;
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let verdict = state.authorize(now, task_id, estimate_micros);
@@ -404,18 +404,18 @@ impl PartitionLedger {
             period: calendar.period(now),
         };
         let recorded = admission.clone();
-        self.append_budget(tenant, |seq| BudgetRecord::Admission { seq, admission: recorded })?;
-        Ok((verdict, admission))
+        let seq = self.append_budget(tenant, |seq| BudgetRecord::Admission { seq, admission: recorded })?;
+        Ok((verdict, admission, seq))
     }
 
-    /// Releases a reservation before its TTL. `false` if the tenant holds no such reservation.
-    pub fn release(&mut self, tenant: &str, reservation_id: &str, now: Timestamp) -> Result<bool> {
+    /// Releases a reservation before its TTL: the seq of the `release` record, or `None` if the
+    /// tenant holds no such reservation.
+    pub fn release(&mut self, tenant: &str, reservation_id: &str, now: Timestamp) -> Result<Option<u64>> {
         if !self.budgets.get(tenant).is_some_and(|s| s.has_reservation(reservation_id)) {
-            return Ok(false);
+            return Ok(None);
         }
         let release = Release { at: now, reservation_id: reservation_id.to_string(), reason: ReleaseReason::Released };
-        self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release })?;
-        Ok(true)
+        self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release }).map(Some)
     }
 
     /// The tenant's committed (durable) log size.
@@ -430,11 +430,6 @@ impl PartitionLedger {
     /// (tenant, task) whose budget state changed since the last call (to publish).
     pub fn take_budget_changes(&mut self) -> Vec<(String, Option<String>)> {
         std::mem::take(&mut self.budget_changed).into_iter().collect()
-    }
-
-    /// Does this partition hold (or is it about to create) the tenant's state?
-    pub fn has_tenant(&mut self, tenant: &str) -> bool {
-        self.budgets.contains_key(tenant) || self.ledger.has_tenant(tenant)
     }
 
     /// Commits every tenant log (signing checkpoints), then the store.
