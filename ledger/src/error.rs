@@ -45,6 +45,8 @@ pub enum Error {
     PartitionBusy(String),
     #[error("no record of event {0:?} in this log")]
     NoSuchEvent(String),
+    #[error("parquet projection: {0}")]
+    Projection(String),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: String,

@@ -12,6 +12,7 @@
 //! * [`event_record`]: the canonical bytes of a ledger record.
 //! * [`budget`]: budget windows, configuration, and the budget state folded from a log.
 //! * [`auth`]: bearer tokens (stored hashed) and the roles of SPEC §5.
+//! * [`projection`]: the Parquet projection of the logs and its cost roll-ups (SPEC §5).
 //! * [`service`]: the Kafka-fed ledger service (`tally ledger`) and its HTTP API.
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
@@ -24,6 +25,7 @@ mod keyfile;
 mod ledger;
 mod log;
 pub mod merkle;
+pub mod projection;
 mod note;
 mod receipt;
 pub mod service;

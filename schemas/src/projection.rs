@@ -2,6 +2,15 @@
 //! field as a typed column, plus `seq` and `leaf_hash` so any report row can be proved against the
 //! tenant's log. `tenant_id` and `date` are hive partition columns (`tenant_id=<t>/date=<d>/`), so
 //! they are not stored inside the files; [`projection_schema`] lists the columns a file holds.
+//!
+//! The record's `payload_sha256` is not projected: the leaf hash already commits to it, and 32
+//! random bytes per row would be a third of the on-disk budget. Non-event records (budget
+//! decisions, admissions, releases, config) keep their fields as their record JSON in `detail`;
+//! their `occurred_at` is the record's own `at`.
+//!
+//! [`rollup_schema`] is the cost roll-up the ledger maintains beside the rows: sums per tenant,
+//! 15-minute UTC bucket (the finest offset any time zone uses, so a day in any zone is a whole
+//! number of buckets), kind, decision, agent, action, task and currency.
 
 use std::sync::Arc;
 
@@ -48,10 +57,31 @@ pub fn projection_schema() -> Schema {
             ),
             true,
         ),
-        Field::new("payload_sha256", DataType::FixedSizeBinary(32), true),
         Field::new("kafka_partition", DataType::Int32, true),
         Field::new("kafka_offset", DataType::Int64, true),
         Field::new("kafka_timestamp", DataType::Timestamp(TimeUnit::Millisecond, utc()), true),
+        text("detail"),
+    ])
+}
+
+/// Width of a roll-up bucket in seconds.
+pub const ROLLUP_BUCKET_SECONDS: i64 = 15 * 60;
+
+/// Columns of each roll-up Parquet file (`tenant_id` and `month` are hive partition columns).
+pub fn rollup_schema() -> Schema {
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    Schema::new(vec![
+        Field::new("bucket_start", DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::<str>::from("UTC"))), false),
+        Field::new("kind", DataType::Utf8, false),
+        text("decision"),
+        text("agent_id"),
+        text("action"),
+        text("task_id"),
+        text("currency"),
+        Field::new("events", DataType::Int64, false),
+        Field::new("cost_micros", DataType::Int64, false),
+        Field::new("input_tokens", DataType::Int64, false),
+        Field::new("output_tokens", DataType::Int64, false),
     ])
 }
 

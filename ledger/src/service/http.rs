@@ -448,6 +448,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         ("tally_ledger_budget_states_published_total", "Budget states published to the budget topic.", &m.budget_published),
         ("tally_ledger_admissions_allowed_total", "Authorize requests allowed (with a reservation).", &m.admissions_allowed),
         ("tally_ledger_admissions_denied_total", "Authorize requests denied.", &m.admissions_denied),
+        ("tally_ledger_projected_records_total", "Records written to the Parquet projection.", &m.projected_records),
+        ("tally_ledger_projection_files_total", "Parquet files written by projection flushes.", &m.projection_files),
+        ("tally_ledger_projection_errors_total", "Failed projection flushes (retried at the next pass).", &m.projection_errors),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
     }
@@ -525,6 +528,7 @@ mod tests {
             partition_count: std::sync::atomic::AtomicI32::new(partition_count),
             topic: "events".into(),
             advertise_url: "http://127.0.0.1:1".into(),
+            projection_interval: std::time::Duration::from_secs(1),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);

@@ -73,6 +73,14 @@ pub struct ServiceConfig {
     /// timeout without an assignment for good. Run no more instances than partitions.
     #[serde(default = "default_rejoin_after_ms")]
     pub rejoin_after_ms: u64,
+    /// How often each tenant's new records are written to the Parquet projection under
+    /// `<data_dir>/parquet` (SPEC §5 asks for new records to be queryable within seconds).
+    #[serde(default = "default_projection_interval_ms")]
+    pub projection_interval_ms: u64,
+}
+
+fn default_projection_interval_ms() -> u64 {
+    1000
 }
 
 fn default_rejoin_after_ms() -> u64 {
@@ -104,6 +112,9 @@ impl ServiceConfig {
         }
         if self.commit_interval_ms == 0 || self.commit_interval_ms > 60_000 {
             return Err(Error::BadKey(format!("ledger.commit_interval_ms = {} must be 1..=60000", self.commit_interval_ms)));
+        }
+        if self.projection_interval_ms > 60_000 {
+            return Err(Error::BadKey(format!("ledger.projection_interval_ms = {} must be at most 60000", self.projection_interval_ms)));
         }
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return Err(Error::BadKey(format!(
@@ -141,6 +152,9 @@ pub struct Metrics {
     pub rejoins: AtomicU64,
     pub admissions_allowed: AtomicU64,
     pub admissions_denied: AtomicU64,
+    pub projected_records: AtomicU64,
+    pub projection_files: AtomicU64,
+    pub projection_errors: AtomicU64,
     /// Per partition: messages behind the high watermark (librdkafka statistics).
     consumer_lag: Mutex<BTreeMap<i32, i64>>,
     /// When the oldest record not yet covered by a signed checkpoint was appended.
@@ -171,6 +185,7 @@ pub struct Shared {
     partition_count: std::sync::atomic::AtomicI32,
     topic: String,
     advertise_url: String,
+    projection_interval: Duration,
     pub metrics: Metrics,
 }
 
@@ -226,6 +241,10 @@ impl Shared {
             if let Some(next) = ledger.commit()? {
                 out.push((*p, next));
             }
+            let projected = ledger.project(false);
+            self.metrics.projected_records.fetch_add(projected.records, Ordering::Relaxed);
+            self.metrics.projection_files.fetch_add(projected.files as u64, Ordering::Relaxed);
+            self.metrics.projection_errors.fetch_add(projected.errors as u64, Ordering::Relaxed);
         }
         let mut unsigned = self.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner);
         if unsigned.is_some_and(|t| t <= signing) {
@@ -265,6 +284,7 @@ impl PartitionSink for Sink {
         match opened {
             Ok(mut p) => {
                 p.set_budget_file(self.0.budgets.current());
+                p.set_projection_interval(self.0.projection_interval);
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
@@ -286,6 +306,7 @@ impl PartitionSink for Sink {
                 if let Err(e) = ledger.commit() {
                     self.0.fail(format!("cannot commit revoked partition {p}: {e}"));
                 }
+                ledger.project(true);
             }
         }
     }
@@ -329,6 +350,7 @@ pub async fn run(
         partition_count: std::sync::atomic::AtomicI32::new(0),
         topic: config.topic.clone(),
         advertise_url,
+        projection_interval: Duration::from_millis(config.projection_interval_ms),
         metrics: Metrics::default(),
     });
     let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
@@ -462,6 +484,7 @@ pub async fn run(
     .await;
     // Whatever ended the loop, make what was applied durable before leaving the group.
     let committed = tokio::task::block_in_place(|| shared.commit_all());
+    tokio::task::block_in_place(|| shared.partitions().values_mut().for_each(|p| { p.project(true); }));
     if let Ok(offsets) = &committed {
         consumer.commit(offsets).map_err(kafka_err)?;
     }

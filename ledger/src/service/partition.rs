@@ -38,6 +38,7 @@ use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetS
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 use crate::ledger::Ledger;
+use crate::projection::Projection;
 use crate::record::{conflict_record, event_record, EventInput, Source};
 
 /// What applying one delivery did.
@@ -78,6 +79,18 @@ pub struct PartitionLedger {
     config_pending: BTreeSet<String>,
     /// Effective budgets resolved from `budget_file`, per tenant.
     effective: HashMap<String, crate::budget::TenantBudget>,
+    /// The Parquet projection of this partition's tenants (`<data_dir>/parquet`).
+    projection: Projection,
+    /// Tenants whose committed records may not all be projected yet.
+    unprojected: BTreeSet<String>,
+}
+
+/// What one projection pass did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Projected {
+    pub records: u64,
+    pub files: usize,
+    pub errors: usize,
 }
 
 fn dedup_key(tenant: &str, key: &IdempotencyKey) -> DedupKey {
@@ -168,6 +181,7 @@ impl PartitionLedger {
             tenants.insert(tenant.clone(), state);
             budgets.insert(tenant, budget);
         }
+        let unprojected: BTreeSet<String> = tenants.keys().cloned().collect();
         let caught_up = catch_up.seen.len();
         if !catch_up.is_empty() {
             store.commit(&catch_up)?;
@@ -190,7 +204,44 @@ impl PartitionLedger {
             budget_changed: BTreeSet::new(),
             config_pending: BTreeSet::new(),
             effective: HashMap::new(),
+            projection: Projection::new(&root.join("parquet"), std::time::Duration::from_secs(1)),
+            unprojected,
         })
+    }
+
+    /// How often each tenant's new records are written to Parquet (at most).
+    pub fn set_projection_interval(&mut self, every: std::time::Duration) {
+        self.projection = Projection::new(self.projection.root(), every);
+    }
+
+    /// Writes committed records to the Parquet projection: every tenant that is due, or all
+    /// of them when `force`. A failure is logged and retried at the next pass; it never stops
+    /// ingestion (the log is the truth, and the projection can be rebuilt from it).
+    pub fn project(&mut self, force: bool) -> Projected {
+        let mut out = Projected::default();
+        let tenants: Vec<String> = self.unprojected.iter().cloned().collect();
+        for tenant in tenants {
+            let result = match self.ledger.tenant(&tenant) {
+                Ok(log) => self.projection.flush(&tenant, log, force).and_then(|r| Ok((r, self.projection.behind(&tenant, log)?))),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok((report, behind)) => {
+                    if let Some(r) = report {
+                        out.records += r.records;
+                        out.files += r.files;
+                    }
+                    if behind == 0 {
+                        self.unprojected.remove(&tenant);
+                    }
+                }
+                Err(e) => {
+                    out.errors += 1;
+                    tracing::error!(tenant_id = %tenant, partition = self.partition, error = %e, "parquet projection failed; retrying at the next pass");
+                }
+            }
+        }
+        out
     }
 
     /// Where consumption resumes: the durable progress, or the partition's start.
@@ -465,6 +516,7 @@ impl PartitionLedger {
             self.tenants.insert(tenant, state);
         }
         self.dirty.retain(|t| !dirty.contains(t));
+        self.unprojected.extend(dirty);
         Ok(self.next_offset)
     }
 }

@@ -1,0 +1,328 @@
+//! The projection's files on disk, shared by the ledger (writer) and the query service (reader).
+//!
+//! ```text
+//! <root>/events/tenant_id=<t>/date=<YYYY-MM-DD>/<first>-<last>-<rows>.parquet   record rows
+//! <root>/events/tenant_id=<t>/_projection.json                                  watermark
+//! <root>/rollups/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    cost sums
+//! ```
+//!
+//! `first`/`last` are the seq range of the flush (or merged flushes) a file came from, not of its
+//! own rows: one flush writes one file per date it touches, all named with the flush's range.
+//! Invariants the readers and the recovery rely on:
+//! * A file appears under its final name only complete: it is written as a hidden `.tmp` file,
+//!   synced, then renamed; its directory is synced.
+//! * `_projection.json` says every record below `next_seq` has its rows on disk; it is replaced
+//!   only after a flush's files are all in place. Files with `first >= next_seq` are leftovers of
+//!   an unfinished flush and are deleted on recovery (the flush is redone identically).
+//! * Within one directory, flush ranges are disjoint; a merge replaces a contiguous run of files
+//!   by one whose range covers exactly theirs. Until the inputs are deleted (or after a crash in
+//!   between), a file covered by another is redundant: readers skip it and recovery deletes it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which of the two trees a file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// One row per record, in `date=` directories.
+    Events,
+    /// Cost sums, in `month=` directories.
+    Rollups,
+}
+
+impl Tree {
+    fn dir_name(self) -> &'static str {
+        match self {
+            Tree::Events => "events",
+            Tree::Rollups => "rollups",
+        }
+    }
+
+    fn partition_key(self) -> &'static str {
+        match self {
+            Tree::Events => "date=",
+            Tree::Rollups => "month=",
+        }
+    }
+}
+
+/// One visible projection file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionFile {
+    pub path: PathBuf,
+    /// The hive value of its directory: `YYYY-MM-DD` (events) or `YYYY-MM` (roll-ups).
+    pub partition: String,
+    pub first: u64,
+    pub last: u64,
+    pub rows: u64,
+}
+
+/// `<root>/<tree>/tenant_id=<t>`.
+pub fn tenant_dir(root: &Path, tree: Tree, tenant: &str) -> PathBuf {
+    root.join(tree.dir_name()).join(format!("tenant_id={tenant}"))
+}
+
+/// `<root>/<tree>/tenant_id=<t>/<date|month>=<value>`.
+pub fn partition_dir(root: &Path, tree: Tree, tenant: &str, value: &str) -> PathBuf {
+    tenant_dir(root, tree, tenant).join(format!("{}{value}", tree.partition_key()))
+}
+
+pub(crate) fn file_name(first: u64, last: u64, rows: u64) -> String {
+    format!("{first:020}-{last:020}-{rows}.parquet")
+}
+
+fn parse_file_name(name: &str) -> Option<(u64, u64, u64)> {
+    let stem = name.strip_suffix(".parquet")?;
+    let mut parts = stem.split('-');
+    let first = parts.next()?.parse().ok()?;
+    let last = parts.next()?.parse().ok()?;
+    let rows = parts.next()?.parse().ok()?;
+    (parts.next().is_none() && first <= last).then_some((first, last, rows))
+}
+
+/// The (UTF-8) names in a directory; none if it does not exist.
+fn names_in(dir: &Path) -> Result<Vec<String>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Tenants that have a projection under `root`, sorted.
+pub fn projected_tenants(root: &Path) -> Result<Vec<String>> {
+    let mut out: Vec<String> = names_in(&root.join(Tree::Events.dir_name()))?
+        .into_iter()
+        .filter_map(|name| name.strip_prefix("tenant_id=").map(str::to_string))
+        .filter(|t| tally_schemas::validate_tenant_id(t).is_ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Partition values (dates or months) of a tenant's tree, sorted.
+pub fn partitions(root: &Path, tree: Tree, tenant: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = names_in(&tenant_dir(root, tree, tenant))?
+        .into_iter()
+        .filter_map(|name| name.strip_prefix(tree.partition_key()).map(str::to_string))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Every complete file of one directory, sorted by range; redundant ones included.
+fn dir_files(dir: &Path, partition: &str) -> Result<Vec<ProjectionFile>> {
+    let mut out: Vec<ProjectionFile> = names_in(dir)?
+        .into_iter()
+        .filter_map(|name| {
+            let (first, last, rows) = parse_file_name(&name)?;
+            Some(ProjectionFile { path: dir.join(&name), partition: partition.to_string(), first, last, rows })
+        })
+        .collect();
+    out.sort_by_key(|f| (f.first, std::cmp::Reverse(f.last)));
+    Ok(out)
+}
+
+/// Splits a directory's files into the visible ones and the redundant ones (covered by another).
+fn split_redundant(files: Vec<ProjectionFile>) -> (Vec<ProjectionFile>, Vec<ProjectionFile>) {
+    // Sorted by first ascending, widest first: a file is covered iff an earlier kept file
+    // reaches at least as far.
+    let mut keep: Vec<ProjectionFile> = Vec::with_capacity(files.len());
+    let mut redundant = Vec::new();
+    for f in files {
+        match keep.last() {
+            Some(k) if k.last >= f.last => redundant.push(f),
+            _ => keep.push(f),
+        }
+    }
+    (keep, redundant)
+}
+
+/// The visible files of one tenant's tree whose partition value passes `wanted`, sorted by
+/// partition then range.
+pub fn list_files(root: &Path, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<ProjectionFile>> {
+    let mut out = Vec::new();
+    for value in partitions(root, tree, tenant)?.into_iter().filter(|v| wanted(v)) {
+        let (keep, _) = split_redundant(dir_files(&partition_dir(root, tree, tenant, &value), &value)?);
+        out.extend(keep);
+    }
+    Ok(out)
+}
+
+/// `_projection.json`: how far the tenant's projection is complete, and the signed checkpoint
+/// (C2SP note) of the log at exactly that size, if the flush reached the log's end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watermark {
+    pub next_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+fn watermark_path(root: &Path, tenant: &str) -> PathBuf {
+    tenant_dir(root, Tree::Events, tenant).join("_projection.json")
+}
+
+/// The tenant's watermark (zero when it has never been projected).
+pub fn read_watermark(root: &Path, tenant: &str) -> Result<Watermark> {
+    let path = watermark_path(root, tenant);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: path.display().to_string(), detail: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Watermark::default()),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+pub(crate) fn write_watermark(root: &Path, tenant: &str, mark: &Watermark) -> Result<()> {
+    let bytes = serde_json::to_vec(mark).map_err(|e| Error::Projection(e.to_string()))?;
+    write_atomically(&watermark_path(root, tenant), |file| {
+        use std::io::Write;
+        file.write_all(&bytes)
+    })
+}
+
+/// Writes `path` through a synced hidden temporary file and a rename, then syncs the directory.
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+    let dir = path.parent().ok_or_else(|| Error::Projection(format!("{} has no parent directory", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write(&mut file).map_err(|e| Error::io(&tmp, e))?;
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_dir(dir)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+/// Deletes what a crash can leave in a tenant's trees: temporary files, files of a flush that
+/// did not finish (`first >= next_seq`) and files made redundant by a merge. Returns how many.
+pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result<usize> {
+    let mut removed = 0;
+    for tree in [Tree::Events, Tree::Rollups] {
+        for value in partitions(root, tree, tenant)? {
+            let dir = partition_dir(root, tree, tenant, &value);
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
+                if entry.file_name().to_str().is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp")) {
+                    remove(&entry.path())?;
+                    removed += 1;
+                }
+            }
+            let (keep, redundant) = split_redundant(dir_files(&dir, &value)?);
+            for f in redundant.iter().chain(keep.iter().filter(|f| f.first >= next_seq)) {
+                remove(&f.path)?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Deletes a tenant's whole projection (both trees and the watermark), for a rebuild.
+pub(crate) fn remove_tenant(root: &Path, tenant: &str) -> Result<()> {
+    // The watermark goes first: a crash midway leaves files that recovery deletes.
+    remove(&watermark_path(root, tenant))?;
+    for tree in [Tree::Events, Tree::Rollups] {
+        let dir = tenant_dir(root, tree, tenant);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Files a merge should replace in `dir`: the longest run at the end (by range) of files of one
+/// size tier (powers of 8 rows) below `max_rows`, when it is at least `min_files` long. Size
+/// tiers keep the rewrite cost per row logarithmic; taking only a trailing run keeps every
+/// merged range free of other files' rows.
+pub(crate) fn merge_candidates(root: &Path, tree: Tree, tenant: &str, value: &str, min_files: usize, max_rows: u64) -> Result<Vec<ProjectionFile>> {
+    let (files, _) = split_redundant(dir_files(&partition_dir(root, tree, tenant, value), value)?);
+    let tier = |rows: u64| (64 - rows.max(1).leading_zeros()) / 3;
+    let Some(last) = files.last() else { return Ok(Vec::new()) };
+    let t = tier(last.rows);
+    let run: Vec<ProjectionFile> = files.iter().rev().take_while(|f| tier(f.rows) == t && f.rows < max_rows).cloned().collect();
+    if run.len() < min_files {
+        return Ok(Vec::new());
+    }
+    let mut run: Vec<ProjectionFile> = run.into_iter().rev().collect();
+    // Never grow a file past max_rows: keep the newest files that fit.
+    while run.len() > 1 && run.iter().map(|f| f.rows).sum::<u64>() > max_rows {
+        run.remove(0);
+    }
+    Ok(if run.len() >= 2 { run } else { Vec::new() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(dir: &Path, first: u64, last: u64, rows: u64) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(file_name(first, last, rows)), b"x").unwrap();
+    }
+
+    #[test]
+    fn names_round_trip_and_junk_is_not_a_file() {
+        assert_eq!(parse_file_name(&file_name(3, 9, 4)), Some((3, 9, 4)));
+        for junk in ["x.parquet", "1-2.parquet", "9-3-1.parquet", ".1-2-3.parquet.tmp", "1-2-3-4.parquet"] {
+            assert_eq!(parse_file_name(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn covered_files_are_invisible_and_recovery_deletes_them_and_unfinished_flushes() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = partition_dir(root.path(), Tree::Events, "acme", "2026-11-01");
+        touch(&dir, 0, 9, 5);
+        touch(&dir, 10, 19, 5);
+        touch(&dir, 0, 19, 10); // a merge whose inputs were not yet deleted
+        touch(&dir, 20, 29, 3); // a flush the watermark does not cover
+        std::fs::write(dir.join(".00-tmp.parquet.tmp"), b"half").unwrap();
+        let visible = list_files(root.path(), Tree::Events, "acme", |_| true).unwrap();
+        assert_eq!(visible.iter().map(|f| (f.first, f.last)).collect::<Vec<_>>(), vec![(0, 19), (20, 29)]);
+        assert_eq!(recover_tenant(root.path(), "acme", 20).unwrap(), 4);
+        let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(left, vec![file_name(0, 19, 10)]);
+    }
+
+    #[test]
+    fn merges_take_a_trailing_run_of_one_tier() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = partition_dir(root.path(), Tree::Rollups, "acme", "2026-11");
+        touch(&dir, 0, 99, 5000);
+        for i in 0..7 {
+            touch(&dir, 100 + i * 10, 109 + i * 10, 3);
+        }
+        assert!(merge_candidates(root.path(), Tree::Rollups, "acme", "2026-11", 8, 1 << 20).unwrap().is_empty());
+        touch(&dir, 170, 179, 2);
+        let run = merge_candidates(root.path(), Tree::Rollups, "acme", "2026-11", 8, 1 << 20).unwrap();
+        assert_eq!((run.len(), run[0].first, run[7].last), (8, 100, 179));
+    }
+
+    #[test]
+    fn watermarks_round_trip_and_default_to_zero() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(read_watermark(root.path(), "acme").unwrap(), Watermark::default());
+        let mark = Watermark { next_seq: 7, checkpoint: Some("note".into()) };
+        write_watermark(root.path(), "acme", &mark).unwrap();
+        assert_eq!(read_watermark(root.path(), "acme").unwrap(), mark);
+        assert_eq!(projected_tenants(root.path()).unwrap(), vec!["acme".to_string()]);
+    }
+}

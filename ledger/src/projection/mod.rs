@@ -1,0 +1,235 @@
+//! The Parquet projection of every tenant's log (SPEC §5), and the cost roll-ups beside it.
+//!
+//! The log is the truth; the projection is derived from committed records only and can always be
+//! rebuilt from it ([`rebuild_tenant`]). [`Projection::flush`] appends a tenant's records past its
+//! watermark: one Parquet file per date they fall on, one roll-up file per month, then the
+//! watermark (with the checkpoint of the log at that size). Small files are merged in size tiers
+//! after each flush. See [`files`] for the on-disk invariants that make a crash at any instant
+//! leave only complete files visible, and re-running the flush exact.
+
+mod files;
+mod rows;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+pub use files::{list_files, partition_dir, partitions, projected_tenants, read_watermark, tenant_dir, ProjectionFile, Tree, Watermark};
+pub use rows::{add_event, bucket_of, Rollup, RollupKey, RollupSums};
+
+use crate::error::{Error, Result};
+use crate::log::TenantLog;
+use rows::Row;
+
+/// Records projected per flush at most, to bound memory (a catch-up takes several flushes).
+const MAX_FLUSH_RECORDS: u64 = 250_000;
+/// A directory's run of same-tier files is merged once it is this long.
+const MERGE_MIN_FILES: usize = 8;
+/// Merges never make a file larger than this many rows.
+const MERGE_MAX_ROWS: u64 = 1 << 20;
+
+/// The Parquet settings of every projection file: zstd, row groups of up to 128 Ki rows
+/// (pruning granularity for seq and time filters), page statistics.
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Page)
+        .build()
+}
+
+fn write_parquet(path: &Path, batches: &[arrow_array::RecordBatch]) -> Result<()> {
+    let schema = batches.first().map(|b| b.schema()).ok_or_else(|| Error::Projection("nothing to write".into()))?;
+    files::write_atomically(path, |file| {
+        let mut writer = ArrowWriter::try_new(file, schema, Some(writer_properties())).map_err(std::io::Error::other)?;
+        for batch in batches {
+            writer.write(batch).map_err(std::io::Error::other)?;
+        }
+        writer.close().map_err(std::io::Error::other)?;
+        Ok(())
+    })
+}
+
+/// Reads a whole projection file.
+pub fn read_parquet(path: &Path) -> Result<Vec<arrow_array::RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(|e| Error::Projection(format!("{}: {e}", path.display())))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::Projection(format!("{}: {e}", path.display())))
+}
+
+/// What one flush did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    pub records: u64,
+    pub files: usize,
+    pub merged: usize,
+}
+
+struct TenantProjection {
+    mark: files::Watermark,
+    last_flush: Option<Instant>,
+}
+
+/// The projection of the tenants of one ledger directory (a partition), under `root`.
+pub struct Projection {
+    root: PathBuf,
+    flush_every: Duration,
+    tenants: HashMap<String, TenantProjection>,
+}
+
+impl Projection {
+    /// `root` is the projection's root (`<data_dir>/parquet`); a tenant is flushed at most once
+    /// per `flush_every` unless forced.
+    pub fn new(root: &Path, flush_every: Duration) -> Projection {
+        Projection { root: root.to_path_buf(), flush_every, tenants: HashMap::new() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The tenant's state, recovered from disk on first use in this process.
+    fn tenant(&mut self, tenant: &str) -> Result<&mut TenantProjection> {
+        if !self.tenants.contains_key(tenant) {
+            let mark = files::read_watermark(&self.root, tenant)?;
+            let removed = files::recover_tenant(&self.root, tenant, mark.next_seq)?;
+            if removed > 0 {
+                tracing::info!(tenant_id = %tenant, removed, next_seq = mark.next_seq, "projection recovered from an interrupted flush or merge");
+            }
+            self.tenants.insert(tenant.to_string(), TenantProjection { mark, last_flush: None });
+        }
+        self.tenants.get_mut(tenant).ok_or_else(|| Error::Projection(tenant.to_string()))
+    }
+
+    /// Records of the tenant's committed log not yet projected.
+    pub fn behind(&mut self, tenant: &str, log: &TenantLog) -> Result<u64> {
+        Ok(log.size().saturating_sub(self.tenant(tenant)?.mark.next_seq))
+    }
+
+    /// Projects the tenant's committed records past its watermark, at most
+    /// [`MAX_FLUSH_RECORDS`] of them; does nothing if the last flush was under `flush_every` ago
+    /// and `force` is false. Returns None when not due.
+    pub fn flush(&mut self, tenant: &str, log: &TenantLog, force: bool) -> Result<Option<FlushReport>> {
+        let flush_every = self.flush_every;
+        let root = self.root.clone();
+        let state = self.tenant(tenant)?;
+        let size = log.size();
+        if state.mark.next_seq >= size {
+            return Ok(Some(FlushReport::default()));
+        }
+        if !force && state.last_flush.is_some_and(|t| t.elapsed() < flush_every) {
+            return Ok(None);
+        }
+        if state.mark.next_seq > size {
+            return Err(Error::Projection(format!("{tenant}: projected to {} but the log holds {size}", state.mark.next_seq)));
+        }
+        let first = state.mark.next_seq;
+        let last = (first + MAX_FLUSH_RECORDS).min(size) - 1;
+        let mut rows = Vec::with_capacity((last - first + 1) as usize);
+        for seq in first..=last {
+            rows.push(Row::parse(seq, &log.entry(seq)?)?);
+        }
+        let mut by_date: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+        let mut by_month: BTreeMap<String, Rollup> = BTreeMap::new();
+        for row in &rows {
+            by_date.entry(row.date()).or_default().push(row);
+            if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
+                let month = rows::month_of(rows::bucket_of(event.occurred_at));
+                rows::add_event(by_month.entry(month).or_default(), event);
+            }
+        }
+        let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };
+        for (date, rows) in &by_date {
+            let path = files::partition_dir(&root, Tree::Events, tenant, date).join(files::file_name(first, last, rows.len() as u64));
+            write_parquet(&path, &[rows::rows_batch(rows)?])?;
+            report.files += 1;
+        }
+        for (month, rollup) in &by_month {
+            let path = files::partition_dir(&root, Tree::Rollups, tenant, month).join(files::file_name(first, last, rollup.len() as u64));
+            write_parquet(&path, &[rows::rollup_batch(rollup.iter())?])?;
+            report.files += 1;
+        }
+        // The checkpoint is kept only if it is of exactly the projected size: then the
+        // projection alone can prove any of its ranges complete.
+        let checkpoint = std::fs::read_to_string(log.dir().join("checkpoint")).ok().filter(|note| note_size(note) == Some(last + 1));
+        let mark = files::Watermark { next_seq: last + 1, checkpoint: checkpoint.or_else(|| state.mark.checkpoint.take()) };
+        files::write_watermark(&root, tenant, &mark)?;
+        state.mark = mark;
+        state.last_flush = Some(Instant::now());
+        for date in by_date.keys() {
+            report.merged += merge(&root, Tree::Events, tenant, date)?;
+        }
+        for month in by_month.keys() {
+            report.merged += merge(&root, Tree::Rollups, tenant, month)?;
+        }
+        Ok(Some(report))
+    }
+}
+
+/// The tree size a checkpoint note states (its second line).
+fn note_size(note: &str) -> Option<u64> {
+    note.lines().nth(1)?.parse().ok()
+}
+
+/// Merges the directory's trailing run of small files, if long enough; returns files replaced.
+fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
+    let mut replaced = 0;
+    loop {
+        let run = files::merge_candidates(root, tree, tenant, value, MERGE_MIN_FILES, MERGE_MAX_ROWS)?;
+        let (Some(head), Some(tail)) = (run.first(), run.last()) else { return Ok(replaced) };
+        let (batches, rows) = match tree {
+            Tree::Events => {
+                let mut batches = Vec::new();
+                for f in &run {
+                    for batch in read_parquet(&f.path)? {
+                        rows::check_schema(&batch, &tally_schemas::projection_schema())?;
+                        batches.push(batch);
+                    }
+                }
+                let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+                (batches, rows)
+            }
+            Tree::Rollups => {
+                let mut rollup = Rollup::new();
+                for f in &run {
+                    for batch in read_parquet(&f.path)? {
+                        rows::check_schema(&batch, &tally_schemas::rollup_schema())?;
+                        rows::fold_rollup_batch(&mut rollup, &batch)?;
+                    }
+                }
+                (vec![rows::rollup_batch(rollup.iter())?], rollup.len() as u64)
+            }
+        };
+        let path = files::partition_dir(root, tree, tenant, value).join(files::file_name(head.first, tail.last, rows));
+        write_parquet(&path, &batches)?;
+        // The merged file now covers the inputs: readers skip them from here on.
+        for f in &run {
+            files::remove(&f.path)?;
+        }
+        replaced += run.len();
+    }
+}
+
+/// Rewrites a tenant's projection from its log: deletes it, then flushes to the end, calling
+/// `progress(done, total)` after each flush. The caller must hold the partition's lock.
+pub fn rebuild_tenant(root: &Path, tenant: &str, log: &TenantLog, mut progress: impl FnMut(u64, u64)) -> Result<u64> {
+    files::remove_tenant(root, tenant)?;
+    let mut projection = Projection::new(root, Duration::ZERO);
+    let total = log.size();
+    loop {
+        projection.flush(tenant, log, true)?;
+        let done = total - projection.behind(tenant, log)?;
+        progress(done, total);
+        if done >= total {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,314 @@
+//! Ledger records → projection rows (Arrow record batches) and cost roll-ups.
+//!
+//! A row is derived from the record bytes alone (plus its seq and leaf hash), so a rebuild from
+//! the log writes the same rows. Roll-ups sum `event` records only: a `conflict` is a second
+//! version of an event already counted, and budget-side records carry no spend of their own.
+//! Money and token sums are integers and saturate rather than wrap.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    FixedSizeBinaryBuilder, Int32Builder, Int64Builder, ListBuilder, MapBuilder, MapFieldNames, StringBuilder, TimestampMicrosecondBuilder,
+    TimestampMillisecondBuilder, UInt64Builder,
+};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_schema::{Field, Schema, SchemaRef};
+use jiff::Timestamp;
+use serde::Deserialize;
+use tally_schemas::{projection_schema, rollup_schema, Event, ROLLUP_BUCKET_SECONDS};
+
+use crate::error::{Error, Result};
+use crate::merkle::{leaf_hash, Hash};
+
+/// One record, parsed for projection.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub seq: u64,
+    pub leaf_hash: Hash,
+    pub record_type: String,
+    pub event: Option<Event>,
+    /// The event's `occurred_at`, or a budget-side record's `at`.
+    pub at: Option<Timestamp>,
+    pub kafka: Option<KafkaSource>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub(crate) struct KafkaSource {
+    pub partition: i32,
+    pub offset: i64,
+    #[serde(default)]
+    pub timestamp_ms: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawRecord {
+    seq: u64,
+    #[serde(rename = "type")]
+    record_type: String,
+    #[serde(default)]
+    event: Option<Event>,
+    #[serde(default)]
+    source: Option<serde_json::Value>,
+    #[serde(default)]
+    at: Option<Timestamp>,
+    #[serde(default)]
+    conflicts_with_seq: Option<u64>,
+}
+
+impl Row {
+    /// Parses entry `seq` of a tenant's log.
+    pub fn parse(seq: u64, entry: &[u8]) -> Result<Row> {
+        let raw: RawRecord = serde_json::from_slice(entry).map_err(|e| Error::BadRecord(format!("entry {seq}: {e}")))?;
+        if raw.seq != seq {
+            return Err(Error::BadRecord(format!("entry {seq} says it is seq {}", raw.seq)));
+        }
+        let kafka = raw
+            .source
+            .filter(|s| s.get("kind").and_then(|k| k.as_str()) == Some("kafka"))
+            .and_then(|s| serde_json::from_value::<KafkaSource>(s).ok());
+        let detail = match (&raw.event, raw.conflicts_with_seq) {
+            (Some(_), Some(first)) => Some(format!("{{\"conflicts_with_seq\":{first}}}")),
+            (Some(_), None) => None,
+            (None, _) => Some(String::from_utf8_lossy(entry).into_owned()),
+        };
+        let at = raw.event.as_ref().map(|e| e.occurred_at).or(raw.at);
+        Ok(Row { seq, leaf_hash: leaf_hash(entry), record_type: raw.record_type, event: raw.event, at, kafka, detail })
+    }
+
+    /// The UTC date (`YYYY-MM-DD`) directory the row goes to.
+    pub fn date(&self) -> String {
+        self.at.map_or_else(|| "1970-01-01".to_string(), |t| t.strftime("%Y-%m-%d").to_string())
+    }
+}
+
+/// The Arrow batch of `rows` (in seq order) under [`projection_schema`].
+pub(crate) fn rows_batch(rows: &[&Row]) -> Result<RecordBatch> {
+    let schema: SchemaRef = Arc::new(projection_schema());
+    let n = rows.len();
+    let mut seq = UInt64Builder::with_capacity(n);
+    let mut leaf = FixedSizeBinaryBuilder::with_capacity(n, 32);
+    let mut record_type = StringBuilder::new();
+    let mut text: Vec<StringBuilder> = (0..11).map(|_| StringBuilder::new()).collect();
+    let mut occurred = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let item = Arc::new(Field::new("item", arrow_schema::DataType::Utf8, false));
+    let mut delegation = ListBuilder::new(StringBuilder::new()).with_field(item);
+    let names = MapFieldNames { entry: "entries".into(), key: "key".into(), value: "value".into() };
+    let mut attributes = MapBuilder::new(Some(names), StringBuilder::new(), StringBuilder::new());
+    let mut input_tokens = UInt64Builder::with_capacity(n);
+    let mut output_tokens = UInt64Builder::with_capacity(n);
+    let mut cost = Int64Builder::with_capacity(n);
+    let mut currency = StringBuilder::new();
+    let mut reservation = StringBuilder::new();
+    let mut kafka_partition = Int32Builder::with_capacity(n);
+    let mut kafka_offset = Int64Builder::with_capacity(n);
+    let mut kafka_ts = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut detail = StringBuilder::new();
+    for row in rows {
+        seq.append_value(row.seq);
+        leaf.append_value(row.leaf_hash).map_err(|e| Error::Projection(e.to_string()))?;
+        record_type.append_value(&row.record_type);
+        occurred.append_option(row.at.map(|t| t.as_microsecond()));
+        let e = row.event.as_ref();
+        let fields: [Option<&str>; 11] = [
+            e.map(|e| e.event_id.as_str()),
+            e.map(|e| e.kind.as_str()),
+            e.and_then(|e| e.decision).map(|d| d.as_str()),
+            e.and_then(|e| e.reason_code.as_deref()),
+            e.and_then(|e| e.agent_id.as_deref()),
+            e.and_then(|e| e.actor_id.as_deref()),
+            e.and_then(|e| e.workspace_id.as_deref()),
+            e.and_then(|e| e.task_id.as_deref()),
+            e.and_then(|e| e.action.as_deref()),
+            e.and_then(|e| e.policy_profile.as_deref()),
+            e.and_then(|e| e.quota_class.as_deref()),
+        ];
+        for (builder, value) in text.iter_mut().zip(fields) {
+            builder.append_option(value);
+        }
+        match e.filter(|e| !e.delegation.is_empty()) {
+            Some(e) => {
+                for agent in &e.delegation {
+                    delegation.values().append_value(agent);
+                }
+                delegation.append(true);
+            }
+            None => delegation.append(false),
+        }
+        match e.filter(|e| !e.attributes.is_empty()) {
+            Some(e) => {
+                for (k, v) in &e.attributes {
+                    attributes.keys().append_value(k);
+                    attributes.values().append_value(v);
+                }
+                attributes.append(true).map_err(|e| Error::Projection(e.to_string()))?;
+            }
+            None => attributes.append(false).map_err(|e| Error::Projection(e.to_string()))?,
+        }
+        input_tokens.append_option(e.and_then(|e| e.usage.as_ref()).map(|u| u.input_tokens));
+        output_tokens.append_option(e.and_then(|e| e.usage.as_ref()).map(|u| u.output_tokens));
+        cost.append_option(e.and_then(|e| e.cost.as_ref()).map(|c| c.amount_micros));
+        currency.append_option(e.and_then(|e| e.cost.as_ref()).map(|c| c.currency.as_str()));
+        reservation.append_option(e.and_then(|e| e.reservation_id.as_deref()));
+        kafka_partition.append_option(row.kafka.map(|k| k.partition));
+        kafka_offset.append_option(row.kafka.map(|k| k.offset));
+        kafka_ts.append_option(row.kafka.and_then(|k| k.timestamp_ms));
+        detail.append_option(row.detail.as_deref());
+    }
+    let mut text: Vec<ArrayRef> = text.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef).collect();
+    // Schema order: event_id, occurred_at, kind, decision, reason_code, agent_id, actor_id,
+    // workspace_id, task_id, delegation, action, policy_profile, quota_class, …
+    let event_id = text.remove(0);
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(seq.finish()), Arc::new(leaf.finish()), Arc::new(record_type.finish()), event_id, Arc::new(occurred.finish())];
+    let mut rest = text.into_iter();
+    columns.extend(rest.by_ref().take(7)); // kind … task_id
+    columns.push(Arc::new(delegation.finish()));
+    columns.extend(rest); // action, policy_profile, quota_class
+    columns.extend([
+        Arc::new(input_tokens.finish()) as ArrayRef,
+        Arc::new(output_tokens.finish()),
+        Arc::new(cost.finish()),
+        Arc::new(currency.finish()),
+        Arc::new(reservation.finish()),
+        Arc::new(attributes.finish()),
+        Arc::new(kafka_partition.finish()),
+        Arc::new(kafka_offset.finish()),
+        Arc::new(kafka_ts.finish()),
+        Arc::new(detail.finish()),
+    ]);
+    // The builders' nested field names and nullability differ from the schema's in ways that do
+    // not change the data; cast them to the schema's exact types.
+    let columns = columns
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(col, field)| if col.data_type() == field.data_type() { Ok(col) } else { retype(col, field) })
+        .collect::<Result<Vec<_>>>()?;
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::Projection(format!("projection batch: {e}")))
+}
+
+fn retype(col: ArrayRef, field: &Field) -> Result<ArrayRef> {
+    let data = col.to_data().into_builder().data_type(field.data_type().clone()).build().map_err(|e| Error::Projection(format!("column {}: {e}", field.name())))?;
+    Ok(arrow_array::make_array(data))
+}
+
+/// What a roll-up row is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RollupKey {
+    /// Start of the 15-minute UTC bucket, in microseconds.
+    pub bucket_start: i64,
+    pub kind: String,
+    pub decision: Option<String>,
+    pub agent_id: Option<String>,
+    pub action: Option<String>,
+    pub task_id: Option<String>,
+    pub currency: Option<String>,
+}
+
+/// The sums of a roll-up row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupSums {
+    pub events: i64,
+    pub cost_micros: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+impl RollupSums {
+    pub fn add(&mut self, other: RollupSums) {
+        self.events = self.events.saturating_add(other.events);
+        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+    }
+}
+
+/// Roll-up rows by key.
+pub type Rollup = BTreeMap<RollupKey, RollupSums>;
+
+/// The bucket an instant falls in, in microseconds.
+pub fn bucket_of(t: Timestamp) -> i64 {
+    t.as_second().div_euclid(ROLLUP_BUCKET_SECONDS) * ROLLUP_BUCKET_SECONDS * 1_000_000
+}
+
+/// Adds an event to a roll-up.
+pub fn add_event(rollup: &mut Rollup, event: &Event) {
+    let key = RollupKey {
+        bucket_start: bucket_of(event.occurred_at),
+        kind: event.kind.clone(),
+        decision: event.decision.map(|d| d.as_str().to_string()),
+        agent_id: event.agent_id.clone(),
+        action: event.action.clone(),
+        task_id: event.task_id.clone(),
+        currency: event.cost.as_ref().map(|c| c.currency.clone()),
+    };
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let sums = RollupSums {
+        events: 1,
+        cost_micros: event.cost.as_ref().map_or(0, |c| c.amount_micros),
+        input_tokens: event.usage.as_ref().map_or(0, |u| clamp(u.input_tokens)),
+        output_tokens: event.usage.as_ref().map_or(0, |u| clamp(u.output_tokens)),
+    };
+    rollup.entry(key).or_default().add(sums);
+}
+
+/// The UTC month (`YYYY-MM`) a bucket belongs to.
+pub(crate) fn month_of(bucket_start: i64) -> String {
+    Timestamp::from_microsecond(bucket_start).map_or_else(|_| "1970-01".to_string(), |t| t.strftime("%Y-%m").to_string())
+}
+
+/// The Arrow batch of a roll-up under [`rollup_schema`].
+pub(crate) fn rollup_batch<'a>(rows: impl Iterator<Item = (&'a RollupKey, &'a RollupSums)>) -> Result<RecordBatch> {
+    let schema = Arc::new(rollup_schema());
+    let mut bucket = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let mut text: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
+    let mut sums: Vec<Int64Builder> = (0..4).map(|_| Int64Builder::new()).collect();
+    for (k, s) in rows {
+        bucket.append_value(k.bucket_start);
+        text[0].append_value(&k.kind);
+        for (b, v) in text[1..].iter_mut().zip([&k.decision, &k.agent_id, &k.action, &k.task_id, &k.currency]) {
+            b.append_option(v.as_deref());
+        }
+        for (b, v) in sums.iter_mut().zip([s.events, s.cost_micros, s.input_tokens, s.output_tokens]) {
+            b.append_value(v);
+        }
+    }
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(bucket.finish())];
+    columns.extend(text.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend(sums.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::Projection(format!("roll-up batch: {e}")))
+}
+
+/// Adds the rows of a roll-up batch (as written by [`rollup_batch`]) to `rollup`.
+pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Result<()> {
+    fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+        batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<T>()).ok_or_else(|| Error::Projection(format!("roll-up file lacks column {name}")))
+    }
+    let bucket = col::<TimestampMicrosecondArray>(batch, "bucket_start")?;
+    let text = |name| col::<StringArray>(batch, name);
+    let (kind, decision, agent, action, task, currency) = (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("task_id")?, text("currency")?);
+    let num = |name| col::<Int64Array>(batch, name);
+    let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
+    let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
+    for i in 0..batch.num_rows() {
+        let key = RollupKey {
+            bucket_start: bucket.value(i),
+            kind: kind.value(i).to_string(),
+            decision: opt(decision, i),
+            agent_id: opt(agent, i),
+            action: opt(action, i),
+            task_id: opt(task, i),
+            currency: opt(currency, i),
+        };
+        rollup.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) });
+    }
+    Ok(())
+}
+
+/// Checks that a batch has exactly the schema `want` (files are read back for merges).
+pub(crate) fn check_schema(batch: &RecordBatch, want: &Schema) -> Result<()> {
+    if batch.schema().fields() != want.fields() {
+        return Err(Error::Projection("a projection file does not have the current schema; rebuild the projection (tally parquet rebuild)".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+use std::collections::BTreeSet;
+
+use arrow_array::{Array, FixedSizeBinaryArray, StringArray, UInt64Array};
+use tally_schemas::Event;
+
+use super::*;
+use crate::budget::{BudgetDecision, BudgetRecord, Level, Status};
+use crate::merkle::leaf_hash;
+use crate::record::{event_record, EventInput, Source};
+
+fn event(i: u64) -> Event {
+    serde_json::from_value(serde_json::json!({
+        "event_id": format!("e{i}"),
+        "tenant_id": "acme",
+        // Three days, 8 hours apart.
+        "occurred_at": jiff::Timestamp::from_second(1_764_547_200 + (i as i64) * 8 * 3600).unwrap().to_string(),
+        "kind": "llm_call",
+        "decision": "allow",
+        "agent_id": format!("agent-{}", i % 3),
+        "action": "gpt-x",
+        "task_id": format!("task-{}", i % 2),
+        "delegation": ["outer", "inner"],
+        "usage": {"input_tokens": 10, "output_tokens": i},
+        "cost": {"amount_micros": 1000 + i as i64, "currency": "USD"},
+        "attributes": {"k": "v"}
+    }))
+    .unwrap()
+}
+
+/// A committed log of `n` event records plus a budget record after each third one.
+fn log_with(dir: &Path, n: u64) -> TenantLog {
+    let mut log = TenantLog::open(dir).unwrap();
+    append(&mut log, 0, n);
+    log
+}
+
+fn append(log: &mut TenantLog, from: u64, to: u64) {
+    for i in from..to {
+        let e = event(i);
+        let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
+        let seq = log.size() + log.pending();
+        log.append(&event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
+        if i % 3 == 2 {
+            let seq = log.size() + log.pending();
+            let decision = BudgetDecision { at: e.occurred_at, status: Status::Warning, level: Level::Day, scope: "2025-12-01".into(), limit_micros: 1, spent_micros: 1 };
+            log.append(&BudgetRecord::Budget { seq, decision }.to_bytes().unwrap()).unwrap();
+        }
+    }
+    log.commit().unwrap();
+}
+
+/// (seq, leaf hash, record type) of every visible row of the tenant.
+fn projected(root: &Path) -> Vec<(u64, [u8; 32], String)> {
+    let mut out = Vec::new();
+    for f in list_files(root, Tree::Events, "acme", |_| true).unwrap() {
+        for b in read_parquet(&f.path).unwrap() {
+            let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<UInt64Array>().unwrap();
+            let leaf = b.column_by_name("leaf_hash").unwrap().as_any().downcast_ref::<FixedSizeBinaryArray>().unwrap();
+            let ty = b.column_by_name("record_type").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            for i in 0..b.num_rows() {
+                out.push((seq.value(i), leaf.value(i).try_into().unwrap(), ty.value(i).to_string()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn rollup_total(root: &Path) -> RollupSums {
+    let mut total = RollupSums::default();
+    for f in list_files(root, Tree::Rollups, "acme", |_| true).unwrap() {
+        for b in read_parquet(&f.path).unwrap() {
+            let mut r = Rollup::new();
+            rows::fold_rollup_batch(&mut r, &b).unwrap();
+            r.values().for_each(|s| total.add(*s));
+        }
+    }
+    total
+}
+
+fn check_matches_log(root: &Path, log: &TenantLog) {
+    let rows = projected(root);
+    assert_eq!(rows.len() as u64, log.size());
+    for (i, (seq, leaf, _)) in rows.iter().enumerate() {
+        assert_eq!(*seq, i as u64);
+        assert_eq!(*leaf, leaf_hash(&log.entry(*seq).unwrap()));
+    }
+}
+
+#[test]
+fn every_record_becomes_one_row_with_its_leaf_hash_and_rollups_sum_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with(&dir.path().join("log"), 9);
+    let root = dir.path().join("parquet");
+    let mut p = Projection::new(&root, Duration::ZERO);
+    let report = p.flush("acme", &log, false).unwrap().unwrap();
+    assert_eq!(report.records, 12);
+    check_matches_log(&root, &log);
+    // Nine events over three UTC days.
+    assert_eq!(partitions(&root, Tree::Events, "acme").unwrap(), vec!["2025-12-01", "2025-12-02", "2025-12-03"]);
+    let types: BTreeSet<String> = projected(&root).into_iter().map(|r| r.2).collect();
+    assert_eq!(types, ["budget", "event"].into_iter().map(String::from).collect());
+    let total = rollup_total(&root);
+    assert_eq!(total, RollupSums { events: 9, cost_micros: (0..9).map(|i| 1000 + i).sum(), input_tokens: 90, output_tokens: 36 });
+    let mark = read_watermark(&root, "acme").unwrap();
+    assert_eq!(mark.next_seq, 12);
+}
+
+#[test]
+fn many_small_flushes_are_merged_and_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 1);
+    let root = dir.path().join("parquet");
+    let mut p = Projection::new(&root, Duration::ZERO);
+    let mut merged = 0;
+    for i in 1..40 {
+        append(&mut log, i, i + 1);
+        merged += p.flush("acme", &log, false).unwrap().unwrap().merged;
+    }
+    assert!(merged >= 8, "merged {merged}");
+    check_matches_log(&root, &log);
+    assert_eq!(rollup_total(&root).events, 40);
+    for date in partitions(&root, Tree::Events, "acme").unwrap() {
+        let n = std::fs::read_dir(partition_dir(&root, Tree::Events, "acme", &date)).unwrap().count();
+        assert!(n < MERGE_MIN_FILES + 2, "{date}: {n} files");
+    }
+}
+
+#[test]
+fn a_flush_interrupted_before_its_watermark_is_redone_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 6);
+    let root = dir.path().join("parquet");
+    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    let mark = read_watermark(&root, "acme").unwrap();
+    append(&mut log, 6, 12);
+    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    // Simulate a crash after the second flush's files but before its watermark.
+    files::write_watermark(&root, "acme", &mark).unwrap();
+    std::fs::write(partition_dir(&root, Tree::Events, "acme", "2025-12-01").join(".x.parquet.tmp"), b"half").unwrap();
+    let mut p = Projection::new(&root, Duration::ZERO);
+    assert_eq!(p.behind("acme", &log).unwrap(), log.size() - mark.next_seq);
+    p.flush("acme", &log, false).unwrap();
+    check_matches_log(&root, &log);
+    assert_eq!(rollup_total(&root).events, 12);
+}
+
+#[test]
+fn a_rebuild_reproduces_the_projection_and_repairs_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with(&dir.path().join("log"), 20);
+    let root = dir.path().join("parquet");
+    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    let before = projected(&root);
+    let victim = list_files(&root, Tree::Events, "acme", |_| true).unwrap().remove(0);
+    std::fs::remove_file(&victim.path).unwrap();
+    assert_ne!(projected(&root), before);
+    let mut calls = Vec::new();
+    assert_eq!(rebuild_tenant(&root, "acme", &log, |done, total| calls.push((done, total))).unwrap(), log.size());
+    assert_eq!(calls.last(), Some(&(log.size(), log.size())));
+    assert_eq!(projected(&root), before);
+}
+
+#[test]
+fn the_watermark_keeps_the_checkpoint_of_exactly_the_projected_size() {
+    assert_eq!(note_size("example.com/t/acme\n42\nroot=\n\n— sig"), Some(42));
+    assert_eq!(note_size("origin only"), None);
+}
