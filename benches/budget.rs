@@ -133,6 +133,7 @@ async fn main() {
         budget_topic: budget_topic.clone(),
         advertise_url: None,
         rejoin_after_ms: 30_000,
+        projection_interval_ms: 1000,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

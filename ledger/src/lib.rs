@@ -38,7 +38,7 @@ pub use checkpoint::{tenant_origin, Checkpoint};
 pub use error::{Error, Result};
 pub use keyfile::LedgerKey;
 pub use ledger::{Ledger, COMMIT_THREADS};
-pub use log::{TenantLog, MAX_ENTRY_BYTES};
+pub use log::{find_tenant_log, LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use receipt::Receipt;
 pub use record::{conflict_record, event_record, EventInput, Source};

@@ -363,11 +363,55 @@ impl TenantLog {
 impl NodeSource for TenantLog {
     type Error = Error;
     fn node(&self, level: u32, index: u64) -> Result<Hash> {
-        let mut hash = [0u8; 32];
-        let path = self.dir.join("hashes");
-        self.hashes.read_exact_at(&mut hash, node_position(level, index) * 32).map_err(|e| Error::io(&path, e))?;
-        Ok(hash)
+        read_node(&self.hashes, &self.dir, level, index)
     }
+}
+
+/// A stored perfect node from a log's `hashes` file.
+fn read_node(hashes: &File, dir: &Path, level: u32, index: u64) -> Result<Hash> {
+    let mut hash = [0u8; 32];
+    hashes.read_exact_at(&mut hash, node_position(level, index) * 32).map_err(|e| Error::io(&dir.join("hashes"), e))?;
+    Ok(hash)
+}
+
+/// Read-only access to a tenant log another process (the ledger) is writing: the committed
+/// head and stored nodes, for proofs. Never repairs or writes anything; nodes of any size up to
+/// the head it read are immutable, so concurrent appends do not disturb it.
+pub struct LogReader {
+    dir: PathBuf,
+    hashes: File,
+    head: Head,
+}
+
+impl LogReader {
+    pub fn open(dir: &Path) -> Result<LogReader> {
+        let head = read_head(dir)?;
+        let path = dir.join("hashes");
+        let hashes = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(LogReader { dir: dir.to_path_buf(), hashes, head })
+    }
+
+    /// Committed size when opened.
+    pub fn size(&self) -> u64 {
+        self.head.size
+    }
+}
+
+impl NodeSource for LogReader {
+    type Error = Error;
+    fn node(&self, level: u32, index: u64) -> Result<Hash> {
+        read_node(&self.hashes, &self.dir, level, index)
+    }
+}
+
+/// The log directory of `tenant` under a ledger service's `data_dir`, if it has one.
+pub fn find_tenant_log(data_dir: &Path, tenant: &str) -> Option<PathBuf> {
+    tally_schemas::validate_tenant_id(tenant).ok()?;
+    std::fs::read_dir(data_dir.join("partitions"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("t").join(tenant))
+        .find(|dir| dir.join("head").exists())
 }
 
 pub(crate) fn read_head(dir: &Path) -> Result<Head> {

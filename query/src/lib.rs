@@ -1,9 +1,55 @@
 //! The query service over the Parquet projection (SPEC §5): per-tenant audit trails, cost
-//! roll-ups, read-only SQL and billing spend, served with DataFusion.
+//! roll-ups, read-only SQL, billing spend and audit exports with completeness evidence, served
+//! over HTTP with DataFusion. This is the only crate that depends on DataFusion.
 //!
-//! This crate is where DataFusion will live, and only here (it is the slowest dependency to
-//! compile). Its first piece, the projection's Arrow schema, is defined in `tally-schemas`
-//! ([`tally_schemas::projection_schema`]) because the ledger writes what this crate reads; the
-//! service itself arrives with the query issue. Nothing else in the workspace depends on it yet.
+//! * [`QueryConfig`]: the service's settings (`[query]` in its TOML file).
+//! * [`run`]: serves the API on a listener until a shutdown future completes.
+//! * [`guard`]: the read-only SQL gate; [`Engine`]: per-request, per-tenant DataFusion contexts.
+//! * [`reports`]: the queries behind each route, usable without HTTP (benchmarks, tests).
 
+mod config;
+mod encode;
+mod error;
+pub mod guard;
+mod http;
+pub mod reports;
+mod tables;
+
+use std::sync::Arc;
+
+pub use config::QueryConfig;
+pub use encode::Format;
+pub use error::{Error, Result};
+pub use tables::Engine;
 pub use tally_schemas::projection_schema;
+
+/// The OpenAPI 3.1 description of the API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Serves the query API on `listener` until `shutdown` completes.
+pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    config.validate()?;
+    let tokens = match &config.tokens {
+        Some(path) => tally_ledger::auth::TokenStore::load(path).map_err(|e| Error::Config(format!("query.tokens: {e}")))?,
+        None => tally_ledger::auth::TokenStore::disabled(),
+    };
+    let engine = Engine::new(&config);
+    let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+    tracing::info!(%addr, projection = %config.projection_root().display(), auth = tokens.is_enabled(), "query service listening");
+    let state = Arc::new(http::AppState { config, engine, tokens });
+    let app = http::router(state)
+        .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(http::log_request));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| Error::Internal(format!("http server: {e}")))
+}
+
+/// The router alone, for in-process tests.
+pub fn router_for_tests(config: QueryConfig) -> Result<axum::Router> {
+    config.validate()?;
+    let tokens = match &config.tokens {
+        Some(path) => tally_ledger::auth::TokenStore::load(path).map_err(|e| Error::Config(format!("query.tokens: {e}")))?,
+        None => tally_ledger::auth::TokenStore::disabled(),
+    };
+    let engine = Engine::new(&config);
+    Ok(http::router(Arc::new(http::AppState { config, engine, tokens })))
+}

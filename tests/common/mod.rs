@@ -159,6 +159,7 @@ pub fn ledger_config(data: &std::path::Path, key: &std::path::Path, topic: &str,
         budget_topic: format!("{topic}.budget"),
         advertise_url: None,
         rejoin_after_ms: 30_000,
+        projection_interval_ms: 1000,
     }
 }
 

@@ -1,0 +1,113 @@
+//! `[query]` in the query service's TOML configuration, validated at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    /// The ledger's `data_dir` (read-only here): the projection is `<data_dir>/parquet`, and the
+    /// logs under it give the audit export its proofs.
+    pub data_dir: PathBuf,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Token file (`tally token new`). Without one, authorization is off and `listen` must be a
+    /// loopback address.
+    #[serde(default)]
+    pub tokens: Option<PathBuf>,
+    /// Most rows one response returns (`/events` pages, SQL results).
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    /// Most rows one audit export returns.
+    #[serde(default = "default_max_export_rows")]
+    pub max_export_rows: u64,
+    /// Wall-clock limit of one query.
+    #[serde(default = "default_query_timeout_ms")]
+    pub query_timeout_ms: u64,
+    /// Memory one query may hold for sorts, joins and aggregations.
+    #[serde(default = "default_query_memory_mb")]
+    pub query_memory_mb: usize,
+    /// Longest SQL text accepted.
+    #[serde(default = "default_max_sql_bytes")]
+    pub max_sql_bytes: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+fn default_max_rows() -> usize {
+    100_000
+}
+fn default_max_export_rows() -> u64 {
+    1_000_000
+}
+fn default_query_timeout_ms() -> u64 {
+    30_000
+}
+fn default_query_memory_mb() -> usize {
+    512
+}
+fn default_max_sql_bytes() -> usize {
+    64 * 1024
+}
+
+impl QueryConfig {
+    /// Checks every setting, naming the bad key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::Config(format!("query.{key} {why}")));
+        if self.max_rows == 0 || self.max_rows > 10_000_000 {
+            return bad("max_rows", format!("= {} must be 1..=10000000", self.max_rows));
+        }
+        if self.max_export_rows == 0 {
+            return bad("max_export_rows", "must be at least 1".into());
+        }
+        if self.query_timeout_ms == 0 || self.query_timeout_ms > 600_000 {
+            return bad("query_timeout_ms", format!("= {} must be 1..=600000", self.query_timeout_ms));
+        }
+        if self.query_memory_mb < 16 {
+            return bad("query_memory_mb", format!("= {} must be at least 16", self.query_memory_mb));
+        }
+        if self.max_sql_bytes == 0 {
+            return bad("max_sql_bytes", "must be at least 1".into());
+        }
+        if self.tokens.is_none() && !self.listen.ip().is_loopback() {
+            return bad("tokens", format!("is required when query.listen ({}) is not a loopback address", self.listen));
+        }
+        Ok(())
+    }
+
+    /// The projection's root.
+    pub fn projection_root(&self) -> PathBuf {
+        self.data_dir.join("parquet")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<QueryConfig> {
+        let c: QueryConfig = toml::from_str(&format!("data_dir = \"/d\"\n{extra}")).map_err(|e| Error::Config(e.to_string()))?;
+        c.validate().map(|_| c)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_keys_are_named() {
+        let c = parse("").unwrap();
+        assert_eq!((c.max_rows, c.query_timeout_ms), (100_000, 30_000));
+        for (extra, key) in [
+            ("max_rows = 0", "query.max_rows"),
+            ("query_timeout_ms = 0", "query.query_timeout_ms"),
+            ("query_memory_mb = 1", "query.query_memory_mb"),
+            ("listen = \"0.0.0.0:1\"", "query.tokens"),
+            ("nonsense = 1", "nonsense"),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The HTTP API of `tally query` (SPEC §5): routes, authorization, parameters and formats.
+//!
+//! Every tenant route checks the caller may read that tenant before anything else, with the
+//! same refusal whether or not the tenant exists, so ids cannot be probed. Unknown query
+//! parameters are refused (a typo never silently widens a report).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use tally_ledger::auth::{AuthError, Principal, TokenStore};
+
+use crate::config::QueryConfig;
+use crate::encode::{encode, json_rows, Format};
+use crate::error::{Error, Result};
+use crate::reports::{self, CostQuery, Dim, EventFilter};
+use crate::tables::Engine;
+
+/// What the handlers share.
+pub struct AppState {
+    pub config: QueryConfig,
+    pub engine: Engine,
+    pub tokens: TokenStore,
+}
+
+impl AppState {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.query_timeout_ms)
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/tenants/{tenant}/events", get(events))
+        .route("/v1/tenants/{tenant}/costs", get(costs))
+        .route("/v1/tenants/{tenant}/sql", post(sql))
+        .route("/v1/tenants/{tenant}/audit-export", get(audit_export))
+        .route("/v1/spend", get(spend))
+        .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
+        .with_state(state)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], crate::OPENAPI).into_response()
+}
+
+fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal> {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    Ok(state.tokens.authenticate(auth)?)
+}
+
+/// The caller, if it may read `tenant`'s reports. Checked before the id is even parsed.
+fn tenant_reader(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<()> {
+    let who = principal(state, headers)?;
+    if !who.can_read_tenant(tenant) {
+        return Err(AuthError::Forbidden("access to this tenant").into());
+    }
+    tally_schemas::validate_tenant_id(tenant).map_err(|r| Error::BadRequest(r.detail))?;
+    Ok(())
+}
+
+/// Query parameters, each read at most once; leftovers are an error.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.0.remove(key).filter(|v| !v.is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(&mut self, key: &str, what: &str) -> Result<Option<T>> {
+        self.take(key).map(|v| v.parse::<T>().map_err(|_| Error::BadRequest(format!("{key}: {v:?} is not {what}")))).transpose()
+    }
+
+    fn format(&mut self) -> Result<Format> {
+        match self.take("format").as_deref() {
+            None | Some("json") => Ok(Format::Json),
+            Some("csv") => Ok(Format::Csv),
+            Some("parquet") => Ok(Format::Parquet),
+            Some("arrow") => Ok(Format::Arrow),
+            Some(other) => Err(Error::BadRequest(format!("format: {other:?} is not one of json, csv, parquet, arrow"))),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        let mut left: Vec<&String> = self.0.keys().collect();
+        left.sort();
+        match left.first() {
+            None => Ok(()),
+            Some(_) => Err(Error::BadRequest(format!("unknown query parameter(s): {}", left.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")))),
+        }
+    }
+}
+
+/// An instant from RFC 3339, or a date (`YYYY-MM-DD`) taken as its midnight in `tz`.
+fn instant(key: &str, value: &str, tz: &TimeZone) -> Result<Timestamp> {
+    if let Ok(t) = value.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let date: jiff::civil::Date = value.parse().map_err(|_| Error::BadRequest(format!("{key}: {value:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date")))?;
+    date.to_zoned(tz.clone()).map(|z| z.timestamp()).map_err(|e| Error::BadRequest(format!("{key}: {e}")))
+}
+
+/// `to` as an exclusive bound: a date means the end of that day.
+fn instant_end(key: &str, value: &str, tz: &TimeZone) -> Result<Timestamp> {
+    if let Ok(t) = value.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let date: jiff::civil::Date = value.parse().map_err(|_| Error::BadRequest(format!("{key}: {value:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date")))?;
+    let next = date.tomorrow().map_err(|e| Error::BadRequest(format!("{key}: {e}")))?;
+    next.to_zoned(tz.clone()).map(|z| z.timestamp()).map_err(|e| Error::BadRequest(format!("{key}: {e}")))
+}
+
+fn body(format: Format, bytes: Vec<u8>, extra: &[(&'static str, String)]) -> Response {
+    let mut response = (StatusCode::OK, bytes).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    for (name, value) in extra {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(*name, v);
+        }
+    }
+    response
+}
+
+async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
+    tenant_reader(&state, &headers, &tenant)?;
+    let mut p = Params(q);
+    let utc = TimeZone::UTC;
+    let from = p.take("from").map(|v| instant("from", &v, &utc)).transpose()?;
+    let to = p.take("to").map(|v| instant_end("to", &v, &utc)).transpose()?;
+    let mut equals = Vec::new();
+    for (param, column) in [("kind", "kind"), ("decision", "decision"), ("agent", "agent_id"), ("task", "task_id"), ("action", "action"), ("record_type", "record_type")] {
+        if let Some(v) = p.take(param) {
+            equals.push((column, v));
+        }
+    }
+    let after = p.parse::<u64>("after", "a seq (non-negative integer)")?;
+    let limit = p.parse::<usize>("limit", "a positive integer")?.unwrap_or(1000);
+    if limit == 0 || limit > state.config.max_rows {
+        return Err(Error::BadRequest(format!("limit: must be 1..={}", state.config.max_rows)));
+    }
+    let format = p.format()?;
+    p.finish()?;
+    let filter = EventFilter { from, to, equals, after, limit };
+    let (schema, batches, next) = reports::events_page(&state.engine, &tenant, &filter, state.timeout()).await?;
+    if format == Format::Json {
+        return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "next_cursor": next })).into_response());
+    }
+    let extra: Vec<(&'static str, String)> = next.map(|n| ("x-tally-next-cursor", n.to_string())).into_iter().collect();
+    Ok(body(format, encode(format, schema, &batches)?, &extra))
+}
+
+async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
+    tenant_reader(&state, &headers, &tenant)?;
+    let mut p = Params(q);
+    let tz_name = p.take("tz").unwrap_or_else(|| "UTC".into());
+    let tz = TimeZone::get(&tz_name).map_err(|_| Error::BadRequest(format!("tz: {tz_name:?} is not a known IANA time zone")))?;
+    let from = instant("from", &p.take("from").ok_or_else(|| Error::BadRequest("from is required (YYYY-MM-DD or RFC 3339)".into()))?, &tz)?;
+    let to = instant_end("to", &p.take("to").ok_or_else(|| Error::BadRequest("to is required (YYYY-MM-DD or RFC 3339)".into()))?, &tz)?;
+    let mut group_by = Vec::new();
+    for d in p.take("group_by").unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let d = Dim::parse(d)?;
+        if !group_by.contains(&d) {
+            group_by.push(d);
+        }
+    }
+    let format = p.format()?;
+    p.finish()?;
+    let (rows, totals) = reports::costs(&state.engine, &tenant, &CostQuery { from, to, tz, group_by: group_by.clone() }, state.timeout()).await?;
+    let names: Vec<&str> = group_by.iter().map(|d| d.name()).collect();
+    let batch = cost_batch(&names, &rows)?;
+    if format == Format::Json {
+        let totals_batch = cost_batch(&[], &totals)?;
+        return Ok(Json(serde_json::json!({
+            "tenant_id": tenant, "from": from.to_string(), "to": to.to_string(), "tz": tz_name, "group_by": names,
+            "rows": json_rows(&[batch])?, "totals": json_rows(&[totals_batch])?,
+        }))
+        .into_response());
+    }
+    Ok(body(format, encode(format, batch.schema(), &[batch])?, &[]))
+}
+
+/// Columns of text and integers, as a batch.
+enum Column {
+    Text(Vec<Option<String>>),
+    Int(Vec<i64>),
+}
+
+fn batch_of(columns: Vec<(String, Column)>) -> Result<RecordBatch> {
+    let mut fields = Vec::new();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    for (name, column) in columns {
+        match column {
+            Column::Text(v) => {
+                fields.push(Field::new(name, DataType::Utf8, true));
+                arrays.push(Arc::new(StringArray::from(v)));
+            }
+            Column::Int(v) => {
+                fields.push(Field::new(name, DataType::Int64, false));
+                arrays.push(Arc::new(Int64Array::from(v)));
+            }
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(|e| Error::Internal(e.to_string()))
+}
+
+fn cost_batch(names: &[&str], rows: &[reports::CostRow]) -> Result<RecordBatch> {
+    let mut columns: Vec<(String, Column)> = names.iter().enumerate().map(|(i, n)| (n.to_string(), Column::Text(rows.iter().map(|r| r.dims[i].clone()).collect()))).collect();
+    columns.push(("currency".into(), Column::Text(rows.iter().map(|r| r.currency.clone()).collect())));
+    columns.push(("events".into(), Column::Int(rows.iter().map(|r| r.events).collect())));
+    columns.push(("cost_micros".into(), Column::Int(rows.iter().map(|r| r.cost_micros).collect())));
+    columns.push(("input_tokens".into(), Column::Int(rows.iter().map(|r| r.input_tokens).collect())));
+    columns.push(("output_tokens".into(), Column::Int(rows.iter().map(|r| r.output_tokens).collect())));
+    batch_of(columns)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlBody {
+    sql: String,
+}
+
+async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap, raw: Bytes) -> Result<Response> {
+    tenant_reader(&state, &headers, &tenant)?;
+    let mut p = Params(q);
+    let format = p.format()?;
+    p.finish()?;
+    let request: SqlBody = serde_json::from_slice(&raw).map_err(|e| Error::BadRequest(format!("body must be {{\"sql\": \"…\"}}: {e}")))?;
+    let (schema, batches, truncated) = reports::tenant_sql(&state.engine, &tenant, &request.sql, state.config.max_sql_bytes, state.config.max_rows, state.timeout()).await?;
+    if format == Format::Json {
+        return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "truncated": truncated, "max_rows": state.config.max_rows })).into_response());
+    }
+    Ok(body(format, encode(format, schema, &batches)?, &[("x-tally-truncated", truncated.to_string())]))
+}
+
+async fn audit_export(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
+    tenant_reader(&state, &headers, &tenant)?;
+    let mut p = Params(q);
+    let from = p.parse::<u64>("from_seq", "a seq")?;
+    let to = p.parse::<u64>("to_seq", "a seq")?;
+    p.finish()?;
+    let export = reports::audit_export(&state.engine, &state.config.data_dir, &tenant, from, to, state.config.max_export_rows, state.timeout()).await?;
+    Ok(Json(export).into_response())
+}
+
+/// Micros as a decimal string of currency units (never a float).
+fn decimal(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
+    let who = principal(&state, &headers)?;
+    if !who.can_read_all_spend() {
+        return Err(AuthError::Forbidden("billing reports (role billing or admin)").into());
+    }
+    let mut p = Params(q);
+    let period = p.take("period").ok_or_else(|| Error::BadRequest("period is required (YYYY-MM)".into()))?;
+    let format = p.format()?;
+    p.finish()?;
+    let start: jiff::civil::Date = format!("{period}-01").parse().ok().filter(|_| period.len() == 7).ok_or_else(|| Error::BadRequest(format!("period: {period:?} is not YYYY-MM")))?;
+    let end = start.checked_add(jiff::Span::new().months(1)).map_err(|e| Error::BadRequest(format!("period: {e}")))?;
+    let iso = |d: jiff::civil::Date| format!("{d}T00:00:00Z");
+    let rows = reports::spend(&state.engine, &period, state.timeout()).await?;
+    let text = |f: &dyn Fn(&reports::Spend) -> Option<String>| Column::Text(rows.iter().map(f).collect());
+    let int = |f: &dyn Fn(&reports::Spend) -> i64| Column::Int(rows.iter().map(f).collect());
+    let batch = batch_of(vec![
+        ("BilledCost".into(), text(&|r| Some(decimal(r.sums.cost_micros)))),
+        ("EffectiveCost".into(), text(&|r| Some(decimal(r.sums.cost_micros)))),
+        ("BillingCurrency".into(), text(&|r| r.currency.clone())),
+        ("BillingPeriodStart".into(), text(&|_| Some(iso(start)))),
+        ("BillingPeriodEnd".into(), text(&|_| Some(iso(end)))),
+        ("ChargePeriodStart".into(), text(&|_| Some(iso(start)))),
+        ("ChargePeriodEnd".into(), text(&|_| Some(iso(end)))),
+        ("ChargeCategory".into(), text(&|_| Some("Usage".into()))),
+        ("ChargeDescription".into(), text(&|_| Some("AI agent actions recorded by Tally".into()))),
+        ("ConsumedQuantity".into(), int(&|r| r.sums.events)),
+        ("ConsumedUnit".into(), text(&|_| Some("Events".into()))),
+        ("SubAccountId".into(), text(&|r| Some(r.tenant.clone()))),
+        ("ServiceName".into(), text(&|_| Some("Tally".into()))),
+        ("x_BilledCostMicros".into(), int(&|r| r.sums.cost_micros)),
+        ("x_InputTokens".into(), int(&|r| r.sums.input_tokens)),
+        ("x_OutputTokens".into(), int(&|r| r.sums.output_tokens)),
+    ])?;
+    if format == Format::Json {
+        return Ok(Json(serde_json::json!({ "period": period, "rows": json_rows(&[batch])? })).into_response());
+    }
+    Ok(body(format, encode(format, batch.schema(), &[batch])?, &[]))
+}
+
+/// Refuses request bodies over 1 MiB (SQL texts are far smaller).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Logs each request's outcome with its status.
+pub async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    tracing::info!(%method, path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "query request");
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_is_a_decimal_string() {
+        assert_eq!(decimal(1_234_567), "1.234567");
+        assert_eq!(decimal(-5), "-0.000005");
+        assert_eq!(decimal(0), "0.000000");
+    }
+
+    #[test]
+    fn dates_are_local_midnights_and_to_is_exclusive() {
+        let paris = TimeZone::get("Europe/Paris").unwrap();
+        assert_eq!(instant("from", "2026-07-01", &paris).unwrap().to_string(), "2026-06-30T22:00:00Z");
+        assert_eq!(instant_end("to", "2026-07-01", &paris).unwrap().to_string(), "2026-07-01T22:00:00Z");
+        assert_eq!(instant("from", "2026-07-01T00:00:00Z", &paris).unwrap().to_string(), "2026-07-01T00:00:00Z");
+        assert!(instant("from", "yesterday", &paris).unwrap_err().to_string().contains("from"));
+    }
+}

@@ -1,0 +1,93 @@
+//! Per-request DataFusion contexts, each seeing exactly one tenant's files (or, for billing, the
+//! roll-ups of the tenants it asks for).
+//!
+//! Isolation by construction: a context is created for one request and holds only tables built
+//! from explicit file lists of that tenant's directories (`events`, or `rollups`). There is no
+//! catalog to browse (`information_schema` off), no URL tables, and the files never come from the
+//! query text. Memory is bounded per context; time is bounded by the caller.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::MemTable;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use tally_ledger::projection::{list_files, ProjectionFile, Tree};
+
+use crate::config::QueryConfig;
+use crate::error::{Error, Result};
+
+/// What every request needs to build its context.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    root: PathBuf,
+    memory_bytes: usize,
+}
+
+impl Engine {
+    pub fn new(config: &QueryConfig) -> Engine {
+        Engine { root: config.projection_root(), memory_bytes: config.query_memory_mb << 20 }
+    }
+
+    /// The projection's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A fresh context with no tables, this service's memory limit and no catalog browsing.
+    pub fn context(&self) -> Result<SessionContext> {
+        let runtime = RuntimeEnvBuilder::new().with_memory_limit(self.memory_bytes, 1.0).build_arc().map_err(|e| Error::Internal(e.to_string()))?;
+        let config = SessionConfig::new().with_information_schema(false).with_batch_size(8192);
+        Ok(SessionContext::new_with_config_rt(config, runtime))
+    }
+
+    /// The tenant's visible files of `tree` whose partition (date or month) passes `wanted`.
+    pub async fn files(&self, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<Vec<ProjectionFile>> {
+        let root = self.root.clone();
+        let tenant = tenant.to_string();
+        tokio::task::spawn_blocking(move || list_files(&root, tree, &tenant, wanted))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(Error::from)
+    }
+
+    /// Registers `name` in `ctx` as a table over exactly `files`.
+    pub fn register(&self, ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[ProjectionFile]) -> Result<()> {
+        let table: Arc<dyn datafusion::catalog::TableProvider> = if files.is_empty() {
+            Arc::new(MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(|e| Error::Internal(e.to_string()))?)
+        } else {
+            let urls = files
+                .iter()
+                .map(|f| {
+                    let path = f.path.to_str().ok_or_else(|| Error::Internal(format!("non-UTF-8 path {}", f.path.display())))?;
+                    ListingTableUrl::parse(path).map_err(|e| Error::Internal(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
+            Arc::new(ListingTable::try_new(config).map_err(|e| Error::Internal(e.to_string()))?)
+        };
+        ctx.register_table(name, table).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(())
+    }
+
+    /// A context whose only table, `events`, is the tenant's rows in the dates `wanted` passes.
+    pub async fn tenant_events(&self, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<SessionContext> {
+        let files = self.files(Tree::Events, tenant, wanted).await?;
+        let ctx = self.context()?;
+        self.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files)?;
+        Ok(ctx)
+    }
+
+    /// A context whose only table, `rollups`, is the tenant's roll-ups in the months `wanted`
+    /// passes.
+    pub async fn tenant_rollups(&self, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<SessionContext> {
+        let files = self.files(Tree::Rollups, tenant, wanted).await?;
+        let ctx = self.context()?;
+        self.register(&ctx, "rollups", Arc::new(tally_schemas::rollup_schema()), &files)?;
+        Ok(ctx)
+    }
+}

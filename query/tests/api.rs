@@ -1,0 +1,217 @@
+//! The query API end to end over a real projection: audit-trail pages, formats, cost roll-ups,
+//! billing spend, roles, and the audit export's completeness evidence.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use base64::Engine as _;
+use common::{event, get_json, send, Fixture};
+use jiff::Timestamp;
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+/// acme: 30 events over two days, two agents, two models, USD; globex: 5 events in EUR.
+fn fixture() -> Fixture {
+    let f = Fixture::new();
+    let mut events = Vec::new();
+    for i in 0..30 {
+        let at = t("2026-11-01T22:00:00Z") + jiff::SignedDuration::from_mins(20 * i);
+        let (agent, action) = if i % 3 == 0 { ("planner", "gpt-x") } else { ("coder", "claude-y") };
+        events.push(event("acme", &format!("a-{i}"), at, "llm_call", agent, action, &format!("task-{}", i % 4), Some((1_000 + i, "USD"))));
+    }
+    for i in 0..5 {
+        events.push(event("globex", &format!("g-{i}"), t("2026-11-02T10:00:00Z"), "tool_call", "globex-secret-agent", "search", "g-task", Some((7_000_000, "EUR"))));
+    }
+    f.ingest(&events);
+    f
+}
+
+#[tokio::test]
+async fn events_are_paged_by_seq_cursor_and_filtered() {
+    let f = fixture();
+    let r = f.router();
+    let token = &f.tokens["acme"];
+    let mut seqs = Vec::new();
+    let mut uri = "/v1/tenants/acme/events?limit=7".to_string();
+    loop {
+        let page = get_json(&r, &uri, token).await;
+        let rows = page["rows"].as_array().unwrap();
+        seqs.extend(rows.iter().map(|r| r["seq"].as_u64().unwrap()));
+        assert!(rows.iter().all(|r| r["leaf_hash"].is_string()), "every row carries its leaf hash");
+        match page["next_cursor"].as_u64() {
+            Some(c) => uri = format!("/v1/tenants/acme/events?limit=7&after={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
+
+    let planner = get_json(&r, "/v1/tenants/acme/events?agent=planner&action=gpt-x", token).await;
+    assert_eq!(planner["rows"].as_array().unwrap().len(), 10);
+    let day2 = get_json(&r, "/v1/tenants/acme/events?from=2026-11-02&to=2026-11-02", token).await;
+    let rows = day2["rows"].as_array().unwrap();
+    assert!(!rows.is_empty() && rows.iter().all(|r| r["occurred_at"].as_str().unwrap().starts_with("2026-11-02")), "{rows:?}");
+    assert_eq!(rows.len(), 30 - 6, "the first 6 events (22:00..23:40 on the 1st) are outside");
+    let (status, body) = send(&r, "GET", "/v1/tenants/acme/events?colour=blue", Some(token), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("colour"));
+}
+
+#[tokio::test]
+async fn every_format_carries_the_same_rows() {
+    let f = fixture();
+    let r = f.router();
+    let token = &f.tokens["acme"];
+    let (status, csv) = send(&r, "GET", "/v1/tenants/acme/events?format=csv&limit=5", Some(token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let csv = String::from_utf8(csv).unwrap();
+    assert_eq!(csv.lines().count(), 6, "{csv}");
+    assert!(csv.lines().next().unwrap().starts_with("seq,leaf_hash,record_type,event_id"));
+
+    let (_, parquet) = send(&r, "GET", "/v1/tenants/acme/events?format=parquet&limit=5", Some(token), None).await;
+    let reader = datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(parquet)).unwrap().build().unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 5);
+
+    let (_, arrow) = send(&r, "GET", "/v1/tenants/acme/events?format=arrow&limit=5", Some(token), None).await;
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow), None).unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 5);
+}
+
+#[tokio::test]
+async fn costs_roll_up_by_any_dimensions_with_totals() {
+    let f = fixture();
+    let r = f.router();
+    let token = &f.tokens["acme"];
+    let all: i64 = (0..30).map(|i| 1_000 + i).sum();
+    let report = get_json(&r, "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30&group_by=agent,action", token).await;
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+    let planner: i64 = (0..30).filter(|i| i % 3 == 0).map(|i| 1_000 + i).sum();
+    let row = rows.iter().find(|r| r["agent_id"] == "planner").unwrap();
+    assert_eq!((row["action"].as_str(), row["cost_micros"].as_i64(), row["events"].as_i64()), (Some("gpt-x"), Some(planner), Some(10)));
+    assert_eq!(report["totals"][0]["cost_micros"].as_i64(), Some(all));
+
+    // By day in UTC and in Tokyo (UTC+9): the 22:00Z start is the 2nd in Tokyo.
+    let utc = get_json(&r, "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-03&group_by=day", token).await;
+    let days: Vec<&str> = utc["rows"].as_array().unwrap().iter().map(|r| r["day"].as_str().unwrap()).collect();
+    assert_eq!(days, vec!["2026-11-01", "2026-11-02"]);
+    let tokyo = get_json(&r, "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-03&group_by=day&tz=Asia/Tokyo", token).await;
+    let days: Vec<&str> = tokyo["rows"].as_array().unwrap().iter().map(|r| r["day"].as_str().unwrap()).collect();
+    assert_eq!(days, vec!["2026-11-02"]);
+    assert_eq!(tokyo["totals"][0]["cost_micros"].as_i64(), Some(all));
+
+    let (status, body) = send(&r, "GET", "/v1/tenants/acme/costs?from=2026-11-01T00:07:00Z&to=2026-11-02", Some(token), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("15-minute"));
+    let (status, _) = send(&r, "GET", "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-02&group_by=colour", Some(token), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, csv) = send(&r, "GET", "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30&group_by=kind&format=csv", Some(token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(String::from_utf8(csv).unwrap(), format!("kind,currency,events,cost_micros,input_tokens,output_tokens\nllm_call,USD,30,{all},90,150\n"));
+}
+
+#[tokio::test]
+async fn billing_sees_every_tenants_spend_with_focus_columns_and_nobody_else_does() {
+    let f = fixture();
+    let r = f.router();
+    let spend = get_json(&r, "/v1/spend?period=2026-11", &f.tokens["billing"]).await;
+    let rows = spend["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{spend}");
+    let acme = rows.iter().find(|r| r["SubAccountId"] == "acme").unwrap();
+    let total: i64 = (0..30).map(|i| 1_000 + i).sum();
+    assert_eq!(acme["x_BilledCostMicros"].as_i64(), Some(total));
+    assert_eq!(acme["BilledCost"].as_str(), Some(format!("0.{total:06}").as_str()));
+    assert_eq!((acme["BillingCurrency"].as_str(), acme["ChargePeriodStart"].as_str(), acme["ChargePeriodEnd"].as_str()), (Some("USD"), Some("2026-11-01T00:00:00Z"), Some("2026-12-01T00:00:00Z")));
+    let globex = rows.iter().find(|r| r["SubAccountId"] == "globex").unwrap();
+    assert_eq!((globex["BilledCost"].as_str(), globex["BillingCurrency"].as_str()), (Some("35.000000"), Some("EUR")));
+    let empty = get_json(&r, "/v1/spend?period=2026-10", &f.tokens["billing"]).await;
+    assert_eq!(empty["rows"].as_array().unwrap().len(), 0);
+
+    for who in ["acme", "regulator"] {
+        let (status, body) = send(&r, "GET", "/v1/spend?period=2026-11", Some(&f.tokens[who]), None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{who}");
+        assert!(!String::from_utf8_lossy(&body).contains("globex"));
+    }
+    let (status, _) = send(&r, "GET", "/v1/tenants/acme/events", Some(&f.tokens["billing"]), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "billing reads spend, not audit trails");
+    let (status, _) = send(&r, "GET", "/v1/spend?period=2026-11", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(&r, "GET", "/v1/spend?period=November", Some(&f.tokens["billing"]), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, csv) = send(&r, "GET", "/v1/spend?period=2026-11&format=csv", Some(&f.tokens["billing"]), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8(csv).unwrap().starts_with("BilledCost,EffectiveCost,BillingCurrency,"));
+}
+
+/// Checks an export's evidence the way an outside verifier would: the signed checkpoint, then
+/// the rows' leaf hashes with the range proof rebuild its root.
+fn verify_export(f: &Fixture, export: &serde_json::Value) -> bool {
+    let checkpoint = tally_ledger::Checkpoint::open(export["checkpoint"].as_str().unwrap(), &f.verifiers("acme"), None).unwrap();
+    let leaves: Vec<[u8; 32]> = export["rows"].as_array().unwrap().iter().map(|r| hex::decode(r["leaf_hash"].as_str().unwrap()).unwrap().try_into().unwrap()).collect();
+    let proof: Vec<[u8; 32]> = export["range_proof"].as_array().unwrap().iter().map(|h| base64::engine::general_purpose::STANDARD.decode(h.as_str().unwrap()).unwrap().try_into().unwrap()).collect();
+    let from = export["from_seq"].as_u64().unwrap();
+    tally_ledger::merkle::root_from_range(&leaves, from, checkpoint.size, &proof) == Some(checkpoint.root)
+}
+
+#[tokio::test]
+async fn an_audit_export_proves_its_range_complete_and_a_deleted_row_is_reported() {
+    let f = fixture();
+    let r = f.router();
+    let token = &f.tokens["regulator"];
+    let export = get_json(&r, "/v1/tenants/acme/audit-export?from_seq=5&to_seq=20", token).await;
+    assert_eq!(export["complete"], true, "{export}");
+    assert_eq!(export["rows"].as_array().unwrap().len(), 16);
+    assert_eq!(export["tree_size"].as_u64(), Some(30));
+    assert!(verify_export(&f, &export));
+    let whole = get_json(&r, "/v1/tenants/acme/audit-export", token).await;
+    assert_eq!((whole["complete"].as_bool(), whole["from_seq"].as_u64(), whole["to_seq"].as_u64()), (Some(true), Some(0), Some(29)));
+
+    // Delete row 12 from whichever file holds it.
+    let root = f.data_dir().join("parquet");
+    for file in tally_ledger::projection::list_files(&root, tally_ledger::projection::Tree::Events, "acme", |_| true).unwrap() {
+        let batches = tally_ledger::projection::read_parquet(&file.path).unwrap();
+        let mut kept = Vec::new();
+        let mut removed = false;
+        for b in batches {
+            let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().unwrap().clone();
+            let mask: datafusion::arrow::array::BooleanArray = seq.iter().map(|s| Some(s != Some(12))).collect();
+            removed |= mask.false_count() > 0;
+            kept.push(datafusion::arrow::compute::filter_record_batch(&b, &mask).unwrap());
+        }
+        if removed {
+            let out = std::fs::File::create(&file.path).unwrap();
+            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(out, Arc::clone(kept[0].schema_ref()), None).unwrap();
+            kept.iter().for_each(|b| w.write(b).unwrap());
+            w.close().unwrap();
+        }
+    }
+    let export = get_json(&r, "/v1/tenants/acme/audit-export?from_seq=5&to_seq=20", token).await;
+    assert_eq!(export["complete"], false);
+    assert_eq!(export["missing_seqs"], serde_json::json!([12]));
+    assert!(!verify_export(&f, &export), "an outside verifier notices the gap too");
+
+    let (status, body) = send(&r, "GET", "/v1/tenants/acme/audit-export?from_seq=5&to_seq=30", Some(token), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = send(&r, "GET", "/v1/tenants/globex/audit-export", Some(token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a regulator sees only the tenants its token names");
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route() {
+    let f = Fixture::new();
+    let r = f.router();
+    let (status, body) = send(&r, "GET", "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for path in ["/v1/tenants/{tenant}/events", "/v1/tenants/{tenant}/costs", "/v1/tenants/{tenant}/sql", "/v1/tenants/{tenant}/audit-export", "/v1/spend"] {
+        assert!(doc["paths"][path].is_object(), "{path}");
+    }
+    let (status, body) = send(&r, "GET", "/v1/nothing", Some(&f.tokens["admin"]), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"]["code"], "not_found");
+}

@@ -1,0 +1,142 @@
+//! A ledger directory with real signed logs and their Parquet projection, and a query router
+//! over it, for in-process API tests (no broker needed: the projection is what is queried).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tally_ledger::auth::Role;
+use tally_ledger::projection::Projection;
+use tally_ledger::{event_record, EventInput, Ledger, LedgerKey, Source};
+use tally_query::QueryConfig;
+use tally_schemas::Event;
+use tower::ServiceExt;
+
+pub const ORIGIN: &str = "tally.test";
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub key: LedgerKey,
+    /// Token by name: `acme` (tenant acme), `globex` (tenant globex), `billing`, `regulator`
+    /// (acme only), `admin`.
+    pub tokens: HashMap<&'static str, String>,
+}
+
+/// An event of `tenant` as the gateway would publish it.
+pub fn event(tenant: &str, id: &str, at: jiff::Timestamp, kind: &str, agent: &str, action: &str, task: &str, cost: Option<(i64, &str)>) -> Event {
+    let mut v = serde_json::json!({
+        "event_id": id, "tenant_id": tenant, "occurred_at": at.to_string(), "kind": kind, "decision": "allow",
+        "agent_id": agent, "action": action, "task_id": task, "usage": {"input_tokens": 3, "output_tokens": 5},
+    });
+    if let Some((micros, currency)) = cost {
+        v["cost"] = serde_json::json!({"amount_micros": micros, "currency": currency});
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate(ORIGIN).unwrap();
+        let mut tokens = HashMap::new();
+        let mut file = String::new();
+        for (name, role, tenants) in [
+            ("acme", Role::Tenant, vec!["acme"]),
+            ("globex", Role::Tenant, vec!["globex"]),
+            ("billing", Role::Billing, vec![]),
+            ("regulator", Role::Regulator, vec!["acme"]),
+            ("admin", Role::Admin, vec![]),
+        ] {
+            let (token, entry) = tally_ledger::auth::new_token(name, role, tenants.into_iter().map(String::from).collect()).unwrap();
+            file.push_str(&tally_ledger::auth::stanza(&entry).unwrap());
+            tokens.insert(name, token);
+        }
+        std::fs::write(dir.path().join("tokens.toml"), file).unwrap();
+        Fixture { dir, key, tokens }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Appends `events` to their tenants' logs (partition dir `tally.events-0`), commits (signing
+    /// checkpoints) and projects everything.
+    pub fn ingest(&self, events: &[Event]) {
+        let ledger_dir = self.data_dir().join("partitions").join("tally.events-0");
+        let mut ledger = Ledger::open(&ledger_dir, vec![LedgerKey::parse(&self.key.to_text().unwrap()).unwrap()]).unwrap();
+        for (i, e) in events.iter().enumerate() {
+            let log = ledger.tenant(&e.tenant_id).unwrap();
+            let seq = log.size() + log.pending();
+            let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1_700_000_000_000) };
+            log.append(&event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap()).unwrap();
+        }
+        ledger.commit().unwrap();
+        let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO);
+        for tenant in ledger.tenant_ids().unwrap() {
+            let log = ledger.tenant(&tenant).unwrap();
+            while projection.behind(&tenant, log).unwrap() > 0 {
+                projection.flush(&tenant, log, true).unwrap();
+            }
+        }
+    }
+
+    pub fn config(&self) -> QueryConfig {
+        toml::from_str(&format!("data_dir = {:?}\ntokens = {:?}\n", self.data_dir(), self.dir.path().join("tokens.toml"))).unwrap()
+    }
+
+    pub fn router(&self) -> axum::Router {
+        tally_query::router_for_tests(self.config()).unwrap()
+    }
+
+    pub fn verifiers(&self, tenant: &str) -> Vec<tally_ledger::NoteVerifier> {
+        vec![self.key.signer_for(tenant).unwrap().verifier()]
+    }
+
+    /// Every file path under the data directory, with its length.
+    pub fn snapshot(&self) -> Vec<(PathBuf, u64)> {
+        fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push((p.clone(), e.metadata().unwrap().len()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+/// Sends a request; returns status and body.
+pub async fn send(router: &axum::Router, method: &str, uri: &str, token: Option<&str>, body: Option<serde_json::Value>) -> (StatusCode, Vec<u8>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Body::from(b.to_string())
+        }
+        None => Body::empty(),
+    };
+    let response = router.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, bytes)
+}
+
+pub async fn get_json(router: &axum::Router, uri: &str, token: &str) -> serde_json::Value {
+    let (status, body) = send(router, "GET", uri, Some(token), None).await;
+    assert_eq!(status, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
