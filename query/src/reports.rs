@@ -211,7 +211,7 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     let bucket = tally_schemas::ROLLUP_BUCKET_SECONDS;
     for (name, t) in [("from", q.from), ("to", q.to)] {
         if t.as_second().rem_euclid(bucket) != 0 || t.subsec_nanosecond() != 0 {
-            return Err(Error::BadRequest(format!("{name} = {t} is not on a 15-minute boundary (roll-ups are kept per 15 minutes)")));
+            return Err(Error::BadRequest(format!("{name} = {t} is not on a {m}-minute boundary (roll-ups are kept per {m} minutes)", m = bucket / 60)));
         }
     }
     if q.from >= q.to {

@@ -4,7 +4,8 @@
 //! Isolation by construction: a context is created for one request and holds only tables built
 //! from explicit file lists of that tenant's directories (`events`, or `rollups`). There is no
 //! catalog to browse (`information_schema` off), no URL tables, and the files never come from the
-//! query text. Memory is bounded per context; time is bounded by the caller.
+//! query text. Memory is bounded per context with spilling off (nothing is written, not even
+//! temporary files); time is bounded by the caller.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::datasource::MemTable;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use tally_ledger::projection::{list_files, ProjectionFile, Tree};
@@ -39,8 +41,15 @@ impl Engine {
 
     /// A fresh context with no tables, this service's memory limit and no catalog browsing.
     pub fn context(&self) -> Result<SessionContext> {
-        let runtime = RuntimeEnvBuilder::new().with_memory_limit(self.memory_bytes, 1.0).build_arc().map_err(|e| Error::Internal(e.to_string()))?;
-        let config = SessionConfig::new().with_information_schema(false).with_batch_size(8192);
+        // No spilling: a tenant's query never writes, not even temporary files.
+        let no_spill = DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.memory_bytes, 1.0)
+            .with_disk_manager_builder(no_spill)
+            .build_arc().map_err(|e| Error::Internal(e.to_string()))?;
+        let mut config = SessionConfig::new().with_information_schema(false).with_batch_size(8192);
+        // Plain Utf8 columns, as the projection schema declares them.
+        config.options_mut().execution.parquet.schema_force_view_types = false;
         Ok(SessionContext::new_with_config_rt(config, runtime))
     }
 

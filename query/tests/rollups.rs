@@ -1,0 +1,90 @@
+//! Property: every cost roll-up the service answers equals an independent computation over the
+//! same generated events — random tenants, agents, models, tasks, kinds, currencies, costs, and
+//! instants at and around local midnights in zones with odd offsets and DST.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{event, Fixture};
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use proptest::prelude::*;
+use tally_query::reports::{costs, CostQuery, Dim};
+use tally_query::{Engine, QueryConfig};
+
+const ZONES: [&str; 6] = ["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu", "Australia/Lord_Howe"];
+const DIMS: [Dim; 5] = [Dim::Day, Dim::Agent, Dim::Action, Dim::Task, Dim::Kind];
+
+/// One generated event: tenant, day, where in the day, agent, model, task, kind, cost.
+type Raw = (usize, i64, u8, i64, usize, usize, usize, usize, Option<(i64, bool)>);
+
+fn raw_event() -> impl Strategy<Value = Raw> {
+    (0..3usize, 0..5i64, 0..4u8, 0..86_400i64, 0..3usize, 0..3usize, 0..4usize, 0..3usize, proptest::option::of((0..5_000_000i64, any::<bool>())))
+}
+
+/// The instant an event happens at: exactly at, just before or just after a local midnight,
+/// or anywhere in the day. The days run over the 2026 end of DST in Europe and America.
+fn instant(tz: &TimeZone, day: i64, edge: u8, secs: i64) -> Timestamp {
+    let date = jiff::civil::date(2026, 10, 24) + jiff::Span::new().days(day);
+    let midnight = date.to_zoned(tz.clone()).unwrap().timestamp();
+    match edge {
+        0 => midnight,
+        1 => midnight - SignedDuration::from_secs(1),
+        2 => midnight + SignedDuration::from_micros(1),
+        _ => midnight + SignedDuration::from_secs(secs),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_rollup_equals_the_sum_over_its_events(raws in proptest::collection::vec(raw_event(), 1..120), zone in 0..ZONES.len(), dims_mask in 0u8..32) {
+        let tz = TimeZone::get(ZONES[zone]).unwrap();
+        let group_by: Vec<Dim> = DIMS.iter().enumerate().filter(|(i, _)| dims_mask & (1 << i) != 0).map(|(_, d)| *d).collect();
+        let f = Fixture::new();
+        let events: Vec<_> = raws.iter().enumerate().map(|(i, r)| {
+            let (tenant, day, edge, secs, agent, model, task, kind, cost) = *r;
+            let at = instant(&tz, day, edge, secs);
+            let cost = cost.map(|(m, usd)| (m, if usd { "USD" } else { "EUR" }));
+            event(&format!("t{tenant}"), &format!("e{i}"), at, ["llm_call", "tool_call", "handoff"][kind], &format!("agent{agent}"), &format!("model{model}"), &format!("task{task}"), cost)
+        }).collect();
+        f.ingest(&events);
+        let config: QueryConfig = f.config();
+        let engine = Engine::new(&config);
+        // The report covers local days 1..=3 of the five, so events on both sides are excluded.
+        let from = (jiff::civil::date(2026, 10, 25)).to_zoned(tz.clone()).unwrap().timestamp();
+        let to = (jiff::civil::date(2026, 10, 28)).to_zoned(tz.clone()).unwrap().timestamp();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for tenant in ["t0", "t1", "t2"] {
+            let q = CostQuery { from, to, tz: tz.clone(), group_by: group_by.clone() };
+            let (rows, totals) = rt.block_on(costs(&engine, tenant, &q, Duration::from_secs(30))).unwrap();
+            // Independent: straight over the events, no buckets, no Parquet.
+            let mut want: BTreeMap<(Vec<Option<String>>, Option<String>), (i64, i64, i64, i64)> = BTreeMap::new();
+            for e in events.iter().filter(|e| e.tenant_id == tenant && e.occurred_at >= from && e.occurred_at < to) {
+                let dims = group_by.iter().map(|d| match d {
+                    Dim::Day => Some(e.occurred_at.to_zoned(tz.clone()).date().to_string()),
+                    Dim::Agent => e.agent_id.clone(),
+                    Dim::Action => e.action.clone(),
+                    Dim::Task => e.task_id.clone(),
+                    Dim::Kind => Some(e.kind.clone()),
+                }).collect();
+                let w = want.entry((dims, e.cost.as_ref().map(|c| c.currency.clone()))).or_default();
+                w.0 += 1;
+                w.1 += e.cost.as_ref().map_or(0, |c| c.amount_micros);
+                w.2 += 3;
+                w.3 += 5;
+            }
+            let got: BTreeMap<_, _> = rows.iter().map(|r| ((r.dims.clone(), r.currency.clone()), (r.events, r.cost_micros, r.input_tokens, r.output_tokens))).collect();
+            prop_assert_eq!(&got, &want, "tenant {} zone {} group_by {:?}", tenant, ZONES[zone], group_by);
+            let mut want_totals: BTreeMap<Option<String>, i64> = BTreeMap::new();
+            for ((_, currency), w) in &want {
+                *want_totals.entry(currency.clone()).or_default() += w.1;
+            }
+            let got_totals: BTreeMap<Option<String>, i64> = totals.iter().map(|t| (t.currency.clone(), t.cost_micros)).collect();
+            prop_assert_eq!(got_totals, want_totals);
+        }
+    }
+}
