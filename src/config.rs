@@ -14,6 +14,9 @@ pub struct CliConfig {
     /// The ledger service (`tally ledger`).
     #[serde(default)]
     pub ledger: Option<tally_ledger::service::ServiceConfig>,
+    /// The query service (`tally query`).
+    #[serde(default)]
+    pub query: Option<tally_query::QueryConfig>,
 }
 
 impl CliConfig {

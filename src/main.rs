@@ -48,6 +48,12 @@ enum Command {
     /// Run the ledger service: consume events into signed per-tenant logs and serve them over
     /// HTTP. Needs a config file with a `[ledger]` table (see README).
     Ledger,
+    /// Run the query service (audit trails, cost reports, SQL, billing spend, audit exports)
+    /// over the ledger's Parquet projection. Needs a config file with a `[query]` table.
+    Query,
+    /// The Parquet projection of the ledger's logs.
+    #[command(subcommand)]
+    Parquet(ParquetCommand),
     /// Bearer tokens for the HTTP services.
     #[command(subcommand)]
     Token(token_cmd::TokenCommand),
@@ -57,6 +63,20 @@ enum Command {
         events_topic: String,
         #[arg(long, default_value_t = 8)]
         partitions: i32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ParquetCommand {
+    /// Regenerate the projection (`<data-dir>/parquet`) from the logs. Stop the ledger
+    /// instances that own the partitions first: each partition is locked while it is rebuilt.
+    Rebuild {
+        /// The ledger's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -103,6 +123,18 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Query => {
+            let config = CliConfig::load(cli.config.as_deref(), std::env::vars())?;
+            let service = config.query.context("the configuration has no [query] table (pass --config)")?;
+            service.validate()?;
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(service.listen).await.with_context(|| format!("binding query.listen {}", service.listen))?;
+                tally_query::run(service, listener, shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+        Command::Parquet(ParquetCommand::Rebuild { data_dir, tenant }) => parquet_rebuild(&data_dir, tenant.as_deref()),
         Command::Topics { events_topic, partitions } => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             let dlq = DeadLetterQueue::topic_for(&events_topic);
@@ -116,6 +148,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `tally parquet rebuild`: one progress bar per tenant, then a summary line.
+fn parquet_rebuild(data_dir: &std::path::Path, tenant: Option<&str>) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>24} [{bar:40}] {pos}/{len} records").context("progress bar template")?.progress_chars("=> "));
+    let mut current = String::new();
+    let rebuilt = tally_ledger::service::rebuild_projection(data_dir, tenant, |t, done, total| {
+        if t != current {
+            current = t.to_string();
+            bar.set_message(current.clone());
+            bar.set_length(total);
+        }
+        bar.set_position(done);
+    })
+    .with_context(|| format!("rebuilding the projection under {}", data_dir.display()))?;
+    bar.finish_and_clear();
+    if let Some(t) = tenant.filter(|_| rebuilt.is_empty()) {
+        anyhow::bail!("no log of tenant {t} under {}", data_dir.display());
+    }
+    let records: u64 = rebuilt.iter().map(|(_, n)| n).sum();
+    println!("rebuilt the projection of {} tenant(s), {records} records, under {}", rebuilt.len(), data_dir.join("parquet").display());
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM, so the service commits what it applied before exiting.

@@ -312,6 +312,36 @@ impl PartitionSink for Sink {
     }
 }
 
+/// Regenerates the Parquet projection of every tenant (or only `only`) under `data_dir` from
+/// the logs, calling `progress(tenant, done, total)` as it goes. Each partition is locked while
+/// its tenants are rebuilt, so this refuses to run beside a ledger instance that owns one.
+pub fn rebuild_projection(data_dir: &std::path::Path, only: Option<&str>, mut progress: impl FnMut(&str, u64, u64)) -> Result<Vec<(String, u64)>> {
+    let parts = data_dir.join("partitions");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    let root = data_dir.join("parquet");
+    let mut done = Vec::new();
+    for dir in dirs {
+        let logs = dir.join("t");
+        let mut tenants: Vec<String> = match std::fs::read_dir(&logs) {
+            Ok(entries) => entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|t| tally_schemas::validate_tenant_id(t).is_ok()).collect(),
+            Err(_) => continue,
+        };
+        tenants.retain(|t| only.is_none_or(|o| o == t));
+        if tenants.is_empty() {
+            continue;
+        }
+        tenants.sort();
+        let _lock = partition::lock_partition(&dir)?;
+        for tenant in tenants {
+            let log = crate::log::TenantLog::open(&logs.join(&tenant))?;
+            let records = crate::projection::rebuild_tenant(&root, &tenant, &log, |d, t| progress(&tenant, d, t))?;
+            done.push((tenant, records));
+        }
+    }
+    Ok(done)
+}
+
 /// `<data_dir>/owners/<topic>-<p>` names the instance that owns a partition, so the others can
 /// point callers at it.
 fn write_owner(root: &std::path::Path, topic: &str, partition: i32, url: &str) -> std::io::Result<()> {

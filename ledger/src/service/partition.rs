@@ -93,6 +93,17 @@ pub struct Projected {
     pub errors: usize,
 }
 
+/// Takes the exclusive lock of a partition directory (held while the returned file is open).
+pub(crate) fn lock_partition(dir: &Path) -> Result<std::fs::File> {
+    let lock_path = dir.join("lock");
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::PartitionBusy(dir.display().to_string())),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&lock_path, e)),
+    }
+}
+
 fn dedup_key(tenant: &str, key: &IdempotencyKey) -> DedupKey {
     let mut h = Sha256::new();
     h.update(tenant.as_bytes());
@@ -133,13 +144,7 @@ impl PartitionLedger {
         let dir = root.join("partitions").join(format!("{topic}-{partition}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Lock before anything is read or repaired: the previous owner may still be closing it.
-        let lock_path = dir.join("lock");
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::PartitionBusy(dir.display().to_string())),
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
-        }
+        let lock = lock_partition(&dir)?;
         let store = PartitionStore::open(&dir.join("state.redb"))?;
         let mut ledger = Ledger::open(&dir, keys)?;
         let next_offset = store.next_offset()?;
