@@ -281,7 +281,8 @@ pub struct Spend {
     pub sums: RollupSums,
 }
 
-/// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups.
+/// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups, one row per
+/// tenant and currency (events without a cost are not billing lines).
 pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
     let tenants = tokio::task::spawn_blocking(move || tally_ledger::projection::projected_tenants(&root)).await.map_err(|e| Error::Internal(e.to_string()))??;
@@ -304,6 +305,8 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
             }
         }
     }
+    // Events that carried no cost have no currency and charge nothing: not a billing line.
+    out.retain(|s| s.currency.is_some());
     out.sort_by(|a, b| (&a.tenant, &a.currency).cmp(&(&b.tenant, &b.currency)));
     Ok(out)
 }
