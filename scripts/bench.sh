@@ -6,6 +6,10 @@
 # restart after kill -9) with the real binary; it starts the broker like `ingest`.
 # `scripts/bench.sh budget` runs the admission/budget benchmark (in-process, HTTP at 1/16/256
 # callers, event → budget topic); it starts the broker too.
+# `scripts/bench.sh query [-- --events N --tenants T --days D --runs R --dir PATH]` generates a
+# projection (default 10M events, 100 tenants, 30 days), times the cost report, billing spend and
+# an audit page in process, then the same SQL through DuckDB (installed from PyPI into
+# ~/.cache/tally/venv) over the same files, and prints the ratios and bytes per event.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-}
@@ -26,8 +30,21 @@ case "$what" in
   ledger)
     cargo bench --locked -p tally-ledger --bench ledger
     ;;
+  query)
+    shift
+    [ "${1:-}" = "--" ] && shift
+    venv=$HOME/.cache/tally/venv
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb, pytz' 2>/dev/null; then
+      python3 -m venv "$venv"
+      "$venv/bin/pip" install --quiet 'duckdb==1.4.2' 'pytz==2025.2'
+    fi
+    out=$(mktemp)
+    cargo bench --locked -p tally-query --bench query -- "$@" | tee "$out"
+    dir=$(sed -n 's|^results: \(.*\)/results.json$|\1|p' "$out")
+    "$venv/bin/python" bench/duckdb_compare.py "$dir"
+    ;;
   *)
-    echo "usage: $0 ingest|ledger|pipeline|budget" >&2
+    echo "usage: $0 ingest|ledger|pipeline|budget|query" >&2
     exit 2
     ;;
 esac

@@ -282,31 +282,57 @@ pub struct Spend {
 }
 
 /// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups, one row per
-/// tenant and currency (events without a cost are not billing lines).
+/// tenant and currency (events without a cost are not billing lines). One DataFusion plan: each
+/// tenant's month files are a table summed per currency, and the sums are unioned, so tenants
+/// are read in parallel and planned once.
 pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
-    let tenants = tokio::task::spawn_blocking(move || tally_ledger::projection::projected_tenants(&root)).await.map_err(|e| Error::Internal(e.to_string()))??;
-    let mut out = Vec::new();
-    for tenant in tenants {
-        let period = period.to_string();
-        let ctx = engine.tenant_rollups(&tenant, move |m| m == period).await?;
-        let root = engine.root();
-        let df = ctx
-            .table("rollups")
-            .await
-            .map_err(df_err(root))?
-            .aggregate(vec![col("currency")], ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec())
-            .map_err(df_err(root))?;
-        for b in collect(df, timeout, root).await? {
-            let currency = strings(&b, "currency")?;
-            let (events, cost, input, output) = (ints(&b, "events")?, ints(&b, "cost_micros")?, ints(&b, "input_tokens")?, ints(&b, "output_tokens")?);
-            for i in 0..b.num_rows() {
-                out.push(Spend { tenant: tenant.clone(), currency: currency[i].clone(), sums: RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] } });
+    let month = period.to_string();
+    let listed = tokio::task::spawn_blocking(move || -> tally_ledger::Result<Vec<(String, Vec<tally_ledger::projection::ProjectionFile>)>> {
+        let mut out = Vec::new();
+        for tenant in tally_ledger::projection::projected_tenants(&root)? {
+            let files = tally_ledger::projection::list_files(&root, tally_ledger::projection::Tree::Rollups, &tenant, |m| m == month)?;
+            if !files.is_empty() {
+                out.push((tenant, files));
             }
         }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    let ctx = engine.context()?;
+    let root = engine.root();
+    let schema = Arc::new(tally_schemas::rollup_schema());
+    let mut union: Option<DataFrame> = None;
+    for (i, (tenant, files)) in listed.iter().enumerate() {
+        let name = format!("tenant_{i}");
+        engine.register(&ctx, &name, Arc::clone(&schema), files)?;
+        let sums = ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec();
+        let df = ctx
+            .table(name.as_str())
+            .await
+            .map_err(df_err(root))?
+            .filter(col("currency").is_not_null())
+            .map_err(df_err(root))?
+            .aggregate(vec![col("currency")], sums)
+            .map_err(df_err(root))?
+            .select(vec![lit(tenant.clone()).alias("tenant_id"), col("currency"), col("events"), col("cost_micros"), col("input_tokens"), col("output_tokens")])
+            .map_err(df_err(root))?;
+        union = Some(match union {
+            None => df,
+            Some(u) => u.union(df).map_err(df_err(root))?,
+        });
     }
-    // Events that carried no cost have no currency and charge nothing: not a billing line.
-    out.retain(|s| s.currency.is_some());
+    let Some(union) = union else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for b in collect(union, timeout, root).await? {
+        let (tenant, currency) = (strings(&b, "tenant_id")?, strings(&b, "currency")?);
+        let (events, cost, input, output) = (ints(&b, "events")?, ints(&b, "cost_micros")?, ints(&b, "input_tokens")?, ints(&b, "output_tokens")?);
+        for i in 0..b.num_rows() {
+            let sums = RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] };
+            out.push(Spend { tenant: tenant[i].clone().unwrap_or_default(), currency: currency[i].clone(), sums });
+        }
+    }
     out.sort_by(|a, b| (&a.tenant, &a.currency).cmp(&(&b.tenant, &b.currency)));
     Ok(out)
 }

@@ -119,41 +119,19 @@ impl Projection {
         let root = self.root.clone();
         let state = self.tenant(tenant)?;
         let size = log.size();
-        if state.mark.next_seq >= size {
+        if state.mark.next_seq > size {
+            return Err(Error::Projection(format!("{tenant}: projected to {} but the log holds {size}; rebuild it (tally parquet rebuild)", state.mark.next_seq)));
+        }
+        if state.mark.next_seq == size {
             return Ok(Some(FlushReport::default()));
         }
         if !force && state.last_flush.is_some_and(|t| t.elapsed() < flush_every) {
             return Ok(None);
         }
-        if state.mark.next_seq > size {
-            return Err(Error::Projection(format!("{tenant}: projected to {} but the log holds {size}", state.mark.next_seq)));
-        }
         let first = state.mark.next_seq;
         let last = (first + MAX_FLUSH_RECORDS).min(size) - 1;
-        let mut rows = Vec::with_capacity((last - first + 1) as usize);
-        for seq in first..=last {
-            rows.push(Row::parse(seq, &log.entry(seq)?)?);
-        }
-        let mut by_date: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
-        let mut by_month: BTreeMap<String, Rollup> = BTreeMap::new();
-        for row in &rows {
-            by_date.entry(row.date()).or_default().push(row);
-            if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
-                let month = rows::month_of(rows::bucket_of(event.occurred_at));
-                rows::add_event(by_month.entry(month).or_default(), event);
-            }
-        }
-        let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };
-        for (date, rows) in &by_date {
-            let path = files::partition_dir(&root, Tree::Events, tenant, date).join(files::file_name(first, last, rows.len() as u64));
-            write_parquet(&path, &[rows::rows_batch(rows)?])?;
-            report.files += 1;
-        }
-        for (month, rollup) in &by_month {
-            let path = files::partition_dir(&root, Tree::Rollups, tenant, month).join(files::file_name(first, last, rollup.len() as u64));
-            write_parquet(&path, &[rows::rollup_batch(rollup.iter())?])?;
-            report.files += 1;
-        }
+        let entries = (first..=last).map(|seq| log.entry(seq)).collect::<Result<Vec<_>>>()?;
+        let (mut report, touched) = write_flush(&root, tenant, first, &entries)?;
         // The checkpoint is kept only if it is of exactly the projected size: then the
         // projection alone can prove any of its ranges complete.
         let checkpoint = std::fs::read_to_string(log.dir().join("checkpoint")).ok().filter(|note| note_size(note) == Some(last + 1));
@@ -161,14 +139,66 @@ impl Projection {
         files::write_watermark(&root, tenant, &mark)?;
         state.mark = mark;
         state.last_flush = Some(Instant::now());
-        for date in by_date.keys() {
-            report.merged += merge(&root, Tree::Events, tenant, date)?;
-        }
-        for month in by_month.keys() {
-            report.merged += merge(&root, Tree::Rollups, tenant, month)?;
-        }
+        report.merged = merge_touched(&root, tenant, &touched)?;
         Ok(Some(report))
     }
+}
+
+/// The directories a flush wrote to: (tree, date or month).
+type Touched = Vec<(Tree, String)>;
+
+/// Writes the rows of `entries` (the tenant's records from seq `first` on) and their roll-ups as
+/// one flush: a file per date and per month, all named with the flush's seq range.
+fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>]) -> Result<(FlushReport, Touched)> {
+    let last = first + entries.len() as u64 - 1;
+    let rows = entries.iter().zip(first..).map(|(entry, seq)| Row::parse(seq, entry)).collect::<Result<Vec<_>>>()?;
+    let mut by_date: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+    let mut by_month: BTreeMap<String, Rollup> = BTreeMap::new();
+    for row in &rows {
+        by_date.entry(row.date()).or_default().push(row);
+        if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
+            let month = rows::month_of(rows::bucket_of(event.occurred_at));
+            rows::add_event(by_month.entry(month).or_default(), event);
+        }
+    }
+    let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };
+    let mut touched = Vec::new();
+    for (date, rows) in &by_date {
+        let path = files::partition_dir(root, Tree::Events, tenant, date).join(files::file_name(first, last, rows.len() as u64));
+        write_parquet(&path, &[rows::rows_batch(rows)?])?;
+        report.files += 1;
+        touched.push((Tree::Events, date.clone()));
+    }
+    for (month, rollup) in &by_month {
+        let path = files::partition_dir(root, Tree::Rollups, tenant, month).join(files::file_name(first, last, rollup.len() as u64));
+        write_parquet(&path, &[rows::rollup_batch(rollup.iter())?])?;
+        report.files += 1;
+        touched.push((Tree::Rollups, month.clone()));
+    }
+    Ok((report, touched))
+}
+
+fn merge_touched(root: &Path, tenant: &str, touched: &Touched) -> Result<usize> {
+    let mut merged = 0;
+    for (tree, value) in touched {
+        merged += merge(root, *tree, tenant, value)?;
+    }
+    Ok(merged)
+}
+
+/// Projects records that are not in a log on this machine (a generator, an import): `entries`
+/// must be the tenant's records from its current watermark on. Writes, advances the watermark
+/// (with no checkpoint) and merges, as a flush does.
+pub fn append_records(root: &Path, tenant: &str, entries: &[Vec<u8>]) -> Result<FlushReport> {
+    if entries.is_empty() {
+        return Ok(FlushReport::default());
+    }
+    let mark = files::read_watermark(root, tenant)?;
+    files::recover_tenant(root, tenant, mark.next_seq)?;
+    let (mut report, touched) = write_flush(root, tenant, mark.next_seq, entries)?;
+    files::write_watermark(root, tenant, &files::Watermark { next_seq: mark.next_seq + entries.len() as u64, checkpoint: None })?;
+    report.merged = merge_touched(root, tenant, &touched)?;
+    Ok(report)
 }
 
 /// The tree size a checkpoint note states (its second line).

@@ -166,3 +166,26 @@ fn the_watermark_keeps_the_checkpoint_of_exactly_the_projected_size() {
     assert_eq!(note_size("example.com/t/acme\n42\nroot=\n\n— sig"), Some(42));
     assert_eq!(note_size("origin only"), None);
 }
+
+#[test]
+fn appended_records_continue_from_the_watermark_like_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with(&dir.path().join("log"), 10);
+    let entries: Vec<Vec<u8>> = (0..log.size()).map(|s| log.entry(s).unwrap()).collect();
+    let root = dir.path().join("parquet");
+    let (a, b) = entries.split_at(5);
+    append_records(&root, "acme", a).unwrap();
+    append_records(&root, "acme", b).unwrap();
+    check_matches_log(&root, &log);
+    assert_eq!(read_watermark(&root, "acme").unwrap().next_seq, log.size());
+}
+
+#[test]
+fn a_watermark_past_the_log_is_an_error_not_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with(&dir.path().join("log"), 2);
+    let root = dir.path().join("parquet");
+    files::write_watermark(&root, "acme", &files::Watermark { next_seq: 99, checkpoint: None }).unwrap();
+    let err = Projection::new(&root, Duration::ZERO).flush("acme", &log, true).unwrap_err();
+    assert!(err.to_string().contains("rebuild"), "{err}");
+}

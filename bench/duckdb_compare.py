@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Runs the query benchmark's three reports through DuckDB over the same Parquet files, in the
+same run, and prints DuckDB's latencies and the ratio tally/DuckDB.
+
+Usage: bench/duckdb_compare.py <bench dir>   (the directory `cargo bench -p tally-query --bench
+query` printed; it holds results.json). `scripts/bench.sh query` runs both.
+"""
+import json
+import statistics
+import sys
+import time
+
+import duckdb
+
+bench = sys.argv[1]
+r = json.load(open(f"{bench}/results.json"))
+root, big, runs = r["root"], r["big_tenant"], r["runs"]
+month = "WHERE bucket_start >= TIMESTAMPTZ '2026-11-01 00:00:00+00' AND bucket_start < TIMESTAMPTZ '2026-12-01 00:00:00+00'"
+queries = {
+    # The same SQL over the same roll-up files the service reads.
+    "tenant_monthly_report": f"""
+        SELECT CAST(timezone('UTC', bucket_start) AS DATE) AS day, agent_id, action, currency,
+               sum(events), sum(cost_micros), sum(input_tokens), sum(output_tokens)
+        FROM read_parquet('{root}/rollups/tenant_id={big}/month=2026-11/*.parquet') {month}
+        GROUP BY ALL""",
+    "billing_spend": f"""
+        SELECT tenant_id, currency, sum(events), sum(cost_micros), sum(input_tokens), sum(output_tokens)
+        FROM read_parquet('{root}/rollups/*/month=2026-11/*.parquet', hive_partitioning = true)
+        WHERE currency IS NOT NULL GROUP BY ALL""",
+    "audit_page": f"""
+        SELECT * FROM read_parquet('{root}/events/tenant_id={big}/*/*.parquet')
+        WHERE seq > {r['page_after']} ORDER BY seq LIMIT 1000""",
+    # What a DuckDB user without Tally's roll-ups would run: the report over raw rows.
+    "tenant_monthly_report_raw_rows": f"""
+        SELECT CAST(timezone('UTC', occurred_at) AS DATE) AS day, agent_id, action, currency,
+               count(*), sum(cost_micros), sum(input_tokens), sum(output_tokens)
+        FROM read_parquet('{root}/events/tenant_id={big}/*/*.parquet')
+        WHERE record_type = 'event' AND occurred_at >= TIMESTAMPTZ '2026-11-01 00:00:00+00'
+          AND occurred_at < TIMESTAMPTZ '2026-12-01 00:00:00+00'
+        GROUP BY ALL""",
+}
+con = duckdb.connect()
+con.execute("SET threads = 2")
+print(f"{'DuckDB ' + duckdb.__version__:<32} {'p50':>9} {'p90':>9}   tally p50 / DuckDB p50")
+for name, sql in queries.items():
+    con.execute(sql).fetchall()  # warm-up, as the Rust side does
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        con.execute(sql).fetchall()
+        samples.append((time.perf_counter() - t) * 1000)
+    samples.sort()
+    p50 = statistics.median(samples)
+    p90 = samples[round((len(samples) - 1) * 0.9)]
+    ours = r.get(f"{name}_p50_ms")
+    ratio = f"{ours / p50:.2f}x" if ours else "(no tally equivalent)"
+    print(f"{name:<32} {p50:>9.1f} {p90:>9.1f}   {ratio}")
+print(f"bytes/event on disk (events tree): {r['events_bytes'] / r['events']:.1f}; with roll-ups: {(r['events_bytes'] + r['rollup_bytes']) / r['events']:.1f}")

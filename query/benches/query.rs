@@ -1,0 +1,177 @@
+//! Query benchmark: generates a projection of N events over T tenants and D days (through the
+//! ledger's own record encoding and projection writer, so files look like the ledger's), then
+//! times the reports the service answers, in process:
+//! * the big tenant's monthly cost report (by day, agent and model, from the roll-ups);
+//! * the billing spend of every tenant for the month;
+//! * an audit-trail page of 1,000 rows in the middle of the big tenant's log.
+//!
+//! `scripts/bench.sh query` runs it, then `bench/duckdb_compare.py` runs the same SQL through
+//! DuckDB over the same files in the same run. Arguments (after `--`): `--events N`
+//! (default 10,000,000), `--tenants T` (100), `--days D` (30), `--runs R` (20), `--dir PATH`
+//! (default: a new temporary directory, kept). Tenant t000 holds 20% of the events.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_ledger::{event_record, EventInput, Source};
+use tally_query::reports::{costs, events_page, spend, CostQuery, Dim, EventFilter};
+use tally_query::{Engine, QueryConfig};
+
+struct Args {
+    events: u64,
+    tenants: u64,
+    days: i64,
+    runs: usize,
+    dir: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args { events: 10_000_000, tenants: 100, days: 30, runs: 20, dir: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--events" => a.events = value().parse().expect("--events N"),
+            "--tenants" => a.tenants = value().parse().expect("--tenants T"),
+            "--days" => a.days = value().parse().expect("--days D"),
+            "--runs" => a.runs = value().parse().expect("--runs R"),
+            "--dir" => a.dir = Some(PathBuf::from(value())),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+const AGENTS: usize = 20;
+const MODELS: [&str; 10] = ["gpt-5", "gpt-5-mini", "claude-opus", "claude-sonnet", "gemini-pro", "search", "crm.update", "s3.put_object", "email.send", "sql.query"];
+
+/// Writes `count` events of `tenant`, spread evenly over `days` days from 2026-11-01.
+fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut StdRng) {
+    let start = jiff::Timestamp::from_second(1_793_491_200).expect("2026-11-01T00:00:00Z");
+    let span_us = days * 86_400 * 1_000_000;
+    let mut chunk = Vec::with_capacity(250_000);
+    let mut task = 0u64;
+    for i in 0..count {
+        if rng.gen_ratio(1, 20) {
+            task += 1;
+        }
+        let at = start + jiff::SignedDuration::from_micros((i as i128 * span_us as i128 / count.max(1) as i128) as i64);
+        let kind = match rng.gen_range(0..100) {
+            0..70 => "llm_call",
+            70..95 => "tool_call",
+            _ => "policy_decision",
+        };
+        let mut value = serde_json::json!({
+            "event_id": format!("{:032x}", rng.gen::<u128>()),
+            "tenant_id": tenant,
+            "occurred_at": at.to_string(),
+            "kind": kind,
+            "decision": if rng.gen_ratio(1, 50) { "deny" } else { "allow" },
+            "agent_id": format!("agent-{}", rng.gen_range(0..AGENTS)),
+            "action": MODELS[rng.gen_range(0..MODELS.len())],
+            "task_id": format!("task-{task}"),
+        });
+        if kind == "llm_call" {
+            value["usage"] = serde_json::json!({"input_tokens": rng.gen_range(100..4000), "output_tokens": rng.gen_range(10..1000)});
+            value["cost"] = serde_json::json!({"amount_micros": rng.gen_range(100..50_000), "currency": "USD"});
+        }
+        let event: tally_schemas::Event = serde_json::from_value(value).expect("generated event");
+        let digest: [u8; 32] = rng.gen();
+        let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(at.as_millisecond()) };
+        chunk.push(event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }).expect("record"));
+        if chunk.len() == chunk.capacity() {
+            tally_ledger::projection::append_records(root, tenant, &chunk).expect("projection write");
+            chunk.clear();
+        }
+    }
+    tally_ledger::projection::append_records(root, tenant, &chunk).expect("projection write");
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }).sum()
+}
+
+fn file_count(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.path().is_dir() { file_count(&e.path()) } else { u64::from(e.file_name().to_string_lossy().ends_with(".parquet")) }).sum()
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i].as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let a = args();
+    let dir = a.dir.clone().unwrap_or_else(|| tempfile::Builder::new().prefix("tally-query-bench").tempdir().expect("temp dir").keep());
+    let data = dir.join("data");
+    let root = data.join("parquet");
+    let big = a.events / 5;
+    let per_other = (a.events - big) / (a.tenants - 1).max(1);
+    let tenant = |i: u64| format!("t{i:03}");
+    if root.exists() {
+        println!("reusing the projection under {}", root.display());
+    } else {
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(7);
+        for i in 0..a.tenants {
+            generate_tenant(&root, &tenant(i), if i == 0 { big } else { per_other }, a.days, &mut rng);
+        }
+        println!("generated {} events over {} tenants and {} days in {:.1} s", a.events, a.tenants, a.days, started.elapsed().as_secs_f64());
+    }
+    let events_bytes = dir_bytes(&root.join("events"));
+    let rollup_bytes = dir_bytes(&root.join("rollups"));
+    let total_events = big + per_other * (a.tenants - 1);
+
+    let config: QueryConfig = toml::from_str(&format!("data_dir = {:?}\nquery_timeout_ms = 600000\nquery_memory_mb = 4096\n", data)).expect("config");
+    let engine = Engine::new(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let timeout = Duration::from_secs(600);
+    let month_start: jiff::Timestamp = "2026-11-01T00:00:00Z".parse().expect("date");
+    let month_end: jiff::Timestamp = "2026-12-01T00:00:00Z".parse().expect("date");
+    let report = CostQuery { from: month_start, to: month_end, tz: jiff::tz::TimeZone::UTC, group_by: vec![Dim::Day, Dim::Agent, Dim::Action] };
+    let page = EventFilter { after: Some(big / 2), limit: 1000, ..EventFilter::default() };
+    let mut timings: Vec<(&str, Vec<Duration>)> = vec![("tenant_monthly_report", vec![]), ("billing_spend", vec![]), ("audit_page", vec![])];
+    let mut report_rows = 0;
+    for run in 0..=a.runs {
+        let t = Instant::now();
+        let (rows, _) = rt.block_on(costs(&engine, &tenant(0), &report, timeout)).expect("cost report");
+        let d0 = t.elapsed();
+        report_rows = rows.len();
+        let t = Instant::now();
+        let spent = rt.block_on(spend(&engine, "2026-11", timeout)).expect("spend");
+        let d1 = t.elapsed();
+        assert_eq!(spent.len() as u64, a.tenants);
+        let t = Instant::now();
+        let (_, batches, _) = rt.block_on(events_page(&engine, &tenant(0), &page, timeout)).expect("audit page");
+        let d2 = t.elapsed();
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);
+        if run > 0 {
+            // Run 0 warms the page cache, as a long-running service's would be.
+            timings[0].1.push(d0);
+            timings[1].1.push(d1);
+            timings[2].1.push(d2);
+        }
+    }
+    println!("projection: {} under {}", total_events, root.display());
+    println!("  events tree: {:.1} MiB in {} files, {:.1} bytes/event", events_bytes as f64 / 1048576.0, file_count(&root.join("events")), events_bytes as f64 / total_events as f64);
+    println!("  roll-ups:    {:.1} MiB in {} files ({:.2} bytes/event)", rollup_bytes as f64 / 1048576.0, file_count(&root.join("rollups")), rollup_bytes as f64 / total_events as f64);
+    println!("  big tenant t000: {big} events; monthly report has {report_rows} rows");
+    let mut json = serde_json::json!({
+        "root": root, "events": total_events, "tenants": a.tenants, "days": a.days, "big_tenant": tenant(0), "big_events": big,
+        "page_after": big / 2, "events_bytes": events_bytes, "rollup_bytes": rollup_bytes, "runs": a.runs,
+    });
+    println!("{:<24} {:>9} {:>9}   ({} runs, ms)", "tally (DataFusion)", "p50", "p90", a.runs);
+    for (name, samples) in timings.iter_mut() {
+        let (p50, p90) = (percentile(samples, 0.5), percentile(samples, 0.9));
+        println!("{name:<24} {p50:>9.1} {p90:>9.1}");
+        json[format!("{name}_p50_ms")] = p50.into();
+    }
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&json).expect("json")).expect("results.json");
+    println!("results: {}", dir.join("results.json").display());
+}
