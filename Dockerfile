@@ -1,5 +1,5 @@
 # The `tally` binary for docker-compose.yml. Build: docker build -t tally .
-FROM rust:1.85-bookworm AS build
+FROM rust:1.94-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends libssl-dev pkg-config && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

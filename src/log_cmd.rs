@@ -19,9 +19,20 @@ pub struct KeygenArgs {
     /// Private key file to create (mode 0600; never overwritten).
     #[arg(long)]
     out: PathBuf,
+    /// Keep an existing key file (same origin) instead of failing: for deployments that run
+    /// keygen at every start.
+    #[arg(long)]
+    if_missing: bool,
 }
 
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    if args.if_missing && args.out.exists() {
+        let key = LedgerKey::read(&args.out).with_context(|| format!("reading {}", args.out.display()))?;
+        anyhow::ensure!(key.origin() == args.origin.trim_end_matches('/'), "{} holds a key for origin {:?}, not {:?}", args.out.display(), key.origin(), args.origin);
+        eprintln!("kept the existing private key {}", args.out.display());
+        println!("{}", key.origin_verifier()?);
+        return Ok(());
+    }
     let key = LedgerKey::generate(&args.origin)?;
     key.write_new(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote private key {} (mode 0600); tenant vkeys: tally vkey --key {} --tenant <id>", args.out.display(), args.out.display());

@@ -55,3 +55,32 @@ fn tally_services_build_from_the_dockerfile_and_run_real_subcommands() {
     }
     assert!(tally_services >= 1);
 }
+
+#[test]
+fn the_ledger_and_query_services_share_a_volume_and_their_configs_are_valid() {
+    let c = compose();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (service, table) in [("ledger", "ledger"), ("query", "query")] {
+        let s = &c["services"][service];
+        let volumes: Vec<&str> = s["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(volumes.iter().any(|v| v.starts_with("tally-data:/data")), "{service} mounts the shared data volume");
+        let mounted = volumes.iter().find(|v| v.starts_with("./deploy/")).unwrap_or_else(|| panic!("{service} mounts its config"));
+        let file = root.join(mounted.split(':').next().unwrap());
+        let text: toml::Value = toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let bootstrap = text.get("kafka").and_then(|k| k.get("bootstrap")).and_then(|b| b.as_str());
+        assert!(bootstrap.is_none_or(|b| b == "kafka:9092"), "{service} talks to the compose broker");
+        let section = toml::to_string(&text[table]).unwrap();
+        match table {
+            "ledger" => {
+                let config: tally_ledger::service::ServiceConfig = toml::from_str(&section).unwrap();
+                assert!(config.tokens.is_some(), "the ledger listens beyond loopback, so it needs tokens");
+                assert!(config.keys.iter().all(|k| k.starts_with("/data")), "the key is on the volume keygen writes");
+            }
+            _ => {
+                let config: tally_query::QueryConfig = toml::from_str(&section).unwrap();
+                config.validate().unwrap();
+            }
+        }
+    }
+    assert!(c["services"]["query"]["volumes"][0].as_str().unwrap().ends_with(":ro"), "the query service only reads the ledger's data");
+}

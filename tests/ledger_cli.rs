@@ -31,6 +31,9 @@ fn import_receipt_verify_and_consistency() {
     let origin_vkey = ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key")]));
     assert!(origin_vkey.starts_with("tally.example.com+"), "{origin_vkey}");
     assert!(!tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key")]).status.success(), "never overwrites a key");
+    let kept = ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key"), "--if-missing"]));
+    assert_eq!(kept, origin_vkey, "--if-missing keeps the existing key");
+    assert!(!tally(&["keygen", "--origin", "other.example", "--out", &p("ledger.key"), "--if-missing"]).status.success(), "a key of another origin is not silently kept");
 
     events(&dir.path().join("a.jsonl"), 0, 300);
     let out = ok(&tally(&["log", "import", "--data", &p("data"), "--key", &p("ledger.key"), &p("a.jsonl")]));
