@@ -134,6 +134,7 @@ async fn main() {
         advertise_url: None,
         rejoin_after_ms: 30_000,
         projection_interval_ms: 1000,
+        report_time_zones: vec!["UTC".into()],
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -77,6 +77,9 @@ enum ParquetCommand {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// A zone to keep daily cost roll-ups for: the ledger's `report_time_zones` (repeat it).
+        #[arg(long = "zone", default_value = "UTC")]
+        zones: Vec<String>,
     },
 }
 
@@ -134,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Parquet(ParquetCommand::Rebuild { data_dir, tenant }) => parquet_rebuild(&data_dir, tenant.as_deref()),
+        Command::Parquet(ParquetCommand::Rebuild { data_dir, tenant, zones }) => parquet_rebuild(&data_dir, tenant.as_deref(), &zones),
         Command::Topics { events_topic, partitions } => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             let dlq = DeadLetterQueue::topic_for(&events_topic);
@@ -151,11 +154,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `tally parquet rebuild`: one progress bar per tenant, then a summary line.
-fn parquet_rebuild(data_dir: &std::path::Path, tenant: Option<&str>) -> anyhow::Result<()> {
+fn parquet_rebuild(data_dir: &std::path::Path, tenant: Option<&str>, zones: &[String]) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{msg:>24} [{bar:40}] {pos}/{len} records").context("progress bar template")?.progress_chars("=> "));
     let mut current = String::new();
-    let rebuilt = tally_ledger::service::rebuild_projection(data_dir, tenant, |t, done, total| {
+    let rebuilt = tally_ledger::service::rebuild_projection(data_dir, tenant, zones, |t, done, total| {
         if t != current {
             current = t.to_string();
             bar.set_message(current.clone());

@@ -54,6 +54,7 @@ fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut S
     let span_us = days * 86_400 * 1_000_000;
     let mut chunk = Vec::with_capacity(250_000);
     let mut task = 0u64;
+    let zones = tally_ledger::projection::report_zones(&["UTC".to_string()]).expect("zones");
     for i in 0..count {
         if rng.gen_ratio(1, 20) {
             task += 1;
@@ -83,11 +84,11 @@ fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut S
         let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(at.as_millisecond()) };
         chunk.push(event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }).expect("record"));
         if chunk.len() == chunk.capacity() {
-            tally_ledger::projection::append_records(root, tenant, &chunk).expect("projection write");
+            tally_ledger::projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
             chunk.clear();
         }
     }
-    tally_ledger::projection::append_records(root, tenant, &chunk).expect("projection write");
+    tally_ledger::projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -140,7 +141,7 @@ fn main() {
     let mut report_rows = 0;
     for run in 0..=a.runs {
         let t = Instant::now();
-        let (rows, _) = rt.block_on(costs(&engine, &tenant(0), &report, timeout)).expect("cost report");
+        let rows = rt.block_on(costs(&engine, &tenant(0), &report, timeout)).expect("cost report").rows;
         let d0 = t.elapsed();
         report_rows = rows.len();
         let t = Instant::now();

@@ -178,14 +178,15 @@ async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Q
     }
     let format = p.format()?;
     p.finish()?;
-    let (rows, totals) = reports::costs(&state.engine, &tenant, &CostQuery { from, to, tz, group_by: group_by.clone() }, state.timeout()).await?;
+    let report = reports::costs(&state.engine, &tenant, &CostQuery { from, to, tz, group_by: group_by.clone() }, state.timeout()).await?;
+    let (rows, totals) = (report.rows, report.totals);
     let names: Vec<&str> = group_by.iter().map(|d| d.name()).collect();
     let batch = cost_batch(&names, &rows)?;
     if format == Format::Json {
         let totals_batch = cost_batch(&[], &totals)?;
         return Ok(Json(serde_json::json!({
             "tenant_id": tenant, "from": from.to_string(), "to": to.to_string(), "tz": tz_name, "group_by": names,
-            "rows": json_rows(&[batch])?, "totals": json_rows(&[totals_batch])?,
+            "rows": json_rows(&[batch])?, "totals": json_rows(&[totals_batch])?, "source": report.source,
         }))
         .into_response());
     }

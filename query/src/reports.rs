@@ -1,9 +1,10 @@
 //! The reports the service answers: an audit-trail page, cost roll-ups, read-only SQL, billing
 //! spend and the audit export with its completeness evidence.
 //!
-//! Cost figures come from the roll-ups the ledger maintains (never from scanning raw rows), in
-//! 15-minute UTC buckets: a day in any time zone is a whole number of buckets, so grouping by a
-//! local day is exact. Money and tokens stay integers (micros) end to end.
+//! Cost figures come from the roll-ups the ledger maintains (never from scanning raw rows): daily
+//! sums per report zone when they fit the request, else 15-minute UTC buckets (a day in any
+//! zone is a whole number of buckets, so grouping by a local day is exact). Money and tokens
+//! stay integers (micros) end to end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -22,7 +23,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
 use tally_ledger::merkle::{self, Hash};
-use tally_ledger::projection::{read_watermark, RollupSums};
+use tally_ledger::projection::{read_watermark, RollupSums, Tree};
 
 use crate::error::{Error, Result};
 use crate::tables::Engine;
@@ -206,8 +207,24 @@ fn sums_of(s: RollupSums) -> (i64, i64, i64, i64) {
     (s.events, s.cost_micros, s.input_tokens, s.output_tokens)
 }
 
-/// The rows of a cost report, sorted by dimensions then currency, and totals per currency.
-pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Duration) -> Result<(Vec<CostRow>, Vec<CostRow>)> {
+/// The tenant's watermark (how far its projection and its daily roll-ups reach).
+async fn watermark(engine: &Engine, tenant: &str) -> Result<tally_ledger::projection::Watermark> {
+    let root = engine.root().to_path_buf();
+    let tenant = tenant.to_string();
+    tokio::task::spawn_blocking(move || read_watermark(&root, &tenant)).await.map_err(|e| Error::Internal(e.to_string()))?.map_err(Error::from)
+}
+
+/// Whether the tenant's daily roll-ups in `zone` cover its whole log.
+fn daily_complete(mark: &tally_ledger::projection::Watermark, zone: &str) -> bool {
+    mark.daily_zones.get(zone) == Some(&0)
+}
+
+/// A tenant's cost report.
+///
+/// Read from the daily roll-ups when they fit: the zone is one the ledger keeps them for (over
+/// the whole log), the range is whole local days, and the task is not a dimension. Otherwise
+/// from the 15-minute buckets, grouped into local days here. Both give the same sums.
+pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Duration) -> Result<CostReport> {
     let bucket = tally_schemas::ROLLUP_BUCKET_SECONDS;
     for (name, t) in [("from", q.from), ("to", q.to)] {
         if t.as_second().rem_euclid(bucket) != 0 || t.subsec_nanosecond() != 0 {
@@ -217,38 +234,64 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     if q.from >= q.to {
         return Err(Error::BadRequest(format!("from ({}) must be before to ({})", q.from, q.to)));
     }
-    let lo = q.from.strftime("%Y-%m").to_string();
-    let hi = (q.to - jiff::SignedDuration::from_micros(1)).strftime("%Y-%m").to_string();
-    let ctx = engine.tenant_rollups(tenant, move |m| m >= lo.as_str() && m <= hi.as_str()).await?;
     let root = engine.root();
-    let mut group: Vec<Expr> = q.group_by.iter().map(|d| col(d.column())).collect();
-    group.push(col("currency"));
-    let aggs = ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec();
-    let df = ctx
-        .table("rollups")
-        .await
-        .map_err(df_err(root))?
-        .filter(col("bucket_start").gt_eq(ts_lit(q.from)).and(col("bucket_start").lt(ts_lit(q.to))))
-        .map_err(df_err(root))?
-        .aggregate(group, aggs)
-        .map_err(df_err(root))?;
+    let (from_local, to_local) = (q.from.to_zoned(q.tz.clone()), q.to.to_zoned(q.tz.clone()));
+    let whole_days = from_local.time() == jiff::civil::Time::midnight() && to_local.time() == jiff::civil::Time::midnight();
+    let mark = watermark(engine, tenant).await?;
+    let daily_zone = q.tz.iana_name().filter(|z| whole_days && !q.group_by.contains(&Dim::Task) && daily_complete(&mark, z)).map(str::to_string);
+    let sums = || ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec();
+    let (df, day_column) = match daily_zone {
+        Some(zone) => {
+            let (from_date, to_date) = (from_local.date(), to_local.date());
+            let lo = from_date.strftime("%Y-%m").to_string();
+            let hi = to_date.yesterday().map_err(|e| Error::BadRequest(e.to_string()))?.strftime("%Y-%m").to_string();
+            let ctx = engine.tenant_rollups(Tree::Daily, tenant, move |m| m >= lo.as_str() && m <= hi.as_str()).await?;
+            let date = |d: jiff::civil::Date| lit(ScalarValue::Date32(Some(tally_ledger::projection::epoch_days(d))));
+            let mut group: Vec<Expr> = q.group_by.iter().map(|d| col(if *d == Dim::Day { "date" } else { d.column() })).collect();
+            group.push(col("currency"));
+            let df = ctx
+                .table("rollups")
+                .await
+                .map_err(df_err(root))?
+                .filter(col("zone").eq(lit(zone)).and(col("date").gt_eq(date(from_date))).and(col("date").lt(date(to_date))))
+                .map_err(df_err(root))?
+                .aggregate(group, sums())
+                .map_err(df_err(root))?;
+            (df, DayColumn::Date)
+        }
+        None => {
+            let lo = q.from.strftime("%Y-%m").to_string();
+            let hi = (q.to - jiff::SignedDuration::from_micros(1)).strftime("%Y-%m").to_string();
+            let ctx = engine.tenant_rollups(Tree::Rollups, tenant, move |m| m >= lo.as_str() && m <= hi.as_str()).await?;
+            let mut group: Vec<Expr> = q.group_by.iter().map(|d| col(d.column())).collect();
+            group.push(col("currency"));
+            let df = ctx
+                .table("rollups")
+                .await
+                .map_err(df_err(root))?
+                .filter(col("bucket_start").gt_eq(ts_lit(q.from)).and(col("bucket_start").lt(ts_lit(q.to))))
+                .map_err(df_err(root))?
+                .aggregate(group, sums())
+                .map_err(df_err(root))?;
+            (df, DayColumn::Bucket)
+        }
+    };
     let batches = collect(df, timeout, root).await?;
     let mut rows: BTreeMap<(Vec<Option<String>>, Option<String>), RollupSums> = BTreeMap::new();
     for b in &batches {
         let mut dims: Vec<Vec<Option<String>>> = Vec::new();
         for d in &q.group_by {
-            dims.push(match d {
-                Dim::Day => ints(b, "bucket_start")?
+            dims.push(match (d, day_column) {
+                (Dim::Day, DayColumn::Bucket) => ints(b, "bucket_start")?
                     .into_iter()
                     .map(|us| Timestamp::from_microsecond(us).ok().map(|t| t.to_zoned(q.tz.clone()).date().to_string()))
                     .collect(),
-                other => strings(b, other.column())?,
+                (Dim::Day, DayColumn::Date) => strings(b, "date")?,
+                (other, _) => strings(b, other.column())?,
             });
         }
         let currency = strings(b, "currency")?;
-        let sums = ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| ints(b, c));
-        let [events, cost, input, output] = sums;
-        let (events, cost, input, output) = (events?, cost?, input?, output?);
+        let (events, cost, input, output) = (ints(b, "events")?, ints(b, "cost_micros")?, ints(b, "input_tokens")?, ints(b, "output_tokens")?);
         for i in 0..b.num_rows() {
             let key: Vec<Option<String>> = dims.iter().map(|d| d[i].clone()).collect();
             rows.entry((key, currency[i].clone())).or_default().add(RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] });
@@ -270,7 +313,29 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
             CostRow { dims: Vec::new(), currency, events, cost_micros, input_tokens, output_tokens }
         })
         .collect();
-    Ok((out, totals))
+    let source = match day_column {
+        DayColumn::Date => "daily",
+        DayColumn::Bucket => "15-minute",
+    };
+    Ok(CostReport { rows: out, totals, source })
+}
+
+/// A cost report: rows sorted by dimensions then currency, totals per currency, and which
+/// roll-ups answered it (`daily` or `15-minute`).
+#[derive(Debug, Clone)]
+pub struct CostReport {
+    pub rows: Vec<CostRow>,
+    pub totals: Vec<CostRow>,
+    pub source: &'static str,
+}
+
+/// Where a report's day comes from.
+#[derive(Debug, Clone, Copy)]
+enum DayColumn {
+    /// A 15-minute bucket's start, grouped into the report zone's day here.
+    Bucket,
+    /// The daily roll-up's own local date.
+    Date,
 }
 
 /// One tenant's spend in one currency over a billing period.
@@ -288,12 +353,16 @@ pub struct Spend {
 pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
     let month = period.to_string();
-    let listed = tokio::task::spawn_blocking(move || -> tally_ledger::Result<Vec<(String, Vec<tally_ledger::projection::ProjectionFile>)>> {
+    type Listed = Vec<(String, Tree, Vec<tally_ledger::projection::ProjectionFile>)>;
+    let listed = tokio::task::spawn_blocking(move || -> tally_ledger::Result<Listed> {
         let mut out = Vec::new();
         for tenant in tally_ledger::projection::projected_tenants(&root)? {
-            let files = tally_ledger::projection::list_files(&root, tally_ledger::projection::Tree::Rollups, &tenant, |m| m == month)?;
+            // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they
+            // cover the whole log, are the smaller read.
+            let tree = if daily_complete(&read_watermark(&root, &tenant)?, "UTC") { Tree::Daily } else { Tree::Rollups };
+            let files = tally_ledger::projection::list_files(&root, tree, &tenant, |m| m == month)?;
             if !files.is_empty() {
-                out.push((tenant, files));
+                out.push((tenant, tree, files));
             }
         }
         Ok(out)
@@ -302,17 +371,20 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
     .map_err(|e| Error::Internal(e.to_string()))??;
     let ctx = engine.context()?;
     let root = engine.root();
-    let schema = Arc::new(tally_schemas::rollup_schema());
     let mut union: Option<DataFrame> = None;
-    for (i, (tenant, files)) in listed.iter().enumerate() {
+    for (i, (tenant, tree, files)) in listed.iter().enumerate() {
         let name = format!("tenant_{i}");
-        engine.register(&ctx, &name, Arc::clone(&schema), files)?;
+        engine.register(&ctx, &name, crate::tables::rollup_schema_of(*tree), files)?;
         let sums = ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec();
+        let only = match tree {
+            Tree::Daily => col("currency").is_not_null().and(col("zone").eq(lit("UTC"))),
+            _ => col("currency").is_not_null(),
+        };
         let df = ctx
             .table(name.as_str())
             .await
             .map_err(df_err(root))?
-            .filter(col("currency").is_not_null())
+            .filter(only)
             .map_err(df_err(root))?
             .aggregate(vec![col("currency")], sums)
             .map_err(df_err(root))?

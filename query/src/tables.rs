@@ -91,12 +91,21 @@ impl Engine {
         Ok(ctx)
     }
 
-    /// A context whose only table, `rollups`, is the tenant's roll-ups in the months `wanted`
-    /// passes.
-    pub async fn tenant_rollups(&self, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<SessionContext> {
-        let files = self.files(Tree::Rollups, tenant, wanted).await?;
+    /// A context whose only table, `rollups`, is the tenant's 15-minute roll-ups (or, for
+    /// [`Tree::Daily`], daily roll-ups) in the months `wanted` passes.
+    pub async fn tenant_rollups(&self, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<SessionContext> {
+        let files = self.files(tree, tenant, wanted).await?;
         let ctx = self.context()?;
-        self.register(&ctx, "rollups", Arc::new(tally_schemas::rollup_schema()), &files)?;
+        self.register(&ctx, "rollups", rollup_schema_of(tree), &files)?;
         Ok(ctx)
     }
+}
+
+/// The schema of a roll-up tree's files.
+pub fn rollup_schema_of(tree: Tree) -> SchemaRef {
+    Arc::new(match tree {
+        Tree::Daily => tally_schemas::daily_rollup_schema(),
+        Tree::Rollups => tally_schemas::rollup_schema(),
+        Tree::Events => tally_schemas::projection_schema(),
+    })
 }

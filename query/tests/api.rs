@@ -104,6 +104,7 @@ async fn costs_roll_up_by_any_dimensions_with_totals() {
     let days: Vec<&str> = tokyo["rows"].as_array().unwrap().iter().map(|r| r["day"].as_str().unwrap()).collect();
     assert_eq!(days, vec!["2026-11-02"]);
     assert_eq!(tokyo["totals"][0]["cost_micros"].as_i64(), Some(all));
+    assert_eq!((utc["source"].as_str(), tokyo["source"].as_str()), (Some("daily"), Some("15-minute")), "the fixture keeps daily roll-ups for UTC, not Tokyo");
 
     let (status, body) = send(&r, "GET", "/v1/tenants/acme/costs?from=2026-11-01T00:07:00Z&to=2026-11-02", Some(token), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

@@ -18,4 +18,4 @@ mod projection;
 pub use envelope::{decode_message, Decoded, IdempotencyKey, IngressFormat, MAX_MESSAGE_BYTES};
 pub use error::{RejectCode, Rejection};
 pub use event::{validate_tenant_id, Cost, Decision, Event, Usage};
-pub use projection::{projection_schema, rollup_schema, ROLLUP_BUCKET_SECONDS};
+pub use projection::{daily_rollup_schema, projection_schema, rollup_schema, ROLLUP_BUCKET_SECONDS};

@@ -64,6 +64,26 @@ pub fn projection_schema() -> Schema {
     ])
 }
 
+/// Columns of each daily roll-up file (`tenant_id` and `month` are hive partition columns): the
+/// same sums per local `date` in each of the ledger's configured report zones, without the task
+/// dimension, so a month's report reads a few thousand rows whatever the event volume.
+pub fn daily_rollup_schema() -> Schema {
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    Schema::new(vec![
+        Field::new("zone", DataType::Utf8, false),
+        Field::new("date", DataType::Date32, false),
+        Field::new("kind", DataType::Utf8, false),
+        text("decision"),
+        text("agent_id"),
+        text("action"),
+        text("currency"),
+        Field::new("events", DataType::Int64, false),
+        Field::new("cost_micros", DataType::Int64, false),
+        Field::new("input_tokens", DataType::Int64, false),
+        Field::new("output_tokens", DataType::Int64, false),
+    ])
+}
+
 /// Width of a roll-up bucket in seconds.
 pub const ROLLUP_BUCKET_SECONDS: i64 = 15 * 60;
 

@@ -160,6 +160,7 @@ pub fn ledger_config(data: &std::path::Path, key: &std::path::Path, topic: &str,
         advertise_url: None,
         rejoin_after_ms: 30_000,
         projection_interval_ms: 1000,
+        report_time_zones: vec!["UTC".into()],
     }
 }
 

@@ -3,7 +3,8 @@
 //! ```text
 //! <root>/events/tenant_id=<t>/date=<YYYY-MM-DD>/<first>-<last>-<rows>.parquet   record rows
 //! <root>/events/tenant_id=<t>/_projection.json                                  watermark
-//! <root>/rollups/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    cost sums
+//! <root>/rollups/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    15-minute sums
+//! <root>/daily/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet      daily sums per zone
 //! ```
 //!
 //! `first`/`last` are the seq range of the flush (or merged flushes) a file came from, not of its
@@ -29,8 +30,15 @@ use crate::error::{Error, Result};
 pub enum Tree {
     /// One row per record, in `date=` directories.
     Events,
-    /// Cost sums, in `month=` directories.
+    /// Cost sums per 15-minute UTC bucket, in `month=` directories.
     Rollups,
+    /// Cost sums per local day in each report zone, in `month=` directories (local month).
+    Daily,
+}
+
+impl Tree {
+    /// Every tree, in the order a flush writes them.
+    pub const ALL: [Tree; 3] = [Tree::Events, Tree::Rollups, Tree::Daily];
 }
 
 impl Tree {
@@ -38,13 +46,14 @@ impl Tree {
         match self {
             Tree::Events => "events",
             Tree::Rollups => "rollups",
+            Tree::Daily => "daily",
         }
     }
 
     fn partition_key(self) -> &'static str {
         match self {
             Tree::Events => "date=",
-            Tree::Rollups => "month=",
+            Tree::Rollups | Tree::Daily => "month=",
         }
     }
 }
@@ -160,6 +169,10 @@ pub struct Watermark {
     pub next_seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Report zones with daily roll-ups, each with the first seq they cover: a zone's daily
+    /// roll-ups are complete only if that is 0 (a zone added later is filled by a rebuild).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub daily_zones: std::collections::BTreeMap<String, u64>,
 }
 
 fn watermark_path(root: &Path, tenant: &str) -> PathBuf {
@@ -206,7 +219,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 /// did not finish (`first >= next_seq`) and files made redundant by a merge. Returns how many.
 pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result<usize> {
     let mut removed = 0;
-    for tree in [Tree::Events, Tree::Rollups] {
+    for tree in Tree::ALL {
         for value in partitions(root, tree, tenant)? {
             let dir = partition_dir(root, tree, tenant, &value);
             for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
@@ -229,7 +242,7 @@ pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result
 pub(crate) fn remove_tenant(root: &Path, tenant: &str) -> Result<()> {
     // The watermark goes first: a crash midway leaves files that recovery deletes.
     remove(&watermark_path(root, tenant))?;
-    for tree in [Tree::Events, Tree::Rollups] {
+    for tree in Tree::ALL {
         let dir = tenant_dir(root, tree, tenant);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -320,7 +333,7 @@ mod tests {
     fn watermarks_round_trip_and_default_to_zero() {
         let root = tempfile::tempdir().unwrap();
         assert_eq!(read_watermark(root.path(), "acme").unwrap(), Watermark::default());
-        let mark = Watermark { next_seq: 7, checkpoint: Some("note".into()) };
+        let mark = Watermark { next_seq: 7, checkpoint: Some("note".into()), daily_zones: [("UTC".to_string(), 0)].into() };
         write_watermark(root.path(), "acme", &mark).unwrap();
         assert_eq!(read_watermark(root.path(), "acme").unwrap(), mark);
         assert_eq!(projected_tenants(root.path()).unwrap(), vec!["acme".to_string()]);

@@ -3,7 +3,8 @@
 //! The log is the truth; the projection is derived from committed records only and can always be
 //! rebuilt from it ([`rebuild_tenant`]). [`Projection::flush`] appends a tenant's records past its
 //! watermark: one Parquet file per date they fall on, one roll-up file per month, then the
-//! watermark (with the checkpoint of the log at that size). Small files are merged in size tiers
+//! watermark (with the checkpoint of the log at that size). Daily roll-ups per report zone (UTC
+//! by default) sit beside the 15-minute ones. Small files are merged in size tiers
 //! after each flush. See [`files`] for the on-disk invariants that make a crash at any instant
 //! leave only complete files visible, and re-running the flush exact.
 
@@ -20,7 +21,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 pub use files::{list_files, partition_dir, partitions, projected_tenants, read_watermark, tenant_dir, ProjectionFile, Tree, Watermark};
-pub use rows::{add_event, bucket_of, Rollup, RollupKey, RollupSums};
+pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_days, Daily, DailyKey, Rollup, RollupKey, RollupSums};
 
 use crate::error::{Error, Result};
 use crate::log::TenantLog;
@@ -79,14 +80,31 @@ struct TenantProjection {
 pub struct Projection {
     root: PathBuf,
     flush_every: Duration,
+    /// Report zones daily roll-ups are kept for.
+    zones: Vec<(String, jiff::tz::TimeZone)>,
     tenants: HashMap<String, TenantProjection>,
+}
+
+/// Parses report zone names (IANA); the error names the bad one.
+pub fn report_zones(names: &[String]) -> Result<Vec<(String, jiff::tz::TimeZone)>> {
+    names
+        .iter()
+        .map(|n| jiff::tz::TimeZone::get(n).map(|tz| (n.clone(), tz)).map_err(|_| Error::Projection(format!("{n:?} is not a known IANA time zone"))))
+        .collect()
 }
 
 impl Projection {
     /// `root` is the projection's root (`<data_dir>/parquet`); a tenant is flushed at most once
     /// per `flush_every` unless forced.
+    /// Daily roll-ups are kept for UTC only; see [`Projection::with_zones`].
     pub fn new(root: &Path, flush_every: Duration) -> Projection {
-        Projection { root: root.to_path_buf(), flush_every, tenants: HashMap::new() }
+        Projection { root: root.to_path_buf(), flush_every, zones: vec![("UTC".into(), jiff::tz::TimeZone::UTC)], tenants: HashMap::new() }
+    }
+
+    /// Keeps daily roll-ups for these zones (from [`report_zones`]).
+    pub fn with_zones(mut self, zones: Vec<(String, jiff::tz::TimeZone)>) -> Projection {
+        self.zones = zones;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -117,6 +135,7 @@ impl Projection {
     pub fn flush(&mut self, tenant: &str, log: &TenantLog, force: bool) -> Result<Option<FlushReport>> {
         let flush_every = self.flush_every;
         let root = self.root.clone();
+        let zones = self.zones.clone();
         let state = self.tenant(tenant)?;
         let size = log.size();
         if state.mark.next_seq > size {
@@ -131,11 +150,15 @@ impl Projection {
         let first = state.mark.next_seq;
         let last = (first + MAX_FLUSH_RECORDS).min(size) - 1;
         let entries = (first..=last).map(|seq| log.entry(seq)).collect::<Result<Vec<_>>>()?;
-        let (mut report, touched) = write_flush(&root, tenant, first, &entries)?;
+        let (mut report, touched) = write_flush(&root, tenant, first, &entries, &zones)?;
         // The checkpoint is kept only if it is of exactly the projected size: then the
         // projection alone can prove any of its ranges complete.
         let checkpoint = std::fs::read_to_string(log.dir().join("checkpoint")).ok().filter(|note| note_size(note) == Some(last + 1));
-        let mark = files::Watermark { next_seq: last + 1, checkpoint: checkpoint.or_else(|| state.mark.checkpoint.take()) };
+        let mark = files::Watermark {
+            next_seq: last + 1,
+            checkpoint: checkpoint.or_else(|| state.mark.checkpoint.take()),
+            daily_zones: zone_coverage(&state.mark, first, &zones),
+        };
         files::write_watermark(&root, tenant, &mark)?;
         state.mark = mark;
         state.last_flush = Some(Instant::now());
@@ -149,16 +172,18 @@ type Touched = Vec<(Tree, String)>;
 
 /// Writes the rows of `entries` (the tenant's records from seq `first` on) and their roll-ups as
 /// one flush: a file per date and per month, all named with the flush's seq range.
-fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>]) -> Result<(FlushReport, Touched)> {
+fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones: &[(String, jiff::tz::TimeZone)]) -> Result<(FlushReport, Touched)> {
     let last = first + entries.len() as u64 - 1;
     let rows = entries.iter().zip(first..).map(|(entry, seq)| Row::parse(seq, entry)).collect::<Result<Vec<_>>>()?;
     let mut by_date: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
     let mut by_month: BTreeMap<String, Rollup> = BTreeMap::new();
+    let mut daily: BTreeMap<String, Daily> = BTreeMap::new();
     for row in &rows {
         by_date.entry(row.date()).or_default().push(row);
         if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
             let month = rows::month_of(rows::bucket_of(event.occurred_at));
             rows::add_event(by_month.entry(month).or_default(), event);
+            rows::add_event_daily(&mut daily, zones, event);
         }
     }
     let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };
@@ -175,6 +200,12 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>]) -> Re
         report.files += 1;
         touched.push((Tree::Rollups, month.clone()));
     }
+    for (month, rollup) in &daily {
+        let path = files::partition_dir(root, Tree::Daily, tenant, month).join(files::file_name(first, last, rollup.len() as u64));
+        write_parquet(&path, &[rows::daily_batch(rollup.iter())?])?;
+        report.files += 1;
+        touched.push((Tree::Daily, month.clone()));
+    }
     Ok((report, touched))
 }
 
@@ -189,16 +220,24 @@ fn merge_touched(root: &Path, tenant: &str, touched: &Touched) -> Result<usize> 
 /// Projects records that are not in a log on this machine (a generator, an import): `entries`
 /// must be the tenant's records from its current watermark on. Writes, advances the watermark
 /// (with no checkpoint) and merges, as a flush does.
-pub fn append_records(root: &Path, tenant: &str, entries: &[Vec<u8>]) -> Result<FlushReport> {
+pub fn append_records(root: &Path, tenant: &str, entries: &[Vec<u8>], zones: &[(String, jiff::tz::TimeZone)]) -> Result<FlushReport> {
     if entries.is_empty() {
         return Ok(FlushReport::default());
     }
     let mark = files::read_watermark(root, tenant)?;
     files::recover_tenant(root, tenant, mark.next_seq)?;
-    let (mut report, touched) = write_flush(root, tenant, mark.next_seq, entries)?;
-    files::write_watermark(root, tenant, &files::Watermark { next_seq: mark.next_seq + entries.len() as u64, checkpoint: None })?;
+    let (mut report, touched) = write_flush(root, tenant, mark.next_seq, entries, zones)?;
+    let daily_zones = zone_coverage(&mark, mark.next_seq, zones);
+    files::write_watermark(root, tenant, &files::Watermark { next_seq: mark.next_seq + entries.len() as u64, checkpoint: None, daily_zones })?;
     report.merged = merge_touched(root, tenant, &touched)?;
     Ok(report)
+}
+
+/// Which zones the daily roll-ups cover from which seq, after a flush from `first` with `zones`:
+/// a zone keeps its start if it was already kept, starts at `first` if new, and is dropped if
+/// no longer configured.
+fn zone_coverage(mark: &files::Watermark, first: u64, zones: &[(String, jiff::tz::TimeZone)]) -> BTreeMap<String, u64> {
+    zones.iter().map(|(name, _)| (name.clone(), mark.daily_zones.get(name).copied().unwrap_or(first))).collect()
 }
 
 /// The tree size a checkpoint note states (its second line).
@@ -233,6 +272,16 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
                     }
                 }
                 (vec![rows::rollup_batch(rollup.iter())?], rollup.len() as u64)
+            },
+            Tree::Daily => {
+                let mut daily = Daily::new();
+                for f in &run {
+                    for batch in read_parquet(&f.path)? {
+                        rows::check_schema(&batch, &tally_schemas::daily_rollup_schema())?;
+                        rows::fold_daily_batch(&mut daily, &batch)?;
+                    }
+                }
+                (vec![rows::daily_batch(daily.iter())?], daily.len() as u64)
             }
         };
         let path = files::partition_dir(root, tree, tenant, value).join(files::file_name(head.first, tail.last, rows));
@@ -247,9 +296,9 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
 
 /// Rewrites a tenant's projection from its log: deletes it, then flushes to the end, calling
 /// `progress(done, total)` after each flush. The caller must hold the partition's lock.
-pub fn rebuild_tenant(root: &Path, tenant: &str, log: &TenantLog, mut progress: impl FnMut(u64, u64)) -> Result<u64> {
+pub fn rebuild_tenant(root: &Path, tenant: &str, log: &TenantLog, zones: Vec<(String, jiff::tz::TimeZone)>, mut progress: impl FnMut(u64, u64)) -> Result<u64> {
     files::remove_tenant(root, tenant)?;
-    let mut projection = Projection::new(root, Duration::ZERO);
+    let mut projection = Projection::new(root, Duration::ZERO).with_zones(zones);
     let total = log.size();
     loop {
         projection.flush(tenant, log, true)?;

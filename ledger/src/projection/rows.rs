@@ -12,11 +12,12 @@ use arrow_array::builder::{
     FixedSizeBinaryBuilder, Int32Builder, Int64Builder, ListBuilder, MapBuilder, MapFieldNames, StringBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder, UInt64Builder,
 };
-use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::builder::Date32Builder;
+use arrow_array::{Array, ArrayRef, Date32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::{Field, Schema, SchemaRef};
 use jiff::Timestamp;
 use serde::Deserialize;
-use tally_schemas::{projection_schema, rollup_schema, Event, ROLLUP_BUCKET_SECONDS};
+use tally_schemas::{daily_rollup_schema, projection_schema, rollup_schema, Event, ROLLUP_BUCKET_SECONDS};
 
 use crate::error::{Error, Result};
 use crate::merkle::{leaf_hash, Hash};
@@ -242,14 +243,18 @@ pub fn add_event(rollup: &mut Rollup, event: &Event) {
         task_id: event.task_id.clone(),
         currency: event.cost.as_ref().map(|c| c.currency.clone()),
     };
+    rollup.entry(key).or_default().add(event_sums(event));
+}
+
+/// What one event adds to a roll-up.
+fn event_sums(event: &Event) -> RollupSums {
     let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let sums = RollupSums {
+    RollupSums {
         events: 1,
         cost_micros: event.cost.as_ref().map_or(0, |c| c.amount_micros),
         input_tokens: event.usage.as_ref().map_or(0, |u| clamp(u.input_tokens)),
         output_tokens: event.usage.as_ref().map_or(0, |u| clamp(u.output_tokens)),
-    };
-    rollup.entry(key).or_default().add(sums);
+    }
 }
 
 /// The UTC month (`YYYY-MM`) a bucket belongs to.
@@ -281,13 +286,10 @@ pub(crate) fn rollup_batch<'a>(rows: impl Iterator<Item = (&'a RollupKey, &'a Ro
 
 /// Adds the rows of a roll-up batch (as written by [`rollup_batch`]) to `rollup`.
 pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Result<()> {
-    fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
-        batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<T>()).ok_or_else(|| Error::Projection(format!("roll-up file lacks column {name}")))
-    }
-    let bucket = col::<TimestampMicrosecondArray>(batch, "bucket_start")?;
-    let text = |name| col::<StringArray>(batch, name);
+    let bucket = column::<TimestampMicrosecondArray>(batch, "bucket_start")?;
+    let text = |name| column::<StringArray>(batch, name);
     let (kind, decision, agent, action, task, currency) = (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("task_id")?, text("currency")?);
-    let num = |name| col::<Int64Array>(batch, name);
+    let num = |name| column::<Int64Array>(batch, name);
     let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
     let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
     for i in 0..batch.num_rows() {
@@ -303,6 +305,104 @@ pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Res
         rollup.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) });
     }
     Ok(())
+}
+
+/// What a daily roll-up row is keyed by: a report zone, a local date in it, and every dimension
+/// but the task.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DailyKey {
+    pub zone: String,
+    /// Days since 1970-01-01 (Arrow `Date32`).
+    pub date: i32,
+    pub kind: String,
+    pub decision: Option<String>,
+    pub agent_id: Option<String>,
+    pub action: Option<String>,
+    pub currency: Option<String>,
+}
+
+/// Daily roll-up rows by key.
+pub type Daily = BTreeMap<DailyKey, RollupSums>;
+
+/// Days since 1970-01-01 of a civil date.
+pub fn epoch_days(date: jiff::civil::Date) -> i32 {
+    (date - jiff::civil::date(1970, 1, 1)).get_days()
+}
+
+/// The civil date `days` after 1970-01-01.
+pub fn from_epoch_days(days: i32) -> Option<jiff::civil::Date> {
+    jiff::civil::date(1970, 1, 1).checked_add(jiff::Span::new().days(days)).ok()
+}
+
+/// Adds an event to the daily roll-ups of every zone, keyed by its local date there.
+pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, jiff::tz::TimeZone)], event: &Event) {
+    let sums = event_sums(event);
+    for (name, tz) in zones {
+        let date = event.occurred_at.to_zoned(tz.clone()).date();
+        let key = DailyKey {
+            zone: name.clone(),
+            date: epoch_days(date),
+            kind: event.kind.clone(),
+            decision: event.decision.map(|d| d.as_str().to_string()),
+            agent_id: event.agent_id.clone(),
+            action: event.action.clone(),
+            currency: event.cost.as_ref().map(|c| c.currency.clone()),
+        };
+        let month = date.strftime("%Y-%m").to_string();
+        daily.entry(month).or_default().entry(key).or_default().add(sums);
+    }
+}
+
+/// The Arrow batch of daily roll-ups under [`daily_rollup_schema`].
+pub(crate) fn daily_batch<'a>(rows: impl Iterator<Item = (&'a DailyKey, &'a RollupSums)>) -> Result<RecordBatch> {
+    let schema = Arc::new(daily_rollup_schema());
+    let mut zone = StringBuilder::new();
+    let mut date = Date32Builder::new();
+    let mut text: Vec<StringBuilder> = (0..5).map(|_| StringBuilder::new()).collect();
+    let mut sums: Vec<Int64Builder> = (0..4).map(|_| Int64Builder::new()).collect();
+    for (k, s) in rows {
+        zone.append_value(&k.zone);
+        date.append_value(k.date);
+        text[0].append_value(&k.kind);
+        for (b, v) in text[1..].iter_mut().zip([&k.decision, &k.agent_id, &k.action, &k.currency]) {
+            b.append_option(v.as_deref());
+        }
+        for (b, v) in sums.iter_mut().zip([s.events, s.cost_micros, s.input_tokens, s.output_tokens]) {
+            b.append_value(v);
+        }
+    }
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(zone.finish()), Arc::new(date.finish())];
+    columns.extend(text.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend(sums.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    RecordBatch::try_new(schema, columns).map_err(|e| Error::Projection(format!("daily roll-up batch: {e}")))
+}
+
+/// Adds the rows of a daily roll-up batch to `daily`.
+pub(crate) fn fold_daily_batch(daily: &mut Daily, batch: &RecordBatch) -> Result<()> {
+    let zone = column::<StringArray>(batch, "zone")?;
+    let date = column::<Date32Array>(batch, "date")?;
+    let text = |name| column::<StringArray>(batch, name);
+    let (kind, decision, agent, action, currency) = (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("currency")?);
+    let num = |name| column::<Int64Array>(batch, name);
+    let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
+    let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
+    for i in 0..batch.num_rows() {
+        let key = DailyKey {
+            zone: zone.value(i).to_string(),
+            date: date.value(i),
+            kind: kind.value(i).to_string(),
+            decision: opt(decision, i),
+            agent_id: opt(agent, i),
+            action: opt(action, i),
+            currency: opt(currency, i),
+        };
+        daily.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) });
+    }
+    Ok(())
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+    batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<T>()).ok_or_else(|| Error::Projection(format!("roll-up file lacks column {name}")))
 }
 
 /// Checks that a batch has exactly the schema `want` (files are read back for merges).

@@ -156,7 +156,7 @@ fn a_rebuild_reproduces_the_projection_and_repairs_a_damaged_one() {
     std::fs::remove_file(&victim.path).unwrap();
     assert_ne!(projected(&root), before);
     let mut calls = Vec::new();
-    assert_eq!(rebuild_tenant(&root, "acme", &log, |done, total| calls.push((done, total))).unwrap(), log.size());
+    assert_eq!(rebuild_tenant(&root, "acme", &log, report_zones(&["UTC".into()]).unwrap(), |done, total| calls.push((done, total))).unwrap(), log.size());
     assert_eq!(calls.last(), Some(&(log.size(), log.size())));
     assert_eq!(projected(&root), before);
 }
@@ -174,10 +174,13 @@ fn appended_records_continue_from_the_watermark_like_a_flush() {
     let entries: Vec<Vec<u8>> = (0..log.size()).map(|s| log.entry(s).unwrap()).collect();
     let root = dir.path().join("parquet");
     let (a, b) = entries.split_at(5);
-    append_records(&root, "acme", a).unwrap();
-    append_records(&root, "acme", b).unwrap();
+    let zones = report_zones(&["UTC".into(), "Asia/Tokyo".into()]).unwrap();
+    append_records(&root, "acme", a, &zones).unwrap();
+    append_records(&root, "acme", b, &zones).unwrap();
     check_matches_log(&root, &log);
-    assert_eq!(read_watermark(&root, "acme").unwrap().next_seq, log.size());
+    let mark = read_watermark(&root, "acme").unwrap();
+    assert_eq!(mark.next_seq, log.size());
+    assert_eq!(mark.daily_zones, [("Asia/Tokyo".to_string(), 0), ("UTC".to_string(), 0)].into());
 }
 
 #[test]
@@ -185,7 +188,7 @@ fn a_watermark_past_the_log_is_an_error_not_silence() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with(&dir.path().join("log"), 2);
     let root = dir.path().join("parquet");
-    files::write_watermark(&root, "acme", &files::Watermark { next_seq: 99, checkpoint: None }).unwrap();
+    files::write_watermark(&root, "acme", &files::Watermark { next_seq: 99, ..files::Watermark::default() }).unwrap();
     let err = Projection::new(&root, Duration::ZERO).flush("acme", &log, true).unwrap_err();
     assert!(err.to_string().contains("rebuild"), "{err}");
 }

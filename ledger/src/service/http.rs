@@ -529,6 +529,7 @@ mod tests {
             topic: "events".into(),
             advertise_url: "http://127.0.0.1:1".into(),
             projection_interval: std::time::Duration::from_secs(1),
+            report_zones: Vec::new(),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);

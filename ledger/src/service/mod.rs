@@ -77,6 +77,15 @@ pub struct ServiceConfig {
     /// `<data_dir>/parquet` (SPEC §5 asks for new records to be queryable within seconds).
     #[serde(default = "default_projection_interval_ms")]
     pub projection_interval_ms: u64,
+    /// IANA zones whose days get daily cost roll-ups (reports by day in other zones are summed
+    /// from 15-minute buckets: exact, but slower). Add one, then run `tally parquet rebuild` so
+    /// its roll-ups cover the whole log.
+    #[serde(default = "default_report_time_zones")]
+    pub report_time_zones: Vec<String>,
+}
+
+fn default_report_time_zones() -> Vec<String> {
+    vec!["UTC".into()]
 }
 
 fn default_projection_interval_ms() -> u64 {
@@ -116,6 +125,7 @@ impl ServiceConfig {
         if self.projection_interval_ms > 60_000 {
             return Err(Error::BadKey(format!("ledger.projection_interval_ms = {} must be at most 60000", self.projection_interval_ms)));
         }
+        crate::projection::report_zones(&self.report_time_zones).map_err(|e| Error::BadKey(format!("ledger.report_time_zones: {e}")))?;
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return Err(Error::BadKey(format!(
                 "ledger.tokens is required when ledger.listen ({}) is not a loopback address",
@@ -186,6 +196,7 @@ pub struct Shared {
     topic: String,
     advertise_url: String,
     projection_interval: Duration,
+    report_zones: Vec<(String, jiff::tz::TimeZone)>,
     pub metrics: Metrics,
 }
 
@@ -284,7 +295,7 @@ impl PartitionSink for Sink {
         match opened {
             Ok(mut p) => {
                 p.set_budget_file(self.0.budgets.current());
-                p.set_projection_interval(self.0.projection_interval);
+                p.set_projection(self.0.projection_interval, self.0.report_zones.clone());
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
@@ -315,7 +326,8 @@ impl PartitionSink for Sink {
 /// Regenerates the Parquet projection of every tenant (or only `only`) under `data_dir` from
 /// the logs, calling `progress(tenant, done, total)` as it goes. Each partition is locked while
 /// its tenants are rebuilt, so this refuses to run beside a ledger instance that owns one.
-pub fn rebuild_projection(data_dir: &std::path::Path, only: Option<&str>, mut progress: impl FnMut(&str, u64, u64)) -> Result<Vec<(String, u64)>> {
+pub fn rebuild_projection(data_dir: &std::path::Path, only: Option<&str>, zones: &[String], mut progress: impl FnMut(&str, u64, u64)) -> Result<Vec<(String, u64)>> {
+    let zones = crate::projection::report_zones(zones)?;
     let parts = data_dir.join("partitions");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
     dirs.sort();
@@ -335,7 +347,7 @@ pub fn rebuild_projection(data_dir: &std::path::Path, only: Option<&str>, mut pr
         let _lock = partition::lock_partition(&dir)?;
         for tenant in tenants {
             let log = crate::log::TenantLog::open(&logs.join(&tenant))?;
-            let records = crate::projection::rebuild_tenant(&root, &tenant, &log, |d, t| progress(&tenant, d, t))?;
+            let records = crate::projection::rebuild_tenant(&root, &tenant, &log, zones.clone(), |d, t| progress(&tenant, d, t))?;
             done.push((tenant, records));
         }
     }
@@ -381,6 +393,7 @@ pub async fn run(
         topic: config.topic.clone(),
         advertise_url,
         projection_interval: Duration::from_millis(config.projection_interval_ms),
+        report_zones: crate::projection::report_zones(&config.report_time_zones)?,
         metrics: Metrics::default(),
     });
     let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());

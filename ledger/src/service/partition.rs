@@ -214,9 +214,10 @@ impl PartitionLedger {
         })
     }
 
-    /// How often each tenant's new records are written to Parquet (at most).
-    pub fn set_projection_interval(&mut self, every: std::time::Duration) {
-        self.projection = Projection::new(self.projection.root(), every);
+    /// How often each tenant's new records are written to Parquet (at most), and the zones
+    /// daily roll-ups are kept for.
+    pub fn set_projection(&mut self, every: std::time::Duration, zones: Vec<(String, jiff::tz::TimeZone)>) {
+        self.projection = Projection::new(self.projection.root(), every).with_zones(zones);
     }
 
     /// Writes committed records to the Parquet projection: every tenant that is due, or all

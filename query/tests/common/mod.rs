@@ -19,6 +19,9 @@ use tower::ServiceExt;
 
 pub const ORIGIN: &str = "tally.test";
 
+/// Zones the fixture keeps daily roll-ups for; reports in other zones use 15-minute buckets.
+pub const DAILY_ZONES: [&str; 3] = ["UTC", "Europe/Paris", "Asia/Kathmandu"];
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub key: LedgerKey,
@@ -76,7 +79,8 @@ impl Fixture {
             log.append(&event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap()).unwrap();
         }
         ledger.commit().unwrap();
-        let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO);
+        let zones = tally_ledger::projection::report_zones(&DAILY_ZONES.map(String::from)).unwrap();
+        let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO).with_zones(zones);
         for tenant in ledger.tenant_ids().unwrap() {
             let log = ledger.tenant(&tenant).unwrap();
             while projection.behind(&tenant, log).unwrap() > 0 {
