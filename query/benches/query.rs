@@ -126,7 +126,7 @@ fn main() {
         println!("generated {} events over {} tenants and {} days in {:.1} s", a.events, a.tenants, a.days, started.elapsed().as_secs_f64());
     }
     let events_bytes = dir_bytes(&root.join("events"));
-    let rollup_bytes = dir_bytes(&root.join("rollups"));
+    let rollup_bytes = dir_bytes(&root.join("rollups")) + dir_bytes(&root.join("daily"));
     let total_events = big + per_other * (a.tenants - 1);
 
     let config: QueryConfig = toml::from_str(&format!("data_dir = {:?}\nquery_timeout_ms = 600000\nquery_memory_mb = 4096\n", data)).expect("config");
@@ -139,11 +139,12 @@ fn main() {
     let page = EventFilter { after: Some(big / 2), limit: 1000, ..EventFilter::default() };
     let mut timings: Vec<(&str, Vec<Duration>)> = vec![("tenant_monthly_report", vec![]), ("billing_spend", vec![]), ("audit_page", vec![])];
     let mut report_rows = 0;
+    let mut report_source = "";
     for run in 0..=a.runs {
         let t = Instant::now();
-        let rows = rt.block_on(costs(&engine, &tenant(0), &report, timeout)).expect("cost report").rows;
+        let answer = rt.block_on(costs(&engine, &tenant(0), &report, timeout)).expect("cost report");
         let d0 = t.elapsed();
-        report_rows = rows.len();
+        (report_rows, report_source) = (answer.rows.len(), answer.source);
         let t = Instant::now();
         let spent = rt.block_on(spend(&engine, "2026-11", timeout)).expect("spend");
         let d1 = t.elapsed();
@@ -161,8 +162,8 @@ fn main() {
     }
     println!("projection: {} under {}", total_events, root.display());
     println!("  events tree: {:.1} MiB in {} files, {:.1} bytes/event", events_bytes as f64 / 1048576.0, file_count(&root.join("events")), events_bytes as f64 / total_events as f64);
-    println!("  roll-ups:    {:.1} MiB in {} files ({:.2} bytes/event)", rollup_bytes as f64 / 1048576.0, file_count(&root.join("rollups")), rollup_bytes as f64 / total_events as f64);
-    println!("  big tenant t000: {big} events; monthly report has {report_rows} rows");
+    println!("  roll-ups:    {:.1} MiB in {} files, 15-minute and daily ({:.2} bytes/event)", rollup_bytes as f64 / 1048576.0, file_count(&root.join("rollups")) + file_count(&root.join("daily")), rollup_bytes as f64 / total_events as f64);
+    println!("  big tenant t000: {big} events; monthly report has {report_rows} rows (from the {report_source} roll-ups)");
     let mut json = serde_json::json!({
         "root": root, "events": total_events, "tenants": a.tenants, "days": a.days, "big_tenant": tenant(0), "big_events": big,
         "page_after": big / 2, "events_bytes": events_bytes, "rollup_bytes": rollup_bytes, "runs": a.runs,

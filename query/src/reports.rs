@@ -347,66 +347,50 @@ pub struct Spend {
 }
 
 /// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups, one row per
-/// tenant and currency (events without a cost are not billing lines). One DataFusion plan: each
-/// tenant's month files are a table summed per currency, and the sums are unioned, so tenants
-/// are read in parallel and planned once.
+/// tenant and currency (events without a cost are not billing lines).
+///
+/// Billing reads every tenant's few small roll-up files of the month and sums three columns: it
+/// is done directly with the Parquet reader, on all cores, rather than planning a DataFusion
+/// query per tenant (which cost about 2.5 ms per tenant in planning and listing alone).
 pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
     let month = period.to_string();
-    type Listed = Vec<(String, Tree, Vec<tally_ledger::projection::ProjectionFile>)>;
-    let listed = tokio::task::spawn_blocking(move || -> tally_ledger::Result<Listed> {
-        let mut out = Vec::new();
-        for tenant in tally_ledger::projection::projected_tenants(&root)? {
+    let work = tokio::task::spawn_blocking(move || -> tally_ledger::Result<Vec<Spend>> {
+        use tally_ledger::projection::{currency_sums, list_files, projected_tenants};
+        let tenants = projected_tenants(&root)?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(tenants.len().max(1));
+        let chunk = tenants.len().div_ceil(threads).max(1);
+        let per_tenant = |tenant: &String| -> tally_ledger::Result<Vec<Spend>> {
             // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they
             // cover the whole log, are the smaller read.
-            let tree = if daily_complete(&read_watermark(&root, &tenant)?, "UTC") { Tree::Daily } else { Tree::Rollups };
-            let files = tally_ledger::projection::list_files(&root, tree, &tenant, |m| m == month)?;
-            if !files.is_empty() {
-                out.push((tenant, tree, files));
+            let daily = daily_complete(&read_watermark(&root, tenant)?, "UTC");
+            let (tree, zone) = if daily { (Tree::Daily, Some("UTC")) } else { (Tree::Rollups, None) };
+            let mut total: BTreeMap<String, RollupSums> = BTreeMap::new();
+            for file in list_files(&root, tree, tenant, |m| m == month)? {
+                for (currency, sums) in currency_sums(&file.path, zone)? {
+                    total.entry(currency).or_default().add(sums);
+                }
             }
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))??;
-    let ctx = engine.context()?;
-    let root = engine.root();
-    let mut union: Option<DataFrame> = None;
-    for (i, (tenant, tree, files)) in listed.iter().enumerate() {
-        let name = format!("tenant_{i}");
-        engine.register(&ctx, &name, crate::tables::rollup_schema_of(*tree), files)?;
-        let sums = ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec();
-        let only = match tree {
-            Tree::Daily => col("currency").is_not_null().and(col("zone").eq(lit("UTC"))),
-            _ => col("currency").is_not_null(),
+            Ok(total.into_iter().map(|(currency, sums)| Spend { tenant: tenant.clone(), currency: Some(currency), sums }).collect())
         };
-        let df = ctx
-            .table(name.as_str())
-            .await
-            .map_err(df_err(root))?
-            .filter(only)
-            .map_err(df_err(root))?
-            .aggregate(vec![col("currency")], sums)
-            .map_err(df_err(root))?
-            .select(vec![lit(tenant.clone()).alias("tenant_id"), col("currency"), col("events"), col("cost_micros"), col("input_tokens"), col("output_tokens")])
-            .map_err(df_err(root))?;
-        union = Some(match union {
-            None => df,
-            Some(u) => u.union(df).map_err(df_err(root))?,
+        let parts: Vec<tally_ledger::Result<Vec<Spend>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = tenants
+                .chunks(chunk)
+                .map(|ts| scope.spawn(move || ts.iter().map(per_tenant).collect::<tally_ledger::Result<Vec<Vec<Spend>>>>().map(|v| v.concat())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(tally_ledger::Error::Projection("a spend worker panicked".into())))).collect()
         });
-    }
-    let Some(union) = union else { return Ok(Vec::new()) };
-    let mut out = Vec::new();
-    for b in collect(union, timeout, root).await? {
-        let (tenant, currency) = (strings(&b, "tenant_id")?, strings(&b, "currency")?);
-        let (events, cost, input, output) = (ints(&b, "events")?, ints(&b, "cost_micros")?, ints(&b, "input_tokens")?, ints(&b, "output_tokens")?);
-        for i in 0..b.num_rows() {
-            let sums = RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] };
-            out.push(Spend { tenant: tenant[i].clone().unwrap_or_default(), currency: currency[i].clone(), sums });
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend(p?);
         }
+        out.sort_by(|a, b| (&a.tenant, &a.currency).cmp(&(&b.tenant, &b.currency)));
+        Ok(out)
+    });
+    match tokio::time::timeout(timeout, work).await {
+        Ok(joined) => Ok(joined.map_err(|e| Error::Internal(e.to_string()))??),
+        Err(_) => Err(Error::Timeout(timeout.as_millis() as u64)),
     }
-    out.sort_by(|a, b| (&a.tenant, &a.currency).cmp(&(&b.tenant, &b.currency)));
-    Ok(out)
 }
 
 /// An audit export: a seq range of the tenant's rows with the evidence that it is complete.

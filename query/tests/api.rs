@@ -149,6 +149,27 @@ async fn billing_sees_every_tenants_spend_with_focus_columns_and_nobody_else_doe
     assert!(String::from_utf8(csv).unwrap().starts_with("BilledCost,EffectiveCost,BillingCurrency,"));
 }
 
+#[tokio::test]
+async fn spend_is_the_same_from_the_daily_and_the_15_minute_roll_ups() {
+    let events: Vec<_> = (0..40)
+        .map(|i| {
+            let at = t("2026-10-31T20:00:00Z") + jiff::SignedDuration::from_mins(61 * i);
+            event(["acme", "globex"][i as usize % 2], &format!("e{i}"), at, "llm_call", "a", "m", "t", (i % 5 != 0).then_some((1_000 * i, ["USD", "EUR"][i as usize % 3 / 2])))
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for zones in [&["UTC"][..], &["Asia/Tokyo"][..]] {
+        let f = Fixture::new();
+        f.ingest_with_zones(&events, zones);
+        let spend = get_json(&f.router(), "/v1/spend?period=2026-11", &f.tokens["billing"]).await;
+        answers.push(spend["rows"].clone());
+    }
+    assert_eq!(answers[0], answers[1]);
+    let rows = answers[0].as_array().unwrap();
+    let want: i64 = events.iter().filter(|e| e.occurred_at >= t("2026-11-01T00:00:00Z")).filter_map(|e| e.cost.as_ref()).map(|c| c.amount_micros).sum();
+    assert_eq!(rows.iter().map(|r| r["x_BilledCostMicros"].as_i64().unwrap()).sum::<i64>(), want, "October's events are not November's bill");
+}
+
 /// Checks an export's evidence the way an outside verifier would: the signed checkpoint, then
 /// the rows' leaf hashes with the range proof rebuild its root.
 fn verify_export(f: &Fixture, export: &serde_json::Value) -> bool {

@@ -63,6 +63,35 @@ pub fn read_parquet(path: &Path) -> Result<Vec<arrow_array::RecordBatch>> {
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::Projection(format!("{}: {e}", path.display())))
 }
 
+/// The sums per currency of one roll-up file (15-minute or daily; for daily files, of `zone`'s
+/// rows only). Rows without a currency (events that carried no cost) are left out. Reads only
+/// the columns it sums.
+pub fn currency_sums(path: &Path, zone: Option<&str>) -> Result<BTreeMap<String, RollupSums>> {
+    use arrow_array::{Array, Int64Array, StringArray};
+    let bad = |e: &dyn std::fmt::Display| Error::Projection(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?;
+    let wanted = ["zone", "currency", "events", "cost_micros", "input_tokens", "output_tokens"];
+    let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
+    let mut out: BTreeMap<String, RollupSums> = BTreeMap::new();
+    for batch in builder.with_projection(mask).build().map_err(|e| bad(&e))? {
+        let batch = batch.map_err(|e| bad(&e))?;
+        let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+        let num = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).ok_or_else(|| bad(&format!("no column {name}")));
+        let currency = text("currency").ok_or_else(|| bad(&"no column currency"))?;
+        let zones = text("zone");
+        let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
+        for i in 0..batch.num_rows() {
+            if currency.is_null(i) || zone.is_some_and(|z| zones.as_ref().is_none_or(|zs| zs.value(i) != z)) {
+                continue;
+            }
+            let sums = RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) };
+            out.entry(currency.value(i).to_string()).or_default().add(sums);
+        }
+    }
+    Ok(out)
+}
+
 /// What one flush did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushReport {

@@ -70,6 +70,11 @@ impl Fixture {
     /// Appends `events` to their tenants' logs (partition dir `tally.events-0`), commits (signing
     /// checkpoints) and projects everything.
     pub fn ingest(&self, events: &[Event]) {
+        self.ingest_with_zones(events, &DAILY_ZONES);
+    }
+
+    /// As [`Fixture::ingest`], keeping daily roll-ups for `zones` only.
+    pub fn ingest_with_zones(&self, events: &[Event], zones: &[&str]) {
         let ledger_dir = self.data_dir().join("partitions").join("tally.events-0");
         let mut ledger = Ledger::open(&ledger_dir, vec![LedgerKey::parse(&self.key.to_text().unwrap()).unwrap()]).unwrap();
         for (i, e) in events.iter().enumerate() {
@@ -79,7 +84,7 @@ impl Fixture {
             log.append(&event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap()).unwrap();
         }
         ledger.commit().unwrap();
-        let zones = tally_ledger::projection::report_zones(&DAILY_ZONES.map(String::from)).unwrap();
+        let zones = tally_ledger::projection::report_zones(&zones.iter().map(|z| z.to_string()).collect::<Vec<_>>()).unwrap();
         let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO).with_zones(zones);
         for tenant in ledger.tenant_ids().unwrap() {
             let log = ledger.tenant(&tenant).unwrap();
