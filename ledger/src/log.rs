@@ -380,15 +380,42 @@ fn read_node(hashes: &File, dir: &Path, level: u32, index: u64) -> Result<Hash> 
 pub struct LogReader {
     dir: PathBuf,
     hashes: File,
+    index: File,
+    entries: File,
     head: Head,
 }
 
 impl LogReader {
     pub fn open(dir: &Path) -> Result<LogReader> {
         let head = read_head(dir)?;
-        let path = dir.join("hashes");
-        let hashes = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(LogReader { dir: dir.to_path_buf(), hashes, head })
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::open(&path).map_err(|e| Error::io(&path, e))
+        };
+        Ok(LogReader { dir: dir.to_path_buf(), hashes: open("hashes")?, index: open("index")?, entries: open("entries")?, head })
+    }
+
+    /// Committed entry `seq` (below the size read at open), checksum verified.
+    pub fn entry(&self, seq: u64) -> Result<Vec<u8>> {
+        if seq >= self.head.size {
+            return Err(Error::NoSuchEntry { seq, size: self.head.size });
+        }
+        let mut buf = [0u8; 8];
+        self.index.read_exact_at(&mut buf, seq * 8).map_err(|e| Error::io(&self.dir.join("index"), e))?;
+        let offset = u64::from_be_bytes(buf);
+        let path = self.dir.join("entries");
+        let mut header = [0u8; FRAME_HEADER];
+        self.entries.read_exact_at(&mut header, offset).map_err(|e| Error::io(&path, e))?;
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len > MAX_ENTRY_BYTES {
+            return Err(Error::Corrupt { path: path.display().to_string(), detail: format!("entry {seq} has a damaged frame header") });
+        }
+        let mut entry = vec![0u8; len];
+        self.entries.read_exact_at(&mut entry, offset + FRAME_HEADER as u64).map_err(|e| Error::io(&path, e))?;
+        if crc(&entry) != u32::from_be_bytes([header[4], header[5], header[6], header[7]]) {
+            return Err(Error::Corrupt { path: path.display().to_string(), detail: format!("entry {seq} fails its checksum") });
+        }
+        Ok(entry)
     }
 
     /// Committed size when opened.

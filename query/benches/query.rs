@@ -129,7 +129,7 @@ fn main() {
     let rollup_bytes = dir_bytes(&root.join("rollups")) + dir_bytes(&root.join("daily"));
     let total_events = big + per_other * (a.tenants - 1);
 
-    let config: QueryConfig = toml::from_str(&format!("data_dir = {:?}\nquery_timeout_ms = 600000\nquery_memory_mb = 4096\n", data)).expect("config");
+    let config: QueryConfig = toml::from_str(&format!("data_dir = {:?}\nquery_timeout_ms = 300000\nquery_memory_mb = 4096\n", data)).expect("config");
     let engine = Engine::new(&config);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let timeout = Duration::from_secs(600);

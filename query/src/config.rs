@@ -43,7 +43,7 @@ fn default_max_rows() -> usize {
     100_000
 }
 fn default_max_export_rows() -> u64 {
-    1_000_000
+    100_000
 }
 fn default_query_timeout_ms() -> u64 {
     30_000
@@ -65,8 +65,10 @@ impl QueryConfig {
         if self.max_export_rows == 0 {
             return bad("max_export_rows", "must be at least 1".into());
         }
-        if self.query_timeout_ms == 0 || self.query_timeout_ms > 600_000 {
-            return bad("query_timeout_ms", format!("= {} must be 1..=600000", self.query_timeout_ms));
+        // Files a merge replaced are deleted REPLACED_FILE_GRACE after it: no query may outlive that.
+        let max_timeout = tally_ledger::projection::REPLACED_FILE_GRACE.as_millis() as u64 / 2;
+        if self.query_timeout_ms == 0 || self.query_timeout_ms > max_timeout {
+            return bad("query_timeout_ms", format!("= {} must be 1..={max_timeout}", self.query_timeout_ms));
         }
         if self.query_memory_mb < 16 {
             return bad("query_memory_mb", format!("= {} must be at least 16", self.query_memory_mb));

@@ -6,7 +6,7 @@
 //! zone is a whole number of buckets, so grouping by a local day is exact). Money and tokens
 //! stay integers (micros) end to end.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -406,12 +406,16 @@ pub struct AuditExport {
     pub complete: bool,
     /// Seqs of the range with no row in the projection.
     pub missing_seqs: Vec<u64>,
-    /// Seqs whose row's leaf hash differs from the log's, or that have several rows.
+    /// Seqs whose row differs in any column (leaf hash included) from the row the log's entry
+    /// gives, or that have several rows.
     pub mismatched_seqs: Vec<u64>,
     /// The signed checkpoint (C2SP tlog-checkpoint note) of the tenant's log at `tree_size`.
     pub checkpoint: String,
     /// Base64 hashes: with the rows' leaf hashes they rebuild the root (see `merkle::range_proof`).
     pub range_proof: Vec<String>,
+    /// The log's entry bytes of each seq of the range, base64: a verifier hashes them
+    /// (RFC 9162 leaf hash) and checks them against the rows.
+    pub entries: Vec<String>,
     pub rows: serde_json::Value,
 }
 
@@ -453,25 +457,37 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
             found.push((seq.value(i), leaf.value(i).try_into().map_err(|_| Error::Internal("leaf_hash is not 32 bytes".into()))?));
         }
     }
-    let log_dir = tally_ledger::find_tenant_log(data_dir, tenant).ok_or_else(|| Error::Internal(format!("no log of {tenant} under the data directory")))?;
-    let (missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
-        use merkle::NodeSource;
+    let rows = crate::encode::json_rows(&batches)?;
+    let data_dir = data_dir.to_path_buf();
+    let tenant_owned = tenant.to_string();
+    let projected = rows.clone();
+    let (missing, mismatched, proof, leaves, entries) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let log_dir = tally_ledger::find_tenant_log(&data_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
         let log = tally_ledger::LogReader::open(&log_dir)?;
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));
         }
-        let present: BTreeSet<u64> = found.iter().map(|(s, _)| *s).collect();
-        let missing: Vec<u64> = (from..=to).filter(|s| !present.contains(s)).collect();
-        let mut mismatched = BTreeSet::new();
-        let mut seen = BTreeSet::new();
-        for (seq, leaf) in &found {
-            if !seen.insert(*seq) || log.node(0, *seq)? != *leaf {
-                mismatched.insert(*seq);
+        // What the rows must be: derived from the log's own entries, field by field.
+        let entries = (from..=to).map(|seq| log.entry(seq)).collect::<tally_ledger::Result<Vec<_>>>()?;
+        let expected = crate::encode::json_rows(&[tally_ledger::projection::expected_rows(from, &entries)?])?;
+        let mut by_seq: BTreeMap<u64, Vec<&serde_json::Value>> = BTreeMap::new();
+        for row in projected.as_array().into_iter().flatten() {
+            if let Some(seq) = row["seq"].as_u64() {
+                by_seq.entry(seq).or_default().push(row);
+            }
+        }
+        let mut missing = Vec::new();
+        let mut mismatched = Vec::new();
+        for (want, seq) in expected.as_array().into_iter().flatten().zip(from..) {
+            match by_seq.get(&seq).map(|v| &v[..]) {
+                None => missing.push(seq),
+                Some([got]) if *got == want => {}
+                Some(_) => mismatched.push(seq),
             }
         }
         let proof = merkle::range_proof(&log, from, to + 1, tree_size)?;
         let leaves: Vec<Hash> = found.iter().map(|(_, h)| *h).collect();
-        Ok((missing, mismatched.into_iter().collect::<Vec<u64>>(), proof, leaves))
+        Ok((missing, mismatched, proof, leaves, entries))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
@@ -488,7 +504,8 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
         mismatched_seqs: mismatched,
         checkpoint,
         range_proof: proof.iter().map(|h| b64.encode(h)).collect(),
-        rows: crate::encode::json_rows(&batches)?,
+        entries: entries.iter().map(|e| b64.encode(e)).collect(),
+        rows,
     })
 }
 

@@ -22,6 +22,12 @@ use tally_ledger::projection::{list_files, ProjectionFile, Tree};
 use crate::config::QueryConfig;
 use crate::error::{Error, Result};
 
+/// Files of a tenant's tree, and their URLs for DataFusion.
+pub struct Listed {
+    pub files: Vec<ProjectionFile>,
+    pub urls: Vec<ListingTableUrl>,
+}
+
 /// What every request needs to build its context.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -53,21 +59,13 @@ impl Engine {
         Ok(SessionContext::new_with_config_rt(config, runtime))
     }
 
-    /// The tenant's visible files of `tree` whose partition (date or month) passes `wanted`.
-    pub async fn files(&self, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<Vec<ProjectionFile>> {
+    /// The tenant's visible files of `tree` whose partition (date or month) passes `wanted`,
+    /// with their URLs (parsing one stats the file: done here, off the async runtime).
+    pub async fn files(&self, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<Listed> {
         let root = self.root.clone();
         let tenant = tenant.to_string();
-        tokio::task::spawn_blocking(move || list_files(&root, tree, &tenant, wanted))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(Error::from)
-    }
-
-    /// Registers `name` in `ctx` as a table over exactly `files`.
-    pub fn register(&self, ctx: &SessionContext, name: &str, schema: SchemaRef, files: &[ProjectionFile]) -> Result<()> {
-        let table: Arc<dyn datafusion::catalog::TableProvider> = if files.is_empty() {
-            Arc::new(MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(|e| Error::Internal(e.to_string()))?)
-        } else {
+        tokio::task::spawn_blocking(move || -> Result<Listed> {
+            let files = list_files(&root, tree, &tenant, wanted)?;
             let urls = files
                 .iter()
                 .map(|f| {
@@ -75,6 +73,18 @@ impl Engine {
                     ListingTableUrl::parse(path).map_err(|e| Error::Internal(e.to_string()))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            Ok(Listed { files, urls })
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    /// Registers `name` in `ctx` as a table over exactly the `listed` files.
+    pub fn register(&self, ctx: &SessionContext, name: &str, schema: SchemaRef, listed: &Listed) -> Result<()> {
+        let table: Arc<dyn datafusion::catalog::TableProvider> = if listed.files.is_empty() {
+            Arc::new(MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(|e| Error::Internal(e.to_string()))?)
+        } else {
+            let urls = listed.urls.clone();
             let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
             let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
             Arc::new(ListingTable::try_new(config).map_err(|e| Error::Internal(e.to_string()))?)

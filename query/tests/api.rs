@@ -170,11 +170,17 @@ async fn spend_is_the_same_from_the_daily_and_the_15_minute_roll_ups() {
     assert_eq!(rows.iter().map(|r| r["x_BilledCostMicros"].as_i64().unwrap()).sum::<i64>(), want, "October's events are not November's bill");
 }
 
-/// Checks an export's evidence the way an outside verifier would: the signed checkpoint, then
-/// the rows' leaf hashes with the range proof rebuild its root.
+/// Checks an export's evidence the way an outside verifier would: the signed checkpoint; each
+/// row's leaf hash is the hash of its entry; the entries' hashes with the range proof rebuild
+/// the checkpoint's root.
 fn verify_export(f: &Fixture, export: &serde_json::Value) -> bool {
     let checkpoint = tally_ledger::Checkpoint::open(export["checkpoint"].as_str().unwrap(), &f.verifiers("acme"), None).unwrap();
-    let leaves: Vec<[u8; 32]> = export["rows"].as_array().unwrap().iter().map(|r| hex::decode(r["leaf_hash"].as_str().unwrap()).unwrap().try_into().unwrap()).collect();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let leaves: Vec<[u8; 32]> = export["entries"].as_array().unwrap().iter().map(|e| tally_ledger::merkle::leaf_hash(&b64.decode(e.as_str().unwrap()).unwrap())).collect();
+    let rows = export["rows"].as_array().unwrap();
+    if rows.len() != leaves.len() || rows.iter().zip(&leaves).any(|(r, l)| r["leaf_hash"].as_str() != Some(hex::encode(l).as_str())) {
+        return false;
+    }
     let proof: Vec<[u8; 32]> = export["range_proof"].as_array().unwrap().iter().map(|h| base64::engine::general_purpose::STANDARD.decode(h.as_str().unwrap()).unwrap().try_into().unwrap()).collect();
     let from = export["from_seq"].as_u64().unwrap();
     tally_ledger::merkle::root_from_range(&leaves, from, checkpoint.size, &proof) == Some(checkpoint.root)
@@ -193,25 +199,26 @@ async fn an_audit_export_proves_its_range_complete_and_a_deleted_row_is_reported
     let whole = get_json(&r, "/v1/tenants/acme/audit-export", token).await;
     assert_eq!((whole["complete"].as_bool(), whole["from_seq"].as_u64(), whole["to_seq"].as_u64()), (Some(true), Some(0), Some(29)));
 
-    // Delete row 12 from whichever file holds it.
-    let root = f.data_dir().join("parquet");
-    for file in tally_ledger::projection::list_files(&root, tally_ledger::projection::Tree::Events, "acme", |_| true).unwrap() {
-        let batches = tally_ledger::projection::read_parquet(&file.path).unwrap();
-        let mut kept = Vec::new();
-        let mut removed = false;
-        for b in batches {
-            let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().unwrap().clone();
-            let mask: datafusion::arrow::array::BooleanArray = seq.iter().map(|s| Some(s != Some(12))).collect();
-            removed |= mask.false_count() > 0;
-            kept.push(datafusion::arrow::compute::filter_record_batch(&b, &mask).unwrap());
+    // Change row 7's cost (its leaf hash left as it was), then delete row 12.
+    tamper(&f, |seq, batch, i| {
+        if seq != 7 {
+            return None;
         }
-        if removed {
-            let out = std::fs::File::create(&file.path).unwrap();
-            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(out, Arc::clone(kept[0].schema_ref()), None).unwrap();
-            kept.iter().for_each(|b| w.write(b).unwrap());
-            w.close().unwrap();
-        }
-    }
+        let cost = batch.column_by_name("cost_micros").unwrap().as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap();
+        let changed: datafusion::arrow::array::Int64Array = (0..batch.num_rows()).map(|j| Some(if j == i { 1 } else { cost.value(j) })).collect();
+        let idx = batch.schema().index_of("cost_micros").unwrap();
+        let mut columns = batch.columns().to_vec();
+        columns[idx] = Arc::new(changed);
+        Some(datafusion::arrow::array::RecordBatch::try_new(batch.schema(), columns).unwrap())
+    });
+    let export = get_json(&r, "/v1/tenants/acme/audit-export?from_seq=5&to_seq=20", token).await;
+    assert_eq!((export["complete"].as_bool(), &export["mismatched_seqs"]), (Some(false), &serde_json::json!([7])), "an altered row is caught although its leaf hash is intact");
+    tamper(&f, |seq, batch, i| {
+        (seq == 12).then(|| {
+            let mask: datafusion::arrow::array::BooleanArray = (0..batch.num_rows()).map(|j| Some(j != i)).collect();
+            datafusion::arrow::compute::filter_record_batch(batch, &mask).unwrap()
+        })
+    });
     let export = get_json(&r, "/v1/tenants/acme/audit-export?from_seq=5&to_seq=20", token).await;
     assert_eq!(export["complete"], false);
     assert_eq!(export["missing_seqs"], serde_json::json!([12]));
@@ -221,6 +228,32 @@ async fn an_audit_export_proves_its_range_complete_and_a_deleted_row_is_reported
     assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
     let (status, _) = send(&r, "GET", "/v1/tenants/globex/audit-export", Some(token), None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "a regulator sees only the tenants its token names");
+}
+
+/// Rewrites the acme projection file holding each row for which `change(seq, batch, index)`
+/// returns a replacement batch.
+fn tamper(f: &Fixture, change: impl Fn(u64, &datafusion::arrow::array::RecordBatch, usize) -> Option<datafusion::arrow::array::RecordBatch>) {
+    let root = f.data_dir().join("parquet");
+    for file in tally_ledger::projection::list_files(&root, tally_ledger::projection::Tree::Events, "acme", |_| true).unwrap() {
+        let mut batches = tally_ledger::projection::read_parquet(&file.path).unwrap();
+        let mut touched = false;
+        for b in batches.iter_mut() {
+            let seqs = b.column_by_name("seq").unwrap().as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().unwrap().clone();
+            for i in 0..seqs.len() {
+                if let Some(new) = change(seqs.value(i), b, i) {
+                    *b = new;
+                    touched = true;
+                    break;
+                }
+            }
+        }
+        if touched {
+            let out = std::fs::File::create(&file.path).unwrap();
+            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(out, Arc::clone(batches[0].schema_ref()), None).unwrap();
+            batches.iter().for_each(|b| w.write(b).unwrap());
+            w.close().unwrap();
+        }
+    }
 }
 
 #[tokio::test]

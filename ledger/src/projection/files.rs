@@ -15,9 +15,11 @@
 //! * `_projection.json` says every record below `next_seq` has its rows on disk; it is replaced
 //!   only after a flush's files are all in place. Files with `first >= next_seq` are leftovers of
 //!   an unfinished flush and are deleted on recovery (the flush is redone identically).
+//! * Readers ([`list_files`]) see only files below the watermark.
 //! * Within one directory, flush ranges are disjoint; a merge replaces a contiguous run of files
-//!   by one whose range covers exactly theirs. Until the inputs are deleted (or after a crash in
-//!   between), a file covered by another is redundant: readers skip it and recovery deletes it.
+//!   by one whose range covers exactly theirs. A file covered by another is redundant: readers
+//!   skip it, and it is deleted only [`REPLACED_FILE_GRACE`] after the merge, so a query that
+//!   listed it before the merge never finds it gone.
 
 use std::path::{Path, PathBuf};
 
@@ -153,12 +155,40 @@ fn split_redundant(files: Vec<ProjectionFile>) -> (Vec<ProjectionFile>, Vec<Proj
 /// The visible files of one tenant's tree whose partition value passes `wanted`, sorted by
 /// partition then range.
 pub fn list_files(root: &Path, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<ProjectionFile>> {
+    // Files of a flush appear before its watermark; until then (or forever, if the flush was cut
+    // short by a crash) they are not part of the projection.
+    let next_seq = read_watermark(root, tenant)?.next_seq;
     let mut out = Vec::new();
     for value in partitions(root, tree, tenant)?.into_iter().filter(|v| wanted(v)) {
         let (keep, _) = split_redundant(dir_files(&partition_dir(root, tree, tenant, &value), &value)?);
-        out.extend(keep);
+        out.extend(keep.into_iter().filter(|f| f.first < next_seq));
     }
     Ok(out)
+}
+
+/// How long a file replaced by a merge stays on disk: longer than any query may run, so a query
+/// that listed it before the merge can still read it. Readers skip it from the merge on.
+pub const REPLACED_FILE_GRACE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Deletes the files of a directory that a merge replaced more than `grace` ago (by the merged
+/// file's age). Returns how many.
+pub(crate) fn sweep_replaced(dir: &Path, partition: &str, grace: std::time::Duration) -> Result<usize> {
+    let files = dir_files(dir, partition)?;
+    let mut removed = 0;
+    let mut cover: Option<&ProjectionFile> = None;
+    for f in &files {
+        match cover {
+            Some(c) if c.last >= f.last => {
+                let age = std::fs::metadata(&c.path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if age.is_some_and(|a| a >= grace) {
+                    remove(&f.path)?;
+                    removed += 1;
+                }
+            }
+            _ => cover = Some(f),
+        }
+    }
+    Ok(removed)
 }
 
 /// `_projection.json`: how far the tenant's projection is complete, and the signed checkpoint
@@ -200,7 +230,7 @@ pub(crate) fn write_watermark(root: &Path, tenant: &str, mark: &Watermark) -> Re
 /// Writes `path` through a synced hidden temporary file and a rename, then syncs the directory.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().ok_or_else(|| Error::Projection(format!("{} has no parent directory", path.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    create_dir_synced(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -209,6 +239,27 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::Fil
     drop(file);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     sync_dir(dir)
+}
+
+/// `create_dir_all`, then syncs the parent of every directory it created, so a new `date=`
+/// directory survives a power loss along with the files the watermark then vouches for.
+fn create_dir_synced(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut d = Some(dir);
+    while let Some(p) = d.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(p.to_path_buf());
+        d = p.parent();
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
@@ -228,11 +279,14 @@ pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result
                     removed += 1;
                 }
             }
-            let (keep, redundant) = split_redundant(dir_files(&dir, &value)?);
-            for f in redundant.iter().chain(keep.iter().filter(|f| f.first >= next_seq)) {
+            // Files of an unfinished flush were never visible to readers: delete them now.
+            // Files a merge replaced may still be read by a query that listed them before.
+            let (keep, _) = split_redundant(dir_files(&dir, &value)?);
+            for f in keep.iter().filter(|f| f.first >= next_seq) {
                 remove(&f.path)?;
                 removed += 1;
             }
+            removed += sweep_replaced(&dir, &value, REPLACED_FILE_GRACE)?;
         }
     }
     Ok(removed)
@@ -308,11 +362,22 @@ mod tests {
         touch(&dir, 0, 19, 10); // a merge whose inputs were not yet deleted
         touch(&dir, 20, 29, 3); // a flush the watermark does not cover
         std::fs::write(dir.join(".00-tmp.parquet.tmp"), b"half").unwrap();
+        // Without a watermark, nothing is visible yet.
+        assert!(list_files(root.path(), Tree::Events, "acme", |_| true).unwrap().is_empty());
+        write_watermark(root.path(), "acme", &Watermark { next_seq: 20, ..Watermark::default() }).unwrap();
         let visible = list_files(root.path(), Tree::Events, "acme", |_| true).unwrap();
-        assert_eq!(visible.iter().map(|f| (f.first, f.last)).collect::<Vec<_>>(), vec![(0, 19), (20, 29)]);
-        assert_eq!(recover_tenant(root.path(), "acme", 20).unwrap(), 4);
-        let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        assert_eq!(left, vec![file_name(0, 19, 10)]);
+        assert_eq!(visible.iter().map(|f| (f.first, f.last)).collect::<Vec<_>>(), vec![(0, 19)], "the unfinished flush 20-29 is not visible");
+        // Recovery deletes the unfinished flush and the temporary file at once, the replaced
+        // files only once the merge is older than the grace period.
+        assert_eq!(recover_tenant(root.path(), "acme", 20).unwrap(), 2);
+        let names = |dir: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&dir).len(), 3);
+        assert_eq!(sweep_replaced(&dir, "2026-11-01", std::time::Duration::ZERO).unwrap(), 2);
+        assert_eq!(names(&dir), vec![file_name(0, 19, 10)]);
     }
 
     #[test]

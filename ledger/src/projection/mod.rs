@@ -20,7 +20,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-pub use files::{list_files, partition_dir, partitions, projected_tenants, read_watermark, tenant_dir, ProjectionFile, Tree, Watermark};
+pub use files::{list_files, partition_dir, partitions, projected_tenants, read_watermark, tenant_dir, ProjectionFile, Tree, Watermark, REPLACED_FILE_GRACE};
 pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_days, Daily, DailyKey, Rollup, RollupKey, RollupSums};
 
 use crate::error::{Error, Result};
@@ -61,6 +61,13 @@ pub fn read_parquet(path: &Path) -> Result<Vec<arrow_array::RecordBatch>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(|e| Error::Projection(format!("{}: {e}", path.display())))?;
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::Projection(format!("{}: {e}", path.display())))
+}
+
+/// The projection rows `entries` (a tenant's records from seq `first` on) must have, as one
+/// batch under the projection schema: what an audit compares projected rows with.
+pub fn expected_rows(first: u64, entries: &[Vec<u8>]) -> Result<arrow_array::RecordBatch> {
+    let rows = entries.iter().zip(first..).map(|(entry, seq)| Row::parse(seq, entry)).collect::<Result<Vec<_>>>()?;
+    rows::rows_batch(&rows.iter().collect::<Vec<_>>())
 }
 
 /// The sums per currency of one roll-up file (15-minute or daily; for daily files, of `zone`'s
@@ -185,7 +192,7 @@ impl Projection {
         let checkpoint = std::fs::read_to_string(log.dir().join("checkpoint")).ok().filter(|note| note_size(note) == Some(last + 1));
         let mark = files::Watermark {
             next_seq: last + 1,
-            checkpoint: checkpoint.or_else(|| state.mark.checkpoint.take()),
+            checkpoint: checkpoint.or_else(|| state.mark.checkpoint.clone()),
             daily_zones: zone_coverage(&state.mark, first, &zones),
         };
         files::write_watermark(&root, tenant, &mark)?;
@@ -242,6 +249,7 @@ fn merge_touched(root: &Path, tenant: &str, touched: &Touched) -> Result<usize> 
     let mut merged = 0;
     for (tree, value) in touched {
         merged += merge(root, *tree, tenant, value)?;
+        files::sweep_replaced(&files::partition_dir(root, *tree, tenant, value), value, files::REPLACED_FILE_GRACE)?;
     }
     Ok(merged)
 }
@@ -315,10 +323,8 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
         };
         let path = files::partition_dir(root, tree, tenant, value).join(files::file_name(head.first, tail.last, rows));
         write_parquet(&path, &batches)?;
-        // The merged file now covers the inputs: readers skip them from here on.
-        for f in &run {
-            files::remove(&f.path)?;
-        }
+        // The merged file now covers the inputs: readers skip them from here on, and they are
+        // deleted once no query that listed them before can still be running.
         replaced += run.len();
     }
 }
