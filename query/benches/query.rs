@@ -115,6 +115,9 @@ fn main() {
     let big = a.events / 5;
     let per_other = (a.events - big) / (a.tenants - 1).max(1);
     let tenant = |i: u64| format!("t{i:03}");
+    // What the generator writes: the big tenant's share plus an equal share for each other one
+    // (N minus the rounding of (N - big) / (T - 1)).
+    let total_events = big + per_other * (a.tenants - 1);
     if root.exists() {
         println!("reusing the projection under {}", root.display());
     } else {
@@ -123,11 +126,10 @@ fn main() {
         for i in 0..a.tenants {
             generate_tenant(&root, &tenant(i), if i == 0 { big } else { per_other }, a.days, &mut rng);
         }
-        println!("generated {} events over {} tenants and {} days in {:.1} s", a.events, a.tenants, a.days, started.elapsed().as_secs_f64());
+        println!("generated {} events over {} tenants and {} days in {:.1} s", total_events, a.tenants, a.days, started.elapsed().as_secs_f64());
     }
     let events_bytes = dir_bytes(&root.join("events"));
     let rollup_bytes = dir_bytes(&root.join("rollups")) + dir_bytes(&root.join("daily"));
-    let total_events = big + per_other * (a.tenants - 1);
 
     let config: QueryConfig = toml::from_str(&format!("data_dir = {:?}\nquery_timeout_ms = 300000\nquery_memory_mb = 4096\n", data)).expect("config");
     let engine = Engine::new(&config);

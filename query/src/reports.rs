@@ -80,9 +80,62 @@ pub struct EventFilter {
 }
 
 /// One page of the tenant's records, in seq order, and the cursor of the next page.
+///
+/// File names carry each file's seq range, so a page reads only the first files after the cursor
+/// rather than every file of the tenant: with `files` sorted by first seq, the rows of a prefix
+/// are the page when the prefix's `limit`-th row comes before the first seq of every file left
+/// out. Ranges overlap across dates (an event's date is when it happened, its seq when it
+/// arrived, and a flush names every date's file with its whole range), so the check is against
+/// the next file's first seq, not the prefix's last. When the check fails, the prefix grows to
+/// every file that starts by the page's last row (or doubles, if filters left less than a page).
 pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, timeout: Duration) -> Result<(SchemaRef, Vec<RecordBatch>, Option<u64>)> {
-    let ctx = engine.tenant_events(tenant, date_range(filter.from, filter.to)).await?;
-    let root = engine.root();
+    let listed = engine.files(Tree::Events, tenant, date_range(filter.from, filter.to)).await?;
+    let files = listed.after_seq(filter.after);
+    let pages = async {
+        let mut take = page_prefix(&files.files, filter.limit);
+        loop {
+            let ctx = engine.context()?;
+            engine.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files.prefix(take))?;
+            let (schema, batches) = page_of(&ctx, filter, timeout, engine.root()).await?;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            let last = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
+            let complete = match (files.files.get(take), last) {
+                (None, _) => true,
+                (Some(next), Some(last)) => last < next.first,
+                (Some(_), None) => false,
+            };
+            if complete {
+                return Ok((schema, batches, last));
+            }
+            take = match last {
+                // Only files starting at or before the page's last row can hold rows before it,
+                // and a wider prefix can only lower that row: the next round is the last.
+                Some(last) => files.files.partition_point(|f| f.first <= last).max(take + 1),
+                // Filters thinned the rows below a page: read twice as many files.
+                None => (take * 2).min(files.files.len()),
+            };
+        }
+    };
+    tokio::time::timeout(timeout, pages).await.map_err(|_| Error::Timeout(timeout.as_millis() as u64))?
+}
+
+/// How many of `files` (sorted by first seq) the first try of a page reads: enough to hold
+/// `limit` rows if no filter drops any, at least one.
+/// One flush writes a file per date with the flush's seq range in every name, so files that
+/// share a first seq are read together (their rows interleave by seq).
+fn page_prefix(files: &[tally_ledger::projection::ProjectionFile], limit: usize) -> usize {
+    let mut rows = 0u64;
+    for (i, f) in files.iter().enumerate() {
+        rows += f.rows;
+        if rows >= limit as u64 {
+            return files.partition_point(|g| g.first <= f.first).max(i + 1);
+        }
+    }
+    files.len()
+}
+
+/// The filtered, seq-ordered first `limit` rows of the context's `events`.
+async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, timeout: Duration, root: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let mut df = ctx.table(crate::guard::EVENTS_TABLE).await.map_err(df_err(root))?;
     let mut conditions = Vec::new();
     if let Some(from) = filter.from {
@@ -102,10 +155,7 @@ pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, ti
     }
     let df = df.sort(vec![col("seq").sort(true, false)]).map_err(df_err(root))?.limit(0, Some(filter.limit)).map_err(df_err(root))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let batches = collect(df, timeout, root).await?;
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let next = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
-    Ok((schema, batches, next))
+    Ok((schema, collect(df, timeout, root).await?))
 }
 
 fn last_seq(batches: &[RecordBatch]) -> Result<Option<u64>> {
@@ -517,4 +567,24 @@ fn checkpoint_root(note: &str) -> Result<Hash> {
         .and_then(|l| base64::engine::general_purpose::STANDARD.decode(l).ok())
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| Error::Internal("unreadable root in the projection's checkpoint".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_prefix;
+    use tally_ledger::projection::ProjectionFile;
+
+    fn file(first: u64, last: u64, rows: u64) -> ProjectionFile {
+        ProjectionFile { path: format!("{first}-{last}-{rows}.parquet").into(), partition: String::new(), first, last, rows }
+    }
+
+    #[test]
+    fn a_page_starts_with_enough_rows_and_whole_flushes() {
+        let files = [file(0, 99, 40), file(0, 99, 60), file(100, 199, 100), file(200, 299, 100)];
+        assert_eq!(page_prefix(&files, 10), 2, "the flush's other date file comes along");
+        assert_eq!(page_prefix(&files, 100), 2);
+        assert_eq!(page_prefix(&files, 101), 3);
+        assert_eq!(page_prefix(&files, 1000), 4, "all, when no prefix holds a page");
+        assert_eq!(page_prefix(&[], 10), 0);
+    }
 }

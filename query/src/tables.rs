@@ -28,6 +28,23 @@ pub struct Listed {
     pub urls: Vec<ListingTableUrl>,
 }
 
+impl Listed {
+    /// The files that can hold a seq above `after`, sorted by first seq (as a seq-ordered page
+    /// reads them).
+    pub fn after_seq(self, after: Option<u64>) -> Listed {
+        let mut pairs: Vec<_> = self.files.into_iter().zip(self.urls).filter(|(f, _)| after.is_none_or(|a| f.last > a)).collect();
+        pairs.sort_by_key(|(f, _)| (f.first, f.last));
+        let (files, urls) = pairs.into_iter().unzip();
+        Listed { files, urls }
+    }
+
+    /// The first `n` files.
+    pub fn prefix(&self, n: usize) -> Listed {
+        let n = n.min(self.files.len());
+        Listed { files: self.files[..n].to_vec(), urls: self.urls[..n].to_vec() }
+    }
+}
+
 /// What every request needs to build its context.
 #[derive(Debug, Clone)]
 pub struct Engine {
