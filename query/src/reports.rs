@@ -94,8 +94,7 @@ pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, ti
     let pages = async {
         let mut take = page_prefix(&files.files, filter.limit);
         loop {
-            let ctx = engine.context()?;
-            engine.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files.prefix(take))?;
+            let ctx = engine.events_context(&files.prefix(take))?;
             let (schema, batches) = page_of(&ctx, filter, timeout, engine.root()).await?;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             let last = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
@@ -121,6 +120,7 @@ pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, ti
 
 /// How many of `files` (sorted by first seq) the first try of a page reads: enough to hold
 /// `limit` rows if no filter drops any, at least one.
+///
 /// One flush writes a file per date with the flush's seq range in every name, so files that
 /// share a first seq are read together (their rows interleave by seq).
 fn page_prefix(files: &[tally_ledger::projection::ProjectionFile], limit: usize) -> usize {

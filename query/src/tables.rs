@@ -113,8 +113,13 @@ impl Engine {
     /// A context whose only table, `events`, is the tenant's rows in the dates `wanted` passes.
     pub async fn tenant_events(&self, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<SessionContext> {
         let files = self.files(Tree::Events, tenant, wanted).await?;
+        self.events_context(&files)
+    }
+
+    /// A context whose only table, `events`, is exactly the `listed` files of the events tree.
+    pub fn events_context(&self, listed: &Listed) -> Result<SessionContext> {
         let ctx = self.context()?;
-        self.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files)?;
+        self.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), listed)?;
         Ok(ctx)
     }
 

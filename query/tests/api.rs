@@ -35,19 +35,7 @@ async fn events_are_paged_by_seq_cursor_and_filtered() {
     let f = fixture();
     let r = f.router();
     let token = &f.tokens["acme"];
-    let mut seqs = Vec::new();
-    let mut uri = "/v1/tenants/acme/events?limit=7".to_string();
-    loop {
-        let page = get_json(&r, &uri, token).await;
-        let rows = page["rows"].as_array().unwrap();
-        seqs.extend(rows.iter().map(|r| r["seq"].as_u64().unwrap()));
-        assert!(rows.iter().all(|r| r["leaf_hash"].is_string()), "every row carries its leaf hash");
-        match page["next_cursor"].as_u64() {
-            Some(c) => uri = format!("/v1/tenants/acme/events?limit=7&after={c}"),
-            None => break,
-        }
-    }
-    assert_eq!(seqs, (0..30).collect::<Vec<u64>>());
+    assert_eq!(all_pages(&r, "/v1/tenants/acme/events?limit=7", token).await, (0..30).collect::<Vec<u64>>());
 
     let planner = get_json(&r, "/v1/tenants/acme/events?agent=planner&action=gpt-x", token).await;
     assert_eq!(planner["rows"].as_array().unwrap().len(), 10);
@@ -60,13 +48,16 @@ async fn events_are_paged_by_seq_cursor_and_filtered() {
     assert!(String::from_utf8_lossy(&body).contains("colour"));
 }
 
-/// acme's seqs on `uri` (with `&after=` appended per page) across every page.
+/// The seqs of every page of `uri`, following `next_cursor` (`&after=`); every row must carry
+/// its leaf hash.
 async fn all_pages(r: &axum::Router, uri: &str, token: &str) -> Vec<u64> {
     let mut seqs = Vec::new();
     let mut next = uri.to_string();
     loop {
         let page = get_json(r, &next, token).await;
-        seqs.extend(page["rows"].as_array().unwrap().iter().map(|r| r["seq"].as_u64().unwrap()));
+        let rows = page["rows"].as_array().unwrap();
+        assert!(rows.iter().all(|r| r["leaf_hash"].is_string()), "every row carries its leaf hash");
+        seqs.extend(rows.iter().map(|r| r["seq"].as_u64().unwrap()));
         match page["next_cursor"].as_u64() {
             Some(c) => next = format!("{uri}&after={c}"),
             None => return seqs,
