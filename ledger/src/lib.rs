@@ -28,6 +28,7 @@ pub mod merkle;
 pub mod projection;
 mod note;
 mod receipt;
+pub mod serve;
 pub mod service;
 mod record;
 mod tiles;

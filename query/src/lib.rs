@@ -36,11 +36,22 @@ pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdow
     let engine = Engine::new(&config);
     let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
     tracing::info!(%addr, projection = %config.projection_root().display(), auth = tokens.is_enabled(), "query service listening");
+    let auth = tokens.is_enabled();
+    // A request may take its query's time and then some; never less than the default.
+    let defaults = tally_ledger::serve::ServeLimits::default();
+    let limits = tally_ledger::serve::ServeLimits {
+        request_timeout: (std::time::Duration::from_millis(config.query_timeout_ms) + std::time::Duration::from_secs(30)).max(defaults.request_timeout),
+        ..defaults
+    };
     let state = Arc::new(http::AppState { config, engine, tokens });
-    let app = http::router(state)
+    let mut app = http::router(state)
         .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(http::log_request));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| Error::Internal(format!("http server: {e}")))
+    if !auth {
+        // No token file (loopback only): refuse other Host names, against DNS rebinding.
+        app = app.layer(axum::middleware::from_fn(tally_ledger::serve::loopback_host_only));
+    }
+    tally_ledger::serve::serve(listener, app, limits, shutdown).await.map_err(|e| Error::Internal(format!("http server: {e}")))
 }
 
 /// The router alone, for in-process tests.

@@ -31,9 +31,16 @@ use crate::error::Error;
 use crate::receipt::Receipt;
 use crate::tiles::TilePath;
 
+/// Serves the API within [`crate::serve::ServeLimits::default`] (connection cap, header, idle
+/// and request timeouts). Without a token file (loopback only) requests must name a loopback
+/// host: DNS rebinding cannot reach the unauthenticated API.
 pub(super) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
-    let app = router(shared);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+    let auth = shared.tokens.is_enabled();
+    let mut app = router(shared);
+    if !auth {
+        app = app.layer(middleware::from_fn(crate::serve::loopback_host_only));
+    }
+    if let Err(e) = crate::serve::serve(listener, app, crate::serve::ServeLimits::default(), shutdown).await {
         tracing::error!(error = %e, "http server failed");
     }
 }
@@ -198,7 +205,7 @@ async fn tile(State(shared): State<Arc<Shared>>, ApiPath((tenant, rest)): ApiPat
             TilePath::Entries { index, width } => log.entry_bundle(index, width),
         }
     })?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream"), (header::CACHE_CONTROL, "public, max-age=31536000, immutable")], bytes).into_response())
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream"), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")], bytes).into_response())
 }
 
 async fn record(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
@@ -591,6 +598,18 @@ mod tests {
         assert_eq!(call(&f.app, "/healthz", None).await.0, StatusCode::OK);
         let (status, body, _) = call(&f.app, "/readyz", None).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "ready: 1 partitions\n"));
+    }
+
+    /// Tiles are immutable but need a token: a shared cache must not hand them to another caller.
+    #[tokio::test]
+    async fn tiles_are_cached_privately() {
+        let f = fixture();
+        let request = axum::http::Request::get("/t/acme/tile/0/000.p/2").header(header::AUTHORIZATION, format!("Bearer {}", f.acme));
+        let response = f.app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let cache = response.headers()[header::CACHE_CONTROL].to_str().unwrap();
+        assert!(cache.starts_with("private"), "{cache}");
+        assert!(!cache.contains("public"), "{cache}");
     }
 
     async fn post(app: &Router, path: &str, token: &str, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
