@@ -215,9 +215,7 @@ fn event_from_data(data: Value, ctx: Context, format: IngressFormat) -> Result<(
 }
 
 fn decode_structured(value: &[u8]) -> Result<(Event, IngressFormat, IdempotencyKey), Rejection> {
-    let envelope: Value = serde_json::from_slice(value).map_err(|e| {
-        Rejection::new(RejectCode::MalformedJson, format!("cloudevent is not valid JSON: {e}"))
-    })?;
+    let envelope = crate::json::parse(value, "cloudevent")?;
     let Value::Object(mut envelope) = envelope else {
         return Err(Rejection::new(RejectCode::NotAnObject, "cloudevent must be a JSON object"));
     };
@@ -245,9 +243,7 @@ fn decode_structured(value: &[u8]) -> Result<(Event, IngressFormat, IdempotencyK
             let bytes = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|e| {
                 Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent data_base64 is not base64: {e}"))
             })?;
-            serde_json::from_slice(&bytes).map_err(|e| {
-                Rejection::new(RejectCode::MalformedJson, format!("cloudevent data_base64 is not JSON: {e}"))
-            })?
+            crate::json::parse(&bytes, "cloudevent data_base64")?
         }
         (None, None) => {
             return Err(Rejection::new(RejectCode::MissingField, "cloudevent has no data"));
@@ -270,9 +266,7 @@ fn decode_binary(value: &[u8], headers: &[(&str, &[u8])]) -> Result<(Event, Ingr
             })
         })
     })?;
-    let data: Value = serde_json::from_slice(value).map_err(|e| {
-        Rejection::new(RejectCode::MalformedJson, format!("cloudevent data is not valid JSON: {e}"))
-    })?;
+    let data = crate::json::parse(value, "cloudevent data")?;
     event_from_data(data, ctx, IngressFormat::CloudEventsBinary)
 }
 
@@ -303,6 +297,22 @@ mod tests {
         assert_eq!(plain(None, &event("acme")).unwrap_err().code, RejectCode::MissingKey);
         assert_eq!(plain(Some(b""), &event("acme")).unwrap_err().code, RejectCode::MissingKey);
         assert_eq!(plain(Some(b"other"), &event("acme")).unwrap_err().code, RejectCode::TenantMismatch);
+    }
+
+    #[test]
+    fn duplicate_member_names_are_refused_in_every_encoding() {
+        // The reported attack: last-one-wins would record globex's event under acme's key check.
+        let twice = br#"{"event_id":"e1","tenant_id":"acme","tenant_id":"globex","occurred_at":"2026-01-01T00:00:00Z","kind":"llm_call"}"#;
+        assert_eq!(decode_message(Some(b"globex"), twice, &[]).unwrap_err().code, RejectCode::DuplicateKey);
+        let nested = br#"{"event_id":"e1","tenant_id":"acme","occurred_at":"2026-01-01T00:00:00Z","kind":"llm_call","cost":{"amount_micros":1,"amount_micros":2,"currency":"USD"}}"#;
+        assert_eq!(decode_message(Some(b"acme"), nested, &[]).unwrap_err().code, RejectCode::DuplicateKey);
+        let structured = br#"{"specversion":"1.0","id":"c1","id":"c2","source":"gw","type":"t","data":{"tenant_id":"acme","occurred_at":"2026-01-01T00:00:00Z","kind":"x"}}"#;
+        let ce = [("content-type", &b"application/cloudevents+json"[..])];
+        assert_eq!(decode_message(Some(b"acme"), structured, &ce).unwrap_err().code, RejectCode::DuplicateKey);
+        let in_data = br#"{"specversion":"1.0","id":"c1","source":"gw","type":"t","data":{"tenant_id":"acme","occurred_at":"2026-01-01T00:00:00Z","kind":"x","kind":"y"}}"#;
+        assert_eq!(decode_message(Some(b"acme"), in_data, &ce).unwrap_err().code, RejectCode::DuplicateKey);
+        let binary: Vec<(&str, &[u8])> = vec![("ce_specversion", b"1.0"), ("ce_id", b"e1"), ("ce_source", b"gw"), ("ce_type", b"t")];
+        assert_eq!(decode_message(Some(b"acme"), twice, &binary).unwrap_err().code, RejectCode::DuplicateKey);
     }
 
     #[test]

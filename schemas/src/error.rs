@@ -36,17 +36,24 @@ pub enum RejectCode {
     NegativeCost,
     /// `cost.currency` is not a three-letter ISO 4217 code.
     BadCurrency,
-    /// A token count is negative or not an integer.
+    /// A token count is negative, not an integer, or above [`crate::MAX_TOKENS`].
     BadUsage,
     /// A CloudEvent lacks a required attribute, has the wrong spec version, or contradicts its data.
     BadCloudEvent,
     /// A `content-type` this pipeline does not accept.
     UnsupportedContentType,
+    /// An object names the same member twice (I-JSON, RFC 7493): readers would disagree on it.
+    DuplicateKey,
+    /// `cost.amount_micros` is above [`crate::MAX_AMOUNT_MICROS`].
+    AmountTooLarge,
+    /// The message is on another partition than its tenant's home partition (the producer does
+    /// not use Kafka's murmur2 partitioner, or the topic's partition count changed).
+    WrongPartition,
 }
 
 impl RejectCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [RejectCode; 18] = [
+    pub const ALL: [RejectCode; 21] = [
         RejectCode::MissingKey,
         RejectCode::TenantMismatch,
         RejectCode::TooLarge,
@@ -65,6 +72,9 @@ impl RejectCode {
         RejectCode::BadUsage,
         RejectCode::BadCloudEvent,
         RejectCode::UnsupportedContentType,
+        RejectCode::DuplicateKey,
+        RejectCode::AmountTooLarge,
+        RejectCode::WrongPartition,
     ];
 
     /// The stable wire form, e.g. `tenant_mismatch`.
@@ -88,6 +98,9 @@ impl RejectCode {
             RejectCode::BadUsage => "bad_usage",
             RejectCode::BadCloudEvent => "bad_cloudevent",
             RejectCode::UnsupportedContentType => "unsupported_content_type",
+            RejectCode::DuplicateKey => "duplicate_key",
+            RejectCode::AmountTooLarge => "amount_too_large",
+            RejectCode::WrongPartition => "wrong_partition",
         }
     }
 

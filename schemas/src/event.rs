@@ -19,6 +19,15 @@ use crate::error::{RejectCode, Rejection};
 
 /// Longest identifier (event id, agent id, task id, …), in characters.
 pub const MAX_ID_CHARS: usize = 256;
+
+/// Largest `cost.amount_micros` one event may carry: one million currency units. No single agent
+/// action costs more; a larger figure is a gateway bug. The bound keeps sums far from the 64-bit
+/// range (9.2 million maximal events before one sum could overflow), and every sum over amounts
+/// is still checked.
+pub const MAX_AMOUNT_MICROS: i64 = 1_000_000_000_000;
+
+/// Largest token count (`usage.input_tokens`, `usage.output_tokens`) one event may carry.
+pub const MAX_TOKENS: u64 = 1_000_000_000_000;
 /// Most entries in `attributes`.
 pub const MAX_ATTRIBUTES: usize = 64;
 
@@ -132,10 +141,7 @@ pub fn validate_tenant_id(tenant_id: &str) -> Result<(), Rejection> {
 impl Event {
     /// Parses and validates one event from JSON bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Event, Rejection> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            Rejection::new(RejectCode::MalformedJson, format!("value is not valid JSON: {e}"))
-        })?;
-        Event::from_value(value)
+        Event::from_value(crate::json::parse(bytes, "value")?)
     }
 
     /// Validates an already-parsed JSON value (e.g. the `data` of a CloudEvent).
@@ -280,10 +286,10 @@ impl Fields {
     fn token_count(&mut self, name: &str) -> Result<u64, Rejection> {
         match self.take(name) {
             None => Ok(0),
-            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+            Some(Value::Number(n)) => n.as_u64().filter(|t| *t <= MAX_TOKENS).ok_or_else(|| {
                 Rejection::new(
                     RejectCode::BadUsage,
-                    format!("{}{name} must be a non-negative integer, found {n}", self.path),
+                    format!("{}{name} must be an integer 0..={MAX_TOKENS}, found {n}", self.path),
                 )
             }),
             Some(other) => Err(self.wrong_type(name, "a non-negative integer", &other)),
@@ -304,6 +310,12 @@ impl Fields {
             return Err(Rejection::new(
                 RejectCode::NegativeCost,
                 format!("cost.amount_micros must be >= 0, found {amount_micros}"),
+            ));
+        }
+        if amount_micros > MAX_AMOUNT_MICROS {
+            return Err(Rejection::new(
+                RejectCode::AmountTooLarge,
+                format!("cost.amount_micros {amount_micros} is above the limit of {MAX_AMOUNT_MICROS} per event"),
             ));
         }
         let currency = cost.required_str("currency")?;
@@ -495,6 +507,15 @@ mod tests {
         );
         assert_eq!(code_of(with("cost", json!({"currency": "USD"}))), RejectCode::MissingField);
         assert_eq!(code_of(with("usage", json!({"input_tokens": -3}))), RejectCode::BadUsage);
+        assert_eq!(code_of(with("usage", json!({"output_tokens": MAX_TOKENS + 1}))), RejectCode::BadUsage);
+        assert_eq!(
+            code_of(with("cost", json!({"amount_micros": 9_000_000_000_000_000_000i64, "currency": "USD"}))),
+            RejectCode::AmountTooLarge
+        );
+        assert!(Event::from_value(with("cost", json!({"amount_micros": MAX_AMOUNT_MICROS, "currency": "USD"}))).is_ok());
+        assert!(Event::from_value(with("usage", json!({"input_tokens": MAX_TOKENS}))).is_ok());
+        let dup = br#"{"event_id":"d3","tenant_id":"acme","occurred_at":"2026-03-01T12:00:00Z","kind":"x","event_id":"d4"}"#;
+        assert_eq!(Event::from_json(dup).unwrap_err().code, RejectCode::DuplicateKey);
         assert_eq!(code_of(with("usage", json!({"tokens": 3}))), RejectCode::UnknownField);
         assert_eq!(code_of(with("delegation", json!(["a", 1]))), RejectCode::WrongType);
         assert_eq!(code_of(with("attributes", json!({"k": 1}))), RejectCode::WrongType);

@@ -13,9 +13,10 @@
 mod envelope;
 mod error;
 mod event;
+mod json;
 mod projection;
 
 pub use envelope::{decode_message, Decoded, IdempotencyKey, IngressFormat, MAX_MESSAGE_BYTES};
 pub use error::{RejectCode, Rejection};
-pub use event::{validate_tenant_id, Cost, Decision, Event, Usage};
+pub use event::{validate_tenant_id, Cost, Decision, Event, Usage, MAX_AMOUNT_MICROS, MAX_TOKENS};
 pub use projection::{daily_rollup_schema, projection_schema, rollup_schema, ROLLUP_BUCKET_SECONDS};
