@@ -47,6 +47,9 @@ pub enum Error {
     NoSuchEvent(String),
     #[error("parquet projection: {0}")]
     Projection(String),
+    /// A sum of money, tokens or events would leave the 64-bit range (reported, never wrapped).
+    #[error("{0}")]
+    SumOverflow(String),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: String,

@@ -93,7 +93,7 @@ pub fn currency_sums(path: &Path, zone: Option<&str>) -> Result<BTreeMap<String,
                 continue;
             }
             let sums = RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) };
-            out.entry(currency.value(i).to_string()).or_default().add(sums);
+            out.entry(currency.value(i).to_string()).or_default().add(sums)?;
         }
     }
     Ok(out)
@@ -218,8 +218,8 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones
         by_date.entry(row.date()).or_default().push(row);
         if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
             let month = rows::month_of(rows::bucket_of(event.occurred_at));
-            rows::add_event(by_month.entry(month).or_default(), event);
-            rows::add_event_daily(&mut daily, zones, event);
+            rows::add_event(by_month.entry(month).or_default(), event)?;
+            rows::add_event_daily(&mut daily, zones, event)?;
         }
     }
     let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };

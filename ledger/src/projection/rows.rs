@@ -216,11 +216,17 @@ pub struct RollupSums {
 }
 
 impl RollupSums {
-    pub fn add(&mut self, other: RollupSums) {
-        self.events = self.events.saturating_add(other.events);
-        self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
-        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
-        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+    /// Adds `other` to these sums. A sum past the 64-bit range is an error, never a wrapped or
+    /// saturated figure: a report or a bill must be right or refused.
+    pub fn add(&mut self, other: RollupSums) -> Result<()> {
+        let sum = |a: i64, b: i64, what: &str| a.checked_add(b).ok_or_else(|| Error::SumOverflow(format!("the {what} sum exceeds the 64-bit range")));
+        *self = RollupSums {
+            events: sum(self.events, other.events, "event count")?,
+            cost_micros: sum(self.cost_micros, other.cost_micros, "cost")?,
+            input_tokens: sum(self.input_tokens, other.input_tokens, "input token")?,
+            output_tokens: sum(self.output_tokens, other.output_tokens, "output token")?,
+        };
+        Ok(())
     }
 }
 
@@ -233,7 +239,7 @@ pub fn bucket_of(t: Timestamp) -> i64 {
 }
 
 /// Adds an event to a roll-up.
-pub fn add_event(rollup: &mut Rollup, event: &Event) {
+pub fn add_event(rollup: &mut Rollup, event: &Event) -> Result<()> {
     let key = RollupKey {
         bucket_start: bucket_of(event.occurred_at),
         kind: event.kind.clone(),
@@ -243,7 +249,7 @@ pub fn add_event(rollup: &mut Rollup, event: &Event) {
         task_id: event.task_id.clone(),
         currency: event.cost.as_ref().map(|c| c.currency.clone()),
     };
-    rollup.entry(key).or_default().add(event_sums(event));
+    rollup.entry(key).or_default().add(event_sums(event))
 }
 
 /// What one event adds to a roll-up.
@@ -302,7 +308,7 @@ pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Res
             task_id: opt(task, i),
             currency: opt(currency, i),
         };
-        rollup.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) });
+        rollup.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) })?;
     }
     Ok(())
 }
@@ -335,7 +341,7 @@ pub fn from_epoch_days(days: i32) -> Option<jiff::civil::Date> {
 }
 
 /// Adds an event to the daily roll-ups of every zone, keyed by its local date there.
-pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, jiff::tz::TimeZone)], event: &Event) {
+pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, jiff::tz::TimeZone)], event: &Event) -> Result<()> {
     let sums = event_sums(event);
     for (name, tz) in zones {
         let date = event.occurred_at.to_zoned(tz.clone()).date();
@@ -349,8 +355,9 @@ pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, ji
             currency: event.cost.as_ref().map(|c| c.currency.clone()),
         };
         let month = date.strftime("%Y-%m").to_string();
-        daily.entry(month).or_default().entry(key).or_default().add(sums);
+        daily.entry(month).or_default().entry(key).or_default().add(sums)?;
     }
+    Ok(())
 }
 
 /// The Arrow batch of daily roll-ups under [`daily_rollup_schema`].
@@ -396,7 +403,7 @@ pub(crate) fn fold_daily_batch(daily: &mut Daily, batch: &RecordBatch) -> Result
             action: opt(action, i),
             currency: opt(currency, i),
         };
-        daily.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) });
+        daily.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) })?;
     }
     Ok(())
 }

@@ -72,7 +72,7 @@ fn rollup_total(root: &Path) -> RollupSums {
         for b in read_parquet(&f.path).unwrap() {
             let mut r = Rollup::new();
             rows::fold_rollup_batch(&mut r, &b).unwrap();
-            r.values().for_each(|s| total.add(*s));
+            r.values().for_each(|s| total.add(*s).unwrap());
         }
     }
     total
@@ -198,4 +198,16 @@ fn a_watermark_past_the_log_is_an_error_not_silence() {
     files::write_watermark(&root, "acme", &files::Watermark { next_seq: 99, ..files::Watermark::default() }).unwrap();
     let err = Projection::new(&root, Duration::ZERO).flush("acme", &log, true).unwrap_err();
     assert!(err.to_string().contains("rebuild"), "{err}");
+}
+
+#[test]
+fn sums_past_64_bits_are_refused_never_wrapped() {
+    let near = RollupSums { events: 1, cost_micros: i64::MAX - 1, input_tokens: 0, output_tokens: 0 };
+    let mut total = near;
+    let err = total.add(RollupSums { events: 1, cost_micros: 2, input_tokens: 0, output_tokens: 0 }).unwrap_err();
+    assert!(matches!(err, crate::Error::SumOverflow(_)), "{err}");
+    assert!(err.to_string().contains("cost"), "{err}");
+    assert_eq!(total, near, "a refused addition leaves the sums as they were");
+    total.add(RollupSums { events: 1, cost_micros: 1, input_tokens: 5, output_tokens: 0 }).unwrap();
+    assert_eq!(total.cost_micros, i64::MAX);
 }
