@@ -34,6 +34,42 @@ pub struct QueryConfig {
     /// Longest SQL text accepted.
     #[serde(default = "default_max_sql_bytes")]
     pub max_sql_bytes: usize,
+    /// Memory all running queries together may hold (each also within `query_memory_mb`).
+    #[serde(default = "default_query_memory_total_mb")]
+    pub query_memory_total_mb: usize,
+    /// Queries (of any route) running at once; one more is answered 429 `too_many_queries`.
+    #[serde(default = "default_max_concurrent_queries")]
+    pub max_concurrent_queries: usize,
+    /// Queries running at once for one tenant (or one billing caller).
+    #[serde(default = "default_max_concurrent_queries_per_tenant")]
+    pub max_concurrent_queries_per_tenant: usize,
+    /// Threads of the query runtime (default: the machine's cores). HTTP requests, `/healthz`
+    /// included, are served by other threads.
+    #[serde(default)]
+    pub query_threads: Option<usize>,
+    /// Most bytes of result rows one response holds, before encoding (`query_too_large` past it).
+    #[serde(default = "default_max_response_mb")]
+    pub max_response_mb: usize,
+    /// Most bytes of log entries one audit export holds; a longer range is cut, and the answer
+    /// says where the next one starts.
+    #[serde(default = "default_max_export_mb")]
+    pub max_export_mb: usize,
+}
+
+fn default_query_memory_total_mb() -> usize {
+    2048
+}
+fn default_max_concurrent_queries() -> usize {
+    4
+}
+fn default_max_concurrent_queries_per_tenant() -> usize {
+    2
+}
+fn default_max_response_mb() -> usize {
+    64
+}
+fn default_max_export_mb() -> usize {
+    16
 }
 
 fn default_listen() -> SocketAddr {
@@ -76,6 +112,21 @@ impl QueryConfig {
         if self.max_sql_bytes == 0 {
             return bad("max_sql_bytes", "must be at least 1".into());
         }
+        if self.query_memory_total_mb < self.query_memory_mb {
+            return bad("query_memory_total_mb", format!("= {} must be at least query.query_memory_mb ({})", self.query_memory_total_mb, self.query_memory_mb));
+        }
+        if self.max_concurrent_queries == 0 || self.max_concurrent_queries > 1024 {
+            return bad("max_concurrent_queries", format!("= {} must be 1..=1024", self.max_concurrent_queries));
+        }
+        if self.max_concurrent_queries_per_tenant == 0 || self.max_concurrent_queries_per_tenant > self.max_concurrent_queries {
+            return bad("max_concurrent_queries_per_tenant", format!("= {} must be 1..=max_concurrent_queries", self.max_concurrent_queries_per_tenant));
+        }
+        if self.query_threads.is_some_and(|t| t == 0 || t > 256) {
+            return bad("query_threads", "must be 1..=256".into());
+        }
+        if self.max_response_mb == 0 || self.max_export_mb == 0 {
+            return bad(if self.max_response_mb == 0 { "max_response_mb" } else { "max_export_mb" }, "must be at least 1".into());
+        }
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return bad("tokens", format!("is required when query.listen ({}) is not a loopback address", self.listen));
         }
@@ -85,6 +136,11 @@ impl QueryConfig {
     /// The projection's root.
     pub fn projection_root(&self) -> PathBuf {
         self.data_dir.join("parquet")
+    }
+
+    /// Threads of the query runtime.
+    pub fn query_threads(&self) -> usize {
+        self.query_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
     }
 }
 
@@ -106,6 +162,10 @@ mod tests {
             ("query_timeout_ms = 0", "query.query_timeout_ms"),
             ("query_memory_mb = 1", "query.query_memory_mb"),
             ("listen = \"0.0.0.0:1\"", "query.tokens"),
+            ("query_memory_total_mb = 100", "query.query_memory_total_mb"),
+            ("max_concurrent_queries = 0", "query.max_concurrent_queries"),
+            ("max_concurrent_queries_per_tenant = 9", "query.max_concurrent_queries_per_tenant"),
+            ("max_export_mb = 0", "query.max_export_mb"),
             ("nonsense = 1", "nonsense"),
         ] {
             let err = parse(extra).unwrap_err().to_string();

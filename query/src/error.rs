@@ -21,6 +21,10 @@ pub enum Error {
     Timeout(u64),
     #[error("query exceeded its memory limit: {0}")]
     ResourcesExhausted(String),
+    #[error("too many queries: {0}; retry in a moment")]
+    TooManyQueries(String),
+    #[error("{0}; a sum is never wrapped or clamped, so narrow the report")]
+    SumOverflow(String),
     #[error("{0}")]
     NotFound(String),
     #[error("no signed checkpoint covers the projection of this tenant yet")]
@@ -42,6 +46,8 @@ impl Error {
             Error::Query(_) => "query_failed",
             Error::Timeout(_) => "query_timeout",
             Error::ResourcesExhausted(_) => "query_too_large",
+            Error::TooManyQueries(_) => "too_many_queries",
+            Error::SumOverflow(_) => "sum_overflow",
             Error::NotFound(_) => "not_found",
             Error::NoCheckpoint => "no_checkpoint",
             Error::Config(_) => "bad_config",
@@ -55,6 +61,8 @@ impl Error {
             Error::BadRequest(_) | Error::SqlRejected(_) | Error::Query(_) => StatusCode::BAD_REQUEST,
             Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::ResourcesExhausted(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooManyQueries(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::SumOverflow(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::NoCheckpoint => StatusCode::CONFLICT,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,12 +117,19 @@ impl IntoResponse for Error {
             _ => {}
         }
         let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        (self.status(), axum::Json(body)).into_response()
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let Error::TooManyQueries(_) = self {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
 impl From<tally_ledger::Error> for Error {
     fn from(e: tally_ledger::Error) -> Self {
-        Error::Internal(e.to_string())
+        match e {
+            tally_ledger::Error::SumOverflow(m) => Error::SumOverflow(m),
+            other => Error::Internal(other.to_string()),
+        }
     }
 }

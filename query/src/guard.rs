@@ -6,13 +6,24 @@
 //! clear: exactly one `SELECT`/`WITH` query; every table it reads is `events` or one of its own
 //! CTEs; no table functions (`read_parquet`, `generate_series`, …) or other table factors that do
 //! not read rows of `events`.
+//!
+//! The gate also bounds the *size* of what DataFusion will plan, because planning recurses over
+//! expressions: at most [`MAX_TOKENS`] tokens (counted by the tokenizer, which does not recurse,
+//! before anything is parsed), expressions at most [`MAX_EXPR_DEPTH`] deep (`1+1+…+1` is a
+//! chain as deep as it is long) and at most [`MAX_EXPR_NODES`] expression nodes in all (long `IN`
+//! lists, `CASE` and `concat` chains). Run it on a query worker thread
+//! ([`crate::workers::WORKER_STACK_BYTES`] of stack): the AST walk itself recurses as deep as the
+//! tokens allow. Functions whose output or running time cannot be bounded from their arguments
+//! ([`REFUSED_FUNCTIONS`]) and the `||` operator (use `concat`, which is bounded: see
+//! `bounded.rs`) are refused.
 
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
-use datafusion::sql::sqlparser::ast::{ObjectName, Query, Statement, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{BinaryOperator, Expr, ObjectName, Query, Statement, TableFactor, Visit, Visitor};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::error::{Error, Result};
 
@@ -22,11 +33,30 @@ pub const EVENTS_TABLE: &str = "events";
 /// Nesting depth the parser accepts (deeper queries are refused, not a stack overflow).
 const RECURSION_LIMIT: usize = 64;
 
-/// Checks `sql` against the gate; returns the single statement's text to run.
+/// Most tokens (words, literals, operators) a query may have.
+pub const MAX_TOKENS: usize = 8_192;
+
+/// Deepest expression tree accepted.
+pub const MAX_EXPR_DEPTH: usize = 128;
+
+/// Most expression nodes a query may hold.
+pub const MAX_EXPR_NODES: usize = 2_048;
+
+/// Functions that build values or burn time out of proportion to their arguments
+/// (`levenshtein` is quadratic; the others build arrays of any length from two numbers).
+pub const REFUSED_FUNCTIONS: &[&str] = &["levenshtein", "array_repeat", "list_repeat", "array_resize", "list_resize", "range", "generate_series"];
+
+/// Checks `sql` against the gate.
 pub fn check_read_only(sql: &str, max_bytes: usize) -> Result<()> {
     if sql.len() > max_bytes {
         return Err(Error::SqlRejected(format!("the query is {} bytes; at most {max_bytes} are accepted", sql.len())));
     }
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().map_err(|e| Error::SqlRejected(format!("cannot parse: {e}")))?;
+    let counted = tokens.iter().filter(|t| !matches!(t, Token::Whitespace(_))).count();
+    if counted > MAX_TOKENS {
+        return Err(Error::SqlRejected(format!("the query has {counted} tokens; at most {MAX_TOKENS} are accepted")));
+    }
+    drop(tokens);
     let statements = Parser::new(&GenericDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(sql)
@@ -40,7 +70,7 @@ pub fn check_read_only(sql: &str, max_bytes: usize) -> Result<()> {
     };
     let mut ctes = CteNames::default();
     let _ = statement.visit(&mut ctes);
-    let mut gate = Gate { ctes: ctes.0 };
+    let mut gate = Gate { ctes: ctes.0, depth: 0, nodes: 0 };
     match statement.visit(&mut gate) {
         ControlFlow::Break(e) => Err(e),
         ControlFlow::Continue(()) => Ok(()),
@@ -62,10 +92,40 @@ impl Visitor for CteNames {
 
 struct Gate {
     ctes: BTreeSet<String>,
+    /// Expressions open on the walk's path, and every expression seen.
+    depth: usize,
+    nodes: usize,
 }
 
 impl Visitor for Gate {
     type Break = Error;
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<Error> {
+        self.depth += 1;
+        self.nodes += 1;
+        if self.depth > MAX_EXPR_DEPTH {
+            return ControlFlow::Break(Error::SqlRejected(format!("an expression is nested more than {MAX_EXPR_DEPTH} deep (a long chain of operators counts as deep)")));
+        }
+        if self.nodes > MAX_EXPR_NODES {
+            return ControlFlow::Break(Error::SqlRejected(format!("the query has more than {MAX_EXPR_NODES} expressions (long IN lists or CASE chains count)")));
+        }
+        match expr {
+            Expr::BinaryOp { op: BinaryOperator::StringConcat, .. } => ControlFlow::Break(Error::SqlRejected("the || operator is not available; use concat(a, b, …)".into())),
+            Expr::Function(f) => {
+                let name = f.name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default();
+                if REFUSED_FUNCTIONS.contains(&name.as_str()) {
+                    return ControlFlow::Break(Error::SqlRejected(format!("the function {name} is not available (its output or running time is unbounded)")));
+                }
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Continue(()),
+        }
+    }
+
+    fn post_visit_expr(&mut self, _expr: &Expr) -> ControlFlow<Error> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<Error> {
         let name = match &relation.0[..] {
@@ -92,6 +152,43 @@ impl Visitor for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate as the service runs it: on a thread with a query worker's stack.
+    fn check_on_worker_stack(sql: String) -> Result<()> {
+        std::thread::Builder::new()
+            .stack_size(crate::workers::WORKER_STACK_BYTES)
+            .spawn(move || check_read_only(&sql, 1 << 20))
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn oversized_expressions_are_refused_with_a_reason() {
+        let chain = |n: usize, op: &str| format!("SELECT {}", vec!["1"; n].join(op));
+        let cases = [
+            (chain(10_000, "+"), "tokens"),
+            (chain(300, "+"), "nested more than"),
+            (chain(2_000, " AND "), "nested more than"),
+            (format!("SELECT {}1{}", "(".repeat(500), ")".repeat(500)), "recursion"),
+            (format!("SELECT * FROM events WHERE seq IN ({})", vec!["1"; 3_000].join(",")), "expressions"),
+            (format!("SELECT CASE {} END", vec!["WHEN kind = 'a' THEN 1"; 800].join(" ")), "expressions"),
+            (format!("SELECT concat({})", vec!["'a'"; 3_000].join(",")), "expressions"),
+            (format!("SELECT {}1{}", "(SELECT ".repeat(100), ")".repeat(100)), "recursion"),
+            ("SELECT 'a' || 'b'".to_string(), "||"),
+            ("SELECT levenshtein(agent_id, action) FROM events".to_string(), "levenshtein"),
+            ("SELECT range(1, 1000000000)".to_string(), "range"),
+            ("SELECT array_repeat(1, 1000000000)".to_string(), "array_repeat"),
+        ];
+        for (sql, why) in cases {
+            let err = check_on_worker_stack(sql.clone()).err().unwrap_or_else(|| panic!("accepted: {}", &sql[..sql.len().min(60)]));
+            assert_eq!(err.code(), "sql_rejected", "{}: {err}", &sql[..sql.len().min(60)]);
+            assert!(err.to_string().to_lowercase().contains(why), "{}: {err}", &sql[..sql.len().min(60)]);
+        }
+        // Within the bounds, long queries pass.
+        check_on_worker_stack(chain(100, "+")).unwrap();
+        check_on_worker_stack(format!("SELECT * FROM events WHERE agent_id IN ({})", vec!["'a'"; 1_000].join(","))).unwrap();
+    }
 
     #[test]
     fn plain_queries_and_ctes_pass() {

@@ -31,6 +31,8 @@ pub struct AppState {
     pub config: QueryConfig,
     pub engine: Engine,
     pub tokens: TokenStore,
+    /// Where query work runs (never on the threads that answer HTTP), and its admission limits.
+    pub workers: crate::workers::Workers,
 }
 
 impl AppState {
@@ -154,12 +156,18 @@ async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, 
     let format = p.format()?;
     p.finish()?;
     let filter = EventFilter { from, to, equals, after, limit };
-    let (schema, batches, next) = reports::events_page(&state.engine, &tenant, &filter, state.timeout()).await?;
-    if format == Format::Json {
-        return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "next_cursor": next })).into_response());
-    }
-    let extra: Vec<(&'static str, String)> = next.map(|n| ("x-tally-next-cursor", n.to_string())).into_iter().collect();
-    Ok(body(format, encode(format, schema, &batches)?, &extra))
+    let work = Arc::clone(&state);
+    state
+        .workers
+        .run(&tenant.clone(), state.timeout(), async move {
+            let (schema, batches, next) = reports::events_page(&work.engine, &tenant, &filter, work.timeout()).await?;
+            if format == Format::Json {
+                return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "next_cursor": next })).into_response());
+            }
+            let extra: Vec<(&'static str, String)> = next.map(|n| ("x-tally-next-cursor", n.to_string())).into_iter().collect();
+            Ok(body(format, encode(format, schema, &batches)?, &extra))
+        })
+        .await
 }
 
 async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
@@ -178,7 +186,13 @@ async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Q
     }
     let format = p.format()?;
     p.finish()?;
-    let report = reports::costs(&state.engine, &tenant, &CostQuery { from, to, tz, group_by: group_by.clone() }, state.timeout()).await?;
+    let work = Arc::clone(&state);
+    state.workers.run(&tenant.clone(), state.timeout(), async move { cost_response(&work, tenant, CostQuery { from, to, tz, group_by }, tz_name, format).await }).await
+}
+
+async fn cost_response(state: &AppState, tenant: String, query: CostQuery, tz_name: String, format: Format) -> Result<Response> {
+    let (from, to, group_by) = (query.from, query.to, query.group_by.clone());
+    let report = reports::costs(&state.engine, &tenant, &query, state.timeout()).await?;
     let (rows, totals) = (report.rows, report.totals);
     let names: Vec<&str> = group_by.iter().map(|d| d.name()).collect();
     let batch = cost_batch(&names, &rows)?;
@@ -239,11 +253,18 @@ async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Que
     let format = p.format()?;
     p.finish()?;
     let request: SqlBody = serde_json::from_slice(&raw).map_err(|e| Error::BadRequest(format!("body must be {{\"sql\": \"…\"}}: {e}")))?;
-    let (schema, batches, truncated) = reports::tenant_sql(&state.engine, &tenant, &request.sql, state.config.max_sql_bytes, state.config.max_rows, state.timeout()).await?;
-    if format == Format::Json {
-        return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "truncated": truncated, "max_rows": state.config.max_rows })).into_response());
-    }
-    Ok(body(format, encode(format, schema, &batches)?, &[("x-tally-truncated", truncated.to_string())]))
+    let work = Arc::clone(&state);
+    state
+        .workers
+        .run(&tenant.clone(), state.timeout(), async move {
+            let max_rows = work.config.max_rows;
+            let (schema, batches, truncated) = reports::tenant_sql(&work.engine, &tenant, &request.sql, work.config.max_sql_bytes, max_rows, work.timeout()).await?;
+            if format == Format::Json {
+                return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "truncated": truncated, "max_rows": max_rows })).into_response());
+            }
+            Ok(body(format, encode(format, schema, &batches)?, &[("x-tally-truncated", truncated.to_string())]))
+        })
+        .await
 }
 
 async fn audit_export(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
@@ -252,8 +273,15 @@ async fn audit_export(State(state): State<Arc<AppState>>, Path(tenant): Path<Str
     let from = p.parse::<u64>("from_seq", "a seq")?;
     let to = p.parse::<u64>("to_seq", "a seq")?;
     p.finish()?;
-    let export = reports::audit_export(&state.engine, &state.config.data_dir, &tenant, from, to, state.config.max_export_rows, state.timeout()).await?;
-    Ok(Json(export).into_response())
+    let work = Arc::clone(&state);
+    state
+        .workers
+        .run(&tenant.clone(), state.timeout(), async move {
+            let c = &work.config;
+            let export = reports::audit_export(&work.engine, &c.data_dir, &tenant, from, to, c.max_export_rows, c.max_export_mb << 20, work.timeout()).await?;
+            Ok(Json(export).into_response())
+        })
+        .await
 }
 
 /// Micros as a decimal string of currency units (never a float).
@@ -274,6 +302,13 @@ async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<Strin
     p.finish()?;
     let start: jiff::civil::Date = format!("{period}-01").parse().ok().filter(|_| period.len() == 7).ok_or_else(|| Error::BadRequest(format!("period: {period:?} is not YYYY-MM")))?;
     let end = start.checked_add(jiff::Span::new().months(1)).map_err(|e| Error::BadRequest(format!("period: {e}")))?;
+    let work = Arc::clone(&state);
+    // Billing callers are limited per token, as tenants are per tenant.
+    let caller = format!("billing:{}", who.name);
+    state.workers.run(&caller, state.timeout(), async move { spend_response(&work, period, start, end, format).await }).await
+}
+
+async fn spend_response(state: &AppState, period: String, start: jiff::civil::Date, end: jiff::civil::Date, format: Format) -> Result<Response> {
     let iso = |d: jiff::civil::Date| format!("{d}T00:00:00Z");
     let rows = reports::spend(&state.engine, &period, state.timeout()).await?;
     let text = |f: &dyn Fn(&reports::Spend) -> Option<String>| Column::Text(rows.iter().map(f).collect());

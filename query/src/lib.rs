@@ -7,6 +7,7 @@
 //! * [`guard`]: the read-only SQL gate; [`Engine`]: per-request, per-tenant DataFusion contexts.
 //! * [`reports`]: the queries behind each route, usable without HTTP (benchmarks, tests).
 
+mod bounded;
 mod config;
 mod encode;
 mod error;
@@ -14,6 +15,7 @@ pub mod guard;
 mod http;
 pub mod reports;
 mod tables;
+mod workers;
 
 use std::sync::Arc;
 
@@ -28,22 +30,17 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Serves the query API on `listener` until `shutdown` completes.
 pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
-    config.validate()?;
-    let tokens = match &config.tokens {
-        Some(path) => tally_ledger::auth::TokenStore::load(path).map_err(|e| Error::Config(format!("query.tokens: {e}")))?,
-        None => tally_ledger::auth::TokenStore::disabled(),
-    };
-    let engine = Engine::new(&config);
+    let state = app_state(config)?;
+    let config = &state.config;
     let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
-    tracing::info!(%addr, projection = %config.projection_root().display(), auth = tokens.is_enabled(), "query service listening");
-    let auth = tokens.is_enabled();
+    let auth = state.tokens.is_enabled();
+    tracing::info!(%addr, projection = %config.projection_root().display(), auth, query_threads = config.query_threads(), "query service listening");
     // A request may take its query's time and then some; never less than the default.
     let defaults = tally_ledger::serve::ServeLimits::default();
     let limits = tally_ledger::serve::ServeLimits {
         request_timeout: (std::time::Duration::from_millis(config.query_timeout_ms) + std::time::Duration::from_secs(30)).max(defaults.request_timeout),
         ..defaults
     };
-    let state = Arc::new(http::AppState { config, engine, tokens });
     let mut app = http::router(state)
         .layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(http::log_request));
@@ -56,11 +53,17 @@ pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdow
 
 /// The router alone, for in-process tests.
 pub fn router_for_tests(config: QueryConfig) -> Result<axum::Router> {
+    Ok(http::router(app_state(config)?))
+}
+
+/// Everything the handlers share, from a validated configuration.
+fn app_state(config: QueryConfig) -> Result<Arc<http::AppState>> {
     config.validate()?;
     let tokens = match &config.tokens {
         Some(path) => tally_ledger::auth::TokenStore::load(path).map_err(|e| Error::Config(format!("query.tokens: {e}")))?,
         None => tally_ledger::auth::TokenStore::disabled(),
     };
     let engine = Engine::new(&config);
-    Ok(http::router(Arc::new(http::AppState { config, engine, tokens })))
+    let workers = workers::Workers::new(config.query_threads(), config.max_concurrent_queries, config.max_concurrent_queries_per_tenant)?;
+    Ok(Arc::new(http::AppState { config, engine, tokens, workers }))
 }

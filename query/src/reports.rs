@@ -11,14 +11,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::array::{Array, ArrayRef, FixedSizeBinaryArray, Int64Array, RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::array::{Array, ArrayRef, Decimal128Array, FixedSizeBinaryArray, Int64Array, RecordBatch, StringArray, UInt64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::SQLOptions;
 use datafusion::functions_aggregate::expr_fn::sum;
-use datafusion::prelude::{col, lit, Expr};
+use datafusion::prelude::{cast as cast_expr, col, lit, Expr};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -28,10 +28,28 @@ use tally_ledger::projection::{read_watermark, RollupSums, Tree};
 use crate::error::{Error, Result};
 use crate::tables::Engine;
 
-/// Runs a DataFrame to completion within `timeout`.
-pub async fn collect(df: DataFrame, timeout: Duration, root: &Path) -> Result<Vec<RecordBatch>> {
-    match tokio::time::timeout(timeout, df.collect()).await {
-        Ok(result) => result.map_err(|e| Error::from_datafusion(e, root)),
+/// Runs a DataFrame to completion within `timeout`, holding at most the engine's
+/// [`Engine::max_result_bytes`] of result batches (`query_too_large` past it: result batches are
+/// not in DataFusion's memory pool, so this is what bounds them).
+pub async fn collect(df: DataFrame, timeout: Duration, engine: &Engine) -> Result<Vec<RecordBatch>> {
+    use futures::StreamExt as _;
+    let root = engine.root();
+    let max = engine.max_result_bytes();
+    let run = async {
+        let mut stream = df.execute_stream().await.map_err(|e| Error::from_datafusion(e, root))?;
+        let (mut batches, mut bytes) = (Vec::new(), 0usize);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| Error::from_datafusion(e, root))?;
+            bytes = bytes.saturating_add(batch.get_array_memory_size());
+            if bytes > max {
+                return Err(Error::ResourcesExhausted(format!("the result holds more than {} MiB; ask for fewer rows or columns", max >> 20)));
+            }
+            batches.push(batch);
+        }
+        Ok(batches)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(result) => result,
         Err(_) => Err(Error::Timeout(timeout.as_millis() as u64)),
     }
 }
@@ -50,6 +68,16 @@ fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
     let utf8: ArrayRef = cast(column, &DataType::Utf8).map_err(|e| Error::Internal(e.to_string()))?;
     let a = utf8.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal(format!("column {name} is not text")))?;
     Ok((0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_string())).collect())
+}
+
+/// Column `name` of `batch`, a sum of 128-bit decimals, as 64-bit integers (nulls as 0); a sum
+/// beyond the 64-bit range is an error, never a wrapped figure.
+fn sums(batch: &RecordBatch, name: &str) -> Result<Vec<i64>> {
+    let column = batch.column_by_name(name).ok_or_else(|| Error::Internal(format!("result lacks column {name}")))?;
+    let a = column.as_any().downcast_ref::<Decimal128Array>().ok_or_else(|| Error::Internal(format!("column {name} is not a decimal sum")))?;
+    (0..a.len())
+        .map(|i| if a.is_null(i) { Ok(0) } else { i64::try_from(a.value(i)).map_err(|_| Error::SumOverflow(format!("the {name} sum exceeds the 64-bit range"))) })
+        .collect()
 }
 
 /// Column `name` of `batch` as integers (nulls as 0).
@@ -95,7 +123,7 @@ pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, ti
         let mut take = page_prefix(&files.files, filter.limit);
         loop {
             let ctx = engine.events_context(&files.prefix(take))?;
-            let (schema, batches) = page_of(&ctx, filter, timeout, engine.root()).await?;
+            let (schema, batches) = page_of(&ctx, filter, timeout, engine).await?;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             let last = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
             let complete = match (files.files.get(take), last) {
@@ -135,7 +163,8 @@ fn page_prefix(files: &[tally_ledger::projection::ProjectionFile], limit: usize)
 }
 
 /// The filtered, seq-ordered first `limit` rows of the context's `events`.
-async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, timeout: Duration, root: &Path) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, timeout: Duration, engine: &Engine) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let root = engine.root();
     let mut df = ctx.table(crate::guard::EVENTS_TABLE).await.map_err(df_err(root))?;
     let mut conditions = Vec::new();
     if let Some(from) = filter.from {
@@ -155,7 +184,7 @@ async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter
     }
     let df = df.sort(vec![col("seq").sort(true, false)]).map_err(df_err(root))?.limit(0, Some(filter.limit)).map_err(df_err(root))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    Ok((schema, collect(df, timeout, root).await?))
+    Ok((schema, collect(df, timeout, engine).await?))
 }
 
 fn last_seq(batches: &[RecordBatch]) -> Result<Option<u64>> {
@@ -173,7 +202,7 @@ pub async fn tenant_sql(engine: &Engine, tenant: &str, sql: &str, max_sql_bytes:
     let planned = tokio::time::timeout(timeout, ctx.sql_with_options(sql, options)).await.map_err(|_| Error::Timeout(timeout.as_millis() as u64))?;
     let df = planned.map_err(df_err(root))?.limit(0, Some(max_rows + 1)).map_err(df_err(root))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let mut batches = collect(df, timeout, root).await?;
+    let mut batches = collect(df, timeout, engine).await?;
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
     let truncated = total > max_rows;
     if truncated {
@@ -289,7 +318,8 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     let whole_days = from_local.time() == jiff::civil::Time::midnight() && to_local.time() == jiff::civil::Time::midnight();
     let mark = watermark(engine, tenant).await?;
     let daily_zone = q.tz.iana_name().filter(|z| whole_days && !q.group_by.contains(&Dim::Task) && daily_complete(&mark, z)).map(str::to_string);
-    let sums = || ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(col(c)).alias(c)).to_vec();
+    // Summed as 38-digit decimals: DataFusion's 64-bit integer sum wraps on overflow.
+    let sum_columns = || ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(cast_expr(col(c), DataType::Decimal128(38, 0))).alias(c)).to_vec();
     let (df, day_column) = match daily_zone {
         Some(zone) => {
             let (from_date, to_date) = (from_local.date(), to_local.date());
@@ -305,7 +335,7 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
                 .map_err(df_err(root))?
                 .filter(col("zone").eq(lit(zone)).and(col("date").gt_eq(date(from_date))).and(col("date").lt(date(to_date))))
                 .map_err(df_err(root))?
-                .aggregate(group, sums())
+                .aggregate(group, sum_columns())
                 .map_err(df_err(root))?;
             (df, DayColumn::Date)
         }
@@ -321,12 +351,12 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
                 .map_err(df_err(root))?
                 .filter(col("bucket_start").gt_eq(ts_lit(q.from)).and(col("bucket_start").lt(ts_lit(q.to))))
                 .map_err(df_err(root))?
-                .aggregate(group, sums())
+                .aggregate(group, sum_columns())
                 .map_err(df_err(root))?;
             (df, DayColumn::Bucket)
         }
     };
-    let batches = collect(df, timeout, root).await?;
+    let batches = collect(df, timeout, engine).await?;
     let mut rows: BTreeMap<(Vec<Option<String>>, Option<String>), RollupSums> = BTreeMap::new();
     for b in &batches {
         let mut dims: Vec<Vec<Option<String>>> = Vec::new();
@@ -341,21 +371,19 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
             });
         }
         let currency = strings(b, "currency")?;
-        let (events, cost, input, output) = (ints(b, "events")?, ints(b, "cost_micros")?, ints(b, "input_tokens")?, ints(b, "output_tokens")?);
+        let (events, cost, input, output) = (sums(b, "events")?, sums(b, "cost_micros")?, sums(b, "input_tokens")?, sums(b, "output_tokens")?);
         for i in 0..b.num_rows() {
             let key: Vec<Option<String>> = dims.iter().map(|d| d[i].clone()).collect();
-            rows.entry((key, currency[i].clone())).or_default().add(RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] });
+            rows.entry((key, currency[i].clone())).or_default().add(RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] })?;
         }
     }
     let mut totals: BTreeMap<Option<String>, RollupSums> = BTreeMap::new();
-    let out = rows
-        .into_iter()
-        .map(|((dims, currency), s)| {
-            totals.entry(currency.clone()).or_default().add(s);
-            let (events, cost_micros, input_tokens, output_tokens) = sums_of(s);
-            CostRow { dims, currency, events, cost_micros, input_tokens, output_tokens }
-        })
-        .collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for ((dims, currency), s) in rows {
+        totals.entry(currency.clone()).or_default().add(s)?;
+        let (events, cost_micros, input_tokens, output_tokens) = sums_of(s);
+        out.push(CostRow { dims, currency, events, cost_micros, input_tokens, output_tokens });
+    }
     let totals = totals
         .into_iter()
         .map(|(currency, s)| {
@@ -418,7 +446,7 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
             let mut total: BTreeMap<String, RollupSums> = BTreeMap::new();
             for file in list_files(&root, tree, tenant, |m| m == month)? {
                 for (currency, sums) in currency_sums(&file.path, zone)? {
-                    total.entry(currency).or_default().add(sums);
+                    total.entry(currency).or_default().add(sums)?;
                 }
             }
             Ok(total.into_iter().map(|(currency, sums)| Spend { tenant: tenant.clone(), currency: Some(currency), sums }).collect())
@@ -448,7 +476,12 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
 pub struct AuditExport {
     pub tenant_id: String,
     pub from_seq: u64,
+    /// The last seq served (inclusive). Below the asked `to_seq` when the range's entries were
+    /// more than the service's `max_export_mb`: then `truncated` is true.
     pub to_seq: u64,
+    pub truncated: bool,
+    /// Where the rest of the asked range starts, when `truncated`.
+    pub next_from_seq: Option<u64>,
     /// Size of the tree the checkpoint signs.
     pub tree_size: u64,
     /// Every seq of the range has exactly one row whose leaf hash is the log's, and the rows'
@@ -469,8 +502,12 @@ pub struct AuditExport {
     pub rows: serde_json::Value,
 }
 
-/// Builds the export of seqs `[from, to]` (defaults: the whole projected log).
-pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: Option<u64>, to: Option<u64>, max_rows: u64, timeout: Duration) -> Result<AuditExport> {
+/// Builds the export of seqs `[from, to]` (defaults: the whole projected log), cut after the
+/// entry that brings the entries' bytes past `max_bytes` (at least one entry is served).
+///
+/// Memory is a small multiple of `max_bytes`: the entries, their rows and the JSON of both.
+#[allow(clippy::too_many_arguments)]
+pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: Option<u64>, to: Option<u64>, max_rows: u64, max_bytes: usize, timeout: Duration) -> Result<AuditExport> {
     let root = engine.root().to_path_buf();
     let tenant_owned = tenant.to_string();
     let mark = tokio::task::spawn_blocking(move || read_watermark(&root, &tenant_owned)).await.map_err(|e| Error::Internal(e.to_string()))??;
@@ -488,6 +525,26 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
     if to - from + 1 > max_rows {
         return Err(Error::BadRequest(format!("the range holds {} records; an export holds at most {max_rows}: split it", to - from + 1)));
     }
+    // The entries first: they decide how much of the range fits.
+    let (log_dir, tenant_owned) = (data_dir.to_path_buf(), tenant.to_string());
+    let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
+        let dir = tally_ledger::find_tenant_log(&log_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
+        let log = tally_ledger::LogReader::open(&dir)?;
+        let (mut entries, mut bytes) = (Vec::new(), 0usize);
+        for seq in from..=to {
+            if bytes >= max_bytes {
+                break;
+            }
+            let entry = log.entry(seq)?;
+            bytes += entry.len();
+            entries.push(entry);
+        }
+        Ok(entries)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    let asked_to = to;
+    let to = from + entries.len() as u64 - 1;
     let ctx = engine.tenant_events(tenant, |_| true).await?;
     let eroot = engine.root();
     let df = ctx
@@ -498,7 +555,7 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
         .map_err(df_err(eroot))?
         .sort(vec![col("seq").sort(true, false)])
         .map_err(df_err(eroot))?;
-    let batches = collect(df, timeout, eroot).await?;
+    let batches = collect(df, timeout, engine).await?;
     let mut found: Vec<(u64, Hash)> = Vec::new();
     for b in &batches {
         let seq = b.column_by_name("seq").and_then(|c| c.as_any().downcast_ref::<UInt64Array>()).ok_or_else(|| Error::Internal("rows lack seq".into()))?;
@@ -508,20 +565,19 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
         }
     }
     let rows = crate::encode::json_rows(&batches)?;
+    drop(batches);
     let data_dir = data_dir.to_path_buf();
     let tenant_owned = tenant.to_string();
-    let projected = rows.clone();
-    let (missing, mismatched, proof, leaves, entries) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (rows, entries, missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
         let log_dir = tally_ledger::find_tenant_log(&data_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
         let log = tally_ledger::LogReader::open(&log_dir)?;
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));
         }
         // What the rows must be: derived from the log's own entries, field by field.
-        let entries = (from..=to).map(|seq| log.entry(seq)).collect::<tally_ledger::Result<Vec<_>>>()?;
         let expected = crate::encode::json_rows(&[tally_ledger::projection::expected_rows(from, &entries)?])?;
         let mut by_seq: BTreeMap<u64, Vec<&serde_json::Value>> = BTreeMap::new();
-        for row in projected.as_array().into_iter().flatten() {
+        for row in rows.as_array().into_iter().flatten() {
             if let Some(seq) = row["seq"].as_u64() {
                 by_seq.entry(seq).or_default().push(row);
             }
@@ -535,9 +591,10 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
                 Some(_) => mismatched.push(seq),
             }
         }
+        drop(by_seq);
         let proof = merkle::range_proof(&log, from, to + 1, tree_size)?;
         let leaves: Vec<Hash> = found.iter().map(|(_, h)| *h).collect();
-        Ok((missing, mismatched, proof, leaves, entries))
+        Ok((rows, entries, missing, mismatched, proof, leaves))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
@@ -548,6 +605,8 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
         tenant_id: tenant.to_string(),
         from_seq: from,
         to_seq: to,
+        truncated: to < asked_to,
+        next_from_seq: (to < asked_to).then_some(to + 1),
         tree_size,
         complete: missing.is_empty() && mismatched.is_empty() && recomputes,
         missing_seqs: missing,

@@ -5,7 +5,9 @@
 //! from explicit file lists of that tenant's directories (`events`, or `rollups`). There is no
 //! catalog to browse (`information_schema` off), no URL tables, and the files never come from the
 //! query text. Memory is bounded per context with spilling off (nothing is written, not even
-//! temporary files); time is bounded by the caller.
+//! temporary files), and every context's pool draws from one process-wide pool
+//! ([`crate::workers::QueryPool`]); value-building functions reserve what they build in it
+//! ([`crate::bounded`]). Time is bounded by the caller.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::datasource::MemTable;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use tally_ledger::projection::{list_files, ProjectionFile, Tree};
@@ -50,11 +53,21 @@ impl Listed {
 pub struct Engine {
     root: PathBuf,
     memory_bytes: usize,
+    /// Shared by every context this engine makes: the process-wide cap.
+    global_pool: Arc<GreedyMemoryPool>,
+    builders: crate::bounded::Builders,
+    max_result_bytes: usize,
 }
 
 impl Engine {
     pub fn new(config: &QueryConfig) -> Engine {
-        Engine { root: config.projection_root(), memory_bytes: config.query_memory_mb << 20 }
+        Engine {
+            root: config.projection_root(),
+            memory_bytes: config.query_memory_mb << 20,
+            global_pool: Arc::new(GreedyMemoryPool::new(config.query_memory_total_mb << 20)),
+            builders: crate::bounded::Builders::of_default_context(),
+            max_result_bytes: config.max_response_mb << 20,
+        }
     }
 
     /// The projection's root directory.
@@ -62,18 +75,32 @@ impl Engine {
         &self.root
     }
 
-    /// A fresh context with no tables, this service's memory limit and no catalog browsing.
+    /// Most bytes of result batches one query may collect.
+    pub fn max_result_bytes(&self) -> usize {
+        self.max_result_bytes
+    }
+
+    /// Bytes all running queries hold in the process-wide pool now.
+    pub fn memory_in_use(&self) -> usize {
+        self.global_pool.reserved()
+    }
+
+    /// A fresh context with no tables, this service's memory limits and no catalog browsing.
     pub fn context(&self) -> Result<SessionContext> {
         // No spilling: a tenant's query never writes, not even temporary files.
         let no_spill = DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled);
+        let pool: Arc<dyn MemoryPool> = Arc::new(crate::workers::QueryPool::new(self.memory_bytes, Arc::clone(&self.global_pool)));
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(self.memory_bytes, 1.0)
+            .with_memory_pool(Arc::clone(&pool))
             .with_disk_manager_builder(no_spill)
-            .build_arc().map_err(|e| Error::Internal(e.to_string()))?;
+            .build_arc()
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let mut config = SessionConfig::new().with_information_schema(false).with_batch_size(8192);
         // Plain Utf8 columns, as the projection schema declares them.
         config.options_mut().execution.parquet.schema_force_view_types = false;
-        Ok(SessionContext::new_with_config_rt(config, runtime))
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        self.builders.register(&ctx, &pool);
+        Ok(ctx)
     }
 
     /// The tenant's visible files of `tree` whose partition (date or month) passes `wanted`,

@@ -269,6 +269,49 @@ async fn an_audit_export_proves_its_range_complete_and_a_deleted_row_is_reported
     assert_eq!(status, StatusCode::FORBIDDEN, "a regulator sees only the tenants its token names");
 }
 
+#[tokio::test]
+async fn an_export_past_its_byte_limit_is_cut_and_each_part_proves_itself() {
+    // 3,000 events of about 1 KB: about 3 MB of entries, against a limit of 1 MiB.
+    let f = Fixture::new();
+    let pad = "p".repeat(900);
+    let events: Vec<_> = (0..3_000)
+        .map(|i| {
+            let mut e = event("acme", &format!("big-{i}"), t("2026-11-01T10:00:00Z"), "llm_call", "planner", "gpt-x", "task", Some((1, "USD")));
+            e.attributes.insert("pad".into(), pad.clone());
+            e
+        })
+        .collect();
+    f.ingest(&events);
+    let mut config = f.config();
+    config.max_export_mb = 1;
+    let r = tally_query::router_for_tests(config).unwrap();
+    let token = &f.tokens["regulator"];
+    let (mut from, mut parts, mut seen) = (0u64, 0, 0u64);
+    loop {
+        let export = get_json(&r, &format!("/v1/tenants/acme/audit-export?from_seq={from}&to_seq=2999"), token).await;
+        assert_eq!(export["complete"], true, "each part is complete for what it serves");
+        assert!(verify_export(&f, &export), "each part's proof rebuilds the signed root");
+        let (first, last) = (export["from_seq"].as_u64().unwrap(), export["to_seq"].as_u64().unwrap());
+        assert_eq!(first, from);
+        let bytes: usize = export["entries"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().len() * 3 / 4).sum();
+        assert!(bytes <= (1 << 20) + 2_000, "a part holds about max_export_mb of entries, not {bytes}");
+        seen += last - first + 1;
+        parts += 1;
+        match export["next_from_seq"].as_u64() {
+            Some(next) => {
+                assert_eq!((export["truncated"].as_bool(), next), (Some(true), last + 1));
+                from = next;
+            }
+            None => {
+                assert_eq!((export["truncated"].as_bool(), last), (Some(false), 2999));
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, 3_000);
+    assert!(parts >= 3, "3 MB of entries take several parts, not {parts}");
+}
+
 /// Rewrites the acme projection file holding each row for which `change(seq, batch, index)`
 /// returns a replacement batch.
 fn tamper(f: &Fixture, change: impl Fn(u64, &datafusion::arrow::array::RecordBatch, usize) -> Option<datafusion::arrow::array::RecordBatch>) {
