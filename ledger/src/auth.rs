@@ -6,7 +6,8 @@
 //! timing about a stored token.
 //!
 //! Roles: `tenant` (exactly one tenant), `regulator` (the tenants it names: their records and
-//! proofs), `billing` (every tenant's spend, nothing per record), `admin` (everything, metrics).
+//! proofs, read only), `billing` (every tenant's spend, nothing per record), `admin` (everything,
+//! metrics). Only a tenant's own token and `admin` may change its budget (reserve, release).
 //! A refusal never depends on whether the other tenant exists, so it reveals nothing about it.
 //!
 //! The file is re-read when its modification time changes ([`FileWatch`]), so
@@ -88,6 +89,16 @@ impl Principal {
             Role::Admin => true,
             Role::Tenant | Role::Regulator => self.tenants.contains(tenant),
             Role::Billing => false,
+        }
+    }
+
+    /// May change this tenant's budget: reserve (authorize) and release. Its own `tenant` token
+    /// and `admin` only; a regulator reads, and billing sees spend, but neither spends.
+    pub fn can_write_budget(&self, tenant: &str) -> bool {
+        match self.role {
+            Role::Admin => true,
+            Role::Tenant => self.tenants.contains(tenant),
+            Role::Regulator | Role::Billing => false,
         }
     }
 
@@ -344,6 +355,20 @@ mod tests {
         std::fs::write(dir.path().join("tokens.toml"), "[[token]]\nname = 1\n").unwrap();
         store.watch.as_ref().unwrap().recheck_now();
         assert!(store.authenticate(Some(&format!("Bearer {}", ops.0))).is_ok());
+    }
+
+    #[test]
+    fn only_the_tenant_itself_and_admins_may_change_its_budget() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let reg = new_token("regulator", Role::Regulator, vec!["acme".into()]).unwrap();
+        let bill = new_token("billing", Role::Billing, vec![]).unwrap();
+        let admin = new_token("ops", Role::Admin, vec![]).unwrap();
+        let (_dir, store) = store_with(&[acme.clone(), reg.clone(), bill.clone(), admin.clone()]);
+        let who = |t: &str| store.authenticate(Some(&format!("Bearer {t}"))).unwrap();
+        assert!(who(&acme.0).can_write_budget("acme") && !who(&acme.0).can_write_budget("globex"));
+        assert!(who(&reg.0).can_read_tenant("acme") && !who(&reg.0).can_write_budget("acme"), "a regulator reads, never spends");
+        assert!(!who(&bill.0).can_write_budget("acme"));
+        assert!(who(&admin.0).can_write_budget("acme"));
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! `unauthenticated`, `forbidden`, `bad_request`, `not_found`, `internal`. Tenant ids are
 //! validated before any path is built.
 //!
-//! Authorization (SPEC §5, [`crate::auth`]): every per-tenant route needs a token that reaches
-//! that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); `/metrics` needs
-//! `admin`; `/healthz` and `/readyz` are open. The tenant check runs before the handler, so a
-//! refusal is the same whether or not the other tenant exists.
+//! Authorization (SPEC §5, [`crate::auth`]): every per-tenant read route needs a token that
+//! reaches that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); the budget
+//! writes (`authorize`, `release`) need the tenant's own token or `admin`, never a regulator's or
+//! billing's; `/metrics` needs `admin`; `/healthz` and `/readyz` are open. The tenant check runs
+//! before the handler, so a refusal is the same whether or not the other tenant exists.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,9 +55,12 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tenants/{tenant}/receipt", get(receipt_by_event))
         .route("/v1/tenants/{tenant}/consistency", get(consistency))
         .route("/v1/tenants/{tenant}/budget", get(budget_state))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_access));
+    // Writes: reserving or releasing a tenant's budget spends its money, so reading it is not enough.
+    let per_tenant_writes = Router::new()
         .route("/v1/tenants/{tenant}/budget/authorize", post(authorize))
         .route("/v1/tenants/{tenant}/budget/release", post(release))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_access));
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_budget_write_access));
     let admin = Router::new()
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), admin_access));
@@ -64,6 +68,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(per_tenant)
+        .merge(per_tenant_writes)
         .merge(admin)
         .with_state(shared)
 }
@@ -73,15 +78,35 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Principal, ApiEr
     shared.tokens.authenticate(header).map_err(ApiError::from)
 }
 
+/// Reads of one tenant: its own token, a regulator naming it, admin.
 async fn tenant_access(State(shared): State<Arc<Shared>>, Path(params): Path<HashMap<String, String>>, request: Request, next: Next) -> Response {
-    let principal = match authenticate(&shared, request.headers()) {
+    check_tenant(&shared, &params, request, next, Principal::can_read_tenant, "access to this tenant").await
+}
+
+/// Budget writes of one tenant (authorize, release): its own token, admin.
+async fn tenant_budget_write_access(State(shared): State<Arc<Shared>>, Path(params): Path<HashMap<String, String>>, request: Request, next: Next) -> Response {
+    check_tenant(&shared, &params, request, next, Principal::can_write_budget, "changes to this tenant's budget").await
+}
+
+/// Runs the handler only if the caller is authenticated and `allowed` for the path's tenant. The
+/// check looks at the token alone, never at the tenant's data, so a refusal is the same whether
+/// or not the tenant exists.
+async fn check_tenant(
+    shared: &Shared,
+    params: &HashMap<String, String>,
+    request: Request,
+    next: Next,
+    allowed: fn(&Principal, &str) -> bool,
+    what: &'static str,
+) -> Response {
+    let principal = match authenticate(shared, request.headers()) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
     let tenant = params.get("tenant").map(String::as_str).unwrap_or_default();
-    if !principal.can_read_tenant(tenant) {
-        tracing::info!(token = %principal.name, role = principal.role.as_str(), tenant_id = %tenant, "refused: tenant not granted");
-        return ApiError::from(AuthError::Forbidden("access to this tenant")).into_response();
+    if !allowed(&principal, tenant) {
+        tracing::info!(token = %principal.name, role = principal.role.as_str(), tenant_id = %tenant, refused = what, "refused: tenant not granted");
+        return ApiError::from(AuthError::Forbidden(what)).into_response();
     }
     next.run(request).await
 }
@@ -731,6 +756,95 @@ mod tests {
             let (status, _, json) = call(&f.app, path, Some(&f.acme)).await;
             assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{path}");
         }
+    }
+
+    /// Who may do what, route by route: every route of the API against every kind of caller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_route_against_every_role() {
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Want {
+            /// Reaches the handler: anything but 401 and 403.
+            Allowed,
+            Forbidden,
+            Unauthenticated,
+        }
+        use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+        let f = fixture();
+        // (who, token, the tenant in the path). The regulator names globex only.
+        let callers: [(&str, Option<&str>, &str); 7] = [
+            ("tenant, own", Some(&f.acme), "acme"),
+            ("tenant, other", Some(&f.acme), "globex"),
+            ("regulator, named", Some(&f.regulator), "globex"),
+            ("regulator, not named", Some(&f.regulator), "acme"),
+            ("billing", Some(&f.billing), "acme"),
+            ("admin", Some(&f.admin), "acme"),
+            ("no token", None, "acme"),
+        ];
+        let release = r#"{"reservation_id":"r-none"}"#;
+        let authorize = r#"{"estimate_micros":1}"#;
+        //                                                                        own other reg+ reg- bill admin none
+        let table: [(&str, &str, Option<&str>, [Want; 7]); 10] = [
+            ("GET", "/t/{t}/checkpoint", None, /*                             */ [A, F, A, F, F, A, U]),
+            ("GET", "/t/{t}/tile/0/000.p/1", None, /*                         */ [A, F, A, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/records/0", None, /*                     */ [A, F, A, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/receipt/0", None, /*                     */ [A, F, A, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/budget", None, /*                        */ [A, F, A, F, F, A, U]),
+            ("POST", "/v1/tenants/{t}/budget/authorize", Some(authorize), /*  */ [A, F, F, F, F, A, U]),
+            ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, F, A, U]),
+            ("GET", "/metrics", None, /*                                      */ [F, F, F, F, F, A, U]),
+        ];
+        let mut wrong = Vec::new();
+        for (method, route, body, wants) in table {
+            for ((who, token, tenant), want) in callers.iter().zip(wants) {
+                let path = route.replace("{t}", tenant);
+                let (status, json) = send(&f.app, method, &path, *token, body).await;
+                let got = match status {
+                    StatusCode::FORBIDDEN => F,
+                    StatusCode::UNAUTHORIZED => U,
+                    _ => A,
+                };
+                if got != want {
+                    wrong.push(format!("{method} {path} as {who}: want {want:?}, got {status} {json}"));
+                }
+                let code = json["error"]["code"].as_str();
+                match got {
+                    F => assert_eq!(code, Some("forbidden"), "{method} {path} as {who}"),
+                    U => assert_eq!(code, Some("unauthenticated"), "{method} {path} as {who}"),
+                    A => {}
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+        // A refused write says the same whether or not the tenant exists.
+        for token in [&f.acme, &f.regulator, &f.billing] {
+            let (s1, e1) = send(&f.app, "POST", "/v1/tenants/globex/budget/authorize", Some(token), Some(authorize)).await;
+            let (s2, e2) = send(&f.app, "POST", "/v1/tenants/nosuch/budget/authorize", Some(token), Some(authorize)).await;
+            assert_eq!((s1, &e1), (s2, &e2));
+        }
+        // Only the allowed writes were recorded: acme's two events, its budget config and one
+        // admission each by acme and admin; globex, which only refused callers wrote to, is as it was.
+        let (_, body, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.admin)).await;
+        assert!(body.starts_with("tally.example.com/t/acme\n5\n"), "{body}");
+        let (_, body, _) = call(&f.app, "/t/globex/checkpoint", Some(&f.admin)).await;
+        assert!(body.starts_with("tally.example.com/t/globex\n1\n"), "{body}");
+    }
+
+    /// `method` on `path`, with or without a token and a JSON body: the status and the JSON body.
+    async fn send(app: &Router, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, serde_json::Value) {
+        let mut request = axum::http::Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = request.body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty)).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
     }
 
     #[tokio::test]
