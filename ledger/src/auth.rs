@@ -10,12 +10,15 @@
 //! metrics). Only a tenant's own token and `admin` may change its budget (reserve, release).
 //! A refusal never depends on whether the other tenant exists, so it reveals nothing about it.
 //!
-//! The file is re-read when its modification time changes ([`FileWatch`]), so
-//! a token is revoked by deleting its stanza, without a restart. A file that no longer parses
-//! keeps the previous tokens in force and logs why.
+//! The file is re-read when it changes ([`FileWatch`]: size, inode, modification and change
+//! times), so a token is revoked by deleting its stanza, without a restart. The store fails
+//! closed: while the file is missing or does not parse, no token is accepted
+//! ([`AuthError::TokenFileInvalid`]), because the old tokens may be exactly the ones an operator
+//! was revoking. Each failed reload is logged and counted ([`TokenStore::reload_failures`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use rand::RngCore;
@@ -121,6 +124,10 @@ pub enum AuthError {
     Unknown,
     #[error("this token does not grant {0}")]
     Forbidden(&'static str),
+    /// The server's token file is missing or invalid: nobody is authenticated until it is fixed.
+    /// The message never names the file.
+    #[error("the server's token file is unreadable or invalid, so no token is accepted; an operator must fix it")]
+    TokenFileInvalid,
 }
 
 impl AuthError {
@@ -128,14 +135,16 @@ impl AuthError {
         match self {
             AuthError::Missing | AuthError::Unknown => "unauthenticated",
             AuthError::Forbidden(_) => "forbidden",
+            AuthError::TokenFileInvalid => "token_file_invalid",
         }
     }
 
-    /// 401 for who-are-you, 403 for not-allowed.
+    /// 401 for who-are-you, 403 for not-allowed, 503 while the server cannot check tokens.
     pub fn status(&self) -> u16 {
         match self {
             AuthError::Missing | AuthError::Unknown => 401,
             AuthError::Forbidden(_) => 403,
+            AuthError::TokenFileInvalid => 503,
         }
     }
 }
@@ -144,7 +153,11 @@ impl AuthError {
 pub struct TokenStore {
     /// The token file; none when authorization is off.
     watch: Option<FileWatch>,
-    state: RwLock<Loaded>,
+    /// The tokens of the last valid file; `None` while the file is missing or invalid (fail
+    /// closed: nothing is accepted).
+    state: RwLock<Option<Loaded>>,
+    /// Reloads that found the file missing or invalid.
+    reload_failures: AtomicU64,
 }
 
 struct Loaded {
@@ -155,14 +168,19 @@ impl TokenStore {
     /// Authorization off: every caller is an anonymous admin. Only for loopback listeners; the
     /// services refuse to start otherwise.
     pub fn disabled() -> Self {
-        TokenStore { watch: None, state: RwLock::new(Loaded { by_hash: HashMap::new() }) }
+        TokenStore { watch: None, state: RwLock::new(Some(Loaded { by_hash: HashMap::new() })), reload_failures: AtomicU64::new(0) }
     }
 
     /// Loads and validates the token file; errors name the offending stanza.
     pub fn load(path: &Path) -> Result<Self> {
         let watch = FileWatch::new(path);
         let loaded = read_file(path)?;
-        Ok(TokenStore { watch: Some(watch), state: RwLock::new(loaded) })
+        Ok(TokenStore { watch: Some(watch), state: RwLock::new(Some(loaded)), reload_failures: AtomicU64::new(0) })
+    }
+
+    /// How many times a changed token file was found missing or invalid (a Prometheus counter).
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -175,14 +193,15 @@ impl TokenStore {
             return Ok(Principal::anonymous_admin());
         }
         self.reload_if_changed();
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(loaded) = state.as_ref() else { return Err(AuthError::TokenFileInvalid) };
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        state.by_hash.get(&hash).cloned().ok_or(AuthError::Unknown)
+        loaded.by_hash.get(&hash).cloned().ok_or(AuthError::Unknown)
     }
 
     fn reload_if_changed(&self) {
@@ -191,9 +210,21 @@ impl TokenStore {
         match read_file(path) {
             Ok(loaded) => {
                 tracing::info!(path = %path.display(), tokens = loaded.by_hash.len(), "token file reloaded");
-                *self.state.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+                *self.state.write().unwrap_or_else(PoisonError::into_inner) = Some(loaded);
             }
-            Err(e) => tracing::error!(path = %path.display(), error = %e, "token file not reloaded; previous tokens stay in force"),
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %path.display(), error = %e, "token file missing or invalid: no token is accepted until it is fixed");
+                *self.state.write().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+        }
+    }
+
+    /// Lets the next request look at the token file at once.
+    #[cfg(test)]
+    pub(crate) fn recheck_now(&self) {
+        if let Some(w) = &self.watch {
+            w.recheck_now();
         }
     }
 }
@@ -350,11 +381,70 @@ mod tests {
         std::fs::write(dir.path().join("tokens.toml"), stanza(&ops.1).unwrap()).unwrap();
         store.watch.as_ref().unwrap().recheck_now();
         assert_eq!(store.authenticate(Some(&header)), Err(AuthError::Unknown));
-        // A broken file keeps the last good tokens.
+        // A broken file fails closed: the old tokens may be the very ones being revoked.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(dir.path().join("tokens.toml"), "[[token]]\nname = 1\n").unwrap();
         store.watch.as_ref().unwrap().recheck_now();
-        assert!(store.authenticate(Some(&format!("Bearer {}", ops.0))).is_ok());
+        assert_eq!(store.authenticate(Some(&format!("Bearer {}", ops.0))), Err(AuthError::TokenFileInvalid));
+        assert_eq!(store.reload_failures(), 1);
+    }
+
+    #[test]
+    fn a_deleted_token_file_refuses_everyone_until_it_is_back() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let ops = new_token("ops", Role::Admin, vec![]).unwrap();
+        let (dir, store) = store_with(&[acme.clone(), ops.clone()]);
+        let path = dir.path().join("tokens.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let bearer = |t: &str| format!("Bearer {t}");
+        assert!(store.authenticate(Some(&bearer(&ops.0))).is_ok());
+
+        std::fs::remove_file(&path).unwrap();
+        store.recheck_now();
+        for header in [Some(bearer(&ops.0)), Some(bearer(&acme.0)), Some(bearer("tally_0000")), None] {
+            let err = store.authenticate(header.as_deref()).unwrap_err();
+            assert_eq!(err, AuthError::TokenFileInvalid, "{header:?}");
+            assert_eq!((err.code(), err.status()), ("token_file_invalid", 503));
+            assert!(!err.to_string().contains(dir.path().to_str().unwrap()), "never names server paths: {err}");
+        }
+        assert_eq!(store.reload_failures(), 1, "counted once per change, not per request");
+
+        std::fs::write(&path, &text).unwrap();
+        store.recheck_now();
+        assert!(store.authenticate(Some(&bearer(&ops.0))).is_ok());
+        assert!(store.authenticate(Some(&bearer(&acme.0))).is_ok());
+        assert_eq!(store.reload_failures(), 1);
+    }
+
+    /// Two files of the same size, the second written within the same second (here: with the
+    /// first one's modification time put back, as a coarse-mtime filesystem or `cp -p` would).
+    #[test]
+    fn a_same_size_rewrite_within_the_same_second_is_noticed() {
+        let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
+        let other = new_token("acme-apq", Role::Tenant, vec!["acme".into()]).unwrap();
+        let (dir, store) = store_with(std::slice::from_ref(&acme));
+        let path = dir.path().join("tokens.toml");
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let before = std::fs::read_to_string(&path).unwrap();
+        let after = stanza(&other.1).unwrap();
+        assert_eq!(before.len(), after.len());
+
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, &after).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        store.recheck_now();
+        assert_eq!(store.authenticate(Some(&format!("Bearer {}", acme.0))), Err(AuthError::Unknown));
+        assert!(store.authenticate(Some(&format!("Bearer {}", other.0))).is_ok());
+
+        // An atomic rename of a file with the same size and modification time.
+        let tmp = dir.path().join("tokens.toml.tmp");
+        std::fs::write(&tmp, &before).unwrap();
+        std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(mtime).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        store.recheck_now();
+        assert!(store.authenticate(Some(&format!("Bearer {}", acme.0))).is_ok());
+        assert_eq!(store.authenticate(Some(&format!("Bearer {}", other.0))), Err(AuthError::Unknown));
     }
 
     #[test]

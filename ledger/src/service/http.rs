@@ -2,8 +2,9 @@
 //! receipts and consistency proofs; `/healthz`, `/readyz` and Prometheus `/metrics`.
 //!
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with stable codes:
-//! `unauthenticated`, `forbidden`, `bad_request`, `not_found`, `internal`. Tenant ids are
-//! validated before any path is built.
+//! `unauthenticated`, `forbidden`, `token_file_invalid` (503: the server's token file is missing
+//! or invalid), `bad_request`, `not_found`, `internal`. Tenant ids are validated before any path
+//! is built.
 //!
 //! Authorization (SPEC §5, [`crate::auth`]): every per-tenant read route needs a token that
 //! reaches that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); the budget
@@ -486,6 +487,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
     }
+    out.push_str(&format!(
+        "# HELP tally_ledger_token_reload_failures_total Token file reloads that found it missing or invalid (no token is accepted until it is fixed).\n# TYPE tally_ledger_token_reload_failures_total counter\ntally_ledger_token_reload_failures_total {}\n",
+        shared.tokens.reload_failures()
+    ));
     out.push_str(&format!("# HELP tally_ledger_partitions Partitions owned by this instance.\n# TYPE tally_ledger_partitions gauge\ntally_ledger_partitions {}\n", shared.partitions().len()));
     out.push_str(&format!(
         "# HELP tally_ledger_checkpoint_lag_seconds Age of the oldest record not yet in a signed checkpoint (0: all signed).\n# TYPE tally_ledger_checkpoint_lag_seconds gauge\ntally_ledger_checkpoint_lag_seconds {:.3}\n",
@@ -515,6 +520,7 @@ mod tests {
 
     struct Fixture {
         dir: tempfile::TempDir,
+        shared: Arc<Shared>,
         app: Router,
         acme: String,
         regulator: String,
@@ -565,7 +571,7 @@ mod tests {
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);
-        Fixture { dir, app: router(shared), acme, regulator, billing, admin }
+        Fixture { dir, app: router(Arc::clone(&shared)), shared, acme, regulator, billing, admin }
     }
 
     async fn call(app: &Router, path: &str, token: Option<&str>) -> (StatusCode, String, serde_json::Value) {
@@ -845,6 +851,26 @@ mod tests {
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test]
+    async fn a_missing_token_file_refuses_everyone_with_503_and_is_counted() {
+        let f = fixture();
+        let path = f.dir.path().join("tokens.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.shared.tokens.recheck_now();
+        for (path, token) in [("/t/acme/checkpoint", Some(&f.acme)), ("/metrics", Some(&f.admin)), ("/t/acme/checkpoint", None)] {
+            let (status, body, json) = call(&f.app, path, token.map(String::as_str)).await;
+            assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("token_file_invalid")), "{path}: {body}");
+            assert!(!body.contains(f.dir.path().to_str().unwrap()), "no server path in {body}");
+        }
+        assert_eq!(call(&f.app, "/healthz", None).await.0, StatusCode::OK, "probes stay open");
+        std::fs::write(&path, text).unwrap();
+        f.shared.tokens.recheck_now();
+        let (status, body, _) = call(&f.app, "/metrics", Some(&f.admin)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\ntally_ledger_token_reload_failures_total 1\n"), "{body}");
     }
 
     #[tokio::test]
