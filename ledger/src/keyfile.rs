@@ -3,10 +3,11 @@
 //! One Ed25519 key signs every tenant's checkpoints; what differs per tenant is the key *name*
 //! (`<log-origin>/t/<tenant>`), and with it the key ID and the vkey. File format (one line, the
 //! same shape as Go's note private keys): `PRIVATE+KEY+<log-origin>+<hex key id>+<base64(0x01 || seed)>`.
-//! Files are created with mode 0600 and never overwritten.
+//! Files are created with mode 0600 and never overwritten; like ssh, [`LedgerKey::read`] refuses
+//! a key file that its group or others may read or write.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -91,15 +92,28 @@ impl LedgerKey {
         f.sync_all().map_err(|e| Error::io(path, e))
     }
 
+    /// Reads a key file, refusing one that anyone but its owner may read or write (mode bits
+    /// `0o077`, as ssh does): a signing key others could read is a key others could sign with.
     pub fn read(path: &Path) -> Result<Self> {
-        LedgerKey::parse(&std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?)
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // The mode of the file actually opened, not of whatever the path names a moment later.
+        let mode = file.metadata().map_err(|e| Error::io(path, e))?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(Error::BadKey(format!(
+                "private key file {} has mode {mode:04o}: it must not be readable or writable by group or others; run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            )));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+        LedgerKey::parse(&text)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn write_read_and_refuse_overwrite() {
@@ -114,5 +128,24 @@ mod tests {
         assert!(LedgerKey::generate("tally.example.com").unwrap().write_new(&path).is_err());
         let tampered = key.to_text().unwrap().replacen("+", "+x", 3);
         assert!(LedgerKey::parse(&tampered).is_err());
+    }
+
+    #[test]
+    fn a_key_file_others_may_read_or_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.key");
+        LedgerKey::generate("tally.example.com").unwrap().write_new(&path).unwrap();
+        let chmod = |mode: u32| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        for mode in [0o640, 0o604, 0o620, 0o602, 0o644, 0o660, 0o666, 0o700 | 0o010] {
+            chmod(mode);
+            let err = LedgerKey::read(&path).unwrap_err().to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(err.contains(&format!("mode {mode:04o}")), "{err}");
+            assert!(err.contains(&format!("chmod 600 {}", path.display())), "{err}");
+        }
+        for mode in [0o600, 0o400, 0o700] {
+            chmod(mode);
+            LedgerKey::read(&path).unwrap_or_else(|e| panic!("{mode:o}: {e}"));
+        }
     }
 }
