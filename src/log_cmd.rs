@@ -1,15 +1,15 @@
 //! Offline ledger tools: `tally keygen`, `tally vkey`, `tally verify`, `tally log import|receipt`.
 //! None of them needs Kafka; `verify` needs nothing but the files an auditor was given.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use tally_ledger::merkle::{verify_consistency, Hash};
-use tally_ledger::{event_record, tenant_origin, EventInput, Checkpoint, Ledger, LedgerKey, NoteVerifier, Receipt, Source};
-use tally_schemas::Event;
+use tally_ledger::{event_record, tenant_origin, EventInput, Checkpoint, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantLog};
+use tally_schemas::{Event, IdempotencyKey, RejectCode, Rejection, MAX_MESSAGE_BYTES};
 
 #[derive(clap::Args)]
 pub struct KeygenArgs {
@@ -149,7 +149,8 @@ impl TenantLogArgs {
 
 #[derive(clap::Subcommand)]
 pub enum LogCommand {
-    /// Append JSONL events to tenant logs in a data directory, without Kafka (backfills).
+    /// Append JSONL events to tenant logs in a data directory, without Kafka (backfills). Holds
+    /// the directory's lock; skips events whose event_id the tenant's log already holds.
     Import {
         #[command(flatten)]
         ledger: LedgerArgs,
@@ -193,7 +194,7 @@ pub enum LogCommand {
 
 pub fn log(command: LogCommand) -> anyhow::Result<()> {
     match command {
-        LogCommand::Import { ledger, input } => import(ledger.open()?, &input),
+        LogCommand::Import { ledger, input } => import(&ledger, &input),
         LogCommand::Receipt { log, seq, out } => {
             let (receipt, entry) = log.open()?.receipt(&log.tenant, seq)?;
             let proof_path = out.with_extension("tlog-proof");
@@ -214,33 +215,101 @@ pub fn log(command: LogCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Imports valid events; invalid lines are reported with their line number and code, and skipped.
-fn import(mut ledger: Ledger, input: &Path) -> anyhow::Result<()> {
+/// Imports valid events into `args.data`, holding its lock (`<data>/lock`, as a ledger instance
+/// and `tally parquet rebuild` do) from before the logs are opened until they are committed.
+///
+/// Each event is recorded at most once per tenant, by its idempotency key (`event_id`): one whose
+/// key the tenant's log already holds (from an earlier import, or earlier in this file) is skipped,
+/// as a duplicate when its content is the same and as a conflict otherwise. Lines are read as
+/// bytes, at most [`MAX_MESSAGE_BYTES`] of each: a longer line (`too_large`), a line that is not
+/// UTF-8 (`malformed_json`), an invalid event or a conflict is reported with its line number and
+/// skipped, every other line is imported, and the exit status is then non-zero.
+fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
+    let data = &args.data;
+    refuse_service_partition(data)?;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let _lock = match tally_ledger::service::lock_data_dir(data) {
+        Ok(lock) => lock,
+        Err(tally_ledger::Error::PartitionBusy(_)) => bail!(
+            "{} is locked by another process (a ledger instance, `tally parquet rebuild` or another import); nothing was imported, try again once it is done",
+            data.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("locking {}", data.display())),
+    };
+    // A ledger instance may have made it a partition directory before the lock was ours.
+    refuse_service_partition(data)?;
+    let mut ledger = args.open()?;
     let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
     let name = input.display().to_string();
-    let mut rejected = 0u64;
+    let (mut rejected, mut conflicts, mut duplicates) = (0u64, 0u64, 0u64);
     let mut added: BTreeMap<String, u64> = BTreeMap::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.with_context(|| format!("reading line {line_no}"))?;
-        if line.trim().is_empty() {
+    // Per tenant: every recorded idempotency key, with the seq and content digest of its event.
+    let mut recorded: HashMap<String, HashMap<IdempotencyKey, (u64, [u8; 32])>> = HashMap::new();
+    let mut buf = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        let line = read_line(&mut reader, &mut buf, MAX_MESSAGE_BYTES).with_context(|| format!("reading line {} of {name}", line_no + 1))?;
+        line_no += 1;
+        let reject = |rejection: Rejection| eprintln!("line {line_no}: rejected: {rejection}");
+        match line {
+            Line::End => break,
+            Line::TooLong(len) => {
+                reject(Rejection::new(RejectCode::TooLarge, format!("line is {len} bytes; at most {MAX_MESSAGE_BYTES} are accepted")));
+                rejected += 1;
+                continue;
+            }
+            Line::Read => {}
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let event = match Event::from_json(line.as_bytes()) {
+        if let Err(e) = std::str::from_utf8(&buf) {
+            reject(Rejection::new(RejectCode::MalformedJson, format!("line is not UTF-8 (invalid byte at column {})", e.valid_up_to() + 1)));
+            rejected += 1;
+            continue;
+        }
+        let event = match Event::from_json(&buf) {
             Ok(e) => e,
             Err(rejection) => {
-                eprintln!("line {line_no}: rejected: {rejection}");
+                reject(rejection);
                 rejected += 1;
                 continue;
             }
         };
-        let digest: [u8; 32] = sha2_digest(line.as_bytes());
-        let log = ledger.tenant(&event.tenant_id)?;
+        let tenant = event.tenant_id.clone();
+        let log = ledger.tenant(&tenant)?;
+        if !recorded.contains_key(&tenant) {
+            let keys = recorded_events(log).with_context(|| format!("reading the events already in {tenant}'s log"))?;
+            recorded.insert(tenant.clone(), keys);
+        }
+        let seen = recorded.entry(tenant.clone()).or_default();
+        let key = IdempotencyKey { source: None, id: event.event_id.clone() };
+        let content = content_digest(&event)?;
+        if let Some(&(first_seq, first)) = seen.get(&key) {
+            if first == content {
+                duplicates += 1;
+            } else {
+                eprintln!("line {line_no}: conflict: event_id {:?} is already recorded for tenant {tenant} at seq {first_seq} with different content; skipped", key.id);
+                conflicts += 1;
+            }
+            continue;
+        }
+        let digest: [u8; 32] = sha2_digest(&buf);
         let seq = log.size() + log.pending();
         let source = Source::File { file: name.clone(), line: line_no };
-        let record = event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source })?;
+        let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }) {
+            Ok(r) => r,
+            Err(e @ tally_ledger::Error::EntryTooLarge(_)) => {
+                reject(Rejection::new(RejectCode::TooLarge, e.to_string()));
+                rejected += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         log.append(&record)?;
-        *added.entry(event.tenant_id.clone()).or_default() += 1;
+        seen.insert(key, (seq, content));
+        *added.entry(tenant).or_default() += 1;
     }
     let checkpoints = ledger.commit()?;
     for (tenant, cp) in &checkpoints {
@@ -252,10 +321,109 @@ fn import(mut ledger: Ledger, input: &Path) -> anyhow::Result<()> {
             base64::engine::general_purpose::STANDARD.encode(cp.root)
         );
     }
-    if rejected > 0 {
-        bail!("{rejected} line(s) rejected; everything else was imported");
+    let total: u64 = added.values().sum();
+    println!("{total} imported, {duplicates} duplicate(s) skipped, {conflicts} conflict(s), {rejected} rejected");
+    if rejected > 0 || conflicts > 0 {
+        bail!("{rejected} line(s) rejected and {conflicts} in conflict with recorded events; everything else was imported");
     }
     Ok(())
+}
+
+/// A ledger service's partition directory has a dedup store (`state.redb`) next to its logs; events
+/// imported behind its back would be unknown to it, and recorded a second time when they arrive.
+fn refuse_service_partition(data: &Path) -> anyhow::Result<()> {
+    if data.join("state.redb").exists() {
+        bail!(
+            "{} is a ledger service partition directory (it has state.redb): the service's dedup store would not know about imported events; import into a separate data directory",
+            data.display()
+        );
+    }
+    Ok(())
+}
+
+/// What [`read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// The end of the input: nothing was read.
+    End,
+    /// A line (without its `\n` or `\r\n`) is in the buffer.
+    Read,
+    /// A line of this many bytes, longer than allowed: skipped, and not kept in memory.
+    TooLong(u64),
+}
+
+/// Reads the next line into `buf`, keeping at most `max` bytes of it: the rest of a longer line
+/// is consumed up to its newline without being stored.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> std::io::Result<Line> {
+    buf.clear();
+    // One more than `max`, for a `\r` before the `\n`.
+    let cap = max + 1;
+    let (mut len, mut last, mut any) = (0u64, 0u8, false);
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            break;
+        }
+        any = true;
+        let newline = available.iter().position(|&b| b == b'\n');
+        let chunk = &available[..newline.unwrap_or(available.len())];
+        len += chunk.len() as u64;
+        if let Some(&b) = chunk.last() {
+            last = b;
+        }
+        let room = cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = chunk.len() + usize::from(newline.is_some());
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(Line::End);
+    }
+    let len = len - u64::from(last == b'\r' && len > 0);
+    if len > max as u64 {
+        buf.clear();
+        return Ok(Line::TooLong(len));
+    }
+    buf.truncate(len as usize);
+    Ok(Line::Read)
+}
+
+/// The idempotency keys of the events a tenant's log holds, each with its first seq and content.
+fn recorded_events(log: &TenantLog) -> anyhow::Result<HashMap<IdempotencyKey, (u64, [u8; 32])>> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        #[serde(rename = "type")]
+        record_type: String,
+        #[serde(default)]
+        event: Option<serde_json::Value>,
+        #[serde(default)]
+        ce_source: Option<String>,
+    }
+    let mut keys = HashMap::new();
+    for seq in 0..log.size() {
+        let entry = log.entry(seq)?;
+        let stored: Stored = serde_json::from_slice(&entry).with_context(|| format!("entry {seq} is not a ledger record"))?;
+        // Budget and conflict records are not events of their own.
+        if let (Some(event), "event") = (stored.event, stored.record_type.as_str()) {
+            let event: Event = serde_json::from_value(event).with_context(|| format!("entry {seq} does not hold a valid event"))?;
+            let content = content_digest(&event)?;
+            keys.entry(IdempotencyKey { source: stored.ce_source, id: event.event_id }).or_insert((seq, content));
+        }
+    }
+    Ok(keys)
+}
+
+/// What "the same event" means: equal as validated events (as the ledger service compares them),
+/// whatever the whitespace or member order of the lines they came from.
+fn content_digest(event: &Event) -> anyhow::Result<[u8; 32]> {
+    Ok(sha2_digest(&serde_json::to_vec(event)?))
 }
 
 fn sha2_digest(bytes: &[u8]) -> [u8; 32] {
@@ -345,4 +513,41 @@ fn export_tiles(args: &TenantLogArgs, out: &Path) -> anyhow::Result<()> {
     write("checkpoint".into(), note.as_bytes())?;
     println!("wrote {} files for {} entries of {} to {}", files + 1, size, args.tenant, out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<(Line, Vec<u8>)> {
+        // A tiny buffer, so lines span many reads.
+        let mut reader = BufReader::with_capacity(3, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            let line = read_line(&mut reader, &mut buf, max).unwrap();
+            if line == Line::End {
+                return out;
+            }
+            out.push((line, buf.clone()));
+        }
+    }
+
+    #[test]
+    fn lines_are_bounded_and_the_rest_is_skipped() {
+        let input = b"12345\n123456\r\n1234567\n\n12345\r\n1234\xff\n123456789012345";
+        let got = lines(input, 6);
+        let want: Vec<(Line, Vec<u8>)> = vec![
+            (Line::Read, b"12345".to_vec()),
+            (Line::Read, b"123456".to_vec()),
+            (Line::TooLong(7), vec![]),
+            (Line::Read, vec![]),
+            (Line::Read, b"12345".to_vec()),
+            (Line::Read, b"1234\xff".to_vec()),
+            (Line::TooLong(15), vec![]),
+        ];
+        assert_eq!(got, want);
+        assert!(lines(b"", 6).is_empty());
+        assert_eq!(lines(b"\n", 6), vec![(Line::Read, vec![])]);
+    }
 }

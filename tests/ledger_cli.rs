@@ -1,5 +1,6 @@
-//! The offline ledger tools end to end: keygen, import, receipt, verify (valid and tampered),
-//! consistency between two checkpoints. No broker needed.
+//! The offline ledger tools end to end: keygen, import (locking, deduplicating, skipping bad
+//! lines), receipt, verify (valid and tampered), consistency between two checkpoints. No broker
+//! needed.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -132,6 +133,112 @@ fn import_reports_invalid_lines_and_keeps_the_rest() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 2: rejected: missing_field"), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("acme: +1 -> size 1"));
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn importing_the_same_events_again_adds_nothing_and_reports_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("k")]));
+    let import = |file: &str| tally(&["log", "import", "--data", &p("d"), "--key", &p("k"), &p(file)]);
+    events(&dir.path().join("a.jsonl"), 0, 30);
+    let first = ok(&import("a.jsonl"));
+    assert!(first.contains("tally.example.com/t/acme: +10 -> size 10"), "{first}");
+    assert!(first.contains("30 imported, 0 duplicate(s) skipped"), "{first}");
+
+    let second = ok(&import("a.jsonl"));
+    assert!(second.contains("0 imported, 30 duplicate(s) skipped, 0 conflict(s), 0 rejected"), "{second}");
+    assert!(!second.contains("-> size"), "no log grew: {second}");
+    let audit = ok(&tally(&["log", "audit", "--data", &p("d"), "--key", &p("k")]));
+    assert!(audit.contains("ok acme: 10 entries") && audit.contains("ok globex: 10 entries"), "{audit}");
+
+    // An overlapping file, with one of its new events repeated (members reordered: same event).
+    events(&dir.path().join("b.jsonl"), 20, 40);
+    let mut b = std::fs::read_to_string(p("b.jsonl")).unwrap();
+    b.push_str(r#"{"kind":"llm_call","cost":{"currency":"USD","amount_micros":39},"event_id":"e39","tenant_id":"acme","occurred_at":"2026-11-02T09:15:00Z"}"#);
+    b.push('\n');
+    std::fs::write(p("b.jsonl"), b).unwrap();
+    let third = ok(&import("b.jsonl"));
+    assert!(third.contains("tally.example.com/t/acme: +4 -> size 14"), "{third}");
+    assert!(third.contains("10 imported, 11 duplicate(s) skipped"), "{third}");
+
+    // The same event_id with other content is a conflict: reported, skipped, exit non-zero.
+    std::fs::write(
+        p("c.jsonl"),
+        "{\"event_id\":\"e3\",\"tenant_id\":\"acme\",\"occurred_at\":\"2026-11-02T09:15:00Z\",\"kind\":\"llm_call\",\"cost\":{\"amount_micros\":999,\"currency\":\"USD\"}}\n\
+         {\"event_id\":\"e3\",\"tenant_id\":\"initech\",\"occurred_at\":\"2026-11-02T09:15:00Z\",\"kind\":\"llm_call\"}\n",
+    )
+    .unwrap();
+    let out = import("c.jsonl");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(r#"line 1: conflict: event_id "e3" is already recorded for tenant acme at seq 1"#), "{}", stderr(&out));
+    // The key is per tenant: initech had no e3.
+    assert!(stdout(&out).contains("tally.example.com/t/initech: +1 -> size 14"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("1 imported, 0 duplicate(s) skipped, 1 conflict(s), 0 rejected"), "{}", stdout(&out));
+}
+
+#[test]
+fn import_skips_oversized_and_non_utf8_lines_and_imports_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("k")]));
+    let event = |id: &str| format!(r#"{{"event_id":"{id}","tenant_id":"acme","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call"}}"#);
+    let mut input = Vec::new();
+    input.extend_from_slice(format!("{}\n", event("a")).as_bytes());
+    // 4 MB on one line: far beyond the 60 KiB any message may have.
+    let big = event(&"x".repeat(4 << 20));
+    input.extend_from_slice(format!("{big}\n").as_bytes());
+    input.extend_from_slice(&event("b\u{e9}").into_bytes().iter().map(|&b| if b == 0xc3 { 0xff } else { b }).collect::<Vec<u8>>());
+    input.push(b'\n');
+    input.extend_from_slice(format!("\n{}\r\n{}", event("c"), event("d")).as_bytes());
+    std::fs::write(p("in.jsonl"), input).unwrap();
+
+    let out = tally(&["log", "import", "--data", &p("d"), "--key", &p("k"), &p("in.jsonl")]);
+    assert!(!out.status.success(), "rejected lines make the exit status non-zero");
+    let err = stderr(&out);
+    assert!(err.contains(&format!("line 2: rejected: too_large: line is {} bytes", big.len())), "{err}");
+    assert!(err.contains("line 3: rejected: malformed_json: line is not UTF-8"), "{err}");
+    assert!(err.contains("2 line(s) rejected"), "{err}");
+    let out = stdout(&out);
+    assert!(out.contains("tally.example.com/t/acme: +3 -> size 3"), "{out}");
+    assert!(out.contains("3 imported, 0 duplicate(s) skipped, 0 conflict(s), 2 rejected"), "{out}");
+    ok(&tally(&["log", "receipt", "--data", &p("d"), "--key", &p("k"), "--tenant", "acme", "--seq", "2", "--out", &p("r")]));
+    let entry = std::fs::read_to_string(p("r.entry")).unwrap();
+    assert!(entry.contains(r#""event_id":"d""#) && entry.contains(r#""line":6"#), "{entry}");
+}
+
+#[test]
+fn import_refuses_a_locked_directory_and_a_service_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("k")]));
+    events(&dir.path().join("a.jsonl"), 0, 3);
+    let data = dir.path().join("d");
+    std::fs::create_dir(&data).unwrap();
+    let lock = tally_ledger::service::lock_data_dir(&data).unwrap();
+    let out = tally(&["log", "import", "--data", &p("d"), "--key", &p("k"), &p("a.jsonl")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is locked by another process"), "{}", stderr(&out));
+    assert!(!data.join("t").exists(), "nothing was written");
+    drop(lock);
+    ok(&tally(&["log", "import", "--data", &p("d"), "--key", &p("k"), &p("a.jsonl")]));
+
+    // A ledger service's partition directory: its dedup store would not know imported events.
+    let partition = dir.path().join("partitions/events-0");
+    std::fs::create_dir_all(&partition).unwrap();
+    std::fs::write(partition.join("state.redb"), b"").unwrap();
+    let out = tally(&["log", "import", "--data", partition.to_str().unwrap(), "--key", &p("k"), &p("a.jsonl")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("ledger service partition directory (it has state.redb)"), "{}", stderr(&out));
+    assert!(!partition.join("t").exists(), "nothing was written");
 }
 
 #[test]

@@ -354,6 +354,14 @@ pub fn rebuild_projection(data_dir: &std::path::Path, only: Option<&str>, zones:
     Ok(done)
 }
 
+/// Takes the exclusive lock of a ledger directory (`<dir>/lock`): the lock a ledger instance holds
+/// on each partition it owns and `tally parquet rebuild` takes, for offline writers such as
+/// `tally log import`. Held while the returned file is open; [`Error::PartitionBusy`] when
+/// another process holds it.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    partition::lock_partition(dir)
+}
+
 /// `<data_dir>/owners/<topic>-<p>` names the instance that owns a partition, so the others can
 /// point callers at it.
 fn write_owner(root: &std::path::Path, topic: &str, partition: i32, url: &str) -> std::io::Result<()> {
