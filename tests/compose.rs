@@ -74,7 +74,7 @@ fn the_ledger_and_query_services_share_a_volume_and_their_configs_are_valid() {
             "ledger" => {
                 let config: tally_ledger::service::ServiceConfig = toml::from_str(&section).unwrap();
                 assert!(config.tokens.is_some(), "the ledger listens beyond loopback, so it needs tokens");
-                assert!(config.keys.iter().all(|k| k.starts_with("/data")), "the key is on the volume keygen writes");
+                assert!(config.keys.iter().all(|k| k.starts_with("/keys/")), "the key is on its own volume (see only_keygen_and_the_ledger_mount_the_signing_key)");
             }
             _ => {
                 let config: tally_query::QueryConfig = toml::from_str(&section).unwrap();
@@ -83,4 +83,52 @@ fn the_ledger_and_query_services_share_a_volume_and_their_configs_are_valid() {
         }
     }
     assert!(c["services"]["query"]["volumes"][0].as_str().unwrap().ends_with(":ro"), "the query service only reads the ledger's data");
+}
+
+/// (source, target) of each of a service's volumes: `tally-data:/data:ro` is `("tally-data", "/data")`.
+fn mounts(c: &Value, service: &str) -> Vec<(String, String)> {
+    c["services"][service]["volumes"]
+        .as_sequence()
+        .map(|v| v.iter().map(|m| {
+            let mut parts = m.as_str().unwrap().split(':');
+            (parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+        }).collect())
+        .unwrap_or_default()
+}
+
+/// The source of the mount that holds `path` inside `service` (the deepest mount above it).
+fn volume_holding(c: &Value, service: &str, path: &Path) -> Option<String> {
+    mounts(c, service).into_iter().filter(|(_, target)| path.starts_with(target)).max_by_key(|(_, target)| target.len()).map(|(source, _)| source)
+}
+
+fn ledger_config() -> tally_ledger::service::ServiceConfig {
+    let text: toml::Value = toml::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ledger.toml")).unwrap()).unwrap();
+    toml::from_str(&toml::to_string(&text["ledger"]).unwrap()).unwrap()
+}
+
+/// The signing key must not be readable by the query service (or anything but the ledger and the
+/// keygen that writes it): it is on a volume of its own, which only those two mount.
+#[test]
+fn only_keygen_and_the_ledger_mount_the_signing_key() {
+    let c = compose();
+    let config = ledger_config();
+    let keygen: Vec<&str> = c["services"]["keygen"]["command"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let out = keygen.iter().position(|a| *a == "--out").map(|i| Path::new(keygen[i + 1])).unwrap();
+    assert_eq!(config.keys.first().map(|k| k.as_path()), Some(out), "the ledger signs with the key keygen writes");
+    for key in &config.keys {
+        let volume = volume_holding(&c, "ledger", key).unwrap_or_else(|| panic!("{} is on no volume of the ledger", key.display()));
+        assert!(c["volumes"].get(volume.as_str()).is_some(), "{volume} is a named volume, not a host path");
+        assert_eq!(volume_holding(&c, "keygen", out).as_deref(), Some(volume.as_str()), "keygen writes the key onto that volume");
+        for (name, _) in c["services"].as_mapping().unwrap() {
+            let name = name.as_str().unwrap();
+            if mounts(&c, name).iter().any(|(source, _)| *source == volume) {
+                assert!(["keygen", "ledger"].contains(&name), "{name} mounts {volume}, which holds the ledger's signing key");
+            }
+        }
+    }
+    // The token file (hashes only) stays where both services read it, away from the key.
+    let tokens = config.tokens.unwrap();
+    let data = volume_holding(&c, "ledger", &tokens).unwrap();
+    assert_eq!(volume_holding(&c, "query", &tokens).as_deref(), Some(data.as_str()), "query reads the ledger's token file");
+    assert!(!config.keys.iter().any(|k| volume_holding(&c, "ledger", k).as_deref() == Some(data.as_str())));
 }
