@@ -9,7 +9,9 @@
 //! long as the query, so the sum of everything these functions build in one query stays within
 //! the query's memory limit (and, through the pool, the process-wide one). A refusal is
 //! `ResourcesExhausted`, which the service answers as `query_too_large`, before anything is
-//! allocated.
+//! allocated. No single value may be larger than [`MAX_BUILT_VALUE_BYTES`] either: the largest
+//! value an event can carry, so that a join or a wide select copying built values into its output
+//! batches amplifies them no more than it amplifies stored ones.
 //!
 //! Invariant: the estimate is never below what the function can return for those arguments.
 //! Functions whose output cannot be bounded cheaply from their arguments (`levenshtein`,
@@ -27,6 +29,11 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReser
 use datafusion::logical_expr::{ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature};
 use datafusion::prelude::SessionContext;
 
+/// Largest value one function call may build for one row: the size of the largest value an event
+/// can carry (61,440 bytes) rounded up. With it, a built value is never larger than what the data
+/// itself can hold, so joins and wide selects amplify built values no more than stored ones.
+pub const MAX_BUILT_VALUE_BYTES: u128 = 64 * 1024;
+
 /// How a function's output size follows from its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Growth {
@@ -41,12 +48,14 @@ enum Growth {
     RegexpReplace,
     /// `translate(s, from, to)`: each character may become one of up to 4 bytes.
     Translate,
-    /// `concat`, `concat_ws`, `overlay`: no more than the arguments (a separator once per
-    /// argument).
+    /// `concat`, `concat_ws`, `overlay`, and the constructors of lists, structs and maps
+    /// (`make_array`, `array_concat`, `array_append`, `struct`, `map`, …): the arguments, plus a
+    /// separator (the first argument, for `concat_ws`) per argument.
     SumOfArguments,
     /// `encode(s, format)`: hex doubles, base64 adds a third.
     Encode,
-    /// `array_to_string(list, sep [, null])`: the elements' text plus a separator each.
+    /// `array_to_string(list, sep [, null])`: each element's text (at most 24 bytes for a
+    /// number) plus a separator and the null text.
     ListToString,
 }
 
@@ -58,15 +67,16 @@ impl Growth {
             "replace" => Growth::Replace,
             "regexp_replace" => Growth::RegexpReplace,
             "translate" => Growth::Translate,
-            "concat" | "concat_ws" | "overlay" => Growth::SumOfArguments,
+            "concat" | "concat_ws" | "overlay" | "make_array" | "array_concat" | "array_append" | "array_prepend" | "struct" | "named_struct" | "map" => Growth::SumOfArguments,
             "encode" => Growth::Encode,
             "array_to_string" => Growth::ListToString,
             _ => return None,
         })
     }
 
-    /// An upper bound of the bytes the function returns for `args` over `rows` rows.
-    fn estimate(self, args: &[ColumnarValue], rows: usize) -> Result<u128> {
+    /// An upper bound of the bytes the function returns for `args` over `rows` rows, or an error
+    /// when one row's value would be over [`MAX_BUILT_VALUE_BYTES`].
+    fn estimate(self, name: &str, args: &[ColumnarValue], rows: usize) -> Result<u128> {
         // A scalar stays one row (never `rows` copies of it); `row` maps every row to it.
         let args: Vec<ArrayRef> = args
             .iter()
@@ -75,57 +85,47 @@ impl Growth {
                 ColumnarValue::Scalar(value) => value.to_array(),
             })
             .collect::<Result<_>>()?;
-        let len = |a: usize, i: usize| args.get(a).map_or(0, |arr| text_len(arr, i)) as u128;
-        let int = |a: usize| -> Result<Option<ArrayRef>> { args.get(a).map(|arr| cast(arr, &DataType::Int64).map_err(DataFusionError::from)).transpose() };
-        let mut total: u128 = 0;
-        match self {
-            Growth::Repeat | Growth::Pad => {
-                let counts = int(1)?;
-                let counts = counts.as_ref().map(|c| c.as_primitive::<Int64Type>());
-                for i in 0..rows {
-                    let n = counts.map_or(0, |c| {
-                        let r = row(c.len(), i);
-                        if r >= c.len() || c.is_null(r) {
-                            0
-                        } else {
-                            c.value(r).max(0)
-                        }
-                    }) as u128;
-                    total += match self {
-                        Growth::Repeat => len(0, i) * n,
-                        _ => n * 4,
-                    };
+        let len = |a: usize, i: usize| args.get(a).map_or(0, |arr| value_bytes(arr, row(arr.len(), i)));
+        let counts = match self {
+            Growth::Repeat | Growth::Pad => args.get(1).map(|c| cast(c, &DataType::Int64)).transpose()?,
+            _ => None,
+        };
+        let count = |i: usize| -> u128 {
+            counts.as_ref().map_or(0, |c| {
+                let c = c.as_primitive::<Int64Type>();
+                let r = row(c.len(), i);
+                if r >= c.len() || c.is_null(r) {
+                    0
+                } else {
+                    c.value(r).max(0) as u128
                 }
-            }
-            Growth::Replace => {
-                for i in 0..rows {
+            })
+        };
+        let mut total: u128 = 0;
+        for i in 0..rows {
+            let one = match self {
+                Growth::Repeat => len(0, i) * count(i),
+                Growth::Pad => count(i) * 4,
+                Growth::Replace => {
                     let (s, from, to) = (len(0, i), len(1, i), len(2, i));
                     let places = if from == 0 { s + 1 } else { s / from + 1 };
-                    total += s + places * to;
+                    s + places * to
                 }
-            }
-            Growth::RegexpReplace => {
-                for i in 0..rows {
-                    let (s, replacement) = (len(0, i), len(2, i));
-                    // Empty matches can occur at every position; a group reference copies at
-                    // most the match, and matches do not overlap.
-                    total += s + 2 * (s + 1) * (replacement + 1);
+                // Empty matches can occur at every position; a group reference copies at most
+                // the match, and matches do not overlap.
+                Growth::RegexpReplace => len(0, i) + 2 * (len(0, i) + 1) * (len(2, i) + 1),
+                Growth::Translate => 4 * len(0, i),
+                Growth::Encode => 2 * len(0, i) + 4,
+                Growth::SumOfArguments => (0..args.len()).map(|a| len(a, i)).sum::<u128>() + len(0, i) * args.len() as u128,
+                Growth::ListToString => {
+                    let elements = args.first().map_or(0, |list| list_len(list, row(list.len(), i)));
+                    len(0, i) + elements * (24 + len(1, i) + len(2, i))
                 }
+            };
+            if one > MAX_BUILT_VALUE_BYTES {
+                return Err(DataFusionError::ResourcesExhausted(format!("{name}() would build a value of up to {one} bytes; one value may be at most {MAX_BUILT_VALUE_BYTES}")));
             }
-            Growth::Translate => (0..rows).for_each(|i| total += 4 * len(0, i)),
-            Growth::Encode => (0..rows).for_each(|i| total += 2 * len(0, i) + 4),
-            Growth::SumOfArguments => {
-                for i in 0..rows {
-                    let parts: u128 = (0..args.len()).map(|a| len(a, i)).sum();
-                    total += parts + len(0, i) * args.len() as u128;
-                }
-            }
-            Growth::ListToString => {
-                let Some(list) = args.first() else { return Ok(0) };
-                let per_element = len(1, 0) + len(2, 0) + 1;
-                let (elements, text) = list_sizes(list);
-                total = elements * (per_element + 24) + text;
-            }
+            total += one;
         }
         Ok(total)
     }
@@ -140,33 +140,52 @@ fn row(len: usize, i: usize) -> usize {
     }
 }
 
-/// The byte length of row `i` of a text or binary array (0 for other types and nulls).
-fn text_len(array: &ArrayRef, i: usize) -> usize {
-    let i = row(array.len(), i);
+/// An upper bound of the bytes of row `i` of `array`: text and binary values by their length,
+/// lists and structs by their children, fixed-width values by their width (0 for nulls).
+fn value_bytes(array: &ArrayRef, i: usize) -> u128 {
+    if i >= array.len() || array.is_null(i) {
+        return 0;
+    }
+    let slice = |values: &ArrayRef, from: usize, to: usize| (from..to).map(|j| value_bytes(values, j)).sum::<u128>();
+    match array.data_type() {
+        DataType::Utf8 => array.as_string::<i32>().value(i).len() as u128,
+        DataType::LargeUtf8 => array.as_string::<i64>().value(i).len() as u128,
+        DataType::Utf8View => array.as_string_view().value(i).len() as u128,
+        DataType::Binary => array.as_binary::<i32>().value(i).len() as u128,
+        DataType::LargeBinary => array.as_binary::<i64>().value(i).len() as u128,
+        DataType::BinaryView => array.as_binary_view().value(i).len() as u128,
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let offsets = list.value_offsets();
+            8 + slice(list.values(), offsets[i] as usize, offsets[i + 1] as usize)
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            let offsets = list.value_offsets();
+            8 + slice(list.values(), offsets[i] as usize, offsets[i + 1] as usize)
+        }
+        DataType::Map(..) => {
+            let map = array.as_map();
+            let offsets = map.value_offsets();
+            let entries: ArrayRef = Arc::new(map.entries().clone());
+            8 + slice(&entries, offsets[i] as usize, offsets[i + 1] as usize)
+        }
+        DataType::Struct(_) => array.as_struct().columns().iter().map(|c| value_bytes(c, i)).sum(),
+        other => other.primitive_width().unwrap_or(16) as u128,
+    }
+}
+
+/// Elements in row `i` of a list array (0 for other types).
+fn list_len(array: &ArrayRef, i: usize) -> u128 {
     if i >= array.len() || array.is_null(i) {
         return 0;
     }
     match array.data_type() {
-        DataType::Utf8 => array.as_string::<i32>().value(i).len(),
-        DataType::LargeUtf8 => array.as_string::<i64>().value(i).len(),
-        DataType::Utf8View => array.as_string_view().value(i).len(),
-        DataType::Binary => array.as_binary::<i32>().value(i).len(),
-        DataType::LargeBinary => array.as_binary::<i64>().value(i).len(),
-        DataType::BinaryView => array.as_binary_view().value(i).len(),
+        DataType::List(_) => array.as_list::<i32>().value_length(i) as u128,
+        DataType::LargeList(_) => array.as_list::<i64>().value_length(i) as u128,
+        DataType::FixedSizeList(_, n) => *n as u128,
         _ => 0,
     }
-}
-
-/// Elements of a list array and the bytes of its text elements.
-fn list_sizes(array: &ArrayRef) -> (u128, u128) {
-    let values = match array.data_type() {
-        DataType::List(_) => array.as_list::<i32>().values().clone(),
-        DataType::LargeList(_) => array.as_list::<i64>().values().clone(),
-        DataType::FixedSizeList(..) => array.as_fixed_size_list().values().clone(),
-        _ => return (0, 0),
-    };
-    let text: u128 = (0..values.len()).map(|i| text_len(&values, i) as u128).sum();
-    (values.len() as u128, text)
 }
 
 /// What one query's value-building functions have reserved so far.
@@ -235,7 +254,7 @@ impl ScalarUDFImpl for Bounded {
     // function and would escape the bound. Constant folding still runs, through this wrapper.
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let bytes = self.growth.estimate(&args.args, args.number_rows)?;
+        let bytes = self.growth.estimate(self.inner.name(), &args.args, args.number_rows)?;
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         self.built.0.lock().unwrap_or_else(PoisonError::into_inner).try_grow(bytes).map_err(|_| {
             DataFusionError::ResourcesExhausted(format!(
@@ -287,23 +306,38 @@ mod tests {
         ColumnarValue::Scalar(ScalarValue::Int64(Some(n)))
     }
 
+    fn estimate(growth: Growth, args: &[ColumnarValue], rows: usize) -> Result<u128> {
+        growth.estimate("f", args, rows)
+    }
+
     #[test]
     fn estimates_bound_the_output() {
-        assert_eq!(Growth::Repeat.estimate(&[scalar("ab"), int(600_000_000)], 1).unwrap(), 1_200_000_000);
-        assert_eq!(Growth::Repeat.estimate(&[scalar("ab"), int(-5)], 1).unwrap(), 0);
-        assert_eq!(Growth::Pad.estimate(&[scalar("x"), int(10)], 3).unwrap(), 120);
+        assert_eq!(estimate(Growth::Repeat, &[scalar("ab"), int(30_000)], 1).unwrap(), 60_000);
+        assert_eq!(estimate(Growth::Repeat, &[scalar("ab"), int(-5)], 1).unwrap(), 0);
+        assert_eq!(estimate(Growth::Pad, &[scalar("x"), int(10)], 3).unwrap(), 120);
         // "aaaa".replace("", "XY") = "XYaXYaXYaXYaXY": 4 + 5 × 2 bytes.
-        assert!(Growth::Replace.estimate(&[scalar("aaaa"), scalar(""), scalar("XY")], 1).unwrap() >= "aaaa".replace("", "XY").len() as u128);
-        assert!(Growth::Replace.estimate(&[scalar("abab"), scalar("ab"), scalar("xyz")], 1).unwrap() >= 6);
-        assert!(Growth::RegexpReplace.estimate(&[scalar("aaa"), scalar("a*"), scalar("$0$0")], 1).unwrap() >= 12);
-        assert_eq!(Growth::SumOfArguments.estimate(&[scalar("ab"), scalar("cd")], 1).unwrap(), 4 + 2 * 2);
+        assert!(estimate(Growth::Replace, &[scalar("aaaa"), scalar(""), scalar("XY")], 1).unwrap() >= "aaaa".replace("", "XY").len() as u128);
+        assert!(estimate(Growth::Replace, &[scalar("abab"), scalar("ab"), scalar("xyz")], 1).unwrap() >= 6);
+        assert!(estimate(Growth::RegexpReplace, &[scalar("aaa"), scalar("a*"), scalar("$0$0")], 1).unwrap() >= 12);
+        assert_eq!(estimate(Growth::SumOfArguments, &[scalar("ab"), scalar("cd")], 1).unwrap(), 4 + 2 * 2);
+        let list = ColumnarValue::Scalar(ScalarValue::List(datafusion::common::utils::SingleRowListArrayBuilder::new(Arc::new(datafusion::arrow::array::StringArray::from(vec!["abc"; 10]))).build_list_array().into()));
+        assert!(estimate(Growth::ListToString, &[list.clone(), scalar(",")], 1).unwrap() >= 10 * 4);
+        assert!(estimate(Growth::SumOfArguments, &[list.clone(), list], 1).unwrap() >= 2 * 30);
+    }
+
+    #[test]
+    fn one_value_over_the_bound_is_refused_before_it_is_built() {
+        let err = estimate(Growth::Repeat, &[scalar("x"), int(600_000_000)], 1).unwrap_err();
+        assert!(matches!(err, DataFusionError::ResourcesExhausted(_)), "{err}");
+        assert!(estimate(Growth::Repeat, &[scalar("x"), int(MAX_BUILT_VALUE_BYTES as i64)], 1).is_ok());
+        assert!(estimate(Growth::Pad, &[scalar("x"), int(100_000)], 1).is_err());
     }
 
     #[test]
     fn every_known_builder_is_wrapped() {
         let builders = Builders::of_default_context();
         let names = builders.names();
-        for name in ["repeat", "lpad", "rpad", "replace", "regexp_replace", "translate", "concat", "concat_ws", "overlay", "encode", "array_to_string"] {
+        for name in ["repeat", "lpad", "rpad", "replace", "regexp_replace", "translate", "concat", "concat_ws", "overlay", "encode", "array_to_string", "make_array", "array_concat", "array_append", "struct", "map"] {
             assert!(names.contains(&name), "{name} is not among the wrapped functions {names:?}");
         }
     }

@@ -68,8 +68,12 @@ async fn values_built_by_functions_count_against_the_query_memory() {
         "SELECT length(replace(repeat('a', 4000000), 'a', 'xxxxxxxx'))",
         // Geometric growth through nested concat: 1 MB, then 20 MB.
         "WITH a AS (SELECT repeat('x', 1000000) AS v) SELECT length(concat(v,v,v,v,v,v,v,v,v,v,v,v,v,v,v,v,v,v,v,v)) FROM a",
-        // Per row: 20 rows of 1 MB each.
+        // Per row: 20 rows of 1.4 MB each.
         "SELECT sum(length(repeat(agent_id, 200000))) FROM events",
+        // Copies of one value in a list, then in a struct.
+        "WITH a AS (SELECT repeat('x', 60000) AS v) SELECT cardinality(make_array(v, v, v, v, v, v, v, v, v, v)) FROM a",
+        // Each value within bounds (63 KB), 8,000 of them: past the query's 16 MiB in all.
+        "SELECT sum(length(repeat(a.agent_id, 9000))) FROM events a, events b, events c",
     ] {
         let (status, json) = sql(&r, token, hog).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{hog}: {json}");
