@@ -26,7 +26,7 @@ use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
-use datafusion::logical_expr::{ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature};
+use datafusion::logical_expr::{ColumnarValue, LogicalPlan, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature};
 use datafusion::prelude::SessionContext;
 
 /// Largest value one function call may build for one row: the size of the largest value an event
@@ -54,9 +54,11 @@ enum Growth {
     SumOfArguments,
     /// `encode(s, format)`: hex doubles, base64 adds a third.
     Encode,
-    /// `array_to_string(list, sep [, null])`: each element's text (at most 24 bytes for a
-    /// number) plus a separator and the null text.
+    /// `array_to_string(list, sep [, null])`: each innermost element's text (at most 24 bytes
+    /// for a number) plus a separator and the null text, at every level of nesting.
     ListToString,
+    /// `array_replace[_n|_all](list, from, to)`: every innermost element may become `to`.
+    ListReplace,
 }
 
 impl Growth {
@@ -70,6 +72,7 @@ impl Growth {
             "concat" | "concat_ws" | "overlay" | "make_array" | "array_concat" | "array_append" | "array_prepend" | "struct" | "named_struct" | "map" => Growth::SumOfArguments,
             "encode" => Growth::Encode,
             "array_to_string" => Growth::ListToString,
+            "array_replace" | "array_replace_n" | "array_replace_all" => Growth::ListReplace,
             _ => return None,
         })
     }
@@ -78,11 +81,18 @@ impl Growth {
     /// when one row's value would be over [`MAX_BUILT_VALUE_BYTES`].
     fn estimate(self, name: &str, args: &[ColumnarValue], rows: usize) -> Result<u128> {
         // A scalar stays one row (never `rows` copies of it); `row` maps every row to it.
+        // Dictionaries are unpacked once, so their values are measured like any other.
         let args: Vec<ArrayRef> = args
             .iter()
-            .map(|a| match a {
-                ColumnarValue::Array(array) => Ok(Arc::clone(array)),
-                ColumnarValue::Scalar(value) => value.to_array(),
+            .map(|a| {
+                let array = match a {
+                    ColumnarValue::Array(array) => Arc::clone(array),
+                    ColumnarValue::Scalar(value) => value.to_array()?,
+                };
+                match array.data_type() {
+                    DataType::Dictionary(_, values) => Ok(cast(&array, values)?),
+                    _ => Ok(array),
+                }
             })
             .collect::<Result<_>>()?;
         let len = |a: usize, i: usize| args.get(a).map_or(0, |arr| value_bytes(arr, row(arr.len(), i)));
@@ -118,8 +128,12 @@ impl Growth {
                 Growth::Encode => 2 * len(0, i) + 4,
                 Growth::SumOfArguments => (0..args.len()).map(|a| len(a, i)).sum::<u128>() + len(0, i) * args.len() as u128,
                 Growth::ListToString => {
-                    let elements = args.first().map_or(0, |list| list_len(list, row(list.len(), i)));
-                    len(0, i) + elements * (24 + len(1, i) + len(2, i))
+                    let leaves = args.first().map_or(0, |list| leaves(list, row(list.len(), i)));
+                    len(0, i) + leaves * (24 + len(1, i) + len(2, i))
+                }
+                Growth::ListReplace => {
+                    let leaves = args.first().map_or(0, |list| leaves(list, row(list.len(), i)));
+                    len(0, i) + leaves * len(2, i)
                 }
             };
             if one > MAX_BUILT_VALUE_BYTES {
@@ -170,21 +184,41 @@ fn value_bytes(array: &ArrayRef, i: usize) -> u128 {
             let entries: ArrayRef = Arc::new(map.entries().clone());
             8 + slice(&entries, offsets[i] as usize, offsets[i + 1] as usize)
         }
+        DataType::FixedSizeList(_, n) => {
+            let (list, n) = (array.as_fixed_size_list(), *n as usize);
+            8 + slice(list.values(), i * n, (i + 1) * n)
+        }
         DataType::Struct(_) => array.as_struct().columns().iter().map(|c| value_bytes(c, i)).sum(),
+        // Other nested or variable-width types (list views, unions, …): their whole buffers,
+        // an upper bound of any one row.
+        other if other.is_nested() || other.primitive_width().is_none() => array.get_array_memory_size() as u128,
         other => other.primitive_width().unwrap_or(16) as u128,
     }
 }
 
-/// Elements in row `i` of a list array (0 for other types).
-fn list_len(array: &ArrayRef, i: usize) -> u128 {
+/// The innermost elements of row `i` of `array`, nulls included (1 for a value that is not a
+/// list): `array_to_string` writes a separator between all of them, at every level.
+fn leaves(array: &ArrayRef, i: usize) -> u128 {
     if i >= array.len() || array.is_null(i) {
-        return 0;
+        return 1;
     }
+    let slice = |values: &ArrayRef, from: usize, to: usize| (from..to).map(|j| leaves(values, j)).sum::<u128>();
     match array.data_type() {
-        DataType::List(_) => array.as_list::<i32>().value_length(i) as u128,
-        DataType::LargeList(_) => array.as_list::<i64>().value_length(i) as u128,
-        DataType::FixedSizeList(_, n) => *n as u128,
-        _ => 0,
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let offsets = list.value_offsets();
+            slice(list.values(), offsets[i] as usize, offsets[i + 1] as usize)
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            let offsets = list.value_offsets();
+            slice(list.values(), offsets[i] as usize, offsets[i + 1] as usize)
+        }
+        DataType::FixedSizeList(_, n) => {
+            let (list, n) = (array.as_fixed_size_list(), *n as usize);
+            slice(list.values(), i * n, (i + 1) * n)
+        }
+        _ => 1,
     }
 }
 
@@ -286,6 +320,30 @@ impl Builders {
         }
     }
 
+    /// `plan` with every value-building function bounded: SQL syntax such as `[a, b]`,
+    /// `MAP {…}` or `OVERLAY(… PLACING …)` is planned with DataFusion's own functions, not the
+    /// ones registered in `ctx`, so they are swapped for `ctx`'s here, before optimization (and
+    /// so before constant folding runs any of them).
+    pub fn bound_plan(ctx: &SessionContext, plan: LogicalPlan) -> Result<LogicalPlan> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        use datafusion::logical_expr::expr::ScalarFunction;
+        use datafusion::logical_expr::Expr;
+        let state = ctx.state();
+        let registered = state.scalar_functions();
+        plan.transform_up_with_subqueries(|node| {
+            node.map_expressions(|expr| {
+                expr.transform_up(|e| match e {
+                    Expr::ScalarFunction(f) if Growth::of(f.func.name()).is_some() && !f.func.inner().is::<Bounded>() => {
+                        let bounded = registered.get(f.func.name()).filter(|g| g.inner().is::<Bounded>()).ok_or_else(|| DataFusionError::Plan(format!("{}() is not available here", f.func.name())))?;
+                        Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction { func: Arc::clone(bounded), args: f.args })))
+                    }
+                    other => Ok(Transformed::no(other)),
+                })
+            })
+        })
+        .map(|t| t.data)
+    }
+
     /// Names of the wrapped functions.
     #[cfg(test)]
     pub fn names(&self) -> Vec<&str> {
@@ -337,7 +395,7 @@ mod tests {
     fn every_known_builder_is_wrapped() {
         let builders = Builders::of_default_context();
         let names = builders.names();
-        for name in ["repeat", "lpad", "rpad", "replace", "regexp_replace", "translate", "concat", "concat_ws", "overlay", "encode", "array_to_string", "make_array", "array_concat", "array_append", "struct", "map"] {
+        for name in ["repeat", "lpad", "rpad", "replace", "regexp_replace", "translate", "concat", "concat_ws", "overlay", "encode", "array_to_string", "make_array", "array_concat", "array_append", "struct", "map", "array_replace_all"] {
             assert!(names.contains(&name), "{name} is not among the wrapped functions {names:?}");
         }
     }

@@ -85,6 +85,8 @@ impl Error {
             s
         };
         match e.find_root() {
+            // The process-wide pool is busy with other queries: this one may succeed later.
+            D::ResourcesExhausted(m) if m.contains(crate::workers::GLOBAL_POOL_BUSY) => Error::TooManyQueries(scrub(m.clone())),
             D::ResourcesExhausted(m) => Error::ResourcesExhausted(scrub(m.clone())),
             D::SQL(..) | D::Plan(_) | D::SchemaError(..) | D::NotImplemented(_) => Error::Query(scrub(e.to_string().to_lowercase_first())),
             _ => {

@@ -46,6 +46,9 @@ pub const MAX_EXPR_NODES: usize = 2_048;
 /// (`levenshtein` is quadratic; the others build arrays of any length from two numbers).
 pub const REFUSED_FUNCTIONS: &[&str] = &["levenshtein", "array_repeat", "list_repeat", "array_resize", "list_resize", "range", "generate_series"];
 
+/// Aggregates that collect their inputs: refused as window functions.
+const COLLECTING_AGGREGATES: &[&str] = &["array_agg", "string_agg", "listagg", "list_agg"];
+
 /// Checks `sql` against the gate.
 pub fn check_read_only(sql: &str, max_bytes: usize) -> Result<()> {
     if sql.len() > max_bytes {
@@ -116,6 +119,11 @@ impl Visitor for Gate {
                 if REFUSED_FUNCTIONS.contains(&name.as_str()) {
                     return ControlFlow::Break(Error::SqlRejected(format!("the function {name} is not available (its output or running time is unbounded)")));
                 }
+                // Over a growing frame, each row's aggregate holds every row before it: output
+                // quadratic in the rows.
+                if f.over.is_some() && COLLECTING_AGGREGATES.contains(&name.as_str()) {
+                    return ControlFlow::Break(Error::SqlRejected(format!("{name} is not available as a window function (its output grows with the square of the rows); use it with GROUP BY")));
+                }
                 ControlFlow::Continue(())
             }
             _ => ControlFlow::Continue(()),
@@ -179,6 +187,8 @@ mod tests {
             ("SELECT levenshtein(agent_id, action) FROM events".to_string(), "levenshtein"),
             ("SELECT range(1, 1000000000)".to_string(), "range"),
             ("SELECT array_repeat(1, 1000000000)".to_string(), "array_repeat"),
+            ("SELECT string_agg(event_id, ',') OVER (ORDER BY seq) FROM events".to_string(), "window"),
+            ("SELECT array_agg(event_id) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) FROM events".to_string(), "window"),
         ];
         for (sql, why) in cases {
             let err = check_on_worker_stack(sql.clone()).err().unwrap_or_else(|| panic!("accepted: {}", &sql[..sql.len().min(60)]));

@@ -40,7 +40,8 @@ pub async fn collect(df: DataFrame, timeout: Duration, engine: &Engine) -> Resul
         let (mut batches, mut bytes) = (Vec::new(), 0usize);
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|e| Error::from_datafusion(e, root))?;
-            bytes = bytes.saturating_add(batch.get_array_memory_size());
+            // A slice's own bytes, not its parent's buffers: `LIMIT 1` over big rows is small.
+            bytes = bytes.saturating_add(batch.columns().iter().map(|c| c.to_data().get_slice_memory_size().unwrap_or(usize::MAX)).fold(0usize, usize::saturating_add));
             if bytes > max {
                 return Err(Error::ResourcesExhausted(format!("the result holds more than {} MiB; ask for fewer rows or columns", max >> 20)));
             }
@@ -196,11 +197,13 @@ fn last_seq(batches: &[RecordBatch]) -> Result<Option<u64>> {
 /// Read-only SQL over the tenant's `events`; the rows and whether they were cut at `max_rows`.
 pub async fn tenant_sql(engine: &Engine, tenant: &str, sql: &str, max_sql_bytes: usize, max_rows: usize, timeout: Duration) -> Result<(SchemaRef, Vec<RecordBatch>, bool)> {
     crate::guard::check_read_only(sql, max_sql_bytes)?;
-    let ctx = engine.tenant_events(tenant, |_| true).await?;
+    let ctx = engine.tenant_sql_context(tenant).await?;
     let root = engine.root();
     let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
     let planned = tokio::time::timeout(timeout, ctx.sql_with_options(sql, options)).await.map_err(|_| Error::Timeout(timeout.as_millis() as u64))?;
-    let df = planned.map_err(df_err(root))?.limit(0, Some(max_rows + 1)).map_err(df_err(root))?;
+    let (state, plan) = planned.map_err(df_err(root))?.into_parts();
+    let plan = crate::bounded::Builders::bound_plan(&ctx, plan).map_err(df_err(root))?;
+    let df = DataFrame::new(state, plan).limit(0, Some(max_rows + 1)).map_err(df_err(root))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let mut batches = collect(df, timeout, engine).await?;
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();

@@ -48,6 +48,13 @@ impl Listed {
     }
 }
 
+/// Rows per batch of a tenant's own SQL: with values of at most 64 KiB (an event's largest, and
+/// a built value's), one column of one batch holds at most 512 MiB. Smaller batches would bound
+/// that copy better, but measured here they keep DataFusion 55's nested-loop join from yielding
+/// for long stretches, so a timed-out cross join was not aborted for seconds (see
+/// `isolation::queries_past_their_time_or_row_limits_are_stopped_with_a_clear_error`).
+pub const TENANT_SQL_BATCH_ROWS: usize = 8192;
+
 /// What every request needs to build its context.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -87,6 +94,13 @@ impl Engine {
 
     /// A fresh context with no tables, this service's memory limits and no catalog browsing.
     pub fn context(&self) -> Result<SessionContext> {
+        self.context_with_batch(8192)
+    }
+
+    /// As [`Engine::context`], with `batch_size` rows per batch: a join or a wide select copies
+    /// values into output batches outside the memory pool, so the batch size bounds what one
+    /// such copy can hold.
+    fn context_with_batch(&self, batch_size: usize) -> Result<SessionContext> {
         // No spilling: a tenant's query never writes, not even temporary files.
         let no_spill = DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled);
         let pool: Arc<dyn MemoryPool> = Arc::new(crate::workers::QueryPool::new(self.memory_bytes, Arc::clone(&self.global_pool)));
@@ -95,7 +109,9 @@ impl Engine {
             .with_disk_manager_builder(no_spill)
             .build_arc()
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let mut config = SessionConfig::new().with_information_schema(false).with_batch_size(8192);
+        let mut config = SessionConfig::new().with_information_schema(false).with_batch_size(batch_size);
+        // A recursive CTE makes rows without end; no report needs one.
+        config.options_mut().execution.enable_recursive_ctes = false;
         // Plain Utf8 columns, as the projection schema declares them.
         config.options_mut().execution.parquet.schema_force_view_types = false;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
@@ -141,6 +157,15 @@ impl Engine {
     pub async fn tenant_events(&self, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<SessionContext> {
         let files = self.files(Tree::Events, tenant, wanted).await?;
         self.events_context(&files)
+    }
+
+    /// A context for a tenant's own SQL: its only table, `events`, is all the tenant's rows, in
+    /// batches of [`TENANT_SQL_BATCH_ROWS`].
+    pub async fn tenant_sql_context(&self, tenant: &str) -> Result<SessionContext> {
+        let files = self.files(Tree::Events, tenant, |_| true).await?;
+        let ctx = self.context_with_batch(TENANT_SQL_BATCH_ROWS)?;
+        self.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files)?;
+        Ok(ctx)
     }
 
     /// A context whose only table, `events`, is exactly the `listed` files of the events tree.

@@ -29,6 +29,9 @@ use crate::error::{Error, Result};
 /// margin that makes the bound safe in debug builds too.
 pub const WORKER_STACK_BYTES: usize = 64 << 20;
 
+/// What a query is told when the process-wide pool, not its own limit, is full.
+pub const GLOBAL_POOL_BUSY: &str = "the service's memory for queries is in use by other queries";
+
 /// The query runtime and its admission limits.
 pub struct Workers {
     /// `Option` so that `Drop` can shut it down without blocking (a runtime dropped inside an
@@ -165,7 +168,7 @@ impl MemoryPool for QueryPool {
             .map_err(|used| DataFusionError::ResourcesExhausted(format!("the query needs {additional} more bytes; {used} of its limit of {} are in use", self.limit)))?;
         if let Err(e) = self.global.try_grow(reservation, additional) {
             self.used.fetch_sub(additional, Ordering::Relaxed);
-            return Err(DataFusionError::ResourcesExhausted(format!("the service's memory for queries is in use by other queries ({e}); retry later")));
+            return Err(DataFusionError::ResourcesExhausted(format!("{GLOBAL_POOL_BUSY} ({e})")));
         }
         Ok(())
     }

@@ -74,6 +74,12 @@ async fn values_built_by_functions_count_against_the_query_memory() {
         "WITH a AS (SELECT repeat('x', 60000) AS v) SELECT cardinality(make_array(v, v, v, v, v, v, v, v, v, v)) FROM a",
         // Each value within bounds (63 KB), 8,000 of them: past the query's 16 MiB in all.
         "SELECT sum(length(repeat(a.agent_id, 9000))) FROM events a, events b, events c",
+        // SQL syntax planned with DataFusion's own functions: array and map literals, OVERLAY.
+        "WITH a AS (SELECT repeat('x', 40000) AS v) SELECT cardinality([v, v, v, v]) FROM a",
+        "WITH a AS (SELECT repeat('x', 40000) AS v) SELECT cardinality(MAP {'a': v, 'b': v, 'c': v}) FROM a",
+        "WITH a AS (SELECT repeat('x', 40000) AS v) SELECT length(OVERLAY(v PLACING v FROM 1 FOR 0)) FROM a",
+        // Nested lists: a separator between every innermost element.
+        "SELECT length(array_to_string(make_array(string_to_array(repeat('a,', 4000), ',')), repeat('-', 60000)))",
     ] {
         let (status, json) = sql(&r, token, hog).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{hog}: {json}");
