@@ -42,13 +42,18 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/openapi.json", get(openapi))
+    // The tenant check runs as a layer, before any extractor reads a request body: a caller
+    // without a token for the tenant cannot make the service read (or wait for) 1 MiB.
+    let per_tenant = Router::new()
         .route("/v1/tenants/{tenant}/events", get(events))
         .route("/v1/tenants/{tenant}/costs", get(costs))
         .route("/v1/tenants/{tenant}/sql", post(sql))
         .route("/v1/tenants/{tenant}/audit-export", get(audit_export))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), tenant_gate));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/openapi.json", get(openapi))
+        .merge(per_tenant)
         .route("/v1/spend", get(spend))
         .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
         .with_state(state)
@@ -61,6 +66,15 @@ async fn openapi() -> Response {
 fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal> {
     let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     Ok(state.tokens.authenticate(auth)?)
+}
+
+/// Lets a request through only if its caller may read the path's tenant.
+async fn tenant_gate(State(state): State<Arc<AppState>>, Path(params): Path<HashMap<String, String>>, request: Request, next: axum::middleware::Next) -> Response {
+    let tenant = params.get("tenant").map(String::as_str).unwrap_or_default();
+    match tenant_reader(&state, request.headers(), tenant) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// The caller, if it may read `tenant`'s reports. Checked before the id is even parsed.
@@ -136,8 +150,7 @@ fn body(format: Format, bytes: Vec<u8>, extra: &[(&'static str, String)]) -> Res
     response
 }
 
-async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
-    tenant_reader(&state, &headers, &tenant)?;
+async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response> {
     let mut p = Params(q);
     let utc = TimeZone::UTC;
     let from = p.take("from").map(|v| instant("from", &v, &utc)).transpose()?;
@@ -170,8 +183,7 @@ async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, 
         .await
 }
 
-async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
-    tenant_reader(&state, &headers, &tenant)?;
+async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response> {
     let mut p = Params(q);
     let tz_name = p.take("tz").unwrap_or_else(|| "UTC".into());
     let tz = TimeZone::get(&tz_name).map_err(|_| Error::BadRequest(format!("tz: {tz_name:?} is not a known IANA time zone")))?;
@@ -247,8 +259,7 @@ struct SqlBody {
     sql: String,
 }
 
-async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap, raw: Bytes) -> Result<Response> {
-    tenant_reader(&state, &headers, &tenant)?;
+async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, raw: Bytes) -> Result<Response> {
     let mut p = Params(q);
     let format = p.format()?;
     p.finish()?;
@@ -267,8 +278,7 @@ async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Que
         .await
 }
 
-async fn audit_export(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
-    tenant_reader(&state, &headers, &tenant)?;
+async fn audit_export(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response> {
     let mut p = Params(q);
     let from = p.parse::<u64>("from_seq", "a seq")?;
     let to = p.parse::<u64>("to_seq", "a seq")?;

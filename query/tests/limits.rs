@@ -148,3 +148,21 @@ async fn sums_beyond_64_bits_are_refused_never_wrapped() {
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((status, json["totals"][0]["cost_micros"].as_i64()), (StatusCode::OK, Some(5_000_000_000_000_000_000)), "{json}");
 }
+
+#[tokio::test]
+async fn a_caller_without_the_tenant_is_refused_before_its_body_is_read() {
+    use tower::ServiceExt as _;
+    let f = fixture();
+    let r = f.router();
+    for (token, want) in [(None, StatusCode::UNAUTHORIZED), (Some(f.tokens["globex"].clone()), StatusCode::FORBIDDEN)] {
+        // A body that never arrives: reading it would hang the request.
+        let body = axum::body::Body::from_stream(futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>());
+        let mut request = axum::http::Request::post("/v1/tenants/acme/sql").header("content-type", "application/json").header("content-length", "1000000");
+        if let Some(t) = &token {
+            request = request.header("authorization", format!("Bearer {t}"));
+        }
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), r.clone().oneshot(request.body(body).unwrap())).await;
+        let response = answered.expect("refused without waiting for the body").unwrap();
+        assert_eq!(response.status(), want);
+    }
+}
