@@ -242,8 +242,15 @@ fn huge_amounts_saturate_instead_of_wrapping_past_the_limit() {
     log.config(budget("period_micros = 5_000_000\n"), "2026-11-01T00:00:00Z");
     log.event(&event("e1", "2026-11-02T09:00:00Z", Some(1), ""));
     assert!(!log.authorize("2026-11-02T10:00:00Z", None, i64::MAX, 1_000).0.allowed);
-    log.event(&event("e2", "2026-11-02T09:00:00Z", Some(i64::MAX), ""));
-    log.event(&event("e3", "2026-11-02T09:00:00Z", Some(i64::MAX), ""));
+    // Validation caps one event at MAX_AMOUNT_MICROS; the fold must still never wrap (records of
+    // older logs, or charges priced from tokens), so these bypass it.
+    let huge = |id: &str| {
+        let mut e = event(id, "2026-11-02T09:00:00Z", Some(1), "");
+        e.cost.as_mut().unwrap().amount_micros = i64::MAX;
+        e
+    };
+    log.event(&huge("e2"));
+    log.event(&huge("e3"));
     assert!(!log.authorize("2026-11-02T10:00:00Z", None, 1, 1_000).0.allowed, "spend pinned at the top, not wrapped");
     assert_eq!(log.state.status(ts("2026-11-02T10:00:00Z"), None), "exceeded");
 }

@@ -245,6 +245,20 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones
     Ok((report, touched))
 }
 
+/// Whether a merge must leave its run as it is because a merged sum would leave the 64-bit range:
+/// the files stay separate (readers add them with checks and say so), and the merge is not
+/// retried as an error at every flush.
+fn skip_overflow(folded: Result<()>, tenant: &str, partition: &str) -> Result<bool> {
+    match folded {
+        Ok(()) => Ok(false),
+        Err(Error::SumOverflow(detail)) => {
+            tracing::warn!(tenant_id = %tenant, partition, %detail, "roll-up files not merged: a merged sum would overflow");
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn merge_touched(root: &Path, tenant: &str, touched: &Touched) -> Result<usize> {
     let mut merged = 0;
     for (tree, value) in touched {
@@ -305,7 +319,9 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
                 for f in &run {
                     for batch in read_parquet(&f.path)? {
                         rows::check_schema(&batch, &tally_schemas::rollup_schema())?;
-                        rows::fold_rollup_batch(&mut rollup, &batch)?;
+                        if skip_overflow(rows::fold_rollup_batch(&mut rollup, &batch), tenant, value)? {
+                            return Ok(replaced);
+                        }
                     }
                 }
                 (vec![rows::rollup_batch(rollup.iter())?], rollup.len() as u64)
@@ -315,7 +331,9 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
                 for f in &run {
                     for batch in read_parquet(&f.path)? {
                         rows::check_schema(&batch, &tally_schemas::daily_rollup_schema())?;
-                        rows::fold_daily_batch(&mut daily, &batch)?;
+                        if skip_overflow(rows::fold_daily_batch(&mut daily, &batch), tenant, value)? {
+                            return Ok(replaced);
+                        }
                     }
                 }
                 (vec![rows::daily_batch(daily.iter())?], daily.len() as u64)

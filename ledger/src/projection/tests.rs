@@ -211,3 +211,27 @@ fn sums_past_64_bits_are_refused_never_wrapped() {
     total.add(RollupSums { events: 1, cost_micros: 1, input_tokens: 5, output_tokens: 0 }).unwrap();
     assert_eq!(total.cost_micros, i64::MAX);
 }
+
+#[test]
+fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = TenantLog::open(&dir.path().join("log")).unwrap();
+    let root = dir.path().join("parquet");
+    let mut p = Projection::new(&root, Duration::ZERO);
+    // Sixteen one-event flushes in one 15-minute bucket, each of 1/4 of i64::MAX: their merge
+    // would overflow (amounts this large bypass validation, as in an older log).
+    for i in 0..16u64 {
+        let mut e = event(0);
+        e.event_id = format!("big-{i}");
+        e.cost.as_mut().unwrap().amount_micros = i64::MAX / 4;
+        let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
+        let seq = log.size() + log.pending();
+        log.append(&event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
+        log.commit().unwrap();
+        p.flush("acme", &log, false).unwrap();
+    }
+    assert_eq!(read_watermark(&root, "acme").unwrap().next_seq, 16, "every flush went through");
+    let rollups = list_files(&root, Tree::Rollups, "acme", |_| true).unwrap();
+    assert!(rollups.len() >= 4, "the overflowing run stays in separate files: {}", rollups.len());
+    check_matches_log(&root, &log);
+}
