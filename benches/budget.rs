@@ -55,7 +55,7 @@ impl Conn {
     }
 
     async fn post(&mut self, path: &str, body: &str) -> (u16, Vec<u8>) {
-        let request = format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let request = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         self.reader.get_mut().write_all(request.as_bytes()).await.unwrap();
         let mut line = String::new();
         self.reader.read_line(&mut line).await.unwrap();

@@ -75,7 +75,7 @@ pub async fn run(config: &CliConfig, args: Args) -> anyhow::Result<()> {
             match &delivery.outcome {
                 Ok(decoded) => *per_tenant.entry(decoded.event.tenant_id.clone()).or_default() += 1,
                 Err(rejection) => {
-                    dlq.send(&args.topic, delivery, rejection).await.context("dead-lettering a message")?;
+                    dlq.send(&args.topic, delivery, rejection).await;
                     tracing::warn!(
                         partition = delivery.partition,
                         offset = delivery.offset,

@@ -57,10 +57,16 @@ enum Command {
     /// Bearer tokens for the HTTP services.
     #[command(subcommand)]
     Token(token_cmd::TokenCommand),
-    /// Create Tally's topics (events, its DLQ, budget) where missing.
+    /// Create Tally's topics (events, its DLQ, budget) where missing. Names default to the
+    /// `[ledger]` table of `--config` when it has one, else to tally.events, <events>.dlq and
+    /// tally.budget.
     Topics {
-        #[arg(long, default_value = "tally.events")]
-        events_topic: String,
+        #[arg(long)]
+        events_topic: Option<String>,
+        #[arg(long)]
+        dlq_topic: Option<String>,
+        #[arg(long)]
+        budget_topic: Option<String>,
         #[arg(long, default_value_t = 8)]
         partitions: i32,
     },
@@ -138,16 +144,19 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Parquet(ParquetCommand::Rebuild { data_dir, tenant, zones }) => parquet_rebuild(&data_dir, tenant.as_deref(), &zones),
-        Command::Topics { events_topic, partitions } => {
+        Command::Topics { events_topic, dlq_topic, budget_topic, partitions } => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
-            let dlq = DeadLetterQueue::topic_for(&events_topic);
+            let ledger = config.ledger.as_ref();
+            let events_topic = events_topic.or_else(|| ledger.map(|l| l.topic.clone())).unwrap_or_else(|| "tally.events".into());
+            let dlq = dlq_topic.or_else(|| ledger.and_then(|l| l.dlq_topic.clone())).unwrap_or_else(|| DeadLetterQueue::topic_for(&events_topic));
+            let budget = budget_topic.or_else(|| ledger.map(|l| l.budget_topic.clone())).unwrap_or_else(|| "tally.budget".into());
             let topics = [
                 TopicSpec::new(events_topic.clone(), partitions),
                 TopicSpec::new(dlq.clone(), partitions),
-                TopicSpec { compacted: true, ..TopicSpec::new("tally.budget", partitions) },
+                TopicSpec { compacted: true, ..TopicSpec::new(budget.clone(), partitions) },
             ];
             rt.block_on(ensure_topics(&config.kafka, &topics)).context("creating topics")?;
-            println!("topics ready: {events_topic} ({partitions} partitions), {dlq}, tally.budget (compacted)");
+            println!("topics ready: {events_topic} ({partitions} partitions), {dlq}, {budget} (compacted)");
             Ok(())
         }
     }

@@ -17,7 +17,7 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("66 accepted for 4 tenants, 13 dead-lettered"), "{stdout}");
+    assert!(stdout.contains("66 accepted for 4 tenants, 15 dead-lettered"), "{stdout}");
     assert!(stdout.contains("acme's signed checkpoint covers its 23 valid events"), "{stdout}");
     assert!(stdout.contains("valid: entry 22 is in demo.tally.example/t/acme at tree size 23"), "{stdout}");
     assert!(stdout.contains(r#"{"error":{"code":"forbidden""#), "{stdout}");

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, EventPublisher, HEADER_ERROR_CODE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
 use tally_schemas::RejectCode;
 
@@ -149,7 +147,7 @@ async fn a_thousand_bad_messages_go_to_the_dlq_once_with_code_bytes_and_headers(
         match &d.outcome {
             Ok(decoded) => accepted.push(decoded.event.event_id.clone()),
             Err(rejection) => {
-                dlq.send(&topic, d, rejection).await.unwrap();
+                dlq.send(&topic, d, rejection).await;
             }
         }
     }
@@ -159,17 +157,7 @@ async fn a_thousand_bad_messages_go_to_the_dlq_once_with_code_bytes_and_headers(
     assert_eq!(accepted, good_ids, "good events are unaffected by the bad ones");
 
     // Read the whole DLQ back with a plain consumer.
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("group.id", format!("{dlq_topic}.reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..4 {
-        tpl.add_partition_offset(&dlq_topic, p, Offset::Beginning).unwrap();
-    }
-    reader.assign(&tpl).unwrap();
+    let reader = topic_reader(&kafka, &dlq_topic, 4);
     let mut found: HashMap<(i32, i64), usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut total = 0;

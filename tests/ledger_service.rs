@@ -23,32 +23,6 @@ async fn start(data: &Path, key: &Path, topic: &str, group: &str) -> Running {
     start_ledger(data, key, topic, group, 100).await
 }
 
-trait WaitFor {
-    async fn wait_for(&self, sizes: &BTreeMap<String, u64>);
-}
-
-impl WaitFor for Running {
-
-    /// Waits until every tenant's served checkpoint has the expected size.
-    async fn wait_for(&self, sizes: &BTreeMap<String, u64>) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let mut done = true;
-            for (tenant, &size) in sizes {
-                let (status, body) = get(self.addr, &format!("/t/{tenant}/checkpoint")).await;
-                let got = (status == 200).then(|| String::from_utf8(body).unwrap().lines().nth(1).unwrap().parse::<u64>().unwrap());
-                done &= got == Some(size);
-                assert!(got.is_none_or(|g| g <= size), "{tenant} has {got:?} entries, more than the {size} expected");
-            }
-            if done {
-                return;
-            }
-            assert!(Instant::now() < deadline, "checkpoints did not reach {sizes:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_records_each_event_once_and_replays_identically() {
     let kafka = kafka();

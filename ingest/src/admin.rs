@@ -1,5 +1,6 @@
 //! Topic creation for local runs, tests and first start: create what is missing, leave what exists.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -21,6 +22,19 @@ impl TopicSpec {
     pub fn new(name: impl Into<String>, partitions: i32) -> Self {
         TopicSpec { name: name.into(), partitions, compacted: false }
     }
+}
+
+/// Every topic the broker has, with its partition count. Lists all topics rather than asking
+/// for some by name, because asking for a missing topic by name can make a broker create it.
+pub async fn topic_partitions(config: &KafkaConfig, timeout: Duration) -> Result<BTreeMap<String, i32>> {
+    config.validate()?;
+    let admin: AdminClient<DefaultClientContext> = config.client_config().create().map_err(Error::Client)?;
+    tokio::task::spawn_blocking(move || {
+        let metadata = admin.inner().fetch_metadata(None, timeout).map_err(|e| Error::Admin { topic: "*".into(), detail: format!("cannot list topics: {e}") })?;
+        Ok(metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
+    })
+    .await
+    .map_err(|e| Error::PollThread(e.to_string()))?
 }
 
 /// Creates every topic that does not exist yet; an existing topic is left as it is.

@@ -48,7 +48,14 @@ pub trait PartitionSink: Send + Sync + 'static {
     fn partitions_revoked(&self, topic: &str, partitions: &[i32]);
     /// Called after `partitions` are assigned (with the resume positions already applied).
     fn partitions_assigned(&self, _topic: &str, _partitions: &[i32]) {}
+    /// Called when a partition is assigned at `resume`, but the broker's partition ends before
+    /// it (`high`, its next offset): the topic was deleted and recreated, or the broker lost
+    /// data. Offsets below `resume` would be taken for messages already recorded.
+    fn resume_beyond_end(&self, _topic: &str, _partition: i32, _resume: i64, _high: i64) {}
 }
+
+/// How long the check of a resume offset against the partition's end may take.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One consumed message with its source and its verdict.
 #[derive(Debug, Clone)]
@@ -94,7 +101,16 @@ impl ConsumerContext for SinkContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 for &p in &partitions {
                     let offset = match self.sink.resume(&self.topic, p) {
-                        Resume::At(o) => Offset::Offset(o),
+                        Resume::At(o) => {
+                            // A resume point past the partition's end means the offsets behind it
+                            // are not the ones recorded: never read on as if they were.
+                            match consumer.fetch_watermarks(&self.topic, p, WATERMARK_TIMEOUT) {
+                                Ok((_, high)) if high < o => self.sink.resume_beyond_end(&self.topic, p, o, high),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(partition = p, error = %e, "cannot check the resume offset against the partition's end"),
+                            }
+                            Offset::Offset(o)
+                        }
                         Resume::Beginning => Offset::Beginning,
                         Resume::Committed => Offset::Stored,
                     };

@@ -45,6 +45,10 @@ pub enum Error {
     PartitionBusy(String),
     #[error("no record of event {0:?} in this log")]
     NoSuchEvent(String),
+    /// The consumer was handed offsets below what this ledger recorded: the topic was recreated
+    /// or the broker lost data. Reading on would take new messages for recorded ones.
+    #[error("partition {partition} of {topic} delivered offset {offset}, but this ledger has already recorded every offset below {next}: the topic was recreated or the broker lost data; stopping rather than skipping messages as already recorded (see README, \"When the events topic is recreated\")")]
+    OffsetRegression { topic: String, partition: i32, offset: i64, next: i64 },
     #[error("parquet projection: {0}")]
     Projection(String),
     /// A sum of money, tokens or events would leave the 64-bit range (reported, never wrapped).

@@ -89,6 +89,24 @@ impl PartitionSink for MemorySink {
     }
 }
 
+/// A plain consumer (no group offsets committed) reading `partitions` partitions of `topic` from
+/// their beginning, for tests that read a topic back.
+pub fn topic_reader(kafka: &KafkaConfig, topic: &str, partitions: i32) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::Consumer as _;
+    let reader: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", format!("{topic}.reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    reader
+}
+
 /// A valid event as JSON bytes.
 pub fn event_json(tenant: &str, id: &str, cost_micros: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -106,7 +124,7 @@ pub fn event_json(tenant: &str, id: &str, cost_micros: i64) -> Vec<u8> {
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
     let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -130,6 +148,8 @@ pub async fn ledger_fixture_on(kafka: &KafkaConfig, prefix: &str, partitions: i3
     let topic = unique_topic(prefix);
     create_topic(&kafka, &topic, partitions).await;
     create_topic(&kafka, &format!("{topic}.dlq"), partitions).await;
+    // The budget topic `ledger_config` names: the ledger refuses to start without it.
+    ensure_topics(&kafka, &[TopicSpec { compacted: true, ..TopicSpec::new(format!("{topic}.budget"), partitions) }]).await.expect("create topic");
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("ledger.key");
     let key = tally_ledger::LedgerKey::generate("tally.example.com").unwrap();
@@ -187,7 +207,7 @@ pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &serde_json
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let body = body.to_string();
-    let request = format!("POST {path} HTTP/1.0\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let request = format!("POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
@@ -197,6 +217,26 @@ pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &serde_json
 }
 
 impl Running {
+    /// Waits until every tenant's served checkpoint has the expected size (fails after 90 s, or
+    /// as soon as one is larger).
+    pub async fn wait_for(&self, sizes: &std::collections::BTreeMap<String, u64>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut done = true;
+            for (tenant, &size) in sizes {
+                let (status, body) = http_get(self.addr, &format!("/t/{tenant}/checkpoint")).await.expect("ledger answers");
+                let got = (status == 200).then(|| String::from_utf8(body).unwrap().lines().nth(1).unwrap().parse::<u64>().unwrap());
+                done &= got == Some(size);
+                assert!(got.is_none_or(|g| g <= size), "{tenant} has {got:?} entries, more than the {size} expected");
+            }
+            if done {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "checkpoints did not reach {sizes:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Stops the service (as SIGTERM would) and asserts it ran without error.
     pub async fn stop(self) {
         let _ = self.stop.send(());

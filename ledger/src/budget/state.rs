@@ -430,6 +430,11 @@ impl BudgetState {
         self.expiries.iter().take_while(|(at, _)| *at <= now).map(|(_, id)| id.clone()).collect()
     }
 
+    /// Tasks holding a reservation now.
+    pub fn open_tasks(&self) -> impl Iterator<Item = &str> {
+        self.reserved_task.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.as_str())
+    }
+
     pub fn has_reservation(&self, id: &str) -> bool {
         self.reservations.contains_key(id)
     }

@@ -461,10 +461,20 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some() {
         return (StatusCode::SERVICE_UNAVAILABLE, "failed\n").into_response();
     }
-    match shared.partitions().len() {
-        0 => (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response(),
-        n => format!("ready: {n} partitions\n").into_response(),
+    let n = match shared.partitions().len() {
+        0 => return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response(),
+        n => n,
+    };
+    // Reads, receipts and admissions do not need the budget topic or the DLQ: an outage of
+    // either is reported here, and in the metrics, without taking the instance out of service.
+    let mut body = format!("ready: {n} partitions\n");
+    if let Some((error, waiting)) = shared.budget_outbox.failing() {
+        body.push_str(&format!("degraded: budget topic unreachable, {waiting} states waiting: {error}\n"));
     }
+    if let Some(error) = shared.dlq_stalled.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+        body.push_str(&format!("degraded: dead-letter queue unreachable, its partition waits: {error}\n"));
+    }
+    body.into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
@@ -484,6 +494,12 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         ("tally_ledger_projected_records_total", "Records written to the Parquet projection.", &m.projected_records),
         ("tally_ledger_projection_files_total", "Parquet files written by projection flushes.", &m.projection_files),
         ("tally_ledger_projection_errors_total", "Failed projection flushes (retried at the next pass).", &m.projection_errors),
+        ("tally_ledger_dlq_bounded_total", "Dead letters the broker would not take whole, sent in bounded form (digest, size, prefix).", &m.dlq_bounded),
+        ("tally_ledger_dlq_failed_tries_total", "Failed tries to dead-letter a message (each retried until it succeeds).", &m.dlq_failed_tries),
+        ("tally_ledger_wrong_partition_total", "Events dead-lettered as wrong_partition (not on their tenant's home partition).", &m.wrong_partition),
+        ("tally_ledger_budget_publish_failures_total", "Budget states whose publication failed (retried).", &m.budget_publish_failures),
+        ("tally_ledger_budget_states_dropped_total", "Budget states dropped because too many were waiting for the budget topic.", &m.budget_states_dropped),
+        ("tally_ledger_offset_regressions_total", "Offsets below what was recorded (topic recreated or data lost); the service stops.", &m.offset_regressions),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
     }
@@ -568,6 +584,8 @@ mod tests {
             advertise_url: "http://127.0.0.1:1".into(),
             projection_interval: std::time::Duration::from_secs(1),
             report_zones: Vec::new(),
+            budget_outbox: Default::default(),
+            dlq_stalled: Mutex::new(None),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);
@@ -680,6 +698,27 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let period = state["levels"].as_array().unwrap().iter().find(|l| l["level"] == "period").unwrap().clone();
         assert_eq!((period["reserved_micros"].as_i64(), period["remaining_micros"].as_i64()), (Some(5_000_000), Some(0)), "{state}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_owner_republishes_every_budget_and_each_reserved_task() {
+        let f = fixture();
+        let (_, allow) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"task_id": "run-1", "estimate_micros": 1_000})).await;
+        assert_eq!(allow["decision"], "allow", "{allow}");
+        let messages = f.shared.partitions().get(&0).unwrap().current_budget_messages(jiff::Timestamp::now());
+        let keys: Vec<&str> = messages.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, vec!["acme", "acme/run-1"], "globex has no budget; acme's reserved task is republished");
+        let state: serde_json::Value = serde_json::from_slice(&messages[1].1).unwrap();
+        assert_eq!(state["task_id"], "run-1");
+    }
+
+    #[tokio::test]
+    async fn readiness_reports_a_stalled_dlq_without_leaving_service() {
+        let f = fixture();
+        *f.shared.dlq_stalled.lock().unwrap() = Some("broker unreachable (3 tries)".into());
+        let (status, body, _) = call(&f.app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("degraded: dead-letter queue unreachable") && body.contains("3 tries"), "{body}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,6 +165,18 @@ pub struct Metrics {
     pub projected_records: AtomicU64,
     pub projection_files: AtomicU64,
     pub projection_errors: AtomicU64,
+    /// Dead letters the broker would not take whole, sent in bounded form.
+    pub dlq_bounded: AtomicU64,
+    /// Failed tries to dead-letter a message (each retried until it succeeds).
+    pub dlq_failed_tries: AtomicU64,
+    /// Events dead-lettered because they were not on their tenant's home partition.
+    pub wrong_partition: AtomicU64,
+    /// Budget states whose publication failed (each retried until it succeeds).
+    pub budget_publish_failures: AtomicU64,
+    /// Budget states not published because too many were waiting (a newer one follows).
+    pub budget_states_dropped: AtomicU64,
+    /// Offsets found below what was recorded (the topic was recreated or lost data).
+    pub offset_regressions: AtomicU64,
     /// Per partition: messages behind the high watermark (librdkafka statistics).
     consumer_lag: Mutex<BTreeMap<i32, i64>>,
     /// When the oldest record not yet covered by a signed checkpoint was appended.
@@ -197,7 +209,115 @@ pub struct Shared {
     advertise_url: String,
     projection_interval: Duration,
     report_zones: Vec<(String, jiff::tz::TimeZone)>,
+    /// Budget states waiting for the budget topic.
+    budget_outbox: BudgetOutbox,
+    /// Why dead-lettering is failing right now (the loop waits on it), if it is.
+    dlq_stalled: Mutex<Option<String>>,
     pub metrics: Metrics,
+}
+
+/// Most budget states waiting for the budget topic at once (one per tenant and task key); past
+/// it, a state for a new key is dropped and counted (the key's next change publishes it).
+const MAX_WAITING_BUDGET_STATES: usize = 100_000;
+
+/// Budget states on their way to the budget topic, newest per key. Publishing runs on its own
+/// task, so a budget topic that is slow or gone never holds up ingestion; a failed state is put
+/// back (unless a newer one came meanwhile) and retried, and readiness reports the failure.
+#[derive(Default)]
+pub(super) struct BudgetOutbox {
+    waiting: Mutex<BTreeMap<String, Vec<u8>>>,
+    wake: tokio::sync::Notify,
+    /// The last publication error, until a publication succeeds.
+    failing: Mutex<Option<String>>,
+}
+
+impl BudgetOutbox {
+    /// Queues states, newest per key; returns how many were dropped for want of room.
+    fn put(&self, states: impl IntoIterator<Item = (String, Vec<u8>)>, keep_older: bool) -> u64 {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut dropped = 0;
+        for (key, value) in states {
+            if waiting.len() >= MAX_WAITING_BUDGET_STATES && !waiting.contains_key(&key) {
+                dropped += 1;
+                continue;
+            }
+            if keep_older {
+                waiting.entry(key).or_insert(value);
+            } else {
+                waiting.insert(key, value);
+            }
+        }
+        drop(waiting);
+        self.wake.notify_one();
+        dropped
+    }
+
+    fn take(&self) -> BTreeMap<String, Vec<u8>> {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Why publishing fails, and how many states wait, while it fails.
+    pub(super) fn failing(&self) -> Option<(String, usize)> {
+        let failing = self.failing.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+        Some((failing, self.waiting.lock().unwrap_or_else(PoisonError::into_inner).len()))
+    }
+}
+
+/// Publishes what the outbox holds until `closing` is set and the outbox is empty (or the last
+/// pass failed).
+async fn publish_budget_states(shared: Arc<Shared>, publisher: tally_ingest::EventPublisher, closing: Arc<std::sync::atomic::AtomicBool>) {
+    let outbox = &shared.budget_outbox;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let states = outbox.take();
+        if states.is_empty() {
+            if closing.load(Ordering::Acquire) {
+                return;
+            }
+            outbox.wake.notified().await;
+            continue;
+        }
+        let mut deliveries = Vec::with_capacity(states.len());
+        for (key, value) in states {
+            let enqueued = publisher.enqueue(Some(key.as_bytes()), &value, &[]).await;
+            deliveries.push((key, value, enqueued));
+        }
+        let mut failed = Vec::new();
+        let mut error = None;
+        for (key, value, enqueued) in deliveries {
+            let result = match enqueued {
+                Ok(delivery) => delivery.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => {
+                    shared.metrics.budget_published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    error = Some(e.to_string());
+                    failed.push((key, value));
+                }
+            }
+        }
+        match error {
+            None => {
+                *outbox.failing.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                backoff = Duration::from_millis(100);
+            }
+            Some(e) => {
+                tracing::error!(topic = publisher.topic(), states = failed.len(), error = %e, "budget states not published; retrying");
+                shared.metrics.budget_publish_failures.fetch_add(failed.len() as u64, Ordering::Relaxed);
+                *outbox.failing.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                let dropped = outbox.put(failed, true);
+                shared.metrics.budget_states_dropped.fetch_add(dropped, Ordering::Relaxed);
+                if closing.load(Ordering::Acquire) {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// The budgets file, re-read when it changes.
@@ -272,6 +392,9 @@ struct Sink(Arc<Shared>);
 /// How often expiries, window ends and budget-file changes are looked for.
 const TICK_EVERY: Duration = Duration::from_millis(100);
 
+/// How often the events topic's partition count is compared with the pinned one.
+const PARTITION_COUNT_CHECK_EVERY: Duration = Duration::from_secs(30);
+
 /// How often progress is committed to the group (for lag tools; never read back by the ledger).
 const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(5);
 
@@ -297,6 +420,11 @@ impl PartitionSink for Sink {
                 p.set_budget_file(self.0.budgets.current());
                 p.set_projection(self.0.projection_interval, self.0.report_zones.clone());
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
+                // The budget topic may lack the last states of this partition's tenants (lost in
+                // a crash, or never sent by a previous owner): publish them again. The topic is
+                // compacted, so a repeated state costs nothing.
+                let dropped = self.0.budget_outbox.put(p.current_budget_messages(jiff::Timestamp::now()), true);
+                self.0.metrics.budget_states_dropped.fetch_add(dropped, Ordering::Relaxed);
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
                 }
@@ -308,6 +436,13 @@ impl PartitionSink for Sink {
                 Resume::Beginning
             }
         }
+    }
+
+    fn resume_beyond_end(&self, topic: &str, partition: i32, resume: i64, high: i64) {
+        self.0.metrics.offset_regressions.fetch_add(1, Ordering::Relaxed);
+        self.0.fail(format!(
+            "partition {partition} of {topic} ends at offset {high}, but this ledger has already recorded every offset below {resume}: the topic was recreated or the broker lost data; stopping rather than skipping messages as already recorded (see README, \"When the events topic is recreated\")"
+        ));
     }
 
     fn partitions_revoked(&self, _topic: &str, partitions: &[i32]) {
@@ -390,6 +525,20 @@ pub async fn run(
         Some(url) => url.clone(),
         None => format!("http://{}", listener.local_addr().map_err(|e| Error::Service(format!("listener address: {e}")))?),
     };
+    let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
+    let dlq_topic = config.dlq_topic.clone().unwrap_or_else(|| DeadLetterQueue::topic_for(&config.topic));
+    // Every topic the ledger reads or writes must exist before anything is consumed: a missing
+    // DLQ or budget topic would otherwise surface only at its first send.
+    let topics = tally_ingest::topic_partitions(&kafka, Duration::from_secs(30)).await.map_err(kafka_err)?;
+    let missing: Vec<String> = [("ledger.topic", &config.topic), ("ledger.dlq_topic", &dlq_topic), ("ledger.budget_topic", &config.budget_topic)]
+        .into_iter()
+        .filter(|(_, t)| !topics.contains_key(t.as_str()))
+        .map(|(key, t)| format!("{key} = {t:?}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Service(format!("these topics do not exist on the broker: {}; create them (`tally topics --config <this file>`, or your Kafka tooling) and start again", missing.join(", "))));
+    }
+    let partitions = pin_partition_count(&config.data_dir, &config.topic, topics[&config.topic])?;
     let shared = Arc::new(Shared {
         root: config.data_dir.clone(),
         keys,
@@ -397,23 +546,23 @@ pub async fn run(
         fatal: Mutex::new(None),
         tokens,
         budgets,
-        partition_count: std::sync::atomic::AtomicI32::new(0),
+        partition_count: std::sync::atomic::AtomicI32::new(partitions),
         topic: config.topic.clone(),
         advertise_url,
         projection_interval: Duration::from_millis(config.projection_interval_ms),
         report_zones: crate::projection::report_zones(&config.report_time_zones)?,
+        budget_outbox: BudgetOutbox::default(),
+        dlq_stalled: Mutex::new(None),
         metrics: Metrics::default(),
     });
-    let kafka_err = |e: tally_ingest::Error| Error::Service(e.to_string());
-    let dlq_topic = config.dlq_topic.clone().unwrap_or_else(|| DeadLetterQueue::topic_for(&config.topic));
     let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
     let join = || EventConsumer::new(&kafka, &config.group, &config.topic, Arc::new(Sink(Arc::clone(&shared))), 5_000, Duration::from_millis(100));
     let mut consumer = join().map_err(kafka_err)?;
     let rejoin_after = Duration::from_millis(config.rejoin_after_ms);
     let mut unassigned_since = Instant::now();
-    let partitions = tokio::task::block_in_place(|| consumer.partition_count(Duration::from_secs(30))).map_err(kafka_err)?;
-    shared.partition_count.store(partitions, Ordering::Relaxed);
     let budget_publisher = tally_ingest::EventPublisher::new(&kafka, &config.budget_topic).map_err(kafka_err)?;
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = tokio::spawn(publish_budget_states(Arc::clone(&shared), budget_publisher, Arc::clone(&closing)));
 
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(listener, Arc::clone(&shared), async move {
@@ -421,6 +570,7 @@ pub async fn run(
     }));
 
     let interval = Duration::from_millis(config.commit_interval_ms);
+    let mut last_count_check = Instant::now();
     let mut last_commit = Instant::now();
     let mut last_kafka_commit = Instant::now();
     let mut last_tick = Instant::now();
@@ -434,6 +584,20 @@ pub async fn run(
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
             }
+            // Partitions added while running would move tenants: stop as a start would refuse.
+            if last_count_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {
+                last_count_check = Instant::now();
+                match tokio::task::block_in_place(|| consumer.partition_count(Duration::from_secs(5))) {
+                    Ok(now) if now != partitions => {
+                        return Err(Error::Service(format!(
+                            "topic {} grew from {partitions} to {now} partitions while this ledger ran: every tenant's home partition would change and its log would fork (see README, \"Growing the events topic\")",
+                            config.topic
+                        )))
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot check the events topic's partition count"),
+                }
+            }
             if !shared.partitions().is_empty() {
                 unassigned_since = Instant::now();
             } else if !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
@@ -443,6 +607,23 @@ pub async fn run(
                 shared.metrics.rejoins.fetch_add(1, Ordering::Relaxed);
                 unassigned_since = Instant::now();
                 continue;
+            }
+            // A tenant has one log, on its home partition: an event anywhere else (a producer
+            // without Kafka's murmur2 partitioner, or a topic whose partition count changed) is
+            // dead-lettered, never the start of a second log.
+            let mut batch = batch;
+            for d in batch.iter_mut() {
+                let home = match &d.outcome {
+                    Ok(decoded) => tally_ingest::tenant_partition(&decoded.event.tenant_id, partitions),
+                    Err(_) => continue,
+                };
+                if home != d.partition {
+                    shared.metrics.wrong_partition.fetch_add(1, Ordering::Relaxed);
+                    d.outcome = Err(tally_schemas::Rejection::new(
+                        tally_schemas::RejectCode::WrongPartition,
+                        format!("tenant's home partition is {home} of {partitions} (Kafka's murmur2 partitioner), not {}; set the producer's partitioner to murmur2_random (librdkafka clients) or Kafka's default", d.partition),
+                    ));
+                }
             }
             // Dead-letter first: once a delivery is applied, any commit (the loop's or an
             // admission's) may make progress past it durable.
@@ -456,8 +637,18 @@ pub async fn run(
             };
             for d in rejected {
                 if let Err(rejection) = &d.outcome {
-                    dlq.send(&config.topic, d, rejection).await.map_err(kafka_err)?;
-                    tracing::warn!(partition = d.partition, offset = d.offset, code = rejection.code.as_str(), "dead-lettered");
+                    let sent = dlq
+                        .send_reporting(&config.topic, d, rejection, |error, tries| {
+                            *shared.dlq_stalled.lock().unwrap_or_else(PoisonError::into_inner) = Some(format!("{error} ({tries} tries)"));
+                        })
+                        .await;
+                    *shared.dlq_stalled.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    let m = &shared.metrics;
+                    m.dlq_failed_tries.fetch_add(u64::from(sent.failed_tries), Ordering::Relaxed);
+                    if sent.form == tally_ingest::DlqForm::Bounded {
+                        m.dlq_bounded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(partition = d.partition, offset = d.offset, code = rejection.code.as_str(), form = ?sent.form, "dead-lettered");
                 }
             }
             if let Some(file) = shared.budgets.reload() {
@@ -473,7 +664,11 @@ pub async fn run(
                 for d in &batch {
                     let Some(p) = parts.get_mut(&d.partition) else { continue };
                     let m = &shared.metrics;
-                    match p.apply(d)? {
+                    let applied = p.apply(d);
+                    if let Err(Error::OffsetRegression { .. }) = &applied {
+                        m.offset_regressions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match applied? {
                         Applied::Appended { .. } => {
                             appended = true;
                             m.accepted.fetch_add(1, Ordering::Relaxed)
@@ -507,16 +702,10 @@ pub async fn run(
             if appended {
                 shared.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(Instant::now);
             }
-            // Published before the commit: every figure is a fold of records that are in the log
-            // or will be re-derived identically from Kafka after a crash.
-            let mut deliveries = Vec::with_capacity(budget_changes.len());
-            for (key, value) in &budget_changes {
-                deliveries.push(budget_publisher.enqueue(Some(key.as_bytes()), value, &[]).await.map_err(kafka_err)?);
-            }
-            for d in deliveries {
-                d.await.map_err(kafka_err)?;
-                shared.metrics.budget_published.fetch_add(1, Ordering::Relaxed);
-            }
+            // Queued for the publishing task. A state lost with the process (a crash, a shutdown
+            // during an outage) is published again when its partition is next opened.
+            let dropped = shared.budget_outbox.put(budget_changes, false);
+            shared.metrics.budget_states_dropped.fetch_add(dropped, Ordering::Relaxed);
             if last_commit.elapsed() >= interval {
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
                 // Kafka's committed offsets are for lag tools only, and every commit is a write on
@@ -540,9 +729,47 @@ pub async fn run(
         consumer.commit(offsets).map_err(kafka_err)?;
     }
     consumer.close().await.map_err(kafka_err)?;
+    // The budget states of the last batches: a last pass, bounded in time.
+    closing.store(true, Ordering::Release);
+    shared.budget_outbox.wake.notify_one();
+    if tokio::time::timeout(Duration::from_secs(5), publishing).await.is_err() {
+        tracing::warn!("budget states still unpublished at shutdown; each is published again at its tenant's next change");
+    }
     let _ = http_stop.send(());
     let _ = server.await;
     result.and(committed.map(|_| ()))
+}
+
+/// The partition count of the events topic this data directory was built with, recorded at the
+/// first start (`<data_dir>/partitions/<topic>.partition-count`). A tenant's home partition is
+/// `murmur2(tenant) mod count`, so a changed count would move tenants to other partitions and
+/// give each a second log: refused with an error that says what to do.
+fn pin_partition_count(data_dir: &std::path::Path, topic: &str, current: i32) -> Result<i32> {
+    let dir = data_dir.join("partitions");
+    let path = dir.join(format!("{topic}.partition-count"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let pinned: i32 = text.trim().parse().map_err(|_| Error::Corrupt { path: path.display().to_string(), detail: format!("{text:?} is not a partition count") })?;
+            if pinned != current {
+                return Err(Error::Service(format!(
+                    "topic {topic} has {current} partitions, but this data directory was built with {pinned} ({}): every tenant's home partition would change and its log would fork; the partition count of an events topic in use cannot change (see README, \"Growing the events topic\")",
+                    path.display()
+                )));
+            }
+            Ok(pinned)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            // Random, not the pid: two containers on one volume are both pid 1.
+            let tmp = dir.join(format!(".{topic}.partition-count.{:016x}", rand::random::<u64>()));
+            std::fs::write(&tmp, format!("{current}\n")).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&dir, e))?;
+            Ok(current)
+        }
+        Err(e) => Err(Error::io(&path, e)),
+    }
 }
 
 /// The `tally.budget` message for a tenant (or one of its tasks): key and JSON value.
@@ -577,6 +804,31 @@ mod tests {
         config.load_keys().map_err(|e| e.to_string())?;
         config.load_tokens().map_err(|e| e.to_string())?;
         Ok(config)
+    }
+
+    #[test]
+    fn the_partition_count_is_pinned_at_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(pin_partition_count(dir.path(), "events", 8).unwrap(), 8);
+        assert_eq!(pin_partition_count(dir.path(), "events", 8).unwrap(), 8, "unchanged: fine");
+        let err = pin_partition_count(dir.path(), "events", 12).unwrap_err().to_string();
+        assert!(err.contains("has 12 partitions") && err.contains("built with 8") && err.contains("fork"), "{err}");
+        assert_eq!(pin_partition_count(dir.path(), "other", 12).unwrap(), 12, "per topic");
+    }
+
+    #[test]
+    fn the_budget_outbox_keeps_the_newest_state_per_key_and_is_bounded() {
+        let outbox = BudgetOutbox::default();
+        assert_eq!(outbox.put([("acme".to_string(), b"1".to_vec()), ("acme".to_string(), b"2".to_vec())], false), 0);
+        // A failed older state put back never replaces a newer one.
+        assert_eq!(outbox.put([("acme".to_string(), b"0".to_vec()), ("globex".to_string(), b"g".to_vec())], true), 0);
+        let taken = outbox.take();
+        assert_eq!((taken["acme"].as_slice(), taken["globex"].as_slice()), (&b"2"[..], &b"g"[..]));
+        assert!(outbox.take().is_empty());
+        let many = (0..MAX_WAITING_BUDGET_STATES + 10).map(|i| (format!("t{i}"), vec![]));
+        assert_eq!(outbox.put(many, false), 10, "past the bound, new keys are dropped and counted");
+        assert_eq!(outbox.put([("t0".to_string(), b"x".to_vec())], false), 0, "a waiting key is still updated");
+        assert!(outbox.failing().is_none());
     }
 
     #[test]

@@ -282,8 +282,10 @@ impl PartitionLedger {
 
     /// Applies one delivery of this partition (deliveries must come in offset order).
     pub fn apply(&mut self, delivery: &Delivery) -> Result<Applied> {
-        if self.next_offset.is_some_and(|next| delivery.offset < next) {
-            return Ok(Applied::AlreadyRecorded);
+        // The consumer resumes every partition at `next_offset`: an offset below it is not a
+        // re-read but a topic that no longer holds what was recorded.
+        if let Some(next) = self.next_offset.filter(|next| delivery.offset < *next) {
+            return Err(Error::OffsetRegression { topic: self.topic.clone(), partition: self.partition, offset: delivery.offset, next });
         }
         let applied = self.apply_new(delivery)?;
         // Only now: a delivery that failed to apply must never be covered by durable progress.
@@ -485,6 +487,20 @@ impl PartitionLedger {
     }
 
     /// (tenant, task) whose budget state changed since the last call (to publish).
+    /// The budget-topic message of every tenant here that has a budget, and of each task holding
+    /// a reservation: what a new owner publishes again.
+    pub fn current_budget_messages(&self, now: jiff::Timestamp) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (tenant, state) in &self.budgets {
+            if state.budget().is_none() && state.open_tasks().next().is_none() {
+                continue;
+            }
+            out.push(super::budget_message(tenant, None, state, now));
+            out.extend(state.open_tasks().map(|task| super::budget_message(tenant, Some(task), state, now)));
+        }
+        out
+    }
+
     pub fn take_budget_changes(&mut self) -> Vec<(String, Option<String>)> {
         std::mem::take(&mut self.budget_changed).into_iter().collect()
     }
@@ -586,6 +602,23 @@ mod tests {
         p.commit().unwrap();
         assert_eq!(p.ledger().tenant("acme").unwrap().size(), 11);
         assert_eq!(p.ledger().tenant("globex").unwrap().size(), 11);
+    }
+
+    #[test]
+    fn offsets_below_the_recorded_progress_stop_the_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        for o in 0..5 {
+            p.apply(&delivery(o, "acme", &format!("e{o}"), 1)).unwrap();
+        }
+        p.commit().unwrap();
+        // A recreated topic starts again at 0: that is not a message already recorded.
+        let err = p.apply(&delivery(0, "acme", "new", 1)).unwrap_err();
+        assert!(matches!(err, Error::OffsetRegression { offset: 0, next: 5, .. }), "{err}");
+        assert!(err.to_string().contains("recreated"), "{err}");
+        assert_eq!(p.resume_offset(), Some(5), "no progress past it");
+        assert_eq!(p.ledger().tenant("acme").unwrap().size(), 5);
     }
 
     #[test]
