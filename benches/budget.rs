@@ -34,12 +34,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 fn report(what: &str, mut samples: Vec<Duration>, elapsed: Duration) {
     samples.sort();
-    println!(
-        "{what}: p50 {:.0} µs, p99 {:.0} µs, {:.0} decisions/s",
-        pct(&samples, 0.5),
-        pct(&samples, 0.99),
-        samples.len() as f64 / elapsed.as_secs_f64()
-    );
+    println!("{what}: p50 {:.0} µs, p99 {:.0} µs, {:.0} decisions/s", pct(&samples, 0.5), pct(&samples, 0.99), samples.len() as f64 / elapsed.as_secs_f64());
 }
 
 /// A keep-alive HTTP/1.1 connection that POSTs JSON and reads the answer.
@@ -231,11 +226,7 @@ async fn main() {
     }
     latencies.sort();
     assert_eq!(latencies.len(), produced.len(), "every event's spend reached the budget topic");
-    println!(
-        "event published → state on the budget topic (500 events/s): p50 {:.1} ms, p99 {:.1} ms",
-        pct(&latencies, 0.5) / 1e3,
-        pct(&latencies, 0.99) / 1e3
-    );
+    println!("event published → state on the budget topic (500 events/s): p50 {:.1} ms, p99 {:.1} ms", pct(&latencies, 0.5) / 1e3, pct(&latencies, 0.99) / 1e3);
     let _ = stop.send(());
     service.await.unwrap().unwrap();
 }

@@ -25,8 +25,7 @@ impl CliConfig {
         let mut config = match path {
             None => CliConfig::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
             }
         };

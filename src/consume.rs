@@ -50,8 +50,8 @@ pub async fn run(config: &CliConfig, args: Args) -> anyhow::Result<()> {
     let dlq_topic = args.dlq_topic.clone().unwrap_or_else(|| DeadLetterQueue::topic_for(&args.topic));
     let dlq = DeadLetterQueue::new(&config.kafka, &dlq_topic).context("creating the DLQ producer")?;
     let sink = Arc::new(GroupOffsets { from_beginning: args.from_beginning });
-    let consumer = EventConsumer::new(&config.kafka, &args.group, &args.topic, sink, 5_000, Duration::from_millis(500))
-        .context("joining the consumer group")?;
+    let consumer =
+        EventConsumer::new(&config.kafka, &args.group, &args.topic, sink, 5_000, Duration::from_millis(500)).context("joining the consumer group")?;
 
     let mut per_tenant: BTreeMap<String, u64> = BTreeMap::new();
     let mut dead: BTreeMap<&'static str, u64> = BTreeMap::new();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use tally_ledger::merkle::{verify_consistency, Hash};
-use tally_ledger::{event_record, tenant_origin, EventInput, Checkpoint, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantLog};
+use tally_ledger::{event_record, tenant_origin, Checkpoint, EventInput, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantLog};
 use tally_schemas::{Event, IdempotencyKey, RejectCode, Rejection, MAX_MESSAGE_BYTES};
 
 #[derive(clap::Args)]
@@ -28,7 +28,13 @@ pub struct KeygenArgs {
 pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     if args.if_missing && args.out.exists() {
         let key = LedgerKey::read(&args.out).with_context(|| format!("reading {}", args.out.display()))?;
-        anyhow::ensure!(key.origin() == args.origin.trim_end_matches('/'), "{} holds a key for origin {:?}, not {:?}", args.out.display(), key.origin(), args.origin);
+        anyhow::ensure!(
+            key.origin() == args.origin.trim_end_matches('/'),
+            "{} holds a key for origin {:?}, not {:?}",
+            args.out.display(),
+            key.origin(),
+            args.origin
+        );
         eprintln!("kept the existing private key {}", args.out.display());
         println!("{}", key.origin_verifier()?);
         return Ok(());
@@ -290,7 +296,10 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
             if first == content {
                 duplicates += 1;
             } else {
-                eprintln!("line {line_no}: conflict: event_id {:?} is already recorded for tenant {tenant} at seq {first_seq} with different content; skipped", key.id);
+                eprintln!(
+                    "line {line_no}: conflict: event_id {:?} is already recorded for tenant {tenant} at seq {first_seq} with different content; skipped",
+                    key.id
+                );
                 conflicts += 1;
             }
             continue;
@@ -440,15 +449,9 @@ fn audit(data: &Path, key_files: &[PathBuf]) -> anyhow::Result<()> {
         .filter(|t| tally_schemas::validate_tenant_id(t).is_ok())
         .collect();
     tenants.sort();
-    let total: u64 = tenants
-        .iter()
-        .map(|t| std::fs::metadata(tenants_dir.join(t).join("entries")).map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let total: u64 = tenants.iter().map(|t| std::fs::metadata(tenants_dir.join(t).join("entries")).map(|m| m.len()).unwrap_or(0)).sum();
     let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let mut damaged = 0;
     for tenant in &tenants {
         bar.set_message(tenant.clone());

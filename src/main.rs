@@ -91,9 +91,7 @@ enum ParquetCommand {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,tally=info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,tally=info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -124,9 +122,7 @@ fn main() -> anyhow::Result<()> {
             let (mut config, rt) = online(cli.config, cli.bootstrap)?;
             let service = config.ledger.take().context("the configuration has no [ledger] table (pass --config)")?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(service.listen)
-                    .await
-                    .with_context(|| format!("binding ledger.listen {}", service.listen))?;
+                let listener = tokio::net::TcpListener::bind(service.listen).await.with_context(|| format!("binding ledger.listen {}", service.listen))?;
                 tracing::info!(listen = %listener.local_addr()?, topic = %service.topic, "ledger service starting");
                 tally_ledger::service::run(service, config.kafka, listener, shutdown_signal()).await?;
                 Ok(())

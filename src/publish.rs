@@ -62,10 +62,7 @@ pub async fn run(config: &CliConfig, args: Args) -> anyhow::Result<()> {
     let progress = match size {
         Some(bytes) if bytes >= PROGRESS_MIN_BYTES => {
             let bar = ProgressBar::new(bytes);
-            bar.set_style(
-                ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
+            bar.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
             bar
         }
         _ => ProgressBar::hidden(),
@@ -96,8 +93,7 @@ pub async fn run(config: &CliConfig, args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let headers: &[(&str, &[u8])] =
-            if is_cloudevent { &[("content-type", b"application/cloudevents+json")] } else { &[] };
+        let headers: &[(&str, &[u8])] = if is_cloudevent { &[("content-type", b"application/cloudevents+json")] } else { &[] };
         let delivery = publisher.enqueue(Some(tenant.as_bytes()), text.as_bytes(), headers).await?;
         in_flight.push(async move { (line_no, tenant, delivery.await) });
         while in_flight.len() >= MAX_IN_FLIGHT {
@@ -123,11 +119,7 @@ pub async fn run(config: &CliConfig, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn record(
-    summary: &mut Summary,
-    progress: &ProgressBar,
-    (line_no, tenant, result): (u64, String, tally_ingest::Result<tally_ingest::Published>),
-) {
+fn record(summary: &mut Summary, progress: &ProgressBar, (line_no, tenant, result): (u64, String, tally_ingest::Result<tally_ingest::Published>)) {
     match result {
         Ok(_) => {
             summary.sent += 1;
@@ -147,10 +139,7 @@ mod tests {
     #[test]
     fn keys_plain_and_cloudevent_lines() {
         assert_eq!(key_of(r#"{"tenant_id":"acme"}"#).unwrap(), ("acme".to_string(), false));
-        assert_eq!(
-            key_of(r#"{"specversion":"1.0","data":{"tenant_id":"globex"}}"#).unwrap(),
-            ("globex".to_string(), true)
-        );
+        assert_eq!(key_of(r#"{"specversion":"1.0","data":{"tenant_id":"globex"}}"#).unwrap(), ("globex".to_string(), true));
         assert!(key_of(r#"{"tenant_id":7}"#).unwrap_err().contains("tenant_id"));
         assert!(key_of("{oops").unwrap_err().contains("not JSON"));
     }

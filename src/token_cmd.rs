@@ -55,12 +55,8 @@ pub fn run(command: TokenCommand) -> anyhow::Result<()> {
     // Validate the file as it will be, so a duplicate name is refused before anything is written.
     let candidate = format!("{existing}{}{}", if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" }, stanza(&entry)?);
     check_token_file(&candidate).with_context(|| format!("the new token would make {} invalid", args.file.display()))?;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&args.file)
-        .with_context(|| format!("opening {}", args.file.display()))?;
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
     file.write_all(candidate[existing.len()..].as_bytes()).with_context(|| format!("writing {}", args.file.display()))?;
     file.sync_all().with_context(|| format!("syncing {}", args.file.display()))?;
     println!("{token}");

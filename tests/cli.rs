@@ -8,12 +8,7 @@ use std::process::Command;
 use common::*;
 
 fn tally(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("KAFKA_BOOTSTRAP", kafka().bootstrap)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tally")
+    Command::new(env!("CARGO_BIN_EXE_tally")).args(args).env("KAFKA_BOOTSTRAP", kafka().bootstrap).env("RUST_LOG", "warn").output().expect("run tally")
 }
 
 fn example_lines(sub: &str) -> Vec<String> {

@@ -22,10 +22,7 @@ fn kafka_runs_in_kraft_mode_and_topics_are_initialised() {
         assert!(init.contains(&format!("--topic {topic} ")), "kafka-init creates {topic}");
     }
     assert!(init.contains("cleanup.policy=compact"), "tally.budget is compacted");
-    assert_eq!(
-        c["services"]["kafka-init"]["depends_on"]["kafka"]["condition"].as_str(),
-        Some("service_healthy")
-    );
+    assert_eq!(c["services"]["kafka-init"]["depends_on"]["kafka"]["condition"].as_str(), Some("service_healthy"));
 }
 
 #[test]
@@ -42,11 +39,7 @@ fn tally_services_build_from_the_dockerfile_and_run_real_subcommands() {
         assert_eq!(service["build"].as_str(), Some("."), "{name} builds from the root Dockerfile");
         assert!(root.join("Dockerfile").exists());
         assert_eq!(service["environment"]["KAFKA_BOOTSTRAP"].as_str(), Some("kafka:9092"), "{name}");
-        assert_eq!(
-            service["depends_on"]["kafka-init"]["condition"].as_str(),
-            Some("service_completed_successfully"),
-            "{name} waits for the topics"
-        );
+        assert_eq!(service["depends_on"]["kafka-init"]["condition"].as_str(), Some("service_completed_successfully"), "{name} waits for the topics");
         let args: Vec<&str> = service["command"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         let mut help = args.clone();
         help.push("--help");
@@ -74,7 +67,10 @@ fn the_ledger_and_query_services_share_a_volume_and_their_configs_are_valid() {
             "ledger" => {
                 let config: tally_ledger::service::ServiceConfig = toml::from_str(&section).unwrap();
                 assert!(config.tokens.is_some(), "the ledger listens beyond loopback, so it needs tokens");
-                assert!(config.keys.iter().all(|k| k.starts_with("/keys/")), "the key is on its own volume (see only_keygen_and_the_ledger_mount_the_signing_key)");
+                assert!(
+                    config.keys.iter().all(|k| k.starts_with("/keys/")),
+                    "the key is on its own volume (see only_keygen_and_the_ledger_mount_the_signing_key)"
+                );
             }
             _ => {
                 let config: tally_query::QueryConfig = toml::from_str(&section).unwrap();
@@ -89,10 +85,14 @@ fn the_ledger_and_query_services_share_a_volume_and_their_configs_are_valid() {
 fn mounts(c: &Value, service: &str) -> Vec<(String, String)> {
     c["services"][service]["volumes"]
         .as_sequence()
-        .map(|v| v.iter().map(|m| {
-            let mut parts = m.as_str().unwrap().split(':');
-            (parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
-        }).collect())
+        .map(|v| {
+            v.iter()
+                .map(|m| {
+                    let mut parts = m.as_str().unwrap().split(':');
+                    (parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -27,7 +27,10 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     assert!(stdout.contains("2026-11-02  support-bot   gpt-5-mini"), "{stdout}");
     assert!(stdout.contains("total USD:"), "{stdout}");
     for tenant in ["acme", "globex", "initech"] {
-        assert!(stdout.lines().any(|l| l.trim_start().starts_with(tenant) && l.contains("USD") && l.contains("2026-11-01T00:00:00Z")), "no spend row for {tenant}: {stdout}");
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(tenant) && l.contains("USD") && l.contains("2026-11-01T00:00:00Z")),
+            "no spend row for {tenant}: {stdout}"
+        );
     }
     assert!(stdout.contains("complete=true"), "{stdout}");
 }

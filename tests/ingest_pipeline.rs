@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::message::{Headers, Message};
-use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, EventPublisher, HEADER_ERROR_CODE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
+use tally_ingest::{
+    DeadLetterQueue, Delivery, EventConsumer, EventPublisher, HEADER_ERROR_CODE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+};
 use tally_schemas::RejectCode;
 
 /// Consumes until `want` deliveries arrived (or panics after `limit`).
@@ -57,8 +59,7 @@ async fn ten_thousand_events_fifty_tenants_arrive_once_in_order_on_one_partition
     }
 
     let sink = MemorySink::new();
-    let consumer =
-        EventConsumer::new(&kafka, &format!("{topic}.g"), &topic, sink.clone(), 2_000, Duration::from_millis(200)).unwrap();
+    let consumer = EventConsumer::new(&kafka, &format!("{topic}.g"), &topic, sink.clone(), 2_000, Duration::from_millis(200)).unwrap();
     let deliveries = consume_n(&consumer, 10_000, Duration::from_secs(120), |d| sink.processed(d.partition, d.offset)).await;
     consumer.close().await.unwrap();
 
@@ -165,10 +166,8 @@ async fn a_thousand_bad_messages_go_to_the_dlq_once_with_code_bytes_and_headers(
         let Some(msg) = reader.poll(Duration::from_millis(200)) else { continue };
         let msg = msg.unwrap();
         total += 1;
-        let headers: BTreeMap<String, Vec<u8>> = msg
-            .headers()
-            .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-            .unwrap_or_default();
+        let headers: BTreeMap<String, Vec<u8>> =
+            msg.headers().map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
         let text = |k: &str| String::from_utf8(headers.get(k).cloned().unwrap_or_default()).unwrap();
         assert_eq!(text(HEADER_SOURCE_TOPIC), topic);
         let at: (i32, i64) = (text(HEADER_SOURCE_PARTITION).parse().unwrap(), text(HEADER_SOURCE_OFFSET).parse().unwrap());

@@ -34,7 +34,10 @@ fn import_receipt_verify_and_consistency() {
     assert!(!tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key")]).status.success(), "never overwrites a key");
     let kept = ok(&tally(&["keygen", "--origin", "tally.example.com", "--out", &p("ledger.key"), "--if-missing"]));
     assert_eq!(kept, origin_vkey, "--if-missing keeps the existing key");
-    assert!(!tally(&["keygen", "--origin", "other.example", "--out", &p("ledger.key"), "--if-missing"]).status.success(), "a key of another origin is not silently kept");
+    assert!(
+        !tally(&["keygen", "--origin", "other.example", "--out", &p("ledger.key"), "--if-missing"]).status.success(),
+        "a key of another origin is not silently kept"
+    );
 
     events(&dir.path().join("a.jsonl"), 0, 300);
     let out = ok(&tally(&["log", "import", "--data", &p("data"), "--key", &p("ledger.key"), &p("a.jsonl")]));
@@ -256,10 +259,9 @@ fn token_new_appends_a_hash_and_prints_the_token_once() {
     assert_eq!(text.matches("[[token]]").count(), 2, "{text}");
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     // A duplicate name or a tenant token without its tenant is refused and nothing is written.
-    for args in [
-        &["token", "new", "--name", "acme-app", "--role", "admin", "--file", f][..],
-        &["token", "new", "--name", "x", "--role", "tenant", "--file", f][..],
-    ] {
+    for args in
+        [&["token", "new", "--name", "acme-app", "--role", "admin", "--file", f][..], &["token", "new", "--name", "x", "--role", "tenant", "--file", f][..]]
+    {
         let out = tally(args);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);

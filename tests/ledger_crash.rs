@@ -175,7 +175,19 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         }
     }
     fn temporaries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(dir).unwrap().flatten().flat_map(|e| if e.path().is_dir() { temporaries(&e.path()) } else if e.file_name().to_string_lossy().ends_with(".tmp") { vec![e.path()] } else { vec![] }).collect()
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .flat_map(|e| {
+                if e.path().is_dir() {
+                    temporaries(&e.path())
+                } else if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    vec![e.path()]
+                } else {
+                    vec![]
+                }
+            })
+            .collect()
     }
     assert_eq!(temporaries(&root), Vec::<std::path::PathBuf>::new());
 
@@ -205,4 +217,3 @@ fn log_tail(log: &std::path::Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
-

@@ -22,7 +22,10 @@ fn read_topic(kafka: &tally_ingest::KafkaConfig, topic: &str, partitions: i32, w
     while out.len() < want && Instant::now() < deadline {
         let Some(msg) = reader.poll(Duration::from_millis(200)) else { continue };
         let msg = msg.unwrap();
-        let headers = msg.headers().map(|hs| hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()).unwrap_or_default();
+        let headers = msg
+            .headers()
+            .map(|hs| hs.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+            .unwrap_or_default();
         out.push((headers, msg.payload().unwrap_or_default().to_vec()));
     }
     out

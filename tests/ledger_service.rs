@@ -118,7 +118,10 @@ async fn service_records_each_event_once_and_replays_identically() {
     let proof: Vec<[u8; 32]> = std::str::from_utf8(&proof)
         .unwrap()
         .lines()
-        .map(|l| { use base64::Engine as _; base64::engine::general_purpose::STANDARD.decode(l).unwrap().try_into().unwrap() })
+        .map(|l| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(l).unwrap().try_into().unwrap()
+        })
         .collect();
     tally_ledger::merkle::verify_consistency(old.size, new.size, &old.root, &new.root, &proof).unwrap();
     service.stop().await;

@@ -119,8 +119,7 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let accepted = metric(a.addr, "tally_ledger_events_accepted_total").await + metric(b.addr, "tally_ledger_events_accepted_total").await;
-        let deduplicated =
-            metric(a.addr, "tally_ledger_events_deduplicated_total").await + metric(b.addr, "tally_ledger_events_deduplicated_total").await;
+        let deduplicated = metric(a.addr, "tally_ledger_events_deduplicated_total").await + metric(b.addr, "tally_ledger_events_deduplicated_total").await;
         assert!(accepted <= u64::from(EVENTS), "accepted {accepted} of {EVENTS} distinct events");
         if accepted == u64::from(EVENTS) && accepted + deduplicated == sent as u64 {
             break;

@@ -95,11 +95,7 @@ async fn main() {
     for round in 0..2 {
         let b = tokio::task::block_in_place(|| bare(&kafka, &topic, n));
         let i = ingest(&kafka, &topic, &format!("{topic}.ingest{round}"), n).await;
-        println!(
-            "round {round}: bare rdkafka {:.0} events/s, ingest EventConsumer {:.0} events/s",
-            n as f64 / b.as_secs_f64(),
-            n as f64 / i.as_secs_f64()
-        );
+        println!("round {round}: bare rdkafka {:.0} events/s, ingest EventConsumer {:.0} events/s", n as f64 / b.as_secs_f64(), n as f64 / i.as_secs_f64());
         best_bare = best_bare.min(b);
         best_ingest = best_ingest.min(i);
     }

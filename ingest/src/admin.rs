@@ -30,7 +30,8 @@ pub async fn topic_partitions(config: &KafkaConfig, timeout: Duration) -> Result
     config.validate()?;
     let admin: AdminClient<DefaultClientContext> = config.client_config().create().map_err(Error::Client)?;
     tokio::task::spawn_blocking(move || {
-        let metadata = admin.inner().fetch_metadata(None, timeout).map_err(|e| Error::Admin { topic: "*".into(), detail: format!("cannot list topics: {e}") })?;
+        let metadata =
+            admin.inner().fetch_metadata(None, timeout).map_err(|e| Error::Admin { topic: "*".into(), detail: format!("cannot list topics: {e}") })?;
         Ok(metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect())
     })
     .await
@@ -53,10 +54,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(new_topics.iter(), &options)
-        .await
-        .map_err(|e| Error::Admin { topic: "*".into(), detail: e.to_string() })?;
+    let results = admin.create_topics(new_topics.iter(), &options).await.map_err(|e| Error::Admin { topic: "*".into(), detail: e.to_string() })?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -74,9 +74,7 @@ impl KafkaConfig {
         }
         for key in self.librdkafka.keys() {
             if RESERVED.contains(&key.as_str()) {
-                return Err(Error::Config(format!(
-                    "kafka.librdkafka.{key} is set by tally itself and cannot be overridden"
-                )));
+                return Err(Error::Config(format!("kafka.librdkafka.{key} is set by tally itself and cannot be overridden")));
             }
         }
         Ok(())
@@ -99,10 +97,7 @@ mod tests {
 
     #[test]
     fn toml_then_env_overrides() {
-        let mut cfg: KafkaConfig = toml::from_str(
-            "bootstrap = \"10.0.0.1:9092\"\n[librdkafka]\n\"socket.timeout.ms\" = \"5000\"\n",
-        )
-        .unwrap();
+        let mut cfg: KafkaConfig = toml::from_str("bootstrap = \"10.0.0.1:9092\"\n[librdkafka]\n\"socket.timeout.ms\" = \"5000\"\n").unwrap();
         cfg.apply_env([
             ("KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
             ("TALLY_RDKAFKA_SECURITY_PROTOCOL", "ssl"),

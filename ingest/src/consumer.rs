@@ -94,8 +94,7 @@ impl ClientContext for SinkContext {
 
 impl ConsumerContext for SinkContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let partitions: Vec<i32> =
-            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+        let partitions: Vec<i32> = tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -160,14 +159,7 @@ impl EventConsumer {
     /// Joins `group` and subscribes to `topic`. `max_batch` bounds a batch; a batch is returned
     /// when full, when librdkafka's queue is drained after at least one message, or when
     /// `max_wait` has passed with nothing to deliver (empty).
-    pub fn new(
-        config: &KafkaConfig,
-        group: &str,
-        topic: &str,
-        sink: Arc<dyn PartitionSink>,
-        max_batch: usize,
-        max_wait: Duration,
-    ) -> Result<Self> {
+    pub fn new(config: &KafkaConfig, group: &str, topic: &str, sink: Arc<dyn PartitionSink>, max_batch: usize, max_wait: Duration) -> Result<Self> {
         config.validate()?;
         let context = SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()), lag: Mutex::new(BTreeMap::new()) };
         let mut client = config.client_config();
@@ -177,12 +169,7 @@ impl EventConsumer {
         // 100 ms (librdkafka waits 500 ms; Tansu holds a fetch for the whole wait), which bounds
         // the latency of a new event. 10 ms cuts event → budget state p50 from 174 to 43 ms
         // (bench/README.md) at the price of 100 idle fetches a second; set it when that matters.
-        let defaults = [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "1000"),
-            ("statistics.interval.ms", "5000"),
-            ("fetch.wait.max.ms", "100"),
-        ];
+        let defaults = [("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "1000"), ("statistics.interval.ms", "5000"), ("fetch.wait.max.ms", "100")];
         for (key, default) in defaults {
             if !config.librdkafka.contains_key(key) {
                 client.set(key, default);
@@ -208,7 +195,10 @@ impl EventConsumer {
     pub fn partition_count(&self, timeout: Duration) -> Result<i32> {
         let metadata = self.consumer.fetch_metadata(Some(&self.topic), timeout).map_err(Error::Consume)?;
         let count = metadata.topics().iter().find(|t| t.name() == self.topic).map_or(0, |t| t.partitions().len());
-        i32::try_from(count).ok().filter(|c| *c > 0).ok_or_else(|| Error::Consume(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)))
+        i32::try_from(count)
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| Error::Consume(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)))
     }
 
     /// Messages between the committed offset and the high watermark, per assigned partition, as
@@ -222,9 +212,7 @@ impl EventConsumer {
     pub async fn next_batch(&self) -> Result<Vec<Delivery>> {
         let consumer = Arc::clone(&self.consumer);
         let (max_batch, max_wait) = (self.max_batch, self.max_wait);
-        tokio::task::spawn_blocking(move || poll_batch(&consumer, max_batch, max_wait))
-            .await
-            .map_err(|e| Error::PollThread(e.to_string()))?
+        tokio::task::spawn_blocking(move || poll_batch(&consumer, max_batch, max_wait)).await.map_err(|e| Error::PollThread(e.to_string()))?
     }
 
     /// Commits `next_offset` per partition to the group, so standard lag tools see progress.
@@ -294,12 +282,8 @@ fn poll_batch(consumer: &BaseConsumer<SinkContext>, max_batch: usize, max_wait: 
                 continue;
             }
         };
-        let headers: Vec<(String, Vec<u8>)> = message
-            .headers()
-            .map(|hs| {
-                hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
-            })
-            .unwrap_or_default();
+        let headers: Vec<(String, Vec<u8>)> =
+            message.headers().map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()).unwrap_or_default();
         let value = message.payload().unwrap_or_default().to_vec();
         let key = message.key().map(<[u8]>::to_vec);
         let header_refs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();

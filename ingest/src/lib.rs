@@ -24,7 +24,10 @@ mod publisher;
 pub use admin::{ensure_topics, topic_partitions, TopicSpec};
 pub use config::KafkaConfig;
 pub use consumer::{Delivery, EventConsumer, PartitionSink, Resume};
-pub use dlq::{DeadLetterQueue, DeadLettered, DlqForm, HEADER_DLQ_FORM, HEADER_ERROR_CODE, HEADER_ERROR_DETAIL, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
+pub use dlq::{
+    DeadLetterQueue, DeadLettered, DlqForm, HEADER_DLQ_FORM, HEADER_ERROR_CODE, HEADER_ERROR_DETAIL, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
+    HEADER_SOURCE_TOPIC,
+};
 pub use error::{Error, Result};
 pub use partitioner::{murmur2, tenant_partition};
 pub use publisher::{EventPublisher, Published};

@@ -129,7 +129,10 @@ fn main() {
         log.commit().unwrap();
     }
     let rate = total as f64 / start.elapsed().as_secs_f64();
-    println!("appends, {tenants} tenants, group commit every 10 appends per tenant, one tenant at a time: {rate:.0}/s = {:.2} of the SHA-256 floor", rate / sha_rate);
+    println!(
+        "appends, {tenants} tenants, group commit every 10 appends per tenant, one tenant at a time: {rate:.0}/s = {:.2} of the SHA-256 floor",
+        rate / sha_rate
+    );
     drop(logs);
 
     // The same through `Ledger::commit`: tenants committed on parallel threads, checkpoints signed.

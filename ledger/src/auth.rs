@@ -250,10 +250,7 @@ fn principals(entries: &[TokenEntry]) -> std::result::Result<HashMap<[u8; 32], P
         if e.name.is_empty() || !names.insert(e.name.clone()) {
             return Err(format!("{at}: name must be non-empty and unique"));
         }
-        let hash: [u8; 32] = hex::decode(&e.sha256)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| format!("{at}: sha256 must be 64 hex digits"))?;
+        let hash: [u8; 32] = hex::decode(&e.sha256).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| format!("{at}: sha256 must be 64 hex digits"))?;
         for t in &e.tenants {
             tally_schemas::validate_tenant_id(t).map_err(|_| format!("{at}: {t:?} is not a valid tenant id"))?;
         }
@@ -360,7 +357,10 @@ mod tests {
             (format!("[[token]]\nname = \"a\"\nrole = \"root\"\nsha256 = \"{good}\"\n"), "unknown variant"),
             (format!("[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{good}\"\nscope = 1\n"), "unknown field"),
             (
-                format!("[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{good}\"\n[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{}\"\n", "1".repeat(64)),
+                format!(
+                    "[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{good}\"\n[[token]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+                    "1".repeat(64)
+                ),
                 "unique",
             ),
         ] {

@@ -66,10 +66,7 @@ impl Checkpoint {
         }
         // The log's key name must be its origin; a key for another log proves nothing here.
         if !verified.signed_by.iter().any(|n| *n == checkpoint.origin) {
-            return Err(Error::OriginMismatch {
-                expected: checkpoint.origin.clone(),
-                found: verified.signed_by.join(", "),
-            });
+            return Err(Error::OriginMismatch { expected: checkpoint.origin.clone(), found: verified.signed_by.join(", ") });
         }
         Ok(checkpoint)
     }
@@ -95,10 +92,7 @@ mod tests {
         let cp = Checkpoint { origin: origin.clone(), size: 12, root: [5; 32] };
         let note = cp.sign(&[signer.clone()]).unwrap();
         assert_eq!(Checkpoint::open(&note, &[signer.verifier()], Some(&origin)).unwrap(), cp);
-        assert!(matches!(
-            Checkpoint::open(&note, &[signer.verifier()], Some("tally.example.com/t/other")),
-            Err(Error::OriginMismatch { .. })
-        ));
+        assert!(matches!(Checkpoint::open(&note, &[signer.verifier()], Some("tally.example.com/t/other")), Err(Error::OriginMismatch { .. })));
         // A key whose name is not the checkpoint's origin proves nothing about this log.
         let other = NoteSigner::new("tally.example.com/t/globex", [3; 32]).unwrap();
         let forged = cp.sign(&[other.clone()]).unwrap();
@@ -107,7 +101,9 @@ mod tests {
 
     #[test]
     fn strict_parsing() {
-        for bad in ["o\n012\n47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n", "o\n1\nAAAA\n", "\n1\nx\n", "o\n-1\n47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n"] {
+        for bad in
+            ["o\n012\n47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n", "o\n1\nAAAA\n", "\n1\nx\n", "o\n-1\n47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n"]
+        {
             assert!(Checkpoint::parse_text(bad).is_err(), "{bad:?}");
         }
     }

@@ -82,12 +82,7 @@ impl LedgerKey {
 
     /// Writes a new key file with mode 0600; refuses to overwrite an existing file.
     pub fn write_new(&self, path: &Path) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| Error::io(path, e))?;
         f.write_all(self.to_text()?.as_bytes()).map_err(|e| Error::io(path, e))?;
         f.sync_all().map_err(|e| Error::io(path, e))
     }

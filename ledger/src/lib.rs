@@ -25,12 +25,12 @@ mod keyfile;
 mod ledger;
 mod log;
 pub mod merkle;
-pub mod projection;
 mod note;
+pub mod projection;
 mod receipt;
+mod record;
 pub mod serve;
 pub mod service;
-mod record;
 mod tiles;
 mod watch;
 

@@ -434,20 +434,14 @@ impl NodeSource for LogReader {
 /// The log directory of `tenant` under a ledger service's `data_dir`, if it has one.
 pub fn find_tenant_log(data_dir: &Path, tenant: &str) -> Option<PathBuf> {
     tally_schemas::validate_tenant_id(tenant).ok()?;
-    std::fs::read_dir(data_dir.join("partitions"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("t").join(tenant))
-        .find(|dir| dir.join("head").exists())
+    std::fs::read_dir(data_dir.join("partitions")).ok()?.filter_map(|e| e.ok()).map(|e| e.path().join("t").join(tenant)).find(|dir| dir.join("head").exists())
 }
 
 pub(crate) fn read_head(dir: &Path) -> Result<Head> {
     let path = dir.join("head");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Head { size: 0, root: merkle::empty_root(), entries_len: 0 })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Head { size: 0, root: merkle::empty_root(), entries_len: 0 }),
         Err(e) => return Err(Error::io(&path, e)),
     };
     let corrupt = || Error::Corrupt { path: path.display().to_string(), detail: format!("unreadable head {text:?}") };

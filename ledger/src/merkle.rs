@@ -191,13 +191,7 @@ pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root
 }
 
 /// Checks that the tree (`new_size`, `new_root`) extends (`old_size`, `old_root`) (RFC 9162 §2.1.4.2).
-pub fn verify_consistency(
-    old_size: u64,
-    new_size: u64,
-    old_root: &Hash,
-    new_root: &Hash,
-    proof: &[Hash],
-) -> Result<(), ProofError> {
+pub fn verify_consistency(old_size: u64, new_size: u64, old_root: &Hash, new_root: &Hash, proof: &[Hash]) -> Result<(), ProofError> {
     if old_size > new_size {
         return Err(ProofError::SizesOutOfOrder { old: old_size, new: new_size });
     }
@@ -483,15 +477,9 @@ mod tests {
                 }
                 let mut longer = proof.clone();
                 longer.push(r);
-                assert_eq!(
-                    verify_inclusion(&leaf, index, size, &longer, &r),
-                    Err(ProofError::WrongProofLength { got: longer.len() })
-                );
+                assert_eq!(verify_inclusion(&leaf, index, size, &longer, &r), Err(ProofError::WrongProofLength { got: longer.len() }));
             }
-            assert_eq!(
-                verify_inclusion(&leaf_hash(b"x"), size, size, &[], &r),
-                Err(ProofError::IndexOutOfRange { index: size, size })
-            );
+            assert_eq!(verify_inclusion(&leaf_hash(b"x"), size, size, &[], &r), Err(ProofError::IndexOutOfRange { index: size, size }));
         }
     }
 

@@ -185,11 +185,8 @@ pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<(&str, Vec<u8>)>)> {
     }
     let mut out = Vec::new();
     for line in sigs[..sigs.len() - 1].split('\n') {
-        let body = line
-            .strip_prefix(SIG_PREFIX)
-            .ok_or_else(|| Error::BadNote(format!("signature line {line:?} does not start with '\u{2014} '")))?;
-        let (name, b64) =
-            body.split_once(' ').ok_or_else(|| Error::BadNote(format!("signature line {line:?} has no signature")))?;
+        let body = line.strip_prefix(SIG_PREFIX).ok_or_else(|| Error::BadNote(format!("signature line {line:?} does not start with '\u{2014} '")))?;
+        let (name, b64) = body.split_once(' ').ok_or_else(|| Error::BadNote(format!("signature line {line:?} has no signature")))?;
         check_key_name(name).map_err(|_| Error::BadNote(format!("signature line names an invalid key {name:?}")))?;
         let blob = B64.decode(b64).map_err(|_| Error::BadNote(format!("signature by {name} is not base64")))?;
         if blob.len() < 5 {
@@ -213,11 +210,8 @@ pub fn verify_note(note: &str, verifiers: &[NoteVerifier]) -> Result<VerifiedNot
         names_seen.push(format!("{name}+{:02x}{:02x}{:02x}{:02x}", blob[0], blob[1], blob[2], blob[3]));
         let id = u32::from_be_bytes([blob[0], blob[1], blob[2], blob[3]]);
         let Some(v) = verifiers.iter().find(|v| v.name == *name && v.id == id) else { continue };
-        let sig = ed25519_dalek::Signature::from_slice(&blob[4..])
-            .map_err(|_| Error::BadSignature(format!("signature by {name} has the wrong length")))?;
-        v.key
-            .verify(text.as_bytes(), &sig)
-            .map_err(|_| Error::BadSignature(format!("signature by {name}+{:08x} does not verify", v.id)))?;
+        let sig = ed25519_dalek::Signature::from_slice(&blob[4..]).map_err(|_| Error::BadSignature(format!("signature by {name} has the wrong length")))?;
+        v.key.verify(text.as_bytes(), &sig).map_err(|_| Error::BadSignature(format!("signature by {name}+{:08x} does not verify", v.id)))?;
         if !signed_by.iter().any(|n| n == name) {
             signed_by.push(name.to_string());
         }

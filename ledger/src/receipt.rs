@@ -43,10 +43,7 @@ impl Receipt {
 
     pub fn parse(text: &str) -> Result<Receipt> {
         let bad = |why: String| Error::BadReceipt(why);
-        let rest = text
-            .strip_prefix(HEADER)
-            .and_then(|r| r.strip_prefix('\n'))
-            .ok_or_else(|| bad(format!("first line must be {HEADER}")))?;
+        let rest = text.strip_prefix(HEADER).and_then(|r| r.strip_prefix('\n')).ok_or_else(|| bad(format!("first line must be {HEADER}")))?;
         let (mut line, mut rest) = rest.split_once('\n').ok_or_else(|| bad("missing index line".into()))?;
         if line.starts_with("extra ") {
             // Unauthenticated by design; accepted and ignored.
@@ -95,11 +92,7 @@ mod tests {
         }
         let signer = NoteSigner::new("tally.example.com/t/acme", [4; 32]).unwrap();
         let cp = Checkpoint { origin: signer.name().into(), size: 13, root: root(&tree, 13).unwrap() };
-        let receipt = Receipt {
-            index: 6,
-            proof: inclusion_proof(&tree, 6, 13).unwrap(),
-            checkpoint: cp.sign(&[signer.clone()]).unwrap(),
-        };
+        let receipt = Receipt { index: 6, proof: inclusion_proof(&tree, 6, 13).unwrap(), checkpoint: cp.sign(&[signer.clone()]).unwrap() };
         (receipt, b"entry 6".to_vec(), signer.verifier())
     }
 

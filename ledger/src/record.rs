@@ -85,7 +85,10 @@ mod tests {
 
     #[test]
     fn bytes_are_canonical_and_deterministic() {
-        let event = Event::from_json(br#"{"tenant_id":"acme","kind":"llm_call","event_id":"e1","occurred_at":"2026-01-01T01:00:00+01:00","attributes":{"b":"2","a":"1"}}"#).unwrap();
+        let event = Event::from_json(
+            br#"{"tenant_id":"acme","kind":"llm_call","event_id":"e1","occurred_at":"2026-01-01T01:00:00+01:00","attributes":{"b":"2","a":"1"}}"#,
+        )
+        .unwrap();
         let src = Source::File { file: "in.jsonl".into(), line: 3 };
         let input = EventInput { event: &event, ce_source: None, payload_sha256: &[0xab; 32], source: &src };
         let a = event_record(7, input).unwrap();

@@ -150,12 +150,14 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
     drop(listener);
     let _ = stop_tx.send(true);
     let open = connections.len();
-    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(open, left = connections.len(), timeout_ms = limits.shutdown_timeout.as_millis() as u64, "http shutdown: dropping connections still busy");
+        tracing::warn!(
+            open,
+            left = connections.len(),
+            timeout_ms = limits.shutdown_timeout.as_millis() as u64,
+            "http shutdown: dropping connections still busy"
+        );
         connections.shutdown().await;
     }
     Ok(())
@@ -388,14 +390,20 @@ mod tests {
     fn app() -> Router {
         Router::new()
             .route("/", get(|| async { "ok" }))
-            .route("/slow", get(|| async {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                "slow"
-            }))
-            .route("/stuck", get(|| async {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                "never"
-            }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    "slow"
+                }),
+            )
+            .route(
+                "/stuck",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    "never"
+                }),
+            )
     }
 
     fn limits(header_ms: u64, idle_ms: u64) -> ServeLimits {
@@ -435,10 +443,8 @@ mod tests {
             let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
             let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                .unwrap_or(0);
+            let length: usize =
+                head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
             while buf.len() < end + 4 + length {
                 let n = tokio::time::timeout(PATIENCE, stream.read(&mut chunk)).await.expect("body in time").unwrap();
                 assert!(n > 0, "connection closed mid-body");
@@ -640,7 +646,22 @@ mod tests {
         for ok in ["localhost", "localhost:1", "127.0.0.1:65535", "[::1]", "[::1]:80", "LocalHost"] {
             assert!(is_loopback_authority(ok), "{ok}");
         }
-        for bad in ["", "evil.example", "localhost:", "localhost:80x", "localhost:123456", "127.0.0.1:80:80", "user@localhost", "[::1", "[::2]", "::1", "127.0.0.2", "0.0.0.0", "localhost.", "127.0.0.1.evil.example"] {
+        for bad in [
+            "",
+            "evil.example",
+            "localhost:",
+            "localhost:80x",
+            "localhost:123456",
+            "127.0.0.1:80:80",
+            "user@localhost",
+            "[::1",
+            "[::2]",
+            "::1",
+            "127.0.0.2",
+            "0.0.0.0",
+            "localhost.",
+            "127.0.0.1.evil.example",
+        ] {
             assert!(!is_loopback_authority(bad), "{bad}");
         }
     }

@@ -124,7 +124,19 @@ mod tests {
 
     #[test]
     fn non_canonical_paths_are_rejected() {
-        for bad in ["tile/0/1", "tile/00/000", "tile/0/000.p/256", "tile/0/000.p/0", "tile/0/000.p/07", "tile/0/x000/001", "tile/0/001/002", "tile/64/000", "tile/0/x1/000", "tiles/0/000", "tile/entries/00"] {
+        for bad in [
+            "tile/0/1",
+            "tile/00/000",
+            "tile/0/000.p/256",
+            "tile/0/000.p/0",
+            "tile/0/000.p/07",
+            "tile/0/x000/001",
+            "tile/0/001/002",
+            "tile/64/000",
+            "tile/0/x1/000",
+            "tiles/0/000",
+            "tile/entries/00",
+        ] {
             assert!(TilePath::parse(bad).is_err(), "{bad}");
         }
     }

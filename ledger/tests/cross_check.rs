@@ -127,11 +127,8 @@ fn our_verifier_rejects_every_single_bit_mutation() {
     // of 1000 and 1001 leaves); the size is bound by the signed checkpoint. So size and root
     // mutations are checked on the receipt, where they live in the signed text.
     let signer = NoteSigner::new("tally.example.com/t/acme", [42; 32]).unwrap();
-    let receipt = Receipt {
-        index: i,
-        proof: proof.clone(),
-        checkpoint: Checkpoint { origin: signer.name().into(), size: n, root }.sign(&[signer.clone()]).unwrap(),
-    };
+    let receipt =
+        Receipt { index: i, proof: proof.clone(), checkpoint: Checkpoint { origin: signer.name().into(), size: n, root }.sign(&[signer.clone()]).unwrap() };
     receipt.verify(&entry(i), &[signer.verifier()], None).unwrap();
     for b in 0..64 {
         let mut r = receipt.clone();

@@ -46,7 +46,8 @@ fn args() -> Args {
 }
 
 const AGENTS: usize = 20;
-const MODELS: [&str; 10] = ["gpt-5", "gpt-5-mini", "claude-opus", "claude-sonnet", "gemini-pro", "search", "crm.update", "s3.put_object", "email.send", "sql.query"];
+const MODELS: [&str; 10] =
+    ["gpt-5", "gpt-5-mini", "claude-opus", "claude-sonnet", "gemini-pro", "search", "crm.update", "s3.put_object", "email.send", "sql.query"];
 
 /// Writes `count` events of `tenant`, spread evenly over `days` days from 2026-11-01.
 fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut StdRng) {
@@ -163,8 +164,18 @@ fn main() {
         }
     }
     println!("projection: {} under {}", total_events, root.display());
-    println!("  events tree: {:.1} MiB in {} files, {:.1} bytes/event", events_bytes as f64 / 1048576.0, file_count(&root.join("events")), events_bytes as f64 / total_events as f64);
-    println!("  roll-ups:    {:.1} MiB in {} files, 15-minute and daily ({:.2} bytes/event)", rollup_bytes as f64 / 1048576.0, file_count(&root.join("rollups")) + file_count(&root.join("daily")), rollup_bytes as f64 / total_events as f64);
+    println!(
+        "  events tree: {:.1} MiB in {} files, {:.1} bytes/event",
+        events_bytes as f64 / 1048576.0,
+        file_count(&root.join("events")),
+        events_bytes as f64 / total_events as f64
+    );
+    println!(
+        "  roll-ups:    {:.1} MiB in {} files, 15-minute and daily ({:.2} bytes/event)",
+        rollup_bytes as f64 / 1048576.0,
+        file_count(&root.join("rollups")) + file_count(&root.join("daily")),
+        rollup_bytes as f64 / total_events as f64
+    );
     println!("  big tenant t000: {big} events; monthly report has {report_rows} rows (from the {report_source} roll-ups)");
     let mut json = serde_json::json!({
         "root": root, "events": total_events, "tenants": a.tenants, "days": a.days, "big_tenant": tenant(0), "big_events": big,

@@ -69,7 +69,9 @@ impl Growth {
             "replace" => Growth::Replace,
             "regexp_replace" => Growth::RegexpReplace,
             "translate" => Growth::Translate,
-            "concat" | "concat_ws" | "overlay" | "make_array" | "array_concat" | "array_append" | "array_prepend" | "struct" | "named_struct" | "map" => Growth::SumOfArguments,
+            "concat" | "concat_ws" | "overlay" | "make_array" | "array_concat" | "array_append" | "array_prepend" | "struct" | "named_struct" | "map" => {
+                Growth::SumOfArguments
+            }
             "encode" => Growth::Encode,
             "array_to_string" => Growth::ListToString,
             "array_replace" | "array_replace_n" | "array_replace_all" => Growth::ListReplace,
@@ -137,7 +139,9 @@ impl Growth {
                 }
             };
             if one > MAX_BUILT_VALUE_BYTES {
-                return Err(DataFusionError::ResourcesExhausted(format!("{name}() would build a value of up to {one} bytes; one value may be at most {MAX_BUILT_VALUE_BYTES}")));
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "{name}() would build a value of up to {one} bytes; one value may be at most {MAX_BUILT_VALUE_BYTES}"
+                )));
             }
             total += one;
         }
@@ -334,7 +338,10 @@ impl Builders {
             node.map_expressions(|expr| {
                 expr.transform_up(|e| match e {
                     Expr::ScalarFunction(f) if Growth::of(f.func.name()).is_some() && !f.func.inner().is::<Bounded>() => {
-                        let bounded = registered.get(f.func.name()).filter(|g| g.inner().is::<Bounded>()).ok_or_else(|| DataFusionError::Plan(format!("{}() is not available here", f.func.name())))?;
+                        let bounded = registered
+                            .get(f.func.name())
+                            .filter(|g| g.inner().is::<Bounded>())
+                            .ok_or_else(|| DataFusionError::Plan(format!("{}() is not available here", f.func.name())))?;
                         Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction { func: Arc::clone(bounded), args: f.args })))
                     }
                     other => Ok(Transformed::no(other)),
@@ -378,7 +385,11 @@ mod tests {
         assert!(estimate(Growth::Replace, &[scalar("abab"), scalar("ab"), scalar("xyz")], 1).unwrap() >= 6);
         assert!(estimate(Growth::RegexpReplace, &[scalar("aaa"), scalar("a*"), scalar("$0$0")], 1).unwrap() >= 12);
         assert_eq!(estimate(Growth::SumOfArguments, &[scalar("ab"), scalar("cd")], 1).unwrap(), 4 + 2 * 2);
-        let list = ColumnarValue::Scalar(ScalarValue::List(datafusion::common::utils::SingleRowListArrayBuilder::new(Arc::new(datafusion::arrow::array::StringArray::from(vec!["abc"; 10]))).build_list_array().into()));
+        let list = ColumnarValue::Scalar(ScalarValue::List(
+            datafusion::common::utils::SingleRowListArrayBuilder::new(Arc::new(datafusion::arrow::array::StringArray::from(vec!["abc"; 10])))
+                .build_list_array()
+                .into(),
+        ));
         assert!(estimate(Growth::ListToString, &[list.clone(), scalar(",")], 1).unwrap() >= 10 * 4);
         assert!(estimate(Growth::SumOfArguments, &[list.clone(), list], 1).unwrap() >= 2 * 30);
     }
@@ -395,7 +406,25 @@ mod tests {
     fn every_known_builder_is_wrapped() {
         let builders = Builders::of_default_context();
         let names = builders.names();
-        for name in ["repeat", "lpad", "rpad", "replace", "regexp_replace", "translate", "concat", "concat_ws", "overlay", "encode", "array_to_string", "make_array", "array_concat", "array_append", "struct", "map", "array_replace_all"] {
+        for name in [
+            "repeat",
+            "lpad",
+            "rpad",
+            "replace",
+            "regexp_replace",
+            "translate",
+            "concat",
+            "concat_ws",
+            "overlay",
+            "encode",
+            "array_to_string",
+            "make_array",
+            "array_concat",
+            "array_append",
+            "struct",
+            "map",
+            "array_replace_all",
+        ] {
             assert!(names.contains(&name), "{name} is not among the wrapped functions {names:?}");
         }
     }

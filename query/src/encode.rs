@@ -95,7 +95,10 @@ fn flatten_nested(batch: &RecordBatch) -> Result<RecordBatch> {
     let mut fields = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
-        let nested = matches!(col.data_type(), DataType::List(_) | DataType::LargeList(_) | DataType::Map(..) | DataType::Struct(_) | DataType::FixedSizeBinary(_) | DataType::Binary);
+        let nested = matches!(
+            col.data_type(),
+            DataType::List(_) | DataType::LargeList(_) | DataType::Map(..) | DataType::Struct(_) | DataType::FixedSizeBinary(_) | DataType::Binary
+        );
         if !nested {
             fields.push(Arc::clone(field));
             columns.push(Arc::clone(col));

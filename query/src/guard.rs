@@ -107,13 +107,19 @@ impl Visitor for Gate {
         self.depth += 1;
         self.nodes += 1;
         if self.depth > MAX_EXPR_DEPTH {
-            return ControlFlow::Break(Error::SqlRejected(format!("an expression is nested more than {MAX_EXPR_DEPTH} deep (a long chain of operators counts as deep)")));
+            return ControlFlow::Break(Error::SqlRejected(format!(
+                "an expression is nested more than {MAX_EXPR_DEPTH} deep (a long chain of operators counts as deep)"
+            )));
         }
         if self.nodes > MAX_EXPR_NODES {
-            return ControlFlow::Break(Error::SqlRejected(format!("the query has more than {MAX_EXPR_NODES} expressions (long IN lists or CASE chains count)")));
+            return ControlFlow::Break(Error::SqlRejected(format!(
+                "the query has more than {MAX_EXPR_NODES} expressions (long IN lists or CASE chains count)"
+            )));
         }
         match expr {
-            Expr::BinaryOp { op: BinaryOperator::StringConcat, .. } => ControlFlow::Break(Error::SqlRejected("the || operator is not available; use concat(a, b, …)".into())),
+            Expr::BinaryOp { op: BinaryOperator::StringConcat, .. } => {
+                ControlFlow::Break(Error::SqlRejected("the || operator is not available; use concat(a, b, …)".into()))
+            }
             Expr::Function(f) => {
                 let name = f.name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default();
                 if REFUSED_FUNCTIONS.contains(&name.as_str()) {
@@ -122,7 +128,9 @@ impl Visitor for Gate {
                 // Over a growing frame, each row's aggregate holds every row before it: output
                 // quadratic in the rows.
                 if f.over.is_some() && COLLECTING_AGGREGATES.contains(&name.as_str()) {
-                    return ControlFlow::Break(Error::SqlRejected(format!("{name} is not available as a window function (its output grows with the square of the rows); use it with GROUP BY")));
+                    return ControlFlow::Break(Error::SqlRejected(format!(
+                        "{name} is not available as a window function (its output grows with the square of the rows); use it with GROUP BY"
+                    )));
                 }
                 ControlFlow::Continue(())
             }
@@ -148,9 +156,7 @@ impl Visitor for Gate {
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<Error> {
         match factor {
-            TableFactor::Table { args: Some(_), name, .. } => {
-                ControlFlow::Break(Error::SqlRejected(format!("table functions are not available: `{name}`")))
-            }
+            TableFactor::Table { args: Some(_), name, .. } => ControlFlow::Break(Error::SqlRejected(format!("table functions are not available: `{name}`"))),
             TableFactor::Table { .. } | TableFactor::Derived { .. } | TableFactor::NestedJoin { .. } | TableFactor::UNNEST { .. } => ControlFlow::Continue(()),
             other => ControlFlow::Break(Error::SqlRejected(format!("this kind of FROM item is not available: `{other}`"))),
         }
@@ -163,12 +169,7 @@ mod tests {
 
     /// The gate as the service runs it: on a thread with a query worker's stack.
     fn check_on_worker_stack(sql: String) -> Result<()> {
-        std::thread::Builder::new()
-            .stack_size(crate::workers::WORKER_STACK_BYTES)
-            .spawn(move || check_read_only(&sql, 1 << 20))
-            .unwrap()
-            .join()
-            .unwrap()
+        std::thread::Builder::new().stack_size(crate::workers::WORKER_STACK_BYTES).spawn(move || check_read_only(&sql, 1 << 20)).unwrap().join().unwrap()
     }
 
     #[test]

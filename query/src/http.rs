@@ -69,7 +69,12 @@ fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal> {
 }
 
 /// Lets a request through only if its caller may read the path's tenant.
-async fn tenant_gate(State(state): State<Arc<AppState>>, Path(params): Path<HashMap<String, String>>, request: Request, next: axum::middleware::Next) -> Response {
+async fn tenant_gate(
+    State(state): State<Arc<AppState>>,
+    Path(params): Path<HashMap<String, String>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let tenant = params.get("tenant").map(String::as_str).unwrap_or_default();
     match tenant_reader(&state, request.headers(), tenant) {
         Ok(()) => next.run(request).await,
@@ -124,7 +129,8 @@ fn instant(key: &str, value: &str, tz: &TimeZone) -> Result<Timestamp> {
     if let Ok(t) = value.parse::<Timestamp>() {
         return Ok(t);
     }
-    let date: jiff::civil::Date = value.parse().map_err(|_| Error::BadRequest(format!("{key}: {value:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date")))?;
+    let date: jiff::civil::Date =
+        value.parse().map_err(|_| Error::BadRequest(format!("{key}: {value:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date")))?;
     date.to_zoned(tz.clone()).map(|z| z.timestamp()).map_err(|e| Error::BadRequest(format!("{key}: {e}")))
 }
 
@@ -133,7 +139,8 @@ fn instant_end(key: &str, value: &str, tz: &TimeZone) -> Result<Timestamp> {
     if let Ok(t) = value.parse::<Timestamp>() {
         return Ok(t);
     }
-    let date: jiff::civil::Date = value.parse().map_err(|_| Error::BadRequest(format!("{key}: {value:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date")))?;
+    let date: jiff::civil::Date =
+        value.parse().map_err(|_| Error::BadRequest(format!("{key}: {value:?} is neither an RFC 3339 timestamp nor a YYYY-MM-DD date")))?;
     let next = date.tomorrow().map_err(|e| Error::BadRequest(format!("{key}: {e}")))?;
     next.to_zoned(tz.clone()).map(|z| z.timestamp()).map_err(|e| Error::BadRequest(format!("{key}: {e}")))
 }
@@ -156,7 +163,9 @@ async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, 
     let from = p.take("from").map(|v| instant("from", &v, &utc)).transpose()?;
     let to = p.take("to").map(|v| instant_end("to", &v, &utc)).transpose()?;
     let mut equals = Vec::new();
-    for (param, column) in [("kind", "kind"), ("decision", "decision"), ("agent", "agent_id"), ("task", "task_id"), ("action", "action"), ("record_type", "record_type")] {
+    for (param, column) in
+        [("kind", "kind"), ("decision", "decision"), ("agent", "agent_id"), ("task", "task_id"), ("action", "action"), ("record_type", "record_type")]
+    {
         if let Some(v) = p.take(param) {
             equals.push((column, v));
         }
@@ -199,7 +208,10 @@ async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Q
     let format = p.format()?;
     p.finish()?;
     let work = Arc::clone(&state);
-    state.workers.run(&tenant.clone(), state.timeout(), async move { cost_response(&work, tenant, CostQuery { from, to, tz, group_by }, tz_name, format).await }).await
+    state
+        .workers
+        .run(&tenant.clone(), state.timeout(), async move { cost_response(&work, tenant, CostQuery { from, to, tz, group_by }, tz_name, format).await })
+        .await
 }
 
 async fn cost_response(state: &AppState, tenant: String, query: CostQuery, tz_name: String, format: Format) -> Result<Response> {
@@ -244,7 +256,8 @@ fn batch_of(columns: Vec<(String, Column)>) -> Result<RecordBatch> {
 }
 
 fn cost_batch(names: &[&str], rows: &[reports::CostRow]) -> Result<RecordBatch> {
-    let mut columns: Vec<(String, Column)> = names.iter().enumerate().map(|(i, n)| (n.to_string(), Column::Text(rows.iter().map(|r| r.dims[i].clone()).collect()))).collect();
+    let mut columns: Vec<(String, Column)> =
+        names.iter().enumerate().map(|(i, n)| (n.to_string(), Column::Text(rows.iter().map(|r| r.dims[i].clone()).collect()))).collect();
     columns.push(("currency".into(), Column::Text(rows.iter().map(|r| r.currency.clone()).collect())));
     columns.push(("events".into(), Column::Int(rows.iter().map(|r| r.events).collect())));
     columns.push(("cost_micros".into(), Column::Int(rows.iter().map(|r| r.cost_micros).collect())));
@@ -269,9 +282,11 @@ async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Que
         .workers
         .run(&tenant.clone(), state.timeout(), async move {
             let max_rows = work.config.max_rows;
-            let (schema, batches, truncated) = reports::tenant_sql(&work.engine, &tenant, &request.sql, work.config.max_sql_bytes, max_rows, work.timeout()).await?;
+            let (schema, batches, truncated) =
+                reports::tenant_sql(&work.engine, &tenant, &request.sql, work.config.max_sql_bytes, max_rows, work.timeout()).await?;
             if format == Format::Json {
-                return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "truncated": truncated, "max_rows": max_rows })).into_response());
+                return Ok(Json(serde_json::json!({ "tenant_id": tenant, "rows": json_rows(&batches)?, "truncated": truncated, "max_rows": max_rows }))
+                    .into_response());
             }
             Ok(body(format, encode(format, schema, &batches)?, &[("x-tally-truncated", truncated.to_string())]))
         })
@@ -310,7 +325,8 @@ async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<Strin
     let period = p.take("period").ok_or_else(|| Error::BadRequest("period is required (YYYY-MM)".into()))?;
     let format = p.format()?;
     p.finish()?;
-    let start: jiff::civil::Date = format!("{period}-01").parse().ok().filter(|_| period.len() == 7).ok_or_else(|| Error::BadRequest(format!("period: {period:?} is not YYYY-MM")))?;
+    let start: jiff::civil::Date =
+        format!("{period}-01").parse().ok().filter(|_| period.len() == 7).ok_or_else(|| Error::BadRequest(format!("period: {period:?} is not YYYY-MM")))?;
     let end = start.checked_add(jiff::Span::new().months(1)).map_err(|e| Error::BadRequest(format!("period: {e}")))?;
     let work = Arc::clone(&state);
     // Billing callers are limited per token, as tenants are per tenant.

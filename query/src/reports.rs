@@ -41,7 +41,8 @@ pub async fn collect(df: DataFrame, timeout: Duration, engine: &Engine) -> Resul
         while let Some(batch) = stream.next().await {
             let batch = batch.map_err(|e| Error::from_datafusion(e, root))?;
             // A slice's own bytes, not its parent's buffers: `LIMIT 1` over big rows is small.
-            bytes = bytes.saturating_add(batch.columns().iter().map(|c| c.to_data().get_slice_memory_size().unwrap_or(usize::MAX)).fold(0usize, usize::saturating_add));
+            bytes = bytes
+                .saturating_add(batch.columns().iter().map(|c| c.to_data().get_slice_memory_size().unwrap_or(usize::MAX)).fold(0usize, usize::saturating_add));
             if bytes > max {
                 return Err(Error::ResourcesExhausted(format!("the result holds more than {} MiB; ask for fewer rows or columns", max >> 20)));
             }
@@ -77,7 +78,15 @@ fn sums(batch: &RecordBatch, name: &str) -> Result<Vec<i64>> {
     let column = batch.column_by_name(name).ok_or_else(|| Error::Internal(format!("result lacks column {name}")))?;
     let a = column.as_any().downcast_ref::<Decimal128Array>().ok_or_else(|| Error::Internal(format!("column {name} is not a decimal sum")))?;
     (0..a.len())
-        .map(|i| if a.is_null(i) { Ok(0) } else { i64::try_from(a.value(i)).map_err(|_| Error::SumOverflow(format!("the {name} sum exceeds the 64-bit range"))) })
+        .map(
+            |i| {
+                if a.is_null(i) {
+                    Ok(0)
+                } else {
+                    i64::try_from(a.value(i)).map_err(|_| Error::SumOverflow(format!("the {name} sum exceeds the 64-bit range")))
+                }
+            },
+        )
         .collect()
 }
 
@@ -195,7 +204,14 @@ fn last_seq(batches: &[RecordBatch]) -> Result<Option<u64>> {
 }
 
 /// Read-only SQL over the tenant's `events`; the rows and whether they were cut at `max_rows`.
-pub async fn tenant_sql(engine: &Engine, tenant: &str, sql: &str, max_sql_bytes: usize, max_rows: usize, timeout: Duration) -> Result<(SchemaRef, Vec<RecordBatch>, bool)> {
+pub async fn tenant_sql(
+    engine: &Engine,
+    tenant: &str,
+    sql: &str,
+    max_sql_bytes: usize,
+    max_rows: usize,
+    timeout: Duration,
+) -> Result<(SchemaRef, Vec<RecordBatch>, bool)> {
     crate::guard::check_read_only(sql, max_sql_bytes)?;
     let ctx = engine.tenant_sql_context(tenant).await?;
     let root = engine.root();
@@ -322,7 +338,8 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     let mark = watermark(engine, tenant).await?;
     let daily_zone = q.tz.iana_name().filter(|z| whole_days && !q.group_by.contains(&Dim::Task) && daily_complete(&mark, z)).map(str::to_string);
     // Summed as 38-digit decimals: DataFusion's 64-bit integer sum wraps on overflow.
-    let sum_columns = || ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(cast_expr(col(c), DataType::Decimal128(38, 0))).alias(c)).to_vec();
+    let sum_columns =
+        || ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(cast_expr(col(c), DataType::Decimal128(38, 0))).alias(c)).to_vec();
     let (df, day_column) = match daily_zone {
         Some(zone) => {
             let (from_date, to_date) = (from_local.date(), to_local.date());
@@ -377,7 +394,12 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
         let (events, cost, input, output) = (sums(b, "events")?, sums(b, "cost_micros")?, sums(b, "input_tokens")?, sums(b, "output_tokens")?);
         for i in 0..b.num_rows() {
             let key: Vec<Option<String>> = dims.iter().map(|d| d[i].clone()).collect();
-            rows.entry((key, currency[i].clone())).or_default().add(RollupSums { events: events[i], cost_micros: cost[i], input_tokens: input[i], output_tokens: output[i] })?;
+            rows.entry((key, currency[i].clone())).or_default().add(RollupSums {
+                events: events[i],
+                cost_micros: cost[i],
+                input_tokens: input[i],
+                output_tokens: output[i],
+            })?;
         }
     }
     let mut totals: BTreeMap<Option<String>, RollupSums> = BTreeMap::new();
@@ -510,12 +532,22 @@ pub struct AuditExport {
 ///
 /// Memory is a small multiple of `max_bytes`: the entries, their rows and the JSON of both.
 #[allow(clippy::too_many_arguments)]
-pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: Option<u64>, to: Option<u64>, max_rows: u64, max_bytes: usize, timeout: Duration) -> Result<AuditExport> {
+pub async fn audit_export(
+    engine: &Engine,
+    data_dir: &Path,
+    tenant: &str,
+    from: Option<u64>,
+    to: Option<u64>,
+    max_rows: u64,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<AuditExport> {
     let root = engine.root().to_path_buf();
     let tenant_owned = tenant.to_string();
     let mark = tokio::task::spawn_blocking(move || read_watermark(&root, &tenant_owned)).await.map_err(|e| Error::Internal(e.to_string()))??;
     let checkpoint = mark.checkpoint.ok_or(Error::NoCheckpoint)?;
-    let tree_size: u64 = checkpoint.lines().nth(1).and_then(|l| l.parse().ok()).ok_or_else(|| Error::Internal("unreadable checkpoint in the projection watermark".into()))?;
+    let tree_size: u64 =
+        checkpoint.lines().nth(1).and_then(|l| l.parse().ok()).ok_or_else(|| Error::Internal("unreadable checkpoint in the projection watermark".into()))?;
     let root_hash = checkpoint_root(&checkpoint)?;
     if tree_size == 0 {
         return Err(Error::NoCheckpoint);
@@ -523,7 +555,10 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
     let from = from.unwrap_or(0);
     let to = to.unwrap_or(tree_size - 1);
     if from > to || to >= tree_size {
-        return Err(Error::BadRequest(format!("the range {from}..={to} is not within the checkpointed log of {tree_size} records (seqs 0..={})", tree_size - 1)));
+        return Err(Error::BadRequest(format!(
+            "the range {from}..={to} is not within the checkpointed log of {tree_size} records (seqs 0..={})",
+            tree_size - 1
+        )));
     }
     if to - from + 1 > max_rows {
         return Err(Error::BadRequest(format!("the range holds {} records; an export holds at most {max_rows}: split it", to - from + 1)));
@@ -531,7 +566,8 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
     // The entries first: they decide how much of the range fits.
     let (log_dir, tenant_owned) = (data_dir.to_path_buf(), tenant.to_string());
     let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
-        let dir = tally_ledger::find_tenant_log(&log_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
+        let dir = tally_ledger::find_tenant_log(&log_dir, &tenant_owned)
+            .ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
         let log = tally_ledger::LogReader::open(&dir)?;
         let (mut entries, mut bytes) = (Vec::new(), 0usize);
         for seq in from..=to {
@@ -562,7 +598,10 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
     let mut found: Vec<(u64, Hash)> = Vec::new();
     for b in &batches {
         let seq = b.column_by_name("seq").and_then(|c| c.as_any().downcast_ref::<UInt64Array>()).ok_or_else(|| Error::Internal("rows lack seq".into()))?;
-        let leaf = b.column_by_name("leaf_hash").and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>()).ok_or_else(|| Error::Internal("rows lack leaf_hash".into()))?;
+        let leaf = b
+            .column_by_name("leaf_hash")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+            .ok_or_else(|| Error::Internal("rows lack leaf_hash".into()))?;
         for i in 0..b.num_rows() {
             found.push((seq.value(i), leaf.value(i).try_into().map_err(|_| Error::Internal("leaf_hash is not 32 bytes".into()))?));
         }
@@ -572,7 +611,8 @@ pub async fn audit_export(engine: &Engine, data_dir: &Path, tenant: &str, from: 
     let data_dir = data_dir.to_path_buf();
     let tenant_owned = tenant.to_string();
     let (rows, entries, missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let log_dir = tally_ledger::find_tenant_log(&data_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
+        let log_dir = tally_ledger::find_tenant_log(&data_dir, &tenant_owned)
+            .ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
         let log = tally_ledger::LogReader::open(&log_dir)?;
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));

@@ -75,7 +75,8 @@ impl Workers {
     }
 
     fn admit(&self, caller: &str) -> Result<Slot> {
-        let global = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| Error::TooManyQueries("the service is running as many queries as it allows".into()))?;
+        let global =
+            Arc::clone(&self.slots).try_acquire_owned().map_err(|_| Error::TooManyQueries("the service is running as many queries as it allows".into()))?;
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         let count = running.entry(caller.to_string()).or_insert(0);
         if *count >= self.per_caller {
@@ -163,9 +164,9 @@ impl MemoryPool for QueryPool {
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(additional).filter(|n| *n <= self.limit))
-            .map_err(|used| DataFusionError::ResourcesExhausted(format!("the query needs {additional} more bytes; {used} of its limit of {} are in use", self.limit)))?;
+        self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| used.checked_add(additional).filter(|n| *n <= self.limit)).map_err(|used| {
+            DataFusionError::ResourcesExhausted(format!("the query needs {additional} more bytes; {used} of its limit of {} are in use", self.limit))
+        })?;
         if let Err(e) = self.global.try_grow(reservation, additional) {
             self.used.fetch_sub(additional, Ordering::Relaxed);
             return Err(DataFusionError::ResourcesExhausted(format!("{GLOBAL_POOL_BUSY} ({e})")));

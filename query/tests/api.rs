@@ -24,7 +24,16 @@ fn fixture() -> Fixture {
         events.push(event("acme", &format!("a-{i}"), at, "llm_call", agent, action, &format!("task-{}", i % 4), Some((1_000 + i, "USD"))));
     }
     for i in 0..5 {
-        events.push(event("globex", &format!("g-{i}"), t("2026-11-02T10:00:00Z"), "tool_call", "globex-secret-agent", "search", "g-task", Some((7_000_000, "EUR"))));
+        events.push(event(
+            "globex",
+            &format!("g-{i}"),
+            t("2026-11-02T10:00:00Z"),
+            "tool_call",
+            "globex-secret-agent",
+            "search",
+            "g-task",
+            Some((7_000_000, "EUR")),
+        ));
     }
     f.ingest(&events);
     f
@@ -85,7 +94,10 @@ async fn pages_over_interleaved_files_equal_the_whole_log() {
         f.ingest(&events);
     }
     let day1 = f.data_dir().join("parquet/events/tenant_id=acme/date=2026-11-01");
-    let merged = std::fs::read_dir(&day1).unwrap().flatten().any(|e| e.file_name().to_string_lossy().split(['-', '.']).nth(2).is_some_and(|rows| rows.parse::<u64>().unwrap() > 5));
+    let merged = std::fs::read_dir(&day1)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().split(['-', '.']).nth(2).is_some_and(|rows| rows.parse::<u64>().unwrap() > 5));
     assert!(merged, "the test needs a file that spans several flushes");
     let r = f.router();
     let token = &f.tokens["acme"];
@@ -93,7 +105,11 @@ async fn pages_over_interleaved_files_equal_the_whole_log() {
         assert_eq!(all_pages(&r, &format!("/v1/tenants/acme/events?limit={limit}"), token).await, (0..50).collect::<Vec<u64>>(), "limit {limit}");
     }
     for limit in [1, 2, 3, 5, 17] {
-        assert_eq!(all_pages(&r, &format!("/v1/tenants/acme/events?agent=planner&limit={limit}"), token).await, (0..50).filter(|s| s % 3 == 0).collect::<Vec<u64>>(), "limit {limit}");
+        assert_eq!(
+            all_pages(&r, &format!("/v1/tenants/acme/events?agent=planner&limit={limit}"), token).await,
+            (0..50).filter(|s| s % 3 == 0).collect::<Vec<u64>>(),
+            "limit {limit}"
+        );
     }
     let day2 = all_pages(&r, "/v1/tenants/acme/events?from=2026-11-02&to=2026-11-02&limit=3", token).await;
     assert_eq!(day2, (0..50).filter(|&s| on_day2(s)).collect::<Vec<u64>>());
@@ -166,7 +182,10 @@ async fn billing_sees_every_tenants_spend_with_focus_columns_and_nobody_else_doe
     let total: i64 = (0..30).map(|i| 1_000 + i).sum();
     assert_eq!(acme["x_BilledCostMicros"].as_i64(), Some(total));
     assert_eq!(acme["BilledCost"].as_str(), Some(format!("0.{total:06}").as_str()));
-    assert_eq!((acme["BillingCurrency"].as_str(), acme["ChargePeriodStart"].as_str(), acme["ChargePeriodEnd"].as_str()), (Some("USD"), Some("2026-11-01T00:00:00Z"), Some("2026-12-01T00:00:00Z")));
+    assert_eq!(
+        (acme["BillingCurrency"].as_str(), acme["ChargePeriodStart"].as_str(), acme["ChargePeriodEnd"].as_str()),
+        (Some("USD"), Some("2026-11-01T00:00:00Z"), Some("2026-12-01T00:00:00Z"))
+    );
     let globex = rows.iter().find(|r| r["SubAccountId"] == "globex").unwrap();
     assert_eq!((globex["BilledCost"].as_str(), globex["BillingCurrency"].as_str()), (Some("35.000000"), Some("EUR")));
     let empty = get_json(&r, "/v1/spend?period=2026-10", &f.tokens["billing"]).await;
@@ -193,7 +212,16 @@ async fn spend_is_the_same_from_the_daily_and_the_15_minute_roll_ups() {
     let events: Vec<_> = (0..40)
         .map(|i| {
             let at = t("2026-10-31T20:00:00Z") + jiff::SignedDuration::from_mins(61 * i);
-            event(["acme", "globex"][i as usize % 2], &format!("e{i}"), at, "llm_call", "a", "m", "t", (i % 5 != 0).then_some((1_000 * i, ["USD", "EUR"][i as usize % 3 / 2])))
+            event(
+                ["acme", "globex"][i as usize % 2],
+                &format!("e{i}"),
+                at,
+                "llm_call",
+                "a",
+                "m",
+                "t",
+                (i % 5 != 0).then_some((1_000 * i, ["USD", "EUR"][i as usize % 3 / 2])),
+            )
         })
         .collect();
     let mut answers = Vec::new();
@@ -215,12 +243,18 @@ async fn spend_is_the_same_from_the_daily_and_the_15_minute_roll_ups() {
 fn verify_export(f: &Fixture, export: &serde_json::Value) -> bool {
     let checkpoint = tally_ledger::Checkpoint::open(export["checkpoint"].as_str().unwrap(), &f.verifiers("acme"), None).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD;
-    let leaves: Vec<[u8; 32]> = export["entries"].as_array().unwrap().iter().map(|e| tally_ledger::merkle::leaf_hash(&b64.decode(e.as_str().unwrap()).unwrap())).collect();
+    let leaves: Vec<[u8; 32]> =
+        export["entries"].as_array().unwrap().iter().map(|e| tally_ledger::merkle::leaf_hash(&b64.decode(e.as_str().unwrap()).unwrap())).collect();
     let rows = export["rows"].as_array().unwrap();
     if rows.len() != leaves.len() || rows.iter().zip(&leaves).any(|(r, l)| r["leaf_hash"].as_str() != Some(hex::encode(l).as_str())) {
         return false;
     }
-    let proof: Vec<[u8; 32]> = export["range_proof"].as_array().unwrap().iter().map(|h| base64::engine::general_purpose::STANDARD.decode(h.as_str().unwrap()).unwrap().try_into().unwrap()).collect();
+    let proof: Vec<[u8; 32]> = export["range_proof"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| base64::engine::general_purpose::STANDARD.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
+        .collect();
     let from = export["from_seq"].as_u64().unwrap();
     tally_ledger::merkle::root_from_range(&leaves, from, checkpoint.size, &proof) == Some(checkpoint.root)
 }
@@ -251,7 +285,11 @@ async fn an_audit_export_proves_its_range_complete_and_a_deleted_row_is_reported
         Some(datafusion::arrow::array::RecordBatch::try_new(batch.schema(), columns).unwrap())
     });
     let export = get_json(&r, "/v1/tenants/acme/audit-export?from_seq=5&to_seq=20", token).await;
-    assert_eq!((export["complete"].as_bool(), &export["mismatched_seqs"]), (Some(false), &serde_json::json!([7])), "an altered row is caught although its leaf hash is intact");
+    assert_eq!(
+        (export["complete"].as_bool(), &export["mismatched_seqs"]),
+        (Some(false), &serde_json::json!([7])),
+        "an altered row is caught although its leaf hash is intact"
+    );
     tamper(&f, |seq, batch, i| {
         (seq == 12).then(|| {
             let mask: datafusion::arrow::array::BooleanArray = (0..batch.num_rows()).map(|j| Some(j != i)).collect();

@@ -16,7 +16,8 @@ fn t(s: &str) -> Timestamp {
 
 fn fixture() -> Fixture {
     let f = Fixture::new();
-    let events: Vec<_> = (0..20).map(|i| event("acme", &format!("a-{i}"), t("2026-11-01T10:00:00Z"), "llm_call", "planner", "gpt-x", "task-1", Some((1_000, "USD")))).collect();
+    let events: Vec<_> =
+        (0..20).map(|i| event("acme", &format!("a-{i}"), t("2026-11-01T10:00:00Z"), "llm_call", "planner", "gpt-x", "task-1", Some((1_000, "USD")))).collect();
     f.ingest(&events);
     f
 }
@@ -138,7 +139,11 @@ async fn sums_beyond_64_bits_are_refused_never_wrapped() {
         event("acme", "big-2", t("2026-11-02T10:00:00Z"), "llm_call", "planner", "gpt-x", "t", Some((5_000_000_000_000_000_000, "USD"))),
     ]);
     let r = f.router();
-    for (uri, token) in [("/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30", "acme"), ("/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30&tz=America/New_York", "acme"), ("/v1/spend?period=2026-11", "billing")] {
+    for (uri, token) in [
+        ("/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30", "acme"),
+        ("/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30&tz=America/New_York", "acme"),
+        ("/v1/spend?period=2026-11", "billing"),
+    ] {
         let (status, body) = send(&r, "GET", uri, Some(&f.tokens[token]), None).await;
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("sum_overflow")), "{uri}: {json}");

@@ -77,19 +77,11 @@ pub struct Decoded {
 /// Decodes and validates one Kafka message. `headers` are (name, value) pairs as received.
 pub fn decode_message(key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])]) -> Result<Decoded, Rejection> {
     let key = match key {
-        None | Some([]) => {
-            return Err(Rejection::new(
-                RejectCode::MissingKey,
-                "message has no key; the key must be the tenant_id",
-            ))
-        }
+        None | Some([]) => return Err(Rejection::new(RejectCode::MissingKey, "message has no key; the key must be the tenant_id")),
         Some(k) => k,
     };
     if value.len() > MAX_MESSAGE_BYTES {
-        return Err(Rejection::new(
-            RejectCode::TooLarge,
-            format!("value is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted", value.len()),
-        ));
+        return Err(Rejection::new(RejectCode::TooLarge, format!("value is {} bytes; at most {MAX_MESSAGE_BYTES} are accepted", value.len())));
     }
     let content_type = find_header(headers, "content-type").map(|v| String::from_utf8_lossy(v).to_ascii_lowercase());
     let media_type = content_type.as_deref().map(|ct| ct.split(';').next().unwrap_or("").trim().to_string());
@@ -97,25 +89,16 @@ pub fn decode_message(key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])
     let (event, format, idem) = match media_type.as_deref() {
         Some("application/cloudevents+json") => decode_structured(value)?,
         Some(ct) if ct.starts_with("application/cloudevents") => {
-            return Err(Rejection::new(
-                RejectCode::UnsupportedContentType,
-                format!("content-type {ct} is not accepted; send one event per message"),
-            ))
+            return Err(Rejection::new(RejectCode::UnsupportedContentType, format!("content-type {ct} is not accepted; send one event per message")))
         }
         _ if find_header(headers, "ce_specversion").is_some() => {
             if let Some(ct) = media_type.as_deref().filter(|ct| !is_json_media_type(ct)) {
-                return Err(Rejection::new(
-                    RejectCode::UnsupportedContentType,
-                    format!("binary-mode CloudEvent data must be JSON, content-type is {ct}"),
-                ));
+                return Err(Rejection::new(RejectCode::UnsupportedContentType, format!("binary-mode CloudEvent data must be JSON, content-type is {ct}")));
             }
             decode_binary(value, headers)?
         }
         Some(ct) if !is_json_media_type(ct) => {
-            return Err(Rejection::new(
-                RejectCode::UnsupportedContentType,
-                format!("content-type {ct} is not accepted; send JSON or CloudEvents"),
-            ))
+            return Err(Rejection::new(RejectCode::UnsupportedContentType, format!("content-type {ct} is not accepted; send JSON or CloudEvents")))
         }
         _ => {
             let event = Event::from_json(value)?;
@@ -127,11 +110,7 @@ pub fn decode_message(key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])
     if key != event.tenant_id.as_bytes() {
         return Err(Rejection::new(
             RejectCode::TenantMismatch,
-            format!(
-                "message key {:?} differs from tenant_id {:?}",
-                truncate(&String::from_utf8_lossy(key)),
-                event.tenant_id
-            ),
+            format!("message key {:?} differs from tenant_id {:?}", truncate(&String::from_utf8_lossy(key)), event.tenant_id),
         ));
     }
     Ok(Decoded { event, format, key: idem, payload_sha256: Sha256::digest(value).into() })
@@ -155,33 +134,21 @@ struct Context {
 fn check_context(get: &dyn Fn(&str) -> Option<Result<String, Rejection>>) -> Result<Context, Rejection> {
     let required = |name: &str| -> Result<String, Rejection> {
         match get(name) {
-            None => Err(Rejection::new(
-                RejectCode::BadCloudEvent,
-                format!("cloudevent is missing required attribute {name}"),
-            )),
+            None => Err(Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent is missing required attribute {name}"))),
             Some(Err(e)) => Err(e),
-            Some(Ok(s)) if s.is_empty() => Err(Rejection::new(
-                RejectCode::BadCloudEvent,
-                format!("cloudevent attribute {name} must not be empty"),
-            )),
+            Some(Ok(s)) if s.is_empty() => Err(Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent attribute {name} must not be empty"))),
             Some(Ok(s)) => Ok(s),
         }
     };
     let specversion = required("specversion")?;
     if specversion != "1.0" {
-        return Err(Rejection::new(
-            RejectCode::BadCloudEvent,
-            format!("cloudevent specversion {:?} is not 1.0", truncate(&specversion)),
-        ));
+        return Err(Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent specversion {:?} is not 1.0", truncate(&specversion))));
     }
     let id = required("id")?;
     let source = required("source")?;
     // The source is part of the idempotency key and of the stored record: bounded like an id.
     if source.chars().count() > crate::event::MAX_ID_CHARS {
-        return Err(Rejection::new(
-            RejectCode::BadCloudEvent,
-            format!("cloudevent source is longer than {} characters", crate::event::MAX_ID_CHARS),
-        ));
+        return Err(Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent source is longer than {} characters", crate::event::MAX_ID_CHARS)));
     }
     required("type")?;
     Ok(Context { id, source })
@@ -191,12 +158,7 @@ fn check_context(get: &dyn Fn(&str) -> Option<Result<String, Rejection>>) -> Res
 fn event_from_data(data: Value, ctx: Context, format: IngressFormat) -> Result<(Event, IngressFormat, IdempotencyKey), Rejection> {
     let mut data = match data {
         Value::Object(map) => map,
-        other => {
-            return Err(Rejection::new(
-                RejectCode::NotAnObject,
-                format!("cloudevent data must be a Tally event object, found {}", type_name(&other)),
-            ))
-        }
+        other => return Err(Rejection::new(RejectCode::NotAnObject, format!("cloudevent data must be a Tally event object, found {}", type_name(&other)))),
     };
     match data.get("event_id") {
         None | Some(Value::Null) => {
@@ -204,10 +166,7 @@ fn event_from_data(data: Value, ctx: Context, format: IngressFormat) -> Result<(
         }
         Some(Value::String(id)) if *id == ctx.id => {}
         Some(other) => {
-            return Err(Rejection::new(
-                RejectCode::BadCloudEvent,
-                format!("data.event_id {} differs from the cloudevent id {:?}", other, truncate(&ctx.id)),
-            ))
+            return Err(Rejection::new(RejectCode::BadCloudEvent, format!("data.event_id {} differs from the cloudevent id {:?}", other, truncate(&ctx.id))))
         }
     }
     let event = Event::from_value(Value::Object(data))?;
@@ -222,49 +181,35 @@ fn decode_structured(value: &[u8]) -> Result<(Event, IngressFormat, IdempotencyK
     let ctx = check_context(&|name| {
         envelope.get(name).map(|v| match v {
             Value::String(s) => Ok(s.clone()),
-            other => Err(Rejection::new(
-                RejectCode::BadCloudEvent,
-                format!("cloudevent attribute {name} must be a string, found {}", type_name(other)),
-            )),
+            other => Err(Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent attribute {name} must be a string, found {}", type_name(other)))),
         })
     })?;
     if let Some(dct) = envelope.get("datacontenttype").and_then(Value::as_str) {
         let media = dct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if !is_json_media_type(&media) {
-            return Err(Rejection::new(
-                RejectCode::UnsupportedContentType,
-                format!("cloudevent datacontenttype {media} is not JSON"),
-            ));
+            return Err(Rejection::new(RejectCode::UnsupportedContentType, format!("cloudevent datacontenttype {media} is not JSON")));
         }
     }
     let data = match (envelope.remove("data"), envelope.remove("data_base64")) {
         (Some(data), None) => data,
         (None, Some(Value::String(b64))) => {
-            let bytes = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()).map_err(|e| {
-                Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent data_base64 is not base64: {e}"))
-            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent data_base64 is not base64: {e}")))?;
             crate::json::parse(&bytes, "cloudevent data_base64")?
         }
         (None, None) => {
             return Err(Rejection::new(RejectCode::MissingField, "cloudevent has no data"));
         }
-        _ => {
-            return Err(Rejection::new(
-                RejectCode::BadCloudEvent,
-                "cloudevent must carry exactly one of data and data_base64 (as a string)",
-            ))
-        }
+        _ => return Err(Rejection::new(RejectCode::BadCloudEvent, "cloudevent must carry exactly one of data and data_base64 (as a string)")),
     };
     event_from_data(data, ctx, IngressFormat::CloudEventsStructured)
 }
 
 fn decode_binary(value: &[u8], headers: &[(&str, &[u8])]) -> Result<(Event, IngressFormat, IdempotencyKey), Rejection> {
     let ctx = check_context(&|name| {
-        find_header(headers, &format!("ce_{name}")).map(|v| {
-            String::from_utf8(v.to_vec()).map_err(|_| {
-                Rejection::new(RejectCode::BadCloudEvent, format!("header ce_{name} is not UTF-8"))
-            })
-        })
+        find_header(headers, &format!("ce_{name}"))
+            .map(|v| String::from_utf8(v.to_vec()).map_err(|_| Rejection::new(RejectCode::BadCloudEvent, format!("header ce_{name} is not UTF-8"))))
     })?;
     let data = crate::json::parse(value, "cloudevent data")?;
     event_from_data(data, ctx, IngressFormat::CloudEventsBinary)
@@ -372,13 +317,8 @@ mod tests {
     #[test]
     fn binary_cloudevent() {
         let value = serde_json::to_vec(&event("acme")).unwrap();
-        let mut headers: Vec<(&str, &[u8])> = vec![
-            ("ce_specversion", b"1.0"),
-            ("ce_id", b"e1"),
-            ("ce_source", b"gw/us"),
-            ("ce_type", b"tally.event"),
-            ("content-type", b"application/json"),
-        ];
+        let mut headers: Vec<(&str, &[u8])> =
+            vec![("ce_specversion", b"1.0"), ("ce_id", b"e1"), ("ce_source", b"gw/us"), ("ce_type", b"tally.event"), ("content-type", b"application/json")];
         let d = decode_message(Some(b"acme"), &value, &headers).unwrap();
         assert_eq!(d.format, IngressFormat::CloudEventsBinary);
         assert_eq!(d.key.source.as_deref(), Some("gw/us"));

@@ -92,15 +92,7 @@ impl Decision {
     }
 
     fn parse(s: &str) -> Option<Decision> {
-        [
-            Decision::Allow,
-            Decision::Deny,
-            Decision::ApprovalRequired,
-            Decision::Throttled,
-            Decision::BudgetExceeded,
-        ]
-        .into_iter()
-        .find(|d| d.as_str() == s)
+        [Decision::Allow, Decision::Deny, Decision::ApprovalRequired, Decision::Throttled, Decision::BudgetExceeded].into_iter().find(|d| d.as_str() == s)
     }
 }
 
@@ -125,16 +117,11 @@ pub struct Cost {
 pub fn validate_tenant_id(tenant_id: &str) -> Result<(), Rejection> {
     let bytes = tenant_id.as_bytes();
     let first_ok = bytes.first().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    let rest_ok = bytes
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+    let rest_ok = bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
     if first_ok && rest_ok && bytes.len() <= 63 {
         Ok(())
     } else {
-        Err(Rejection::new(
-            RejectCode::BadTenantId,
-            format!("tenant_id {:?} does not match ^[a-z0-9][a-z0-9_-]{{0,62}}$", truncate(tenant_id)),
-        ))
+        Err(Rejection::new(RejectCode::BadTenantId, format!("tenant_id {:?} does not match ^[a-z0-9][a-z0-9_-]{{0,62}}$", truncate(tenant_id))))
     }
 }
 
@@ -147,10 +134,7 @@ impl Event {
     /// Validates an already-parsed JSON value (e.g. the `data` of a CloudEvent).
     pub fn from_value(value: Value) -> Result<Event, Rejection> {
         let Value::Object(map) = value else {
-            return Err(Rejection::new(
-                RejectCode::NotAnObject,
-                format!("event must be a JSON object, found {}", type_name(&value)),
-            ));
+            return Err(Rejection::new(RejectCode::NotAnObject, format!("event must be a JSON object, found {}", type_name(&value))));
         };
         let mut fields = Fields { map, path: "" };
         let event_id = fields.required_id("event_id")?;
@@ -159,20 +143,14 @@ impl Event {
         let occurred_at = parse_timestamp(&fields.required_str("occurred_at")?)?;
         let kind = fields.required_str("kind")?;
         if !is_kind(&kind) {
-            return Err(Rejection::new(
-                RejectCode::BadKind,
-                format!("kind {:?} must match ^[a-z][a-z0-9_]{{0,63}}$", truncate(&kind)),
-            ));
+            return Err(Rejection::new(RejectCode::BadKind, format!("kind {:?} must match ^[a-z][a-z0-9_]{{0,63}}$", truncate(&kind))));
         }
         let decision = match fields.optional_str("decision")? {
             None => None,
             Some(d) => Some(Decision::parse(&d).ok_or_else(|| {
                 Rejection::new(
                     RejectCode::BadDecision,
-                    format!(
-                        "decision {:?} is not one of allow, deny, approval_required, throttled, budget_exceeded",
-                        truncate(&d)
-                    ),
+                    format!("decision {:?} is not one of allow, deny, approval_required, throttled, budget_exceeded", truncate(&d)),
                 )
             })?),
         };
@@ -219,10 +197,7 @@ impl Fields {
     }
 
     fn wrong_type(&self, name: &str, want: &str, got: &Value) -> Rejection {
-        Rejection::new(
-            RejectCode::WrongType,
-            format!("field {}{name} must be {want}, found {}", self.path, type_name(got)),
-        )
+        Rejection::new(RejectCode::WrongType, format!("field {}{name} must be {want}, found {}", self.path, type_name(got)))
     }
 
     fn optional_str(&mut self, name: &str) -> Result<Option<String>, Rejection> {
@@ -286,12 +261,10 @@ impl Fields {
     fn token_count(&mut self, name: &str) -> Result<u64, Rejection> {
         match self.take(name) {
             None => Ok(0),
-            Some(Value::Number(n)) => n.as_u64().filter(|t| *t <= MAX_TOKENS).ok_or_else(|| {
-                Rejection::new(
-                    RejectCode::BadUsage,
-                    format!("{}{name} must be an integer 0..={MAX_TOKENS}, found {n}", self.path),
-                )
-            }),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .filter(|t| *t <= MAX_TOKENS)
+                .ok_or_else(|| Rejection::new(RejectCode::BadUsage, format!("{}{name} must be an integer 0..={MAX_TOKENS}, found {n}", self.path))),
             Some(other) => Err(self.wrong_type(name, "a non-negative integer", &other)),
         }
     }
@@ -301,16 +274,13 @@ impl Fields {
         let amount_micros = match cost.take("amount_micros") {
             None => return Err(cost.missing("amount_micros")),
             // Only JSON integers are money; `1.5` or `1e6` is a float even when whole.
-            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.as_i64().ok_or_else(|| {
-                Rejection::new(RejectCode::WrongType, format!("cost.amount_micros {n} exceeds 64 bits"))
-            })?,
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
+                n.as_i64().ok_or_else(|| Rejection::new(RejectCode::WrongType, format!("cost.amount_micros {n} exceeds 64 bits")))?
+            }
             Some(other) => return Err(cost.wrong_type("amount_micros", "an integer (micros)", &other)),
         };
         if amount_micros < 0 {
-            return Err(Rejection::new(
-                RejectCode::NegativeCost,
-                format!("cost.amount_micros must be >= 0, found {amount_micros}"),
-            ));
+            return Err(Rejection::new(RejectCode::NegativeCost, format!("cost.amount_micros must be >= 0, found {amount_micros}")));
         }
         if amount_micros > MAX_AMOUNT_MICROS {
             return Err(Rejection::new(
@@ -320,10 +290,7 @@ impl Fields {
         }
         let currency = cost.required_str("currency")?;
         if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(Rejection::new(
-                RejectCode::BadCurrency,
-                format!("cost.currency {:?} must be a three-letter ISO 4217 code", truncate(&currency)),
-            ));
+            return Err(Rejection::new(RejectCode::BadCurrency, format!("cost.currency {:?} must be a three-letter ISO 4217 code", truncate(&currency))));
         }
         cost.finish()?;
         Ok(Some(Cost { amount_micros, currency }))
@@ -332,20 +299,14 @@ impl Fields {
     fn attributes(&mut self) -> Result<BTreeMap<String, String>, Rejection> {
         let Some(attrs) = self.object("attributes")? else { return Ok(BTreeMap::new()) };
         if attrs.map.len() > MAX_ATTRIBUTES {
-            return Err(Rejection::new(
-                RejectCode::WrongType,
-                format!("attributes has {} entries; at most {MAX_ATTRIBUTES} are allowed", attrs.map.len()),
-            ));
+            return Err(Rejection::new(RejectCode::WrongType, format!("attributes has {} entries; at most {MAX_ATTRIBUTES} are allowed", attrs.map.len())));
         }
         attrs
             .map
             .into_iter()
             .map(|(k, v)| match v {
                 Value::String(s) => Ok((k, s)),
-                other => Err(Rejection::new(
-                    RejectCode::WrongType,
-                    format!("attributes.{} must be a string, found {}", truncate(&k), type_name(&other)),
-                )),
+                other => Err(Rejection::new(RejectCode::WrongType, format!("attributes.{} must be a string, found {}", truncate(&k), type_name(&other)))),
             })
             .collect()
     }
@@ -353,10 +314,7 @@ impl Fields {
     fn finish(self) -> Result<(), Rejection> {
         match self.map.keys().next() {
             None => Ok(()),
-            Some(k) => Err(Rejection::new(
-                RejectCode::UnknownField,
-                format!("field {}{} is not part of the v1 event schema", self.path, truncate(k)),
-            )),
+            Some(k) => Err(Rejection::new(RejectCode::UnknownField, format!("field {}{} is not part of the v1 event schema", self.path, truncate(k)))),
         }
     }
 }
@@ -373,34 +331,22 @@ fn name_prefix(name: &'static str) -> &'static str {
 fn check_identifier(field: &str, value: &str) -> Result<(), Rejection> {
     let chars = value.chars().count();
     if chars == 0 || chars > MAX_ID_CHARS || value.chars().any(char::is_control) {
-        return Err(Rejection::new(
-            RejectCode::BadIdentifier,
-            format!("{field} must be 1 to {MAX_ID_CHARS} characters without control characters"),
-        ));
+        return Err(Rejection::new(RejectCode::BadIdentifier, format!("{field} must be 1 to {MAX_ID_CHARS} characters without control characters")));
     }
     Ok(())
 }
 
 fn is_kind(kind: &str) -> bool {
     let b = kind.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_lowercase()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+    !b.is_empty() && b.len() <= 64 && b[0].is_ascii_lowercase() && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
 /// RFC 3339 with a mandatory offset (`Z` or `±hh:mm`); jiff alone would also take RFC 9557 forms.
 fn parse_timestamp(s: &str) -> Result<Timestamp, Rejection> {
-    let bad = |why: &str| {
-        Rejection::new(
-            RejectCode::BadTimestamp,
-            format!("occurred_at {:?} is not an RFC 3339 timestamp: {why}", truncate(s)),
-        )
-    };
+    let bad = |why: &str| Rejection::new(RejectCode::BadTimestamp, format!("occurred_at {:?} is not an RFC 3339 timestamp: {why}", truncate(s)));
     let b = s.as_bytes();
-    let has_offset = b.last() == Some(&b'Z')
-        || b.last() == Some(&b'z')
-        || (b.len() > 6 && (b[b.len() - 6] == b'+' || b[b.len() - 6] == b'-') && b[b.len() - 3] == b':');
+    let has_offset =
+        b.last() == Some(&b'Z') || b.last() == Some(&b'z') || (b.len() > 6 && (b[b.len() - 6] == b'+' || b[b.len() - 6] == b'-') && b[b.len() - 3] == b':');
     if b.len() < 20 || !(b[10] == b'T' || b[10] == b't') || !has_offset || s.contains('[') {
         return Err(bad("expected YYYY-MM-DDTHH:MM:SS[.fraction](Z|±hh:mm)"));
     }
@@ -493,25 +439,13 @@ mod tests {
         assert_eq!(code_of(with("occurred_at", json!("2026-02-30T12:00:00Z"))), RejectCode::BadTimestamp);
         assert_eq!(code_of(with("kind", json!("LLM"))), RejectCode::BadKind);
         assert_eq!(code_of(with("decision", json!("maybe"))), RejectCode::BadDecision);
-        assert_eq!(
-            code_of(with("cost", json!({"amount_micros": -1, "currency": "USD"}))),
-            RejectCode::NegativeCost
-        );
-        assert_eq!(
-            code_of(with("cost", json!({"amount_micros": 1.5, "currency": "USD"}))),
-            RejectCode::WrongType
-        );
-        assert_eq!(
-            code_of(with("cost", json!({"amount_micros": 1, "currency": "usd"}))),
-            RejectCode::BadCurrency
-        );
+        assert_eq!(code_of(with("cost", json!({"amount_micros": -1, "currency": "USD"}))), RejectCode::NegativeCost);
+        assert_eq!(code_of(with("cost", json!({"amount_micros": 1.5, "currency": "USD"}))), RejectCode::WrongType);
+        assert_eq!(code_of(with("cost", json!({"amount_micros": 1, "currency": "usd"}))), RejectCode::BadCurrency);
         assert_eq!(code_of(with("cost", json!({"currency": "USD"}))), RejectCode::MissingField);
         assert_eq!(code_of(with("usage", json!({"input_tokens": -3}))), RejectCode::BadUsage);
         assert_eq!(code_of(with("usage", json!({"output_tokens": MAX_TOKENS + 1}))), RejectCode::BadUsage);
-        assert_eq!(
-            code_of(with("cost", json!({"amount_micros": 9_000_000_000_000_000_000i64, "currency": "USD"}))),
-            RejectCode::AmountTooLarge
-        );
+        assert_eq!(code_of(with("cost", json!({"amount_micros": 9_000_000_000_000_000_000i64, "currency": "USD"}))), RejectCode::AmountTooLarge);
         assert!(Event::from_value(with("cost", json!({"amount_micros": MAX_AMOUNT_MICROS, "currency": "USD"}))).is_ok());
         assert!(Event::from_value(with("usage", json!({"input_tokens": MAX_TOKENS}))).is_ok());
         let dup = br#"{"event_id":"d3","tenant_id":"acme","occurred_at":"2026-03-01T12:00:00Z","kind":"x","event_id":"d4"}"#;

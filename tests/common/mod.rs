@@ -14,8 +14,7 @@ use tally_ingest::{ensure_topics, KafkaConfig, PartitionSink, Resume, TopicSpec}
 
 /// The broker the test command started (scripts/test.sh exports KAFKA_BOOTSTRAP).
 pub fn kafka() -> KafkaConfig {
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP")
-        .expect("KAFKA_BOOTSTRAP is not set: run the tests with scripts/test.sh, which starts a broker");
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP is not set: run the tests with scripts/test.sh, which starts a broker");
     KafkaConfig::with_bootstrap(bootstrap)
 }
 
@@ -40,13 +39,7 @@ pub fn raw_producer(config: &KafkaConfig) -> FutureProducer {
         .expect("raw producer")
 }
 
-pub async fn send_raw(
-    producer: &FutureProducer,
-    topic: &str,
-    key: Option<&[u8]>,
-    value: &[u8],
-    headers: &[(&str, &[u8])],
-) -> (i32, i64) {
+pub async fn send_raw(producer: &FutureProducer, topic: &str, key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])]) -> (i32, i64) {
     let mut owned = OwnedHeaders::new();
     for (k, v) in headers {
         owned = owned.insert(Header { key: k, value: Some(*v) });

@@ -43,8 +43,8 @@ pub struct Price {
 impl Price {
     /// Rounded up to the micro: a fraction of a micro is still spend.
     pub fn charge(&self, input_tokens: u64, output_tokens: u64) -> i64 {
-        let total = i128::from(input_tokens) * i128::from(self.input_per_million_micros)
-            + i128::from(output_tokens) * i128::from(self.output_per_million_micros);
+        let total =
+            i128::from(input_tokens) * i128::from(self.input_per_million_micros) + i128::from(output_tokens) * i128::from(self.output_per_million_micros);
         i64::try_from((total + 999_999) / 1_000_000).unwrap_or(i64::MAX)
     }
 }
@@ -255,7 +255,10 @@ period_anchor_day = 31
             ("[plans.a]\ntime_zone = \"Mars/Base\"\n", "plans.a: time_zone \"Mars/Base\""),
             ("[plans.a]\nperiod_anchor_day = 0\n", "plans.a: period_anchor_day = 0"),
             ("[tenants.acme]\nplan = \"gold\"\n", "tenants.acme.plan: \"gold\""),
-            ("[tenants.acme]\nday_micros = -1\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n", "tenants.acme: day_micros must be positive"),
+            (
+                "[tenants.acme]\nday_micros = -1\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n",
+                "tenants.acme: day_micros must be positive",
+            ),
             ("[tenants.\"Bad Id\"]\n", "tenants.Bad Id: not a valid tenant id"),
         ] {
             let err = match toml::from_str::<BudgetFile>(text) {

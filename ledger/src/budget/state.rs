@@ -103,7 +103,11 @@ pub struct Release {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum BudgetRecord {
-    Config { seq: u64, at: Timestamp, budget: TenantBudget },
+    Config {
+        seq: u64,
+        at: Timestamp,
+        budget: TenantBudget,
+    },
     Budget {
         seq: u64,
         #[serde(flatten)]
@@ -396,7 +400,11 @@ impl BudgetState {
     pub fn restorations_due(&self, now: Timestamp) -> Vec<BudgetDecision> {
         let Some(calendar) = self.calendar() else {
             // No budget any more: everything announced is void.
-            return self.announced_scopes().into_iter().map(|(level, scope)| BudgetDecision { at: now, status: Status::Restored, level, scope, limit_micros: 0, spent_micros: 0 }).collect();
+            return self
+                .announced_scopes()
+                .into_iter()
+                .map(|(level, scope)| BudgetDecision { at: now, status: Status::Restored, level, scope, limit_micros: 0, spent_micros: 0 })
+                .collect();
         };
         let (today, this_period) = (calendar.day(now).to_string(), calendar.period(now).to_string());
         let mut out = Vec::new();

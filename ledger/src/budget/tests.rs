@@ -145,7 +145,10 @@ fn expired_reservations_release_their_budget() {
     let expired = log.state.expired(ts("2026-11-02T10:00:00.500Z"));
     assert_eq!(expired, vec![id.clone().unwrap()]);
     let seq = log.seq();
-    log.push_budget(BudgetRecord::Release { seq, release: Release { at: ts("2026-11-02T10:00:00.500Z"), reservation_id: id.unwrap(), reason: ReleaseReason::Expired } });
+    log.push_budget(BudgetRecord::Release {
+        seq,
+        release: Release { at: ts("2026-11-02T10:00:00.500Z"), reservation_id: id.unwrap(), reason: ReleaseReason::Expired },
+    });
     assert!(log.authorize("2026-11-02T10:00:01Z", None, 1_000, 500).0.allowed, "no phantom denial");
 }
 
@@ -229,10 +232,20 @@ fn replaying_a_log_gives_the_same_state_and_decisions() {
 fn budget_records_have_a_stable_shape() {
     let r = BudgetRecord::Budget {
         seq: 9,
-        decision: BudgetDecision { at: ts("2026-11-02T09:00:00Z"), status: Status::Exceeded, level: Level::Day, scope: "2026-11-02".into(), limit_micros: 10, spent_micros: 12 },
+        decision: BudgetDecision {
+            at: ts("2026-11-02T09:00:00Z"),
+            status: Status::Exceeded,
+            level: Level::Day,
+            scope: "2026-11-02".into(),
+            limit_micros: 10,
+            spent_micros: 12,
+        },
     };
     let text = String::from_utf8(r.to_bytes().unwrap()).unwrap();
-    assert_eq!(text, r#"{"type":"budget","seq":9,"at":"2026-11-02T09:00:00Z","status":"exceeded","level":"day","scope":"2026-11-02","limit_micros":10,"spent_micros":12}"#);
+    assert_eq!(
+        text,
+        r#"{"type":"budget","seq":9,"at":"2026-11-02T09:00:00Z","status":"exceeded","level":"day","scope":"2026-11-02","limit_micros":10,"spent_micros":12}"#
+    );
     assert_eq!(serde_json::from_str::<BudgetRecord>(&text).unwrap(), r);
 }
 

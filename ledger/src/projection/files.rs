@@ -116,10 +116,8 @@ pub fn projected_tenants(root: &Path) -> Result<Vec<String>> {
 
 /// Partition values (dates or months) of a tenant's tree, sorted.
 pub fn partitions(root: &Path, tree: Tree, tenant: &str) -> Result<Vec<String>> {
-    let mut out: Vec<String> = names_in(&tenant_dir(root, tree, tenant))?
-        .into_iter()
-        .filter_map(|name| name.strip_prefix(tree.partition_key()).map(str::to_string))
-        .collect();
+    let mut out: Vec<String> =
+        names_in(&tenant_dir(root, tree, tenant))?.into_iter().filter_map(|name| name.strip_prefix(tree.partition_key()).map(str::to_string)).collect();
     out.sort();
     Ok(out)
 }

@@ -84,7 +84,9 @@ pub fn currency_sums(path: &Path, zone: Option<&str>) -> Result<BTreeMap<String,
     for batch in builder.with_projection(mask).build().map_err(|e| bad(&e))? {
         let batch = batch.map_err(|e| bad(&e))?;
         let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-        let num = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).ok_or_else(|| bad(&format!("no column {name}")));
+        let num = |name: &str| {
+            batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).ok_or_else(|| bad(&format!("no column {name}")))
+        };
         let currency = text("currency").ok_or_else(|| bad(&"no column currency"))?;
         let zones = text("zone");
         let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
@@ -175,7 +177,10 @@ impl Projection {
         let state = self.tenant(tenant)?;
         let size = log.size();
         if state.mark.next_seq > size {
-            return Err(Error::Projection(format!("{tenant}: projected to {} but the log holds {size}; rebuild it (tally parquet rebuild)", state.mark.next_seq)));
+            return Err(Error::Projection(format!(
+                "{tenant}: projected to {} but the log holds {size}; rebuild it (tally parquet rebuild)",
+                state.mark.next_seq
+            )));
         }
         if state.mark.next_seq == size {
             return Ok(Some(FlushReport::default()));
@@ -325,7 +330,7 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
                     }
                 }
                 (vec![rows::rollup_batch(rollup.iter())?], rollup.len() as u64)
-            },
+            }
             Tree::Daily => {
                 let mut daily = Daily::new();
                 for f in &run {

@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arrow_array::builder::Date32Builder;
 use arrow_array::builder::{
     FixedSizeBinaryBuilder, Int32Builder, Int64Builder, ListBuilder, MapBuilder, MapFieldNames, StringBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder, UInt64Builder,
 };
-use arrow_array::builder::Date32Builder;
 use arrow_array::{Array, ArrayRef, Date32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::{Field, Schema, SchemaRef};
 use jiff::Timestamp;
@@ -65,10 +65,7 @@ impl Row {
         if raw.seq != seq {
             return Err(Error::BadRecord(format!("entry {seq} says it is seq {}", raw.seq)));
         }
-        let kafka = raw
-            .source
-            .filter(|s| s.get("kind").and_then(|k| k.as_str()) == Some("kafka"))
-            .and_then(|s| serde_json::from_value::<KafkaSource>(s).ok());
+        let kafka = raw.source.filter(|s| s.get("kind").and_then(|k| k.as_str()) == Some("kafka")).and_then(|s| serde_json::from_value::<KafkaSource>(s).ok());
         let detail = match (&raw.event, raw.conflicts_with_seq) {
             (Some(_), Some(first)) => Some(format!("{{\"conflicts_with_seq\":{first}}}")),
             (Some(_), None) => None,
@@ -161,7 +158,8 @@ pub(crate) fn rows_batch(rows: &[&Row]) -> Result<RecordBatch> {
     // Schema order: event_id, occurred_at, kind, decision, reason_code, agent_id, actor_id,
     // workspace_id, task_id, delegation, action, policy_profile, quota_class, …
     let event_id = text.remove(0);
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(seq.finish()), Arc::new(leaf.finish()), Arc::new(record_type.finish()), event_id, Arc::new(occurred.finish())];
+    let mut columns: Vec<ArrayRef> =
+        vec![Arc::new(seq.finish()), Arc::new(leaf.finish()), Arc::new(record_type.finish()), event_id, Arc::new(occurred.finish())];
     let mut rest = text.into_iter();
     columns.extend(rest.by_ref().take(7)); // kind … task_id
     columns.push(Arc::new(delegation.finish()));
@@ -189,7 +187,8 @@ pub(crate) fn rows_batch(rows: &[&Row]) -> Result<RecordBatch> {
 }
 
 fn retype(col: ArrayRef, field: &Field) -> Result<ArrayRef> {
-    let data = col.to_data().into_builder().data_type(field.data_type().clone()).build().map_err(|e| Error::Projection(format!("column {}: {e}", field.name())))?;
+    let data =
+        col.to_data().into_builder().data_type(field.data_type().clone()).build().map_err(|e| Error::Projection(format!("column {}: {e}", field.name())))?;
     Ok(arrow_array::make_array(data))
 }
 
@@ -294,7 +293,8 @@ pub(crate) fn rollup_batch<'a>(rows: impl Iterator<Item = (&'a RollupKey, &'a Ro
 pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Result<()> {
     let bucket = column::<TimestampMicrosecondArray>(batch, "bucket_start")?;
     let text = |name| column::<StringArray>(batch, name);
-    let (kind, decision, agent, action, task, currency) = (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("task_id")?, text("currency")?);
+    let (kind, decision, agent, action, task, currency) =
+        (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("task_id")?, text("currency")?);
     let num = |name| column::<Int64Array>(batch, name);
     let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
     let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
@@ -308,7 +308,12 @@ pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Res
             task_id: opt(task, i),
             currency: opt(currency, i),
         };
-        rollup.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) })?;
+        rollup.entry(key).or_default().add(RollupSums {
+            events: events.value(i),
+            cost_micros: cost.value(i),
+            input_tokens: input.value(i),
+            output_tokens: output.value(i),
+        })?;
     }
     Ok(())
 }
@@ -403,7 +408,12 @@ pub(crate) fn fold_daily_batch(daily: &mut Daily, batch: &RecordBatch) -> Result
             action: opt(action, i),
             currency: opt(currency, i),
         };
-        daily.entry(key).or_default().add(RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) })?;
+        daily.entry(key).or_default().add(RollupSums {
+            events: events.value(i),
+            cost_micros: cost.value(i),
+            input_tokens: input.value(i),
+            output_tokens: output.value(i),
+        })?;
     }
     Ok(())
 }

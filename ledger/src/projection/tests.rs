@@ -42,7 +42,8 @@ fn append(log: &mut TenantLog, from: u64, to: u64) {
         log.append(&event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
         if i % 3 == 2 {
             let seq = log.size() + log.pending();
-            let decision = BudgetDecision { at: e.occurred_at, status: Status::Warning, level: Level::Day, scope: "2025-12-01".into(), limit_micros: 1, spent_micros: 1 };
+            let decision =
+                BudgetDecision { at: e.occurred_at, status: Status::Warning, level: Level::Day, scope: "2025-12-01".into(), limit_micros: 1, spent_micros: 1 };
             log.append(&BudgetRecord::Budget { seq, decision }.to_bytes().unwrap()).unwrap();
         }
     }

@@ -62,9 +62,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tenants/{tenant}/budget/authorize", post(authorize))
         .route("/v1/tenants/{tenant}/budget/release", post(release))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_budget_write_access));
-    let admin = Router::new()
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), admin_access));
+    let admin = Router::new().route("/metrics", get(metrics)).route_layer(middleware::from_fn_with_state(Arc::clone(&shared), admin_access));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -383,7 +381,8 @@ async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<S
         Err(r) => return r,
     };
     let t = tenant.clone();
-    let decided = on_partition(&shared, partition, move |p| p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)).await;
+    let decided =
+        on_partition(&shared, partition, move |p| p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)).await;
     let (verdict, admission, seq) = match decided {
         Ok(v) => v,
         Err(r) => return r,
@@ -507,7 +506,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "# HELP tally_ledger_token_reload_failures_total Token file reloads that found it missing or invalid (no token is accepted until it is fixed).\n# TYPE tally_ledger_token_reload_failures_total counter\ntally_ledger_token_reload_failures_total {}\n",
         shared.tokens.reload_failures()
     ));
-    out.push_str(&format!("# HELP tally_ledger_partitions Partitions owned by this instance.\n# TYPE tally_ledger_partitions gauge\ntally_ledger_partitions {}\n", shared.partitions().len()));
+    out.push_str(&format!(
+        "# HELP tally_ledger_partitions Partitions owned by this instance.\n# TYPE tally_ledger_partitions gauge\ntally_ledger_partitions {}\n",
+        shared.partitions().len()
+    ));
     out.push_str(&format!(
         "# HELP tally_ledger_checkpoint_lag_seconds Age of the oldest record not yet in a signed checkpoint (0: all signed).\n# TYPE tally_ledger_checkpoint_lag_seconds gauge\ntally_ledger_checkpoint_lag_seconds {:.3}\n",
         m.checkpoint_lag_seconds()
@@ -559,10 +561,8 @@ mod tests {
         p.commit().unwrap();
         // Budgets arrive after those events: acme's `config` record is appended at its first
         // admission (seq 2).
-        let budgets: crate::budget::BudgetFile = toml::from_str(
-            "[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n",
-        )
-        .unwrap();
+        let budgets: crate::budget::BudgetFile =
+            toml::from_str("[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n").unwrap();
         p.set_budget_file(Some(Arc::new(budgets.clone())));
         let tokens = [
             new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap(),
@@ -618,7 +618,13 @@ mod tests {
         assert_eq!((s1, s2), (StatusCode::FORBIDDEN, StatusCode::FORBIDDEN));
         assert_eq!(e1, e2);
         assert_eq!(e1["error"]["code"], "forbidden");
-        for path in ["/t/globex/tile/0/000.p/1", "/v1/tenants/globex/records/0", "/v1/tenants/globex/receipt/0", "/v1/tenants/globex/consistency?old=0&new=1", "/metrics"] {
+        for path in [
+            "/t/globex/tile/0/000.p/1",
+            "/v1/tenants/globex/records/0",
+            "/v1/tenants/globex/receipt/0",
+            "/v1/tenants/globex/consistency?old=0&new=1",
+            "/metrics",
+        ] {
             assert_eq!(call(&f.app, path, Some(&f.acme)).await.0, StatusCode::FORBIDDEN, "{path}");
         }
     }

@@ -29,9 +29,9 @@ pub use partition::{Applied, PartitionLedger};
 
 use crate::auth::TokenStore;
 use crate::budget::BudgetFile;
-use crate::watch::FileWatch;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
+use crate::watch::FileWatch;
 
 /// `[ledger]` in the service's TOML configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -127,10 +127,7 @@ impl ServiceConfig {
         }
         crate::projection::report_zones(&self.report_time_zones).map_err(|e| Error::BadKey(format!("ledger.report_time_zones: {e}")))?;
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
-            return Err(Error::BadKey(format!(
-                "ledger.tokens is required when ledger.listen ({}) is not a loopback address",
-                self.listen
-            )));
+            return Err(Error::BadKey(format!("ledger.tokens is required when ledger.listen ({}) is not a loopback address", self.listen)));
         }
         self.keys.iter().map(|k| LedgerKey::read(k)).collect()
     }
@@ -461,10 +458,16 @@ impl PartitionSink for Sink {
 /// Regenerates the Parquet projection of every tenant (or only `only`) under `data_dir` from
 /// the logs, calling `progress(tenant, done, total)` as it goes. Each partition is locked while
 /// its tenants are rebuilt, so this refuses to run beside a ledger instance that owns one.
-pub fn rebuild_projection(data_dir: &std::path::Path, only: Option<&str>, zones: &[String], mut progress: impl FnMut(&str, u64, u64)) -> Result<Vec<(String, u64)>> {
+pub fn rebuild_projection(
+    data_dir: &std::path::Path,
+    only: Option<&str>,
+    zones: &[String],
+    mut progress: impl FnMut(&str, u64, u64),
+) -> Result<Vec<(String, u64)>> {
     let zones = crate::projection::report_zones(zones)?;
     let parts = data_dir.join("partitions");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
     dirs.sort();
     let root = data_dir.join("parquet");
     let mut done = Vec::new();
@@ -512,12 +515,7 @@ fn read_owner(root: &std::path::Path, topic: &str, partition: i32) -> Option<Str
 }
 
 /// Runs the service until `shutdown` completes; serves HTTP on `listener`.
-pub async fn run(
-    config: ServiceConfig,
-    kafka: KafkaConfig,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net::TcpListener, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let keys = config.load_keys()?;
     let tokens = config.load_tokens()?;
     let budgets = BudgetSource::new(config.budgets.clone(), config.load_budgets()?);
@@ -536,7 +534,10 @@ pub async fn run(
         .map(|(key, t)| format!("{key} = {t:?}"))
         .collect();
     if !missing.is_empty() {
-        return Err(Error::Service(format!("these topics do not exist on the broker: {}; create them (`tally topics --config <this file>`, or your Kafka tooling) and start again", missing.join(", "))));
+        return Err(Error::Service(format!(
+            "these topics do not exist on the broker: {}; create them (`tally topics --config <this file>`, or your Kafka tooling) and start again",
+            missing.join(", ")
+        )));
     }
     let partitions = pin_partition_count(&config.data_dir, &config.topic, topics[&config.topic])?;
     let shared = Arc::new(Shared {
@@ -724,7 +725,11 @@ pub async fn run(
     .await;
     // Whatever ended the loop, make what was applied durable before leaving the group.
     let committed = tokio::task::block_in_place(|| shared.commit_all());
-    tokio::task::block_in_place(|| shared.partitions().values_mut().for_each(|p| { p.project(true); }));
+    tokio::task::block_in_place(|| {
+        shared.partitions().values_mut().for_each(|p| {
+            p.project(true);
+        })
+    });
     if let Ok(offsets) = &committed {
         consumer.commit(offsets).map_err(kafka_err)?;
     }
@@ -749,7 +754,8 @@ fn pin_partition_count(data_dir: &std::path::Path, topic: &str, current: i32) ->
     let path = dir.join(format!("{topic}.partition-count"));
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let pinned: i32 = text.trim().parse().map_err(|_| Error::Corrupt { path: path.display().to_string(), detail: format!("{text:?} is not a partition count") })?;
+            let pinned: i32 =
+                text.trim().parse().map_err(|_| Error::Corrupt { path: path.display().to_string(), detail: format!("{text:?} is not a partition count") })?;
             if pinned != current {
                 return Err(Error::Service(format!(
                     "topic {topic} has {current} partitions, but this data directory was built with {pinned} ({}): every tenant's home partition would change and its log would fork; the partition count of an events topic in use cannot change (see README, \"Growing the events topic\")",

@@ -44,9 +44,17 @@ use crate::record::{conflict_record, event_record, EventInput, Source};
 /// What applying one delivery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    Appended { tenant: String, seq: u64 },
-    Deduplicated { tenant: String },
-    Conflict { tenant: String, seq: u64 },
+    Appended {
+        tenant: String,
+        seq: u64,
+    },
+    Deduplicated {
+        tenant: String,
+    },
+    Conflict {
+        tenant: String,
+        seq: u64,
+    },
     /// Its record is already in the tenant's log (a re-read after a crash).
     AlreadyRecorded,
     Rejected,
@@ -154,7 +162,8 @@ impl PartitionLedger {
         for tenant in ledger.tenant_ids()? {
             let mut state = store.tenant(&tenant)?;
             let mut budget: BudgetState = match store.budget(&tenant)? {
-                Some(json) => serde_json::from_slice(&json).map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
+                Some(json) => serde_json::from_slice(&json)
+                    .map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
                 None => BudgetState::default(),
             };
             budget.restore_cache();
@@ -168,8 +177,7 @@ impl PartitionLedger {
             for seq in state.indexed..log.size() {
                 let entry = log.entry(seq)?;
                 budget.fold(&entry)?;
-                let record: StoredRecord = serde_json::from_slice(&entry)
-                    .map_err(|e| Error::BadRecord(format!("{tenant} entry {seq}: {e}")))?;
+                let record: StoredRecord = serde_json::from_slice(&entry).map_err(|e| Error::BadRecord(format!("{tenant} entry {seq}: {e}")))?;
                 if let Some(o) = record.source.and_then(|s| s.offset) {
                     state.last_offset = Some(o);
                 }
@@ -303,18 +311,8 @@ impl PartitionLedger {
         if state.last_offset.is_some_and(|o| delivery.offset <= o) {
             return Ok(Applied::AlreadyRecorded);
         }
-        let source = Source::Kafka {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset: delivery.offset,
-            timestamp_ms: delivery.timestamp_ms,
-        };
-        let input = EventInput {
-            event: &decoded.event,
-            ce_source: decoded.key.source.as_deref(),
-            payload_sha256: &decoded.payload_sha256,
-            source: &source,
-        };
+        let source = Source::Kafka { topic: self.topic.clone(), partition: self.partition, offset: delivery.offset, timestamp_ms: delivery.timestamp_ms };
+        let input = EventInput { event: &decoded.event, ce_source: decoded.key.source.as_deref(), payload_sha256: &decoded.payload_sha256, source: &source };
         let key = dedup_key(&tenant, &decoded.key);
         let content = content_digest(&decoded.event)?;
         let seen = match self.pending.get(&key) {
