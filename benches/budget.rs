@@ -215,7 +215,8 @@ async fn main() {
         let event = serde_json::json!({"event_id": format!("lat{i}"), "tenant_id": "lat", "occurred_at": jiff::Timestamp::now().to_string(),
             "kind": "llm_call", "cost": {"amount_micros": 1, "currency": "USD"}});
         produced.push(Instant::now());
-        let _ = publisher.enqueue(Some(b"lat"), &serde_json::to_vec(&event).unwrap(), &[]).await.unwrap();
+        // The watcher sees the state arrive; dropping the delivery report does not cancel it.
+        drop(publisher.enqueue(Some(b"lat"), &serde_json::to_vec(&event).unwrap(), &[]).await.unwrap());
     }
     let seen = tokio::task::block_in_place(|| watcher.join().unwrap());
     let mut latencies = Vec::new();

@@ -13,6 +13,10 @@ if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
 fi
 echo "test.sh: broker at $KAFKA_BOOTSTRAP" >&2
 
+# Hygiene first: formatting (rustfmt.toml) and every clippy warning, in all targets.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 # Benches are built (so they cannot rot) but run only by scripts/bench.sh.
 cargo build --workspace --benches --locked
 cargo test --workspace --lib --bins --tests --locked "$@"

@@ -57,7 +57,7 @@ pub fn run(command: TokenCommand) -> anyhow::Result<()> {
     check_token_file(&candidate).with_context(|| format!("the new token would make {} invalid", args.file.display()))?;
     let mut file =
         std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
-    file.write_all(candidate[existing.len()..].as_bytes()).with_context(|| format!("writing {}", args.file.display()))?;
+    file.write_all(&candidate.as_bytes()[existing.len()..]).with_context(|| format!("writing {}", args.file.display()))?;
     file.sync_all().with_context(|| format!("syncing {}", args.file.display()))?;
     println!("{token}");
     eprintln!("token {:?} ({}) added to {}; this is the only time it is shown", args.name, role.as_str(), args.file.display());

@@ -83,8 +83,11 @@ async fn ten_thousand_events_fifty_tenants_arrive_once_in_order_on_one_partition
     assert!(used.len() > 1, "50 tenants should spread over several of 8 partitions");
 }
 
+/// A message as sent: key, value, headers, and the code it must be dead-lettered with.
+type BadMessage = (Option<Vec<u8>>, Vec<u8>, Vec<(&'static str, Vec<u8>)>, RejectCode);
+
 /// One bad message per kind the issue names, with the code it must get.
-fn bad_message(i: usize) -> (Option<Vec<u8>>, Vec<u8>, Vec<(&'static str, Vec<u8>)>, RejectCode) {
+fn bad_message(i: usize) -> BadMessage {
     let tenant = format!("bad-{}", i % 7);
     let good = event_json(&tenant, &format!("bad-{i}"), 1);
     match i % 7 {
@@ -124,7 +127,7 @@ async fn a_thousand_bad_messages_go_to_the_dlq_once_with_code_bytes_and_headers(
     let producer = raw_producer(&kafka);
 
     // Interleave: 2 good events, then 1 bad message, 1,000 times.
-    let mut expected_bad: HashMap<(i32, i64), (Option<Vec<u8>>, Vec<u8>, Vec<(&'static str, Vec<u8>)>, RejectCode)> = HashMap::new();
+    let mut expected_bad: HashMap<(i32, i64), BadMessage> = HashMap::new();
     let mut good_ids = Vec::new();
     for i in 0..1_000usize {
         for j in 0..2 {

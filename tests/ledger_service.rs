@@ -75,7 +75,7 @@ async fn service_records_each_event_once_and_replays_identically() {
     let (_, receipt) = get(service.addr, "/v1/tenants/t03/receipt/17").await;
     let (_, entry) = get(service.addr, "/v1/tenants/t03/records/17").await;
     let receipt = Receipt::parse(std::str::from_utf8(&receipt).unwrap()).unwrap();
-    receipt.verify(&entry, &[vkey.clone()], Some("tally.example.com/t/t03")).unwrap();
+    receipt.verify(&entry, std::slice::from_ref(&vkey), Some("tally.example.com/t/t03")).unwrap();
     let (_, metrics) = get(service.addr, "/metrics").await;
     let metrics = String::from_utf8(metrics).unwrap();
     let (status, by_event) = get(service.addr, "/v1/tenants/t03/receipt?event_id=e343").await;
@@ -111,9 +111,9 @@ async fn service_records_each_event_once_and_replays_identically() {
     let sizes: BTreeMap<String, u64> = expected.iter().map(|(t, ids)| (t.clone(), ids.len() as u64)).collect();
     service.wait_for(&sizes).await;
     // The new checkpoint provably extends the one served before the restart.
-    let old = Checkpoint::open(std::str::from_utf8(&old_note).unwrap(), &[vkey.clone()], None).unwrap();
+    let old = Checkpoint::open(std::str::from_utf8(&old_note).unwrap(), std::slice::from_ref(&vkey), None).unwrap();
     let (_, new_note) = get(service.addr, "/t/t03/checkpoint").await;
-    let new = Checkpoint::open(std::str::from_utf8(&new_note).unwrap(), &[vkey.clone()], None).unwrap();
+    let new = Checkpoint::open(std::str::from_utf8(&new_note).unwrap(), std::slice::from_ref(&vkey), None).unwrap();
     let (_, proof) = get(service.addr, &format!("/v1/tenants/t03/consistency?old={}&new={}", old.size, new.size)).await;
     let proof: Vec<[u8; 32]> = std::str::from_utf8(&proof)
         .unwrap()

@@ -35,8 +35,11 @@ async fn metric(addr: SocketAddr, name: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64
 }
 
-/// Every message of the topic, per partition in offset order: (offset, timestamp, key, value).
-fn read_topic(kafka: &tally_ingest::KafkaConfig, topic: &str) -> BTreeMap<i32, Vec<(i64, Option<i64>, Vec<u8>, Vec<u8>)>> {
+/// One message read back: (offset, timestamp, key, value).
+type Read = (i64, Option<i64>, Vec<u8>, Vec<u8>);
+
+/// Every message of the topic, per partition in offset order.
+fn read_topic(kafka: &tally_ingest::KafkaConfig, topic: &str) -> BTreeMap<i32, Vec<Read>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap)
         .set("group.id", format!("{topic}.reader"))
@@ -170,7 +173,7 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
         assert_eq!(log.root(), mth(records), "{tenant}: root differs from the independent recomputation");
         for seq in 0..records.len() as u64 {
             let (receipt, entry) = ledger.receipt(tenant, seq).unwrap();
-            Receipt::parse(&receipt.to_text()).unwrap().verify(&entry, &[vkey.clone()], Some(&format!("tally.example.com/t/{tenant}"))).unwrap();
+            Receipt::parse(&receipt.to_text()).unwrap().verify(&entry, std::slice::from_ref(&vkey), Some(&format!("tally.example.com/t/{tenant}"))).unwrap();
             receipts += 1;
         }
     }

@@ -40,7 +40,7 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition of `tenant_id` among `partitions`.
 pub fn tenant_partition(tenant_id: &str, partitions: i32) -> i32 {
-    ((murmur2(tenant_id.as_bytes()) & 0x7fff_ffff) % partitions.max(1)) as i32
+    (murmur2(tenant_id.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! * inclusion and consistency proof latency p50/p99 read from disk at 10^6 leaves (and at
 //!   TALLY_BENCH_LARGE leaves when set);
 //! * bytes on disk per entry, and the time to reopen the log.
+//!
 //! Settings: TALLY_BENCH_APPENDS (1000000), TALLY_BENCH_TENANTS (5000), TALLY_BENCH_LARGE (unset).
 
 use std::time::{Duration, Instant};

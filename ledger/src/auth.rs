@@ -323,7 +323,7 @@ mod tests {
     #[test]
     fn missing_unknown_and_malformed_headers_are_refused() {
         let acme = new_token("acme-app", Role::Tenant, vec!["acme".into()]).unwrap();
-        let (_dir, store) = store_with(&[acme.clone()]);
+        let (_dir, store) = store_with(std::slice::from_ref(&acme));
         assert_eq!(store.authenticate(None), Err(AuthError::Missing));
         assert_eq!(store.authenticate(Some("Bearer ")), Err(AuthError::Missing));
         assert_eq!(store.authenticate(Some(&format!("Basic {}", acme.0))), Err(AuthError::Missing));

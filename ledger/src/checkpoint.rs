@@ -65,7 +65,7 @@ impl Checkpoint {
             }
         }
         // The log's key name must be its origin; a key for another log proves nothing here.
-        if !verified.signed_by.iter().any(|n| *n == checkpoint.origin) {
+        if !verified.signed_by.contains(&checkpoint.origin) {
             return Err(Error::OriginMismatch { expected: checkpoint.origin.clone(), found: verified.signed_by.join(", ") });
         }
         Ok(checkpoint)
@@ -90,12 +90,12 @@ mod tests {
         assert_eq!(origin, "tally.example.com/t/acme");
         let signer = NoteSigner::new(&origin, [3; 32]).unwrap();
         let cp = Checkpoint { origin: origin.clone(), size: 12, root: [5; 32] };
-        let note = cp.sign(&[signer.clone()]).unwrap();
+        let note = cp.sign(std::slice::from_ref(&signer)).unwrap();
         assert_eq!(Checkpoint::open(&note, &[signer.verifier()], Some(&origin)).unwrap(), cp);
         assert!(matches!(Checkpoint::open(&note, &[signer.verifier()], Some("tally.example.com/t/other")), Err(Error::OriginMismatch { .. })));
         // A key whose name is not the checkpoint's origin proves nothing about this log.
         let other = NoteSigner::new("tally.example.com/t/globex", [3; 32]).unwrap();
-        let forged = cp.sign(&[other.clone()]).unwrap();
+        let forged = cp.sign(std::slice::from_ref(&other)).unwrap();
         assert!(matches!(Checkpoint::open(&forged, &[other.verifier()], None), Err(Error::OriginMismatch { .. })));
     }
 

@@ -175,7 +175,7 @@ mod tests {
         let (receipt, entry) = ledger.receipt("globex", 3).unwrap();
         assert_eq!(entry, b"entry 7");
         let vkey = key.signer_for("globex").unwrap().verifier();
-        receipt.verify(&entry, &[vkey.clone()], Some("tally.example.com/t/globex")).unwrap();
+        receipt.verify(&entry, std::slice::from_ref(&vkey), Some("tally.example.com/t/globex")).unwrap();
         // A tenant's key does not vouch for another tenant's log.
         let acme = key.signer_for("acme").unwrap().verifier();
         assert!(receipt.verify(&entry, &[acme], None).is_err());
@@ -212,8 +212,8 @@ mod tests {
         let mut ledger = Ledger::open(dir.path(), vec![old.clone(), new.clone()]).unwrap();
         let note = ledger.checkpoint_note("acme").unwrap();
         assert_eq!(note.matches('\u{2014}').count(), 2, "{note}");
-        let a = Checkpoint::open(&note, &[old_v.clone()], None).unwrap();
-        let b = Checkpoint::open(&note, &[new_v.clone()], None).unwrap();
+        let a = Checkpoint::open(&note, std::slice::from_ref(&old_v), None).unwrap();
+        let b = Checkpoint::open(&note, std::slice::from_ref(&new_v), None).unwrap();
         assert_eq!(a, b);
         drop(ledger);
 

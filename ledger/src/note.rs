@@ -173,8 +173,11 @@ pub struct VerifiedNote {
     pub signed_by: Vec<String>,
 }
 
+/// One signature line of a note: the key name and the signature bytes (key ID first).
+pub(crate) type SignatureLine<'a> = (&'a str, Vec<u8>);
+
 /// Splits a note into its text (with final LF) and signature lines.
-pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<(&str, Vec<u8>)>)> {
+pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>)> {
     if note.chars().any(|c| c.is_control() && c != '\n') {
         return Err(Error::BadNote("note holds control characters other than newline".into()));
     }
@@ -247,7 +250,7 @@ mod tests {
             let mut m = bytes.to_vec();
             m[i] = if m[i] == b'A' { b'B' } else { b'A' };
             if let Ok(s) = std::str::from_utf8(&m) {
-                assert!(verify_note(s, &[v.clone()]).is_err(), "mutation at byte {i} accepted");
+                assert!(verify_note(s, std::slice::from_ref(&v)).is_err(), "mutation at byte {i} accepted");
             }
         }
     }
@@ -276,7 +279,7 @@ mod tests {
     fn malformed_notes_are_rejected() {
         let v = NoteVerifier::parse(SPEC_VKEY).unwrap();
         for bad in ["no blank line\n", "text\n\n", "text\n\nnot a signature\n", "text\n\n\u{2014} example.com/foo !!!\n"] {
-            assert!(verify_note(bad, &[v.clone()]).is_err(), "{bad:?}");
+            assert!(verify_note(bad, std::slice::from_ref(&v)).is_err(), "{bad:?}");
         }
         let extra_line = format!("{SPEC_NOTE}Unexpected line.\n");
         assert!(verify_note(&extra_line, &[v]).is_err());

@@ -72,7 +72,7 @@ fn their_note_verifier_and_checkpoint_parser_accept_our_checkpoints_and_receipts
         tree.push_entry(&entry(i));
     }
     let cp = Checkpoint { origin: signer.name().into(), size: 1234, root: tree.root() };
-    let note_text = cp.sign(&[signer.clone()]).unwrap();
+    let note_text = cp.sign(std::slice::from_ref(&signer)).unwrap();
     let note = signed_note::Note::from_bytes(note_text.as_bytes()).expect("their parser accepts our note");
     let (verified, _) = note.verify(&their_verifiers(&vkey)).expect("their verifier accepts our signature");
     assert_eq!(verified.len(), 1);
@@ -127,8 +127,11 @@ fn our_verifier_rejects_every_single_bit_mutation() {
     // of 1000 and 1001 leaves); the size is bound by the signed checkpoint. So size and root
     // mutations are checked on the receipt, where they live in the signed text.
     let signer = NoteSigner::new("tally.example.com/t/acme", [42; 32]).unwrap();
-    let receipt =
-        Receipt { index: i, proof: proof.clone(), checkpoint: Checkpoint { origin: signer.name().into(), size: n, root }.sign(&[signer.clone()]).unwrap() };
+    let receipt = Receipt {
+        index: i,
+        proof: proof.clone(),
+        checkpoint: Checkpoint { origin: signer.name().into(), size: n, root }.sign(std::slice::from_ref(&signer)).unwrap(),
+    };
     receipt.verify(&entry(i), &[signer.verifier()], None).unwrap();
     for b in 0..64 {
         let mut r = receipt.clone();
@@ -170,7 +173,7 @@ fn our_verifier_rejects_every_single_bit_mutation() {
     }
     // Signature: every bit of the signature line's base64-decoded blob.
     let cp = Checkpoint { origin: signer.name().into(), size: n, root };
-    let note = cp.sign(&[signer.clone()]).unwrap();
+    let note = cp.sign(std::slice::from_ref(&signer)).unwrap();
     let (text, sig_line) = note.split_at(note.rfind("\n\n").unwrap() + 2);
     let b64 = sig_line.trim_end().rsplit(' ').next().unwrap();
     let blob = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();

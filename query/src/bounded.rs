@@ -120,7 +120,7 @@ impl Growth {
                 Growth::Pad => count(i) * 4,
                 Growth::Replace => {
                     let (s, from, to) = (len(0, i), len(1, i), len(2, i));
-                    let places = if from == 0 { s + 1 } else { s / from + 1 };
+                    let places = s.checked_div(from).map_or(s + 1, |n| n + 1);
                     s + places * to
                 }
                 // Empty matches can occur at every position; a group reference copies at most

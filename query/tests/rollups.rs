@@ -21,6 +21,8 @@ const DIMS: [Dim; 5] = [Dim::Day, Dim::Agent, Dim::Action, Dim::Task, Dim::Kind]
 /// One generated event: tenant, day, where in the day, agent, model, task, kind, cost.
 type Raw = (usize, i64, u8, i64, usize, usize, usize, usize, Option<(i64, bool)>);
 
+/// A report row's dimension values and currency.
+type RowKey = (Vec<Option<String>>, Option<String>);
 fn raw_event() -> impl Strategy<Value = Raw> {
     (0..3usize, 0..5i64, 0..4u8, 0..86_400i64, 0..3usize, 0..3usize, 0..4usize, 0..3usize, proptest::option::of((0..5_000_000i64, any::<bool>())))
 }
@@ -68,7 +70,7 @@ proptest! {
             prop_assert_eq!(report.source, if daily { "daily" } else { "15-minute" });
             let (rows, totals) = (report.rows, report.totals);
             // Independent: straight over the events, no buckets, no Parquet.
-            let mut want: BTreeMap<(Vec<Option<String>>, Option<String>), (i64, i64, i64, i64)> = BTreeMap::new();
+            let mut want: BTreeMap<RowKey, (i64, i64, i64, i64)> = BTreeMap::new();
             for e in events.iter().filter(|e| e.tenant_id == tenant && e.occurred_at >= from && e.occurred_at < to) {
                 let dims = group_by.iter().map(|d| match d {
                     Dim::Day => Some(e.occurred_at.to_zoned(tz.clone()).date().to_string()),

@@ -288,6 +288,8 @@ async fn consistency(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath
 
 /// The partition holding `tenant`'s budget, if this instance owns it; otherwise a 421 naming the
 /// owner (from `<data_dir>/owners/`), so the caller can retry there.
+// The error is the response itself (large, as axum's are): it is what the handler returns.
+#[allow(clippy::result_large_err)]
 fn owned_partition(shared: &Shared, tenant: &str) -> Result<i32, Response> {
     if tally_schemas::validate_tenant_id(tenant).is_err() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id".into()).into_response());
@@ -311,6 +313,8 @@ fn owned_partition(shared: &Shared, tenant: &str) -> Result<i32, Response> {
 }
 
 /// Runs `f` on the owned partition on a blocking thread (it may fsync).
+// The error is the response itself (large, as axum's are): it is what the handler returns.
+#[allow(clippy::result_large_err)]
 async fn on_partition<T: Send + 'static>(
     shared: &Arc<Shared>,
     partition: i32,
@@ -330,6 +334,8 @@ async fn on_partition<T: Send + 'static>(
 
 /// Makes the tenant's log durable up to `seq` (inclusive). Callers that arrive while another
 /// commit covers them return at once: concurrent admissions share one fsync.
+// The error is the response itself (large, as axum's are): it is what the handler returns.
+#[allow(clippy::result_large_err)]
 async fn make_durable(shared: &Arc<Shared>, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
     on_partition(shared, partition, move |p| {
         if p.committed_size(&tenant)? <= seq {

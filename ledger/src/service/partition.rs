@@ -378,7 +378,7 @@ impl PartitionLedger {
         }
         let Some(effective) = self.effective.get(tenant) else { return Ok(()) };
         let current = self.budgets.get(tenant).and_then(BudgetState::budget);
-        if current != Some(&effective) && (effective.has_limits() || current.is_some()) {
+        if current != Some(effective) && (effective.has_limits() || current.is_some()) {
             let effective = effective.clone();
             self.append_budget(tenant, |seq| BudgetRecord::Config { seq, at: now, budget: effective })?;
         }

@@ -31,6 +31,8 @@ pub struct Fixture {
 }
 
 /// An event of `tenant` as the gateway would publish it.
+// Each argument is a field a test varies, in the event's own order.
+#[allow(clippy::too_many_arguments)]
 pub fn event(tenant: &str, id: &str, at: jiff::Timestamp, kind: &str, agent: &str, action: &str, task: &str, cost: Option<(i64, &str)>) -> Event {
     let mut v = serde_json::json!({
         "event_id": id, "tenant_id": tenant, "occurred_at": at.to_string(), "kind": kind, "decision": "allow",
