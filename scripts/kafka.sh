@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local Kafka-compatible broker for development and CI: Tansu, pinned (SPEC §6).
+# Local Kafka-compatible broker for development and CI: Tansu, pinned (ARCHITECTURE.md, "Local broker").
 #
 #   scripts/kafka.sh install          build the pinned Tansu into the cache once (about 10 min cold)
 #   scripts/kafka.sh start            start it (sqlite storage), create the topics, print the

@@ -1,4 +1,4 @@
-//! `tally token new`: mint a bearer token (SPEC §5). The token is printed once; the token file
+//! `tally token new`: mint a bearer token (roles: docs/http-api.md). The token is printed once; the token file
 //! only ever receives its SHA-256, name, role and tenants.
 
 use std::io::Write as _;

@@ -8,8 +8,9 @@
 //!   added), or that still fails after [`WHOLE_TRIES`] tries for another reason than a timeout,
 //!   is dead-lettered in *bounded form*: header
 //!   `tally-dlq-form: bounded`, a value that is a JSON object with the SHA-256 and size of the
-//!   original value and key, a base64 prefix of each, and the original headers when they are
-//!   small. The error code is the original one;
+//!   original value and key and a base64 prefix of the value, the key's first 4 KiB as the
+//!   message key, and the original headers when they are small. The error code is the original
+//!   one;
 //! * a send that timed out (the broker unreachable) is retried, with backoff, until it succeeds;
 //!   the caller's partition waits meanwhile, which loses nothing. A process shutdown bounds it.
 

@@ -1,4 +1,4 @@
-//! Bearer-token authorization (SPEC §5), shared by every Tally HTTP service.
+//! Bearer-token authorization (roles: docs/http-api.md), shared by every Tally HTTP service.
 //!
 //! Tokens are random 256-bit strings handed out once by `tally token new`; the token file stores
 //! only their SHA-256 (hex), a name and a role. Because a token has 256 bits of entropy, a plain

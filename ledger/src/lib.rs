@@ -11,8 +11,8 @@
 //! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
 //! * [`event_record`]: the canonical bytes of a ledger record.
 //! * [`budget`]: budget windows, configuration, and the budget state folded from a log.
-//! * [`auth`]: bearer tokens (stored hashed) and the roles of SPEC §5.
-//! * [`projection`]: the Parquet projection of the logs and its cost roll-ups (SPEC §5).
+//! * [`auth`]: bearer tokens (stored hashed) and the roles of docs/http-api.md.
+//! * [`projection`]: the Parquet projection of the logs and its cost roll-ups (docs/parquet.md).
 //! * [`service`]: the Kafka-fed ledger service (`tally ledger`) and its HTTP API.
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 

@@ -1,4 +1,4 @@
-//! Ledger record bytes: what entry `i` of a tenant's log holds (SPEC §2).
+//! Ledger record bytes: what entry `i` of a tenant's log holds (docs/records.md).
 //!
 //! Canonical JSON: UTF-8, no insignificant whitespace, object members in the fixed order of the
 //! structs below, absent optionals omitted, maps sorted by key. The bytes depend only on the input

@@ -1,4 +1,4 @@
-//! Result batches → response bodies: JSON, CSV, Parquet or Arrow IPC (SPEC §5). Money columns
+//! Result batches → response bodies: JSON, CSV, Parquet or Arrow IPC (docs/http-api.md). Money columns
 //! stay integers in every format.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! The HTTP API of `tally query` (SPEC §5): routes, authorization, parameters and formats.
+//! The HTTP API of `tally query` (docs/http-api.md): routes, authorization, parameters and formats.
 //!
 //! Every tenant route checks the caller may read that tenant before anything else, with the
 //! same refusal whether or not the tenant exists, so ids cannot be probed. Unknown query

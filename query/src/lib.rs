@@ -1,4 +1,4 @@
-//! The query service over the Parquet projection (SPEC §5): per-tenant audit trails, cost
+//! The query service over the Parquet projection (docs/http-api.md): per-tenant audit trails, cost
 //! roll-ups, read-only SQL, billing spend and audit exports with completeness evidence, served
 //! over HTTP with DataFusion. This is the only crate that depends on DataFusion.
 //!

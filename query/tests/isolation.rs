@@ -1,4 +1,4 @@
-//! The isolation attack suite (SPEC §5): a tenant's token tries, every way we could think of, to
+//! The isolation attack suite (docs/http-api.md, the role matrix): a tenant's token tries, every way we could think of, to
 //! read or infer another tenant's data or to write anything. Each attempt must be answered with
 //! a clear JSON error (or, for queries that are legal, with the caller's own rows only), no
 //! response may hold a byte of the other tenant's data, and the data directory must be unchanged.

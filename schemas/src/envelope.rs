@@ -1,6 +1,6 @@
 //! One Kafka message → one validated event bound to its tenant.
 //!
-//! Three encodings are accepted (SPEC §1): a plain Tally event as JSON; a CloudEvents 1.0 event in
+//! Three encodings are accepted (docs/events.md): a plain Tally event as JSON; a CloudEvents 1.0 event in
 //! structured mode (`content-type: application/cloudevents+json`, the value holds the envelope); and
 //! binary mode (`ce_*` headers, the value is the data). In both CloudEvents modes `data` is a Tally
 //! event whose `event_id` may be omitted (it defaults to the CloudEvent `id`) and must otherwise equal

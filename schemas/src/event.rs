@@ -5,7 +5,7 @@
 //! accepting them would drop data silently. `schemas/event-v1.schema.json` states the same rules
 //! for other languages; a test checks the two agree on every file in `schemas/examples/`.
 //!
-//! Invariants of a constructed [`Event`]: the tenant id matches the SPEC pattern, money is integer
+//! Invariants of a constructed [`Event`]: the tenant id matches the documented pattern (docs/events.md), money is integer
 //! micros ≥ 0, `occurred_at` is an instant (normalised to UTC when serialised), identifiers are
 //! non-empty, at most [`MAX_ID_CHARS`] characters and free of control characters.
 

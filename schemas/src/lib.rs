@@ -1,11 +1,11 @@
 //! Tally's wire contract, shared by every other crate.
 //!
-//! * [`Event`]: the v1 Tally event (SPEC §1) as a typed, already-validated value. The only way to
+//! * [`Event`]: the v1 Tally event (docs/events.md) as a typed, already-validated value. The only way to
 //!   get one from untrusted bytes is [`Event::from_json`] or [`decode_message`], which reject bad
 //!   input with a [`Rejection`] carrying a stable [`RejectCode`].
 //! * [`decode_message`]: one Kafka message (key, value, headers) → a [`Decoded`] event bound to its
 //!   tenant, whether it arrived as plain Tally JSON or as a CloudEvent (structured or binary mode).
-//! * [`projection_schema`]: the Arrow schema of the Parquet projection (SPEC §5).
+//! * [`projection_schema`]: the Arrow schema of the Parquet projection (docs/parquet.md).
 //!
 //! This crate does no I/O and knows nothing of Kafka clients, so everything in it is testable with
 //! plain bytes.

@@ -1,4 +1,4 @@
-//! The Arrow schema of the Parquet projection (SPEC §5): one row per ledger record, every event
+//! The Arrow schema of the Parquet projection (docs/parquet.md): one row per ledger record, every event
 //! field as a typed column, plus `seq` and `leaf_hash` so any report row can be proved against the
 //! tenant's log. `tenant_id` and `date` are hive partition columns (`tenant_id=<t>/date=<d>/`), so
 //! they are not stored inside the files; [`projection_schema`] lists the columns a file holds.

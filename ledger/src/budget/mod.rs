@@ -1,4 +1,4 @@
-//! Budgets (SPEC §4): per-tenant limits on task, day and billing period, enforced from the same
+//! Budgets (docs/budgets.md): per-tenant limits on task, day and billing period, enforced from the same
 //! log that proves what happened.
 //!
 //! * [`window`]: days and periods in the tenant's time zone (DST, short months, anchor days).

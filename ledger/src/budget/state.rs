@@ -1,4 +1,4 @@
-//! A tenant's budget state as a fold over its log (SPEC §4), and the records that change it.
+//! A tenant's budget state as a fold over its log (docs/budgets.md), and the records that change it.
 //!
 //! Inputs are log records only: `config` (the effective budget), `event` (spend, by event time,
 //! in the event's own day and period; a `reservation_id` settles that reservation), `admission`

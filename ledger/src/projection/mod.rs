@@ -1,4 +1,4 @@
-//! The Parquet projection of every tenant's log (SPEC §5), and the cost roll-ups beside it.
+//! The Parquet projection of every tenant's log (docs/parquet.md), and the cost roll-ups beside it.
 //!
 //! The log is the truth; the projection is derived from committed records only and can always be
 //! rebuilt from it ([`rebuild_tenant`]). [`Projection::flush`] appends a tenant's records past its

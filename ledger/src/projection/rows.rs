@@ -3,7 +3,8 @@
 //! A row is derived from the record bytes alone (plus its seq and leaf hash), so a rebuild from
 //! the log writes the same rows. Roll-ups sum `event` records only: a `conflict` is a second
 //! version of an event already counted, and budget-side records carry no spend of their own.
-//! Money and token sums are integers and saturate rather than wrap.
+//! Money and token sums are integers, added with overflow checks: a sum past 64 bits is an
+//! error ([`crate::Error::SumOverflow`]), never a wrapped or clamped figure.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! or invalid), `bad_request`, `not_found`, `internal`. Tenant ids are validated before any path
 //! is built.
 //!
-//! Authorization (SPEC §5, [`crate::auth`]): every per-tenant read route needs a token that
+//! Authorization (docs/http-api.md, [`crate::auth`]): every per-tenant read route needs a token that
 //! reaches that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); the budget
 //! writes (`authorize`, `release`) need the tenant's own token or `admin`, never a regulator's or
 //! billing's; `/metrics` needs `admin`; `/healthz` and `/readyz` are open. The tenant check runs

@@ -74,7 +74,7 @@ pub struct ServiceConfig {
     #[serde(default = "default_rejoin_after_ms")]
     pub rejoin_after_ms: u64,
     /// How often each tenant's new records are written to the Parquet projection under
-    /// `<data_dir>/parquet` (SPEC §5 asks for new records to be queryable within seconds).
+    /// `<data_dir>/parquet` (new records are queryable within seconds: docs/parquet.md).
     #[serde(default = "default_projection_interval_ms")]
     pub projection_interval_ms: u64,
     /// IANA zones whose days get daily cost roll-ups (reports by day in other zones are summed
