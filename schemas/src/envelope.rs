@@ -147,8 +147,11 @@ fn check_context(get: &dyn Fn(&str) -> Option<Result<String, Rejection>>) -> Res
     let id = required("id")?;
     let source = required("source")?;
     // The source is part of the idempotency key and of the stored record: bounded like an id.
-    if source.chars().count() > crate::event::MAX_ID_CHARS {
-        return Err(Rejection::new(RejectCode::BadCloudEvent, format!("cloudevent source is longer than {} characters", crate::event::MAX_ID_CHARS)));
+    if source.chars().count() > crate::event::MAX_ID_CHARS || source.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            RejectCode::BadCloudEvent,
+            format!("cloudevent source must be at most {} characters without control characters", crate::event::MAX_ID_CHARS),
+        ));
     }
     required("type")?;
     Ok(Context { id, source })
@@ -322,6 +325,11 @@ mod tests {
         let d = decode_message(Some(b"acme"), &value, &headers).unwrap();
         assert_eq!(d.format, IngressFormat::CloudEventsBinary);
         assert_eq!(d.key.source.as_deref(), Some("gw/us"));
+
+        let mut control = headers.clone();
+        control.retain(|(n, _)| *n != "ce_source");
+        control.push(("ce_source", b"gw\x00evil"));
+        assert_eq!(decode_message(Some(b"acme"), &value, &control).unwrap_err().code, RejectCode::BadCloudEvent, "control characters in the source");
 
         headers.retain(|(n, _)| *n != "ce_id");
         assert_eq!(decode_message(Some(b"acme"), &value, &headers).unwrap_err().code, RejectCode::BadCloudEvent);

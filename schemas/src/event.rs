@@ -328,7 +328,9 @@ fn name_prefix(name: &'static str) -> &'static str {
     }
 }
 
-fn check_identifier(field: &str, value: &str) -> Result<(), Rejection> {
+/// Checks an identifier (event, agent, task, … id): 1 to [`MAX_ID_CHARS`] characters, no control
+/// characters. Shared by every place that takes an id from outside, so one id means one thing.
+pub fn check_identifier(field: &str, value: &str) -> Result<(), Rejection> {
     let chars = value.chars().count();
     if chars == 0 || chars > MAX_ID_CHARS || value.chars().any(char::is_control) {
         return Err(Rejection::new(RejectCode::BadIdentifier, format!("{field} must be 1 to {MAX_ID_CHARS} characters without control characters")));

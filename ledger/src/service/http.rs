@@ -379,8 +379,9 @@ async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<S
     if !(1..=MAX_TTL_MS).contains(&body.ttl_ms) {
         return ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("ttl_ms must be 1..={MAX_TTL_MS}")).into_response();
     }
-    if body.task_id.as_ref().is_some_and(|t| t.is_empty() || t.len() > 256) {
-        return ApiError(StatusCode::BAD_REQUEST, "bad_request", "task_id must be 1..=256 characters".into()).into_response();
+    // The same rule as an event's task_id: the id names one task in records and topic keys.
+    if let Some(Err(rejection)) = body.task_id.as_deref().map(|t| tally_schemas::check_identifier("task_id", t)) {
+        return ApiError(StatusCode::BAD_REQUEST, "bad_request", rejection.detail).into_response();
     }
     let partition = match owned_partition(&shared, &tenant) {
         Ok(p) => p,
@@ -752,6 +753,9 @@ mod tests {
             serde_json::json!({"estimate_micros": i64::MAX}),
             serde_json::json!({"estimate": 1}),
             serde_json::json!({"estimate_micros": 1, "ttl_ms": 0}),
+            serde_json::json!({"estimate_micros": 1, "task_id": "run\n1"}),
+            serde_json::json!({"estimate_micros": 1, "task_id": "é".repeat(257)}),
+            serde_json::json!({"estimate_micros": 1, "task_id": ""}),
         ] {
             let (status, err) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, body.clone()).await;
             assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{body}");
