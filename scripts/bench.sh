@@ -28,7 +28,7 @@ case "$what" in
     esac
     ;;
   ledger)
-    cargo bench --locked -p tally-ledger --bench ledger
+    cargo bench --locked -p tally-log --bench ledger
     ;;
   query)
     shift

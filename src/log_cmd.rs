@@ -309,7 +309,7 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
         let source = Source::File { file: name.clone(), line: line_no };
         let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }) {
             Ok(r) => r,
-            Err(e @ tally_ledger::Error::EntryTooLarge(_)) => {
+            Err(e @ tally_log::Error::EntryTooLarge(_)) => {
                 reject(Rejection::new(RejectCode::TooLarge, e.to_string()));
                 rejected += 1;
                 continue;

@@ -1,46 +1,20 @@
-//! Errors of the ledger crate. Messages are lowercase and say precisely what failed, because
-//! `tally verify` prints them to auditors as the reason a proof was rejected.
-
-use crate::merkle::ProofError;
+//! Errors of the ledger service. Its own failures (configuration, budgets, partitions, offsets)
+//! have their variants here; failures of the crates below arrive wrapped, unchanged.
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bad key: {0}")]
+    #[error("bad configuration: {0}")]
     BadKey(String),
-    #[error("malformed note: {0}")]
-    BadNote(String),
-    #[error("bad signature: {0}")]
-    BadSignature(String),
-    #[error("unknown key: no signature by a trusted key ({0})")]
-    UnknownKey(String),
-    #[error("malformed checkpoint: {0}")]
-    BadCheckpoint(String),
-    #[error("origin mismatch: expected {expected:?}, found {found:?}")]
-    OriginMismatch { expected: String, found: String },
-    #[error("malformed receipt: {0}")]
-    BadReceipt(String),
-    #[error(transparent)]
-    Proof(#[from] ProofError),
     #[error("bad budget configuration: {0}")]
     BadBudget(String),
-    #[error("bad token file: {0}")]
-    BadTokens(String),
     #[error("ledger service: {0}")]
     Service(String),
     #[error("bad record: {0}")]
     BadRecord(String),
-    #[error("entry is {0} bytes; an entry is at most 65535 bytes")]
-    EntryTooLarge(usize),
-    #[error("corrupt log {path}: {detail}")]
+    #[error("corrupt state {path}: {detail}")]
     Corrupt { path: String, detail: String },
-    #[error("not a canonical tlog-tiles path: {0:?}")]
-    BadTilePath(String),
-    #[error("no such tile in this tree: {0}")]
-    NoSuchTile(String),
-    #[error("sequence number {seq} is out of range: the log has {size} entries")]
-    NoSuchEntry { seq: u64, size: u64 },
     #[error("partition state {0} is locked by another ledger instance")]
     PartitionBusy(String),
     #[error("no record of event {0:?} in this log")]
@@ -49,11 +23,12 @@ pub enum Error {
     /// or the broker lost data. Reading on would take new messages for recorded ones.
     #[error("partition {partition} of {topic} delivered offset {offset}, but this ledger has already recorded every offset below {next}: the topic was recreated or the broker lost data; stopping rather than skipping messages as already recorded (see README, \"When the events topic is recreated\")")]
     OffsetRegression { topic: String, partition: i32, offset: i64, next: i64 },
-    #[error("parquet projection: {0}")]
-    Projection(String),
-    /// A sum of money, tokens or events would leave the 64-bit range (reported, never wrapped).
-    #[error("{0}")]
-    SumOverflow(String),
+    #[error(transparent)]
+    Log(#[from] tally_log::Error),
+    #[error(transparent)]
+    Projection(#[from] tally_projection::Error),
+    #[error(transparent)]
+    Auth(#[from] tally_auth::Error),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: String,

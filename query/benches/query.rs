@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tally_ledger::{event_record, EventInput, Source};
+use tally_log::{event_record, EventInput, Source};
 use tally_query::reports::{costs, events_page, spend, CostQuery, Dim, EventFilter};
 use tally_query::{Engine, QueryConfig};
 
@@ -55,7 +55,7 @@ fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut S
     let span_us = days * 86_400 * 1_000_000;
     let mut chunk = Vec::with_capacity(250_000);
     let mut task = 0u64;
-    let zones = tally_ledger::projection::report_zones(&["UTC".to_string()]).expect("zones");
+    let zones = tally_projection::report_zones(&["UTC".to_string()]).expect("zones");
     for i in 0..count {
         if rng.gen_ratio(1, 20) {
             task += 1;
@@ -85,11 +85,11 @@ fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut S
         let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(at.as_millisecond()) };
         chunk.push(event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }).expect("record"));
         if chunk.len() == chunk.capacity() {
-            tally_ledger::projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
+            tally_projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
             chunk.clear();
         }
     }
-    tally_ledger::projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
+    tally_projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -102,7 +102,7 @@ impl QueryConfig {
             return bad("max_export_rows", "must be at least 1".into());
         }
         // Files a merge replaced are deleted REPLACED_FILE_GRACE after it: no query may outlive that.
-        let max_timeout = tally_ledger::projection::REPLACED_FILE_GRACE.as_millis() as u64 / 2;
+        let max_timeout = tally_projection::REPLACED_FILE_GRACE.as_millis() as u64 / 2;
         if self.query_timeout_ms == 0 || self.query_timeout_ms > max_timeout {
             return bad("query_timeout_ms", format!("= {} must be 1..={max_timeout}", self.query_timeout_ms));
         }

@@ -10,7 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
-    Auth(#[from] tally_ledger::auth::AuthError),
+    Auth(#[from] tally_auth::AuthError),
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("sql rejected: {0}")]
@@ -127,11 +127,17 @@ impl IntoResponse for Error {
     }
 }
 
-impl From<tally_ledger::Error> for Error {
-    fn from(e: tally_ledger::Error) -> Self {
+impl From<tally_projection::Error> for Error {
+    fn from(e: tally_projection::Error) -> Self {
         match e {
-            tally_ledger::Error::SumOverflow(m) => Error::SumOverflow(m),
+            tally_projection::Error::SumOverflow(m) => Error::SumOverflow(m),
             other => Error::Internal(other.to_string()),
         }
+    }
+}
+
+impl From<tally_log::Error> for Error {
+    fn from(e: tally_log::Error) -> Self {
+        Error::Internal(e.to_string())
     }
 }

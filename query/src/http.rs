@@ -18,7 +18,7 @@ use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
-use tally_ledger::auth::{AuthError, Principal, TokenStore};
+use tally_auth::{AuthError, Principal, TokenStore};
 
 use crate::config::QueryConfig;
 use crate::encode::{encode, json_rows, Format};

@@ -36,17 +36,17 @@ pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdow
     let auth = state.tokens.is_enabled();
     tracing::info!(%addr, projection = %config.projection_root().display(), auth, query_threads = config.query_threads(), "query service listening");
     // A request may take its query's time and then some; never less than the default.
-    let defaults = tally_ledger::serve::ServeLimits::default();
-    let limits = tally_ledger::serve::ServeLimits {
+    let defaults = tally_auth::serve::ServeLimits::default();
+    let limits = tally_auth::serve::ServeLimits {
         request_timeout: (std::time::Duration::from_millis(config.query_timeout_ms) + std::time::Duration::from_secs(30)).max(defaults.request_timeout),
         ..defaults
     };
     let mut app = http::router(state).layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES)).layer(axum::middleware::from_fn(http::log_request));
     if !auth {
         // No token file (loopback only): refuse other Host names, against DNS rebinding.
-        app = app.layer(axum::middleware::from_fn(tally_ledger::serve::loopback_host_only));
+        app = app.layer(axum::middleware::from_fn(tally_auth::serve::loopback_host_only));
     }
-    tally_ledger::serve::serve(listener, app, limits, shutdown).await.map_err(|e| Error::Internal(format!("http server: {e}")))
+    tally_auth::serve::serve(listener, app, limits, shutdown).await.map_err(|e| Error::Internal(format!("http server: {e}")))
 }
 
 /// The router alone, for in-process tests.
@@ -58,8 +58,8 @@ pub fn router_for_tests(config: QueryConfig) -> Result<axum::Router> {
 fn app_state(config: QueryConfig) -> Result<Arc<http::AppState>> {
     config.validate()?;
     let tokens = match &config.tokens {
-        Some(path) => tally_ledger::auth::TokenStore::load(path).map_err(|e| Error::Config(format!("query.tokens: {e}")))?,
-        None => tally_ledger::auth::TokenStore::disabled(),
+        Some(path) => tally_auth::TokenStore::load(path).map_err(|e| Error::Config(format!("query.tokens: {e}")))?,
+        None => tally_auth::TokenStore::disabled(),
     };
     let engine = Engine::new(&config);
     let workers = workers::Workers::new(config.query_threads(), config.max_concurrent_queries, config.max_concurrent_queries_per_tenant)?;

@@ -22,8 +22,8 @@ use datafusion::prelude::{cast as cast_expr, col, lit, Expr};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
-use tally_ledger::merkle::{self, Hash};
-use tally_ledger::projection::{read_watermark, RollupSums, Tree};
+use tally_log::merkle::{self, Hash};
+use tally_projection::{read_watermark, RollupSums, Tree};
 
 use crate::error::{Error, Result};
 use crate::tables::Engine;
@@ -161,7 +161,7 @@ pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, ti
 ///
 /// One flush writes a file per date with the flush's seq range in every name, so files that
 /// share a first seq are read together (their rows interleave by seq).
-fn page_prefix(files: &[tally_ledger::projection::ProjectionFile], limit: usize) -> usize {
+fn page_prefix(files: &[tally_projection::ProjectionFile], limit: usize) -> usize {
     let mut rows = 0u64;
     for (i, f) in files.iter().enumerate() {
         rows += f.rows;
@@ -306,14 +306,14 @@ fn sums_of(s: RollupSums) -> (i64, i64, i64, i64) {
 }
 
 /// The tenant's watermark (how far its projection and its daily roll-ups reach).
-async fn watermark(engine: &Engine, tenant: &str) -> Result<tally_ledger::projection::Watermark> {
+async fn watermark(engine: &Engine, tenant: &str) -> Result<tally_projection::Watermark> {
     let root = engine.root().to_path_buf();
     let tenant = tenant.to_string();
     tokio::task::spawn_blocking(move || read_watermark(&root, &tenant)).await.map_err(|e| Error::Internal(e.to_string()))?.map_err(Error::from)
 }
 
 /// Whether the tenant's daily roll-ups in `zone` cover its whole log.
-fn daily_complete(mark: &tally_ledger::projection::Watermark, zone: &str) -> bool {
+fn daily_complete(mark: &tally_projection::Watermark, zone: &str) -> bool {
     mark.daily_zones.get(zone) == Some(&0)
 }
 
@@ -346,7 +346,7 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
             let lo = from_date.strftime("%Y-%m").to_string();
             let hi = to_date.yesterday().map_err(|e| Error::BadRequest(e.to_string()))?.strftime("%Y-%m").to_string();
             let ctx = engine.tenant_rollups(Tree::Daily, tenant, move |m| m >= lo.as_str() && m <= hi.as_str()).await?;
-            let date = |d: jiff::civil::Date| lit(ScalarValue::Date32(Some(tally_ledger::projection::epoch_days(d))));
+            let date = |d: jiff::civil::Date| lit(ScalarValue::Date32(Some(tally_projection::epoch_days(d))));
             let mut group: Vec<Expr> = q.group_by.iter().map(|d| col(if *d == Dim::Day { "date" } else { d.column() })).collect();
             group.push(col("currency"));
             let df = ctx
@@ -458,12 +458,12 @@ pub struct Spend {
 pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
     let month = period.to_string();
-    let work = tokio::task::spawn_blocking(move || -> tally_ledger::Result<Vec<Spend>> {
-        use tally_ledger::projection::{currency_sums, list_files, projected_tenants};
+    let work = tokio::task::spawn_blocking(move || -> tally_projection::Result<Vec<Spend>> {
+        use tally_projection::{currency_sums, list_files, projected_tenants};
         let tenants = projected_tenants(&root)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(tenants.len().max(1));
         let chunk = tenants.len().div_ceil(threads).max(1);
-        let per_tenant = |tenant: &String| -> tally_ledger::Result<Vec<Spend>> {
+        let per_tenant = |tenant: &String| -> tally_projection::Result<Vec<Spend>> {
             // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they
             // cover the whole log, are the smaller read.
             let daily = daily_complete(&read_watermark(&root, tenant)?, "UTC");
@@ -476,12 +476,12 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
             }
             Ok(total.into_iter().map(|(currency, sums)| Spend { tenant: tenant.clone(), currency: Some(currency), sums }).collect())
         };
-        let parts: Vec<tally_ledger::Result<Vec<Spend>>> = std::thread::scope(|scope| {
+        let parts: Vec<tally_projection::Result<Vec<Spend>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = tenants
                 .chunks(chunk)
-                .map(|ts| scope.spawn(move || ts.iter().map(per_tenant).collect::<tally_ledger::Result<Vec<Vec<Spend>>>>().map(|v| v.concat())))
+                .map(|ts| scope.spawn(move || ts.iter().map(per_tenant).collect::<tally_projection::Result<Vec<Vec<Spend>>>>().map(|v| v.concat())))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(tally_ledger::Error::Projection("a spend worker panicked".into())))).collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(tally_projection::Error::Projection("a spend worker panicked".into())))).collect()
         });
         let mut out = Vec::new();
         for p in parts {
@@ -566,9 +566,9 @@ pub async fn audit_export(
     // The entries first: they decide how much of the range fits.
     let (log_dir, tenant_owned) = (data_dir.to_path_buf(), tenant.to_string());
     let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
-        let dir = tally_ledger::find_tenant_log(&log_dir, &tenant_owned)
-            .ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
-        let log = tally_ledger::LogReader::open(&dir)?;
+        let dir =
+            tally_log::find_tenant_log(&log_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
+        let log = tally_log::LogReader::open(&dir)?;
         let (mut entries, mut bytes) = (Vec::new(), 0usize);
         for seq in from..=to {
             if bytes >= max_bytes {
@@ -611,14 +611,14 @@ pub async fn audit_export(
     let data_dir = data_dir.to_path_buf();
     let tenant_owned = tenant.to_string();
     let (rows, entries, missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let log_dir = tally_ledger::find_tenant_log(&data_dir, &tenant_owned)
+        let log_dir = tally_log::find_tenant_log(&data_dir, &tenant_owned)
             .ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
-        let log = tally_ledger::LogReader::open(&log_dir)?;
+        let log = tally_log::LogReader::open(&log_dir)?;
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));
         }
         // What the rows must be: derived from the log's own entries, field by field.
-        let expected = crate::encode::json_rows(&[tally_ledger::projection::expected_rows(from, &entries)?])?;
+        let expected = crate::encode::json_rows(&[tally_projection::expected_rows(from, &entries)?])?;
         let mut by_seq: BTreeMap<u64, Vec<&serde_json::Value>> = BTreeMap::new();
         for row in rows.as_array().into_iter().flatten() {
             if let Some(seq) = row["seq"].as_u64() {
@@ -674,7 +674,7 @@ fn checkpoint_root(note: &str) -> Result<Hash> {
 #[cfg(test)]
 mod tests {
     use super::page_prefix;
-    use tally_ledger::projection::ProjectionFile;
+    use tally_projection::ProjectionFile;
 
     fn file(first: u64, last: u64, rows: u64) -> ProjectionFile {
         ProjectionFile { path: format!("{first}-{last}-{rows}.parquet").into(), partition: String::new(), first, last, rows }

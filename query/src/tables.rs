@@ -20,7 +20,7 @@ use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use tally_ledger::projection::{list_files, ProjectionFile, Tree};
+use tally_projection::{list_files, ProjectionFile, Tree};
 
 use crate::config::QueryConfig;
 use crate::error::{Error, Result};

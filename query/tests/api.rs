@@ -241,10 +241,10 @@ async fn spend_is_the_same_from_the_daily_and_the_15_minute_roll_ups() {
 /// row's leaf hash is the hash of its entry; the entries' hashes with the range proof rebuild
 /// the checkpoint's root.
 fn verify_export(f: &Fixture, export: &serde_json::Value) -> bool {
-    let checkpoint = tally_ledger::Checkpoint::open(export["checkpoint"].as_str().unwrap(), &f.verifiers("acme"), None).unwrap();
+    let checkpoint = tally_log::Checkpoint::open(export["checkpoint"].as_str().unwrap(), &f.verifiers("acme"), None).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD;
     let leaves: Vec<[u8; 32]> =
-        export["entries"].as_array().unwrap().iter().map(|e| tally_ledger::merkle::leaf_hash(&b64.decode(e.as_str().unwrap()).unwrap())).collect();
+        export["entries"].as_array().unwrap().iter().map(|e| tally_log::merkle::leaf_hash(&b64.decode(e.as_str().unwrap()).unwrap())).collect();
     let rows = export["rows"].as_array().unwrap();
     if rows.len() != leaves.len() || rows.iter().zip(&leaves).any(|(r, l)| r["leaf_hash"].as_str() != Some(hex::encode(l).as_str())) {
         return false;
@@ -256,7 +256,7 @@ fn verify_export(f: &Fixture, export: &serde_json::Value) -> bool {
         .map(|h| base64::engine::general_purpose::STANDARD.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
         .collect();
     let from = export["from_seq"].as_u64().unwrap();
-    tally_ledger::merkle::root_from_range(&leaves, from, checkpoint.size, &proof) == Some(checkpoint.root)
+    tally_log::merkle::root_from_range(&leaves, from, checkpoint.size, &proof) == Some(checkpoint.root)
 }
 
 #[tokio::test]
@@ -354,8 +354,8 @@ async fn an_export_past_its_byte_limit_is_cut_and_each_part_proves_itself() {
 /// returns a replacement batch.
 fn tamper(f: &Fixture, change: impl Fn(u64, &datafusion::arrow::array::RecordBatch, usize) -> Option<datafusion::arrow::array::RecordBatch>) {
     let root = f.data_dir().join("parquet");
-    for file in tally_ledger::projection::list_files(&root, tally_ledger::projection::Tree::Events, "acme", |_| true).unwrap() {
-        let mut batches = tally_ledger::projection::read_parquet(&file.path).unwrap();
+    for file in tally_projection::list_files(&root, tally_projection::Tree::Events, "acme", |_| true).unwrap() {
+        let mut batches = tally_projection::read_parquet(&file.path).unwrap();
         let mut touched = false;
         for b in batches.iter_mut() {
             let seqs = b.column_by_name("seq").unwrap().as_any().downcast_ref::<datafusion::arrow::array::UInt64Array>().unwrap().clone();

@@ -6,7 +6,7 @@
 //! or invalid), `bad_request`, `not_found`, `internal`. Tenant ids are validated before any path
 //! is built.
 //!
-//! Authorization (docs/http-api.md, [`crate::auth`]): every per-tenant read route needs a token that
+//! Authorization (docs/http-api.md, [`tally_auth`]): every per-tenant read route needs a token that
 //! reaches that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); the budget
 //! writes (`authorize`, `release`) need the tenant's own token or `admin`, never a regulator's or
 //! billing's; `/metrics` needs `admin`; `/healthz` and `/readyz` are open. The tenant check runs
@@ -27,22 +27,22 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::Shared;
-use crate::auth::{AuthError, Principal};
-use crate::checkpoint::Checkpoint;
 use crate::error::Error;
-use crate::receipt::Receipt;
-use crate::tiles::TilePath;
+use tally_auth::{AuthError, Principal};
+use tally_log::Checkpoint;
+use tally_log::Receipt;
+use tally_log::TilePath;
 
-/// Serves the API within [`crate::serve::ServeLimits::default`] (connection cap, header, idle
+/// Serves the API within [`tally_auth::serve::ServeLimits::default`] (connection cap, header, idle
 /// and request timeouts). Without a token file (loopback only) requests must name a loopback
 /// host: DNS rebinding cannot reach the unauthenticated API.
 pub(super) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
     let auth = shared.tokens.is_enabled();
     let mut app = router(shared);
     if !auth {
-        app = app.layer(middleware::from_fn(crate::serve::loopback_host_only));
+        app = app.layer(middleware::from_fn(tally_auth::serve::loopback_host_only));
     }
-    if let Err(e) = crate::serve::serve(listener, app, crate::serve::ServeLimits::default(), shutdown).await {
+    if let Err(e) = tally_auth::serve::serve(listener, app, tally_auth::serve::ServeLimits::default(), shutdown).await {
         tracing::error!(error = %e, "http server failed");
     }
 }
@@ -141,14 +141,28 @@ impl From<AuthError> for ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
-            Error::NoSuchEntry { .. } | Error::NoSuchTile(_) | Error::NoSuchEvent(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            Error::BadTilePath(_) => ApiError(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
-            other => {
-                tracing::error!(error = %other, "request failed");
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into())
-            }
+            Error::Log(log) => ApiError::from(log),
+            Error::NoSuchEvent(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            other => internal(&other),
         }
     }
+}
+
+impl From<tally_log::Error> for ApiError {
+    fn from(e: tally_log::Error) -> Self {
+        use tally_log::Error as L;
+        match e {
+            L::NoSuchEntry { .. } | L::NoSuchTile(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            L::BadTilePath(_) => ApiError(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            other => internal(&other),
+        }
+    }
+}
+
+/// A failure the caller cannot act on: logged with its detail, answered without it.
+fn internal(error: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %error, "request failed");
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into())
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -193,8 +207,8 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 }
 
 /// Runs `f` on the tenant's log, wherever its partition is open here.
-fn with_tenant<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut crate::ledger::Ledger) -> crate::error::Result<T>) -> Result<T, ApiError> {
-    with_partition(shared, tenant, |p| f(p.ledger()))
+fn with_tenant<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut tally_log::Ledger) -> tally_log::Result<T>) -> Result<T, ApiError> {
+    with_partition(shared, tenant, |p| Ok(f(p.ledger())?))
 }
 
 /// Runs `f` on the partition holding the tenant's log.
@@ -272,7 +286,7 @@ async fn consistency(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath
         let note = l.checkpoint_note(&tenant)?;
         let latest = Checkpoint::open(&note, &verifiers, None)?;
         if sizes.new > latest.size {
-            return Err(Error::NoSuchEntry { seq: sizes.new, size: latest.size });
+            return Err(tally_log::Error::NoSuchEntry { seq: sizes.new, size: latest.size });
         }
         l.tenant(&tenant)?.consistency_proof(sizes.old, sizes.new)
     })?;
@@ -538,10 +552,10 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::auth::{new_token, stanza, Role, TokenStore};
-    use crate::keyfile::LedgerKey;
     use crate::service::partition::test_delivery;
     use crate::service::{Metrics, PartitionLedger};
+    use tally_auth::{new_token, stanza, Role, TokenStore};
+    use tally_log::LedgerKey;
 
     struct Fixture {
         dir: tempfile::TempDir,

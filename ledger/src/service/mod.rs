@@ -27,11 +27,11 @@ use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, KafkaConfig, Partit
 
 pub use partition::{Applied, PartitionLedger};
 
-use crate::auth::TokenStore;
 use crate::budget::BudgetFile;
 use crate::error::{Error, Result};
-use crate::keyfile::LedgerKey;
-use crate::watch::FileWatch;
+use tally_auth::FileWatch;
+use tally_auth::TokenStore;
+use tally_log::LedgerKey;
 
 /// `[ledger]` in the service's TOML configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -125,11 +125,11 @@ impl ServiceConfig {
         if self.projection_interval_ms > 60_000 {
             return Err(Error::BadKey(format!("ledger.projection_interval_ms = {} must be at most 60000", self.projection_interval_ms)));
         }
-        crate::projection::report_zones(&self.report_time_zones).map_err(|e| Error::BadKey(format!("ledger.report_time_zones: {e}")))?;
+        tally_projection::report_zones(&self.report_time_zones).map_err(|e| Error::BadKey(format!("ledger.report_time_zones: {e}")))?;
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return Err(Error::BadKey(format!("ledger.tokens is required when ledger.listen ({}) is not a loopback address", self.listen)));
         }
-        self.keys.iter().map(|k| LedgerKey::read(k)).collect()
+        Ok(self.keys.iter().map(|k| LedgerKey::read(k)).collect::<tally_log::Result<_>>()?)
     }
 
     /// The budgets file `budgets` names, validated.
@@ -140,7 +140,7 @@ impl ServiceConfig {
     /// The token store `tokens` names, or authorization off.
     pub fn load_tokens(&self) -> Result<TokenStore> {
         match &self.tokens {
-            Some(path) => TokenStore::load(path),
+            Some(path) => Ok(TokenStore::load(path)?),
             None => Ok(TokenStore::disabled()),
         }
     }
@@ -464,7 +464,7 @@ pub fn rebuild_projection(
     zones: &[String],
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<Vec<(String, u64)>> {
-    let zones = crate::projection::report_zones(zones)?;
+    let zones = tally_projection::report_zones(zones)?;
     let parts = data_dir.join("partitions");
     let mut dirs: Vec<PathBuf> =
         std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
@@ -484,8 +484,8 @@ pub fn rebuild_projection(
         tenants.sort();
         let _lock = partition::lock_partition(&dir)?;
         for tenant in tenants {
-            let log = crate::log::TenantLog::open(&logs.join(&tenant))?;
-            let records = crate::projection::rebuild_tenant(&root, &tenant, &log, zones.clone(), |d, t| progress(&tenant, d, t))?;
+            let log = tally_log::TenantLog::open(&logs.join(&tenant))?;
+            let records = tally_projection::rebuild_tenant(&root, &tenant, &log, zones.clone(), |d, t| progress(&tenant, d, t))?;
             done.push((tenant, records));
         }
     }
@@ -551,7 +551,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         topic: config.topic.clone(),
         advertise_url,
         projection_interval: Duration::from_millis(config.projection_interval_ms),
-        report_zones: crate::projection::report_zones(&config.report_time_zones)?,
+        report_zones: tally_projection::report_zones(&config.report_time_zones)?,
         budget_outbox: BudgetOutbox::default(),
         dlq_stalled: Mutex::new(None),
         metrics: Metrics::default(),

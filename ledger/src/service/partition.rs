@@ -36,10 +36,10 @@ use tally_schemas::{Decoded, Event, IdempotencyKey};
 use super::store::{Batch, DedupKey, PartitionStore, Seen, TenantState};
 use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, Release, ReleaseReason, Verdict};
 use crate::error::{Error, Result};
-use crate::keyfile::LedgerKey;
-use crate::ledger::Ledger;
-use crate::projection::Projection;
-use crate::record::{conflict_record, event_record, EventInput, Source};
+use tally_log::Ledger;
+use tally_log::LedgerKey;
+use tally_log::{conflict_record, event_record, EventInput, Source};
+use tally_projection::Projection;
 
 /// What applying one delivery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,8 +236,8 @@ impl PartitionLedger {
         let tenants: Vec<String> = self.unprojected.iter().cloned().collect();
         for tenant in tenants {
             let result = match self.ledger.tenant(&tenant) {
-                Ok(log) => self.projection.flush(&tenant, log, force).and_then(|r| Ok((r, self.projection.behind(&tenant, log)?))),
-                Err(e) => Err(e),
+                Ok(log) => self.projection.flush(&tenant, log, force).and_then(|r| Ok((r, self.projection.behind(&tenant, log)?))).map_err(Error::from),
+                Err(e) => Err(Error::from(e)),
             };
             match result {
                 Ok((report, behind)) => {
@@ -269,7 +269,7 @@ impl PartitionLedger {
 
     /// Tenants with a log in this partition.
     pub fn tenants(&self) -> Result<Vec<String>> {
-        self.ledger.tenant_ids()
+        Ok(self.ledger.tenant_ids()?)
     }
 
     /// The seq of the record first recorded under `key` for `tenant`, if any.

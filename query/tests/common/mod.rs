@@ -10,9 +10,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tally_ledger::auth::Role;
-use tally_ledger::projection::Projection;
-use tally_ledger::{event_record, EventInput, Ledger, LedgerKey, Source};
+use tally_auth::Role;
+use tally_log::{event_record, EventInput, Ledger, LedgerKey, Source};
+use tally_projection::Projection;
 use tally_query::QueryConfig;
 use tally_schemas::Event;
 use tower::ServiceExt;
@@ -57,8 +57,8 @@ impl Fixture {
             ("regulator", Role::Regulator, vec!["acme"]),
             ("admin", Role::Admin, vec![]),
         ] {
-            let (token, entry) = tally_ledger::auth::new_token(name, role, tenants.into_iter().map(String::from).collect()).unwrap();
-            file.push_str(&tally_ledger::auth::stanza(&entry).unwrap());
+            let (token, entry) = tally_auth::new_token(name, role, tenants.into_iter().map(String::from).collect()).unwrap();
+            file.push_str(&tally_auth::stanza(&entry).unwrap());
             tokens.insert(name, token);
         }
         std::fs::write(dir.path().join("tokens.toml"), file).unwrap();
@@ -86,7 +86,7 @@ impl Fixture {
             log.append(&event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap()).unwrap();
         }
         ledger.commit().unwrap();
-        let zones = tally_ledger::projection::report_zones(&zones.iter().map(|z| z.to_string()).collect::<Vec<_>>()).unwrap();
+        let zones = tally_projection::report_zones(&zones.iter().map(|z| z.to_string()).collect::<Vec<_>>()).unwrap();
         let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO).with_zones(zones);
         for tenant in ledger.tenant_ids().unwrap() {
             let log = ledger.tenant(&tenant).unwrap();
@@ -104,7 +104,7 @@ impl Fixture {
         tally_query::router_for_tests(self.config()).unwrap()
     }
 
-    pub fn verifiers(&self, tenant: &str) -> Vec<tally_ledger::NoteVerifier> {
+    pub fn verifiers(&self, tenant: &str) -> Vec<tally_log::NoteVerifier> {
         vec![self.key.signer_for(tenant).unwrap().verifier()]
     }
 

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use tally_schemas::{daily_rollup_schema, projection_schema, rollup_schema, Event, ROLLUP_BUCKET_SECONDS};
 
 use crate::error::{Error, Result};
-use crate::merkle::{leaf_hash, Hash};
+use tally_log::merkle::{leaf_hash, Hash};
 
 /// One record, parsed for projection.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 //! verifier must reject every single-bit mutation of proof, root, size, index, signature and entry.
 
 use rand::{Rng, SeedableRng};
-use tally_ledger::merkle::{self, leaf_hash, verify_consistency, verify_inclusion, Hash, MemoryTree};
-use tally_ledger::{Checkpoint, NoteSigner, Receipt, TenantLog};
+use tally_log::merkle::{self, leaf_hash, verify_consistency, verify_inclusion, Hash, MemoryTree};
+use tally_log::{Checkpoint, NoteSigner, Receipt, TenantLog};
 
 fn entry(i: u64) -> Vec<u8> {
     format!("{{\"seq\":{i},\"type\":\"event\",\"n\":{}}}", i.wrapping_mul(0x9e37_79b9)).into_bytes()

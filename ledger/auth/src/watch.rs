@@ -25,7 +25,7 @@ struct Fingerprint {
     ctime: (i64, i64),
 }
 
-pub(crate) struct FileWatch {
+pub struct FileWatch {
     path: PathBuf,
     /// When the file was last looked at, and its fingerprint then (`None`: no such file).
     seen: Mutex<(Instant, Option<Fingerprint>)>,
@@ -59,7 +59,6 @@ impl FileWatch {
     }
 
     /// Lets the next `changed` look at the file at once.
-    #[cfg(test)]
     pub fn recheck_now(&self) {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner).0 = Instant::now() - RECHECK;
     }

@@ -108,7 +108,7 @@ impl Ledger {
                 .chunks_mut(per_thread)
                 .map(|chunk| scope.spawn(move || chunk.iter_mut().map(|(t, log)| commit_one(t, log)).collect::<Result<Vec<_>>>()))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Service("a commit thread panicked".into())))).collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Commit("a commit thread panicked".into())))).collect()
         });
         let mut out = Vec::new();
         for r in results {

@@ -8,6 +8,7 @@
 //! after each flush. See [`files`] for the on-disk invariants that make a crash at any instant
 //! leave only complete files visible, and re-running the flush exact.
 
+mod error;
 mod files;
 mod rows;
 
@@ -23,9 +24,9 @@ use parquet::file::properties::WriterProperties;
 pub use files::{list_files, partition_dir, partitions, projected_tenants, read_watermark, tenant_dir, ProjectionFile, Tree, Watermark, REPLACED_FILE_GRACE};
 pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_days, Daily, DailyKey, Rollup, RollupKey, RollupSums};
 
-use crate::error::{Error, Result};
-use crate::log::TenantLog;
+pub use error::{Error, Result};
 use rows::Row;
+use tally_log::TenantLog;
 
 /// Records projected per flush at most, to bound memory (a catch-up takes several flushes).
 const MAX_FLUSH_RECORDS: u64 = 250_000;
@@ -190,7 +191,7 @@ impl Projection {
         }
         let first = state.mark.next_seq;
         let last = (first + MAX_FLUSH_RECORDS).min(size) - 1;
-        let entries = (first..=last).map(|seq| log.entry(seq)).collect::<Result<Vec<_>>>()?;
+        let entries = (first..=last).map(|seq| log.entry(seq)).collect::<tally_log::Result<Vec<_>>>()?;
         let (mut report, touched) = write_flush(&root, tenant, first, &entries, &zones)?;
         // The checkpoint is kept only if it is of exactly the projected size: then the
         // projection alone can prove any of its ranges complete.

@@ -4,9 +4,8 @@ use arrow_array::{Array, FixedSizeBinaryArray, StringArray, UInt64Array};
 use tally_schemas::Event;
 
 use super::*;
-use crate::budget::{BudgetDecision, BudgetRecord, Level, Status};
-use crate::merkle::leaf_hash;
-use crate::record::{event_record, EventInput, Source};
+use tally_log::merkle::leaf_hash;
+use tally_log::{event_record, EventInput, Source};
 
 fn event(i: u64) -> Event {
     serde_json::from_value(serde_json::json!({
@@ -42,9 +41,12 @@ fn append(log: &mut TenantLog, from: u64, to: u64) {
         log.append(&event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
         if i % 3 == 2 {
             let seq = log.size() + log.pending();
-            let decision =
-                BudgetDecision { at: e.occurred_at, status: Status::Warning, level: Level::Day, scope: "2025-12-01".into(), limit_micros: 1, spent_micros: 1 };
-            log.append(&BudgetRecord::Budget { seq, decision }.to_bytes().unwrap()).unwrap();
+            // A budget record as the ledger service writes it (docs/records.md).
+            let record = format!(
+                r#"{{"type":"budget","seq":{seq},"at":"{}","status":"warning","level":"day","scope":"2025-12-01","limit_micros":1,"spent_micros":1}}"#,
+                e.occurred_at
+            );
+            log.append(record.as_bytes()).unwrap();
         }
     }
     log.commit().unwrap();

@@ -220,9 +220,9 @@ impl TokenStore {
         }
     }
 
-    /// Lets the next request look at the token file at once.
-    #[cfg(test)]
-    pub(crate) fn recheck_now(&self) {
+    /// Lets the next request look at the token file at once, rather than within a second (tests
+    /// use it to see a change without waiting).
+    pub fn recheck_now(&self) {
         if let Some(w) = &self.watch {
             w.recheck_now();
         }

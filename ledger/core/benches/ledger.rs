@@ -11,8 +11,8 @@
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use tally_ledger::merkle::{leaf_hash, verify_consistency, verify_inclusion};
-use tally_ledger::TenantLog;
+use tally_log::merkle::{leaf_hash, verify_consistency, verify_inclusion};
+use tally_log::TenantLog;
 
 const ENTRY_BYTES: usize = 300;
 const COMMIT_EVERY: u64 = 1_000;
@@ -138,8 +138,8 @@ fn main() {
 
     // The same through `Ledger::commit`: tenants committed on parallel threads, checkpoints signed.
     let dir = tempfile::tempdir().unwrap();
-    let key = tally_ledger::LedgerKey::generate("bench.tally.example").unwrap();
-    let mut ledger = tally_ledger::Ledger::open(dir.path(), vec![key]).unwrap();
+    let key = tally_log::LedgerKey::generate("bench.tally.example").unwrap();
+    let mut ledger = tally_log::Ledger::open(dir.path(), vec![key]).unwrap();
     let names: Vec<String> = (0..tenants).map(|t| format!("t{t}")).collect();
     let start = Instant::now();
     for i in 0..total {
@@ -153,7 +153,7 @@ fn main() {
     let parallel = total as f64 / start.elapsed().as_secs_f64();
     println!(
         "appends, {tenants} tenants, Ledger::commit ({} commit threads, checkpoints signed): {parallel:.0}/s = {:.2}x one tenant at a time",
-        tally_ledger::COMMIT_THREADS,
+        tally_log::COMMIT_THREADS,
         parallel / rate
     );
     drop(ledger);

@@ -2,8 +2,8 @@
 //! the RFC 6962 reference tree, C2SP tile paths, and a Go `sumdb/note` signature.
 
 use serde_json::Value;
-use tally_ledger::merkle::{self, consistency_proof, inclusion_proof, leaf_hash, verify_consistency, verify_inclusion, Hash, MemoryTree};
-use tally_ledger::{verify_note, NoteSigner, NoteVerifier, TenantLog, TilePath};
+use tally_log::merkle::{self, consistency_proof, inclusion_proof, leaf_hash, verify_consistency, verify_inclusion, Hash, MemoryTree};
+use tally_log::{verify_note, NoteSigner, NoteVerifier, TenantLog, TilePath};
 
 fn data() -> Value {
     serde_json::from_str(include_str!("data/known_answers.json")).unwrap()
@@ -89,7 +89,7 @@ fn go_sumdb_note_signature_is_reproduced_and_verified() {
     let signer = NoteSigner::new(parts[2], raw[1..].try_into().unwrap()).unwrap();
     assert_eq!(signer.verifier().vkey(), g["vkey"].as_str().unwrap());
     let text = g["text"].as_str().unwrap();
-    let note = tally_ledger::sign_note(text, &[signer]).unwrap();
+    let note = tally_log::sign_note(text, &[signer]).unwrap();
     assert_eq!(note, format!("{text}\n{}\n", g["signature_line"].as_str().unwrap()), "byte-identical to Go");
     verify_note(&note, &[NoteVerifier::parse(g["vkey"].as_str().unwrap()).unwrap()]).unwrap();
 }

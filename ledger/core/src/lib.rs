@@ -1,0 +1,38 @@
+//! Tally's verifiable log core: one append-only RFC 9162 Merkle log per tenant, with signed C2SP
+//! checkpoints, inclusion/consistency proofs and `tlog-proof` receipts that verifiers nobody at
+//! Tally wrote can check. Pure storage and cryptography: no Kafka, Parquet or async runtime, so an
+//! auditor's tool can depend on it alone.
+//!
+//! * [`merkle`]: hashing, the append frontier, proofs and their verification.
+//! * [`TenantLog`]: one tenant's durable log (checksummed frames, stored nodes, group commit,
+//!   torn-tail repair); [`Ledger`]: a directory of them, committed and checkpointed together;
+//!   [`LogReader`]: read-only access that never repairs.
+//! * [`NoteSigner`] / [`NoteVerifier`] / [`LedgerKey`]: C2SP signed notes with Ed25519.
+//! * [`Checkpoint`]: the C2SP tlog-checkpoint of a tenant's log (origin `<log-origin>/t/<tenant>`).
+//! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
+//! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
+//! * [`event_record`]: the canonical bytes of a ledger record (docs/records.md).
+//! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
+
+mod audit;
+mod checkpoint;
+mod error;
+mod keyfile;
+mod ledger;
+mod log;
+pub mod merkle;
+mod note;
+mod receipt;
+mod record;
+mod tiles;
+
+pub use audit::{audit_tenant, AuditReport};
+pub use checkpoint::{tenant_origin, Checkpoint};
+pub use error::{Error, Result};
+pub use keyfile::LedgerKey;
+pub use ledger::{Ledger, COMMIT_THREADS};
+pub use log::{find_tenant_log, LogReader, TenantLog, MAX_ENTRY_BYTES};
+pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
+pub use receipt::Receipt;
+pub use record::{conflict_record, event_record, EventInput, Source};
+pub use tiles::{available_width, TilePath, TILE_WIDTH};
