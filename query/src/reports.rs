@@ -546,9 +546,9 @@ pub async fn audit_export(
     let tenant_owned = tenant.to_string();
     let mark = tokio::task::spawn_blocking(move || read_watermark(&root, &tenant_owned)).await.map_err(|e| Error::Internal(e.to_string()))??;
     let checkpoint = mark.checkpoint.ok_or(Error::NoCheckpoint)?;
-    let tree_size: u64 =
-        checkpoint.lines().nth(1).and_then(|l| l.parse().ok()).ok_or_else(|| Error::Internal("unreadable checkpoint in the projection watermark".into()))?;
-    let root_hash = checkpoint_root(&checkpoint)?;
+    let stated =
+        tally_log::Checkpoint::parse_note(&checkpoint).map_err(|e| Error::Internal(format!("unreadable checkpoint in the projection watermark: {e}")))?;
+    let (tree_size, root_hash) = (stated.size, stated.root);
     if tree_size == 0 {
         return Err(Error::NoCheckpoint);
     }
@@ -659,16 +659,6 @@ pub async fn audit_export(
         entries: entries.iter().map(|e| b64.encode(e)).collect(),
         rows,
     })
-}
-
-/// The root hash a checkpoint note states (its third line, base64).
-fn checkpoint_root(note: &str) -> Result<Hash> {
-    use base64::Engine as _;
-    note.lines()
-        .nth(2)
-        .and_then(|l| base64::engine::general_purpose::STANDARD.decode(l).ok())
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| Error::Internal("unreadable root in the projection's checkpoint".into()))
 }
 
 #[cfg(test)]

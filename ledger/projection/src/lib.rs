@@ -297,9 +297,9 @@ fn zone_coverage(mark: &files::Watermark, first: u64, zones: &[(String, jiff::tz
     zones.iter().map(|(name, _)| (name.clone(), mark.daily_zones.get(name).copied().unwrap_or(first))).collect()
 }
 
-/// The tree size a checkpoint note states (its second line).
+/// The tree size a checkpoint note states.
 fn note_size(note: &str) -> Option<u64> {
-    note.lines().nth(1)?.parse().ok()
+    tally_log::Checkpoint::parse_note(note).ok().map(|c| c.size)
 }
 
 /// Merges the directory's trailing run of small files, if long enough; returns files replaced.

@@ -173,8 +173,11 @@ fn a_rebuild_reproduces_the_projection_and_repairs_a_damaged_one() {
 
 #[test]
 fn the_watermark_keeps_the_checkpoint_of_exactly_the_projected_size() {
-    assert_eq!(note_size("example.com/t/acme\n42\nroot=\n\n— sig"), Some(42));
+    let key = tally_log::LedgerKey::generate("example.com").unwrap();
+    let note = tally_log::Checkpoint { origin: "example.com/t/acme".into(), size: 42, root: [7; 32] }.sign(&[key.signer_for("acme").unwrap()]).unwrap();
+    assert_eq!(note_size(&note), Some(42));
     assert_eq!(note_size("origin only"), None);
+    assert_eq!(note_size("example.com/t/acme\n042\nroot=\n\n— sig"), None, "checkpoint text is parsed strictly");
 }
 
 #[test]
