@@ -16,16 +16,11 @@ pub enum Error {
     /// Reading the log the projection is made from failed.
     #[error(transparent)]
     Log(#[from] tally_log::Error),
-    #[error("i/o error on {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl Error {
+    /// An i/o failure on `path`: the log core's error, which names the path, wrapped.
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.display().to_string(), source }
+        tally_log::Error::io(path, source).into()
     }
 }
