@@ -17,7 +17,6 @@ pub mod service;
 
 pub use error::{Error, Result};
 pub use tally_auth as auth;
-pub use tally_auth::serve;
 pub use tally_log::{
     audit_tenant, available_width, conflict_record, event_record, find_tenant_log, key_id, merkle, sign_note, tenant_origin, verify_note, AuditReport,
     Checkpoint, EventInput, Ledger, LedgerKey, LogReader, NoteSigner, NoteVerifier, Receipt, Source, TenantLog, TilePath, VerifiedNote, COMMIT_THREADS,
