@@ -144,12 +144,9 @@ fn sign_checkpoint(keys: &[LedgerKey], tenant: &str, log: &TenantLog) -> Result<
     Ok((checkpoint, note))
 }
 
-/// Replaces the stored checkpoint atomically.
+/// Replaces the stored checkpoint durably: after a crash it is the old note or the new one.
 fn store_checkpoint(log: &TenantLog, note: &str) -> Result<()> {
-    let path = log.dir().join("checkpoint");
-    let tmp = log.dir().join("checkpoint.tmp");
-    std::fs::write(&tmp, note.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    crate::durable::replace_file(&log.dir().join("checkpoint"), note.as_bytes())
 }
 
 #[cfg(test)]

@@ -11,11 +11,14 @@
 //! * [`Checkpoint`]: the C2SP tlog-checkpoint of a tenant's log (origin `<log-origin>/t/<tenant>`).
 //! * [`Receipt`]: `c2sp.org/tlog-proof@v1` text, verified against an entry and vkeys.
 //! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
-//! * [`event_record`]: the canonical bytes of a ledger record (docs/records.md).
+//! * [`Record`]: the one codec of a ledger record's bytes ([`event_record`], [`budget_record`],
+//!   [`Record::decode`]; docs/records.md).
+//! * [`durable`]: the one durable whole-file replace (temporary, fsync, rename, fsync the directory).
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
 mod audit;
 mod checkpoint;
+pub mod durable;
 mod error;
 mod keyfile;
 mod ledger;
@@ -34,5 +37,5 @@ pub use ledger::{Ledger, COMMIT_THREADS};
 pub use log::{find_tenant_log, LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use receipt::Receipt;
-pub use record::{conflict_record, event_record, EventInput, Source};
+pub use record::{budget_record, conflict_record, event_record, EventInput, EventRecord, EventRecordType, Record, Source};
 pub use tiles::{available_width, TilePath, TILE_WIDTH};

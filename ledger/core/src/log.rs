@@ -18,7 +18,7 @@
 //! per-entry state in memory.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -456,14 +456,7 @@ pub(crate) fn read_head(dir: &Path) -> Result<Head> {
 }
 
 fn write_head(dir: &Path, head: &Head) -> Result<()> {
-    let tmp = dir.join("head.tmp");
-    let path = dir.join("head");
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(format!("{} {} {}\n", head.size, B64.encode(head.root), head.entries_len).as_bytes()).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_data().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    // The rename itself must survive a crash: sync the directory.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+    crate::durable::replace_file(&dir.join("head"), format!("{} {} {}\n", head.size, B64.encode(head.root), head.entries_len).as_bytes())
 }
 
 #[cfg(test)]

@@ -1,18 +1,28 @@
-//! Ledger record bytes: what entry `i` of a tenant's log holds (docs/records.md).
+//! Ledger record bytes: what entry `i` of a tenant's log holds (docs/records.md). The one codec
+//! of those bytes: every record is encoded by a function here and every reader (the service's
+//! recovery, the budget fold, the projection) decodes it with [`Record::decode`].
 //!
 //! Canonical JSON: UTF-8, no insignificant whitespace, object members in the fixed order of the
 //! structs below, absent optionals omitted, maps sorted by key. The bytes depend only on the input
 //! (the event, the exact payload, its source) and never on wall-clock time, so replaying the same
 //! input yields byte-identical entries and roots.
+//!
+//! Budget-side records (`config`, `budget`, `admission`, `release`) are written by the budget
+//! module of the ledger service, whose types the log core does not know: [`budget_record`] encodes
+//! them under the same size rule, and [`Record`] is generic over how much of them a reader wants
+//! (the budget fold: everything; the projection: the time; the service's recovery: nothing).
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tally_schemas::Event;
 
 use crate::error::{Error, Result};
 use crate::log::MAX_ENTRY_BYTES;
 
 /// Where a record's input came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Source {
     Kafka { topic: String, partition: i32, offset: i64, timestamp_ms: Option<i64> },
@@ -30,7 +40,7 @@ pub struct EventInput<'a> {
 }
 
 #[derive(Serialize)]
-struct EventRecord<'a> {
+struct EventRecordOut<'a> {
     seq: u64,
     #[serde(rename = "type")]
     record_type: &'static str,
@@ -44,7 +54,7 @@ struct EventRecord<'a> {
     conflicts_with_seq: Option<u64>,
 }
 
-fn encode(record: &EventRecord<'_>) -> Result<Vec<u8>> {
+fn encode(record: &impl Serialize) -> Result<Vec<u8>> {
     let bytes = serde_json::to_vec(record).map_err(|e| Error::BadRecord(format!("record encoding failed: {e}")))?;
     if bytes.len() > MAX_ENTRY_BYTES {
         return Err(Error::EntryTooLarge(bytes.len()));
@@ -54,7 +64,7 @@ fn encode(record: &EventRecord<'_>) -> Result<Vec<u8>> {
 
 /// The entry bytes of an `event` record.
 pub fn event_record(seq: u64, input: EventInput<'_>) -> Result<Vec<u8>> {
-    encode(&EventRecord {
+    encode(&EventRecordOut {
         seq,
         record_type: "event",
         event: input.event,
@@ -68,7 +78,7 @@ pub fn event_record(seq: u64, input: EventInput<'_>) -> Result<Vec<u8>> {
 /// The entry bytes of a `conflict` record: an event whose idempotency key was already used, with
 /// different content, at `first_seq`. It is kept (never silently replaced or dropped) and counted.
 pub fn conflict_record(seq: u64, input: EventInput<'_>, first_seq: u64) -> Result<Vec<u8>> {
-    encode(&EventRecord {
+    encode(&EventRecordOut {
         seq,
         record_type: "conflict",
         event: input.event,
@@ -77,6 +87,79 @@ pub fn conflict_record(seq: u64, input: EventInput<'_>, first_seq: u64) -> Resul
         source: input.source,
         conflicts_with_seq: Some(first_seq),
     })
+}
+
+/// The entry bytes of a budget-side record: `record` serialises itself (its `type` member
+/// included); the log core applies the entry size limit.
+pub fn budget_record(record: &impl Serialize) -> Result<Vec<u8>> {
+    encode(record)
+}
+
+/// The record types of the budget side, in the order docs/records.md lists them.
+const BUDGET_TYPES: [&str; 4] = ["config", "budget", "admission", "release"];
+
+/// One decoded record. `B` is what a reader takes from a budget-side record: the full record
+/// (the budget fold), a few members (the projection), or [`serde::de::IgnoredAny`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record<B> {
+    /// An `event` or `conflict` record.
+    Event(EventRecord),
+    /// A `config`, `budget`, `admission` or `release` record.
+    Budget(B),
+}
+
+/// An `event` or `conflict` record, owned.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventRecord {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub record_type: EventRecordType,
+    pub event: Event,
+    #[serde(default)]
+    pub ce_source: Option<String>,
+    /// SHA-256 of the exact input bytes, lower-case hex.
+    pub payload_sha256: String,
+    pub source: Source,
+    /// For `conflict` records: the sequence number of the record holding the first version.
+    #[serde(default)]
+    pub conflicts_with_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventRecordType {
+    Event,
+    Conflict,
+}
+
+impl<B: DeserializeOwned> Record<B> {
+    /// Decodes entry `seq` of a tenant's log. Fails with [`Error::BadRecord`] on bytes that are
+    /// not a record, a record that names another seq, or an unknown record type.
+    pub fn decode(seq: u64, bytes: &[u8]) -> Result<Record<B>> {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            seq: u64,
+            #[serde(rename = "type", borrow)]
+            record_type: Cow<'a, str>,
+        }
+        let bad = |e: serde_json::Error| Error::BadRecord(format!("entry {seq}: {e}"));
+        let head: Head<'_> = serde_json::from_slice(bytes).map_err(bad)?;
+        if head.seq != seq {
+            return Err(Error::BadRecord(format!("entry {seq} says it is seq {}", head.seq)));
+        }
+        match head.record_type.as_ref() {
+            "event" | "conflict" => Ok(Record::Event(serde_json::from_slice(bytes).map_err(bad)?)),
+            t if BUDGET_TYPES.contains(&t) => Ok(Record::Budget(serde_json::from_slice(bytes).map_err(bad)?)),
+            other => Err(Error::BadRecord(format!("entry {seq}: unknown record type {other:?}"))),
+        }
+    }
+}
+
+impl EventRecord {
+    /// The event as first recorded (an `event` record), not a conflicting second version.
+    pub fn is_conflict(&self) -> bool {
+        self.record_type == EventRecordType::Conflict
+    }
 }
 
 #[cfg(test)]
@@ -101,5 +184,48 @@ mod tests {
         let conflict = String::from_utf8(conflict_record(9, EventInput { ce_source: Some("gw/eu"), ..input }, 7).unwrap()).unwrap();
         assert!(conflict.starts_with(r#"{"seq":9,"type":"conflict","#), "{conflict}");
         assert!(conflict.contains(r#""ce_source":"gw/eu","#) && conflict.ends_with(r#","conflicts_with_seq":7}"#), "{conflict}");
+    }
+
+    #[test]
+    fn decode_reads_back_what_encode_wrote() {
+        let event = Event::from_json(br#"{"tenant_id":"acme","kind":"llm_call","event_id":"e1","occurred_at":"2026-01-01T00:00:00Z"}"#).unwrap();
+        let src = Source::Kafka { topic: "events".into(), partition: 2, offset: 41, timestamp_ms: None };
+        let input = EventInput { event: &event, ce_source: Some("gw/eu"), payload_sha256: &[0xcd; 32], source: &src };
+        let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(3, &conflict_record(3, input, 1).unwrap()).unwrap() else { panic!("not an event") };
+        assert_eq!(r.seq, 3);
+        assert!(r.is_conflict());
+        assert_eq!(r.event, event);
+        assert_eq!(r.ce_source.as_deref(), Some("gw/eu"));
+        assert_eq!(r.payload_sha256, "cd".repeat(32));
+        assert_eq!(r.source, src);
+        assert_eq!(r.conflicts_with_seq, Some(1));
+        let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(4, &event_record(4, input).unwrap()).unwrap() else { panic!("not an event") };
+        assert!(!r.is_conflict() && r.conflicts_with_seq.is_none());
+    }
+
+    #[test]
+    fn budget_side_records_decode_into_the_readers_type() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Release {
+            #[serde(rename = "type")]
+            t: String,
+            seq: u64,
+            reservation_id: String,
+        }
+        let r = Release { t: "release".into(), seq: 5, reservation_id: "r1".into() };
+        let bytes = budget_record(&r).unwrap();
+        assert_eq!(Record::<Release>::decode(5, &bytes).unwrap(), Record::Budget(r));
+        assert!(matches!(Record::<serde::de::IgnoredAny>::decode(5, &bytes).unwrap(), Record::Budget(_)));
+    }
+
+    #[test]
+    fn decode_refuses_wrong_seq_unknown_type_and_non_records() {
+        let err = |bytes: &[u8]| Record::<serde::de::IgnoredAny>::decode(5, bytes).unwrap_err().to_string();
+        assert!(err(br#"{"type":"release","seq":6}"#).contains("says it is seq 6"));
+        assert!(err(br#"{"seq":5,"type":"erasure"}"#).contains("unknown record type \"erasure\""));
+        assert!(err(b"not json").contains("entry 5"));
+        assert!(err(br#"{"seq":5,"type":"event"}"#).contains("entry 5"), "an event record without its event");
+        let huge = serde_json::json!({"type": "release", "seq": 1, "pad": "x".repeat(MAX_ENTRY_BYTES)});
+        assert!(matches!(budget_record(&huge), Err(Error::EntryTooLarge(_))));
     }
 }

@@ -225,43 +225,11 @@ pub(crate) fn write_watermark(root: &Path, tenant: &str, mark: &Watermark) -> Re
     })
 }
 
-/// Writes `path` through a synced hidden temporary file and a rename, then syncs the directory.
+/// Writes `path` durably (tally-log's one replace helper), creating its directory durably first.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().ok_or_else(|| Error::Projection(format!("{} has no parent directory", path.display())))?;
-    create_dir_synced(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write(&mut file).map_err(|e| Error::io(&tmp, e))?;
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    sync_dir(dir)
-}
-
-/// `create_dir_all`, then syncs the parent of every directory it created, so a new `date=`
-/// directory survives a power loss along with the files the watermark then vouches for.
-fn create_dir_synced(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    let mut d = Some(dir);
-    while let Some(p) = d.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
-        missing.push(p.to_path_buf());
-        d = p.parent();
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    for created in missing.iter().rev() {
-        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+    tally_log::durable::create_dir_durably(dir)?;
+    Ok(tally_log::durable::replace_file_with(path, write)?)
 }
 
 /// Deletes what a crash can leave in a tenant's trees: temporary files, files of a flush that
@@ -272,7 +240,7 @@ pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result
         for value in partitions(root, tree, tenant)? {
             let dir = partition_dir(root, tree, tenant, &value);
             for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
-                if entry.file_name().to_str().is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp")) {
+                if entry.file_name().to_str().is_some_and(tally_log::durable::is_temporary) {
                     remove(&entry.path())?;
                     removed += 1;
                 }

@@ -22,6 +22,7 @@ use tally_schemas::{daily_rollup_schema, projection_schema, rollup_schema, Event
 
 use crate::error::{Error, Result};
 use tally_log::merkle::{leaf_hash, Hash};
+use tally_log::{Record, Source};
 
 /// One record, parsed for projection.
 #[derive(Debug, Clone)]
@@ -44,36 +45,40 @@ pub(crate) struct KafkaSource {
     pub timestamp_ms: Option<i64>,
 }
 
+/// What the projection takes from a budget-side record: its type and time (the whole record
+/// goes to the `detail` column as stored).
 #[derive(Deserialize)]
-struct RawRecord {
-    seq: u64,
+struct BudgetSide {
     #[serde(rename = "type")]
     record_type: String,
     #[serde(default)]
-    event: Option<Event>,
-    #[serde(default)]
-    source: Option<serde_json::Value>,
-    #[serde(default)]
     at: Option<Timestamp>,
-    #[serde(default)]
-    conflicts_with_seq: Option<u64>,
 }
 
 impl Row {
-    /// Parses entry `seq` of a tenant's log.
+    /// Parses entry `seq` of a tenant's log with the log core's record codec.
     pub fn parse(seq: u64, entry: &[u8]) -> Result<Row> {
-        let raw: RawRecord = serde_json::from_slice(entry).map_err(|e| Error::BadRecord(format!("entry {seq}: {e}")))?;
-        if raw.seq != seq {
-            return Err(Error::BadRecord(format!("entry {seq} says it is seq {}", raw.seq)));
-        }
-        let kafka = raw.source.filter(|s| s.get("kind").and_then(|k| k.as_str()) == Some("kafka")).and_then(|s| serde_json::from_value::<KafkaSource>(s).ok());
-        let detail = match (&raw.event, raw.conflicts_with_seq) {
-            (Some(_), Some(first)) => Some(format!("{{\"conflicts_with_seq\":{first}}}")),
-            (Some(_), None) => None,
-            (None, _) => Some(String::from_utf8_lossy(entry).into_owned()),
-        };
-        let at = raw.event.as_ref().map(|e| e.occurred_at).or(raw.at);
-        Ok(Row { seq, leaf_hash: leaf_hash(entry), record_type: raw.record_type, event: raw.event, at, kafka, detail })
+        let leaf_hash = leaf_hash(entry);
+        Ok(match Record::<BudgetSide>::decode(seq, entry)? {
+            Record::Event(r) => {
+                let kafka = match r.source {
+                    Source::Kafka { partition, offset, timestamp_ms, .. } => Some(KafkaSource { partition, offset, timestamp_ms }),
+                    Source::File { .. } => None,
+                };
+                let record_type = if r.is_conflict() { "conflict" } else { "event" }.to_string();
+                let detail = r.conflicts_with_seq.map(|first| format!("{{\"conflicts_with_seq\":{first}}}"));
+                Row { seq, leaf_hash, record_type, at: Some(r.event.occurred_at), event: Some(r.event), kafka, detail }
+            }
+            Record::Budget(b) => Row {
+                seq,
+                leaf_hash,
+                record_type: b.record_type,
+                event: None,
+                at: b.at,
+                kafka: None,
+                detail: Some(String::from_utf8_lossy(entry).into_owned()),
+            },
+        })
     }
 
     /// The UTC date (`YYYY-MM-DD`) directory the row goes to.

@@ -21,7 +21,7 @@ use tally_schemas::Event;
 
 use super::config::TenantBudget;
 use super::window::Calendar;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,8 +126,9 @@ pub enum BudgetRecord {
 }
 
 impl BudgetRecord {
+    /// The entry bytes, through the log core's record codec (which applies the entry size limit).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::BadRecord(e.to_string()))
+        Ok(tally_log::budget_record(self)?)
     }
 }
 
@@ -297,31 +298,18 @@ impl BudgetState {
         }
     }
 
-    /// Folds one stored record (any type). Returns the decisions an event record triggers; the
-    /// ledger appends them right after it, and replays check they are there.
-    pub fn fold(&mut self, entry: &[u8]) -> Result<Vec<BudgetDecision>> {
-        #[derive(Deserialize)]
-        struct Head {
-            #[serde(rename = "type")]
-            record_type: String,
-        }
-        let head: Head = serde_json::from_slice(entry).map_err(|e| Error::BadRecord(e.to_string()))?;
-        match head.record_type.as_str() {
-            "event" => {
-                #[derive(Deserialize)]
-                struct EventOnly {
-                    event: Event,
-                }
-                let r: EventOnly = serde_json::from_slice(entry).map_err(|e| Error::BadRecord(e.to_string()))?;
-                Ok(self.apply_event(&r.event))
-            }
-            "config" | "budget" | "admission" | "release" => {
-                let r: BudgetRecord = serde_json::from_slice(entry).map_err(|e| Error::BadRecord(e.to_string()))?;
+    /// Folds entry `seq` of the tenant's log (any record type), decoded by the log core's one
+    /// record codec. Returns the decisions an event record triggers; the ledger appends them right
+    /// after it, and replays check they are there.
+    pub fn fold(&mut self, seq: u64, entry: &[u8]) -> Result<Vec<BudgetDecision>> {
+        match tally_log::Record::<BudgetRecord>::decode(seq, entry)? {
+            // Conflicts are not charged: the first record with that key was.
+            tally_log::Record::Event(r) if r.is_conflict() => Ok(Vec::new()),
+            tally_log::Record::Event(r) => Ok(self.apply_event(&r.event)),
+            tally_log::Record::Budget(r) => {
                 self.apply_record(&r);
                 Ok(Vec::new())
             }
-            // Conflicts are not charged: the first record with that key was.
-            _ => Ok(Vec::new()),
         }
     }
 

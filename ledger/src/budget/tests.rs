@@ -48,7 +48,9 @@ impl Log {
     }
 
     fn event(&mut self, e: &Event) -> Vec<BudgetDecision> {
-        self.entries.push(serde_json::to_vec(&serde_json::json!({"seq": self.seq(), "type": "event", "event": e})).unwrap());
+        let source = tally_log::Source::File { file: "test.jsonl".into(), line: self.seq() + 1 };
+        let input = tally_log::EventInput { event: e, ce_source: None, payload_sha256: &[0; 32], source: &source };
+        self.entries.push(tally_log::event_record(self.seq(), input).unwrap());
         let decisions = self.state.apply_event(e);
         for d in &decisions {
             let seq = self.seq();
@@ -213,7 +215,7 @@ fn replaying_a_log_gives_the_same_state_and_decisions() {
     let mut replay = BudgetState::default();
     let mut i = 0;
     while i < log.entries.len() {
-        let decisions = replay.fold(&log.entries[i]).unwrap();
+        let decisions = replay.fold(i as u64, &log.entries[i]).unwrap();
         // The decisions an event produces are exactly the budget records that follow it.
         for (k, d) in decisions.iter().enumerate() {
             let stored: BudgetRecord = serde_json::from_slice(&log.entries[i + 1 + k]).unwrap();

@@ -502,12 +502,10 @@ pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
 
 /// `<data_dir>/owners/<topic>-<p>` names the instance that owns a partition, so the others can
 /// point callers at it.
-fn write_owner(root: &std::path::Path, topic: &str, partition: i32, url: &str) -> std::io::Result<()> {
+fn write_owner(root: &std::path::Path, topic: &str, partition: i32, url: &str) -> Result<()> {
     let dir = root.join("owners");
-    std::fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".{topic}-{partition}.{}", std::process::id()));
-    std::fs::write(&tmp, url)?;
-    std::fs::rename(&tmp, dir.join(format!("{topic}-{partition}")))
+    tally_log::durable::create_dir_durably(&dir)?;
+    Ok(tally_log::durable::replace_file(&dir.join(format!("{topic}-{partition}")), url.as_bytes())?)
 }
 
 fn read_owner(root: &std::path::Path, topic: &str, partition: i32) -> Option<String> {
@@ -765,13 +763,8 @@ fn pin_partition_count(data_dir: &std::path::Path, topic: &str, current: i32) ->
             Ok(pinned)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            // Random, not the pid: two containers on one volume are both pid 1.
-            let tmp = dir.join(format!(".{topic}.partition-count.{:016x}", rand::random::<u64>()));
-            std::fs::write(&tmp, format!("{current}\n")).map_err(|e| Error::io(&tmp, e))?;
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(&dir, e))?;
+            tally_log::durable::create_dir_durably(&dir)?;
+            tally_log::durable::replace_file(&path, format!("{current}\n").as_bytes())?;
             Ok(current)
         }
         Err(e) => Err(Error::io(&path, e)),

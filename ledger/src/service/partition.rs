@@ -28,7 +28,6 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tally_ingest::Delivery;
 use tally_schemas::{Decoded, Event, IdempotencyKey};
@@ -36,9 +35,10 @@ use tally_schemas::{Decoded, Event, IdempotencyKey};
 use super::store::{Batch, DedupKey, PartitionStore, Seen, TenantState};
 use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, Release, ReleaseReason, Verdict};
 use crate::error::{Error, Result};
+use serde::de::IgnoredAny;
 use tally_log::Ledger;
 use tally_log::LedgerKey;
-use tally_log::{conflict_record, event_record, EventInput, Source};
+use tally_log::{conflict_record, event_record, EventInput, Record, Source};
 use tally_projection::Projection;
 
 /// What applying one delivery did.
@@ -125,25 +125,6 @@ fn content_digest(event: &Event) -> Result<[u8; 16]> {
     Ok(Sha256::digest(bytes)[..16].try_into().unwrap_or_default())
 }
 
-/// The fields of a stored record the partition state is rebuilt from.
-#[derive(Deserialize)]
-struct StoredRecord {
-    #[serde(rename = "type")]
-    record_type: String,
-    #[serde(default)]
-    event: Option<Event>,
-    #[serde(default)]
-    ce_source: Option<String>,
-    #[serde(default)]
-    source: Option<StoredSource>,
-}
-
-#[derive(Deserialize)]
-struct StoredSource {
-    #[serde(default)]
-    offset: Option<i64>,
-}
-
 impl PartitionLedger {
     /// Opens (or creates) the state of `topic`/`partition` under `root`. Costs one store read
     /// per tenant plus whatever of the logs' tails the store had not yet covered.
@@ -176,14 +157,16 @@ impl PartitionLedger {
             }
             for seq in state.indexed..log.size() {
                 let entry = log.entry(seq)?;
-                budget.fold(&entry)?;
-                let record: StoredRecord = serde_json::from_slice(&entry).map_err(|e| Error::BadRecord(format!("{tenant} entry {seq}: {e}")))?;
-                if let Some(o) = record.source.and_then(|s| s.offset) {
-                    state.last_offset = Some(o);
+                budget.fold(seq, &entry)?;
+                let Record::Event(record) = Record::<IgnoredAny>::decode(seq, &entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))? else {
+                    continue;
+                };
+                if let Source::Kafka { offset, .. } = record.source {
+                    state.last_offset = Some(offset);
                 }
-                if let (true, Some(event)) = (record.record_type == "event", &record.event) {
-                    let key = IdempotencyKey { source: record.ce_source, id: event.event_id.clone() };
-                    catch_up.seen.push((dedup_key(&tenant, &key), Seen { content: content_digest(event)?, seq }));
+                if !record.is_conflict() {
+                    let key = IdempotencyKey { source: record.ce_source, id: record.event.event_id.clone() };
+                    catch_up.seen.push((dedup_key(&tenant, &key), Seen { content: content_digest(&record.event)?, seq }));
                 }
             }
             if state.indexed < log.size() {
