@@ -25,8 +25,30 @@ struct Cli {
     /// Kafka bootstrap servers; overrides the config file and KAFKA_BOOTSTRAP.
     #[arg(long, global = true)]
     bootstrap: Option<String>,
+    /// Log lines on stderr: `text` (colour only when stderr is a terminal) or `json` (one object
+    /// per line, for log shippers). Levels come from RUST_LOG (default `warn,tally=info`).
+    #[arg(long, global = true, value_enum, env = "TALLY_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sets up `tracing` on stderr. Request spans (method, route, path) from both services' HTTP
+/// layers appear as fields of each line.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,tally=info,tower_http=info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -90,11 +112,8 @@ enum ParquetCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,tally=info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     // Offline commands run without Kafka settings or an async runtime.
     let online = |config: Option<PathBuf>, bootstrap: Option<String>| -> anyhow::Result<(CliConfig, tokio::runtime::Runtime)> {
         let mut config = CliConfig::load(config.as_deref(), std::env::vars())?;

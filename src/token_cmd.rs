@@ -20,6 +20,8 @@ pub enum RoleArg {
     Tenant,
     Regulator,
     Billing,
+    /// Reads both services' `/metrics` only (for a Prometheus scraper).
+    Metrics,
     Admin,
 }
 
@@ -44,6 +46,7 @@ pub fn run(command: TokenCommand) -> anyhow::Result<()> {
         RoleArg::Tenant => Role::Tenant,
         RoleArg::Regulator => Role::Regulator,
         RoleArg::Billing => Role::Billing,
+        RoleArg::Metrics => Role::Metrics,
         RoleArg::Admin => Role::Admin,
     };
     let (token, entry) = new_token(&args.name, role, args.tenants)?;

@@ -85,3 +85,54 @@ fn bad_configuration_names_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bootstrapp"), "{stderr}");
 }
+
+/// `tally query` with its stderr in a file, as a service manager runs it: `--log-format json`
+/// gives one JSON object per line, with the request span (method, route) on the request's
+/// line; the text format has no colour codes when stderr is not a terminal.
+#[test]
+fn service_logs_are_json_on_request_and_never_coloured_off_a_terminal() {
+    for format in ["json", "text"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("query.toml");
+        std::fs::write(&config, format!("[query]\ndata_dir = {:?}\nlisten = \"127.0.0.1:0\"\n", dir.path().join("data"))).unwrap();
+        let log_path = dir.path().join("query.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["--config", config.to_str().unwrap(), "--log-format", format, "query"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let wait_for = |what: &dyn Fn(&str) -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !what(&log()) {
+                assert!(std::time::Instant::now() < deadline, "{format}: gave up waiting; log so far:\n{}", log());
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        };
+        wait_for(&|l| l.contains("query service listening"));
+        let text = log();
+        let at = text.find("127.0.0.1:").unwrap() + "127.0.0.1:".len();
+        let port: u16 = text[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut stream, b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
+        wait_for(&|l| l.contains("/healthz"));
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = log();
+        assert!(!text.contains('\u{1b}'), "{format}: colour codes in a file:\n{text}");
+        if format == "json" {
+            let lines: Vec<serde_json::Value> =
+                text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}"))).collect();
+            let request = lines.iter().find(|l| l["span"]["route"] == "/healthz").unwrap_or_else(|| panic!("no request line with its span:\n{text}"));
+            assert_eq!(request["span"]["method"], "GET", "{request}");
+            assert!(request["fields"]["status"] == 200, "{request}");
+        } else {
+            assert!(text.lines().any(|l| l.contains(r#"route="/healthz""#) && l.contains("status=200")), "{text}");
+        }
+    }
+}

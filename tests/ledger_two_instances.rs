@@ -32,7 +32,7 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 async fn metric(addr: SocketAddr, name: &str) -> u64 {
     let Some((200, text)) = get(addr, "/metrics").await else { return 0 };
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64
+    metric_sum(&text, name) as u64
 }
 
 /// One message read back: (offset, timestamp, key, value).

@@ -120,6 +120,7 @@ impl IntoResponse for Error {
         }
         let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
         let mut response = (self.status(), axum::Json(body)).into_response();
+        response.extensions_mut().insert(tally_auth::ErrorCode(self.code()));
         if let Error::TooManyQueries(_) = self {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
         }

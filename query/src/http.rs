@@ -33,6 +33,45 @@ pub struct AppState {
     pub tokens: TokenStore,
     /// Where query work runs (never on the threads that answer HTTP), and its admission limits.
     pub workers: crate::workers::Workers,
+    pub metrics: QueryMetrics,
+}
+
+/// The query service's metrics: per-route latency and errors by code (from
+/// [`tally_auth::Telemetry`]), and gauges of the present read when `/metrics` is.
+pub struct QueryMetrics {
+    telemetry: tally_auth::Telemetry,
+    running: tally_auth::prometheus::IntGauge,
+    memory: tally_auth::prometheus::IntGauge,
+    token_reload_failures: tally_auth::prometheus::IntCounter,
+}
+
+impl QueryMetrics {
+    pub fn new() -> QueryMetrics {
+        let t = tally_auth::Telemetry::new("query");
+        QueryMetrics {
+            running: t.int_gauge("tally_query_running", "Queries running now."),
+            memory: t.int_gauge("tally_query_memory_reserved_bytes", "Bytes of the process-wide query memory pool reserved by running queries."),
+            token_reload_failures: t.counter(
+                "tally_query_token_reload_failures_total",
+                "Token file reloads that found it missing or invalid (no token is accepted until it is fixed).",
+            ),
+            telemetry: t,
+        }
+    }
+
+    fn render(&self, state: &AppState) -> String {
+        self.running.set(i64::try_from(state.workers.running()).unwrap_or(i64::MAX));
+        self.memory.set(i64::try_from(state.engine.memory_in_use()).unwrap_or(i64::MAX));
+        let failures = state.tokens.reload_failures();
+        self.token_reload_failures.inc_by(failures.saturating_sub(self.token_reload_failures.get()));
+        self.telemetry.render()
+    }
+}
+
+impl Default for QueryMetrics {
+    fn default() -> Self {
+        QueryMetrics::new()
+    }
 }
 
 impl AppState {
@@ -50,13 +89,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tenants/{tenant}/sql", post(sql))
         .route("/v1/tenants/{tenant}/audit-export", get(audit_export))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), tenant_gate));
-    Router::new()
+    let telemetry = state.metrics.telemetry.clone();
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .merge(per_tenant)
         .route("/v1/spend", get(spend))
         .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
-        .with_state(state)
+        .with_state(state);
+    telemetry.instrument(app)
+}
+
+/// Prometheus text: a `metrics` token (a scraper that reads no data) or `admin`.
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response> {
+    if !principal(&state, &headers)?.can_read_metrics() {
+        return Err(AuthError::Forbidden("metrics access").into());
+    }
+    let text = state.metrics.render(&state);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 async fn openapi() -> Response {
@@ -365,15 +416,6 @@ async fn spend_response(state: &AppState, period: String, start: jiff::civil::Da
 
 /// Refuses request bodies over 1 MiB (SQL texts are far smaller).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-
-/// Logs each request's outcome with its status.
-pub async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let started = std::time::Instant::now();
-    let response = next.run(req).await;
-    tracing::info!(%method, path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "query request");
-    response
-}
 
 #[cfg(test)]
 mod tests {

@@ -41,7 +41,7 @@ pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdow
         request_timeout: (std::time::Duration::from_millis(config.query_timeout_ms) + std::time::Duration::from_secs(30)).max(defaults.request_timeout),
         ..defaults
     };
-    let mut app = http::router(state).layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES)).layer(axum::middleware::from_fn(http::log_request));
+    let mut app = http::router(state).layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES));
     if !auth {
         // No token file (loopback only): refuse other Host names, against DNS rebinding.
         app = app.layer(axum::middleware::from_fn(tally_auth::serve::loopback_host_only));
@@ -63,5 +63,5 @@ fn app_state(config: QueryConfig) -> Result<Arc<http::AppState>> {
     };
     let engine = Engine::new(&config);
     let workers = workers::Workers::new(config.query_threads(), config.max_concurrent_queries, config.max_concurrent_queries_per_tenant)?;
-    Ok(Arc::new(http::AppState { config, engine, tokens, workers }))
+    Ok(Arc::new(http::AppState { config, engine, tokens, workers, metrics: http::QueryMetrics::new() }))
 }

@@ -253,7 +253,11 @@ impl Dim {
             "action" | "model" => Dim::Action,
             "task" | "task_id" => Dim::Task,
             "kind" => Dim::Kind,
-            other => return Err(Error::BadRequest(format!("group_by: unknown dimension {other:?}; use day, agent, action (or model), task, kind"))),
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "group_by: unknown dimension {other:?}; use day, agent (or agent_id), action (or model), task (or task_id), kind"
+                )))
+            }
         })
     }
 

@@ -87,7 +87,6 @@ impl Workers {
     }
 
     /// Queries running now.
-    #[cfg(test)]
     pub fn running(&self) -> usize {
         self.running.lock().unwrap_or_else(PoisonError::into_inner).values().sum()
     }

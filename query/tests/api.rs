@@ -376,6 +376,100 @@ fn tamper(f: &Fixture, change: impl Fn(u64, &datafusion::arrow::array::RecordBat
     }
 }
 
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Want {
+    /// Reaches the handler: anything but 401 and 403.
+    Allowed,
+    Forbidden,
+    Unauthenticated,
+}
+
+/// Every route of the query service (`{t}` for the tenant) and who may call it
+/// (docs/http-api.md, the role matrix).
+fn route_matrix() -> [(&'static str, &'static str, Option<serde_json::Value>, [Want; 8]); 8] {
+    use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+    let sql = Some(serde_json::json!({"sql": "SELECT count(*) FROM events"}));
+    //                                                                    own other reg+ reg- bill metr admin none
+    [
+        ("GET", "/healthz", None, /*                                  */ [A, A, A, A, A, A, A, A]),
+        ("GET", "/openapi.json", None, /*                             */ [A, A, A, A, A, A, A, A]),
+        ("GET", "/metrics", None, /*                                  */ [F, F, F, F, F, A, A, U]),
+        ("GET", "/v1/tenants/{t}/events", None, /*                    */ [A, F, A, F, F, F, A, U]),
+        ("GET", "/v1/tenants/{t}/costs", None, /*                     */ [A, F, A, F, F, F, A, U]),
+        ("POST", "/v1/tenants/{t}/sql", sql, /*                       */ [A, F, A, F, F, F, A, U]),
+        ("GET", "/v1/tenants/{t}/audit-export", None, /*              */ [A, F, A, F, F, F, A, U]),
+        ("GET", "/v1/spend?period=2026-11", None, /*                  */ [F, F, F, F, A, F, A, U]),
+    ]
+}
+
+/// Who may do what, route by route: every route of the query service against every kind of caller.
+#[tokio::test]
+async fn every_route_against_every_role() {
+    use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+    let f = Fixture::new();
+    f.ingest(&[
+        event("acme", "e1", ts("2026-11-02T10:00:00Z"), "llm_call", "a", "m", "t", Some((100, "USD"))),
+        event("globex", "e2", ts("2026-11-02T10:00:00Z"), "llm_call", "a", "m", "t", Some((100, "USD"))),
+    ]);
+    let r = f.router();
+    // (who, token, the tenant in the path). The regulator names acme only.
+    let callers: [(&str, Option<&str>, &str); 8] = [
+        ("tenant, own", Some(&f.tokens["acme"]), "acme"),
+        ("tenant, other", Some(&f.tokens["acme"]), "globex"),
+        ("regulator, named", Some(&f.tokens["regulator"]), "acme"),
+        ("regulator, not named", Some(&f.tokens["regulator"]), "globex"),
+        ("billing", Some(&f.tokens["billing"]), "acme"),
+        ("metrics", Some(&f.tokens["metrics"]), "acme"),
+        ("admin", Some(&f.tokens["admin"]), "acme"),
+        ("no token", None, "acme"),
+    ];
+    let mut wrong = Vec::new();
+    for (method, route, body, wants) in route_matrix() {
+        for ((who, token, tenant), want) in callers.iter().zip(wants) {
+            let path = route.replace("{t}", tenant);
+            let (status, bytes) = send(&r, method, &path, *token, body.clone()).await;
+            let got = match status {
+                StatusCode::FORBIDDEN => F,
+                StatusCode::UNAUTHORIZED => U,
+                _ => A,
+            };
+            if got != want {
+                wrong.push(format!("{method} {path} as {who}: want {want:?}, got {status} {}", String::from_utf8_lossy(&bytes)));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `/metrics` is Prometheus text with per-route latency and errors by code, and never a tenant id.
+#[tokio::test]
+async fn metrics_count_routes_and_error_codes_without_tenant_ids() {
+    let f = Fixture::new();
+    f.ingest(&[event("acme", "e1", ts("2026-11-02T10:00:00Z"), "llm_call", "a", "m", "t", Some((100, "USD")))]);
+    let r = f.router();
+    get_json(&r, "/v1/tenants/acme/events", &f.tokens["acme"]).await;
+    let (status, _) = send(&r, "GET", "/v1/tenants/acme/events?colour=red", Some(&f.tokens["acme"]), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = send(&r, "GET", "/metrics", Some(&f.tokens["metrics"]), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        r#"tally_query_http_request_duration_seconds_count{method="GET",route="/v1/tenants/{tenant}/events",status="200"} 1"#,
+        r#"tally_query_http_request_duration_seconds_count{method="GET",route="/v1/tenants/{tenant}/events",status="400"} 1"#,
+        r#"tally_query_http_errors_total{code="bad_request",route="/v1/tenants/{tenant}/events"} 1"#,
+        "tally_query_running 0",
+        "tally_query_memory_reserved_bytes 0",
+        "tally_query_token_reload_failures_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+    }
+    assert!(!text.contains("acme"), "{text}");
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_route() {
     let f = Fixture::new();
@@ -383,8 +477,15 @@ async fn the_openapi_document_lists_every_route() {
     let (status, body) = send(&r, "GET", "/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
     let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    for path in ["/v1/tenants/{tenant}/events", "/v1/tenants/{tenant}/costs", "/v1/tenants/{tenant}/sql", "/v1/tenants/{tenant}/audit-export", "/v1/spend"] {
-        assert!(doc["paths"][path].is_object(), "{path}");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut listed = Vec::new();
+    for (method, route, _, _) in route_matrix() {
+        let template = route.split('?').next().unwrap().replace("{t}", "{tenant}");
+        assert!(paths.get(&template).is_some_and(|p| p[method.to_lowercase()].is_object()), "{method} {template} missing from openapi.json");
+        listed.push(template);
+    }
+    for documented in paths.keys() {
+        assert!(listed.contains(documented), "openapi.json documents {documented}, which the router does not serve");
     }
     let (status, body) = send(&r, "GET", "/v1/nothing", Some(&f.tokens["admin"]), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -124,6 +124,19 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, Ve
     Some((std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()?, response[split + 4..].to_vec()))
 }
 
+/// The sum of a metric's samples in Prometheus text (`name value` and `name{labels} value`
+/// lines), so a test can count dead letters across reasons.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') { rest.split_once("} ")?.1 } else { rest.strip_prefix(' ')? };
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
 /// A topic (and its DLQ) plus a fresh signing key in a temporary directory.
 pub struct LedgerFixture {
     pub topic: String,

@@ -7,12 +7,18 @@
 //! * [`FileWatch`]: noticing that a configuration file changed (tokens, budgets).
 //! * [`serve`]: bounded HTTP serving (connection cap, header, idle and request timeouts) and the
 //!   `Host` check for services without a token file.
+//! * [`Telemetry`]: a service's Prometheus registry, per-route request latency and
+//!   `tower-http` request spans and logs.
 
 mod error;
 pub mod serve;
+mod telemetry;
 mod tokens;
 mod watch;
 
 pub use error::{Error, Result};
+/// The metric types [`Telemetry`] hands out, for the services' own metric structs.
+pub use prometheus;
+pub use telemetry::{latency_buckets, ErrorCode, Telemetry};
 pub use tokens::{check_token_file, new_token, stanza, AuthError, Principal, Role, TokenEntry, TokenStore, TOKEN_PREFIX};
 pub use watch::FileWatch;

@@ -37,6 +37,9 @@ pub enum Role {
     Tenant,
     Regulator,
     Billing,
+    /// Reads `/metrics` of both services and nothing else: for a Prometheus scraper, which
+    /// should never hold a token that reads data.
+    Metrics,
     Admin,
 }
 
@@ -46,6 +49,7 @@ impl Role {
             Role::Tenant => "tenant",
             Role::Regulator => "regulator",
             Role::Billing => "billing",
+            Role::Metrics => "metrics",
             Role::Admin => "admin",
         }
     }
@@ -91,7 +95,7 @@ impl Principal {
         match self.role {
             Role::Admin => true,
             Role::Tenant | Role::Regulator => self.tenants.contains(tenant),
-            Role::Billing => false,
+            Role::Billing | Role::Metrics => false,
         }
     }
 
@@ -101,7 +105,7 @@ impl Principal {
         match self.role {
             Role::Admin => true,
             Role::Tenant => self.tenants.contains(tenant),
-            Role::Regulator | Role::Billing => false,
+            Role::Regulator | Role::Billing | Role::Metrics => false,
         }
     }
 
@@ -112,6 +116,11 @@ impl Principal {
 
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
+    }
+
+    /// May read a service's `/metrics` (which never carry a tenant id).
+    pub fn can_read_metrics(&self) -> bool {
+        matches!(self.role, Role::Metrics | Role::Admin)
     }
 }
 
@@ -255,7 +264,7 @@ fn principals(entries: &[TokenEntry]) -> std::result::Result<HashMap<[u8; 32], P
             tally_schemas::validate_tenant_id(t).map_err(|_| format!("{at}: {t:?} is not a valid tenant id"))?;
         }
         match (e.role, e.tenants.len()) {
-            (Role::Tenant, 1) | (Role::Regulator, 1..) | (Role::Billing | Role::Admin, 0) => {}
+            (Role::Tenant, 1) | (Role::Regulator, 1..) | (Role::Billing | Role::Metrics | Role::Admin, 0) => {}
             (Role::Tenant, _) => return Err(format!("{at}: a tenant token names exactly one tenant")),
             (Role::Regulator, _) => return Err(format!("{at}: a regulator token names at least one tenant")),
             (role, _) => return Err(format!("{at}: a {} token names no tenants", role.as_str())),
@@ -306,7 +315,8 @@ mod tests {
         let reg = new_token("regulator", Role::Regulator, vec!["acme".into(), "globex".into()]).unwrap();
         let bill = new_token("billing", Role::Billing, vec![]).unwrap();
         let admin = new_token("ops", Role::Admin, vec![]).unwrap();
-        let (_dir, store) = store_with(&[acme.clone(), reg.clone(), bill.clone(), admin.clone()]);
+        let scraper = new_token("prometheus", Role::Metrics, vec![]).unwrap();
+        let (_dir, store) = store_with(&[acme.clone(), reg.clone(), bill.clone(), admin.clone(), scraper.clone()]);
         let who = |t: &str| store.authenticate(Some(&format!("Bearer {t}"))).unwrap();
 
         let p = who(&acme.0);
@@ -317,7 +327,13 @@ mod tests {
         let p = who(&bill.0);
         assert!(p.can_read_all_spend() && !p.can_read_tenant("acme"));
         let p = who(&admin.0);
-        assert!(p.is_admin() && p.can_read_tenant("anyone"));
+        assert!(p.is_admin() && p.can_read_tenant("anyone") && p.can_read_metrics());
+        let p = who(&scraper.0);
+        assert!(p.can_read_metrics() && !p.is_admin() && !p.can_read_tenant("acme") && !p.can_write_budget("acme") && !p.can_read_all_spend());
+        for t in [&acme, &reg, &bill] {
+            assert!(!who(&t.0).can_read_metrics(), "{}", t.1.name);
+        }
+        assert!(new_token("prometheus", Role::Metrics, vec!["acme".into()]).unwrap_err().to_string().contains("a metrics token names no tenants"));
     }
 
     #[test]
@@ -453,7 +469,8 @@ mod tests {
         let reg = new_token("regulator", Role::Regulator, vec!["acme".into()]).unwrap();
         let bill = new_token("billing", Role::Billing, vec![]).unwrap();
         let admin = new_token("ops", Role::Admin, vec![]).unwrap();
-        let (_dir, store) = store_with(&[acme.clone(), reg.clone(), bill.clone(), admin.clone()]);
+        let scraper = new_token("prometheus", Role::Metrics, vec![]).unwrap();
+        let (_dir, store) = store_with(&[acme.clone(), reg.clone(), bill.clone(), admin.clone(), scraper.clone()]);
         let who = |t: &str| store.authenticate(Some(&format!("Bearer {t}"))).unwrap();
         assert!(who(&acme.0).can_write_budget("acme") && !who(&acme.0).can_write_budget("globex"));
         assert!(who(&reg.0).can_read_tenant("acme") && !who(&reg.0).can_write_budget("acme"), "a regulator reads, never spends");

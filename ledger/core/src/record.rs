@@ -102,8 +102,8 @@ const BUDGET_TYPES: [&str; 4] = ["config", "budget", "admission", "release"];
 /// (the budget fold), a few members (the projection), or [`serde::de::IgnoredAny`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record<B> {
-    /// An `event` or `conflict` record.
-    Event(EventRecord),
+    /// An `event` or `conflict` record (boxed: budget-side readers often take nothing).
+    Event(Box<EventRecord>),
     /// A `config`, `budget`, `admission` or `release` record.
     Budget(B),
 }
@@ -148,7 +148,7 @@ impl<B: DeserializeOwned> Record<B> {
             return Err(Error::BadRecord(format!("entry {seq} says it is seq {}", head.seq)));
         }
         match head.record_type.as_ref() {
-            "event" | "conflict" => Ok(Record::Event(serde_json::from_slice(bytes).map_err(bad)?)),
+            "event" | "conflict" => Ok(Record::Event(Box::new(serde_json::from_slice(bytes).map_err(bad)?))),
             t if BUDGET_TYPES.contains(&t) => Ok(Record::Budget(serde_json::from_slice(bytes).map_err(bad)?)),
             other => Err(Error::BadRecord(format!("entry {seq}: unknown record type {other:?}"))),
         }

@@ -2,14 +2,16 @@
 //! receipts and consistency proofs; `/healthz`, `/readyz` and Prometheus `/metrics`.
 //!
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with stable codes:
-//! `unauthenticated`, `forbidden`, `token_file_invalid` (503: the server's token file is missing
-//! or invalid), `bad_request`, `not_found`, `internal`. Tenant ids are validated before any path
-//! is built.
+//! `unauthenticated`, `forbidden`, `bad_host`, `token_file_invalid` (503: the server's token file
+//! is missing or invalid), `bad_request`, `not_found`, `not_owner` (421: another instance owns the
+//! tenant's partition), `rebalancing` (503: the partition is moving), `request_timeout`,
+//! `internal` (docs/http-api.md). Tenant ids are validated before any path is built.
 //!
 //! Authorization (docs/http-api.md, [`tally_auth`]): every per-tenant read route needs a token that
 //! reaches that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); the budget
 //! writes (`authorize`, `release`) need the tenant's own token or `admin`, never a regulator's or
-//! billing's; `/metrics` needs `admin`; `/healthz` and `/readyz` are open. The tenant check runs
+//! billing's; `/metrics` needs a `metrics` token or `admin`; `/healthz`, `/readyz` and
+//! `/openapi.json` are open. The tenant check runs
 //! before the handler, so a refusal is the same whether or not the other tenant exists.
 
 use std::sync::atomic::Ordering;
@@ -62,14 +64,17 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tenants/{tenant}/budget/authorize", post(authorize))
         .route("/v1/tenants/{tenant}/budget/release", post(release))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_budget_write_access));
-    let admin = Router::new().route("/metrics", get(metrics)).route_layer(middleware::from_fn_with_state(Arc::clone(&shared), admin_access));
-    Router::new()
+    let metrics = Router::new().route("/metrics", get(metrics)).route_layer(middleware::from_fn_with_state(Arc::clone(&shared), metrics_access));
+    let telemetry = shared.metrics.telemetry().clone();
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
         .merge(per_tenant)
         .merge(per_tenant_writes)
-        .merge(admin)
-        .with_state(shared)
+        .merge(metrics)
+        .with_state(shared);
+    telemetry.instrument(app)
 }
 
 fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Principal, ApiError> {
@@ -110,10 +115,11 @@ async fn check_tenant(
     next.run(request).await
 }
 
-async fn admin_access(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+/// `/metrics`: a `metrics` token (a scraper that reads no data) or `admin`.
+async fn metrics_access(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     match authenticate(&shared, request.headers()) {
-        Ok(p) if p.is_admin() => next.run(request).await,
-        Ok(_) => ApiError::from(AuthError::Forbidden("admin access")).into_response(),
+        Ok(p) if p.can_read_metrics() => next.run(request).await,
+        Ok(_) => ApiError::from(AuthError::Forbidden("metrics access")).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -124,6 +130,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.1, "message": self.2}});
         let mut response = (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        response.extensions_mut().insert(tally_auth::ErrorCode(self.1));
         if self.0 == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
@@ -343,7 +350,11 @@ async fn on_partition<T: Send + 'static>(
         }
     })
     .await;
-    joined.unwrap_or_else(|e| Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response()))
+    joined.unwrap_or_else(|e| {
+        // The task's failure (a panic message) is for the log, never for the caller.
+        tracing::error!(partition, error = %e, "partition work failed");
+        Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into()).into_response())
+    })
 }
 
 /// Makes the tenant's log durable up to `seq` (inclusive). Callers that arrive while another
@@ -351,13 +362,12 @@ async fn on_partition<T: Send + 'static>(
 // The error is the response itself (large, as axum's are): it is what the handler returns.
 #[allow(clippy::result_large_err)]
 async fn make_durable(shared: &Arc<Shared>, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
-    on_partition(shared, partition, move |p| {
-        if p.committed_size(&tenant)? <= seq {
-            p.commit()?;
-        }
-        Ok(())
-    })
-    .await
+    let times =
+        on_partition(shared, partition, move |p| if p.committed_size(&tenant)? <= seq { p.commit_timed().map(|(_, t)| Some(t)) } else { Ok(None) }).await?;
+    if let Some(times) = times {
+        shared.metrics.observe_commit(times);
+    }
+    Ok(())
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response {
@@ -383,6 +393,14 @@ const MAX_TTL_MS: i64 = 24 * 3600 * 1000;
 const MAX_ESTIMATE_MICROS: i64 = 1_000_000_000_000_000;
 
 async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
+    let started = std::time::Instant::now();
+    let response = decide(&shared, tenant, body).await;
+    shared.metrics.authorize_seconds.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// An authorize request: validated, decided on the tenant's partition, made durable, answered.
+async fn decide(shared: &Arc<Shared>, tenant: String, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
     let body = match body {
         Ok(ApiJson(b)) => b,
         Err(e) => return e.into_response(),
@@ -397,23 +415,23 @@ async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<S
     if let Some(Err(rejection)) = body.task_id.as_deref().map(|t| tally_schemas::check_identifier("task_id", t)) {
         return ApiError(StatusCode::BAD_REQUEST, "bad_request", rejection.detail).into_response();
     }
-    let partition = match owned_partition(&shared, &tenant) {
+    let partition = match owned_partition(shared, &tenant) {
         Ok(p) => p,
         Err(r) => return r,
     };
     let t = tenant.clone();
     let decided =
-        on_partition(&shared, partition, move |p| p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)).await;
+        on_partition(shared, partition, move |p| p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)).await;
     let (verdict, admission, seq) = match decided {
         Ok(v) => v,
         Err(r) => return r,
     };
     // Durable before the answer: a reservation a gateway was told about survives a crash.
-    if let Err(r) = make_durable(&shared, partition, tenant.clone(), seq).await {
+    if let Err(r) = make_durable(shared, partition, tenant.clone(), seq).await {
         return r;
     }
     let m = &shared.metrics;
-    if verdict.allowed { &m.admissions_allowed } else { &m.admissions_denied }.fetch_add(1, Ordering::Relaxed);
+    if verdict.allowed { &m.admissions_allowed } else { &m.admissions_denied }.inc();
     json(
         StatusCode::OK,
         serde_json::json!({
@@ -498,48 +516,16 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let m = &shared.metrics;
-    let mut out = String::new();
-    for (name, help, value) in [
-        ("tally_ledger_events_accepted_total", "Events appended to tenant logs.", &m.accepted),
-        ("tally_ledger_events_deduplicated_total", "Identical retries recorded once.", &m.deduplicated),
-        ("tally_ledger_conflicts_total", "Same idempotency key, different content.", &m.conflicts),
-        ("tally_ledger_dead_lettered_total", "Messages sent to the DLQ.", &m.dead_lettered),
-        ("tally_ledger_reread_total", "Messages re-read after a restart, already recorded.", &m.reread),
-        ("tally_ledger_commits_total", "Group commits (each signs checkpoints).", &m.commits),
-        ("tally_ledger_rejoins_total", "Times this instance left and rejoined the group after owning no partition for rejoin_after_ms.", &m.rejoins),
-        ("tally_ledger_budget_states_published_total", "Budget states published to the budget topic.", &m.budget_published),
-        ("tally_ledger_admissions_allowed_total", "Authorize requests allowed (with a reservation).", &m.admissions_allowed),
-        ("tally_ledger_admissions_denied_total", "Authorize requests denied.", &m.admissions_denied),
-        ("tally_ledger_projected_records_total", "Records written to the Parquet projection.", &m.projected_records),
-        ("tally_ledger_projection_files_total", "Parquet files written by projection flushes.", &m.projection_files),
-        ("tally_ledger_projection_errors_total", "Failed projection flushes (retried at the next pass).", &m.projection_errors),
-        ("tally_ledger_dlq_bounded_total", "Dead letters the broker would not take whole, sent in bounded form (digest, size, prefix).", &m.dlq_bounded),
-        ("tally_ledger_dlq_failed_tries_total", "Failed tries to dead-letter a message (each retried until it succeeds).", &m.dlq_failed_tries),
-        ("tally_ledger_wrong_partition_total", "Events dead-lettered as wrong_partition (not on their tenant's home partition).", &m.wrong_partition),
-        ("tally_ledger_budget_publish_failures_total", "Budget states whose publication failed (retried).", &m.budget_publish_failures),
-        ("tally_ledger_budget_states_dropped_total", "Budget states dropped because too many were waiting for the budget topic.", &m.budget_states_dropped),
-        ("tally_ledger_offset_regressions_total", "Offsets below what was recorded (topic recreated or data lost); the service stops.", &m.offset_regressions),
-    ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
-    }
-    out.push_str(&format!(
-        "# HELP tally_ledger_token_reload_failures_total Token file reloads that found it missing or invalid (no token is accepted until it is fixed).\n# TYPE tally_ledger_token_reload_failures_total counter\ntally_ledger_token_reload_failures_total {}\n",
-        shared.tokens.reload_failures()
-    ));
-    out.push_str(&format!(
-        "# HELP tally_ledger_partitions Partitions owned by this instance.\n# TYPE tally_ledger_partitions gauge\ntally_ledger_partitions {}\n",
-        shared.partitions().len()
-    ));
-    out.push_str(&format!(
-        "# HELP tally_ledger_checkpoint_lag_seconds Age of the oldest record not yet in a signed checkpoint (0: all signed).\n# TYPE tally_ledger_checkpoint_lag_seconds gauge\ntally_ledger_checkpoint_lag_seconds {:.3}\n",
-        m.checkpoint_lag_seconds()
-    ));
-    out.push_str("# HELP tally_ledger_consumer_lag Messages behind the partition's high watermark.\n# TYPE tally_ledger_consumer_lag gauge\n");
-    for (p, lag) in m.consumer_lag() {
-        out.push_str(&format!("tally_ledger_consumer_lag{{partition=\"{p}\"}} {lag}\n"));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let owned = shared.partitions().len();
+    let text = shared.metrics.render(owned, shared.tokens.reload_failures());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 #[cfg(test)]
@@ -565,6 +551,7 @@ mod tests {
         regulator: String,
         billing: String,
         admin: String,
+        scraper: String,
     }
 
     fn fixture() -> Fixture {
@@ -590,6 +577,7 @@ mod tests {
             new_token("auditor", Role::Regulator, vec!["globex".into()]).unwrap(),
             new_token("billing", Role::Billing, vec![]).unwrap(),
             new_token("ops", Role::Admin, vec![]).unwrap(),
+            new_token("prometheus", Role::Metrics, vec![]).unwrap(),
         ];
         let path = dir.path().join("tokens.toml");
         std::fs::write(&path, tokens.iter().map(|(_, e)| stanza(e).unwrap()).collect::<String>()).unwrap();
@@ -609,8 +597,8 @@ mod tests {
             dlq_stalled: Mutex::new(None),
             metrics: Metrics::default(),
         });
-        let [acme, regulator, billing, admin] = tokens.map(|(t, _)| t);
-        Fixture { dir, app: router(Arc::clone(&shared)), shared, acme, regulator, billing, admin }
+        let [acme, regulator, billing, admin, scraper] = tokens.map(|(t, _)| t);
+        Fixture { dir, app: router(Arc::clone(&shared)), shared, acme, regulator, billing, admin, scraper }
     }
 
     async fn call(app: &Router, path: &str, token: Option<&str>) -> (StatusCode, String, serde_json::Value) {
@@ -660,7 +648,7 @@ mod tests {
         let (status, body, _) = call(&f.app, "/metrics", Some(&f.admin)).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("tally_ledger_partitions 1"), "{body}");
-        assert!(body.contains("tally_ledger_checkpoint_lag_seconds 0.000"), "{body}");
+        assert!(body.lines().any(|l| l == "tally_ledger_checkpoint_lag_seconds 0"), "{body}");
     }
 
     #[tokio::test]
@@ -836,40 +824,22 @@ mod tests {
     /// Who may do what, route by route: every route of the API against every kind of caller.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_route_against_every_role() {
-        #[derive(Debug, Clone, Copy, PartialEq)]
-        enum Want {
-            /// Reaches the handler: anything but 401 and 403.
-            Allowed,
-            Forbidden,
-            Unauthenticated,
-        }
         use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
         let f = fixture();
         // (who, token, the tenant in the path). The regulator names globex only.
-        let callers: [(&str, Option<&str>, &str); 7] = [
+        let callers: [(&str, Option<&str>, &str); 8] = [
             ("tenant, own", Some(&f.acme), "acme"),
             ("tenant, other", Some(&f.acme), "globex"),
             ("regulator, named", Some(&f.regulator), "globex"),
             ("regulator, not named", Some(&f.regulator), "acme"),
             ("billing", Some(&f.billing), "acme"),
+            ("metrics", Some(&f.scraper), "acme"),
             ("admin", Some(&f.admin), "acme"),
             ("no token", None, "acme"),
         ];
         let release = r#"{"reservation_id":"r-none"}"#;
         let authorize = r#"{"estimate_micros":1}"#;
-        //                                                                        own other reg+ reg- bill admin none
-        let table: [(&str, &str, Option<&str>, [Want; 7]); 10] = [
-            ("GET", "/t/{t}/checkpoint", None, /*                             */ [A, F, A, F, F, A, U]),
-            ("GET", "/t/{t}/tile/0/000.p/1", None, /*                         */ [A, F, A, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/records/0", None, /*                     */ [A, F, A, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/receipt/0", None, /*                     */ [A, F, A, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/budget", None, /*                        */ [A, F, A, F, F, A, U]),
-            ("POST", "/v1/tenants/{t}/budget/authorize", Some(authorize), /*  */ [A, F, F, F, F, A, U]),
-            ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, F, A, U]),
-            ("GET", "/metrics", None, /*                                      */ [F, F, F, F, F, A, U]),
-        ];
+        let table = route_matrix(authorize, release);
         let mut wrong = Vec::new();
         for (method, route, body, wants) in table {
             for ((who, token, tenant), want) in callers.iter().zip(wants) {
@@ -904,6 +874,60 @@ mod tests {
         assert!(body.starts_with("tally.example.com/t/acme\n5\n"), "{body}");
         let (_, body, _) = call(&f.app, "/t/globex/checkpoint", Some(&f.admin)).await;
         assert!(body.starts_with("tally.example.com/t/globex\n1\n"), "{body}");
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Want {
+        /// Reaches the handler: anything but 401 and 403.
+        Allowed,
+        Forbidden,
+        Unauthenticated,
+    }
+
+    /// Every route of the API (`{t}` for the tenant) and who may call it (docs/http-api.md).
+    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 8]); 13] {
+        use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+        //                                                                        own other reg+ reg- bill metr admin none
+        [
+            ("GET", "/t/{t}/checkpoint", None, /*                             */ [A, F, A, F, F, F, A, U]),
+            ("GET", "/t/{t}/tile/0/000.p/1", None, /*                         */ [A, F, A, F, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/records/0", None, /*                     */ [A, F, A, F, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/receipt/0", None, /*                     */ [A, F, A, F, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, F, A, U]),
+            ("GET", "/v1/tenants/{t}/budget", None, /*                        */ [A, F, A, F, F, F, A, U]),
+            ("POST", "/v1/tenants/{t}/budget/authorize", Some(authorize), /*  */ [A, F, F, F, F, F, A, U]),
+            ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, F, F, A, U]),
+            ("GET", "/metrics", None, /*                                      */ [F, F, F, F, F, A, A, U]),
+            ("GET", "/healthz", None, /*                                      */ [A, A, A, A, A, A, A, A]),
+            ("GET", "/readyz", None, /*                                       */ [A, A, A, A, A, A, A, A]),
+            ("GET", "/openapi.json", None, /*                                 */ [A, A, A, A, A, A, A, A]),
+        ]
+    }
+
+    /// The served OpenAPI document describes every route of the matrix, with its method, and
+    /// nothing the router does not serve.
+    #[tokio::test]
+    async fn the_openapi_document_lists_every_route() {
+        let f = fixture();
+        let (status, body, doc) = call(&f.app, "/openapi.json", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."), "{body}");
+        let paths = doc["paths"].as_object().unwrap();
+        let mut listed: Vec<String> = Vec::new();
+        for (method, route, _, _) in route_matrix("", "") {
+            // The matrix's concrete paths back to the templates the document uses.
+            let template =
+                route.split('?').next().unwrap().replace("{t}", "{tenant}").replace("/records/0", "/records/{seq}").replace("/receipt/0", "/receipt/{seq}");
+            let template = if template.starts_with("/t/{tenant}/tile/") { "/t/{tenant}/tile/{rest}".to_string() } else { template };
+            let op = &paths.get(&template).unwrap_or_else(|| panic!("{template} missing from openapi.json"))[method.to_lowercase()];
+            assert!(op.is_object(), "{method} {template} missing from openapi.json");
+            assert!(op["responses"].is_object(), "{method} {template} has no responses");
+            listed.push(template);
+        }
+        for documented in paths.keys() {
+            assert!(listed.contains(documented), "openapi.json documents {documented}, which the router does not serve");
+        }
     }
 
     /// `method` on `path`, with or without a token and a JSON body: the status and the JSON body.

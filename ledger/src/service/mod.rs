@@ -12,19 +12,21 @@
 //! The HTTP API ([`http`]) serves checkpoints, tiles, records, receipts and consistency proofs.
 
 mod http;
+mod metrics;
 mod partition;
 mod store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, KafkaConfig, PartitionSink, Resume};
 
+pub use metrics::{CommitTimes, Metrics};
 pub use partition::{Applied, PartitionLedger};
 
 use crate::budget::BudgetFile;
@@ -146,51 +148,6 @@ impl ServiceConfig {
     }
 }
 
-/// Counters exported at `/metrics`.
-#[derive(Default)]
-pub struct Metrics {
-    pub accepted: AtomicU64,
-    pub deduplicated: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub reread: AtomicU64,
-    pub commits: AtomicU64,
-    pub budget_published: AtomicU64,
-    pub rejoins: AtomicU64,
-    pub admissions_allowed: AtomicU64,
-    pub admissions_denied: AtomicU64,
-    pub projected_records: AtomicU64,
-    pub projection_files: AtomicU64,
-    pub projection_errors: AtomicU64,
-    /// Dead letters the broker would not take whole, sent in bounded form.
-    pub dlq_bounded: AtomicU64,
-    /// Failed tries to dead-letter a message (each retried until it succeeds).
-    pub dlq_failed_tries: AtomicU64,
-    /// Events dead-lettered because they were not on their tenant's home partition.
-    pub wrong_partition: AtomicU64,
-    /// Budget states whose publication failed (each retried until it succeeds).
-    pub budget_publish_failures: AtomicU64,
-    /// Budget states not published because too many were waiting (a newer one follows).
-    pub budget_states_dropped: AtomicU64,
-    /// Offsets found below what was recorded (the topic was recreated or lost data).
-    pub offset_regressions: AtomicU64,
-    /// Per partition: messages behind the high watermark (librdkafka statistics).
-    consumer_lag: Mutex<BTreeMap<i32, i64>>,
-    /// When the oldest record not yet covered by a signed checkpoint was appended.
-    unsigned_since: Mutex<Option<Instant>>,
-}
-
-impl Metrics {
-    /// Seconds the oldest record has waited for a signed checkpoint; 0 when all are covered.
-    pub fn checkpoint_lag_seconds(&self) -> f64 {
-        self.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner).map_or(0.0, |t| t.elapsed().as_secs_f64())
-    }
-
-    pub fn consumer_lag(&self) -> BTreeMap<i32, i64> {
-        self.consumer_lag.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-}
-
 /// State shared by the consume loop, the rebalance callbacks and the HTTP handlers.
 pub struct Shared {
     root: PathBuf,
@@ -288,7 +245,7 @@ async fn publish_budget_states(shared: Arc<Shared>, publisher: tally_ingest::Eve
             };
             match result {
                 Ok(_) => {
-                    shared.metrics.budget_published.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.budget_published.inc();
                 }
                 Err(e) => {
                     error = Some(e.to_string());
@@ -303,10 +260,10 @@ async fn publish_budget_states(shared: Arc<Shared>, publisher: tally_ingest::Eve
             }
             Some(e) => {
                 tracing::error!(topic = publisher.topic(), states = failed.len(), error = %e, "budget states not published; retrying");
-                shared.metrics.budget_publish_failures.fetch_add(failed.len() as u64, Ordering::Relaxed);
+                shared.metrics.budget_publish_failures.inc_by(failed.len() as u64);
                 *outbox.failing.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
                 let dropped = outbox.put(failed, true);
-                shared.metrics.budget_states_dropped.fetch_add(dropped, Ordering::Relaxed);
+                shared.metrics.budget_states_dropped.inc_by(dropped);
                 if closing.load(Ordering::Acquire) {
                     return;
                 }
@@ -366,20 +323,18 @@ impl Shared {
         // Everything appended before this point is signed once the loop below succeeds.
         let signing = Instant::now();
         for (p, ledger) in self.partitions().iter_mut() {
-            if let Some(next) = ledger.commit()? {
+            let (next, times) = ledger.commit_timed()?;
+            self.metrics.observe_commit(times);
+            if let Some(next) = next {
                 out.push((*p, next));
             }
             let projected = ledger.project(false);
-            self.metrics.projected_records.fetch_add(projected.records, Ordering::Relaxed);
-            self.metrics.projection_files.fetch_add(projected.files as u64, Ordering::Relaxed);
-            self.metrics.projection_errors.fetch_add(projected.errors as u64, Ordering::Relaxed);
+            self.metrics.projected_records.inc_by(projected.records);
+            self.metrics.projection_files.inc_by(projected.files as u64);
+            self.metrics.projection_errors.inc_by(projected.errors as u64);
         }
-        let mut unsigned = self.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner);
-        if unsigned.is_some_and(|t| t <= signing) {
-            *unsigned = None;
-        }
-        drop(unsigned);
-        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.signed(signing);
+        self.metrics.commits.inc();
         Ok(out)
     }
 }
@@ -421,7 +376,7 @@ impl PartitionSink for Sink {
                 // a crash, or never sent by a previous owner): publish them again. The topic is
                 // compacted, so a repeated state costs nothing.
                 let dropped = self.0.budget_outbox.put(p.current_budget_messages(jiff::Timestamp::now()), true);
-                self.0.metrics.budget_states_dropped.fetch_add(dropped, Ordering::Relaxed);
+                self.0.metrics.budget_states_dropped.inc_by(dropped);
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
                 }
@@ -436,7 +391,7 @@ impl PartitionSink for Sink {
     }
 
     fn resume_beyond_end(&self, topic: &str, partition: i32, resume: i64, high: i64) {
-        self.0.metrics.offset_regressions.fetch_add(1, Ordering::Relaxed);
+        self.0.metrics.offset_regressions.inc();
         self.0.fail(format!(
             "partition {partition} of {topic} ends at offset {high}, but this ledger has already recorded every offset below {resume}: the topic was recreated or the broker lost data; stopping rather than skipping messages as already recorded (see README, \"When the events topic is recreated\")"
         ));
@@ -446,8 +401,9 @@ impl PartitionSink for Sink {
         let mut parts = self.0.partitions();
         for p in partitions {
             if let Some(mut ledger) = parts.remove(p) {
-                if let Err(e) = ledger.commit() {
-                    self.0.fail(format!("cannot commit revoked partition {p}: {e}"));
+                match ledger.commit_timed() {
+                    Ok((_, times)) => self.0.metrics.observe_commit(times),
+                    Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
                 }
                 ledger.project(true);
             }
@@ -603,7 +559,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 tracing::warn!(seconds = unassigned_since.elapsed().as_secs(), group = %config.group, "no partitions assigned; leaving the group and joining again");
                 let stale = std::mem::replace(&mut consumer, join().map_err(kafka_err)?);
                 stale.close().await.map_err(kafka_err)?;
-                shared.metrics.rejoins.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.rejoins.inc();
                 unassigned_since = Instant::now();
                 continue;
             }
@@ -617,7 +573,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     Err(_) => continue,
                 };
                 if home != d.partition {
-                    shared.metrics.wrong_partition.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.wrong_partition.inc();
                     d.outcome = Err(tally_schemas::Rejection::new(
                         tally_schemas::RejectCode::WrongPartition,
                         format!("tenant's home partition is {home} of {partitions} (Kafka's murmur2 partitioner), not {}; set the producer's partitioner to murmur2_random (librdkafka clients) or Kafka's default", d.partition),
@@ -643,9 +599,9 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                         .await;
                     *shared.dlq_stalled.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     let m = &shared.metrics;
-                    m.dlq_failed_tries.fetch_add(u64::from(sent.failed_tries), Ordering::Relaxed);
+                    m.dlq_failed_tries.inc_by(u64::from(sent.failed_tries));
                     if sent.form == tally_ingest::DlqForm::Bounded {
-                        m.dlq_bounded.fetch_add(1, Ordering::Relaxed);
+                        m.dlq_bounded.inc();
                     }
                     tracing::warn!(partition = d.partition, offset = d.offset, code = rejection.code.as_str(), form = ?sent.form, "dead-lettered");
                 }
@@ -665,20 +621,23 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     let m = &shared.metrics;
                     let applied = p.apply(d);
                     if let Err(Error::OffsetRegression { .. }) = &applied {
-                        m.offset_regressions.fetch_add(1, Ordering::Relaxed);
+                        m.offset_regressions.inc();
                     }
                     match applied? {
                         Applied::Appended { .. } => {
                             appended = true;
-                            m.accepted.fetch_add(1, Ordering::Relaxed)
+                            m.accepted.inc()
                         }
-                        Applied::Deduplicated { .. } => m.deduplicated.fetch_add(1, Ordering::Relaxed),
+                        Applied::Deduplicated { .. } => m.deduplicated.inc(),
                         Applied::Conflict { .. } => {
                             appended = true;
-                            m.conflicts.fetch_add(1, Ordering::Relaxed)
+                            m.conflicts.inc()
                         }
-                        Applied::AlreadyRecorded => m.reread.fetch_add(1, Ordering::Relaxed),
-                        Applied::Rejected => m.dead_lettered.fetch_add(1, Ordering::Relaxed),
+                        Applied::AlreadyRecorded => m.reread.inc(),
+                        Applied::Rejected => {
+                            let reason = d.outcome.as_ref().err().map_or("unknown", |r| r.code.as_str());
+                            m.dead_lettered.with_label_values(&[reason]).inc();
+                        }
                     };
                 }
                 // Time-driven records (expiries, window ends, new configs) scan every tenant, so
@@ -699,12 +658,12 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
             }
             if appended {
-                shared.metrics.unsigned_since.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(Instant::now);
+                shared.metrics.appended_unsigned();
             }
             // Queued for the publishing task. A state lost with the process (a crash, a shutdown
             // during an outage) is published again when its partition is next opened.
             let dropped = shared.budget_outbox.put(budget_changes, false);
-            shared.metrics.budget_states_dropped.fetch_add(dropped, Ordering::Relaxed);
+            shared.metrics.budget_states_dropped.inc_by(dropped);
             if last_commit.elapsed() >= interval {
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
                 // Kafka's committed offsets are for lag tools only, and every commit is a write on
@@ -715,7 +674,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     last_kafka_commit = Instant::now();
                 }
                 last_commit = Instant::now();
-                *shared.metrics.consumer_lag.lock().unwrap_or_else(PoisonError::into_inner) = consumer.consumer_lag();
+                shared.metrics.set_consumer_lag(consumer.consumer_lag());
             }
         }
         Ok(())

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tally_ingest::Delivery;
 use tally_schemas::{Decoded, Event, IdempotencyKey};
 
+use super::metrics::CommitTimes;
 use super::store::{Batch, DedupKey, PartitionStore, Seen, TenantState};
 use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, Release, ReleaseReason, Verdict};
 use crate::error::{Error, Result};
@@ -489,7 +490,14 @@ impl PartitionLedger {
     /// Commits every tenant log (signing checkpoints), then the store.
     /// Returns the next offset now durable, if any was consumed.
     pub fn commit(&mut self) -> Result<Option<i64>> {
+        self.commit_timed().map(|(next, _)| next)
+    }
+
+    /// [`PartitionLedger::commit`], also saying how long its durable phases took.
+    pub fn commit_timed(&mut self) -> Result<(Option<i64>, CommitTimes)> {
+        let started = std::time::Instant::now();
         let checkpoints = self.ledger.commit()?;
+        let mut times = CommitTimes { logs: started.elapsed(), state: None };
         for (tenant, cp) in &checkpoints {
             tracing::debug!(tenant_id = %tenant, partition = self.partition, size = cp.size, "checkpoint signed");
         }
@@ -511,7 +519,9 @@ impl PartitionLedger {
             }
         }
         if !batch.is_empty() {
+            let started = std::time::Instant::now();
             self.store.commit(&batch)?;
+            times.state = Some(started.elapsed());
             self.durable_next = self.next_offset;
         }
         self.pending.clear();
@@ -520,7 +530,7 @@ impl PartitionLedger {
         }
         self.dirty.retain(|t| !dirty.contains(t));
         self.unprojected.extend(dirty);
-        Ok(self.next_offset)
+        Ok((self.next_offset, times))
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub key: LedgerKey,
     /// Token by name: `acme` (tenant acme), `globex` (tenant globex), `billing`, `regulator`
-    /// (acme only), `admin`.
+    /// (acme only), `admin`, `metrics`.
     pub tokens: HashMap<&'static str, String>,
 }
 
@@ -56,6 +56,7 @@ impl Fixture {
             ("billing", Role::Billing, vec![]),
             ("regulator", Role::Regulator, vec!["acme"]),
             ("admin", Role::Admin, vec![]),
+            ("metrics", Role::Metrics, vec![]),
         ] {
             let (token, entry) = tally_auth::new_token(name, role, tenants.into_iter().map(String::from).collect()).unwrap();
             file.push_str(&tally_auth::stanza(&entry).unwrap());
