@@ -312,7 +312,11 @@ impl PartitionLedger {
                 Applied::Conflict { tenant: tenant.clone(), seq: size }
             }
             None => {
-                self.ensure_config(&tenant, Timestamp::now())?;
+                // A `config` this event brings in takes its time from the input (the message's
+                // timestamp, else the event's own), never the wall clock: replaying the topic
+                // gives byte-identical logs.
+                let at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
+                self.ensure_config(&tenant, at)?;
                 let seq = self.next_seq(&tenant)?;
                 self.ledger.tenant(&tenant)?.append(&event_record(seq, input)?)?;
                 self.pending.insert(key, Seen { content, seq });
