@@ -26,7 +26,7 @@ struct Cli {
     #[arg(long, global = true)]
     bootstrap: Option<String>,
     /// Log lines on stderr: `text` (colour only when stderr is a terminal) or `json` (one object
-    /// per line, for log shippers). Levels come from RUST_LOG (default `warn,tally=info`).
+    /// per line, for log shippers). Levels come from RUST_LOG (default `warn,tally=info,tower_http=info`).
     #[arg(long, global = true, value_enum, env = "TALLY_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
