@@ -120,6 +120,8 @@ async fn main() {
         keys: vec![key],
         topic: topic.clone(),
         dlq_topic: None,
+        assignment: tally_ledger::service::AssignmentMode::Assign,
+        partitions: None,
         group: format!("{topic}.ledger"),
         commit_interval_ms: 250,
         listen: "127.0.0.1:0".parse().unwrap(),

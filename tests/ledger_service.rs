@@ -156,13 +156,16 @@ async fn an_instance_without_partitions_rejoins_the_group() {
     let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("rejoin", 1).await;
     let group = format!("{topic}.g");
     let data = dir.path().join("data");
-    let first = start_ledger(&data, &key_path, &topic, &group, 100).await;
+    let mut config = ledger_config(&data, &key_path, &topic, &group, 100);
+    config.assignment = tally_ledger::service::AssignmentMode::Group;
+    let first = start_service(config).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !matches!(http_get(first.addr, "/readyz").await, Some((200, _))) {
         assert!(Instant::now() < deadline, "first instance never got the partition");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut config = ledger_config(&data, &key_path, &topic, &group, 100);
+    config.assignment = tally_ledger::service::AssignmentMode::Group;
     config.rejoin_after_ms = 1_000;
     let second = start_service(config).await;
     loop {
@@ -207,4 +210,53 @@ async fn sigterm_exits_even_without_a_broker() {
     let started = Instant::now();
     ledger.terminate();
     assert!(started.elapsed() < Duration::from_secs(40), "took {:?}", started.elapsed());
+}
+
+/// Without a consumer group (`assignment = "assign"`, the default) an instance reads exactly the
+/// partitions it is given: with `partitions = [1]` only partition 1's tenants are recorded and
+/// the others are not served; started again over all partitions it records the rest and doubles
+/// nothing, without a group to join or a session to outwait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assigned_instance_reads_exactly_its_partitions() {
+    let kafka = kafka();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("assign", 3).await;
+    let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+    // Two tenants per partition, three events each.
+    let mut by_partition: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for i in 0.. {
+        let tenant = format!("as{i}");
+        let p = tally_ingest::tenant_partition(&tenant, 3);
+        let list = by_partition.entry(p).or_default();
+        if list.len() < 2 {
+            list.push(tenant);
+        }
+        if by_partition.len() == 3 && by_partition.values().all(|l| l.len() == 2) {
+            break;
+        }
+    }
+    for tenant in by_partition.values().flatten() {
+        for e in 0..3 {
+            publisher.publish(Some(tenant.as_bytes()), &event_json(tenant, &format!("e{e}"), 10), &[]).await.unwrap();
+        }
+    }
+    let data = dir.path().join("data");
+    let mut config = ledger_config(&data, &key_path, &topic, "unused", 100);
+    config.partitions = Some(vec![1]);
+    let only_one = start_service(config).await;
+    let ones: BTreeMap<String, u64> = by_partition[&1].iter().map(|t| (t.clone(), 3)).collect();
+    only_one.wait_for(&ones).await;
+    let (status, body) = get(only_one.addr, "/readyz").await;
+    assert_eq!((status, String::from_utf8_lossy(&body).lines().next().unwrap_or_default()), (200, "ready: 1 partitions"));
+    for tenant in by_partition[&0].iter().chain(&by_partition[&2]) {
+        let (status, _) = get(only_one.addr, &format!("/t/{tenant}/checkpoint")).await;
+        assert_ne!(status, 200, "{tenant} is on a partition this instance was not given");
+    }
+    only_one.stop().await;
+
+    let all = start(&data, &key_path, &topic, "unused").await;
+    let everyone: BTreeMap<String, u64> = by_partition.values().flatten().map(|t| (t.clone(), 3)).collect();
+    all.wait_for(&everyone).await;
+    let (_, body) = get(all.addr, "/readyz").await;
+    assert!(String::from_utf8_lossy(&body).starts_with("ready: 3 partitions"), "{}", String::from_utf8_lossy(&body));
+    all.stop().await;
 }

@@ -87,7 +87,12 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
 
     // The first instance starts on an empty topic; the second joins once events are flowing.
     let group = format!("{topic}.ledger");
-    let a = start_service_on(ledger_config(&data, &key_path, &topic, &group, 200), kafka.clone()).await;
+    let in_group = || {
+        let mut config = ledger_config(&data, &key_path, &topic, &group, 200);
+        config.assignment = tally_ledger::service::AssignmentMode::Group;
+        config
+    };
+    let a = start_service_on(in_group(), kafka.clone()).await;
     let publisher = EventPublisher::new(&kafka, &topic).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut retries: Vec<(String, Vec<u8>)> = Vec::new();
@@ -106,7 +111,7 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
             pending.push(publisher.enqueue(Some(t.as_bytes()), &v, &[]).await.unwrap());
         }
         if i == EVENTS / 4 {
-            b = Some(start_service_on(ledger_config(&data, &key_path, &topic, &group, 200), kafka.clone()).await);
+            b = Some(start_service_on(in_group(), kafka.clone()).await);
         }
     }
     for (t, v) in retries.drain(..) {

@@ -1,6 +1,9 @@
 //! The tenant-bound event consumer.
 //!
-//! A consumer-group member on one topic. The [`PartitionSink`] decides where each newly assigned
+//! A consumer on one topic, in one of two modes: a consumer-group member ([`EventConsumer::new`],
+//! for several instances sharing the work) or the reader of a fixed set of partitions with no
+//! group coordinator at all ([`EventConsumer::assigned`], for one instance; no session to time
+//! out, no rebalance to wait for). The [`PartitionSink`] decides where each newly assigned
 //! partition resumes (the ledger answers from its own durable state, so exactly-once does not depend
 //! on the group's committed offsets) and is told, inside the rebalance and before the partition is
 //! gone, which partitions are revoked so it can finish their work.
@@ -57,6 +60,9 @@ pub trait PartitionSink: Send + Sync + 'static {
 /// How long the check of a resume offset against the partition's end may take.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an assigned consumer waits for the topic's metadata at start.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// One consumed message with its source and its verdict.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -79,6 +85,12 @@ struct SinkContext {
     lag: Mutex<BTreeMap<i32, i64>>,
 }
 
+impl SinkContext {
+    fn new(topic: &str, sink: Arc<dyn PartitionSink>) -> SinkContext {
+        SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()), lag: Mutex::new(BTreeMap::new()) }
+    }
+}
+
 impl ClientContext for SinkContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
         let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
@@ -92,31 +104,38 @@ impl ClientContext for SinkContext {
     }
 }
 
+impl SinkContext {
+    /// Asks the sink where each of `partitions` resumes and writes it into `tpl`.
+    fn set_resume_positions(&self, consumer: &BaseConsumer<Self>, partitions: &[i32], tpl: &mut TopicPartitionList) {
+        for &p in partitions {
+            let offset = match self.sink.resume(&self.topic, p) {
+                Resume::At(o) => {
+                    // A resume point past the partition's end means the offsets behind it are
+                    // not the ones recorded: never read on as if they were.
+                    match consumer.fetch_watermarks(&self.topic, p, WATERMARK_TIMEOUT) {
+                        Ok((_, high)) if high < o => self.sink.resume_beyond_end(&self.topic, p, o, high),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(partition = p, error = %e, "cannot check the resume offset against the partition's end"),
+                    }
+                    Offset::Offset(o)
+                }
+                Resume::Beginning => Offset::Beginning,
+                Resume::Committed => Offset::Stored,
+            };
+            if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                tracing::error!(partition = p, error = %e, "cannot set resume offset");
+            }
+        }
+    }
+}
+
 impl ConsumerContext for SinkContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let partitions: Vec<i32> = tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                for &p in &partitions {
-                    let offset = match self.sink.resume(&self.topic, p) {
-                        Resume::At(o) => {
-                            // A resume point past the partition's end means the offsets behind it
-                            // are not the ones recorded: never read on as if they were.
-                            match consumer.fetch_watermarks(&self.topic, p, WATERMARK_TIMEOUT) {
-                                Ok((_, high)) if high < o => self.sink.resume_beyond_end(&self.topic, p, o, high),
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(partition = p, error = %e, "cannot check the resume offset against the partition's end"),
-                            }
-                            Offset::Offset(o)
-                        }
-                        Resume::Beginning => Offset::Beginning,
-                        Resume::Committed => Offset::Stored,
-                    };
-                    if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
-                        tracing::error!(partition = p, error = %e, "cannot set resume offset");
-                    }
-                }
+                self.set_resume_positions(consumer, &partitions, tpl);
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 match result {
                     Ok(()) => {
@@ -147,12 +166,15 @@ impl ConsumerContext for SinkContext {
     }
 }
 
-/// A consumer-group member yielding batches of [`Delivery`]s.
+/// A consumer yielding batches of [`Delivery`]s: a group member, or a reader of assigned
+/// partitions.
 pub struct EventConsumer {
     consumer: Arc<BaseConsumer<SinkContext>>,
     topic: String,
     max_batch: usize,
     max_wait: Duration,
+    /// Whether this consumer is in a group (it commits offsets and leaves the group on close).
+    in_group: bool,
 }
 
 impl EventConsumer {
@@ -160,8 +182,58 @@ impl EventConsumer {
     /// when full, when librdkafka's queue is drained after at least one message, or when
     /// `max_wait` has passed with nothing to deliver (empty).
     pub fn new(config: &KafkaConfig, group: &str, topic: &str, sink: Arc<dyn PartitionSink>, max_batch: usize, max_wait: Duration) -> Result<Self> {
+        let mut client = Self::client(config)?;
+        let consumer: BaseConsumer<SinkContext> = client.set("group.id", group).create_with_context(SinkContext::new(topic, sink)).map_err(Error::Client)?;
+        consumer.subscribe(&[topic]).map_err(Error::Consume)?;
+        Ok(EventConsumer { consumer: Arc::new(consumer), topic: topic.to_string(), max_batch: max_batch.max(1), max_wait, in_group: true })
+    }
+
+    /// Reads `partitions` of `topic` (all of them when `None`) without a consumer group: no
+    /// group coordinator, no session, no rebalances. The sink is asked where each resumes before
+    /// this returns, and told of all of them at [`EventConsumer::close`]. For a single instance
+    /// that owns every partition; two such consumers on one partition would both read it (the
+    /// ledger's partition lock refuses the second). Blocks: the metadata request, and the sink's
+    /// `resume` for each partition.
+    ///
+    /// `group` is only a name here: librdkafka needs a `group.id` to assign partitions at all,
+    /// but a consumer that never subscribes never joins the group, and this one commits nothing.
+    pub fn assigned(
+        config: &KafkaConfig,
+        group: &str,
+        topic: &str,
+        partitions: Option<&[i32]>,
+        sink: Arc<dyn PartitionSink>,
+        max_batch: usize,
+        max_wait: Duration,
+    ) -> Result<Self> {
+        let mut client = Self::client(config)?;
+        let consumer: BaseConsumer<SinkContext> =
+            client.set("group.id", group).create_with_context(SinkContext::new(topic, Arc::clone(&sink))).map_err(Error::Client)?;
+        let this = EventConsumer { consumer: Arc::new(consumer), topic: topic.to_string(), max_batch: max_batch.max(1), max_wait, in_group: false };
+        let count = this.partition_count(METADATA_TIMEOUT)?;
+        let chosen: Vec<i32> = match partitions {
+            None => (0..count).collect(),
+            Some(list) => {
+                if let Some(bad) = list.iter().find(|p| !(0..count).contains(*p)) {
+                    return Err(Error::Config(format!("partition {bad} does not exist: topic {topic} has partitions 0..{}", count - 1)));
+                }
+                list.iter().copied().collect::<BTreeSet<i32>>().into_iter().collect()
+            }
+        };
+        let mut tpl = TopicPartitionList::new();
+        for &p in &chosen {
+            tpl.add_partition(topic, p);
+        }
+        this.consumer.context().set_resume_positions(&this.consumer, &chosen, &mut tpl);
+        this.consumer.assign(&tpl).map_err(Error::Consume)?;
+        tracing::info!(%topic, partitions = ?chosen, "partitions assigned (no consumer group)");
+        sink.partitions_assigned(topic, &chosen);
+        Ok(this)
+    }
+
+    /// The client settings both modes share.
+    fn client(config: &KafkaConfig) -> Result<rdkafka::ClientConfig> {
         config.validate()?;
-        let context = SinkContext { topic: topic.to_string(), sink, revoked: Mutex::new(BTreeSet::new()), lag: Mutex::new(BTreeMap::new()) };
         let mut client = config.client_config();
         // librdkafka's 45 s default session timeout is how long a SIGKILLed member keeps its
         // partitions; 6 s is the smallest a stock Kafka broker accepts. Overridable.
@@ -175,16 +247,12 @@ impl EventConsumer {
                 client.set(key, default);
             }
         }
-        let consumer: BaseConsumer<SinkContext> = client
-            .set("group.id", group)
+        client
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .create_with_context(context)
-            .map_err(Error::Client)?;
-        consumer.subscribe(&[topic]).map_err(Error::Consume)?;
-        Ok(EventConsumer { consumer: Arc::new(consumer), topic: topic.to_string(), max_batch: max_batch.max(1), max_wait })
+            .set("enable.partition.eof", "false");
+        Ok(client)
     }
 
     pub fn topic(&self) -> &str {
@@ -217,8 +285,9 @@ impl EventConsumer {
 
     /// Commits `next_offset` per partition to the group, so standard lag tools see progress.
     /// The ledger never resumes from these; they are informational.
+    /// Without a group there is nowhere to commit: a no-op.
     pub fn commit(&self, next_offsets: &[(i32, i64)]) -> Result<()> {
-        if next_offsets.is_empty() {
+        if next_offsets.is_empty() || !self.in_group {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
@@ -234,9 +303,23 @@ impl EventConsumer {
         Ok(tpl.elements().iter().map(|e| e.partition()).collect())
     }
 
-    /// Leaves the group: the sink is told of the final revocation before this returns.
+    /// Leaves the group, or gives up the assigned partitions: the sink is told of the final
+    /// revocation before this returns.
     pub async fn close(self) -> Result<()> {
         let consumer = self.consumer;
+        if !self.in_group {
+            return tokio::task::spawn_blocking(move || {
+                let partitions: Vec<i32> = consumer.assignment().map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
+                let context = consumer.context();
+                context.revoked.lock().unwrap_or_else(PoisonError::into_inner).extend(partitions.iter().copied());
+                context.sink.partitions_revoked(&context.topic, &partitions);
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            })
+            .await
+            .map_err(|e| Error::PollThread(e.to_string()));
+        }
         tokio::task::spawn_blocking(move || {
             consumer.unsubscribe();
             // The revocation callback is served by poll; a few polls let it run before drop.

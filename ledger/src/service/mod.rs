@@ -1,5 +1,7 @@
-//! The ledger service: consumes the events topic as a consumer-group member and keeps every
-//! tenant's signed log up to date.
+//! The ledger service: consumes the events topic and keeps every tenant's signed log up to date.
+//! By default it reads its partitions directly (`assignment = "assign"`, no consumer group, so
+//! a restart resumes at once); with `assignment = "group"` several instances share the
+//! partitions as members of one consumer group.
 //!
 //! Each assigned partition is a [`PartitionLedger`] under `<data_dir>/partitions/<topic>-<p>/`.
 //! Where it resumes comes from that directory, never from the group's committed offsets (those
@@ -48,6 +50,16 @@ pub struct ServiceConfig {
     /// Defaults to `<topic>.dlq`.
     #[serde(default)]
     pub dlq_topic: Option<String>,
+    /// How this instance gets its partitions (docs/configuration.md): `assign` (the default)
+    /// reads every partition of `topic`, or `partitions`, itself, with no consumer group: one
+    /// instance, nothing to wait for at start or after a restart. `group` joins `group` with the
+    /// other instances that share `data_dir`.
+    #[serde(default)]
+    pub assignment: AssignmentMode,
+    /// With `assignment = "assign"`: only these partitions (default: all of them).
+    #[serde(default)]
+    pub partitions: Option<Vec<i32>>,
+    /// The consumer group, with `assignment = "group"`.
     #[serde(default = "default_group")]
     pub group: String,
     /// How often partitions commit and sign checkpoints.
@@ -84,6 +96,17 @@ pub struct ServiceConfig {
     /// its roll-ups cover the whole log.
     #[serde(default = "default_report_time_zones")]
     pub report_time_zones: Vec<String>,
+}
+
+/// How a ledger instance gets its partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AssignmentMode {
+    /// Read the partitions directly (Kafka's `assign`), without a group coordinator.
+    #[default]
+    Assign,
+    /// Join the consumer group `group`; the coordinator spreads partitions over instances.
+    Group,
 }
 
 fn default_report_time_zones() -> Vec<String> {
@@ -128,6 +151,15 @@ impl ServiceConfig {
             return Err(Error::BadKey(format!("ledger.projection_interval_ms = {} must be at most 60000", self.projection_interval_ms)));
         }
         tally_projection::report_zones(&self.report_time_zones).map_err(|e| Error::BadKey(format!("ledger.report_time_zones: {e}")))?;
+        match (&self.partitions, self.assignment) {
+            (Some(_), AssignmentMode::Group) => {
+                return Err(Error::BadKey("ledger.partitions applies to assignment = \"assign\" only: in a group the coordinator assigns partitions".into()))
+            }
+            (Some(list), _) if list.is_empty() || list.iter().any(|p| *p < 0) => {
+                return Err(Error::BadKey(format!("ledger.partitions = {list:?} must name at least one partition, each >= 0 (or be left out for all)")))
+            }
+            _ => {}
+        }
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return Err(Error::BadKey(format!("ledger.tokens is required when ledger.listen ({}) is not a loopback address", self.listen)));
         }
@@ -511,8 +543,17 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         metrics: Metrics::default(),
     });
     let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
-    let join = || EventConsumer::new(&kafka, &config.group, &config.topic, Arc::new(Sink(Arc::clone(&shared))), 5_000, Duration::from_millis(100));
-    let mut consumer = join().map_err(kafka_err)?;
+    let join = || {
+        let sink = Arc::new(Sink(Arc::clone(&shared)));
+        match config.assignment {
+            AssignmentMode::Group => EventConsumer::new(&kafka, &config.group, &config.topic, sink, 5_000, Duration::from_millis(100)),
+            // Opens every partition before it returns (on this thread: it reads the disk).
+            AssignmentMode::Assign => {
+                EventConsumer::assigned(&kafka, &config.group, &config.topic, config.partitions.as_deref(), sink, 5_000, Duration::from_millis(100))
+            }
+        }
+    };
+    let mut consumer = tokio::task::block_in_place(join).map_err(kafka_err)?;
     let rejoin_after = Duration::from_millis(config.rejoin_after_ms);
     let mut unassigned_since = Instant::now();
     let budget_publisher = tally_ingest::EventPublisher::new(&kafka, &config.budget_topic).map_err(kafka_err)?;
@@ -555,9 +596,9 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
             }
             if !shared.partitions().is_empty() {
                 unassigned_since = Instant::now();
-            } else if !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
+            } else if config.assignment == AssignmentMode::Group && !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
                 tracing::warn!(seconds = unassigned_since.elapsed().as_secs(), group = %config.group, "no partitions assigned; leaving the group and joining again");
-                let stale = std::mem::replace(&mut consumer, join().map_err(kafka_err)?);
+                let stale = std::mem::replace(&mut consumer, tokio::task::block_in_place(join).map_err(kafka_err)?);
                 stale.close().await.map_err(kafka_err)?;
                 shared.metrics.rejoins.inc();
                 unassigned_since = Instant::now();
@@ -800,5 +841,16 @@ mod tests {
         assert!(err.contains("unknown field `comit_interval_ms`"), "{err}");
         let err = config("tokens = \"/nonexistent/tokens.toml\"\n").unwrap_err();
         assert!(err.contains("/nonexistent/tokens.toml"), "{err}");
+        assert!(config("partitions = [0, 2]\n").is_ok());
+        assert_eq!(config("assignment = \"group\"\n").unwrap().assignment, AssignmentMode::Group);
+        assert_eq!(config("").unwrap().assignment, AssignmentMode::Assign, "one instance needs no group");
+        let err = config("assignment = \"group\"\npartitions = [1]\n").unwrap_err();
+        assert!(err.contains("ledger.partitions applies to assignment = \"assign\" only"), "{err}");
+        let err = config("partitions = []\n").unwrap_err();
+        assert!(err.contains("ledger.partitions = []"), "{err}");
+        let err = config("partitions = [-1]\n").unwrap_err();
+        assert!(err.contains("each >= 0"), "{err}");
+        let err = config("assignment = \"static\"\n").unwrap_err();
+        assert!(err.contains("unknown variant `static`"), "{err}");
     }
 }
