@@ -2,6 +2,8 @@
 # Benchmarks (never timed assertions in tests). `scripts/bench.sh ingest` starts the pinned broker
 # unless KAFKA_BOOTSTRAP is set, runs the ingest benchmark, and stops the broker.
 # `scripts/bench.sh ledger` runs the ledger's append/proof benchmark (no broker needed).
+# `scripts/bench.sh storage` compares storage candidates for per-partition durability (tenant
+# files, a journal, redb, fjall) at 1, 10,000 and 100,000 tenants (no broker needed).
 # `scripts/bench.sh pipeline` runs the end-to-end ledger benchmark (Kafka → signed logs, latency,
 # restart after kill -9) with the real binary; it starts the broker like `ingest`.
 # `scripts/bench.sh budget` runs the admission/budget benchmark (in-process, HTTP at 1/16/256
@@ -30,6 +32,9 @@ case "$what" in
   ledger)
     cargo bench --locked -p tally-log --bench ledger
     ;;
+  storage)
+    cargo bench --locked -p tally-log --bench storage
+    ;;
   query)
     shift
     [ "${1:-}" = "--" ] && shift
@@ -44,7 +49,7 @@ case "$what" in
     "$venv/bin/python" bench/duckdb_compare.py "$dir"
     ;;
   *)
-    echo "usage: $0 ingest|ledger|pipeline|budget|query" >&2
+    echo "usage: $0 ingest|ledger|storage|pipeline|budget|query" >&2
     exit 2
     ;;
 esac
