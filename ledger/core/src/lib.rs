@@ -13,6 +13,8 @@
 //! * [`audit_tenant`]: fsck of a tenant's log against its entries, head and checkpoint.
 //! * [`Record`]: the one codec of a ledger record's bytes ([`event_record`], [`budget_record`],
 //!   [`Record::decode`]; docs/records.md).
+//! * [`Journal`]: a partition's append-only, checksummed journal: every tenant's records of a
+//!   group commit made durable with one `fdatasync` (the storage issue #13 is moving to).
 //! * [`durable`]: the one durable whole-file replace (temporary, fsync, rename, fsync the directory).
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
@@ -20,6 +22,7 @@ mod audit;
 mod checkpoint;
 pub mod durable;
 mod error;
+mod journal;
 mod keyfile;
 mod ledger;
 mod log;
@@ -32,6 +35,7 @@ mod tiles;
 pub use audit::{audit_tenant, AuditReport};
 pub use checkpoint::{tenant_origin, Checkpoint};
 pub use error::{Error, Result};
+pub use journal::{CommitFrame, Frame, Journal, Opened, RecordFrame, DEFAULT_SEGMENT_BYTES, SEGMENT_MAGIC};
 pub use keyfile::LedgerKey;
 pub use ledger::{Ledger, COMMIT_THREADS};
 pub use log::{find_tenant_log, LogReader, TenantLog, MAX_ENTRY_BYTES};

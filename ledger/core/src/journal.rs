@@ -1,0 +1,626 @@
+//! The partition journal: the one append-only, checksummed file sequence that makes a group
+//! commit of every tenant's records durable with a single `fdatasync` (issue #13; the choice
+//! and its measurements are in ARCHITECTURE.md, "Storage at platform scale").
+//!
+//! Layout: `<dir>/<position>.seg` segments, where `<position>` is the journal position (a byte
+//! count over the whole journal, 20 decimal digits) of the segment's first byte. A segment
+//! starts with the 8-byte magic [`SEGMENT_MAGIC`]; then frames `[len u32 LE][crc32c u32 LE]
+//! [body]`, where the CRC covers the body:
+//!
+//! * record `0x01`: `[tenant len u16][tenant][seq u64][entry len u32][entry][node count u8]
+//!   [nodes, 32 bytes each]`: entry `seq` of the tenant's log and the perfect Merkle nodes it
+//!   completes, in post-order (leaf hash first);
+//! * commit `0x02`: `[next offset i64, i64::MIN for none][records u32]`: everything since the
+//!   previous commit frame (that many record frames) is one durable group commit; the source's
+//!   next offset is durable with it.
+//!
+//! Invariants:
+//! * Only a prefix of frames that ends in a commit frame is the journal. [`Journal::open`] cuts
+//!   anything after the last intact commit of the last segment (a torn frame, or frames whose
+//!   commit never became durable), so an unacknowledged commit leaves no trace.
+//! * A commit writes its frames and its commit frame, then calls `fdatasync` once, before it
+//!   returns. Frames are written nowhere else.
+//! * A segment is rolled only after a commit, so every segment but the last ends with a commit
+//!   frame and is never written again. The directory is synced when a segment is created.
+//! * Every frame read is checked against its CRC and its declared length; a damaged frame is an
+//!   error naming the segment and offset, never skipped.
+//!
+//! Limit: at open, a torn tail and damage inside the last segment's committed frames look the
+//! same (the scan stops at the first bad frame), so both are cut, and [`Opened::cut_bytes`] says
+//! how much. A crash can only tear the one commit that was not yet acknowledged; a larger cut
+//! means the disk lost acknowledged data, and the caller should report it loudly. Records a
+//! cut removes come back from the source (Kafka), since the next offset goes back with them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::log::MAX_ENTRY_BYTES;
+use crate::merkle::Hash;
+
+/// The first bytes of every segment: the format and its version.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"TALLYJ1\n";
+/// A segment is rolled once a commit leaves it at least this long.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+const FRAME_HEADER: usize = 8;
+const RECORD: u8 = 0x01;
+const COMMIT: u8 = 0x02;
+/// No frame body is longer: a record holds at most a 255-byte tenant id, a 64 KiB entry and 64
+/// nodes.
+const MAX_BODY: usize = 1 + 2 + 255 + 8 + 4 + MAX_ENTRY_BYTES + 1 + 64 * 32;
+
+/// A record frame: entry `seq` of `tenant`'s log and the Merkle nodes it completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordFrame {
+    pub tenant: String,
+    pub seq: u64,
+    pub entry: Vec<u8>,
+    pub nodes: Vec<Hash>,
+}
+
+/// A commit frame: the records since the previous commit are durable, with the source's next
+/// offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitFrame {
+    pub next_offset: Option<i64>,
+    pub records: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Record(RecordFrame),
+    Commit(CommitFrame),
+}
+
+/// What [`Journal::open`] found and repaired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Opened {
+    /// Bytes cut from the end of the last segment (a torn frame, or an unfinished commit).
+    pub cut_bytes: u64,
+    /// The next offset named by the last commit, if any commit names one.
+    pub next_offset: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    first: u64,
+    path: PathBuf,
+}
+
+/// A partition's journal, open for appending.
+pub struct Journal {
+    dir: PathBuf,
+    /// Every segment, oldest first; the last is the one being written.
+    segments: Vec<Segment>,
+    active: File,
+    /// Committed bytes of the active segment (magic included).
+    active_len: u64,
+    /// Frames appended since the last commit, not yet written.
+    pending: Vec<u8>,
+    pending_records: u32,
+    segment_bytes: u64,
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.seg"))
+}
+
+fn corrupt(path: &Path, offset: u64, detail: impl std::fmt::Display) -> Error {
+    Error::Corrupt { path: path.display().to_string(), detail: format!("at byte {offset}: {detail}") }
+}
+
+impl Journal {
+    /// Opens the journal in `dir` (creating it when empty) and cuts whatever follows the last
+    /// intact commit of its last segment. `segment_bytes` is the roll size.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Journal, Opened)> {
+        crate::durable::create_dir_durably(dir)?;
+        let mut segments = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(first) = name.strip_suffix(".seg").filter(|n| n.len() == 20).and_then(|n| n.parse::<u64>().ok()) {
+                segments.push(Segment { first, path: e.path() });
+            }
+        }
+        segments.sort_by_key(|s| s.first);
+        if segments.is_empty() {
+            let path = segment_path(dir, 0);
+            create_segment(dir, &path)?;
+            segments.push(Segment { first: 0, path });
+        }
+        let last = segments.last().cloned().ok_or_else(|| corrupt(dir, 0, "no segment"))?;
+        let mut active = OpenOptions::new().read(true).write(true).open(&last.path).map_err(|e| Error::io(&last.path, e))?;
+        let file_len = active.metadata().map_err(|e| Error::io(&last.path, e))?.len();
+        let mut opened = Opened::default();
+        // The last intact commit: scan the whole last segment (it is at most about one roll size).
+        let mut committed = SEGMENT_MAGIC.len() as u64;
+        let mut magic = [0u8; 8];
+        let whole_magic = active.read_exact(&mut magic).is_ok();
+        if !whole_magic || &magic != SEGMENT_MAGIC {
+            if file_len > SEGMENT_MAGIC.len() as u64 || (whole_magic && &magic != SEGMENT_MAGIC) {
+                return Err(corrupt(&last.path, 0, "not a journal segment (bad magic)"));
+            }
+            // A segment whose creation was cut short: write its magic again.
+            active.set_len(0).and_then(|_| active.write_all_at(SEGMENT_MAGIC, 0)).and_then(|_| active.sync_data()).map_err(|e| Error::io(&last.path, e))?;
+        } else {
+            let mut reader = std::io::BufReader::new(&active);
+            reader.seek(SeekFrom::Start(committed)).map_err(|e| Error::io(&last.path, e))?;
+            let mut at = committed;
+            let mut records = 0u32;
+            while let Some((frame, len)) = read_frame(&mut reader).ok().flatten() {
+                at += len;
+                match frame {
+                    Frame::Record(_) => records = records.saturating_add(1),
+                    Frame::Commit(c) if c.records == records => {
+                        committed = at;
+                        records = 0;
+                        if c.next_offset.is_some() {
+                            opened.next_offset = c.next_offset;
+                        }
+                    }
+                    // A commit that does not count the records before it: stop trusting here.
+                    Frame::Commit(_) => break,
+                }
+            }
+        }
+        if file_len > committed {
+            opened.cut_bytes = file_len - committed;
+            active.set_len(committed).and_then(|_| active.sync_data()).map_err(|e| Error::io(&last.path, e))?;
+        }
+        if opened.next_offset.is_none() {
+            // The last segment may hold no commit naming an offset; the ones before it do.
+            for s in segments.iter().rev().skip(1) {
+                if let Some(o) = last_next_offset(s)? {
+                    opened.next_offset = Some(o);
+                    break;
+                }
+            }
+        }
+        active.seek(SeekFrom::Start(committed)).map_err(|e| Error::io(&last.path, e))?;
+        let journal = Journal {
+            dir: dir.to_path_buf(),
+            segments,
+            active,
+            active_len: committed,
+            pending: Vec::new(),
+            pending_records: 0,
+            segment_bytes: segment_bytes.max(4096),
+        };
+        Ok((journal, opened))
+    }
+
+    /// The journal position just past the last commit.
+    pub fn end(&self) -> u64 {
+        self.active_first() + self.active_len
+    }
+
+    fn active_first(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.first)
+    }
+
+    /// Appends a record frame to the next commit; returns the position it will have.
+    pub fn append(&mut self, record: &RecordFrame) -> Result<u64> {
+        if record.entry.len() > MAX_ENTRY_BYTES {
+            return Err(Error::EntryTooLarge(record.entry.len()));
+        }
+        let tenant_len = u16::try_from(record.tenant.len()).ok().filter(|l| *l <= 255);
+        let (Some(tenant_len), Ok(nodes)) = (tenant_len, u8::try_from(record.nodes.len())) else {
+            return Err(Error::BadRecord(format!("a journal record holds a tenant id of at most 255 bytes and at most 255 nodes ({})", record.tenant.len())));
+        };
+        let position = self.end() + self.pending.len() as u64;
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0; FRAME_HEADER]);
+        self.pending.push(RECORD);
+        self.pending.extend_from_slice(&tenant_len.to_le_bytes());
+        self.pending.extend_from_slice(record.tenant.as_bytes());
+        self.pending.extend_from_slice(&record.seq.to_le_bytes());
+        self.pending.extend_from_slice(&(record.entry.len() as u32).to_le_bytes());
+        self.pending.extend_from_slice(&record.entry);
+        self.pending.push(nodes);
+        for n in &record.nodes {
+            self.pending.extend_from_slice(n);
+        }
+        seal_frame(&mut self.pending, start);
+        self.pending_records += 1;
+        Ok(position)
+    }
+
+    /// Writes every appended record and a commit frame naming `next_offset`, with one
+    /// `fdatasync`; rolls the segment if it is now past the roll size. Returns the new end.
+    pub fn commit(&mut self, next_offset: Option<i64>) -> Result<u64> {
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0; FRAME_HEADER]);
+        self.pending.push(COMMIT);
+        self.pending.extend_from_slice(&next_offset.unwrap_or(i64::MIN).to_le_bytes());
+        self.pending.extend_from_slice(&self.pending_records.to_le_bytes());
+        seal_frame(&mut self.pending, start);
+        let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        let written = self.active.write_all(&self.pending).and_then(|_| self.active.sync_data());
+        if let Err(e) = written {
+            // Nothing after the last commit may stay: the next open would cut it, but this
+            // process goes on appending, so cut it now.
+            let _ = self.active.set_len(self.active_len).and_then(|_| self.active.seek(SeekFrom::Start(self.active_len)));
+            self.pending.clear();
+            self.pending_records = 0;
+            return Err(Error::io(&path, e));
+        }
+        self.active_len += self.pending.len() as u64;
+        self.pending.clear();
+        self.pending_records = 0;
+        if self.active_len >= self.segment_bytes {
+            self.roll()?;
+        }
+        Ok(self.end())
+    }
+
+    /// Starts a new segment at the current end.
+    fn roll(&mut self) -> Result<()> {
+        let first = self.end();
+        let path = segment_path(&self.dir, first);
+        create_segment(&self.dir, &path)?;
+        self.active = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        self.active.seek(SeekFrom::End(0)).map_err(|e| Error::io(&path, e))?;
+        self.segments.push(Segment { first, path });
+        self.active_len = SEGMENT_MAGIC.len() as u64;
+        Ok(())
+    }
+
+    /// The segment holding `position` and the offset within it.
+    fn locate(&self, position: u64) -> Result<(&Segment, u64)> {
+        let i = self.segments.partition_point(|s| s.first <= position);
+        let segment = i.checked_sub(1).and_then(|i| self.segments.get(i)).ok_or_else(|| corrupt(&self.dir, position, "before the journal's first segment"))?;
+        Ok((segment, position - segment.first))
+    }
+
+    /// The committed frame at `position` (as [`Journal::append`] returned it).
+    pub fn read_at(&self, position: u64) -> Result<Frame> {
+        if position >= self.end() {
+            return Err(corrupt(&self.dir, position, format!("past the committed end {}", self.end())));
+        }
+        let (segment, offset) = self.locate(position)?;
+        let file = File::open(&segment.path).map_err(|e| Error::io(&segment.path, e))?;
+        let mut header = [0u8; FRAME_HEADER];
+        file.read_exact_at(&mut header, offset).map_err(|e| Error::io(&segment.path, e))?;
+        let (len, crc) = frame_header(&header);
+        if len == 0 || len > MAX_BODY {
+            return Err(corrupt(&segment.path, offset, format!("frame length {len}")));
+        }
+        let mut body = vec![0u8; len];
+        file.read_exact_at(&mut body, offset + FRAME_HEADER as u64).map_err(|e| Error::io(&segment.path, e))?;
+        if crc32c::crc32c(&body) != crc {
+            return Err(corrupt(&segment.path, offset, "frame checksum mismatch"));
+        }
+        decode_body(&body).map_err(|d| corrupt(&segment.path, offset, d))
+    }
+
+    /// Calls `f(position, frame)` for every committed frame from `from` (a frame position, or
+    /// the end of the journal) to the end, in order.
+    pub fn replay(&self, from: u64, mut f: impl FnMut(u64, Frame) -> Result<()>) -> Result<()> {
+        let end = self.end();
+        let mut position = from;
+        while position < end {
+            let (segment, offset) = self.locate(position)?;
+            let segment = segment.clone();
+            let segment_end = self.segments.iter().find(|s| s.first > segment.first).map_or(end, |s| s.first);
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, File::open(&segment.path).map_err(|e| Error::io(&segment.path, e))?);
+            let start = if offset == 0 { SEGMENT_MAGIC.len() as u64 } else { offset };
+            reader.seek(SeekFrom::Start(start)).map_err(|e| Error::io(&segment.path, e))?;
+            position = segment.first + start;
+            while position < segment_end {
+                let (frame, len) = read_frame(&mut reader)
+                    .map_err(|d| corrupt(&segment.path, position - segment.first, d))?
+                    .ok_or_else(|| corrupt(&segment.path, position - segment.first, "the segment ends inside a committed frame"))?;
+                f(position, frame)?;
+                position += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes on disk, every segment included.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().filter_map(|s| std::fs::metadata(&s.path).ok()).map(|m| m.len()).sum()
+    }
+}
+
+fn create_segment(dir: &Path, path: &Path) -> Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(SEGMENT_MAGIC).and_then(|_| f.sync_data()).map_err(|e| Error::io(path, e))?;
+    crate::durable::sync_dir(dir)
+}
+
+/// The next offset named by the last commit of a sealed segment that names one.
+fn last_next_offset(segment: &Segment) -> Result<Option<i64>> {
+    let mut reader = std::io::BufReader::new(File::open(&segment.path).map_err(|e| Error::io(&segment.path, e))?);
+    reader.seek(SeekFrom::Start(SEGMENT_MAGIC.len() as u64)).map_err(|e| Error::io(&segment.path, e))?;
+    let mut found = None;
+    let mut at = SEGMENT_MAGIC.len() as u64;
+    while let Some((frame, len)) = read_frame(&mut reader).map_err(|d| corrupt(&segment.path, at, d))? {
+        if let Frame::Commit(CommitFrame { next_offset: Some(o), .. }) = frame {
+            found = Some(o);
+        }
+        at += len;
+    }
+    Ok(found)
+}
+
+fn frame_header(header: &[u8; FRAME_HEADER]) -> (usize, u32) {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    (len, crc)
+}
+
+/// Fills in the length and CRC of the frame that starts at `start` of `buf`.
+fn seal_frame(buf: &mut [u8], start: usize) {
+    let body = &buf[start + FRAME_HEADER..];
+    let (len, crc) = (body.len() as u32, crc32c::crc32c(body));
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The next frame and its length: `Ok(None)` at a clean end of the data, `Err` for a frame
+/// that is torn or damaged.
+fn read_frame(reader: &mut impl Read) -> std::result::Result<Option<(Frame, u64)>, String> {
+    let mut header = [0u8; FRAME_HEADER];
+    match read_full(reader, &mut header)? {
+        0 => return Ok(None),
+        n if n < FRAME_HEADER => return Err(format!("torn frame header ({n} of {FRAME_HEADER} bytes)")),
+        _ => {}
+    }
+    let (len, crc) = frame_header(&header);
+    if len == 0 || len > MAX_BODY {
+        return Err(format!("frame length {len}"));
+    }
+    let mut body = vec![0u8; len];
+    let got = read_full(reader, &mut body)?;
+    if got < len {
+        return Err(format!("torn frame ({got} of {len} bytes)"));
+    }
+    if crc32c::crc32c(&body) != crc {
+        return Err("frame checksum mismatch".into());
+    }
+    Ok(Some((decode_body(&body)?, (FRAME_HEADER + len) as u64)))
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, String> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(got)
+}
+
+/// Decodes a frame body whose CRC already matched.
+fn decode_body(body: &[u8]) -> std::result::Result<Frame, String> {
+    let mut r = Cursor(body);
+    let frame = match r.u8()? {
+        RECORD => {
+            let tenant_len = r.u16()? as usize;
+            let tenant = String::from_utf8(r.take(tenant_len)?.to_vec()).map_err(|_| "tenant id is not UTF-8".to_string())?;
+            let seq = r.u64()?;
+            let entry_len = r.u32()? as usize;
+            let entry = r.take(entry_len)?.to_vec();
+            let count = r.u8()? as usize;
+            let mut nodes = Vec::with_capacity(count);
+            for _ in 0..count {
+                nodes.push(r.take(32)?.try_into().map_err(|_| "short node".to_string())?);
+            }
+            Frame::Record(RecordFrame { tenant, seq, entry, nodes })
+        }
+        COMMIT => {
+            let next = r.u64()? as i64;
+            let records = r.u32()?;
+            Frame::Commit(CommitFrame { next_offset: (next != i64::MIN).then_some(next), records })
+        }
+        other => return Err(format!("unknown frame type {other:#04x}")),
+    };
+    if !r.0.is_empty() {
+        return Err(format!("{} bytes after the frame's content", r.0.len()));
+    }
+    Ok(frame)
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!("frame content ends early ({} bytes left, {n} needed)", self.0.len()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> std::result::Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> std::result::Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| "short u16")?))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "short u32")?))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "short u64")?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tenant: &str, seq: u64, fill: u8) -> RecordFrame {
+        RecordFrame { tenant: tenant.into(), seq, entry: vec![fill; 40 + seq as usize % 7], nodes: vec![[fill; 32]; 1 + (seq as usize % 3)] }
+    }
+
+    fn frames(j: &Journal) -> Vec<(u64, Frame)> {
+        let mut out = Vec::new();
+        j.replay(0, |p, f| {
+            out.push((p, f));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn commits_survive_reopen_and_frames_read_back_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, opened) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(opened, Opened::default());
+        let a = j.append(&record("acme", 0, 1)).unwrap();
+        let b = j.append(&record("globex", 0, 2)).unwrap();
+        j.commit(Some(7)).unwrap();
+        let c = j.append(&record("acme", 1, 3)).unwrap();
+        let end = j.commit(None).unwrap();
+        drop(j);
+        let (j, opened) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(opened, Opened { cut_bytes: 0, next_offset: Some(7) });
+        assert_eq!(j.end(), end);
+        assert_eq!(j.read_at(a).unwrap(), Frame::Record(record("acme", 0, 1)));
+        assert_eq!(j.read_at(b).unwrap(), Frame::Record(record("globex", 0, 2)));
+        assert_eq!(j.read_at(c).unwrap(), Frame::Record(record("acme", 1, 3)));
+        let all = frames(&j);
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[2].1, Frame::Commit(CommitFrame { next_offset: Some(7), records: 2 }));
+        assert_eq!(all[4].1, Frame::Commit(CommitFrame { next_offset: None, records: 1 }));
+        assert!(j.read_at(end).is_err(), "nothing is read past the committed end");
+    }
+
+    #[test]
+    fn an_unfinished_commit_is_cut_at_open_and_leaves_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        j.append(&record("acme", 0, 1)).unwrap();
+        let committed = j.commit(Some(1)).unwrap();
+        drop(j);
+        // Frames of a commit whose commit frame never reached the disk.
+        let path = segment_path(dir.path(), 0);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut tail = Vec::new();
+        tail.extend_from_slice(&[0; FRAME_HEADER]);
+        tail.extend_from_slice(&[RECORD, 1, 0, b'x']);
+        tail.extend_from_slice(&5u64.to_le_bytes());
+        tail.extend_from_slice(&0u32.to_le_bytes());
+        tail.push(0);
+        seal_frame(&mut tail, 0);
+        f.write_all(&tail).unwrap();
+        drop(f);
+        let (j, opened) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(opened, Opened { cut_bytes: tail.len() as u64, next_offset: Some(1) });
+        assert_eq!(j.end(), committed);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), committed);
+    }
+
+    #[test]
+    fn every_torn_prefix_reopens_to_the_last_whole_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        let mut ends = vec![j.end()];
+        for c in 0..4u64 {
+            for s in 0..3 {
+                j.append(&record("t", c * 3 + s, c as u8)).unwrap();
+            }
+            ends.push(j.commit(Some(c as i64)).unwrap());
+        }
+        drop(j);
+        let whole = std::fs::read(segment_path(dir.path(), 0)).unwrap();
+        for cut in SEGMENT_MAGIC.len()..=whole.len() {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(segment_path(d.path(), 0), &whole[..cut]).unwrap();
+            let (j, opened) = Journal::open(d.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+            let expected = *ends.iter().rev().find(|e| **e <= cut as u64).unwrap();
+            assert_eq!(j.end(), expected, "cut at {cut}");
+            assert_eq!(opened.cut_bytes, cut as u64 - expected, "cut at {cut}");
+            let commits = ends.iter().filter(|e| **e <= expected).count() as i64 - 1;
+            assert_eq!(opened.next_offset, (commits > 0).then_some(commits - 1), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn damage_inside_committed_frames_is_an_error_never_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 4096).unwrap();
+        let mut positions = Vec::new();
+        for s in 0..200 {
+            positions.push(j.append(&record("acme", s, 9)).unwrap());
+            if s % 10 == 9 {
+                j.commit(Some(s as i64)).unwrap();
+            }
+        }
+        let segments = j.segments.len();
+        assert!(segments > 3, "rolled into {segments} segments");
+        drop(j);
+        // Flip one byte inside a record of the first (sealed) segment.
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = positions[1] as usize + FRAME_HEADER + 5;
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let (j, _) = Journal::open(dir.path(), 4096).unwrap();
+        assert_eq!(j.segments.len(), segments);
+        let err = j.read_at(positions[1]).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch") && err.contains("00000000000000000000.seg"), "{err}");
+        let err = j.replay(0, |_, _| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert_eq!(j.read_at(positions[150]).unwrap(), Frame::Record(record("acme", 150, 9)), "other segments still read");
+    }
+
+    #[test]
+    fn segments_roll_after_commits_and_replay_crosses_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 4096).unwrap();
+        let mut expected = Vec::new();
+        for s in 0..300u64 {
+            let r = record(&format!("t{}", s % 5), s, (s % 251) as u8);
+            let p = j.append(&r).unwrap();
+            expected.push((p, Frame::Record(r)));
+            if s % 25 == 24 {
+                let records = 25;
+                let p = j.end() + j.pending.len() as u64;
+                j.commit(Some(s as i64 + 1)).unwrap();
+                expected.push((p, Frame::Commit(CommitFrame { next_offset: Some(s as i64 + 1), records })));
+            }
+        }
+        drop(j);
+        let (j, opened) = Journal::open(dir.path(), 4096).unwrap();
+        assert_eq!(opened.next_offset, Some(300));
+        assert!(j.segments.len() > 5);
+        assert_eq!(frames(&j), expected);
+        let middle = expected[expected.len() / 2].0;
+        let mut from_middle = Vec::new();
+        j.replay(middle, |p, f| {
+            from_middle.push((p, f));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(from_middle, expected[expected.len() / 2..]);
+    }
+
+    #[test]
+    fn records_past_the_limits_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        let big = RecordFrame { tenant: "acme".into(), seq: 0, entry: vec![0; MAX_ENTRY_BYTES + 1], nodes: vec![] };
+        assert!(matches!(j.append(&big), Err(Error::EntryTooLarge(_))));
+        let long = RecordFrame { tenant: "x".repeat(256), seq: 0, entry: vec![], nodes: vec![] };
+        assert!(j.append(&long).is_err());
+        assert_eq!(j.commit(None).unwrap(), SEGMENT_MAGIC.len() as u64 + (FRAME_HEADER + 13) as u64, "only the commit frame");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(segment_path(dir.path(), 0), b"PARQUET1 and more bytes").unwrap();
+        let err = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).err().unwrap().to_string();
+        assert!(err.contains("bad magic"), "{err}");
+    }
+}
