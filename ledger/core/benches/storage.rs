@@ -15,6 +15,8 @@
 //! * `journal`: `tally_log::Journal`, append-only segments per partition, checksummed frames
 //!   (tenant id, seq, entry, nodes), one `fdatasync` per commit. Reads by (tenant, seq) need an
 //!   index beside it, not included here.
+//! * `partition-log`: `tally_log::PartitionLog`, the journal with its segment indexes and tenant
+//!   heads (hashing and frontiers inside it, as `tenant-files`): what the ledger will write.
 //! * `redb`: one redb database per partition (the B-tree store the ledger already uses for
 //!   dedup keys), tables (tenant, seq) → entry and (tenant, node position) → hash, one write
 //!   transaction (`Durability::Immediate`) per commit.
@@ -88,6 +90,23 @@ impl Candidate for JournalCandidate {
 
     fn commit(&mut self) {
         self.journal.commit(None).unwrap();
+    }
+}
+
+/// `tally_log::PartitionLog`: the journal plus segment indexes and tenant heads (it hashes and
+/// keeps frontiers itself, like `tenant-files`).
+struct PartitionLogCandidate {
+    log: tally_log::PartitionLog,
+    names: Vec<String>,
+}
+
+impl Candidate for PartitionLogCandidate {
+    fn append(&mut self, tenant: u32, _seq: u64, entry: &[u8], _first_node: u64, _nodes: &[Hash]) {
+        self.log.append(&self.names[tenant as usize], entry).unwrap();
+    }
+
+    fn commit(&mut self) {
+        self.log.commit(None).unwrap();
     }
 }
 
@@ -255,6 +274,15 @@ fn main() {
             let mut c = JournalCandidate { journal };
             let rate = run(&mut c, tenants, appends);
             report("journal", rate, dir.path(), open_descriptors());
+        }
+        if wanted("partition-log") {
+            let dir = tempfile::tempdir().unwrap();
+            let log = tally_log::PartitionLog::open(dir.path(), tally_log::DEFAULT_SEGMENT_BYTES).unwrap();
+            let mut c = PartitionLogCandidate { log, names: (0..tenants).map(|t| format!("t{t}")).collect() };
+            let rate = run(&mut c, tenants, appends);
+            let fds = open_descriptors();
+            assert_eq!(c.log.entry("t0", 0).unwrap().len(), ENTRY_BYTES);
+            report("partition-log", rate, dir.path(), fds);
         }
         if wanted("redb") {
             let dir = tempfile::tempdir().unwrap();

@@ -203,24 +203,38 @@ impl Journal {
 
     /// Appends a record frame to the next commit; returns the position it will have.
     pub fn append(&mut self, record: &RecordFrame) -> Result<u64> {
-        if record.entry.len() > MAX_ENTRY_BYTES {
-            return Err(Error::EntryTooLarge(record.entry.len()));
+        self.append_parts(&record.tenant, record.seq, &record.entry, &record.nodes)
+    }
+
+    /// Whether a record of this shape can be appended (what [`Journal::append_parts`] checks
+    /// before it writes anything).
+    pub fn check_record(tenant: &str, entry: &[u8], nodes: usize) -> Result<()> {
+        if entry.len() > MAX_ENTRY_BYTES {
+            return Err(Error::EntryTooLarge(entry.len()));
         }
-        let tenant_len = u16::try_from(record.tenant.len()).ok().filter(|l| *l <= 255);
-        let (Some(tenant_len), Ok(nodes)) = (tenant_len, u8::try_from(record.nodes.len())) else {
-            return Err(Error::BadRecord(format!("a journal record holds a tenant id of at most 255 bytes and at most 255 nodes ({})", record.tenant.len())));
-        };
+        if tenant.len() > 255 || nodes > 255 {
+            return Err(Error::BadRecord(format!(
+                "a journal record holds a tenant id of at most 255 bytes and at most 255 nodes ({} bytes, {nodes} nodes)",
+                tenant.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Journal::append`] from borrowed parts (no copy of the entry).
+    pub fn append_parts(&mut self, tenant: &str, seq: u64, entry: &[u8], nodes: &[Hash]) -> Result<u64> {
+        Self::check_record(tenant, entry, nodes.len())?;
         let position = self.end() + self.pending.len() as u64;
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0; FRAME_HEADER]);
         self.pending.push(RECORD);
-        self.pending.extend_from_slice(&tenant_len.to_le_bytes());
-        self.pending.extend_from_slice(record.tenant.as_bytes());
-        self.pending.extend_from_slice(&record.seq.to_le_bytes());
-        self.pending.extend_from_slice(&(record.entry.len() as u32).to_le_bytes());
-        self.pending.extend_from_slice(&record.entry);
-        self.pending.push(nodes);
-        for n in &record.nodes {
+        self.pending.extend_from_slice(&(tenant.len() as u16).to_le_bytes());
+        self.pending.extend_from_slice(tenant.as_bytes());
+        self.pending.extend_from_slice(&seq.to_le_bytes());
+        self.pending.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        self.pending.extend_from_slice(entry);
+        self.pending.push(nodes.len() as u8);
+        for n in nodes {
             self.pending.extend_from_slice(n);
         }
         seal_frame(&mut self.pending, start);
@@ -298,13 +312,23 @@ impl Journal {
 
     /// Calls `f(position, frame)` for every committed frame from `from` (a frame position, or
     /// the end of the journal) to the end, in order.
-    pub fn replay(&self, from: u64, mut f: impl FnMut(u64, Frame) -> Result<()>) -> Result<()> {
-        let end = self.end();
+    pub fn replay(&self, from: u64, f: impl FnMut(u64, Frame) -> Result<()>) -> Result<()> {
+        self.replay_until(from, self.end(), f)
+    }
+
+    /// The start position of every segment, oldest first; the last is being written.
+    pub fn segment_starts(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.first).collect()
+    }
+
+    /// [`Journal::replay`] up to `to` (a frame or segment boundary) instead of the end.
+    pub fn replay_until(&self, from: u64, to: u64, mut f: impl FnMut(u64, Frame) -> Result<()>) -> Result<()> {
+        let end = self.end().min(to);
         let mut position = from;
         while position < end {
             let (segment, offset) = self.locate(position)?;
             let segment = segment.clone();
-            let segment_end = self.segments.iter().find(|s| s.first > segment.first).map_or(end, |s| s.first);
+            let segment_end = self.segments.iter().find(|s| s.first > segment.first).map_or(end, |s| s.first).min(end);
             let mut reader = std::io::BufReader::with_capacity(1 << 20, File::open(&segment.path).map_err(|e| Error::io(&segment.path, e))?);
             let start = if offset == 0 { SEGMENT_MAGIC.len() as u64 } else { offset };
             reader.seek(SeekFrom::Start(start)).map_err(|e| Error::io(&segment.path, e))?;

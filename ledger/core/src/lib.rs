@@ -15,6 +15,8 @@
 //!   [`Record::decode`]; docs/records.md).
 //! * [`Journal`]: a partition's append-only, checksummed journal: every tenant's records of a
 //!   group commit made durable with one `fdatasync` (the storage issue #13 is moving to).
+//! * [`PartitionLog`]: every tenant log of a partition over one journal, with per-segment
+//!   indexes: tenants are keys, not directories.
 //! * [`durable`]: the one durable whole-file replace (temporary, fsync, rename, fsync the directory).
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
@@ -28,6 +30,7 @@ mod ledger;
 mod log;
 pub mod merkle;
 mod note;
+mod partition_log;
 mod receipt;
 mod record;
 mod tiles;
@@ -40,6 +43,7 @@ pub use keyfile::LedgerKey;
 pub use ledger::{Ledger, COMMIT_THREADS};
 pub use log::{find_tenant_log, LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
+pub use partition_log::{PartitionLog, TenantView, INDEX_MAGIC};
 pub use receipt::Receipt;
 pub use record::{budget_record, conflict_record, event_record, EventInput, EventRecord, EventRecordType, Record, Source};
 pub use tiles::{available_width, TilePath, TILE_WIDTH};

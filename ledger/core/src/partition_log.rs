@@ -1,0 +1,503 @@
+//! The logs of every tenant of one partition, stored in one [`Journal`] (issue #13): tenants are
+//! keys, not directories. Appends from any tenant go to the journal; a group commit makes all of
+//! them durable with one `fdatasync`; reads of an entry or of a stored Merkle node find their
+//! frame through an index.
+//!
+//! Index: a tenant's records in one segment are a contiguous run of seqs (a partition appends a
+//! tenant's records in order). When a segment is sealed, `<first>.idx` is written beside it
+//! (durably replaced): magic [`INDEX_MAGIC`], the number of tenants, then per tenant (sorted)
+//! `[id len u8][id][first seq u64][count u32]`, then every record's journal position (`u64`),
+//! tenant after tenant, and a CRC-32C of all that. Memory per tenant is a head (sizes, the Merkle
+//! frontier) and one small run descriptor per sealed segment it appears in; the positions of
+//! sealed runs are read from the index file when needed. The active segment's positions are in
+//! memory. An index that is missing or damaged is derived data: it is rebuilt from its segment.
+//!
+//! A stored node is found through the record that completed it: node (level `l`, index `i`) is
+//! completed by leaf `(i + 1)·2^l − 1`, whose frame lists the nodes it completed, level by level.
+//!
+//! Invariants checked at open, so a damaged journal is reported rather than served: a tenant's
+//! seqs follow each other without gaps, and every frame's leaf hash and nodes equal what the
+//! tenant's frontier computes from its entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::journal::{Frame, Journal, RecordFrame};
+use crate::merkle::{leaf_hash, Frontier, Hash, NodeSource};
+
+/// The first bytes of a segment index: the format and its version.
+pub const INDEX_MAGIC: &[u8; 8] = b"TALLYX1\n";
+
+/// A tenant's records in one sealed segment.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// The segment's start position (its index file is `<segment>.idx`).
+    segment: u64,
+    first_seq: u64,
+    count: u64,
+    /// Byte offset of this run's positions in the index file.
+    positions_at: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TenantHead {
+    /// Committed entries.
+    size: u64,
+    /// Over every appended entry, committed or not.
+    frontier: Frontier,
+    /// Over the committed entries.
+    committed: Frontier,
+    runs: Vec<Run>,
+    /// Journal positions of this tenant's records in the active segment (committed, then
+    /// appended), starting at seq `active_first`.
+    active: Vec<u64>,
+    active_first: u64,
+}
+
+/// Every tenant log of a partition, over one journal.
+pub struct PartitionLog {
+    dir: PathBuf,
+    journal: Journal,
+    tenants: HashMap<String, TenantHead>,
+    /// Tenants with appends since the last commit.
+    dirty: Vec<String>,
+    /// Scratch space for the nodes an append completes.
+    nodes: Vec<Hash>,
+}
+
+fn index_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:020}.idx"))
+}
+
+fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
+    Error::Corrupt { path: path.display().to_string(), detail: detail.to_string() }
+}
+
+impl PartitionLog {
+    /// Opens the partition's journal in `dir` (see [`Journal::open`]) and its indexes,
+    /// rebuilding any index that is missing or damaged. `segment_bytes` is the roll size.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<PartitionLog> {
+        let (journal, opened) = Journal::open(dir, segment_bytes)?;
+        if opened.cut_bytes > 0 {
+            tracing::warn!(dir = %dir.display(), cut_bytes = opened.cut_bytes, "journal tail after the last whole commit cut at open");
+        }
+        let mut log = PartitionLog { dir: dir.to_path_buf(), journal, tenants: HashMap::new(), dirty: Vec::new(), nodes: Vec::with_capacity(64) };
+        let starts = log.journal.segment_starts();
+        let (sealed, active) = starts.split_at(starts.len().saturating_sub(1));
+        for (i, &segment) in sealed.iter().enumerate() {
+            let end = starts[i + 1];
+            let runs = match read_index(&index_path(dir, segment)) {
+                Ok(runs) => runs,
+                Err(why) => {
+                    tracing::warn!(segment, error = %why, "segment index missing or damaged; rebuilding it from the segment");
+                    log.rebuild_index(segment, end)?
+                }
+            };
+            for (tenant, mut run) in runs {
+                run.segment = segment;
+                let head = log.tenants.entry(tenant.clone()).or_default();
+                if run.first_seq != head.size {
+                    return Err(corrupt(&index_path(dir, segment), format!("{tenant}: seqs jump from {} to {}", head.size, run.first_seq)));
+                }
+                head.size += run.count;
+                head.active_first = head.size;
+                head.runs.push(run);
+            }
+        }
+        // Frontiers of what the sealed segments hold (popcount(size) stored nodes each).
+        let names: Vec<String> = log.tenants.keys().cloned().collect();
+        for tenant in names {
+            let size = log.tenants[&tenant].size;
+            let frontier = Frontier::load(&log.view(&tenant), size)?;
+            let head = log.tenants.get_mut(&tenant).ok_or_else(|| corrupt(dir, "tenant vanished"))?;
+            head.frontier = frontier.clone();
+            head.committed = frontier;
+        }
+        if let Some(&start) = active.first() {
+            let mut frames = Vec::new();
+            log.journal.replay(start, |position, frame| {
+                if let Frame::Record(r) = frame {
+                    frames.push((position, r));
+                }
+                Ok(())
+            })?;
+            for (position, r) in frames {
+                log.index_committed(position, &r)?;
+            }
+        }
+        Ok(log)
+    }
+
+    /// Adds a committed record found in the active segment at open, checking it.
+    fn index_committed(&mut self, position: u64, r: &RecordFrame) -> Result<()> {
+        let dir = self.dir.clone();
+        let head = self.tenants.entry(r.tenant.clone()).or_default();
+        if r.seq != head.size {
+            return Err(corrupt(&dir, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, head.size)));
+        }
+        let mut nodes = Vec::new();
+        head.frontier.push(leaf_hash(&r.entry), &mut nodes);
+        if nodes != r.nodes {
+            return Err(corrupt(&dir, format!("journal position {position}: {} record {}: stored hashes differ from the entry's", r.tenant, r.seq)));
+        }
+        head.committed = head.frontier.clone();
+        head.size += 1;
+        head.active.push(position);
+        Ok(())
+    }
+
+    /// Appends `entry` to `tenant`'s log; returns its seq. Durable, and readable, once
+    /// [`PartitionLog::commit`] returns.
+    pub fn append(&mut self, tenant: &str, entry: &[u8]) -> Result<u64> {
+        // Checked first: past this point nothing fails, so the head never runs ahead of the journal.
+        Journal::check_record(tenant, entry, 64)?;
+        let head = match self.tenants.get_mut(tenant) {
+            Some(h) => h,
+            None => self.tenants.entry(tenant.to_string()).or_default(),
+        };
+        let seq = head.frontier.size();
+        if seq == head.size {
+            self.dirty.push(tenant.to_string());
+        }
+        self.nodes.clear();
+        head.frontier.push(leaf_hash(entry), &mut self.nodes);
+        let position = self.journal.append_parts(tenant, seq, entry, &self.nodes)?;
+        head.active.push(position);
+        Ok(seq)
+    }
+
+    /// Makes every append durable with one `fdatasync` (with the source's next offset), and
+    /// writes the index of a segment the commit sealed. Returns the tenants whose size changed.
+    pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
+        let before = self.journal.segment_starts();
+        let changed = std::mem::take(&mut self.dirty);
+        if let Err(e) = self.journal.commit(next_offset) {
+            // The journal dropped the appends; so do the heads.
+            for tenant in &changed {
+                if let Some(head) = self.tenants.get_mut(tenant) {
+                    head.frontier = head.committed.clone();
+                    head.active.truncate((head.size - head.active_first) as usize);
+                }
+            }
+            return Err(e);
+        }
+        for tenant in &changed {
+            if let Some(head) = self.tenants.get_mut(tenant) {
+                head.size = head.frontier.size();
+                head.committed = head.frontier.clone();
+            }
+        }
+        let after = self.journal.segment_starts();
+        if after.len() > before.len() {
+            if let Some(&sealed) = before.last() {
+                self.seal(sealed)?;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Writes the index of the segment starting at `segment`, just sealed, from the active
+    /// positions, and moves them to runs.
+    fn seal(&mut self, segment: u64) -> Result<()> {
+        let mut table: BTreeMap<&str, (u64, &[u64])> = BTreeMap::new();
+        for (tenant, head) in &self.tenants {
+            if !head.active.is_empty() {
+                table.insert(tenant.as_str(), (head.active_first, head.active.as_slice()));
+            }
+        }
+        let runs = write_index(&index_path(&self.dir, segment), &table)?;
+        for (tenant, mut run) in runs {
+            run.segment = segment;
+            if let Some(head) = self.tenants.get_mut(&tenant) {
+                head.runs.push(run);
+                head.active.clear();
+                head.active_first = head.size;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scans the sealed segment `[segment, end)` and writes its index again.
+    fn rebuild_index(&mut self, segment: u64, end: u64) -> Result<Vec<(String, Run)>> {
+        let mut found: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+        self.journal.replay_until(segment, end, |position, frame| {
+            if let Frame::Record(r) = frame {
+                let (first, positions) = found.entry(r.tenant).or_insert((r.seq, Vec::new()));
+                if r.seq != *first + positions.len() as u64 {
+                    return Err(corrupt(&self.dir, format!("journal position {position}: seq {} out of order", r.seq)));
+                }
+                positions.push(position);
+            }
+            Ok(())
+        })?;
+        let table: BTreeMap<&str, (u64, &[u64])> = found.iter().map(|(t, (first, p))| (t.as_str(), (*first, p.as_slice()))).collect();
+        write_index(&index_path(&self.dir, segment), &table)
+    }
+
+    /// Tenants with at least one committed record, sorted.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.tenants.iter().filter(|(_, h)| h.size > 0).map(|(t, _)| t.clone()).collect();
+        out.sort();
+        out
+    }
+
+    /// The committed size of `tenant`'s log (0 for a tenant never seen).
+    pub fn size(&self, tenant: &str) -> u64 {
+        self.tenants.get(tenant).map_or(0, |h| h.size)
+    }
+
+    /// The root of `tenant`'s committed log.
+    pub fn root(&self, tenant: &str) -> Hash {
+        self.tenants.get(tenant).map_or_else(crate::merkle::empty_root, |h| h.committed.root())
+    }
+
+    /// Journal position of committed record `seq` of `tenant`.
+    fn position(&self, tenant: &str, seq: u64) -> Result<u64> {
+        let head = self.tenants.get(tenant).filter(|h| seq < h.size).ok_or(Error::NoSuchEntry { seq, size: self.size(tenant) })?;
+        if seq >= head.active_first {
+            return head.active.get((seq - head.active_first) as usize).copied().ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: not indexed")));
+        }
+        let i = head.runs.partition_point(|r| r.first_seq <= seq);
+        let run = i.checked_sub(1).and_then(|i| head.runs.get(i)).ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: in no run")))?;
+        let path = index_path(&self.dir, run.segment);
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut bytes = [0u8; 8];
+        file.read_exact_at(&mut bytes, run.positions_at + 8 * (seq - run.first_seq)).map_err(|e| Error::io(&path, e))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn record(&self, tenant: &str, seq: u64) -> Result<RecordFrame> {
+        match self.journal.read_at(self.position(tenant, seq)?)? {
+            Frame::Record(r) if r.tenant == tenant && r.seq == seq => Ok(r),
+            _ => Err(corrupt(&self.dir, format!("the index points {tenant} {seq} at another frame"))),
+        }
+    }
+
+    /// Committed entry `seq` of `tenant`.
+    pub fn entry(&self, tenant: &str, seq: u64) -> Result<Vec<u8>> {
+        Ok(self.record(tenant, seq)?.entry)
+    }
+
+    /// Read access to `tenant`'s stored nodes, for [`crate::merkle`] proofs and roots.
+    pub fn view<'a>(&'a self, tenant: &'a str) -> TenantView<'a> {
+        TenantView { log: self, tenant }
+    }
+
+    /// Bytes on disk: segments and indexes.
+    pub fn disk_bytes(&self) -> u64 {
+        let indexes: u64 = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".idx")))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        self.journal.disk_bytes() + indexes
+    }
+}
+
+/// One tenant's stored nodes, read through the partition's journal.
+pub struct TenantView<'a> {
+    log: &'a PartitionLog,
+    tenant: &'a str,
+}
+
+impl NodeSource for TenantView<'_> {
+    type Error = Error;
+    fn node(&self, level: u32, index: u64) -> Result<Hash> {
+        let leaf = ((index + 1) << level) - 1;
+        let record = self.log.record(self.tenant, leaf)?;
+        record.nodes.get(level as usize).copied().ok_or_else(|| corrupt(&self.log.dir, format!("{} {leaf}: no node at level {level}", self.tenant)))
+    }
+}
+
+/// Writes a segment index (see the module docs) durably; returns each tenant's run.
+fn write_index(path: &Path, table: &BTreeMap<&str, (u64, &[u64])>) -> Result<Vec<(String, Run)>> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(INDEX_MAGIC);
+    bytes.extend_from_slice(&(table.len() as u32).to_le_bytes());
+    for (tenant, (first, positions)) in table {
+        let len = u8::try_from(tenant.len()).map_err(|_| Error::BadRecord(format!("tenant id of {} bytes", tenant.len())))?;
+        bytes.push(len);
+        bytes.extend_from_slice(tenant.as_bytes());
+        bytes.extend_from_slice(&first.to_le_bytes());
+        bytes.extend_from_slice(&(positions.len() as u32).to_le_bytes());
+    }
+    let mut runs = Vec::with_capacity(table.len());
+    for (tenant, (first, positions)) in table {
+        runs.push(((*tenant).to_string(), Run { segment: 0, first_seq: *first, count: positions.len() as u64, positions_at: bytes.len() as u64 }));
+        for p in *positions {
+            bytes.extend_from_slice(&p.to_le_bytes());
+        }
+    }
+    let crc = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    crate::durable::replace_file(path, &bytes)?;
+    Ok(runs)
+}
+
+/// Reads a segment index's runs, checking its magic, CRC and shape.
+fn read_index(path: &Path) -> std::result::Result<Vec<(String, Run)>, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let body_len = bytes.len().checked_sub(4).filter(|l| *l >= INDEX_MAGIC.len() + 4).ok_or("too short")?;
+    let (body, crc) = bytes.split_at(body_len);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err("checksum mismatch".into());
+    }
+    if &body[..8] != INDEX_MAGIC {
+        return Err("bad magic".into());
+    }
+    let mut at = 8;
+    let take = |at: &mut usize, n: usize| -> std::result::Result<&[u8], String> {
+        let s = body.get(*at..*at + n).ok_or("ends early")?;
+        *at += n;
+        Ok(s)
+    };
+    let count = u32::from_le_bytes(take(&mut at, 4)?.try_into().map_err(|_| "count")?) as usize;
+    let mut table = Vec::with_capacity(count.min(1 << 20));
+    for _ in 0..count {
+        let len = take(&mut at, 1)?[0] as usize;
+        let tenant = String::from_utf8(take(&mut at, len)?.to_vec()).map_err(|_| "tenant id is not UTF-8")?;
+        let first = u64::from_le_bytes(take(&mut at, 8)?.try_into().map_err(|_| "first seq")?);
+        let n = u32::from_le_bytes(take(&mut at, 4)?.try_into().map_err(|_| "count")?) as u64;
+        table.push((tenant, first, n));
+    }
+    let mut runs = Vec::with_capacity(table.len());
+    for (tenant, first_seq, count) in table {
+        runs.push((tenant, Run { segment: 0, first_seq, count, positions_at: at as u64 }));
+        at += 8 * count as usize;
+    }
+    if at != body.len() {
+        return Err(format!("positions end at {at}, the file's content at {}", body.len()));
+    }
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merkle::{consistency_proof, inclusion_proof, verify_consistency, verify_inclusion, MemoryTree};
+
+    fn entry(tenant: &str, seq: u64) -> Vec<u8> {
+        format!("{{\"seq\":{seq},\"tenant\":\"{tenant}\",\"pad\":\"{}\"}}", "x".repeat((seq % 37) as usize)).into_bytes()
+    }
+
+    /// Appends `rounds` records to each of `tenants`, committing every `every` appends; returns
+    /// the in-memory trees the logs must equal.
+    fn fill(log: &mut PartitionLog, tenants: &[&str], rounds: u64, every: usize, trees: &mut BTreeMap<String, MemoryTree>) {
+        let mut n = 0;
+        for _ in 0..rounds {
+            for t in tenants {
+                let tree = trees.entry(t.to_string()).or_default();
+                let seq = log.append(t, &entry(t, tree.size())).unwrap();
+                assert_eq!(seq, tree.size());
+                tree.push_entry(&entry(t, seq));
+                n += 1;
+                if n % every == 0 {
+                    log.commit(Some(n as i64)).unwrap();
+                }
+            }
+        }
+        log.commit(Some(n as i64)).unwrap();
+    }
+
+    fn check(log: &PartitionLog, trees: &BTreeMap<String, MemoryTree>) {
+        assert_eq!(log.tenants(), trees.keys().cloned().collect::<Vec<_>>());
+        for (t, tree) in trees {
+            let n = tree.size();
+            assert_eq!(log.size(t), n, "{t}");
+            assert_eq!(log.root(t), tree.root(), "{t}");
+            let view = log.view(t);
+            assert_eq!(crate::merkle::root(&view, n).unwrap(), tree.root(), "{t}: root from stored nodes");
+            for i in [0, n / 3, n / 2, n - 1] {
+                assert_eq!(log.entry(t, i).unwrap(), entry(t, i), "{t} {i}");
+                let proof = inclusion_proof(&view, i, n).unwrap();
+                verify_inclusion(&leaf_hash(&entry(t, i)), i, n, &proof, &tree.root()).unwrap();
+            }
+            let m = n / 2 + 1;
+            let old_root = crate::merkle::root(&view, m).unwrap();
+            verify_consistency(m, n, &old_root, &tree.root(), &consistency_proof(&view, m, n).unwrap()).unwrap();
+            assert!(matches!(log.entry(t, n), Err(Error::NoSuchEntry { .. })));
+        }
+    }
+
+    #[test]
+    fn tenants_share_one_journal_and_every_proof_verifies_across_segments_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = ["acme", "globex", "initech", "umbrella", "tiny"];
+        let mut trees = BTreeMap::new();
+        let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
+        fill(&mut log, &tenants[..4], 120, 17, &mut trees);
+        fill(&mut log, &tenants[4..], 1, 1, &mut trees);
+        let segments = log.journal.segment_starts().len();
+        assert!(segments > 5, "{segments} segments");
+        check(&log, &trees);
+        drop(log);
+        let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
+        check(&log, &trees);
+        fill(&mut log, &tenants, 30, 7, &mut trees);
+        check(&log, &trees);
+        drop(log);
+        check(&PartitionLog::open(dir.path(), 8192).unwrap(), &trees);
+        // Descriptors never grow with tenants: segments and indexes are opened per read.
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(files >= 2 * segments - 1, "{files} files for {segments} segments");
+    }
+
+    #[test]
+    fn uncommitted_appends_are_invisible_and_gone_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
+        log.append("acme", b"one").unwrap();
+        assert_eq!(log.commit(None).unwrap(), vec!["acme".to_string()]);
+        assert_eq!(log.append("acme", b"two").unwrap(), 1);
+        assert_eq!(log.size("acme"), 1, "not committed yet");
+        assert!(matches!(log.entry("acme", 1), Err(Error::NoSuchEntry { .. })));
+        let root = log.root("acme");
+        drop(log);
+        let log = PartitionLog::open(dir.path(), 8192).unwrap();
+        assert_eq!((log.size("acme"), log.root("acme")), (1, root));
+    }
+
+    #[test]
+    fn a_missing_or_damaged_index_is_rebuilt_from_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trees = BTreeMap::new();
+        let mut log = PartitionLog::open(dir.path(), 4096).unwrap();
+        fill(&mut log, &["acme", "globex"], 80, 5, &mut trees);
+        let starts = log.journal.segment_starts();
+        drop(log);
+        let first = index_path(dir.path(), starts[0]);
+        let second = index_path(dir.path(), starts[1]);
+        let original = std::fs::read(&first).unwrap();
+        std::fs::remove_file(&first).unwrap();
+        let mut damaged = std::fs::read(&second).unwrap();
+        damaged[12] ^= 1;
+        std::fs::write(&second, damaged).unwrap();
+        let log = PartitionLog::open(dir.path(), 4096).unwrap();
+        check(&log, &trees);
+        assert_eq!(std::fs::read(&first).unwrap(), original, "rebuilt byte for byte");
+        assert!(read_index(&second).is_ok());
+    }
+
+    #[test]
+    fn a_journal_whose_hashes_do_not_match_its_entries_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), 1 << 20).unwrap();
+        journal.append(&RecordFrame { tenant: "acme".into(), seq: 0, entry: b"real".to_vec(), nodes: vec![leaf_hash(b"forged")] }).unwrap();
+        journal.commit(None).unwrap();
+        drop(journal);
+        let err = PartitionLog::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        assert!(err.contains("stored hashes differ"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), 1 << 20).unwrap();
+        journal.append(&RecordFrame { tenant: "acme".into(), seq: 5, entry: b"x".to_vec(), nodes: vec![leaf_hash(b"x")] }).unwrap();
+        journal.commit(None).unwrap();
+        drop(journal);
+        let err = PartitionLog::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        assert!(err.contains("acme record 5 follows 0 records"), "{err}");
+    }
+}
