@@ -433,7 +433,7 @@ impl PartitionSink for Sink {
         let mut parts = self.0.partitions();
         for p in partitions {
             if let Some(mut ledger) = parts.remove(p) {
-                match ledger.commit_timed() {
+                match ledger.commit_closing() {
                     Ok((_, times)) => self.0.metrics.observe_commit(times),
                     Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
                 }

@@ -84,6 +84,10 @@ pub struct PartitionLedger {
     budget_file: Option<Arc<BudgetFile>>,
     /// Tenants whose budget state changed since `take_budget_changes`.
     budget_changed: BTreeSet<(String, Option<String>)>,
+    /// Tenants whose budget state changed since its last snapshot.
+    budget_stale: BTreeSet<String>,
+    /// When each tenant's budget was last snapshotted since this partition was opened.
+    budget_snapshot_at: HashMap<String, std::time::Instant>,
     /// Tenants to compare with a newly loaded budgets file at the next tick.
     config_pending: BTreeSet<String>,
     /// Effective budgets resolved from `budget_file`, per tenant.
@@ -143,22 +147,28 @@ impl PartitionLedger {
         let mut catch_up = Batch::default();
         for tenant in ledger.tenant_ids()? {
             let mut state = store.tenant(&tenant)?;
-            let mut budget: BudgetState = match store.budget(&tenant)? {
-                Some(json) => serde_json::from_slice(&json)
-                    .map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
-                None => BudgetState::default(),
+            let (covered, mut budget): (u64, BudgetState) = match store.budget(&tenant)? {
+                Some((covered, json)) => (
+                    covered,
+                    serde_json::from_slice(&json)
+                        .map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
+                ),
+                None => (0, BudgetState::default()),
             };
             budget.restore_cache();
             let log = ledger.tenant(&tenant)?;
-            if state.indexed > log.size() {
+            if state.indexed > log.size() || covered > log.size() {
                 return Err(Error::Corrupt {
                     path: dir.display().to_string(),
-                    detail: format!("state covers {} records of {tenant} but its log holds {}", state.indexed, log.size()),
+                    detail: format!("state covers {} records of {tenant} (budget: {covered}) but its log holds {}", state.indexed, log.size()),
                 });
+            }
+            // The budget snapshot lags by up to BUDGET_SNAPSHOT_EVERY: fold what it misses.
+            for seq in covered..log.size() {
+                budget.fold(seq, &log.entry(seq)?)?;
             }
             for seq in state.indexed..log.size() {
                 let entry = log.entry(seq)?;
-                budget.fold(seq, &entry)?;
                 let Record::Event(record) = Record::<IgnoredAny>::decode(seq, &entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))? else {
                     continue;
                 };
@@ -173,7 +183,9 @@ impl PartitionLedger {
             if state.indexed < log.size() {
                 state.indexed = log.size();
                 catch_up.tenants.push((tenant.clone(), state));
-                catch_up.budgets.push((tenant.clone(), serde_json::to_vec(&budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+            }
+            if covered < log.size() {
+                catch_up.budgets.push((tenant.clone(), log.size(), serde_json::to_vec(&budget).map_err(|e| Error::BadRecord(e.to_string()))?));
             }
             tenants.insert(tenant.clone(), state);
             budgets.insert(tenant, budget);
@@ -199,6 +211,8 @@ impl PartitionLedger {
             budgets,
             budget_file: None,
             budget_changed: BTreeSet::new(),
+            budget_stale: BTreeSet::new(),
+            budget_snapshot_at: HashMap::new(),
             config_pending: BTreeSet::new(),
             effective: HashMap::new(),
             projection: Projection::new(&root.join("parquet"), std::time::Duration::from_secs(1)),
@@ -499,6 +513,16 @@ impl PartitionLedger {
 
     /// [`PartitionLedger::commit`], also saying how long its durable phases took.
     pub fn commit_timed(&mut self) -> Result<(Option<i64>, CommitTimes)> {
+        self.commit_with(false)
+    }
+
+    /// The last commit before the partition is closed (revoked, or the service stops): every
+    /// budget snapshot is brought up to date, so the next owner refolds nothing.
+    pub fn commit_closing(&mut self) -> Result<(Option<i64>, CommitTimes)> {
+        self.commit_with(true)
+    }
+
+    fn commit_with(&mut self, final_snapshots: bool) -> Result<(Option<i64>, CommitTimes)> {
         let started = std::time::Instant::now();
         let checkpoints = self.ledger.commit()?;
         let mut times = CommitTimes { logs: started.elapsed(), state: None };
@@ -518,8 +542,21 @@ impl PartitionLedger {
             let size = self.ledger.tenant(tenant)?.size();
             let state = TenantState { indexed: size, ..self.tenants.get(tenant).copied().unwrap_or_default() };
             batch.tenants.push((tenant.clone(), state));
+            self.budget_stale.insert(tenant.clone());
+        }
+        // Budget snapshots only every BUDGET_SNAPSHOT_EVERY per tenant (or all of them when the
+        // partition closes): an open refolds the records a snapshot does not cover.
+        let now = std::time::Instant::now();
+        let due: Vec<String> = self
+            .budget_stale
+            .iter()
+            .filter(|t| final_snapshots || self.budget_snapshot_at.get(*t).is_none_or(|at| now.duration_since(*at) >= BUDGET_SNAPSHOT_EVERY))
+            .cloned()
+            .collect();
+        for tenant in &due {
+            let size = self.ledger.tenant(tenant)?.size();
             if let Some(budget) = self.budgets.get(tenant) {
-                batch.budgets.push((tenant.clone(), serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+                batch.budgets.push((tenant.clone(), size, serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
             }
         }
         if !batch.is_empty() {
@@ -532,11 +569,19 @@ impl PartitionLedger {
         for (tenant, state) in batch.tenants {
             self.tenants.insert(tenant, state);
         }
+        for tenant in due {
+            self.budget_stale.remove(&tenant);
+            self.budget_snapshot_at.insert(tenant, now);
+        }
         self.dirty.retain(|t| !dirty.contains(t));
         self.unprojected.extend(dirty);
         Ok((self.next_offset, times))
     }
 }
+
+/// How stale a tenant's budget snapshot may get while it keeps changing. Snapshots are JSON of
+/// the whole state: taking one at every commit made every durable authorize serialise it.
+const BUDGET_SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A delivery of a valid `llm_call` event, for tests in this module and [`super::http`].
 #[cfg(test)]
@@ -647,5 +692,46 @@ mod tests {
         assert!(matches!(err, Error::PartitionBusy(_)), "{err}");
         drop(first);
         PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+    }
+
+    /// Budget snapshots are taken at most every BUDGET_SNAPSHOT_EVERY per tenant; an open after
+    /// a crash refolds what the last one misses, and a closing commit leaves nothing to refold.
+    #[test]
+    fn budget_snapshots_lag_and_an_open_refolds_what_they_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let budgets: Arc<BudgetFile> = Arc::new(
+            toml::from_str(
+                "[tenants.acme]\nday_micros = 50\nsoft_threshold = 0.5\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n",
+            )
+            .unwrap(),
+        );
+        let open = || {
+            let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+            p.set_budget_file(Some(Arc::clone(&budgets)));
+            p
+        };
+        let state = |p: &PartitionLedger| serde_json::to_string(p.budget("acme").unwrap()).unwrap();
+        let mut p = open();
+        p.apply(&delivery(0, "acme", "e0", 10)).unwrap();
+        p.commit().unwrap();
+        let first = p.store.budget("acme").unwrap().unwrap().0;
+        assert_eq!(first, p.committed_size("acme").unwrap(), "a tenant's first change is snapshotted at once");
+        for i in 1..5 {
+            p.apply(&delivery(i, "acme", &format!("e{i}"), 10)).unwrap();
+            p.commit().unwrap();
+        }
+        let size = p.committed_size("acme").unwrap();
+        assert!(size > first + 4, "warning and exceeded records too ({size})");
+        assert_eq!(p.store.budget("acme").unwrap().unwrap().0, first, "within BUDGET_SNAPSHOT_EVERY, no new snapshot");
+        let before = state(&p);
+        // A crash: no closing commit. The open refolds records first..size.
+        drop(p);
+        let mut p = open();
+        assert_eq!(state(&p), before);
+        assert_eq!(p.store.budget("acme").unwrap().unwrap().0, size, "the open's catch-up snapshot covers the log");
+        p.apply(&delivery(5, "acme", "e5", 10)).unwrap();
+        p.commit_closing().unwrap();
+        assert_eq!(p.store.budget("acme").unwrap().unwrap().0, p.committed_size("acme").unwrap(), "closing leaves nothing to refold");
     }
 }

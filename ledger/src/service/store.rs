@@ -1,6 +1,7 @@
 //! A partition's durable consumption state, beside its tenant logs: the deduplication index,
 //! what of each tenant's log that index covers, each tenant's budget state (a snapshot of the
-//! fold over the same records), and the next offset to consume.
+//! fold over the first records of its log, taken every few seconds, not at every commit), and the
+//! next offset to consume.
 //!
 //! It is a redb database (`state.redb`), so memory stays bounded (a fixed page cache) however
 //! long the logs grow, and everything of one group commit lands in a single transaction (one
@@ -43,8 +44,8 @@ pub(super) struct TenantState {
 pub(super) struct Batch {
     pub seen: Vec<(DedupKey, Seen)>,
     pub tenants: Vec<(String, TenantState)>,
-    /// Budget state snapshots (JSON), covering the same records as `tenants`.
-    pub budgets: Vec<(String, Vec<u8>)>,
+    /// Budget state snapshots: tenant, the records they cover (`0..covered`), JSON.
+    pub budgets: Vec<(String, u64, Vec<u8>)>,
     pub next_offset: Option<i64>,
 }
 
@@ -57,7 +58,11 @@ impl Batch {
 const DEDUP: TableDefinition<DedupKey, [u8; 24]> = TableDefinition::new("dedup");
 const TENANTS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("tenants");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
-const BUDGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("budgets");
+/// Before snapshots carried their coverage, each covered the tenant's `indexed` records; read
+/// only, and replaced by the tenant's first snapshot in `budget_snapshots`.
+const LEGACY_BUDGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("budgets");
+/// tenant → `[covered u64 LE][JSON]`.
+const BUDGET_SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("budget_snapshots");
 const NEXT_OFFSET: &str = "next_offset";
 /// Page cache per partition: the bound on the index's memory.
 const CACHE_BYTES: usize = 32 << 20;
@@ -126,11 +131,25 @@ impl PartitionStore {
         Ok(table.get(tenant).map_err(|e| self.err(e))?.map(|v| decode_tenant(v.value())).unwrap_or_default())
     }
 
-    /// The tenant's budget state snapshot, if one was committed.
-    pub fn budget(&self, tenant: &str) -> Result<Option<Vec<u8>>> {
+    /// The tenant's last budget state snapshot, if one was committed: the records it covers
+    /// (`0..covered`) and its JSON.
+    pub fn budget(&self, tenant: &str) -> Result<Option<(u64, Vec<u8>)>> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(BUDGETS).map_err(|e| self.err(e))?;
-        Ok(table.get(tenant).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()))
+        let table = txn.open_table(BUDGET_SNAPSHOTS).map_err(|e| self.err(e))?;
+        if let Some(v) = table.get(tenant).map_err(|e| self.err(e))? {
+            let bytes = v.value();
+            let covered = bytes
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .ok_or_else(|| Error::Corrupt { path: self.path.clone(), detail: format!("budget snapshot of {tenant} is {} bytes", bytes.len()) })?;
+            return Ok(Some((covered, bytes[8..].to_vec())));
+        }
+        let legacy = txn.open_table(LEGACY_BUDGETS).map_err(|e| self.err(e))?;
+        let Some(json) = legacy.get(tenant).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()) else { return Ok(None) };
+        let tenants = txn.open_table(TENANTS).map_err(|e| self.err(e))?;
+        let covered = tenants.get(tenant).map_err(|e| self.err(e))?.map(|v| decode_tenant(v.value()).indexed).unwrap_or_default();
+        Ok(Some((covered, json)))
     }
 
     pub fn lookup(&self, key: &DedupKey) -> Result<Option<Seen>> {
@@ -154,9 +173,15 @@ impl PartitionStore {
             for (tenant, state) in &batch.tenants {
                 tenants.insert(tenant.as_str(), encode_tenant(*state)).map_err(|e| self.err(e))?;
             }
-            let mut budgets = txn.open_table(BUDGETS).map_err(|e| self.err(e))?;
-            for (tenant, state) in &batch.budgets {
-                budgets.insert(tenant.as_str(), state.as_slice()).map_err(|e| self.err(e))?;
+            let mut budgets = txn.open_table(BUDGET_SNAPSHOTS).map_err(|e| self.err(e))?;
+            let mut legacy = txn.open_table(LEGACY_BUDGETS).map_err(|e| self.err(e))?;
+            let mut value = Vec::new();
+            for (tenant, covered, json) in &batch.budgets {
+                value.clear();
+                value.extend_from_slice(&covered.to_le_bytes());
+                value.extend_from_slice(json);
+                budgets.insert(tenant.as_str(), value.as_slice()).map_err(|e| self.err(e))?;
+                legacy.remove(tenant.as_str()).map_err(|e| self.err(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             if let Some(next) = batch.next_offset {
@@ -178,6 +203,23 @@ impl PartitionStore {
 mod tests {
     use super::*;
 
+    /// A state.redb from before snapshots carried their coverage: its snapshot covers the
+    /// tenant's `indexed` records, until the tenant's first new snapshot replaces it.
+    #[test]
+    fn a_legacy_budget_snapshot_covers_the_indexed_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PartitionStore::open(&dir.path().join("state.redb")).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(LEGACY_BUDGETS).unwrap().insert("acme", b"{\"old\":1}".as_slice()).unwrap();
+        txn.commit().unwrap();
+        store.commit(&Batch { tenants: vec![("acme".into(), TenantState { indexed: 12, last_offset: None })], ..Batch::default() }).unwrap();
+        assert_eq!(store.budget("acme").unwrap(), Some((12, b"{\"old\":1}".to_vec())));
+        store.commit(&Batch { budgets: vec![("acme".into(), 15, b"{}".to_vec())], ..Batch::default() }).unwrap();
+        assert_eq!(store.budget("acme").unwrap(), Some((15, b"{}".to_vec())));
+        let txn = store.db.begin_read().unwrap();
+        assert!(txn.open_table(LEGACY_BUDGETS).unwrap().get("acme").unwrap().is_none(), "one snapshot per tenant");
+    }
+
     #[test]
     fn state_round_trips_and_first_seq_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -190,7 +232,7 @@ mod tests {
             .commit(&Batch {
                 seen: vec![([9; 16], first)],
                 tenants: vec![("acme".into(), TenantState { indexed: 8, last_offset: Some(41) })],
-                budgets: vec![("acme".into(), b"{}".to_vec())],
+                budgets: vec![("acme".into(), 3, b"{}".to_vec())],
                 next_offset: Some(42),
             })
             .unwrap();
@@ -201,7 +243,7 @@ mod tests {
         assert_eq!(store.lookup(&[8; 16]).unwrap(), None);
         assert_eq!(store.tenant("acme").unwrap(), TenantState { indexed: 8, last_offset: Some(41) });
         assert_eq!(store.next_offset().unwrap(), Some(42));
-        assert_eq!(store.budget("acme").unwrap(), Some(b"{}".to_vec()));
+        assert_eq!(store.budget("acme").unwrap(), Some((3, b"{}".to_vec())));
         assert_eq!(store.budget("globex").unwrap(), None);
         assert_eq!(store.dedup_len().unwrap(), 1);
     }
