@@ -223,10 +223,12 @@ fn with_partition<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut super::P
     if tally_schemas::validate_tenant_id(tenant).is_err() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id".into()));
     }
-    let mut parts = shared.partitions();
-    for p in parts.values_mut() {
+    // Only the tenant's home partition can hold its log: lock that one alone.
+    let home = tally_ingest::tenant_partition(tenant, shared.partition_count.load(Ordering::Relaxed));
+    if let Some(owned) = shared.partition(home) {
+        let mut p = super::lock(&owned);
         if p.ledger().has_tenant(tenant) {
-            return f(p).map_err(ApiError::from);
+            return f(&mut p).map_err(ApiError::from);
         }
     }
     Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no log for tenant {tenant} on this instance")))
@@ -317,7 +319,7 @@ fn owned_partition(shared: &Shared, tenant: &str) -> Result<i32, Response> {
     }
     let count = shared.partition_count.load(Ordering::Relaxed);
     let partition = tally_ingest::tenant_partition(tenant, count);
-    if shared.partitions().contains_key(&partition) {
+    if shared.partition(partition).is_some() {
         return Ok(partition);
     }
     let owner = super::read_owner(&shared.root, &shared.topic, partition);
@@ -342,12 +344,9 @@ async fn on_partition<T: Send + 'static>(
     f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, Response> {
     let shared = Arc::clone(shared);
-    let joined = tokio::task::spawn_blocking(move || {
-        let mut parts = shared.partitions();
-        match parts.get_mut(&partition) {
-            Some(p) => f(p).map_err(|e| ApiError::from(e).into_response()),
-            None => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response()),
-        }
+    let joined = tokio::task::spawn_blocking(move || match shared.partition(partition) {
+        Some(owned) => f(&mut super::lock(&owned)).map_err(|e| ApiError::from(e).into_response()),
+        None => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response()),
     })
     .await;
     joined.unwrap_or_else(|e| {
@@ -483,12 +482,10 @@ async fn budget_state(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPat
         Ok(p) => p,
         Err(r) => return r,
     };
-    let parts = shared.partitions();
-    let Some(p) = parts.get(&partition) else {
+    let Some(owned) = shared.partition(partition) else {
         return ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response();
     };
-    let state = p.budget(&tenant).cloned().unwrap_or_default();
-    drop(parts);
+    let state = super::lock(&owned).budget(&tenant).cloned().unwrap_or_default();
     let (_, value) = super::budget_message(&tenant, q.task_id.as_deref(), &state, jiff::Timestamp::now());
     ([(header::CONTENT_TYPE, "application/json")], value).into_response()
 }
@@ -584,7 +581,7 @@ mod tests {
         let shared = Arc::new(Shared {
             root: dir.path().to_path_buf(),
             keys: vec![key],
-            partitions: Mutex::new(BTreeMap::from([(0, p)])),
+            partitions: std::sync::RwLock::new(BTreeMap::from([(0, Arc::new(Mutex::new(p)))])),
             fatal: Mutex::new(None),
             tokens: TokenStore::load(&path).unwrap(),
             budgets: crate::service::BudgetSource::new(None, Some(budgets)),
@@ -720,7 +717,7 @@ mod tests {
         let f = fixture();
         let (_, allow) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"task_id": "run-1", "estimate_micros": 1_000})).await;
         assert_eq!(allow["decision"], "allow", "{allow}");
-        let messages = f.shared.partitions().get(&0).unwrap().current_budget_messages(jiff::Timestamp::now());
+        let messages = super::super::lock(&f.shared.partition(0).unwrap()).current_budget_messages(jiff::Timestamp::now());
         let keys: Vec<&str> = messages.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, vec!["acme", "acme/run-1"], "globex has no budget; acme's reserved task is republished");
         let state: serde_json::Value = serde_json::from_slice(&messages[1].1).unwrap();
@@ -928,6 +925,40 @@ mod tests {
         for documented in paths.keys() {
             assert!(listed.contains(documented), "openapi.json documents {documented}, which the router does not serve");
         }
+    }
+
+    /// Each owned partition has its own lock: while one is held (a commit's fsyncs, a Parquet
+    /// flush), reads and admissions of another partition go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_partition_never_holds_up_another() {
+        let f = fixture_with(2);
+        let other = (0..100).map(|i| format!("tenant{i}")).find(|t| tally_ingest::tenant_partition(t, 2) == 1).unwrap();
+        let key = f.shared.keys[0].clone();
+        let mut p1 = PartitionLedger::open(f.dir.path(), "events", 1, vec![key]).unwrap();
+        p1.apply(&test_delivery(0, &other, "e0", 5)).unwrap();
+        p1.commit().unwrap();
+        f.shared.partitions_mut().insert(1, Arc::new(Mutex::new(p1)));
+        // Partition 0 is busy for as long as this thread holds it.
+        let busy = f.shared.partition(0).unwrap();
+        let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+        let holder = std::thread::spawn(move || {
+            let _guard = super::super::lock(&busy);
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        let work = async {
+            let (status, body, _) = call(&f.app, &format!("/t/{other}/checkpoint"), Some(&f.admin)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(body.contains(&format!("/t/{other}\n1\n")), "{body}");
+            let path = format!("/v1/tenants/{other}/budget/authorize");
+            let (status, json) = send(&f.app, "POST", &path, Some(&f.admin), Some(r#"{"estimate_micros":1}"#)).await;
+            assert_eq!(status, StatusCode::OK, "{json}");
+        };
+        // Not a speed limit: a generous bound that only a wait on partition 0 would exceed.
+        tokio::time::timeout(std::time::Duration::from_secs(20), work).await.expect("partition 1 waited for partition 0");
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
     }
 
     /// `method` on `path`, with or without a token and a JSON body: the status and the JSON body.

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -180,11 +180,22 @@ impl ServiceConfig {
     }
 }
 
+/// One owned partition, locked on its own.
+type Owned = Arc<Mutex<PartitionLedger>>;
+
+/// The partition behind `owned`, waiting for whoever holds it now.
+fn lock(owned: &Owned) -> MutexGuard<'_, PartitionLedger> {
+    owned.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// State shared by the consume loop, the rebalance callbacks and the HTTP handlers.
 pub struct Shared {
     root: PathBuf,
     keys: Vec<LedgerKey>,
-    partitions: Mutex<BTreeMap<i32, PartitionLedger>>,
+    /// The partitions this instance owns, each behind its own lock: a commit (fsyncs, Parquet)
+    /// of one partition never holds up reads or admissions of another. The map's own lock is
+    /// held only to look up, add or remove an entry.
+    partitions: RwLock<BTreeMap<i32, Owned>>,
     /// A failure inside a rebalance callback, reported by the consume loop.
     fatal: Mutex<Option<String>>,
     tokens: TokenStore,
@@ -340,8 +351,22 @@ impl BudgetSource {
 }
 
 impl Shared {
-    fn partitions(&self) -> MutexGuard<'_, BTreeMap<i32, PartitionLedger>> {
-        self.partitions.lock().unwrap_or_else(PoisonError::into_inner)
+    fn partitions(&self) -> RwLockReadGuard<'_, BTreeMap<i32, Owned>> {
+        self.partitions.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn partitions_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<i32, Owned>> {
+        self.partitions.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The owned partitions, without holding the map (each is locked only when used).
+    fn owned(&self) -> BTreeMap<i32, Owned> {
+        self.partitions().iter().map(|(p, o)| (*p, Arc::clone(o))).collect()
+    }
+
+    /// Partition `p`, if this instance owns it.
+    fn partition(&self, p: i32) -> Option<Owned> {
+        self.partitions().get(&p).map(Arc::clone)
     }
 
     fn fail(&self, message: String) {
@@ -354,11 +379,12 @@ impl Shared {
         let mut out = Vec::new();
         // Everything appended before this point is signed once the loop below succeeds.
         let signing = Instant::now();
-        for (p, ledger) in self.partitions().iter_mut() {
+        for (p, owned) in self.owned() {
+            let mut ledger = lock(&owned);
             let (next, times) = ledger.commit_timed()?;
             self.metrics.observe_commit(times);
             if let Some(next) = next {
-                out.push((*p, next));
+                out.push((p, next));
             }
             let projected = ledger.project(false);
             self.metrics.projected_records.inc_by(projected.records);
@@ -387,8 +413,8 @@ const PARTITION_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 impl PartitionSink for Sink {
     fn resume(&self, topic: &str, partition: i32) -> Resume {
-        if let Some(p) = self.0.partitions().get(&partition) {
-            return p.resume_offset().map_or(Resume::Beginning, Resume::At);
+        if let Some(p) = self.0.partition(partition) {
+            return lock(&p).resume_offset().map_or(Resume::Beginning, Resume::At);
         }
         // Opened without holding the partition map, so HTTP reads go on meanwhile. The previous owner (another instance) releases the partition when its revocation
         // completes; a rebalance can assign it here a moment before that.
@@ -412,7 +438,7 @@ impl PartitionSink for Sink {
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
                 }
-                self.0.partitions().insert(partition, p);
+                self.0.partitions_mut().insert(partition, Arc::new(Mutex::new(p)));
                 resume
             }
             Err(e) => {
@@ -430,9 +456,15 @@ impl PartitionSink for Sink {
     }
 
     fn partitions_revoked(&self, _topic: &str, partitions: &[i32]) {
-        let mut parts = self.0.partitions();
-        for p in partitions {
-            if let Some(mut ledger) = parts.remove(p) {
+        let removed: Vec<(i32, Owned)> = {
+            let mut parts = self.0.partitions_mut();
+            partitions.iter().filter_map(|p| parts.remove(p).map(|o| (*p, o))).collect()
+        };
+        // Work already running on a removed partition (an admission) finishes first: the lock
+        // is taken after it, and the closing commit covers what it appended.
+        for (p, owned) in removed {
+            let mut ledger = lock(&owned);
+            {
                 match ledger.commit_closing() {
                     Ok((_, times)) => self.0.metrics.observe_commit(times),
                     Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
@@ -529,7 +561,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     let shared = Arc::new(Shared {
         root: config.data_dir.clone(),
         keys,
-        partitions: Mutex::new(BTreeMap::new()),
+        partitions: RwLock::new(BTreeMap::new()),
         fatal: Mutex::new(None),
         tokens,
         budgets,
@@ -628,7 +660,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 batch
                     .iter()
                     .filter(|d| d.outcome.is_err())
-                    .filter(|d| parts.get(&d.partition).is_some_and(|p| p.resume_offset().is_none_or(|next| d.offset >= next)))
+                    .filter(|d| parts.get(&d.partition).is_some_and(|p| lock(p).resume_offset().is_none_or(|next| d.offset >= next)))
                     .collect()
             };
             for d in rejected {
@@ -648,17 +680,18 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
             }
             if let Some(file) = shared.budgets.reload() {
-                for p in shared.partitions().values_mut() {
-                    p.set_budget_file(Some(Arc::clone(&file)));
+                for p in shared.owned().values() {
+                    lock(p).set_budget_file(Some(Arc::clone(&file)));
                 }
             }
             let mut appended = false;
             let mut budget_changes = Vec::new();
             {
-                let mut parts = shared.partitions();
+                let parts = shared.owned();
                 let now = jiff::Timestamp::now();
                 for d in &batch {
-                    let Some(p) = parts.get_mut(&d.partition) else { continue };
+                    let Some(owned) = parts.get(&d.partition) else { continue };
+                    let mut p = lock(owned);
                     let m = &shared.metrics;
                     let applied = p.apply(d);
                     if let Err(Error::OffsetRegression { .. }) = &applied {
@@ -687,7 +720,8 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 if tick {
                     last_tick = Instant::now();
                 }
-                for p in parts.values_mut() {
+                for owned in parts.values() {
+                    let mut p = lock(owned);
                     if tick {
                         appended |= p.tick(now)? > 0;
                     }
@@ -724,8 +758,8 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     // Whatever ended the loop, make what was applied durable before leaving the group.
     let committed = tokio::task::block_in_place(|| shared.commit_all());
     tokio::task::block_in_place(|| {
-        shared.partitions().values_mut().for_each(|p| {
-            p.project(true);
+        shared.owned().values().for_each(|p| {
+            lock(p).project(true);
         })
     });
     if let Ok(offsets) = &committed {
