@@ -227,7 +227,7 @@ fn with_partition<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut super::P
     let home = tally_ingest::tenant_partition(tenant, shared.partition_count.load(Ordering::Relaxed));
     if let Some(owned) = shared.partition(home) {
         let mut p = super::lock(&owned);
-        if p.ledger().has_tenant(tenant) {
+        if !p.is_closed() && p.ledger().has_tenant(tenant) {
             return f(&mut p).map_err(ApiError::from);
         }
     }
@@ -335,18 +335,33 @@ fn owned_partition(shared: &Shared, tenant: &str) -> Result<i32, Response> {
     Err(response)
 }
 
-/// Runs `f` on the owned partition on a blocking thread (it may fsync).
-// The error is the response itself (large, as axum's are): it is what the handler returns.
+/// The partition as this instance owns it now: the same instance must then serve the whole
+/// request (an admission and the commit that makes it durable), even if the partition is
+/// revoked and opened again meanwhile.
 #[allow(clippy::result_large_err)]
-async fn on_partition<T: Send + 'static>(
-    shared: &Arc<Shared>,
+fn owned_now(shared: &Shared, partition: i32) -> Result<super::Owned, Response> {
+    shared.partition(partition).ok_or_else(|| rebalancing().into_response())
+}
+
+fn rebalancing() -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into())
+}
+
+/// Runs `f` on `owned` on a blocking thread (it may fsync). With `open_only`, a partition whose
+/// closing commit has run (revoked while this request waited) answers 503 `rebalancing`.
+#[allow(clippy::result_large_err)]
+async fn on_owned<T: Send + 'static>(
+    owned: super::Owned,
     partition: i32,
+    open_only: bool,
     f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, Response> {
-    let shared = Arc::clone(shared);
-    let joined = tokio::task::spawn_blocking(move || match shared.partition(partition) {
-        Some(owned) => f(&mut super::lock(&owned)).map_err(|e| ApiError::from(e).into_response()),
-        None => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response()),
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut p = super::lock(&owned);
+        if open_only && p.is_closed() {
+            return Err(rebalancing().into_response());
+        }
+        f(&mut p).map_err(|e| ApiError::from(e).into_response())
     })
     .await;
     joined.unwrap_or_else(|e| {
@@ -360,9 +375,13 @@ async fn on_partition<T: Send + 'static>(
 /// commit covers them return at once: concurrent admissions share one fsync.
 // The error is the response itself (large, as axum's are): it is what the handler returns.
 #[allow(clippy::result_large_err)]
-async fn make_durable(shared: &Arc<Shared>, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
+///
+/// It runs on the instance that appended the record (`owned`), closed or not: a closing commit
+/// after the append already covers it, and committing a closed partition is still safe, since
+/// this process holds its lock for as long as `owned` lives.
+async fn make_durable(shared: &Arc<Shared>, owned: super::Owned, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
     let times =
-        on_partition(shared, partition, move |p| if p.committed_size(&tenant)? <= seq { p.commit_timed().map(|(_, t)| Some(t)) } else { Ok(None) }).await?;
+        on_owned(owned, partition, false, move |p| if p.committed_size(&tenant)? <= seq { p.commit_timed().map(|(_, t)| Some(t)) } else { Ok(None) }).await?;
     if let Some(times) = times {
         shared.metrics.observe_commit(times);
     }
@@ -419,14 +438,20 @@ async fn decide(shared: &Arc<Shared>, tenant: String, body: Result<ApiJson<Autho
         Err(r) => return r,
     };
     let t = tenant.clone();
-    let decided =
-        on_partition(shared, partition, move |p| p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)).await;
+    let owned = match owned_now(shared, partition) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let decided = on_owned(Arc::clone(&owned), partition, true, move |p| {
+        p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)
+    })
+    .await;
     let (verdict, admission, seq) = match decided {
         Ok(v) => v,
         Err(r) => return r,
     };
     // Durable before the answer: a reservation a gateway was told about survives a crash.
-    if let Err(r) = make_durable(shared, partition, tenant.clone(), seq).await {
+    if let Err(r) = make_durable(shared, owned, partition, tenant.clone(), seq).await {
         return r;
     }
     let m = &shared.metrics;
@@ -460,9 +485,13 @@ async fn release(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<Str
         Err(r) => return r,
     };
     let t = tenant.clone();
-    let released = on_partition(&shared, partition, move |p| p.release(&t, &body.reservation_id, jiff::Timestamp::now())).await;
+    let owned = match owned_now(&shared, partition) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let released = on_owned(Arc::clone(&owned), partition, true, move |p| p.release(&t, &body.reservation_id, jiff::Timestamp::now())).await;
     match released {
-        Ok(Some(seq)) => match make_durable(&shared, partition, tenant, seq).await {
+        Ok(Some(seq)) => match make_durable(&shared, owned, partition, tenant, seq).await {
             Ok(()) => json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq})),
             Err(r) => r,
         },
@@ -483,9 +512,14 @@ async fn budget_state(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPat
         Err(r) => return r,
     };
     let Some(owned) = shared.partition(partition) else {
-        return ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into()).into_response();
+        return rebalancing().into_response();
     };
-    let state = super::lock(&owned).budget(&tenant).cloned().unwrap_or_default();
+    let p = super::lock(&owned);
+    if p.is_closed() {
+        return rebalancing().into_response();
+    }
+    let state = p.budget(&tenant).cloned().unwrap_or_default();
+    drop(p);
     let (_, value) = super::budget_message(&tenant, q.task_id.as_deref(), &state, jiff::Timestamp::now());
     ([(header::CONTENT_TYPE, "application/json")], value).into_response()
 }
@@ -959,6 +993,21 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(20), work).await.expect("partition 1 waited for partition 0");
         release.0.send(()).unwrap();
         holder.join().unwrap();
+    }
+
+    /// A partition revoked while a request waited for it (its closing commit has run, though the
+    /// request still holds it) takes no new work: admissions and budget reads answer 503.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_partition_takes_no_new_admissions() {
+        let f = fixture();
+        let owned = f.shared.partition(0).unwrap();
+        super::super::lock(&owned).commit_closing().unwrap();
+        let size = super::super::lock(&owned).committed_size("acme").unwrap();
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/budget/authorize", Some(&f.admin), Some(r#"{"estimate_micros":1}"#)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")), "{json}");
+        let (status, json) = send(&f.app, "GET", "/v1/tenants/acme/budget", Some(&f.admin), None).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")), "{json}");
+        assert_eq!(super::super::lock(&owned).committed_size("acme").unwrap(), size, "nothing was appended");
     }
 
     /// `method` on `path`, with or without a token and a JSON body: the status and the JSON body.

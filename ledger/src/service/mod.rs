@@ -181,7 +181,7 @@ impl ServiceConfig {
 }
 
 /// One owned partition, locked on its own.
-type Owned = Arc<Mutex<PartitionLedger>>;
+pub(crate) type Owned = Arc<Mutex<PartitionLedger>>;
 
 /// The partition behind `owned`, waiting for whoever holds it now.
 fn lock(owned: &Owned) -> MutexGuard<'_, PartitionLedger> {

@@ -96,6 +96,8 @@ pub struct PartitionLedger {
     projection: Projection,
     /// Tenants whose committed records may not all be projected yet.
     unprojected: BTreeSet<String>,
+    /// The closing commit has run (see [`PartitionLedger::commit_closing`]).
+    closed: bool,
 }
 
 /// What one projection pass did.
@@ -217,6 +219,7 @@ impl PartitionLedger {
             effective: HashMap::new(),
             projection: Projection::new(&root.join("parquet"), std::time::Duration::from_secs(1)),
             unprojected,
+            closed: false,
         })
     }
 
@@ -517,9 +520,16 @@ impl PartitionLedger {
     }
 
     /// The last commit before the partition is closed (revoked, or the service stops): every
-    /// budget snapshot is brought up to date, so the next owner refolds nothing.
+    /// budget snapshot is brought up to date, so the next owner refolds nothing. Afterwards the
+    /// partition is closed: request handlers that still hold it answer `rebalancing`.
     pub fn commit_closing(&mut self) -> Result<(Option<i64>, CommitTimes)> {
+        self.closed = true;
         self.commit_with(true)
+    }
+
+    /// Whether [`PartitionLedger::commit_closing`] has run: it takes no new work.
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     fn commit_with(&mut self, final_snapshots: bool) -> Result<(Option<i64>, CommitTimes)> {
