@@ -251,6 +251,17 @@ async fn an_assigned_instance_reads_exactly_its_partitions() {
         let (status, _) = get(only_one.addr, &format!("/t/{tenant}/checkpoint")).await;
         assert_ne!(status, 200, "{tenant} is on a partition this instance was not given");
     }
+    // Without a group nothing is committed to Kafka, yet the lag is measured (from the read
+    // position), once librdkafka's statistics come (every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, metrics) = get(only_one.addr, "/metrics").await;
+        if String::from_utf8_lossy(&metrics).lines().any(|l| l == r#"tally_ledger_consumer_lag{partition="1"} 0"#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no consumer lag for partition 1:\n{}", String::from_utf8_lossy(&metrics));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     only_one.stop().await;
 
     let all = start(&data, &key_path, &topic, "unused").await;
@@ -259,4 +270,23 @@ async fn an_assigned_instance_reads_exactly_its_partitions() {
     let (_, body) = get(all.addr, "/readyz").await;
     assert!(String::from_utf8_lossy(&body).starts_with("ready: 3 partitions"), "{}", String::from_utf8_lossy(&body));
     all.stop().await;
+}
+
+/// Two instances left on the default `assignment = "assign"` over one data directory: the
+/// second cannot take the partition the first reads, and says what to configure instead of
+/// failing with a bare lock error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_assigned_instance_on_one_data_dir_says_to_use_a_group() {
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("assign2", 1).await;
+    let data = dir.path().join("data");
+    let first = start(&data, &key_path, &topic, "unused").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(first.addr, "/readyz").await, Some((200, _))) {
+        assert!(Instant::now() < deadline, "the first instance never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = start(&data, &key_path, &topic, "unused").await;
+    let err = second.ended().await.expect_err("a second reader of the partition must not run").to_string();
+    assert!(err.contains("set assignment = \"group\" on all of them"), "{err}");
+    first.stop().await;
 }

@@ -97,8 +97,17 @@ impl ClientContext for SinkContext {
         lag.clear();
         if let Some(topic) = statistics.topics.get(&self.topic) {
             // -1 is librdkafka's partition for internal use; a negative lag means "not known yet".
-            for (p, stats) in topic.partitions.iter().filter(|(p, s)| **p >= 0 && s.consumer_lag >= 0) {
-                lag.insert(*p, stats.consumer_lag);
+            // librdkafka measures lag from committed offsets; an assigned consumer commits none,
+            // so its lag is measured from the position it has handed out instead.
+            for (p, stats) in topic.partitions.iter().filter(|(p, _)| **p >= 0) {
+                let measured = if stats.consumer_lag >= 0 {
+                    stats.consumer_lag
+                } else if stats.hi_offset >= 0 && stats.app_offset >= 0 {
+                    (stats.hi_offset - stats.app_offset).max(0)
+                } else {
+                    continue;
+                };
+                lag.insert(*p, measured);
             }
         }
     }
@@ -175,6 +184,8 @@ pub struct EventConsumer {
     max_wait: Duration,
     /// Whether this consumer is in a group (it commits offsets and leaves the group on close).
     in_group: bool,
+    /// Without a group: the partitions it was given, all revoked at close.
+    assigned: Vec<i32>,
 }
 
 impl EventConsumer {
@@ -185,7 +196,14 @@ impl EventConsumer {
         let mut client = Self::client(config)?;
         let consumer: BaseConsumer<SinkContext> = client.set("group.id", group).create_with_context(SinkContext::new(topic, sink)).map_err(Error::Client)?;
         consumer.subscribe(&[topic]).map_err(Error::Consume)?;
-        Ok(EventConsumer { consumer: Arc::new(consumer), topic: topic.to_string(), max_batch: max_batch.max(1), max_wait, in_group: true })
+        Ok(EventConsumer {
+            consumer: Arc::new(consumer),
+            topic: topic.to_string(),
+            max_batch: max_batch.max(1),
+            max_wait,
+            in_group: true,
+            assigned: Vec::new(),
+        })
     }
 
     /// Reads `partitions` of `topic` (all of them when `None`) without a consumer group: no
@@ -209,7 +227,14 @@ impl EventConsumer {
         let mut client = Self::client(config)?;
         let consumer: BaseConsumer<SinkContext> =
             client.set("group.id", group).create_with_context(SinkContext::new(topic, Arc::clone(&sink))).map_err(Error::Client)?;
-        let this = EventConsumer { consumer: Arc::new(consumer), topic: topic.to_string(), max_batch: max_batch.max(1), max_wait, in_group: false };
+        let mut this = EventConsumer {
+            consumer: Arc::new(consumer),
+            topic: topic.to_string(),
+            max_batch: max_batch.max(1),
+            max_wait,
+            in_group: false,
+            assigned: Vec::new(),
+        };
         let count = this.partition_count(METADATA_TIMEOUT)?;
         let chosen: Vec<i32> = match partitions {
             None => (0..count).collect(),
@@ -228,6 +253,7 @@ impl EventConsumer {
         this.consumer.assign(&tpl).map_err(Error::Consume)?;
         tracing::info!(%topic, partitions = ?chosen, "partitions assigned (no consumer group)");
         sink.partitions_assigned(topic, &chosen);
+        this.assigned = chosen;
         Ok(this)
     }
 
@@ -308,8 +334,10 @@ impl EventConsumer {
     pub async fn close(self) -> Result<()> {
         let consumer = self.consumer;
         if !self.in_group {
+            // The partitions it was given, not librdkafka's view of them: close must revoke
+            // (and so commit) every one even if the client can no longer say what it holds.
+            let partitions = self.assigned;
             return tokio::task::spawn_blocking(move || {
-                let partitions: Vec<i32> = consumer.assignment().map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
                 let context = consumer.context();
                 context.revoked.lock().unwrap_or_else(PoisonError::into_inner).extend(partitions.iter().copied());
                 context.sink.partitions_revoked(&context.topic, &partitions);

@@ -250,6 +250,11 @@ impl Running {
         let _ = self.stop.send(());
         self.task.await.unwrap().expect("service ran without error");
     }
+
+    /// Waits (up to 90 s) for the service to stop by itself, and returns how it ended.
+    pub async fn ended(self) -> tally_ledger::Result<()> {
+        tokio::time::timeout(Duration::from_secs(90), self.task).await.expect("the service never stopped").unwrap()
+    }
 }
 
 /// The real `tally ledger` binary, SIGKILLed when dropped, so a failing test never leaves one

@@ -621,6 +621,7 @@ mod tests {
             budgets: crate::service::BudgetSource::new(None, Some(budgets)),
             partition_count: std::sync::atomic::AtomicI32::new(partition_count),
             topic: "events".into(),
+            assignment: super::super::AssignmentMode::Assign,
             advertise_url: "http://127.0.0.1:1".into(),
             projection_interval: std::time::Duration::from_secs(1),
             report_zones: Vec::new(),

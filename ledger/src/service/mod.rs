@@ -203,6 +203,8 @@ pub struct Shared {
     /// Partitions of the events topic (to find a tenant's partition).
     partition_count: std::sync::atomic::AtomicI32,
     topic: String,
+    /// How partitions are obtained (for the advice an error gives).
+    assignment: AssignmentMode,
     advertise_url: String,
     projection_interval: Duration,
     report_zones: Vec<(String, jiff::tz::TimeZone)>,
@@ -441,6 +443,12 @@ impl PartitionSink for Sink {
                 self.0.partitions_mut().insert(partition, Arc::new(Mutex::new(p)));
                 resume
             }
+            Err(e @ Error::PartitionBusy(_)) if self.0.assignment == AssignmentMode::Assign => {
+                self.0.fail(format!(
+                    "cannot open partition {partition}: {e}; with assignment = \"assign\" (the default) one instance reads every partition, so another process holds it: to run several instances on one data_dir, set assignment = \"group\" on all of them"
+                ));
+                Resume::Beginning
+            }
             Err(e) => {
                 self.0.fail(format!("cannot open partition {partition}: {e}"));
                 Resume::Beginning
@@ -567,6 +575,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         budgets,
         partition_count: std::sync::atomic::AtomicI32::new(partitions),
         topic: config.topic.clone(),
+        assignment: config.assignment,
         advertise_url,
         projection_interval: Duration::from_millis(config.projection_interval_ms),
         report_zones: tally_projection::report_zones(&config.report_time_zones)?,
