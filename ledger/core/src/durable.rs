@@ -47,6 +47,24 @@ pub fn is_temporary(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
 
+/// Deletes the temporaries a crash left in `dir` (not its subdirectories); returns how many.
+/// Only for a directory whose writer is the caller: a live writer's temporary would vanish.
+pub fn remove_temporaries(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(is_temporary) && e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(&e.path(), err))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// `fsync`s a directory, making the renames and creations inside it durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
@@ -120,6 +138,19 @@ mod tests {
         assert_eq!(std::fs::read(deep.join("x")).unwrap(), b"1");
         assert!(is_temporary(".watermark.json.00000000deadbeef.tmp"));
         assert!(!is_temporary("watermark.json"));
+    }
+
+    #[test]
+    fn temporaries_left_by_a_crash_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".head.0123456789abcdef.tmp"), b"half").unwrap();
+        std::fs::write(dir.path().join("head"), b"whole").unwrap();
+        std::fs::create_dir(dir.path().join(".sub.tmp")).unwrap();
+        assert_eq!(remove_temporaries(dir.path()).unwrap(), 1);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, [".sub.tmp", "head"]);
+        assert_eq!(remove_temporaries(&dir.path().join("absent")).unwrap(), 0);
     }
 
     #[test]

@@ -47,9 +47,11 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 const FRAME_HEADER: usize = 8;
 const RECORD: u8 = 0x01;
 const COMMIT: u8 = 0x02;
-/// No frame body is longer: a record holds at most a 255-byte tenant id, a 64 KiB entry and 64
-/// nodes.
-const MAX_BODY: usize = 1 + 2 + 255 + 8 + 4 + MAX_ENTRY_BYTES + 1 + 64 * 32;
+/// An append completes at most one node per level of a tree of up to 2^64 leaves.
+const MAX_NODES: usize = 64;
+/// No frame body is longer: a record holds at most a 255-byte tenant id, a 64 KiB entry and
+/// [`MAX_NODES`] nodes.
+const MAX_BODY: usize = 1 + 2 + 255 + 8 + 4 + MAX_ENTRY_BYTES + 1 + MAX_NODES * 32;
 
 /// A record frame: entry `seq` of `tenant`'s log and the Merkle nodes it completes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +103,8 @@ pub struct Journal {
     pending: Vec<u8>,
     pending_records: u32,
     segment_bytes: u64,
+    /// Set after a failed write, fsync or roll: no more writes until reopened.
+    poisoned: Option<String>,
 }
 
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
@@ -126,6 +130,17 @@ impl Journal {
             }
         }
         segments.sort_by_key(|s| s.first);
+        // Sealed segments are never written again: each must end exactly where the next starts.
+        for pair in segments.windows(2) {
+            let len = std::fs::metadata(&pair[0].path).map_err(|e| Error::io(&pair[0].path, e))?.len();
+            if pair[0].first + len != pair[1].first {
+                return Err(corrupt(
+                    &pair[0].path,
+                    len,
+                    format!("a sealed segment of {len} bytes, but the next one starts at journal position {}", pair[1].first),
+                ));
+            }
+        }
         if segments.is_empty() {
             let path = segment_path(dir, 0);
             create_segment(dir, &path)?;
@@ -150,7 +165,12 @@ impl Journal {
             reader.seek(SeekFrom::Start(committed)).map_err(|e| Error::io(&last.path, e))?;
             let mut at = committed;
             let mut records = 0u32;
-            while let Some((frame, len)) = read_frame(&mut reader).ok().flatten() {
+            loop {
+                let (frame, len) = match read_frame(&mut reader) {
+                    Ok(Some(read)) => read,
+                    Ok(None) | Err(FrameError::Damaged(_)) => break,
+                    Err(FrameError::Io(e)) => return Err(Error::io(&last.path, e)),
+                };
                 at += len;
                 match frame {
                     Frame::Record(_) => records = records.saturating_add(1),
@@ -188,6 +208,7 @@ impl Journal {
             pending: Vec::new(),
             pending_records: 0,
             segment_bytes: segment_bytes.max(4096),
+            poisoned: None,
         };
         Ok((journal, opened))
     }
@@ -212,9 +233,9 @@ impl Journal {
         if entry.len() > MAX_ENTRY_BYTES {
             return Err(Error::EntryTooLarge(entry.len()));
         }
-        if tenant.len() > 255 || nodes > 255 {
+        if tenant.len() > 255 || nodes > MAX_NODES {
             return Err(Error::BadRecord(format!(
-                "a journal record holds a tenant id of at most 255 bytes and at most 255 nodes ({} bytes, {nodes} nodes)",
+                "a journal record holds a tenant id of at most 255 bytes and at most {MAX_NODES} nodes ({} bytes, {nodes} nodes)",
                 tenant.len()
             )));
         }
@@ -252,11 +273,19 @@ impl Journal {
         self.pending.extend_from_slice(&self.pending_records.to_le_bytes());
         seal_frame(&mut self.pending, start);
         let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
-        let written = self.active.write_all(&self.pending).and_then(|_| self.active.sync_data());
+        if let Some(why) = &self.poisoned {
+            self.pending.clear();
+            self.pending_records = 0;
+            return Err(Error::Commit(format!("{}: the journal must be reopened: {why}", path.display())));
+        }
+        // At the committed length, whatever a failed write left behind: positions handed out
+        // by `append` stay true.
+        let written = self.active.write_all_at(&self.pending, self.active_len).and_then(|_| self.active.sync_data());
         if let Err(e) = written {
-            // Nothing after the last commit may stay: the next open would cut it, but this
-            // process goes on appending, so cut it now.
-            let _ = self.active.set_len(self.active_len).and_then(|_| self.active.seek(SeekFrom::Start(self.active_len)));
+            // After a failed write or fsync the file's state is unknown (the kernel may have
+            // dropped dirty pages): nothing more is written until the journal is reopened,
+            // whose scan keeps exactly the intact commits.
+            self.poisoned = Some(format!("commit failed: {e}"));
             self.pending.clear();
             self.pending_records = 0;
             return Err(Error::io(&path, e));
@@ -265,9 +294,19 @@ impl Journal {
         self.pending.clear();
         self.pending_records = 0;
         if self.active_len >= self.segment_bytes {
-            self.roll()?;
+            // The commit is durable whatever happens here: a failed roll stops further writes
+            // (reopening retries it) but does not fail this commit.
+            if let Err(e) = self.roll() {
+                tracing::error!(dir = %self.dir.display(), error = %e, "journal segment roll failed; the journal takes no more writes until reopened");
+                self.poisoned = Some(format!("segment roll failed: {e}"));
+            }
         }
         Ok(self.end())
+    }
+
+    /// Why the journal refuses writes until it is reopened, if it does.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
     }
 
     /// Starts a new segment at the current end.
@@ -276,7 +315,6 @@ impl Journal {
         let path = segment_path(&self.dir, first);
         create_segment(&self.dir, &path)?;
         self.active = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        self.active.seek(SeekFrom::End(0)).map_err(|e| Error::io(&path, e))?;
         self.segments.push(Segment { first, path });
         self.active_len = SEGMENT_MAGIC.len() as u64;
         Ok(())
@@ -352,7 +390,11 @@ impl Journal {
 
 fn create_segment(dir: &Path, path: &Path) -> Result<()> {
     let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(SEGMENT_MAGIC).and_then(|_| f.sync_data()).map_err(|e| Error::io(path, e))?;
+    if let Err(e) = f.write_all(SEGMENT_MAGIC).and_then(|_| f.sync_data()) {
+        // A half-made segment would be taken for the last one at the next open.
+        let _ = std::fs::remove_file(path);
+        return Err(Error::io(path, e));
+    }
     crate::durable::sync_dir(dir)
 }
 
@@ -385,38 +427,62 @@ fn seal_frame(buf: &mut [u8], start: usize) {
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Why a frame could not be read.
+#[derive(Debug)]
+enum FrameError {
+    /// The disk would not give the bytes: never taken for a torn tail.
+    Io(std::io::Error),
+    /// The bytes are there but are not a whole, intact frame.
+    Damaged(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Io(e) => write!(f, "read failed: {e}"),
+            FrameError::Damaged(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for FrameError {
+    fn from(why: String) -> Self {
+        FrameError::Damaged(why)
+    }
+}
+
 /// The next frame and its length: `Ok(None)` at a clean end of the data, `Err` for a frame
-/// that is torn or damaged.
-fn read_frame(reader: &mut impl Read) -> std::result::Result<Option<(Frame, u64)>, String> {
+/// that is torn or damaged, or bytes the disk would not give.
+fn read_frame(reader: &mut impl Read) -> std::result::Result<Option<(Frame, u64)>, FrameError> {
     let mut header = [0u8; FRAME_HEADER];
     match read_full(reader, &mut header)? {
         0 => return Ok(None),
-        n if n < FRAME_HEADER => return Err(format!("torn frame header ({n} of {FRAME_HEADER} bytes)")),
+        n if n < FRAME_HEADER => return Err(format!("torn frame header ({n} of {FRAME_HEADER} bytes)").into()),
         _ => {}
     }
     let (len, crc) = frame_header(&header);
     if len == 0 || len > MAX_BODY {
-        return Err(format!("frame length {len}"));
+        return Err(format!("frame length {len}").into());
     }
     let mut body = vec![0u8; len];
     let got = read_full(reader, &mut body)?;
     if got < len {
-        return Err(format!("torn frame ({got} of {len} bytes)"));
+        return Err(format!("torn frame ({got} of {len} bytes)").into());
     }
     if crc32c::crc32c(&body) != crc {
-        return Err("frame checksum mismatch".into());
+        return Err(FrameError::Damaged("frame checksum mismatch".into()));
     }
     Ok(Some((decode_body(&body)?, (FRAME_HEADER + len) as u64)))
 }
 
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, String> {
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, FrameError> {
     let mut got = 0;
     while got < buf.len() {
         match reader.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(FrameError::Io(e)),
         }
     }
     Ok(got)
@@ -638,6 +704,39 @@ mod tests {
         let long = RecordFrame { tenant: "x".repeat(256), seq: 0, entry: vec![], nodes: vec![] };
         assert!(j.append(&long).is_err());
         assert_eq!(j.commit(None).unwrap(), SEGMENT_MAGIC.len() as u64 + (FRAME_HEADER + 13) as u64, "only the commit frame");
+    }
+
+    #[test]
+    fn a_sealed_segment_that_lost_its_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), 4096).unwrap();
+        for s in 0..100 {
+            j.append(&record("acme", s, 3)).unwrap();
+            j.commit(None).unwrap();
+        }
+        assert!(j.segments.len() > 2);
+        drop(j);
+        let first = segment_path(dir.path(), 0);
+        let len = std::fs::metadata(&first).unwrap().len();
+        OpenOptions::new().write(true).open(&first).unwrap().set_len(len - 10).unwrap();
+        let err = Journal::open(dir.path(), 4096).err().unwrap().to_string();
+        assert!(err.contains("sealed segment") && err.contains("00000000000000000000.seg"), "{err}");
+    }
+
+    #[test]
+    fn after_a_failed_commit_nothing_is_written_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        j.append(&record("acme", 0, 1)).unwrap();
+        let end = j.commit(None).unwrap();
+        j.poisoned = Some("commit failed: injected".into());
+        j.append(&record("acme", 1, 1)).unwrap();
+        let err = j.commit(None).unwrap_err().to_string();
+        assert!(err.contains("must be reopened") && err.contains("injected"), "{err}");
+        assert_eq!(std::fs::metadata(segment_path(dir.path(), 0)).unwrap().len(), end, "nothing written");
+        drop(j);
+        let (j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!((j.end(), j.poisoned()), (end, None));
     }
 
     #[test]

@@ -104,6 +104,8 @@ impl TenantLog {
     /// Opens (creating if needed) the log in `dir`, repairing a torn tail.
     pub fn open(dir: &Path) -> Result<TenantLog> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // A crash during a durable replace (head, checkpoint) leaves its temporary behind.
+        crate::durable::remove_temporaries(dir)?;
         let open = |name: &str| {
             let path = dir.join(name);
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| Error::io(&path, e))

@@ -16,8 +16,10 @@
 //! completed by leaf `(i + 1)·2^l − 1`, whose frame lists the nodes it completed, level by level.
 //!
 //! Invariants checked at open, so a damaged journal is reported rather than served: a tenant's
-//! seqs follow each other without gaps, and every frame's leaf hash and nodes equal what the
-//! tenant's frontier computes from its entry.
+//! seqs follow each other without gaps across segments, and every frame of the active segment
+//! has the leaf hash and nodes the tenant's frontier computes from its entry. Frames of sealed
+//! segments are checked by their CRCs on every read (a full check of their hashes is fsck's job).
+//! A failed index write after a durable commit stops further writes until the log is reopened.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
@@ -65,6 +67,11 @@ pub struct PartitionLog {
     dirty: Vec<String>,
     /// Scratch space for the nodes an append completes.
     nodes: Vec<Hash>,
+    /// The source's next offset, as the last commit that named one recorded it.
+    next_offset: Option<i64>,
+    /// Set when a segment's index could not be written after its commit was durable: no more
+    /// writes until reopened (the open rebuilds the index).
+    poisoned: Option<String>,
 }
 
 fn index_path(dir: &Path, segment: u64) -> PathBuf {
@@ -83,7 +90,15 @@ impl PartitionLog {
         if opened.cut_bytes > 0 {
             tracing::warn!(dir = %dir.display(), cut_bytes = opened.cut_bytes, "journal tail after the last whole commit cut at open");
         }
-        let mut log = PartitionLog { dir: dir.to_path_buf(), journal, tenants: HashMap::new(), dirty: Vec::new(), nodes: Vec::with_capacity(64) };
+        let mut log = PartitionLog {
+            dir: dir.to_path_buf(),
+            journal,
+            tenants: HashMap::new(),
+            dirty: Vec::new(),
+            nodes: Vec::with_capacity(64),
+            next_offset: opened.next_offset,
+            poisoned: None,
+        };
         let starts = log.journal.segment_starts();
         let (sealed, active) = starts.split_at(starts.len().saturating_sub(1));
         for (i, &segment) in sealed.iter().enumerate() {
@@ -151,6 +166,9 @@ impl PartitionLog {
     /// Appends `entry` to `tenant`'s log; returns its seq. Durable, and readable, once
     /// [`PartitionLog::commit`] returns.
     pub fn append(&mut self, tenant: &str, entry: &[u8]) -> Result<u64> {
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Commit(format!("{}: reopen the partition log: {why}", self.dir.display())));
+        }
         // Checked first: past this point nothing fails, so the head never runs ahead of the journal.
         Journal::check_record(tenant, entry, 64)?;
         let head = match self.tenants.get_mut(tenant) {
@@ -189,13 +207,27 @@ impl PartitionLog {
                 head.committed = head.frontier.clone();
             }
         }
+        if next_offset.is_some() {
+            self.next_offset = next_offset;
+        }
         let after = self.journal.segment_starts();
         if after.len() > before.len() {
             if let Some(&sealed) = before.last() {
-                self.seal(sealed)?;
+                // The commit is durable: a failed index write does not undo it, it stops
+                // further writes until the log is reopened, which rebuilds the index.
+                if let Err(e) = self.seal(sealed) {
+                    tracing::error!(dir = %self.dir.display(), segment = sealed, error = %e, "segment index not written; the partition log takes no more writes until reopened");
+                    self.poisoned = Some(format!("segment {sealed}'s index not written: {e}"));
+                }
             }
         }
         Ok(changed)
+    }
+
+    /// The source's next offset recorded by the last commit that named one: where consumption
+    /// resumes.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next_offset
     }
 
     /// Writes the index of the segment starting at `segment`, just sealed, from the active
@@ -452,7 +484,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
         log.append("acme", b"one").unwrap();
-        assert_eq!(log.commit(None).unwrap(), vec!["acme".to_string()]);
+        assert_eq!(log.commit(Some(7)).unwrap(), vec!["acme".to_string()]);
+        assert_eq!(log.next_offset(), Some(7));
         assert_eq!(log.append("acme", b"two").unwrap(), 1);
         assert_eq!(log.size("acme"), 1, "not committed yet");
         assert!(matches!(log.entry("acme", 1), Err(Error::NoSuchEntry { .. })));
@@ -460,6 +493,7 @@ mod tests {
         drop(log);
         let log = PartitionLog::open(dir.path(), 8192).unwrap();
         assert_eq!((log.size("acme"), log.root("acme")), (1, root));
+        assert_eq!(log.next_offset(), Some(7), "where consumption resumes is durable with the commit");
     }
 
     #[test]

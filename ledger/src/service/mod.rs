@@ -566,6 +566,13 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         )));
     }
     let partitions = pin_partition_count(&config.data_dir, &config.topic, topics[&config.topic])?;
+    // Temporaries a crash left by a durable replace (owner notes; the pinned count). Another
+    // instance on a shared data_dir may be writing an owner note right now: removing its
+    // temporary fails that rename, and the note (an advisory hint for 421 answers) is missing
+    // until its next write, which is logged.
+    for dir in [config.data_dir.join("owners"), config.data_dir.join("partitions")] {
+        tally_log::durable::remove_temporaries(&dir)?;
+    }
     let shared = Arc::new(Shared {
         root: config.data_dir.clone(),
         keys,
