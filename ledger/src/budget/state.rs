@@ -222,6 +222,12 @@ pub struct BudgetState {
     expiries: BTreeSet<(Timestamp, String)>,
     /// (level, scope, status) already announced and not since restored.
     announced: BTreeSet<(Level, String, Status)>,
+    /// Per task: the latest billing period it was charged in (see `forget_ended_tasks`).
+    #[serde(default)]
+    task_period: BTreeMap<String, Date>,
+    /// The latest billing period any event was charged in.
+    #[serde(default)]
+    latest_period: Option<Date>,
     /// Events charged at the ceiling price because their model had no price.
     pub ceiling_priced: u64,
 }
@@ -362,6 +368,12 @@ impl BudgetState {
         if let Some(t) = &event.task_id {
             let spent = self.spent_task.entry(t.clone()).or_default();
             *spent = spent.saturating_add(micros);
+            let last = self.task_period.entry(t.clone()).or_insert(period);
+            *last = (*last).max(period);
+        }
+        if self.latest_period.is_none_or(|p| period > p) {
+            self.latest_period = Some(period);
+            self.forget_ended_tasks(period);
         }
         let mut decisions = Vec::new();
         let scopes = [(Level::Task, event.task_id.clone()), (Level::Day, Some(day.to_string())), (Level::Period, Some(period.to_string()))];
@@ -381,6 +393,26 @@ impl BudgetState {
             }
         }
         decisions
+    }
+
+    /// A task's total lives within a billing period (task ⊂ day ⊂ period): once an event opens a
+    /// new period, tasks last charged in an earlier one and holding no reservation are forgotten,
+    /// with their announcements, so the state does not grow with every task id ever seen. A task
+    /// id charged again later starts from 0. Driven by the events' own times, never the clock,
+    /// so a replay forgets exactly the same tasks. Tasks from a snapshot taken before this rule
+    /// (no recorded period) count as charged in the period that triggers the sweep.
+    fn forget_ended_tasks(&mut self, current: Date) {
+        let ended: BTreeSet<String> = self
+            .spent_task
+            .keys()
+            .filter(|t| *self.task_period.entry((*t).clone()).or_insert(current) < current && !self.reserved_task.contains_key(*t))
+            .cloned()
+            .collect();
+        for t in &ended {
+            self.spent_task.remove(t);
+            self.task_period.remove(t);
+        }
+        self.announced.retain(|(level, scope, _)| *level != Level::Task || !ended.contains(scope));
     }
 
     /// `restored` decisions due at `now`: announcements whose day or period has ended, and

@@ -287,3 +287,41 @@ fn reservations_of_a_tenant_without_limits_still_expire() {
     state.apply_record(&BudgetRecord::Admission { seq: 0, admission });
     assert_eq!(state.next_wakeup(), Some(ts("2026-11-02T10:00:01Z")));
 }
+
+/// Task totals live within a billing period: the first event of a new period forgets the tasks
+/// of ended periods (and their announcements), unless a reservation still holds them; a replay
+/// of the same records forgets exactly the same ones.
+#[test]
+fn tasks_of_ended_periods_are_forgotten_when_a_new_period_opens() {
+    let mut log = Log::default();
+    log.config(budget("task_micros = 1_000\nperiod_micros = 1_000_000\nsoft_threshold = 0.5\n"), "2026-10-01T00:00:00Z");
+    for i in 0..200 {
+        log.event(&event(&format!("o{i}"), "2026-10-20T10:00:00Z", Some(10), &format!(r#","task_id":"old{i}""#)));
+    }
+    let d = log.event(&event("x", "2026-10-21T10:00:00Z", Some(1_000), r#","task_id":"busy""#));
+    assert!(d.iter().any(|d| d.level == Level::Task && d.status == Status::Exceeded));
+    // A reservation on a task keeps it across the boundary.
+    let (verdict, _) = log.authorize("2026-10-31T23:00:00Z", Some("held"), 100, 48 * 3600 * 1000);
+    assert!(verdict.allowed);
+    log.event(&event("h", "2026-10-31T23:10:00Z", Some(100), r#","task_id":"held""#));
+    // Seen through the snapshot a commit would store.
+    let tasks = |state: &BudgetState| -> Vec<String> {
+        let json = serde_json::to_value(state).unwrap();
+        json["spent_task"].as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(tasks(&log.state).len(), 202);
+    // November opens: every October task without a reservation is forgotten.
+    log.event(&event("n1", "2026-11-01T00:05:00Z", Some(10), r#","task_id":"new""#));
+    assert_eq!(tasks(&log.state), ["held", "new"]);
+    let announced = serde_json::to_value(&log.state).unwrap()["announced"].to_string();
+    assert!(!announced.contains("busy"), "its announcements go with it: {announced}");
+    // A forgotten task id used again starts from 0.
+    let task = log.state.levels(ts("2026-11-02T00:00:00Z"), Some("busy")).into_iter().find(|l| l.level == Level::Task).unwrap();
+    assert_eq!(task.spent_micros, 0);
+    // The fold of the same records forgets the same tasks.
+    let mut replay = BudgetState::default();
+    for (i, entry) in log.entries.iter().enumerate() {
+        replay.fold(i as u64, entry).unwrap();
+    }
+    assert_eq!(replay, log.state);
+}
