@@ -237,6 +237,8 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::Fil
 pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result<usize> {
     let mut removed = 0;
     for tree in Tree::ALL {
+        // The watermark's temporary lives in the tenant's directory itself.
+        removed += tally_log::durable::remove_temporaries(&tenant_dir(root, tree, tenant))?;
         for value in partitions(root, tree, tenant)? {
             let dir = partition_dir(root, tree, tenant, &value);
             for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
@@ -328,6 +330,9 @@ mod tests {
         touch(&dir, 0, 19, 10); // a merge whose inputs were not yet deleted
         touch(&dir, 20, 29, 3); // a flush the watermark does not cover
         std::fs::write(dir.join(".00-tmp.parquet.tmp"), b"half").unwrap();
+        // A watermark replace cut short by a crash leaves its temporary in the tenant directory.
+        let watermark_tmp = tenant_dir(root.path(), Tree::Events, "acme").join("._projection.json.0123456789abcdef.tmp");
+        std::fs::write(&watermark_tmp, b"{").unwrap();
         // Without a watermark, nothing is visible yet.
         assert!(list_files(root.path(), Tree::Events, "acme", |_| true).unwrap().is_empty());
         write_watermark(root.path(), "acme", &Watermark { next_seq: 20, ..Watermark::default() }).unwrap();
@@ -335,7 +340,8 @@ mod tests {
         assert_eq!(visible.iter().map(|f| (f.first, f.last)).collect::<Vec<_>>(), vec![(0, 19)], "the unfinished flush 20-29 is not visible");
         // Recovery deletes the unfinished flush and the temporary file at once, the replaced
         // files only once the merge is older than the grace period.
-        assert_eq!(recover_tenant(root.path(), "acme", 20).unwrap(), 2);
+        assert_eq!(recover_tenant(root.path(), "acme", 20).unwrap(), 3);
+        assert!(!watermark_tmp.exists());
         let names = |dir: &Path| {
             let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
             v.sort();
