@@ -143,6 +143,9 @@ fn tenant_reader(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<
     Ok(())
 }
 
+/// Rows of an events page when the request names no `limit`.
+const DEFAULT_PAGE_ROWS: usize = 1000;
+
 /// Query parameters, each read at most once; leftovers are an error.
 struct Params(HashMap<String, String>);
 
@@ -222,7 +225,9 @@ async fn events(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, 
         }
     }
     let after = p.parse::<u64>("after", "a seq (non-negative integer)")?;
-    let limit = p.parse::<usize>("limit", "a positive integer")?.unwrap_or(1000);
+    // The default page never exceeds the configured maximum (a max_rows below 1,000 would
+    // otherwise refuse a request that names no limit at all).
+    let limit = p.parse::<usize>("limit", "a positive integer")?.unwrap_or(DEFAULT_PAGE_ROWS.min(state.config.max_rows));
     if limit == 0 || limit > state.config.max_rows {
         return Err(Error::BadRequest(format!("limit: must be 1..={}", state.config.max_rows)));
     }

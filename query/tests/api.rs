@@ -491,3 +491,19 @@ async fn the_openapi_document_lists_every_route() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"]["code"], "not_found");
 }
+
+/// A `max_rows` below the default page size caps the default page instead of refusing a
+/// request that names no `limit`.
+#[tokio::test]
+async fn the_default_page_never_exceeds_max_rows() {
+    let f = Fixture::new();
+    let events: Vec<_> = (0..12).map(|i| event("acme", &format!("e{i}"), ts("2026-11-02T10:00:00Z"), "llm_call", "a", "m", "t", Some((1, "USD")))).collect();
+    f.ingest(&events);
+    let mut config = f.config();
+    config.max_rows = 5;
+    let r = tally_query::router_for_tests(config).unwrap();
+    let page = get_json(&r, "/v1/tenants/acme/events", &f.tokens["acme"]).await;
+    assert_eq!(page["rows"].as_array().map(Vec::len), Some(5), "{page}");
+    let (status, _) = send(&r, "GET", "/v1/tenants/acme/events?limit=6", Some(&f.tokens["acme"]), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an explicit limit past max_rows is still refused");
+}
