@@ -42,7 +42,6 @@ pub struct QueryMetrics {
     telemetry: tally_auth::Telemetry,
     running: tally_auth::prometheus::IntGauge,
     memory: tally_auth::prometheus::IntGauge,
-    token_reload_failures: tally_auth::prometheus::IntCounter,
 }
 
 impl QueryMetrics {
@@ -51,10 +50,6 @@ impl QueryMetrics {
         QueryMetrics {
             running: t.int_gauge("tally_query_running", "Queries running now."),
             memory: t.int_gauge("tally_query_memory_reserved_bytes", "Bytes of the process-wide query memory pool reserved by running queries."),
-            token_reload_failures: t.counter(
-                "tally_query_token_reload_failures_total",
-                "Token file reloads that found it missing or invalid (no token is accepted until it is fixed).",
-            ),
             telemetry: t,
         }
     }
@@ -62,9 +57,7 @@ impl QueryMetrics {
     fn render(&self, state: &AppState) -> String {
         self.running.set(i64::try_from(state.workers.running()).unwrap_or(i64::MAX));
         self.memory.set(i64::try_from(state.engine.memory_in_use()).unwrap_or(i64::MAX));
-        let failures = state.tokens.reload_failures();
-        self.token_reload_failures.inc_by(failures.saturating_sub(self.token_reload_failures.get()));
-        self.telemetry.render()
+        self.telemetry.render(state.tokens.reload_failures())
     }
 }
 
@@ -106,8 +99,7 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resu
     if !principal(&state, &headers)?.can_read_metrics() {
         return Err(AuthError::Forbidden("metrics access").into());
     }
-    let text = state.metrics.render(&state);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    Ok(tally_auth::Telemetry::text_response(state.metrics.render(&state)))
 }
 
 async fn openapi() -> Response {

@@ -19,6 +19,7 @@ use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use prometheus::core::Collector;
 use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -38,6 +39,7 @@ pub struct ErrorCode(pub &'static str);
 pub struct Telemetry {
     registry: Registry,
     http: HttpMetrics,
+    token_reload_failures: IntCounter,
 }
 
 #[derive(Clone)]
@@ -51,80 +53,86 @@ struct HttpMetrics {
 const UNIQUE: &str = "metric names are unique, valid constants";
 
 impl Telemetry {
-    /// A fresh registry for `service` (`ledger` or `query`: the metric name prefix).
+    /// A fresh registry for `service` (`ledger` or `query`: the metric name prefix), with the
+    /// metrics every service has: its HTTP requests and errors, and token-file reload failures.
     pub fn new(service: &str) -> Telemetry {
-        let registry = Registry::new();
-        let requests = HistogramVec::new(
-            HistogramOpts::new(
-                format!("tally_{service}_http_request_duration_seconds"),
-                "Time to answer an HTTP request (to its response headers), by route template, method and status.",
+        let t = Telemetry {
+            registry: Registry::new(),
+            http: HttpMetrics {
+                requests: HistogramVec::new(
+                    HistogramOpts::new(
+                        format!("tally_{service}_http_request_duration_seconds"),
+                        "Time to answer an HTTP request (to its response headers), by route template, method and status.",
+                    )
+                    .buckets(latency_buckets()),
+                    &["route", "method", "status"],
+                )
+                .expect(UNIQUE),
+                errors: IntCounterVec::new(
+                    Opts::new(format!("tally_{service}_http_errors_total"), "Error responses by route template and stable error code."),
+                    &["route", "code"],
+                )
+                .expect(UNIQUE),
+            },
+            token_reload_failures: IntCounter::new(
+                format!("tally_{service}_token_reload_failures_total"),
+                "Token file reloads that found it missing or invalid (no token is accepted until it is fixed).",
             )
-            .buckets(latency_buckets()),
-            &["route", "method", "status"],
-        )
-        .expect(UNIQUE);
-        registry.register(Box::new(requests.clone())).expect(UNIQUE);
-        let errors = IntCounterVec::new(
-            Opts::new(format!("tally_{service}_http_errors_total"), "Error responses by route template and stable error code."),
-            &["route", "code"],
-        )
-        .expect(UNIQUE);
-        registry.register(Box::new(errors.clone())).expect(UNIQUE);
-        Telemetry { registry, http: HttpMetrics { requests, errors } }
+            .expect(UNIQUE),
+        };
+        // Clones share their values: registering a clone registers the metric.
+        t.register(t.http.requests.clone());
+        t.register(t.http.errors.clone());
+        t.register(t.token_reload_failures.clone());
+        t
+    }
+
+    /// Adds `metric` to the registry and hands it back.
+    fn register<M: Collector + Clone + 'static>(&self, metric: M) -> M {
+        self.registry.register(Box::new(metric.clone())).expect(UNIQUE);
+        metric
     }
 
     pub fn counter(&self, name: &str, help: &str) -> IntCounter {
-        let c = IntCounter::new(name, help).expect(UNIQUE);
-        self.registry.register(Box::new(c.clone())).expect(UNIQUE);
-        c
+        self.register(IntCounter::new(name, help).expect(UNIQUE))
     }
 
     /// A counter with labels; every label's values must come from a closed set.
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-        let c = IntCounterVec::new(Opts::new(name, help), labels).expect(UNIQUE);
-        self.registry.register(Box::new(c.clone())).expect(UNIQUE);
-        c
+        self.register(IntCounterVec::new(Opts::new(name, help), labels).expect(UNIQUE))
     }
 
     pub fn gauge(&self, name: &str, help: &str) -> Gauge {
-        let g = Gauge::new(name, help).expect(UNIQUE);
-        self.registry.register(Box::new(g.clone())).expect(UNIQUE);
-        g
+        self.register(Gauge::new(name, help).expect(UNIQUE))
     }
 
     pub fn int_gauge(&self, name: &str, help: &str) -> IntGauge {
-        let g = IntGauge::new(name, help).expect(UNIQUE);
-        self.registry.register(Box::new(g.clone())).expect(UNIQUE);
-        g
+        self.register(IntGauge::new(name, help).expect(UNIQUE))
     }
 
     pub fn int_gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-        let g = IntGaugeVec::new(Opts::new(name, help), labels).expect(UNIQUE);
-        self.registry.register(Box::new(g.clone())).expect(UNIQUE);
-        g
+        self.register(IntGaugeVec::new(Opts::new(name, help), labels).expect(UNIQUE))
     }
 
     /// A histogram with [`latency_buckets`].
     pub fn histogram(&self, name: &str, help: &str) -> Histogram {
-        let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect(UNIQUE);
-        self.registry.register(Box::new(h.clone())).expect(UNIQUE);
-        h
+        self.register(Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect(UNIQUE))
     }
 
     pub fn histogram_vec(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-        let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(latency_buckets()), labels).expect(UNIQUE);
-        self.registry.register(Box::new(h.clone())).expect(UNIQUE);
-        h
+        self.register(HistogramVec::new(HistogramOpts::new(name, help).buckets(latency_buckets()), labels).expect(UNIQUE))
     }
 
-    /// The Prometheus text exposition of everything registered.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of everything registered. `token_reload_failures` is the
+    /// token store's count (`TokenStore::reload_failures`); the counter is brought up to it.
+    pub fn render(&self, token_reload_failures: u64) -> String {
+        self.token_reload_failures.inc_by(token_reload_failures.saturating_sub(self.token_reload_failures.get()));
         TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
     }
 
-    /// The `/metrics` response: [`Telemetry::render`] as `text/plain; version=0.0.4`.
-    pub fn response(&self) -> Response {
-        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], self.render()).into_response()
+    /// A `/metrics` response: `text` (from [`Telemetry::render`]) as `text/plain; version=0.0.4`.
+    pub fn text_response(text: String) -> Response {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
     }
 
     /// `router` with the request histogram and `TraceLayer` spans and logs on every route (and
@@ -189,7 +197,7 @@ mod tests {
         }
         let made_up = axum::http::Request::builder().method("BREW").uri("/v1/tenants/acme/events").body(Body::empty()).unwrap();
         app.clone().oneshot(made_up).await.unwrap();
-        let text = t.render();
+        let text = t.render(0);
         assert!(text.contains(r#"tally_test_http_request_duration_seconds_count{method="GET",route="/v1/tenants/{tenant}/events",status="200"} 2"#), "{text}");
         assert!(text.contains(r#"tally_test_http_request_duration_seconds_count{method="GET",route="unmatched",status="404"} 1"#), "{text}");
         assert!(text.contains(r#"method="other""#), "{text}");
@@ -210,7 +218,7 @@ mod tests {
         a.int_gauge_vec("tally_a_consumer_lag", "Lag.", &["partition"]).with_label_values(&["0"]).set(7);
         a.histogram("tally_a_commit_seconds", "Commit.").observe(0.002);
         a.histogram_vec("tally_a_fsync_seconds", "Fsync.", &["what"]).with_label_values(&["logs"]).observe(0.0002);
-        let text = a.render();
+        let text = a.render(2);
         for line in [
             "tally_a_things_total 3",
             r#"tally_a_dead_total{reason="bad_json"} 1"#,
@@ -219,9 +227,10 @@ mod tests {
             r#"tally_a_consumer_lag{partition="0"} 7"#,
             "tally_a_commit_seconds_count 1",
             r#"tally_a_fsync_seconds_bucket{what="logs",le="0.00025"} 1"#,
+            "tally_a_token_reload_failures_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from {text}");
         }
-        assert!(!b.render().contains("tally_a_things_total"), "registries are per instance");
+        assert!(!b.render(0).contains("tally_a_things_total"), "registries are per instance");
     }
 }

@@ -8,25 +8,14 @@
 //!
 //! Settings: TALLY_BENCH_APPENDS (1000000), TALLY_BENCH_TENANTS (5000), TALLY_BENCH_LARGE (unset).
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use support::{entry, env, COMMIT_EVERY, ENTRY_BYTES};
 use tally_log::merkle::{leaf_hash, verify_consistency, verify_inclusion};
 use tally_log::TenantLog;
-
-const ENTRY_BYTES: usize = 300;
-const COMMIT_EVERY: u64 = 1_000;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn entry(i: u64, buf: &mut Vec<u8>) {
-    buf.clear();
-    buf.extend_from_slice(format!("{{\"seq\":{i},\"type\":\"event\",\"event\":{{").as_bytes());
-    buf.resize(ENTRY_BYTES - 2, b'x');
-    buf.extend_from_slice(b"}}");
-}
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();

@@ -27,30 +27,20 @@
 //! trace=fsync,fdatasync <bench binary>`. Settings: `TALLY_BENCH_APPENDS` (200000),
 //! `TALLY_BENCH_TENANTS` (comma-separated, default `1,10000,100000`), `TALLY_BENCH_ONLY`.
 
+mod support;
+
 use std::path::Path;
 use std::time::Instant;
 
 use redb::{ReadableDatabase, TableDefinition};
+use support::{entry, env, COMMIT_EVERY, ENTRY_BYTES};
 use tally_log::merkle::{leaf_hash, Frontier, Hash};
 
-const ENTRY_BYTES: usize = 300;
-const COMMIT_EVERY: u64 = 1_000;
 /// Today's layout holds three descriptors per tenant for the life of the process.
 const TENANT_FILES_MAX_TENANTS: u64 = 5_000;
 
 const ENTRIES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("entries");
 const NODES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("nodes");
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn entry(i: u64, buf: &mut Vec<u8>) {
-    buf.clear();
-    buf.extend_from_slice(format!("{{\"seq\":{i},\"type\":\"event\",\"event\":{{").as_bytes());
-    buf.resize(ENTRY_BYTES - 2, b'x');
-    buf.extend_from_slice(b"}}");
-}
 
 fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)

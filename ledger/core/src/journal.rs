@@ -381,11 +381,6 @@ impl Journal {
         }
         Ok(())
     }
-
-    /// Bytes on disk, every segment included.
-    pub fn disk_bytes(&self) -> u64 {
-        self.segments.iter().filter_map(|s| std::fs::metadata(&s.path).ok()).map(|m| m.len()).sum()
-    }
 }
 
 fn create_segment(dir: &Path, path: &Path) -> Result<()> {

@@ -316,19 +316,6 @@ impl PartitionLog {
     pub fn view<'a>(&'a self, tenant: &'a str) -> TenantView<'a> {
         TenantView { log: self, tenant }
     }
-
-    /// Bytes on disk: segments and indexes.
-    pub fn disk_bytes(&self) -> u64 {
-        let indexes: u64 = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".idx")))
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        self.journal.disk_bytes() + indexes
-    }
 }
 
 /// One tenant's stored nodes, read through the partition's journal.

@@ -37,11 +37,10 @@ pub(crate) struct Row {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct KafkaSource {
     pub partition: i32,
     pub offset: i64,
-    #[serde(default)]
     pub timestamp_ms: Option<i64>,
 }
 

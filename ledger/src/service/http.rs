@@ -548,8 +548,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let owned = shared.partitions().len();
-    let text = shared.metrics.render(owned, shared.tokens.reload_failures());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    tally_auth::Telemetry::text_response(shared.metrics.render(owned, shared.tokens.reload_failures()))
 }
 
 /// The OpenAPI 3.1 description of this API, served at `/openapi.json`.

@@ -50,7 +50,6 @@ pub struct Metrics {
     pub fsync_seconds: HistogramVec,
     /// How long the oldest record of a commit waited for the signed checkpoint that covers it.
     pub checkpoint_wait_seconds: Histogram,
-    token_reload_failures: IntCounter,
     partitions: IntGauge,
     checkpoint_lag: Gauge,
     consumer_lag_gauge: IntGaugeVec,
@@ -109,10 +108,6 @@ impl Metrics {
             ),
             checkpoint_wait_seconds: t
                 .histogram("tally_ledger_checkpoint_wait_seconds", "How long the oldest record of a group commit waited for its signed checkpoint."),
-            token_reload_failures: t.counter(
-                "tally_ledger_token_reload_failures_total",
-                "Token file reloads that found it missing or invalid (no token is accepted until it is fixed).",
-            ),
             partitions: t.int_gauge("tally_ledger_partitions", "Partitions owned by this instance."),
             checkpoint_lag: t.gauge("tally_ledger_checkpoint_lag_seconds", "Age of the oldest record not yet in a signed checkpoint (0: all signed)."),
             consumer_lag_gauge: t.int_gauge_vec("tally_ledger_consumer_lag", "Messages behind the partition's high watermark.", &["partition"]),
@@ -170,8 +165,7 @@ impl Metrics {
         for (p, lag) in self.consumer_lag() {
             self.consumer_lag_gauge.with_label_values(&[p.to_string().as_str()]).set(lag);
         }
-        self.token_reload_failures.inc_by(token_reload_failures.saturating_sub(self.token_reload_failures.get()));
-        self.telemetry.render()
+        self.telemetry.render(token_reload_failures)
     }
 }
 

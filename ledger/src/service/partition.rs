@@ -165,12 +165,16 @@ impl PartitionLedger {
                     detail: format!("state covers {} records of {tenant} (budget: {covered}) but its log holds {}", state.indexed, log.size()),
                 });
             }
-            // The budget snapshot lags by up to BUDGET_SNAPSHOT_EVERY: fold what it misses.
-            for seq in covered..log.size() {
-                budget.fold(seq, &log.entry(seq)?)?;
-            }
-            for seq in state.indexed..log.size() {
+            // One pass over the records either store misses: the budget snapshot lags by up to
+            // BUDGET_SNAPSHOT_EVERY, the dedup index by a crash between the two commits.
+            for seq in covered.min(state.indexed)..log.size() {
                 let entry = log.entry(seq)?;
+                if seq >= covered {
+                    budget.fold(seq, &entry)?;
+                }
+                if seq < state.indexed {
+                    continue;
+                }
                 let Record::Event(record) = Record::<IgnoredAny>::decode(seq, &entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))? else {
                     continue;
                 };
