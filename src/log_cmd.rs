@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use tally_ledger::merkle::{verify_consistency, Hash};
-use tally_ledger::{event_record, tenant_origin, Checkpoint, EventInput, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantLog};
+use tally_ledger::{event_record, tenant_origin, Checkpoint, EventInput, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantEntries};
 use tally_schemas::{Event, IdempotencyKey, RejectCode, Rejection, MAX_MESSAGE_BYTES};
 
 #[derive(clap::Args)]
@@ -162,6 +162,11 @@ pub enum LogCommand {
         ledger: LedgerArgs,
         input: PathBuf,
     },
+    /// Print a tenant's checkpoint at its committed size, signed by every key.
+    Checkpoint {
+        #[command(flatten)]
+        log: TenantLogArgs,
+    },
     /// Export a receipt (tlog-proof) and the entry bytes for one record.
     Receipt {
         #[command(flatten)]
@@ -172,13 +177,11 @@ pub enum LogCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Re-derive every root from the entries and check stored nodes, heads and checkpoints (fsck).
+    /// Re-derive every stored node from the entries, and check every frame, seq and segment
+    /// index of the journal (fsck).
     Audit {
         #[arg(long)]
         data: PathBuf,
-        /// With keys, checkpoint signatures are verified too (every key must have signed).
-        #[arg(long = "key")]
-        keys: Vec<PathBuf>,
     },
     /// Write a tenant's log as a static C2SP tlog-tiles tree (checkpoint, tile/…, tile/entries/…).
     ExportTiles {
@@ -210,10 +213,15 @@ pub fn log(command: LogCommand) -> anyhow::Result<()> {
             println!("{}\n{}", proof_path.display(), entry_path.display());
             Ok(())
         }
-        LogCommand::Audit { data, keys } => audit(&data, &keys),
+        LogCommand::Audit { data } => audit(&data),
+        LogCommand::Checkpoint { log } => {
+            print!("{}", log.open()?.checkpoint_note(&log.tenant)?);
+            Ok(())
+        }
         LogCommand::ExportTiles { log, out } => export_tiles(&log, &out),
         LogCommand::Consistency { log, old, new } => {
-            for hash in log.open()?.tenant(&log.tenant)?.consistency_proof(old, new)? {
+            let ledger = log.open()?;
+            for hash in ledger.tenant(&log.tenant).consistency_proof(old, new)? {
                 println!("{}", base64::engine::general_purpose::STANDARD.encode(hash));
             }
             Ok(())
@@ -284,9 +292,8 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
             }
         };
         let tenant = event.tenant_id.clone();
-        let log = ledger.tenant(&tenant)?;
         if !recorded.contains_key(&tenant) {
-            let keys = recorded_events(log).with_context(|| format!("reading the events already in {tenant}'s log"))?;
+            let keys = recorded_events(&ledger, &tenant).with_context(|| format!("reading the events already in {tenant}'s log"))?;
             recorded.insert(tenant.clone(), keys);
         }
         let seen = recorded.entry(tenant.clone()).or_default();
@@ -305,7 +312,7 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
             continue;
         }
         let digest: [u8; 32] = sha2_digest(&buf);
-        let seq = log.size() + log.pending();
+        let seq = ledger.next_seq(&tenant);
         let source = Source::File { file: name.clone(), line: line_no };
         let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }) {
             Ok(r) => r,
@@ -316,16 +323,16 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        log.append(&record)?;
+        ledger.append(&tenant, &record)?;
         seen.insert(key, (seq, content));
         *added.entry(tenant).or_default() += 1;
     }
-    let checkpoints = ledger.commit()?;
-    for (tenant, cp) in &checkpoints {
+    for tenant in ledger.commit(None)? {
+        let (cp, _) = ledger.checkpoint(&tenant)?;
         println!(
             "{}: +{} -> size {} root {}",
-            tenant_origin(ledger.origin(), tenant),
-            added.get(tenant).copied().unwrap_or(0),
+            tenant_origin(ledger.origin(), &tenant),
+            added.get(&tenant).copied().unwrap_or(0),
             cp.size,
             base64::engine::general_purpose::STANDARD.encode(cp.root)
         );
@@ -405,7 +412,8 @@ fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> std::i
 }
 
 /// The idempotency keys of the events a tenant's log holds, each with its first seq and content.
-fn recorded_events(log: &TenantLog) -> anyhow::Result<HashMap<IdempotencyKey, (u64, [u8; 32])>> {
+fn recorded_events(ledger: &Ledger, tenant: &str) -> anyhow::Result<HashMap<IdempotencyKey, (u64, [u8; 32])>> {
+    let log = ledger.tenant(tenant);
     #[derive(serde::Deserialize)]
     struct Stored {
         #[serde(rename = "type")]
@@ -440,50 +448,38 @@ fn sha2_digest(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
 
-fn audit(data: &Path, key_files: &[PathBuf]) -> anyhow::Result<()> {
-    let keys = key_files.iter().map(|k| LedgerKey::read(k)).collect::<Result<Vec<_>, _>>()?;
-    let tenants_dir = data.join("t");
-    let mut tenants: Vec<String> = std::fs::read_dir(&tenants_dir)
-        .with_context(|| format!("reading {}", tenants_dir.display()))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|t| tally_schemas::validate_tenant_id(t).is_ok())
-        .collect();
-    tenants.sort();
-    let total: u64 = tenants.iter().map(|t| std::fs::metadata(tenants_dir.join(t).join("entries")).map(|m| m.len()).unwrap_or(0)).sum();
+fn audit(data: &Path) -> anyhow::Result<()> {
+    let journal = data.join(tally_ledger::JOURNAL_DIR);
+    let total: u64 = std::fs::read_dir(&journal)
+        .with_context(|| format!("reading {}", journal.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
     let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
-    let mut damaged = 0;
-    for tenant in &tenants {
-        bar.set_message(tenant.clone());
-        let verifiers = keys.iter().map(|k| k.signer_for(tenant).map(|s| s.verifier())).collect::<Result<Vec<_>, _>>()?;
-        let report = tally_ledger::audit_tenant(&tenants_dir.join(tenant), &verifiers, &mut |n| bar.inc(n));
-        bar.suspend(|| {
-            if report.problems.is_empty() {
-                println!("ok {tenant}: {} entries", report.entries);
-            } else {
-                damaged += 1;
-                println!("DAMAGED {tenant}: {} intact entries", report.entries);
-                for p in &report.problems {
-                    println!("  {p}");
-                }
-            }
-        });
-    }
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let report = tally_ledger::audit_ledger(data, &mut |n| bar.inc(n));
     bar.finish_and_clear();
-    if damaged > 0 {
-        bail!("{damaged} of {} tenant logs are damaged", tenants.len());
+    for (tenant, records) in &report.tenants {
+        println!("{tenant}: {records} intact records");
     }
-    println!("audited {} tenant logs: all sound", tenants.len());
+    if !report.problems.is_empty() {
+        for p in &report.problems {
+            println!("DAMAGED {p}");
+        }
+        bail!("the journal of {} is damaged ({} problem(s) listed above)", data.display(), report.problems.len());
+    }
+    println!("audited {} tenant logs: all sound", report.tenants.len());
     Ok(())
 }
 
 fn export_tiles(args: &TenantLogArgs, out: &Path) -> anyhow::Result<()> {
     use tally_ledger::{available_width, TilePath, TILE_WIDTH};
-    let mut ledger = args.open()?;
-    let note = ledger.checkpoint_note(&args.tenant)?;
+    let ledger = args.open()?;
     // Tiles are cut at the checkpoint's size: its partial widths are the ones clients will ask for.
-    let size = Checkpoint::open(&note, &ledger.verifiers_for(&args.tenant)?, None)?.size;
-    let log = ledger.tenant(&args.tenant)?;
+    let (checkpoint, note) = ledger.checkpoint(&args.tenant)?;
+    let size = checkpoint.size;
+    let log = ledger.tenant(&args.tenant);
     let write = |path: String, bytes: &[u8]| -> anyhow::Result<()> {
         let file = out.join(&path);
         if let Some(parent) = file.parent() {

@@ -76,6 +76,14 @@ enum Command {
     /// The Parquet projection of the ledger's logs.
     #[command(subcommand)]
     Parquet(ParquetCommand),
+    /// Convert a data directory from the pre-journal layout (a directory per tenant) to one
+    /// journal per partition, recomputing every tenant's root before anything old is removed.
+    /// Stop the ledger instances first: each partition is locked while it is converted.
+    Migrate {
+        /// The ledger's data directory (or a `tally log` directory).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Bearer tokens for the HTTP services.
     #[command(subcommand)]
     Token(token_cmd::TokenCommand),
@@ -102,6 +110,10 @@ enum ParquetCommand {
         /// The ledger's data directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// The ledger's private key file, to sign the checkpoint each watermark keeps (repeat it
+        /// during a rotation).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
@@ -158,7 +170,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Parquet(ParquetCommand::Rebuild { data_dir, tenant, zones }) => parquet_rebuild(&data_dir, tenant.as_deref(), &zones),
+        Command::Parquet(ParquetCommand::Rebuild { data_dir, keys, tenant, zones }) => parquet_rebuild(&data_dir, &keys, tenant.as_deref(), &zones),
+        Command::Migrate { data_dir } => migrate(&data_dir),
         Command::Topics { events_topic, dlq_topic, budget_topic, partitions } => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             let ledger = config.ledger.as_ref();
@@ -178,11 +191,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `tally parquet rebuild`: one progress bar per tenant, then a summary line.
-fn parquet_rebuild(data_dir: &std::path::Path, tenant: Option<&str>, zones: &[String]) -> anyhow::Result<()> {
+fn parquet_rebuild(data_dir: &std::path::Path, keys: &[PathBuf], tenant: Option<&str>, zones: &[String]) -> anyhow::Result<()> {
+    let keys =
+        keys.iter().map(|k| tally_ledger::LedgerKey::read(k).with_context(|| format!("reading key {}", k.display()))).collect::<anyhow::Result<Vec<_>>>()?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{msg:>24} [{bar:40}] {pos}/{len} records").context("progress bar template")?.progress_chars("=> "));
     let mut current = String::new();
-    let rebuilt = tally_ledger::service::rebuild_projection(data_dir, tenant, zones, |t, done, total| {
+    let rebuilt = tally_ledger::service::rebuild_projection(data_dir, keys, tenant, zones, |t, done, total| {
         if t != current {
             current = t.to_string();
             bar.set_message(current.clone());
@@ -197,6 +212,16 @@ fn parquet_rebuild(data_dir: &std::path::Path, tenant: Option<&str>, zones: &[St
     }
     let records: u64 = rebuilt.iter().map(|(_, n)| n).sum();
     println!("rebuilt the projection of {} tenant(s), {records} records, under {}", rebuilt.len(), data_dir.join("parquet").display());
+    Ok(())
+}
+
+/// `tally migrate`: converts every partition, printing each tenant as its root is checked.
+fn migrate(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let migrated = tally_ledger::service::migrate_data_dir(data_dir, |dir, tenant, size| println!("{}: {tenant}: {size} records, root checked", dir.display()))
+        .with_context(|| format!("migrating {}", data_dir.display()))?;
+    let tenants: usize = migrated.iter().map(|(_, m)| m.tenants.len()).sum();
+    let records: u64 = migrated.iter().flat_map(|(_, m)| m.tenants.iter().map(|(_, n)| n)).sum();
+    println!("migrated {} partition(s), {tenants} tenant log(s), {records} records, under {}", migrated.len(), data_dir.display());
     Ok(())
 }
 

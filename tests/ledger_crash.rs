@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::{Rng, SeedableRng};
 use tally_ingest::EventPublisher;
-use tally_ledger::{Checkpoint, Ledger};
+use tally_ledger::{Checkpoint, Ledger, TenantEntries};
 
 const EVENTS: u32 = 100_000;
 const TENANTS: u32 = 100;
@@ -130,34 +130,36 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     child.terminate();
 
     // Every tenant's log: exactly its events, in publish order, each once.
-    let mut finals: BTreeMap<String, (Ledger, String)> = BTreeMap::new();
+    // Each tenant, with the index of its partition's ledger in `ledgers`.
+    let mut finals: BTreeMap<String, usize> = BTreeMap::new();
+    let mut ledgers = Vec::new();
     for p in 0..PARTITIONS {
         let dir = data.join("partitions").join(format!("{topic}-{p}"));
         if !dir.exists() {
             continue;
         }
-        let ledger = Ledger::open(&dir, vec![key.clone()]).unwrap();
-        for tenant in ledger.tenant_ids().unwrap() {
-            let mut ledger = Ledger::open(&dir, vec![key.clone()]).unwrap();
-            let log = ledger.tenant(&tenant).unwrap();
+        let ledger = Ledger::open_read_only(&dir, vec![key.clone()]).unwrap();
+        for tenant in ledger.tenant_ids() {
+            let log = ledger.tenant(&tenant);
             let n: u32 = tenant[1..].parse().unwrap();
             assert_eq!(log.size(), u64::from(EVENTS / TENANTS), "{tenant}");
             for seq in 0..log.size() {
                 let record: serde_json::Value = serde_json::from_slice(&log.entry(seq).unwrap()).unwrap();
                 assert_eq!(record["event"]["event_id"], format!("e{}", seq as u32 * TENANTS + n), "{tenant} seq {seq}");
             }
-            finals.insert(tenant, (ledger, dir.display().to_string()));
+            finals.insert(tenant, ledgers.len());
         }
+        ledgers.push(ledger);
     }
     assert_eq!(finals.len() as u32, TENANTS);
 
     // The Parquet projection survived every kill: no temporary file is left, and each tenant's
     // visible rows are exactly its log's records, once each, with their leaf hashes.
     let root = data.join("parquet");
-    for (tenant, (ledger, _)) in finals.iter_mut() {
+    for (tenant, &at) in &finals {
         use arrow_array::{Array, FixedSizeBinaryArray, UInt64Array};
         use tally_ledger::projection::{list_files, read_parquet, read_watermark, Tree};
-        let log = ledger.tenant(tenant).unwrap();
+        let log = ledgers[at].tenant(tenant);
         assert_eq!(read_watermark(&root, tenant).unwrap().next_seq, log.size(), "{tenant}'s projection is behind its log");
         let mut rows = Vec::new();
         for file in list_files(&root, Tree::Events, tenant, |_| true).unwrap() {
@@ -196,9 +198,9 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     for (tenant, note) in &observed {
         let verifiers = vec![key.signer_for(tenant).unwrap().verifier()];
         let old = Checkpoint::open(note, &verifiers, None).unwrap();
-        let (ledger, _) = finals.get_mut(tenant).unwrap();
-        let log = ledger.tenant(tenant).unwrap();
-        let (size, root) = (log.size(), log.root());
+        let log = ledgers[finals[tenant]].tenant(tenant);
+        let size = log.size();
+        let root = log.root_at(size).unwrap();
         if old.size == 0 {
             continue;
         }

@@ -66,14 +66,20 @@ async fn published_events_are_queryable_within_five_seconds_and_rebuilds_restore
 
     // The partition is owned: a rebuild must refuse rather than race the ledger.
     let tally = env!("CARGO_BIN_EXE_tally");
-    let busy = std::process::Command::new(tally).args(["parquet", "rebuild", "--data-dir", data.to_str().unwrap()]).output().unwrap();
+    let busy = std::process::Command::new(tally)
+        .args(["parquet", "rebuild", "--data-dir", data.to_str().unwrap(), "--key", key_path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!busy.status.success());
     assert!(String::from_utf8_lossy(&busy.stderr).contains("locked by another ledger instance"), "{}", String::from_utf8_lossy(&busy.stderr));
 
     ledger.stop().await;
     std::fs::remove_dir_all(data.join("parquet/events/tenant_id=fresh")).unwrap();
     assert!(served_ids(query, "fresh").await.is_empty());
-    let rebuilt = std::process::Command::new(tally).args(["parquet", "rebuild", "--data-dir", data.to_str().unwrap(), "--tenant", "fresh"]).output().unwrap();
+    let rebuilt = std::process::Command::new(tally)
+        .args(["parquet", "rebuild", "--data-dir", data.to_str().unwrap(), "--key", key_path.to_str().unwrap(), "--tenant", "fresh"])
+        .output()
+        .unwrap();
     assert!(rebuilt.status.success(), "{}", String::from_utf8_lossy(&rebuilt.stderr));
     assert!(String::from_utf8_lossy(&rebuilt.stdout).contains("rebuilt the projection of 1 tenant(s)"), "{}", String::from_utf8_lossy(&rebuilt.stdout));
     assert_eq!(served_ids(query, "fresh").await, before);

@@ -18,7 +18,6 @@ mod config;
 mod consumer;
 mod dlq;
 mod error;
-mod partitioner;
 mod publisher;
 
 pub use admin::{ensure_topics, topic_partitions, TopicSpec};
@@ -29,5 +28,5 @@ pub use dlq::{
     HEADER_SOURCE_TOPIC,
 };
 pub use error::{Error, Result};
-pub use partitioner::{murmur2, tenant_partition};
 pub use publisher::{EventPublisher, Published};
+pub use tally_schemas::{murmur2, tenant_partition};

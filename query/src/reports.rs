@@ -23,6 +23,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
 use tally_log::merkle::{self, Hash};
+use tally_log::TenantEntries;
 use tally_projection::{read_watermark, RollupSums, Tree};
 
 use crate::error::{Error, Result};
@@ -531,6 +532,13 @@ pub struct AuditExport {
     pub rows: serde_json::Value,
 }
 
+/// The journal holding `tenant`'s log under the ledger's `data_dir`, opened read-only: what the
+/// ledger had committed when it was opened (see [`tally_log::PartitionLog::open_read_only`]).
+fn open_partition_log(data_dir: &Path, tenant: &str) -> Result<tally_log::PartitionLog> {
+    let dir = tally_log::find_tenant_ledger(data_dir, tenant).ok_or_else(|| Error::Internal(format!("no log of {tenant} under the data directory")))?;
+    Ok(tally_log::PartitionLog::open_read_only(&dir.join(tally_log::JOURNAL_DIR))?)
+}
+
 /// Builds the export of seqs `[from, to]` (defaults: the whole projected log), cut after the
 /// entry that brings the entries' bytes past `max_bytes` (at least one entry is served).
 ///
@@ -570,9 +578,8 @@ pub async fn audit_export(
     // The entries first: they decide how much of the range fits.
     let (log_dir, tenant_owned) = (data_dir.to_path_buf(), tenant.to_string());
     let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
-        let dir =
-            tally_log::find_tenant_log(&log_dir, &tenant_owned).ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
-        let log = tally_log::LogReader::open(&dir)?;
+        let partition = open_partition_log(&log_dir, &tenant_owned)?;
+        let log = partition.view(&tenant_owned);
         let (mut entries, mut bytes) = (Vec::new(), 0usize);
         for seq in from..=to {
             if bytes >= max_bytes {
@@ -615,9 +622,8 @@ pub async fn audit_export(
     let data_dir = data_dir.to_path_buf();
     let tenant_owned = tenant.to_string();
     let (rows, entries, missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let log_dir = tally_log::find_tenant_log(&data_dir, &tenant_owned)
-            .ok_or_else(|| Error::Internal(format!("no log of {tenant_owned} under the data directory")))?;
-        let log = tally_log::LogReader::open(&log_dir)?;
+        let partition = open_partition_log(&data_dir, &tenant_owned)?;
+        let log = partition.view(&tenant_owned);
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));
         }

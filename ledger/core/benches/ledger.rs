@@ -1,7 +1,8 @@
 //! Ledger benchmark (run with `scripts/bench.sh ledger`). Reports, in one run:
 //! * the floor: raw SHA-256 leaf hashing of the same 300-byte entries;
 //! * appends/s on one core with group commit, one tenant, and the fraction of that floor;
-//! * appends/s spread over many tenants (each tenant is two open files plus a head per commit);
+//! * appends/s spread over many tenants: a file set per tenant (`TenantLog`, the pre-journal
+//!   layout) beside one partition journal (`Ledger`);
 //! * inclusion and consistency proof latency p50/p99 read from disk at 10^6 leaves (and at
 //!   TALLY_BENCH_LARGE leaves when set);
 //! * bytes on disk per entry, and the time to reopen the log.
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use support::{entry, env, COMMIT_EVERY, ENTRY_BYTES};
 use tally_log::merkle::{leaf_hash, verify_consistency, verify_inclusion};
-use tally_log::TenantLog;
+use tally_log::{TenantEntries, TenantLog};
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
@@ -125,7 +126,8 @@ fn main() {
     );
     drop(logs);
 
-    // The same through `Ledger::commit`: tenants committed on parallel threads, checkpoints signed.
+    // The same through the `Ledger` the service writes: every tenant in one partition journal,
+    // one fdatasync per group commit (every 10 appends per tenant, as above).
     let dir = tempfile::tempdir().unwrap();
     let key = tally_log::LedgerKey::generate("bench.tally.example").unwrap();
     let mut ledger = tally_log::Ledger::open(dir.path(), vec![key]).unwrap();
@@ -133,18 +135,14 @@ fn main() {
     let start = Instant::now();
     for i in 0..total {
         entry(i, &mut buf);
-        ledger.tenant(&names[(i % tenants) as usize]).unwrap().append(&buf).unwrap();
+        ledger.append(&names[(i % tenants) as usize], &buf).unwrap();
         if (i + 1) % (tenants * 10) == 0 {
-            ledger.commit().unwrap();
+            ledger.commit(None).unwrap();
         }
     }
-    ledger.commit().unwrap();
-    let parallel = total as f64 / start.elapsed().as_secs_f64();
-    println!(
-        "appends, {tenants} tenants, Ledger::commit ({} commit threads, checkpoints signed): {parallel:.0}/s = {:.2}x one tenant at a time",
-        tally_log::COMMIT_THREADS,
-        parallel / rate
-    );
+    ledger.commit(None).unwrap();
+    let journal = total as f64 / start.elapsed().as_secs_f64();
+    println!("appends, {tenants} tenants, one partition journal (Ledger): {journal:.0}/s = {:.2}x a file set per tenant", journal / rate);
     drop(ledger);
 
     if let Some(large) = std::env::var("TALLY_BENCH_LARGE").ok().and_then(|v| v.parse::<u64>().ok()) {

@@ -1,249 +1,169 @@
-//! `fsck` for tenant logs: re-derive every node and root from the entries and compare with what is
-//! stored (node file, head, signed checkpoint). Reads files directly, never through
-//! [`crate::TenantLog::open`], which would repair what the audit must report.
+//! `fsck` for a ledger directory's journal: every record frame is read in journal order (length
+//! and CRC-32C checked), each tenant's seqs must follow each other, every stored Merkle node is
+//! re-derived from the entries and compared, and every sealed segment's index must be exactly
+//! the index its frames give. Reads through a read-only journal, which never repairs what the
+//! audit must report.
 //!
-//! One streaming pass per tenant: frames are checked (length, CRC-32C) and hashed in order, and the
-//! frontier emits perfect nodes in post-order, which is the node file's order, so both files are
-//! compared front to back in O(1) memory.
+//! Memory: one Merkle frontier per tenant (at most 64 hashes each) and the positions of one
+//! segment at a time.
 
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::checkpoint::Checkpoint;
-use crate::log::{read_head, MAX_ENTRY_BYTES};
-use crate::merkle::{leaf_hash, stored_nodes, Frontier, Hash};
-use crate::note::NoteVerifier;
+use crate::journal::{Frame, Journal};
+use crate::merkle::{leaf_hash, Frontier};
+use crate::partition_log::{index_bytes, index_path};
 
-/// What an audit of one tenant's log found.
+/// What an audit of a ledger directory found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditReport {
-    /// Intact entries.
-    pub entries: u64,
-    /// Everything that is wrong; empty means the log is sound.
+    /// Intact records per tenant (a prefix of each tenant's log).
+    pub tenants: BTreeMap<String, u64>,
+    /// Everything that is wrong; empty means the journal is sound.
     pub problems: Vec<String>,
 }
 
-/// Most node mismatches listed one by one (the count is always reported).
-const MAX_LISTED: usize = 10;
+/// Most problems listed one by one (the count is always reported).
+const MAX_LISTED: usize = 20;
 
-/// Audits the log in `dir`. With `verifiers`, the stored checkpoint's signatures are checked too.
-/// `progress` receives the number of entry bytes processed as the audit advances.
-pub fn audit_tenant(dir: &Path, verifiers: &[NoteVerifier], progress: &mut dyn FnMut(u64)) -> AuditReport {
+/// Audits the journal of the ledger directory `dir`. `progress` receives the number of journal
+/// bytes processed as the audit advances.
+pub fn audit_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> AuditReport {
     let mut report = AuditReport::default();
-    let head = match read_head(dir) {
-        Ok(h) => Some(h),
+    let journal_dir = dir.join(crate::ledger::JOURNAL_DIR);
+    let journal = match Journal::open_read_only(&journal_dir) {
+        Ok((journal, _)) => journal,
         Err(e) => {
-            report.problems.push(format!("head: {e}"));
-            None
-        }
-    };
-    let checkpoint = read_checkpoint(dir, verifiers, &mut report.problems);
-    let targets = [head.map(|h| h.size), checkpoint.as_ref().map(|c| c.size)];
-    let mut roots_at: Vec<(u64, Hash)> = Vec::new();
-    // Byte offset at the end of the entry that completes the committed size.
-    let mut offset_at_head = (head.map(|h| h.size) == Some(0)).then_some(0u64);
-
-    let open = |name: &str| File::open(dir.join(name)).map(BufReader::new);
-    let (mut entries, mut hashes, mut index) = match (open("entries"), open("hashes"), open("index")) {
-        (Ok(e), Ok(h), Ok(i)) => (e, h, i),
-        (e, h, i) => {
-            for (name, r) in [("entries", e.err()), ("hashes", h.err()), ("index", i.err())] {
-                if let Some(err) = r {
-                    report.problems.push(format!("{name}: cannot open: {err}"));
-                }
-            }
+            report.problems.push(format!("journal: {e}"));
             return report;
         }
     };
-
-    let mut frontier = Frontier::default();
-    let mut nodes = Vec::new();
-    let mut node_pos: u64 = 0;
-    let mut mismatches = 0u64;
-    let mut offset: u64 = 0;
-    let mut entry = Vec::new();
-    if targets.contains(&Some(0)) {
-        roots_at.push((0, frontier.root()));
-    }
-    loop {
-        let mut header = [0u8; 8];
-        match read_full(&mut entries, &mut header) {
-            Ok(0) => break,
-            Ok(8) => {}
-            Ok(n) => {
-                report.problems.push(format!("entries: {n} stray bytes at offset {offset} (a torn frame)"));
-                break;
-            }
-            Err(e) => {
-                report.problems.push(format!("entries: read error at offset {offset}: {e}"));
-                break;
-            }
+    let starts = journal.segment_starts();
+    let mut frontiers: HashMap<String, Frontier> = HashMap::new();
+    let mut found = 0usize;
+    let mut problem = |report: &mut AuditReport, text: String| {
+        found += 1;
+        if found <= MAX_LISTED {
+            report.problems.push(text);
         }
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let sum = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_ENTRY_BYTES {
-            report.problems.push(format!("entries: entry {} at offset {offset} claims {len} bytes", report.entries));
+    };
+    let mut done = 0u64;
+    for (i, &start) in starts.iter().enumerate() {
+        let sealed_end = starts.get(i + 1).copied();
+        let end = sealed_end.unwrap_or(journal.end());
+        let mut table: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+        let mut nodes = Vec::new();
+        let replayed = journal.replay_until(start, end, |position, frame| {
+            progress(position.saturating_sub(done));
+            done = position;
+            let Frame::Record(r) = frame else { return Ok(()) };
+            let frontier = frontiers.entry(r.tenant.clone()).or_default();
+            if r.seq != frontier.size() {
+                problem(&mut report, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, frontier.size()));
+                return Ok(());
+            }
+            nodes.clear();
+            frontier.push(leaf_hash(&r.entry), &mut nodes);
+            if nodes != r.nodes {
+                problem(&mut report, format!("journal position {position}: {} record {}: stored hashes differ from the entry's", r.tenant, r.seq));
+            }
+            let (_, positions) = table.entry(r.tenant).or_insert((r.seq, Vec::new()));
+            positions.push(position);
+            Ok(())
+        });
+        if let Err(e) = replayed {
+            problem(&mut report, format!("segment at journal position {start}: {e}; the records after it were not audited"));
             break;
         }
-        entry.resize(len, 0);
-        if read_full(&mut entries, &mut entry).ok() != Some(len) || crc32c::crc32c(&entry) != sum {
-            report.problems.push(format!("entries: entry {} at offset {offset} fails its checksum", report.entries));
-            break;
-        }
-        let mut stored_offset = [0u8; 8];
-        if read_full(&mut index, &mut stored_offset).ok() != Some(8) || u64::from_be_bytes(stored_offset) != offset {
-            report.problems.push(format!("index: offset of entry {} is wrong or missing", report.entries));
-            break;
-        }
-        offset += 8 + len as u64;
-        nodes.clear();
-        frontier.push(leaf_hash(&entry), &mut nodes);
-        for node in &nodes {
-            let mut stored = [0u8; 32];
-            if read_full(&mut hashes, &mut stored).ok() != Some(32) {
-                report.problems.push(format!("hashes: file ends at node {node_pos}; {} expected", stored_nodes(frontier.size())));
-                return report;
+        if sealed_end.is_some() {
+            let view: BTreeMap<&str, (u64, &[u64])> = table.iter().map(|(t, (first, p))| (t.as_str(), (*first, p.as_slice()))).collect();
+            let path = index_path(&journal_dir, start);
+            match (index_bytes(&view), std::fs::read(&path)) {
+                (Ok((want, _)), Ok(got)) if want == got => {}
+                (Ok(_), Ok(_)) => problem(&mut report, format!("{}: does not index its segment's records (rebuilt if removed)", path.display())),
+                (_, Err(e)) => problem(&mut report, format!("{}: {e} (rebuilt at the next open)", path.display())),
+                (Err(e), _) => problem(&mut report, format!("{}: {e}", path.display())),
             }
-            if &stored != node {
-                mismatches += 1;
-                if mismatches as usize <= MAX_LISTED {
-                    report.problems.push(format!("hashes: node {node_pos} differs from the one derived from the entries"));
-                }
-            }
-            node_pos += 1;
-        }
-        report.entries += 1;
-        if head.map(|h| h.size) == Some(report.entries) {
-            offset_at_head = Some(offset);
-        }
-        if targets.contains(&Some(report.entries)) {
-            roots_at.push((report.entries, frontier.root()));
-        }
-        progress(8 + len as u64);
-    }
-    if mismatches as usize > MAX_LISTED {
-        report.problems.push(format!("hashes: {mismatches} nodes differ in all"));
-    }
-    let mut trailing = [0u8; 1];
-    if read_full(&mut hashes, &mut trailing).ok() == Some(1) {
-        report.problems.push(format!("hashes: more nodes stored than {} entries produce", report.entries));
-    }
-    if read_full(&mut index, &mut trailing).ok() == Some(1) {
-        report.problems.push(format!("index: more offsets stored than {} entries", report.entries));
-    }
-    let root_at = |size: u64| roots_at.iter().find(|(s, _)| *s == size).map(|(_, r)| *r);
-    if let Some(crate::log::Head { size, root, entries_len }) = head {
-        if offset_at_head.is_some_and(|o| o != entries_len) {
-            report.problems.push(format!("head: committed length {entries_len} is not where entry {size} ends"));
-        }
-        match root_at(size) {
-            None => report.problems.push(format!("head: committed size {size} but only {} intact entries", report.entries)),
-            Some(r) if r != root => report.problems.push(format!("head: root at size {size} differs from the entries' root")),
-            Some(_) => {}
         }
     }
-    if let Some(cp) = checkpoint {
-        match root_at(cp.size) {
-            None => report.problems.push(format!("checkpoint: size {} is beyond the {} intact entries", cp.size, report.entries)),
-            Some(r) if r != cp.root => report.problems.push(format!("checkpoint: root at size {} differs from the entries' root", cp.size)),
-            Some(_) => {}
+    progress(journal.end().saturating_sub(done));
+    // A read-only open stops at the last intact commit: whatever follows it in the last segment
+    // is a commit cut short by a crash, or damage to committed frames.
+    if let Some(&last) = starts.last() {
+        let path = journal_dir.join(format!("{last:020}.seg"));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let tail = (last + len).saturating_sub(journal.end());
+        if tail > 0 {
+            problem(
+                &mut report,
+                format!(
+                    "{}: {tail} bytes after the last intact commit (journal position {}): a frame that fails its length or checksum check, or a commit cut short by a crash; the next open for writing cuts them",
+                    path.display(),
+                    journal.end()
+                ),
+            );
         }
     }
+    if found > MAX_LISTED {
+        report.problems.push(format!("… and {} more problems", found - MAX_LISTED));
+    }
+    report.tenants = frontiers.into_iter().map(|(t, f)| (t, f.size())).collect();
     report
-}
-
-fn read_checkpoint(dir: &Path, verifiers: &[NoteVerifier], problems: &mut Vec<String>) -> Option<Checkpoint> {
-    let path = dir.join("checkpoint");
-    let note = match std::fs::read(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            problems.push(format!("checkpoint: {e}"));
-            return None;
-        }
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(s) => s,
-            Err(_) => {
-                problems.push("checkpoint: not UTF-8".into());
-                return None;
-            }
-        },
-    };
-    let parsed = match verifiers.first() {
-        // Every configured key must have signed: a missing signature is a finding too.
-        Some(first) => verifiers
-            .iter()
-            .map(|v| Checkpoint::open(&note, std::slice::from_ref(v), Some(first.name())))
-            .collect::<crate::error::Result<Vec<_>>>()
-            .map(|mut all| all.remove(0)),
-        None => crate::note::split_note(&note).and_then(|(text, _)| Checkpoint::parse_text(text)),
-    };
-    parsed.map_err(|e| problems.push(format!("checkpoint: {e}"))).ok()
-}
-
-/// Reads until `buf` is full or the input ends; returns how many bytes were read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyfile::LedgerKey;
-    use crate::ledger::Ledger;
-    use rand::{Rng, SeedableRng};
+    use crate::{Ledger, LedgerKey};
 
-    fn build(dir: &Path, key: &LedgerKey) {
-        let mut ledger = Ledger::open(dir, vec![key.clone()]).unwrap();
-        for i in 0..600u32 {
-            let tenant = ["acme", "globex"][(i % 2) as usize];
-            ledger.tenant(tenant).unwrap().append(format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "p".repeat((i % 40) as usize)).as_bytes()).unwrap();
-            if i % 150 == 149 {
-                ledger.commit().unwrap();
+    fn ledger(dir: &Path) -> Ledger {
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut ledger = Ledger::open_with(dir, vec![key], 4096).unwrap();
+        for i in 0..300u64 {
+            let tenant = ["acme", "globex", "initech"][(i % 3) as usize];
+            ledger.append(tenant, format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "p".repeat((i % 40) as usize)).as_bytes()).unwrap();
+            if i % 7 == 6 {
+                ledger.commit(Some(i as i64)).unwrap();
             }
         }
+        ledger.commit(Some(300)).unwrap();
+        ledger
     }
 
     #[test]
-    fn a_sound_log_has_no_problems() {
+    fn a_sound_journal_passes_and_every_damage_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let key = LedgerKey::generate("tally.example.com").unwrap();
-        build(dir.path(), &key);
-        let mut seen = 0;
-        let v = key.signer_for("acme").unwrap().verifier();
-        let report = audit_tenant(&dir.path().join("t/acme"), &[v], &mut |n| seen += n);
-        assert_eq!(report, AuditReport { entries: 300, problems: vec![] });
-        assert_eq!(seen, std::fs::metadata(dir.path().join("t/acme/entries")).unwrap().len());
-    }
+        drop(ledger(dir.path()));
+        let mut bytes = 0;
+        let report = audit_ledger(dir.path(), &mut |n| bytes += n);
+        assert_eq!(report.problems, Vec::<String>::new());
+        assert_eq!(report.tenants.values().sum::<u64>(), 300);
+        let journal = dir.path().join("journal");
+        let mut files: Vec<_> = std::fs::read_dir(&journal).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        let total: u64 = files.iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).map(|p| std::fs::metadata(p).unwrap().len()).sum();
+        assert_eq!(bytes, total, "progress adds up to the journal's bytes");
 
-    #[test]
-    fn finds_every_random_single_byte_flip() {
-        let template = tempfile::tempdir().unwrap();
-        let key = LedgerKey::generate("tally.example.com").unwrap();
-        build(template.path(), &key);
-        let v = key.signer_for("globex").unwrap().verifier();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(6962);
-        for trial in 0..500 {
-            let dir = tempfile::tempdir().unwrap();
-            for f in ["entries", "hashes", "index", "head", "checkpoint"] {
-                std::fs::create_dir_all(dir.path().join("t/globex")).unwrap();
-                std::fs::copy(template.path().join("t/globex").join(f), dir.path().join("t/globex").join(f)).unwrap();
-            }
-            let file = ["entries", "hashes", "index", "head", "checkpoint"][trial % 5];
-            let path = dir.path().join("t/globex").join(file);
-            let mut bytes = std::fs::read(&path).unwrap();
-            let at = rng.gen_range(0..bytes.len());
-            bytes[at] ^= rng.gen_range(1..=255u8);
-            std::fs::write(&path, &bytes).unwrap();
-            let report = audit_tenant(&dir.path().join("t/globex"), std::slice::from_ref(&v), &mut |_| {});
-            assert!(!report.problems.is_empty(), "trial {trial}: flip at byte {at} of {file} went unnoticed");
-        }
+        // An index that names the wrong positions.
+        let index = files.iter().find(|p| p.extension().is_some_and(|e| e == "idx")).unwrap();
+        let mut damaged = std::fs::read(index).unwrap();
+        let n = damaged.len();
+        damaged[n - 8] ^= 1;
+        std::fs::write(index, &damaged).unwrap();
+        // A flipped byte inside an entry of a later segment.
+        let segment = files.iter().filter(|p| p.extension().is_some_and(|e| e == "seg")).nth(2).unwrap();
+        let mut seg = std::fs::read(segment).unwrap();
+        seg[100] ^= 0x20;
+        std::fs::write(segment, &seg).unwrap();
+        let report = audit_ledger(dir.path(), &mut |_| {});
+        assert!(report.problems.iter().any(|p| p.contains("idx")), "{:?}", report.problems);
+        // Damage in the active segment ends what a reader trusts there: reported too.
+        let active = files.iter().rfind(|p| p.extension().is_some_and(|e| e == "seg")).unwrap();
+        let mut seg = std::fs::read(active).unwrap();
+        seg[20] ^= 0x20;
+        std::fs::write(active, &seg).unwrap();
+        let report = audit_ledger(dir.path(), &mut |_| {});
+        assert!(report.problems.iter().any(|p| p.contains("after the last intact commit")), "{:?}", report.problems);
+        assert!(report.problems.iter().any(|p| p.contains("checksum") || p.contains("frame")), "{:?}", report.problems);
     }
 }

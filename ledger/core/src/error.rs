@@ -30,6 +30,8 @@ pub enum Error {
     BadRecord(String),
     #[error("entry is {0} bytes; an entry is at most 65535 bytes")]
     EntryTooLarge(usize),
+    #[error("{0} holds tenant logs in the pre-journal layout (a directory per tenant under t/); convert it with `tally migrate --data-dir <the ledger's data_dir>` (docs/storage.md)")]
+    OldLayout(String),
     #[error("corrupt log {path}: {detail}")]
     Corrupt { path: String, detail: String },
     #[error("not a canonical tlog-tiles path: {0:?}")]

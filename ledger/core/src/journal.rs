@@ -107,6 +107,12 @@ pub struct Journal {
     poisoned: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.seg"))
 }
@@ -119,7 +125,21 @@ impl Journal {
     /// Opens the journal in `dir` (creating it when empty) and cuts whatever follows the last
     /// intact commit of its last segment. `segment_bytes` is the roll size.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Journal, Opened)> {
-        crate::durable::create_dir_durably(dir)?;
+        Self::open_with(dir, segment_bytes, Access::Write)
+    }
+
+    /// Opens a journal another process may be writing, to read it: nothing is created, cut or
+    /// repaired, and only what ends in the last intact commit is seen (frames after it are a
+    /// commit still being written). Every write fails.
+    pub fn open_read_only(dir: &Path) -> Result<(Journal, Opened)> {
+        Self::open_with(dir, DEFAULT_SEGMENT_BYTES, Access::Read)
+    }
+
+    fn open_with(dir: &Path, segment_bytes: u64, access: Access) -> Result<(Journal, Opened)> {
+        let write = access == Access::Write;
+        if write {
+            crate::durable::create_dir_durably(dir)?;
+        }
         let mut segments = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let e = e.map_err(|e| Error::io(dir, e))?;
@@ -142,12 +162,15 @@ impl Journal {
             }
         }
         if segments.is_empty() {
+            if !write {
+                return Err(Error::io(&segment_path(dir, 0), std::io::Error::new(std::io::ErrorKind::NotFound, "no journal segment")));
+            }
             let path = segment_path(dir, 0);
             create_segment(dir, &path)?;
             segments.push(Segment { first: 0, path });
         }
         let last = segments.last().cloned().ok_or_else(|| corrupt(dir, 0, "no segment"))?;
-        let mut active = OpenOptions::new().read(true).write(true).open(&last.path).map_err(|e| Error::io(&last.path, e))?;
+        let mut active = OpenOptions::new().read(true).write(write).open(&last.path).map_err(|e| Error::io(&last.path, e))?;
         let file_len = active.metadata().map_err(|e| Error::io(&last.path, e))?.len();
         let mut opened = Opened::default();
         // The last intact commit: scan the whole last segment (it is at most about one roll size).
@@ -157,6 +180,9 @@ impl Journal {
         if !whole_magic || &magic != SEGMENT_MAGIC {
             if file_len > SEGMENT_MAGIC.len() as u64 || (whole_magic && &magic != SEGMENT_MAGIC) {
                 return Err(corrupt(&last.path, 0, "not a journal segment (bad magic)"));
+            }
+            if !write {
+                return Err(corrupt(&last.path, 0, "a segment still being created"));
             }
             // A segment whose creation was cut short: write its magic again.
             active.set_len(0).and_then(|_| active.write_all_at(SEGMENT_MAGIC, 0)).and_then(|_| active.sync_data()).map_err(|e| Error::io(&last.path, e))?;
@@ -186,7 +212,7 @@ impl Journal {
                 }
             }
         }
-        if file_len > committed {
+        if file_len > committed && write {
             opened.cut_bytes = file_len - committed;
             active.set_len(committed).and_then(|_| active.sync_data()).map_err(|e| Error::io(&last.path, e))?;
         }
@@ -208,7 +234,7 @@ impl Journal {
             pending: Vec::new(),
             pending_records: 0,
             segment_bytes: segment_bytes.max(4096),
-            poisoned: None,
+            poisoned: (!write).then(|| "opened read-only".to_string()),
         };
         Ok((journal, opened))
     }

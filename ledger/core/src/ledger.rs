@@ -1,40 +1,83 @@
-//! A ledger directory: every tenant's [`TenantLog`] under `<dir>/t/<tenant>/`, committed and
-//! checkpointed together.
+//! A ledger directory: the logs of many tenants in one [`PartitionLog`] (`<dir>/journal/`), and
+//! the keys that sign their checkpoints. The ledger service keeps one per Kafka partition;
+//! `tally log` tools work on one directly.
 //!
-//! After each group commit every tenant with new entries gets a checkpoint signed for its new
-//! size, stored as `<dir>/t/<tenant>/checkpoint`. Checkpoints are only ever signed for committed
-//! sizes of an append-only tree, so any two of them are consistent.
+//! Checkpoints are signed when they are read, for the tenant's committed size at that moment
+//! (docs/storage.md, "Signing"). A checkpoint's text is a pure function of (origin, size, root)
+//! and Ed25519 signatures are deterministic, so the same committed tree always gives the same
+//! bytes: nothing signed needs storing, a crash cannot leave a checkpoint behind its log, and a
+//! tenant nobody reads costs no signature. Only committed sizes of an append-only tree are ever
+//! signed, so any two checkpoints of a tenant are consistent. Committed records are therefore in
+//! every checkpoint served after their commit returns.
 //!
 //! Key rotation: the ledger signs with every key it is given (all for the same origin), so during
 //! a rotation each checkpoint carries both signatures and verifiers holding either vkey accept it.
-//! A stored checkpoint that is stale or was signed by another key set is re-signed when its tenant
-//! is opened; signing is deterministic, so an unchanged key set rewrites identical bytes.
+//!
+//! Layout: a directory in the pre-journal layout (`<dir>/t/<tenant>/`) is refused with
+//! [`Error::OldLayout`]; [`migrate`] converts it.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::Checkpoint;
+use crate::entries::TenantEntries;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
-use crate::log::TenantLog;
+use crate::partition_log::{PartitionLog, TenantView};
 use crate::receipt::Receipt;
+
+/// The journal's directory inside a ledger directory.
+pub const JOURNAL_DIR: &str = "journal";
+/// The pre-journal layout's directory of tenant logs.
+const OLD_TENANTS_DIR: &str = "t";
 
 pub struct Ledger {
     dir: PathBuf,
     keys: Vec<LedgerKey>,
-    tenants: BTreeMap<String, TenantLog>,
+    log: PartitionLog,
+}
+
+fn check_keys(keys: &[LedgerKey]) -> Result<()> {
+    let origin = keys.first().map(|k| k.origin().to_string()).ok_or_else(|| Error::BadKey("a ledger needs at least one signing key".into()))?;
+    if let Some(other) = keys.iter().find(|k| k.origin() != origin) {
+        return Err(Error::BadKey(format!("all signing keys must share one origin: {origin:?} and {:?}", other.origin())));
+    }
+    Ok(())
+}
+
+/// Refuses a directory that still holds pre-journal tenant logs.
+fn refuse_old_layout(dir: &Path) -> Result<()> {
+    if dir.join(OLD_TENANTS_DIR).is_dir() {
+        return Err(Error::OldLayout(dir.display().to_string()));
+    }
+    Ok(())
 }
 
 impl Ledger {
-    /// Opens the ledger in `dir`, signing with every key in `keys` (one, or several during a
-    /// rotation; all must share one origin).
+    /// Opens the ledger in `dir` (creating it), signing with every key in `keys` (one, or several
+    /// during a rotation; all must share one origin).
     pub fn open(dir: &Path, keys: Vec<LedgerKey>) -> Result<Ledger> {
-        let origin = keys.first().map(|k| k.origin().to_string()).ok_or_else(|| Error::BadKey("a ledger needs at least one signing key".into()))?;
-        if let Some(other) = keys.iter().find(|k| k.origin() != origin) {
-            return Err(Error::BadKey(format!("all signing keys must share one origin: {origin:?} and {:?}", other.origin())));
-        }
-        std::fs::create_dir_all(dir.join("t")).map_err(|e| Error::io(dir, e))?;
-        Ok(Ledger { dir: dir.to_path_buf(), keys, tenants: BTreeMap::new() })
+        Self::open_with(dir, keys, crate::journal::DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// [`Ledger::open`] with journal segments rolled at `segment_bytes` (tests use small ones).
+    pub fn open_with(dir: &Path, keys: Vec<LedgerKey>, segment_bytes: u64) -> Result<Ledger> {
+        check_keys(&keys)?;
+        refuse_old_layout(dir)?;
+        let log = PartitionLog::open(&dir.join(JOURNAL_DIR), segment_bytes)?;
+        Ok(Ledger { dir: dir.to_path_buf(), keys, log })
+    }
+
+    /// Opens a ledger another process may be writing, to read what it had committed (see
+    /// [`PartitionLog::open_read_only`]).
+    pub fn open_read_only(dir: &Path, keys: Vec<LedgerKey>) -> Result<Ledger> {
+        check_keys(&keys)?;
+        refuse_old_layout(dir)?;
+        let log = PartitionLog::open_read_only(&dir.join(JOURNAL_DIR))?;
+        Ok(Ledger { dir: dir.to_path_buf(), keys, log })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The log origin (tenant logs are `<origin>/t/<tenant>`).
@@ -47,106 +90,196 @@ impl Ledger {
         self.keys.iter().map(|k| k.signer_for(tenant_id).map(|s| s.verifier())).collect()
     }
 
-    /// The tenant's log, opened (and repaired) on first use.
-    pub fn tenant(&mut self, tenant_id: &str) -> Result<&mut TenantLog> {
-        tally_schemas::validate_tenant_id(tenant_id).map_err(|r| Error::BadKey(r.detail))?;
-        if !self.tenants.contains_key(tenant_id) {
-            let log = TenantLog::open(&self.dir.join("t").join(tenant_id))?;
-            // A crash between a commit and its checkpoint leaves the checkpoint behind the log:
-            // sign the committed size now (same bytes as the lost one would have been).
-            if log.size() > 0 {
-                let stored = std::fs::read_to_string(log.dir().join("checkpoint")).ok();
-                let (checkpoint, note) = sign_checkpoint(&self.keys, tenant_id, &log)?;
-                if stored.as_deref() != Some(note.as_str()) {
-                    tracing::info!(tenant_id, size = checkpoint.size, "re-signing a stale checkpoint");
-                    store_checkpoint(&log, &note)?;
-                }
-            }
-            self.tenants.insert(tenant_id.to_string(), log);
-        }
-        self.tenants.get_mut(tenant_id).ok_or_else(|| Error::BadKey(tenant_id.to_string()))
-    }
-
-    /// Whether the tenant has a log in this directory (the id must be valid).
+    /// Whether the tenant has committed records here (the id must be valid).
     pub fn has_tenant(&self, tenant_id: &str) -> bool {
-        tally_schemas::validate_tenant_id(tenant_id).is_ok() && self.dir.join("t").join(tenant_id).join("head").exists()
+        tally_schemas::validate_tenant_id(tenant_id).is_ok() && self.log.size(tenant_id) > 0
     }
 
-    /// Tenants that have a log in this directory.
-    pub fn tenant_ids(&self) -> Result<Vec<String>> {
-        let dir = self.dir.join("t");
-        let mut ids: Vec<String> = std::fs::read_dir(&dir)
-            .map_err(|e| Error::io(&dir, e))?
-            .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
-            .filter(|id| tally_schemas::validate_tenant_id(id).is_ok())
-            .collect();
-        ids.sort();
-        Ok(ids)
+    /// Tenants with committed records, sorted.
+    pub fn tenant_ids(&self) -> Vec<String> {
+        self.log.tenants()
     }
 
-    /// Commits every tenant with pending entries and signs a checkpoint for each.
-    /// Returns the tenants checkpointed with their new checkpoints.
-    ///
-    /// Tenants are committed on up to [`COMMIT_THREADS`] threads at once: each commit is a few
-    /// fsyncs that mostly wait on the device, and a disk serves many at a time. Each tenant's own
-    /// order (data, then head) is unchanged, and all are durable before this returns.
-    pub fn commit(&mut self) -> Result<Vec<(String, Checkpoint)>> {
-        let mut dirty: Vec<(&String, &mut TenantLog)> = self.tenants.iter_mut().filter(|(_, log)| log.pending() > 0).collect();
-        let keys = &self.keys;
-        let commit_one = |tenant: &String, log: &mut TenantLog| -> Result<(String, Checkpoint)> {
-            log.commit()?;
-            let (checkpoint, note) = sign_checkpoint(keys, tenant, log)?;
-            store_checkpoint(log, &note)?;
-            Ok((tenant.clone(), checkpoint))
-        };
-        if dirty.len() <= 1 {
-            return dirty.into_iter().map(|(t, log)| commit_one(t, log)).collect();
+    /// The tenant's committed size.
+    pub fn size(&self, tenant_id: &str) -> u64 {
+        self.log.size(tenant_id)
+    }
+
+    /// The seq the tenant's next append gets (committed size plus appends not yet committed).
+    pub fn next_seq(&self, tenant_id: &str) -> u64 {
+        self.log.next_seq(tenant_id)
+    }
+
+    /// Appends `entry` to the tenant's log; durable, readable and in its checkpoint once
+    /// [`Ledger::commit`] returns.
+    pub fn append(&mut self, tenant_id: &str, entry: &[u8]) -> Result<u64> {
+        tally_schemas::validate_tenant_id(tenant_id).map_err(|r| Error::BadKey(r.detail))?;
+        self.log.append(tenant_id, entry)
+    }
+
+    /// Makes every append durable with one `fdatasync`, with the source's next offset (see
+    /// [`PartitionLog::commit`]). Returns the tenants whose size changed.
+    pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
+        self.log.commit(next_offset)
+    }
+
+    /// The source's next offset, as the last commit naming one recorded it.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.log.next_offset()
+    }
+
+    /// The journal position just past the last commit.
+    pub fn journal_end(&self) -> u64 {
+        self.log.journal_end()
+    }
+
+    /// Calls `f(tenant, seq, entry)` for every committed record from journal position `from`
+    /// (one [`Ledger::journal_end`] returned) on, in journal order.
+    pub fn replay<E: From<Error>>(&self, from: u64, f: impl FnMut(&str, u64, &[u8]) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
+        self.log.replay(from, f)
+    }
+
+    /// How many tenants the journal holds.
+    pub fn tenant_count(&self) -> usize {
+        self.log.tenant_count()
+    }
+
+    /// Read access to the tenant's committed log: entries, proofs, tiles.
+    pub fn tenant<'a>(&'a self, tenant_id: &'a str) -> TenantView<'a> {
+        self.log.view(tenant_id)
+    }
+
+    /// The tenant's checkpoint at its committed size, signed by every key.
+    pub fn checkpoint(&self, tenant_id: &str) -> Result<(Checkpoint, String)> {
+        let size = self.log.size(tenant_id);
+        if size == 0 {
+            return Err(Error::NoSuchEntry { seq: 0, size: 0 });
         }
-        let per_thread = dirty.len().div_ceil(COMMIT_THREADS);
-        let results: Vec<Result<Vec<(String, Checkpoint)>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = dirty
-                .chunks_mut(per_thread)
-                .map(|chunk| scope.spawn(move || chunk.iter_mut().map(|(t, log)| commit_one(t, log)).collect::<Result<Vec<_>>>()))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Commit("a commit thread panicked".into())))).collect()
-        });
-        let mut out = Vec::new();
-        for r in results {
-            out.extend(r?);
-        }
-        Ok(out)
+        self.sign(tenant_id, size, self.log.root(tenant_id))
+    }
+
+    /// The tenant's checkpoint at `size` (at most the committed size), signed by every key.
+    pub fn checkpoint_at(&self, tenant_id: &str, size: u64) -> Result<String> {
+        let root = self.tenant(tenant_id).root_at(size)?;
+        Ok(self.sign(tenant_id, size, root)?.1)
+    }
+
+    fn sign(&self, tenant_id: &str, size: u64, root: crate::merkle::Hash) -> Result<(Checkpoint, String)> {
+        let checkpoint = Checkpoint { origin: crate::checkpoint::tenant_origin(self.origin(), tenant_id), size, root };
+        let signers = self.keys.iter().map(|k| k.signer_for(tenant_id)).collect::<Result<Vec<_>>>()?;
+        let note = checkpoint.sign(&signers)?;
+        Ok((checkpoint, note))
     }
 
     /// The tenant's latest signed checkpoint note.
-    pub fn checkpoint_note(&mut self, tenant_id: &str) -> Result<String> {
-        let path = self.tenant(tenant_id)?.dir().join("checkpoint");
-        std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))
+    pub fn checkpoint_note(&self, tenant_id: &str) -> Result<String> {
+        Ok(self.checkpoint(tenant_id)?.1)
     }
 
     /// A receipt for entry `seq` against the tenant's latest checkpoint, and the entry bytes.
-    pub fn receipt(&mut self, tenant_id: &str, seq: u64) -> Result<(Receipt, Vec<u8>)> {
-        let note = self.checkpoint_note(tenant_id)?;
-        let checkpoint = Checkpoint::open(&note, &self.verifiers_for(tenant_id)?, None)?;
-        let log = self.tenant(tenant_id)?;
+    pub fn receipt(&self, tenant_id: &str, seq: u64) -> Result<(Receipt, Vec<u8>)> {
+        let (checkpoint, note) = self.checkpoint(tenant_id)?;
+        let log = self.tenant(tenant_id);
         let proof = log.inclusion_proof(seq, checkpoint.size)?;
         Ok((Receipt { index: seq, proof, checkpoint: note }, log.entry(seq)?))
     }
 }
 
-/// How many tenants' commits run at once.
-pub const COMMIT_THREADS: usize = 16;
-
-/// The checkpoint of the log's committed size, signed by every key.
-fn sign_checkpoint(keys: &[LedgerKey], tenant: &str, log: &TenantLog) -> Result<(Checkpoint, String)> {
-    let checkpoint = Checkpoint { origin: crate::checkpoint::tenant_origin(keys[0].origin(), tenant), size: log.size(), root: log.root() };
-    let signers = keys.iter().map(|k| k.signer_for(tenant)).collect::<Result<Vec<_>>>()?;
-    let note = checkpoint.sign(&signers)?;
-    Ok((checkpoint, note))
+/// The ledger directory holding `tenant`'s log under a ledger service's `data_dir`: its home
+/// partition `partitions/<topic>-<p>`, with `p` computed from each topic's pinned partition count
+/// (`partitions/<topic>.partition-count`), as the service placed it.
+pub fn find_tenant_ledger(data_dir: &Path, tenant: &str) -> Option<PathBuf> {
+    tally_schemas::validate_tenant_id(tenant).ok()?;
+    let partitions = data_dir.join("partitions");
+    std::fs::read_dir(&partitions).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let topic = name.strip_suffix(".partition-count")?;
+        let count: i32 = std::fs::read_to_string(e.path()).ok()?.trim().parse().ok()?;
+        let dir = partitions.join(format!("{topic}-{}", tally_schemas::tenant_partition(tenant, count)));
+        dir.join(JOURNAL_DIR).is_dir().then_some(dir)
+    })
 }
 
-/// Replaces the stored checkpoint durably: after a crash it is the old note or the new one.
-fn store_checkpoint(log: &TenantLog, note: &str) -> Result<()> {
-    crate::durable::replace_file(&log.dir().join("checkpoint"), note.as_bytes())
+/// What [`migrate`] converted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// Each tenant with its size; its root was recomputed from the journal and found equal to
+    /// the old head's.
+    pub tenants: Vec<(String, u64)>,
+}
+
+/// Converts a ledger directory from the pre-journal layout (`<dir>/t/<tenant>/`) to the journal
+/// (`<dir>/journal/`), committing `next_offset` (the old store's progress) with the last records.
+///
+/// Every tenant's committed entries are copied in seq order into a new journal built beside the
+/// old logs (`journal.migrating/`); then each tenant's root, recomputed from the journal, must
+/// equal its old head's root, or nothing changes. Only then is the new journal renamed into
+/// place and the old logs removed. A crash at any point leaves either the old layout (run it
+/// again) or the new journal beside old logs, which the next run removes. A directory already in
+/// the journal layout is left alone (`Ok` with no tenants).
+pub fn migrate(dir: &Path, next_offset: Option<i64>, mut progress: impl FnMut(&str, u64)) -> Result<Migrated> {
+    let old = dir.join(OLD_TENANTS_DIR);
+    let journal = dir.join(JOURNAL_DIR);
+    if !old.is_dir() {
+        return Ok(Migrated::default());
+    }
+    if journal.is_dir() {
+        // The switch happened; only the removal of the old logs was cut short.
+        remove_old(&old)?;
+        return Ok(Migrated::default());
+    }
+    let mut tenants: Vec<String> = std::fs::read_dir(&old)
+        .map_err(|e| Error::io(&old, e))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+        .filter(|id| tally_schemas::validate_tenant_id(id).is_ok())
+        .collect();
+    tenants.sort();
+    let building = dir.join("journal.migrating");
+    if building.exists() {
+        std::fs::remove_dir_all(&building).map_err(|e| Error::io(&building, e))?;
+    }
+    let mut log = PartitionLog::open(&building, crate::journal::DEFAULT_SEGMENT_BYTES)?;
+    let mut out = Migrated::default();
+    let mut uncommitted = 0u64;
+    for tenant in &tenants {
+        let reader = crate::log::LogReader::open(&old.join(tenant))?;
+        let head_root = crate::log::read_head(&old.join(tenant))?.root;
+        for seq in 0..reader.size() {
+            log.append(tenant, &reader.entry(seq)?)?;
+            uncommitted += 1;
+            if uncommitted >= 65_536 {
+                log.commit(None)?;
+                uncommitted = 0;
+            }
+        }
+        log.commit(None)?;
+        uncommitted = 0;
+        let root = log.view(tenant).root_at(reader.size())?;
+        if root != head_root || log.size(tenant) != reader.size() {
+            return Err(Error::Corrupt {
+                path: old.join(tenant).display().to_string(),
+                detail: format!("the journal's root of {} records differs from the old head's; nothing was changed", reader.size()),
+            });
+        }
+        progress(tenant, reader.size());
+        out.tenants.push((tenant.clone(), reader.size()));
+    }
+    log.commit(next_offset)?;
+    drop(log);
+    std::fs::rename(&building, &journal).map_err(|e| Error::io(&journal, e))?;
+    crate::durable::sync_dir(dir)?;
+    remove_old(&old)?;
+    Ok(out)
+}
+
+/// Removes the old tenant logs: renamed away first, so a cut-short removal never leaves a
+/// half-deleted `t/` that looks like the old layout.
+fn remove_old(old: &Path) -> Result<()> {
+    let parent = old.parent().unwrap_or(Path::new("."));
+    let doomed = parent.join("t.migrated");
+    std::fs::rename(old, &doomed).map_err(|e| Error::io(old, e))?;
+    crate::durable::sync_dir(parent)?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
 }
 
 #[cfg(test)]
@@ -154,21 +287,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commit_signs_checkpoints_and_receipts_verify_after_reopen() {
+    fn commit_makes_checkpoints_and_receipts_that_verify_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
         let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
         for i in 0..50u64 {
             let tenant = if i % 2 == 0 { "acme" } else { "globex" };
-            ledger.tenant(tenant).unwrap().append(format!("entry {i}").as_bytes()).unwrap();
+            ledger.append(tenant, format!("entry {i}").as_bytes()).unwrap();
         }
-        let checkpoints = ledger.commit().unwrap();
-        assert_eq!(checkpoints.len(), 2);
-        assert!(ledger.commit().unwrap().is_empty(), "nothing new, no new checkpoint");
+        assert!(!ledger.has_tenant("acme"), "nothing committed yet");
+        assert_eq!(ledger.commit(Some(50)).unwrap().len(), 2);
+        assert!(ledger.commit(None).unwrap().is_empty(), "nothing new");
+        let before = ledger.checkpoint_note("globex").unwrap();
         drop(ledger);
 
-        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
-        assert_eq!(ledger.tenant_ids().unwrap(), ["acme", "globex"]);
+        let ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
+        assert_eq!(ledger.tenant_ids(), ["acme", "globex"]);
+        assert_eq!(ledger.next_offset(), Some(50));
+        assert_eq!(ledger.checkpoint_note("globex").unwrap(), before, "the same tree signs to the same bytes");
         let (receipt, entry) = ledger.receipt("globex", 3).unwrap();
         assert_eq!(entry, b"entry 7");
         let vkey = key.signer_for("globex").unwrap().verifier();
@@ -176,21 +312,9 @@ mod tests {
         // A tenant's key does not vouch for another tenant's log.
         let acme = key.signer_for("acme").unwrap().verifier();
         assert!(receipt.verify(&entry, &[acme], None).is_err());
-        assert!(ledger.tenant("../etc").is_err(), "tenant ids are validated before touching paths");
-    }
-
-    #[test]
-    fn a_checkpoint_lost_after_its_commit_is_re_signed_identically_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = LedgerKey::generate("tally.example.com").unwrap();
-        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
-        ledger.tenant("acme").unwrap().append(b"one").unwrap();
-        ledger.commit().unwrap();
-        let signed = ledger.checkpoint_note("acme").unwrap();
-        drop(ledger);
-        std::fs::remove_file(dir.path().join("t/acme/checkpoint")).unwrap();
-        let mut ledger = Ledger::open(dir.path(), vec![key]).unwrap();
-        assert_eq!(ledger.checkpoint_note("acme").unwrap(), signed);
+        assert!(ledger.checkpoint("nosuch").is_err(), "no records, no checkpoint");
+        let mut ledger = ledger;
+        assert!(ledger.append("../etc", b"x").is_err(), "tenant ids are validated");
     }
 
     #[test]
@@ -199,14 +323,14 @@ mod tests {
         let old = LedgerKey::generate("tally.example.com").unwrap();
         let new = LedgerKey::generate("tally.example.com").unwrap();
         let mut ledger = Ledger::open(dir.path(), vec![old.clone()]).unwrap();
-        ledger.tenant("acme").unwrap().append(b"one").unwrap();
-        ledger.commit().unwrap();
+        ledger.append("acme", b"one").unwrap();
+        ledger.commit(None).unwrap();
         drop(ledger);
         let old_v = old.signer_for("acme").unwrap().verifier();
         let new_v = new.signer_for("acme").unwrap().verifier();
 
         // During the rotation both keys sign; holders of either vkey accept.
-        let mut ledger = Ledger::open(dir.path(), vec![old.clone(), new.clone()]).unwrap();
+        let ledger = Ledger::open(dir.path(), vec![old.clone(), new.clone()]).unwrap();
         let note = ledger.checkpoint_note("acme").unwrap();
         assert_eq!(note.matches('\u{2014}').count(), 2, "{note}");
         let a = Checkpoint::open(&note, std::slice::from_ref(&old_v), None).unwrap();
@@ -215,15 +339,81 @@ mod tests {
         drop(ledger);
 
         // After it, only the new key signs; same tree, so old and new checkpoints are consistent.
-        let mut ledger = Ledger::open(dir.path(), vec![new]).unwrap();
+        let ledger = Ledger::open(dir.path(), vec![new.clone()]).unwrap();
         let note = ledger.checkpoint_note("acme").unwrap();
         assert!(Checkpoint::open(&note, &[old_v], None).is_err());
         assert_eq!(Checkpoint::open(&note, &[new_v], None).unwrap(), a);
+        drop(ledger);
         let other = LedgerKey::generate("other.example.com").unwrap();
-        assert!(Ledger::open(dir.path(), vec![ledger_key_clone(&ledger), other]).is_err(), "one origin only");
+        assert!(Ledger::open(dir.path(), vec![new, other]).is_err(), "one origin only");
     }
 
-    fn ledger_key_clone(ledger: &Ledger) -> LedgerKey {
-        ledger.keys[0].clone()
+    #[test]
+    fn a_reader_sees_what_was_committed_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut writer = Ledger::open_with(dir.path(), vec![key.clone()], 4096).unwrap();
+        for i in 0..200u64 {
+            writer.append(["acme", "globex"][(i % 2) as usize], format!("entry {i:04} {}", "x".repeat(40)).as_bytes()).unwrap();
+            if i % 10 == 9 {
+                writer.commit(Some(i as i64 + 1)).unwrap();
+            }
+        }
+        writer.append("acme", b"not committed").unwrap();
+        let reader = Ledger::open_read_only(dir.path(), vec![key.clone()]).unwrap();
+        assert_eq!((reader.size("acme"), reader.size("globex")), (100, 100));
+        assert_eq!(reader.checkpoint_note("acme").unwrap(), writer.checkpoint_note("acme").unwrap());
+        assert_eq!(reader.tenant("acme").entry(99).unwrap(), writer.tenant("acme").entry(99).unwrap());
+        // A missing index is rebuilt in memory by a reader, never written.
+        let journal = dir.path().join(JOURNAL_DIR);
+        let index = std::fs::read_dir(&journal).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "idx")).unwrap();
+        std::fs::remove_file(&index).unwrap();
+        let reader = Ledger::open_read_only(dir.path(), vec![key.clone()]).unwrap();
+        assert_eq!(reader.tenant("globex").entry(3).unwrap(), writer.tenant("globex").entry(3).unwrap());
+        assert!(!index.exists());
+        let mut reader = reader;
+        assert!(reader.append("acme", b"x").is_err(), "a reader never writes");
+        assert!(reader.commit(Some(1)).is_err(), "a reader never writes");
+        assert!(Ledger::open_read_only(&dir.path().join("nosuch"), vec![key]).is_err());
+    }
+
+    #[test]
+    fn migration_recomputes_every_root_and_refuses_the_old_layout_until_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut expected = Vec::new();
+        for (tenant, n) in [("acme", 300u64), ("globex", 1), ("initech", 17)] {
+            let mut log = crate::log::TenantLog::open(&dir.path().join(OLD_TENANTS_DIR).join(tenant)).unwrap();
+            for i in 0..n {
+                log.append(format!("{tenant} {i}").as_bytes()).unwrap();
+            }
+            log.commit().unwrap();
+            expected.push((tenant.to_string(), n, log.root()));
+        }
+        let err = Ledger::open(dir.path(), vec![key.clone()]).err().unwrap();
+        assert!(matches!(err, Error::OldLayout(_)), "{err}");
+        assert!(err.to_string().contains("tally migrate"), "{err}");
+
+        // A damaged old log: nothing changes.
+        let head = dir.path().join("t/globex/head");
+        let good = std::fs::read_to_string(&head).unwrap();
+        let fields: Vec<&str> = good.split(' ').collect();
+        use base64::Engine as _;
+        let other_root = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        std::fs::write(&head, format!("{} {other_root} {}", fields[0], fields[2])).unwrap();
+        assert!(migrate(dir.path(), Some(9), |_, _| {}).is_err());
+        assert!(dir.path().join(OLD_TENANTS_DIR).is_dir() && !dir.path().join(JOURNAL_DIR).exists());
+        std::fs::write(&head, &good).unwrap();
+
+        let migrated = migrate(dir.path(), Some(9), |_, _| {}).unwrap();
+        assert_eq!(migrated.tenants, expected.iter().map(|(t, n, _)| (t.clone(), *n)).collect::<Vec<_>>());
+        assert!(!dir.path().join(OLD_TENANTS_DIR).exists());
+        let ledger = Ledger::open(dir.path(), vec![key]).unwrap();
+        assert_eq!(ledger.next_offset(), Some(9));
+        for (tenant, n, root) in expected {
+            assert_eq!(ledger.checkpoint(&tenant).unwrap().0.root, root, "{tenant}");
+            assert_eq!(ledger.tenant(&tenant).entry(n - 1).unwrap(), format!("{tenant} {}", n - 1).into_bytes());
+        }
+        assert_eq!(migrate(dir.path(), None, |_, _| {}).unwrap(), Migrated::default(), "already migrated");
     }
 }

@@ -23,6 +23,7 @@
 mod audit;
 mod checkpoint;
 pub mod durable;
+mod entries;
 mod error;
 mod journal;
 mod keyfile;
@@ -35,13 +36,14 @@ mod receipt;
 mod record;
 mod tiles;
 
-pub use audit::{audit_tenant, AuditReport};
+pub use audit::{audit_ledger, AuditReport};
 pub use checkpoint::{tenant_origin, Checkpoint};
+pub use entries::TenantEntries;
 pub use error::{Error, Result};
 pub use journal::{CommitFrame, Frame, Journal, Opened, RecordFrame, DEFAULT_SEGMENT_BYTES, SEGMENT_MAGIC};
 pub use keyfile::LedgerKey;
-pub use ledger::{Ledger, COMMIT_THREADS};
-pub use log::{find_tenant_log, LogReader, TenantLog, MAX_ENTRY_BYTES};
+pub use ledger::{find_tenant_ledger, migrate, Ledger, Migrated, JOURNAL_DIR};
+pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{PartitionLog, TenantView, INDEX_MAGIC};
 pub use receipt::Receipt;

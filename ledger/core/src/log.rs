@@ -311,54 +311,14 @@ impl TenantLog {
         }
         Ok(entry)
     }
+}
 
-    /// Root of the committed tree at `size` (≤ the committed size).
-    pub fn root_at(&self, size: u64) -> Result<Hash> {
-        self.check_size(size)?;
-        merkle::root(self, size)
+impl crate::entries::TenantEntries for TenantLog {
+    fn size(&self) -> u64 {
+        self.head.size
     }
-
-    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Hash>> {
-        self.check_size(size)?;
-        if seq >= size {
-            return Err(Error::NoSuchEntry { seq, size });
-        }
-        merkle::inclusion_proof(self, seq, size)
-    }
-
-    pub fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>> {
-        self.check_size(new_size)?;
-        if old_size == 0 || old_size > new_size {
-            return Err(Error::NoSuchEntry { seq: old_size, size: new_size });
-        }
-        merkle::consistency_proof(self, old_size, new_size)
-    }
-
-    /// A hash tile of the committed tree (`tile/<level>/<index>[.p/<width>]`).
-    pub fn hash_tile(&self, level: u8, index: u64, width: u16) -> Result<Vec<u8>> {
-        crate::tiles::hash_tile(self, level, index, width, self.head.size)
-    }
-
-    /// An entry bundle (`tile/entries/<index>[.p/<width>]`): each entry as `u16 BE length || bytes`.
-    pub fn entry_bundle(&self, index: u64, width: u16) -> Result<Vec<u8>> {
-        use crate::tiles::{available_width, TilePath};
-        if u64::from(width) > available_width(0, index, self.head.size) {
-            return Err(Error::NoSuchTile(TilePath::Entries { index, width }.to_path()));
-        }
-        let mut out = Vec::new();
-        for seq in index * 256..index * 256 + u64::from(width) {
-            let entry = self.entry(seq)?;
-            out.extend_from_slice(&(entry.len() as u16).to_be_bytes());
-            out.extend_from_slice(&entry);
-        }
-        Ok(out)
-    }
-
-    fn check_size(&self, size: u64) -> Result<()> {
-        if size > self.head.size {
-            return Err(Error::NoSuchEntry { seq: size, size: self.head.size });
-        }
-        Ok(())
+    fn entry(&self, seq: u64) -> Result<Vec<u8>> {
+        TenantLog::entry(self, seq)
     }
 }
 
@@ -433,12 +393,6 @@ impl NodeSource for LogReader {
     }
 }
 
-/// The log directory of `tenant` under a ledger service's `data_dir`, if it has one.
-pub fn find_tenant_log(data_dir: &Path, tenant: &str) -> Option<PathBuf> {
-    tally_schemas::validate_tenant_id(tenant).ok()?;
-    std::fs::read_dir(data_dir.join("partitions")).ok()?.filter_map(|e| e.ok()).map(|e| e.path().join("t").join(tenant)).find(|dir| dir.join("head").exists())
-}
-
 pub(crate) fn read_head(dir: &Path) -> Result<Head> {
     let path = dir.join("head");
     let text = match std::fs::read_to_string(&path) {
@@ -464,6 +418,7 @@ fn write_head(dir: &Path, head: &Head) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entries::TenantEntries;
     use crate::merkle::{verify_consistency, verify_inclusion, MemoryTree};
 
     fn entry(i: u64) -> Vec<u8> {

@@ -60,7 +60,7 @@ pub trait NodeSource {
 }
 
 /// Hash of the subtree over leaves `[lo, hi)`; `lo` must be aligned as RFC 9162 splits align it.
-pub fn subtree_hash<S: NodeSource>(src: &S, lo: u64, hi: u64) -> Result<Hash, S::Error> {
+pub fn subtree_hash<S: NodeSource + ?Sized>(src: &S, lo: u64, hi: u64) -> Result<Hash, S::Error> {
     let n = hi - lo;
     if n.is_power_of_two() {
         let level = n.trailing_zeros();
@@ -73,7 +73,7 @@ pub fn subtree_hash<S: NodeSource>(src: &S, lo: u64, hi: u64) -> Result<Hash, S:
 }
 
 /// Root of the tree of the first `size` leaves.
-pub fn root<S: NodeSource>(src: &S, size: u64) -> Result<Hash, S::Error> {
+pub fn root<S: NodeSource + ?Sized>(src: &S, size: u64) -> Result<Hash, S::Error> {
     if size == 0 {
         Ok(empty_root())
     } else {
@@ -82,7 +82,7 @@ pub fn root<S: NodeSource>(src: &S, size: u64) -> Result<Hash, S::Error> {
 }
 
 /// RFC 9162 inclusion proof for leaf `index` in the tree of `size` leaves (`index < size`).
-pub fn inclusion_proof<S: NodeSource>(src: &S, index: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
+pub fn inclusion_proof<S: NodeSource + ?Sized>(src: &S, index: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
     assert!(index < size, "inclusion_proof: index {index} out of range for size {size}");
     let mut out = Vec::with_capacity(64);
     let (mut lo, mut hi) = (0, size);
@@ -102,7 +102,7 @@ pub fn inclusion_proof<S: NodeSource>(src: &S, index: u64, size: u64) -> Result<
 }
 
 /// RFC 9162 consistency proof from size `m` to size `n` (`0 < m ≤ n`; empty when `m == n`).
-pub fn consistency_proof<S: NodeSource>(src: &S, m: u64, n: u64) -> Result<Vec<Hash>, S::Error> {
+pub fn consistency_proof<S: NodeSource + ?Sized>(src: &S, m: u64, n: u64) -> Result<Vec<Hash>, S::Error> {
     assert!(0 < m && m <= n, "consistency_proof: need 0 < m <= n, got {m}, {n}");
     let mut out = Vec::with_capacity(64);
     if m == n {
@@ -257,7 +257,7 @@ pub struct Frontier {
 
 impl Frontier {
     /// Rebuilds the frontier of a stored tree of `size` leaves (reads popcount(size) nodes).
-    pub fn load<S: NodeSource>(src: &S, size: u64) -> Result<Frontier, S::Error> {
+    pub fn load<S: NodeSource + ?Sized>(src: &S, size: u64) -> Result<Frontier, S::Error> {
         let mut stack = Vec::new();
         let mut lo = 0u64;
         for level in (0..64u32).rev() {
@@ -355,9 +355,9 @@ impl NodeSource for LeafHashes<'_> {
 /// the leaves at those positions of the tree of `size` leaves. It is the hashes of the maximal
 /// subtrees of the RFC 9162 split lying wholly outside the range, left to right; with the range's
 /// leaves they recompute the root ([`root_from_range`]). A gap or a changed leaf changes the root.
-pub fn range_proof<S: NodeSource>(src: &S, lo: u64, hi: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
+pub fn range_proof<S: NodeSource + ?Sized>(src: &S, lo: u64, hi: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
     assert!(lo < hi && hi <= size, "range_proof: need lo < hi <= size, got {lo}, {hi}, {size}");
-    fn walk<S: NodeSource>(src: &S, a: u64, b: u64, lo: u64, hi: u64, out: &mut Vec<Hash>) -> Result<(), S::Error> {
+    fn walk<S: NodeSource + ?Sized>(src: &S, a: u64, b: u64, lo: u64, hi: u64, out: &mut Vec<Hash>) -> Result<(), S::Error> {
         if b <= lo || a >= hi {
             out.push(subtree_hash(src, a, b)?);
         } else if b - a > 1 {

@@ -34,7 +34,7 @@ pub const INDEX_MAGIC: &[u8; 8] = b"TALLYX1\n";
 
 /// A tenant's records in one sealed segment.
 #[derive(Debug, Clone, Copy)]
-struct Run {
+pub(crate) struct Run {
     /// The segment's start position (its index file is `<segment>.idx`).
     segment: u64,
     first_seq: u64,
@@ -70,11 +70,20 @@ pub struct PartitionLog {
     /// The source's next offset, as the last commit that named one recorded it.
     next_offset: Option<i64>,
     /// Set when a segment's index could not be written after its commit was durable: no more
-    /// writes until reopened (the open rebuilds the index).
+    /// writes until reopened (the open rebuilds the index); or when opened read-only.
     poisoned: Option<String>,
+    /// Positions of runs a read-only open indexed itself (their index file was missing or
+    /// damaged, and a reader writes nothing).
+    memory_positions: Vec<u64>,
 }
 
-fn index_path(dir: &Path, segment: u64) -> PathBuf {
+/// Each tenant's run in one segment index.
+pub(crate) type TenantRuns = Vec<(String, Run)>;
+
+/// The `segment` of a [`Run`] whose positions are in [`PartitionLog::memory_positions`].
+const MEMORY_RUN: u64 = u64::MAX;
+
+pub(crate) fn index_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.idx"))
 }
 
@@ -86,7 +95,17 @@ impl PartitionLog {
     /// Opens the partition's journal in `dir` (see [`Journal::open`]) and its indexes,
     /// rebuilding any index that is missing or damaged. `segment_bytes` is the roll size.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<PartitionLog> {
-        let (journal, opened) = Journal::open(dir, segment_bytes)?;
+        Self::open_with(dir, Journal::open(dir, segment_bytes)?, true)
+    }
+
+    /// Opens a partition log another process may be writing, to read it (see
+    /// [`Journal::open_read_only`]): what it holds up to its last commit. A missing or damaged
+    /// index is rebuilt in memory, not written. Every write fails.
+    pub fn open_read_only(dir: &Path) -> Result<PartitionLog> {
+        Self::open_with(dir, Journal::open_read_only(dir)?, false)
+    }
+
+    fn open_with(dir: &Path, (journal, opened): (Journal, crate::journal::Opened), write: bool) -> Result<PartitionLog> {
         if opened.cut_bytes > 0 {
             tracing::warn!(dir = %dir.display(), cut_bytes = opened.cut_bytes, "journal tail after the last whole commit cut at open");
         }
@@ -97,7 +116,8 @@ impl PartitionLog {
             dirty: Vec::new(),
             nodes: Vec::with_capacity(64),
             next_offset: opened.next_offset,
-            poisoned: None,
+            poisoned: (!write).then(|| "opened read-only".to_string()),
+            memory_positions: Vec::new(),
         };
         let starts = log.journal.segment_starts();
         let (sealed, active) = starts.split_at(starts.len().saturating_sub(1));
@@ -106,12 +126,16 @@ impl PartitionLog {
             let runs = match read_index(&index_path(dir, segment)) {
                 Ok(runs) => runs,
                 Err(why) => {
-                    tracing::warn!(segment, error = %why, "segment index missing or damaged; rebuilding it from the segment");
-                    log.rebuild_index(segment, end)?
+                    if write {
+                        tracing::warn!(segment, error = %why, "segment index missing or damaged; rebuilding it from the segment");
+                    }
+                    log.rebuild_index(segment, end, write)?
                 }
             };
             for (tenant, mut run) in runs {
-                run.segment = segment;
+                if run.segment != MEMORY_RUN {
+                    run.segment = segment;
+                }
                 let head = log.tenants.entry(tenant.clone()).or_default();
                 if run.first_seq != head.size {
                     return Err(corrupt(&index_path(dir, segment), format!("{tenant}: seqs jump from {} to {}", head.size, run.first_seq)));
@@ -189,6 +213,10 @@ impl PartitionLog {
     /// Makes every append durable with one `fdatasync` (with the source's next offset), and
     /// writes the index of a segment the commit sealed. Returns the tenants whose size changed.
     pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
+        if self.dirty.is_empty() && (next_offset.is_none() || next_offset == self.next_offset) {
+            // Nothing new to make durable: no write, no fsync.
+            return Ok(Vec::new());
+        }
         let before = self.journal.segment_starts();
         let changed = std::mem::take(&mut self.dirty);
         if let Err(e) = self.journal.commit(next_offset) {
@@ -251,8 +279,9 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// Scans the sealed segment `[segment, end)` and writes its index again.
-    fn rebuild_index(&mut self, segment: u64, end: u64) -> Result<Vec<(String, Run)>> {
+    /// Scans the sealed segment `[segment, end)` and writes its index again (when `write`; a
+    /// reader keeps the positions in memory instead).
+    fn rebuild_index(&mut self, segment: u64, end: u64, write: bool) -> Result<Vec<(String, Run)>> {
         let mut found: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
         self.journal.replay_until(segment, end, |position, frame| {
             if let Frame::Record(r) = frame {
@@ -264,8 +293,42 @@ impl PartitionLog {
             }
             Ok(())
         })?;
+        if !write {
+            // A run whose positions live in memory: read them back through `memory_runs`.
+            let mut runs = Vec::with_capacity(found.len());
+            for (tenant, (first, positions)) in found {
+                let at = self.memory_positions.len() as u64;
+                runs.push((tenant, Run { segment: MEMORY_RUN, first_seq: first, count: positions.len() as u64, positions_at: at }));
+                self.memory_positions.extend(positions);
+            }
+            return Ok(runs);
+        }
         let table: BTreeMap<&str, (u64, &[u64])> = found.iter().map(|(t, (first, p))| (t.as_str(), (*first, p.as_slice()))).collect();
         write_index(&index_path(&self.dir, segment), &table)
+    }
+
+    /// The journal position just past the last commit.
+    pub fn journal_end(&self) -> u64 {
+        self.journal.end()
+    }
+
+    /// Calls `f(tenant, seq, entry)` for every committed record from journal position `from` (a
+    /// position [`PartitionLog::journal_end`] returned) to the end, in journal order.
+    pub fn replay<E: From<Error>>(&self, from: u64, mut f: impl FnMut(&str, u64, &[u8]) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
+        let mut failed = None;
+        let replayed = self.journal.replay(from, |_, frame| {
+            if let Frame::Record(r) = frame {
+                if let Err(e) = f(&r.tenant, r.seq, &r.entry) {
+                    failed = Some(e);
+                    return Err(Error::Commit("replay stopped by its caller".into()));
+                }
+            }
+            Ok(())
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => replayed.map_err(E::from),
+        }
     }
 
     /// Tenants with at least one committed record, sorted.
@@ -278,6 +341,16 @@ impl PartitionLog {
     /// The committed size of `tenant`'s log (0 for a tenant never seen).
     pub fn size(&self, tenant: &str) -> u64 {
         self.tenants.get(tenant).map_or(0, |h| h.size)
+    }
+
+    /// The seq `tenant`'s next append gets: its committed size plus its appends not yet committed.
+    pub fn next_seq(&self, tenant: &str) -> u64 {
+        self.tenants.get(tenant).map_or(0, |h| h.frontier.size())
+    }
+
+    /// How many tenants the partition holds (committed or appended).
+    pub fn tenant_count(&self) -> usize {
+        self.tenants.len()
     }
 
     /// The root of `tenant`'s committed log.
@@ -293,6 +366,10 @@ impl PartitionLog {
         }
         let i = head.runs.partition_point(|r| r.first_seq <= seq);
         let run = i.checked_sub(1).and_then(|i| head.runs.get(i)).ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: in no run")))?;
+        if run.segment == MEMORY_RUN {
+            let at = (run.positions_at + (seq - run.first_seq)) as usize;
+            return self.memory_positions.get(at).copied().ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: not indexed")));
+        }
         let path = index_path(&self.dir, run.segment);
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let mut bytes = [0u8; 8];
@@ -324,6 +401,15 @@ pub struct TenantView<'a> {
     tenant: &'a str,
 }
 
+impl crate::TenantEntries for TenantView<'_> {
+    fn size(&self) -> u64 {
+        self.log.size(self.tenant)
+    }
+    fn entry(&self, seq: u64) -> Result<Vec<u8>> {
+        self.log.entry(self.tenant, seq)
+    }
+}
+
 impl NodeSource for TenantView<'_> {
     type Error = Error;
     fn node(&self, level: u32, index: u64) -> Result<Hash> {
@@ -335,6 +421,14 @@ impl NodeSource for TenantView<'_> {
 
 /// Writes a segment index (see the module docs) durably; returns each tenant's run.
 fn write_index(path: &Path, table: &BTreeMap<&str, (u64, &[u64])>) -> Result<Vec<(String, Run)>> {
+    let (bytes, runs) = index_bytes(table)?;
+    crate::durable::replace_file(path, &bytes)?;
+    Ok(runs)
+}
+
+/// The bytes of a segment index over `table` (tenant → first seq and journal positions), and
+/// each tenant's run in it.
+pub(crate) fn index_bytes(table: &BTreeMap<&str, (u64, &[u64])>) -> Result<(Vec<u8>, TenantRuns)> {
     let mut bytes = Vec::new();
     bytes.extend_from_slice(INDEX_MAGIC);
     bytes.extend_from_slice(&(table.len() as u32).to_le_bytes());
@@ -354,8 +448,7 @@ fn write_index(path: &Path, table: &BTreeMap<&str, (u64, &[u64])>) -> Result<Vec
     }
     let crc = crc32c::crc32c(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
-    crate::durable::replace_file(path, &bytes)?;
-    Ok(runs)
+    Ok((bytes, runs))
 }
 
 /// Reads a segment index's runs, checking its magic, CRC and shape.

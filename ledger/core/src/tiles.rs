@@ -97,7 +97,7 @@ pub fn available_width(level: u8, index: u64, size: u64) -> u64 {
 }
 
 /// The bytes of a hash tile (`width` × 32), if the tree of `size` leaves holds it.
-pub fn hash_tile<S: NodeSource<Error = Error>>(src: &S, level: u8, index: u64, width: u16, size: u64) -> Result<Vec<u8>> {
+pub fn hash_tile<S: NodeSource<Error = Error> + ?Sized>(src: &S, level: u8, index: u64, width: u16, size: u64) -> Result<Vec<u8>> {
     if u64::from(width) > available_width(level, index, size) {
         return Err(Error::NoSuchTile(TilePath::Hashes { level, index, width }.to_path()));
     }

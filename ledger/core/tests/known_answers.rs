@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use tally_log::merkle::{self, consistency_proof, inclusion_proof, leaf_hash, verify_consistency, verify_inclusion, Hash, MemoryTree};
-use tally_log::{verify_note, NoteSigner, NoteVerifier, TenantLog, TilePath};
+use tally_log::{verify_note, NoteSigner, NoteVerifier, TenantEntries, TenantLog, TilePath};
 
 fn data() -> Value {
     serde_json::from_str(include_str!("data/known_answers.json")).unwrap()

@@ -26,7 +26,7 @@ pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_day
 
 pub use error::{Error, Result};
 use rows::Row;
-use tally_log::TenantLog;
+use tally_log::{Ledger, TenantEntries};
 
 /// Records projected per flush at most, to bound memory (a catch-up takes several flushes).
 const MAX_FLUSH_RECORDS: u64 = 250_000;
@@ -164,14 +164,15 @@ impl Projection {
     }
 
     /// Records of the tenant's committed log not yet projected.
-    pub fn behind(&mut self, tenant: &str, log: &TenantLog) -> Result<u64> {
-        Ok(log.size().saturating_sub(self.tenant(tenant)?.mark.next_seq))
+    pub fn behind(&mut self, tenant: &str, ledger: &Ledger) -> Result<u64> {
+        Ok(ledger.size(tenant).saturating_sub(self.tenant(tenant)?.mark.next_seq))
     }
 
     /// Projects the tenant's committed records past its watermark, at most
     /// [`MAX_FLUSH_RECORDS`] of them; does nothing if the last flush was under `flush_every` ago
     /// and `force` is false. Returns None when not due.
-    pub fn flush(&mut self, tenant: &str, log: &TenantLog, force: bool) -> Result<Option<FlushReport>> {
+    pub fn flush(&mut self, tenant: &str, ledger: &Ledger, force: bool) -> Result<Option<FlushReport>> {
+        let log = ledger.tenant(tenant);
         let flush_every = self.flush_every;
         let root = self.root.clone();
         let zones = self.zones.clone();
@@ -193,14 +194,10 @@ impl Projection {
         let last = (first + MAX_FLUSH_RECORDS).min(size) - 1;
         let entries = (first..=last).map(|seq| log.entry(seq)).collect::<tally_log::Result<Vec<_>>>()?;
         let (mut report, touched) = write_flush(&root, tenant, first, &entries, &zones)?;
-        // The checkpoint is kept only if it is of exactly the projected size: then the
-        // projection alone can prove any of its ranges complete.
-        let checkpoint = std::fs::read_to_string(log.dir().join("checkpoint")).ok().filter(|note| note_size(note) == Some(last + 1));
-        let mark = files::Watermark {
-            next_seq: last + 1,
-            checkpoint: checkpoint.or_else(|| state.mark.checkpoint.clone()),
-            daily_zones: zone_coverage(&state.mark, first, &zones),
-        };
+        // A checkpoint of exactly the projected size: with it the projection alone can prove
+        // any of its ranges complete.
+        let checkpoint = ledger.checkpoint_at(tenant, last + 1)?;
+        let mark = files::Watermark { next_seq: last + 1, checkpoint: Some(checkpoint), daily_zones: zone_coverage(&state.mark, first, &zones) };
         files::write_watermark(&root, tenant, &mark)?;
         state.mark = mark;
         state.last_flush = Some(Instant::now());
@@ -297,11 +294,6 @@ fn zone_coverage(mark: &files::Watermark, first: u64, zones: &[(String, jiff::tz
     zones.iter().map(|(name, _)| (name.clone(), mark.daily_zones.get(name).copied().unwrap_or(first))).collect()
 }
 
-/// The tree size a checkpoint note states.
-fn note_size(note: &str) -> Option<u64> {
-    tally_log::Checkpoint::parse_note(note).ok().map(|c| c.size)
-}
-
 /// Merges the directory's trailing run of small files, if long enough; returns files replaced.
 fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
     let mut replaced = 0;
@@ -355,10 +347,10 @@ fn merge(root: &Path, tree: Tree, tenant: &str, value: &str) -> Result<usize> {
 
 /// Rewrites a tenant's projection from its log: deletes it, then flushes to the end, calling
 /// `progress(done, total)` after each flush. The caller must hold the partition's lock.
-pub fn rebuild_tenant(root: &Path, tenant: &str, log: &TenantLog, zones: Vec<(String, jiff::tz::TimeZone)>, mut progress: impl FnMut(u64, u64)) -> Result<u64> {
+pub fn rebuild_tenant(root: &Path, tenant: &str, log: &Ledger, zones: Vec<(String, jiff::tz::TimeZone)>, mut progress: impl FnMut(u64, u64)) -> Result<u64> {
     files::remove_tenant(root, tenant)?;
     let mut projection = Projection::new(root, Duration::ZERO).with_zones(zones);
-    let total = log.size();
+    let total = log.size(tenant);
     loop {
         projection.flush(tenant, log, true)?;
         let done = total - projection.behind(tenant, log)?;

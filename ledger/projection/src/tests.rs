@@ -27,29 +27,33 @@ fn event(i: u64) -> Event {
 }
 
 /// A committed log of `n` event records plus a budget record after each third one.
-fn log_with(dir: &Path, n: u64) -> TenantLog {
-    let mut log = TenantLog::open(dir).unwrap();
+fn log_with(dir: &Path, n: u64) -> Ledger {
+    let mut log = open_ledger(dir);
     append(&mut log, 0, n);
     log
 }
 
-fn append(log: &mut TenantLog, from: u64, to: u64) {
+fn open_ledger(dir: &Path) -> Ledger {
+    Ledger::open(dir, vec![tally_log::LedgerKey::generate("example.com").unwrap()]).unwrap()
+}
+
+fn append(log: &mut Ledger, from: u64, to: u64) {
     for i in from..to {
         let e = event(i);
         let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
-        let seq = log.size() + log.pending();
-        log.append(&event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
+        let seq = log.next_seq("acme");
+        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
         if i % 3 == 2 {
-            let seq = log.size() + log.pending();
+            let seq = log.next_seq("acme");
             // A budget record as the ledger service writes it (docs/records.md).
             let record = format!(
                 r#"{{"type":"budget","seq":{seq},"at":"{}","status":"warning","level":"day","scope":"2025-12-01","limit_micros":1,"spent_micros":1}}"#,
                 e.occurred_at
             );
-            log.append(record.as_bytes()).unwrap();
+            log.append("acme", record.as_bytes()).unwrap();
         }
     }
-    log.commit().unwrap();
+    log.commit(None).unwrap();
 }
 
 /// (seq, leaf hash, record type) of every visible row of the tenant.
@@ -81,12 +85,12 @@ fn rollup_total(root: &Path) -> RollupSums {
     total
 }
 
-fn check_matches_log(root: &Path, log: &TenantLog) {
+fn check_matches_log(root: &Path, log: &Ledger) {
     let rows = projected(root);
-    assert_eq!(rows.len() as u64, log.size());
+    assert_eq!(rows.len() as u64, log.size("acme"));
     for (i, (seq, leaf, _)) in rows.iter().enumerate() {
         assert_eq!(*seq, i as u64);
-        assert_eq!(*leaf, leaf_hash(&log.entry(*seq).unwrap()));
+        assert_eq!(*leaf, leaf_hash(&log.tenant("acme").entry(*seq).unwrap()));
     }
 }
 
@@ -149,7 +153,7 @@ fn a_flush_interrupted_before_its_watermark_is_redone_exactly() {
     files::write_watermark(&root, "acme", &mark).unwrap();
     std::fs::write(partition_dir(&root, Tree::Events, "acme", "2025-12-01").join(".x.parquet.tmp"), b"half").unwrap();
     let mut p = Projection::new(&root, Duration::ZERO);
-    assert_eq!(p.behind("acme", &log).unwrap(), log.size() - mark.next_seq);
+    assert_eq!(p.behind("acme", &log).unwrap(), log.size("acme") - mark.next_seq);
     p.flush("acme", &log, false).unwrap();
     check_matches_log(&root, &log);
     assert_eq!(rollup_total(&root).events, 12);
@@ -166,25 +170,33 @@ fn a_rebuild_reproduces_the_projection_and_repairs_a_damaged_one() {
     std::fs::remove_file(&victim.path).unwrap();
     assert_ne!(projected(&root), before);
     let mut calls = Vec::new();
-    assert_eq!(rebuild_tenant(&root, "acme", &log, report_zones(&["UTC".into()]).unwrap(), |done, total| calls.push((done, total))).unwrap(), log.size());
-    assert_eq!(calls.last(), Some(&(log.size(), log.size())));
+    assert_eq!(rebuild_tenant(&root, "acme", &log, report_zones(&["UTC".into()]).unwrap(), |done, total| calls.push((done, total))).unwrap(), log.size("acme"));
+    assert_eq!(calls.last(), Some(&(log.size("acme"), log.size("acme"))));
     assert_eq!(projected(&root), before);
 }
 
 #[test]
 fn the_watermark_keeps_the_checkpoint_of_exactly_the_projected_size() {
-    let key = tally_log::LedgerKey::generate("example.com").unwrap();
-    let note = tally_log::Checkpoint { origin: "example.com/t/acme".into(), size: 42, root: [7; 32] }.sign(&[key.signer_for("acme").unwrap()]).unwrap();
-    assert_eq!(note_size(&note), Some(42));
-    assert_eq!(note_size("origin only"), None);
-    assert_eq!(note_size("example.com/t/acme\n042\nroot=\n\n— sig"), None, "checkpoint text is parsed strictly");
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 6);
+    let root = dir.path().join("parquet");
+    let mut p = Projection::new(&root, Duration::ZERO);
+    p.flush("acme", &log, false).unwrap();
+    let projected = log.size("acme");
+    // More records after the flush: the watermark's checkpoint stays of the projected size.
+    append(&mut log, 6, 9);
+    let mark = read_watermark(&root, "acme").unwrap();
+    let checkpoint = tally_log::Checkpoint::open(mark.checkpoint.as_deref().unwrap(), &log.verifiers_for("acme").unwrap(), None).unwrap();
+    assert_eq!(checkpoint.size, projected);
+    assert_eq!(checkpoint.root, log.tenant("acme").root_at(projected).unwrap());
+    assert!(log.size("acme") > projected);
 }
 
 #[test]
 fn appended_records_continue_from_the_watermark_like_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with(&dir.path().join("log"), 10);
-    let entries: Vec<Vec<u8>> = (0..log.size()).map(|s| log.entry(s).unwrap()).collect();
+    let entries: Vec<Vec<u8>> = (0..log.size("acme")).map(|s| log.tenant("acme").entry(s).unwrap()).collect();
     let root = dir.path().join("parquet");
     let (a, b) = entries.split_at(5);
     let zones = report_zones(&["UTC".into(), "Asia/Tokyo".into()]).unwrap();
@@ -192,7 +204,7 @@ fn appended_records_continue_from_the_watermark_like_a_flush() {
     append_records(&root, "acme", b, &zones).unwrap();
     check_matches_log(&root, &log);
     let mark = read_watermark(&root, "acme").unwrap();
-    assert_eq!(mark.next_seq, log.size());
+    assert_eq!(mark.next_seq, log.size("acme"));
     assert_eq!(mark.daily_zones, [("Asia/Tokyo".to_string(), 0), ("UTC".to_string(), 0)].into());
 }
 
@@ -221,7 +233,7 @@ fn sums_past_64_bits_are_refused_never_wrapped() {
 #[test]
 fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = TenantLog::open(&dir.path().join("log")).unwrap();
+    let mut log = open_ledger(&dir.path().join("log"));
     let root = dir.path().join("parquet");
     let mut p = Projection::new(&root, Duration::ZERO);
     // Sixteen one-event flushes in one 15-minute bucket, each of 1/4 of i64::MAX: their merge
@@ -231,9 +243,9 @@ fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
         e.event_id = format!("big-{i}");
         e.cost.as_mut().unwrap().amount_micros = i64::MAX / 4;
         let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
-        let seq = log.size() + log.pending();
-        log.append(&event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
-        log.commit().unwrap();
+        let seq = log.next_seq("acme");
+        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
+        log.commit(None).unwrap();
         p.flush("acme", &log, false).unwrap();
     }
     assert_eq!(read_watermark(&root, "acme").unwrap().next_seq, 16, "every flush went through");

@@ -31,9 +31,9 @@ use serde::Deserialize;
 use super::Shared;
 use crate::error::Error;
 use tally_auth::{AuthError, Principal};
-use tally_log::Checkpoint;
 use tally_log::Receipt;
 use tally_log::TilePath;
+use tally_log::{Checkpoint, TenantEntries};
 
 /// Serves the API within [`tally_auth::serve::ServeLimits::default`] (connection cap, header, idle
 /// and request timeouts). Without a token file (loopback only) requests must name a loopback
@@ -214,7 +214,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
 }
 
 /// Runs `f` on the tenant's log, wherever its partition is open here.
-fn with_tenant<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut tally_log::Ledger) -> tally_log::Result<T>) -> Result<T, ApiError> {
+fn with_tenant<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&tally_log::Ledger) -> tally_log::Result<T>) -> Result<T, ApiError> {
     with_partition(shared, tenant, |p| Ok(f(p.ledger())?))
 }
 
@@ -246,7 +246,7 @@ async fn checkpoint(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<
 async fn tile(State(shared): State<Arc<Shared>>, ApiPath((tenant, rest)): ApiPath<(String, String)>) -> ApiResult {
     let path = TilePath::parse(&format!("tile/{rest}"))?;
     let bytes = with_tenant(&shared, &tenant, |l| {
-        let log = l.tenant(&tenant)?;
+        let log = l.tenant(&tenant);
         match path {
             TilePath::Hashes { level, index, width } => log.hash_tile(level, index, width),
             TilePath::Entries { index, width } => log.entry_bundle(index, width),
@@ -256,7 +256,7 @@ async fn tile(State(shared): State<Arc<Shared>>, ApiPath((tenant, rest)): ApiPat
 }
 
 async fn record(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
-    let entry = with_tenant(&shared, &tenant, |l| l.tenant(&tenant)?.entry(seq))?;
+    let entry = with_tenant(&shared, &tenant, |l| l.tenant(&tenant).entry(seq))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], entry).into_response())
 }
 
@@ -297,7 +297,7 @@ async fn consistency(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath
         if sizes.new > latest.size {
             return Err(tally_log::Error::NoSuchEntry { seq: sizes.new, size: latest.size });
         }
-        l.tenant(&tenant)?.consistency_proof(sizes.old, sizes.new)
+        l.tenant(&tenant).consistency_proof(sizes.old, sizes.new)
     })?;
     let mut body = String::new();
     for h in proof {
@@ -381,7 +381,7 @@ async fn on_owned<T: Send + 'static>(
 /// this process holds its lock for as long as `owned` lives.
 async fn make_durable(shared: &Arc<Shared>, owned: super::Owned, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
     let times =
-        on_owned(owned, partition, false, move |p| if p.committed_size(&tenant)? <= seq { p.commit_timed().map(|(_, t)| Some(t)) } else { Ok(None) }).await?;
+        on_owned(owned, partition, false, move |p| if p.committed_size(&tenant) <= seq { p.commit_timed().map(|(_, t)| Some(t)) } else { Ok(None) }).await?;
     if let Some(times) = times {
         shared.metrics.observe_commit(times);
     }
@@ -1002,12 +1002,12 @@ mod tests {
         let f = fixture();
         let owned = f.shared.partition(0).unwrap();
         super::super::lock(&owned).commit_closing().unwrap();
-        let size = super::super::lock(&owned).committed_size("acme").unwrap();
+        let size = super::super::lock(&owned).committed_size("acme");
         let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/budget/authorize", Some(&f.admin), Some(r#"{"estimate_micros":1}"#)).await;
         assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")), "{json}");
         let (status, json) = send(&f.app, "GET", "/v1/tenants/acme/budget", Some(&f.admin), None).await;
         assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")), "{json}");
-        assert_eq!(super::super::lock(&owned).committed_size("acme").unwrap(), size, "nothing was appended");
+        assert_eq!(super::super::lock(&owned).committed_size("acme"), size, "nothing was appended");
     }
 
     /// `method` on `path`, with or without a token and a JSON body: the status and the JSON body.

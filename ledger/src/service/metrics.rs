@@ -20,7 +20,6 @@ pub struct Metrics {
     pub conflicts: IntCounter,
     /// Messages dead-lettered, by reject code (docs/events.md lists the codes).
     pub dead_lettered: IntCounterVec,
-    pub reread: IntCounter,
     pub commits: IntCounter,
     pub budget_published: IntCounter,
     pub rejoins: IntCounter,
@@ -81,7 +80,6 @@ impl Metrics {
             deduplicated: t.counter("tally_ledger_events_deduplicated_total", "Identical retries recorded once."),
             conflicts: t.counter("tally_ledger_conflicts_total", "Same idempotency key, different content."),
             dead_lettered: t.counter_vec("tally_ledger_dead_lettered_total", "Messages sent to the DLQ, by reject code.", &["reason"]),
-            reread: t.counter("tally_ledger_reread_total", "Messages re-read after a restart, already recorded."),
             commits: t.counter("tally_ledger_commits_total", "Group commits (each signs checkpoints)."),
             rejoins: t.counter("tally_ledger_rejoins_total", "Times this instance left and rejoined the group after owning no partition for rejoin_after_ms."),
             budget_published: t.counter("tally_ledger_budget_states_published_total", "Budget states published to the budget topic."),

@@ -484,38 +484,61 @@ impl PartitionSink for Sink {
 }
 
 /// Regenerates the Parquet projection of every tenant (or only `only`) under `data_dir` from
-/// the logs, calling `progress(tenant, done, total)` as it goes. Each partition is locked while
-/// its tenants are rebuilt, so this refuses to run beside a ledger instance that owns one.
+/// the logs, calling `progress(tenant, done, total)` as it goes; `keys` sign the checkpoint each
+/// watermark keeps. Each partition is locked while its tenants are rebuilt, so this refuses to
+/// run beside a ledger instance that owns one.
 pub fn rebuild_projection(
     data_dir: &std::path::Path,
+    keys: Vec<LedgerKey>,
     only: Option<&str>,
     zones: &[String],
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<Vec<(String, u64)>> {
     let zones = tally_projection::report_zones(zones)?;
     let parts = data_dir.join("partitions");
-    let mut dirs: Vec<PathBuf> =
-        std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parts)
+        .map_err(|e| Error::io(&parts, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(tally_log::JOURNAL_DIR).is_dir() || p.join("t").is_dir())
+        .collect();
     dirs.sort();
     let root = data_dir.join("parquet");
     let mut done = Vec::new();
     for dir in dirs {
-        let logs = dir.join("t");
-        let mut tenants: Vec<String> = match std::fs::read_dir(&logs) {
-            Ok(entries) => entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|t| tally_schemas::validate_tenant_id(t).is_ok()).collect(),
-            Err(_) => continue,
-        };
-        tenants.retain(|t| only.is_none_or(|o| o == t));
-        if tenants.is_empty() {
-            continue;
-        }
-        tenants.sort();
         let _lock = partition::lock_partition(&dir)?;
+        let ledger = tally_log::Ledger::open_read_only(&dir, keys.clone())?;
+        let mut tenants = ledger.tenant_ids();
+        tenants.retain(|t| only.is_none_or(|o| o == t));
         for tenant in tenants {
-            let log = tally_log::TenantLog::open(&logs.join(&tenant))?;
-            let records = tally_projection::rebuild_tenant(&root, &tenant, &log, zones.clone(), |d, t| progress(&tenant, d, t))?;
+            let records = tally_projection::rebuild_tenant(&root, &tenant, &ledger, zones.clone(), |d, t| progress(&tenant, d, t))?;
             done.push((tenant, records));
         }
+    }
+    Ok(done)
+}
+
+/// Converts every partition under a ledger service's `data_dir` (or a `tally log` directory
+/// itself) from the pre-journal layout, recomputing every tenant's root (see
+/// [`tally_log::migrate`]); each partition keeps its next offset, read from its store. Locks each
+/// partition while it is converted, so it refuses to run beside a ledger instance.
+pub fn migrate_data_dir(data_dir: &std::path::Path, mut progress: impl FnMut(&std::path::Path, &str, u64)) -> Result<Vec<(PathBuf, tally_log::Migrated)>> {
+    let parts = data_dir.join("partitions");
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&parts) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("t").is_dir()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(&parts, e)),
+    };
+    if data_dir.join("t").is_dir() {
+        dirs.push(data_dir.to_path_buf());
+    }
+    dirs.sort();
+    let mut done = Vec::new();
+    for dir in dirs {
+        let _lock = partition::lock_partition(&dir)?;
+        let state = dir.join("state.redb");
+        let next_offset = if state.exists() { store::PartitionStore::open(&state)?.next_offset()? } else { None };
+        let migrated = tally_log::migrate(&dir, next_offset, |tenant, size| progress(&dir, tenant, size))?;
+        done.push((dir, migrated));
     }
     Ok(done)
 }
@@ -723,7 +746,6 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                             appended = true;
                             m.conflicts.inc()
                         }
-                        Applied::AlreadyRecorded => m.reread.inc(),
                         Applied::Rejected => {
                             let reason = d.outcome.as_ref().err().map_or("unknown", |r| r.code.as_str());
                             m.dead_lettered.with_label_values(&[reason]).inc();

@@ -1,25 +1,25 @@
-//! One Kafka partition's share of the ledger: its own [`Ledger`] directory (every tenant keyed to
-//! this partition) and its [`PartitionStore`] (dedup index, per-tenant coverage, next offset).
+//! One Kafka partition's share of the ledger: its [`Ledger`] (the logs of every tenant keyed to
+//! this partition, in one journal) and its [`PartitionStore`] (dedup index, budget snapshots).
 //!
 //! Exactly once, without Kafka transactions:
-//! * Deliveries are applied in offset order. A commit first makes the tenant logs durable (fsync,
-//!   heads replaced, checkpoints signed), then the store (dedup keys, each tenant's last source
-//!   offset, the next offset to read) in one transaction.
-//! * On open, consumption resumes at the store's next offset. A crash between the two commits
-//!   leaves the store behind the logs: open catches it up from the logs' tails, so each tenant's
-//!   last recorded source offset is exact and re-read messages whose records are already durable
-//!   are no-ops. Every accepted event is in its log exactly once, whatever instant the process
-//!   died at.
-//! * Dead-lettering is at least once: a rejected message in the re-read range is sent again.
+//! * Deliveries are applied in offset order. A group commit writes every tenant's new records and
+//!   the next offset to consume to the journal, made durable by one `fdatasync`: records and
+//!   progress are durable together or not at all, so consumption resumes exactly after the last
+//!   durable record, whatever instant the process died at.
+//! * The store is derived from the journal. It is written at every commit without an fsync, and
+//!   durably every [`STORE_DURABLE_EVERY`] (and at a partition's closing commit) with the journal
+//!   position it then covers; an open replays the journal from that position, so a crash costs
+//!   at most that much replay.
+//! * Dead-lettering is at least once: a rejected message after the last commit is sent again.
 //!
 //! Deduplication: (tenant, idempotency key) → (content digest, seq), on disk, for the whole life
-//! of the log; memory holds only the keys of the current commit and one small entry per tenant.
+//! of the log; memory holds only the keys of the current commit.
 //! The same key with identical normalized content is a retry and is recorded once; with different
 //! content it is appended as a `conflict` record (never replacing the first) and counted.
 //!
-//! Budgets: each tenant's [`BudgetState`] is the fold of its log, snapshotted in the store with
-//! the same coverage as the dedup index. An event's `budget` decisions are appended right after
-//! it; a tenant whose effective budget differs from its last `config` record gets a new one first.
+//! Budgets: each tenant's [`BudgetState`] is the fold of its log, snapshotted in the store at its
+//! durable commits. An event's `budget` decisions are appended right after it; a tenant whose
+//! effective budget differs from its last `config` record gets a new one first.
 //! Admissions, releases, expiries and window restorations are records too.
 
 use std::collections::{BTreeSet, HashMap};
@@ -33,31 +33,20 @@ use tally_ingest::Delivery;
 use tally_schemas::{Decoded, Event, IdempotencyKey};
 
 use super::metrics::CommitTimes;
-use super::store::{Batch, DedupKey, PartitionStore, Seen, TenantState};
+use super::store::{Batch, DedupKey, PartitionStore, Seen};
 use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, Release, ReleaseReason, Verdict};
 use crate::error::{Error, Result};
 use serde::de::IgnoredAny;
-use tally_log::Ledger;
-use tally_log::LedgerKey;
 use tally_log::{conflict_record, event_record, EventInput, Record, Source};
+use tally_log::{Ledger, LedgerKey, TenantEntries};
 use tally_projection::Projection;
 
 /// What applying one delivery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    Appended {
-        tenant: String,
-        seq: u64,
-    },
-    Deduplicated {
-        tenant: String,
-    },
-    Conflict {
-        tenant: String,
-        seq: u64,
-    },
-    /// Its record is already in the tenant's log (a re-read after a crash).
-    AlreadyRecorded,
+    Appended { tenant: String, seq: u64 },
+    Deduplicated { tenant: String },
+    Conflict { tenant: String, seq: u64 },
     Rejected,
 }
 
@@ -70,12 +59,8 @@ pub struct PartitionLedger {
     store: PartitionStore,
     /// Next offset to apply.
     next_offset: Option<i64>,
-    /// Next offset as last committed to the store.
-    durable_next: Option<i64>,
-    /// Per tenant: coverage and last source offset, pending records included.
-    tenants: HashMap<String, TenantState>,
-    /// Tenants changed since the last commit.
-    dirty: BTreeSet<String>,
+    /// When the store was last committed durably.
+    store_durable_at: std::time::Instant,
     /// Dedup keys appended since the last commit.
     pending: HashMap<DedupKey, Seen>,
     /// Budget state per tenant (every tenant with a log here).
@@ -84,10 +69,8 @@ pub struct PartitionLedger {
     budget_file: Option<Arc<BudgetFile>>,
     /// Tenants whose budget state changed since `take_budget_changes`.
     budget_changed: BTreeSet<(String, Option<String>)>,
-    /// Tenants whose budget state changed since its last snapshot.
+    /// Tenants with records not covered by their budget snapshot.
     budget_stale: BTreeSet<String>,
-    /// When each tenant's budget was last snapshotted since this partition was opened.
-    budget_snapshot_at: HashMap<String, std::time::Instant>,
     /// Tenants to compare with a newly loaded budgets file at the next tick.
     config_pending: BTreeSet<String>,
     /// Effective budgets resolved from `budget_file`, per tenant.
@@ -133,76 +116,80 @@ fn content_digest(event: &Event) -> Result<[u8; 16]> {
 }
 
 impl PartitionLedger {
-    /// Opens (or creates) the state of `topic`/`partition` under `root`. Costs one store read
-    /// per tenant plus whatever of the logs' tails the store had not yet covered.
+    /// Opens (or creates) the state of `topic`/`partition` under `root`. Costs one scan of the
+    /// budget snapshots and a replay of the journal past the store's durable position (at most
+    /// [`STORE_DURABLE_EVERY`] of records after a crash, nothing after a clean close).
     pub fn open(root: &Path, topic: &str, partition: i32, keys: Vec<LedgerKey>) -> Result<PartitionLedger> {
         let started = std::time::Instant::now();
         let dir = root.join("partitions").join(format!("{topic}-{partition}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Lock before anything is read or repaired: the previous owner may still be closing it.
         let lock = lock_partition(&dir)?;
+        let ledger = Ledger::open(&dir, keys)?;
         let store = PartitionStore::open(&dir.join("state.redb"))?;
-        let mut ledger = Ledger::open(&dir, keys)?;
-        let next_offset = store.next_offset()?;
-        let mut tenants = HashMap::new();
-        let mut budgets = HashMap::new();
-        let mut catch_up = Batch::default();
-        for tenant in ledger.tenant_ids()? {
-            let mut state = store.tenant(&tenant)?;
-            let (covered, mut budget): (u64, BudgetState) = match store.budget(&tenant)? {
-                Some((covered, json)) => (
-                    covered,
-                    serde_json::from_slice(&json)
-                        .map_err(|e| Error::Corrupt { path: dir.display().to_string(), detail: format!("budget state of {tenant}: {e}") })?,
-                ),
-                None => (0, BudgetState::default()),
-            };
+        let next_offset = ledger.next_offset();
+        let corrupt = |detail: String| Error::Corrupt { path: dir.display().to_string(), detail };
+        // Budgets: each tenant's snapshot, then the records it does not cover, in journal order.
+        let mut budgets: HashMap<String, BudgetState> = HashMap::new();
+        let mut folded: HashMap<String, u64> = HashMap::new();
+        for (tenant, covered, json) in store.budgets()? {
+            let mut budget: BudgetState = serde_json::from_slice(&json).map_err(|e| corrupt(format!("budget state of {tenant}: {e}")))?;
             budget.restore_cache();
-            let log = ledger.tenant(&tenant)?;
-            if state.indexed > log.size() || covered > log.size() {
-                return Err(Error::Corrupt {
-                    path: dir.display().to_string(),
-                    detail: format!("state covers {} records of {tenant} (budget: {covered}) but its log holds {}", state.indexed, log.size()),
-                });
+            if covered > ledger.size(&tenant) {
+                return Err(corrupt(format!("the budget snapshot of {tenant} covers {covered} records but its log holds {}", ledger.size(&tenant))));
             }
-            // One pass over the records either store misses: the budget snapshot lags by up to
-            // BUDGET_SNAPSHOT_EVERY, the dedup index by a crash between the two commits.
-            for seq in covered.min(state.indexed)..log.size() {
-                let entry = log.entry(seq)?;
-                if seq >= covered {
-                    budget.fold(seq, &entry)?;
-                }
-                if seq < state.indexed {
-                    continue;
-                }
-                let Record::Event(record) = Record::<IgnoredAny>::decode(seq, &entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))? else {
-                    continue;
-                };
-                if let Source::Kafka { offset, .. } = record.source {
-                    state.last_offset = Some(offset);
-                }
-                if !record.is_conflict() {
-                    let key = IdempotencyKey { source: record.ce_source, id: record.event.event_id.clone() };
-                    catch_up.seen.push((dedup_key(&tenant, &key), Seen { content: content_digest(&record.event)?, seq }));
-                }
-            }
-            if state.indexed < log.size() {
-                state.indexed = log.size();
-                catch_up.tenants.push((tenant.clone(), state));
-            }
-            if covered < log.size() {
-                catch_up.budgets.push((tenant.clone(), log.size(), serde_json::to_vec(&budget).map_err(|e| Error::BadRecord(e.to_string()))?));
-            }
-            tenants.insert(tenant.clone(), state);
+            folded.insert(tenant.clone(), covered);
             budgets.insert(tenant, budget);
         }
-        let unprojected: BTreeSet<String> = tenants.keys().cloned().collect();
-        let caught_up = catch_up.seen.len();
-        if !catch_up.is_empty() {
+        let snapshot_covered = folded.clone();
+        let from = store.journal_position()?.min(ledger.journal_end());
+        let mut catch_up = Batch { durable: true, ..Batch::default() };
+        let mut replayed = 0u64;
+        ledger.replay(from, |tenant, seq, entry| -> Result<()> {
+            replayed += 1;
+            let budget = budgets.entry(tenant.to_string()).or_default();
+            let done = folded.entry(tenant.to_string()).or_default();
+            if seq >= *done {
+                // Records a snapshot should have covered but no snapshot does: fold them first.
+                for earlier in *done..seq {
+                    budget.fold(earlier, &ledger.tenant(tenant).entry(earlier)?)?;
+                }
+                budget.fold(seq, entry)?;
+                *done = seq + 1;
+            }
+            let Record::Event(record) = Record::<IgnoredAny>::decode(seq, entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))? else {
+                return Ok(());
+            };
+            if !record.is_conflict() {
+                let key = IdempotencyKey { source: record.ce_source, id: record.event.event_id.clone() };
+                catch_up.seen.push((dedup_key(tenant, &key), Seen { content: content_digest(&record.event)?, seq }));
+            }
+            Ok(())
+        })?;
+        // Tenants whose records all precede the replay but whose snapshot misses some of them.
+        for tenant in ledger.tenant_ids() {
+            let size = ledger.size(&tenant);
+            let done = folded.entry(tenant.clone()).or_default();
+            let budget = budgets.entry(tenant.clone()).or_default();
+            for seq in *done..size {
+                budget.fold(seq, &ledger.tenant(&tenant).entry(seq)?)?;
+            }
+            *done = size;
+        }
+        // Snapshots of the tenants whose fold moved past their snapshot.
+        for (tenant, done) in &folded {
+            if snapshot_covered.get(tenant) != Some(done) && *done > 0 {
+                let budget = budgets.get(tenant).ok_or_else(|| corrupt(format!("no budget state for {tenant}")))?;
+                catch_up.budgets.push((tenant.clone(), *done, serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+            }
+        }
+        catch_up.journal_position = Some(ledger.journal_end());
+        if !catch_up.seen.is_empty() || !catch_up.budgets.is_empty() || from != ledger.journal_end() {
             store.commit(&catch_up)?;
         }
+        let unprojected: BTreeSet<String> = ledger.tenant_ids().into_iter().collect();
         let open_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(topic, partition, ?next_offset, tenants = tenants.len(), caught_up, open_ms, "partition state opened");
+        tracing::info!(topic, partition, ?next_offset, tenants = ledger.tenant_count(), replayed, open_ms, "partition state opened");
         Ok(PartitionLedger {
             _lock: lock,
             topic: topic.to_string(),
@@ -210,15 +197,12 @@ impl PartitionLedger {
             ledger,
             store,
             next_offset,
-            durable_next: next_offset,
-            tenants,
-            dirty: BTreeSet::new(),
+            store_durable_at: std::time::Instant::now(),
             pending: HashMap::new(),
             budgets,
             budget_file: None,
             budget_changed: BTreeSet::new(),
             budget_stale: BTreeSet::new(),
-            budget_snapshot_at: HashMap::new(),
             config_pending: BTreeSet::new(),
             effective: HashMap::new(),
             projection: Projection::new(&root.join("parquet"), std::time::Duration::from_secs(1)),
@@ -240,10 +224,7 @@ impl PartitionLedger {
         let mut out = Projected::default();
         let tenants: Vec<String> = self.unprojected.iter().cloned().collect();
         for tenant in tenants {
-            let result = match self.ledger.tenant(&tenant) {
-                Ok(log) => self.projection.flush(&tenant, log, force).and_then(|r| Ok((r, self.projection.behind(&tenant, log)?))).map_err(Error::from),
-                Err(e) => Err(Error::from(e)),
-            };
+            let result = self.projection.flush(&tenant, &self.ledger, force).and_then(|r| Ok((r, self.projection.behind(&tenant, &self.ledger)?)));
             match result {
                 Ok((report, behind)) => {
                     if let Some(r) = report {
@@ -268,13 +249,14 @@ impl PartitionLedger {
         self.next_offset
     }
 
-    pub fn ledger(&mut self) -> &mut Ledger {
-        &mut self.ledger
+    /// The partition's logs, to read.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// Tenants with a log in this partition.
-    pub fn tenants(&self) -> Result<Vec<String>> {
-        Ok(self.ledger.tenant_ids()?)
+    pub fn tenants(&self) -> Vec<String> {
+        self.ledger.tenant_ids()
     }
 
     /// The seq of the record first recorded under `key` for `tenant`, if any.
@@ -284,7 +266,7 @@ impl PartitionLedger {
             Some(seen) => Some(*seen),
             None => self.store.lookup(&key)?,
         };
-        let size = self.ledger.tenant(tenant)?.size();
+        let size = self.ledger.size(tenant);
         Ok(seen.map(|s| s.seq).filter(|&seq| seq < size))
     }
 
@@ -312,10 +294,6 @@ impl PartitionLedger {
             Err(_) => return Ok(Applied::Rejected),
         };
         let tenant = decoded.event.tenant_id.clone();
-        let state = self.tenants.get(&tenant).copied().unwrap_or_default();
-        if state.last_offset.is_some_and(|o| delivery.offset <= o) {
-            return Ok(Applied::AlreadyRecorded);
-        }
         let source = Source::Kafka { topic: self.topic.clone(), partition: self.partition, offset: delivery.offset, timestamp_ms: delivery.timestamp_ms };
         let input = EventInput { event: &decoded.event, ce_source: decoded.key.source.as_deref(), payload_sha256: &decoded.payload_sha256, source: &source };
         let key = dedup_key(&tenant, &decoded.key);
@@ -329,7 +307,7 @@ impl PartitionLedger {
         let applied = match seen.filter(|s| s.seq < size) {
             Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
             Some(seen) => {
-                self.ledger.tenant(&tenant)?.append(&conflict_record(size, input, seen.seq)?)?;
+                self.ledger.append(&tenant, &conflict_record(size, input, seen.seq)?)?;
                 Applied::Conflict { tenant: tenant.clone(), seq: size }
             }
             None => {
@@ -339,30 +317,25 @@ impl PartitionLedger {
                 let at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
                 self.ensure_config(&tenant, at)?;
                 let seq = self.next_seq(&tenant)?;
-                self.ledger.tenant(&tenant)?.append(&event_record(seq, input)?)?;
+                self.ledger.append(&tenant, &event_record(seq, input)?)?;
                 self.pending.insert(key, Seen { content, seq });
                 self.after_event(&tenant, &decoded.event)?;
                 Applied::Appended { tenant: tenant.clone(), seq }
             }
         };
-        if matches!(applied, Applied::Appended { .. } | Applied::Conflict { .. }) {
-            self.tenants.insert(tenant.clone(), TenantState { indexed: state.indexed, last_offset: Some(delivery.offset) });
-            self.dirty.insert(tenant);
-        }
         Ok(applied)
     }
 
     /// The seq the tenant's next record gets.
     fn next_seq(&mut self, tenant: &str) -> Result<u64> {
-        let log = self.ledger.tenant(tenant)?;
-        Ok(log.size() + log.pending())
+        Ok(self.ledger.next_seq(tenant))
     }
 
     /// Appends a budget-side record and folds it into the tenant's state.
     fn append_budget(&mut self, tenant: &str, make: impl FnOnce(u64) -> BudgetRecord) -> Result<u64> {
         let seq = self.next_seq(tenant)?;
         let record = make(seq);
-        self.ledger.tenant(tenant)?.append(&record.to_bytes()?)?;
+        self.ledger.append(tenant, &record.to_bytes()?)?;
         self.budgets.entry(tenant.to_string()).or_default().apply_record(&record);
         let task = match &record {
             BudgetRecord::Admission { admission, .. } => admission.task_id.clone(),
@@ -373,8 +346,6 @@ impl PartitionLedger {
         if task.is_some() {
             self.budget_changed.insert((tenant.to_string(), task));
         }
-        self.tenants.entry(tenant.to_string()).or_default();
-        self.dirty.insert(tenant.to_string());
         Ok(seq)
     }
 
@@ -485,8 +456,8 @@ impl PartitionLedger {
     }
 
     /// The tenant's committed (durable) log size.
-    pub fn committed_size(&mut self, tenant: &str) -> Result<u64> {
-        Ok(self.ledger.tenant(tenant)?.size())
+    pub fn committed_size(&self, tenant: &str) -> u64 {
+        self.ledger.size(tenant)
     }
 
     pub fn budget(&self, tenant: &str) -> Option<&BudgetState> {
@@ -512,7 +483,7 @@ impl PartitionLedger {
         std::mem::take(&mut self.budget_changed).into_iter().collect()
     }
 
-    /// Commits every tenant log (signing checkpoints), then the store.
+    /// Commits every tenant's new records and the next offset (one `fdatasync`), then the store.
     /// Returns the next offset now durable, if any was consumed.
     pub fn commit(&mut self) -> Result<Option<i64>> {
         self.commit_timed().map(|(next, _)| next)
@@ -523,9 +494,10 @@ impl PartitionLedger {
         self.commit_with(false)
     }
 
-    /// The last commit before the partition is closed (revoked, or the service stops): every
-    /// budget snapshot is brought up to date, so the next owner refolds nothing. Afterwards the
-    /// partition is closed: request handlers that still hold it answer `rebalancing`.
+    /// The last commit before the partition is closed (revoked, or the service stops): the store
+    /// is committed durably with every budget snapshot up to date, so the next owner replays
+    /// nothing. Afterwards the partition is closed: request handlers that still hold it answer
+    /// `rebalancing`.
     pub fn commit_closing(&mut self) -> Result<(Option<i64>, CommitTimes)> {
         self.closed = true;
         self.commit_with(true)
@@ -536,66 +508,44 @@ impl PartitionLedger {
         self.closed
     }
 
-    fn commit_with(&mut self, final_snapshots: bool) -> Result<(Option<i64>, CommitTimes)> {
+    fn commit_with(&mut self, closing: bool) -> Result<(Option<i64>, CommitTimes)> {
         let started = std::time::Instant::now();
-        let checkpoints = self.ledger.commit()?;
+        let changed = self.ledger.commit(self.next_offset)?;
         let mut times = CommitTimes { logs: started.elapsed(), state: None };
-        for (tenant, cp) in &checkpoints {
-            tracing::debug!(tenant_id = %tenant, partition = self.partition, size = cp.size, "checkpoint signed");
-        }
+        self.budget_stale.extend(changed.iter().cloned());
+        self.unprojected.extend(changed);
+        // Durable every STORE_DURABLE_EVERY, with every stale budget snapshot and the journal
+        // position they and the dedup keys cover; in between without an fsync.
+        let durable = closing || self.store_durable_at.elapsed() >= STORE_DURABLE_EVERY;
         // Built from copies: if the store commit fails, nothing pending is forgotten and the
         // next commit tries again.
-        let mut batch = Batch {
-            seen: self.pending.iter().map(|(k, v)| (*k, *v)).collect(),
-            tenants: Vec::with_capacity(self.dirty.len()),
-            budgets: Vec::new(),
-            next_offset: self.next_offset.filter(|_| self.next_offset != self.durable_next),
-        };
-        let dirty: Vec<String> = self.dirty.iter().cloned().collect();
-        for tenant in &dirty {
-            let size = self.ledger.tenant(tenant)?.size();
-            let state = TenantState { indexed: size, ..self.tenants.get(tenant).copied().unwrap_or_default() };
-            batch.tenants.push((tenant.clone(), state));
-            self.budget_stale.insert(tenant.clone());
-        }
-        // Budget snapshots only every BUDGET_SNAPSHOT_EVERY per tenant (or all of them when the
-        // partition closes): an open refolds the records a snapshot does not cover.
-        let now = std::time::Instant::now();
-        let due: Vec<String> = self
-            .budget_stale
-            .iter()
-            .filter(|t| final_snapshots || self.budget_snapshot_at.get(*t).is_none_or(|at| now.duration_since(*at) >= BUDGET_SNAPSHOT_EVERY))
-            .cloned()
-            .collect();
-        for tenant in &due {
-            let size = self.ledger.tenant(tenant)?.size();
-            if let Some(budget) = self.budgets.get(tenant) {
-                batch.budgets.push((tenant.clone(), size, serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+        let mut batch = Batch { seen: self.pending.iter().map(|(k, v)| (*k, *v)).collect(), durable, ..Batch::default() };
+        if durable {
+            for tenant in &self.budget_stale {
+                if let Some(budget) = self.budgets.get(tenant) {
+                    batch.budgets.push((tenant.clone(), self.ledger.size(tenant), serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+                }
             }
+            batch.journal_position = Some(self.ledger.journal_end());
         }
         if !batch.is_empty() {
             let started = std::time::Instant::now();
             self.store.commit(&batch)?;
             times.state = Some(started.elapsed());
-            self.durable_next = self.next_offset;
         }
         self.pending.clear();
-        for (tenant, state) in batch.tenants {
-            self.tenants.insert(tenant, state);
+        if durable {
+            self.budget_stale.clear();
+            self.store_durable_at = std::time::Instant::now();
         }
-        for tenant in due {
-            self.budget_stale.remove(&tenant);
-            self.budget_snapshot_at.insert(tenant, now);
-        }
-        self.dirty.retain(|t| !dirty.contains(t));
-        self.unprojected.extend(dirty);
         Ok((self.next_offset, times))
     }
 }
 
-/// How stale a tenant's budget snapshot may get while it keeps changing. Snapshots are JSON of
-/// the whole state: taking one at every commit made every durable authorize serialise it.
-const BUDGET_SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the store goes without a durable commit (and so how much journal an open after a
+/// crash replays). Budget snapshots are JSON of the whole state: taken at every commit, they made
+/// every durable authorize serialise it.
+const STORE_DURABLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A delivery of a valid `llm_call` event, for tests in this module and [`super::http`].
 #[cfg(test)]
@@ -627,35 +577,38 @@ mod tests {
         assert_eq!(p.apply(&delivery(2, "acme", "e1", 6)).unwrap(), Applied::Conflict { tenant: "acme".into(), seq: 1 });
         assert_eq!(p.apply(&delivery(3, "globex", "e1", 5)).unwrap(), Applied::Appended { tenant: "globex".into(), seq: 0 });
         assert_eq!(p.commit().unwrap(), Some(4));
-        let conflict = String::from_utf8(p.ledger().tenant("acme").unwrap().entry(1).unwrap()).unwrap();
+        let conflict = String::from_utf8(p.ledger().tenant("acme").entry(1).unwrap()).unwrap();
         assert!(conflict.contains(r#""type":"conflict""#) && conflict.contains(r#""conflicts_with_seq":0"#), "{conflict}");
     }
 
+    /// Records and the next offset are durable together; the store (dedup keys, budget
+    /// snapshots) lags until its next durable commit, and an open replays the journal past it.
     #[test]
-    fn a_crash_between_the_log_and_store_commits_never_doubles_a_record() {
+    fn a_crash_before_the_store_is_durable_never_doubles_a_record() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
-        for o in 0..10 {
+        for o in 0..20 {
             p.apply(&delivery(o, ["acme", "globex"][(o % 2) as usize], &format!("e{o}"), 1)).unwrap();
+            if o % 5 == 4 {
+                p.commit().unwrap();
+            }
         }
-        p.commit().unwrap();
-        for o in 10..20 {
-            p.apply(&delivery(o, ["acme", "globex"][(o % 2) as usize], &format!("e{o}"), 1)).unwrap();
-        }
-        // Crash after the logs are durable but before the store commit.
-        p.ledger().commit().unwrap();
+        p.apply(&delivery(20, "acme", "never-committed", 1)).unwrap();
+        let durable_at = p.store.journal_position().unwrap();
+        assert!(durable_at < p.ledger().journal_end(), "the store's durable position lags the journal");
+        // A crash: no closing commit.
         drop(p);
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
-        assert_eq!(p.resume_offset(), Some(10), "resumes at the durable progress");
-        for o in 10..22 {
-            let applied = p.apply(&delivery(o, ["acme", "globex"][(o % 2) as usize], &format!("e{o}"), 1)).unwrap();
-            let expected_new = o >= 20;
-            assert_eq!(matches!(applied, Applied::Appended { .. }), expected_new, "offset {o}: {applied:?}");
-        }
+        assert_eq!(p.resume_offset(), Some(20), "resumes right after the last durable record");
+        assert_eq!((p.committed_size("acme"), p.committed_size("globex")), (10, 10));
+        assert_eq!(p.store.journal_position().unwrap(), p.ledger().journal_end(), "the open's replay is made durable");
+        // Retries of events the store had not made durable are still recognised.
+        assert_eq!(p.apply(&delivery(20, "acme", "e18", 1)).unwrap(), Applied::Deduplicated { tenant: "acme".into() });
+        assert_eq!(p.apply(&delivery(21, "globex", "e19", 2)).unwrap(), Applied::Conflict { tenant: "globex".into(), seq: 10 });
+        assert_eq!(p.apply(&delivery(22, "acme", "never-committed", 1)).unwrap(), Applied::Appended { tenant: "acme".into(), seq: 10 });
         p.commit().unwrap();
-        assert_eq!(p.ledger().tenant("acme").unwrap().size(), 11);
-        assert_eq!(p.ledger().tenant("globex").unwrap().size(), 11);
+        assert_eq!((p.committed_size("acme"), p.committed_size("globex")), (11, 11));
     }
 
     #[test]
@@ -672,7 +625,7 @@ mod tests {
         assert!(matches!(err, Error::OffsetRegression { offset: 0, next: 5, .. }), "{err}");
         assert!(err.to_string().contains("recreated"), "{err}");
         assert_eq!(p.resume_offset(), Some(5), "no progress past it");
-        assert_eq!(p.ledger().tenant("acme").unwrap().size(), 5);
+        assert_eq!(p.committed_size("acme"), 5);
     }
 
     #[test]
@@ -708,8 +661,8 @@ mod tests {
         PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
     }
 
-    /// Budget snapshots are taken at most every BUDGET_SNAPSHOT_EVERY per tenant; an open after
-    /// a crash refolds what the last one misses, and a closing commit leaves nothing to refold.
+    /// Budget snapshots are taken only at the store's durable commits (every STORE_DURABLE_EVERY,
+    /// and at a closing commit); an open after a crash refolds what the last one misses.
     #[test]
     fn budget_snapshots_lag_and_an_open_refolds_what_they_miss() {
         let dir = tempfile::tempdir().unwrap();
@@ -726,26 +679,26 @@ mod tests {
             p
         };
         let state = |p: &PartitionLedger| serde_json::to_string(p.budget("acme").unwrap()).unwrap();
+        let snapshot = |p: &PartitionLedger| p.store.budgets().unwrap().into_iter().find(|(t, _, _)| t == "acme").map(|(_, covered, _)| covered);
         let mut p = open();
-        p.apply(&delivery(0, "acme", "e0", 10)).unwrap();
-        p.commit().unwrap();
-        let first = p.store.budget("acme").unwrap().unwrap().0;
-        assert_eq!(first, p.committed_size("acme").unwrap(), "a tenant's first change is snapshotted at once");
-        for i in 1..5 {
+        for i in 0..5 {
             p.apply(&delivery(i, "acme", &format!("e{i}"), 10)).unwrap();
             p.commit().unwrap();
         }
-        let size = p.committed_size("acme").unwrap();
-        assert!(size > first + 4, "warning and exceeded records too ({size})");
-        assert_eq!(p.store.budget("acme").unwrap().unwrap().0, first, "within BUDGET_SNAPSHOT_EVERY, no new snapshot");
+        let size = p.committed_size("acme");
+        assert!(size > 5, "warning and exceeded records too ({size})");
+        assert_eq!(snapshot(&p), None, "within STORE_DURABLE_EVERY, no snapshot");
         let before = state(&p);
-        // A crash: no closing commit. The open refolds records first..size.
+        // A crash: no closing commit. The open refolds every record.
         drop(p);
         let mut p = open();
         assert_eq!(state(&p), before);
-        assert_eq!(p.store.budget("acme").unwrap().unwrap().0, size, "the open's catch-up snapshot covers the log");
+        assert_eq!(snapshot(&p), Some(size), "the open's catch-up snapshot covers the log");
         p.apply(&delivery(5, "acme", "e5", 10)).unwrap();
         p.commit_closing().unwrap();
-        assert_eq!(p.store.budget("acme").unwrap().unwrap().0, p.committed_size("acme").unwrap(), "closing leaves nothing to refold");
+        assert_eq!(snapshot(&p), Some(p.committed_size("acme")), "closing leaves nothing to refold");
+        let after = state(&p);
+        drop(p);
+        assert_eq!(state(&open()), after);
     }
 }

@@ -30,40 +30,39 @@ pub(super) struct Seen {
     pub seq: u64,
 }
 
-/// What the store knows of one tenant's log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(super) struct TenantState {
-    /// Records `0..indexed` are in the dedup index.
-    pub indexed: u64,
-    /// Source offset of the last Kafka-fed record among them.
-    pub last_offset: Option<i64>,
-}
-
 /// Everything one group commit changes.
 #[derive(Debug, Default)]
 pub(super) struct Batch {
     pub seen: Vec<(DedupKey, Seen)>,
-    pub tenants: Vec<(String, TenantState)>,
     /// Budget state snapshots: tenant, the records they cover (`0..covered`), JSON.
     pub budgets: Vec<(String, u64, Vec<u8>)>,
-    pub next_offset: Option<i64>,
+    /// The journal position everything before which this store now covers (dedup keys and
+    /// budget snapshots); set only on durable commits.
+    pub journal_position: Option<u64>,
+    /// Whether the commit is fsynced. A non-durable commit is visible at once and becomes
+    /// durable with the next durable one; a crash loses it back to the last durable commit.
+    pub durable: bool,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty() && self.tenants.is_empty() && self.budgets.is_empty() && self.next_offset.is_none()
+        self.seen.is_empty() && self.budgets.is_empty() && self.journal_position.is_none()
     }
 }
 
 const DEDUP: TableDefinition<DedupKey, [u8; 24]> = TableDefinition::new("dedup");
-const TENANTS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("tenants");
+/// Before the journal: tenant → `[indexed u64][last offset i64]`; read only, for the coverage
+/// of legacy budget snapshots.
+const LEGACY_TENANTS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("tenants");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 /// Before snapshots carried their coverage, each covered the tenant's `indexed` records; read
 /// only, and replaced by the tenant's first snapshot in `budget_snapshots`.
 const LEGACY_BUDGETS: TableDefinition<&str, &[u8]> = TableDefinition::new("budgets");
 /// tenant → `[covered u64 LE][JSON]`.
 const BUDGET_SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("budget_snapshots");
+/// Before the journal, where consumption resumed; read only, by the migration.
 const NEXT_OFFSET: &str = "next_offset";
+const JOURNAL_POSITION: &str = "journal_position";
 /// Page cache per partition: the bound on the index's memory.
 const CACHE_BYTES: usize = 32 << 20;
 
@@ -87,21 +86,10 @@ fn decode_seen(v: [u8; 24]) -> Seen {
     Seen { content, seq: u64::from_le_bytes(seq) }
 }
 
-fn encode_tenant(t: TenantState) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&t.indexed.to_le_bytes());
-    // i64::MIN stands for "no Kafka record yet"; real offsets are never negative.
-    v[8..].copy_from_slice(&t.last_offset.unwrap_or(i64::MIN).to_le_bytes());
-    v
-}
-
-fn decode_tenant(v: [u8; 16]) -> TenantState {
+fn legacy_indexed(v: [u8; 16]) -> u64 {
     let mut indexed = [0u8; 8];
     indexed.copy_from_slice(&v[..8]);
-    let mut last = [0u8; 8];
-    last.copy_from_slice(&v[8..]);
-    let last = i64::from_le_bytes(last);
-    TenantState { indexed: u64::from_le_bytes(indexed), last_offset: (last != i64::MIN).then_some(last) }
+    u64::from_le_bytes(indexed)
 }
 
 impl PartitionStore {
@@ -111,7 +99,7 @@ impl PartitionStore {
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| err(e.into()))?;
         let store = PartitionStore { db, path: shown };
         // Create the tables, so that reads never meet a missing one.
-        store.commit(&Batch::default())?;
+        store.commit(&Batch { durable: true, ..Batch::default() })?;
         Ok(store)
     }
 
@@ -125,31 +113,37 @@ impl PartitionStore {
         Ok(table.get(NEXT_OFFSET).map_err(|e| self.err(e))?.map(|v| v.value()))
     }
 
-    pub fn tenant(&self, tenant: &str) -> Result<TenantState> {
+    /// The journal position the durable state covers (0 when it never recorded one).
+    pub fn journal_position(&self) -> Result<u64> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(TENANTS).map_err(|e| self.err(e))?;
-        Ok(table.get(tenant).map_err(|e| self.err(e))?.map(|v| decode_tenant(v.value())).unwrap_or_default())
+        let table = txn.open_table(META).map_err(|e| self.err(e))?;
+        Ok(table.get(JOURNAL_POSITION).map_err(|e| self.err(e))?.map_or(0, |v| v.value().max(0) as u64))
     }
 
-    /// The tenant's last budget state snapshot, if one was committed: the records it covers
-    /// (`0..covered`) and its JSON.
-    pub fn budget(&self, tenant: &str) -> Result<Option<(u64, Vec<u8>)>> {
+    /// Every tenant's last budget state snapshot: the records it covers (`0..covered`) and its
+    /// JSON.
+    pub fn budgets(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(BUDGET_SNAPSHOTS).map_err(|e| self.err(e))?;
-        if let Some(v) = table.get(tenant).map_err(|e| self.err(e))? {
-            let bytes = v.value();
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (tenant, value) = row.map_err(|e| self.err(e))?;
+            let bytes = value.value();
             let covered = bytes
                 .get(..8)
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_le_bytes)
-                .ok_or_else(|| Error::Corrupt { path: self.path.clone(), detail: format!("budget snapshot of {tenant} is {} bytes", bytes.len()) })?;
-            return Ok(Some((covered, bytes[8..].to_vec())));
+                .ok_or_else(|| Error::Corrupt { path: self.path.clone(), detail: format!("budget snapshot of {} is {} bytes", tenant.value(), bytes.len()) })?;
+            out.push((tenant.value().to_string(), covered, bytes[8..].to_vec()));
         }
         let legacy = txn.open_table(LEGACY_BUDGETS).map_err(|e| self.err(e))?;
-        let Some(json) = legacy.get(tenant).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()) else { return Ok(None) };
-        let tenants = txn.open_table(TENANTS).map_err(|e| self.err(e))?;
-        let covered = tenants.get(tenant).map_err(|e| self.err(e))?.map(|v| decode_tenant(v.value()).indexed).unwrap_or_default();
-        Ok(Some((covered, json)))
+        let tenants = txn.open_table(LEGACY_TENANTS).map_err(|e| self.err(e))?;
+        for row in legacy.iter().map_err(|e| self.err(e))? {
+            let (tenant, json) = row.map_err(|e| self.err(e))?;
+            let covered = tenants.get(tenant.value()).map_err(|e| self.err(e))?.map(|v| legacy_indexed(v.value())).unwrap_or_default();
+            out.push((tenant.value().to_string(), covered, json.value().to_vec()));
+        }
+        Ok(out)
     }
 
     pub fn lookup(&self, key: &DedupKey) -> Result<Option<Seen>> {
@@ -158,10 +152,15 @@ impl PartitionStore {
         Ok(table.get(key).map_err(|e| self.err(e))?.map(|v| decode_seen(v.value())))
     }
 
-    /// Applies a batch in one durable transaction. A key already present keeps its first seq.
+    /// Applies a batch in one transaction, durable or not (see [`Batch::durable`]). A key
+    /// already present keeps its first seq.
     pub fn commit(&self, batch: &Batch) -> Result<()> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_quick_repair(true);
+        if batch.durable {
+            txn.set_quick_repair(true);
+        } else {
+            txn.set_durability(redb::Durability::None).map_err(|e| Error::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
+        }
         {
             let mut dedup = txn.open_table(DEDUP).map_err(|e| self.err(e))?;
             for (key, seen) in &batch.seen {
@@ -169,10 +168,7 @@ impl PartitionStore {
                     dedup.insert(key, encode_seen(*seen)).map_err(|e| self.err(e))?;
                 }
             }
-            let mut tenants = txn.open_table(TENANTS).map_err(|e| self.err(e))?;
-            for (tenant, state) in &batch.tenants {
-                tenants.insert(tenant.as_str(), encode_tenant(*state)).map_err(|e| self.err(e))?;
-            }
+            txn.open_table(LEGACY_TENANTS).map_err(|e| self.err(e))?;
             let mut budgets = txn.open_table(BUDGET_SNAPSHOTS).map_err(|e| self.err(e))?;
             let mut legacy = txn.open_table(LEGACY_BUDGETS).map_err(|e| self.err(e))?;
             let mut value = Vec::new();
@@ -184,8 +180,10 @@ impl PartitionStore {
                 legacy.remove(tenant.as_str()).map_err(|e| self.err(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            if let Some(next) = batch.next_offset {
-                meta.insert(NEXT_OFFSET, next).map_err(|e| self.err(e))?;
+            if let Some(position) = batch.journal_position {
+                let position =
+                    i64::try_from(position).map_err(|_| Error::Corrupt { path: self.path.clone(), detail: format!("journal position {position}") })?;
+                meta.insert(JOURNAL_POSITION, position).map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))
@@ -203,21 +201,23 @@ impl PartitionStore {
 mod tests {
     use super::*;
 
-    /// A state.redb from before snapshots carried their coverage: its snapshot covers the
-    /// tenant's `indexed` records, until the tenant's first new snapshot replaces it.
+    /// A state.redb from before the journal: its snapshot covers the tenant's `indexed` records,
+    /// until the tenant's first new snapshot replaces it; its next offset is still readable.
     #[test]
     fn a_legacy_budget_snapshot_covers_the_indexed_records() {
         let dir = tempfile::tempdir().unwrap();
         let store = PartitionStore::open(&dir.path().join("state.redb")).unwrap();
         let txn = store.db.begin_write().unwrap();
         txn.open_table(LEGACY_BUDGETS).unwrap().insert("acme", b"{\"old\":1}".as_slice()).unwrap();
+        let mut legacy = [0u8; 16];
+        legacy[..8].copy_from_slice(&12u64.to_le_bytes());
+        txn.open_table(LEGACY_TENANTS).unwrap().insert("acme", legacy).unwrap();
+        txn.open_table(META).unwrap().insert(NEXT_OFFSET, 42).unwrap();
         txn.commit().unwrap();
-        store.commit(&Batch { tenants: vec![("acme".into(), TenantState { indexed: 12, last_offset: None })], ..Batch::default() }).unwrap();
-        assert_eq!(store.budget("acme").unwrap(), Some((12, b"{\"old\":1}".to_vec())));
-        store.commit(&Batch { budgets: vec![("acme".into(), 15, b"{}".to_vec())], ..Batch::default() }).unwrap();
-        assert_eq!(store.budget("acme").unwrap(), Some((15, b"{}".to_vec())));
-        let txn = store.db.begin_read().unwrap();
-        assert!(txn.open_table(LEGACY_BUDGETS).unwrap().get("acme").unwrap().is_none(), "one snapshot per tenant");
+        assert_eq!(store.budgets().unwrap(), vec![("acme".to_string(), 12, b"{\"old\":1}".to_vec())]);
+        assert_eq!(store.next_offset().unwrap(), Some(42));
+        store.commit(&Batch { budgets: vec![("acme".into(), 15, b"{}".to_vec())], durable: true, ..Batch::default() }).unwrap();
+        assert_eq!(store.budgets().unwrap(), vec![("acme".to_string(), 15, b"{}".to_vec())], "one snapshot per tenant");
     }
 
     #[test]
@@ -225,34 +225,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
         let store = PartitionStore::open(&path).unwrap();
-        assert_eq!(store.next_offset().unwrap(), None);
-        assert_eq!(store.tenant("acme").unwrap(), TenantState::default());
+        assert_eq!(store.journal_position().unwrap(), 0);
         let first = Seen { content: [1; 16], seq: 7 };
         store
-            .commit(&Batch {
-                seen: vec![([9; 16], first)],
-                tenants: vec![("acme".into(), TenantState { indexed: 8, last_offset: Some(41) })],
-                budgets: vec![("acme".into(), 3, b"{}".to_vec())],
-                next_offset: Some(42),
-            })
+            .commit(&Batch { seen: vec![([9; 16], first)], budgets: vec![("acme".into(), 3, b"{}".to_vec())], journal_position: Some(4096), durable: true })
             .unwrap();
-        store.commit(&Batch { seen: vec![([9; 16], Seen { content: [2; 16], seq: 9 })], ..Batch::default() }).unwrap();
+        store.commit(&Batch { seen: vec![([9; 16], Seen { content: [2; 16], seq: 9 })], durable: true, ..Batch::default() }).unwrap();
+        // A non-durable commit is visible at once.
+        store.commit(&Batch { seen: vec![([8; 16], first)], ..Batch::default() }).unwrap();
+        assert_eq!(store.lookup(&[8; 16]).unwrap(), Some(first));
         drop(store);
         let store = PartitionStore::open(&path).unwrap();
         assert_eq!(store.lookup(&[9; 16]).unwrap(), Some(first));
-        assert_eq!(store.lookup(&[8; 16]).unwrap(), None);
-        assert_eq!(store.tenant("acme").unwrap(), TenantState { indexed: 8, last_offset: Some(41) });
-        assert_eq!(store.next_offset().unwrap(), Some(42));
-        assert_eq!(store.budget("acme").unwrap(), Some((3, b"{}".to_vec())));
-        assert_eq!(store.budget("globex").unwrap(), None);
-        assert_eq!(store.dedup_len().unwrap(), 1);
-    }
-
-    #[test]
-    fn a_tenant_with_no_kafka_record_has_no_offset() {
-        let t = TenantState { indexed: 3, last_offset: None };
-        assert_eq!(decode_tenant(encode_tenant(t)), t);
-        let t = TenantState { indexed: 0, last_offset: Some(0) };
-        assert_eq!(decode_tenant(encode_tenant(t)), t);
+        assert_eq!(store.journal_position().unwrap(), 4096);
+        assert_eq!(store.budgets().unwrap(), vec![("acme".to_string(), 3, b"{}".to_vec())]);
     }
 }

@@ -78,21 +78,26 @@ impl Fixture {
 
     /// As [`Fixture::ingest`], keeping daily roll-ups for `zones` only.
     pub fn ingest_with_zones(&self, events: &[Event], zones: &[&str]) {
-        let ledger_dir = self.data_dir().join("partitions").join("tally.events-0");
+        let partitions = self.data_dir().join("partitions");
+        let ledger_dir = partitions.join("tally.events-0");
+        // One partition, pinned as the ledger service pins it: readers find a tenant's log
+        // through the count.
+        std::fs::create_dir_all(&partitions).unwrap();
+        std::fs::write(partitions.join("tally.events.partition-count"), "1\n").unwrap();
         let mut ledger = Ledger::open(&ledger_dir, vec![LedgerKey::parse(&self.key.to_text().unwrap()).unwrap()]).unwrap();
         for (i, e) in events.iter().enumerate() {
-            let log = ledger.tenant(&e.tenant_id).unwrap();
-            let seq = log.size() + log.pending();
+            let seq = ledger.next_seq(&e.tenant_id);
             let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1_700_000_000_000) };
-            log.append(&event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap()).unwrap();
+            ledger
+                .append(&e.tenant_id, &event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap())
+                .unwrap();
         }
-        ledger.commit().unwrap();
+        ledger.commit(Some(events.len() as i64)).unwrap();
         let zones = tally_projection::report_zones(&zones.iter().map(|z| z.to_string()).collect::<Vec<_>>()).unwrap();
         let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO).with_zones(zones);
-        for tenant in ledger.tenant_ids().unwrap() {
-            let log = ledger.tenant(&tenant).unwrap();
-            while projection.behind(&tenant, log).unwrap() > 0 {
-                projection.flush(&tenant, log, true).unwrap();
+        for tenant in ledger.tenant_ids() {
+            while projection.behind(&tenant, &ledger).unwrap() > 0 {
+                projection.flush(&tenant, &ledger, true).unwrap();
             }
         }
     }
