@@ -33,7 +33,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use redb::{ReadableDatabase, TableDefinition};
-use support::{entry, env, COMMIT_EVERY, ENTRY_BYTES};
+use support::{entry, env, ENTRY_BYTES};
+
+/// Appends per group commit.
+const COMMIT_EVERY: u64 = 1_000;
 use tally_log::merkle::{leaf_hash, Frontier, Hash};
 
 /// Today's layout holds three descriptors per tenant for the life of the process.

@@ -20,8 +20,14 @@
 //!   commit never became durable), so an unacknowledged commit leaves no trace.
 //! * A commit writes its frames and its commit frame, then calls `fdatasync` once, before it
 //!   returns. Frames are written nowhere else.
-//! * A segment is rolled only after a commit, so every segment but the last ends with a commit
-//!   frame and is never written again. The directory is synced when a segment is created.
+//! * A segment is rolled only between commits: the first frame placed after a commit that left
+//!   the segment at the roll size goes to a new segment, created when the commit holding it is
+//!   written.
+//!   So every segment but the last ends with a commit frame and is never written again. The
+//!   directory is synced when a segment is created.
+//! * A commit is written, then synced ([`Journal::write_commit`], [`WrittenCommit::sync`],
+//!   [`Journal::finish_commit`]); the sync needs no access to the journal, so appends and reads
+//!   go on meanwhile. One commit at a time.
 //! * Every frame read is checked against its CRC and its declared length; a damaged frame is an
 //!   error naming the segment and offset, never skipped.
 //!
@@ -60,6 +66,29 @@ pub struct RecordFrame {
     pub seq: u64,
     pub entry: Vec<u8>,
     pub nodes: Vec<Hash>,
+}
+
+/// A group commit whose frames are written but not yet synced (see [`Journal::write_commit`]).
+pub struct WrittenCommit {
+    file: File,
+    path: PathBuf,
+    /// The active segment's first position.
+    segment: u64,
+    /// The active segment's committed length once synced.
+    end: u64,
+}
+
+impl WrittenCommit {
+    /// The journal's end once this commit is durable.
+    pub fn end_position(&self) -> u64 {
+        self.segment + self.end
+    }
+
+    /// The commit's one `fdatasync`. Needs no access to the journal, so the caller can run it
+    /// without the lock that guards the journal.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+    }
 }
 
 /// A commit frame: the records since the previous commit are durable, with the source's next
@@ -102,6 +131,12 @@ pub struct Journal {
     /// Frames appended since the last commit, not yet written.
     pending: Vec<u8>,
     pending_records: u32,
+    /// The active segment's length once the commit in flight (written, not yet synced) is
+    /// durable.
+    in_flight: Option<u64>,
+    /// Where the next segment starts, once decided: the pending frames go there, so the
+    /// positions handed out for them are already in it.
+    roll_at: Option<u64>,
     segment_bytes: u64,
     /// Set after a failed write, fsync or roll: no more writes until reopened.
     poisoned: Option<String>,
@@ -233,6 +268,8 @@ impl Journal {
             active_len: committed,
             pending: Vec::new(),
             pending_records: 0,
+            in_flight: None,
+            roll_at: None,
             segment_bytes: segment_bytes.max(4096),
             poisoned: (!write).then(|| "opened read-only".to_string()),
         };
@@ -271,7 +308,7 @@ impl Journal {
     /// [`Journal::append`] from borrowed parts (no copy of the entry).
     pub fn append_parts(&mut self, tenant: &str, seq: u64, entry: &[u8], nodes: &[Hash]) -> Result<u64> {
         Self::check_record(tenant, entry, nodes.len())?;
-        let position = self.end() + self.pending.len() as u64;
+        let position = self.next_position();
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0; FRAME_HEADER]);
         self.pending.push(RECORD);
@@ -289,44 +326,93 @@ impl Journal {
         Ok(position)
     }
 
+    /// The position the next appended frame gets. When the pending frames are the first since a
+    /// commit and the segment is full, the next segment is decided here, so every position handed
+    /// out stays true: segments roll only between commits, never under frames already placed.
+    pub fn next_position(&mut self) -> u64 {
+        let written = self.in_flight.unwrap_or(self.active_len);
+        if self.pending.is_empty() && self.roll_at.is_none() && written >= self.segment_bytes {
+            self.roll_at = Some(self.active_first() + written);
+        }
+        match self.roll_at {
+            Some(at) => at + SEGMENT_MAGIC.len() as u64 + self.pending.len() as u64,
+            None => self.active_first() + written + self.pending.len() as u64,
+        }
+    }
+
     /// Writes every appended record and a commit frame naming `next_offset`, with one
-    /// `fdatasync`; rolls the segment if it is now past the roll size. Returns the new end.
+    /// `fdatasync`. Returns the new end.
     pub fn commit(&mut self, next_offset: Option<i64>) -> Result<u64> {
+        let written = self.write_commit(next_offset)?;
+        let synced = written.sync();
+        self.finish_commit(written, synced)
+    }
+
+    /// The first half of [`Journal::commit`]: writes the pending frames and a commit frame (in
+    /// a new segment when one was decided), without syncing them. The caller syncs the returned
+    /// [`WrittenCommit`] (no lock needed: it is a file handle of its own), then calls
+    /// [`Journal::finish_commit`]. Until then reads stop at the previous commit, appends go on
+    /// (they will be the next commit), and no other commit can be written.
+    pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<WrittenCommit> {
+        let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        let refuse = |j: &mut Journal, why: String| {
+            j.pending.clear();
+            j.pending_records = 0;
+            Err(Error::Commit(format!("{}: {why}", path.display())))
+        };
+        if let Some(why) = self.poisoned.clone() {
+            return refuse(self, format!("the journal must be reopened: {why}"));
+        }
+        if self.in_flight.is_some() {
+            return refuse(self, "a commit is already being synced; commits are one at a time".into());
+        }
+        // Placing the commit frame may decide a roll, like any frame.
+        self.next_position();
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0; FRAME_HEADER]);
         self.pending.push(COMMIT);
         self.pending.extend_from_slice(&next_offset.unwrap_or(i64::MIN).to_le_bytes());
         self.pending.extend_from_slice(&self.pending_records.to_le_bytes());
         seal_frame(&mut self.pending, start);
-        let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
-        if let Some(why) = &self.poisoned {
-            self.pending.clear();
-            self.pending_records = 0;
-            return Err(Error::Commit(format!("{}: the journal must be reopened: {why}", path.display())));
-        }
-        // At the committed length, whatever a failed write left behind: positions handed out
-        // by `append` stay true.
-        let written = self.active.write_all_at(&self.pending, self.active_len).and_then(|_| self.active.sync_data());
-        if let Err(e) = written {
-            // After a failed write or fsync the file's state is unknown (the kernel may have
-            // dropped dirty pages): nothing more is written until the journal is reopened,
-            // whose scan keeps exactly the intact commits.
-            self.poisoned = Some(format!("commit failed: {e}"));
-            self.pending.clear();
-            self.pending_records = 0;
-            return Err(Error::io(&path, e));
-        }
-        self.active_len += self.pending.len() as u64;
-        self.pending.clear();
-        self.pending_records = 0;
-        if self.active_len >= self.segment_bytes {
-            // The commit is durable whatever happens here: a failed roll stops further writes
-            // (reopening retries it) but does not fail this commit.
-            if let Err(e) = self.roll() {
-                tracing::error!(dir = %self.dir.display(), error = %e, "journal segment roll failed; the journal takes no more writes until reopened");
+        if let Some(at) = self.roll_at.take() {
+            // The previous commit is durable (commits are one at a time), so the sealed segment
+            // ends with a commit frame.
+            if let Err(e) = self.roll(at) {
                 self.poisoned = Some(format!("segment roll failed: {e}"));
+                return refuse(self, format!("segment roll failed: {e}"));
             }
         }
+        let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        // At the committed length, whatever a failed write left behind: positions handed out
+        // by `append` stay true.
+        let handle = self.active.write_all_at(&self.pending, self.active_len).and_then(|_| self.active.try_clone());
+        let file = match handle {
+            Ok(file) => file,
+            Err(e) => {
+                // After a failed write the file's state is unknown: nothing more is written
+                // until the journal is reopened, whose scan keeps exactly the intact commits.
+                self.poisoned = Some(format!("commit failed: {e}"));
+                return refuse(self, format!("commit failed: {e}"));
+            }
+        };
+        let end = self.active_len + self.pending.len() as u64;
+        self.in_flight = Some(end);
+        self.pending.clear();
+        self.pending_records = 0;
+        Ok(WrittenCommit { file, path, segment: self.active_first(), end })
+    }
+
+    /// The second half of [`Journal::commit`]: with `synced` the outcome of
+    /// [`WrittenCommit::sync`], makes the commit's frames readable. A failed sync poisons the
+    /// journal (the kernel may have dropped the dirty pages): nothing more is written until it is
+    /// reopened. Returns the new end.
+    pub fn finish_commit(&mut self, written: WrittenCommit, synced: Result<()>) -> Result<u64> {
+        self.in_flight = None;
+        if let Err(e) = synced {
+            self.poisoned = Some(format!("commit failed: {e}"));
+            return Err(e);
+        }
+        self.active_len = written.end;
         Ok(self.end())
     }
 
@@ -335,9 +421,11 @@ impl Journal {
         self.poisoned.as_deref()
     }
 
-    /// Starts a new segment at the current end.
-    fn roll(&mut self) -> Result<()> {
-        let first = self.end();
+    /// Starts a new segment at `first`, the current end.
+    fn roll(&mut self, first: u64) -> Result<()> {
+        if first != self.end() {
+            return Err(corrupt(&self.dir, first, format!("a new segment must start at the journal's end {}", self.end())));
+        }
         let path = segment_path(&self.dir, first);
         create_segment(&self.dir, &path)?;
         self.active = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
@@ -696,7 +784,7 @@ mod tests {
             expected.push((p, Frame::Record(r)));
             if s % 25 == 24 {
                 let records = 25;
-                let p = j.end() + j.pending.len() as u64;
+                let p = j.next_position();
                 j.commit(Some(s as i64 + 1)).unwrap();
                 expected.push((p, Frame::Commit(CommitFrame { next_offset: Some(s as i64 + 1), records })));
             }

@@ -22,7 +22,7 @@ use crate::checkpoint::Checkpoint;
 use crate::entries::TenantEntries;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
-use crate::partition_log::{PartitionLog, TenantView};
+use crate::partition_log::{PartitionLog, PendingCommit, TenantView};
 use crate::receipt::Receipt;
 
 /// The journal's directory inside a ledger directory.
@@ -121,6 +121,18 @@ impl Ledger {
     /// [`PartitionLog::commit`]). Returns the tenants whose size changed.
     pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
         self.log.commit(next_offset)
+    }
+
+    /// [`Ledger::commit`] in two halves, so that the `fdatasync` between them
+    /// ([`PendingCommit::sync`]) can run without the lock that guards the ledger: see
+    /// [`PartitionLog::write_commit`].
+    pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<PendingCommit> {
+        self.log.write_commit(next_offset)
+    }
+
+    /// The second half of [`Ledger::write_commit`]; returns the tenants whose size changed.
+    pub fn finish_commit(&mut self, pending: PendingCommit, synced: Result<()>) -> Result<Vec<String>> {
+        self.log.finish_commit(pending, synced)
     }
 
     /// The source's next offset, as the last commit naming one recorded it.

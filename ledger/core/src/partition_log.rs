@@ -56,6 +56,34 @@ struct TenantHead {
     /// appended), starting at seq `active_first`.
     active: Vec<u64>,
     active_first: u64,
+    /// Appended to since the last commit was written (listed in `PartitionLog::dirty`).
+    in_batch: bool,
+}
+
+/// A commit written but not yet durable (see [`PartitionLog::write_commit`]).
+pub struct PendingCommit {
+    /// None when there was nothing to write.
+    written: Option<crate::journal::WrittenCommit>,
+    /// Each changed tenant's frontier as of this commit.
+    heads: Vec<(String, Frontier)>,
+    next_offset: Option<i64>,
+}
+
+impl PendingCommit {
+    /// The tenants with records in this commit.
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.heads.iter().map(|(t, _)| t.as_str())
+    }
+
+    /// The journal's end once this commit is durable (None when it writes nothing).
+    pub fn journal_end(&self) -> Option<u64> {
+        self.written.as_ref().map(|w| w.end_position())
+    }
+
+    /// The commit's one `fdatasync`; needs no access to the log.
+    pub fn sync(&self) -> Result<()> {
+        self.written.as_ref().map_or(Ok(()), |w| w.sync())
+    }
 }
 
 /// Every tenant log of a partition, over one journal.
@@ -200,7 +228,8 @@ impl PartitionLog {
             None => self.tenants.entry(tenant.to_string()).or_default(),
         };
         let seq = head.frontier.size();
-        if seq == head.size {
+        if !head.in_batch {
+            head.in_batch = true;
             self.dirty.push(tenant.to_string());
         }
         self.nodes.clear();
@@ -212,44 +241,92 @@ impl PartitionLog {
 
     /// Makes every append durable with one `fdatasync` (with the source's next offset), and
     /// writes the index of a segment the commit sealed. Returns the tenants whose size changed.
+    /// A commit with no appends and no new offset writes nothing.
     pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
+        let written = self.write_commit(next_offset)?;
+        let synced = written.sync();
+        self.finish_commit(written, synced)
+    }
+
+    /// The first half of [`PartitionLog::commit`]: writes every append and the commit frame
+    /// (see [`Journal::write_commit`]). Sync the result without holding whatever guards this
+    /// log, then call [`PartitionLog::finish_commit`]; meanwhile reads see the previous commit
+    /// and appends go to the next one.
+    pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<PendingCommit> {
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Commit(format!("{}: reopen the partition log: {why}", self.dir.display())));
+        }
         if self.dirty.is_empty() && (next_offset.is_none() || next_offset == self.next_offset) {
             // Nothing new to make durable: no write, no fsync.
-            return Ok(Vec::new());
+            return Ok(PendingCommit { written: None, heads: Vec::new(), next_offset: None });
         }
         let before = self.journal.segment_starts();
         let changed = std::mem::take(&mut self.dirty);
-        if let Err(e) = self.journal.commit(next_offset) {
-            // The journal dropped the appends; so do the heads.
-            for tenant in &changed {
-                if let Some(head) = self.tenants.get_mut(tenant) {
-                    head.frontier = head.committed.clone();
-                    head.active.truncate((head.size - head.active_first) as usize);
-                }
+        let written = match self.journal.write_commit(next_offset) {
+            Ok(w) => w,
+            Err(e) => {
+                self.forget_uncommitted();
+                return Err(e);
             }
-            return Err(e);
-        }
-        for tenant in &changed {
-            if let Some(head) = self.tenants.get_mut(tenant) {
-                head.size = head.frontier.size();
-                head.committed = head.frontier.clone();
-            }
-        }
-        if next_offset.is_some() {
-            self.next_offset = next_offset;
-        }
+        };
+        let heads = changed
+            .into_iter()
+            .filter_map(|tenant| {
+                let head = self.tenants.get_mut(&tenant)?;
+                head.in_batch = false;
+                let frontier = head.frontier.clone();
+                Some((tenant, frontier))
+            })
+            .collect();
         let after = self.journal.segment_starts();
         if after.len() > before.len() {
-            if let Some(&sealed) = before.last() {
-                // The commit is durable: a failed index write does not undo it, it stops
-                // further writes until the log is reopened, which rebuilds the index.
-                if let Err(e) = self.seal(sealed) {
+            if let (Some(&sealed), Some(&next)) = (before.last(), after.last()) {
+                // The sealed segment's commits are all durable (commits are one at a time): a
+                // failed index write stops further writes until the log is reopened, which
+                // rebuilds the index, but does not fail this commit.
+                if let Err(e) = self.seal(sealed, next) {
                     tracing::error!(dir = %self.dir.display(), segment = sealed, error = %e, "segment index not written; the partition log takes no more writes until reopened");
                     self.poisoned = Some(format!("segment {sealed}'s index not written: {e}"));
                 }
             }
         }
+        Ok(PendingCommit { written: Some(written), heads, next_offset })
+    }
+
+    /// The second half of [`PartitionLog::commit`], with `synced` the outcome of
+    /// [`PendingCommit::sync`]: the commit's records become readable. Returns the tenants whose
+    /// size changed. After a failed sync, every append not yet durable is forgotten and the log
+    /// takes no more writes until reopened.
+    pub fn finish_commit(&mut self, pending: PendingCommit, synced: Result<()>) -> Result<Vec<String>> {
+        let Some(written) = pending.written else { return Ok(Vec::new()) };
+        if let Err(e) = self.journal.finish_commit(written, synced) {
+            self.forget_uncommitted();
+            return Err(e);
+        }
+        let mut changed = Vec::with_capacity(pending.heads.len());
+        for (tenant, frontier) in pending.heads {
+            if let Some(head) = self.tenants.get_mut(&tenant) {
+                head.size = frontier.size();
+                head.committed = frontier;
+            }
+            changed.push(tenant);
+        }
+        if pending.next_offset.is_some() {
+            self.next_offset = pending.next_offset;
+        }
         Ok(changed)
+    }
+
+    /// After a failed commit: every head back to what is durable (the journal dropped the rest).
+    fn forget_uncommitted(&mut self) {
+        self.dirty.clear();
+        for head in self.tenants.values_mut() {
+            head.in_batch = false;
+            if head.frontier.size() != head.size {
+                head.frontier = head.committed.clone();
+                head.active.truncate((head.size - head.active_first) as usize);
+            }
+        }
     }
 
     /// The source's next offset recorded by the last commit that named one: where consumption
@@ -258,22 +335,23 @@ impl PartitionLog {
         self.next_offset
     }
 
-    /// Writes the index of the segment starting at `segment`, just sealed, from the active
-    /// positions, and moves them to runs.
-    fn seal(&mut self, segment: u64) -> Result<()> {
+    /// Writes the index of the sealed segment `[segment, end)` from the active positions below
+    /// `end`, and moves them to runs (positions past `end` are in the new segment).
+    fn seal(&mut self, segment: u64, end: u64) -> Result<()> {
         let mut table: BTreeMap<&str, (u64, &[u64])> = BTreeMap::new();
         for (tenant, head) in &self.tenants {
-            if !head.active.is_empty() {
-                table.insert(tenant.as_str(), (head.active_first, head.active.as_slice()));
+            let sealed = head.active.partition_point(|&p| p < end);
+            if sealed > 0 {
+                table.insert(tenant.as_str(), (head.active_first, &head.active[..sealed]));
             }
         }
         let runs = write_index(&index_path(&self.dir, segment), &table)?;
         for (tenant, mut run) in runs {
             run.segment = segment;
             if let Some(head) = self.tenants.get_mut(&tenant) {
+                head.active.drain(..run.count as usize);
+                head.active_first += run.count;
                 head.runs.push(run);
-                head.active.clear();
-                head.active_first = head.size;
             }
         }
         Ok(())
@@ -557,6 +635,73 @@ mod tests {
         // Descriptors never grow with tenants: segments and indexes are opened per read.
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert!(files >= 2 * segments - 1, "{files} files for {segments} segments");
+    }
+
+    /// Appends and reads go on while a commit is being synced: reads see the previous commit,
+    /// appends made meanwhile belong to the next one, and segments roll only between commits.
+    #[test]
+    fn appends_and_reads_go_on_while_a_commit_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trees: BTreeMap<String, MemoryTree> = BTreeMap::new();
+        let mut log = PartitionLog::open(dir.path(), 4096).unwrap();
+        let append = |log: &mut PartitionLog, t: &str, trees: &mut BTreeMap<String, MemoryTree>| {
+            let tree = trees.entry(t.to_string()).or_default();
+            let seq = log.append(t, &entry(t, tree.size())).unwrap();
+            assert_eq!(seq, tree.size());
+            tree.push_entry(&entry(t, seq));
+        };
+        let mut committed: BTreeMap<String, u64> = BTreeMap::new();
+        for round in 0..200u64 {
+            for t in ["acme", "globex", "initech"] {
+                append(&mut log, t, &mut trees);
+            }
+            let pending = log.write_commit(Some(round as i64)).unwrap();
+            // While it syncs: more appends, and reads of what was durable before.
+            append(&mut log, "acme", &mut trees);
+            append(&mut log, "umbrella", &mut trees);
+            for (t, n) in &committed {
+                assert_eq!(log.size(t), *n, "{t}: only what is durable is visible");
+                if *n > 0 {
+                    assert_eq!(log.entry(t, n - 1).unwrap(), entry(t, n - 1));
+                }
+            }
+            pending.sync().unwrap();
+            let mut changed = log.finish_commit(pending, Ok(())).unwrap();
+            changed.sort();
+            assert_eq!(changed, if round == 0 { vec!["acme", "globex", "initech"] } else { vec!["acme", "globex", "initech", "umbrella"] });
+            for t in ["acme", "globex", "initech", "umbrella"] {
+                committed.insert(t.to_string(), log.size(t));
+            }
+        }
+        log.commit(Some(200)).unwrap();
+        assert!(log.journal.segment_starts().len() > 5, "rolled between commits");
+        check(&log, &trees);
+        drop(log);
+        let log = PartitionLog::open(dir.path(), 4096).unwrap();
+        assert_eq!(log.next_offset(), Some(200));
+        check(&log, &trees);
+    }
+
+    #[test]
+    fn a_failed_sync_forgets_what_was_not_durable_and_stops_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
+        log.append("acme", b"one").unwrap();
+        log.commit(Some(1)).unwrap();
+        let root = log.root("acme");
+        log.append("acme", b"two").unwrap();
+        let pending = log.write_commit(Some(2)).unwrap();
+        log.append("acme", b"three").unwrap();
+        let failed = Err(Error::Commit("injected fsync failure".into()));
+        assert!(log.finish_commit(pending, failed).is_err());
+        assert_eq!((log.size("acme"), log.next_seq("acme"), log.root("acme")), (1, 1, root));
+        assert!(log.append("acme", b"four").is_ok_and(|_| log.commit(Some(3)).is_err()), "no more writes until reopened");
+        drop(log);
+        // The commit whose sync failed may or may not have reached the disk (it was never
+        // acknowledged); either way its records and its offset agree.
+        let log = PartitionLog::open(dir.path(), 8192).unwrap();
+        let reopened = (log.size("acme"), log.next_offset());
+        assert!(reopened == (1, Some(1)) || reopened == (2, Some(2)), "{reopened:?}");
     }
 
     #[test]

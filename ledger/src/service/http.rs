@@ -364,8 +364,14 @@ async fn on_owned<T: Send + 'static>(
         f(&mut p).map_err(|e| ApiError::from(e).into_response())
     })
     .await;
+    joined_or_internal(partition, joined)
+}
+
+/// The outcome of blocking work on a partition; a task that failed (panicked) is logged and
+/// answered 500, its message never shown to the caller.
+#[allow(clippy::result_large_err)]
+fn joined_or_internal<T>(partition: i32, joined: Result<Result<T, Response>, tokio::task::JoinError>) -> Result<T, Response> {
     joined.unwrap_or_else(|e| {
-        // The task's failure (a panic message) is for the log, never for the caller.
         tracing::error!(partition, error = %e, "partition work failed");
         Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into()).into_response())
     })
@@ -380,9 +386,11 @@ async fn on_owned<T: Send + 'static>(
 /// after the append already covers it, and committing a closed partition is still safe, since
 /// this process holds its lock for as long as `owned` lives.
 async fn make_durable(shared: &Arc<Shared>, owned: super::Owned, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
-    let times =
-        on_owned(owned, partition, false, move |p| if p.committed_size(&tenant) <= seq { p.commit_timed().map(|(_, t)| Some(t)) } else { Ok(None) }).await?;
-    if let Some(times) = times {
+    let joined = tokio::task::spawn_blocking(move || {
+        super::commit_owned(&owned, false, |p| p.committed_size(&tenant) > seq).map_err(|e| ApiError::from(e).into_response())
+    })
+    .await;
+    if let Some((_, times)) = joined_or_internal(partition, joined)? {
         shared.metrics.observe_commit(times);
     }
     Ok(())
@@ -614,7 +622,7 @@ mod tests {
         let shared = Arc::new(Shared {
             root: dir.path().to_path_buf(),
             keys: vec![key],
-            partitions: std::sync::RwLock::new(BTreeMap::from([(0, Arc::new(Mutex::new(p)))])),
+            partitions: std::sync::RwLock::new(BTreeMap::from([(0, crate::service::OwnedPartition::new(p))])),
             fatal: Mutex::new(None),
             tokens: TokenStore::load(&path).unwrap(),
             budgets: crate::service::BudgetSource::new(None, Some(budgets)),
@@ -971,7 +979,7 @@ mod tests {
         let mut p1 = PartitionLedger::open(f.dir.path(), "events", 1, vec![key]).unwrap();
         p1.apply(&test_delivery(0, &other, "e0", 5)).unwrap();
         p1.commit().unwrap();
-        f.shared.partitions_mut().insert(1, Arc::new(Mutex::new(p1)));
+        f.shared.partitions_mut().insert(1, crate::service::OwnedPartition::new(p1));
         // Partition 0 is busy for as long as this thread holds it.
         let busy = f.shared.partition(0).unwrap();
         let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());

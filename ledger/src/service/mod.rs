@@ -29,7 +29,7 @@ use serde::Deserialize;
 use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, KafkaConfig, PartitionSink, Resume};
 
 pub use metrics::{CommitTimes, Metrics};
-pub use partition::{Applied, PartitionLedger};
+pub use partition::{Applied, PartitionLedger, WrittenCommit};
 
 use crate::budget::BudgetFile;
 use crate::error::{Error, Result};
@@ -180,12 +180,44 @@ impl ServiceConfig {
     }
 }
 
-/// One owned partition, locked on its own.
-pub(crate) type Owned = Arc<Mutex<PartitionLedger>>;
+/// One owned partition: its state behind its own lock, and the gate that keeps its commits one
+/// at a time. The gate is held across a commit's `fdatasync`; the state's lock is not, so reads
+/// and admissions of the partition go on while a commit syncs. Lock order: gate, then state.
+pub(crate) struct OwnedPartition {
+    ledger: Mutex<PartitionLedger>,
+    commits: Mutex<()>,
+}
+
+impl OwnedPartition {
+    pub(crate) fn new(ledger: PartitionLedger) -> Owned {
+        Arc::new(OwnedPartition { ledger: Mutex::new(ledger), commits: Mutex::new(()) })
+    }
+}
+
+/// One owned partition, shared by the consume loop, the rebalance callbacks and the handlers.
+pub(crate) type Owned = Arc<OwnedPartition>;
 
 /// The partition behind `owned`, waiting for whoever holds it now.
 fn lock(owned: &Owned) -> MutexGuard<'_, PartitionLedger> {
-    owned.lock().unwrap_or_else(PoisonError::into_inner)
+    owned.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Commits `owned`, its `fdatasync` outside the partition's lock: written under the lock, synced
+/// without it, finished under it again. Commits of one partition are one at a time (the gate);
+/// once the gate is ours, `covered` says whether the commits before already did the work (an
+/// admission whose record another caller's commit made durable), and then nothing is done.
+/// With `closing`, the partition takes no new work afterwards.
+pub(crate) fn commit_owned(owned: &Owned, closing: bool, covered: impl FnOnce(&PartitionLedger) -> bool) -> Result<Option<(Option<i64>, CommitTimes)>> {
+    let _one_at_a_time = owned.commits.lock().unwrap_or_else(PoisonError::into_inner);
+    let written = {
+        let mut p = lock(owned);
+        if covered(&p) {
+            return Ok(None);
+        }
+        p.write_commit(closing)?
+    };
+    let synced = written.sync();
+    lock(owned).finish_commit(written, synced).map(Some)
 }
 
 /// State shared by the consume loop, the rebalance callbacks and the HTTP handlers.
@@ -382,13 +414,13 @@ impl Shared {
         // Everything appended before this point is signed once the loop below succeeds.
         let signing = Instant::now();
         for (p, owned) in self.owned() {
-            let mut ledger = lock(&owned);
-            let (next, times) = ledger.commit_timed()?;
-            self.metrics.observe_commit(times);
-            if let Some(next) = next {
-                out.push((p, next));
+            if let Some((next, times)) = commit_owned(&owned, false, |_| false)? {
+                self.metrics.observe_commit(times);
+                if let Some(next) = next {
+                    out.push((p, next));
+                }
             }
-            let projected = ledger.project(false);
+            let projected = lock(&owned).project(false);
             self.metrics.projected_records.inc_by(projected.records);
             self.metrics.projection_files.inc_by(projected.files as u64);
             self.metrics.projection_errors.inc_by(projected.errors as u64);
@@ -440,7 +472,7 @@ impl PartitionSink for Sink {
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
                 }
-                self.0.partitions_mut().insert(partition, Arc::new(Mutex::new(p)));
+                self.0.partitions_mut().insert(partition, OwnedPartition::new(p));
                 resume
             }
             Err(e @ Error::PartitionBusy(_)) if self.0.assignment == AssignmentMode::Assign => {
@@ -471,14 +503,12 @@ impl PartitionSink for Sink {
         // Work already running on a removed partition (an admission) finishes first: the lock
         // is taken after it, and the closing commit covers what it appended.
         for (p, owned) in removed {
-            let mut ledger = lock(&owned);
-            {
-                match ledger.commit_closing() {
-                    Ok((_, times)) => self.0.metrics.observe_commit(times),
-                    Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
-                }
-                ledger.project(true);
+            match commit_owned(&owned, true, |_| false) {
+                Ok(Some((_, times))) => self.0.metrics.observe_commit(times),
+                Ok(None) => {}
+                Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
             }
+            lock(&owned).project(true);
         }
     }
 }

@@ -61,8 +61,10 @@ pub struct PartitionLedger {
     next_offset: Option<i64>,
     /// When the store was last committed durably.
     store_durable_at: std::time::Instant,
-    /// Dedup keys appended since the last commit.
+    /// Dedup keys appended since the last commit was written.
     pending: HashMap<DedupKey, Seen>,
+    /// Dedup keys of the commit being synced: the store takes them once it is durable.
+    in_flight: HashMap<DedupKey, Seen>,
     /// Budget state per tenant (every tenant with a log here).
     budgets: HashMap<String, BudgetState>,
     /// The budgets file in force, if any.
@@ -199,6 +201,7 @@ impl PartitionLedger {
             next_offset,
             store_durable_at: std::time::Instant::now(),
             pending: HashMap::new(),
+            in_flight: HashMap::new(),
             budgets,
             budget_file: None,
             budget_changed: BTreeSet::new(),
@@ -259,13 +262,19 @@ impl PartitionLedger {
         self.ledger.tenant_ids()
     }
 
+    /// The first record seen with `key`: appended since the last commit, in the commit being
+    /// synced, or in the store.
+    fn lookup(&self, key: &DedupKey) -> Result<Option<Seen>> {
+        match self.pending.get(key).or_else(|| self.in_flight.get(key)) {
+            Some(seen) => Ok(Some(*seen)),
+            None => self.store.lookup(key),
+        }
+    }
+
     /// The seq of the record first recorded under `key` for `tenant`, if any.
     pub fn seq_of(&mut self, tenant: &str, key: &IdempotencyKey) -> Result<Option<u64>> {
         let key = dedup_key(tenant, key);
-        let seen = match self.pending.get(&key) {
-            Some(seen) => Some(*seen),
-            None => self.store.lookup(&key)?,
-        };
+        let seen = self.lookup(&key)?;
         let size = self.ledger.size(tenant);
         Ok(seen.map(|s| s.seq).filter(|&seq| seq < size))
     }
@@ -298,10 +307,7 @@ impl PartitionLedger {
         let input = EventInput { event: &decoded.event, ce_source: decoded.key.source.as_deref(), payload_sha256: &decoded.payload_sha256, source: &source };
         let key = dedup_key(&tenant, &decoded.key);
         let content = content_digest(&decoded.event)?;
-        let seen = match self.pending.get(&key) {
-            Some(seen) => Some(*seen),
-            None => self.store.lookup(&key)?,
-        };
+        let seen = self.lookup(&key)?;
         let size = self.next_seq(&tenant)?;
         // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
         let applied = match seen.filter(|s| s.seq < size) {
@@ -499,7 +505,6 @@ impl PartitionLedger {
     /// nothing. Afterwards the partition is closed: request handlers that still hold it answer
     /// `rebalancing`.
     pub fn commit_closing(&mut self) -> Result<(Option<i64>, CommitTimes)> {
-        self.closed = true;
         self.commit_with(true)
     }
 
@@ -509,36 +514,93 @@ impl PartitionLedger {
     }
 
     fn commit_with(&mut self, closing: bool) -> Result<(Option<i64>, CommitTimes)> {
+        let written = self.write_commit(closing)?;
+        let synced = written.sync();
+        self.finish_commit(written, synced)
+    }
+
+    /// The first half of a commit: writes every tenant's new records and the next offset to the
+    /// journal, without syncing. The caller runs [`WrittenCommit::sync`] without holding this
+    /// partition's lock, so reads and admissions go on during the `fdatasync`, then calls
+    /// [`PartitionLedger::finish_commit`]. Commits must not overlap: the caller serialises them.
+    ///
+    /// Every [`STORE_DURABLE_EVERY`], or when `closing` (then the partition takes no new work),
+    /// the commit also snapshots every budget it changed or left stale, as of this commit.
+    pub fn write_commit(&mut self, closing: bool) -> Result<WrittenCommit> {
+        if closing {
+            self.closed = true;
+        }
         let started = std::time::Instant::now();
-        let changed = self.ledger.commit(self.next_offset)?;
-        let mut times = CommitTimes { logs: started.elapsed(), state: None };
-        self.budget_stale.extend(changed.iter().cloned());
-        self.unprojected.extend(changed);
-        // Durable every STORE_DURABLE_EVERY, with every stale budget snapshot and the journal
-        // position they and the dedup keys cover; in between without an fsync.
+        let pending = self.ledger.write_commit(self.next_offset)?;
+        self.in_flight = std::mem::take(&mut self.pending);
         let durable = closing || self.store_durable_at.elapsed() >= STORE_DURABLE_EVERY;
-        // Built from copies: if the store commit fails, nothing pending is forgotten and the
-        // next commit tries again.
-        let mut batch = Batch { seen: self.pending.iter().map(|(k, v)| (*k, *v)).collect(), durable, ..Batch::default() };
+        let mut snapshots = Vec::new();
         if durable {
-            for tenant in &self.budget_stale {
-                if let Some(budget) = self.budgets.get(tenant) {
-                    batch.budgets.push((tenant.clone(), self.ledger.size(tenant), serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
+            // Every record appended so far is in this commit, so each state is exactly the fold
+            // of the tenant's log at its size after it.
+            self.budget_stale.extend(pending.tenants().map(str::to_string));
+            for tenant in std::mem::take(&mut self.budget_stale) {
+                if let Some(budget) = self.budgets.get(&tenant) {
+                    let covered = self.ledger.next_seq(&tenant);
+                    snapshots.push((tenant, covered, serde_json::to_vec(budget).map_err(|e| Error::BadRecord(e.to_string()))?));
                 }
             }
-            batch.journal_position = Some(self.ledger.journal_end());
         }
+        let journal_position = durable.then(|| pending.journal_end().unwrap_or(self.ledger.journal_end()));
+        Ok(WrittenCommit { pending, next_offset: self.next_offset, started, snapshots, journal_position })
+    }
+
+    /// The second half of a commit, with `synced` the outcome of [`WrittenCommit::sync`]: the
+    /// records become readable and the store takes the commit's dedup keys (durably, with the
+    /// budget snapshots and the journal position they cover, when the commit took snapshots).
+    /// Returns the next offset now durable.
+    pub fn finish_commit(&mut self, written: WrittenCommit, synced: Result<()>) -> Result<(Option<i64>, CommitTimes)> {
+        let synced = synced.map_err(|e| match e {
+            Error::Log(e) => e,
+            other => tally_log::Error::Commit(other.to_string()),
+        });
+        let changed = self.ledger.finish_commit(written.pending, synced)?;
+        let mut times = CommitTimes { logs: written.started.elapsed(), state: None };
+        let durable = written.journal_position.is_some();
+        if !durable {
+            self.budget_stale.extend(changed.iter().cloned());
+        }
+        self.unprojected.extend(changed);
+        let batch = Batch { seen: self.in_flight.drain().collect(), budgets: written.snapshots, journal_position: written.journal_position, durable };
         if !batch.is_empty() {
             let started = std::time::Instant::now();
-            self.store.commit(&batch)?;
+            if let Err(e) = self.store.commit(&batch) {
+                // Nothing is forgotten: the next commit hands the store all of it again.
+                for (key, seen) in batch.seen {
+                    self.pending.entry(key).or_insert(seen);
+                }
+                self.budget_stale.extend(batch.budgets.into_iter().map(|(tenant, _, _)| tenant));
+                return Err(e);
+            }
             times.state = Some(started.elapsed());
         }
-        self.pending.clear();
         if durable {
-            self.budget_stale.clear();
             self.store_durable_at = std::time::Instant::now();
         }
-        Ok((self.next_offset, times))
+        Ok((written.next_offset, times))
+    }
+}
+
+/// A partition commit written but not yet durable (see [`PartitionLedger::write_commit`]).
+pub struct WrittenCommit {
+    pending: tally_log::PendingCommit,
+    next_offset: Option<i64>,
+    started: std::time::Instant,
+    /// Budget snapshots as of this commit, when it makes the store durable.
+    snapshots: Vec<(String, u64, Vec<u8>)>,
+    /// The journal position after this commit, when it makes the store durable.
+    journal_position: Option<u64>,
+}
+
+impl WrittenCommit {
+    /// The commit's one `fdatasync`; needs no lock.
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.pending.sync()?)
     }
 }
 

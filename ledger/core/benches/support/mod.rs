@@ -3,8 +3,6 @@
 
 /// Every benchmark entry is this long: about a real event record.
 pub const ENTRY_BYTES: usize = 300;
-/// Appends per group commit.
-pub const COMMIT_EVERY: u64 = 1_000;
 
 /// The integer setting `name` from the environment, or `default`.
 pub fn env(name: &str, default: u64) -> u64 {
