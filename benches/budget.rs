@@ -2,7 +2,7 @@
 //!
 //! 1. In-process: `PartitionLedger::authorize` (decision + admission record, no fsync) latency,
 //!    and with a durable commit after every call (what one HTTP caller at a time pays).
-//! 2. HTTP over loopback (keep-alive) at 1, 16 and 256 concurrent callers against the running
+//! 2. HTTP over loopback (keep-alive) at 1, 16, 64 and 256 concurrent callers against the running
 //!    service: authorize latency p50/p99 and decisions/s. Every answer is durable.
 //! 3. Event published → the tenant's new state on the budget topic: p50/p99 at 500 events/s.
 //!
@@ -149,7 +149,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    for callers in [1usize, 16, 256] {
+    for callers in [1usize, 16, 64, 256] {
         let per_caller = (n as usize / 4 / callers).max(10);
         let start = Instant::now();
         let mut tasks = Vec::new();

@@ -140,6 +140,8 @@ pub struct Journal {
     segment_bytes: u64,
     /// Set after a failed write, fsync or roll: no more writes until reopened.
     poisoned: Option<String>,
+    /// Read handles of segments, keyed by their first position.
+    handles: crate::handles::HandleCache,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +274,7 @@ impl Journal {
             roll_at: None,
             segment_bytes: segment_bytes.max(4096),
             poisoned: (!write).then(|| "opened read-only".to_string()),
+            handles: crate::handles::HandleCache::default(),
         };
         Ok((journal, opened))
     }
@@ -447,7 +450,7 @@ impl Journal {
             return Err(corrupt(&self.dir, position, format!("past the committed end {}", self.end())));
         }
         let (segment, offset) = self.locate(position)?;
-        let file = File::open(&segment.path).map_err(|e| Error::io(&segment.path, e))?;
+        let file = self.handles.get(segment.first, &segment.path)?;
         let mut header = [0u8; FRAME_HEADER];
         file.read_exact_at(&mut header, offset).map_err(|e| Error::io(&segment.path, e))?;
         let (len, crc) = frame_header(&header);

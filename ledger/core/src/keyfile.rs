@@ -22,6 +22,9 @@ use crate::note::{NoteSigner, NoteVerifier};
 pub struct LedgerKey {
     origin: String,
     seed: [u8; 32],
+    /// The Ed25519 key of `seed`, derived once: deriving it (a scalar multiplication) costs
+    /// about as much as a signature, and every checkpoint needs a tenant's signer.
+    key: ed25519_dalek::SigningKey,
 }
 
 impl std::fmt::Debug for LedgerKey {
@@ -36,7 +39,7 @@ impl LedgerKey {
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);
         NoteSigner::new(origin, seed)?;
-        Ok(LedgerKey { origin: origin.trim_end_matches('/').to_string(), seed })
+        Ok(LedgerKey { origin: origin.trim_end_matches('/').to_string(), seed, key: ed25519_dalek::SigningKey::from_bytes(&seed) })
     }
 
     pub fn origin(&self) -> &str {
@@ -45,7 +48,7 @@ impl LedgerKey {
 
     /// The signer for one tenant's log.
     pub fn signer_for(&self, tenant_id: &str) -> Result<NoteSigner> {
-        NoteSigner::new(&tenant_origin(&self.origin, tenant_id), self.seed)
+        NoteSigner::with_key(&tenant_origin(&self.origin, tenant_id), self.key.clone())
     }
 
     /// The vkey of the log origin itself.
@@ -77,7 +80,7 @@ impl LedgerKey {
         if format!("{:08x}", signer.id()) != id {
             return Err(bad("key id does not match the origin and key"));
         }
-        Ok(LedgerKey { origin: origin.to_string(), seed })
+        Ok(LedgerKey { origin: origin.to_string(), seed, key: ed25519_dalek::SigningKey::from_bytes(&seed) })
     }
 
     /// Writes a new key file with mode 0600; refuses to overwrite an existing file.

@@ -25,6 +25,7 @@ mod checkpoint;
 pub mod durable;
 mod entries;
 mod error;
+mod handles;
 mod journal;
 mod keyfile;
 mod ledger;

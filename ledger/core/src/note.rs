@@ -55,8 +55,12 @@ impl std::fmt::Debug for NoteSigner {
 
 impl NoteSigner {
     pub fn new(name: &str, seed: [u8; 32]) -> Result<Self> {
+        Self::with_key(name, SigningKey::from_bytes(&seed))
+    }
+
+    /// A signer named `name` for a key already derived from its seed.
+    pub(crate) fn with_key(name: &str, key: SigningKey) -> Result<Self> {
         check_key_name(name)?;
-        let key = SigningKey::from_bytes(&seed);
         let id = key_id(name, key.verifying_key().as_bytes());
         Ok(NoteSigner { name: name.to_string(), key, id })
     }

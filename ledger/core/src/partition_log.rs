@@ -103,6 +103,8 @@ pub struct PartitionLog {
     /// Positions of runs a read-only open indexed itself (their index file was missing or
     /// damaged, and a reader writes nothing).
     memory_positions: Vec<u64>,
+    /// Read handles of segment indexes, keyed by their segment's first position.
+    indexes: crate::handles::HandleCache,
 }
 
 /// Each tenant's run in one segment index.
@@ -146,6 +148,7 @@ impl PartitionLog {
             next_offset: opened.next_offset,
             poisoned: (!write).then(|| "opened read-only".to_string()),
             memory_positions: Vec::new(),
+            indexes: crate::handles::HandleCache::default(),
         };
         let starts = log.journal.segment_starts();
         let (sealed, active) = starts.split_at(starts.len().saturating_sub(1));
@@ -345,6 +348,7 @@ impl PartitionLog {
                 table.insert(tenant.as_str(), (head.active_first, &head.active[..sealed]));
             }
         }
+        self.indexes.forget(segment);
         let runs = write_index(&index_path(&self.dir, segment), &table)?;
         for (tenant, mut run) in runs {
             run.segment = segment;
@@ -382,6 +386,7 @@ impl PartitionLog {
             return Ok(runs);
         }
         let table: BTreeMap<&str, (u64, &[u64])> = found.iter().map(|(t, (first, p))| (t.as_str(), (*first, p.as_slice()))).collect();
+        self.indexes.forget(segment);
         write_index(&index_path(&self.dir, segment), &table)
     }
 
@@ -449,7 +454,7 @@ impl PartitionLog {
             return self.memory_positions.get(at).copied().ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: not indexed")));
         }
         let path = index_path(&self.dir, run.segment);
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = self.indexes.get(run.segment, &path)?;
         let mut bytes = [0u8; 8];
         file.read_exact_at(&mut bytes, run.positions_at + 8 * (seq - run.first_seq)).map_err(|e| Error::io(&path, e))?;
         Ok(u64::from_le_bytes(bytes))

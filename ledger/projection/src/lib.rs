@@ -170,40 +170,91 @@ impl Projection {
 
     /// Projects the tenant's committed records past its watermark, at most
     /// [`MAX_FLUSH_RECORDS`] of them; does nothing if the last flush was under `flush_every` ago
-    /// and `force` is false. Returns None when not due.
+    /// and `force` is false. Returns None when not due. ([`Projection::due`],
+    /// [`read_flush`] and [`Projection::write`] in one step.)
     pub fn flush(&mut self, tenant: &str, ledger: &Ledger, force: bool) -> Result<Option<FlushReport>> {
-        let log = ledger.tenant(tenant);
+        let Some(first) = self.due(tenant, force)? else { return Ok(None) };
+        match read_flush(ledger, tenant, first, usize::MAX)? {
+            Some(input) => self.write(input).map(Some),
+            None => Ok(Some(FlushReport::default())),
+        }
+    }
+
+    /// Where the tenant's next flush starts, if one is due: its state is loaded (and recovered
+    /// from an interrupted flush) on first use, which touches only its projection files, never
+    /// the log. None while the last flush is under `flush_every` old and `force` is false.
+    pub fn due(&mut self, tenant: &str, force: bool) -> Result<Option<u64>> {
         let flush_every = self.flush_every;
-        let root = self.root.clone();
-        let zones = self.zones.clone();
         let state = self.tenant(tenant)?;
-        let size = log.size();
-        if state.mark.next_seq > size {
-            return Err(Error::Projection(format!(
-                "{tenant}: projected to {} but the log holds {size}; rebuild it (tally parquet rebuild)",
-                state.mark.next_seq
-            )));
-        }
-        if state.mark.next_seq == size {
-            return Ok(Some(FlushReport::default()));
-        }
         if !force && state.last_flush.is_some_and(|t| t.elapsed() < flush_every) {
             return Ok(None);
         }
-        let first = state.mark.next_seq;
-        let last = (first + MAX_FLUSH_RECORDS).min(size) - 1;
-        let entries = (first..=last).map(|seq| log.entry(seq)).collect::<tally_log::Result<Vec<_>>>()?;
-        let (mut report, touched) = write_flush(&root, tenant, first, &entries, &zones)?;
-        // A checkpoint of exactly the projected size: with it the projection alone can prove
-        // any of its ranges complete.
-        let checkpoint = ledger.checkpoint_at(tenant, last + 1)?;
+        Ok(Some(state.mark.next_seq))
+    }
+
+    /// Writes a flush read by [`read_flush`]: its rows and roll-ups, then the watermark. Needs no
+    /// access to the log. A flush that no longer starts at the watermark (another flush
+    /// wrote it meanwhile) is skipped.
+    pub fn write(&mut self, input: FlushInput) -> Result<FlushReport> {
+        let root = self.root.clone();
+        let zones = self.zones.clone();
+        let FlushInput { tenant, first, entries, checkpoint } = input;
+        let state = self.tenant(&tenant)?;
+        if state.mark.next_seq != first || entries.is_empty() {
+            return Ok(FlushReport::default());
+        }
+        let last = first + entries.len() as u64 - 1;
+        let (mut report, touched) = write_flush(&root, &tenant, first, &entries, &zones)?;
         let mark = files::Watermark { next_seq: last + 1, checkpoint: Some(checkpoint), daily_zones: zone_coverage(&state.mark, first, &zones) };
-        files::write_watermark(&root, tenant, &mark)?;
+        files::write_watermark(&root, &tenant, &mark)?;
         state.mark = mark;
         state.last_flush = Some(Instant::now());
-        report.merged = merge_touched(&root, tenant, &touched)?;
-        Ok(Some(report))
+        report.merged = merge_touched(&root, &tenant, &touched)?;
+        Ok(report)
     }
+}
+
+/// One tenant's records to project, read from its log: what [`Projection::write`] needs.
+pub struct FlushInput {
+    tenant: String,
+    first: u64,
+    entries: Vec<Vec<u8>>,
+    /// The signed checkpoint of exactly the projected size: with it the projection alone can
+    /// prove any of its ranges complete.
+    checkpoint: String,
+}
+
+impl FlushInput {
+    /// Bytes of entries it holds.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(Vec::len).sum()
+    }
+}
+
+/// Reads the tenant's committed records from seq `first` on, at most [`MAX_FLUSH_RECORDS`] of
+/// them and, past the first, no more than `max_bytes` of entries: the input of one flush. None
+/// when there is nothing new. The only step of a flush that reads the log.
+pub fn read_flush(ledger: &Ledger, tenant: &str, first: u64, max_bytes: usize) -> Result<Option<FlushInput>> {
+    let log = ledger.tenant(tenant);
+    let size = log.size();
+    if first > size {
+        return Err(Error::Projection(format!("{tenant}: projected to {first} but the log holds {size}; rebuild it (tally parquet rebuild)")));
+    }
+    if first == size {
+        return Ok(None);
+    }
+    let end = (first + MAX_FLUSH_RECORDS).min(size);
+    let (mut entries, mut bytes) = (Vec::new(), 0usize);
+    for seq in first..end {
+        if !entries.is_empty() && bytes >= max_bytes {
+            break;
+        }
+        let entry = log.entry(seq)?;
+        bytes += entry.len();
+        entries.push(entry);
+    }
+    let checkpoint = ledger.checkpoint_at(tenant, first + entries.len() as u64)?;
+    Ok(Some(FlushInput { tenant: tenant.to_string(), first, entries, checkpoint }))
 }
 
 /// The directories a flush wrote to: (tree, date or month).

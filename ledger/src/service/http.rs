@@ -622,7 +622,7 @@ mod tests {
         let shared = Arc::new(Shared {
             root: dir.path().to_path_buf(),
             keys: vec![key],
-            partitions: std::sync::RwLock::new(BTreeMap::from([(0, crate::service::OwnedPartition::new(p))])),
+            partitions: std::sync::RwLock::new(BTreeMap::from([(0, crate::service::OwnedPartition::new(p, projection(dir.path())))])),
             fatal: Mutex::new(None),
             tokens: TokenStore::load(&path).unwrap(),
             budgets: crate::service::BudgetSource::new(None, Some(budgets)),
@@ -979,7 +979,7 @@ mod tests {
         let mut p1 = PartitionLedger::open(f.dir.path(), "events", 1, vec![key]).unwrap();
         p1.apply(&test_delivery(0, &other, "e0", 5)).unwrap();
         p1.commit().unwrap();
-        f.shared.partitions_mut().insert(1, crate::service::OwnedPartition::new(p1));
+        f.shared.partitions_mut().insert(1, crate::service::OwnedPartition::new(p1, projection(f.dir.path())));
         // Partition 0 is busy for as long as this thread holds it.
         let busy = f.shared.partition(0).unwrap();
         let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
@@ -999,6 +999,51 @@ mod tests {
         };
         // Not a speed limit: a generous bound that only a wait on partition 0 would exceed.
         tokio::time::timeout(std::time::Duration::from_secs(20), work).await.expect("partition 1 waited for partition 0");
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+    }
+
+    fn projection(root: &std::path::Path) -> tally_projection::Projection {
+        tally_projection::Projection::new(&root.join("parquet"), std::time::Duration::from_secs(1))
+    }
+
+    /// Within a partition, reads never wait for a Parquet pass or a commit's sync, and
+    /// admissions never wait for a Parquet pass: both run under locks of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_never_wait_for_the_projection_or_a_commit_sync() {
+        let f = fixture();
+        let owned = f.shared.partition(0).unwrap();
+        let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+        let busy = std::sync::Arc::clone(&owned);
+        let holder = std::thread::spawn(move || {
+            let _projecting = busy.projection.lock().unwrap();
+            let _syncing = busy.commits.lock().unwrap();
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        let reads = async {
+            for path in ["/t/acme/checkpoint", "/v1/tenants/acme/records/0", "/t/acme/tile/0/000.p/2", "/v1/tenants/acme/receipt/1", "/v1/tenants/acme/budget"]
+            {
+                let (status, body, _) = call(&f.app, path, Some(&f.admin)).await;
+                assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            }
+        };
+        // Not a speed limit: a generous bound that only a wait on those locks would exceed.
+        tokio::time::timeout(std::time::Duration::from_secs(20), reads).await.expect("a read waited for the projection or a commit");
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+        // With only the projection busy, an admission goes through (its commit needs the gate).
+        let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+        let holder = std::thread::spawn(move || {
+            let _projecting = owned.projection.lock().unwrap();
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        let admission = send(&f.app, "POST", "/v1/tenants/acme/budget/authorize", Some(&f.admin), Some(r#"{"estimate_micros":1}"#));
+        let (status, json) = tokio::time::timeout(std::time::Duration::from_secs(20), admission).await.expect("an admission waited for the projection");
+        assert_eq!(status, StatusCode::OK, "{json}");
         release.0.send(()).unwrap();
         holder.join().unwrap();
     }

@@ -147,6 +147,13 @@ impl Metrics {
         }
     }
 
+    /// Counts what a projection pass did.
+    pub(super) fn projected(&self, projected: super::projector::Projected) {
+        self.projected_records.inc_by(projected.records);
+        self.projection_files.inc_by(projected.files as u64);
+        self.projection_errors.inc_by(projected.errors as u64);
+    }
+
     pub fn observe_commit(&self, times: CommitTimes) {
         self.fsync_seconds.with_label_values(&["logs"]).observe(times.logs.as_secs_f64());
         if let Some(state) = times.state {

@@ -16,6 +16,7 @@
 mod http;
 mod metrics;
 mod partition;
+mod projector;
 mod store;
 
 use std::collections::BTreeMap;
@@ -183,14 +184,16 @@ impl ServiceConfig {
 /// One owned partition: its state behind its own lock, and the gate that keeps its commits one
 /// at a time. The gate is held across a commit's `fdatasync`; the state's lock is not, so reads
 /// and admissions of the partition go on while a commit syncs. Lock order: gate, then state.
+/// Its Parquet projection has a lock of its own too (see `projector`), taken before the state's.
 pub(crate) struct OwnedPartition {
     ledger: Mutex<PartitionLedger>,
     commits: Mutex<()>,
+    projection: Mutex<tally_projection::Projection>,
 }
 
 impl OwnedPartition {
-    pub(crate) fn new(ledger: PartitionLedger) -> Owned {
-        Arc::new(OwnedPartition { ledger: Mutex::new(ledger), commits: Mutex::new(()) })
+    pub(crate) fn new(ledger: PartitionLedger, projection: tally_projection::Projection) -> Owned {
+        Arc::new(OwnedPartition { ledger: Mutex::new(ledger), commits: Mutex::new(()), projection: Mutex::new(projection) })
     }
 }
 
@@ -420,10 +423,6 @@ impl Shared {
                     out.push((p, next));
                 }
             }
-            let projected = lock(&owned).project(false);
-            self.metrics.projected_records.inc_by(projected.records);
-            self.metrics.projection_files.inc_by(projected.files as u64);
-            self.metrics.projection_errors.inc_by(projected.errors as u64);
         }
         self.metrics.signed(signing);
         self.metrics.commits.inc();
@@ -462,7 +461,6 @@ impl PartitionSink for Sink {
         match opened {
             Ok(mut p) => {
                 p.set_budget_file(self.0.budgets.current());
-                p.set_projection(self.0.projection_interval, self.0.report_zones.clone());
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
                 // The budget topic may lack the last states of this partition's tenants (lost in
                 // a crash, or never sent by a previous owner): publish them again. The topic is
@@ -472,7 +470,9 @@ impl PartitionSink for Sink {
                 if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
                     tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
                 }
-                self.0.partitions_mut().insert(partition, OwnedPartition::new(p));
+                let projection =
+                    tally_projection::Projection::new(&self.0.root.join("parquet"), self.0.projection_interval).with_zones(self.0.report_zones.clone());
+                self.0.partitions_mut().insert(partition, OwnedPartition::new(p, projection));
                 resume
             }
             Err(e @ Error::PartitionBusy(_)) if self.0.assignment == AssignmentMode::Assign => {
@@ -508,7 +508,7 @@ impl PartitionSink for Sink {
                 Ok(None) => {}
                 Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
             }
-            lock(&owned).project(true);
+            self.0.metrics.projected(projector::project_partition(&owned, p, true));
         }
     }
 }
@@ -644,6 +644,14 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         metrics: Metrics::default(),
     });
     let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
+    let (stop_projector, stopped) = std::sync::mpsc::channel::<()>();
+    let projecting = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("tally-projector".into())
+            .spawn(move || projector::run(shared, stopped))
+            .map_err(|e| Error::Service(format!("cannot start the projection thread: {e}")))?
+    };
     let join = || {
         let sink = Arc::new(Sink(Arc::clone(&shared)));
         match config.assignment {
@@ -825,10 +833,14 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     .await;
     // Whatever ended the loop, make what was applied durable before leaving the group.
     let committed = tokio::task::block_in_place(|| shared.commit_all());
+    drop(stop_projector);
     tokio::task::block_in_place(|| {
-        shared.owned().values().for_each(|p| {
-            lock(p).project(true);
-        })
+        if projecting.join().is_err() {
+            tracing::error!("the projection thread panicked");
+        }
+        for (p, owned) in shared.owned() {
+            shared.metrics.projected(projector::project_partition(&owned, p, true));
+        }
     });
     if let Ok(offsets) = &committed {
         consumer.commit(offsets).map_err(kafka_err)?;

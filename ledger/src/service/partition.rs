@@ -39,7 +39,6 @@ use crate::error::{Error, Result};
 use serde::de::IgnoredAny;
 use tally_log::{conflict_record, event_record, EventInput, Record, Source};
 use tally_log::{Ledger, LedgerKey, TenantEntries};
-use tally_projection::Projection;
 
 /// What applying one delivery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,20 +76,10 @@ pub struct PartitionLedger {
     config_pending: BTreeSet<String>,
     /// Effective budgets resolved from `budget_file`, per tenant.
     effective: HashMap<String, crate::budget::TenantBudget>,
-    /// The Parquet projection of this partition's tenants (`<data_dir>/parquet`).
-    projection: Projection,
     /// Tenants whose committed records may not all be projected yet.
     unprojected: BTreeSet<String>,
     /// The closing commit has run (see [`PartitionLedger::commit_closing`]).
     closed: bool,
-}
-
-/// What one projection pass did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Projected {
-    pub records: u64,
-    pub files: usize,
-    pub errors: usize,
 }
 
 /// Takes the exclusive lock of a partition directory (held while the returned file is open).
@@ -208,43 +197,29 @@ impl PartitionLedger {
             budget_stale: BTreeSet::new(),
             config_pending: BTreeSet::new(),
             effective: HashMap::new(),
-            projection: Projection::new(&root.join("parquet"), std::time::Duration::from_secs(1)),
             unprojected,
             closed: false,
         })
     }
 
-    /// How often each tenant's new records are written to Parquet (at most), and the zones
-    /// daily roll-ups are kept for.
-    pub fn set_projection(&mut self, every: std::time::Duration, zones: Vec<(String, jiff::tz::TimeZone)>) {
-        self.projection = Projection::new(self.projection.root(), every).with_zones(zones);
+    /// Up to `n` tenants, in id order after `after`, whose committed records may not all be in
+    /// the Parquet projection yet (see `super::projector`).
+    pub fn unprojected_after(&self, after: &str, n: usize) -> Vec<String> {
+        use std::ops::Bound;
+        self.unprojected.range::<str, _>((Bound::Excluded(after), Bound::Unbounded)).take(n).cloned().collect()
     }
 
-    /// Writes committed records to the Parquet projection: every tenant that is due, or all
-    /// of them when `force`. A failure is logged and retried at the next pass; it never stops
-    /// ingestion (the log is the truth, and the projection can be rebuilt from it).
-    pub fn project(&mut self, force: bool) -> Projected {
-        let mut out = Projected::default();
-        let tenants: Vec<String> = self.unprojected.iter().cloned().collect();
-        for tenant in tenants {
-            let result = self.projection.flush(&tenant, &self.ledger, force).and_then(|r| Ok((r, self.projection.behind(&tenant, &self.ledger)?)));
-            match result {
-                Ok((report, behind)) => {
-                    if let Some(r) = report {
-                        out.records += r.records;
-                        out.files += r.files;
-                    }
-                    if behind == 0 {
-                        self.unprojected.remove(&tenant);
-                    }
-                }
-                Err(e) => {
-                    out.errors += 1;
-                    tracing::error!(tenant_id = %tenant, partition = self.partition, error = %e, "parquet projection failed; retrying at the next pass");
-                }
-            }
+    /// Whether any tenant's committed records may not all be projected yet.
+    pub fn has_unprojected(&self) -> bool {
+        !self.unprojected.is_empty()
+    }
+
+    /// The tenant's projection reaches `next_seq`: once that is its committed size, it is no
+    /// longer looked at until its next commit.
+    pub fn projected(&mut self, tenant: &str, next_seq: u64) {
+        if next_seq >= self.ledger.size(tenant) {
+            self.unprojected.remove(tenant);
         }
-        out
     }
 
     /// Where consumption resumes: the durable progress, or the partition's start.
