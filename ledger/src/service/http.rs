@@ -347,26 +347,6 @@ fn rebalancing() -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into())
 }
 
-/// Runs `f` on `owned` on a blocking thread (it may fsync). With `open_only`, a partition whose
-/// closing commit has run (revoked while this request waited) answers 503 `rebalancing`.
-#[allow(clippy::result_large_err)]
-async fn on_owned<T: Send + 'static>(
-    owned: super::Owned,
-    partition: i32,
-    open_only: bool,
-    f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<T> + Send + 'static,
-) -> Result<T, Response> {
-    let joined = tokio::task::spawn_blocking(move || {
-        let mut p = super::lock(&owned);
-        if open_only && p.is_closed() {
-            return Err(rebalancing().into_response());
-        }
-        f(&mut p).map_err(|e| ApiError::from(e).into_response())
-    })
-    .await;
-    joined_or_internal(partition, joined)
-}
-
 /// The outcome of blocking work on a partition; a task that failed (panicked) is logged and
 /// answered 500, its message never shown to the caller.
 #[allow(clippy::result_large_err)]
@@ -377,23 +357,44 @@ fn joined_or_internal<T>(partition: i32, joined: Result<Result<T, Response>, tok
     })
 }
 
-/// Makes the tenant's log durable up to `seq` (inclusive). Callers that arrive while another
-/// commit covers them return at once: concurrent admissions share one fsync.
+/// Runs `f` on `owned` (open only: a closed partition answers 503 `rebalancing`) and, when it
+/// appended a record (`Some(seq)`), makes the tenant's log durable up to it before returning:
+/// the answer goes out only once its record survives a crash. One blocking task for both: the
+/// decision under the partition's lock, the commit after it (`commit_owned`, its `fdatasync`
+/// without that lock). Callers that arrive while another commit is syncing append meanwhile and
+/// share the next commit; a caller whose record a commit already covered returns at once.
+///
+/// The commit runs on the instance that appended the record (`owned`), closed or not by then: a
+/// closing commit after the append already covers it, and committing a closed partition is
+/// still safe, since this process holds its lock for as long as `owned` lives.
 // The error is the response itself (large, as axum's are): it is what the handler returns.
 #[allow(clippy::result_large_err)]
-///
-/// It runs on the instance that appended the record (`owned`), closed or not: a closing commit
-/// after the append already covers it, and committing a closed partition is still safe, since
-/// this process holds its lock for as long as `owned` lives.
-async fn make_durable(shared: &Arc<Shared>, owned: super::Owned, partition: i32, tenant: String, seq: u64) -> Result<(), Response> {
+async fn on_owned_durably<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    owned: super::Owned,
+    partition: i32,
+    tenant: String,
+    f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<(T, Option<u64>)> + Send + 'static,
+) -> Result<T, Response> {
+    let shared = Arc::clone(shared);
     let joined = tokio::task::spawn_blocking(move || {
-        super::commit_owned(&owned, false, |p| p.committed_size(&tenant) > seq).map_err(|e| ApiError::from(e).into_response())
+        let (out, seq) = {
+            let mut p = super::lock(&owned);
+            if p.is_closed() {
+                return Err(rebalancing().into_response());
+            }
+            f(&mut p).map_err(|e| ApiError::from(e).into_response())?
+        };
+        if let Some(seq) = seq {
+            let committed = super::commit_owned(&owned, false, |p| p.committed_size(&tenant) > seq).map_err(|e| ApiError::from(e).into_response())?;
+            if let Some((_, times)) = committed {
+                shared.metrics.observe_commit(times);
+            }
+        }
+        Ok(out)
     })
     .await;
-    if let Some((_, times)) = joined_or_internal(partition, joined)? {
-        shared.metrics.observe_commit(times);
-    }
-    Ok(())
+    joined_or_internal(partition, joined)
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response {
@@ -450,18 +451,16 @@ async fn decide(shared: &Arc<Shared>, tenant: String, body: Result<ApiJson<Autho
         Ok(o) => o,
         Err(r) => return r,
     };
-    let decided = on_owned(Arc::clone(&owned), partition, true, move |p| {
-        p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)
+    // Durable before the answer: a reservation a gateway was told about survives a crash.
+    let decided = on_owned_durably(shared, owned, partition, tenant, move |p| {
+        let (verdict, admission, seq) = p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)?;
+        Ok(((verdict, admission, seq), Some(seq)))
     })
     .await;
     let (verdict, admission, seq) = match decided {
         Ok(v) => v,
         Err(r) => return r,
     };
-    // Durable before the answer: a reservation a gateway was told about survives a crash.
-    if let Err(r) = make_durable(shared, owned, partition, tenant.clone(), seq).await {
-        return r;
-    }
     let m = &shared.metrics;
     if verdict.allowed { &m.admissions_allowed } else { &m.admissions_denied }.inc();
     json(
@@ -497,12 +496,13 @@ async fn release(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<Str
         Ok(o) => o,
         Err(r) => return r,
     };
-    let released = on_owned(Arc::clone(&owned), partition, true, move |p| p.release(&t, &body.reservation_id, jiff::Timestamp::now())).await;
+    let released = on_owned_durably(&shared, owned, partition, tenant, move |p| {
+        let seq = p.release(&t, &body.reservation_id, jiff::Timestamp::now())?;
+        Ok((seq, seq))
+    })
+    .await;
     match released {
-        Ok(Some(seq)) => match make_durable(&shared, owned, partition, tenant, seq).await {
-            Ok(()) => json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq})),
-            Err(r) => r,
-        },
+        Ok(Some(seq)) => json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq})),
         Ok(None) => ApiError(StatusCode::NOT_FOUND, "not_found", "no such reservation (settled, released or expired)".into()).into_response(),
         Err(r) => r,
     }
