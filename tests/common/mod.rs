@@ -262,6 +262,11 @@ impl Running {
 pub struct LedgerProcess(std::process::Child);
 
 impl LedgerProcess {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
     /// SIGKILL, and wait for it.
     pub fn kill(&mut self) {
         let _ = self.0.kill();
