@@ -167,7 +167,7 @@ impl Ledger {
         if size == 0 {
             return Err(Error::NoSuchEntry { seq: 0, size: 0 });
         }
-        self.sign(tenant_id, size, self.log.root(tenant_id))
+        self.sign(tenant_id, size, self.log.root(tenant_id)?)
     }
 
     /// The tenant's checkpoint at `size` (at most the committed size), signed by every key.

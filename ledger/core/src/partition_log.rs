@@ -8,7 +8,8 @@
 //! (durably replaced): magic [`INDEX_MAGIC`], the number of tenants, then per tenant (sorted)
 //! `[id len u8][id][first seq u64][count u32]`, then every record's journal position (`u64`),
 //! tenant after tenant, and a CRC-32C of all that. Memory per tenant is a head (sizes, the Merkle
-//! frontier) and one small run descriptor per sealed segment it appears in; the positions of
+//! frontier, read lazily for tenants an open finds only in sealed segments) and one small run
+//! descriptor per sealed segment it appears in; the positions of
 //! sealed runs are read from the index file when needed. The active segment's positions are in
 //! memory. An index that is missing or damaged is derived data: it is rebuilt from its segment.
 //!
@@ -58,6 +59,9 @@ struct TenantHead {
     active_first: u64,
     /// Appended to since the last commit was written (listed in `PartitionLog::dirty`).
     in_batch: bool,
+    /// `frontier` and `committed` are not read yet (a cold tenant after an open): they hold
+    /// nothing, and `size` is the truth. See `PartitionLog::read_frontier`.
+    frontier_unread: bool,
 }
 
 /// A commit written but not yet durable (see [`PartitionLog::write_commit`]).
@@ -154,20 +158,28 @@ impl PartitionLog {
         let (sealed, active) = starts.split_at(starts.len().saturating_sub(1));
         for (i, &segment) in sealed.iter().enumerate() {
             let end = starts[i + 1];
-            let runs = match read_index(&index_path(dir, segment)) {
+            // Tenant ids are borrowed from the file's bytes: a tenant appears in many segments,
+            // and its key is allocated once, when first seen.
+            let bytes = std::fs::read(index_path(dir, segment)).map_err(|e| e.to_string());
+            let rebuilt;
+            let runs: Vec<(&str, Run)> = match bytes.as_deref().map_err(String::clone).and_then(parse_index) {
                 Ok(runs) => runs,
                 Err(why) => {
                     if write {
                         tracing::warn!(segment, error = %why, "segment index missing or damaged; rebuilding it from the segment");
                     }
-                    log.rebuild_index(segment, end, write)?
+                    rebuilt = log.rebuild_index(segment, end, write)?;
+                    rebuilt.iter().map(|(t, r)| (t.as_str(), *r)).collect()
                 }
             };
             for (tenant, mut run) in runs {
                 if run.segment != MEMORY_RUN {
                     run.segment = segment;
                 }
-                let head = log.tenants.entry(tenant.clone()).or_default();
+                let head = match log.tenants.get_mut(tenant) {
+                    Some(head) => head,
+                    None => log.tenants.entry(tenant.to_string()).or_default(),
+                };
                 if run.first_seq != head.size {
                     return Err(corrupt(&index_path(dir, segment), format!("{tenant}: seqs jump from {} to {}", head.size, run.first_seq)));
                 }
@@ -176,14 +188,10 @@ impl PartitionLog {
                 head.runs.push(run);
             }
         }
-        // Frontiers of what the sealed segments hold (popcount(size) stored nodes each).
-        let names: Vec<String> = log.tenants.keys().cloned().collect();
-        for tenant in names {
-            let size = log.tenants[&tenant].size;
-            let frontier = Frontier::load(&log.view(&tenant), size)?;
-            let head = log.tenants.get_mut(&tenant).ok_or_else(|| corrupt(dir, "tenant vanished"))?;
-            head.frontier = frontier.clone();
-            head.committed = frontier;
+        // A tenant's frontier over what the sealed segments hold is read (popcount(size) stored
+        // nodes) when it is first needed, not here: most tenants of a large partition are cold.
+        for head in log.tenants.values_mut() {
+            head.frontier_unread = true;
         }
         if let Some(&start) = active.first() {
             let mut frames = Vec::new();
@@ -200,9 +208,22 @@ impl PartitionLog {
         Ok(log)
     }
 
+    /// Reads the tenant's frontier from its stored nodes if the open left it unread.
+    fn read_frontier(&mut self, tenant: &str) -> Result<()> {
+        let Some(size) = self.tenants.get(tenant).filter(|h| h.frontier_unread).map(|h| h.size) else { return Ok(()) };
+        let frontier = Frontier::load(&self.view(tenant), size)?;
+        if let Some(head) = self.tenants.get_mut(tenant) {
+            head.frontier = frontier.clone();
+            head.committed = frontier;
+            head.frontier_unread = false;
+        }
+        Ok(())
+    }
+
     /// Adds a committed record found in the active segment at open, checking it.
     fn index_committed(&mut self, position: u64, r: &RecordFrame) -> Result<()> {
         let dir = self.dir.clone();
+        self.read_frontier(&r.tenant)?;
         let head = self.tenants.entry(r.tenant.clone()).or_default();
         if r.seq != head.size {
             return Err(corrupt(&dir, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, head.size)));
@@ -226,6 +247,7 @@ impl PartitionLog {
         }
         // Checked first: past this point nothing fails, so the head never runs ahead of the journal.
         Journal::check_record(tenant, entry, 64)?;
+        self.read_frontier(tenant)?;
         let head = match self.tenants.get_mut(tenant) {
             Some(h) => h,
             None => self.tenants.entry(tenant.to_string()).or_default(),
@@ -325,7 +347,7 @@ impl PartitionLog {
         self.dirty.clear();
         for head in self.tenants.values_mut() {
             head.in_batch = false;
-            if head.frontier.size() != head.size {
+            if !head.frontier_unread && head.frontier.size() != head.size {
                 head.frontier = head.committed.clone();
                 head.active.truncate((head.size - head.active_first) as usize);
             }
@@ -428,7 +450,7 @@ impl PartitionLog {
 
     /// The seq `tenant`'s next append gets: its committed size plus its appends not yet committed.
     pub fn next_seq(&self, tenant: &str) -> u64 {
-        self.tenants.get(tenant).map_or(0, |h| h.frontier.size())
+        self.tenants.get(tenant).map_or(0, |h| if h.frontier_unread { h.size } else { h.frontier.size() })
     }
 
     /// How many tenants the partition holds (committed or appended).
@@ -437,8 +459,13 @@ impl PartitionLog {
     }
 
     /// The root of `tenant`'s committed log.
-    pub fn root(&self, tenant: &str) -> Hash {
-        self.tenants.get(tenant).map_or_else(crate::merkle::empty_root, |h| h.committed.root())
+    pub fn root(&self, tenant: &str) -> Result<Hash> {
+        match self.tenants.get(tenant) {
+            None => Ok(crate::merkle::empty_root()),
+            // A cold tenant: from its stored nodes (popcount(size) reads).
+            Some(h) if h.frontier_unread => crate::merkle::root(&self.view(tenant), h.size),
+            Some(h) => Ok(h.committed.root()),
+        }
     }
 
     /// Journal position of committed record `seq` of `tenant`.
@@ -534,9 +561,8 @@ pub(crate) fn index_bytes(table: &BTreeMap<&str, (u64, &[u64])>) -> Result<(Vec<
     Ok((bytes, runs))
 }
 
-/// Reads a segment index's runs, checking its magic, CRC and shape.
-fn read_index(path: &Path) -> std::result::Result<Vec<(String, Run)>, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+/// Parses a segment index's runs, checking its magic, CRC and shape.
+fn parse_index(bytes: &[u8]) -> std::result::Result<Vec<(&str, Run)>, String> {
     let body_len = bytes.len().checked_sub(4).filter(|l| *l >= INDEX_MAGIC.len() + 4).ok_or("too short")?;
     let (body, crc) = bytes.split_at(body_len);
     if crc32c::crc32c(body).to_le_bytes() != crc {
@@ -555,7 +581,7 @@ fn read_index(path: &Path) -> std::result::Result<Vec<(String, Run)>, String> {
     let mut table = Vec::with_capacity(count.min(1 << 20));
     for _ in 0..count {
         let len = take(&mut at, 1)?[0] as usize;
-        let tenant = String::from_utf8(take(&mut at, len)?.to_vec()).map_err(|_| "tenant id is not UTF-8")?;
+        let tenant = std::str::from_utf8(take(&mut at, len)?).map_err(|_| "tenant id is not UTF-8")?;
         let first = u64::from_le_bytes(take(&mut at, 8)?.try_into().map_err(|_| "first seq")?);
         let n = u32::from_le_bytes(take(&mut at, 4)?.try_into().map_err(|_| "count")?) as u64;
         table.push((tenant, first, n));
@@ -604,7 +630,7 @@ mod tests {
         for (t, tree) in trees {
             let n = tree.size();
             assert_eq!(log.size(t), n, "{t}");
-            assert_eq!(log.root(t), tree.root(), "{t}");
+            assert_eq!(log.root(t).unwrap(), tree.root(), "{t}");
             let view = log.view(t);
             assert_eq!(crate::merkle::root(&view, n).unwrap(), tree.root(), "{t}: root from stored nodes");
             for i in [0, n / 3, n / 2, n - 1] {
@@ -693,13 +719,13 @@ mod tests {
         let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
         log.append("acme", b"one").unwrap();
         log.commit(Some(1)).unwrap();
-        let root = log.root("acme");
+        let root = log.root("acme").unwrap();
         log.append("acme", b"two").unwrap();
         let pending = log.write_commit(Some(2)).unwrap();
         log.append("acme", b"three").unwrap();
         let failed = Err(Error::Commit("injected fsync failure".into()));
         assert!(log.finish_commit(pending, failed).is_err());
-        assert_eq!((log.size("acme"), log.next_seq("acme"), log.root("acme")), (1, 1, root));
+        assert_eq!((log.size("acme"), log.next_seq("acme"), log.root("acme").unwrap()), (1, 1, root));
         assert!(log.append("acme", b"four").is_ok_and(|_| log.commit(Some(3)).is_err()), "no more writes until reopened");
         drop(log);
         // The commit whose sync failed may or may not have reached the disk (it was never
@@ -719,10 +745,10 @@ mod tests {
         assert_eq!(log.append("acme", b"two").unwrap(), 1);
         assert_eq!(log.size("acme"), 1, "not committed yet");
         assert!(matches!(log.entry("acme", 1), Err(Error::NoSuchEntry { .. })));
-        let root = log.root("acme");
+        let root = log.root("acme").unwrap();
         drop(log);
         let log = PartitionLog::open(dir.path(), 8192).unwrap();
-        assert_eq!((log.size("acme"), log.root("acme")), (1, root));
+        assert_eq!((log.size("acme"), log.root("acme").unwrap()), (1, root));
         assert_eq!(log.next_offset(), Some(7), "where consumption resumes is durable with the commit");
     }
 
@@ -744,7 +770,7 @@ mod tests {
         let log = PartitionLog::open(dir.path(), 4096).unwrap();
         check(&log, &trees);
         assert_eq!(std::fs::read(&first).unwrap(), original, "rebuilt byte for byte");
-        assert!(read_index(&second).is_ok());
+        assert!(parse_index(&std::fs::read(&second).unwrap()).is_ok());
     }
 
     #[test]
