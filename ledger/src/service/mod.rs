@@ -132,8 +132,10 @@ fn default_topic() -> String {
 fn default_group() -> String {
     "tally-ledger".into()
 }
+/// A commit is one `fdatasync` per partition with something new, and none otherwise (the
+/// journal): ten a second cost little and bound the wait for a signed checkpoint.
 fn default_commit_interval_ms() -> u64 {
-    250
+    100
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
