@@ -367,7 +367,8 @@ impl Journal {
             return refuse(self, format!("the journal must be reopened: {why}"));
         }
         if self.in_flight.is_some() {
-            return refuse(self, "a commit is already being synced; commits are one at a time".into());
+            // The pending frames belong to the next commit: refused, not dropped.
+            return Err(Error::Commit(format!("{}: a commit is already being synced; commits are one at a time", path.display())));
         }
         // Placing the commit frame may decide a roll, like any frame.
         self.next_position();
@@ -417,6 +418,11 @@ impl Journal {
         }
         self.active_len = written.end;
         Ok(self.end())
+    }
+
+    /// Whether a commit is written and not yet finished (see [`Journal::write_commit`]).
+    pub fn commit_in_flight(&self) -> bool {
+        self.in_flight.is_some()
     }
 
     /// Why the journal refuses writes until it is reopened, if it does.

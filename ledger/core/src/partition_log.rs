@@ -281,6 +281,10 @@ impl PartitionLog {
         if let Some(why) = &self.poisoned {
             return Err(Error::Commit(format!("{}: reopen the partition log: {why}", self.dir.display())));
         }
+        if self.journal.commit_in_flight() {
+            // A caller error, not a failed write: nothing is forgotten.
+            return Err(Error::Commit(format!("{}: a commit is already being synced; commits are one at a time", self.dir.display())));
+        }
         if self.dirty.is_empty() && (next_offset.is_none() || next_offset == self.next_offset) {
             // Nothing new to make durable: no write, no fsync.
             return Ok(PendingCommit { written: None, heads: Vec::new(), next_offset: None });
@@ -711,6 +715,20 @@ mod tests {
         let log = PartitionLog::open(dir.path(), 4096).unwrap();
         assert_eq!(log.next_offset(), Some(200));
         check(&log, &trees);
+    }
+
+    #[test]
+    fn a_second_commit_while_one_syncs_is_refused_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
+        log.append("acme", b"one").unwrap();
+        let first = log.write_commit(Some(1)).unwrap();
+        log.append("acme", b"two").unwrap();
+        assert!(log.write_commit(Some(2)).is_err(), "commits are one at a time");
+        first.sync().unwrap();
+        log.finish_commit(first, Ok(())).unwrap();
+        assert_eq!(log.commit(Some(2)).unwrap(), vec!["acme".to_string()]);
+        assert_eq!((log.size("acme"), log.entry("acme", 1).unwrap()), (2, b"two".to_vec()));
     }
 
     #[test]

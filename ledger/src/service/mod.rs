@@ -771,6 +771,16 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 for d in &batch {
                     let Some(owned) = parts.get(&d.partition) else { continue };
                     let mut p = lock(owned);
+                    if p.has_failed() {
+                        return Err(Error::Service(format!(
+                            "partition {} stopped after a failed journal write; nothing unacknowledged is lost: restart to reopen it",
+                            d.partition
+                        )));
+                    }
+                    if p.is_closed() {
+                        // Revoked: the next owner reads it again from its durable offset.
+                        continue;
+                    }
                     let m = &shared.metrics;
                     let applied = p.apply(d);
                     if let Err(Error::OffsetRegression { .. }) = &applied {
@@ -800,6 +810,9 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
                 for owned in parts.values() {
                     let mut p = lock(owned);
+                    if p.is_closed() {
+                        continue;
+                    }
                     if tick {
                         appended |= p.tick(now)? > 0;
                     }

@@ -78,8 +78,10 @@ pub struct PartitionLedger {
     effective: HashMap<String, crate::budget::TenantBudget>,
     /// Tenants whose committed records may not all be projected yet.
     unprojected: BTreeSet<String>,
-    /// The closing commit has run (see [`PartitionLedger::commit_closing`]).
+    /// The closing commit has run (see [`PartitionLedger::commit_closing`]), or a commit failed.
     closed: bool,
+    /// A journal write or sync failed (see `PartitionLedger::failed`).
+    failed: bool,
 }
 
 /// Takes the exclusive lock of a partition directory (held while the returned file is open).
@@ -199,6 +201,7 @@ impl PartitionLedger {
             effective: HashMap::new(),
             unprojected,
             closed: false,
+            failed: false,
         })
     }
 
@@ -483,6 +486,22 @@ impl PartitionLedger {
         self.commit_with(true)
     }
 
+    /// After a failed journal write or sync: the journal forgot what was not durable, so state
+    /// derived from it here (dedup keys, budget folds) may be ahead of it. The partition takes no
+    /// new work (handlers answer `rebalancing`) until it is opened again, which rebuilds that
+    /// state from the journal.
+    fn failed(&mut self) {
+        self.closed = true;
+        self.failed = true;
+        self.pending.clear();
+        self.in_flight.clear();
+    }
+
+    /// Whether a journal write or sync failed: the partition must be opened again.
+    pub fn has_failed(&self) -> bool {
+        self.failed
+    }
+
     /// Whether [`PartitionLedger::commit_closing`] has run: it takes no new work.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -506,7 +525,7 @@ impl PartitionLedger {
             self.closed = true;
         }
         let started = std::time::Instant::now();
-        let pending = self.ledger.write_commit(self.next_offset)?;
+        let pending = self.ledger.write_commit(self.next_offset).inspect_err(|_| self.failed())?;
         self.in_flight = std::mem::take(&mut self.pending);
         let durable = closing || self.store_durable_at.elapsed() >= STORE_DURABLE_EVERY;
         let mut snapshots = Vec::new();
@@ -534,7 +553,7 @@ impl PartitionLedger {
             Error::Log(e) => e,
             other => tally_log::Error::Commit(other.to_string()),
         });
-        let changed = self.ledger.finish_commit(written.pending, synced)?;
+        let changed = self.ledger.finish_commit(written.pending, synced).inspect_err(|_| self.failed())?;
         let mut times = CommitTimes { logs: written.started.elapsed(), state: None };
         let durable = written.journal_position.is_some();
         if !durable {
