@@ -575,9 +575,10 @@ pub async fn audit_export(
     if to - from + 1 > max_rows {
         return Err(Error::BadRequest(format!("the range holds {} records; an export holds at most {max_rows}: split it", to - from + 1)));
     }
-    // The entries first: they decide how much of the range fits.
+    // The entries first: they decide how much of the range fits. The journal is opened once
+    // (reading every segment index's header) and kept for the proof below.
     let (log_dir, tenant_owned) = (data_dir.to_path_buf(), tenant.to_string());
-    let entries = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>> {
+    let (entries, partition) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u8>>, tally_log::PartitionLog)> {
         let partition = open_partition_log(&log_dir, &tenant_owned)?;
         let log = partition.view(&tenant_owned);
         let (mut entries, mut bytes) = (Vec::new(), 0usize);
@@ -589,7 +590,7 @@ pub async fn audit_export(
             bytes += entry.len();
             entries.push(entry);
         }
-        Ok(entries)
+        Ok((entries, partition))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
@@ -619,10 +620,8 @@ pub async fn audit_export(
     }
     let rows = crate::encode::json_rows(&batches)?;
     drop(batches);
-    let data_dir = data_dir.to_path_buf();
     let tenant_owned = tenant.to_string();
     let (rows, entries, missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let partition = open_partition_log(&data_dir, &tenant_owned)?;
         let log = partition.view(&tenant_owned);
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));

@@ -281,10 +281,11 @@ impl Journal {
 
     /// The journal position just past the last commit.
     pub fn end(&self) -> u64 {
-        self.active_first() + self.active_len
+        self.active_segment() + self.active_len
     }
 
-    fn active_first(&self) -> u64 {
+    /// The first position of the segment being written.
+    pub fn active_segment(&self) -> u64 {
         self.segments.last().map_or(0, |s| s.first)
     }
 
@@ -335,11 +336,11 @@ impl Journal {
     pub fn next_position(&mut self) -> u64 {
         let written = self.in_flight.unwrap_or(self.active_len);
         if self.pending.is_empty() && self.roll_at.is_none() && written >= self.segment_bytes {
-            self.roll_at = Some(self.active_first() + written);
+            self.roll_at = Some(self.active_segment() + written);
         }
         match self.roll_at {
             Some(at) => at + SEGMENT_MAGIC.len() as u64 + self.pending.len() as u64,
-            None => self.active_first() + written + self.pending.len() as u64,
+            None => self.active_segment() + written + self.pending.len() as u64,
         }
     }
 
@@ -403,7 +404,7 @@ impl Journal {
         self.in_flight = Some(end);
         self.pending.clear();
         self.pending_records = 0;
-        Ok(WrittenCommit { file, path, segment: self.active_first(), end })
+        Ok(WrittenCommit { file, path, segment: self.active_segment(), end })
     }
 
     /// The second half of [`Journal::commit`]: with `synced` the outcome of
@@ -594,16 +595,7 @@ fn read_frame(reader: &mut impl Read) -> std::result::Result<Option<(Frame, u64)
 }
 
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, FrameError> {
-    let mut got = 0;
-    while got < buf.len() {
-        match reader.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-    }
-    Ok(got)
+    crate::log::read_full(reader, buf).map_err(FrameError::Io)
 }
 
 /// Decodes a frame body whose CRC already matched.

@@ -251,32 +251,33 @@ pub fn migrate(dir: &Path, next_offset: Option<i64>, mut progress: impl FnMut(&s
         std::fs::remove_dir_all(&building).map_err(|e| Error::io(&building, e))?;
     }
     let mut log = PartitionLog::open(&building, crate::journal::DEFAULT_SEGMENT_BYTES)?;
-    let mut out = Migrated::default();
+    // Group commits of many tenants, as the service makes them; each old head's root, to check.
+    let mut heads = Vec::with_capacity(tenants.len());
     let mut uncommitted = 0u64;
-    for tenant in &tenants {
-        let reader = crate::log::LogReader::open(&old.join(tenant))?;
-        let head_root = crate::log::read_head(&old.join(tenant))?.root;
+    for tenant in tenants {
+        let reader = crate::log::LogReader::open(&old.join(&tenant))?;
         for seq in 0..reader.size() {
-            log.append(tenant, &reader.entry(seq)?)?;
+            log.append(&tenant, &reader.entry(seq)?)?;
             uncommitted += 1;
             if uncommitted >= 65_536 {
                 log.commit(None)?;
                 uncommitted = 0;
             }
         }
-        log.commit(None)?;
-        uncommitted = 0;
-        let root = log.view(tenant).root_at(reader.size())?;
-        if root != head_root || log.size(tenant) != reader.size() {
-            return Err(Error::Corrupt {
-                path: old.join(tenant).display().to_string(),
-                detail: format!("the journal's root of {} records differs from the old head's; nothing was changed", reader.size()),
-            });
-        }
-        progress(tenant, reader.size());
-        out.tenants.push((tenant.clone(), reader.size()));
+        heads.push((tenant, reader.size(), reader.root()));
     }
     log.commit(next_offset)?;
+    let mut out = Migrated::default();
+    for (tenant, size, head_root) in heads {
+        if log.size(&tenant) != size || log.root(&tenant)? != head_root {
+            return Err(Error::Corrupt {
+                path: old.join(&tenant).display().to_string(),
+                detail: format!("the journal's root of {size} records differs from the old head's; nothing was changed"),
+            });
+        }
+        progress(&tenant, size);
+        out.tenants.push((tenant, size));
+    }
     drop(log);
     std::fs::rename(&building, &journal).map_err(|e| Error::io(&journal, e))?;
     crate::durable::sync_dir(dir)?;

@@ -71,7 +71,7 @@ fn scan_frames(reader: &mut impl Read, start: u64, mut each: impl FnMut(u64, &[u
     let mut entry = Vec::new();
     loop {
         let mut header = [0u8; FRAME_HEADER];
-        if read_full(reader, &mut header)? < FRAME_HEADER {
+        if read_full(reader, &mut header).map_err(entries_io)? < FRAME_HEADER {
             return Ok(pos);
         }
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
@@ -79,7 +79,7 @@ fn scan_frames(reader: &mut impl Read, start: u64, mut each: impl FnMut(u64, &[u
             return Ok(pos);
         }
         entry.resize(len, 0);
-        if read_full(reader, &mut entry)? < len || crc(&entry) != u32::from_be_bytes([header[4], header[5], header[6], header[7]]) {
+        if read_full(reader, &mut entry).map_err(entries_io)? < len || crc(&entry) != u32::from_be_bytes([header[4], header[5], header[6], header[7]]) {
             return Ok(pos);
         }
         each(pos, &entry)?;
@@ -87,14 +87,19 @@ fn scan_frames(reader: &mut impl Read, start: u64, mut each: impl FnMut(u64, &[u
     }
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize> {
+fn entries_io(source: std::io::Error) -> Error {
+    Error::Io { path: "entries".into(), source }
+}
+
+/// Reads until `buf` is full or the data ends; how many bytes it read (short only at the end).
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match r.read(&mut buf[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Io { path: "entries".into(), source: e }),
+            Err(e) => return Err(e),
         }
     }
     Ok(filled)
@@ -384,6 +389,11 @@ impl LogReader {
     pub fn size(&self) -> u64 {
         self.head.size
     }
+
+    /// The root its head records for that size.
+    pub fn root(&self) -> Hash {
+        self.head.root
+    }
 }
 
 impl NodeSource for LogReader {
@@ -393,7 +403,7 @@ impl NodeSource for LogReader {
     }
 }
 
-pub(crate) fn read_head(dir: &Path) -> Result<Head> {
+fn read_head(dir: &Path) -> Result<Head> {
     let path = dir.join("head");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,

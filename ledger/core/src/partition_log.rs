@@ -204,6 +204,9 @@ impl PartitionLog {
             for (position, r) in frames {
                 log.index_committed(position, &r)?;
             }
+            for head in log.tenants.values_mut().filter(|h| !h.frontier_unread && h.committed.size() != h.size) {
+                head.committed = head.frontier.clone();
+            }
         }
         Ok(log)
     }
@@ -221,19 +224,21 @@ impl PartitionLog {
     }
 
     /// Adds a committed record found in the active segment at open, checking it.
+    /// The caller sets each head's `committed` frontier once, after the last record.
     fn index_committed(&mut self, position: u64, r: &RecordFrame) -> Result<()> {
-        let dir = self.dir.clone();
         self.read_frontier(&r.tenant)?;
-        let head = self.tenants.entry(r.tenant.clone()).or_default();
+        let head = match self.tenants.get_mut(&r.tenant) {
+            Some(head) => head,
+            None => self.tenants.entry(r.tenant.clone()).or_default(),
+        };
         if r.seq != head.size {
-            return Err(corrupt(&dir, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, head.size)));
+            return Err(corrupt(&self.dir, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, head.size)));
         }
-        let mut nodes = Vec::new();
-        head.frontier.push(leaf_hash(&r.entry), &mut nodes);
-        if nodes != r.nodes {
-            return Err(corrupt(&dir, format!("journal position {position}: {} record {}: stored hashes differ from the entry's", r.tenant, r.seq)));
+        self.nodes.clear();
+        head.frontier.push(leaf_hash(&r.entry), &mut self.nodes);
+        if self.nodes != r.nodes {
+            return Err(corrupt(&self.dir, format!("journal position {position}: {} record {}: stored hashes differ from the entry's", r.tenant, r.seq)));
         }
-        head.committed = head.frontier.clone();
         head.size += 1;
         head.active.push(position);
         Ok(())
@@ -289,7 +294,7 @@ impl PartitionLog {
             // Nothing new to make durable: no write, no fsync.
             return Ok(PendingCommit { written: None, heads: Vec::new(), next_offset: None });
         }
-        let before = self.journal.segment_starts();
+        let before = self.journal.active_segment();
         let changed = std::mem::take(&mut self.dirty);
         let written = match self.journal.write_commit(next_offset) {
             Ok(w) => w,
@@ -307,16 +312,14 @@ impl PartitionLog {
                 Some((tenant, frontier))
             })
             .collect();
-        let after = self.journal.segment_starts();
-        if after.len() > before.len() {
-            if let (Some(&sealed), Some(&next)) = (before.last(), after.last()) {
-                // The sealed segment's commits are all durable (commits are one at a time): a
-                // failed index write stops further writes until the log is reopened, which
-                // rebuilds the index, but does not fail this commit.
-                if let Err(e) = self.seal(sealed, next) {
-                    tracing::error!(dir = %self.dir.display(), segment = sealed, error = %e, "segment index not written; the partition log takes no more writes until reopened");
-                    self.poisoned = Some(format!("segment {sealed}'s index not written: {e}"));
-                }
+        let after = self.journal.active_segment();
+        if after != before {
+            // The sealed segment's commits are all durable (commits are one at a time): a
+            // failed index write stops further writes until the log is reopened, which
+            // rebuilds the index, but does not fail this commit.
+            if let Err(e) = self.seal(before, after) {
+                tracing::error!(dir = %self.dir.display(), segment = before, error = %e, "segment index not written; the partition log takes no more writes until reopened");
+                self.poisoned = Some(format!("segment {before}'s index not written: {e}"));
             }
         }
         Ok(PendingCommit { written: Some(written), heads, next_offset })
@@ -793,19 +796,18 @@ mod tests {
 
     #[test]
     fn a_journal_whose_hashes_do_not_match_its_entries_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), 1 << 20).unwrap();
-        journal.append(&RecordFrame { tenant: "acme".into(), seq: 0, entry: b"real".to_vec(), nodes: vec![leaf_hash(b"forged")] }).unwrap();
-        journal.commit(None).unwrap();
-        drop(journal);
-        let err = PartitionLog::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        // The error opening a journal that holds just this frame.
+        let open_with = |frame: RecordFrame| {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut journal, _) = Journal::open(dir.path(), 1 << 20).unwrap();
+            journal.append(&frame).unwrap();
+            journal.commit(None).unwrap();
+            drop(journal);
+            PartitionLog::open(dir.path(), 1 << 20).err().unwrap().to_string()
+        };
+        let err = open_with(RecordFrame { tenant: "acme".into(), seq: 0, entry: b"real".to_vec(), nodes: vec![leaf_hash(b"forged")] });
         assert!(err.contains("stored hashes differ"), "{err}");
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), 1 << 20).unwrap();
-        journal.append(&RecordFrame { tenant: "acme".into(), seq: 5, entry: b"x".to_vec(), nodes: vec![leaf_hash(b"x")] }).unwrap();
-        journal.commit(None).unwrap();
-        drop(journal);
-        let err = PartitionLog::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        let err = open_with(RecordFrame { tenant: "acme".into(), seq: 5, entry: b"x".to_vec(), nodes: vec![leaf_hash(b"x")] });
         assert!(err.contains("acme record 5 follows 0 records"), "{err}");
     }
 }

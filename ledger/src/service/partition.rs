@@ -160,14 +160,16 @@ impl PartitionLedger {
             Ok(())
         })?;
         // Tenants whose records all precede the replay but whose snapshot misses some of them.
-        for tenant in ledger.tenant_ids() {
-            let size = ledger.size(&tenant);
-            let done = folded.entry(tenant.clone()).or_default();
-            let budget = budgets.entry(tenant.clone()).or_default();
-            for seq in *done..size {
-                budget.fold(seq, &ledger.tenant(&tenant).entry(seq)?)?;
+        let tenant_ids = ledger.tenant_ids();
+        for tenant in &tenant_ids {
+            let (done, size) = (folded.get(tenant).copied().unwrap_or(0), ledger.size(tenant));
+            if done < size {
+                let budget = budgets.entry(tenant.clone()).or_default();
+                for seq in done..size {
+                    budget.fold(seq, &ledger.tenant(tenant).entry(seq)?)?;
+                }
+                folded.insert(tenant.clone(), size);
             }
-            *done = size;
         }
         // Snapshots of the tenants whose fold moved past their snapshot.
         for (tenant, done) in &folded {
@@ -180,7 +182,7 @@ impl PartitionLedger {
         if !catch_up.seen.is_empty() || !catch_up.budgets.is_empty() || from != ledger.journal_end() {
             store.commit(&catch_up)?;
         }
-        let unprojected: BTreeSet<String> = ledger.tenant_ids().into_iter().collect();
+        let unprojected: BTreeSet<String> = tenant_ids.into_iter().collect();
         let open_ms = started.elapsed().as_millis() as u64;
         tracing::info!(topic, partition, ?next_offset, tenants = ledger.tenant_count(), replayed, open_ms, "partition state opened");
         Ok(PartitionLedger {
@@ -286,7 +288,7 @@ impl PartitionLedger {
         let key = dedup_key(&tenant, &decoded.key);
         let content = content_digest(&decoded.event)?;
         let seen = self.lookup(&key)?;
-        let size = self.next_seq(&tenant)?;
+        let size = self.ledger.next_seq(&tenant);
         // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
         let applied = match seen.filter(|s| s.seq < size) {
             Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
@@ -300,7 +302,7 @@ impl PartitionLedger {
                 // gives byte-identical logs.
                 let at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
                 self.ensure_config(&tenant, at)?;
-                let seq = self.next_seq(&tenant)?;
+                let seq = self.ledger.next_seq(&tenant);
                 self.ledger.append(&tenant, &event_record(seq, input)?)?;
                 self.pending.insert(key, Seen { content, seq });
                 self.after_event(&tenant, &decoded.event)?;
@@ -310,14 +312,9 @@ impl PartitionLedger {
         Ok(applied)
     }
 
-    /// The seq the tenant's next record gets.
-    fn next_seq(&mut self, tenant: &str) -> Result<u64> {
-        Ok(self.ledger.next_seq(tenant))
-    }
-
     /// Appends a budget-side record and folds it into the tenant's state.
     fn append_budget(&mut self, tenant: &str, make: impl FnOnce(u64) -> BudgetRecord) -> Result<u64> {
-        let seq = self.next_seq(tenant)?;
+        let seq = self.ledger.next_seq(tenant);
         let record = make(seq);
         self.ledger.append(tenant, &record.to_bytes()?)?;
         self.budgets.entry(tenant.to_string()).or_default().apply_record(&record);
@@ -386,7 +383,7 @@ impl PartitionLedger {
     }
 
     fn settle_time(&mut self, tenant: &str, now: Timestamp) -> Result<usize> {
-        let before = self.next_seq(tenant)?;
+        let before = self.ledger.next_seq(tenant);
         self.ensure_config(tenant, now)?;
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let expired = state.expired(now);
@@ -398,7 +395,7 @@ impl PartitionLedger {
         for decision in due {
             self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
         }
-        Ok((self.next_seq(tenant)? - before) as usize)
+        Ok((self.ledger.next_seq(tenant) - before) as usize)
     }
 
     /// An admission decision for `tenant` at `now`, recorded in its log (not yet durable: the
@@ -412,7 +409,7 @@ impl PartitionLedger {
             Some(c) => c,
             None => crate::budget::Calendar::new("UTC", 1)?,
         };
-        let seq = self.next_seq(tenant)?;
+        let seq = self.ledger.next_seq(tenant);
         let admission = Admission {
             at: now,
             allowed: verdict.allowed,
