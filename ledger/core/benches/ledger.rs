@@ -16,7 +16,7 @@
 //! second (as if every tenant were read that often).
 //!
 //! Settings: TALLY_BENCH_APPENDS (1000000), TALLY_BENCH_COMMIT (10000 appends per group commit),
-//! TALLY_BENCH_TENANT_COUNTS (`1,10000,100000`).
+//! TALLY_BENCH_TENANT_COUNTS (`1,10000,100000`), TALLY_BENCH_SIGNED (1; 0 skips the signed runs).
 
 mod support;
 
@@ -49,6 +49,8 @@ struct Run {
     commits: u64,
     signatures: u64,
     bytes_per_entry: f64,
+    /// Share of the run spent merging index files.
+    merging: f64,
 }
 
 /// Appends `n` entries round-robin over `tenants`, a durable group commit every `commit_every`,
@@ -60,6 +62,7 @@ fn run(dir: &std::path::Path, key: &LedgerKey, tenants: u64, n: u64, commit_ever
     let mut signed_at: HashMap<String, Instant> = HashMap::new();
     let mut buf = Vec::with_capacity(ENTRY_BYTES);
     let (mut commits, mut signatures) = (0u64, 0u64);
+    let mut merge_time = Duration::ZERO;
     let mut sign_changed = |ledger: &mut Ledger, changed: Vec<String>, signatures: &mut u64| {
         if !sign {
             return;
@@ -79,6 +82,10 @@ fn run(dir: &std::path::Path, key: &LedgerKey, tenants: u64, n: u64, commit_ever
         ledger.append(&names[(i % tenants) as usize], &buf).unwrap();
         if (i + 1) % commit_every == 0 {
             let changed = ledger.commit(Some(i as i64 + 1)).unwrap();
+            // The service merges index files on its background thread; here, in line.
+            let merging = Instant::now();
+            ledger.merge_indexes().unwrap();
+            merge_time += merging.elapsed();
             commits += 1;
             sign_changed(&mut ledger, changed, &mut signatures);
         }
@@ -86,9 +93,11 @@ fn run(dir: &std::path::Path, key: &LedgerKey, tenants: u64, n: u64, commit_ever
     let changed = ledger.commit(Some(n as i64)).unwrap();
     commits += 1;
     sign_changed(&mut ledger, changed, &mut signatures);
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed();
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let merging = merge_time.as_secs_f64() / elapsed.as_secs_f64();
     let bytes_per_entry = dir_bytes(&dir.join(tally_log::JOURNAL_DIR)) as f64 / n as f64;
-    (ledger, Run { rate, commits, signatures, bytes_per_entry })
+    (ledger, Run { rate, commits, signatures, bytes_per_entry, merging })
 }
 
 fn proofs(ledger: &Ledger, tenant: &str, label: &str) {
@@ -153,12 +162,20 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let (ledger, r) = run(dir.path(), &key, tenants, n, commit_every, false);
         println!(
-            "appends, {tenants} tenant(s), durable group commit every {commit_every} ({} commits, one fdatasync each), no checkpoint read: {:.0}/s = {:.2} of the SHA-256 floor; {:.1} bytes on disk per entry",
+            "appends, {tenants} tenant(s), durable group commit every {commit_every} ({} commits, one fdatasync each), no checkpoint read: {:.0}/s = {:.2} of the SHA-256 floor; {:.1} bytes on disk per entry; {:.1}% of the run merging index files",
             r.commits,
             r.rate,
             r.rate / sha_rate,
-            r.bytes_per_entry
+            r.bytes_per_entry,
+            r.merging * 100.0
         );
+        if tenants == 100_000 {
+            println!("resident memory with {tenants} tenants open: {:.0} MiB", rss_mib());
+        }
+        if env("TALLY_BENCH_SIGNED", 1) == 0 {
+            reopen(ledger, dir.path(), &key, tenants, n);
+            continue;
+        }
         let signed_dir = tempfile::tempdir().unwrap();
         let (_, s) = run(signed_dir.path(), &key, tenants, n, commit_every, true);
         println!(
@@ -171,12 +188,21 @@ fn main() {
         if tenants == 1 {
             proofs(&ledger, "t000000", &n.to_string());
         }
-        if tenants == 100_000 {
-            println!("resident memory with {tenants} tenants open: {:.0} MiB", rss_mib());
-        }
-        drop(ledger);
-        let start = Instant::now();
-        let reopened = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
-        println!("reopen of {tenants} tenant(s), {n} entries: {:?} ({} tenants)", start.elapsed(), reopened.tenant_ids().len());
+        reopen(ledger, dir.path(), &key, tenants, n);
     }
+}
+
+/// Closes the ledger and times opening it again.
+fn reopen(ledger: Ledger, dir: &std::path::Path, key: &LedgerKey, tenants: u64, n: u64) {
+    drop(ledger);
+    let before = rss_mib();
+    let start = Instant::now();
+    let reopened = Ledger::open(dir, vec![key.clone()]).unwrap();
+    let took = start.elapsed();
+    println!(
+        "reopen of {tenants} tenant(s), {n} entries: {took:?} ({} tenants, {} index files); resident memory {before:.0} → {:.0} MiB",
+        reopened.tenant_ids().len(),
+        reopened.index_spans().len(),
+        rss_mib()
+    );
 }

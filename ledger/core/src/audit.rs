@@ -1,18 +1,18 @@
 //! `fsck` for a ledger directory's journal: every record frame is read in journal order (length
 //! and CRC-32C checked), each tenant's seqs must follow each other, every stored Merkle node is
-//! re-derived from the entries and compared, and every sealed segment's index must be exactly
-//! the index its frames give. Reads through a read-only journal, which never repairs what the
-//! audit must report.
+//! re-derived from the entries and compared, and every live index file (a segment's own, or a
+//! merged one) must be exactly the index its segments' frames give. Reads through a read-only
+//! journal, which never repairs what the audit must report.
 //!
 //! Memory: one Merkle frontier per tenant (at most 64 hashes each) and the positions of one
-//! segment at a time.
+//! index file's segments at a time (at most `MAX_MERGED_SEGMENTS`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::journal::{Frame, Journal};
 use crate::merkle::{leaf_hash, Frontier};
-use crate::partition_log::{index_bytes, index_path};
+use crate::partition_log::{choose_indexes, index_bytes};
 
 /// What an audit of a ledger directory found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,11 +48,20 @@ pub fn audit_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> AuditReport {
         }
     };
     let mut done = 0u64;
+    let mut spans = match choose_indexes(&journal_dir, &starts) {
+        Ok((spans, _)) => spans.into_iter(),
+        Err(e) => {
+            report.problems.push(format!("index files: {e}"));
+            return report;
+        }
+    };
+    let mut span = spans.next();
+    // The records of the current index file's segments (and of the active segment, unused).
+    let mut table: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+    let mut nodes = Vec::new();
     for (i, &start) in starts.iter().enumerate() {
         let sealed_end = starts.get(i + 1).copied();
         let end = sealed_end.unwrap_or(journal.end());
-        let mut table: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
-        let mut nodes = Vec::new();
         let replayed = journal.replay_until(start, end, |position, frame| {
             progress(position.saturating_sub(done));
             done = position;
@@ -75,15 +84,17 @@ pub fn audit_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> AuditReport {
             problem(&mut report, format!("segment at journal position {start}: {e}; the records after it were not audited"));
             break;
         }
-        if sealed_end.is_some() {
+        if let Some(covered) = span.filter(|s| Some(s.end) == sealed_end) {
             let view: BTreeMap<&str, (u64, &[u64])> = table.iter().map(|(t, (first, p))| (t.as_str(), (*first, p.as_slice()))).collect();
-            let path = index_path(&journal_dir, start);
+            let path = covered.path(&journal_dir);
             match (index_bytes(&view), std::fs::read(&path)) {
                 (Ok((want, _)), Ok(got)) if want == got => {}
-                (Ok(_), Ok(_)) => problem(&mut report, format!("{}: does not index its segment's records (rebuilt if removed)", path.display())),
+                (Ok(_), Ok(_)) => problem(&mut report, format!("{}: does not index its segments' records (rebuilt if removed)", path.display())),
                 (_, Err(e)) => problem(&mut report, format!("{}: {e} (rebuilt at the next open)", path.display())),
                 (Err(e), _) => problem(&mut report, format!("{}: {e}", path.display())),
             }
+            table.clear();
+            span = spans.next();
         }
     }
     progress(journal.end().saturating_sub(done));

@@ -140,6 +140,28 @@ impl Ledger {
         self.log.next_offset()
     }
 
+    /// The next merge of the journal's index files that is due (see
+    /// [`PartitionLog::index_merge_due`]): run it without holding whatever guards this ledger,
+    /// then [`Ledger::adopt_index_merge`].
+    pub fn index_merge_due(&self) -> Option<crate::partition_log::IndexMerge> {
+        self.log.index_merge_due()
+    }
+
+    /// Swaps in a merged index (see [`PartitionLog::adopt_index_merge`]).
+    pub fn adopt_index_merge(&mut self, merged: crate::partition_log::MergedIndex) -> Result<bool> {
+        self.log.adopt_index_merge(merged)
+    }
+
+    /// Runs every index merge that is due, here and now; returns how many were adopted.
+    pub fn merge_indexes(&mut self) -> Result<usize> {
+        self.log.merge_indexes()
+    }
+
+    /// The journal's live index files, oldest first.
+    pub fn index_spans(&self) -> Vec<crate::partition_log::IndexSpan> {
+        self.log.index_spans()
+    }
+
     /// The journal position just past the last commit.
     pub fn journal_end(&self) -> u64 {
         self.log.journal_end()

@@ -46,7 +46,7 @@ pub use keyfile::LedgerKey;
 pub use ledger::{find_tenant_ledger, migrate, Ledger, Migrated, JOURNAL_DIR};
 pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
-pub use partition_log::{PartitionLog, PendingCommit, TenantView, INDEX_MAGIC};
+pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
 pub use receipt::Receipt;
 pub use record::{budget_record, conflict_record, event_record, EventInput, EventRecord, EventRecordType, Record, Source};
 pub use tiles::{available_width, TilePath, TILE_WIDTH};

@@ -9,17 +9,30 @@
 //! `[id len u8][id][first seq u64][count u32]`, then every record's journal position (`u64`),
 //! tenant after tenant, and a CRC-32C of all that. Memory per tenant is a head (sizes, the Merkle
 //! frontier, read lazily for tenants an open finds only in sealed segments) and one small run
-//! descriptor per sealed segment it appears in; the positions of
-//! sealed runs are read from the index file when needed. The active segment's positions are in
-//! memory. An index that is missing or damaged is derived data: it is rebuilt from its segment.
+//! descriptor per live index file it appears in; the positions of sealed runs are read from the
+//! index file when needed. The active segment's positions are in memory. An index that is
+//! missing or damaged is derived data: it is rebuilt from its segment.
+//!
+//! Merged indexes: a tenant's records over consecutive segments are still one contiguous run of
+//! seqs, so [`MERGE_FAN`] consecutive index files covering the same number of segments are merged
+//! into one, `<first>-<end>.idx` (the same format; it covers the sealed segments that start in
+//! `[first, end)`), up to [`MAX_MERGED_SEGMENTS`] segments per file. The live files then form a
+//! short tail of tiers (at most `MERGE_FAN - 1` of each size below the largest), so a tenant
+//! costs one run descriptor per live index file, not per segment, and an open parses a handful
+//! of tenant tables, not one per segment. A merge reads only immutable index files and writes
+//! its output durably without the log ([`IndexMerge::run`]); the log then swaps the runs in and
+//! deletes the inputs ([`PartitionLog::adopt_index_merge`]). A crash between the two leaves
+//! both: an open prefers the widest index file that begins at a segment and ends on a segment
+//! boundary, and deletes the files it covers; a damaged merged file is replaced by its segments'
+//! own indexes (rebuilt if they are gone).
 //!
 //! A stored node is found through the record that completed it: node (level `l`, index `i`) is
 //! completed by leaf `(i + 1)·2^l − 1`, whose frame lists the nodes it completed, level by level.
 //!
 //! Invariants checked at open, so a damaged journal is reported rather than served: a tenant's
 //! seqs follow each other without gaps across segments, and every frame of the active segment
-//! has the leaf hash and nodes the tenant's frontier computes from its entry. Frames of sealed
-//! segments are checked by their CRCs on every read (a full check of their hashes is fsck's job).
+//! of a tenant first seen there has the leaf hash and nodes its frontier computes. Frames are
+//! checked by their CRCs on every read (a full check of every hash is fsck's job).
 //! A failed index write after a durable commit stops further writes until the log is reopened.
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,12 +45,18 @@ use crate::merkle::{leaf_hash, Frontier, Hash, NodeSource};
 
 /// The first bytes of a segment index: the format and its version.
 pub const INDEX_MAGIC: &[u8; 8] = b"TALLYX1\n";
+/// How many index files of one size a merge combines.
+pub const MERGE_FAN: u32 = 4;
+/// No merged index covers more segments: it bounds what a merge (and `tally log audit`) holds in
+/// memory, the positions of that many segments (about 85 MB for 64 segments of 300-byte entries).
+pub const MAX_MERGED_SEGMENTS: u32 = 64;
 
-/// A tenant's records in one sealed segment.
+/// A tenant's records in the sealed segments of one index file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Run {
-    /// The segment's start position (its index file is `<segment>.idx`).
-    segment: u64,
+    /// The first position its index file covers (the key of `PartitionLog::index_files`), or
+    /// [`MEMORY_RUN`].
+    index: u64,
     first_seq: u64,
     count: u64,
     /// Byte offset of this run's positions in the index file.
@@ -107,8 +126,124 @@ pub struct PartitionLog {
     /// Positions of runs a read-only open indexed itself (their index file was missing or
     /// damaged, and a reader writes nothing).
     memory_positions: Vec<u64>,
-    /// Read handles of segment indexes, keyed by their segment's first position.
+    /// Read handles of index files, keyed by the first position they cover.
     indexes: crate::handles::HandleCache,
+    /// The live index files, by the first position they cover.
+    index_files: BTreeMap<u64, IndexSpan>,
+}
+
+/// An index file: it covers the sealed segments that start in `[first, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexSpan {
+    pub first: u64,
+    pub end: u64,
+    pub segments: u32,
+}
+
+impl IndexSpan {
+    pub(crate) fn path(&self, dir: &Path) -> PathBuf {
+        if self.segments == 1 {
+            index_path(dir, self.first)
+        } else {
+            dir.join(format!("{:020}-{:020}.idx", self.first, self.end))
+        }
+    }
+}
+
+/// The index files an open uses for the sealed segments starting at `starts[..sealed]`
+/// (`starts` also holds the active segment's start): at each segment the widest merged file
+/// that begins there and ends on a segment boundary, else the segment's own (which may be
+/// missing). Returns them in order, and every index file found.
+pub(crate) fn choose_indexes(dir: &Path, starts: &[u64]) -> Result<(Vec<IndexSpan>, Vec<PathBuf>)> {
+    let sealed = starts.len().saturating_sub(1);
+    let mut merged: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for e in entries {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".idx")) else { continue };
+        let number = |n: &str| if n.len() == 20 { n.parse::<u64>().ok() } else { None };
+        match stem.split_once('-') {
+            None if number(stem).is_some() => found.push(e.path()),
+            Some((a, b)) => {
+                if let (Some(a), Some(b)) = (number(a), number(b)) {
+                    merged.entry(a).or_default().push(b);
+                    found.push(e.path());
+                }
+            }
+            None => {}
+        }
+    }
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < sealed {
+        let first = starts[i];
+        // The widest merged file starting here whose end is a later sealed segment boundary:
+        // `starts[i + 1 + j]`, covering `j + 1` segments.
+        let widest = merged.get(&first).and_then(|ends| ends.iter().filter_map(|end| starts[i + 1..=sealed].iter().position(|s| s == end)).max());
+        let span = match widest {
+            Some(j) if j > 0 => IndexSpan { first, end: starts[i + 1 + j], segments: j as u32 + 1 },
+            _ => IndexSpan { first, end: starts[i + 1], segments: 1 },
+        };
+        i += span.segments as usize;
+        spans.push(span);
+    }
+    Ok((spans, found))
+}
+
+/// A merge of index files that is due (see [`PartitionLog::index_merge_due`]).
+#[derive(Debug, Clone)]
+pub struct IndexMerge {
+    dir: PathBuf,
+    inputs: Vec<IndexSpan>,
+}
+
+/// A merged index written by [`IndexMerge::run`], for [`PartitionLog::adopt_index_merge`].
+pub struct MergedIndex {
+    span: IndexSpan,
+    inputs: Vec<IndexSpan>,
+    runs: TenantRuns,
+}
+
+impl IndexMerge {
+    /// The span the merged file covers.
+    pub fn span(&self) -> IndexSpan {
+        let first = self.inputs.first().map_or(0, |s| s.first);
+        let end = self.inputs.last().map_or(0, |s| s.end);
+        IndexSpan { first, end, segments: self.inputs.iter().map(|s| s.segments).sum() }
+    }
+
+    /// Reads the input index files and writes the merged one durably. Needs no access to the
+    /// log (its inputs are immutable), so it runs without whatever guards the log.
+    pub fn run(self) -> Result<MergedIndex> {
+        let span = self.span();
+        let mut files = Vec::with_capacity(self.inputs.len());
+        for input in &self.inputs {
+            let path = input.path(&self.dir);
+            files.push((std::fs::read(&path).map_err(|e| Error::io(&path, e))?, path));
+        }
+        let mut table: BTreeMap<&str, (u64, Vec<u64>)> = BTreeMap::new();
+        for (bytes, path) in &files {
+            for (tenant, run) in parse_index(bytes).map_err(|why| corrupt(path, why))? {
+                let (first, positions) = table.entry(tenant).or_insert_with(|| (run.first_seq, Vec::new()));
+                let next = *first + positions.len() as u64;
+                if next != run.first_seq {
+                    return Err(corrupt(path, format!("{tenant}: seqs jump from {next} to {}", run.first_seq)));
+                }
+                let at = run.positions_at as usize;
+                let raw = bytes.get(at..at + 8 * run.count as usize).ok_or_else(|| corrupt(path, "positions end early"))?;
+                positions.extend(raw.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])));
+            }
+        }
+        let view: BTreeMap<&str, (u64, &[u64])> = table.iter().map(|(t, (first, p))| (*t, (*first, p.as_slice()))).collect();
+        let runs = write_index(&span.path(&self.dir), &view)?;
+        Ok(MergedIndex { span, inputs: self.inputs, runs })
+    }
 }
 
 /// Each tenant's run in one segment index.
@@ -153,39 +288,69 @@ impl PartitionLog {
             poisoned: (!write).then(|| "opened read-only".to_string()),
             memory_positions: Vec::new(),
             indexes: crate::handles::HandleCache::default(),
+            index_files: BTreeMap::new(),
         };
         let starts = log.journal.segment_starts();
-        let (sealed, active) = starts.split_at(starts.len().saturating_sub(1));
-        for (i, &segment) in sealed.iter().enumerate() {
-            let end = starts[i + 1];
-            // Tenant ids are borrowed from the file's bytes: a tenant appears in many segments,
-            // and its key is allocated once, when first seen.
-            let bytes = std::fs::read(index_path(dir, segment)).map_err(|e| e.to_string());
+        let active = starts.last().copied();
+        let (spans, found) = choose_indexes(dir, &starts)?;
+        // Spans still to load, in journal order; a damaged merged file is replaced here by its
+        // segments' own.
+        let mut queue: std::collections::VecDeque<IndexSpan> = spans.into();
+        while let Some(span) = queue.pop_front() {
+            let path = span.path(dir);
+            // Tenant ids are borrowed from the file's bytes: a tenant appears in many index
+            // files, and its key is allocated once, when first seen.
+            let bytes = std::fs::read(&path).map_err(|e| e.to_string());
             let rebuilt;
             let runs: Vec<(&str, Run)> = match bytes.as_deref().map_err(String::clone).and_then(parse_index) {
                 Ok(runs) => runs,
+                Err(why) if span.segments > 1 => {
+                    tracing::warn!(index = %path.display(), error = %why, "merged index damaged; using its segments' own indexes");
+                    if write {
+                        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    }
+                    let at = starts.iter().position(|s| *s == span.first).unwrap_or_default();
+                    for k in (at..at + span.segments as usize).rev() {
+                        queue.push_front(IndexSpan { first: starts[k], end: starts[k + 1], segments: 1 });
+                    }
+                    continue;
+                }
                 Err(why) => {
                     if write {
-                        tracing::warn!(segment, error = %why, "segment index missing or damaged; rebuilding it from the segment");
+                        tracing::warn!(segment = span.first, error = %why, "segment index missing or damaged; rebuilding it from the segment");
                     }
-                    rebuilt = log.rebuild_index(segment, end, write)?;
+                    rebuilt = log.rebuild_index(span.first, span.end, write)?;
                     rebuilt.iter().map(|(t, r)| (t.as_str(), *r)).collect()
                 }
             };
+            log.index_files.insert(span.first, span);
             for (tenant, mut run) in runs {
-                if run.segment != MEMORY_RUN {
-                    run.segment = segment;
+                if run.index != MEMORY_RUN {
+                    run.index = span.first;
                 }
                 let head = match log.tenants.get_mut(tenant) {
                     Some(head) => head,
                     None => log.tenants.entry(tenant.to_string()).or_default(),
                 };
                 if run.first_seq != head.size {
-                    return Err(corrupt(&index_path(dir, segment), format!("{tenant}: seqs jump from {} to {}", head.size, run.first_seq)));
+                    return Err(corrupt(&path, format!("{tenant}: seqs jump from {} to {}", head.size, run.first_seq)));
                 }
                 head.size += run.count;
                 head.active_first = head.size;
                 head.runs.push(run);
+            }
+        }
+        if write {
+            // Files a merged index covers (its inputs, when a crash came before they were
+            // deleted), or that end on no segment boundary: any file found but not used.
+            let used: std::collections::HashSet<PathBuf> = log.index_files.values().map(|s| s.path(dir)).collect();
+            for path in found.into_iter().filter(|p| !used.contains(p)) {
+                tracing::info!(index = %path.display(), "removing an index file a merged one covers");
+                match std::fs::remove_file(&path) {
+                    // Gone already: a damaged merged file, removed above.
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
+                    _ => {}
+                }
             }
         }
         // A tenant's frontier over what the sealed segments hold is read (popcount(size) stored
@@ -193,7 +358,7 @@ impl PartitionLog {
         for head in log.tenants.values_mut() {
             head.frontier_unread = true;
         }
-        if let Some(&start) = active.first() {
+        if let Some(start) = active {
             let mut frames = Vec::new();
             log.journal.replay(start, |position, frame| {
                 if let Frame::Record(r) = frame {
@@ -225,8 +390,15 @@ impl PartitionLog {
 
     /// Adds a committed record found in the active segment at open, checking it.
     /// The caller sets each head's `committed` frontier once, after the last record.
+    ///
+    /// A tenant first seen in the active segment has its frontier in memory, so every node the
+    /// record stores is checked against the ones its entry completes. A tenant the sealed
+    /// segments already hold keeps its frontier unread (reading it costs a few random reads,
+    /// which at 10^5 tenants would dominate an open), and its record, as in a sealed segment,
+    /// is checked by the frame's CRC and its seq: hashing every entry of a 64 MiB active
+    /// segment again would cost about 50 ms per partition at every open (`tally log audit`
+    /// recomputes every hash).
     fn index_committed(&mut self, position: u64, r: &RecordFrame) -> Result<()> {
-        self.read_frontier(&r.tenant)?;
         let head = match self.tenants.get_mut(&r.tenant) {
             Some(head) => head,
             None => self.tenants.entry(r.tenant.clone()).or_default(),
@@ -234,9 +406,14 @@ impl PartitionLog {
         if r.seq != head.size {
             return Err(corrupt(&self.dir, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, head.size)));
         }
-        self.nodes.clear();
-        head.frontier.push(leaf_hash(&r.entry), &mut self.nodes);
-        if self.nodes != r.nodes {
+        let matches = if head.frontier_unread {
+            true
+        } else {
+            self.nodes.clear();
+            head.frontier.push(leaf_hash(&r.entry), &mut self.nodes);
+            self.nodes == r.nodes
+        };
+        if !matches {
             return Err(corrupt(&self.dir, format!("journal position {position}: {} record {}: stored hashes differ from the entry's", r.tenant, r.seq)));
         }
         head.size += 1;
@@ -349,6 +526,86 @@ impl PartitionLog {
         Ok(changed)
     }
 
+    /// The next merge of index files that is due, if any: the oldest [`MERGE_FAN`] consecutive
+    /// live index files that cover the same number of segments, when the merged file stays
+    /// within [`MAX_MERGED_SEGMENTS`]. Cheap; run it with [`IndexMerge::run`] (no lock needed)
+    /// and hand the result to [`PartitionLog::adopt_index_merge`]. None for a log that takes no
+    /// writes.
+    pub fn index_merge_due(&self) -> Option<IndexMerge> {
+        if self.poisoned.is_some() {
+            return None;
+        }
+        let spans: Vec<IndexSpan> = self.index_files.values().copied().collect();
+        spans
+            .windows(MERGE_FAN as usize)
+            .find(|w| {
+                let size = w[0].segments;
+                size * MERGE_FAN <= MAX_MERGED_SEGMENTS && w.iter().all(|s| s.segments == size) && w.windows(2).all(|p| p[0].end == p[1].first)
+            })
+            .map(|w| IndexMerge { dir: self.dir.clone(), inputs: w.to_vec() })
+    }
+
+    /// Swaps in a merged index written by [`IndexMerge::run`]: each tenant's runs in its inputs
+    /// become one run, and the input files are deleted. Returns false, changing nothing, when
+    /// the inputs are no longer the live files (the merged file is left: it is valid, and an
+    /// open uses or removes it). A merged index that disagrees with the heads is an error, and
+    /// changes nothing either.
+    pub fn adopt_index_merge(&mut self, merged: MergedIndex) -> Result<bool> {
+        let MergedIndex { span, inputs, runs } = merged;
+        let live: Vec<IndexSpan> = self.index_files.range(span.first..span.end).map(|(_, s)| *s).collect();
+        if live != inputs || self.poisoned.is_some() {
+            return Ok(false);
+        }
+        let path = span.path(&self.dir);
+        let mut splices = Vec::with_capacity(runs.len());
+        for (tenant, run) in &runs {
+            let head = self.tenants.get(tenant).ok_or_else(|| corrupt(&path, format!("{tenant}: not in this log")))?;
+            let from = head.runs.partition_point(|r| r.index < span.first);
+            let to = head.runs.partition_point(|r| r.index < span.end);
+            let covered = &head.runs[from..to];
+            let count: u64 = covered.iter().map(|r| r.count).sum();
+            if covered.first().map(|r| r.first_seq) != Some(run.first_seq) || count != run.count {
+                return Err(corrupt(&path, format!("{tenant}: the merged run ({} from {}) is not what the inputs hold ({count})", run.count, run.first_seq)));
+            }
+            splices.push((from, to));
+        }
+        for ((tenant, run), (from, to)) in runs.into_iter().zip(splices) {
+            if let Some(head) = self.tenants.get_mut(&tenant) {
+                head.runs.splice(from..to, [Run { index: span.first, ..run }]);
+            }
+        }
+        for input in &inputs {
+            self.index_files.remove(&input.first);
+            self.indexes.forget(input.first);
+        }
+        self.index_files.insert(span.first, span);
+        for input in &inputs {
+            let old = input.path(&self.dir);
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!(index = %old.display(), error = %e, "merged index file not removed; the next open removes it");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Runs every index merge that is due, here and now (for tools, benchmarks and tests; the
+    /// ledger service runs them on its background thread). Returns how many were adopted.
+    pub fn merge_indexes(&mut self) -> Result<usize> {
+        let mut adopted = 0;
+        while let Some(merge) = self.index_merge_due() {
+            if !self.adopt_index_merge(merge.run()?)? {
+                break;
+            }
+            adopted += 1;
+        }
+        Ok(adopted)
+    }
+
+    /// The live index files, oldest first.
+    pub fn index_spans(&self) -> Vec<IndexSpan> {
+        self.index_files.values().copied().collect()
+    }
+
     /// After a failed commit: every head back to what is durable (the journal dropped the rest).
     fn forget_uncommitted(&mut self) {
         self.dirty.clear();
@@ -379,8 +636,9 @@ impl PartitionLog {
         }
         self.indexes.forget(segment);
         let runs = write_index(&index_path(&self.dir, segment), &table)?;
+        self.index_files.insert(segment, IndexSpan { first: segment, end, segments: 1 });
         for (tenant, mut run) in runs {
-            run.segment = segment;
+            run.index = segment;
             if let Some(head) = self.tenants.get_mut(&tenant) {
                 head.active.drain(..run.count as usize);
                 head.active_first += run.count;
@@ -409,7 +667,7 @@ impl PartitionLog {
             let mut runs = Vec::with_capacity(found.len());
             for (tenant, (first, positions)) in found {
                 let at = self.memory_positions.len() as u64;
-                runs.push((tenant, Run { segment: MEMORY_RUN, first_seq: first, count: positions.len() as u64, positions_at: at }));
+                runs.push((tenant, Run { index: MEMORY_RUN, first_seq: first, count: positions.len() as u64, positions_at: at }));
                 self.memory_positions.extend(positions);
             }
             return Ok(runs);
@@ -483,12 +741,13 @@ impl PartitionLog {
         }
         let i = head.runs.partition_point(|r| r.first_seq <= seq);
         let run = i.checked_sub(1).and_then(|i| head.runs.get(i)).ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: in no run")))?;
-        if run.segment == MEMORY_RUN {
+        if run.index == MEMORY_RUN {
             let at = (run.positions_at + (seq - run.first_seq)) as usize;
             return self.memory_positions.get(at).copied().ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: not indexed")));
         }
-        let path = index_path(&self.dir, run.segment);
-        let file = self.indexes.get(run.segment, &path)?;
+        let span = self.index_files.get(&run.index).ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: its index file is gone")))?;
+        let path = span.path(&self.dir);
+        let file = self.indexes.get(run.index, &path)?;
         let mut bytes = [0u8; 8];
         file.read_exact_at(&mut bytes, run.positions_at + 8 * (seq - run.first_seq)).map_err(|e| Error::io(&path, e))?;
         Ok(u64::from_le_bytes(bytes))
@@ -558,7 +817,7 @@ pub(crate) fn index_bytes(table: &BTreeMap<&str, (u64, &[u64])>) -> Result<(Vec<
     }
     let mut runs = Vec::with_capacity(table.len());
     for (tenant, (first, positions)) in table {
-        runs.push(((*tenant).to_string(), Run { segment: 0, first_seq: *first, count: positions.len() as u64, positions_at: bytes.len() as u64 }));
+        runs.push(((*tenant).to_string(), Run { index: 0, first_seq: *first, count: positions.len() as u64, positions_at: bytes.len() as u64 }));
         for p in *positions {
             bytes.extend_from_slice(&p.to_le_bytes());
         }
@@ -595,7 +854,7 @@ fn parse_index(bytes: &[u8]) -> std::result::Result<Vec<(&str, Run)>, String> {
     }
     let mut runs = Vec::with_capacity(table.len());
     for (tenant, first_seq, count) in table {
-        runs.push((tenant, Run { segment: 0, first_seq, count, positions_at: at as u64 }));
+        runs.push((tenant, Run { index: 0, first_seq, count, positions_at: at as u64 }));
         at += 8 * count as usize;
     }
     if at != body.len() {
@@ -792,6 +1051,120 @@ mod tests {
         check(&log, &trees);
         assert_eq!(std::fs::read(&first).unwrap(), original, "rebuilt byte for byte");
         assert!(parse_index(&std::fs::read(&second).unwrap()).is_ok());
+    }
+
+    /// Every entry of every tenant, read back and checked (not only the few `check` samples):
+    /// a merged run must point each seq at its own frame.
+    fn check_every_entry(log: &PartitionLog, trees: &BTreeMap<String, MemoryTree>) {
+        for (t, tree) in trees {
+            for i in 0..tree.size() {
+                assert_eq!(log.entry(t, i).unwrap(), entry(t, i), "{t} {i}");
+            }
+        }
+    }
+
+    fn index_files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.ends_with(".idx")).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn index_files_merge_into_tiers_and_every_seq_still_reads_its_own_frame() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(crate::ledger::JOURNAL_DIR);
+        let dir = dir.as_path();
+        let tenants = ["acme", "globex", "initech", "umbrella", "tiny"];
+        let mut trees = BTreeMap::new();
+        let mut log = PartitionLog::open(dir, 4096).unwrap();
+        fill(&mut log, &tenants[..4], 320, 7, &mut trees);
+        fill(&mut log, &tenants[4..], 1, 1, &mut trees);
+        let sealed = log.journal.segment_starts().len() - 1;
+        assert!(sealed >= 2 * (MERGE_FAN * MERGE_FAN) as usize, "{sealed} sealed segments: enough for two tiers");
+        assert_eq!(log.index_spans().len(), sealed, "nothing merges until asked");
+        let adopted = log.merge_indexes().unwrap();
+        let spans = log.index_spans();
+        assert!(adopted > 0 && spans.len() < sealed, "{adopted} merges, {} files for {sealed} segments", spans.len());
+        // Tiers: contiguous, sizes non-increasing, fewer than MERGE_FAN of any size below the cap.
+        assert!(spans.windows(2).all(|w| w[0].end == w[1].first && w[0].segments >= w[1].segments), "{spans:?}");
+        for size in spans.iter().map(|s| s.segments).filter(|s| s * MERGE_FAN <= MAX_MERGED_SEGMENTS) {
+            assert!(spans.iter().filter(|s| s.segments == size).count() < MERGE_FAN as usize, "{spans:?}");
+        }
+        assert_eq!(spans.iter().map(|s| s.segments as usize).sum::<usize>(), sealed);
+        assert_eq!(index_files_in(dir).len(), spans.len(), "the inputs are deleted");
+        let most = log.tenants.values().map(|h| h.runs.len()).max().unwrap();
+        assert!(most <= spans.len(), "a tenant has one run per live index file at most, not one per segment: {most}");
+        check(&log, &trees);
+        check_every_entry(&log, &trees);
+        // Appends go on after merges, into new segments and new merges.
+        fill(&mut log, &tenants[..2], 40, 5, &mut trees);
+        log.merge_indexes().unwrap();
+        check_every_entry(&log, &trees);
+        drop(log);
+        let log = PartitionLog::open(dir, 4096).unwrap();
+        check(&log, &trees);
+        check_every_entry(&log, &trees);
+        let reader = PartitionLog::open_read_only(dir).unwrap();
+        check(&reader, &trees);
+        assert!(reader.index_merge_due().is_none(), "a reader never merges");
+        let report = crate::audit::audit_ledger(root.path(), &mut |_| {});
+        assert!(report.problems.is_empty(), "merged index files audit clean: {:?}", report.problems);
+        assert_eq!(report.tenants.values().sum::<u64>(), trees.values().map(|t| t.size()).sum::<u64>());
+    }
+
+    #[test]
+    fn a_crash_between_a_merge_and_adopting_it_or_a_damaged_merged_index_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = ["acme", "globex", "initech"];
+        let mut trees = BTreeMap::new();
+        let mut log = PartitionLog::open(dir.path(), 2048).unwrap();
+        fill(&mut log, &tenants, 150, 4, &mut trees);
+        let singles = index_files_in(dir.path());
+        // The merged file is written, then the process dies before adopting it: both remain.
+        let merge = log.index_merge_due().unwrap();
+        let span = merge.span();
+        let _written = merge.run().unwrap();
+        drop(log);
+        assert_eq!(index_files_in(dir.path()).len(), singles.len() + 1);
+        let log = PartitionLog::open(dir.path(), 2048).unwrap();
+        assert_eq!(log.index_spans()[0], span, "the open prefers the merged file");
+        assert_eq!(index_files_in(dir.path()).len(), singles.len() + 1 - MERGE_FAN as usize, "and removes the files it covers");
+        check_every_entry(&log, &trees);
+        drop(log);
+        // A crash again between writing a merged file and adopting it, and the merged file is
+        // damaged: the inputs, still there, are used and kept.
+        let log = PartitionLog::open(dir.path(), 2048).unwrap();
+        let merge = log.index_merge_due().unwrap();
+        let second = merge.span();
+        let _written = merge.run().unwrap();
+        drop(log);
+        let mut bytes = std::fs::read(second.path(dir.path())).unwrap();
+        bytes[20] ^= 0xff;
+        std::fs::write(second.path(dir.path()), &bytes).unwrap();
+        let before = index_files_in(dir.path());
+        let log = PartitionLog::open(dir.path(), 2048).unwrap();
+        let mut kept = before.clone();
+        kept.retain(|n| *n != second.path(dir.path()).file_name().unwrap().to_str().unwrap());
+        assert_eq!(index_files_in(dir.path()), kept, "only the damaged file is removed");
+        check_every_entry(&log, &trees);
+        drop(log);
+        // A damaged merged file whose inputs are gone: its segments' own indexes are rebuilt.
+        let merged = span.path(dir.path());
+        let mut bytes = std::fs::read(&merged).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&merged, &bytes).unwrap();
+        let mut log = PartitionLog::open(dir.path(), 2048).unwrap();
+        assert!(!merged.exists(), "the damaged file is removed");
+        assert_eq!(index_files_in(dir.path()), singles, "every segment has its own index again");
+        check(&log, &trees);
+        check_every_entry(&log, &trees);
+        // A merge whose inputs are no longer live is not adopted.
+        let stale = log.index_merge_due().unwrap().run().unwrap();
+        log.merge_indexes().unwrap();
+        assert!(!log.adopt_index_merge(stale).unwrap(), "another merge already covered these files");
+        check_every_entry(&log, &trees);
     }
 
     #[test]

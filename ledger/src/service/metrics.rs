@@ -28,6 +28,9 @@ pub struct Metrics {
     pub projected_records: IntCounter,
     pub projection_files: IntCounter,
     pub projection_errors: IntCounter,
+    /// Journal index files merged, and merges that failed (retried at the next pass).
+    pub index_merges: IntCounter,
+    pub index_merge_errors: IntCounter,
     /// Dead letters the broker would not take whole, sent in bounded form.
     pub dlq_bounded: IntCounter,
     /// Failed tries to dead-letter a message (each retried until it succeeds).
@@ -88,6 +91,9 @@ impl Metrics {
             projected_records: t.counter("tally_ledger_projected_records_total", "Records written to the Parquet projection."),
             projection_files: t.counter("tally_ledger_projection_files_total", "Parquet files written by projection flushes."),
             projection_errors: t.counter("tally_ledger_projection_errors_total", "Failed projection flushes (retried at the next pass)."),
+            index_merges: t.counter("tally_ledger_index_merges_total", "Journal index files merged into one (docs/storage.md, \"Merged indexes\")."),
+            index_merge_errors: t
+                .counter("tally_ledger_index_merge_errors_total", "Index merges that failed (retried at the next pass; reads are unaffected)."),
             dlq_bounded: t
                 .counter("tally_ledger_dlq_bounded_total", "Dead letters the broker would not take whole, sent in bounded form (digest, size, prefix)."),
             dlq_failed_tries: t.counter("tally_ledger_dlq_failed_tries_total", "Failed tries to dead-letter a message (each retried until it succeeds)."),

@@ -113,12 +113,18 @@ impl PartitionLedger {
     /// budget snapshots and a replay of the journal past the store's durable position (at most
     /// [`STORE_DURABLE_EVERY`] of records after a crash, nothing after a clean close).
     pub fn open(root: &Path, topic: &str, partition: i32, keys: Vec<LedgerKey>) -> Result<PartitionLedger> {
+        Self::open_with(root, topic, partition, keys, tally_log::DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// [`PartitionLedger::open`] with journal segments rolled at `segment_bytes` (tests use
+    /// small ones).
+    pub(crate) fn open_with(root: &Path, topic: &str, partition: i32, keys: Vec<LedgerKey>, segment_bytes: u64) -> Result<PartitionLedger> {
         let started = std::time::Instant::now();
         let dir = root.join("partitions").join(format!("{topic}-{partition}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Lock before anything is read or repaired: the previous owner may still be closing it.
         let lock = lock_partition(&dir)?;
-        let ledger = Ledger::open(&dir, keys)?;
+        let ledger = Ledger::open_with(&dir, keys, segment_bytes)?;
         let store = PartitionStore::open(&dir.join("state.redb"))?;
         let next_offset = ledger.next_offset();
         let corrupt = |detail: String| Error::Corrupt { path: dir.display().to_string(), detail };
@@ -230,6 +236,11 @@ impl PartitionLedger {
     /// Where consumption resumes: the durable progress, or the partition's start.
     pub fn resume_offset(&self) -> Option<i64> {
         self.next_offset
+    }
+
+    /// Swaps in a merged index of this partition's journal (see [`Ledger::adopt_index_merge`]).
+    pub fn adopt_index_merge(&mut self, merged: tally_log::MergedIndex) -> Result<bool> {
+        Ok(self.ledger.adopt_index_merge(merged)?)
     }
 
     /// The partition's logs, to read.

@@ -14,6 +14,10 @@
 //! forced pass of whoever closed it, never by the thread, so the projection of a tenant is never
 //! written by two owners at once. A failure is logged and counted and retried at the next pass: the
 //! log is the truth, and the projection can be rebuilt from it.
+//!
+//! The same thread merges each partition's journal index files when a merge is due
+//! ([`merge_index_files`]): the merge reads and writes files without the partition's lock, which
+//! is taken only to find the merge and to swap its result in.
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -118,6 +122,101 @@ pub(crate) fn run(shared: Arc<Shared>, stop: std::sync::mpsc::Receiver<()>) {
         for (partition, owned) in shared.owned() {
             let projected = project_partition(&owned, partition, false);
             shared.metrics.projected(projected);
+            merge_index_files(&owned, partition, &shared.metrics);
         }
+    }
+}
+
+/// Runs the index merges due on one partition's journal (docs/storage.md, "Merged indexes"),
+/// holding its lock only to find each merge and to adopt it. A failed merge is logged, counted
+/// and tried again at the next pass; reads never depend on it.
+pub(crate) fn merge_index_files(owned: &Owned, partition: i32, metrics: &super::metrics::Metrics) {
+    loop {
+        let due = {
+            let p = lock(owned);
+            if p.is_closed() {
+                return;
+            }
+            p.ledger().index_merge_due()
+        };
+        let Some(merge) = due else { return };
+        let span = merge.span();
+        let adopted = merge.run().map_err(crate::error::Error::from).and_then(|merged| {
+            let mut p = lock(owned);
+            // A partition revoked meanwhile belongs to its next owner: its files are left as they
+            // are (the merged one is valid, and that owner's next open uses or removes it).
+            if p.is_closed() {
+                return Ok(false);
+            }
+            p.adopt_index_merge(merged)
+        });
+        match adopted {
+            Ok(true) => {
+                metrics.index_merges.inc();
+                tracing::debug!(partition, first = span.first, segments = span.segments, "journal index files merged");
+            }
+            Ok(false) => return,
+            Err(e) => {
+                metrics.index_merge_errors.inc();
+                tracing::error!(partition, first = span.first, segments = span.segments, error = %e, "journal index merge failed; retrying at the next pass");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::partition::test_delivery;
+    use crate::service::Metrics;
+    use crate::service::{OwnedPartition, PartitionLedger};
+    use tally_log::TenantEntries;
+
+    #[test]
+    fn the_background_pass_merges_index_files_without_losing_a_record_and_leaves_revoked_partitions_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = tally_log::LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open_with(dir.path(), "events", 3, vec![key.clone()], 4096).unwrap();
+        let tenants = ["acme", "globex", "initech"];
+        for o in 0..600 {
+            p.apply(&test_delivery(o, tenants[(o % 3) as usize], &format!("e{o}"), 1)).unwrap();
+            if o % 10 == 9 {
+                p.commit().unwrap();
+            }
+        }
+        p.commit().unwrap();
+        let before = p.ledger().index_spans().len();
+        assert!(before >= 2 * tally_log::MERGE_FAN as usize, "{before} index files");
+        let projection = tally_projection::Projection::new(&dir.path().join("parquet"), Duration::from_secs(1));
+        let owned = OwnedPartition::new(p, projection);
+        let metrics = Metrics::new();
+        merge_index_files(&owned, 3, &metrics);
+        let p = lock(&owned);
+        let after = p.ledger().index_spans().len();
+        assert!(after < before, "{before} index files, then {after}");
+        assert_eq!(metrics.index_merges.get() as usize, (before - after) / (tally_log::MERGE_FAN as usize - 1));
+        assert!(p.ledger().index_merge_due().is_none(), "every due merge ran");
+        for tenant in tenants {
+            assert_eq!(p.committed_size(tenant), 200);
+            for seq in 0..200 {
+                p.ledger().tenant(tenant).entry(seq).unwrap();
+            }
+        }
+        drop(p);
+        // A revoked partition belongs to its next owner: nothing is merged.
+        let mut p = lock(&owned);
+        for o in 600..1200 {
+            p.apply(&test_delivery(o, "acme", &format!("e{o}"), 1)).unwrap();
+            if o % 10 == 9 {
+                p.commit().unwrap();
+            }
+        }
+        p.commit_closing().unwrap();
+        assert!(p.is_closed() && p.ledger().index_merge_due().is_some());
+        let spans = p.ledger().index_spans();
+        drop(p);
+        merge_index_files(&owned, 3, &metrics);
+        assert_eq!(lock(&owned).ledger().index_spans(), spans);
     }
 }
