@@ -4,6 +4,8 @@
 # `scripts/bench.sh ledger` runs the ledger's append/proof benchmark (no broker needed).
 # `scripts/bench.sh storage` compares storage candidates for per-partition durability (tenant
 # files, a journal, redb, fjall) at 1, 10,000 and 100,000 tenants (no broker needed).
+# `scripts/bench.sh recovery` builds 8 partitions with 100,000 tenants and 10M records through the
+# service's write path and times opening them again after a simulated kill -9 (no broker needed).
 # `scripts/bench.sh pipeline` runs the end-to-end ledger benchmark (Kafka → signed logs, latency,
 # restart after kill -9) with the real binary; it starts the broker like `ingest`.
 # `scripts/bench.sh budget` runs the admission/budget benchmark (in-process, HTTP at 1/16/256
@@ -34,6 +36,9 @@ case "$what" in
     ;;
   storage)
     cargo bench --locked -p tally-log --bench storage
+    ;;
+  recovery)
+    cargo bench --locked -p tally --bench recovery
     ;;
   query)
     shift

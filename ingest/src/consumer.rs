@@ -43,7 +43,8 @@ pub enum Resume {
 }
 
 /// The owner of what is consumed: it decides where partitions resume and is told of revocations.
-/// Both calls run on the librdkafka poll thread, inside a rebalance: they may block, briefly.
+/// Both calls run inside a rebalance, on the librdkafka poll thread, and may block, briefly;
+/// `resume` runs for several partitions at once, each on a thread of its own.
 pub trait PartitionSink: Send + Sync + 'static {
     fn resume(&self, topic: &str, partition: i32) -> Resume;
     /// Called before `partitions` are taken away. Every delivery of theirs returned so far has
@@ -114,26 +115,49 @@ impl ClientContext for SinkContext {
 }
 
 impl SinkContext {
-    /// Asks the sink where each of `partitions` resumes and writes it into `tpl`.
+    /// Asks the sink where each of `partitions` resumes and writes it into `tpl`. Partitions
+    /// are asked (and their resume points checked with the broker) by as many threads as the
+    /// machine has cores, each taking the next partition when it is done: a sink's `resume`
+    /// opens the partition from disk, and a restart waits for all of them.
     fn set_resume_positions(&self, consumer: &BaseConsumer<Self>, partitions: &[i32], tpl: &mut TopicPartitionList) {
-        for &p in partitions {
-            let offset = match self.sink.resume(&self.topic, p) {
-                Resume::At(o) => {
-                    // A resume point past the partition's end means the offsets behind it are
-                    // not the ones recorded: never read on as if they were.
-                    match consumer.fetch_watermarks(&self.topic, p, WATERMARK_TIMEOUT) {
-                        Ok((_, high)) if high < o => self.sink.resume_beyond_end(&self.topic, p, o, high),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(partition = p, error = %e, "cannot check the resume offset against the partition's end"),
-                    }
-                    Offset::Offset(o)
-                }
-                Resume::Beginning => Offset::Beginning,
-                Resume::Committed => Offset::Stored,
-            };
+        let at_once = std::thread::available_parallelism().map_or(1, |n| n.get()).min(partitions.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let offsets: Vec<(i32, Offset)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..at_once)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        while let Some(&p) = partitions.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                            done.push((p, self.resume_position(consumer, p)));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        for (p, offset) in offsets {
             if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
                 tracing::error!(partition = p, error = %e, "cannot set resume offset");
             }
+        }
+    }
+
+    /// Where partition `p` resumes, as the sink says, checked against the partition's end.
+    fn resume_position(&self, consumer: &BaseConsumer<Self>, p: i32) -> Offset {
+        match self.sink.resume(&self.topic, p) {
+            Resume::At(o) => {
+                // A resume point past the partition's end means the offsets behind it are not
+                // the ones recorded: never read on as if they were.
+                match consumer.fetch_watermarks(&self.topic, p, WATERMARK_TIMEOUT) {
+                    Ok((_, high)) if high < o => self.sink.resume_beyond_end(&self.topic, p, o, high),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(partition = p, error = %e, "cannot check the resume offset against the partition's end"),
+                }
+                Offset::Offset(o)
+            }
+            Resume::Beginning => Offset::Beginning,
+            Resume::Committed => Offset::Stored,
         }
     }
 }
