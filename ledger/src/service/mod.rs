@@ -356,6 +356,29 @@ async fn publish_budget_states(shared: Arc<Shared>, publisher: tally_ingest::Eve
     }
 }
 
+/// Partitions added to the events topic while the ledger runs would move tenants to other
+/// partitions: `every` so often, the count is read again, and a change is reported to `fail`
+/// (which stops the service, as a start would refuse). Runs beside the consume loop, not in it:
+/// a metadata request can take a second on a loaded broker, and the loop would stall for it.
+async fn watch_partition_count(kafka: KafkaConfig, topic: String, partitions: i32, every: Duration, fail: impl FnOnce(String)) {
+    loop {
+        tokio::time::sleep(every).await;
+        match tally_ingest::topic_partitions(&kafka, Duration::from_secs(5)).await {
+            Ok(topics) => match topics.get(&topic) {
+                Some(&now) if now != partitions => {
+                    fail(format!(
+                        "topic {topic} grew from {partitions} to {now} partitions while this ledger ran: every tenant's home partition would change and its log would fork (see README, \"Growing the events topic\")"
+                    ));
+                    return;
+                }
+                Some(_) => {}
+                None => tracing::warn!(topic = %topic, "the events topic is missing from the broker's metadata"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot check the events topic's partition count"),
+        }
+    }
+}
+
 /// The budgets file, re-read when it changes.
 pub(super) struct BudgetSource {
     watch: Option<FileWatch>,
@@ -670,6 +693,10 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     let budget_publisher = tally_ingest::EventPublisher::new(&kafka, &config.budget_topic).map_err(kafka_err)?;
     let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publishing = tokio::spawn(publish_budget_states(Arc::clone(&shared), budget_publisher, Arc::clone(&closing)));
+    let counting = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(watch_partition_count(kafka.clone(), config.topic.clone(), partitions, PARTITION_COUNT_CHECK_EVERY, move |e| shared.fail(e)))
+    };
 
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(listener, Arc::clone(&shared), async move {
@@ -677,7 +704,6 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     }));
 
     let interval = Duration::from_millis(config.commit_interval_ms);
-    let mut last_count_check = Instant::now();
     let mut last_commit = Instant::now();
     let mut last_kafka_commit = Instant::now();
     let mut last_tick = Instant::now();
@@ -690,20 +716,6 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
             };
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
-            }
-            // Partitions added while running would move tenants: stop as a start would refuse.
-            if last_count_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {
-                last_count_check = Instant::now();
-                match tokio::task::block_in_place(|| consumer.partition_count(Duration::from_secs(5))) {
-                    Ok(now) if now != partitions => {
-                        return Err(Error::Service(format!(
-                            "topic {} grew from {partitions} to {now} partitions while this ledger ran: every tenant's home partition would change and its log would fork (see README, \"Growing the events topic\")",
-                            config.topic
-                        )))
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot check the events topic's partition count"),
-                }
             }
             if !shared.partitions().is_empty() {
                 unassigned_since = Instant::now();
@@ -846,6 +858,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         Ok(())
     }
     .await;
+    counting.abort();
     // Whatever ended the loop, make what was applied durable before leaving the group.
     let committed = tokio::task::block_in_place(|| shared.commit_all());
     drop(stop_projector);
@@ -932,6 +945,32 @@ mod tests {
         config.load_keys().map_err(|e| e.to_string())?;
         config.load_tokens().map_err(|e| e.to_string())?;
         Ok(config)
+    }
+
+    /// Against the test broker (`KAFKA_BOOTSTRAP`, set by scripts/test.sh). Tansu cannot add
+    /// partitions to a topic, so the topic has 3 from the start and the ledger's pinned count is
+    /// 2, as after a grow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_partition_count_is_reported_and_an_unchanged_one_is_not() {
+        let bootstrap = std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP: the test broker (scripts/test.sh starts one)");
+        let kafka = KafkaConfig::with_bootstrap(bootstrap);
+        let topic = format!("watch-count-{}-{}", std::process::id(), jiff::Timestamp::now().as_millisecond());
+        tally_ingest::ensure_topics(&kafka, &[tally_ingest::TopicSpec::new(&topic, 3)]).await.unwrap();
+        let every = Duration::from_millis(200);
+        let (tx, mut unchanged) = tokio::sync::oneshot::channel();
+        let watching = tokio::spawn(watch_partition_count(kafka.clone(), topic.clone(), 3, every, move |e| {
+            let _ = tx.send(e);
+        }));
+        let (tx, grown) = tokio::sync::oneshot::channel();
+        let reporting = tokio::spawn(watch_partition_count(kafka.clone(), topic.clone(), 2, every, move |e| {
+            let _ = tx.send(e);
+        }));
+        let message = tokio::time::timeout(Duration::from_secs(30), grown).await.expect("reported").unwrap();
+        assert!(message.contains(&format!("topic {topic} grew from 2 to 3 partitions")), "{message}");
+        reporting.await.unwrap();
+        tokio::time::sleep(3 * every).await;
+        assert!(unchanged.try_recv().is_err() && !watching.is_finished(), "an unchanged count is not a failure");
+        watching.abort();
     }
 
     #[test]
