@@ -6,6 +6,10 @@
 //!    service: authorize latency p50/p99 and decisions/s. Every answer is durable.
 //! 3. Event published → the tenant's new state on the budget topic: p50/p99 at 500 events/s.
 //!
+//! Same-run baselines: a budget read (same server, routing and token check; no record, no
+//! commit) at each caller count, and the same events relayed through the same broker by a bare
+//! consumer and producer.
+//!
 //! Run with `scripts/bench.sh budget`. Settings: TALLY_BENCH_AUTHORIZE (20000),
 //! TALLY_BENCH_FETCH_WAIT_MS (the ledger consumer's `fetch.wait.max.ms`; default 100), KAFKA_BOOTSTRAP.
 
@@ -51,6 +55,14 @@ impl Conn {
 
     async fn post(&mut self, path: &str, body: &str) -> (u16, Vec<u8>) {
         let request = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        self.send(&request).await
+    }
+
+    async fn get(&mut self, path: &str) -> (u16, Vec<u8>) {
+        self.send(&format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).await
+    }
+
+    async fn send(&mut self, request: &str) -> (u16, Vec<u8>) {
         self.reader.get_mut().write_all(request.as_bytes()).await.unwrap();
         let mut line = String::new();
         self.reader.read_line(&mut line).await.unwrap();
@@ -151,41 +163,121 @@ async fn main() {
 
     for callers in [1usize, 16, 64, 256] {
         let per_caller = (n as usize / 4 / callers).max(10);
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..callers {
-            tasks.push(tokio::spawn(async move {
-                let mut conn = Conn::open(addr).await;
-                let tenant = format!("t{:03}", c % 64);
-                let mut samples = Vec::with_capacity(per_caller);
-                for i in 0..per_caller {
-                    // Long TTLs: expiries would otherwise land in the latency phase below.
-                    let body = format!(r#"{{"task_id":"task{i}","estimate_micros":1,"ttl_ms":3600000}}"#);
-                    let t = Instant::now();
-                    let (status, answer) = conn.post(&format!("/v1/tenants/{tenant}/budget/authorize"), &body).await;
-                    samples.push(t.elapsed());
-                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
-                }
-                samples
-            }));
+        // The same-run baseline: the same server, connections, routing and token check, a budget
+        // read (no record, no commit): what this machine's HTTP stack and the client cost.
+        for durable in [false, true] {
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..callers {
+                tasks.push(tokio::spawn(async move {
+                    let mut conn = Conn::open(addr).await;
+                    let tenant = format!("t{:03}", c % 64);
+                    let mut samples = Vec::with_capacity(per_caller);
+                    for i in 0..per_caller {
+                        // Long TTLs: expiries would otherwise land in the latency phase below.
+                        let body = format!(r#"{{"task_id":"task{i}","estimate_micros":1,"ttl_ms":3600000}}"#);
+                        let t = Instant::now();
+                        let (status, answer) = if durable {
+                            conn.post(&format!("/v1/tenants/{tenant}/budget/authorize"), &body).await
+                        } else {
+                            conn.get(&format!("/v1/tenants/{tenant}/budget")).await
+                        };
+                        samples.push(t.elapsed());
+                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+                    }
+                    samples
+                }));
+            }
+            let mut samples = Vec::new();
+            for t in tasks {
+                samples.extend(t.await.unwrap());
+            }
+            let what = if durable { "HTTP authorize (durable answers)" } else { "baseline: HTTP budget read" };
+            report(&format!("{what}, {callers} concurrent callers"), samples, start.elapsed());
         }
-        let mut samples = Vec::new();
-        for t in tasks {
-            samples.extend(t.await.unwrap());
-        }
-        report(&format!("HTTP authorize, {callers} concurrent callers (durable answers)"), samples, start.elapsed());
     }
 
     // Event → state on the budget topic: each event costs 1 micro, so the state's day spend
-    // says which events it includes.
+    // says which events it includes. The same-run baseline relays the same events through the
+    // same broker with a bare consumer (the ledger's `fetch.wait.max.ms`) and producer: two
+    // hops of the broker and nothing else.
+    let fetch_wait = kafka.librdkafka.get("fetch.wait.max.ms").cloned().unwrap_or_else(|| "100".into());
+    let relay_in = format!("{topic}.relay");
+    let relay_out = format!("{topic}.relayed");
+    ensure_topics(&kafka, &[TopicSpec::new(&relay_in, 4), TopicSpec::new(&relay_out, 4)]).await.unwrap();
+    let relay_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = {
+        let (kafka, relay_in, relay_out, fetch_wait, relay_stop) =
+            (kafka.clone(), relay_in.clone(), relay_out.clone(), fetch_wait.clone(), Arc::clone(&relay_stop));
+        tokio::spawn(async move {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &kafka.bootstrap)
+                .set("group.id", format!("{relay_in}.relay"))
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", &fetch_wait)
+                .create()
+                .unwrap();
+            let mut assignment = rdkafka::TopicPartitionList::new();
+            for p in 0..4 {
+                assignment.add_partition_offset(&relay_in, p, rdkafka::Offset::Beginning).unwrap();
+            }
+            consumer.assign(&assignment).unwrap();
+            let publisher = EventPublisher::new(&kafka, &relay_out).unwrap();
+            while !relay_stop.load(std::sync::atomic::Ordering::Acquire) {
+                let message = tokio::task::block_in_place(|| {
+                    consumer.poll(Duration::from_millis(10)).map(|m| m.map(|m| (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec))))
+                });
+                if let Some(Ok((key, payload))) = message {
+                    // Not awaited one by one (that would cap the relay at one broker round trip
+                    // per event); dropping the delivery report does not cancel the send.
+                    drop(publisher.enqueue(key.as_deref(), payload.as_deref().unwrap_or_default(), &[]).await.unwrap());
+                }
+            }
+        })
+    };
+    let relayed = event_to_topic(&kafka, &relay_in, &relay_out, |value| {
+        value["event_id"].as_str().and_then(|id| id.strip_prefix("lat")).and_then(|i| i.parse::<i64>().ok()).map(|i| i + 1)
+    })
+    .await;
+    relay_stop.store(true, std::sync::atomic::Ordering::Release);
+    relay.await.unwrap();
+    println!(
+        "baseline: event published → relayed by a bare consumer and producer (500 events/s): p50 {:.1} ms, p99 {:.1} ms",
+        pct(&relayed, 0.5) / 1e3,
+        pct(&relayed, 0.99) / 1e3
+    );
+    let latencies = event_to_topic(&kafka, &topic, &budget_topic, |value| {
+        Some(value["levels"].as_array().and_then(|l| l.iter().find(|l| l["level"] == "day")).and_then(|l| l["spent_micros"].as_i64()).unwrap_or(0))
+    })
+    .await;
+    println!(
+        "event published → state on the budget topic (500 events/s): p50 {:.1} ms, p99 {:.1} ms ({:.2}× and {:.2}× the relay)",
+        pct(&latencies, 0.5) / 1e3,
+        pct(&latencies, 0.99) / 1e3,
+        pct(&latencies, 0.5) / pct(&relayed, 0.5),
+        pct(&latencies, 0.99) / pct(&relayed, 0.99)
+    );
+    let _ = stop.send(());
+    service.await.unwrap().unwrap();
+}
+
+/// Publishes 2,000 events of tenant `lat` to `events` at 500/s and times each one's arrival on
+/// `watched`: `included` reads from a watched message how many of the events it includes.
+async fn event_to_topic(
+    kafka: &KafkaConfig,
+    events: &str,
+    watched: &str,
+    included: impl Fn(&serde_json::Value) -> Option<i64> + Send + 'static,
+) -> Vec<Duration> {
+    const EVENTS: u32 = 2_000;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap)
-        .set("group.id", format!("{topic}.watch"))
+        .set("group.id", format!("{watched}.watch"))
         .set("auto.offset.reset", "latest")
         .set("fetch.wait.max.ms", "5")
         .create()
         .unwrap();
-    consumer.subscribe(&[&budget_topic]).unwrap();
+    consumer.subscribe(&[watched]).unwrap();
     // Let the watcher join before measuring.
     let joined = Instant::now();
     while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 && joined.elapsed() < Duration::from_secs(30) {
@@ -200,36 +292,34 @@ async fn main() {
                     continue;
                 }
                 let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-                let spent = v["levels"].as_array().and_then(|l| l.iter().find(|l| l["level"] == "day")).and_then(|l| l["spent_micros"].as_i64()).unwrap_or(0);
-                seen.push((spent, Instant::now()));
-                if spent >= 2_000 {
+                let Some(count) = included(&v) else { continue };
+                seen.push((count, Instant::now()));
+                if count >= i64::from(EVENTS) {
                     break;
                 }
             }
         }
         seen
     });
-    let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+    let publisher = EventPublisher::new(kafka, events).unwrap();
     let mut produced = Vec::new();
     let start = Instant::now();
-    for i in 0..2_000u32 {
+    for i in 0..EVENTS {
         tokio::time::sleep_until((start + Duration::from_micros(2_000 * u64::from(i))).into()).await;
         let event = serde_json::json!({"event_id": format!("lat{i}"), "tenant_id": "lat", "occurred_at": jiff::Timestamp::now().to_string(),
             "kind": "llm_call", "cost": {"amount_micros": 1, "currency": "USD"}});
         produced.push(Instant::now());
-        // The watcher sees the state arrive; dropping the delivery report does not cancel it.
+        // The watcher sees it arrive; dropping the delivery report does not cancel it.
         drop(publisher.enqueue(Some(b"lat"), &serde_json::to_vec(&event).unwrap(), &[]).await.unwrap());
     }
     let seen = tokio::task::block_in_place(|| watcher.join().unwrap());
     let mut latencies = Vec::new();
     for (k, at) in produced.iter().enumerate() {
-        if let Some((_, arrived)) = seen.iter().find(|(spent, _)| *spent > k as i64) {
+        if let Some((_, arrived)) = seen.iter().find(|(count, _)| *count > k as i64) {
             latencies.push(arrived.saturating_duration_since(*at));
         }
     }
     latencies.sort();
-    assert_eq!(latencies.len(), produced.len(), "every event's spend reached the budget topic");
-    println!("event published → state on the budget topic (500 events/s): p50 {:.1} ms, p99 {:.1} ms", pct(&latencies, 0.5) / 1e3, pct(&latencies, 0.99) / 1e3);
-    let _ = stop.send(());
-    service.await.unwrap().unwrap();
+    assert_eq!(latencies.len(), produced.len(), "every event reached {watched}");
+    latencies
 }
