@@ -48,8 +48,10 @@ pub fn audit_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> AuditReport {
         }
     };
     let mut done = 0u64;
+    // Each index file is opened now and read when its segments have been replayed: a service
+    // running meanwhile may merge and delete it, and an open file stays readable.
     let mut spans = match choose_indexes(&journal_dir, &starts) {
-        Ok((spans, _)) => spans.into_iter(),
+        Ok((spans, _)) => spans.into_iter().map(|s| (s, std::fs::File::open(s.path(&journal_dir)))).collect::<Vec<_>>().into_iter(),
         Err(e) => {
             report.problems.push(format!("index files: {e}"));
             return report;
@@ -84,10 +86,14 @@ pub fn audit_ledger(dir: &Path, progress: &mut dyn FnMut(u64)) -> AuditReport {
             problem(&mut report, format!("segment at journal position {start}: {e}; the records after it were not audited"));
             break;
         }
-        if let Some(covered) = span.filter(|s| Some(s.end) == sealed_end) {
+        if let Some((covered, file)) = span.take_if(|(s, _)| Some(s.end) == sealed_end) {
             let view: BTreeMap<&str, (u64, &[u64])> = table.iter().map(|(t, (first, p))| (t.as_str(), (*first, p.as_slice()))).collect();
             let path = covered.path(&journal_dir);
-            match (index_bytes(&view), std::fs::read(&path)) {
+            let read = file.and_then(|mut f| {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+            });
+            match (index_bytes(&view), read) {
                 (Ok((want, _)), Ok(got)) if want == got => {}
                 (Ok(_), Ok(_)) => problem(&mut report, format!("{}: does not index its segments' records (rebuilt if removed)", path.display())),
                 (_, Err(e)) => problem(&mut report, format!("{}: {e} (rebuilt at the next open)", path.display())),

@@ -130,6 +130,10 @@ pub struct PartitionLog {
     indexes: crate::handles::HandleCache,
     /// The live index files, by the first position they cover.
     index_files: BTreeMap<u64, IndexSpan>,
+    /// A read-only log's index files, held open from its open: the writer may merge and delete
+    /// them meanwhile, and an open file stays readable after it is unlinked. A handful of
+    /// descriptors once merged; empty for a writer, which deletes only what it no longer reads.
+    pinned: HashMap<u64, std::sync::Arc<std::fs::File>>,
 }
 
 /// An index file: it covers the sealed segments that start in `[first, end)`.
@@ -289,7 +293,12 @@ impl PartitionLog {
             memory_positions: Vec::new(),
             indexes: crate::handles::HandleCache::default(),
             index_files: BTreeMap::new(),
+            pinned: HashMap::new(),
         };
+        if write {
+            // A merge's output half-written when the process died.
+            crate::durable::remove_temporaries(dir)?;
+        }
         let starts = log.journal.segment_starts();
         let active = starts.last().copied();
         let (spans, found) = choose_indexes(dir, &starts)?;
@@ -300,7 +309,12 @@ impl PartitionLog {
             let path = span.path(dir);
             // Tenant ids are borrowed from the file's bytes: a tenant appears in many index
             // files, and its key is allocated once, when first seen.
-            let bytes = std::fs::read(&path).map_err(|e| e.to_string());
+            let bytes = read_index_file(&path).map_err(|e| e.to_string()).map(|(file, bytes)| {
+                if !write {
+                    log.pinned.insert(span.first, std::sync::Arc::new(file));
+                }
+                bytes
+            });
             let rebuilt;
             let runs: Vec<(&str, Run)> = match bytes.as_deref().map_err(String::clone).and_then(parse_index) {
                 Ok(runs) => runs,
@@ -348,8 +362,10 @@ impl PartitionLog {
                 tracing::info!(index = %path.display(), "removing an index file a merged one covers");
                 match std::fs::remove_file(&path) {
                     // Gone already: a damaged merged file, removed above.
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
-                    _ => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    // Unused, so not a reason to refuse the partition: the next open tries again.
+                    Err(e) => tracing::warn!(index = %path.display(), error = %e, "unused index file not removed"),
+                    Ok(()) => {}
                 }
             }
         }
@@ -747,7 +763,10 @@ impl PartitionLog {
         }
         let span = self.index_files.get(&run.index).ok_or_else(|| corrupt(&self.dir, format!("{tenant} {seq}: its index file is gone")))?;
         let path = span.path(&self.dir);
-        let file = self.indexes.get(run.index, &path)?;
+        let file = match self.pinned.get(&run.index) {
+            Some(file) => std::sync::Arc::clone(file),
+            None => self.indexes.get(run.index, &path)?,
+        };
         let mut bytes = [0u8; 8];
         file.read_exact_at(&mut bytes, run.positions_at + 8 * (seq - run.first_seq)).map_err(|e| Error::io(&path, e))?;
         Ok(u64::from_le_bytes(bytes))
@@ -795,6 +814,15 @@ impl NodeSource for TenantView<'_> {
     }
 }
 
+/// Opens an index file and reads it whole, keeping the handle.
+pub(crate) fn read_index_file(path: &Path) -> std::io::Result<(std::fs::File, Vec<u8>)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok((file, bytes))
+}
+
 /// Writes a segment index (see the module docs) durably; returns each tenant's run.
 fn write_index(path: &Path, table: &BTreeMap<&str, (u64, &[u64])>) -> Result<Vec<(String, Run)>> {
     let (bytes, runs) = index_bytes(table)?;
@@ -813,7 +841,8 @@ pub(crate) fn index_bytes(table: &BTreeMap<&str, (u64, &[u64])>) -> Result<(Vec<
         bytes.push(len);
         bytes.extend_from_slice(tenant.as_bytes());
         bytes.extend_from_slice(&first.to_le_bytes());
-        bytes.extend_from_slice(&(positions.len() as u32).to_le_bytes());
+        let count = u32::try_from(positions.len()).map_err(|_| Error::BadRecord(format!("{tenant}: {} records in one index file", positions.len())))?;
+        bytes.extend_from_slice(&count.to_le_bytes());
     }
     let mut runs = Vec::with_capacity(table.len());
     for (tenant, (first, positions)) in table {
@@ -1111,6 +1140,30 @@ mod tests {
         let report = crate::audit::audit_ledger(root.path(), &mut |_| {});
         assert!(report.problems.is_empty(), "merged index files audit clean: {:?}", report.problems);
         assert_eq!(report.tenants.values().sum::<u64>(), trees.values().map(|t| t.size()).sum::<u64>());
+    }
+
+    #[test]
+    fn readers_and_audits_keep_the_index_files_a_writer_merges_away_under_them() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join(crate::ledger::JOURNAL_DIR);
+        let tenants = ["acme", "globex", "initech"];
+        let mut trees = BTreeMap::new();
+        let mut log = PartitionLog::open(&dir, 2048).unwrap();
+        fill(&mut log, &tenants, 150, 4, &mut trees);
+        let reader = PartitionLog::open_read_only(&dir).unwrap();
+        assert!(log.merge_indexes().unwrap() > 0);
+        check_every_entry(&reader, &trees);
+        // An audit that chose its index files before a merge deleted them.
+        let mut log = PartitionLog::open(&dir, 2048).unwrap();
+        fill(&mut log, &tenants, 150, 4, &mut trees);
+        let mut merged = 0;
+        let report = crate::audit::audit_ledger(root.path(), &mut |_| {
+            if merged == 0 {
+                merged = log.merge_indexes().unwrap();
+            }
+        });
+        assert!(merged > 0, "a merge ran during the audit");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
 
     #[test]

@@ -201,7 +201,13 @@ impl PartitionLedger {
             ledger,
             store,
             next_offset,
-            store_durable_at: std::time::Instant::now(),
+            // After a replay, the first commit makes the store durable: a crash loop must not
+            // leave the durable position where it was and replay more at every start.
+            store_durable_at: if replayed > 0 {
+                std::time::Instant::now().checked_sub(STORE_DURABLE_EVERY).unwrap_or_else(std::time::Instant::now)
+            } else {
+                std::time::Instant::now()
+            },
             pending: HashMap::new(),
             in_flight: HashMap::new(),
             budgets,
@@ -666,8 +672,9 @@ mod tests {
         assert!(durable_at < p.ledger().journal_end(), "the store's durable position lags the journal");
         // A crash: no closing commit.
         drop(p);
-        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
         assert_eq!(p.resume_offset(), Some(20), "resumes right after the last durable record");
+        assert!(p.store_durable_at.elapsed() >= STORE_DURABLE_EVERY, "after a replay, the next commit makes the store durable");
         assert_eq!((p.committed_size("acme"), p.committed_size("globex")), (10, 10));
         assert_eq!(p.store.journal_position().unwrap(), p.ledger().journal_end(), "the open's replay is recorded");
         // Recorded without an fsync: a crash right after the open replays it all again.
@@ -675,6 +682,8 @@ mod tests {
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
         assert_eq!(p.resume_offset(), Some(20));
         assert_eq!((p.committed_size("acme"), p.committed_size("globex")), (10, 10));
+        // After a replay the first commit makes the store durable, so a crash loop does not
+        // replay ever more.
         // Retries of events the store had not made durable are still recognised.
         assert_eq!(p.apply(&delivery(20, "acme", "e18", 1)).unwrap(), Applied::Deduplicated { tenant: "acme".into() });
         assert_eq!(p.apply(&delivery(21, "globex", "e19", 2)).unwrap(), Applied::Conflict { tenant: "globex".into(), seq: 10 });
