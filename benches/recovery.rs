@@ -50,15 +50,6 @@ fn delivery(partition: i32, offset: i64, tenant: &str, i: u64) -> Delivery {
     Delivery { partition, offset, timestamp_ms: Some(1_790_000_000_000 + offset), key: Some(tenant.as_bytes().to_vec()), value, headers: vec![], outcome }
 }
 
-fn merge_due(p: &mut PartitionLedger) {
-    while let Some(merge) = p.ledger().index_merge_due() {
-        let merged = merge.run().unwrap();
-        if !p.adopt_index_merge(merged).unwrap() {
-            break;
-        }
-    }
-}
-
 fn main() {
     let records = setting("TALLY_BENCH_RECORDS", 10_000_000);
     let tenants = setting("TALLY_BENCH_TENANTS", 100_000);
@@ -106,7 +97,7 @@ fn build(dir: &std::path::Path, key: &LedgerKey, names: &[String], homes: &[i32]
         offsets[p] += 1;
         if offsets[p] % 1_000 == 0 {
             open[p].commit().unwrap();
-            merge_due(&mut open[p]);
+            open[p].merge_index_files().unwrap();
         }
         if (i + 1) % 1_000_000 == 0 {
             eprintln!("{} records written in {:.0} s", i + 1, start.elapsed().as_secs_f64());

@@ -422,14 +422,11 @@ impl PartitionLog {
         if r.seq != head.size {
             return Err(corrupt(&self.dir, format!("journal position {position}: {} record {} follows {} records", r.tenant, r.seq, head.size)));
         }
-        let matches = if head.frontier_unread {
-            true
-        } else {
+        if !head.frontier_unread {
             self.nodes.clear();
             head.frontier.push(leaf_hash(&r.entry), &mut self.nodes);
-            self.nodes == r.nodes
-        };
-        if !matches {
+        }
+        if !head.frontier_unread && self.nodes != r.nodes {
             return Err(corrupt(&self.dir, format!("journal position {position}: {} record {}: stored hashes differ from the entry's", r.tenant, r.seq)));
         }
         head.size += 1;
