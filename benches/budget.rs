@@ -5,10 +5,15 @@
 //! 2. HTTP over loopback (keep-alive) at 1, 16, 64 and 256 concurrent callers against the running
 //!    service: authorize latency p50/p99 and decisions/s. Every answer is durable.
 //! 3. Event published → the tenant's new state on the budget topic: p50/p99 at 500 events/s.
+//! 4. Freeze request → the tenant's state listing it on the budget topic: p50/p99.
+//!
+//! The service runs as a gateway's would: every tenant has rate quotas (4, never reached) and
+//! 10 active freezes (of other agents), and every authorize names its agent, action, kind and
+//! tokens, so each decision checks the freezes and counts the quotas.
 //!
 //! Same-run baselines: a budget read (same server, routing and token check; no record, no
 //! commit) at each caller count, and the same events relayed through the same broker by a bare
-//! consumer and producer.
+//! consumer and producer, and for freezes the same topic written by a bare producer (one hop).
 //!
 //! Run with `scripts/bench.sh budget`. Settings: TALLY_BENCH_AUTHORIZE (20000),
 //! TALLY_BENCH_FETCH_WAIT_MS (the ledger consumer's `fetch.wait.max.ms`; default 100), KAFKA_BOOTSTRAP.
@@ -26,7 +31,11 @@ use tally_ledger::LedgerKey;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const BUDGETS: &str = "default_plan = \"big\"\n[plans.big]\nday_micros = 1_000_000_000_000\nperiod_micros = 1_000_000_000_000_000\n\
-ceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n";
+ceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n\
+[plans.big.quotas]\ncalls = \"1000000000/m\"\ntokens = \"1000000000000/m\"\n\"action:gpt\" = \"1000000000/h\"\n\"kind:llm_call\" = \"1000000000/d\"\n";
+
+/// Active freezes per tenant during the HTTP phase (none covers the benchmark's agent).
+const FREEZES_PER_TENANT: usize = 10;
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -96,7 +105,14 @@ fn in_process(n: u64) {
         let start = Instant::now();
         for i in 0..count {
             let t = Instant::now();
-            let (verdict, _, _) = p.authorize("acme", jiff::Timestamp::now(), Some(&format!("t{}", i % 100)), 1, 60_000).unwrap();
+            let request = tally_ledger::service::AuthorizeRequest {
+                task_id: Some(format!("t{}", i % 100)),
+                estimated_tokens: Some(100),
+                estimate_micros: 1,
+                ttl_ms: 60_000,
+                ..Default::default()
+            };
+            let verdict = p.authorize("acme", jiff::Timestamp::now(), &request, &tally_ledger::service::Caller::default()).unwrap().verdict;
             if durable {
                 p.commit().unwrap();
             }
@@ -154,12 +170,23 @@ async fn main() {
     // Ready once every partition is assigned (one instance: all 4).
     loop {
         let mut c = Conn::open(addr).await;
-        let (status, _) = c.post("/v1/tenants/warmup/budget/authorize", r#"{"estimate_micros":1}"#).await;
+        let (status, _) = c.post("/v1/tenants/warmup/budget/authorize", r#"{"estimate_micros":1,"estimated_tokens":1}"#).await;
         if status == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Every tenant the callers use gets its freezes before the measurement.
+    for t in 0..64 {
+        let mut conn = Conn::open(addr).await;
+        for f in 0..FREEZES_PER_TENANT {
+            let body = format!(r#"{{"reason":"bench","scope":{{"agent_id":"other-{f}"}}}}"#);
+            let (status, answer) = conn.post(&format!("/v1/tenants/t{t:03}/freeze"), &body).await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        }
+    }
+    println!("every tenant has 4 rate quotas and {FREEZES_PER_TENANT} active freezes; each authorize names agent, action, kind and tokens");
 
     for callers in [1usize, 16, 64, 256] {
         let per_caller = (n as usize / 4 / callers).max(10);
@@ -175,7 +202,9 @@ async fn main() {
                     let mut samples = Vec::with_capacity(per_caller);
                     for i in 0..per_caller {
                         // Long TTLs: expiries would otherwise land in the latency phase below.
-                        let body = format!(r#"{{"task_id":"task{i}","estimate_micros":1,"ttl_ms":3600000}}"#);
+                        let body = format!(
+                            r#"{{"task_id":"task{i}","agent_id":"bench-agent","action":"gpt","kind":"llm_call","estimated_tokens":100,"estimate_micros":1,"ttl_ms":3600000}}"#
+                        );
                         let t = Instant::now();
                         let (status, answer) = if durable {
                             conn.post(&format!("/v1/tenants/{tenant}/budget/authorize"), &body).await
@@ -257,8 +286,105 @@ async fn main() {
         pct(&latencies, 0.5) / pct(&relayed, 0.5),
         pct(&latencies, 0.99) / pct(&relayed, 0.99)
     );
+    let (direct, frozen) = freeze_to_topic(&kafka, addr, &budget_topic).await;
+    println!(
+        "baseline: message produced → on the budget topic, bare producer (one hop): p50 {:.1} ms, p99 {:.1} ms",
+        pct(&direct, 0.5) / 1e3,
+        pct(&direct, 0.99) / 1e3
+    );
+    println!(
+        "freeze request → state listing it on the budget topic: p50 {:.1} ms, p99 {:.1} ms ({:.2}× and {:.2}× the bare hop)",
+        pct(&frozen, 0.5) / 1e3,
+        pct(&frozen, 0.99) / 1e3,
+        pct(&frozen, 0.5) / pct(&direct, 0.5),
+        pct(&frozen, 0.99) / pct(&direct, 0.99)
+    );
     let _ = stop.send(());
     service.await.unwrap().unwrap();
+}
+
+/// Freezes tenant `frz` 200 times, one request after another (20 ms apart), and times each
+/// from the request to the first state on the budget topic listing it; the baseline produces 200
+/// messages straight to the same topic and times their arrival.
+async fn freeze_to_topic(kafka: &KafkaConfig, addr: SocketAddr, budget_topic: &str) -> (Vec<Duration>, Vec<Duration>) {
+    const FREEZES: i64 = 200;
+    let count = |key: &'static str, field: &'static str| {
+        move |k: &[u8], v: &serde_json::Value| {
+            (k == key.as_bytes()).then(|| if field == "freezes" { v[field].as_array().map_or(0, |a| a.len() as i64) } else { v[field].as_i64().unwrap_or(0) })
+        }
+    };
+    let publisher = EventPublisher::new(kafka, budget_topic).unwrap();
+    let watcher = watch(kafka, budget_topic, FREEZES, count("hop", "n"));
+    let mut sent = Vec::new();
+    for i in 0..FREEZES {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sent.push(Instant::now());
+        drop(publisher.enqueue(Some(b"hop"), serde_json::json!({"n": i + 1}).to_string().as_bytes(), &[]).await.unwrap());
+    }
+    let direct = arrivals(&sent, tokio::task::block_in_place(|| watcher.join().unwrap()));
+    let watcher = watch(kafka, budget_topic, FREEZES, count("frz", "freezes"));
+    let mut conn = Conn::open(addr).await;
+    let mut sent = Vec::new();
+    for i in 0..FREEZES {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sent.push(Instant::now());
+        let (status, answer) = conn.post("/v1/tenants/frz/freeze", &format!(r#"{{"reason":"bench {i}","scope":{{"task_id":"t{i}"}}}}"#)).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    }
+    (direct, arrivals(&sent, tokio::task::block_in_place(|| watcher.join().unwrap())))
+}
+
+/// Watches `topic` (from its end) until a message says `want` things are included, on a thread:
+/// `included` reads that count from a message's key and JSON, `None` for other messages.
+fn watch(
+    kafka: &KafkaConfig,
+    topic: &str,
+    want: i64,
+    included: impl Fn(&[u8], &serde_json::Value) -> Option<i64> + Send + 'static,
+) -> std::thread::JoinHandle<Vec<(i64, Instant)>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", format!("{topic}.watch.{want}.{}", std::process::id()))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    // Let the watcher join before measuring.
+    let joined = Instant::now();
+    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 && joined.elapsed() < Duration::from_secs(30) {
+        consumer.poll(Duration::from_millis(100));
+    }
+    // A first poll after the assignment, so "latest" is resolved before anything is sent.
+    consumer.poll(Duration::from_millis(200));
+    std::thread::spawn(move || {
+        let mut seen: Vec<(i64, Instant)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or_default()) else { continue };
+                let Some(count) = included(m.key().unwrap_or_default(), &v) else { continue };
+                seen.push((count, Instant::now()));
+                if count >= want {
+                    break;
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// For each thing sent at `sent[k]`, the time until the first watched message including it.
+fn arrivals(sent: &[Instant], seen: Vec<(i64, Instant)>) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for (k, at) in sent.iter().enumerate() {
+        if let Some((_, arrived)) = seen.iter().find(|(count, _)| *count > k as i64) {
+            latencies.push(arrived.saturating_duration_since(*at));
+        }
+    }
+    latencies.sort();
+    assert_eq!(latencies.len(), sent.len(), "every one arrived");
+    latencies
 }
 
 /// Publishes 2,000 events of tenant `lat` to `events` at 500/s and times each one's arrival on
@@ -270,37 +396,7 @@ async fn event_to_topic(
     included: impl Fn(&serde_json::Value) -> Option<i64> + Send + 'static,
 ) -> Vec<Duration> {
     const EVENTS: u32 = 2_000;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("group.id", format!("{watched}.watch"))
-        .set("auto.offset.reset", "latest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[watched]).unwrap();
-    // Let the watcher join before measuring.
-    let joined = Instant::now();
-    while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 && joined.elapsed() < Duration::from_secs(30) {
-        consumer.poll(Duration::from_millis(100));
-    }
-    let watcher = std::thread::spawn(move || {
-        let mut seen: Vec<(i64, Instant)> = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) {
-                if m.key() != Some(b"lat") {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-                let Some(count) = included(&v) else { continue };
-                seen.push((count, Instant::now()));
-                if count >= i64::from(EVENTS) {
-                    break;
-                }
-            }
-        }
-        seen
-    });
+    let watcher = watch(kafka, watched, i64::from(EVENTS), move |key, value| if key == b"lat" { included(value) } else { None });
     let publisher = EventPublisher::new(kafka, events).unwrap();
     let mut produced = Vec::new();
     let start = Instant::now();
@@ -312,14 +408,5 @@ async fn event_to_topic(
         // The watcher sees it arrive; dropping the delivery report does not cancel it.
         drop(publisher.enqueue(Some(b"lat"), &serde_json::to_vec(&event).unwrap(), &[]).await.unwrap());
     }
-    let seen = tokio::task::block_in_place(|| watcher.join().unwrap());
-    let mut latencies = Vec::new();
-    for (k, at) in produced.iter().enumerate() {
-        if let Some((_, arrived)) = seen.iter().find(|(count, _)| *count > k as i64) {
-            latencies.push(arrived.saturating_duration_since(*at));
-        }
-    }
-    latencies.sort();
-    assert_eq!(latencies.len(), produced.len(), "every event reached {watched}");
-    latencies
+    arrivals(&produced, tokio::task::block_in_place(|| watcher.join().unwrap()))
 }

@@ -1,7 +1,8 @@
 //! Budgets end to end against the real broker: cost events published → the tenant's state on the
 //! budget topic says `exceeded` → the next authorize is denied; a budgets-file change takes effect
 //! without a restart; an unknown model is charged at the ceiling. And admissions across a
-//! `kill -9` of the ledger binary: reservations and totals survive, no overshoot.
+//! `kill -9` of the ledger binary: reservations and totals survive, no overshoot, and a retried
+//! authorize (same `Idempotency-Key`) never reserves twice, across the kill.
 
 mod common;
 
@@ -42,9 +43,14 @@ struct BudgetWatch {
 impl BudgetWatch {
     /// Waits for a message with this key whose JSON satisfies `want` (including ones already read).
     fn wait(&mut self, key: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        self.wait_after(0, key, want)
+    }
+
+    /// [`BudgetWatch::wait`], among the messages read after the first `skip`.
+    fn wait_after(&mut self, skip: usize, key: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some((_, v)) = self.seen.iter().find(|(k, v)| k == key && want(v)) {
+            if let Some((_, v)) = self.seen.iter().skip(skip).find(|(k, v)| k == key && want(v)) {
                 return v.clone();
             }
             assert!(Instant::now() < deadline, "no matching budget state for {key}; saw {:?}", self.seen);
@@ -107,6 +113,30 @@ async fn exceeded_state_reaches_the_budget_topic_and_the_next_authorize_is_denie
     assert_eq!(state["status"], "ok", "{state}");
     let (_, verdict) = http_post(service.addr, "/v1/tenants/acme/budget/authorize", &serde_json::json!({"estimate_micros": 1})).await.unwrap();
     assert_eq!(verdict["decision"], "allow", "{verdict}");
+
+    // Settlement on the topic: a reservation for a task, then the event that settles it. The
+    // task's key shows the hold, then the hold gone and the real charge spent.
+    let body = serde_json::json!({"task_id": "t-settle", "estimate_micros": 500});
+    let (_, verdict) = http_post(service.addr, "/v1/tenants/acme/budget/authorize", &body).await.unwrap();
+    let reservation = verdict["reservation_id"].as_str().unwrap().to_string();
+    let task = |v: &serde_json::Value, reserved: i64, spent: i64| {
+        v["levels"].as_array().is_some_and(|l| l.iter().any(|l| l["level"] == "task" && l["reserved_micros"] == reserved && l["spent_micros"] == spent))
+    };
+    tokio::task::block_in_place(|| watch.wait("acme/t-settle", |v| task(v, 500, 0)));
+    let settle = serde_json::json!({"task_id": "t-settle", "reservation_id": reservation, "cost": {"amount_micros": 300, "currency": "USD"}});
+    publisher.publish(Some(b"acme"), &now_event("acme", "a-settle", settle), &[]).await.unwrap();
+    tokio::task::block_in_place(|| watch.wait("acme/t-settle", |v| task(v, 0, 300)));
+
+    // A freeze wakes the consume loop, which publishes acme's state listing it; an unfreeze the
+    // state without it.
+    let (status, frozen) = http_post(service.addr, "/v1/tenants/acme/freeze", &serde_json::json!({"reason": "test"})).await.unwrap();
+    assert_eq!(status, 200, "{frozen}");
+    let id = frozen["freeze_id"].as_str().unwrap().to_string();
+    tokio::task::block_in_place(|| watch.wait("acme", |v| v["freezes"][0]["freeze_id"] == id.as_str()));
+    let (status, _) = http_post(service.addr, "/v1/tenants/acme/unfreeze", &serde_json::json!({"freeze_id": id})).await.unwrap();
+    assert_eq!(status, 200);
+    let seen = watch.seen.len();
+    tokio::task::block_in_place(|| watch.wait_after(seen, "acme", |v| v["freezes"].as_array().is_some_and(Vec::is_empty)));
     service.stop().await;
 }
 
@@ -118,10 +148,11 @@ async fn wait_ready(addr: SocketAddr) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reservations_and_totals_survive_kill_9_without_overshoot() {
+/// A ledger binary with a $5 period budget for acme on `topic`, its HTTP address and log file.
+async fn admission_ledger(prefix: &str) -> (LedgerFixture, SocketAddr, std::path::PathBuf, std::path::PathBuf) {
     let kafka = kafka();
-    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("admit", 2).await;
+    let fixture = ledger_fixture(prefix, 2).await;
+    let (topic, dir, key_path) = (&fixture.topic, &fixture.dir, &fixture.key_path);
     create_topic(&kafka, &format!("{topic}.budget"), 2).await;
     let budgets = dir.path().join("budgets.toml");
     std::fs::write(&budgets, "[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n").unwrap();
@@ -142,6 +173,12 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
     )
     .unwrap();
     let log = dir.path().join("ledger.log");
+    (fixture, addr, config, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_and_totals_survive_kill_9_without_overshoot() {
+    let (_fixture, addr, config, log) = admission_ledger("admit").await;
 
     // 1,000 authorize calls of $0.10 against $5, 16 at a time; the ledger is SIGKILLed after the
     // first 300 answers and restarted. A call in flight at the kill gets no answer (as a gateway
@@ -192,5 +229,85 @@ async fn reservations_and_totals_survive_kill_9_without_overshoot() {
     assert!(reserved >= i64::from(allowed) * 100_000, "{state} after {allowed} allowed");
     assert_eq!(reserved, 5_000_000, "{state}");
     assert_eq!(period["remaining_micros"].as_i64(), Some(0), "{state}");
+    child.terminate();
+}
+
+/// 1,000 authorizes of $0.10 against $5, each with its own `Idempotency-Key`; 20% of them are
+/// sent twice at once (a retry racing its original), the ledger is SIGKILLed in the middle, and
+/// every call left without an answer is retried with its key after the restart. The cap ends
+/// exactly full, every key got one answer however often it was sent, and no reservation was made
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_retries_across_kill_9_never_reserve_twice() {
+    let (_fixture, addr, config, log) = admission_ledger("idem").await;
+    let mut child = spawn_ledger_binary(&config, &log);
+    wait_ready(addr).await;
+    let ask = |i: u32| async move {
+        let key = format!("req-{i}");
+        let body = serde_json::json!({"task_id": format!("t{i}"), "estimate_micros": 100_000, "ttl_ms": 3_600_000});
+        (i, http_post_with(addr, "/v1/tenants/acme/budget/authorize", &body, &[("Idempotency-Key", &key)]).await)
+    };
+    let mut answers: std::collections::BTreeMap<u32, Vec<serde_json::Value>> = std::collections::BTreeMap::new();
+    let mut unanswered = std::collections::BTreeSet::new();
+    let (mut next, mut killed) = (0u32, false);
+    while next < 1_000 {
+        let mut batch = Vec::new();
+        for _ in 0..16 {
+            if next < 1_000 {
+                batch.push(tokio::spawn(ask(next)));
+                if next % 5 == 0 {
+                    batch.push(tokio::spawn(ask(next)));
+                }
+                next += 1;
+            }
+        }
+        for call in batch {
+            match call.await.unwrap() {
+                (i, Some((200, v))) => answers.entry(i).or_default().push(v),
+                (i, _) => {
+                    unanswered.insert(i);
+                }
+            }
+        }
+        if !killed && answers.len() >= 300 {
+            child.kill(); // SIGKILL
+            killed = true;
+            child = spawn_ledger_binary(&config, &log);
+            wait_ready(addr).await;
+        }
+    }
+    assert!(killed);
+    // A gateway retries what it got no answer for, with the same key.
+    for i in unanswered {
+        if let (i, Some((200, v))) = ask(i).await {
+            answers.entry(i).or_default().push(v);
+        }
+    }
+    // And every key once more after everything: still its first answer.
+    for i in (0..1_000).step_by(7) {
+        if let (i, Some((200, v))) = ask(i).await {
+            answers.entry(i).or_default().push(v);
+        }
+    }
+    assert_eq!(answers.len(), 1_000, "every request was answered in the end");
+    let mut reservations = std::collections::BTreeSet::new();
+    for (i, seen) in &answers {
+        let first = &seen[0];
+        for other in seen {
+            assert_eq!(
+                (&other["decision"], &other["reservation_id"], &other["seq"]),
+                (&first["decision"], &first["reservation_id"], &first["seq"]),
+                "req-{i}: {seen:?}"
+            );
+        }
+        if first["decision"] == "allow" {
+            assert!(reservations.insert(first["reservation_id"].as_str().unwrap().to_string()), "req-{i} shares a reservation");
+        }
+    }
+    assert_eq!(reservations.len(), 50, "exactly the cap: 50 reservations of $0.10 against $5");
+    let (_, state) = http_get(addr, "/v1/tenants/acme/budget").await.unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    let period = state["levels"].as_array().unwrap().iter().find(|l| l["level"] == "period").unwrap().clone();
+    assert_eq!((period["reserved_micros"].as_i64(), period["remaining_micros"].as_i64()), (Some(5_000_000), Some(0)), "{state}");
     child.terminate();
 }

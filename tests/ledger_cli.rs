@@ -276,3 +276,36 @@ fn token_new_appends_a_hash_and_prints_the_token_once() {
     }
     assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
 }
+
+/// `token list` shows names, roles, tenants and expiry, never a secret; `token revoke` removes one
+/// stanza and keeps the rest, with the file's mode; `--expires-in` sets `expires_at`.
+#[test]
+fn token_list_and_revoke_and_expiry() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let f = file.to_str().unwrap();
+    let gw = ok(&tally(&["token", "new", "--name", "edge", "--role", "gateway", "--tenant", "*", "--expires-in", "30d", "--file", f]));
+    let ops = ok(&tally(&["token", "new", "--name", "ops", "--role", "admin", "--file", f]));
+    let listed = ok(&tally(&["token", "list", "--file", f]));
+    let edge_line = listed.lines().find(|l| l.starts_with("edge ")).unwrap_or_else(|| panic!("{listed}"));
+    assert!(edge_line.contains("gateway") && edge_line.contains("valid") && edge_line.ends_with('*'), "{edge_line}");
+    let expires: jiff::Timestamp = edge_line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let days = (expires - jiff::Timestamp::now()).get_seconds() as f64 / 86_400.0;
+    assert!((29.9..=30.0).contains(&days), "expires in {days} days");
+    assert!(listed.lines().any(|l| l.starts_with("ops ") && l.contains("never")), "{listed}");
+    assert!(!listed.contains(gw.trim()) && !listed.contains(ops.trim()), "list never shows a token");
+
+    let out = tally(&["token", "revoke", "nobody", "--file", f]);
+    assert!(!out.status.success() && stderr(&out).contains("no token named \"nobody\""), "{}", stderr(&out));
+    ok(&tally(&["token", "revoke", "edge", "--file", f]));
+    let listed = ok(&tally(&["token", "list", "--file", f]));
+    assert!(!listed.contains("edge") && listed.contains("ops"), "{listed}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    // The services load what is left.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(tally_ledger::auth::check_token_file(&text).unwrap(), 1);
+
+    let out = tally(&["token", "new", "--name", "x", "--role", "admin", "--expires-in", "30y", "--file", f]);
+    assert!(!out.status.success() && stderr(&out).contains("is not a lifetime"), "{}", stderr(&out));
+}

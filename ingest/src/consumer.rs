@@ -328,9 +328,21 @@ impl EventConsumer {
     /// Polls until a batch is full, the queue is drained, or `max_wait` has passed with nothing.
     /// Rebalances happen inside this call.
     pub async fn next_batch(&self) -> Result<Vec<Delivery>> {
+        Self::joined(self.spawn_poll().await)
+    }
+
+    /// [`EventConsumer::next_batch`] as a task of its own: dropping the handle does not stop the
+    /// poll, so a caller that waits for something else as well must keep the handle and await it
+    /// later ([`EventConsumer::joined`]), or the batch it polled is lost.
+    pub fn spawn_poll(&self) -> tokio::task::JoinHandle<Result<Vec<Delivery>>> {
         let consumer = Arc::clone(&self.consumer);
         let (max_batch, max_wait) = (self.max_batch, self.max_wait);
-        tokio::task::spawn_blocking(move || poll_batch(&consumer, max_batch, max_wait)).await.map_err(|e| Error::PollThread(e.to_string()))?
+        tokio::task::spawn_blocking(move || poll_batch(&consumer, max_batch, max_wait))
+    }
+
+    /// The batch of a finished [`EventConsumer::spawn_poll`].
+    pub fn joined(joined: std::result::Result<Result<Vec<Delivery>>, tokio::task::JoinError>) -> Result<Vec<Delivery>> {
+        joined.map_err(|e| Error::PollThread(e.to_string()))?
     }
 
     /// Commits `next_offset` per partition to the group, so standard lag tools see progress.

@@ -19,6 +19,15 @@ pub enum Error {
     PartitionBusy(String),
     #[error("no record of event {0:?} in this log")]
     NoSuchEvent(String),
+    /// An authorize without `estimated_tokens` for a tenant whose tokens are limited.
+    #[error("estimated_tokens is required: this tenant's budget limits tokens (a limit or a tokens quota)")]
+    MissingEstimatedTokens,
+    /// A freeze past the per-tenant bound (`MAX_ACTIVE_FREEZES`).
+    #[error("this tenant already has {active} active freezes, the most allowed; unfreeze some, or freeze a wider scope")]
+    TooManyFreezes { active: usize },
+    /// An `Idempotency-Key` reused for a different request.
+    #[error("Idempotency-Key {key:?} was first used for a different request (answered by record {seq}); use a new key for a new request")]
+    IdempotencyConflict { key: String, seq: u64 },
     /// The consumer was handed offsets below what this ledger recorded: the topic was recreated
     /// or the broker lost data. Reading on would take new messages for recorded ones.
     #[error("partition {partition} of {topic} delivered offset {offset}, but this ledger has already recorded every offset below {next}: the topic was recreated or the broker lost data; stopping rather than skipping messages as already recorded (see README, \"When the events topic is recreated\")")]

@@ -20,7 +20,7 @@ use jiff::Timestamp;
 use sha2::{Digest, Sha256};
 use tally_ingest::Delivery;
 use tally_ledger::budget::BudgetFile;
-use tally_ledger::service::PartitionLedger;
+use tally_ledger::service::{AuthorizeRequest, Caller, PartitionLedger};
 use tally_ledger::{LedgerKey, TenantEntries};
 
 /// A test-only signing key (never used outside this file).
@@ -104,6 +104,10 @@ fn messages() -> Vec<Delivery> {
     bodies.iter().enumerate().map(|(i, (key, value))| delivery(i as i64, key, value)).collect()
 }
 
+fn request(task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> AuthorizeRequest {
+    AuthorizeRequest { task_id: task_id.map(str::to_string), estimate_micros, ttl_ms, ..AuthorizeRequest::default() }
+}
+
 /// Runs the input into a partition ledger under `dir`; returns what outsiders can see.
 fn run(dir: &Path) -> String {
     let key = LedgerKey::parse(KEY).unwrap();
@@ -118,17 +122,18 @@ fn run(dir: &Path) -> String {
     for d in &messages[..5] {
         p.apply(d).unwrap();
     }
-    let (verdict, admission, _) = p.authorize("acme", ts("2026-11-02T09:05:00Z"), Some("t2"), 3_000, 60_000).unwrap();
-    assert!(verdict.allowed);
-    let reservation = admission.reservation_id.unwrap();
-    p.authorize("initech", ts("2026-11-02T22:40:00Z"), None, 5_000, 60_000).unwrap();
+    let anonymous = Caller::default();
+    let decided = p.authorize("acme", ts("2026-11-02T09:05:00Z"), &request(Some("t2"), 3_000, 60_000), &anonymous).unwrap();
+    assert!(decided.verdict.allowed);
+    let reservation = decided.admission.reservation_id.unwrap();
+    p.authorize("initech", ts("2026-11-02T22:40:00Z"), &request(None, 5_000, 60_000), &anonymous).unwrap();
     p.commit().unwrap();
     for d in &messages[5..9] {
         p.apply(d).unwrap();
     }
-    p.release("acme", &reservation, ts("2026-11-02T09:06:00Z")).unwrap();
-    let (verdict, _, _) = p.authorize("acme", ts("2026-11-02T09:07:00Z"), Some("t9"), 2_000, 1_000).unwrap();
-    assert!(verdict.allowed);
+    p.release("acme", &reservation, ts("2026-11-02T09:06:00Z"), &anonymous).unwrap();
+    let decided = p.authorize("acme", ts("2026-11-02T09:07:00Z"), &request(Some("t9"), 2_000, 1_000), &anonymous).unwrap();
+    assert!(decided.verdict.allowed);
     p.commit().unwrap();
     // Recovery: the partition is closed and opened again in the middle of the input.
     drop(p);
@@ -138,8 +143,8 @@ fn run(dir: &Path) -> String {
     for d in &messages[9..] {
         p.apply(d).unwrap();
     }
-    let (verdict, _, _) = p.authorize("acme", ts("2026-11-03T09:30:00Z"), None, 50_000, 1_000).unwrap();
-    assert!(!verdict.allowed, "the period limit denies it");
+    let decided = p.authorize("acme", ts("2026-11-03T09:30:00Z"), &request(None, 50_000, 1_000), &anonymous).unwrap();
+    assert!(!decided.verdict.allowed, "the period limit denies it");
     p.tick(ts("2026-11-04T00:00:01Z")).unwrap();
     p.commit().unwrap();
 

@@ -18,7 +18,7 @@ use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
-use tally_auth::{AuthError, Principal, TokenStore};
+use tally_auth::{Action, Principal, TokenStore};
 
 use crate::config::QueryConfig;
 use crate::encode::{encode, json_rows, Format};
@@ -78,16 +78,20 @@ pub fn router(state: Arc<AppState>) -> Router {
     // without a token for the tenant cannot make the service read (or wait for) 1 MiB.
     let per_tenant = Router::new()
         .route("/v1/tenants/{tenant}/events", get(events))
-        .route("/v1/tenants/{tenant}/costs", get(costs))
         .route("/v1/tenants/{tenant}/sql", post(sql))
         .route("/v1/tenants/{tenant}/audit-export", get(audit_export))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), tenant_gate));
+        .route_layer(axum::middleware::from_fn_with_state((Arc::clone(&state), Action::ReadAudit), tenant_gate));
+    // Cost roll-ups are sums, never a record: billing reads them for every tenant.
+    let per_tenant_costs = Router::new()
+        .route("/v1/tenants/{tenant}/costs", get(costs))
+        .route_layer(axum::middleware::from_fn_with_state((Arc::clone(&state), Action::ReadCosts), tenant_gate));
     let telemetry = state.metrics.telemetry.clone();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .merge(per_tenant)
+        .merge(per_tenant_costs)
         .route("/v1/spend", get(spend))
         .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
         .with_state(state);
@@ -96,9 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Prometheus text: a `metrics` token (a scraper that reads no data) or `admin`.
 async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response> {
-    if !principal(&state, &headers)?.can_read_metrics() {
-        return Err(AuthError::Forbidden("metrics access").into());
-    }
+    principal(&state, &headers)?.check(Action::ReadMetrics, None)?;
     Ok(tally_auth::Telemetry::text_response(state.metrics.render(&state)))
 }
 
@@ -111,26 +113,24 @@ fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal> {
     Ok(state.tokens.authenticate(auth)?)
 }
 
-/// Lets a request through only if its caller may read the path's tenant.
+/// Lets a request through only if its caller may take `action` on the path's tenant.
 async fn tenant_gate(
-    State(state): State<Arc<AppState>>,
+    State((state, action)): State<(Arc<AppState>, Action)>,
     Path(params): Path<HashMap<String, String>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let tenant = params.get("tenant").map(String::as_str).unwrap_or_default();
-    match tenant_reader(&state, request.headers(), tenant) {
+    match tenant_reader(&state, request.headers(), tenant, action) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
     }
 }
 
-/// The caller, if it may read `tenant`'s reports. Checked before the id is even parsed.
-fn tenant_reader(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<()> {
+/// The caller, if it may take `action` on `tenant`. Checked before the id is even parsed.
+fn tenant_reader(state: &AppState, headers: &HeaderMap, tenant: &str, action: Action) -> Result<()> {
     let who = principal(state, headers)?;
-    if !who.can_read_tenant(tenant) {
-        return Err(AuthError::Forbidden("access to this tenant").into());
-    }
+    who.check(action, Some(tenant))?;
     tally_schemas::validate_tenant_id(tenant).map_err(|r| Error::BadRequest(r.detail))?;
     Ok(())
 }
@@ -366,9 +366,7 @@ fn decimal(micros: i64) -> String {
 
 async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
     let who = principal(&state, &headers)?;
-    if !who.can_read_all_spend() {
-        return Err(AuthError::Forbidden("billing reports (role billing or admin)").into());
-    }
+    who.check(Action::ReadAllSpend, None)?;
     let mut p = Params(q);
     let period = p.take("period").ok_or_else(|| Error::BadRequest("period is required (YYYY-MM)".into()))?;
     let format = p.format()?;

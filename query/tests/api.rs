@@ -386,45 +386,50 @@ enum Want {
     Allowed,
     Forbidden,
     Unauthenticated,
+    /// 401 `token_expired`.
+    Expired,
 }
 
 /// Every route of the query service (`{t}` for the tenant) and who may call it
 /// (docs/http-api.md, the role matrix).
-fn route_matrix() -> [(&'static str, &'static str, Option<serde_json::Value>, [Want; 8]); 8] {
-    use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+fn route_matrix() -> [(&'static str, &'static str, Option<serde_json::Value>, [Want; 11]); 8] {
+    use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
     let sql = Some(serde_json::json!({"sql": "SELECT count(*) FROM events"}));
-    //                                                                    own other reg+ reg- bill metr admin none
+    //                                                                    own other reg+ reg- gw+ gw- bill metr admin exp none
     [
-        ("GET", "/healthz", None, /*                                  */ [A, A, A, A, A, A, A, A]),
-        ("GET", "/openapi.json", None, /*                             */ [A, A, A, A, A, A, A, A]),
-        ("GET", "/metrics", None, /*                                  */ [F, F, F, F, F, A, A, U]),
-        ("GET", "/v1/tenants/{t}/events", None, /*                    */ [A, F, A, F, F, F, A, U]),
-        ("GET", "/v1/tenants/{t}/costs", None, /*                     */ [A, F, A, F, F, F, A, U]),
-        ("POST", "/v1/tenants/{t}/sql", sql, /*                       */ [A, F, A, F, F, F, A, U]),
-        ("GET", "/v1/tenants/{t}/audit-export", None, /*              */ [A, F, A, F, F, F, A, U]),
-        ("GET", "/v1/spend?period=2026-11", None, /*                  */ [F, F, F, F, A, F, A, U]),
+        ("GET", "/healthz", None, /*                                  */ [A, A, A, A, A, A, A, A, A, A, A]),
+        ("GET", "/openapi.json", None, /*                             */ [A, A, A, A, A, A, A, A, A, A, A]),
+        ("GET", "/metrics", None, /*                                  */ [F, F, F, F, F, F, F, A, A, E, U]),
+        ("GET", "/v1/tenants/{t}/events", None, /*                    */ [A, F, A, F, F, F, F, F, A, E, U]),
+        ("GET", "/v1/tenants/{t}/costs", None, /*                     */ [A, F, A, F, F, F, A, F, A, E, U]),
+        ("POST", "/v1/tenants/{t}/sql", sql, /*                       */ [A, F, A, F, F, F, F, F, A, E, U]),
+        ("GET", "/v1/tenants/{t}/audit-export", None, /*              */ [A, F, A, F, F, F, F, F, A, E, U]),
+        ("GET", "/v1/spend?period=2026-11", None, /*                  */ [F, F, F, F, F, F, A, F, A, E, U]),
     ]
 }
 
 /// Who may do what, route by route: every route of the query service against every kind of caller.
 #[tokio::test]
 async fn every_route_against_every_role() {
-    use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+    use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
     let f = Fixture::new();
     f.ingest(&[
         event("acme", "e1", ts("2026-11-02T10:00:00Z"), "llm_call", "a", "m", "t", Some((100, "USD"))),
         event("globex", "e2", ts("2026-11-02T10:00:00Z"), "llm_call", "a", "m", "t", Some((100, "USD"))),
     ]);
     let r = f.router();
-    // (who, token, the tenant in the path). The regulator names acme only.
-    let callers: [(&str, Option<&str>, &str); 8] = [
+    // (who, token, the tenant in the path). The regulator and the gateway name acme only.
+    let callers: [(&str, Option<&str>, &str); 11] = [
         ("tenant, own", Some(&f.tokens["acme"]), "acme"),
         ("tenant, other", Some(&f.tokens["acme"]), "globex"),
         ("regulator, named", Some(&f.tokens["regulator"]), "acme"),
         ("regulator, not named", Some(&f.tokens["regulator"]), "globex"),
+        ("gateway, named", Some(&f.tokens["gateway"]), "acme"),
+        ("gateway, not named", Some(&f.tokens["gateway"]), "globex"),
         ("billing", Some(&f.tokens["billing"]), "acme"),
         ("metrics", Some(&f.tokens["metrics"]), "acme"),
         ("admin", Some(&f.tokens["admin"]), "acme"),
+        ("admin, expired", Some(&f.tokens["expired"]), "acme"),
         ("no token", None, "acme"),
     ];
     let mut wrong = Vec::new();
@@ -432,9 +437,11 @@ async fn every_route_against_every_role() {
         for ((who, token, tenant), want) in callers.iter().zip(wants) {
             let path = route.replace("{t}", tenant);
             let (status, bytes) = send(&r, method, &path, *token, body.clone()).await;
-            let got = match status {
-                StatusCode::FORBIDDEN => F,
-                StatusCode::UNAUTHORIZED => U,
+            let code = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|j| j["error"]["code"].as_str().map(String::from));
+            let got = match (status, code.as_deref()) {
+                (StatusCode::FORBIDDEN, _) => F,
+                (StatusCode::UNAUTHORIZED, Some("token_expired")) => E,
+                (StatusCode::UNAUTHORIZED, _) => U,
                 _ => A,
             };
             if got != want {

@@ -212,10 +212,16 @@ pub async fn start_service_on(config: tally_ledger::service::ServiceConfig, kafk
 
 /// `POST path` with a JSON body: (status, parsed JSON body).
 pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &serde_json::Value) -> Option<(u16, serde_json::Value)> {
+    http_post_with(addr, path, body, &[]).await
+}
+
+/// [`http_post`] with extra request headers.
+pub async fn http_post_with(addr: std::net::SocketAddr, path: &str, body: &serde_json::Value, headers: &[(&str, &str)]) -> Option<(u16, serde_json::Value)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let body = body.to_string();
-    let request = format!("POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let request = format!("POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len());
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;

@@ -20,5 +20,8 @@ pub use error::{Error, Result};
 /// The metric types [`Telemetry`] hands out, for the services' own metric structs.
 pub use prometheus;
 pub use telemetry::{latency_buckets, ErrorCode, Telemetry};
-pub use tokens::{check_token_file, new_token, stanza, AuthError, Principal, Role, TokenEntry, TokenStore, TOKEN_PREFIX};
+pub use tokens::{
+    check_token_file, new_token, new_token_expiring, parse_token_file, render_token_file, stanza, Action, AuthError, Principal, Reach, Role, TokenEntry,
+    TokenStore, ALL_TENANTS, TOKEN_PREFIX,
+};
 pub use watch::FileWatch;

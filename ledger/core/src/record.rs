@@ -96,7 +96,7 @@ pub fn budget_record(record: &impl Serialize) -> Result<Vec<u8>> {
 }
 
 /// The record types of the budget side, in the order docs/records.md lists them.
-const BUDGET_TYPES: [&str; 4] = ["config", "budget", "admission", "release"];
+const BUDGET_TYPES: [&str; 7] = ["config", "budget", "admission", "release", "freeze", "unfreeze", "flag"];
 
 /// One decoded record. `B` is what a reader takes from a budget-side record: the full record
 /// (the budget fold), a few members (the projection), or [`serde::de::IgnoredAny`].
@@ -104,7 +104,7 @@ const BUDGET_TYPES: [&str; 4] = ["config", "budget", "admission", "release"];
 pub enum Record<B> {
     /// An `event` or `conflict` record (boxed: budget-side readers often take nothing).
     Event(Box<EventRecord>),
-    /// A `config`, `budget`, `admission` or `release` record.
+    /// A `config`, `budget`, `admission`, `release`, `freeze`, `unfreeze` or `flag` record.
     Budget(B),
 }
 

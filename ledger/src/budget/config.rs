@@ -7,6 +7,8 @@
 //! day_micros = 20_000_000
 //! period_micros = 300_000_000
 //! soft_threshold = 0.8                # a warning once per scope and window
+//! day_tokens = 2_000_000              # limits in tokens and calls too, at each level
+//! task_calls = 50
 //! time_zone = "UTC"                   # IANA; default UTC
 //! period_anchor_day = 1               # 1..=31; default 1
 //! currency = "USD"                    # default USD
@@ -14,6 +16,11 @@
 //! [plans.standard.prices."gpt-5-mini"]
 //! input_per_million_micros = 250_000
 //! output_per_million_micros = 2_000_000
+//! [plans.standard.quotas]             # rate quotas: at most N per fixed window
+//! calls = "600/m"                     # every allowed call
+//! tokens = "200000/m"                 # estimated tokens of allowed calls
+//! "action:send_email" = "50/h"        # calls naming that action
+//! "kind:tool_call" = "1000/d"         # calls naming that kind
 //! [tenants.acme]
 //! plan = "standard"
 //! day_micros = 5_000_000
@@ -29,6 +36,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::state::{Level, Unit};
 use super::window::Calendar;
 use crate::error::{Error, Result};
 
@@ -57,6 +65,12 @@ pub struct Settings {
     pub task_micros: Option<i64>,
     pub day_micros: Option<i64>,
     pub period_micros: Option<i64>,
+    pub task_tokens: Option<u64>,
+    pub day_tokens: Option<u64>,
+    pub period_tokens: Option<u64>,
+    pub task_calls: Option<u64>,
+    pub day_calls: Option<u64>,
+    pub period_calls: Option<u64>,
     pub soft_threshold: Option<f64>,
     pub time_zone: Option<String>,
     pub period_anchor_day: Option<u8>,
@@ -64,6 +78,68 @@ pub struct Settings {
     pub ceiling: Option<Price>,
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// Rate quotas, `selector = "<n>/<s|m|h|d>"`; a tenant's entries replace its plan's.
+    #[serde(default)]
+    pub quotas: BTreeMap<String, String>,
+}
+
+/// A rate quota: at most `limit` per fixed window of `window_secs`, windows aligned to the Unix
+/// epoch (docs/budgets.md, "Rate quotas").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub limit: u64,
+    pub window_secs: u64,
+}
+
+/// The most a quota may allow per window, and the units it may count per.
+const MAX_QUOTA_LIMIT: u64 = 1_000_000_000_000;
+
+impl Quota {
+    /// `"50/h"`: a positive count and a window of one second, minute, hour or day.
+    pub fn parse(text: &str) -> Result<Quota> {
+        let bad = || Error::BadBudget(format!("quota {text:?} must be <count>/<s|m|h|d>, such as \"50/h\", with a count of 1..={MAX_QUOTA_LIMIT}"));
+        let (n, unit) = text.split_once('/').ok_or_else(bad)?;
+        let limit: u64 = n.trim().parse().map_err(|_| bad())?;
+        let window_secs = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3_600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        if !(1..=MAX_QUOTA_LIMIT).contains(&limit) {
+            return Err(bad());
+        }
+        Ok(Quota { limit, window_secs })
+    }
+}
+
+/// What a quota counts, from its key: `calls`, `tokens`, `action:<name>`, `kind:<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaSelector<'a> {
+    /// Every allowed call.
+    Calls,
+    /// The estimated tokens of allowed calls.
+    Tokens,
+    /// Allowed calls naming this action.
+    Action(&'a str),
+    /// Allowed calls naming this kind.
+    Kind(&'a str),
+}
+
+impl<'a> QuotaSelector<'a> {
+    pub fn parse(key: &'a str) -> Result<Self> {
+        let named = |prefix: &str| key.strip_prefix(prefix).filter(|n| !n.is_empty() && n.chars().count() <= 256 && !n.chars().any(char::is_control));
+        match key {
+            "calls" => Ok(QuotaSelector::Calls),
+            "tokens" => Ok(QuotaSelector::Tokens),
+            _ => named("action:")
+                .map(QuotaSelector::Action)
+                .or_else(|| named("kind:").map(QuotaSelector::Kind))
+                .ok_or_else(|| Error::BadBudget(format!("quota key {key:?} must be calls, tokens, action:<name> or kind:<name>"))),
+        }
+    }
 }
 
 /// The budgets file.
@@ -90,6 +166,20 @@ pub struct TenantBudget {
     pub day_micros: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub period_micros: Option<i64>,
+    /// Limits in tokens (input + output) and in calls (events), per level (docs/budgets.md,
+    /// "Limits in tokens and calls").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_calls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day_calls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_calls: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soft_threshold_bp: Option<u32>,
     pub time_zone: String,
@@ -99,11 +189,38 @@ pub struct TenantBudget {
     pub ceiling: Option<Price>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, Price>,
+    /// Rate quotas by selector key (validated: [`QuotaSelector::parse`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quotas: BTreeMap<String, Quota>,
 }
 
 impl TenantBudget {
+    /// Money limits (which need a ceiling price).
     pub fn has_limits(&self) -> bool {
         self.task_micros.is_some() || self.day_micros.is_some() || self.period_micros.is_some()
+    }
+
+    /// Anything to enforce: money, token or call limits, or rate quotas. A tenant with any gets
+    /// a `config` record.
+    pub fn enforces_anything(&self) -> bool {
+        self.has_limits() || !self.quotas.is_empty() || [Unit::Tokens, Unit::Calls].iter().any(|u| self.limits_unit(*u))
+    }
+
+    /// The limit in `unit` at `level`.
+    pub fn unit_limit(&self, unit: Unit, level: Level) -> Option<u64> {
+        match (unit, level) {
+            (Unit::Tokens, Level::Task) => self.task_tokens,
+            (Unit::Tokens, Level::Day) => self.day_tokens,
+            (Unit::Tokens, Level::Period) => self.period_tokens,
+            (Unit::Calls, Level::Task) => self.task_calls,
+            (Unit::Calls, Level::Day) => self.day_calls,
+            (Unit::Calls, Level::Period) => self.period_calls,
+        }
+    }
+
+    /// Whether any level limits `unit` (only then is it counted).
+    pub fn limits_unit(&self, unit: Unit) -> bool {
+        [Level::Task, Level::Day, Level::Period].iter().any(|l| self.unit_limit(unit, *l).is_some())
     }
 
     pub fn calendar(&self) -> Result<Calendar> {
@@ -167,6 +284,11 @@ fn prefix(at: &str, e: Error) -> Error {
 fn resolve(plan: Option<&str>, base: &Settings, own: &Settings) -> Result<TenantBudget> {
     let mut prices = base.prices.clone();
     prices.extend(own.prices.clone());
+    let mut quotas = BTreeMap::new();
+    for (key, text) in base.quotas.iter().chain(own.quotas.iter()) {
+        QuotaSelector::parse(key)?;
+        quotas.insert(key.clone(), Quota::parse(text).map_err(|e| prefix(&format!("quotas.{key:?}"), e))?);
+    }
     let soft = own.soft_threshold.or(base.soft_threshold);
     let soft_threshold_bp = match soft {
         None => None,
@@ -178,16 +300,30 @@ fn resolve(plan: Option<&str>, base: &Settings, own: &Settings) -> Result<Tenant
         task_micros: own.task_micros.or(base.task_micros),
         day_micros: own.day_micros.or(base.day_micros),
         period_micros: own.period_micros.or(base.period_micros),
+        task_tokens: own.task_tokens.or(base.task_tokens),
+        day_tokens: own.day_tokens.or(base.day_tokens),
+        period_tokens: own.period_tokens.or(base.period_tokens),
+        task_calls: own.task_calls.or(base.task_calls),
+        day_calls: own.day_calls.or(base.day_calls),
+        period_calls: own.period_calls.or(base.period_calls),
         soft_threshold_bp,
         time_zone: own.time_zone.clone().or_else(|| base.time_zone.clone()).unwrap_or_else(|| "UTC".into()),
         period_anchor_day: own.period_anchor_day.or(base.period_anchor_day).unwrap_or(1),
         currency: own.currency.clone().or_else(|| base.currency.clone()).unwrap_or_else(|| "USD".into()),
         ceiling: own.ceiling.or(base.ceiling),
         prices,
+        quotas,
     };
     for (name, limit) in [("task_micros", budget.task_micros), ("day_micros", budget.day_micros), ("period_micros", budget.period_micros)] {
         if limit.is_some_and(|l| l <= 0) {
             return Err(Error::BadBudget(format!("{name} must be positive")));
+        }
+    }
+    for unit in [Unit::Tokens, Unit::Calls] {
+        for level in [Level::Task, Level::Day, Level::Period] {
+            if budget.unit_limit(unit, level) == Some(0) {
+                return Err(Error::BadBudget(format!("{}_{} must be positive", level.as_str(), unit.as_str())));
+            }
         }
     }
     for (model, p) in budget.prices.iter().map(|(m, p)| (m.as_str(), p)).chain(budget.ceiling.iter().map(|p| ("ceiling", p))) {
@@ -238,6 +374,27 @@ period_anchor_day = 31
     }
 
     #[test]
+    fn quotas_merge_plan_then_tenant_and_parse() {
+        let file: BudgetFile = toml::from_str(
+            "[plans.p.quotas]\ncalls = \"600/m\"\n\"action:send_email\" = \"50/h\"\n[tenants.acme]\nplan = \"p\"\n[tenants.acme.quotas]\ncalls = \"10/s\"\ntokens = \"1000/d\"\n",
+        )
+        .unwrap();
+        file.validate().unwrap();
+        let acme = file.for_tenant("acme").unwrap();
+        let q = |k: &str| acme.quotas.get(k).map(|q| (q.limit, q.window_secs));
+        assert_eq!((q("calls"), q("tokens"), q("action:send_email")), (Some((10, 1)), Some((1000, 86_400)), Some((50, 3_600))));
+        assert!(acme.enforces_anything() && !acme.has_limits(), "quotas need no ceiling price");
+        let file: BudgetFile = toml::from_str("[plans.p]\nday_tokens = 1000\ntask_calls = 3\n[tenants.acme]\nplan = \"p\"\nday_tokens = 500\n").unwrap();
+        file.validate().unwrap();
+        let acme = file.for_tenant("acme").unwrap();
+        assert_eq!((acme.unit_limit(Unit::Tokens, Level::Day), acme.unit_limit(Unit::Calls, Level::Task)), (Some(500), Some(3)));
+        assert!(acme.enforces_anything() && acme.limits_unit(Unit::Calls) && acme.limits_unit(Unit::Tokens) && !acme.has_limits());
+        let err = toml::from_str::<BudgetFile>("[plans.a]\nday_calls = 0\n").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("plans.a: day_calls must be positive"), "{err}");
+        assert_eq!(QuotaSelector::parse("kind:tool_call").unwrap(), QuotaSelector::Kind("tool_call"));
+    }
+
+    #[test]
     fn prices_round_up_to_the_micro() {
         let p = Price { input_per_million_micros: 250_000, output_per_million_micros: 2_000_000 };
         assert_eq!(p.charge(1, 0), 1, "a quarter micro is still charged");
@@ -265,6 +422,16 @@ period_anchor_day = 31
                 Ok(f) => f.validate().unwrap_err().to_string(),
                 Err(e) => e.to_string(),
             };
+            assert!(err.contains(expect), "{text}\n=> {err}");
+        }
+        for (text, expect) in [
+            ("[plans.a.quotas]\ncalls = \"50\"\n", "plans.a: quotas.\"calls\": quota \"50\" must be <count>/<s|m|h|d>"),
+            ("[plans.a.quotas]\ncalls = \"0/h\"\n", "quota \"0/h\" must be"),
+            ("[plans.a.quotas]\ncalls = \"5/w\"\n", "quota \"5/w\" must be"),
+            ("[plans.a.quotas]\nrequests = \"5/h\"\n", "plans.a: quota key \"requests\" must be calls, tokens"),
+            ("[plans.a.quotas]\n\"action:\" = \"5/h\"\n", "quota key \"action:\""),
+        ] {
+            let err = toml::from_str::<BudgetFile>(text).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(expect), "{text}\n=> {err}");
         }
         let err = toml::from_str::<BudgetFile>("[plans.a]\nday_limit = 5\n").unwrap_err().to_string();

@@ -11,8 +11,12 @@ mod config;
 mod state;
 mod window;
 
-pub use config::{BudgetFile, Price, TenantBudget};
-pub use state::{charge, Admission, Basis, BudgetDecision, BudgetRecord, BudgetState, Level, LevelState, Release, ReleaseReason, Status, Verdict};
+pub use config::{BudgetFile, Price, Quota, QuotaSelector, TenantBudget};
+pub use state::{
+    charge, Admission, AuthorizeRequest, Basis, BudgetDecision, BudgetRecord, BudgetState, DeniedBy, Flag, FlagKind, Freeze, FreezeScope, Idempotency, Level,
+    LevelState, Release, ReleaseReason, Remembered, Status, Unfreeze, Unit, UnitState, Verdict, FOLD_VERSION, MAX_ACTIVE_FREEZES, MAX_REMEMBERED_KEYS,
+    REMEMBER_KEYS_FOR,
+};
 pub use window::Calendar;
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tally_schemas::Event;
 
-use super::config::TenantBudget;
+use super::config::{QuotaSelector, TenantBudget};
 use super::window::Calendar;
 use crate::error::Result;
 
@@ -37,6 +37,52 @@ impl Level {
             Level::Task => "task",
             Level::Day => "day",
             Level::Period => "period",
+        }
+    }
+}
+
+/// What a limit counts beside money: tokens (an event's input + output tokens; an admission's
+/// `estimated_tokens`) or calls (one per event; one per admission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    Tokens,
+    Calls,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Tokens => "tokens",
+            Unit::Calls => "calls",
+        }
+    }
+}
+
+/// The key of a token or call sum: `<unit>/<level>/<scope>` (a string: snapshots are JSON).
+fn unit_key(unit: Unit, level: Level, scope: &str) -> String {
+    format!("{}/{}/{}", unit.as_str(), level.as_str(), scope)
+}
+
+/// What denied an admission: a level with no room, or a freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeniedBy {
+    Task,
+    Day,
+    Period,
+    /// An active freeze covers the request (the admission names it in `freeze_id`).
+    Freeze,
+    /// The request alone costs more than a rate quota allows in a whole window: no retry helps.
+    Quota,
+}
+
+impl From<Level> for DeniedBy {
+    fn from(level: Level) -> Self {
+        match level {
+            Level::Task => DeniedBy::Task,
+            Level::Day => DeniedBy::Day,
+            Level::Period => DeniedBy::Period,
         }
     }
 }
@@ -75,12 +121,197 @@ pub struct Admission {
     pub reservation_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
-    /// The level that denied.
+    /// The level that denied, or `freeze`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub denied_by: Option<Level>,
+    pub denied_by: Option<DeniedBy>,
+    /// When a token or call limit denied (absent: money).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied_unit: Option<Unit>,
     pub day: Date,
     pub period: Date,
+    /// An allowed admission whose `[at, expires_at]` crosses midnight or a period boundary holds
+    /// its estimate in those later windows too: its event may be charged to any of them
+    /// (docs/budgets.md, "Window edges").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_days: Vec<Date>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_periods: Vec<Date>,
+    /// The agent and action the request named (what a freeze's scope is matched against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_tokens: Option<u64>,
+    /// The rate quota that throttled it (its key), and when its window ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// The freeze that denied it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_id: Option<String>,
+    /// The caller's `Idempotency-Key` and what it asked, so a retry gets this answer again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+    /// The name of the token that asked (from the token file; `anonymous` without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
+
+/// An authorize request's content (docs/budgets.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    pub task_id: Option<String>,
+    /// The agent, the action (a model or tool) and the kind of call about to run: what freezes
+    /// and rate quotas are matched against.
+    pub agent_id: Option<String>,
+    pub action: Option<String>,
+    pub kind: Option<String>,
+    pub estimate_micros: i64,
+    /// Counted against `tokens` quotas.
+    pub estimated_tokens: Option<u64>,
+    pub ttl_ms: i64,
+}
+
+/// A keyed request as recorded: the caller's key and the SHA-256 of the request it named, so a
+/// retry (same key, same request) is answered from the record and a reuse of the key for
+/// another request is refused (docs/budgets.md, "Idempotent admission").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_sha256: String,
+}
+
+impl Idempotency {
+    /// An authorize request: every field of it.
+    pub fn for_authorize(key: &str, r: &AuthorizeRequest) -> Self {
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let tokens = r.estimated_tokens.map(|t| t.to_string()).unwrap_or_default();
+        let parts = [text(&r.task_id), text(&r.agent_id), text(&r.action), text(&r.kind), r.estimate_micros.to_string(), tokens, r.ttl_ms.to_string()];
+        let mut all = vec!["authorize"];
+        all.extend(parts.iter().map(String::as_str));
+        Self::hashed(key, &all)
+    }
+
+    /// A release request: its reservation.
+    pub fn for_release(key: &str, reservation_id: &str) -> Self {
+        Self::hashed(key, &["release", reservation_id])
+    }
+
+    #[cfg(test)]
+    pub(crate) fn hashed_for_test(key: &str, parts: &[&str]) -> String {
+        Self::hashed(key, parts).request_sha256
+    }
+
+    fn hashed(key: &str, parts: &[&str]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in parts {
+            // Length-prefixed, so no two different requests hash the same bytes.
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        Idempotency { key: key.to_string(), request_sha256: hex::encode(h.finalize()) }
+    }
+}
+
+/// How long a key is remembered after its first use, and how many keys a tenant's state keeps:
+/// a retry is recognised within 24 h, as long as the tenant has used fewer than 10,000 newer keys.
+pub const REMEMBER_KEYS_FOR: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+pub const MAX_REMEMBERED_KEYS: usize = 10_000;
+
+/// What a keyed request was answered, for its retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Remembered {
+    pub request_sha256: String,
+    /// The record that answered it.
+    pub seq: u64,
+    pub at: Timestamp,
+    /// The admission (without its idempotency and token), or `None` for a release.
+    pub admission: Option<Admission>,
+}
+
+/// What a freeze stops (docs/budgets.md, "Kill switch"): every field it names must match; an
+/// empty scope is the whole tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeScope {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
+impl FreezeScope {
+    pub fn is_empty(&self) -> bool {
+        self.agent_id.is_none() && self.action.is_none() && self.task_id.is_none()
+    }
+
+    /// Whether a request or event naming these values is inside the scope. A field the scope
+    /// names and the request leaves out counts as inside: fail closed, since nothing shows the
+    /// request is outside.
+    pub fn covers(&self, agent_id: Option<&str>, action: Option<&str>, task_id: Option<&str>) -> bool {
+        fn field(scope: &Option<String>, value: Option<&str>) -> bool {
+            match (scope, value) {
+                (Some(s), Some(v)) => s == v,
+                _ => true,
+            }
+        }
+        field(&self.agent_id, agent_id) && field(&self.action, action) && field(&self.task_id, task_id)
+    }
+}
+
+/// A `freeze` record's content: from its seq on, every authorize in its scope is denied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Freeze {
+    pub at: Timestamp,
+    /// `frz-<seq>`, the seq of the record.
+    pub freeze_id: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "FreezeScope::is_empty")]
+    pub scope: FreezeScope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// An `unfreeze` record's content: the freeze stops at this seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unfreeze {
+    pub at: Timestamp,
+    pub freeze_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// A `flag` record's content: the event at `event_seq` arrived inside an active freeze's scope.
+/// The event itself is recorded and charged as any other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flag {
+    /// The event's `occurred_at`.
+    pub at: Timestamp,
+    pub event_seq: u64,
+    pub flag: FlagKind,
+    pub freeze_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlagKind {
+    Frozen,
+}
+
+/// The most freezes a tenant may have active at once: every authorize checks them all.
+pub const MAX_ACTIVE_FREEZES: usize = 256;
 
 /// Why a reservation stopped holding budget without an event settling it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +328,12 @@ pub struct Release {
     pub at: Timestamp,
     pub reservation_id: String,
     pub reason: ReleaseReason,
+    /// As in [`Admission`]: set on a keyed `release` request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+    /// The token that released it; absent on an expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// The budget-side records, as stored: `{"seq":…,"type":…,<content>}`.
@@ -123,6 +360,21 @@ pub enum BudgetRecord {
         #[serde(flatten)]
         release: Release,
     },
+    Freeze {
+        seq: u64,
+        #[serde(flatten)]
+        freeze: Freeze,
+    },
+    Unfreeze {
+        seq: u64,
+        #[serde(flatten)]
+        unfreeze: Unfreeze,
+    },
+    Flag {
+        seq: u64,
+        #[serde(flatten)]
+        flag: Flag,
+    },
 }
 
 impl BudgetRecord {
@@ -130,6 +382,10 @@ impl BudgetRecord {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         Ok(tally_log::budget_record(self)?)
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How an event's spend was determined.
@@ -143,11 +399,18 @@ pub enum Basis {
     Ceiling,
     /// Nothing to charge (no cost, no tokens).
     None,
+    /// The event's cost is in another currency than the budget's: never added to its limits
+    /// (counted in `foreign_currency_events`).
+    ForeignCurrency,
 }
 
 /// What an event costs under `budget`.
 pub fn charge(event: &Event, budget: &TenantBudget) -> (i64, Basis) {
     if let Some(cost) = &event.cost {
+        // Currencies never mix: a limit is in the budget's currency, and nothing converts.
+        if cost.currency != budget.currency {
+            return (0, Basis::ForeignCurrency);
+        }
         return (cost.amount_micros, Basis::Cost);
     }
     let Some(usage) = &event.usage else { return (0, Basis::None) };
@@ -168,6 +431,35 @@ struct Reservation {
     expires_at: Timestamp,
     day: Date,
     period: Date,
+    /// Later windows its span reaches (the admission's `more_days`, `more_periods`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    more_days: Vec<Date>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    more_periods: Vec<Date>,
+    /// The tokens and the call it holds, when the budget limited those units at its admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    held_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    held_call: bool,
+}
+
+impl Reservation {
+    /// Every (level, scope) the reservation holds in.
+    fn scopes(&self) -> Vec<(Level, String)> {
+        let mut out: Vec<(Level, String)> = self.task_id.iter().map(|t| (Level::Task, t.clone())).collect();
+        out.extend(std::iter::once(self.day).chain(self.more_days.iter().copied()).map(|d| (Level::Day, d.to_string())));
+        out.extend(std::iter::once(self.period).chain(self.more_periods.iter().copied()).map(|p| (Level::Period, p.to_string())));
+        out
+    }
+}
+
+/// One unit at one level, where the budget limits it: for `levels` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnitState {
+    pub limit: u64,
+    pub spent: u64,
+    pub reserved: u64,
+    pub remaining: u64,
 }
 
 /// Per level at one instant: for `GET …/budget` and `tally.budget`.
@@ -183,13 +475,21 @@ pub struct LevelState {
     pub remaining_micros: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resets_at: Option<Timestamp>,
+    /// Tokens and calls at this level, when the budget limits them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<UnitState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls: Option<UnitState>,
 }
 
 /// The answer to an authorize request, before it is recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub allowed: bool,
-    pub denied_by: Option<Level>,
+    pub denied_by: Option<DeniedBy>,
+    /// A rate quota with no room left in its window (its key), and the milliseconds until the
+    /// window ends; `allowed` is then false and `denied_by` none.
+    pub throttled: Option<(String, u64)>,
     pub levels: Vec<LevelState>,
 }
 
@@ -205,9 +505,40 @@ impl PartialEq for CalendarCache {
 }
 impl Eq for CalendarCache {}
 
+/// The rules the fold applies to existing records. A snapshot taken under older rules is not
+/// loaded: the tenant's log is folded again from its start (`PartitionLedger::open`). Version 2:
+/// a cost in another currency than the budget's is no longer charged.
+pub const FOLD_VERSION: u32 = 2;
+
+/// The fold version a snapshot was written under; always written as [`FOLD_VERSION`], read as
+/// stored (absent: 0). Not part of a state's identity.
+#[derive(Debug, Clone, Copy, Default)]
+struct FoldVersion(u32);
+
+impl PartialEq for FoldVersion {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for FoldVersion {}
+
+impl Serialize for FoldVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_u32(FOLD_VERSION)
+    }
+}
+
+impl<'de> Deserialize<'de> for FoldVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        u32::deserialize(d).map(FoldVersion)
+    }
+}
+
 /// One tenant's budget state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BudgetState {
+    #[serde(default)]
+    fold_version: FoldVersion,
     budget: Option<TenantBudget>,
     #[serde(skip)]
     calendar: CalendarCache,
@@ -230,11 +561,42 @@ pub struct BudgetState {
     latest_period: Option<Date>,
     /// Events charged at the ceiling price because their model had no price.
     pub ceiling_priced: u64,
+    /// Events whose cost was in another currency than the budget's, so not charged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub foreign_currency_events: u64,
+    /// Keyed requests by key, for their retries; bounded by `REMEMBER_KEYS_FOR` and
+    /// `MAX_REMEMBERED_KEYS`, pruned by the records' own times so a replay keeps the same keys.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    remembered: BTreeMap<String, Remembered>,
+    /// The same keys by the seq of their record, oldest first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    remembered_order: BTreeMap<u64, String>,
+    /// Active freezes by id (at most `MAX_ACTIVE_FREEZES`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    freezes: BTreeMap<String, Freeze>,
+    /// Whether the tenant was ever frozen: a new owner republishes its state, so a lost
+    /// unfreeze message cannot leave the topic showing a freeze for good.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    ever_frozen: bool,
+    /// Per rate quota key: the start of its current window and what allowed admissions used in it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    quota_used: BTreeMap<String, (Timestamp, u64)>,
+    /// Tokens and calls spent (events) and reserved (admissions), by [`unit_key`]; counted only
+    /// for units the budget limits.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    unit_spent: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    unit_reserved: BTreeMap<String, u64>,
 }
 
 impl BudgetState {
     pub fn budget(&self) -> Option<&TenantBudget> {
         self.budget.as_ref()
+    }
+
+    /// Whether a deserialized snapshot was folded under today's rules ([`FOLD_VERSION`]).
+    pub fn is_current_fold(&self) -> bool {
+        self.fold_version.0 == FOLD_VERSION
     }
 
     /// Rebuilds what deserialization leaves out (the calendar).
@@ -260,10 +622,25 @@ impl BudgetState {
             add(&mut self.reserved_task, t.clone(), sign * r.amount);
             self.reserved_task.retain(|_, v| *v != 0);
         }
-        add(&mut self.reserved_day, r.day, sign * r.amount);
-        add(&mut self.reserved_period, r.period, sign * r.amount);
+        for day in std::iter::once(r.day).chain(r.more_days.iter().copied()) {
+            add(&mut self.reserved_day, day, sign * r.amount);
+        }
+        for period in std::iter::once(r.period).chain(r.more_periods.iter().copied()) {
+            add(&mut self.reserved_period, period, sign * r.amount);
+        }
         self.reserved_day.retain(|_, v| *v != 0);
         self.reserved_period.retain(|_, v| *v != 0);
+        let held = [(Unit::Tokens, r.held_tokens.unwrap_or(0)), (Unit::Calls, u64::from(r.held_call))];
+        for (level, scope) in r.scopes() {
+            for (unit, amount) in held.into_iter().filter(|(_, a)| *a > 0) {
+                let key = unit_key(unit, level, &scope);
+                let e = self.unit_reserved.entry(key.clone()).or_default();
+                *e = if sign > 0 { e.saturating_add(amount) } else { e.saturating_sub(amount) };
+                if *e == 0 {
+                    self.unit_reserved.remove(&key);
+                }
+            }
+        }
         if sign > 0 {
             self.expiries.insert((r.expires_at, id.to_string()));
         } else {
@@ -286,7 +663,7 @@ impl BudgetState {
         }
     }
 
-    fn spent(&self, level: Level, scope: &str) -> i64 {
+    pub(crate) fn spent(&self, level: Level, scope: &str) -> i64 {
         let by_date = |m: &BTreeMap<Date, i64>| scope.parse::<Date>().ok().and_then(|d| m.get(&d).copied()).unwrap_or(0);
         match level {
             Level::Task => self.spent_task.get(scope).copied().unwrap_or(0),
@@ -325,6 +702,7 @@ impl BudgetState {
             BudgetRecord::Config { budget, .. } => {
                 self.budget = Some(budget.clone());
                 self.calendar = CalendarCache(budget.calendar().ok());
+                self.quota_used.retain(|key, _| budget.quotas.contains_key(key));
             }
             BudgetRecord::Budget { decision, .. } => {
                 let key = (decision.level, decision.scope.clone());
@@ -334,18 +712,180 @@ impl BudgetState {
                     self.announced.insert((key.0, key.1, decision.status));
                 }
             }
-            BudgetRecord::Admission { admission: a, .. } => {
+            BudgetRecord::Admission { seq, admission: a } => {
                 if let (true, Some(id), Some(expires_at)) = (a.allowed, &a.reservation_id, a.expires_at) {
-                    let r = Reservation { task_id: a.task_id.clone(), amount: a.estimate_micros, expires_at, day: a.day, period: a.period };
+                    let limits = |unit| self.budget.as_ref().is_some_and(|b| b.limits_unit(unit));
+                    let r = Reservation {
+                        task_id: a.task_id.clone(),
+                        amount: a.estimate_micros,
+                        expires_at,
+                        day: a.day,
+                        period: a.period,
+                        more_days: a.more_days.clone(),
+                        more_periods: a.more_periods.clone(),
+                        held_tokens: limits(Unit::Tokens).then(|| a.estimated_tokens.unwrap_or(0)),
+                        held_call: limits(Unit::Calls),
+                    };
                     self.remove_reservation(id);
                     self.account(id, &r, 1);
                     self.reservations.insert(id.clone(), r);
                 }
+                if a.allowed {
+                    self.count_against_quotas(a);
+                }
+                if let Some(idem) = &a.idempotency {
+                    let answer = Admission { idempotency: None, token: None, ..a.clone() };
+                    self.remember(idem, *seq, a.at, Some(answer));
+                }
             }
-            BudgetRecord::Release { release, .. } => {
+            BudgetRecord::Release { seq, release } => {
                 self.remove_reservation(&release.reservation_id);
+                if let Some(idem) = &release.idempotency {
+                    self.remember(idem, *seq, release.at, None);
+                }
+            }
+            BudgetRecord::Freeze { freeze, .. } => {
+                self.freezes.insert(freeze.freeze_id.clone(), freeze.clone());
+                self.ever_frozen = true;
+            }
+            BudgetRecord::Unfreeze { unfreeze, .. } => {
+                self.freezes.remove(&unfreeze.freeze_id);
+            }
+            BudgetRecord::Flag { .. } => {}
+        }
+    }
+
+    /// Keeps a keyed request's answer, forgetting keys older than `REMEMBER_KEYS_FOR` before `at`
+    /// and the oldest beyond `MAX_REMEMBERED_KEYS`. A key already remembered keeps its first
+    /// answer (the ledger never records a key twice; a log that did is answered by its first).
+    fn remember(&mut self, idem: &Idempotency, seq: u64, at: Timestamp, admission: Option<Admission>) {
+        let horizon = at.checked_sub(REMEMBER_KEYS_FOR).unwrap_or(at);
+        while let Some((_, key)) = self.remembered_order.first_key_value() {
+            let young = self.remembered.get(key).is_some_and(|r| r.at >= horizon);
+            if young && self.remembered.len() < MAX_REMEMBERED_KEYS {
+                break;
+            }
+            if let Some((_, key)) = self.remembered_order.pop_first() {
+                self.remembered.remove(&key);
             }
         }
+        // A key still held past the horizon (out of order record times kept it behind a younger
+        // key) is a new request now, as `recall` sees it: its new answer replaces the old.
+        if let Some(stale) = self.remembered.get(&idem.key).filter(|r| r.at < horizon).map(|r| r.seq) {
+            self.remembered_order.remove(&stale);
+            self.remembered.remove(&idem.key);
+        }
+        if !self.remembered.contains_key(&idem.key) {
+            self.remembered_order.insert(seq, idem.key.clone());
+            self.remembered.insert(idem.key.clone(), Remembered { request_sha256: idem.request_sha256.clone(), seq, at, admission });
+        }
+    }
+
+    /// What an admission uses of a quota: 1 call, its estimated tokens, or nothing if the quota
+    /// does not select it.
+    fn quota_cost(key: &str, kind: Option<&str>, action: Option<&str>, tokens: Option<u64>) -> u64 {
+        match QuotaSelector::parse(key) {
+            Ok(QuotaSelector::Calls) => 1,
+            Ok(QuotaSelector::Tokens) => tokens.unwrap_or(0),
+            Ok(QuotaSelector::Action(name)) => u64::from(action == Some(name)),
+            Ok(QuotaSelector::Kind(name)) => u64::from(kind == Some(name)),
+            Err(_) => 0,
+        }
+    }
+
+    /// The start of the fixed window of `window_secs` holding `at` (aligned to the Unix epoch).
+    fn window_start(at: Timestamp, window_secs: u64) -> Timestamp {
+        let secs = at.as_second();
+        let w = i64::try_from(window_secs).unwrap_or(i64::MAX).max(1);
+        Timestamp::from_second(secs.div_euclid(w) * w).unwrap_or(at)
+    }
+
+    /// An allowed admission's use of each quota, in its `at`'s window: counted from the log, so
+    /// a replay counts the same.
+    fn count_against_quotas(&mut self, a: &Admission) {
+        let Some(budget) = &self.budget else { return };
+        for (key, quota) in &budget.quotas {
+            let cost = Self::quota_cost(key, a.kind.as_deref(), a.action.as_deref(), a.estimated_tokens);
+            if cost == 0 {
+                continue;
+            }
+            let start = Self::window_start(a.at, quota.window_secs);
+            let used = self.quota_used.entry(key.clone()).or_insert((start, 0));
+            // A later window starts empty; an earlier one (a clock stepped back, an owner with a
+            // slower clock) is over: the call counts in the current window instead, never
+            // wiping it.
+            if start > used.0 {
+                *used = (start, 0);
+            }
+            used.1 = used.1.saturating_add(cost);
+        }
+    }
+
+    /// What quota `key` used in the window starting at `start`: the recorded window's count if
+    /// it is that window or a later one (a clock behind the records), else nothing.
+    fn used_in(&self, key: &str, start: Timestamp) -> u64 {
+        self.quota_used.get(key).filter(|(s, _)| *s >= start).map_or(0, |(_, n)| *n)
+    }
+
+    /// The first quota (by key) that `request` at `now` would take past its limit: its key and
+    /// the milliseconds until its window ends; `Err(key)` for a request that costs more than the
+    /// quota's whole window allows (no retry would help).
+    pub fn throttle(&self, now: Timestamp, request: &AuthorizeRequest) -> Option<Result<(String, u64), String>> {
+        let budget = self.budget.as_ref()?;
+        for (key, quota) in &budget.quotas {
+            let cost = Self::quota_cost(key, request.kind.as_deref(), request.action.as_deref(), request.estimated_tokens);
+            if cost == 0 {
+                continue;
+            }
+            if cost > quota.limit {
+                return Some(Err(key.clone()));
+            }
+            let start = Self::window_start(now, quota.window_secs);
+            let used = self.used_in(key, start);
+            if used.saturating_add(cost) > quota.limit {
+                let end = start + jiff::SignedDuration::from_secs(i64::try_from(quota.window_secs).unwrap_or(i64::MAX));
+                let wait = end.duration_since(now).as_millis().max(1);
+                return Some(Ok((key.clone(), u64::try_from(wait).unwrap_or(u64::MAX))));
+            }
+        }
+        None
+    }
+
+    /// Each quota's use in the window holding `now`: (key, used, limit, window end).
+    pub fn quota_levels(&self, now: Timestamp) -> Vec<(String, u64, u64, Timestamp)> {
+        let Some(budget) = &self.budget else { return Vec::new() };
+        budget
+            .quotas
+            .iter()
+            .map(|(key, quota)| {
+                let start = Self::window_start(now, quota.window_secs);
+                let used = self.used_in(key, start);
+                (key.clone(), used, quota.limit, start + jiff::SignedDuration::from_secs(i64::try_from(quota.window_secs).unwrap_or(i64::MAX)))
+            })
+            .collect()
+    }
+
+    /// The oldest active freeze covering a request or event with these values.
+    pub fn freeze_covering(&self, agent_id: Option<&str>, action: Option<&str>, task_id: Option<&str>) -> Option<&Freeze> {
+        self.freezes.values().filter(|f| f.scope.covers(agent_id, action, task_id)).min_by_key(|f| f.at)
+    }
+
+    /// Active freezes, by id.
+    pub fn freezes(&self) -> impl Iterator<Item = &Freeze> {
+        self.freezes.values()
+    }
+
+    pub fn ever_frozen(&self) -> bool {
+        self.ever_frozen
+    }
+
+    pub fn has_freeze(&self, freeze_id: &str) -> bool {
+        self.freezes.contains_key(freeze_id)
+    }
+
+    /// The answer a keyed request was given, if its key is still remembered.
+    pub fn remembered(&self, key: &str) -> Option<&Remembered> {
+        self.remembered.get(key)
     }
 
     /// Charges an event in its own day and period (and task); settles its reservation.
@@ -355,8 +895,10 @@ impl BudgetState {
         }
         let (Some(budget), Some(calendar)) = (self.budget.clone(), self.calendar()) else { return Vec::new() };
         let (micros, basis) = charge(event, &budget);
-        if basis == Basis::Ceiling {
-            self.ceiling_priced += 1;
+        match basis {
+            Basis::Ceiling => self.ceiling_priced += 1,
+            Basis::ForeignCurrency => self.foreign_currency_events += 1,
+            _ => {}
         }
         let at = event.occurred_at;
         let (day, period) = (calendar.day(at), calendar.period(at));
@@ -364,6 +906,19 @@ impl BudgetState {
         // never wrap it negative.
         for spent in [self.spent_day.entry(day).or_default(), self.spent_period.entry(period).or_default()] {
             *spent = spent.saturating_add(micros);
+        }
+        let tokens = event.usage.as_ref().map_or(0, |u| u.input_tokens.saturating_add(u.output_tokens));
+        for (unit, amount) in [(Unit::Tokens, tokens), (Unit::Calls, 1)] {
+            if !budget.limits_unit(unit) || amount == 0 {
+                continue;
+            }
+            let scopes = [(Level::Task, event.task_id.clone()), (Level::Day, Some(day.to_string())), (Level::Period, Some(period.to_string()))];
+            for (level, scope) in scopes {
+                if let Some(scope) = scope {
+                    let e = self.unit_spent.entry(unit_key(unit, level, &scope)).or_default();
+                    *e = e.saturating_add(amount);
+                }
+            }
         }
         if let Some(t) = &event.task_id {
             let spent = self.spent_task.entry(t.clone()).or_default();
@@ -411,6 +966,9 @@ impl BudgetState {
         for t in &ended {
             self.spent_task.remove(t);
             self.task_period.remove(t);
+            for unit in [Unit::Tokens, Unit::Calls] {
+                self.unit_spent.remove(&unit_key(unit, Level::Task, t));
+            }
         }
         self.announced.retain(|(level, scope, _)| *level != Level::Task || !ended.contains(scope));
     }
@@ -463,6 +1021,11 @@ impl BudgetState {
         self.reserved_task.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.as_str())
     }
 
+    /// The task a held reservation is for.
+    pub fn reservation_task(&self, id: &str) -> Option<&str> {
+        self.reservations.get(id).and_then(|r| r.task_id.as_deref())
+    }
+
     pub fn has_reservation(&self, id: &str) -> bool {
         self.reservations.contains_key(id)
     }
@@ -507,20 +1070,74 @@ impl BudgetState {
                 reserved_micros: reserved,
                 remaining_micros: limit.map(|l| l.saturating_sub(spent).saturating_sub(reserved).max(0)),
                 resets_at,
+                tokens: self.unit_state(Unit::Tokens, level, &scope),
+                calls: self.unit_state(Unit::Calls, level, &scope),
                 scope,
             });
         }
         out
     }
 
-    /// Would `estimate` fit at every level now? The most specific level that says no denies.
-    pub fn authorize(&self, now: Timestamp, task_id: Option<&str>, estimate: i64) -> Verdict {
+    /// The scopes of `level` a hold from `now` until `until` reaches: the task (if any), or the
+    /// current day or period and every later one the span reaches ("Window edges").
+    fn spanned_scopes(&self, level: Level, now: Timestamp, until: Timestamp, task_id: Option<&str>) -> Vec<String> {
+        let calendar = match (level, self.calendar()) {
+            (Level::Task, _) => return task_id.map(str::to_string).into_iter().collect(),
+            (_, Some(c)) => c,
+            (_, None) => return Vec::new(),
+        };
+        let (first, later) = match level {
+            Level::Day => (calendar.day(now), calendar.later_days(now, until)),
+            _ => (calendar.period(now), calendar.later_periods(now, until)),
+        };
+        std::iter::once(first).chain(later).map(|d| d.to_string()).collect()
+    }
+
+    /// Would `estimate`, held from `now` until `until`, fit at every level? Each day and period
+    /// that `[now, until]` reaches is checked, not only the current ones, since the reservation's
+    /// event may be charged to any of them. The most specific level that says no denies.
+    pub fn authorize(&self, now: Timestamp, until: Timestamp, task_id: Option<&str>, estimate: i64) -> Verdict {
         let levels = self.levels(now, task_id);
+        let over = |limit: i64, spent: i64, reserved: i64| i128::from(spent) + i128::from(reserved) + i128::from(estimate) > i128::from(limit);
         let denied_by = levels
             .iter()
-            .find(|l| l.limit_micros.is_some_and(|limit| i128::from(l.spent_micros) + i128::from(l.reserved_micros) + i128::from(estimate) > i128::from(limit)))
+            .find(|l| {
+                let Some(limit) = l.limit_micros else { return false };
+                self.spanned_scopes(l.level, now, until, task_id).iter().any(|scope| over(limit, self.spent(l.level, scope), self.reserved(l.level, scope)))
+            })
             .map(|l| l.level);
-        Verdict { allowed: denied_by.is_none(), denied_by, levels }
+        Verdict { allowed: denied_by.is_none(), denied_by: denied_by.map(DeniedBy::from), throttled: None, levels }
+    }
+
+    fn unit_used(&self, unit: Unit, level: Level, scope: &str) -> (u64, u64) {
+        let key = unit_key(unit, level, scope);
+        (self.unit_spent.get(&key).copied().unwrap_or(0), self.unit_reserved.get(&key).copied().unwrap_or(0))
+    }
+
+    fn unit_state(&self, unit: Unit, level: Level, scope: &str) -> Option<UnitState> {
+        let limit = self.budget.as_ref()?.unit_limit(unit, level)?;
+        let (spent, reserved) = self.unit_used(unit, level, scope);
+        Some(UnitState { limit, spent, reserved, remaining: limit.saturating_sub(spent.saturating_add(reserved)) })
+    }
+
+    /// The first token or call limit (task, then day, then period; tokens before calls) that a
+    /// request for `tokens` held from `now` until `until` would pass, in any window its span
+    /// reaches: the level and the unit that deny it.
+    pub fn units_deny(&self, now: Timestamp, until: Timestamp, task_id: Option<&str>, tokens: u64) -> Option<(Level, Unit)> {
+        let budget = self.budget.as_ref()?;
+        for level in [Level::Task, Level::Day, Level::Period] {
+            let scopes = self.spanned_scopes(level, now, until, task_id);
+            for (unit, cost) in [(Unit::Tokens, tokens), (Unit::Calls, 1)] {
+                let Some(limit) = budget.unit_limit(unit, level) else { continue };
+                for scope in &scopes {
+                    let (spent, reserved) = self.unit_used(unit, level, scope);
+                    if u128::from(spent) + u128::from(reserved) + u128::from(cost) > u128::from(limit) {
+                        return Some((level, unit));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// `ok`, `warning` or `exceeded` for the current windows (and the task, when given).

@@ -61,20 +61,22 @@ impl Log {
 
     fn authorize(&mut self, now: &str, task: Option<&str>, estimate: i64, ttl_ms: i64) -> (Verdict, Option<String>) {
         let now = ts(now);
-        let verdict = self.state.authorize(now, task, estimate);
+        let until = now + jiff::SignedDuration::from_millis(ttl_ms);
+        let verdict = self.state.authorize(now, until, task, estimate);
         let calendar = self.state.budget().unwrap().calendar().unwrap();
         let seq = self.seq();
         let id = verdict.allowed.then(|| format!("res-{seq}"));
         let admission = Admission {
-            at: now,
             allowed: verdict.allowed,
-            task_id: task.map(str::to_string),
             estimate_micros: estimate,
             reservation_id: id.clone(),
-            expires_at: verdict.allowed.then(|| now + jiff::SignedDuration::from_millis(ttl_ms)),
+            expires_at: verdict.allowed.then_some(until),
             denied_by: verdict.denied_by,
             day: calendar.day(now),
             period: calendar.period(now),
+            more_days: if verdict.allowed { calendar.later_days(now, until) } else { Vec::new() },
+            more_periods: if verdict.allowed { calendar.later_periods(now, until) } else { Vec::new() },
+            ..bare_admission(&now.to_string(), task)
         };
         self.push_budget(BudgetRecord::Admission { seq, admission });
         (verdict, id)
@@ -121,7 +123,7 @@ fn fifty_of_a_thousand_dimes_fit_a_five_dollar_period() {
         if v.allowed {
             allowed.push(id.unwrap());
         } else {
-            assert_eq!(v.denied_by, Some(Level::Period));
+            assert_eq!(v.denied_by, Some(DeniedBy::Period));
         }
     }
     assert_eq!(allowed.len(), 50);
@@ -149,7 +151,7 @@ fn expired_reservations_release_their_budget() {
     let seq = log.seq();
     log.push_budget(BudgetRecord::Release {
         seq,
-        release: Release { at: ts("2026-11-02T10:00:00.500Z"), reservation_id: id.unwrap(), reason: ReleaseReason::Expired },
+        release: Release { at: ts("2026-11-02T10:00:00.500Z"), reservation_id: id.unwrap(), reason: ReleaseReason::Expired, idempotency: None, token: None },
     });
     assert!(log.authorize("2026-11-02T10:00:01Z", None, 1_000, 500).0.allowed, "no phantom denial");
 }
@@ -160,11 +162,11 @@ fn the_most_specific_level_denies_and_remaining_is_reported() {
     log.config(budget("task_micros = 300\nday_micros = 1_000\nperiod_micros = 10_000\n"), "2026-11-01T00:00:00Z");
     log.event(&event("e1", "2026-11-02T09:00:00Z", Some(250), r#","task_id":"t1""#));
     let (v, _) = log.authorize("2026-11-02T10:00:00Z", Some("t1"), 100, 1_000);
-    assert_eq!(v.denied_by, Some(Level::Task));
+    assert_eq!(v.denied_by, Some(DeniedBy::Task));
     let task = &v.levels[0];
     assert_eq!((task.level, task.remaining_micros), (Level::Task, Some(50)));
     let (v, _) = log.authorize("2026-11-02T10:00:00Z", None, 800, 1_000);
-    assert_eq!(v.denied_by, Some(Level::Day));
+    assert_eq!(v.denied_by, Some(DeniedBy::Day));
 }
 
 #[test]
@@ -274,15 +276,10 @@ fn huge_amounts_saturate_instead_of_wrapping_past_the_limit() {
 fn reservations_of_a_tenant_without_limits_still_expire() {
     let mut state = BudgetState::default();
     let admission = Admission {
-        at: ts("2026-11-02T10:00:00Z"),
-        allowed: true,
-        task_id: None,
         estimate_micros: 5,
         reservation_id: Some("res-0".into()),
         expires_at: Some(ts("2026-11-02T10:00:01Z")),
-        denied_by: None,
-        day: "2026-11-02".parse().unwrap(),
-        period: "2026-11-01".parse().unwrap(),
+        ..bare_admission("2026-11-02T10:00:00Z", None)
     };
     state.apply_record(&BudgetRecord::Admission { seq: 0, admission });
     assert_eq!(state.next_wakeup(), Some(ts("2026-11-02T10:00:01Z")));
@@ -324,4 +321,345 @@ fn tasks_of_ended_periods_are_forgotten_when_a_new_period_opens() {
         replay.fold(i as u64, entry).unwrap();
     }
     assert_eq!(replay, log.state);
+}
+
+fn keyed_admission(at: &str, key: &str, estimate: i64) -> Admission {
+    Admission {
+        estimate_micros: estimate,
+        reservation_id: Some(format!("res-{key}")),
+        expires_at: Some(ts(at) + jiff::SignedDuration::from_secs(60)),
+        idempotency: Some(Idempotency::for_authorize(key, &ask(None, estimate, 60_000))),
+        token: Some("edge".into()),
+        ..bare_admission(at, None)
+    }
+}
+
+/// A keyed request is remembered with its first answer (without its key and token), and a
+/// request hash tells a retry from a reuse of the key for something else.
+#[test]
+fn keyed_requests_are_remembered_with_their_first_answer() {
+    let mut state = BudgetState::default();
+    state.apply_record(&BudgetRecord::Admission { seq: 7, admission: keyed_admission("2026-11-02T10:00:00Z", "k1", 5) });
+    let first = state.remembered("k1").unwrap();
+    assert_eq!((first.seq, first.admission.as_ref().unwrap().reservation_id.as_deref()), (7, Some("res-k1")));
+    assert_eq!(first.admission.as_ref().unwrap().token, None);
+    assert_eq!(first.request_sha256, Idempotency::for_authorize("k1", &ask(None, 5, 60_000)).request_sha256);
+    for other in [
+        Idempotency::for_authorize("k1", &ask(None, 6, 60_000)),
+        Idempotency::for_authorize("k1", &ask(Some("t"), 5, 60_000)),
+        Idempotency::for_authorize("k1", &ask(None, 5, 60_001)),
+        Idempotency::for_release("k1", "res-k1"),
+    ] {
+        assert_ne!(other.request_sha256, first.request_sha256);
+    }
+    // Length-prefixed parts: moving a character from one part to the next changes the hash.
+    assert_ne!(Idempotency::hashed_for_test("k", &["ab", "c"]), Idempotency::hashed_for_test("k", &["a", "bc"]));
+    // A release with a key is remembered without an admission.
+    let release = Release {
+        at: ts("2026-11-02T10:00:01Z"),
+        reservation_id: "res-k1".into(),
+        reason: ReleaseReason::Released,
+        idempotency: Some(Idempotency::for_release("k2", "res-k1")),
+        token: Some("edge".into()),
+    };
+    state.apply_record(&BudgetRecord::Release { seq: 8, release });
+    assert_eq!(state.remembered("k2").map(|r| (r.seq, r.admission.is_none())), Some((8, true)));
+    // The snapshot keeps them.
+    let json = serde_json::to_vec(&state).unwrap();
+    let back: BudgetState = serde_json::from_slice(&json).unwrap();
+    assert_eq!(back.remembered("k1"), state.remembered("k1"));
+}
+
+/// Keys are forgotten after 24 h of record time, and beyond the newest 10,000, the same way on
+/// every replay (record times, never the clock).
+#[test]
+fn remembered_keys_are_bounded_by_age_and_count() {
+    let mut state = BudgetState::default();
+    state.apply_record(&BudgetRecord::Admission { seq: 0, admission: keyed_admission("2026-11-02T10:00:00Z", "old", 1) });
+    state.apply_record(&BudgetRecord::Admission { seq: 1, admission: keyed_admission("2026-11-03T09:59:59Z", "young", 1) });
+    assert!(state.remembered("old").is_some(), "23:59:59 later it is still remembered");
+    state.apply_record(&BudgetRecord::Admission { seq: 2, admission: keyed_admission("2026-11-03T10:00:01Z", "newer", 1) });
+    assert!(state.remembered("old").is_none(), "24 h after its use it is forgotten");
+    assert!(state.remembered("young").is_some());
+    let mut state = BudgetState::default();
+    for i in 0..(MAX_REMEMBERED_KEYS as u64 + 5) {
+        state.apply_record(&BudgetRecord::Admission { seq: i, admission: keyed_admission("2026-11-02T10:00:00Z", &format!("k{i}"), 1) });
+    }
+    assert!(state.remembered("k0").is_none() && state.remembered("k4").is_none());
+    assert!(state.remembered("k5").is_some() && state.remembered(&format!("k{}", MAX_REMEMBERED_KEYS + 4)).is_some());
+}
+
+/// The issue's case: 23:59:59 and 00:00:01 reservations can no longer both land in one day.
+/// The first holds its estimate in both days its minute touches, so the second is denied.
+#[test]
+fn a_reservation_across_midnight_holds_both_days() {
+    let mut log = Log::default();
+    log.config(budget("day_micros = 10"), "2026-11-02T00:00:00Z");
+    let (first, id) = log.authorize("2026-11-02T23:59:59Z", None, 6, 60_000);
+    assert!(first.allowed);
+    let (second, _) = log.authorize("2026-11-03T00:00:01Z", None, 6, 60_000);
+    assert_eq!((second.allowed, second.denied_by), (false, Some(DeniedBy::Day)), "6 of 10 are held in 2026-11-03 already");
+    let admission = String::from_utf8(log.entries.last().unwrap().clone()).unwrap();
+    assert!(!admission.contains("more_days"), "a denial holds nothing: {admission}");
+    let first_record = String::from_utf8(log.entries[1].clone()).unwrap();
+    assert!(first_record.contains(r#""more_days":["2026-11-03"]"#), "{first_record}");
+    // Settled by its event in the new day: the old day's hold goes, the spend lands once.
+    log.event(&event("e1", "2026-11-03T00:00:30Z", Some(6), &format!(r#","reservation_id":"{}""#, id.unwrap())));
+    let (third, _) = log.authorize("2026-11-03T00:01:00Z", None, 4, 60_000);
+    assert!(third.allowed, "6 spent + 4 = 10 fits exactly");
+    let (fourth, _) = log.authorize("2026-11-02T23:59:59.5Z", None, 10, 100);
+    assert!(fourth.allowed, "2026-11-02 has nothing held any more, and 100 ms do not reach midnight");
+}
+
+/// The later window is checked, not only held in: spend already in the next day (an event
+/// stamped ahead of this clock, or a skewed clock) denies a span reaching into it.
+#[test]
+fn spend_already_in_the_next_day_denies_a_span_reaching_into_it() {
+    let mut log = Log::default();
+    log.config(budget("day_micros = 10"), "2026-11-02T00:00:00Z");
+    log.event(&event("ahead", "2026-11-03T00:00:30Z", Some(8), ""));
+    let (reaching, _) = log.authorize("2026-11-02T23:59:59Z", None, 5, 60_000);
+    assert_eq!((reaching.allowed, reaching.denied_by), (false, Some(DeniedBy::Day)), "8 spent in 2026-11-03 + 5 > 10");
+    let (short, _) = log.authorize("2026-11-02T23:59:59Z", None, 5, 100);
+    assert!(short.allowed, "a span ending before midnight only needs room today");
+}
+
+/// No sequence of admissions and settlements around midnight and a period boundary lets
+/// settled spend exceed a day or a period limit, whatever each event's time within its
+/// reservation's span (a seeded search over many sequences).
+#[test]
+fn no_sequence_of_admissions_around_window_edges_overshoots() {
+    let (day_limit, period_limit) = (1_000_i64, 2_500_i64);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let start = ts("2026-11-30T23:57:00Z");
+    for _ in 0..200 {
+        let mut log = Log::default();
+        log.config(budget(&format!("day_micros = {day_limit}\nperiod_micros = {period_limit}")), "2026-11-01T00:00:00Z");
+        let mut now = start;
+        let mut held: Vec<(String, Timestamp, Timestamp, i64)> = Vec::new();
+        let mut settled = 0;
+        for _ in 0..60 {
+            now += jiff::SignedDuration::from_millis(next(8_000) as i64);
+            let (estimate, ttl_ms) = (1 + next(400) as i64, 1 + next(180_000) as i64);
+            if let (v, Some(id)) = log.authorize(&now.to_string(), None, estimate, ttl_ms) {
+                assert!(v.allowed);
+                held.push((id, now, now + jiff::SignedDuration::from_millis(ttl_ms), estimate));
+            }
+            // Settle a random held reservation with an event anywhere in its span, at most its estimate.
+            if !held.is_empty() && next(2) == 0 {
+                let (id, at, until, estimate) = held.swap_remove(next(held.len() as u64) as usize);
+                let span = until.duration_since(at).as_millis() as i64;
+                let when = at + jiff::SignedDuration::from_millis(next(span.max(1) as u64) as i64);
+                settled += 1;
+                log.event(&event(&format!("s{settled}"), &when.to_string(), Some(1 + next(estimate as u64) as i64), &format!(r#","reservation_id":"{id}""#)));
+            }
+        }
+        // Every remaining reservation settles too, each at the worst instant: its span's end.
+        for (id, _, until, estimate) in held {
+            settled += 1;
+            log.event(&event(&format!("s{settled}"), &until.to_string(), Some(estimate), &format!(r#","reservation_id":"{id}""#)));
+        }
+        for day in ["2026-11-30", "2026-12-01"] {
+            let spent = log.state.spent(Level::Day, day);
+            assert!(spent <= day_limit, "day {day}: {spent} > {day_limit}");
+        }
+        for period in ["2026-11-01", "2026-12-01"] {
+            let spent = log.state.spent(Level::Period, period);
+            assert!(spent <= period_limit, "period {period}: {spent} > {period_limit}");
+        }
+    }
+}
+
+fn ask(task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> AuthorizeRequest {
+    AuthorizeRequest { task_id: task_id.map(str::to_string), estimate_micros, ttl_ms, ..AuthorizeRequest::default() }
+}
+
+impl Log {
+    /// The state a restart rebuilds: every entry folded again from the start.
+    fn replayed(&self) -> BudgetState {
+        let mut replay = BudgetState::default();
+        for (i, entry) in self.entries.iter().enumerate() {
+            replay.fold(i as u64, entry).unwrap();
+        }
+        replay
+    }
+
+    fn period(&self, at: &str) -> LevelState {
+        self.state.levels(ts(at), None).into_iter().find(|l| l.level == Level::Period).unwrap()
+    }
+}
+
+/// Settlement at the edges: an event naming a reservation settles it exactly once, and is
+/// charged as any other event in every case: after the reservation expired, a second time,
+/// naming an unknown or another tenant's reservation. A replay (a restart) gives the same state.
+#[test]
+fn settlement_is_exactly_once_and_well_defined_at_the_edges() {
+    let mut log = Log::default();
+    log.config(budget("period_micros = 10_000"), "2026-11-02T00:00:00Z");
+    let settles = |id: &str| format!(r#","reservation_id":"{id}""#);
+    let (_, short) = log.authorize("2026-11-02T10:00:00Z", None, 1_000, 1_000);
+    let (_, long) = log.authorize("2026-11-02T10:00:00Z", None, 2_000, 3_600_000);
+    let (short, long) = (short.unwrap(), long.unwrap());
+    assert_eq!(log.period("2026-11-02T10:00:00Z").reserved_micros, 3_000);
+
+    // The short one expires (the ledger appends a `release`, reason `expired`), then its event
+    // arrives: nothing is left to settle, so the event is simply charged.
+    let expired = log.state.expired(ts("2026-11-02T10:00:02Z"));
+    assert_eq!(expired, vec![short.clone()]);
+    let seq = log.seq();
+    let release = Release { at: ts("2026-11-02T10:00:02Z"), reservation_id: short.clone(), reason: ReleaseReason::Expired, idempotency: None, token: None };
+    log.push_budget(BudgetRecord::Release { seq, release });
+    log.event(&event("late", "2026-11-02T10:00:00.500Z", Some(900), &settles(&short)));
+    let p = log.period("2026-11-02T10:00:03Z");
+    assert_eq!((p.spent_micros, p.reserved_micros), (900, 2_000), "charged once, the expired hold not released twice");
+
+    // The long one is settled by its event: the hold goes, the real charge is spend.
+    log.event(&event("call", "2026-11-02T10:05:00Z", Some(1_500), &settles(&long)));
+    let p = log.period("2026-11-02T10:05:00Z");
+    assert_eq!((p.spent_micros, p.reserved_micros), (2_400, 0));
+    assert!(!log.state.has_reservation(&long));
+    // A second event naming it settles nothing more: charged, reserved stays 0 (never negative).
+    log.event(&event("again", "2026-11-02T10:06:00Z", Some(100), &settles(&long)));
+    // Unknown, and another tenant's id (reservation ids are per tenant: this tenant holds none
+    // by that name), are charged and change nothing else.
+    log.event(&event("unknown", "2026-11-02T10:07:00Z", Some(100), &settles("res-999")));
+    let p = log.period("2026-11-02T10:07:00Z");
+    assert_eq!((p.spent_micros, p.reserved_micros), (2_600, 0));
+
+    // A restart rebuilds exactly this from the log.
+    assert_eq!(log.replayed(), log.state);
+}
+
+fn tokens_event(id: &str, at: &str, task: &str, tokens: u64, reservation: Option<&str>) -> Event {
+    let settles = reservation.map(|r| format!(r#","reservation_id":"{r}""#)).unwrap_or_default();
+    event(id, at, Some(1), &format!(r#","task_id":"{task}","usage":{{"input_tokens":{tokens},"output_tokens":0}}{settles}"#))
+}
+
+fn units_verdict(log: &mut Log, at: &str, task: &str, tokens: u64) -> (bool, Option<(Level, Unit)>, Option<String>) {
+    let (now, until) = (ts(at), ts(at) + jiff::SignedDuration::from_secs(60));
+    let denied = log.state.units_deny(now, until, Some(task), tokens);
+    if denied.is_some() {
+        return (false, denied, None);
+    }
+    let seq = log.seq();
+    let calendar = log.state.calendar().unwrap();
+    let admission = Admission {
+        estimated_tokens: Some(tokens),
+        reservation_id: Some(format!("res-{seq}")),
+        expires_at: Some(until),
+        more_days: calendar.later_days(now, until),
+        more_periods: calendar.later_periods(now, until),
+        ..bare_admission(at, Some(task))
+    };
+    log.push_budget(BudgetRecord::Admission { seq, admission });
+    (true, None, Some(format!("res-{seq}")))
+}
+
+/// An allowed admission at `at` (UTC, period from the 1st) with nothing else set.
+fn bare_admission(at: &str, task: Option<&str>) -> Admission {
+    let at = ts(at);
+    Admission {
+        at,
+        allowed: true,
+        task_id: task.map(str::to_string),
+        estimate_micros: 0,
+        reservation_id: None,
+        expires_at: None,
+        denied_by: None,
+        denied_unit: None,
+        day: at.to_zoned(jiff::tz::TimeZone::UTC).date(),
+        period: "2026-11-01".parse().unwrap(),
+        more_days: Vec::new(),
+        more_periods: Vec::new(),
+        agent_id: None,
+        action: None,
+        kind: None,
+        estimated_tokens: None,
+        throttled_by: None,
+        retry_after_ms: None,
+        freeze_id: None,
+        idempotency: None,
+        token: None,
+    }
+}
+
+/// Limits in tokens and calls hold like money's: admissions hold their estimated tokens and
+/// one call at every level, events spend their real tokens and one call, settlement swaps the
+/// hold for the spend, and a replay counts the same.
+#[test]
+fn token_and_call_limits_hold_and_spend_like_money() {
+    let mut log = Log::default();
+    log.config(budget("day_tokens = 1_000\ntask_calls = 2"), "2026-11-02T00:00:00Z");
+    let (ok, _, first) = units_verdict(&mut log, "2026-11-02T10:00:00Z", "t1", 600);
+    assert!(ok);
+    let (ok, denied, _) = units_verdict(&mut log, "2026-11-02T10:00:01Z", "t2", 600);
+    assert_eq!((ok, denied), (false, Some((Level::Day, Unit::Tokens))), "600 held + 600 > 1,000");
+    // The first call happens and uses only 300 tokens: the hold becomes spend.
+    log.event(&tokens_event("e1", "2026-11-02T10:00:02Z", "t1", 300, first.as_deref()));
+    let day = log.state.levels(ts("2026-11-02T10:00:03Z"), None).into_iter().find(|l| l.level == Level::Day).unwrap();
+    assert_eq!(day.tokens, Some(UnitState { limit: 1_000, spent: 300, reserved: 0, remaining: 700 }));
+    assert!(day.calls.is_none(), "no day call limit: not shown");
+    assert!(units_verdict(&mut log, "2026-11-02T10:00:04Z", "t2", 600).0, "300 spent + 600 fits");
+    // Two calls per task: t1 has spent one and holds none; one more fits, then none.
+    assert!(units_verdict(&mut log, "2026-11-02T10:00:05Z", "t1", 0).0);
+    let (ok, denied, _) = units_verdict(&mut log, "2026-11-02T10:00:06Z", "t1", 0);
+    assert_eq!((ok, denied), (false, Some((Level::Task, Unit::Calls))));
+    let task = log.state.levels(ts("2026-11-02T10:00:06Z"), Some("t1")).into_iter().find(|l| l.level == Level::Task).unwrap();
+    assert_eq!(task.calls, Some(UnitState { limit: 2, spent: 1, reserved: 1, remaining: 0 }));
+    // A new day starts empty for the day's tokens.
+    assert!(units_verdict(&mut log, "2026-11-03T00:00:01Z", "t3", 1_000).0);
+    assert_eq!(log.replayed(), log.state);
+}
+
+/// Currencies never mix: a cost in another currency than the budget's is never added to its
+/// limits, whatever its amount; it is counted instead.
+#[test]
+fn a_cost_in_another_currency_is_never_charged_against_a_limit() {
+    let mut log = Log::default();
+    log.config(budget("day_micros = 10"), "2026-11-02T00:00:00Z");
+    let eur = Event::from_json(
+        br#"{"event_id":"eur","tenant_id":"acme","occurred_at":"2026-11-02T10:00:00Z","kind":"llm_call","cost":{"amount_micros":100,"currency":"EUR"}}"#,
+    )
+    .unwrap();
+    assert_eq!(charge(&eur, log.state.budget().unwrap()), (0, Basis::ForeignCurrency));
+    assert!(log.event(&eur).is_empty(), "no decision: nothing was charged");
+    log.event(&event("usd", "2026-11-02T10:00:01Z", Some(5), ""));
+    let day = log.state.levels(ts("2026-11-02T10:00:02Z"), None).into_iter().find(|l| l.level == Level::Day).unwrap();
+    assert_eq!((day.spent_micros, log.state.foreign_currency_events), (5, 1));
+    assert_eq!(log.replayed(), log.state);
+}
+
+/// A key kept past 24 h behind a younger one (record times out of order: a clock stepped back)
+/// is a new request when it comes again: its new answer replaces the stale one.
+#[test]
+fn a_stale_key_kept_behind_a_younger_one_is_replaced() {
+    let mut state = BudgetState::default();
+    state.apply_record(&BudgetRecord::Admission { seq: 0, admission: keyed_admission("2026-11-03T12:00:00Z", "a", 1) });
+    state.apply_record(&BudgetRecord::Admission { seq: 1, admission: keyed_admission("2026-11-02T10:00:00Z", "b", 1) });
+    state.apply_record(&BudgetRecord::Admission { seq: 2, admission: keyed_admission("2026-11-03T11:00:00Z", "b", 1) });
+    assert_eq!(state.remembered("b").map(|r| r.seq), Some(2));
+    assert_eq!(state.remembered("a").map(|r| r.seq), Some(0));
+    assert_eq!(snapshot_round_trip(&state), state);
+}
+
+fn snapshot_round_trip(state: &BudgetState) -> BudgetState {
+    serde_json::from_slice(&serde_json::to_vec(state).unwrap()).unwrap()
+}
+
+/// Snapshots say which fold rules made them; one without (or with an older version) is not
+/// loaded, so a changed rule never mixes with state folded under the old one.
+#[test]
+fn snapshots_carry_the_fold_version() {
+    let state = BudgetState::default();
+    let mut json = serde_json::to_value(&state).unwrap();
+    assert_eq!(json["fold_version"], FOLD_VERSION);
+    assert!(serde_json::from_value::<BudgetState>(json.clone()).unwrap().is_current_fold());
+    json.as_object_mut().unwrap().remove("fold_version");
+    assert!(!serde_json::from_value::<BudgetState>(json).unwrap().is_current_fold(), "a snapshot from before versions is refolded");
 }

@@ -73,11 +73,64 @@ impl Calendar {
     pub fn period_ends(&self, at: Timestamp) -> Timestamp {
         self.start_of(self.next_period(self.period(at)))
     }
+
+    /// The days after `from`'s own that `[from, until]` reaches: every day starting at or before
+    /// `until`. An event of a reservation made at `from` and held until `until` may be charged to
+    /// any of them. At most `MAX_LATER_WINDOWS` (a reservation lives at most 24 h: two more days
+    /// across a short DST day).
+    pub fn later_days(&self, from: Timestamp, until: Timestamp) -> Vec<Date> {
+        let mut out = Vec::new();
+        let mut day = self.day(from);
+        while out.len() < MAX_LATER_WINDOWS {
+            match day.tomorrow() {
+                Ok(next) if self.start_of(next) <= until => {
+                    out.push(next);
+                    day = next;
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// The periods after `from`'s own that `[from, until]` reaches, as [`Calendar::later_days`].
+    pub fn later_periods(&self, from: Timestamp, until: Timestamp) -> Vec<Date> {
+        let mut out = Vec::new();
+        let mut period = self.period(from);
+        while out.len() < MAX_LATER_WINDOWS {
+            let next = self.next_period(period);
+            if next <= period || self.start_of(next) > until {
+                break;
+            }
+            out.push(next);
+            period = next;
+        }
+        out
+    }
 }
+
+/// A bound on the windows one reservation spans beyond its first, whatever its TTL.
+const MAX_LATER_WINDOWS: usize = 3;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reservation_reaches_the_windows_its_span_touches() {
+        let utc = Calendar::new("UTC", 1).unwrap();
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let d = |s: &str| s.parse::<Date>().unwrap();
+        assert!(utc.later_days(t("2026-11-02T10:00:00Z"), t("2026-11-02T23:59:59Z")).is_empty());
+        assert_eq!(utc.later_days(t("2026-11-02T23:59:59Z"), t("2026-11-03T00:00:59Z")), vec![d("2026-11-03")]);
+        assert_eq!(utc.later_days(t("2026-11-02T23:59:59Z"), t("2026-11-03T00:00:00Z")), vec![d("2026-11-03")], "the boundary instant belongs to the next day");
+        assert_eq!(utc.later_periods(t("2026-11-30T23:59:00Z"), t("2026-12-01T00:01:00Z")), vec![d("2026-12-01")]);
+        assert!(utc.later_periods(t("2026-11-29T23:59:00Z"), t("2026-11-30T23:59:00Z")).is_empty());
+        // 24 h from 23:30 across a 23-hour day (spring forward) reaches two more days.
+        let ny = Calendar::new("America/New_York", 1).unwrap();
+        let from = t("2026-03-08T04:30:00Z"); // 2026-03-07 23:30 EST; 03-08 is 23 h long
+        assert_eq!(ny.later_days(from, from + jiff::SignedDuration::from_hours(24)), vec![d("2026-03-08"), d("2026-03-09")]);
+    }
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()

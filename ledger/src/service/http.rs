@@ -7,12 +7,10 @@
 //! tenant's partition), `rebalancing` (503: the partition is moving), `request_timeout`,
 //! `internal` (docs/http-api.md). Tenant ids are validated before any path is built.
 //!
-//! Authorization (docs/http-api.md, [`tally_auth`]): every per-tenant read route needs a token that
-//! reaches that tenant (its own `tenant` token, a `regulator` naming it, or `admin`); the budget
-//! writes (`authorize`, `release`) need the tenant's own token or `admin`, never a regulator's or
-//! billing's; `/metrics` needs a `metrics` token or `admin`; `/healthz`, `/readyz` and
-//! `/openapi.json` are open. The tenant check runs
-//! before the handler, so a refusal is the same whether or not the other tenant exists.
+//! Authorization (docs/http-api.md, [`tally_auth::Role::reach`]): every route but `/healthz`,
+//! `/readyz` and `/openapi.json` checks one [`Action`] in a layer before its handler: the audit
+//! reads `ReadAudit`, budget state `ReadBudget`, authorize and release `SpendBudget`, `/metrics`
+//! `ReadMetrics`. A refusal is the same whether or not the other tenant exists.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,13 +22,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::Shared;
+use super::{AuthorizeRequest, Caller, Decided, Frozen, Released, Shared};
 use crate::error::Error;
-use tally_auth::{AuthError, Principal};
+use tally_auth::{Action, AuthError, Principal};
 use tally_log::Receipt;
 use tally_log::TilePath;
 use tally_log::{Checkpoint, TenantEntries};
@@ -57,13 +56,20 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tenants/{tenant}/receipt/{seq}", get(receipt))
         .route("/v1/tenants/{tenant}/receipt", get(receipt_by_event))
         .route("/v1/tenants/{tenant}/consistency", get(consistency))
+        .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::ReadAudit), tenant_access));
+    let budget_reads = Router::new()
         .route("/v1/tenants/{tenant}/budget", get(budget_state))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_access));
+        .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::ReadBudget), tenant_access));
     // Writes: reserving or releasing a tenant's budget spends its money, so reading it is not enough.
     let per_tenant_writes = Router::new()
         .route("/v1/tenants/{tenant}/budget/authorize", post(authorize))
         .route("/v1/tenants/{tenant}/budget/release", post(release))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&shared), tenant_budget_write_access));
+        .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::SpendBudget), tenant_access));
+    // The kill switch: the tenant itself or an admin; a gateway obeys freezes, never sets them.
+    let freezes = Router::new()
+        .route("/v1/tenants/{tenant}/freeze", post(freeze))
+        .route("/v1/tenants/{tenant}/unfreeze", post(unfreeze))
+        .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::Freeze), tenant_access));
     let metrics = Router::new().route("/metrics", get(metrics)).route_layer(middleware::from_fn_with_state(Arc::clone(&shared), metrics_access));
     let telemetry = shared.metrics.telemetry().clone();
     let app = Router::new()
@@ -71,7 +77,9 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .merge(per_tenant)
+        .merge(budget_reads)
         .merge(per_tenant_writes)
+        .merge(freezes)
         .merge(metrics)
         .with_state(shared);
     telemetry.instrument(app)
@@ -82,57 +90,76 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Principal, ApiEr
     shared.tokens.authenticate(header).map_err(ApiError::from)
 }
 
-/// Reads of one tenant: its own token, a regulator naming it, admin.
-async fn tenant_access(State(shared): State<Arc<Shared>>, Path(params): Path<HashMap<String, String>>, request: Request, next: Next) -> Response {
-    check_tenant(&shared, &params, request, next, Principal::can_read_tenant, "access to this tenant").await
-}
-
-/// Budget writes of one tenant (authorize, release): its own token, admin.
-async fn tenant_budget_write_access(State(shared): State<Arc<Shared>>, Path(params): Path<HashMap<String, String>>, request: Request, next: Next) -> Response {
-    check_tenant(&shared, &params, request, next, Principal::can_write_budget, "changes to this tenant's budget").await
-}
-
-/// Runs the handler only if the caller is authenticated and `allowed` for the path's tenant. The
-/// check looks at the token alone, never at the tenant's data, so a refusal is the same whether
-/// or not the tenant exists.
-async fn check_tenant(
-    shared: &Shared,
-    params: &HashMap<String, String>,
+/// Runs the handler only if the caller is authenticated and may take `action` on the path's
+/// tenant. The check looks at the token alone, never at the tenant's data, so a refusal is the
+/// same whether or not the tenant exists.
+async fn tenant_access(
+    State((shared, action)): State<(Arc<Shared>, Action)>,
+    Path(params): Path<HashMap<String, String>>,
     request: Request,
     next: Next,
-    allowed: fn(&Principal, &str) -> bool,
-    what: &'static str,
 ) -> Response {
-    let principal = match authenticate(shared, request.headers()) {
+    let principal = match authenticate(&shared, request.headers()) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
     let tenant = params.get("tenant").map(String::as_str).unwrap_or_default();
-    if !allowed(&principal, tenant) {
-        tracing::info!(token = %principal.name, role = principal.role.as_str(), tenant_id = %tenant, refused = what, "refused: tenant not granted");
-        return ApiError::from(AuthError::Forbidden(what)).into_response();
+    if let Err(refused) = principal.check(action, Some(tenant)) {
+        tracing::info!(token = %principal.name, role = principal.role.as_str(), tenant_id = %tenant, action = action.as_str(), "refused: not granted");
+        return ApiError::from(refused).into_response();
     }
+    // The handler records who asked (admission and release records name the token).
+    let mut request = request;
+    request.extensions_mut().insert(principal);
     next.run(request).await
 }
 
 /// `/metrics`: a `metrics` token (a scraper that reads no data) or `admin`.
 async fn metrics_access(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     match authenticate(&shared, request.headers()) {
-        Ok(p) if p.can_read_metrics() => next.run(request).await,
-        Ok(_) => ApiError::from(AuthError::Forbidden("metrics access")).into_response(),
+        Ok(p) => match p.check(Action::ReadMetrics, None) {
+            Ok(()) => next.run(request).await,
+            Err(refused) => ApiError::from(refused).into_response(),
+        },
         Err(e) => e.into_response(),
     }
 }
 
-struct ApiError(StatusCode, &'static str, String);
+/// Every error this API answers: `{"error": {"code", "message"[, "owner"]}}`.
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// `not_owner`: the instance that owns the tenant's partition (also `X-Tally-Owner`).
+    owner: Option<String>,
+    /// Seconds for `Retry-After` (503s the caller should simply retry).
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), owner: None, retry_after: None }
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.1, "message": self.2}});
-        let mut response = (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
-        response.extensions_mut().insert(tally_auth::ErrorCode(self.1));
-        if self.0 == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        let mut error = serde_json::json!({"code": self.code, "message": self.message});
+        if let Some(owner) = &self.owner {
+            error["owner"] = serde_json::Value::String(owner.clone());
+        }
+        let body = serde_json::json!({ "error": error });
+        let mut response = (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        response.extensions_mut().insert(tally_auth::ErrorCode(self.code));
+        let headers = response.headers_mut();
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        if let Some(url) = self.owner.and_then(|o| axum::http::HeaderValue::from_str(&o).ok()) {
+            headers.insert("x-tally-owner", url);
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, secs.into());
         }
         response
     }
@@ -141,7 +168,7 @@ impl IntoResponse for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-        ApiError(status, e.code(), e.to_string())
+        ApiError::new(status, e.code(), e.to_string())
     }
 }
 
@@ -149,7 +176,10 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
             Error::Log(log) => ApiError::from(log),
-            Error::NoSuchEvent(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            Error::NoSuchEvent(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            Error::IdempotencyConflict { .. } => ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", e.to_string()),
+            Error::TooManyFreezes { .. } => ApiError::new(StatusCode::CONFLICT, "too_many_freezes", e.to_string()),
+            Error::MissingEstimatedTokens => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             other => internal(&other),
         }
     }
@@ -159,8 +189,8 @@ impl From<tally_log::Error> for ApiError {
     fn from(e: tally_log::Error) -> Self {
         use tally_log::Error as L;
         match e {
-            L::NoSuchEntry { .. } | L::NoSuchTile(_) => ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            L::BadTilePath(_) => ApiError(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            L::NoSuchEntry { .. } | L::NoSuchTile(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            L::BadTilePath(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             other => internal(&other),
         }
     }
@@ -169,7 +199,7 @@ impl From<tally_log::Error> for ApiError {
 /// A failure the caller cannot act on: logged with its detail, answered without it.
 fn internal(error: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(error = %error, "request failed");
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into())
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
 }
 
 type ApiResult = Result<Response, ApiError>;
@@ -182,7 +212,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(v)) => Ok(ApiPath(v)),
-            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
         }
     }
 }
@@ -195,7 +225,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(request, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
         }
     }
 }
@@ -208,7 +238,7 @@ impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
         }
     }
 }
@@ -218,20 +248,18 @@ fn with_tenant<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&tally_log::Ledg
     with_partition(shared, tenant, |p| Ok(f(p.ledger())?))
 }
 
-/// Runs `f` on the partition holding the tenant's log.
+/// Runs `f` on the partition holding the tenant's log ([`home`]): 404 only when this instance
+/// owns that partition and it holds nothing of the tenant.
 fn with_partition<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<T>) -> Result<T, ApiError> {
-    if tally_schemas::validate_tenant_id(tenant).is_err() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id".into()));
+    let (_, owned) = home(shared, tenant)?;
+    let mut p = super::lock(&owned);
+    if p.is_closed() {
+        return Err(unavailable(tenant_partition(shared, tenant)));
     }
-    // Only the tenant's home partition can hold its log: lock that one alone.
-    let home = tally_ingest::tenant_partition(tenant, shared.partition_count.load(Ordering::Relaxed));
-    if let Some(owned) = shared.partition(home) {
-        let mut p = super::lock(&owned);
-        if !p.is_closed() && p.ledger().has_tenant(tenant) {
-            return f(&mut p).map_err(ApiError::from);
-        }
+    if !p.ledger().has_tenant(tenant) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("tenant {tenant} has no records yet")));
     }
-    Err(ApiError(StatusCode::NOT_FOUND, "not_found", format!("no log for tenant {tenant} on this instance")))
+    f(&mut p).map_err(ApiError::from)
 }
 
 fn text(body: String) -> Response {
@@ -309,51 +337,56 @@ async fn consistency(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath
 
 // ---- Budgets: admission, release, state -------------------------------------------------------
 
-/// The partition holding `tenant`'s budget, if this instance owns it; otherwise a 421 naming the
-/// owner (from `<data_dir>/owners/`), so the caller can retry there.
-// The error is the response itself (large, as axum's are): it is what the handler returns.
-#[allow(clippy::result_large_err)]
-fn owned_partition(shared: &Shared, tenant: &str) -> Result<i32, Response> {
+fn tenant_partition(shared: &Shared, tenant: &str) -> i32 {
+    tally_ingest::tenant_partition(tenant, shared.partition_count.load(Ordering::Relaxed))
+}
+
+/// Where `tenant` is served, for every per-tenant route: its home partition as this instance
+/// owns it now (the same instance then serves the whole request, an admission and the commit
+/// that makes it durable, even if the partition is revoked and opened again meanwhile).
+/// Otherwise a 421 `not_owner` naming the instance whose note (`<data_dir>/owners/`) says it owns
+/// the partition, so the caller can go there; or, when no other instance does (the note names
+/// this one: it is still opening its partitions after a restart, or the partition is between
+/// owners), a 503 with `Retry-After`. Never a 404 or a 421 pointing at this instance.
+fn home(shared: &Shared, tenant: &str) -> Result<(i32, super::Owned), ApiError> {
     if tally_schemas::validate_tenant_id(tenant).is_err() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id".into()).into_response());
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id"));
     }
-    let count = shared.partition_count.load(Ordering::Relaxed);
-    let partition = tally_ingest::tenant_partition(tenant, count);
-    if shared.partition(partition).is_some() {
-        return Ok(partition);
+    let partition = tenant_partition(shared, tenant);
+    if let Some(owned) = shared.partition(partition) {
+        return Ok((partition, owned));
     }
-    let owner = super::read_owner(&shared.root, &shared.topic, partition);
-    let body = serde_json::json!({"error": {
-        "code": "not_owner",
-        "message": format!("partition {partition}, which holds this tenant, is owned by another instance"),
-        "owner": owner,
-    }});
-    let mut response = (StatusCode::MISDIRECTED_REQUEST, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
-    if let Some(url) = owner.and_then(|o| axum::http::HeaderValue::from_str(&o).ok()) {
-        response.headers_mut().insert("x-tally-owner", url);
+    match super::read_owner(&shared.root, &shared.topic, partition) {
+        Some(owner) if owner != shared.advertise_url => Err(ApiError {
+            owner: Some(owner),
+            ..ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "not_owner",
+                format!("partition {partition}, which holds this tenant, is owned by another instance"),
+            )
+        }),
+        _ => Err(unavailable(partition)),
     }
-    Err(response)
 }
 
-/// The partition as this instance owns it now: the same instance must then serve the whole
-/// request (an admission and the commit that makes it durable), even if the partition is
-/// revoked and opened again meanwhile.
-#[allow(clippy::result_large_err)]
-fn owned_now(shared: &Shared, partition: i32) -> Result<super::Owned, Response> {
-    shared.partition(partition).ok_or_else(|| rebalancing().into_response())
-}
-
-fn rebalancing() -> ApiError {
-    ApiError(StatusCode::SERVICE_UNAVAILABLE, "rebalancing", "the partition moved; retry".into())
+/// 503 `rebalancing`: the tenant's partition is opening, moving or closing; retry in a second.
+fn unavailable(partition: i32) -> ApiError {
+    ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebalancing",
+            format!("partition {partition}, which holds this tenant, is opening or moving and no instance serves it yet; retry"),
+        )
+    }
 }
 
 /// The outcome of blocking work on a partition; a task that failed (panicked) is logged and
 /// answered 500, its message never shown to the caller.
-#[allow(clippy::result_large_err)]
-fn joined_or_internal<T>(partition: i32, joined: Result<Result<T, Response>, tokio::task::JoinError>) -> Result<T, Response> {
+fn joined_or_internal<T>(partition: i32, joined: Result<Result<T, ApiError>, tokio::task::JoinError>) -> Result<T, ApiError> {
     joined.unwrap_or_else(|e| {
         tracing::error!(partition, error = %e, "partition work failed");
-        Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error".into()).into_response())
+        Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))
     })
 }
 
@@ -367,26 +400,24 @@ fn joined_or_internal<T>(partition: i32, joined: Result<Result<T, Response>, tok
 /// The commit runs on the instance that appended the record (`owned`), closed or not by then: a
 /// closing commit after the append already covers it, and committing a closed partition is
 /// still safe, since this process holds its lock for as long as `owned` lives.
-// The error is the response itself (large, as axum's are): it is what the handler returns.
-#[allow(clippy::result_large_err)]
 async fn on_owned_durably<T: Send + 'static>(
     shared: &Arc<Shared>,
     owned: super::Owned,
     partition: i32,
     tenant: String,
     f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<(T, Option<u64>)> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, ApiError> {
     let shared = Arc::clone(shared);
     let joined = tokio::task::spawn_blocking(move || {
         let (out, seq) = {
             let mut p = super::lock(&owned);
             if p.is_closed() {
-                return Err(rebalancing().into_response());
+                return Err(unavailable(partition));
             }
-            f(&mut p).map_err(|e| ApiError::from(e).into_response())?
+            f(&mut p)?
         };
         if let Some(seq) = seq {
-            let committed = super::commit_owned(&owned, false, |p| p.committed_size(&tenant) > seq).map_err(|e| ApiError::from(e).into_response())?;
+            let committed = super::commit_owned(&owned, false, |p| p.committed_size(&tenant) > seq)?;
             if let Some((_, times)) = committed {
                 shared.metrics.observe_commit(times);
             }
@@ -406,6 +437,17 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
 struct AuthorizeBody {
     #[serde(default)]
     task_id: Option<String>,
+    /// The agent and the action (a model or tool) about to run: matched against freezes.
+    #[serde(default)]
+    agent_id: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    /// The kind of call (`llm_call`, `tool_call`, …) and its estimated tokens: matched against
+    /// rate quotas.
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    estimated_tokens: Option<u64>,
     estimate_micros: i64,
     #[serde(default = "default_ttl_ms")]
     ttl_ms: i64,
@@ -418,62 +460,135 @@ fn default_ttl_ms() -> i64 {
 const MAX_TTL_MS: i64 = 24 * 3600 * 1000;
 /// One billion dollars in micros: far above any real call, far below overflow.
 const MAX_ESTIMATE_MICROS: i64 = 1_000_000_000_000_000;
+/// As an event's token counts.
+const MAX_ESTIMATED_TOKENS: u64 = 1_000_000_000_000;
 
-async fn authorize(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
+async fn authorize(
+    State(shared): State<Arc<Shared>>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    ApiPath(tenant): ApiPath<String>,
+    body: Result<ApiJson<AuthorizeBody>, ApiError>,
+) -> Response {
     let started = std::time::Instant::now();
-    let response = decide(&shared, tenant, body).await;
+    let response = decide(&shared, &who, &headers, tenant, body).await;
     shared.metrics.authorize_seconds.observe(started.elapsed().as_secs_f64());
     response
 }
 
+/// The longest `Idempotency-Key` accepted; a UUID or a ULID fits with room to spare.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The request's `Idempotency-Key`: 1 to 128 of `A-Z a-z 0-9 . _ : -`, since it is recorded in
+/// the tenant's log and shown back.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().unwrap_or_default();
+    let valid = (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if !valid {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters of A-Z a-z 0-9 . _ : -"),
+        ));
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// Marks an answer given from a keyed request's first record.
+fn replayed(mut response: Response) -> Response {
+    response.headers_mut().insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+    response
+}
+
 /// An authorize request: validated, decided on the tenant's partition, made durable, answered.
-async fn decide(shared: &Arc<Shared>, tenant: String, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
+async fn decide(shared: &Arc<Shared>, who: &Principal, headers: &HeaderMap, tenant: String, body: Result<ApiJson<AuthorizeBody>, ApiError>) -> Response {
     let body = match body {
         Ok(ApiJson(b)) => b,
         Err(e) => return e.into_response(),
     };
     if !(0..=MAX_ESTIMATE_MICROS).contains(&body.estimate_micros) {
-        return ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("estimate_micros must be 0..={MAX_ESTIMATE_MICROS}")).into_response();
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("estimate_micros must be 0..={MAX_ESTIMATE_MICROS}")).into_response();
     }
     if !(1..=MAX_TTL_MS).contains(&body.ttl_ms) {
-        return ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("ttl_ms must be 1..={MAX_TTL_MS}")).into_response();
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("ttl_ms must be 1..={MAX_TTL_MS}")).into_response();
     }
-    // The same rule as an event's task_id: the id names one task in records and topic keys.
-    if let Some(Err(rejection)) = body.task_id.as_deref().map(|t| tally_schemas::check_identifier("task_id", t)) {
-        return ApiError(StatusCode::BAD_REQUEST, "bad_request", rejection.detail).into_response();
+    // The same rule as an event's ids: each names one task, agent or action in records and keys.
+    if let Err(e) = check_identifiers(&[("task_id", &body.task_id), ("agent_id", &body.agent_id), ("action", &body.action), ("kind", &body.kind)]) {
+        return e.into_response();
     }
-    let partition = match owned_partition(shared, &tenant) {
-        Ok(p) => p,
-        Err(r) => return r,
+    if body.estimated_tokens.is_some_and(|t| t > MAX_ESTIMATED_TOKENS) {
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("estimated_tokens must be 0..={MAX_ESTIMATED_TOKENS}")).into_response();
+    }
+    let key = match idempotency_key(headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
     };
-    let t = tenant.clone();
-    let owned = match owned_now(shared, partition) {
-        Ok(o) => o,
-        Err(r) => return r,
+    let (partition, owned) = match home(shared, &tenant) {
+        Ok(home) => home,
+        Err(e) => return e.into_response(),
     };
-    // Durable before the answer: a reservation a gateway was told about survives a crash.
+    let (t, token) = (tenant.clone(), who.name.clone());
+    let request = AuthorizeRequest {
+        task_id: body.task_id,
+        agent_id: body.agent_id,
+        action: body.action,
+        kind: body.kind,
+        estimate_micros: body.estimate_micros,
+        estimated_tokens: body.estimated_tokens,
+        ttl_ms: body.ttl_ms,
+    };
+    // Durable before the answer: a reservation a gateway was told about survives a crash. A
+    // retry's first record is made durable too (it may still be in the open commit).
     let decided = on_owned_durably(shared, owned, partition, tenant, move |p| {
-        let (verdict, admission, seq) = p.authorize(&t, jiff::Timestamp::now(), body.task_id.as_deref(), body.estimate_micros, body.ttl_ms)?;
-        Ok(((verdict, admission, seq), Some(seq)))
+        let caller = Caller { token: Some(&token), idempotency_key: key.as_deref() };
+        let decided = p.authorize(&t, jiff::Timestamp::now(), &request, &caller)?;
+        let seq = decided.seq;
+        Ok((decided, Some(seq)))
     })
     .await;
-    let (verdict, admission, seq) = match decided {
+    let Decided { verdict, admission, seq, replayed: was_replayed } = match decided {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let m = &shared.metrics;
-    if verdict.allowed { &m.admissions_allowed } else { &m.admissions_denied }.inc();
-    json(
+    if was_replayed {
+        m.requests_replayed.inc();
+    } else if verdict.allowed {
+        m.admissions_allowed.inc();
+    } else if verdict.throttled.is_some() {
+        m.admissions_throttled.inc();
+    } else {
+        m.admissions_denied.inc();
+    }
+    let decision = match (verdict.allowed, &verdict.throttled) {
+        (true, _) => "allow",
+        (false, Some(_)) => "throttled",
+        (false, None) => "deny",
+    };
+    let mut response = json(
         StatusCode::OK,
         serde_json::json!({
-            "decision": if verdict.allowed { "allow" } else { "deny" },
+            "decision": decision,
             "reservation_id": admission.reservation_id,
             "expires_at": admission.expires_at,
             "denied_by": verdict.denied_by,
+            "denied_unit": admission.denied_unit,
+            "throttled_by": admission.throttled_by,
+            "retry_after_ms": admission.retry_after_ms,
             "seq": seq,
             "levels": verdict.levels,
         }),
-    )
+    );
+    if let Some((_, ms)) = verdict.throttled {
+        // Whole seconds, rounded up: never earlier than the window's end.
+        response.headers_mut().insert(header::RETRY_AFTER, ms.div_ceil(1000).into());
+    }
+    if was_replayed {
+        replayed(response)
+    } else {
+        response
+    }
 }
 
 #[derive(Deserialize)]
@@ -482,29 +597,151 @@ struct ReleaseBody {
     reservation_id: String,
 }
 
-async fn release(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, body: Result<ApiJson<ReleaseBody>, ApiError>) -> Response {
+async fn release(
+    State(shared): State<Arc<Shared>>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    ApiPath(tenant): ApiPath<String>,
+    body: Result<ApiJson<ReleaseBody>, ApiError>,
+) -> Response {
     let body = match body {
         Ok(ApiJson(b)) => b,
         Err(e) => return e.into_response(),
     };
-    let partition = match owned_partition(&shared, &tenant) {
-        Ok(p) => p,
-        Err(r) => return r,
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
     };
-    let t = tenant.clone();
-    let owned = match owned_now(&shared, partition) {
-        Ok(o) => o,
-        Err(r) => return r,
+    let (partition, owned) = match home(&shared, &tenant) {
+        Ok(home) => home,
+        Err(e) => return e.into_response(),
     };
+    let (t, token) = (tenant.clone(), who.name);
     let released = on_owned_durably(&shared, owned, partition, tenant, move |p| {
-        let seq = p.release(&t, &body.reservation_id, jiff::Timestamp::now())?;
-        Ok((seq, seq))
+        let caller = Caller { token: Some(&token), idempotency_key: key.as_deref() };
+        let released = p.release(&t, &body.reservation_id, jiff::Timestamp::now(), &caller)?;
+        Ok((released, released.map(|r| r.seq)))
     })
     .await;
     match released {
-        Ok(Some(seq)) => json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq})),
-        Ok(None) => ApiError(StatusCode::NOT_FOUND, "not_found", "no such reservation (settled, released or expired)".into()).into_response(),
-        Err(r) => r,
+        Ok(Some(Released { seq, replayed: was_replayed })) => {
+            let response = json(StatusCode::OK, serde_json::json!({"released": true, "seq": seq}));
+            if was_replayed {
+                shared.metrics.requests_replayed.inc();
+                replayed(response)
+            } else {
+                response
+            }
+        }
+        Ok(None) => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such reservation (settled, released or expired)").into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Each present `(name, value)` under the rule of an event's identifiers.
+fn check_identifiers(fields: &[(&str, &Option<String>)]) -> Result<(), ApiError> {
+    for (name, value) in fields {
+        if let Some(Err(rejection)) = value.as_deref().map(|v| tally_schemas::check_identifier(name, v)) {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", rejection.detail));
+        }
+    }
+    Ok(())
+}
+
+// ---- The kill switch: freeze, unfreeze ----------------------------------------------------------
+
+/// The longest freeze reason kept in the log.
+const MAX_REASON_CHARS: usize = 512;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeBody {
+    reason: String,
+    #[serde(default)]
+    scope: Option<crate::budget::FreezeScope>,
+}
+
+/// `POST …/freeze`: a `freeze` record, durable and signed before the answer; then the consume
+/// loop is woken to publish the tenant's budget state (which lists its active freezes) at once.
+async fn freeze(
+    State(shared): State<Arc<Shared>>,
+    Extension(who): Extension<Principal>,
+    ApiPath(tenant): ApiPath<String>,
+    body: Result<ApiJson<FreezeBody>, ApiError>,
+) -> Response {
+    let body = match body {
+        Ok(ApiJson(b)) => b,
+        Err(e) => return e.into_response(),
+    };
+    let chars = body.reason.chars().count();
+    if chars == 0 || chars > MAX_REASON_CHARS || body.reason.chars().any(char::is_control) {
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("reason must be 1 to {MAX_REASON_CHARS} characters without control characters"))
+            .into_response();
+    }
+    let scope = body.scope.unwrap_or_default();
+    if let Err(e) = check_identifiers(&[("scope.agent_id", &scope.agent_id), ("scope.action", &scope.action), ("scope.task_id", &scope.task_id)]) {
+        return e.into_response();
+    }
+    let (partition, owned) = match home(&shared, &tenant) {
+        Ok(home) => home,
+        Err(e) => return e.into_response(),
+    };
+    let (t, token, reason) = (tenant.clone(), who.name.clone(), body.reason);
+    let frozen = on_owned_durably(&shared, owned, partition, tenant.clone(), move |p| {
+        let frozen = p.freeze(&t, jiff::Timestamp::now(), &reason, scope, &Caller { token: Some(&token), idempotency_key: None })?;
+        let seq = frozen.seq;
+        Ok((frozen, Some(seq)))
+    })
+    .await;
+    match frozen {
+        Ok(Frozen { freeze_id, seq, existing }) => {
+            if existing {
+                // Nothing new to publish (and no commit to force); the request is still on record here.
+                tracing::warn!(tenant_id = %tenant, freeze_id = %freeze_id, token = %who.name, "freeze of an already frozen scope: answered with the active freeze");
+            } else {
+                // The consume loop publishes the tenant's state (listing the freeze) at once.
+                shared.publish_soon.notify_one();
+                tracing::warn!(tenant_id = %tenant, freeze_id = %freeze_id, seq, token = %who.name, "tenant scope frozen");
+            }
+            json(StatusCode::OK, serde_json::json!({"freeze_id": freeze_id, "seq": seq, "existing": existing}))
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnfreezeBody {
+    freeze_id: String,
+}
+
+async fn unfreeze(
+    State(shared): State<Arc<Shared>>,
+    Extension(who): Extension<Principal>,
+    ApiPath(tenant): ApiPath<String>,
+    body: Result<ApiJson<UnfreezeBody>, ApiError>,
+) -> Response {
+    let body = match body {
+        Ok(ApiJson(b)) => b,
+        Err(e) => return e.into_response(),
+    };
+    let (partition, owned) = match home(&shared, &tenant) {
+        Ok(home) => home,
+        Err(e) => return e.into_response(),
+    };
+    let (t, token) = (tenant.clone(), who.name);
+    let unfrozen = on_owned_durably(&shared, owned, partition, tenant.clone(), move |p| {
+        let seq = p.unfreeze(&t, &body.freeze_id, jiff::Timestamp::now(), &Caller { token: Some(&token), idempotency_key: None })?;
+        Ok((seq, seq))
+    })
+    .await;
+    match unfrozen {
+        Ok(Some(seq)) => {
+            shared.publish_soon.notify_one();
+            json(StatusCode::OK, serde_json::json!({"unfrozen": true, "seq": seq}))
+        }
+        Ok(None) => ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such active freeze").into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -515,18 +752,18 @@ struct BudgetQuery {
 }
 
 async fn budget_state(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>, ApiQuery(q): ApiQuery<BudgetQuery>) -> Response {
-    let partition = match owned_partition(&shared, &tenant) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let Some(owned) = shared.partition(partition) else {
-        return rebalancing().into_response();
+    let (partition, owned) = match home(&shared, &tenant) {
+        Ok(home) => home,
+        Err(e) => return e.into_response(),
     };
     let p = super::lock(&owned);
     if p.is_closed() {
-        return rebalancing().into_response();
+        return unavailable(partition).into_response();
     }
-    let state = p.budget(&tenant).cloned().unwrap_or_default();
+    let state = match p.budget_view(&tenant) {
+        Ok(state) => state,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     drop(p);
     let (_, value) = super::budget_message(&tenant, q.task_id.as_deref(), &state, jiff::Timestamp::now());
     ([(header::CONTENT_TYPE, "application/json")], value).into_response()
@@ -590,6 +827,10 @@ mod tests {
         billing: String,
         admin: String,
         scraper: String,
+        /// A `gateway` token naming acme.
+        gateway: String,
+        /// An `admin` token that expired in 2025.
+        expired: String,
     }
 
     fn fixture() -> Fixture {
@@ -616,6 +857,8 @@ mod tests {
             new_token("billing", Role::Billing, vec![]).unwrap(),
             new_token("ops", Role::Admin, vec![]).unwrap(),
             new_token("prometheus", Role::Metrics, vec![]).unwrap(),
+            new_token("edge", Role::Gateway, vec!["acme".into()]).unwrap(),
+            tally_auth::new_token_expiring("ops-2025", Role::Admin, vec![], Some("2025-12-31T23:59:59Z".parse().unwrap())).unwrap(),
         ];
         let path = dir.path().join("tokens.toml");
         std::fs::write(&path, tokens.iter().map(|(_, e)| stanza(e).unwrap()).collect::<String>()).unwrap();
@@ -633,11 +876,12 @@ mod tests {
             projection_interval: std::time::Duration::from_secs(1),
             report_zones: Vec::new(),
             budget_outbox: Default::default(),
+            publish_soon: tokio::sync::Notify::new(),
             dlq_stalled: Mutex::new(None),
             metrics: Metrics::default(),
         });
-        let [acme, regulator, billing, admin, scraper] = tokens.map(|(t, _)| t);
-        Fixture { dir, app: router(Arc::clone(&shared)), shared, acme, regulator, billing, admin, scraper }
+        let [acme, regulator, billing, admin, scraper, gateway, expired] = tokens.map(|(t, _)| t);
+        Fixture { dir, app: router(Arc::clone(&shared)), shared, acme, regulator, billing, admin, scraper, gateway, expired }
     }
 
     async fn call(app: &Router, path: &str, token: Option<&str>) -> (StatusCode, String, serde_json::Value) {
@@ -809,6 +1053,215 @@ mod tests {
         assert!(body.contains(r#""type":"config""#), "{body}");
     }
 
+    async fn post_keyed(app: &Router, path: &str, token: &str, key: &str, body: serde_json::Value) -> (StatusCode, Option<String>, serde_json::Value) {
+        let request = axum::http::Request::post(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let replayed = response.headers().get("idempotent-replayed").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, replayed, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A retried authorize or release with the same `Idempotency-Key` gets the first answer and
+    /// writes nothing; the key reused for another request is a 409; the records name the token;
+    /// an allow's levels include its own reservation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keyed_retries_get_the_first_answer_and_a_reused_key_is_a_conflict() {
+        let f = fixture();
+        let authorize = "/v1/tenants/acme/budget/authorize";
+        let body = serde_json::json!({"task_id": "run-1", "estimate_micros": 1_000_000});
+        let (status, replayed, first) = post_keyed(&f.app, authorize, &f.gateway, "req-1", body.clone()).await;
+        assert_eq!((status, replayed.as_deref(), first["decision"].as_str()), (StatusCode::OK, None, Some("allow")), "{first}");
+        let period = first["levels"].as_array().unwrap().iter().find(|l| l["level"] == "period").unwrap();
+        assert_eq!(period["reserved_micros"], 1_000_000, "the answer shows the levels after its own reservation: {first}");
+        let size = |f: &Fixture| super::super::lock(&f.shared.partition(0).unwrap()).ledger().next_seq("acme");
+        let before = size(&f);
+        for _ in 0..3 {
+            let (status, replayed, again) = post_keyed(&f.app, authorize, &f.gateway, "req-1", body.clone()).await;
+            assert_eq!((status, replayed.as_deref()), (StatusCode::OK, Some("true")), "{again}");
+            for field in ["decision", "reservation_id", "expires_at", "seq"] {
+                assert_eq!(again[field], first[field], "{field}: {again}");
+            }
+        }
+        assert_eq!(size(&f), before, "a retry appends nothing");
+        // Same key, another request: refused, nothing written.
+        for other in [serde_json::json!({"task_id": "run-1", "estimate_micros": 2}), serde_json::json!({"estimate_micros": 1_000_000})] {
+            let (status, _, err) = post_keyed(&f.app, authorize, &f.gateway, "req-1", other).await;
+            assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "{err}");
+        }
+        let release = "/v1/tenants/acme/budget/release";
+        let (status, _, err) = post_keyed(&f.app, release, &f.gateway, "req-1", serde_json::json!({"reservation_id": first["reservation_id"]})).await;
+        assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")), "an authorize key is not a release key");
+        assert_eq!(size(&f), before);
+        // A keyed release: the retry gets the same 200, not "no such reservation".
+        let (status, replayed, released) =
+            post_keyed(&f.app, release, &f.gateway, "rel-1", serde_json::json!({"reservation_id": first["reservation_id"]})).await;
+        assert_eq!((status, replayed), (StatusCode::OK, None), "{released}");
+        let (status, replayed, again) = post_keyed(&f.app, release, &f.gateway, "rel-1", serde_json::json!({"reservation_id": first["reservation_id"]})).await;
+        assert_eq!((status, replayed.as_deref(), &again), (StatusCode::OK, Some("true"), &released));
+        // Both records name the gateway's token and carry the key.
+        let seq = first["seq"].as_u64().unwrap();
+        let (_, admission, _) = call(&f.app, &format!("/v1/tenants/acme/records/{seq}"), Some(&f.admin)).await;
+        assert!(admission.contains(r#""token":"edge""#) && admission.contains(r#""key":"req-1""#), "{admission}");
+        let (_, release_record, _) = call(&f.app, &format!("/v1/tenants/acme/records/{}", released["seq"]), Some(&f.admin)).await;
+        assert!(release_record.contains(r#""token":"edge""#) && release_record.contains(r#""key":"rel-1""#), "{release_record}");
+        // Malformed keys are refused before anything is decided.
+        for key in ["", "has space", &"k".repeat(129), "ключ"] {
+            let request = axum::http::Request::post(authorize)
+                .header(header::AUTHORIZATION, format!("Bearer {}", f.gateway))
+                .header(header::CONTENT_TYPE, "application/json")
+                .header("idempotency-key", axum::http::HeaderValue::from_bytes(key.as_bytes()).unwrap())
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let response = f.app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{key:?}");
+        }
+        assert_eq!(size(&f), before + 1, "only the keyed release was written");
+    }
+
+    /// The kill switch under load: 500 authorize callers race one freeze of the whole tenant.
+    /// Every admission recorded after the freeze record is denied by it, the freeze is listed in
+    /// the budget state and queued for the budget topic at once, and an unfreeze lets calls
+    /// through again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_allow_after_a_freeze_under_500_concurrent_callers() {
+        let f = fixture();
+        let body = serde_json::json!({"agent_id": "a1", "estimate_micros": 1});
+        let mut calls = Vec::new();
+        for i in 0..500 {
+            let (app, token, body) = (f.app.clone(), f.gateway.clone(), body.clone());
+            calls.push(tokio::spawn(async move { post(&app, "/v1/tenants/acme/budget/authorize", &token, body).await }));
+            if i == 250 {
+                let (app, token) = (f.app.clone(), f.acme.clone());
+                calls.push(tokio::spawn(async move { post(&app, "/v1/tenants/acme/freeze", &token, serde_json::json!({"reason": "runaway agent"})).await }));
+            }
+        }
+        let mut freeze_seq = None;
+        let mut answers = Vec::new();
+        for call in calls {
+            let (status, body) = call.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if let Some(id) = body["freeze_id"].as_str() {
+                freeze_seq = Some(body["seq"].as_u64().unwrap());
+                assert_eq!(id, format!("frz-{}", body["seq"]));
+            } else {
+                answers.push(body);
+            }
+        }
+        let freeze_seq = freeze_seq.unwrap();
+        let (mut before, mut after) = (0, 0);
+        for a in &answers {
+            if a["seq"].as_u64().unwrap() > freeze_seq {
+                after += 1;
+                assert_eq!((a["decision"].as_str(), a["denied_by"].as_str()), (Some("deny"), Some("freeze")), "{a}");
+            } else {
+                before += 1;
+            }
+        }
+        assert_eq!(before + after, 500);
+        // The log agrees with the answers: no allowed admission after the freeze record.
+        let size = super::super::lock(&f.shared.partition(0).unwrap()).ledger().size("acme");
+        for seq in freeze_seq + 1..size {
+            let (_, record, _) = call(&f.app, &format!("/v1/tenants/acme/records/{seq}"), Some(&f.admin)).await;
+            assert!(!record.contains(r#""allowed":true"#), "seq {seq}: {record}");
+        }
+        // Listed in the state, readable by the gateway, and queued for the topic.
+        let (status, _, state) = call(&f.app, "/v1/tenants/acme/budget", Some(&f.gateway)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(state["freezes"][0]["reason"], "runaway agent", "{state}");
+        let woken = tokio::time::timeout(std::time::Duration::from_millis(100), f.shared.publish_soon.notified()).await;
+        assert!(woken.is_ok(), "the consume loop is asked to publish at once");
+        let (status, unfrozen) = post(&f.app, "/v1/tenants/acme/unfreeze", &f.acme, serde_json::json!({"freeze_id": format!("frz-{freeze_seq}")})).await;
+        assert_eq!(status, StatusCode::OK, "{unfrozen}");
+        let (_, again) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.gateway, body.clone()).await;
+        assert_eq!(again["decision"], "allow", "{again}");
+        // Bad bodies.
+        for bad in [serde_json::json!({"reason": ""}), serde_json::json!({"reason": "x\ny"}), serde_json::json!({"reason": "x", "scope": {"agent": "a"}})] {
+            let (status, err) = post(&f.app, "/v1/tenants/acme/freeze", &f.acme, bad.clone()).await;
+            assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{bad}");
+        }
+        let (status, _) = post(&f.app, "/v1/tenants/acme/unfreeze", &f.acme, serde_json::json!({"freeze_id": "frz-1"})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    /// A throttled call is a 200 with `decision: throttled`, `throttled_by`, `retry_after_ms` and
+    /// a `Retry-After` header; the budget state shows each quota's use.
+    #[tokio::test]
+    async fn a_throttled_call_says_when_to_come_back() {
+        let f = fixture();
+        let budgets: crate::budget::BudgetFile = toml::from_str(
+            "[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n[tenants.acme.quotas]\n\"action:send_email\" = \"1/h\"\n",
+        )
+        .unwrap();
+        super::super::lock(&f.shared.partition(0).unwrap()).set_budget_file(Some(Arc::new(budgets)));
+        let body = serde_json::json!({"action": "send_email", "kind": "tool_call", "estimate_micros": 1});
+        let (_, first) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.gateway, body.clone()).await;
+        assert_eq!(first["decision"], "allow", "{first}");
+        let request = axum::http::Request::post("/v1/tenants/acme/budget/authorize")
+            .header(header::AUTHORIZATION, format!("Bearer {}", f.gateway))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = f.app.clone().oneshot(request).await.unwrap();
+        let retry_after: u64 = response.headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        let second: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!((second["decision"].as_str(), second["throttled_by"].as_str()), (Some("throttled"), Some("action:send_email")), "{second}");
+        let ms = second["retry_after_ms"].as_u64().unwrap();
+        assert!((1..=3_600_000).contains(&ms) && retry_after == ms.div_ceil(1000), "{ms} ms, Retry-After {retry_after}");
+        assert!(second["reservation_id"].is_null() && second["denied_by"].is_null());
+        let (_, _, state) = call(&f.app, "/v1/tenants/acme/budget", Some(&f.gateway)).await;
+        assert_eq!(
+            (state["quotas"][0]["quota"].as_str(), state["quotas"][0]["used"].as_u64(), state["quotas"][0]["limit"].as_u64()),
+            (Some("action:send_email"), Some(1), Some(1)),
+            "{state}"
+        );
+        let (status, err) =
+            post(&f.app, "/v1/tenants/acme/budget/authorize", &f.gateway, serde_json::json!({"estimate_micros": 1, "estimated_tokens": 1_000_000_000_001_u64}))
+                .await;
+        assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+    }
+
+    /// A keyed retry after the partition is closed and opened again (a restart, or a move to
+    /// another instance) still gets the first answer: the key lives in the log and its replay.
+    #[test]
+    fn a_keyed_retry_after_a_reopen_gets_the_first_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let budgets: Arc<crate::budget::BudgetFile> = Arc::new(
+            toml::from_str("[tenants.acme]\nperiod_micros = 10\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n").unwrap(),
+        );
+        let request = AuthorizeRequest { estimate_micros: 6, ttl_ms: 60_000, ..AuthorizeRequest::default() };
+        let caller = Caller { token: Some("edge"), idempotency_key: Some("k-1") };
+        let now = jiff::Timestamp::now();
+        let first = {
+            let mut p = PartitionLedger::open(dir.path(), "events", 0, vec![key.clone()]).unwrap();
+            p.set_budget_file(Some(Arc::clone(&budgets)));
+            let first = p.authorize("acme", now, &request, &caller).unwrap();
+            p.commit().unwrap();
+            first
+        };
+        assert!(first.verdict.allowed && !first.replayed);
+        let mut p = PartitionLedger::open(dir.path(), "events", 0, vec![key]).unwrap();
+        p.set_budget_file(Some(budgets));
+        let again = p.authorize("acme", now, &request, &caller).unwrap();
+        assert!(again.replayed);
+        assert_eq!((again.seq, &again.admission.reservation_id), (first.seq, &first.admission.reservation_id));
+        // Without the key the same request is a new one, and the cap (10) denies it.
+        let fresh = p.authorize("acme", now, &request, &Caller { token: Some("edge"), idempotency_key: None }).unwrap();
+        assert!(!fresh.verdict.allowed && !fresh.replayed);
+        let conflict = p.authorize("acme", now, &AuthorizeRequest { estimate_micros: 5, ..request.clone() }, &caller).unwrap_err();
+        assert!(matches!(conflict, Error::IdempotencyConflict { seq, .. } if seq == first.seq), "{conflict}");
+        // More than 24 h after its first use a key is a new request, pruned or not.
+        let later = now + jiff::SignedDuration::from_hours(25);
+        let fresh = p.authorize("acme", later, &request, &caller).unwrap();
+        assert!(!fresh.replayed && fresh.seq > first.seq);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_expired_reservation_never_causes_a_denial() {
         let f = fixture();
@@ -845,6 +1298,49 @@ mod tests {
         assert_eq!((status, body["decision"].as_str()), (StatusCode::OK, Some("allow")), "{body}");
     }
 
+    /// While no other instance serves a tenant's partition (this one is still opening it after a
+    /// restart and its own note names it, or no note exists), every per-tenant route answers 503
+    /// `rebalancing` with `Retry-After`: never a 404, never a 421 pointing at this instance.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unserved_partition_is_503_with_retry_after_never_404_or_421_to_itself() {
+        let f = fixture_with(2);
+        let elsewhere = (0..100).map(|i| format!("tenant{i}")).find(|t| tally_ingest::tenant_partition(t, 2) == 1).unwrap();
+        let routes = [
+            ("GET", format!("/t/{elsewhere}/checkpoint"), None),
+            ("GET", format!("/v1/tenants/{elsewhere}/records/0"), None),
+            ("GET", format!("/v1/tenants/{elsewhere}/receipt?event_id=e1"), None),
+            ("GET", format!("/v1/tenants/{elsewhere}/budget"), None),
+            ("POST", format!("/v1/tenants/{elsewhere}/budget/authorize"), Some(r#"{"estimate_micros":1}"#)),
+            ("POST", format!("/v1/tenants/{elsewhere}/budget/release"), Some(r#"{"reservation_id":"r"}"#)),
+        ];
+        for note in [None, Some(f.shared.advertise_url.clone())] {
+            if let Some(url) = &note {
+                super::super::write_owner(f.dir.path(), "events", 1, url).unwrap();
+            }
+            for (method, path, body) in &routes {
+                let mut request = axum::http::Request::builder().method(*method).uri(path).header(header::AUTHORIZATION, format!("Bearer {}", f.admin));
+                if body.is_some() {
+                    request = request.header(header::CONTENT_TYPE, "application/json");
+                }
+                let response = f.app.clone().oneshot(request.body(body.map(Body::from).unwrap_or_else(Body::empty)).unwrap()).await.unwrap();
+                let (status, retry) = (response.status(), response.headers().get(header::RETRY_AFTER).cloned());
+                let json: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+                assert_eq!(
+                    (status, json["error"]["code"].as_str()),
+                    (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")),
+                    "{method} {path} note {note:?}: {json}"
+                );
+                assert_eq!(retry.as_ref().and_then(|v| v.to_str().ok()), Some("1"), "{method} {path}");
+                assert!(json["error"]["message"].as_str().unwrap().contains("partition 1"), "{json}");
+            }
+        }
+        // On a partition this instance serves, a tenant without records is a plain 404.
+        let here = (0..100).map(|i| format!("tenant{i}")).find(|t| tally_ingest::tenant_partition(t, 2) == 0).unwrap();
+        let (status, json) = send(&f.app, "GET", &format!("/t/{here}/checkpoint"), Some(&f.admin), None).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{json}");
+        assert!(json["error"]["message"].as_str().unwrap().contains("has no records yet"), "{json}");
+    }
+
     #[tokio::test]
     async fn receipts_by_event_id() {
         let f = fixture();
@@ -863,17 +1359,20 @@ mod tests {
     /// Who may do what, route by route: every route of the API against every kind of caller.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_route_against_every_role() {
-        use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
+        use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
         let f = fixture();
-        // (who, token, the tenant in the path). The regulator names globex only.
-        let callers: [(&str, Option<&str>, &str); 8] = [
+        // (who, token, the tenant in the path). The regulator names globex only, the gateway acme.
+        let callers: [(&str, Option<&str>, &str); 11] = [
             ("tenant, own", Some(&f.acme), "acme"),
             ("tenant, other", Some(&f.acme), "globex"),
             ("regulator, named", Some(&f.regulator), "globex"),
             ("regulator, not named", Some(&f.regulator), "acme"),
+            ("gateway, named", Some(&f.gateway), "acme"),
+            ("gateway, not named", Some(&f.gateway), "globex"),
             ("billing", Some(&f.billing), "acme"),
             ("metrics", Some(&f.scraper), "acme"),
             ("admin", Some(&f.admin), "acme"),
+            ("admin, expired", Some(&f.expired), "acme"),
             ("no token", None, "acme"),
         ];
         let release = r#"{"reservation_id":"r-none"}"#;
@@ -884,33 +1383,36 @@ mod tests {
             for ((who, token, tenant), want) in callers.iter().zip(wants) {
                 let path = route.replace("{t}", tenant);
                 let (status, json) = send(&f.app, method, &path, *token, body).await;
-                let got = match status {
-                    StatusCode::FORBIDDEN => F,
-                    StatusCode::UNAUTHORIZED => U,
+                let code = json["error"]["code"].as_str();
+                let got = match (status, code) {
+                    (StatusCode::FORBIDDEN, _) => F,
+                    (StatusCode::UNAUTHORIZED, Some("token_expired")) => E,
+                    (StatusCode::UNAUTHORIZED, _) => U,
                     _ => A,
                 };
                 if got != want {
                     wrong.push(format!("{method} {path} as {who}: want {want:?}, got {status} {json}"));
                 }
-                let code = json["error"]["code"].as_str();
                 match got {
                     F => assert_eq!(code, Some("forbidden"), "{method} {path} as {who}"),
                     U => assert_eq!(code, Some("unauthenticated"), "{method} {path} as {who}"),
-                    A => {}
+                    A | E => {}
                 }
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
         // A refused write says the same whether or not the tenant exists.
-        for token in [&f.acme, &f.regulator, &f.billing] {
+        for token in [&f.acme, &f.regulator, &f.billing, &f.gateway] {
             let (s1, e1) = send(&f.app, "POST", "/v1/tenants/globex/budget/authorize", Some(token), Some(authorize)).await;
             let (s2, e2) = send(&f.app, "POST", "/v1/tenants/nosuch/budget/authorize", Some(token), Some(authorize)).await;
             assert_eq!((s1, &e1), (s2, &e2));
         }
-        // Only the allowed writes were recorded: acme's two events, its budget config and one
-        // admission each by acme and admin; globex, which only refused callers wrote to, is as it was.
+        // Only the allowed writes were recorded: acme's two events, its budget config, one
+        // admission each by acme, the gateway and admin, and one freeze (admin's freeze of the
+        // same scope is acme's, not a second record); globex, which only refused callers wrote
+        // to, is as it was.
         let (_, body, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.admin)).await;
-        assert!(body.starts_with("tally.example.com/t/acme\n5\n"), "{body}");
+        assert!(body.starts_with("tally.example.com/t/acme\n7\n"), "{body}");
         let (_, body, _) = call(&f.app, "/t/globex/checkpoint", Some(&f.admin)).await;
         assert!(body.starts_with("tally.example.com/t/globex\n1\n"), "{body}");
     }
@@ -921,26 +1423,33 @@ mod tests {
         Allowed,
         Forbidden,
         Unauthenticated,
+        /// 401 `token_expired`.
+        Expired,
     }
 
     /// Every route of the API (`{t}` for the tenant) and who may call it (docs/http-api.md).
-    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 8]); 13] {
-        use Want::{Allowed as A, Forbidden as F, Unauthenticated as U};
-        //                                                                        own other reg+ reg- bill metr admin none
+    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 15] {
+        use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
+        // Scoped to a task nobody runs, so the walk's later authorizes are not denied by it.
+        let freeze = r#"{"reason":"matrix walk","scope":{"task_id":"walk"}}"#;
+        let unfreeze = r#"{"freeze_id":"frz-none"}"#;
+        //                                                                        own other reg+ reg- gw+ gw- bill metr admin exp none
         [
-            ("GET", "/t/{t}/checkpoint", None, /*                             */ [A, F, A, F, F, F, A, U]),
-            ("GET", "/t/{t}/tile/0/000.p/1", None, /*                         */ [A, F, A, F, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/records/0", None, /*                     */ [A, F, A, F, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/receipt/0", None, /*                     */ [A, F, A, F, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, F, A, U]),
-            ("GET", "/v1/tenants/{t}/budget", None, /*                        */ [A, F, A, F, F, F, A, U]),
-            ("POST", "/v1/tenants/{t}/budget/authorize", Some(authorize), /*  */ [A, F, F, F, F, F, A, U]),
-            ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, F, F, A, U]),
-            ("GET", "/metrics", None, /*                                      */ [F, F, F, F, F, A, A, U]),
-            ("GET", "/healthz", None, /*                                      */ [A, A, A, A, A, A, A, A]),
-            ("GET", "/readyz", None, /*                                       */ [A, A, A, A, A, A, A, A]),
-            ("GET", "/openapi.json", None, /*                                 */ [A, A, A, A, A, A, A, A]),
+            ("GET", "/t/{t}/checkpoint", None, /*                             */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/t/{t}/tile/0/000.p/1", None, /*                         */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/records/0", None, /*                     */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/receipt/0", None, /*                     */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/budget", None, /*                        */ [A, F, A, F, A, F, F, F, A, E, U]),
+            ("POST", "/v1/tenants/{t}/budget/authorize", Some(authorize), /*  */ [A, F, F, F, A, F, F, F, A, E, U]),
+            ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, A, F, F, F, A, E, U]),
+            ("POST", "/v1/tenants/{t}/freeze", Some(freeze), /*               */ [A, F, F, F, F, F, F, F, A, E, U]),
+            ("POST", "/v1/tenants/{t}/unfreeze", Some(unfreeze), /*           */ [A, F, F, F, F, F, F, F, A, E, U]),
+            ("GET", "/metrics", None, /*                                      */ [F, F, F, F, F, F, F, A, A, E, U]),
+            ("GET", "/healthz", None, /*                                      */ [A, A, A, A, A, A, A, A, A, A, A]),
+            ("GET", "/readyz", None, /*                                       */ [A, A, A, A, A, A, A, A, A, A, A]),
+            ("GET", "/openapi.json", None, /*                                 */ [A, A, A, A, A, A, A, A, A, A, A]),
         ]
     }
 

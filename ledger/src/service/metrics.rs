@@ -25,6 +25,9 @@ pub struct Metrics {
     pub rejoins: IntCounter,
     pub admissions_allowed: IntCounter,
     pub admissions_denied: IntCounter,
+    pub admissions_throttled: IntCounter,
+    /// Keyed authorize and release retries answered from their first record.
+    pub requests_replayed: IntCounter,
     pub projected_records: IntCounter,
     pub projection_files: IntCounter,
     pub projection_errors: IntCounter,
@@ -88,6 +91,12 @@ impl Metrics {
             budget_published: t.counter("tally_ledger_budget_states_published_total", "Budget states published to the budget topic."),
             admissions_allowed: t.counter("tally_ledger_admissions_allowed_total", "Authorize requests allowed (with a reservation)."),
             admissions_denied: t.counter("tally_ledger_admissions_denied_total", "Authorize requests denied."),
+            admissions_throttled: t
+                .counter("tally_ledger_admissions_throttled_total", "Authorize requests throttled by a rate quota (retry after its window)."),
+            requests_replayed: t.counter(
+                "tally_ledger_idempotent_replays_total",
+                "Authorize and release retries (same Idempotency-Key) answered from their first record; not counted as allowed or denied again.",
+            ),
             projected_records: t.counter("tally_ledger_projected_records_total", "Records written to the Parquet projection."),
             projection_files: t.counter("tally_ledger_projection_files_total", "Parquet files written by projection flushes."),
             projection_errors: t.counter("tally_ledger_projection_errors_total", "Failed projection flushes (retried at the next pass)."),

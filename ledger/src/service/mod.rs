@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, KafkaConfig, PartitionSink, Resume};
 
 pub use metrics::{CommitTimes, Metrics};
-pub use partition::{Applied, PartitionLedger, WrittenCommit};
+pub use partition::{Applied, AuthorizeRequest, Caller, Decided, Frozen, PartitionLedger, Released, WrittenCommit};
 
 use crate::budget::BudgetFile;
 use crate::error::{Error, Result};
@@ -247,6 +247,10 @@ pub struct Shared {
     report_zones: Vec<(String, jiff::tz::TimeZone)>,
     /// Budget states waiting for the budget topic.
     budget_outbox: BudgetOutbox,
+    /// Asks the consume loop to take budget changes, commit and publish at once (a freeze must
+    /// reach the budget topic without waiting for the next batch). The loop is the topic's one
+    /// writer of budget states, so they reach it in the order they were built.
+    publish_soon: tokio::sync::Notify,
     /// Why dead-lettering is failing right now (the loop waits on it), if it is.
     dlq_stalled: Mutex<Option<String>>,
     pub metrics: Metrics,
@@ -457,6 +461,15 @@ impl Shared {
 
 struct Sink(Arc<Shared>);
 
+/// What woke the consume loop.
+enum Woke {
+    /// Its poll finished.
+    Batch(std::result::Result<tally_ingest::Result<Vec<Delivery>>, tokio::task::JoinError>),
+    /// A budget state changed outside the loop (a freeze): commit and publish now.
+    Publish,
+    Stop,
+}
+
 /// How often expiries, window ends and budget-file changes are looked for.
 const TICK_EVERY: Duration = Duration::from_millis(100);
 
@@ -665,6 +678,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         projection_interval: Duration::from_millis(config.projection_interval_ms),
         report_zones: tally_projection::report_zones(&config.report_time_zones)?,
         budget_outbox: BudgetOutbox::default(),
+        publish_soon: tokio::sync::Notify::new(),
         dlq_stalled: Mutex::new(None),
         metrics: Metrics::default(),
     });
@@ -707,19 +721,41 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     let mut last_commit = Instant::now();
     let mut last_kafka_commit = Instant::now();
     let mut last_tick = Instant::now();
+    // Budget states whose records are appended but not yet durable: published only after the
+    // next commit covers them, so the topic never shows a state a crash could take back.
+    let mut unpublished: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut polling: Option<tokio::task::JoinHandle<tally_ingest::Result<Vec<Delivery>>>> = None;
     tokio::pin!(shutdown);
     let result: Result<()> = async {
         loop {
-            let batch = tokio::select! {
-                batch = consumer.next_batch() => batch.map_err(kafka_err)?,
-                _ = &mut shutdown => break,
+            // The poll runs as a task kept across iterations: a wake for publishing must not drop
+            // a batch the poll already took from the consumer.
+            let woke = {
+                let poll = polling.get_or_insert_with(|| consumer.spawn_poll());
+                tokio::select! {
+                    joined = poll => Woke::Batch(joined),
+                    _ = shared.publish_soon.notified() => Woke::Publish,
+                    _ = &mut shutdown => Woke::Stop,
+                }
+            };
+            let mut publish_now = false;
+            let batch = match woke {
+                Woke::Batch(joined) => {
+                    polling = None;
+                    tally_ingest::EventConsumer::joined(joined).map_err(kafka_err)?
+                }
+                Woke::Publish => {
+                    publish_now = true;
+                    Vec::new()
+                }
+                Woke::Stop => break,
             };
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
             }
             if !shared.partitions().is_empty() {
                 unassigned_since = Instant::now();
-            } else if config.assignment == AssignmentMode::Group && !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
+            } else if config.assignment == AssignmentMode::Group && polling.is_none() && !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
                 tracing::warn!(seconds = unassigned_since.elapsed().as_secs(), group = %config.group, "no partitions assigned; leaving the group and joining again");
                 let stale = std::mem::replace(&mut consumer, tokio::task::block_in_place(join).map_err(kafka_err)?);
                 stale.close().await.map_err(kafka_err)?;
@@ -776,7 +812,6 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
             }
             let mut appended = false;
-            let mut budget_changes = Vec::new();
             {
                 let parts = shared.owned();
                 let now = jiff::Timestamp::now();
@@ -830,7 +865,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     }
                     for (tenant, task) in p.take_budget_changes() {
                         if let Some(state) = p.budget(&tenant) {
-                            budget_changes.push(budget_message(&tenant, task.as_deref(), state, now));
+                            unpublished.push(budget_message(&tenant, task.as_deref(), state, now));
                         }
                     }
                 }
@@ -838,12 +873,13 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
             if appended {
                 shared.metrics.appended_unsigned();
             }
-            // Queued for the publishing task. A state lost with the process (a crash, a shutdown
-            // during an outage) is published again when its partition is next opened.
-            let dropped = shared.budget_outbox.put(budget_changes, false);
-            shared.metrics.budget_states_dropped.inc_by(dropped);
-            if last_commit.elapsed() >= interval {
+            if publish_now || last_commit.elapsed() >= interval {
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
+                // Durable now: queued for the publishing task. A state lost with the process (a
+                // crash, a shutdown during an outage) is published again when its partition is
+                // next opened.
+                let dropped = shared.budget_outbox.put(std::mem::take(&mut unpublished), false);
+                shared.metrics.budget_states_dropped.inc_by(dropped);
                 // Kafka's committed offsets are for lag tools only, and every commit is a write on
                 // the group coordinator's connection, where it queues ahead of heartbeats (Tansu
                 // on sqlite then misses sessions): send them every few seconds, not every commit.
@@ -859,8 +895,22 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     }
     .await;
     counting.abort();
-    // Whatever ended the loop, make what was applied durable before leaving the group.
+    // Whatever ended the loop, make what was applied durable before leaving the group, and
+    // publish the states it changed (a freeze the loop was not woken for in time included).
+    let now = jiff::Timestamp::now();
+    for owned in shared.owned().values() {
+        let mut p = lock(owned);
+        for (tenant, task) in p.take_budget_changes() {
+            if let Some(state) = p.budget(&tenant) {
+                unpublished.push(budget_message(&tenant, task.as_deref(), state, now));
+            }
+        }
+    }
     let committed = tokio::task::block_in_place(|| shared.commit_all());
+    if committed.is_ok() {
+        let dropped = shared.budget_outbox.put(unpublished, false);
+        shared.metrics.budget_states_dropped.inc_by(dropped);
+    }
     drop(stop_projector);
     tokio::task::block_in_place(|| {
         if projecting.join().is_err() {
@@ -925,6 +975,10 @@ pub fn budget_message(tenant: &str, task: Option<&str>, state: &crate::budget::B
         "status": state.status(now, task),
         "levels": state.levels(now, task),
         "ceiling_priced_events": state.ceiling_priced,
+        "currency": state.budget().map(|b| b.currency.as_str()),
+        "foreign_currency_events": state.foreign_currency_events,
+        "freezes": state.freezes().collect::<Vec<_>>(),
+        "quotas": state.quota_levels(now).into_iter().map(|(key, used, limit, resets_at)| serde_json::json!({"quota": key, "used": used, "limit": limit, "resets_at": resets_at})).collect::<Vec<_>>(),
         "at": now,
     });
     (key, value.to_string().into_bytes())

@@ -34,10 +34,50 @@ use tally_schemas::{Decoded, Event, IdempotencyKey};
 
 use super::metrics::CommitTimes;
 use super::store::{Batch, DedupKey, PartitionStore, Seen};
-use crate::budget::{Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, Release, ReleaseReason, Verdict};
+pub use crate::budget::AuthorizeRequest;
+use crate::budget::{
+    Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, DeniedBy, Flag, FlagKind, Freeze, FreezeScope, Idempotency, Release, ReleaseReason,
+    Unfreeze, Verdict, MAX_ACTIVE_FREEZES,
+};
 use crate::error::{Error, Result};
 use serde::de::IgnoredAny;
 use tally_log::{conflict_record, event_record, EventInput, Record, Source};
+
+/// Who made an authorize or release request, as its record names it, and the key that makes
+/// its retries safe.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller<'a> {
+    /// The token's name.
+    pub token: Option<&'a str>,
+    /// The request's `Idempotency-Key`.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// An authorize answer and the record behind it.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub verdict: Verdict,
+    pub admission: Admission,
+    /// The admission record; for a retry, the first request's.
+    pub seq: u64,
+    /// A retry of a keyed request: answered from its first record, nothing appended.
+    pub replayed: bool,
+}
+
+/// A freeze answer: its id and record, and whether an active freeze of the same scope answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    pub freeze_id: String,
+    pub seq: u64,
+    pub existing: bool,
+}
+
+/// A release answer: its record, and whether it was a retry answered from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub seq: u64,
+    pub replayed: bool,
+}
 use tally_log::{Ledger, LedgerKey, TenantEntries};
 
 /// What applying one delivery did.
@@ -133,6 +173,10 @@ impl PartitionLedger {
         let mut folded: HashMap<String, u64> = HashMap::new();
         for (tenant, covered, json) in store.budgets()? {
             let mut budget: BudgetState = serde_json::from_slice(&json).map_err(|e| corrupt(format!("budget state of {tenant}: {e}")))?;
+            if !budget.is_current_fold() {
+                // Folded under older rules: fold the tenant's log again from its start.
+                continue;
+            }
             budget.restore_cache();
             if covered > ledger.size(&tenant) {
                 return Err(corrupt(format!("the budget snapshot of {tenant} covers {covered} records but its log holds {}", ledger.size(&tenant))));
@@ -331,7 +375,7 @@ impl PartitionLedger {
                 let seq = self.ledger.next_seq(&tenant);
                 self.ledger.append(&tenant, &event_record(seq, input)?)?;
                 self.pending.insert(key, Seen { content, seq });
-                self.after_event(&tenant, &decoded.event)?;
+                self.after_event(&tenant, &decoded.event, seq)?;
                 Applied::Appended { tenant: tenant.clone(), seq }
             }
         };
@@ -343,9 +387,17 @@ impl PartitionLedger {
         let seq = self.ledger.next_seq(tenant);
         let record = make(seq);
         self.ledger.append(tenant, &record.to_bytes()?)?;
-        self.budgets.entry(tenant.to_string()).or_default().apply_record(&record);
+        let state = self.budgets.entry(tenant.to_string()).or_default();
+        // A release's task, looked up before the release removes the reservation: the task's
+        // state changes too (its reserved amount), and its key must be published again.
+        let released_task = match &record {
+            BudgetRecord::Release { release, .. } => state.reservation_task(&release.reservation_id).map(str::to_string),
+            _ => None,
+        };
+        state.apply_record(&record);
         let task = match &record {
             BudgetRecord::Admission { admission, .. } => admission.task_id.clone(),
+            BudgetRecord::Release { .. } => released_task,
             BudgetRecord::Budget { decision, .. } if decision.level == crate::budget::Level::Task => Some(decision.scope.clone()),
             _ => None,
         };
@@ -365,25 +417,38 @@ impl PartitionLedger {
         }
         let Some(effective) = self.effective.get(tenant) else { return Ok(()) };
         let current = self.budgets.get(tenant).and_then(BudgetState::budget);
-        if current != Some(effective) && (effective.has_limits() || current.is_some()) {
+        if current != Some(effective) && (effective.enforces_anything() || current.is_some()) {
             let effective = effective.clone();
             self.append_budget(tenant, |seq| BudgetRecord::Config { seq, at: now, budget: effective })?;
         }
         Ok(())
     }
 
-    /// Charges an appended event and appends the decisions it triggers.
-    fn after_event(&mut self, tenant: &str, event: &Event) -> Result<()> {
+    /// Charges an appended event (at `event_seq`) and appends the decisions it triggers, and a
+    /// `flag` if it arrived inside an active freeze.
+    fn after_event(&mut self, tenant: &str, event: &Event, event_seq: u64) -> Result<()> {
         let state = self.budgets.entry(tenant.to_string()).or_default();
+        let frozen = state.freeze_covering(event.agent_id.as_deref(), event.action.as_deref(), event.task_id.as_deref()).map(|f| f.freeze_id.clone());
+        // The task of the reservation this event settles (if the tenant holds it): its reserved
+        // amount drops, so its key is published again.
+        let settled_task = event.reservation_id.as_deref().and_then(|id| state.reservation_task(id)).map(str::to_string);
         let decisions = state.apply_event(event);
         if state.budget().is_some() || event.reservation_id.is_some() {
             self.budget_changed.insert((tenant.to_string(), None));
             if let Some(task) = event.task_id.clone().filter(|_| state.budget().is_some_and(|b| b.task_micros.is_some())) {
                 self.budget_changed.insert((tenant.to_string(), Some(task)));
             }
+            if let Some(task) = settled_task {
+                self.budget_changed.insert((tenant.to_string(), Some(task)));
+            }
         }
         for decision in decisions {
             self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
+        }
+        // After its decisions, which stay right after the event.
+        if let Some(freeze_id) = frozen {
+            let flag = Flag { at: event.occurred_at, event_seq, flag: FlagKind::Frozen, freeze_id };
+            self.append_budget(tenant, |seq| BudgetRecord::Flag { seq, flag })?;
         }
         Ok(())
     }
@@ -414,7 +479,7 @@ impl PartitionLedger {
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let expired = state.expired(now);
         for id in expired {
-            let expiry = Release { at: now, reservation_id: id, reason: ReleaseReason::Expired };
+            let expiry = Release { at: now, reservation_id: id, reason: ReleaseReason::Expired, idempotency: None, token: None };
             self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release: expiry })?;
         }
         let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(now)).unwrap_or_default();
@@ -425,12 +490,63 @@ impl PartitionLedger {
     }
 
     /// An admission decision for `tenant` at `now`, recorded in its log (not yet durable: the
-    /// caller commits before answering), with the record's seq. Expired reservations are released
-    /// first, so they never cause a denial.
-    pub fn authorize(&mut self, tenant: &str, now: Timestamp, task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> Result<(Verdict, Admission, u64)> {
+    /// caller commits up to the returned seq before answering). Expired reservations are released
+    /// first, so they never cause a denial. A keyed request whose key the tenant already used is
+    /// answered from that first record (`replayed`, nothing appended), or refused with
+    /// [`Error::IdempotencyConflict`] if the key named another request. The levels in the answer
+    /// are those after the decision (an allow's reservation included).
+    pub fn authorize(&mut self, tenant: &str, now: Timestamp, request: &AuthorizeRequest, caller: &Caller) -> Result<Decided> {
+        let (task, agent, action) = (request.task_id.as_deref(), request.agent_id.as_deref(), request.action.as_deref());
+        let idempotency = caller.idempotency_key.map(|k| Idempotency::for_authorize(k, request));
+        if let Some(first) = idempotency.as_ref().and_then(|i| self.recall(tenant, i, now).transpose()) {
+            let (seq, admission) = first?;
+            let admission = admission.ok_or_else(|| Error::IdempotencyConflict { key: caller.idempotency_key.unwrap_or_default().to_string(), seq })?;
+            let levels = self.budgets.get(tenant).map(|s| s.levels(now, admission.task_id.as_deref())).unwrap_or_default();
+            let throttled = admission.throttled_by.clone().zip(admission.retry_after_ms);
+            let verdict = Verdict { allowed: admission.allowed, denied_by: admission.denied_by, throttled, levels };
+            return Ok(Decided { verdict, admission, seq, replayed: true });
+        }
         self.settle_time(tenant, now)?;
         let state = self.budgets.entry(tenant.to_string()).or_default();
-        let verdict = state.authorize(now, task_id, estimate_micros);
+        let until = now + jiff::SignedDuration::from_millis(request.ttl_ms);
+        // A freeze denies before any level is looked at: no budget makes a frozen scope run.
+        let freeze_id = state.freeze_covering(agent, action, task).map(|f| f.freeze_id.clone());
+        // A tenant whose tokens are limited must say how many a call will use: counting an
+        // unnamed estimate as 0 would let every call past the limit. (A frozen scope is denied
+        // whatever the request says.)
+        let tokens_limited = state.budget().is_some_and(|b| b.limits_unit(crate::budget::Unit::Tokens) || b.quotas.contains_key("tokens"));
+        if freeze_id.is_none() && request.estimated_tokens.is_none() && tokens_limited {
+            return Err(Error::MissingEstimatedTokens);
+        }
+        let mut verdict = match &freeze_id {
+            Some(_) => Verdict { allowed: false, denied_by: Some(DeniedBy::Freeze), throttled: None, levels: state.levels(now, task) },
+            None => state.authorize(now, until, task, request.estimate_micros),
+        };
+        // Limits in tokens and calls, after money's.
+        let mut denied_unit = None;
+        if verdict.allowed {
+            if let Some((level, unit)) = state.units_deny(now, until, task, request.estimated_tokens.unwrap_or(0)) {
+                verdict.allowed = false;
+                verdict.denied_by = Some(DeniedBy::from(level));
+                denied_unit = Some(unit);
+            }
+        }
+        // Rate quotas last: a denial is final, a throttle says when to come back.
+        let mut quota_id = None;
+        if verdict.allowed {
+            match state.throttle(now, request) {
+                Some(Ok(throttled)) => {
+                    verdict.allowed = false;
+                    verdict.throttled = Some(throttled);
+                }
+                Some(Err(key)) => {
+                    verdict.allowed = false;
+                    verdict.denied_by = Some(DeniedBy::Quota);
+                    quota_id = Some(key);
+                }
+                None => {}
+            }
+        }
         let calendar = match state.calendar() {
             Some(c) => c,
             None => crate::budget::Calendar::new("UTC", 1)?,
@@ -439,27 +555,101 @@ impl PartitionLedger {
         let admission = Admission {
             at: now,
             allowed: verdict.allowed,
-            task_id: task_id.map(str::to_string),
-            estimate_micros,
+            task_id: request.task_id.clone(),
+            estimate_micros: request.estimate_micros,
             reservation_id: verdict.allowed.then(|| format!("res-{seq}")),
-            expires_at: verdict.allowed.then(|| now + jiff::SignedDuration::from_millis(ttl_ms)),
+            expires_at: verdict.allowed.then_some(until),
             denied_by: verdict.denied_by,
+            denied_unit,
             day: calendar.day(now),
             period: calendar.period(now),
+            more_days: if verdict.allowed { calendar.later_days(now, until) } else { Vec::new() },
+            more_periods: if verdict.allowed { calendar.later_periods(now, until) } else { Vec::new() },
+            agent_id: request.agent_id.clone(),
+            action: request.action.clone(),
+            kind: request.kind.clone(),
+            estimated_tokens: request.estimated_tokens,
+            throttled_by: verdict.throttled.as_ref().map(|(key, _)| key.clone()).or(quota_id),
+            retry_after_ms: verdict.throttled.as_ref().map(|(_, ms)| *ms),
+            freeze_id,
+            idempotency,
+            token: caller.token.map(str::to_string),
         };
         let recorded = admission.clone();
         let seq = self.append_budget(tenant, |seq| BudgetRecord::Admission { seq, admission: recorded })?;
-        Ok((verdict, admission, seq))
+        if verdict.allowed {
+            verdict.levels = self.budgets.get(tenant).map(|s| s.levels(now, request.task_id.as_deref())).unwrap_or_default();
+        }
+        Ok(Decided { verdict, admission, seq, replayed: false })
     }
 
-    /// Releases a reservation before its TTL: the seq of the `release` record, or `None` if the
-    /// tenant holds no such reservation.
-    pub fn release(&mut self, tenant: &str, reservation_id: &str, now: Timestamp) -> Result<Option<u64>> {
+    /// Releases a reservation before its TTL: the `release` record's seq, or `None` if the tenant
+    /// holds no such reservation. A keyed retry is answered from its first record, as authorize.
+    pub fn release(&mut self, tenant: &str, reservation_id: &str, now: Timestamp, caller: &Caller) -> Result<Option<Released>> {
+        let idempotency = caller.idempotency_key.map(|k| Idempotency::for_release(k, reservation_id));
+        if let Some(first) = idempotency.as_ref().and_then(|i| self.recall(tenant, i, now).transpose()) {
+            let (seq, admission) = first?;
+            if admission.is_some() {
+                return Err(Error::IdempotencyConflict { key: caller.idempotency_key.unwrap_or_default().to_string(), seq });
+            }
+            return Ok(Some(Released { seq, replayed: true }));
+        }
         if !self.budgets.get(tenant).is_some_and(|s| s.has_reservation(reservation_id)) {
             return Ok(None);
         }
-        let release = Release { at: now, reservation_id: reservation_id.to_string(), reason: ReleaseReason::Released };
-        self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release }).map(Some)
+        let release = Release {
+            at: now,
+            reservation_id: reservation_id.to_string(),
+            reason: ReleaseReason::Released,
+            idempotency,
+            token: caller.token.map(str::to_string),
+        };
+        let seq = self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release })?;
+        Ok(Some(Released { seq, replayed: false }))
+    }
+
+    /// Freezes `scope` of the tenant: from the returned record's seq on, every authorize in the
+    /// scope is denied (`denied_by: freeze`) and every event arriving in it is flagged. Returns
+    /// the freeze id (`frz-<seq>`) and the seq; not yet durable (the caller commits).
+    pub fn freeze(&mut self, tenant: &str, now: Timestamp, reason: &str, scope: FreezeScope, caller: &Caller) -> Result<Frozen> {
+        // A freeze of exactly the scope of an active one (a retried request, or a second
+        // operator) is that freeze: no second record, nothing more to unfreeze later.
+        if let Some(existing) = self.budgets.get(tenant).and_then(|s| s.freezes().find(|f| f.scope == scope)) {
+            let seq = existing.freeze_id.strip_prefix("frz-").and_then(|n| n.parse().ok()).unwrap_or(0);
+            return Ok(Frozen { freeze_id: existing.freeze_id.clone(), seq, existing: true });
+        }
+        let active = self.budgets.get(tenant).map_or(0, |s| s.freezes().count());
+        if active >= MAX_ACTIVE_FREEZES {
+            return Err(Error::TooManyFreezes { active });
+        }
+        let freeze_id = format!("frz-{}", self.ledger.next_seq(tenant));
+        let freeze = Freeze { at: now, freeze_id: freeze_id.clone(), reason: reason.to_string(), scope, token: caller.token.map(str::to_string) };
+        let seq = self.append_budget(tenant, |seq| BudgetRecord::Freeze { seq, freeze })?;
+        Ok(Frozen { freeze_id, seq, existing: false })
+    }
+
+    /// Ends a freeze: the `unfreeze` record's seq, or `None` if the tenant has no such active
+    /// freeze.
+    pub fn unfreeze(&mut self, tenant: &str, freeze_id: &str, now: Timestamp, caller: &Caller) -> Result<Option<u64>> {
+        if !self.budgets.get(tenant).is_some_and(|s| s.has_freeze(freeze_id)) {
+            return Ok(None);
+        }
+        let unfreeze = Unfreeze { at: now, freeze_id: freeze_id.to_string(), token: caller.token.map(str::to_string) };
+        self.append_budget(tenant, |seq| BudgetRecord::Unfreeze { seq, unfreeze }).map(Some)
+    }
+
+    /// The first answer to a keyed request: its record's seq and admission (`None`: a release);
+    /// `Ok(None)` if the key is not remembered, or was first used more than `REMEMBER_KEYS_FOR`
+    /// before `now` (the state prunes by record time only when a new key arrives); a conflict
+    /// if it named another request.
+    fn recall(&self, tenant: &str, idempotency: &Idempotency, now: Timestamp) -> Result<Option<(u64, Option<Admission>)>> {
+        let horizon = now.checked_sub(crate::budget::REMEMBER_KEYS_FOR).unwrap_or(now);
+        let remembered = self.budgets.get(tenant).and_then(|s| s.remembered(&idempotency.key)).filter(|r| r.at >= horizon);
+        let Some(first) = remembered else { return Ok(None) };
+        if first.request_sha256 != idempotency.request_sha256 {
+            return Err(Error::IdempotencyConflict { key: idempotency.key.clone(), seq: first.seq });
+        }
+        Ok(Some((first.seq, first.admission.clone())))
     }
 
     /// The tenant's committed (durable) log size.
@@ -471,13 +661,26 @@ impl PartitionLedger {
         self.budgets.get(tenant)
     }
 
+    /// The tenant's budget state for a reader: its own, or, for a tenant the budgets file
+    /// configures but whose log holds no `config` record yet, a state with that budget, so its
+    /// limits show before its first record.
+    pub fn budget_view(&self, tenant: &str) -> Result<BudgetState> {
+        let mut state = self.budgets.get(tenant).cloned().unwrap_or_default();
+        if state.budget().is_none() {
+            if let Some(budget) = self.budget_file.as_ref().map(|f| f.for_tenant(tenant)).transpose()?.filter(|b| b.enforces_anything()) {
+                state.apply_record(&BudgetRecord::Config { seq: 0, at: Timestamp::UNIX_EPOCH, budget });
+            }
+        }
+        Ok(state)
+    }
+
     /// (tenant, task) whose budget state changed since the last call (to publish).
     /// The budget-topic message of every tenant here that has a budget, and of each task holding
     /// a reservation: what a new owner publishes again.
     pub fn current_budget_messages(&self, now: jiff::Timestamp) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         for (tenant, state) in &self.budgets {
-            if state.budget().is_none() && state.open_tasks().next().is_none() {
+            if state.budget().is_none() && state.open_tasks().next().is_none() && !state.ever_frozen() {
                 continue;
             }
             out.push(super::budget_message(tenant, None, state, now));
@@ -629,10 +832,19 @@ const STORE_DURABLE_EVERY: std::time::Duration = std::time::Duration::from_secs(
 /// A delivery of a valid `llm_call` event, for tests in this module and [`super::http`].
 #[cfg(test)]
 pub(super) fn test_delivery(offset: i64, tenant: &str, id: &str, cost: i64) -> Delivery {
-    let value = format!(
-        r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","cost":{{"amount_micros":{cost},"currency":"USD"}}}}"#
+    json_delivery(
+        offset,
+        tenant,
+        format!(
+            r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","cost":{{"amount_micros":{cost},"currency":"USD"}}}}"#
+        ),
     )
-    .into_bytes();
+}
+
+/// A delivery of `value` on partition 3, keyed by `tenant`, decoded as the consumer would.
+#[cfg(test)]
+fn json_delivery(offset: i64, tenant: &str, value: String) -> Delivery {
+    let value = value.into_bytes();
     let outcome = tally_schemas::decode_message(Some(tenant.as_bytes()), &value, &[]);
     Delivery { partition: 3, offset, timestamp_ms: Some(1_700_000_000_000 + offset), key: Some(tenant.as_bytes().to_vec()), value, headers: vec![], outcome }
 }
@@ -658,6 +870,231 @@ mod tests {
         assert_eq!(p.commit().unwrap(), Some(4));
         let conflict = String::from_utf8(p.ledger().tenant("acme").entry(1).unwrap()).unwrap();
         assert!(conflict.contains(r#""type":"conflict""#) && conflict.contains(r#""conflicts_with_seq":0"#), "{conflict}");
+    }
+
+    fn agent_delivery(offset: i64, tenant: &str, id: &str, agent: &str) -> Delivery {
+        json_delivery(
+            offset,
+            tenant,
+            format!(
+                r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"tool_call","agent_id":"{agent}","action":"send_email"}}"#
+            ),
+        )
+    }
+
+    /// A freeze denies every authorize in its scope from its seq on (fail closed for a request
+    /// that does not say which agent it is), flags events arriving in its scope without losing
+    /// them, survives a reopen, and stops at its unfreeze.
+    #[test]
+    fn a_freeze_denies_its_scope_flags_its_events_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        let ops = Caller { token: Some("ops"), idempotency_key: None };
+        let ask =
+            |agent: Option<&str>| AuthorizeRequest { agent_id: agent.map(str::to_string), estimate_micros: 1, ttl_ms: 60_000, ..AuthorizeRequest::default() };
+        let now = Timestamp::now();
+        let scope = FreezeScope { agent_id: Some("rogue".into()), ..FreezeScope::default() };
+        let Frozen { freeze_id, seq: freeze_seq, existing } = p.freeze("acme", now, "sending spam", scope.clone(), &ops).unwrap();
+        assert_eq!((freeze_id.clone(), existing), (format!("frz-{freeze_seq}"), false));
+        // The same scope again (a retried request): the same freeze, no second record.
+        let again = p.freeze("acme", now, "retried", scope, &ops).unwrap();
+        assert_eq!(again, Frozen { freeze_id: freeze_id.clone(), seq: freeze_seq, existing: true });
+        assert_eq!(p.ledger().next_seq("acme"), freeze_seq + 1);
+        for (agent, allowed) in [(Some("rogue"), false), (None, false), (Some("helper"), true)] {
+            let d = p.authorize("acme", now, &ask(agent), &ops).unwrap();
+            assert_eq!(d.verdict.allowed, allowed, "{agent:?}");
+            assert!(d.seq > freeze_seq);
+            if !allowed {
+                assert_eq!((d.verdict.denied_by, d.admission.freeze_id.as_deref()), (Some(DeniedBy::Freeze), Some(freeze_id.as_str())));
+            }
+        }
+        assert!(p.authorize("globex", now, &ask(Some("rogue")), &ops).unwrap().verdict.allowed, "another tenant is not frozen");
+        // An event in the frozen scope is recorded, then flagged; one outside is not.
+        let Applied::Appended { seq: flagged, .. } = p.apply(&agent_delivery(0, "acme", "e1", "rogue")).unwrap() else { panic!() };
+        let Applied::Appended { seq: clean, .. } = p.apply(&agent_delivery(1, "acme", "e2", "helper")).unwrap() else { panic!() };
+        assert_eq!(p.ledger().next_seq("acme"), clean + 1, "no flag for an agent outside the scope");
+        p.commit().unwrap();
+        let flag = String::from_utf8(p.ledger().tenant("acme").entry(flagged + 1).unwrap()).unwrap();
+        assert!(flag.contains(r#""type":"flag""#) && flag.contains(&format!(r#""event_seq":{flagged}"#)) && flag.contains(&freeze_id), "{flag}");
+        drop(p);
+
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert_eq!(p.budget("acme").unwrap().freezes().map(|f| f.freeze_id.clone()).collect::<Vec<_>>(), vec![freeze_id.clone()]);
+        assert!(!p.authorize("acme", now, &ask(Some("rogue")), &ops).unwrap().verdict.allowed, "still frozen after a reopen");
+        assert_eq!(p.unfreeze("acme", "frz-999", now, &ops).unwrap(), None);
+        let unfrozen = p.unfreeze("acme", &freeze_id, now, &ops).unwrap().unwrap();
+        let d = p.authorize("acme", now, &ask(Some("rogue")), &ops).unwrap();
+        assert!(d.verdict.allowed && d.seq > unfrozen);
+        // acme has no budget, but was frozen: a new owner publishes its state again, so a lost
+        // unfreeze message cannot leave the topic showing it frozen.
+        assert!(p.current_budget_messages(now).iter().any(|(k, _)| k == "acme"));
+        // Bounded: a tenant cannot pile up freezes without end.
+        for i in 0..MAX_ACTIVE_FREEZES {
+            p.freeze("globex", now, &format!("f{i}"), FreezeScope { task_id: Some(format!("t{i}")), ..FreezeScope::default() }, &ops).unwrap();
+        }
+        assert!(matches!(p.freeze("globex", now, "one more", FreezeScope::default(), &ops), Err(Error::TooManyFreezes { .. })));
+    }
+
+    /// A release (or an expiry) changes its task's reserved amount, so the task's key is
+    /// published again, not only the tenant's; a configured tenant without records shows its
+    /// limits to readers.
+    #[test]
+    fn a_release_republishes_its_task_and_a_new_tenant_shows_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        let budgets: BudgetFile =
+            toml::from_str("[tenants.newco]\nday_micros = 7_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n").unwrap();
+        p.set_budget_file(Some(Arc::new(budgets)));
+        let view = p.budget_view("newco").unwrap();
+        let day = view.levels(Timestamp::now(), None).into_iter().find(|l| l.level == crate::budget::Level::Day).unwrap();
+        assert_eq!(day.limit_micros, Some(7_000));
+        assert_eq!(p.ledger().next_seq("newco"), 0, "reading writes nothing");
+        assert!(p.budget_view("unconfigured").unwrap().levels(Timestamp::now(), None).is_empty());
+
+        let now = Timestamp::now();
+        let ask = AuthorizeRequest { task_id: Some("run-1".into()), estimate_micros: 2_000, ttl_ms: 50, ..AuthorizeRequest::default() };
+        let id = p.authorize("newco", now, &ask, &Caller::default()).unwrap().admission.reservation_id.unwrap();
+        p.take_budget_changes();
+        p.release("newco", &id, now, &Caller::default()).unwrap().unwrap();
+        let changed = p.take_budget_changes();
+        assert!(changed.contains(&("newco".to_string(), Some("run-1".to_string()))), "{changed:?}");
+        // The same for an expiry.
+        p.authorize("newco", now, &ask, &Caller::default()).unwrap();
+        p.take_budget_changes();
+        p.tick(now + jiff::SignedDuration::from_secs(1)).unwrap();
+        let changed = p.take_budget_changes();
+        assert!(changed.contains(&("newco".to_string(), Some("run-1".to_string()))), "{changed:?}");
+    }
+
+    /// Rate quotas at their window edges: the limit holds up to the last millisecond of a
+    /// window, the next window starts empty, throttles and denials use nothing, a request larger
+    /// than a whole window is denied for good, and a reopen counts the same from the log.
+    #[test]
+    fn rate_quotas_hold_to_the_window_edge_and_replay_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let budgets: Arc<BudgetFile> =
+            Arc::new(toml::from_str("[tenants.acme.quotas]\n\"action:send_email\" = \"3/m\"\ntokens = \"100/m\"\n\"kind:tool_call\" = \"1000/d\"\n").unwrap());
+        let open = || {
+            let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+            p.set_budget_file(Some(Arc::clone(&budgets)));
+            p
+        };
+        let at = |s: &str| s.parse::<Timestamp>().unwrap();
+        let email = AuthorizeRequest {
+            action: Some("send_email".into()),
+            kind: Some("tool_call".into()),
+            estimated_tokens: Some(0),
+            estimate_micros: 0,
+            ttl_ms: 1_000,
+            ..AuthorizeRequest::default()
+        };
+        let llm = |tokens: u64| AuthorizeRequest {
+            action: Some("gpt".into()),
+            estimated_tokens: Some(tokens),
+            estimate_micros: 0,
+            ttl_ms: 1_000,
+            ..AuthorizeRequest::default()
+        };
+        let anon = Caller::default();
+        let mut p = open();
+        for t in ["2026-11-02T10:00:00Z", "2026-11-02T10:00:59.500Z", "2026-11-02T10:00:59.999Z"] {
+            assert!(p.authorize("acme", at(t), &email, &anon).unwrap().verdict.allowed, "{t}");
+        }
+        let fourth = p.authorize("acme", at("2026-11-02T10:00:59.999Z"), &email, &anon).unwrap();
+        assert_eq!((fourth.verdict.allowed, fourth.verdict.denied_by), (false, None));
+        assert_eq!(fourth.verdict.throttled, Some(("action:send_email".to_string(), 1)), "1 ms to the window's end");
+        assert_eq!((fourth.admission.throttled_by.as_deref(), fourth.admission.retry_after_ms), (Some("action:send_email"), Some(1)));
+        assert!(p.authorize("acme", at("2026-11-02T10:00:59.999Z"), &llm(10), &anon).unwrap().verdict.allowed, "another action is not limited by it");
+        // Tokens: 10 used; 80 fit, then 11 do not; a throttled request uses nothing.
+        assert!(p.authorize("acme", at("2026-11-02T10:00:30Z"), &llm(80), &anon).unwrap().verdict.allowed);
+        assert!(p.authorize("acme", at("2026-11-02T10:00:31Z"), &llm(11), &anon).unwrap().verdict.throttled.is_some());
+        assert!(p.authorize("acme", at("2026-11-02T10:00:32Z"), &llm(10), &anon).unwrap().verdict.allowed, "10 still fit: the throttled 11 used nothing");
+        // With a tokens quota, a request must say how many tokens it will use.
+        let unnamed = AuthorizeRequest { estimated_tokens: None, ..llm(0) };
+        assert!(matches!(p.authorize("acme", at("2026-11-02T10:00:32Z"), &unnamed, &anon), Err(Error::MissingEstimatedTokens)));
+        let huge = p.authorize("acme", at("2026-11-02T10:00:33Z"), &llm(101), &anon).unwrap();
+        assert_eq!(
+            (huge.verdict.denied_by, huge.verdict.throttled.is_none()),
+            (Some(DeniedBy::Quota), true),
+            "more than a whole window: denied, not throttled"
+        );
+        p.commit().unwrap();
+        drop(p);
+
+        // The new window starts empty, after a reopen that rebuilt the counts from the log.
+        let mut p = open();
+        let still = p.authorize("acme", at("2026-11-02T10:00:59.999Z"), &email, &anon).unwrap();
+        assert!(still.verdict.throttled.is_some(), "the reopened state counts the same 3 calls");
+        for t in ["2026-11-02T10:01:00Z", "2026-11-02T10:01:00.001Z", "2026-11-02T10:01:30Z"] {
+            assert!(p.authorize("acme", at(t), &email, &anon).unwrap().verdict.allowed, "{t}");
+        }
+        assert!(p.authorize("acme", at("2026-11-02T10:01:31Z"), &email, &anon).unwrap().verdict.throttled.is_some());
+        // A clock stepped back into the previous minute neither wipes this minute's count nor
+        // finds room in it.
+        assert!(p.authorize("acme", at("2026-11-02T10:00:10Z"), &email, &anon).unwrap().verdict.throttled.is_some());
+        assert!(p.authorize("acme", at("2026-11-02T10:01:32Z"), &email, &anon).unwrap().verdict.throttled.is_some());
+        let levels = p.budget("acme").unwrap().quota_levels(at("2026-11-02T10:01:31Z"));
+        let kind = levels.iter().find(|(k, ..)| k == "kind:tool_call").unwrap();
+        assert_eq!((kind.1, kind.2), (6, 1000), "6 allowed tool calls today, throttled ones not counted");
+        // A frozen tenant is denied by the freeze, whatever the request leaves out.
+        p.freeze("acme", at("2026-11-02T10:01:40Z"), "stop", FreezeScope::default(), &anon).unwrap();
+        let unnamed = AuthorizeRequest { estimated_tokens: None, ..llm(0) };
+        let frozen = p.authorize("acme", at("2026-11-02T10:01:41Z"), &unnamed, &anon).unwrap();
+        assert_eq!(frozen.verdict.denied_by, Some(DeniedBy::Freeze));
+    }
+
+    fn settling_delivery(offset: i64, tenant: &str, id: &str, reservation: &str) -> Delivery {
+        json_delivery(
+            offset,
+            tenant,
+            format!(
+                r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","task_id":"run-1","reservation_id":"{reservation}","cost":{{"amount_micros":300,"currency":"USD"}}}}"#
+            ),
+        )
+    }
+
+    /// Reservation ids are per tenant: another tenant's event naming acme's reservation settles
+    /// nothing of acme's. acme's own event settles it once, and its task's key is published again.
+    #[test]
+    fn settlement_stays_within_the_tenant_and_republishes_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        let ask = AuthorizeRequest { task_id: Some("run-1".into()), estimate_micros: 500, ttl_ms: 3_600_000, ..AuthorizeRequest::default() };
+        let id = p.authorize("acme", Timestamp::now(), &ask, &Caller::default()).unwrap().admission.reservation_id.unwrap();
+        p.take_budget_changes();
+        p.apply(&settling_delivery(0, "globex", "g1", &id)).unwrap();
+        assert!(p.budget("acme").unwrap().has_reservation(&id), "globex cannot settle acme's reservation");
+        p.apply(&settling_delivery(1, "acme", "a1", &id)).unwrap();
+        assert!(!p.budget("acme").unwrap().has_reservation(&id));
+        let changed = p.take_budget_changes();
+        assert!(changed.contains(&("acme".to_string(), Some("run-1".to_string()))), "{changed:?}");
+        p.commit().unwrap();
+        drop(p);
+        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert!(!p.budget("acme").unwrap().has_reservation(&id), "settled once, and still after a reopen");
+    }
+
+    /// Authorize applies token and call limits after money's, and records which unit denied.
+    #[test]
+    fn a_call_limit_denies_with_its_unit_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        p.set_budget_file(Some(Arc::new(toml::from_str("[tenants.acme]\nday_calls = 1\nday_tokens = 500\n").unwrap())));
+        let now = Timestamp::now();
+        let ask = |tokens| AuthorizeRequest { estimated_tokens: Some(tokens), estimate_micros: 0, ttl_ms: 60_000, ..AuthorizeRequest::default() };
+        let big = p.authorize("acme", now, &ask(501), &Caller::default()).unwrap();
+        assert_eq!((big.verdict.denied_by, big.admission.denied_unit), (Some(DeniedBy::Day), Some(crate::budget::Unit::Tokens)));
+        assert!(p.authorize("acme", now, &ask(500), &Caller::default()).unwrap().verdict.allowed);
+        let second = p.authorize("acme", now, &ask(0), &Caller::default()).unwrap();
+        assert_eq!((second.verdict.denied_by, second.admission.denied_unit), (Some(DeniedBy::Day), Some(crate::budget::Unit::Calls)));
+        p.commit().unwrap();
+        let record = String::from_utf8(p.ledger().tenant("acme").entry(second.seq).unwrap()).unwrap();
+        assert!(record.contains(r#""denied_by":"day","denied_unit":"calls""#), "{record}");
     }
 
     /// Records and the next offset are durable together; the store (dedup keys, budget

@@ -57,8 +57,12 @@ impl Fixture {
             ("regulator", Role::Regulator, vec!["acme"]),
             ("admin", Role::Admin, vec![]),
             ("metrics", Role::Metrics, vec![]),
+            ("gateway", Role::Gateway, vec!["acme"]),
+            ("expired", Role::Admin, vec![]),
         ] {
-            let (token, entry) = tally_auth::new_token(name, role, tenants.into_iter().map(String::from).collect()).unwrap();
+            // `expired` is an admin token whose time ran out in 2025.
+            let expires_at = (name == "expired").then(|| "2025-12-31T23:59:59Z".parse().unwrap());
+            let (token, entry) = tally_auth::new_token_expiring(name, role, tenants.into_iter().map(String::from).collect(), expires_at).unwrap();
             file.push_str(&tally_auth::stanza(&entry).unwrap());
             tokens.insert(name, token);
         }
