@@ -3,8 +3,9 @@
 # at a running Kafka), publish the sample events from schemas/examples/ (valid and invalid) plus a
 # small generated batch, print a per-tenant summary and what went to the dead-letter queue, run the
 # ledger service over them, fetch one tenant's receipt over HTTP with its bearer token and verify
-# it offline with `tally verify`, drive a tenant past its budget, then start the query service
-# over the ledger's Parquet projection and print a tenant's cost report and the billing spend.
+# it offline with `tally verify`, drive a tenant past its budget, show a gateway's retried,
+# throttled and frozen calls, then start the query service over the ledger's Parquet projection
+# and print a tenant's cost report and the billing spend.
 #
 # TALLY_BIN=<path> uses an already built binary (the test suite does); otherwise it builds one.
 set -euo pipefail
@@ -63,6 +64,10 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 acme_token=$("$TALLY" token new --name acme-app --role tenant --tenant acme --file "$work/tokens.toml" 2>/dev/null)
 initech_token=$("$TALLY" token new --name initech-gateway --role tenant --tenant initech --file "$work/tokens.toml" 2>/dev/null)
 billing_token=$("$TALLY" token new --name billing-system --role billing --file "$work/tokens.toml" 2>/dev/null)
+# A gateway in front of globex (admission and budget state only; no audit reads), and an
+# operator, both with an expiry.
+gateway_token=$("$TALLY" token new --name globex-gateway --role gateway --tenant globex --expires-in 30d --file "$work/tokens.toml" 2>/dev/null)
+ops_token=$("$TALLY" token new --name ops --role admin --expires-in 1d --file "$work/tokens.toml" 2>/dev/null)
 # initech's plan: \$0.05 a day; models priced per million tokens, unknown ones at the ceiling.
 cat >"$work/budgets.toml" <<'TOML'
 [plans.starter]
@@ -74,6 +79,9 @@ input_per_million_micros = 250_000
 output_per_million_micros = 2_000_000
 [tenants.initech]
 plan = "starter"
+# globex has no money limit, but its mailer may send 2 emails a day.
+[tenants.globex.quotas]
+"action:send_email" = "2/d"
 TOML
 cat >"$work/ledger.toml" <<TOML
 [kafka]
@@ -140,6 +148,44 @@ curl -sf "${iauth[@]}" -X POST -H 'Content-Type: application/json' -d '{"task_id
 import json, sys
 v = json.load(sys.stdin)
 print("authorize: %s (denied by the %s limit; decision recorded at seq %d of initech'"'"'s log)" % (v["decision"], v["denied_by"], v["seq"]))'
+
+echo "== globex's gateway: rate quotas, a retried call, and the kill switch"
+gauth=(-H "Authorization: Bearer $gateway_token")
+ask() { # ask <idempotency key> <agent>: one send_email authorize for globex, printed in a line
+  curl -sf "${gauth[@]}" -X POST -H 'Content-Type: application/json' -H "Idempotency-Key: $1" \
+    -d "{\"agent_id\":\"$2\",\"action\":\"send_email\",\"kind\":\"tool_call\",\"estimate_micros\":0}" \
+    -D "$work/headers" "$base/v1/tenants/globex/budget/authorize" | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+replayed = "idempotent-replayed: true" in open(sys.argv[1]).read().lower()
+if v["decision"] == "allow":
+    extra = "reservation %s" % v["reservation_id"]
+elif v["decision"] == "throttled":
+    extra = "by %s, retry after %d ms" % (v["throttled_by"], v["retry_after_ms"])
+else:
+    extra = "denied by %s" % v["denied_by"]
+print("    %-9s %s%s" % (v["decision"], extra, " (a retry: the first answer again)" if replayed else ""))' "$work/headers"
+}
+ask mail-1 mailer-bot
+ask mail-1 mailer-bot
+ask mail-2 mailer-bot
+ask mail-3 mailer-bot
+echo "the gateway's token cannot read globex's audit trail:"
+curl -s "${gauth[@]}" "$base/t/globex/checkpoint"
+echo
+echo "an operator freezes globex's mailer-bot:"
+freeze=$(curl -sf -H "Authorization: Bearer $ops_token" -X POST -H 'Content-Type: application/json' \
+  -d '{"reason":"runaway emails","scope":{"agent_id":"mailer-bot"}}' "$base/v1/tenants/globex/freeze")
+echo "    $freeze"
+curl -sf "${gauth[@]}" "$base/v1/tenants/globex/budget" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+for f in s["freezes"]:
+    print("    active freeze %s: %s, scope %s (also on the tally.budget topic)" % (f["freeze_id"], f["reason"], json.dumps(f.get("scope", {}))))
+for q in s["quotas"]:
+    print("    quota %s: %d of %d used, resets at %s" % (q["quota"], q["used"], q["limit"], q["resets_at"]))'
+ask mail-4 mailer-bot
+ask mail-5 report-bot
 
 echo "== the query service over the ledger's Parquet projection"
 qport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -1,6 +1,7 @@
 //! The README's main command (`scripts/demo.sh`) against the test broker: events land in signed
 //! logs, a receipt fetched with a tenant's token verifies offline, another tenant is refused, and
-//! a tenant past its day limit is denied its next call, and the query service prints a cost report,
+//! a tenant past its day limit is denied its next call, a gateway's retried, throttled and frozen
+//! calls are answered as docs/gateways.md says, and the query service prints a cost report,
 //! the billing spend table and a complete audit export.
 
 mod common;
@@ -23,6 +24,16 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     assert!(stdout.contains(r#"{"error":{"code":"forbidden""#), "{stdout}");
     assert!(stdout.contains("initech's budget state (also on the tally.budget topic): exceeded"), "{stdout}");
     assert!(stdout.contains("authorize: deny (denied by the day limit;"), "{stdout}");
+    // The gateway: two emails allowed, a retried call answered with its first reservation, the
+    // third email throttled; no audit reads; a freeze denies the frozen agent only.
+    let gateway: Vec<&str> = stdout.lines().skip_while(|l| !l.contains("globex's gateway")).collect();
+    let decisions: Vec<&str> = gateway.iter().filter_map(|l| l.split_whitespace().next().filter(|w| ["allow", "throttled", "deny"].contains(w))).collect();
+    assert_eq!(decisions, ["allow", "allow", "allow", "throttled", "deny", "throttled"], "{stdout}");
+    assert!(gateway.iter().any(|l| l.contains("(a retry: the first answer again)")), "{stdout}");
+    assert!(gateway.iter().any(|l| l.contains("throttled by action:send_email, retry after")), "{stdout}");
+    assert!(gateway.iter().any(|l| l.contains("denied by freeze")), "{stdout}");
+    assert!(gateway.iter().any(|l| l.contains("active freeze frz-") && l.contains("runaway emails")), "{stdout}");
+    assert!(gateway.iter().any(|l| l.contains("this tenant's audit trail")), "{stdout}");
     assert!(stdout.contains("acme's audit trail holds 23 events"), "{stdout}");
     assert!(stdout.contains("2026-11-02  support-bot   gpt-5-mini"), "{stdout}");
     assert!(stdout.contains("total USD:"), "{stdout}");
