@@ -160,6 +160,8 @@ async fn main() {
         rejoin_after_ms: 30_000,
         projection_interval_ms: 1000,
         report_time_zones: vec!["UTC".into()],
+        statement_grace_ms: 86_400_000,
+        statements: true,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -83,6 +83,19 @@ pub enum VerifyCommand {
         #[arg(long)]
         proof: PathBuf,
     },
+    /// Check a billing statement: recompute its totals from every entry of the tenant's log up
+    /// to a signed checkpoint, in a tlog-tiles directory (`checkpoint` and `tile/entries/…`, as
+    /// `tally log export-tiles` writes or the ledger serves them).
+    Statement {
+        #[arg(long)]
+        vkey: String,
+        /// The tiles directory.
+        #[arg(long)]
+        tiles: PathBuf,
+        /// The statement's seq (`GET /v1/tenants/{tenant}/statements` lists them).
+        #[arg(long)]
+        seq: u64,
+    },
 }
 
 fn read_text(path: &Path) -> anyhow::Result<String> {
@@ -117,8 +130,61 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
             verify_consistency(old.size, new.size, &old.root, &new.root, &proof).context("consistency proof is not valid")?;
             println!("valid: {} at size {} extends size {}", new.origin, new.size, old.size);
         }
+        VerifyCommand::Statement { vkey, tiles, seq } => {
+            let verifier = NoteVerifier::parse(&vkey)?;
+            println!("{}", verify_statement(&verifier, &tiles, seq)?);
+        }
     }
     Ok(())
+}
+
+/// Checks the statement at `seq` against the tiles in `dir` (docs/billing.md, "Verifying a
+/// statement"), reading the entry bundles as the check asks for them. Returns the summary line.
+fn verify_statement(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Result<String> {
+    use tally_ledger::TilePath;
+    let note = read_text(&dir.join("checkpoint"))?;
+    // A bundle holds at most 256 entries of at most 64 KiB, each with its 2-byte length: a
+    // larger file is not a bundle, and is not read whole.
+    const MAX_BUNDLE_BYTES: u64 = 256 * (2 + 65_535);
+    let mut bundle = |index: u64, width: u64| -> Result<Vec<u8>, String> {
+        use std::io::Read as _;
+        let path = dir.join(TilePath::Entries { index, width: width as u16 }.to_path());
+        let file = std::fs::File::open(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_BUNDLE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if bytes.len() as u64 > MAX_BUNDLE_BYTES {
+            return Err(format!("{} is larger than any entry bundle", path.display()));
+        }
+        Ok(bytes)
+    };
+    let v = tally_ledger::budget::verify_statement(verifier, &note, &mut bundle, seq).context("statement is not valid")?;
+    let s = &v.statement;
+    let totals: Vec<String> = s
+        .totals
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {} {}{}: {} events",
+                tally_schemas::decimal_units(t.micros),
+                t.currency,
+                t.basis.as_str(),
+                if t.correction { " (corrections)" } else { "" },
+                t.events
+            )
+        })
+        .collect();
+    Ok(format!(
+        "valid: statement of period {} ({} to {}, {}) at seq {seq} in {} at tree size {}, seqs {}..={}: {}",
+        s.period,
+        s.period_start,
+        s.period_end,
+        s.time_zone,
+        v.origin,
+        v.tree_size,
+        s.first_seq,
+        s.last_seq,
+        totals.join("; ")
+    ))
 }
 
 /// A ledger data directory and its signing keys (`--key` twice during a rotation).
@@ -314,7 +380,9 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
         let digest: [u8; 32] = sha2_digest(&buf);
         let seq = ledger.next_seq(&tenant);
         let source = Source::File { file: name.clone(), line: line_no };
-        let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }) {
+        // An import has no budgets: an event's own cost is its charge, in its UTC month.
+        let charge = tally_ledger::budget::rate(&event, None, &tally_ledger::budget::Calendar::utc_months());
+        let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, charge.as_ref()) {
             Ok(r) => r,
             Err(e @ tally_log::Error::EntryTooLarge(_)) => {
                 reject(Rejection::new(RejectCode::TooLarge, e.to_string()));

@@ -43,7 +43,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
             &config,
             format!(
                 "[kafka]\nbootstrap = \"{}\"\n\
-                 [ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g{run}\"\ncommit_interval_ms = 50\nlisten = \"{addr}\"\n",
+                 [ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g{run}\"\ncommit_interval_ms = 50\nlisten = \"{addr}\"\nstatements = false\n",
                 kafka.bootstrap,
                 data.display(),
                 key_path.display()

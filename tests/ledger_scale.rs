@@ -34,7 +34,7 @@ async fn a_hundred_thousand_tenants_through_the_ledger_cost_no_descriptors() {
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbootstrap = \"{}\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g\"\nlisten = \"{addr}\"\n",
+            "[kafka]\nbootstrap = \"{}\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\ngroup = \"{topic}.g\"\nlisten = \"{addr}\"\nstatements = false\n",
             kafka.bootstrap,
             data.display(),
             key_path.display()

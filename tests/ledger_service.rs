@@ -200,7 +200,7 @@ async fn sigterm_exits_even_without_a_broker() {
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbootstrap = \"{}\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            "[kafka]\nbootstrap = \"{}\"\n[ledger]\ndata_dir = \"{}\"\nkeys = [\"{}\"]\ntopic = \"{topic}\"\nlisten = \"127.0.0.1:{port}\"\nstatements = false\n",
             broker.kafka.bootstrap,
             dir.path().join("data").display(),
             key_path.display()

@@ -161,7 +161,9 @@ async fn two_instances_split_partitions_and_record_each_event_once() {
             let (_, records) = expected.entry(tenant).or_insert((partition, Vec::new()));
             let source = Source::Kafka { topic: topic.clone(), partition, offset: *offset, timestamp_ms: *timestamp_ms };
             let input = EventInput { event: &decoded.event, ce_source: None, payload_sha256: &decoded.payload_sha256, source: &source };
-            records.push(event_record(records.len() as u64, input).unwrap());
+            // No budgets here: a cost is charged as itself, in its UTC month.
+            let charge = tally_ledger::budget::BudgetState::default().rate(&decoded.event);
+            records.push(event_record(records.len() as u64, input, charge.as_ref()).unwrap());
         }
     }
     assert_eq!(expected.len() as u32, TENANTS);

@@ -18,8 +18,8 @@ pub mod service;
 pub use error::{Error, Result};
 pub use tally_auth as auth;
 pub use tally_log::{
-    audit_ledger, available_width, conflict_record, event_record, find_tenant_ledger, key_id, merkle, migrate, sign_note, tenant_origin, verify_note,
-    AuditReport, Checkpoint, EventInput, Ledger, LedgerKey, Migrated, NoteSigner, NoteVerifier, Receipt, Source, TenantEntries, TilePath, VerifiedNote,
-    JOURNAL_DIR, MAX_ENTRY_BYTES, TILE_WIDTH,
+    audit_ledger, available_width, conflict_record, event_record, find_tenant_ledger, key_id, merkle, migrate, parse_entry_bundle, sign_note, tenant_origin,
+    verify_note, AuditReport, Charge, ChargeBasis, Checkpoint, EventInput, Ledger, LedgerKey, Migrated, NoteSigner, NoteVerifier, Receipt, Record, Source,
+    TenantEntries, TilePath, VerifiedNote, JOURNAL_DIR, MAX_ENTRY_BYTES, TILE_WIDTH,
 };
 pub use tally_projection as projection;

@@ -5,7 +5,8 @@
 //!
 //! The input covers what a partition meets: several tenants, a budgets file with plans, prices
 //! and limits, soft and hard budget decisions, retries (deduplicated), a conflicting resend,
-//! rejected messages, admissions allowed and denied, a release, an expiry at a tick, group
+//! rejected messages, admissions allowed and denied, a release, an expiry at a tick, rated
+//! charges (event, table, ceiling) and the statements that close November, group
 //! commits between batches, and a reopen (recovery) halfway. Every instant is part of the input:
 //! Ed25519 signatures are deterministic, so the whole signed notes are fixed.
 //!
@@ -146,6 +147,9 @@ fn run(dir: &Path) -> String {
     let decided = p.authorize("acme", ts("2026-11-03T09:30:00Z"), &request(None, 50_000, 1_000), &anonymous).unwrap();
     assert!(!decided.verdict.allowed, "the period limit denies it");
     p.tick(ts("2026-11-04T00:00:01Z")).unwrap();
+    // November has ended, plus the default grace of a day: every tenant with charges in it gets
+    // its `statement`.
+    p.tick(ts("2026-12-02T00:00:00Z")).unwrap();
     p.commit().unwrap();
 
     let mut out = String::new();

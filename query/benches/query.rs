@@ -83,7 +83,7 @@ fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut S
         let event: tally_schemas::Event = serde_json::from_value(value).expect("generated event");
         let digest: [u8; 32] = rng.gen();
         let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(at.as_millisecond()) };
-        chunk.push(event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }).expect("record"));
+        chunk.push(event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, None).expect("record"));
         if chunk.len() == chunk.capacity() {
             tally_projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
             chunk.clear();

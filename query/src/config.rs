@@ -54,6 +54,14 @@ pub struct QueryConfig {
     /// says where the next one starts.
     #[serde(default = "default_max_export_mb")]
     pub max_export_mb: usize,
+    /// Who invoices the tenants and provides the service: the spend export's FOCUS
+    /// `InvoiceIssuerName`, `ProviderName` and `PublisherName` (the platform running Tally).
+    #[serde(default = "default_invoice_issuer")]
+    pub invoice_issuer: String,
+}
+
+fn default_invoice_issuer() -> String {
+    "Tally".into()
 }
 
 fn default_query_memory_total_mb() -> usize {
@@ -127,6 +135,9 @@ impl QueryConfig {
         if self.max_response_mb == 0 || self.max_export_mb == 0 {
             return bad(if self.max_response_mb == 0 { "max_response_mb" } else { "max_export_mb" }, "must be at least 1".into());
         }
+        if self.invoice_issuer.trim().is_empty() || self.invoice_issuer.len() > 256 {
+            return bad("invoice_issuer", "must be 1..=256 bytes and not blank".into());
+        }
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return bad("tokens", format!("is required when query.listen ({}) is not a loopback address", self.listen));
         }
@@ -166,6 +177,7 @@ mod tests {
             ("max_concurrent_queries = 0", "query.max_concurrent_queries"),
             ("max_concurrent_queries_per_tenant = 9", "query.max_concurrent_queries_per_tenant"),
             ("max_export_mb = 0", "query.max_export_mb"),
+            ("invoice_issuer = \" \"", "query.invoice_issuer"),
             ("nonsense = 1", "nonsense"),
         ] {
             let err = parse(extra).unwrap_err().to_string();

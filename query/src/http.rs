@@ -19,6 +19,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use tally_auth::{Action, Principal, TokenStore};
+use tally_schemas::decimal_units as decimal;
 
 use crate::config::QueryConfig;
 use crate::encode::{encode, json_rows, Format};
@@ -309,6 +310,7 @@ fn cost_batch(names: &[&str], rows: &[reports::CostRow]) -> Result<RecordBatch> 
     columns.push(("currency".into(), Column::Text(rows.iter().map(|r| r.currency.clone()).collect())));
     columns.push(("events".into(), Column::Int(rows.iter().map(|r| r.events).collect())));
     columns.push(("cost_micros".into(), Column::Int(rows.iter().map(|r| r.cost_micros).collect())));
+    columns.push(("charge_micros".into(), Column::Int(rows.iter().map(|r| r.charge_micros).collect())));
     columns.push(("input_tokens".into(), Column::Int(rows.iter().map(|r| r.input_tokens).collect())));
     columns.push(("output_tokens".into(), Column::Int(rows.iter().map(|r| r.output_tokens).collect())));
     batch_of(columns)
@@ -357,13 +359,6 @@ async fn audit_export(State(state): State<Arc<AppState>>, Path(tenant): Path<Str
         .await
 }
 
-/// Micros as a decimal string of currency units (never a float).
-fn decimal(micros: i64) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
-    let m = micros.unsigned_abs();
-    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
-}
-
 async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> Result<Response> {
     let who = principal(&state, &headers)?;
     who.check(Action::ReadAllSpend, None)?;
@@ -380,31 +375,60 @@ async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<Strin
     state.workers.run(&caller, state.timeout(), async move { spend_response(&work, period, start, end, format).await }).await
 }
 
+/// The spend export: one FOCUS 1.2 row per tenant, currency and charge basis
+/// (docs/billing.md maps every column).
 async fn spend_response(state: &AppState, period: String, start: jiff::civil::Date, end: jiff::civil::Date, format: Format) -> Result<Response> {
     let iso = |d: jiff::civil::Date| format!("{d}T00:00:00Z");
     let rows = reports::spend(&state.engine, &period, state.timeout()).await?;
     let text = |f: &dyn Fn(&reports::Spend) -> Option<String>| Column::Text(rows.iter().map(f).collect());
     let int = |f: &dyn Fn(&reports::Spend) -> i64| Column::Int(rows.iter().map(f).collect());
+    let same = |v: &str| -> Column {
+        let v = v.to_string();
+        Column::Text(rows.iter().map(|_| Some(v.clone())).collect())
+    };
+    let tokens_priced = |r: &reports::Spend| matches!(r.basis.as_deref(), Some("table" | "ceiling"));
+    let issuer = state.config.invoice_issuer.as_str();
     let batch = batch_of(vec![
-        ("BilledCost".into(), text(&|r| Some(decimal(r.sums.cost_micros)))),
-        ("EffectiveCost".into(), text(&|r| Some(decimal(r.sums.cost_micros)))),
+        ("BillingAccountId".into(), text(&|r| Some(r.tenant.clone()))),
+        ("BillingAccountName".into(), text(&|r| Some(r.tenant.clone()))),
         ("BillingCurrency".into(), text(&|r| r.currency.clone())),
-        ("BillingPeriodStart".into(), text(&|_| Some(iso(start)))),
-        ("BillingPeriodEnd".into(), text(&|_| Some(iso(end)))),
-        ("ChargePeriodStart".into(), text(&|_| Some(iso(start)))),
-        ("ChargePeriodEnd".into(), text(&|_| Some(iso(end)))),
-        ("ChargeCategory".into(), text(&|_| Some("Usage".into()))),
-        ("ChargeDescription".into(), text(&|_| Some("AI agent actions recorded by Tally".into()))),
+        ("BillingPeriodStart".into(), same(&iso(start))),
+        ("BillingPeriodEnd".into(), same(&iso(end))),
+        ("ChargeCategory".into(), same("Usage")),
+        // Null for a regular charge; `Correction` for late events billed after their period closed.
+        ("ChargeClass".into(), text(&|r| r.correction.then(|| "Correction".into()))),
+        ("ChargeDescription".into(), text(&|r| Some(format!("AI agent actions recorded by Tally, charged by {}", r.basis.as_deref().unwrap_or("event"))))),
+        ("ChargePeriodStart".into(), same(&iso(start))),
+        ("ChargePeriodEnd".into(), same(&iso(end))),
+        ("BilledCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
+        ("EffectiveCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
+        ("ListCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
+        ("ContractedCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
+        ("PricingQuantity".into(), int(&|r| if tokens_priced(r) { r.sums.input_tokens.saturating_add(r.sums.output_tokens) } else { r.sums.events })),
+        ("PricingUnit".into(), text(&|r| Some(if tokens_priced(r) { "Tokens" } else { "Events" }.into()))),
         ("ConsumedQuantity".into(), int(&|r| r.sums.events)),
-        ("ConsumedUnit".into(), text(&|_| Some("Events".into()))),
+        ("ConsumedUnit".into(), same("Events")),
+        ("InvoiceIssuerName".into(), same(issuer)),
+        ("ProviderName".into(), same(issuer)),
+        ("PublisherName".into(), same(issuer)),
+        ("ServiceCategory".into(), same("AI and Machine Learning")),
+        ("ServiceName".into(), same("Tally")),
         ("SubAccountId".into(), text(&|r| Some(r.tenant.clone()))),
-        ("ServiceName".into(), text(&|_| Some("Tally".into()))),
-        ("x_BilledCostMicros".into(), int(&|r| r.sums.cost_micros)),
+        ("x_ChargeBasis".into(), text(&|r| r.basis.clone())),
+        ("x_ChargedMicros".into(), int(&|r| r.sums.charge_micros)),
+        ("x_ClaimedCostMicros".into(), int(&|r| r.sums.cost_micros)),
         ("x_InputTokens".into(), int(&|r| r.sums.input_tokens)),
         ("x_OutputTokens".into(), int(&|r| r.sums.output_tokens)),
     ])?;
     if format == Format::Json {
-        return Ok(Json(serde_json::json!({ "period": period, "rows": json_rows(&[batch])? })).into_response());
+        // Every FOCUS column is in every row, a null one too (the JSON writer leaves nulls out).
+        let mut rows = json_rows(std::slice::from_ref(&batch))?;
+        for row in rows.as_array_mut().into_iter().flatten().filter_map(serde_json::Value::as_object_mut) {
+            for field in batch.schema().fields() {
+                row.entry(field.name().clone()).or_insert(serde_json::Value::Null);
+            }
+        }
+        return Ok(Json(serde_json::json!({ "period": period, "rows": rows })).into_response());
     }
     Ok(body(format, encode(format, batch.schema(), &[batch])?, &[]))
 }

@@ -301,13 +301,26 @@ pub struct CostRow {
     pub dims: Vec<Option<String>>,
     pub currency: Option<String>,
     pub events: i64,
+    /// What the gateways claimed (`cost.amount_micros`).
     pub cost_micros: i64,
+    /// What the ledger charged: the sum that bills.
+    pub charge_micros: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
 }
 
-fn sums_of(s: RollupSums) -> (i64, i64, i64, i64) {
-    (s.events, s.cost_micros, s.input_tokens, s.output_tokens)
+impl CostRow {
+    fn new(dims: Vec<Option<String>>, currency: Option<String>, s: RollupSums) -> CostRow {
+        CostRow {
+            dims,
+            currency,
+            events: s.events,
+            cost_micros: s.cost_micros,
+            charge_micros: s.charge_micros,
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
+        }
+    }
 }
 
 /// The tenant's watermark (how far its projection and its daily roll-ups reach).
@@ -343,8 +356,11 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     let mark = watermark(engine, tenant).await?;
     let daily_zone = q.tz.iana_name().filter(|z| whole_days && !q.group_by.contains(&Dim::Task) && daily_complete(&mark, z)).map(str::to_string);
     // Summed as 38-digit decimals: DataFusion's 64-bit integer sum wraps on overflow.
-    let sum_columns =
-        || ["events", "cost_micros", "input_tokens", "output_tokens"].map(|c| sum(cast_expr(col(c), DataType::Decimal128(38, 0))).alias(c)).to_vec();
+    let sum_columns = || {
+        ["events", "cost_micros", "charge_micros", "input_tokens", "output_tokens"]
+            .map(|c| sum(cast_expr(col(c), DataType::Decimal128(38, 0))).alias(c))
+            .to_vec()
+    };
     let (df, day_column) = match daily_zone {
         Some(zone) => {
             let (from_date, to_date) = (from_local.date(), to_local.date());
@@ -396,12 +412,15 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
             });
         }
         let currency = strings(b, "currency")?;
-        let (events, cost, input, output) = (sums(b, "events")?, sums(b, "cost_micros")?, sums(b, "input_tokens")?, sums(b, "output_tokens")?);
+        let columns = ["events", "cost_micros", "charge_micros", "input_tokens", "output_tokens"].map(|c| sums(b, c));
+        let [events, cost, charge, input, output] = columns;
+        let (events, cost, charge, input, output) = (events?, cost?, charge?, input?, output?);
         for i in 0..b.num_rows() {
             let key: Vec<Option<String>> = dims.iter().map(|d| d[i].clone()).collect();
             rows.entry((key, currency[i].clone())).or_default().add(RollupSums {
                 events: events[i],
                 cost_micros: cost[i],
+                charge_micros: charge[i],
                 input_tokens: input[i],
                 output_tokens: output[i],
             })?;
@@ -411,16 +430,9 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     let mut out = Vec::with_capacity(rows.len());
     for ((dims, currency), s) in rows {
         totals.entry(currency.clone()).or_default().add(s)?;
-        let (events, cost_micros, input_tokens, output_tokens) = sums_of(s);
-        out.push(CostRow { dims, currency, events, cost_micros, input_tokens, output_tokens });
+        out.push(CostRow::new(dims, currency, s));
     }
-    let totals = totals
-        .into_iter()
-        .map(|(currency, s)| {
-            let (events, cost_micros, input_tokens, output_tokens) = sums_of(s);
-            CostRow { dims: Vec::new(), currency, events, cost_micros, input_tokens, output_tokens }
-        })
-        .collect();
+    let totals = totals.into_iter().map(|(currency, s)| CostRow::new(Vec::new(), currency, s)).collect();
     let source = match day_column {
         DayColumn::Date => "daily",
         DayColumn::Bucket => "15-minute",
@@ -446,16 +458,21 @@ enum DayColumn {
     Date,
 }
 
-/// One tenant's spend in one currency over a billing period.
+/// One tenant's spend in one currency and charge basis over a billing period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spend {
     pub tenant: String,
     pub currency: Option<String>,
+    /// `event`, `table` or `ceiling`; `None` for costs recorded before rating moved into the log.
+    pub basis: Option<String>,
+    /// Late events' charges, correcting a closed period (FOCUS `ChargeClass` `Correction`).
+    pub correction: bool,
     pub sums: RollupSums,
 }
 
 /// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups, one row per
-/// tenant and currency (events without a cost are not billing lines).
+/// tenant, currency, charge basis and correction (events with nothing charged are not billing
+/// lines).
 ///
 /// Billing reads every tenant's few small roll-up files of the month and sums three columns: it
 /// is done directly with the Parquet reader, on all cores, rather than planning a DataFusion
@@ -473,13 +490,16 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
             // cover the whole log, are the smaller read.
             let daily = daily_complete(&read_watermark(&root, tenant)?, "UTC");
             let (tree, zone) = if daily { (Tree::Daily, Some("UTC")) } else { (Tree::Rollups, None) };
-            let mut total: BTreeMap<String, RollupSums> = BTreeMap::new();
+            let mut total: BTreeMap<tally_projection::SpendKey, RollupSums> = BTreeMap::new();
             for file in list_files(&root, tree, tenant, |m| m == month)? {
-                for (currency, sums) in currency_sums(&file.path, zone)? {
-                    total.entry(currency).or_default().add(sums)?;
+                for (key, sums) in currency_sums(&file.path, zone, None)? {
+                    total.entry(key).or_default().add(sums)?;
                 }
             }
-            Ok(total.into_iter().map(|(currency, sums)| Spend { tenant: tenant.clone(), currency: Some(currency), sums }).collect())
+            Ok(total
+                .into_iter()
+                .map(|(k, sums)| Spend { tenant: tenant.clone(), currency: Some(k.currency), basis: k.basis, correction: k.correction, sums })
+                .collect())
         };
         let parts: Vec<tally_projection::Result<Vec<Spend>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = tenants
@@ -492,7 +512,7 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
         for p in parts {
             out.extend(p?);
         }
-        out.sort_by(|a, b| (&a.tenant, &a.currency).cmp(&(&b.tenant, &b.currency)));
+        out.sort_by(|a, b| (&a.tenant, &a.currency, &a.basis, a.correction).cmp(&(&b.tenant, &b.currency, &b.basis, b.correction)));
         Ok(out)
     });
     match tokio::time::timeout(timeout, work).await {

@@ -168,7 +168,10 @@ async fn costs_roll_up_by_any_dimensions_with_totals() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, csv) = send(&r, "GET", "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30&group_by=kind&format=csv", Some(token), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(String::from_utf8(csv).unwrap(), format!("kind,currency,events,cost_micros,input_tokens,output_tokens\nllm_call,USD,30,{all},90,150\n"));
+    assert_eq!(
+        String::from_utf8(csv).unwrap(),
+        format!("kind,currency,events,cost_micros,charge_micros,input_tokens,output_tokens\nllm_call,USD,30,{all},{all},90,150\n")
+    );
 }
 
 #[tokio::test]
@@ -180,7 +183,7 @@ async fn billing_sees_every_tenants_spend_with_focus_columns_and_nobody_else_doe
     assert_eq!(rows.len(), 2, "{spend}");
     let acme = rows.iter().find(|r| r["SubAccountId"] == "acme").unwrap();
     let total: i64 = (0..30).map(|i| 1_000 + i).sum();
-    assert_eq!(acme["x_BilledCostMicros"].as_i64(), Some(total));
+    assert_eq!(acme["x_ChargedMicros"].as_i64(), Some(total));
     assert_eq!(acme["BilledCost"].as_str(), Some(format!("0.{total:06}").as_str()));
     assert_eq!(
         (acme["BillingCurrency"].as_str(), acme["ChargePeriodStart"].as_str(), acme["ChargePeriodEnd"].as_str()),
@@ -204,7 +207,89 @@ async fn billing_sees_every_tenants_spend_with_focus_columns_and_nobody_else_doe
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, csv) = send(&r, "GET", "/v1/spend?period=2026-11&format=csv", Some(&f.tokens["billing"]), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(String::from_utf8(csv).unwrap().starts_with("BilledCost,EffectiveCost,BillingCurrency,"));
+    assert!(String::from_utf8(csv).unwrap().starts_with("BillingAccountId,BillingAccountName,BillingCurrency,"));
+}
+
+/// What bills is what the ledger charged: a tokens-only call priced from the table is a billing
+/// line (its claimed cost 0), a late event's charge is a `Correction`, each basis and currency is
+/// its own FOCUS row, and the cost report sums the same charges.
+#[tokio::test]
+async fn spend_and_costs_bill_the_recorded_charge_with_focus_columns() {
+    use tally_log::{Charge, ChargeBasis};
+    let charge = |micros, currency: &str, basis, corrects: Option<&str>| Charge {
+        micros,
+        currency: currency.into(),
+        basis,
+        catalog_seq: (basis != ChargeBasis::Event).then_some(0),
+        period: "2026-11-01".into(),
+        corrects: corrects.map(str::to_string),
+    };
+    let at = t("2026-11-02T10:00:00Z");
+    let tokens_only = event("acme", "e1", at, "llm_call", "a", "gpt-5-mini", "t", None);
+    let priced = event("acme", "e2", at, "llm_call", "a", "m", "t", Some((7, "USD")));
+    let unknown_model = event("acme", "e3", at, "llm_call", "a", "mystery", "t", None);
+    let euros = event("acme", "e4", at, "llm_call", "a", "m", "t", Some((9, "EUR")));
+    let late = event("acme", "e5", at, "llm_call", "a", "gpt-5-mini", "t", None);
+    let f = Fixture::new();
+    f.ingest_charged(
+        &[
+            (tokens_only, Some(charge(250_000, "USD", ChargeBasis::Table, None))),
+            (priced, Some(charge(7, "USD", ChargeBasis::Event, None))),
+            (unknown_model, Some(charge(40_000, "USD", ChargeBasis::Ceiling, None))),
+            (euros, Some(charge(9, "EUR", ChargeBasis::Event, None))),
+            (late, Some(charge(1_000, "USD", ChargeBasis::Table, Some("2026-10-01")))),
+        ],
+        &["UTC"],
+    );
+    let r = f.router();
+    let spend = get_json(&r, "/v1/spend?period=2026-11", &f.tokens["billing"]).await;
+    let rows = spend["rows"].as_array().unwrap();
+    let line = |currency: &str, basis: &str, class: Option<&str>| {
+        rows.iter()
+            .find(|r| r["BillingCurrency"] == currency && r["x_ChargeBasis"] == basis && r["ChargeClass"].as_str() == class)
+            .unwrap_or_else(|| panic!("no {currency} {basis} {class:?} row in {spend}"))
+    };
+    let table = line("USD", "table", None);
+    assert_eq!(
+        (table["BilledCost"].as_str(), table["x_ChargedMicros"].as_i64(), table["x_ClaimedCostMicros"].as_i64()),
+        (Some("0.250000"), Some(250_000), Some(0))
+    );
+    assert_eq!((table["PricingQuantity"].as_i64(), table["PricingUnit"].as_str()), (Some(8), Some("Tokens")));
+    assert_eq!(line("USD", "event", None)["PricingUnit"].as_str(), Some("Events"));
+    assert_eq!(line("USD", "ceiling", None)["ListCost"].as_str(), Some("0.040000"));
+    assert_eq!(line("EUR", "event", None)["x_ChargedMicros"].as_i64(), Some(9));
+    assert_eq!(line("USD", "table", Some("Correction"))["x_ChargedMicros"].as_i64(), Some(1_000));
+    assert_eq!(rows.len(), 5, "{spend}");
+    for column in [
+        "BillingAccountId",
+        "BillingAccountName",
+        "BillingCurrency",
+        "BillingPeriodStart",
+        "BillingPeriodEnd",
+        "ChargeCategory",
+        "ChargeClass",
+        "ChargeDescription",
+        "ChargePeriodStart",
+        "ChargePeriodEnd",
+        "BilledCost",
+        "EffectiveCost",
+        "ListCost",
+        "ContractedCost",
+        "PricingQuantity",
+        "PricingUnit",
+        "InvoiceIssuerName",
+        "ProviderName",
+        "PublisherName",
+        "ServiceCategory",
+        "ServiceName",
+    ] {
+        assert!(table.get(column).is_some(), "FOCUS 1.2 column {column} missing: {table}");
+    }
+    assert_eq!((table["BillingAccountId"].as_str(), table["ServiceCategory"].as_str()), (Some("acme"), Some("AI and Machine Learning")));
+
+    let costs = get_json(&r, "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30", &f.tokens["acme"]).await;
+    let usd = costs["totals"].as_array().unwrap().iter().find(|t| t["currency"] == "USD").unwrap().clone();
+    assert_eq!((usd["charge_micros"].as_i64(), usd["cost_micros"].as_i64()), (Some(250_000 + 7 + 40_000 + 1_000), Some(7)), "{costs}");
 }
 
 #[tokio::test]
@@ -234,7 +319,7 @@ async fn spend_is_the_same_from_the_daily_and_the_15_minute_roll_ups() {
     assert_eq!(answers[0], answers[1]);
     let rows = answers[0].as_array().unwrap();
     let want: i64 = events.iter().filter(|e| e.occurred_at >= t("2026-11-01T00:00:00Z")).filter_map(|e| e.cost.as_ref()).map(|c| c.amount_micros).sum();
-    assert_eq!(rows.iter().map(|r| r["x_BilledCostMicros"].as_i64().unwrap()).sum::<i64>(), want, "October's events are not November's bill");
+    assert_eq!(rows.iter().map(|r| r["x_ChargedMicros"].as_i64().unwrap()).sum::<i64>(), want, "October's events are not November's bill");
 }
 
 /// Checks an export's evidence the way an outside verifier would: the signed checkpoint; each

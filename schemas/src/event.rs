@@ -113,6 +113,14 @@ pub struct Cost {
     pub currency: String,
 }
 
+/// Micros as a decimal string of currency units (`1234567` → `"1.234567"`): how money leaves
+/// Tally in reports, exports and tools, never as a float.
+pub fn decimal_units(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
 /// Checks a tenant id against `^[a-z0-9][a-z0-9_-]{0,62}$`.
 pub fn validate_tenant_id(tenant_id: &str) -> Result<(), Rejection> {
     let bytes = tenant_id.as_bytes();

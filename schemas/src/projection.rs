@@ -10,7 +10,9 @@
 //!
 //! [`rollup_schema`] is the cost roll-up the ledger maintains beside the rows: sums per tenant,
 //! 15-minute UTC bucket (the finest offset any time zone uses, so a day in any zone is a whole
-//! number of buckets), kind, decision, agent, action, task and currency.
+//! number of buckets), kind, decision, agent, action, task, currency and billing period. Each
+//! row sums what the gateways claimed (`cost_micros`) beside what the ledger charged
+//! (`charge_micros`, from the records' `charge`); reports and spend bill the charge.
 
 use std::sync::Arc;
 
@@ -41,6 +43,13 @@ pub fn projection_schema() -> Schema {
         Field::new("output_tokens", DataType::UInt64, true),
         Field::new("cost_micros", DataType::Int64, true),
         text("currency"),
+        // What the ledger charged (the record's `charge`): what reports and spend sum.
+        Field::new("charge_micros", DataType::Int64, true),
+        text("charge_currency"),
+        text("charge_basis"),
+        Field::new("catalog_seq", DataType::UInt64, true),
+        Field::new("billing_period", DataType::Date32, true),
+        Field::new("corrects_period", DataType::Date32, true),
         text("reservation_id"),
         Field::new(
             "attributes",
@@ -74,8 +83,12 @@ pub fn daily_rollup_schema() -> Schema {
         text("agent_id"),
         text("action"),
         text("currency"),
+        Field::new("billing_period", DataType::Date32, true),
+        text("charge_basis"),
+        Field::new("corrects_period", DataType::Date32, true),
         Field::new("events", DataType::Int64, false),
         Field::new("cost_micros", DataType::Int64, false),
+        Field::new("charge_micros", DataType::Int64, false),
         Field::new("input_tokens", DataType::Int64, false),
         Field::new("output_tokens", DataType::Int64, false),
     ])
@@ -95,8 +108,12 @@ pub fn rollup_schema() -> Schema {
         text("action"),
         text("task_id"),
         text("currency"),
+        Field::new("billing_period", DataType::Date32, true),
+        text("charge_basis"),
+        Field::new("corrects_period", DataType::Date32, true),
         Field::new("events", DataType::Int64, false),
         Field::new("cost_micros", DataType::Int64, false),
+        Field::new("charge_micros", DataType::Int64, false),
         Field::new("input_tokens", DataType::Int64, false),
         Field::new("output_tokens", DataType::Int64, false),
     ])

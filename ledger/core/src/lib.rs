@@ -48,5 +48,5 @@ pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
 pub use receipt::Receipt;
-pub use record::{budget_record, conflict_record, event_record, EventInput, EventRecord, EventRecordType, Record, Source};
-pub use tiles::{available_width, TilePath, TILE_WIDTH};
+pub use record::{budget_record, conflict_record, event_record, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source};
+pub use tiles::{available_width, parse_entry_bundle, TilePath, TILE_WIDTH};

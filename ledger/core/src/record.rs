@@ -39,6 +39,50 @@ pub struct EventInput<'a> {
     pub source: &'a Source,
 }
 
+/// What an event was charged, rated once when the ledger appended it (docs/billing.md). Every
+/// reader (budgets, roll-ups, reports, spend, statements) sums this, never re-prices the event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    /// The amount in micro-units of `currency`; never negative.
+    pub micros: i64,
+    /// ISO 4217 code: the event's own for `event`, the price catalog's for `table` and `ceiling`.
+    pub currency: String,
+    pub basis: ChargeBasis,
+    /// For `table` and `ceiling`: the seq of the `config` record (in the same log) whose price
+    /// catalog rated the event, i.e. the catalog version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_seq: Option<u64>,
+    /// The first day of the billing period the charge is billed in, in the tenant's calendar:
+    /// the period the event occurred in, unless that period was already closed by a `statement`.
+    pub period: String,
+    /// For a late event: the first day of the closed period it occurred in. It is billed in the
+    /// open `period` instead, as a correction; a closed period never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrects: Option<String>,
+}
+
+/// Where a charge's amount came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeBasis {
+    /// The gateway's own cost on the event (`cost.amount_micros`).
+    Event,
+    /// The event's tokens × its model's price in the tenant's catalog.
+    Table,
+    /// The event's tokens × the catalog's ceiling price: its model has no price.
+    Ceiling,
+}
+
+impl ChargeBasis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeBasis::Event => "event",
+            ChargeBasis::Table => "table",
+            ChargeBasis::Ceiling => "ceiling",
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct EventRecordOut<'a> {
     seq: u64,
@@ -52,6 +96,9 @@ struct EventRecordOut<'a> {
     /// For `conflict` records: the sequence number of the record holding the first version.
     #[serde(skip_serializing_if = "Option::is_none")]
     conflicts_with_seq: Option<u64>,
+    /// For `event` records with something to charge: what the ledger charged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    charge: Option<&'a Charge>,
 }
 
 fn encode(record: &impl Serialize) -> Result<Vec<u8>> {
@@ -62,8 +109,8 @@ fn encode(record: &impl Serialize) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The entry bytes of an `event` record.
-pub fn event_record(seq: u64, input: EventInput<'_>) -> Result<Vec<u8>> {
+/// The entry bytes of an `event` record, with its charge (`None`: nothing to charge).
+pub fn event_record(seq: u64, input: EventInput<'_>, charge: Option<&Charge>) -> Result<Vec<u8>> {
     encode(&EventRecordOut {
         seq,
         record_type: "event",
@@ -72,6 +119,7 @@ pub fn event_record(seq: u64, input: EventInput<'_>) -> Result<Vec<u8>> {
         payload_sha256: hex::encode(input.payload_sha256),
         source: input.source,
         conflicts_with_seq: None,
+        charge,
     })
 }
 
@@ -86,6 +134,8 @@ pub fn conflict_record(seq: u64, input: EventInput<'_>, first_seq: u64) -> Resul
         payload_sha256: hex::encode(input.payload_sha256),
         source: input.source,
         conflicts_with_seq: Some(first_seq),
+        // Conflicts are never charged: the first record with that key was.
+        charge: None,
     })
 }
 
@@ -96,7 +146,7 @@ pub fn budget_record(record: &impl Serialize) -> Result<Vec<u8>> {
 }
 
 /// The record types of the budget side, in the order docs/records.md lists them.
-const BUDGET_TYPES: [&str; 7] = ["config", "budget", "admission", "release", "freeze", "unfreeze", "flag"];
+const BUDGET_TYPES: [&str; 8] = ["config", "budget", "admission", "release", "freeze", "unfreeze", "flag", "statement"];
 
 /// One decoded record. `B` is what a reader takes from a budget-side record: the full record
 /// (the budget fold), a few members (the projection), or [`serde::de::IgnoredAny`].
@@ -104,7 +154,8 @@ const BUDGET_TYPES: [&str; 7] = ["config", "budget", "admission", "release", "fr
 pub enum Record<B> {
     /// An `event` or `conflict` record (boxed: budget-side readers often take nothing).
     Event(Box<EventRecord>),
-    /// A `config`, `budget`, `admission`, `release`, `freeze`, `unfreeze` or `flag` record.
+    /// A `config`, `budget`, `admission`, `release`, `freeze`, `unfreeze`, `flag` or `statement`
+    /// record.
     Budget(B),
 }
 
@@ -123,6 +174,10 @@ pub struct EventRecord {
     /// For `conflict` records: the sequence number of the record holding the first version.
     #[serde(default)]
     pub conflicts_with_seq: Option<u64>,
+    /// What the event was charged; absent when there was nothing to charge, and in records
+    /// written before rating moved into the log (readers then rate them as budgets did).
+    #[serde(default)]
+    pub charge: Option<Charge>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,8 +229,8 @@ mod tests {
         .unwrap();
         let src = Source::File { file: "in.jsonl".into(), line: 3 };
         let input = EventInput { event: &event, ce_source: None, payload_sha256: &[0xab; 32], source: &src };
-        let a = event_record(7, input).unwrap();
-        let b = event_record(7, input).unwrap();
+        let a = event_record(7, input, None).unwrap();
+        let b = event_record(7, input, None).unwrap();
         assert_eq!(a, b);
         let text = String::from_utf8(a).unwrap();
         assert!(text.starts_with(r#"{"seq":7,"type":"event","event":{"event_id":"e1","tenant_id":"acme","occurred_at":"2026-01-01T00:00:00Z""#), "{text}");
@@ -199,7 +254,7 @@ mod tests {
         assert_eq!(r.payload_sha256, "cd".repeat(32));
         assert_eq!(r.source, src);
         assert_eq!(r.conflicts_with_seq, Some(1));
-        let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(4, &event_record(4, input).unwrap()).unwrap() else { panic!("not an event") };
+        let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(4, &event_record(4, input, None).unwrap()).unwrap() else { panic!("not an event") };
         assert!(!r.is_conflict() && r.conflicts_with_seq.is_none());
     }
 

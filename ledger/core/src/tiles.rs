@@ -15,6 +15,20 @@ use crate::merkle::{Hash, NodeSource};
 
 pub const TILE_WIDTH: u64 = 256;
 
+#[cfg(test)]
+mod bundle_tests {
+    use super::*;
+
+    #[test]
+    fn bundles_parse_back_and_refuse_cut_or_padded_bytes() {
+        let bundle = [&[0u8, 2][..], b"ab", &[0, 0], &[0, 1], b"c"].concat();
+        assert_eq!(parse_entry_bundle(&bundle, 3).unwrap(), vec![b"ab".to_vec(), vec![], b"c".to_vec()]);
+        assert!(parse_entry_bundle(&bundle, 2).unwrap_err().to_string().contains("not 2"));
+        assert!(parse_entry_bundle(&bundle[..bundle.len() - 1], 3).unwrap_err().to_string().contains("remain"));
+        assert!(parse_entry_bundle(&[0], 1).unwrap_err().to_string().contains("cut short"));
+    }
+}
+
 /// A parsed tlog-tiles path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TilePath {
@@ -94,6 +108,27 @@ fn parse_decimal(s: &str) -> Option<u64> {
 pub fn available_width(level: u8, index: u64, size: u64) -> u64 {
     let nodes_at_level = size.checked_shr(8 * u32::from(level)).unwrap_or(0);
     nodes_at_level.saturating_sub(index.saturating_mul(TILE_WIDTH)).min(TILE_WIDTH)
+}
+
+/// The entries of an entry bundle (each `u16 BE length || bytes`, as
+/// [`crate::TenantEntries::entry_bundle`] writes them), which must hold exactly `width`.
+pub fn parse_entry_bundle(bytes: &[u8], width: u64) -> Result<Vec<Vec<u8>>> {
+    let bad = |why: String| Error::BadRecord(format!("entry bundle: {why}"));
+    let mut entries = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let [hi, lo, tail @ ..] = rest else { return Err(bad("a length is cut short".into())) };
+        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+        if tail.len() < len {
+            return Err(bad(format!("entry {} says {len} bytes but {} remain", entries.len(), tail.len())));
+        }
+        entries.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    if entries.len() as u64 != width {
+        return Err(bad(format!("holds {} entries, not {width}", entries.len())));
+    }
+    Ok(entries)
 }
 
 /// The bytes of a hash tile (`width` × 32), if the tree of `size` leaves holds it.

@@ -71,35 +71,57 @@ pub fn expected_rows(first: u64, entries: &[Vec<u8>]) -> Result<arrow_array::Rec
     rows::rows_batch(&rows.iter().collect::<Vec<_>>())
 }
 
-/// The sums per currency of one roll-up file (15-minute or daily; for daily files, of `zone`'s
-/// rows only). Rows without a currency (events that carried no cost) are left out. Reads only
+/// The sums per currency, charge basis (`None`: a cost that was not charged, which only records
+/// from before rating can hold) and correction (whether the charges correct a closed period) of
+/// one roll-up file (15-minute or daily; for daily files,
+/// of `zone`'s rows only; with `billing_period`, of rows charged in the period starting that day
+/// only). Rows without a currency (events with no charge and no cost) are left out. Reads only
 /// the columns it sums.
-pub fn currency_sums(path: &Path, zone: Option<&str>) -> Result<BTreeMap<String, RollupSums>> {
-    use arrow_array::{Array, Int64Array, StringArray};
+pub fn currency_sums(path: &Path, zone: Option<&str>, billing_period: Option<jiff::civil::Date>) -> Result<BTreeMap<SpendKey, RollupSums>> {
+    use arrow_array::{Array, Date32Array, StringArray};
     let bad = |e: &dyn std::fmt::Display| Error::Projection(format!("{}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?;
-    let wanted = ["zone", "currency", "events", "cost_micros", "input_tokens", "output_tokens"];
+    let wanted =
+        ["zone", "currency", "billing_period", "charge_basis", "corrects_period", "events", "cost_micros", "charge_micros", "input_tokens", "output_tokens"];
     let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), wanted.iter().copied());
-    let mut out: BTreeMap<String, RollupSums> = BTreeMap::new();
+    let want_period = billing_period.map(epoch_days);
+    let mut out: BTreeMap<SpendKey, RollupSums> = BTreeMap::new();
     for batch in builder.with_projection(mask).build().map_err(|e| bad(&e))? {
         let batch = batch.map_err(|e| bad(&e))?;
         let text = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-        let num = |name: &str| {
-            batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).ok_or_else(|| bad(&format!("no column {name}")))
-        };
         let currency = text("currency").ok_or_else(|| bad(&"no column currency"))?;
         let zones = text("zone");
-        let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
+        let basis = text("charge_basis").ok_or_else(|| bad(&"no column charge_basis"))?;
+        let corrects = batch.column_by_name("corrects_period").ok_or_else(|| bad(&"no column corrects_period"))?;
+        let period = batch
+            .column_by_name("billing_period")
+            .and_then(|c| c.as_any().downcast_ref::<Date32Array>().cloned())
+            .ok_or_else(|| bad(&"no column billing_period"))?;
+        let sums = rows::SumColumns::of(&batch)?;
         for i in 0..batch.num_rows() {
             if currency.is_null(i) || zone.is_some_and(|z| zones.as_ref().is_none_or(|zs| zs.value(i) != z)) {
                 continue;
             }
-            let sums = RollupSums { events: events.value(i), cost_micros: cost.value(i), input_tokens: input.value(i), output_tokens: output.value(i) };
-            out.entry(currency.value(i).to_string()).or_default().add(sums)?;
+            if want_period.is_some_and(|p| period.is_null(i) || period.value(i) != p) {
+                continue;
+            }
+            let basis = (!basis.is_null(i)).then(|| basis.value(i).to_string());
+            let key = SpendKey { currency: currency.value(i).to_string(), basis, correction: !corrects.is_null(i) };
+            out.entry(key).or_default().add(sums.row(i))?;
         }
     }
     Ok(out)
+}
+
+/// What a spend line is keyed by, besides its tenant and period.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SpendKey {
+    pub currency: String,
+    /// `event`, `table` or `ceiling`; `None` for a cost recorded before rating.
+    pub basis: Option<String>,
+    /// Charges of late events that correct a closed period.
+    pub correction: bool,
 }
 
 /// What one flush did.
@@ -272,8 +294,8 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones
         by_date.entry(row.date()).or_default().push(row);
         if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
             let month = rows::month_of(rows::bucket_of(event.occurred_at));
-            rows::add_event(by_month.entry(month).or_default(), event)?;
-            rows::add_event_daily(&mut daily, zones, event)?;
+            rows::add_event(by_month.entry(month).or_default(), event, row.charge.as_ref())?;
+            rows::add_event_daily(&mut daily, zones, event, row.charge.as_ref())?;
         }
     }
     let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };

@@ -22,7 +22,7 @@ use tally_schemas::{daily_rollup_schema, projection_schema, rollup_schema, Event
 
 use crate::error::{Error, Result};
 use tally_log::merkle::{leaf_hash, Hash};
-use tally_log::{Record, Source};
+use tally_log::{Charge, ChargeBasis, Record, Source};
 
 /// One record, parsed for projection.
 #[derive(Debug, Clone)]
@@ -31,6 +31,8 @@ pub(crate) struct Row {
     pub leaf_hash: Hash,
     pub record_type: String,
     pub event: Option<Event>,
+    /// What an `event` record was charged ([`recorded_charge`]).
+    pub charge: Option<Charge>,
     /// The event's `occurred_at`, or a budget-side record's `at`.
     pub at: Option<Timestamp>,
     pub kafka: Option<KafkaSource>,
@@ -66,13 +68,15 @@ impl Row {
                 };
                 let record_type = if r.is_conflict() { "conflict" } else { "event" }.to_string();
                 let detail = r.conflicts_with_seq.map(|first| format!("{{\"conflicts_with_seq\":{first}}}"));
-                Row { seq, leaf_hash, record_type, at: Some(r.event.occurred_at), event: Some(r.event), kafka, detail }
+                let charge = if r.is_conflict() { None } else { recorded_charge(r.charge, &r.event) };
+                Row { seq, leaf_hash, record_type, at: Some(r.event.occurred_at), event: Some(r.event), charge, kafka, detail }
             }
             Record::Budget(b) => Row {
                 seq,
                 leaf_hash,
                 record_type: b.record_type,
                 event: None,
+                charge: None,
                 at: b.at,
                 kafka: None,
                 detail: Some(String::from_utf8_lossy(entry).into_owned()),
@@ -84,6 +88,33 @@ impl Row {
     pub fn date(&self) -> String {
         self.at.map_or_else(|| "1970-01-01".to_string(), |t| t.strftime("%Y-%m-%d").to_string())
     }
+}
+
+/// An event record's charge as the projection reports it: the one the ledger wrote. A record
+/// from before rating moved into the log has none, and its own cost stands for it (in the UTC
+/// month), which is what reports summed then (docs/billing.md).
+fn recorded_charge(charge: Option<Charge>, event: &Event) -> Option<Charge> {
+    charge.or_else(|| {
+        event.cost.as_ref().map(|c| Charge {
+            micros: c.amount_micros,
+            currency: c.currency.clone(),
+            basis: ChargeBasis::Event,
+            catalog_seq: None,
+            period: event.occurred_at.strftime("%Y-%m-01").to_string(),
+            corrects: None,
+        })
+    })
+}
+
+/// The billing period of a charge as days since 1970-01-01 (`None`: not a date, which the
+/// ledger never writes).
+fn period_days(charge: &Charge) -> Option<i32> {
+    charge.period.parse::<jiff::civil::Date>().ok().map(epoch_days)
+}
+
+/// The closed period a late event's charge corrects, as days since 1970-01-01.
+fn corrects_days(charge: &Charge) -> Option<i32> {
+    charge.corrects.as_deref().and_then(|d| d.parse::<jiff::civil::Date>().ok()).map(epoch_days)
 }
 
 /// The Arrow batch of `rows` (in seq order) under [`projection_schema`].
@@ -103,6 +134,12 @@ pub(crate) fn rows_batch(rows: &[&Row]) -> Result<RecordBatch> {
     let mut output_tokens = UInt64Builder::with_capacity(n);
     let mut cost = Int64Builder::with_capacity(n);
     let mut currency = StringBuilder::new();
+    let mut charge_micros = Int64Builder::with_capacity(n);
+    let mut charge_currency = StringBuilder::new();
+    let mut charge_basis = StringBuilder::new();
+    let mut catalog_seq = UInt64Builder::with_capacity(n);
+    let mut billing_period = Date32Builder::with_capacity(n);
+    let mut corrects_period = Date32Builder::with_capacity(n);
     let mut reservation = StringBuilder::new();
     let mut kafka_partition = Int32Builder::with_capacity(n);
     let mut kafka_offset = Int64Builder::with_capacity(n);
@@ -153,6 +190,13 @@ pub(crate) fn rows_batch(rows: &[&Row]) -> Result<RecordBatch> {
         output_tokens.append_option(e.and_then(|e| e.usage.as_ref()).map(|u| u.output_tokens));
         cost.append_option(e.and_then(|e| e.cost.as_ref()).map(|c| c.amount_micros));
         currency.append_option(e.and_then(|e| e.cost.as_ref()).map(|c| c.currency.as_str()));
+        let charge = row.charge.as_ref();
+        charge_micros.append_option(charge.map(|c| c.micros));
+        charge_currency.append_option(charge.map(|c| c.currency.as_str()));
+        charge_basis.append_option(charge.map(|c| c.basis.as_str()));
+        catalog_seq.append_option(charge.and_then(|c| c.catalog_seq));
+        billing_period.append_option(charge.and_then(period_days));
+        corrects_period.append_option(charge.and_then(corrects_days));
         reservation.append_option(e.and_then(|e| e.reservation_id.as_deref()));
         kafka_partition.append_option(row.kafka.map(|k| k.partition));
         kafka_offset.append_option(row.kafka.map(|k| k.offset));
@@ -174,6 +218,12 @@ pub(crate) fn rows_batch(rows: &[&Row]) -> Result<RecordBatch> {
         Arc::new(output_tokens.finish()),
         Arc::new(cost.finish()),
         Arc::new(currency.finish()),
+        Arc::new(charge_micros.finish()),
+        Arc::new(charge_currency.finish()),
+        Arc::new(charge_basis.finish()),
+        Arc::new(catalog_seq.finish()),
+        Arc::new(billing_period.finish()),
+        Arc::new(corrects_period.finish()),
         Arc::new(reservation.finish()),
         Arc::new(attributes.finish()),
         Arc::new(kafka_partition.finish()),
@@ -207,14 +257,24 @@ pub struct RollupKey {
     pub agent_id: Option<String>,
     pub action: Option<String>,
     pub task_id: Option<String>,
+    /// The charge's currency (the event's cost currency when it has no charge).
     pub currency: Option<String>,
+    /// The first day of the charge's billing period, days since 1970-01-01.
+    pub billing_period: Option<i32>,
+    /// The charge's basis (`event`, `table`, `ceiling`); `None` when nothing was charged.
+    pub charge_basis: Option<String>,
+    /// For a late event's charge: the closed period it corrects, days since 1970-01-01.
+    pub corrects_period: Option<i32>,
 }
 
 /// The sums of a roll-up row.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RollupSums {
     pub events: i64,
+    /// What the gateways claimed (`cost.amount_micros`), beside what was charged.
     pub cost_micros: i64,
+    /// What the ledger charged (the records' `charge.micros`): what reports and spend bill.
+    pub charge_micros: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
 }
@@ -227,10 +287,18 @@ impl RollupSums {
         *self = RollupSums {
             events: sum(self.events, other.events, "event count")?,
             cost_micros: sum(self.cost_micros, other.cost_micros, "cost")?,
+            charge_micros: sum(self.charge_micros, other.charge_micros, "charge")?,
             input_tokens: sum(self.input_tokens, other.input_tokens, "input token")?,
             output_tokens: sum(self.output_tokens, other.output_tokens, "output token")?,
         };
         Ok(())
+    }
+}
+
+impl RollupSums {
+    /// The sums in their column order: events, cost, charge, input and output tokens.
+    pub fn values(&self) -> [i64; 5] {
+        [self.events, self.cost_micros, self.charge_micros, self.input_tokens, self.output_tokens]
     }
 }
 
@@ -242,8 +310,8 @@ pub fn bucket_of(t: Timestamp) -> i64 {
     t.as_second().div_euclid(ROLLUP_BUCKET_SECONDS) * ROLLUP_BUCKET_SECONDS * 1_000_000
 }
 
-/// Adds an event to a roll-up.
-pub fn add_event(rollup: &mut Rollup, event: &Event) -> Result<()> {
+/// Adds an event and its recorded charge to a roll-up.
+pub fn add_event(rollup: &mut Rollup, event: &Event, charge: Option<&Charge>) -> Result<()> {
     let key = RollupKey {
         bucket_start: bucket_of(event.occurred_at),
         kind: event.kind.clone(),
@@ -251,17 +319,27 @@ pub fn add_event(rollup: &mut Rollup, event: &Event) -> Result<()> {
         agent_id: event.agent_id.clone(),
         action: event.action.clone(),
         task_id: event.task_id.clone(),
-        currency: event.cost.as_ref().map(|c| c.currency.clone()),
+        currency: sum_currency(event, charge),
+        billing_period: charge.and_then(period_days),
+        charge_basis: charge.map(|c| c.basis.as_str().to_string()),
+        corrects_period: charge.and_then(corrects_days),
     };
-    rollup.entry(key).or_default().add(event_sums(event))
+    rollup.entry(key).or_default().add(event_sums(event, charge))
+}
+
+/// The currency a roll-up row sums in: the charge's; the cost's when nothing was charged. (A cost
+/// is always charged as itself, so the two agree whenever both exist.)
+fn sum_currency(event: &Event, charge: Option<&Charge>) -> Option<String> {
+    charge.map(|c| c.currency.clone()).or_else(|| event.cost.as_ref().map(|c| c.currency.clone()))
 }
 
 /// What one event adds to a roll-up.
-fn event_sums(event: &Event) -> RollupSums {
+fn event_sums(event: &Event, charge: Option<&Charge>) -> RollupSums {
     let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     RollupSums {
         events: 1,
         cost_micros: event.cost.as_ref().map_or(0, |c| c.amount_micros),
+        charge_micros: charge.map_or(0, |c| c.micros),
         input_tokens: event.usage.as_ref().map_or(0, |u| clamp(u.input_tokens)),
         output_tokens: event.usage.as_ref().map_or(0, |u| clamp(u.output_tokens)),
     }
@@ -276,20 +354,27 @@ pub(crate) fn month_of(bucket_start: i64) -> String {
 pub(crate) fn rollup_batch<'a>(rows: impl Iterator<Item = (&'a RollupKey, &'a RollupSums)>) -> Result<RecordBatch> {
     let schema = Arc::new(rollup_schema());
     let mut bucket = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    let mut text: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
-    let mut sums: Vec<Int64Builder> = (0..4).map(|_| Int64Builder::new()).collect();
+    let mut text: Vec<StringBuilder> = (0..7).map(|_| StringBuilder::new()).collect();
+    let mut period = Date32Builder::new();
+    let mut corrects = Date32Builder::new();
+    let mut sums: Vec<Int64Builder> = (0..5).map(|_| Int64Builder::new()).collect();
     for (k, s) in rows {
         bucket.append_value(k.bucket_start);
         text[0].append_value(&k.kind);
-        for (b, v) in text[1..].iter_mut().zip([&k.decision, &k.agent_id, &k.action, &k.task_id, &k.currency]) {
+        for (b, v) in text[1..].iter_mut().zip([&k.decision, &k.agent_id, &k.action, &k.task_id, &k.currency, &k.charge_basis]) {
             b.append_option(v.as_deref());
         }
-        for (b, v) in sums.iter_mut().zip([s.events, s.cost_micros, s.input_tokens, s.output_tokens]) {
+        period.append_option(k.billing_period);
+        corrects.append_option(k.corrects_period);
+        for (b, v) in sums.iter_mut().zip(s.values()) {
             b.append_value(v);
         }
     }
     let mut columns: Vec<ArrayRef> = vec![Arc::new(bucket.finish())];
-    columns.extend(text.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend(text[..6].iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.push(Arc::new(period.finish()));
+    columns.push(Arc::new(text[6].finish()));
+    columns.push(Arc::new(corrects.finish()));
     columns.extend(sums.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
     RecordBatch::try_new(schema, columns).map_err(|e| Error::Projection(format!("roll-up batch: {e}")))
 }
@@ -300,8 +385,10 @@ pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Res
     let text = |name| column::<StringArray>(batch, name);
     let (kind, decision, agent, action, task, currency) =
         (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("task_id")?, text("currency")?);
-    let num = |name| column::<Int64Array>(batch, name);
-    let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
+    let period = column::<Date32Array>(batch, "billing_period")?;
+    let basis = text("charge_basis")?;
+    let corrects = column::<Date32Array>(batch, "corrects_period")?;
+    let sums = SumColumns::of(batch)?;
     let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
     for i in 0..batch.num_rows() {
         let key = RollupKey {
@@ -312,13 +399,11 @@ pub(crate) fn fold_rollup_batch(rollup: &mut Rollup, batch: &RecordBatch) -> Res
             action: opt(action, i),
             task_id: opt(task, i),
             currency: opt(currency, i),
+            billing_period: (!period.is_null(i)).then(|| period.value(i)),
+            charge_basis: opt(basis, i),
+            corrects_period: (!corrects.is_null(i)).then(|| corrects.value(i)),
         };
-        rollup.entry(key).or_default().add(RollupSums {
-            events: events.value(i),
-            cost_micros: cost.value(i),
-            input_tokens: input.value(i),
-            output_tokens: output.value(i),
-        })?;
+        rollup.entry(key).or_default().add(sums.row(i))?;
     }
     Ok(())
 }
@@ -335,6 +420,12 @@ pub struct DailyKey {
     pub agent_id: Option<String>,
     pub action: Option<String>,
     pub currency: Option<String>,
+    /// The first day of the charge's billing period, days since 1970-01-01.
+    pub billing_period: Option<i32>,
+    /// The charge's basis (`event`, `table`, `ceiling`); `None` when nothing was charged.
+    pub charge_basis: Option<String>,
+    /// For a late event's charge: the closed period it corrects, days since 1970-01-01.
+    pub corrects_period: Option<i32>,
 }
 
 /// Daily roll-up rows by key.
@@ -350,9 +441,10 @@ pub fn from_epoch_days(days: i32) -> Option<jiff::civil::Date> {
     jiff::civil::date(1970, 1, 1).checked_add(jiff::Span::new().days(days)).ok()
 }
 
-/// Adds an event to the daily roll-ups of every zone, keyed by its local date there.
-pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, jiff::tz::TimeZone)], event: &Event) -> Result<()> {
-    let sums = event_sums(event);
+/// Adds an event and its recorded charge to the daily roll-ups of every zone, keyed by its local
+/// date there.
+pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, jiff::tz::TimeZone)], event: &Event, charge: Option<&Charge>) -> Result<()> {
+    let sums = event_sums(event, charge);
     for (name, tz) in zones {
         let date = event.occurred_at.to_zoned(tz.clone()).date();
         let key = DailyKey {
@@ -362,7 +454,10 @@ pub fn add_event_daily(daily: &mut BTreeMap<String, Daily>, zones: &[(String, ji
             decision: event.decision.map(|d| d.as_str().to_string()),
             agent_id: event.agent_id.clone(),
             action: event.action.clone(),
-            currency: event.cost.as_ref().map(|c| c.currency.clone()),
+            currency: sum_currency(event, charge),
+            billing_period: charge.and_then(period_days),
+            charge_basis: charge.map(|c| c.basis.as_str().to_string()),
+            corrects_period: charge.and_then(corrects_days),
         };
         let month = date.strftime("%Y-%m").to_string();
         daily.entry(month).or_default().entry(key).or_default().add(sums)?;
@@ -375,21 +470,28 @@ pub(crate) fn daily_batch<'a>(rows: impl Iterator<Item = (&'a DailyKey, &'a Roll
     let schema = Arc::new(daily_rollup_schema());
     let mut zone = StringBuilder::new();
     let mut date = Date32Builder::new();
-    let mut text: Vec<StringBuilder> = (0..5).map(|_| StringBuilder::new()).collect();
-    let mut sums: Vec<Int64Builder> = (0..4).map(|_| Int64Builder::new()).collect();
+    let mut text: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
+    let mut period = Date32Builder::new();
+    let mut corrects = Date32Builder::new();
+    let mut sums: Vec<Int64Builder> = (0..5).map(|_| Int64Builder::new()).collect();
     for (k, s) in rows {
         zone.append_value(&k.zone);
         date.append_value(k.date);
         text[0].append_value(&k.kind);
-        for (b, v) in text[1..].iter_mut().zip([&k.decision, &k.agent_id, &k.action, &k.currency]) {
+        for (b, v) in text[1..].iter_mut().zip([&k.decision, &k.agent_id, &k.action, &k.currency, &k.charge_basis]) {
             b.append_option(v.as_deref());
         }
-        for (b, v) in sums.iter_mut().zip([s.events, s.cost_micros, s.input_tokens, s.output_tokens]) {
+        period.append_option(k.billing_period);
+        corrects.append_option(k.corrects_period);
+        for (b, v) in sums.iter_mut().zip(s.values()) {
             b.append_value(v);
         }
     }
     let mut columns: Vec<ArrayRef> = vec![Arc::new(zone.finish()), Arc::new(date.finish())];
-    columns.extend(text.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend(text[..5].iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.push(Arc::new(period.finish()));
+    columns.push(Arc::new(text[5].finish()));
+    columns.push(Arc::new(corrects.finish()));
     columns.extend(sums.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
     RecordBatch::try_new(schema, columns).map_err(|e| Error::Projection(format!("daily roll-up batch: {e}")))
 }
@@ -400,8 +502,10 @@ pub(crate) fn fold_daily_batch(daily: &mut Daily, batch: &RecordBatch) -> Result
     let date = column::<Date32Array>(batch, "date")?;
     let text = |name| column::<StringArray>(batch, name);
     let (kind, decision, agent, action, currency) = (text("kind")?, text("decision")?, text("agent_id")?, text("action")?, text("currency")?);
-    let num = |name| column::<Int64Array>(batch, name);
-    let (events, cost, input, output) = (num("events")?, num("cost_micros")?, num("input_tokens")?, num("output_tokens")?);
+    let period = column::<Date32Array>(batch, "billing_period")?;
+    let basis = text("charge_basis")?;
+    let corrects = column::<Date32Array>(batch, "corrects_period")?;
+    let sums = SumColumns::of(batch)?;
     let opt = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
     for i in 0..batch.num_rows() {
         let key = DailyKey {
@@ -412,15 +516,28 @@ pub(crate) fn fold_daily_batch(daily: &mut Daily, batch: &RecordBatch) -> Result
             agent_id: opt(agent, i),
             action: opt(action, i),
             currency: opt(currency, i),
+            billing_period: (!period.is_null(i)).then(|| period.value(i)),
+            charge_basis: opt(basis, i),
+            corrects_period: (!corrects.is_null(i)).then(|| corrects.value(i)),
         };
-        daily.entry(key).or_default().add(RollupSums {
-            events: events.value(i),
-            cost_micros: cost.value(i),
-            input_tokens: input.value(i),
-            output_tokens: output.value(i),
-        })?;
+        daily.entry(key).or_default().add(sums.row(i))?;
     }
     Ok(())
+}
+
+/// The sum columns of a roll-up batch (both kinds), in [`RollupSums::values`] order.
+pub(crate) struct SumColumns<'a>([&'a Int64Array; 5]);
+
+impl<'a> SumColumns<'a> {
+    pub(crate) fn of(batch: &'a RecordBatch) -> Result<Self> {
+        let num = |name| column::<Int64Array>(batch, name);
+        Ok(SumColumns([num("events")?, num("cost_micros")?, num("charge_micros")?, num("input_tokens")?, num("output_tokens")?]))
+    }
+
+    pub(crate) fn row(&self, i: usize) -> RollupSums {
+        let [events, cost_micros, charge_micros, input_tokens, output_tokens] = self.0.map(|c| c.value(i));
+        RollupSums { events, cost_micros, charge_micros, input_tokens, output_tokens }
+    }
 }
 
 fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {

@@ -42,7 +42,7 @@ fn append(log: &mut Ledger, from: u64, to: u64) {
         let e = event(i);
         let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
         let seq = log.next_seq("acme");
-        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
+        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }, None).unwrap()).unwrap();
         if i % 3 == 2 {
             let seq = log.next_seq("acme");
             // A budget record as the ledger service writes it (docs/records.md).
@@ -108,7 +108,9 @@ fn every_record_becomes_one_row_with_its_leaf_hash_and_rollups_sum_the_events() 
     let types: BTreeSet<String> = projected(&root).into_iter().map(|r| r.2).collect();
     assert_eq!(types, ["budget", "event"].into_iter().map(String::from).collect());
     let total = rollup_total(&root);
-    assert_eq!(total, RollupSums { events: 9, cost_micros: (0..9).map(|i| 1000 + i).sum(), input_tokens: 90, output_tokens: 36 });
+    // Records without a `charge` (as before rating) are charged their own cost.
+    let cost: i64 = (0..9).map(|i| 1000 + i).sum();
+    assert_eq!(total, RollupSums { events: 9, cost_micros: cost, charge_micros: cost, input_tokens: 90, output_tokens: 36 });
     let mark = read_watermark(&root, "acme").unwrap();
     assert_eq!(mark.next_seq, 12);
 }
@@ -220,13 +222,13 @@ fn a_watermark_past_the_log_is_an_error_not_silence() {
 
 #[test]
 fn sums_past_64_bits_are_refused_never_wrapped() {
-    let near = RollupSums { events: 1, cost_micros: i64::MAX - 1, input_tokens: 0, output_tokens: 0 };
+    let near = RollupSums { events: 1, cost_micros: i64::MAX - 1, charge_micros: 0, input_tokens: 0, output_tokens: 0 };
     let mut total = near;
-    let err = total.add(RollupSums { events: 1, cost_micros: 2, input_tokens: 0, output_tokens: 0 }).unwrap_err();
+    let err = total.add(RollupSums { events: 1, cost_micros: 2, charge_micros: 0, input_tokens: 0, output_tokens: 0 }).unwrap_err();
     assert!(matches!(err, crate::Error::SumOverflow(_)), "{err}");
     assert!(err.to_string().contains("cost"), "{err}");
     assert_eq!(total, near, "a refused addition leaves the sums as they were");
-    total.add(RollupSums { events: 1, cost_micros: 1, input_tokens: 5, output_tokens: 0 }).unwrap();
+    total.add(RollupSums { events: 1, cost_micros: 1, charge_micros: 0, input_tokens: 5, output_tokens: 0 }).unwrap();
     assert_eq!(total.cost_micros, i64::MAX);
 }
 
@@ -244,7 +246,7 @@ fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
         e.cost.as_mut().unwrap().amount_micros = i64::MAX / 4;
         let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
         let seq = log.next_seq("acme");
-        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }).unwrap()).unwrap();
+        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }, None).unwrap()).unwrap();
         log.commit(None).unwrap();
         p.flush("acme", &log, false).unwrap();
     }

@@ -206,6 +206,13 @@ impl TenantBudget {
         self.has_limits() || !self.quotas.is_empty() || [Unit::Tokens, Unit::Calls].iter().any(|u| self.limits_unit(*u))
     }
 
+    /// Whether the tenant's log needs this budget as a `config` record: it enforces something,
+    /// prices events (a catalog: charges name its record), or bills in a calendar of its own.
+    /// A budget of defaults only is never recorded.
+    pub fn needs_record(&self) -> bool {
+        self.enforces_anything() || !self.prices.is_empty() || self.ceiling.is_some() || self.time_zone != "UTC" || self.period_anchor_day != 1
+    }
+
     /// The limit in `unit` at `level`.
     pub fn unit_limit(&self, unit: Unit, level: Level) -> Option<u64> {
         match (unit, level) {

@@ -4,19 +4,24 @@
 //! * [`window`]: days and periods in the tenant's time zone (DST, short months, anchor days).
 //! * [`config`]: plans, per-tenant overrides and price tables (TOML) → a tenant's effective
 //!   [`TenantBudget`], which `config` records store.
+//! * [`rating`]: what an event is charged, once, when the ledger appends it ([`rate`]).
+//! * [`statement`]: period close, the `statement` record, and recomputing one from entries.
 //! * [`state`]: [`BudgetState`], the fold over a tenant's log; its decisions and the admission
 //!   check. Pure: no I/O and no clock (callers pass `now`).
 
 mod config;
+mod rating;
 mod state;
+mod statement;
 mod window;
 
 pub use config::{BudgetFile, Price, Quota, QuotaSelector, TenantBudget};
+pub use rating::{rate, Catalog};
 pub use state::{
-    charge, Admission, AuthorizeRequest, Basis, BudgetDecision, BudgetRecord, BudgetState, DeniedBy, Flag, FlagKind, Freeze, FreezeScope, Idempotency, Level,
-    LevelState, Release, ReleaseReason, Remembered, Status, Unfreeze, Unit, UnitState, Verdict, FOLD_VERSION, MAX_ACTIVE_FREEZES, MAX_REMEMBERED_KEYS,
-    REMEMBER_KEYS_FOR,
+    Admission, AuthorizeRequest, BudgetDecision, BudgetRecord, BudgetState, DeniedBy, Flag, FlagKind, Freeze, FreezeScope, Idempotency, Level, LevelState,
+    Release, ReleaseReason, Remembered, Status, Unfreeze, Unit, UnitState, Verdict, FOLD_VERSION, MAX_ACTIVE_FREEZES, MAX_REMEMBERED_KEYS, REMEMBER_KEYS_FOR,
 };
+pub use statement::{recompute, verify_statement, Mismatch, Statement, StatementCheck, StatementTotal, VerifiedStatement, MAX_LISTED_STATEMENTS};
 pub use window::Calendar;
 
 #[cfg(test)]

@@ -17,9 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use jiff::civil::Date;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use tally_log::{Charge, ChargeBasis};
 use tally_schemas::Event;
 
 use super::config::{QuotaSelector, TenantBudget};
+use super::rating::{rate, Catalog};
+use super::statement::{OpenPeriods, Statement, MAX_LISTED_STATEMENTS};
 use super::window::Calendar;
 use crate::error::Result;
 
@@ -375,6 +378,11 @@ pub enum BudgetRecord {
         #[serde(flatten)]
         flag: Flag,
     },
+    Statement {
+        seq: u64,
+        #[serde(flatten)]
+        statement: Statement,
+    },
 }
 
 impl BudgetRecord {
@@ -386,42 +394,6 @@ impl BudgetRecord {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
-}
-
-/// How an event's spend was determined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Basis {
-    /// The event carried its cost.
-    Cost,
-    /// Priced from the tenant's table (tokens × model price).
-    Table,
-    /// The model is not in the table: charged at the ceiling price, and flagged.
-    Ceiling,
-    /// Nothing to charge (no cost, no tokens).
-    None,
-    /// The event's cost is in another currency than the budget's: never added to its limits
-    /// (counted in `foreign_currency_events`).
-    ForeignCurrency,
-}
-
-/// What an event costs under `budget`.
-pub fn charge(event: &Event, budget: &TenantBudget) -> (i64, Basis) {
-    if let Some(cost) = &event.cost {
-        // Currencies never mix: a limit is in the budget's currency, and nothing converts.
-        if cost.currency != budget.currency {
-            return (0, Basis::ForeignCurrency);
-        }
-        return (cost.amount_micros, Basis::Cost);
-    }
-    let Some(usage) = &event.usage else { return (0, Basis::None) };
-    match event.action.as_ref().and_then(|model| budget.prices.get(model)) {
-        Some(price) => (price.charge(usage.input_tokens, usage.output_tokens), Basis::Table),
-        None => match &budget.ceiling {
-            Some(ceiling) => (ceiling.charge(usage.input_tokens, usage.output_tokens), Basis::Ceiling),
-            // No budget configured at all: nothing is enforced, so nothing is charged.
-            None => (0, Basis::None),
-        },
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -508,7 +480,9 @@ impl Eq for CalendarCache {}
 /// The rules the fold applies to existing records. A snapshot taken under older rules is not
 /// loaded: the tenant's log is folded again from its start (`PartitionLedger::open`). Version 2:
 /// a cost in another currency than the budget's is no longer charged.
-pub const FOLD_VERSION: u32 = 2;
+/// Version 3: events are charged what their record says (rated once, in the log), and the
+/// state keeps the seq of the `config` in force.
+pub const FOLD_VERSION: u32 = 3;
 
 /// The fold version a snapshot was written under; always written as [`FOLD_VERSION`], read as
 /// stored (absent: 0). Not part of a state's identity.
@@ -540,6 +514,9 @@ pub struct BudgetState {
     #[serde(default)]
     fold_version: FoldVersion,
     budget: Option<TenantBudget>,
+    /// The seq of the `config` record that put `budget` in force: the catalog version.
+    #[serde(default)]
+    config_seq: Option<u64>,
     #[serde(skip)]
     calendar: CalendarCache,
     spent_task: BTreeMap<String, i64>,
@@ -587,6 +564,15 @@ pub struct BudgetState {
     unit_spent: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     unit_reserved: BTreeMap<String, u64>,
+    /// Charges of billing periods not yet closed by a `statement`, by period.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    open_periods: OpenPeriods,
+    /// The latest period a `statement` closed: a charge for it or an earlier one is a correction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    closed_through: Option<Date>,
+    /// Statement seqs by period, the latest `MAX_LISTED_STATEMENTS`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    statements: BTreeMap<Date, u64>,
 }
 
 impl BudgetState {
@@ -688,7 +674,16 @@ impl BudgetState {
         match tally_log::Record::<BudgetRecord>::decode(seq, entry)? {
             // Conflicts are not charged: the first record with that key was.
             tally_log::Record::Event(r) if r.is_conflict() => Ok(Vec::new()),
-            tally_log::Record::Event(r) => Ok(self.apply_event(&r.event)),
+            tally_log::Record::Event(r) => match &r.charge {
+                Some(charge) => Ok(self.apply_event(seq, &r.event, Some(charge))),
+                // Written before rating moved into the log: budgets rate it as they did then, but
+                // no statement bills it (a statement sums recorded charges only, as its verifier
+                // does), so an upgrade opens no past period.
+                None => {
+                    let rated = self.rate(&r.event);
+                    Ok(self.count_event(&r.event, rated.as_ref()))
+                }
+            },
             tally_log::Record::Budget(r) => {
                 self.apply_record(&r);
                 Ok(Vec::new())
@@ -699,8 +694,9 @@ impl BudgetState {
     /// Applies a budget-side record.
     pub fn apply_record(&mut self, record: &BudgetRecord) {
         match record {
-            BudgetRecord::Config { budget, .. } => {
+            BudgetRecord::Config { seq, budget, .. } => {
                 self.budget = Some(budget.clone());
+                self.config_seq = Some(*seq);
                 self.calendar = CalendarCache(budget.calendar().ok());
                 self.quota_used.retain(|key, _| budget.quotas.contains_key(key));
             }
@@ -752,6 +748,14 @@ impl BudgetState {
                 self.freezes.remove(&unfreeze.freeze_id);
             }
             BudgetRecord::Flag { .. } => {}
+            BudgetRecord::Statement { seq, statement } => {
+                self.open_periods.remove(&statement.period);
+                self.closed_through = self.closed_through.max(Some(statement.period));
+                self.statements.insert(statement.period, *seq);
+                while self.statements.len() > MAX_LISTED_STATEMENTS {
+                    self.statements.pop_first();
+                }
+            }
         }
     }
 
@@ -888,20 +892,105 @@ impl BudgetState {
         self.remembered.get(key)
     }
 
-    /// Charges an event in its own day and period (and task); settles its reservation.
-    pub fn apply_event(&mut self, event: &Event) -> Vec<BudgetDecision> {
+    /// The calendar billing periods follow: the budget's, else UTC months.
+    pub fn billing_calendar(&self) -> Calendar {
+        self.calendar().unwrap_or_else(Calendar::utc_months)
+    }
+
+    /// What `event` is charged if the ledger appends it now: rated under the tenant's catalog
+    /// in its billing calendar. An event of a period already closed by a statement (or of an
+    /// earlier one) is billed in the first open period instead, as a correction of its own.
+    /// The ledger writes this into the record.
+    pub fn rate(&self, event: &Event) -> Option<Charge> {
+        let catalog = self.budget.as_ref().zip(self.config_seq).map(|(budget, config_seq)| Catalog { budget, config_seq });
+        let calendar = self.billing_calendar();
+        let mut charge = rate(event, catalog, &calendar)?;
+        if let Some(closed) = self.closed_through.filter(|closed| charge.period.parse::<Date>().is_ok_and(|p| p <= *closed)) {
+            charge.corrects = Some(std::mem::replace(&mut charge.period, calendar.next_period(closed).to_string()));
+        }
+        Some(charge)
+    }
+
+    /// The statements due at `now`: every open period whose end plus `grace` has passed, oldest
+    /// first, each with its `at` (end + grace) and without its `tree_size` (the seq the caller
+    /// appends it at).
+    pub fn statements_due(&self, now: Timestamp, grace: jiff::SignedDuration) -> Vec<Statement> {
+        let calendar = self.billing_calendar();
+        let zone = self.budget.as_ref().map_or("UTC", |b| b.time_zone.as_str()).to_string();
+        self.open_periods
+            .iter()
+            .filter_map(|(period, open)| {
+                // A period at the end of time (an event dated 9999-12) has no end, so never closes.
+                let next = Some(calendar.next_period(*period)).filter(|next| *next != Date::MAX)?;
+                let (start, end) = (calendar.start_of(*period), calendar.start_of(next));
+                let at = end.checked_add(grace).ok()?;
+                (start < end && at <= now).then(|| Statement {
+                    at,
+                    period: *period,
+                    period_start: start,
+                    period_end: end,
+                    time_zone: zone.clone(),
+                    first_seq: open.first_seq,
+                    last_seq: open.last_seq,
+                    tree_size: 0,
+                    totals: open.totals.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// When the earliest open period closes (its end plus `grace`).
+    pub fn next_close(&self, grace: jiff::SignedDuration) -> Option<Timestamp> {
+        let calendar = self.billing_calendar();
+        let period = self.open_periods.keys().next()?;
+        let next = Some(calendar.next_period(*period)).filter(|next| *next != Date::MAX)?;
+        calendar.start_of(next).checked_add(grace).ok()
+    }
+
+    /// The statements still listed, by period: (period, seq).
+    pub fn statements(&self) -> impl Iterator<Item = (Date, u64)> + '_ {
+        self.statements.iter().map(|(p, s)| (*p, *s))
+    }
+
+    /// Counts the event record at `seq` and its recorded `charge`: in the open period it is
+    /// billed in (for the statement), and against the budget in its own day and period (and
+    /// task); settles its reservation. A charge in another currency than the budget's is never
+    /// added to its limits: nothing converts currencies (counted in `foreign_currency_events`).
+    pub fn apply_event(&mut self, seq: u64, event: &Event, charge: Option<&Charge>) -> Vec<BudgetDecision> {
+        if let Some(charge) = charge {
+            // A record naming a period that is not a date cannot be billed; the ledger never
+            // writes one, and the fold must not stop on it.
+            if let Ok(period) = charge.period.parse::<Date>() {
+                self.open_periods.entry(period).or_default().add(seq, charge);
+            }
+        }
+        self.count_event(event, charge)
+    }
+
+    /// [`Self::apply_event`] without the statement: the budget's side only.
+    fn count_event(&mut self, event: &Event, charge: Option<&Charge>) -> Vec<BudgetDecision> {
         if let Some(id) = &event.reservation_id {
             self.remove_reservation(id);
         }
         let (Some(budget), Some(calendar)) = (self.budget.clone(), self.calendar()) else { return Vec::new() };
-        let (micros, basis) = charge(event, &budget);
-        match basis {
-            Basis::Ceiling => self.ceiling_priced += 1,
-            Basis::ForeignCurrency => self.foreign_currency_events += 1,
-            _ => {}
-        }
+        let micros = match charge {
+            Some(c) if c.currency != budget.currency => {
+                self.foreign_currency_events += 1;
+                0
+            }
+            Some(c) => {
+                if c.basis == ChargeBasis::Ceiling {
+                    self.ceiling_priced += 1;
+                }
+                c.micros
+            }
+            None => 0,
+        };
         let at = event.occurred_at;
-        let (day, period) = (calendar.day(at), calendar.period(at));
+        // The period the charge is billed in: its own, or for a late event the open period its
+        // correction lands in, so budgets and statements count the same charge in one place.
+        let period = charge.and_then(|c| c.period.parse::<Date>().ok()).unwrap_or_else(|| calendar.period(at));
+        let day = calendar.day(at);
         // Saturating: a hostile or broken amount near i64::MAX must pin spend at "exhausted",
         // never wrap it negative.
         for spent in [self.spent_day.entry(day).or_default(), self.spent_period.entry(period).or_default()] {

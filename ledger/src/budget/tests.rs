@@ -1,6 +1,7 @@
 //! The budget fold end to end, without I/O: decisions, admissions, expiry, replay.
 
 use jiff::Timestamp;
+use tally_log::ChargeBasis;
 use tally_schemas::Event;
 
 use super::*;
@@ -50,8 +51,9 @@ impl Log {
     fn event(&mut self, e: &Event) -> Vec<BudgetDecision> {
         let source = tally_log::Source::File { file: "test.jsonl".into(), line: self.seq() + 1 };
         let input = tally_log::EventInput { event: e, ce_source: None, payload_sha256: &[0; 32], source: &source };
-        self.entries.push(tally_log::event_record(self.seq(), input).unwrap());
-        let decisions = self.state.apply_event(e);
+        let (seq, charge) = (self.seq(), self.state.rate(e));
+        self.entries.push(tally_log::event_record(seq, input, charge.as_ref()).unwrap());
+        let decisions = self.state.apply_event(seq, e, charge.as_ref());
         for d in &decisions {
             let seq = self.seq();
             self.push_budget(BudgetRecord::Budget { seq, decision: d.clone() });
@@ -191,12 +193,18 @@ fn windows_restore_when_they_end_and_config_changes_take_effect() {
 #[test]
 fn unpriced_calls_use_the_table_or_the_ceiling_never_zero() {
     let b = budget("day_micros = 1_000_000\n");
+    let calendar = b.calendar().unwrap();
+    let catalog = Some(Catalog { budget: &b, config_seq: 4 });
+    let charged = |e: &Event| rate(e, catalog, &calendar).map(|c| (c.micros, c.basis, c.catalog_seq, c.currency, c.period));
     let known = event("e1", "2026-11-02T09:00:00Z", None, r#","action":"gpt-5-mini","usage":{"input_tokens":1000000,"output_tokens":1000}"#);
-    assert_eq!(charge(&known, &b), (250_000 + 2_000, Basis::Table));
+    assert_eq!(charged(&known), Some((250_000 + 2_000, ChargeBasis::Table, Some(4), "USD".into(), "2026-11-01".into())));
     let unknown = event("e2", "2026-11-02T09:00:00Z", None, r#","action":"mystery-9","usage":{"input_tokens":1000,"output_tokens":1000}"#);
-    assert_eq!(charge(&unknown, &b), (10_000 + 30_000, Basis::Ceiling));
+    assert_eq!(charged(&unknown), Some((10_000 + 30_000, ChargeBasis::Ceiling, Some(4), "USD".into(), "2026-11-01".into())));
     let priced = event("e3", "2026-11-02T09:00:00Z", Some(7), r#","action":"mystery-9","usage":{"input_tokens":1000,"output_tokens":1000}"#);
-    assert_eq!(charge(&priced, &b), (7, Basis::Cost));
+    assert_eq!(charged(&priced), Some((7, ChargeBasis::Event, None, "USD".into(), "2026-11-01".into())), "the gateway's own cost comes first");
+    // Without a catalog only a cost is charged; nothing at all is charged as nothing.
+    assert_eq!(rate(&known, None, &calendar), None);
+    assert_eq!(rate(&event("e4", "2026-11-02T09:00:00Z", None, ""), catalog, &calendar), None);
     let mut log = Log::default();
     log.config(b, "2026-11-01T00:00:00Z");
     log.event(&unknown);
@@ -482,6 +490,18 @@ fn ask(task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> AuthorizeReq
 
 impl Log {
     /// The state a restart rebuilds: every entry folded again from the start.
+    /// Appends the statements due at `now` (as the ledger's tick does); returns their seqs.
+    fn close(&mut self, now: &str, grace_hours: i64) -> Vec<u64> {
+        let due = self.state.statements_due(ts(now), jiff::SignedDuration::from_hours(grace_hours));
+        due.into_iter()
+            .map(|statement| {
+                let seq = self.seq();
+                self.push_budget(BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } });
+                seq
+            })
+            .collect()
+    }
+
     fn replayed(&self) -> BudgetState {
         let mut replay = BudgetState::default();
         for (i, entry) in self.entries.iter().enumerate() {
@@ -627,7 +647,8 @@ fn a_cost_in_another_currency_is_never_charged_against_a_limit() {
         br#"{"event_id":"eur","tenant_id":"acme","occurred_at":"2026-11-02T10:00:00Z","kind":"llm_call","cost":{"amount_micros":100,"currency":"EUR"}}"#,
     )
     .unwrap();
-    assert_eq!(charge(&eur, log.state.budget().unwrap()), (0, Basis::ForeignCurrency));
+    let rated = log.state.rate(&eur).unwrap();
+    assert_eq!((rated.micros, rated.currency.as_str(), rated.basis), (100, "EUR", ChargeBasis::Event), "charged in its own currency");
     assert!(log.event(&eur).is_empty(), "no decision: nothing was charged");
     log.event(&event("usd", "2026-11-02T10:00:01Z", Some(5), ""));
     let day = log.state.levels(ts("2026-11-02T10:00:02Z"), None).into_iter().find(|l| l.level == Level::Day).unwrap();
@@ -662,4 +683,232 @@ fn snapshots_carry_the_fold_version() {
     assert!(serde_json::from_value::<BudgetState>(json.clone()).unwrap().is_current_fold());
     json.as_object_mut().unwrap().remove("fold_version");
     assert!(!serde_json::from_value::<BudgetState>(json).unwrap().is_current_fold(), "a snapshot from before versions is refolded");
+}
+
+fn tokens(id: &str, at: &str, model: &str, input: u64, output: u64) -> Event {
+    event(id, at, None, &format!(r#","action":"{model}","usage":{{"input_tokens":{input},"output_tokens":{output}}}"#))
+}
+
+fn statement_at(log: &Log, seq: u64) -> Statement {
+    match tally_log::Record::<BudgetRecord>::decode(seq, &log.entries[seq as usize]).unwrap() {
+        tally_log::Record::Budget(BudgetRecord::Statement { statement, .. }) => statement,
+        other => panic!("not a statement: {other:?}"),
+    }
+}
+
+/// Anchor day 31 in New York (DST ends on 1 November 2026): the period from 31 October runs
+/// from 04:00 UTC (EDT midnight) to 30 November 05:00 UTC (EST midnight). It closes after its
+/// end plus the grace, with its totals; a late event is billed in the open period as a
+/// correction; the statement recomputes from the entries, and fails on changed ones.
+#[test]
+fn a_period_closes_in_the_tenants_calendar_and_late_events_correct_it() {
+    let mut log = Log::default();
+    log.config(budget("period_anchor_day = 31\ntime_zone = \"America/New_York\"\n"), "2026-10-30T00:00:00Z");
+    log.event(&tokens("a", "2026-10-31T04:00:00Z", "gpt-5-mini", 1_000_000, 0)); // 250,000 by the table
+    log.event(&tokens("b", "2026-11-30T04:59:59Z", "mystery", 1_000, 0)); // 10,000 at the ceiling; 23:59:59 EST on the 29th
+    log.event(&event("c", "2026-11-15T12:00:00Z", Some(7), "")); // the gateway's own cost
+    log.event(&tokens("d", "2026-11-30T05:00:00Z", "gpt-5-mini", 4_000_000, 0)); // EST midnight: the next period
+
+    assert!(log.close("2026-11-30T05:59:59Z", 1).is_empty(), "not before the end plus the grace");
+    let seqs = log.close("2026-11-30T06:00:00Z", 1);
+    assert_eq!(seqs.len(), 1);
+    let statement = statement_at(&log, seqs[0]);
+    assert_eq!(statement.period.to_string(), "2026-10-31");
+    assert_eq!((statement.period_start, statement.period_end), (ts("2026-10-31T04:00:00Z"), ts("2026-11-30T05:00:00Z")));
+    assert_eq!((statement.first_seq, statement.last_seq, statement.tree_size, statement.at), (1, 3, seqs[0], ts("2026-11-30T06:00:00Z")));
+    let line = |currency: &str, basis, events, micros| StatementTotal { currency: currency.into(), basis, correction: false, events, micros };
+    assert_eq!(
+        statement.totals,
+        vec![line("USD", ChargeBasis::Event, 1, 7), line("USD", ChargeBasis::Table, 1, 250_000), line("USD", ChargeBasis::Ceiling, 1, 10_000)]
+    );
+    assert!(log.close("2026-12-30T00:00:00Z", 1).is_empty(), "the next period has not ended");
+
+    // A late event of the closed period: billed in the open one, marked as its correction.
+    let late = tokens("late", "2026-11-20T12:00:00Z", "gpt-5-mini", 0, 1_000_000);
+    let charge = log.state.rate(&late).unwrap();
+    assert_eq!((charge.period.as_str(), charge.corrects.as_deref(), charge.micros), ("2026-11-30", Some("2026-10-31"), 2_000_000));
+    log.event(&late);
+    assert_eq!(log.period("2026-12-01T00:00:00Z").spent_micros, 1_000_000 + 2_000_000, "the correction counts in the open period");
+    recompute(&statement, seqs[0], &log.entries).unwrap();
+    assert_eq!(log.replayed(), log.state);
+
+    // The next close carries the correction as its own line.
+    let next = log.close("2026-12-31T06:00:00Z", 1);
+    let december = statement_at(&log, next[0]);
+    assert_eq!(
+        december.totals.iter().map(|t| (t.basis, t.correction, t.micros)).collect::<Vec<_>>(),
+        [(ChargeBasis::Table, false, 1_000_000), (ChargeBasis::Table, true, 2_000_000)]
+    );
+    recompute(&december, next[0], &log.entries).unwrap();
+
+    // Entries that do not add up: a changed charge, a dropped event, a statement moved earlier.
+    let mut changed = log.entries.clone();
+    changed[1] = String::from_utf8(changed[1].clone()).unwrap().replace("\"micros\":250000", "\"micros\":250001").into_bytes();
+    assert!(matches!(recompute(&statement, seqs[0], &changed), Err(Mismatch::Totals { .. })));
+    let mut dropped = log.entries.clone();
+    dropped[3] = String::from_utf8(dropped[3].clone()).unwrap().replace("\"period\":\"2026-10-31\"", "\"period\":\"2026-11-30\"").into_bytes();
+    assert!(recompute(&statement, seqs[0], &dropped).is_err());
+    assert!(matches!(recompute(&statement, 2, &log.entries), Err(Mismatch::AfterClose { .. })));
+}
+
+mod rated_once {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (model, cost (amount, currency), tokens (input, output), agent, seconds into November)
+    type RawEvent = (u8, Option<(i64, u8)>, Option<(u64, u64)>, u8, u32);
+
+    fn arb_event() -> impl Strategy<Value = RawEvent> {
+        (0u8..3, proptest::option::of((0i64..5_000_000, 0u8..2)), proptest::option::of((0u64..2_000_000, 0u64..500_000)), 0u8..2, 0u32..2_592_000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever the events, prices and currencies: the charge in each record is what the
+        /// budget counts (in its own currency only), what the open period's statement lines sum,
+        /// and what both roll-up trees sum per currency.
+        #[test]
+        fn the_recorded_charge_is_what_every_reader_sums(
+            events in proptest::collection::vec(arb_event(), 1..40),
+            price in (1i64..50_000_000, 1i64..50_000_000),
+            currency in 0u8..2,
+        ) {
+            let currencies = ["USD", "EUR"];
+            let extra = format!(
+                "period_micros = 1_000_000_000_000\ncurrency = \"{}\"\n[tenants.acme.prices.\"m0\"]\ninput_per_million_micros = {}\noutput_per_million_micros = {}\n",
+                currencies[currency as usize], price.0, price.1
+            );
+            let mut log = Log::default();
+            log.config(budget(&extra), "2026-10-31T00:00:00Z");
+            let (mut rollup, mut daily) = (tally_projection::Rollup::new(), BTreeMap::new());
+            let zones = [("UTC".to_string(), jiff::tz::TimeZone::UTC)];
+            let mut by_currency: BTreeMap<String, i64> = BTreeMap::new();
+            for (i, (model, cost, usage, agent, secs)) in events.into_iter().enumerate() {
+                let at = ts("2026-11-01T00:00:00Z") + jiff::SignedDuration::from_secs(i64::from(secs));
+                let cost = cost.map(|(m, c)| format!(r#","cost":{{"amount_micros":{m},"currency":"{}"}}"#, currencies[c as usize])).unwrap_or_default();
+                let usage = usage.map(|(i, o)| format!(r#","usage":{{"input_tokens":{i},"output_tokens":{o}}}"#)).unwrap_or_default();
+                let json = format!(r#"{{"event_id":"e{i}","tenant_id":"acme","occurred_at":"{at}","kind":"llm_call","agent_id":"a{agent}","action":"m{model}"{cost}{usage}}}"#);
+                let e = Event::from_json(json.as_bytes()).unwrap();
+                let charge = log.state.rate(&e);
+                log.event(&e);
+                let tally_log::Record::Event(r) = tally_log::Record::<serde::de::IgnoredAny>::decode(log.seq() - 1, log.entries.last().unwrap()).unwrap() else { panic!() };
+                prop_assert_eq!(&r.charge, &charge, "the record holds the charge");
+                tally_projection::add_event(&mut rollup, &e, charge.as_ref()).unwrap();
+                tally_projection::add_event_daily(&mut daily, &zones, &e, charge.as_ref()).unwrap();
+                if let Some(c) = charge {
+                    *by_currency.entry(c.currency).or_default() += c.micros;
+                }
+            }
+            let budget_currency = currencies[currency as usize];
+            let period = log.period("2026-11-15T00:00:00Z");
+            prop_assert_eq!(period.spent_micros, by_currency.get(budget_currency).copied().unwrap_or(0), "the budget counts its own currency only");
+            let statement = log.state.statements_due(ts("2027-01-01T00:00:00Z"), jiff::SignedDuration::ZERO);
+            let mut lines: BTreeMap<String, i64> = BTreeMap::new();
+            for t in statement.iter().flat_map(|s| &s.totals) {
+                *lines.entry(t.currency.clone()).or_default() += t.micros;
+            }
+            prop_assert_eq!(&lines, &by_currency, "statement lines");
+            let mut rolled: BTreeMap<String, i64> = BTreeMap::new();
+            for (k, s) in &rollup {
+                if let Some(c) = &k.currency { *rolled.entry(c.clone()).or_default() += s.charge_micros; }
+            }
+            let nonzero = |m: &BTreeMap<String, i64>| m.iter().filter(|(_, v)| **v != 0).map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>();
+            prop_assert_eq!(nonzero(&rolled), nonzero(&by_currency), "15-minute roll-ups");
+            let mut days: BTreeMap<String, i64> = BTreeMap::new();
+            for (k, s) in daily.values().flatten() {
+                if let Some(c) = &k.currency { *days.entry(c.clone()).or_default() += s.charge_micros; }
+            }
+            prop_assert_eq!(nonzero(&days), nonzero(&by_currency), "daily roll-ups");
+            prop_assert_eq!(log.replayed(), log.state);
+        }
+    }
+}
+
+/// A statement in a real signed log verifies offline from its checkpoint and entry bundle, and
+/// every single-byte change of either fails it.
+#[test]
+fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
+    use tally_log::TenantEntries as _;
+    let mut log = Log::default();
+    log.config(budget(""), "2026-10-31T00:00:00Z");
+    log.event(&tokens("a", "2026-11-02T00:00:00Z", "gpt-5-mini", 1_000, 10));
+    log.event(&event("b", "2026-11-03T00:00:00Z", Some(7), ""));
+    let seq = log.close("2026-12-02T00:00:00Z", 24)[0];
+    log.event(&event("c", "2026-12-05T00:00:00Z", Some(3), ""));
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = tally_log::LedgerKey::generate("tally.example.com").unwrap();
+    let verifier = key.signer_for("acme").unwrap().verifier();
+    let mut ledger = tally_log::Ledger::open(dir.path(), vec![key]).unwrap();
+    for entry in &log.entries {
+        ledger.append("acme", entry).unwrap();
+    }
+    ledger.commit(None).unwrap();
+    let note = ledger.checkpoint_note("acme").unwrap();
+    let bundle = ledger.tenant("acme").entry_bundle(0, log.seq() as u16).unwrap();
+    let run = |note: &str, bundle: &[u8]| verify_statement(&verifier, note, &mut |_, _| Ok(bundle.to_vec()), seq);
+
+    let ok = run(&note, &bundle).unwrap();
+    assert_eq!((ok.tree_size, ok.origin.as_str()), (log.seq(), "tally.example.com/t/acme"));
+    assert_eq!(ok.statement.totals.iter().map(|t| t.micros).sum::<i64>(), 7 + 250 + 20);
+    assert!(matches!(run(&note, &bundle[..bundle.len() - 1]), Err(Mismatch::Bundle { .. })));
+    assert!(matches!(verify_statement(&verifier, &note, &mut |_, _| Ok(bundle.clone()), 1), Err(Mismatch::NotAStatement(1))));
+    // A source that answers with other bytes the second time (the hashed pass) proves nothing.
+    let mut forged = bundle.clone();
+    let at = forged.len() - 1;
+    forged[at] ^= 0x01;
+    let mut reads = 0;
+    let mut two_faced = |_, _| {
+        reads += 1;
+        Ok(if reads == 1 { bundle.clone() } else { forged.clone() })
+    };
+    assert!(verify_statement(&verifier, &note, &mut two_faced, seq).is_err());
+    for i in 0..bundle.len() {
+        let mut changed = bundle.clone();
+        changed[i] ^= 0x01;
+        assert!(run(&note, &changed).is_err(), "a changed byte {i} of the bundle verified");
+    }
+    for i in 0..note.len() {
+        let mut changed = note.clone().into_bytes();
+        changed[i] ^= 0x01;
+        if let Ok(changed) = String::from_utf8(changed) {
+            assert!(run(&changed, &bundle).is_err(), "a changed byte {i} of the checkpoint verified");
+        }
+    }
+}
+
+/// A record from before rating (no `charge`) still counts against the budget as it did, but no
+/// statement bills it: statements sum recorded charges only, as their verifier does, so an
+/// upgrade opens no past period.
+#[test]
+fn records_from_before_rating_count_against_budgets_but_open_no_statement() {
+    let mut log = Log::default();
+    log.config(budget("period_micros = 10_000_000\n"), "2026-10-31T00:00:00Z");
+    let old = tokens("old", "2026-11-02T09:00:00Z", "gpt-5-mini", 1_000_000, 0);
+    let source = tally_log::Source::File { file: "old.jsonl".into(), line: 1 };
+    let input = tally_log::EventInput { event: &old, ce_source: None, payload_sha256: &[0; 32], source: &source };
+    log.entries.push(tally_log::event_record(log.seq(), input, None).unwrap());
+    let state = log.replayed();
+    let period = state.levels(ts("2026-11-03T00:00:00Z"), None).into_iter().find(|l| l.level == Level::Period).unwrap();
+    assert_eq!(period.spent_micros, 250_000, "rated from the table, as budgets did");
+    assert!(state.statements_due(ts("2027-06-01T00:00:00Z"), jiff::SignedDuration::ZERO).is_empty());
+}
+
+/// An event dated at the end of time opens a period that never closes, and never disturbs the
+/// closing of the periods before it: November still closes alone, and December's events are not
+/// corrections of anything.
+#[test]
+fn an_event_dated_9999_never_closes_and_never_disturbs_billing() {
+    let mut log = Log::default();
+    log.config(budget(""), "2026-10-31T00:00:00Z");
+    log.event(&event("far", "9999-12-15T00:00:00Z", Some(5), ""));
+    log.event(&event("nov", "2026-11-02T00:00:00Z", Some(7), ""));
+    let due = log.state.statements_due(Timestamp::MAX, jiff::SignedDuration::ZERO);
+    assert_eq!(due.iter().map(|s| s.period.to_string()).collect::<Vec<_>>(), ["2026-11-01"], "{due:?}");
+    log.close("2026-12-02T00:00:00Z", 24);
+    let dec = log.state.rate(&event("dec", "2026-12-05T00:00:00Z", Some(3), "")).unwrap();
+    assert_eq!((dec.period.as_str(), dec.corrects), ("2026-12-01", None));
 }

@@ -27,6 +27,11 @@ impl Calendar {
         Ok(Calendar { tz, anchor_day: anchor_day as i8 })
     }
 
+    /// The calendar of a tenant without a budget: UTC, periods from the 1st (calendar months).
+    pub fn utc_months() -> Self {
+        Calendar { tz: TimeZone::UTC, anchor_day: 1 }
+    }
+
     /// The local calendar day of `at`.
     pub fn day(&self, at: Timestamp) -> Date {
         at.to_zoned(self.tz.clone()).date()
@@ -52,9 +57,13 @@ impl Calendar {
         self.anchor_in(y, m)
     }
 
-    /// The first day of the period after the one starting on `start`.
+    /// The first day of the period after the one starting on `start`; [`Date::MAX`] past the
+    /// last month a date can name (never a day before `start`).
     pub fn next_period(&self, start: Date) -> Date {
         let (y, m) = if start.month() == 12 { (start.year() + 1, 1) } else { (start.year(), start.month() + 1) };
+        if Date::new(y, m, 1).is_err() {
+            return Date::MAX;
+        }
         self.anchor_in(y, m)
     }
 
@@ -208,6 +217,9 @@ mod tests {
     fn bad_settings_are_named() {
         assert!(Calendar::new("Mars/Olympus", 1).unwrap_err().to_string().contains("Mars/Olympus"));
         assert!(Calendar::new("UTC", 0).unwrap_err().to_string().contains("period_anchor_day"));
+        // The last period a date can name ends at the end of time, never back at year 0.
+        let last = Calendar::new("UTC", 1).unwrap().next_period(jiff::civil::date(9999, 12, 1));
+        assert_eq!(last, Date::MAX);
         assert!(Calendar::new("UTC", 32).unwrap_err().to_string().contains("period_anchor_day"));
     }
 }

@@ -60,6 +60,10 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     let budget_reads = Router::new()
         .route("/v1/tenants/{tenant}/budget", get(budget_state))
         .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::ReadBudget), tenant_access));
+    // Statements are bills: whoever reads the tenant's costs (billing included) reads them.
+    let statements = Router::new()
+        .route("/v1/tenants/{tenant}/statements", get(statements))
+        .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::ReadCosts), tenant_access));
     // Writes: reserving or releasing a tenant's budget spends its money, so reading it is not enough.
     let per_tenant_writes = Router::new()
         .route("/v1/tenants/{tenant}/budget/authorize", post(authorize))
@@ -78,6 +82,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(per_tenant)
         .merge(budget_reads)
+        .merge(statements)
         .merge(per_tenant_writes)
         .merge(freezes)
         .merge(metrics)
@@ -286,6 +291,27 @@ async fn tile(State(shared): State<Arc<Shared>>, ApiPath((tenant, rest)): ApiPat
 async fn record(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
     let entry = with_tenant(&shared, &tenant, |l| l.tenant(&tenant).entry(seq))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], entry).into_response())
+}
+
+/// The tenant's committed `statement` records (closed billing periods), oldest first, as stored:
+/// `{"tenant_id": …, "statements": [<record>, …]}`. A statement's receipt proves it.
+async fn statements(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>) -> ApiResult {
+    let records = with_partition(&shared, &tenant, |p| {
+        let committed = p.committed_size(&tenant);
+        let seqs: Vec<u64> = p.budget(&tenant).map(|s| s.statements().map(|(_, seq)| seq).filter(|seq| *seq < committed).collect()).unwrap_or_default();
+        let log = p.ledger().tenant(&tenant);
+        Ok(seqs.into_iter().map(|seq| log.entry(seq)).collect::<tally_log::Result<Vec<Vec<u8>>>>()?)
+    })?;
+    // Each record is canonical JSON already: embedded as stored, so its bytes hash to its leaf.
+    let mut body = format!("{{\"tenant_id\":{},\"statements\":[", serde_json::Value::String(tenant));
+    for (i, record) in records.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&String::from_utf8_lossy(record));
+    }
+    body.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn receipt(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
@@ -875,6 +901,7 @@ mod tests {
             advertise_url: "http://127.0.0.1:1".into(),
             projection_interval: std::time::Duration::from_secs(1),
             report_zones: Vec::new(),
+            statement_grace: Some(jiff::SignedDuration::from_hours(24)),
             budget_outbox: Default::default(),
             publish_soon: tokio::sync::Notify::new(),
             dlq_stalled: Mutex::new(None),
@@ -1262,6 +1289,29 @@ mod tests {
         assert!(!fresh.replayed && fresh.seq > first.seq);
     }
 
+    /// The fixture's events are of November 2026, long closed: the first admission's settling
+    /// appends the statement, and the route lists it once committed, as stored, to the tenant
+    /// and to billing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statements_list_the_closed_periods_as_stored() {
+        let f = fixture();
+        let (_, before, _) = call(&f.app, "/v1/tenants/acme/statements", Some(&f.acme)).await;
+        assert_eq!(before, r#"{"tenant_id":"acme","statements":[]}"#);
+        post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
+        let (status, body, doc) = call(&f.app, "/v1/tenants/acme/statements", Some(&f.billing)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let statements = doc["statements"].as_array().unwrap();
+        assert_eq!(statements.len(), 1, "{body}");
+        let s = &statements[0];
+        assert_eq!(
+            (s["period"].as_str(), s["first_seq"].as_u64(), s["last_seq"].as_u64(), s["tree_size"].as_u64()),
+            (Some("2026-11-01"), Some(0), Some(1), Some(3))
+        );
+        assert_eq!(s["totals"], serde_json::json!([{"currency": "USD", "basis": "event", "events": 2, "micros": 10}]));
+        let (_, record, _) = call(&f.app, "/v1/tenants/acme/records/3", Some(&f.admin)).await;
+        assert!(body.contains(&record), "listed as stored: {record}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_expired_reservation_never_causes_a_denial() {
         let f = fixture();
@@ -1271,8 +1321,9 @@ mod tests {
         assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, small.clone()).await.1["decision"], "deny");
         tokio::time::sleep(std::time::Duration::from_millis(80)).await;
         assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, small).await.1["decision"], "allow");
-        // The expiry is on the record, before the admission it made room for.
-        let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/5", Some(&f.admin)).await;
+        // The expiry is on the record, before the admission it made room for (after the config,
+        // November's statement, and the two admissions: the fixture's events are of November).
+        let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/6", Some(&f.admin)).await;
         assert!(body.contains(r#""type":"release""#) && body.contains(r#""reason":"expired""#), "{body}");
     }
 
@@ -1407,12 +1458,13 @@ mod tests {
             let (s2, e2) = send(&f.app, "POST", "/v1/tenants/nosuch/budget/authorize", Some(token), Some(authorize)).await;
             assert_eq!((s1, &e1), (s2, &e2));
         }
-        // Only the allowed writes were recorded: acme's two events, its budget config, one
+        // Only the allowed writes were recorded: acme's two events, its budget config, the
+        // statement closing November (its events' month, closed at the first admission), one
         // admission each by acme, the gateway and admin, and one freeze (admin's freeze of the
         // same scope is acme's, not a second record); globex, which only refused callers wrote
         // to, is as it was.
         let (_, body, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.admin)).await;
-        assert!(body.starts_with("tally.example.com/t/acme\n7\n"), "{body}");
+        assert!(body.starts_with("tally.example.com/t/acme\n8\n"), "{body}");
         let (_, body, _) = call(&f.app, "/t/globex/checkpoint", Some(&f.admin)).await;
         assert!(body.starts_with("tally.example.com/t/globex\n1\n"), "{body}");
     }
@@ -1428,7 +1480,7 @@ mod tests {
     }
 
     /// Every route of the API (`{t}` for the tenant) and who may call it (docs/http-api.md).
-    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 15] {
+    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 16] {
         use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
         // Scoped to a task nobody runs, so the walk's later authorizes are not denied by it.
         let freeze = r#"{"reason":"matrix walk","scope":{"task_id":"walk"}}"#;
@@ -1442,6 +1494,7 @@ mod tests {
             ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/v1/tenants/{t}/budget", None, /*                        */ [A, F, A, F, A, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/statements", None, /*                    */ [A, F, A, F, F, F, A, F, A, E, U]),
             ("POST", "/v1/tenants/{t}/budget/authorize", Some(authorize), /*  */ [A, F, F, F, A, F, F, F, A, E, U]),
             ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, A, F, F, F, A, E, U]),
             ("POST", "/v1/tenants/{t}/freeze", Some(freeze), /*               */ [A, F, F, F, F, F, F, F, A, E, U]),

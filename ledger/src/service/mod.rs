@@ -97,7 +97,27 @@ pub struct ServiceConfig {
     /// its roll-ups cover the whole log.
     #[serde(default = "default_report_time_zones")]
     pub report_time_zones: Vec<String>,
+    /// How long after a tenant's billing period ends its `statement` closes it: events of the
+    /// period that arrive later are billed in the open period as corrections (docs/billing.md).
+    #[serde(default = "default_statement_grace_ms")]
+    pub statement_grace_ms: u64,
+    /// Whether billing periods are closed by `statement` records (default true). `false` for a
+    /// ledger that only audits: no period ever closes, and no late event is a correction.
+    #[serde(default = "default_statements")]
+    pub statements: bool,
 }
+
+fn default_statements() -> bool {
+    true
+}
+
+/// A day: gateways that buffer through an outage deliver late, and a closed period never changes.
+fn default_statement_grace_ms() -> u64 {
+    86_400_000
+}
+
+/// The longest grace: a period's bill must close within the next period.
+const MAX_STATEMENT_GRACE_MS: u64 = 28 * 86_400_000;
 
 /// How a ledger instance gets its partitions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -149,6 +169,9 @@ impl ServiceConfig {
         }
         if self.commit_interval_ms == 0 || self.commit_interval_ms > 60_000 {
             return Err(Error::BadKey(format!("ledger.commit_interval_ms = {} must be 1..=60000", self.commit_interval_ms)));
+        }
+        if self.statement_grace_ms > MAX_STATEMENT_GRACE_MS {
+            return Err(Error::BadKey(format!("ledger.statement_grace_ms = {} must be at most {MAX_STATEMENT_GRACE_MS} (28 days)", self.statement_grace_ms)));
         }
         if self.projection_interval_ms > 60_000 {
             return Err(Error::BadKey(format!("ledger.projection_interval_ms = {} must be at most 60000", self.projection_interval_ms)));
@@ -245,6 +268,8 @@ pub struct Shared {
     advertise_url: String,
     projection_interval: Duration,
     report_zones: Vec<(String, jiff::tz::TimeZone)>,
+    /// `statement_grace_ms` for every partition opened here; `None` with `statements = false`.
+    statement_grace: Option<jiff::SignedDuration>,
     /// Budget states waiting for the budget topic.
     budget_outbox: BudgetOutbox,
     /// Asks the consume loop to take budget changes, commit and publish at once (a freeze must
@@ -499,6 +524,7 @@ impl PartitionSink for Sink {
         match opened {
             Ok(mut p) => {
                 p.set_budget_file(self.0.budgets.current());
+                p.set_statement_grace(self.0.statement_grace);
                 let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
                 // The budget topic may lack the last states of this partition's tenants (lost in
                 // a crash, or never sent by a previous owner): publish them again. The topic is
@@ -677,6 +703,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         advertise_url,
         projection_interval: Duration::from_millis(config.projection_interval_ms),
         report_zones: tally_projection::report_zones(&config.report_time_zones)?,
+        statement_grace: config.statements.then(|| jiff::SignedDuration::from_millis(config.statement_grace_ms as i64)),
         budget_outbox: BudgetOutbox::default(),
         publish_soon: tokio::sync::Notify::new(),
         dlq_stalled: Mutex::new(None),

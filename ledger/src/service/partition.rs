@@ -37,7 +37,7 @@ use super::store::{Batch, DedupKey, PartitionStore, Seen};
 pub use crate::budget::AuthorizeRequest;
 use crate::budget::{
     Admission, BudgetDecision, BudgetFile, BudgetRecord, BudgetState, DeniedBy, Flag, FlagKind, Freeze, FreezeScope, Idempotency, Release, ReleaseReason,
-    Unfreeze, Verdict, MAX_ACTIVE_FREEZES,
+    Statement, Unfreeze, Verdict, MAX_ACTIVE_FREEZES,
 };
 use crate::error::{Error, Result};
 use serde::de::IgnoredAny;
@@ -114,6 +114,12 @@ pub struct PartitionLedger {
     budget_stale: BTreeSet<String>,
     /// Tenants to compare with a newly loaded budgets file at the next tick.
     config_pending: BTreeSet<String>,
+    /// When each tenant's earliest open billing period closes (end + grace), both ways: the
+    /// tick takes the due ones from the front without scanning every tenant.
+    closes: BTreeSet<(Timestamp, String)>,
+    close_of: HashMap<String, Timestamp>,
+    /// `statement_grace_ms` (default a day); `None` when `statements = false`: no period closes.
+    statement_grace: Option<jiff::SignedDuration>,
     /// Effective budgets resolved from `budget_file`, per tenant.
     effective: HashMap<String, crate::budget::TenantBudget>,
     /// Tenants whose committed records may not all be projected yet.
@@ -235,6 +241,9 @@ impl PartitionLedger {
             store.commit(&catch_up)?;
         }
         let unprojected: BTreeSet<String> = tenant_ids.into_iter().collect();
+        let statement_grace = Some(jiff::SignedDuration::from_hours(24));
+        let close_of: HashMap<String, Timestamp> = budgets.iter().filter_map(|(t, s)| Some((t.clone(), s.next_close(statement_grace?)?))).collect();
+        let closes = close_of.iter().map(|(t, at)| (*at, t.clone())).collect();
         let open_ms = started.elapsed().as_millis() as u64;
         tracing::info!(topic, partition, ?next_offset, tenants = ledger.tenant_count(), replayed, open_ms, "partition state opened");
         Ok(PartitionLedger {
@@ -257,8 +266,11 @@ impl PartitionLedger {
             budget_file: None,
             budget_changed: BTreeSet::new(),
             budget_stale,
-            config_pending: BTreeSet::new(),
             effective: HashMap::new(),
+            config_pending: BTreeSet::new(),
+            closes,
+            close_of,
+            statement_grace,
             unprojected,
             closed: false,
             failed: false,
@@ -372,10 +384,15 @@ impl PartitionLedger {
                 // gives byte-identical logs.
                 let at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
                 self.ensure_config(&tenant, at)?;
+                // Rated once, here, under the catalog just ensured; every reader sums this charge.
+                let charge = self.budgets.get(&tenant).map_or_else(|| BudgetState::default().rate(&decoded.event), |s| s.rate(&decoded.event));
                 let seq = self.ledger.next_seq(&tenant);
-                self.ledger.append(&tenant, &event_record(seq, input)?)?;
+                self.ledger.append(&tenant, &event_record(seq, input, charge.as_ref())?)?;
                 self.pending.insert(key, Seen { content, seq });
-                self.after_event(&tenant, &decoded.event, seq)?;
+                self.after_event(&tenant, &decoded.event, charge.as_ref(), seq)?;
+                if charge.is_some() {
+                    self.schedule_close(&tenant);
+                }
                 Applied::Appended { tenant: tenant.clone(), seq }
             }
         };
@@ -417,22 +434,24 @@ impl PartitionLedger {
         }
         let Some(effective) = self.effective.get(tenant) else { return Ok(()) };
         let current = self.budgets.get(tenant).and_then(BudgetState::budget);
-        if current != Some(effective) && (effective.enforces_anything() || current.is_some()) {
+        if current != Some(effective) && (effective.needs_record() || current.is_some()) {
             let effective = effective.clone();
             self.append_budget(tenant, |seq| BudgetRecord::Config { seq, at: now, budget: effective })?;
+            // Its calendar may differ: the close of its open period moves with it.
+            self.schedule_close(tenant);
         }
         Ok(())
     }
 
     /// Charges an appended event (at `event_seq`) and appends the decisions it triggers, and a
     /// `flag` if it arrived inside an active freeze.
-    fn after_event(&mut self, tenant: &str, event: &Event, event_seq: u64) -> Result<()> {
+    fn after_event(&mut self, tenant: &str, event: &Event, charge: Option<&tally_log::Charge>, event_seq: u64) -> Result<()> {
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let frozen = state.freeze_covering(event.agent_id.as_deref(), event.action.as_deref(), event.task_id.as_deref()).map(|f| f.freeze_id.clone());
         // The task of the reservation this event settles (if the tenant holds it): its reserved
         // amount drops, so its key is published again.
         let settled_task = event.reservation_id.as_deref().and_then(|id| state.reservation_task(id)).map(str::to_string);
-        let decisions = state.apply_event(event);
+        let decisions = state.apply_event(event_seq, event, charge);
         if state.budget().is_some() || event.reservation_id.is_some() {
             self.budget_changed.insert((tenant.to_string(), None));
             if let Some(task) = event.task_id.clone().filter(|_| state.budget().is_some_and(|b| b.task_micros.is_some())) {
@@ -454,18 +473,51 @@ impl PartitionLedger {
     }
 
     /// Uses `file` for budgets from now on (a reload): tenants whose effective budget changed
-    /// get a `config` record (and `restored` where a limit was lifted) at the next [`Self::tick`].
+    /// get a `config` record (and `restored` where a limit was lifted) at the next [`Self::tick`],
+    /// timed by it. A reload is an input of its own, not in the topic, and the budget topic must
+    /// show a raised limit without waiting for the tenant's next call (a gateway that trusts an
+    /// `exceeded` state might never make one).
     pub fn set_budget_file(&mut self, file: Option<Arc<BudgetFile>>) {
         self.budget_file = file;
         self.effective.clear();
         self.config_pending = self.budgets.keys().cloned().collect();
     }
 
-    /// Time-driven records for every tenant at `now`: new configs, expired reservations,
-    /// restorations of ended windows. Returns how many records were appended.
+    /// Uses `grace` between a billing period's end and its statement from now on.
+    /// (`None`: periods are never closed.)
+    pub fn set_statement_grace(&mut self, grace: Option<jiff::SignedDuration>) {
+        self.statement_grace = grace;
+        let tenants: Vec<String> = self.budgets.keys().cloned().collect();
+        for tenant in tenants {
+            self.schedule_close(&tenant);
+        }
+    }
+
+    /// Files the tenant's next period close (or none) where the tick finds it.
+    fn schedule_close(&mut self, tenant: &str) {
+        let next = self.statement_grace.and_then(|grace| self.budgets.get(tenant)?.next_close(grace));
+        if self.close_of.get(tenant) == next.as_ref() {
+            return;
+        }
+        if let Some(old) = self.close_of.remove(tenant) {
+            self.closes.remove(&(old, tenant.to_string()));
+        }
+        if let Some(at) = next {
+            self.close_of.insert(tenant.to_string(), at);
+            self.closes.insert((at, tenant.to_string()));
+        }
+    }
+
+    /// Time-driven records for every tenant at `now`: new configs after a reload, expired
+    /// reservations, restorations of ended windows and statements of closed billing periods. Returns how many records were
+    /// appended.
     pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
         let mut tenants = std::mem::take(&mut self.config_pending);
         tenants.extend(self.budgets.iter().filter(|(_, s)| s.next_wakeup().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()));
+        // At most this many closes per tick: a month's end closes every tenant at once, and the
+        // tick runs under the partition's lock; the rest follow at the next ticks.
+        const CLOSES_PER_TICK: usize = 1_000;
+        tenants.extend(self.closes.iter().take_while(|(at, _)| *at <= now).take(CLOSES_PER_TICK).map(|(_, t)| t.clone()));
         let mut appended = 0;
         for tenant in tenants {
             appended += self.settle_time(&tenant, now)?;
@@ -486,6 +538,17 @@ impl PartitionLedger {
         for decision in due {
             self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
         }
+        let closing = match (self.statement_grace, self.budgets.get(tenant)) {
+            (Some(grace), Some(state)) => state.statements_due(now, grace),
+            _ => Vec::new(),
+        };
+        for statement in closing {
+            let seq = self.append_budget(tenant, |seq| BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } })?;
+            tracing::info!(tenant, seq, "billing period closed by a statement");
+        }
+        // Always: a config may have moved the close (another calendar), and a tenant the tick
+        // took at a stale time must not be taken again at every tick.
+        self.schedule_close(tenant);
         Ok((self.ledger.next_seq(tenant) - before) as usize)
     }
 
@@ -966,6 +1029,84 @@ mod tests {
         p.tick(now + jiff::SignedDuration::from_secs(1)).unwrap();
         let changed = p.take_budget_changes();
         assert!(changed.contains(&("newco".to_string(), Some("run-1".to_string()))), "{changed:?}");
+    }
+
+    fn priced_delivery(offset: i64, id: &str, at: &str, input_tokens: u64) -> Delivery {
+        json_delivery(
+            offset,
+            "acme",
+            format!(
+                r#"{{"event_id":"{id}","tenant_id":"acme","occurred_at":"{at}","kind":"llm_call","action":"m","usage":{{"input_tokens":{input_tokens},"output_tokens":0}}}}"#
+            ),
+        )
+    }
+
+    fn catalog(price: i64) -> Arc<BudgetFile> {
+        let text = format!("[tenants.acme]\nceiling = {{ input_per_million_micros = 1, output_per_million_micros = 1 }}\n[tenants.acme.prices.m]\ninput_per_million_micros = {price}\noutput_per_million_micros = 0\n");
+        Arc::new(toml::from_str(&text).unwrap())
+    }
+
+    /// Replaying the same deliveries with budgets configured writes byte-identical logs however
+    /// the ticks fall: a `config` an event brings in takes its time from the event's message,
+    /// never the clock. A reload is an input of its own: its `config` is timed by the tick that
+    /// applies it, and the events after it are rated under the new catalog version.
+    #[test]
+    fn replaying_with_budgets_writes_the_same_bytes_and_a_reload_is_a_new_catalog() {
+        let mut runs = Vec::new();
+        for (run, tick_at) in [(0, "2026-11-02T10:00:00Z"), (1, "2026-11-20T17:00:00Z")] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
+            p.set_budget_file(Some(catalog(2_000_000)));
+            p.tick(tick_at.parse::<Timestamp>().unwrap() - jiff::SignedDuration::from_secs(run * 3_600)).unwrap();
+            p.apply(&priced_delivery(0, "e0", "2026-11-02T09:00:00Z", 1_000)).unwrap();
+            p.tick(tick_at.parse().unwrap()).unwrap();
+            p.apply(&priced_delivery(1, "e1", "2026-11-02T09:05:00Z", 1_000)).unwrap();
+            p.commit().unwrap();
+            let log = p.ledger().tenant("acme");
+            runs.push((0..p.committed_size("acme")).map(|seq| log.entry(seq).unwrap()).collect::<Vec<_>>());
+        }
+        assert_eq!(runs[0], runs[1], "the same bytes whatever the ticks");
+        let text: Vec<String> = runs[0].iter().map(|e| String::from_utf8(e.clone()).unwrap()).collect();
+        assert_eq!(text.len(), 3, "config, event, event: {text:#?}");
+        assert!(text[0].starts_with(r#"{"type":"config","seq":0,"at":"2023-11-14T22:13:20Z""#), "the message's timestamp: {}", text[0]);
+        assert!(text[1].contains(r#""charge":{"micros":2000,"currency":"USD","basis":"table","catalog_seq":0,"period":"2026-11-01"}"#), "{}", text[1]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
+        p.set_budget_file(Some(catalog(2_000_000)));
+        p.apply(&priced_delivery(0, "e0", "2026-11-02T09:00:00Z", 1_000)).unwrap();
+        p.set_budget_file(Some(catalog(3_000_000)));
+        assert_eq!(p.tick("2026-11-02T09:01:00Z".parse().unwrap()).unwrap(), 1, "the reload's config, at the tick");
+        p.apply(&priced_delivery(1, "e1", "2026-11-02T09:05:00Z", 1_000)).unwrap();
+        p.commit().unwrap();
+        let log = p.ledger().tenant("acme");
+        let text: Vec<String> = (0..3).map(|seq| String::from_utf8(log.entry(seq).unwrap()).unwrap()).collect();
+        assert!(text[2].starts_with(r#"{"type":"config","seq":2,"at":"2026-11-02T09:01:00Z""#), "{}", text[2]);
+        let e1 = String::from_utf8(log.entry(3).unwrap()).unwrap();
+        assert!(e1.contains(r#""charge":{"micros":3000,"currency":"USD","basis":"table","catalog_seq":2,"#), "{e1}");
+    }
+
+    /// The tick closes a period once it has ended plus the grace, with a `statement` that
+    /// survives a reopen; a later event of that period is billed in the open one as a correction.
+    #[test]
+    fn the_tick_closes_a_period_and_a_late_event_corrects_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        p.set_budget_file(Some(catalog(2_000_000)));
+        p.set_statement_grace(Some(jiff::SignedDuration::from_hours(2)));
+        p.apply(&priced_delivery(0, "e0", "2026-11-30T23:00:00Z", 1_000)).unwrap();
+        assert_eq!(p.tick("2026-12-01T01:59:59Z".parse().unwrap()).unwrap(), 0, "within the grace");
+        assert_eq!(p.tick("2026-12-01T02:00:00Z".parse().unwrap()).unwrap(), 1);
+        let listed: Vec<(jiff::civil::Date, u64)> = p.budget("acme").unwrap().statements().collect();
+        assert_eq!(listed, [(jiff::civil::date(2026, 11, 1), 2)]);
+        p.apply(&priced_delivery(1, "late", "2026-11-15T00:00:00Z", 1_000)).unwrap();
+        p.commit().unwrap();
+        let late = String::from_utf8(p.ledger().tenant("acme").entry(3).unwrap()).unwrap();
+        assert!(late.contains(r#""period":"2026-12-01","corrects":"2026-11-01"}"#), "{late}");
+        drop(p);
+        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert_eq!(p.budget("acme").unwrap().statements().collect::<Vec<_>>(), listed, "folded back at open");
     }
 
     /// Rate quotas at their window edges: the limit holds up to the last millisecond of a

@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tally_auth::Role;
-use tally_log::{event_record, EventInput, Ledger, LedgerKey, Source};
+use tally_log::{event_record, Charge, EventInput, Ledger, LedgerKey, Source};
 use tally_projection::Projection;
 use tally_query::QueryConfig;
 use tally_schemas::Event;
@@ -80,8 +80,16 @@ impl Fixture {
         self.ingest_with_zones(events, &DAILY_ZONES);
     }
 
-    /// As [`Fixture::ingest`], keeping daily roll-ups for `zones` only.
+    /// As [`Fixture::ingest`], keeping daily roll-ups for `zones` only. Records carry no
+    /// `charge`, as before rating: the projection takes each event's cost as its charge.
     pub fn ingest_with_zones(&self, events: &[Event], zones: &[&str]) {
+        let charged: Vec<(Event, Option<Charge>)> = events.iter().map(|e| (e.clone(), None)).collect();
+        self.ingest_charged(&charged, zones);
+    }
+
+    /// Writes each event with the `charge` the ledger would have rated it (the ledger's rating
+    /// needs Kafka-side crates this one must not pull), then projects them.
+    pub fn ingest_charged(&self, charged: &[(Event, Option<Charge>)], zones: &[&str]) {
         let partitions = self.data_dir().join("partitions");
         let ledger_dir = partitions.join("tally.events-0");
         // One partition, pinned as the ledger service pins it: readers find a tenant's log
@@ -89,14 +97,13 @@ impl Fixture {
         std::fs::create_dir_all(&partitions).unwrap();
         std::fs::write(partitions.join("tally.events.partition-count"), "1\n").unwrap();
         let mut ledger = Ledger::open(&ledger_dir, vec![LedgerKey::parse(&self.key.to_text().unwrap()).unwrap()]).unwrap();
-        for (i, e) in events.iter().enumerate() {
+        for (i, (e, charge)) in charged.iter().enumerate() {
             let seq = ledger.next_seq(&e.tenant_id);
             let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1_700_000_000_000) };
-            ledger
-                .append(&e.tenant_id, &event_record(seq, EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source }).unwrap())
-                .unwrap();
+            let input = EventInput { event: e, ce_source: None, payload_sha256: &[1; 32], source: &source };
+            ledger.append(&e.tenant_id, &event_record(seq, input, charge.as_ref()).unwrap()).unwrap();
         }
-        ledger.commit(Some(events.len() as i64)).unwrap();
+        ledger.commit(Some(charged.len() as i64)).unwrap();
         let zones = tally_projection::report_zones(&zones.iter().map(|z| z.to_string()).collect::<Vec<_>>()).unwrap();
         let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO).with_zones(zones);
         for tenant in ledger.tenant_ids() {
