@@ -5,7 +5,8 @@
 # ledger service over them, fetch one tenant's receipt over HTTP with its bearer token and verify
 # it offline with `tally verify`, drive a tenant past its budget, show a gateway's retried,
 # throttled and frozen calls, then start the query service over the ledger's Parquet projection
-# and print a tenant's cost report and the billing spend.
+# and print a tenant's cost report, the billing spend (a tokens-only call charged from its
+# tenant's price table) and a billing statement verified offline from the ledger's tiles.
 #
 # TALLY_BIN=<path> uses an already built binary (the test suite does); otherwise it builds one.
 set -euo pipefail
@@ -49,6 +50,9 @@ with open(sys.argv[1], "w") as out:
         out.write(json.dumps({"event_id": f"demo-{i}", "tenant_id": tenant, "occurred_at": "2026-11-02T09:%02d:00Z" % (i % 60),
                               "kind": "llm_call", "action": "gpt-5-mini", "agent_id": "support-bot",
                               "cost": {"amount_micros": 1200 + i, "currency": "USD"}}) + "\n")
+    # A call that reports tokens but no cost: the ledger prices it from initech's table.
+    out.write(json.dumps({"event_id": "demo-tokens-only", "tenant_id": "initech", "occurred_at": "2026-11-02T10:30:00Z", "kind": "llm_call",
+                          "action": "gpt-5-mini", "agent_id": "support-bot", "usage": {"input_tokens": 20000, "output_tokens": 2000}}) + "\n")
 PY
 
 echo "== creating topics"
@@ -94,21 +98,27 @@ group = "demo-ledger-$run"
 listen = "127.0.0.1:$port"
 tokens = "$work/tokens.toml"
 budgets = "$work/budgets.toml"
+# Close a billing period as soon as it ends (default: a day later), so November's statement shows.
+statement_grace_ms = 0
 TOML
 RUST_LOG=warn "$TALLY" --config "$work/ledger.toml" ledger 2>"$work/ledger.log" &
 LEDGER_PID=$!
 base=http://127.0.0.1:$port
 auth=(-H "Authorization: Bearer $acme_token")
-# Wait until acme's signed size has stopped growing for a second.
-size= last=
+# November (the sample events' month) has ended, and this ledger closes a period at once
+# (statement_grace_ms = 0): wait until acme's statement is there and its signed size has stopped
+# growing for a second.
+size= last= statements=0
 for _ in $(seq 1 120); do
   size=$(curl -sf "${auth[@]}" "$base/t/acme/checkpoint" | sed -n 2p || true)
-  if [ -n "$size" ] && [ "$size" = "$last" ]; then break; fi
+  statements=$(curl -sf "${auth[@]}" "$base/v1/tenants/acme/statements" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["statements"]))' || echo 0)
+  if [ -n "$size" ] && [ "$size" = "$last" ] && [ "$statements" -gt 0 ]; then break; fi
   last=$size
   sleep 1
 done
 [ -n "$size" ] || { echo "the ledger did not sign a checkpoint for acme; log:"; cat "$work/ledger.log"; exit 1; }
-echo "acme's signed checkpoint covers its $size valid events (the invalid samples went to the DLQ):"
+events=$((size - statements))
+echo "acme's signed checkpoint covers its $size records: $events valid events (the invalid samples went to the DLQ) and $statements statement closing November:"
 curl -sf "${auth[@]}" "$base/t/acme/checkpoint" | sed 's/^/    /'
 
 echo "== fetching acme's receipt for its latest record and verifying it offline"
@@ -201,25 +211,64 @@ qbase=http://127.0.0.1:$qport
 # The ledger projects each tenant's new records to Parquet every second.
 for _ in $(seq 1 60); do
   rows=$(curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/events?record_type=event&limit=1000" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["rows"]))' || true)
-  [ "${rows:-0}" -ge "$size" ] && break
+  [ "${rows:-0}" -ge "$events" ] && break
   sleep 0.5
 done
 echo "acme's audit trail holds $rows events; its cost report for November 2026 by day, agent and model:"
 curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30&group_by=day,agent,action" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
-print("    %-10s  %-12s  %-14s  %6s  %14s" % ("day", "agent", "model", "events", "cost (micros)"))
+print("    %-10s  %-12s  %-14s  %6s  %14s" % ("day", "agent", "model", "events", "charged (micros)"))
 for row in r["rows"]:
-    print("    %-10s  %-12s  %-14s  %6d  %14d" % (row["day"], row.get("agent_id") or "-", row.get("action") or "-", row["events"], row["cost_micros"]))
+    print("    %-10s  %-12s  %-14s  %6d  %14d" % (row["day"], row.get("agent_id") or "-", row.get("action") or "-", row["events"], row["charge_micros"]))
 for t in r["totals"]:
-    print("    total %s: %d events, %d micros" % (t.get("currency") or "(no currency)", t["events"], t["cost_micros"]))'
+    print("    total %s: %d events, %d micros charged" % (t.get("currency") or "(no currency)", t["events"], t["charge_micros"]))'
 echo "== the billing system pulls every tenant's spend for 2026-11 (FOCUS columns)"
 curl -sf -H "Authorization: Bearer $billing_token" "$qbase/v1/spend?period=2026-11" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
-print("    %-12s  %-8s  %12s  %8s  %-20s  %-20s" % ("SubAccountId", "Currency", "BilledCost", "Events", "ChargePeriodStart", "ChargePeriodEnd"))
+print("    %-12s  %-8s  %-8s  %12s  %8s  %-20s  %-20s" % ("SubAccountId", "Currency", "Basis", "BilledCost", "Events", "ChargePeriodStart", "ChargePeriodEnd"))
 for row in r["rows"]:
-    print("    %-12s  %-8s  %12s  %8d  %-20s  %-20s" % (row["SubAccountId"], row.get("BillingCurrency") or "-", row["BilledCost"], row["ConsumedQuantity"], row["ChargePeriodStart"], row["ChargePeriodEnd"]))'
+    print("    %-12s  %-8s  %-8s  %12s  %8d  %-20s  %-20s" % (row["SubAccountId"], row.get("BillingCurrency") or "-", row.get("x_ChargeBasis") or "-", row["BilledCost"], row["ConsumedQuantity"], row["ChargePeriodStart"], row["ChargePeriodEnd"]))'
+echo "== initech's costs by model: its tokens-only call is charged from its price table"
+curl -sf "${iauth[@]}" "$qbase/v1/tenants/initech/costs?from=2026-11-01&to=2026-11-30&group_by=action" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("    %-12s  %6s  %14s  %14s" % ("model", "events", "claimed cost", "charged"))
+for row in r["rows"]:
+    print("    %-12s  %6d  %14d  %14d" % (row.get("action") or "-", row["events"], row["cost_micros"], row["charge_micros"]))'
+echo "== initech's November statement, verified offline against the tiles the ledger serves"
+for _ in $(seq 1 60); do
+  statement=$(curl -sf "${iauth[@]}" "$base/v1/tenants/initech/statements" | python3 -c '
+import json, sys
+s = [x for x in json.load(sys.stdin)["statements"] if x["period"] == "2026-11-01"]
+print(json.dumps(s[0]) if s else "")' || true)
+  [ -n "$statement" ] && break
+  sleep 0.5
+done
+[ -n "$statement" ] || { echo "no statement for initech's November; log:"; cat "$work/ledger.log"; exit 1; }
+echo "$statement" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print("    period %s .. %s (%s), seqs %d..%d, covers %d records" % (s["period_start"], s["period_end"], s["time_zone"], s["first_seq"], s["last_seq"], s["tree_size"]))
+for t in s["totals"]:
+    print("    %s %-8s %s%6d events  %10d micros" % (t["currency"], t["basis"], "correction " if t.get("correction") else "", t["events"], t["micros"]))'
+statement_seq=$(echo "$statement" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seq"])')
+mkdir -p "$work/initech-tiles"
+curl -sf "${iauth[@]}" "$base/t/initech/checkpoint" >"$work/initech-tiles/checkpoint"
+python3 - "$work/initech-tiles" <<'PY' | while read -r tile; do curl -sf "${iauth[@]}" --create-dirs -o "$work/initech-tiles/$tile" "$base/t/initech/$tile"; done
+import sys
+size = int(open(sys.argv[1] + "/checkpoint").read().split("\n")[1])
+for index in range((size + 255) // 256):
+    width = min(256, size - index * 256)
+    digits = "%03d" % (index % 1000)
+    n = index // 1000
+    while n:
+        digits = "x%03d/%s" % (n % 1000, digits)
+        n //= 1000
+    print("tile/entries/" + digits + ("" if width == 256 else ".p/%d" % width))
+PY
+"$TALLY" verify statement --vkey "$("$TALLY" vkey --key "$work/ledger.key" --tenant initech)" --tiles "$work/initech-tiles" --seq "$statement_seq"
 echo "== acme's audit export proves its trail complete against the signed checkpoint"
 curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/audit-export" | python3 -c '
 import json, sys

@@ -2,7 +2,8 @@
 //! logs, a receipt fetched with a tenant's token verifies offline, another tenant is refused, and
 //! a tenant past its day limit is denied its next call, a gateway's retried, throttled and frozen
 //! calls are answered as docs/gateways.md says, and the query service prints a cost report,
-//! the billing spend table and a complete audit export.
+//! the billing spend table (a tokens-only call charged from the table), a statement verified
+//! offline and a complete audit export.
 
 mod common;
 
@@ -18,9 +19,9 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("66 accepted for 4 tenants, 15 dead-lettered"), "{stdout}");
-    assert!(stdout.contains("acme's signed checkpoint covers its 23 valid events"), "{stdout}");
-    assert!(stdout.contains("valid: entry 22 is in demo.tally.example/t/acme at tree size 23"), "{stdout}");
+    assert!(stdout.contains("67 accepted for 4 tenants, 15 dead-lettered"), "{stdout}");
+    assert!(stdout.contains("acme's signed checkpoint covers its 24 records: 23 valid events"), "{stdout}");
+    assert!(stdout.contains("valid: entry 23 is in demo.tally.example/t/acme at tree size 24"), "{stdout}");
     assert!(stdout.contains(r#"{"error":{"code":"forbidden""#), "{stdout}");
     assert!(stdout.contains("initech's budget state (also on the tally.budget topic): exceeded"), "{stdout}");
     assert!(stdout.contains("authorize: deny (denied by the day limit;"), "{stdout}");
@@ -44,4 +45,11 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
         );
     }
     assert!(stdout.contains("complete=true"), "{stdout}");
+    // Rated once, in the log: initech's tokens-only call (20,000 in, 2,000 out at 0.25 and 2 USD
+    // per million) is charged 9,000 micros from its table, beside 20 calls with their own cost.
+    let claimed: i64 = (0..60).filter(|i| i % 3 == 2).map(|i| 1_200 + i).sum();
+    let initech = format!("gpt-5-mini        21  {claimed:>14}  {:>14}", claimed + 9_000);
+    assert!(stdout.contains(&initech), "want {initech:?} in\n{stdout}");
+    assert!(stdout.lines().any(|l| l.trim_start().starts_with("initech") && l.contains(" table ")), "no table-charged spend row: {stdout}");
+    assert!(stdout.contains("valid: statement of period 2026-11-01 (2026-11-01T00:00:00Z to 2026-12-01T00:00:00Z, UTC)"), "{stdout}");
 }
