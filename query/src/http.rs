@@ -415,6 +415,7 @@ async fn spend_response(state: &AppState, period: String, start: jiff::civil::Da
         ("ServiceName".into(), same("Tally")),
         ("SubAccountId".into(), text(&|r| Some(r.tenant.clone()))),
         ("x_ChargeBasis".into(), text(&|r| r.basis.clone())),
+        ("x_LogOrigin".into(), text(&|r| r.origin.clone())),
         ("x_ChargedMicros".into(), int(&|r| r.sums.charge_micros)),
         ("x_ClaimedCostMicros".into(), int(&|r| r.sums.cost_micros)),
         ("x_InputTokens".into(), int(&|r| r.sums.input_tokens)),

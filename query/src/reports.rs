@@ -468,6 +468,9 @@ pub struct Spend {
     /// Late events' charges, correcting a closed period (FOCUS `ChargeClass` `Correction`).
     pub correction: bool,
     pub sums: RollupSums,
+    /// The tenant's log origin, from the signed checkpoint its projection holds (none before a
+    /// flush ended at a checkpoint): where the rows can be proved.
+    pub origin: Option<String>,
 }
 
 /// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups, one row per
@@ -488,7 +491,9 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
         let per_tenant = |tenant: &String| -> tally_projection::Result<Vec<Spend>> {
             // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they
             // cover the whole log, are the smaller read.
-            let daily = daily_complete(&read_watermark(&root, tenant)?, "UTC");
+            let mark = read_watermark(&root, tenant)?;
+            let daily = daily_complete(&mark, "UTC");
+            let origin = mark.checkpoint.as_deref().and_then(|note| note.lines().next()).map(str::to_string);
             let (tree, zone) = if daily { (Tree::Daily, Some("UTC")) } else { (Tree::Rollups, None) };
             let mut total: BTreeMap<tally_projection::SpendKey, RollupSums> = BTreeMap::new();
             for file in list_files(&root, tree, tenant, |m| m == month)? {
@@ -498,7 +503,14 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
             }
             Ok(total
                 .into_iter()
-                .map(|(k, sums)| Spend { tenant: tenant.clone(), currency: Some(k.currency), basis: k.basis, correction: k.correction, sums })
+                .map(|(k, sums)| Spend {
+                    tenant: tenant.clone(),
+                    currency: Some(k.currency),
+                    basis: k.basis,
+                    correction: k.correction,
+                    sums,
+                    origin: origin.clone(),
+                })
                 .collect())
         };
         let parts: Vec<tally_projection::Result<Vec<Spend>>> = std::thread::scope(|scope| {

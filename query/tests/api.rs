@@ -286,6 +286,7 @@ async fn spend_and_costs_bill_the_recorded_charge_with_focus_columns() {
         assert!(table.get(column).is_some(), "FOCUS 1.2 column {column} missing: {table}");
     }
     assert_eq!((table["BillingAccountId"].as_str(), table["ServiceCategory"].as_str()), (Some("acme"), Some("AI and Machine Learning")));
+    assert_eq!(table["x_LogOrigin"].as_str(), Some(format!("{}/t/acme", common::ORIGIN).as_str()), "where its rows are proved");
 
     let costs = get_json(&r, "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30", &f.tokens["acme"]).await;
     let usd = costs["totals"].as_array().unwrap().iter().find(|t| t["currency"] == "USD").unwrap().clone();
