@@ -381,7 +381,7 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
         let seq = ledger.next_seq(&tenant);
         let source = Source::File { file: name.clone(), line: line_no };
         // An import has no budgets: an event's own cost is its charge, in its UTC month.
-        let charge = tally_ledger::budget::rate(&event, None, &tally_ledger::budget::Calendar::utc_months());
+        let charge = tally_ledger::budget::rate(&event, None, &tally_ledger::budget::Calendar::utc_months(), None);
         let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, charge.as_ref()) {
             Ok(r) => r,
             Err(e @ tally_log::Error::EntryTooLarge(_)) => {

@@ -7,6 +7,7 @@
 //! ceiling (`ceiling`); else nothing is charged (no cost, and no tokens or no catalog). Pure: the
 //! same event and catalog always give the same charge, so a replay writes the same bytes.
 
+use jiff::civil::Date;
 use tally_log::{Charge, ChargeBasis};
 use tally_schemas::Event;
 
@@ -21,20 +22,18 @@ pub struct Catalog<'a> {
     pub config_seq: u64,
 }
 
-/// The charge of `event` under `catalog` (none: no budget configured), in the billing period of
-/// `calendar` it occurred in; `None` when there is nothing to charge. (Whether that period is
-/// still open is the caller's to settle: [`super::BudgetState::rate`].)
-pub fn rate(event: &Event, catalog: Option<Catalog<'_>>, calendar: &Calendar) -> Option<Charge> {
-    let period = calendar.period(event.occurred_at).to_string();
+/// The charge of `event` under `catalog` (none: no budget configured), billed in the period of
+/// `calendar` it occurred in, unless a statement already closed that period (`closed_through`
+/// is the latest closed one): then in the first open period, as a correction of its own.
+/// `None` when there is nothing to charge.
+pub fn rate(event: &Event, catalog: Option<Catalog<'_>>, calendar: &Calendar, closed_through: Option<Date>) -> Option<Charge> {
+    let own = calendar.period(event.occurred_at);
+    let (period, corrects) = match closed_through.filter(|closed| own <= *closed) {
+        Some(closed) => (calendar.next_period(closed).to_string(), Some(own.to_string())),
+        None => (own.to_string(), None),
+    };
     if let Some(cost) = &event.cost {
-        return Some(Charge {
-            micros: cost.amount_micros,
-            currency: cost.currency.clone(),
-            basis: ChargeBasis::Event,
-            catalog_seq: None,
-            period,
-            corrects: None,
-        });
+        return Some(Charge { micros: cost.amount_micros, currency: cost.currency.clone(), basis: ChargeBasis::Event, catalog_seq: None, period, corrects });
     }
     let usage = event.usage.as_ref()?;
     let catalog = catalog?;
@@ -48,6 +47,6 @@ pub fn rate(event: &Event, catalog: Option<Catalog<'_>>, calendar: &Calendar) ->
         basis,
         catalog_seq: Some(catalog.config_seq),
         period,
-        corrects: None,
+        corrects,
     })
 }

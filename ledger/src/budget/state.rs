@@ -903,12 +903,24 @@ impl BudgetState {
     /// The ledger writes this into the record.
     pub fn rate(&self, event: &Event) -> Option<Charge> {
         let catalog = self.budget.as_ref().zip(self.config_seq).map(|(budget, config_seq)| Catalog { budget, config_seq });
-        let calendar = self.billing_calendar();
-        let mut charge = rate(event, catalog, &calendar)?;
-        if let Some(closed) = self.closed_through.filter(|closed| charge.period.parse::<Date>().is_ok_and(|p| p <= *closed)) {
-            charge.corrects = Some(std::mem::replace(&mut charge.period, calendar.next_period(closed).to_string()));
+        rate(event, catalog, &self.billing_calendar(), self.closed_through)
+    }
+
+    /// Whether a charge billed in `period` (a charge's `period`) would open a period that has
+    /// no charges yet: only then can the tenant's next close move.
+    pub fn opens_period(&self, period: &str) -> bool {
+        period.parse::<Date>().is_ok_and(|p| !self.open_periods.contains_key(&p))
+    }
+
+    /// When `period` closes under `calendar` and `grace`: its start, its end and its close.
+    /// `None` for a period at the end of time (an event dated 9999-12), which never closes.
+    fn close_bounds(calendar: &Calendar, period: Date, grace: jiff::SignedDuration) -> Option<(Timestamp, Timestamp, Timestamp)> {
+        let next = Some(calendar.next_period(period)).filter(|next| *next != Date::MAX)?;
+        let (start, end) = (calendar.start_of(period), calendar.start_of(next));
+        if start >= end {
+            return None;
         }
-        Some(charge)
+        Some((start, end, end.checked_add(grace).ok()?))
     }
 
     /// The statements due at `now`: every open period whose end plus `grace` has passed, oldest
@@ -920,11 +932,8 @@ impl BudgetState {
         self.open_periods
             .iter()
             .filter_map(|(period, open)| {
-                // A period at the end of time (an event dated 9999-12) has no end, so never closes.
-                let next = Some(calendar.next_period(*period)).filter(|next| *next != Date::MAX)?;
-                let (start, end) = (calendar.start_of(*period), calendar.start_of(next));
-                let at = end.checked_add(grace).ok()?;
-                (start < end && at <= now).then(|| Statement {
+                let (start, end, at) = Self::close_bounds(&calendar, *period, grace)?;
+                (at <= now).then(|| Statement {
                     at,
                     period: *period,
                     period_start: start,
@@ -941,10 +950,8 @@ impl BudgetState {
 
     /// When the earliest open period closes (its end plus `grace`).
     pub fn next_close(&self, grace: jiff::SignedDuration) -> Option<Timestamp> {
-        let calendar = self.billing_calendar();
         let period = self.open_periods.keys().next()?;
-        let next = Some(calendar.next_period(*period)).filter(|next| *next != Date::MAX)?;
-        calendar.start_of(next).checked_add(grace).ok()
+        Self::close_bounds(&self.billing_calendar(), *period, grace).map(|(_, _, at)| at)
     }
 
     /// The statements still listed, by period: (period, seq).

@@ -195,7 +195,7 @@ fn unpriced_calls_use_the_table_or_the_ceiling_never_zero() {
     let b = budget("day_micros = 1_000_000\n");
     let calendar = b.calendar().unwrap();
     let catalog = Some(Catalog { budget: &b, config_seq: 4 });
-    let charged = |e: &Event| rate(e, catalog, &calendar).map(|c| (c.micros, c.basis, c.catalog_seq, c.currency, c.period));
+    let charged = |e: &Event| rate(e, catalog, &calendar, None).map(|c| (c.micros, c.basis, c.catalog_seq, c.currency, c.period));
     let known = event("e1", "2026-11-02T09:00:00Z", None, r#","action":"gpt-5-mini","usage":{"input_tokens":1000000,"output_tokens":1000}"#);
     assert_eq!(charged(&known), Some((250_000 + 2_000, ChargeBasis::Table, Some(4), "USD".into(), "2026-11-01".into())));
     let unknown = event("e2", "2026-11-02T09:00:00Z", None, r#","action":"mystery-9","usage":{"input_tokens":1000,"output_tokens":1000}"#);
@@ -203,8 +203,13 @@ fn unpriced_calls_use_the_table_or_the_ceiling_never_zero() {
     let priced = event("e3", "2026-11-02T09:00:00Z", Some(7), r#","action":"mystery-9","usage":{"input_tokens":1000,"output_tokens":1000}"#);
     assert_eq!(charged(&priced), Some((7, ChargeBasis::Event, None, "USD".into(), "2026-11-01".into())), "the gateway's own cost comes first");
     // Without a catalog only a cost is charged; nothing at all is charged as nothing.
-    assert_eq!(rate(&known, None, &calendar), None);
-    assert_eq!(rate(&event("e4", "2026-11-02T09:00:00Z", None, ""), catalog, &calendar), None);
+    assert_eq!(rate(&known, None, &calendar, None), None);
+    assert_eq!(rate(&event("e4", "2026-11-02T09:00:00Z", None, ""), catalog, &calendar, None), None);
+    // A period a statement closed bills its late events in the first open one, as corrections.
+    let late = rate(&known, catalog, &calendar, Some(jiff::civil::date(2026, 11, 1))).unwrap();
+    assert_eq!((late.period.as_str(), late.corrects.as_deref(), late.micros), ("2026-12-01", Some("2026-11-01"), 252_000));
+    let open = rate(&known, catalog, &calendar, Some(jiff::civil::date(2026, 10, 1))).unwrap();
+    assert_eq!((open.period.as_str(), open.corrects), ("2026-11-01", None), "a later period is still open");
     let mut log = Log::default();
     log.config(b, "2026-11-01T00:00:00Z");
     log.event(&unknown);

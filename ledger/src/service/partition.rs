@@ -385,12 +385,15 @@ impl PartitionLedger {
                 let at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
                 self.ensure_config(&tenant, at)?;
                 // Rated once, here, under the catalog just ensured; every reader sums this charge.
-                let charge = self.budgets.get(&tenant).map_or_else(|| BudgetState::default().rate(&decoded.event), |s| s.rate(&decoded.event));
+                let state = self.budgets.entry(tenant.clone()).or_default();
+                let charge = state.rate(&decoded.event);
+                // Only a charge in a period with none yet can move the tenant's next close.
+                let opens_period = charge.as_ref().is_some_and(|c| state.opens_period(&c.period));
                 let seq = self.ledger.next_seq(&tenant);
                 self.ledger.append(&tenant, &event_record(seq, input, charge.as_ref())?)?;
                 self.pending.insert(key, Seen { content, seq });
                 self.after_event(&tenant, &decoded.event, charge.as_ref(), seq)?;
-                if charge.is_some() {
+                if opens_period {
                     self.schedule_close(&tenant);
                 }
                 Applied::Appended { tenant: tenant.clone(), seq }
@@ -542,13 +545,16 @@ impl PartitionLedger {
             (Some(grace), Some(state)) => state.statements_due(now, grace),
             _ => Vec::new(),
         };
+        let closed = !closing.is_empty();
         for statement in closing {
             let seq = self.append_budget(tenant, |seq| BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } })?;
             tracing::info!(tenant, seq, "billing period closed by a statement");
         }
-        // Always: a config may have moved the close (another calendar), and a tenant the tick
-        // took at a stale time must not be taken again at every tick.
-        self.schedule_close(tenant);
+        // A tenant the tick took at a close that has not come (its calendar moved) must not be
+        // taken again at every tick: file its real close.
+        if closed || self.close_of.get(tenant).is_some_and(|at| *at <= now) {
+            self.schedule_close(tenant);
+        }
         Ok((self.ledger.next_seq(tenant) - before) as usize)
     }
 
