@@ -48,5 +48,7 @@ pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
 pub use receipt::Receipt;
-pub use record::{budget_record, conflict_record, event_record, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source};
+pub use record::{
+    budget_record, conflict_record, event_record, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source, Statement, StatementTotal,
+};
 pub use tiles::{available_width, parse_entry_bundle, TilePath, TILE_WIDTH};

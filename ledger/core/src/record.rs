@@ -11,9 +11,13 @@
 //! module of the ledger service, whose types the log core does not know: [`budget_record`] encodes
 //! them under the same size rule, and [`Record`] is generic over how much of them a reader wants
 //! (the budget fold: everything; the projection: the time; the service's recovery: nothing).
+//! The one exception is the `statement` record ([`Statement`]): billing systems and verifiers
+//! outside the ledger read it too, so its body is defined here.
 
 use std::borrow::Cow;
 
+use jiff::civil::Date;
+use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tally_schemas::Event;
@@ -137,6 +141,63 @@ pub fn conflict_record(seq: u64, input: EventInput<'_>, first_seq: u64) -> Resul
         // Conflicts are never charged: the first record with that key was.
         charge: None,
     })
+}
+
+/// A closed billing period, as its `statement` record holds it (docs/billing.md). The ledger's
+/// budget module writes it (with `seq` and `type` around these members); readers outside the
+/// ledger (the projection, the query service, verifiers) take it with [`Statement::decode`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    /// When the period closed: its end plus the grace.
+    pub at: Timestamp,
+    /// The period's first day, in `time_zone` (what `charge.period` names).
+    pub period: Date,
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    pub time_zone: String,
+    /// The first and last seq of the records charged in the period.
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The log size the statement covers: every record below its own seq.
+    pub tree_size: u64,
+    pub totals: Vec<StatementTotal>,
+}
+
+/// One line of a statement: what was charged in one currency on one basis, as regular charges
+/// or as corrections of an earlier closed period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatementTotal {
+    pub currency: String,
+    pub basis: ChargeBasis,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub correction: bool,
+    pub events: u64,
+    pub micros: i64,
+    /// The line's events' `usage` tokens: what the spend export's `PricingQuantity` counts for
+    /// lines priced per token.
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+}
+
+impl Statement {
+    /// Decodes entry `seq` of a tenant's log as a `statement` record; any other record is a
+    /// [`Error::BadRecord`].
+    pub fn decode(seq: u64, bytes: &[u8]) -> Result<Statement> {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(rename = "type")]
+            record_type: String,
+            #[serde(flatten)]
+            statement: Statement,
+        }
+        match Record::<Body>::decode(seq, bytes)? {
+            Record::Budget(Body { record_type, statement }) if record_type == "statement" => Ok(statement),
+            _ => Err(Error::BadRecord(format!("entry {seq} is not a statement record"))),
+        }
+    }
 }
 
 /// The entry bytes of a budget-side record: `record` serialises itself (its `type` member

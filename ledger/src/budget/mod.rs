@@ -21,7 +21,9 @@ pub use state::{
     Admission, AuthorizeRequest, BudgetDecision, BudgetRecord, BudgetState, DeniedBy, Flag, FlagKind, Freeze, FreezeScope, Idempotency, Level, LevelState,
     Release, ReleaseReason, Remembered, Status, Unfreeze, Unit, UnitState, Verdict, FOLD_VERSION, MAX_ACTIVE_FREEZES, MAX_REMEMBERED_KEYS, REMEMBER_KEYS_FOR,
 };
-pub use statement::{recompute, verify_statement, Mismatch, Statement, StatementCheck, StatementTotal, VerifiedStatement, MAX_LISTED_STATEMENTS};
+pub use statement::{
+    recompute, verify_statement, verify_statement_in_export, Mismatch, Statement, StatementCheck, StatementTotal, VerifiedStatement, MAX_LISTED_STATEMENTS,
+};
 pub use window::Calendar;
 
 #[cfg(test)]

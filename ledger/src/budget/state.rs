@@ -482,7 +482,8 @@ impl Eq for CalendarCache {}
 /// a cost in another currency than the budget's is no longer charged.
 /// Version 3: events are charged what their record says (rated once, in the log), and the
 /// state keeps the seq of the `config` in force.
-pub const FOLD_VERSION: u32 = 3;
+/// Version 4: open periods count their events' tokens (statement lines carry them).
+pub const FOLD_VERSION: u32 = 4;
 
 /// The fold version a snapshot was written under; always written as [`FOLD_VERSION`], read as
 /// stored (absent: 0). Not part of a state's identity.
@@ -968,7 +969,7 @@ impl BudgetState {
             // A record naming a period that is not a date cannot be billed; the ledger never
             // writes one, and the fold must not stop on it.
             if let Ok(period) = charge.period.parse::<Date>() {
-                self.open_periods.entry(period).or_default().add(seq, charge);
+                self.open_periods.entry(period).or_default().add(seq, charge, event.usage.as_ref());
             }
         }
         self.count_event(event, charge)

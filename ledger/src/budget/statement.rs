@@ -10,23 +10,11 @@
 use std::collections::BTreeMap;
 
 use jiff::civil::Date;
-use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use tally_log::merkle::{leaf_hash, Frontier};
-use tally_log::{available_width, parse_entry_bundle, Charge, ChargeBasis, Checkpoint, NoteVerifier, Record, TILE_WIDTH};
-
-/// One line of a statement: what was charged in one currency on one basis, as regular charges
-/// or as corrections of an earlier closed period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StatementTotal {
-    pub currency: String,
-    pub basis: ChargeBasis,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub correction: bool,
-    pub events: u64,
-    pub micros: i64,
-}
+use tally_log::merkle::{leaf_hash, root_from_range, Frontier, Hash};
+use tally_log::{available_width, parse_entry_bundle, Charge, Checkpoint, NoteVerifier, Record, TILE_WIDTH};
+pub use tally_log::{Statement, StatementTotal};
+use tally_schemas::Usage;
 
 /// The charges of one billing period not yet closed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,9 +26,10 @@ pub struct OpenPeriod {
 }
 
 impl OpenPeriod {
-    /// Adds the charge of the event record at `seq`. Sums saturate: a period's micros past 2^63
-    /// would be a bill no one can pay, and a wrapped one would be a wrong bill.
-    pub fn add(&mut self, seq: u64, charge: &Charge) {
+    /// Adds the charge of the event record at `seq` and its event's tokens. Sums saturate: a
+    /// period's micros past 2^63 would be a bill no one can pay, and a wrapped one would be a
+    /// wrong bill.
+    pub fn add(&mut self, seq: u64, charge: &Charge, usage: Option<&Usage>) {
         if self.totals.is_empty() {
             self.first_seq = seq;
         }
@@ -48,32 +37,25 @@ impl OpenPeriod {
         let key = (charge.currency.as_str(), charge.basis, charge.corrects.is_some());
         let at = self.totals.binary_search_by(|t| (t.currency.as_str(), t.basis, t.correction).cmp(&key));
         let index = at.unwrap_or_else(|i| {
-            let line = StatementTotal { currency: charge.currency.clone(), basis: charge.basis, correction: key.2, events: 0, micros: 0 };
+            let line = StatementTotal {
+                currency: charge.currency.clone(),
+                basis: charge.basis,
+                correction: key.2,
+                events: 0,
+                micros: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+            };
             self.totals.insert(i, line);
             i
         });
         let line = &mut self.totals[index];
         line.events = line.events.saturating_add(1);
         line.micros = line.micros.saturating_add(charge.micros);
+        let usage = usage.copied().unwrap_or_default();
+        line.input_tokens = line.input_tokens.saturating_add(usage.input_tokens);
+        line.output_tokens = line.output_tokens.saturating_add(usage.output_tokens);
     }
-}
-
-/// A closed billing period, as its `statement` record holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Statement {
-    /// When the period closed: its end plus the grace.
-    pub at: Timestamp,
-    /// The period's first day, in `time_zone` (what `charge.period` names).
-    pub period: Date,
-    pub period_start: Timestamp,
-    pub period_end: Timestamp,
-    pub time_zone: String,
-    /// The first and last seq of the records charged in the period.
-    pub first_seq: u64,
-    pub last_seq: u64,
-    /// The log size the statement covers: every record below its own seq.
-    pub tree_size: u64,
-    pub totals: Vec<StatementTotal>,
 }
 
 /// Why a statement does not verify: bad evidence, or entries that do not add up to it.
@@ -103,6 +85,8 @@ pub enum Mismatch {
     Range { said: (u64, u64), found: (u64, u64) },
     #[error("the statement's totals differ from its records: it says {said}; the records give {found}")]
     Totals { said: String, found: String },
+    #[error("the export holds seqs {from}..={to}: a statement needs every entry from seq 0 up to its own ({seq})")]
+    ExportRange { from: u64, to: u64, seq: u64 },
 }
 
 /// Recomputes a statement (the record at `statement_seq`) from the tenant's entries, fed in seq
@@ -130,7 +114,7 @@ impl<'a> StatementCheck<'a> {
         if seq > self.statement_seq {
             return Err(Mismatch::AfterClose { seq, period: self.statement.period, statement_seq: self.statement_seq });
         }
-        self.found.add(seq, charge);
+        self.found.add(seq, charge, r.event.usage.as_ref());
         Ok(())
     }
 
@@ -180,11 +164,8 @@ pub fn verify_statement(
     bundle: &mut dyn FnMut(u64, u64) -> Result<Vec<u8>, String>,
     seq: u64,
 ) -> Result<VerifiedStatement, Mismatch> {
-    let checkpoint = Checkpoint::open(checkpoint_note, std::slice::from_ref(verifier), None).map_err(|e| Mismatch::Checkpoint(e.to_string()))?;
+    let checkpoint = checkpoint_covering(verifier, checkpoint_note, seq)?;
     let size = checkpoint.size;
-    if seq >= size {
-        return Err(Mismatch::BeyondCheckpoint { seq, size });
-    }
     let mut entries = |index: u64| -> Result<Vec<Vec<u8>>, Mismatch> {
         let width = available_width(0, index, size);
         let bytes = bundle(index, width).map_err(|why| Mismatch::Bundle { index, why })?;
@@ -192,13 +173,7 @@ pub fn verify_statement(
     };
     let mut first = entries(seq / TILE_WIDTH)?;
     let statement_entry = first.swap_remove((seq % TILE_WIDTH) as usize);
-    let Ok(Record::Budget(super::BudgetRecord::Statement { statement, .. })) = Record::<super::BudgetRecord>::decode(seq, &statement_entry) else {
-        return Err(Mismatch::NotAStatement(seq));
-    };
-    if statement.tree_size != seq {
-        return Err(Mismatch::TreeSize { seq, said: statement.tree_size });
-    }
-    check_bounds(&statement)?;
+    let statement = statement_at(seq, &statement_entry)?;
     let mut check = StatementCheck::new(&statement, seq);
     let (mut frontier, mut scratch) = (Frontier::default(), Vec::new());
     for index in 0..size.div_ceil(TILE_WIDTH) {
@@ -218,6 +193,59 @@ pub fn verify_statement(
     }
     check.finish()?;
     Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size })
+}
+
+/// Verifies the statement at `seq` offline from an audit export of the tenant's log (`GET
+/// /v1/tenants/{t}/export`): its signed checkpoint (by `verifier`); its entries, which must start
+/// at seq 0 and reach the statement, and with its range proof rebuild the checkpoint's root; then
+/// the statement's totals and seq range, recomputed from those entries. Records after the
+/// export's last seq are not seen: an export up to the checkpoint's size also shows that none of
+/// them is charged in the closed period.
+pub fn verify_statement_in_export(
+    verifier: &NoteVerifier,
+    checkpoint_note: &str,
+    from_seq: u64,
+    entries: &[Vec<u8>],
+    range_proof: &[Hash],
+    seq: u64,
+) -> Result<VerifiedStatement, Mismatch> {
+    let checkpoint = checkpoint_covering(verifier, checkpoint_note, seq)?;
+    let size = checkpoint.size;
+    let to = (from_seq + entries.len() as u64).saturating_sub(1);
+    if from_seq != 0 || entries.len() as u64 <= seq {
+        return Err(Mismatch::ExportRange { from: from_seq, to, seq });
+    }
+    let leaves: Vec<Hash> = entries.iter().map(|e| leaf_hash(e)).collect();
+    if root_from_range(&leaves, 0, size, range_proof) != Some(checkpoint.root) {
+        return Err(Mismatch::Root);
+    }
+    let statement = statement_at(seq, &entries[seq as usize])?;
+    let mut check = StatementCheck::new(&statement, seq);
+    for (i, entry) in (0..).zip(entries) {
+        check.push(i, entry)?;
+    }
+    check.finish()?;
+    Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size })
+}
+
+/// The checkpoint `note`, signed by `verifier`, of a tree that holds entry `seq`.
+fn checkpoint_covering(verifier: &NoteVerifier, note: &str, seq: u64) -> Result<Checkpoint, Mismatch> {
+    let checkpoint = Checkpoint::open(note, std::slice::from_ref(verifier), None).map_err(|e| Mismatch::Checkpoint(e.to_string()))?;
+    if seq >= checkpoint.size {
+        return Err(Mismatch::BeyondCheckpoint { seq, size: checkpoint.size });
+    }
+    Ok(checkpoint)
+}
+
+/// The `statement` record at `seq`, which must cover exactly the entries below it and name its
+/// period with its bounds.
+fn statement_at(seq: u64, entry: &[u8]) -> Result<Statement, Mismatch> {
+    let statement = Statement::decode(seq, entry).map_err(|_| Mismatch::NotAStatement(seq))?;
+    if statement.tree_size != seq {
+        return Err(Mismatch::TreeSize { seq, said: statement.tree_size });
+    }
+    check_bounds(&statement)?;
+    Ok(statement)
 }
 
 /// The statement's instants must bound its period: `period_start` before `period_end`, and

@@ -721,11 +721,9 @@ fn a_period_closes_in_the_tenants_calendar_and_late_events_correct_it() {
     assert_eq!(statement.period.to_string(), "2026-10-31");
     assert_eq!((statement.period_start, statement.period_end), (ts("2026-10-31T04:00:00Z"), ts("2026-11-30T05:00:00Z")));
     assert_eq!((statement.first_seq, statement.last_seq, statement.tree_size, statement.at), (1, 3, seqs[0], ts("2026-11-30T06:00:00Z")));
-    let line = |currency: &str, basis, events, micros| StatementTotal { currency: currency.into(), basis, correction: false, events, micros };
-    assert_eq!(
-        statement.totals,
-        vec![line("USD", ChargeBasis::Event, 1, 7), line("USD", ChargeBasis::Table, 1, 250_000), line("USD", ChargeBasis::Ceiling, 1, 10_000)]
-    );
+    let line =
+        |basis, micros, input_tokens| StatementTotal { currency: "USD".into(), basis, correction: false, events: 1, micros, input_tokens, output_tokens: 0 };
+    assert_eq!(statement.totals, vec![line(ChargeBasis::Event, 7, 0), line(ChargeBasis::Table, 250_000, 1_000_000), line(ChargeBasis::Ceiling, 10_000, 1_000)]);
     assert!(log.close("2026-12-30T00:00:00Z", 1).is_empty(), "the next period has not ended");
 
     // A late event of the closed period: billed in the open one, marked as its correction.
@@ -754,6 +752,9 @@ fn a_period_closes_in_the_tenants_calendar_and_late_events_correct_it() {
     dropped[3] = String::from_utf8(dropped[3].clone()).unwrap().replace("\"period\":\"2026-10-31\"", "\"period\":\"2026-11-30\"").into_bytes();
     assert!(recompute(&statement, seqs[0], &dropped).is_err());
     assert!(matches!(recompute(&statement, 2, &log.entries), Err(Mismatch::AfterClose { .. })));
+    let mut more_tokens = log.entries.clone();
+    more_tokens[1] = String::from_utf8(more_tokens[1].clone()).unwrap().replace("\"input_tokens\":1000000", "\"input_tokens\":1000001").into_bytes();
+    assert!(matches!(recompute(&statement, seqs[0], &more_tokens), Err(Mismatch::Totals { .. })), "the tokens are checked too");
 }
 
 mod rated_once {
@@ -832,18 +833,23 @@ mod rated_once {
     }
 }
 
-/// A statement in a real signed log verifies offline from its checkpoint and entry bundle, and
-/// every single-byte change of either fails it.
-#[test]
-fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
-    use tally_log::TenantEntries as _;
+/// A log with a closed November (seq `seq`) and an event after it, written to a real signed log.
+struct SignedStatement {
+    log: Log,
+    seq: u64,
+    _dir: tempfile::TempDir,
+    verifier: tally_log::NoteVerifier,
+    ledger: tally_log::Ledger,
+    note: String,
+}
+
+fn signed_statement() -> SignedStatement {
     let mut log = Log::default();
     log.config(budget(""), "2026-10-31T00:00:00Z");
     log.event(&tokens("a", "2026-11-02T00:00:00Z", "gpt-5-mini", 1_000, 10));
     log.event(&event("b", "2026-11-03T00:00:00Z", Some(7), ""));
     let seq = log.close("2026-12-02T00:00:00Z", 24)[0];
     log.event(&event("c", "2026-12-05T00:00:00Z", Some(3), ""));
-
     let dir = tempfile::tempdir().unwrap();
     let key = tally_log::LedgerKey::generate("tally.example.com").unwrap();
     let verifier = key.signer_for("acme").unwrap().verifier();
@@ -853,6 +859,15 @@ fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
     }
     ledger.commit(None).unwrap();
     let note = ledger.checkpoint_note("acme").unwrap();
+    SignedStatement { log, seq, _dir: dir, verifier, ledger, note }
+}
+
+/// A statement in a real signed log verifies offline from its checkpoint and entry bundle, and
+/// every single-byte change of either fails it.
+#[test]
+fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
+    use tally_log::TenantEntries as _;
+    let SignedStatement { log, seq, _dir, verifier, ledger, note } = signed_statement();
     let bundle = ledger.tenant("acme").entry_bundle(0, log.seq() as u16).unwrap();
     let run = |note: &str, bundle: &[u8]| verify_statement(&verifier, note, &mut |_, _| Ok(bundle.to_vec()), seq);
 
@@ -883,6 +898,36 @@ fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
             assert!(run(&changed, &bundle).is_err(), "a changed byte {i} of the checkpoint verified");
         }
     }
+}
+
+/// The same statement verifies from an audit export's evidence (entries from seq 0 with a range
+/// proof), and fails after any changed byte of an entry or of the proof, or with entries that
+/// do not start at seq 0 or stop before the statement.
+#[test]
+fn a_statement_verifies_from_an_audit_export() {
+    use tally_log::merkle::{range_proof, Hash};
+    let SignedStatement { log, seq, _dir, verifier, ledger, note } = signed_statement();
+    let size = log.seq();
+    let entries = &log.entries[..=seq as usize];
+    let proof: Vec<Hash> = range_proof(&ledger.tenant("acme"), 0, seq + 1, size).unwrap();
+    let run = |from: u64, entries: &[Vec<u8>], proof: &[Hash]| verify_statement_in_export(&verifier, &note, from, entries, proof, seq);
+
+    let ok = run(0, entries, &proof).unwrap();
+    assert_eq!((ok.tree_size, ok.statement.totals.iter().map(|t| t.micros).sum::<i64>()), (size, 7 + 250 + 20));
+    assert!(!proof.is_empty(), "the test needs records after the statement");
+    assert!(matches!(run(0, &entries[..seq as usize], &proof), Err(Mismatch::ExportRange { .. })), "stops before the statement");
+    assert!(matches!(run(1, &entries[1..], &proof), Err(Mismatch::ExportRange { .. })), "does not start at seq 0");
+    for (i, entry) in entries.iter().enumerate() {
+        for byte in 0..entry.len() {
+            let mut changed = entries.to_vec();
+            changed[i][byte] ^= 0x01;
+            assert!(run(0, &changed, &proof).is_err(), "a changed byte {byte} of entry {i} verified");
+        }
+    }
+    let mut bad_proof = proof.clone();
+    bad_proof[0][0] ^= 0x01;
+    assert!(matches!(run(0, entries, &bad_proof), Err(Mismatch::Root)));
+    assert!(matches!(run(0, entries, &proof[1..]), Err(Mismatch::Root)));
 }
 
 /// A record from before rating (no `charge`) still counts against the budget as it did, but no

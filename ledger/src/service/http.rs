@@ -1307,7 +1307,7 @@ mod tests {
             (s["period"].as_str(), s["first_seq"].as_u64(), s["last_seq"].as_u64(), s["tree_size"].as_u64()),
             (Some("2026-11-01"), Some(0), Some(1), Some(3))
         );
-        assert_eq!(s["totals"], serde_json::json!([{"currency": "USD", "basis": "event", "events": 2, "micros": 10}]));
+        assert_eq!(s["totals"], serde_json::json!([{"currency": "USD", "basis": "event", "events": 2, "micros": 10, "input_tokens": 0, "output_tokens": 0}]));
         let (_, record, _) = call(&f.app, "/v1/tenants/acme/records/3", Some(&f.admin)).await;
         assert!(body.contains(&record), "listed as stored: {record}");
     }
