@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tally_log::{event_record, EventInput, Source};
-use tally_query::reports::{costs, events_page, spend, CostQuery, Dim, EventFilter};
+use tally_query::reports::{costs, events_page, spend, CostQuery, Dim, EventFilter, SpendCalendar};
 use tally_query::{Engine, QueryConfig};
 
 struct Args {
@@ -138,7 +138,8 @@ fn main() {
     let timeout = Duration::from_secs(600);
     let month_start: jiff::Timestamp = "2026-11-01T00:00:00Z".parse().expect("date");
     let month_end: jiff::Timestamp = "2026-12-01T00:00:00Z".parse().expect("date");
-    let report = CostQuery { from: month_start, to: month_end, tz: jiff::tz::TimeZone::UTC, group_by: vec![Dim::Day, Dim::Agent, Dim::Action] };
+    let report =
+        CostQuery { from: month_start, to: month_end, tz: jiff::tz::TimeZone::UTC, group_by: vec![Dim::Day, Dim::Agent, Dim::Action], billing_period: None };
     let page = EventFilter { after: Some(big / 2), limit: 1000, ..EventFilter::default() };
     let mut timings: Vec<(&str, Vec<Duration>)> = vec![("tenant_monthly_report", vec![]), ("billing_spend", vec![]), ("audit_page", vec![])];
     let mut report_rows = 0;
@@ -149,7 +150,7 @@ fn main() {
         let d0 = t.elapsed();
         (report_rows, report_source) = (answer.rows.len(), answer.source);
         let t = Instant::now();
-        let spent = rt.block_on(spend(&engine, "2026-11", timeout)).expect("spend");
+        let spent = rt.block_on(spend(&engine, "2026-11", SpendCalendar::Month, timeout)).expect("spend");
         let d1 = t.elapsed();
         assert_eq!(spent.len() as u64, a.tenants);
         let t = Instant::now();

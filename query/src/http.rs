@@ -245,8 +245,27 @@ async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Q
     let mut p = Params(q);
     let tz_name = p.take("tz").unwrap_or_else(|| "UTC".into());
     let tz = TimeZone::get(&tz_name).map_err(|_| Error::BadRequest(format!("tz: {tz_name:?} is not a known IANA time zone")))?;
-    let from = instant("from", &p.take("from").ok_or_else(|| Error::BadRequest("from is required (YYYY-MM-DD or RFC 3339)".into()))?, &tz)?;
-    let to = instant_end("to", &p.take("to").ok_or_else(|| Error::BadRequest("to is required (YYYY-MM-DD or RFC 3339)".into()))?, &tz)?;
+    let billing_period = match p.take("billing_period") {
+        Some(d) => Some(
+            d.parse::<jiff::civil::Date>()
+                .map_err(|_| Error::BadRequest(format!("billing_period: {d:?} is not a date (YYYY-MM-DD, the period's first day)")))?,
+        ),
+        None => None,
+    };
+    // A billing period's charges include late events from earlier periods: with one, the
+    // occurrence range defaults to the whole log.
+    let (from, to) = (p.take("from"), p.take("to"));
+    let required = |name: &str| Error::BadRequest(format!("{name} is required (YYYY-MM-DD or RFC 3339) unless billing_period is given"));
+    let from = match (from, billing_period) {
+        (Some(from), _) => instant("from", &from, &tz)?,
+        (None, Some(_)) => jiff::Timestamp::UNIX_EPOCH,
+        (None, None) => return Err(required("from")),
+    };
+    let to = match (to, billing_period) {
+        (Some(to), _) => instant_end("to", &to, &tz)?,
+        (None, Some(_)) => reports::OPEN_END,
+        (None, None) => return Err(required("to")),
+    };
     let mut group_by = Vec::new();
     for d in p.take("group_by").unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let d = Dim::parse(d)?;
@@ -259,12 +278,14 @@ async fn costs(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Q
     let work = Arc::clone(&state);
     state
         .workers
-        .run(&tenant.clone(), state.timeout(), async move { cost_response(&work, tenant, CostQuery { from, to, tz, group_by }, tz_name, format).await })
+        .run(&tenant.clone(), state.timeout(), async move {
+            cost_response(&work, tenant, CostQuery { from, to, tz, group_by, billing_period }, tz_name, format).await
+        })
         .await
 }
 
 async fn cost_response(state: &AppState, tenant: String, query: CostQuery, tz_name: String, format: Format) -> Result<Response> {
-    let (from, to, group_by) = (query.from, query.to, query.group_by.clone());
+    let (from, to, group_by, billing_period) = (query.from, query.to, query.group_by.clone(), query.billing_period);
     let report = reports::costs(&state.engine, &tenant, &query, state.timeout()).await?;
     let (rows, totals) = (report.rows, report.totals);
     let names: Vec<&str> = group_by.iter().map(|d| d.name()).collect();
@@ -273,6 +294,7 @@ async fn cost_response(state: &AppState, tenant: String, query: CostQuery, tz_na
         let totals_batch = cost_batch(&[], &totals)?;
         return Ok(Json(serde_json::json!({
             "tenant_id": tenant, "from": from.to_string(), "to": to.to_string(), "tz": tz_name, "group_by": names,
+            "billing_period": billing_period.map(|d| d.to_string()),
             "rows": json_rows(&[batch])?, "totals": json_rows(&[totals_batch])?, "source": report.source,
         }))
         .into_response());
@@ -284,6 +306,8 @@ async fn cost_response(state: &AppState, tenant: String, query: CostQuery, tz_na
 enum Column {
     Text(Vec<Option<String>>),
     Int(Vec<i64>),
+    /// A nullable integer column.
+    OptInt(Vec<Option<i64>>),
 }
 
 fn batch_of(columns: Vec<(String, Column)>) -> Result<RecordBatch> {
@@ -297,6 +321,10 @@ fn batch_of(columns: Vec<(String, Column)>) -> Result<RecordBatch> {
             }
             Column::Int(v) => {
                 fields.push(Field::new(name, DataType::Int64, false));
+                arrays.push(Arc::new(Int64Array::from(v)));
+            }
+            Column::OptInt(v) => {
+                fields.push(Field::new(name, DataType::Int64, true));
                 arrays.push(Arc::new(Int64Array::from(v)));
             }
         }
@@ -364,22 +392,25 @@ async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<Strin
     who.check(Action::ReadAllSpend, None)?;
     let mut p = Params(q);
     let period = p.take("period").ok_or_else(|| Error::BadRequest("period is required (YYYY-MM)".into()))?;
+    let calendar = match p.take("calendar").as_deref() {
+        None | Some("month") => reports::SpendCalendar::Month,
+        Some("billing") => reports::SpendCalendar::Billing,
+        Some(other) => return Err(Error::BadRequest(format!("calendar: {other:?} is neither month nor billing"))),
+    };
     let format = p.format()?;
     p.finish()?;
-    let start: jiff::civil::Date =
-        format!("{period}-01").parse().ok().filter(|_| period.len() == 7).ok_or_else(|| Error::BadRequest(format!("period: {period:?} is not YYYY-MM")))?;
-    let end = start.checked_add(jiff::Span::new().months(1)).map_err(|e| Error::BadRequest(format!("period: {e}")))?;
+    reports::month_bounds(&period)?;
     let work = Arc::clone(&state);
     // Billing callers are limited per token, as tenants are per tenant.
     let caller = format!("billing:{}", who.name);
-    state.workers.run(&caller, state.timeout(), async move { spend_response(&work, period, start, end, format).await }).await
+    state.workers.run(&caller, state.timeout(), async move { spend_response(&work, period, calendar, format).await }).await
 }
 
-/// The spend export: one FOCUS 1.2 row per tenant, currency and charge basis
-/// (docs/billing.md maps every column).
-async fn spend_response(state: &AppState, period: String, start: jiff::civil::Date, end: jiff::civil::Date, format: Format) -> Result<Response> {
-    let iso = |d: jiff::civil::Date| format!("{d}T00:00:00Z");
-    let rows = reports::spend(&state.engine, &period, state.timeout()).await?;
+/// The spend export: one FOCUS 1.2 row per tenant, billing period, currency, charge basis and
+/// correction (docs/billing.md maps every column).
+async fn spend_response(state: &AppState, period: String, calendar: reports::SpendCalendar, format: Format) -> Result<Response> {
+    let iso = |t: jiff::Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let rows = reports::spend(&state.engine, &period, calendar, state.timeout()).await?;
     let text = |f: &dyn Fn(&reports::Spend) -> Option<String>| Column::Text(rows.iter().map(f).collect());
     let int = |f: &dyn Fn(&reports::Spend) -> i64| Column::Int(rows.iter().map(f).collect());
     let same = |v: &str| -> Column {
@@ -392,14 +423,14 @@ async fn spend_response(state: &AppState, period: String, start: jiff::civil::Da
         ("BillingAccountId".into(), text(&|r| Some(r.tenant.clone()))),
         ("BillingAccountName".into(), text(&|r| Some(r.tenant.clone()))),
         ("BillingCurrency".into(), text(&|r| r.currency.clone())),
-        ("BillingPeriodStart".into(), same(&iso(start))),
-        ("BillingPeriodEnd".into(), same(&iso(end))),
+        ("BillingPeriodStart".into(), text(&|r| Some(iso(r.period_start)))),
+        ("BillingPeriodEnd".into(), text(&|r| Some(iso(r.period_end)))),
         ("ChargeCategory".into(), same("Usage")),
         // Null for a regular charge; `Correction` for late events billed after their period closed.
         ("ChargeClass".into(), text(&|r| r.correction.then(|| "Correction".into()))),
         ("ChargeDescription".into(), text(&|r| Some(format!("AI agent actions recorded by Tally, charged by {}", r.basis.as_deref().unwrap_or("event"))))),
-        ("ChargePeriodStart".into(), same(&iso(start))),
-        ("ChargePeriodEnd".into(), same(&iso(end))),
+        ("ChargePeriodStart".into(), text(&|r| Some(iso(r.period_start)))),
+        ("ChargePeriodEnd".into(), text(&|r| Some(iso(r.period_end)))),
         ("BilledCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
         ("EffectiveCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
         ("ListCost".into(), text(&|r| Some(decimal(r.sums.charge_micros)))),
@@ -417,7 +448,9 @@ async fn spend_response(state: &AppState, period: String, start: jiff::civil::Da
         ("x_ChargeBasis".into(), text(&|r| r.basis.clone())),
         ("x_LogOrigin".into(), text(&|r| r.origin.clone())),
         ("x_ChargedMicros".into(), int(&|r| r.sums.charge_micros)),
-        ("x_ClaimedCostMicros".into(), int(&|r| r.sums.cost_micros)),
+        // A statement holds what was charged, not what the gateways claimed.
+        ("x_ClaimedCostMicros".into(), Column::OptInt(rows.iter().map(|r| r.statement_seq.is_none().then_some(r.sums.cost_micros)).collect())),
+        ("x_StatementSeq".into(), Column::OptInt(rows.iter().map(|r| r.statement_seq.and_then(|s| i64::try_from(s).ok())).collect())),
         ("x_InputTokens".into(), int(&|r| r.sums.input_tokens)),
         ("x_OutputTokens".into(), int(&|r| r.sums.output_tokens)),
     ])?;
@@ -429,7 +462,11 @@ async fn spend_response(state: &AppState, period: String, start: jiff::civil::Da
                 row.entry(field.name().clone()).or_insert(serde_json::Value::Null);
             }
         }
-        return Ok(Json(serde_json::json!({ "period": period, "rows": rows })).into_response());
+        let calendar = match calendar {
+            reports::SpendCalendar::Month => "month",
+            reports::SpendCalendar::Billing => "billing",
+        };
+        return Ok(Json(serde_json::json!({ "period": period, "calendar": calendar, "rows": rows })).into_response());
     }
     Ok(body(format, encode(format, batch.schema(), &[batch])?, &[]))
 }

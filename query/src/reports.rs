@@ -293,7 +293,14 @@ pub struct CostQuery {
     /// The zone `day` is taken in.
     pub tz: TimeZone,
     pub group_by: Vec<Dim>,
+    /// Only charges billed in the billing period starting that day (`charge.period`), late
+    /// events' corrections included.
+    pub billing_period: Option<jiff::civil::Date>,
 }
+
+/// The `to` of a report over the whole log: the first second of year 9999, on a 15-minute
+/// boundary.
+pub const OPEN_END: Timestamp = Timestamp::constant(253_370_764_800, 0);
 
 /// One row of a cost report: its dimension values (in `group_by` order), currency and sums.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -355,6 +362,10 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
     let whole_days = from_local.time() == jiff::civil::Time::midnight() && to_local.time() == jiff::civil::Time::midnight();
     let mark = watermark(engine, tenant).await?;
     let daily_zone = q.tz.iana_name().filter(|z| whole_days && !q.group_by.contains(&Dim::Task) && daily_complete(&mark, z)).map(str::to_string);
+    let in_period = |df: DataFrame| match q.billing_period {
+        Some(d) => df.filter(col("billing_period").eq(lit(ScalarValue::Date32(Some(tally_projection::epoch_days(d)))))).map_err(df_err(root)),
+        None => Ok(df),
+    };
     // Summed as 38-digit decimals: DataFusion's 64-bit integer sum wraps on overflow.
     let sum_columns = || {
         ["events", "cost_micros", "charge_micros", "input_tokens", "output_tokens"]
@@ -375,9 +386,8 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
                 .await
                 .map_err(df_err(root))?
                 .filter(col("zone").eq(lit(zone)).and(col("date").gt_eq(date(from_date))).and(col("date").lt(date(to_date))))
-                .map_err(df_err(root))?
-                .aggregate(group, sum_columns())
                 .map_err(df_err(root))?;
+            let df = in_period(df)?.aggregate(group, sum_columns()).map_err(df_err(root))?;
             (df, DayColumn::Date)
         }
         None => {
@@ -391,9 +401,8 @@ pub async fn costs(engine: &Engine, tenant: &str, q: &CostQuery, timeout: Durati
                 .await
                 .map_err(df_err(root))?
                 .filter(col("bucket_start").gt_eq(ts_lit(q.from)).and(col("bucket_start").lt(ts_lit(q.to))))
-                .map_err(df_err(root))?
-                .aggregate(group, sum_columns())
                 .map_err(df_err(root))?;
+            let df = in_period(df)?.aggregate(group, sum_columns()).map_err(df_err(root))?;
             (df, DayColumn::Bucket)
         }
     };
@@ -467,51 +476,48 @@ pub struct Spend {
     pub basis: Option<String>,
     /// Late events' charges, correcting a closed period (FOCUS `ChargeClass` `Correction`).
     pub correction: bool,
+    /// The line's sums. From a statement, `cost_micros` (what gateways claimed) is not known: a
+    /// statement carries what was charged.
     pub sums: RollupSums,
     /// The tenant's log origin, from the signed checkpoint its projection holds (none before a
     /// flush ended at a checkpoint): where the rows can be proved.
     pub origin: Option<String>,
+    /// The billing period the line covers.
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
+    /// The seq of the `statement` record the line comes from (the billing-period view).
+    pub statement_seq: Option<u64>,
 }
 
-/// Every tenant's spend in the UTC month `period` (`YYYY-MM`), from the roll-ups, one row per
-/// tenant, currency, charge basis and correction (events with nothing charged are not billing
-/// lines).
+/// Which periods the spend export is cut into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendCalendar {
+    /// The UTC calendar month, from the roll-ups: every tenant alike, open months included.
+    Month,
+    /// Each tenant's own billing period (its anchor day and zone), from its `statement`
+    /// records: the periods starting in the month, closed ones only (an open period has no
+    /// invoice yet).
+    Billing,
+}
+
+/// Every tenant's spend for `period` (`YYYY-MM`) in `calendar`: one row per tenant, currency,
+/// charge basis and correction (events with nothing charged are not billing lines).
 ///
-/// Billing reads every tenant's few small roll-up files of the month and sums three columns: it
-/// is done directly with the Parquet reader, on all cores, rather than planning a DataFusion
+/// Billing reads every tenant's few small files (the roll-ups of the month, or its statements)
+/// directly with the Parquet and JSON readers, on all cores, rather than planning a DataFusion
 /// query per tenant (which cost about 2.5 ms per tenant in planning and listing alone).
-pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<Vec<Spend>> {
+pub async fn spend(engine: &Engine, period: &str, calendar: SpendCalendar, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
     let month = period.to_string();
+    let bounds = month_bounds(period)?;
     let work = tokio::task::spawn_blocking(move || -> tally_projection::Result<Vec<Spend>> {
-        use tally_projection::{currency_sums, list_files, projected_tenants};
+        use tally_projection::projected_tenants;
         let tenants = projected_tenants(&root)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(tenants.len().max(1));
         let chunk = tenants.len().div_ceil(threads).max(1);
-        let per_tenant = |tenant: &String| -> tally_projection::Result<Vec<Spend>> {
-            // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they
-            // cover the whole log, are the smaller read.
-            let mark = read_watermark(&root, tenant)?;
-            let daily = daily_complete(&mark, "UTC");
-            let origin = mark.checkpoint.as_deref().and_then(|note| note.lines().next()).map(str::to_string);
-            let (tree, zone) = if daily { (Tree::Daily, Some("UTC")) } else { (Tree::Rollups, None) };
-            let mut total: BTreeMap<tally_projection::SpendKey, RollupSums> = BTreeMap::new();
-            for file in list_files(&root, tree, tenant, |m| m == month)? {
-                for (key, sums) in currency_sums(&file.path, zone, None)? {
-                    total.entry(key).or_default().add(sums)?;
-                }
-            }
-            Ok(total
-                .into_iter()
-                .map(|(k, sums)| Spend {
-                    tenant: tenant.clone(),
-                    currency: Some(k.currency),
-                    basis: k.basis,
-                    correction: k.correction,
-                    sums,
-                    origin: origin.clone(),
-                })
-                .collect())
+        let per_tenant = |tenant: &String| match calendar {
+            SpendCalendar::Month => month_spend(&root, tenant, &month, bounds),
+            SpendCalendar::Billing => billing_spend(&root, tenant, &month),
         };
         let parts: Vec<tally_projection::Result<Vec<Spend>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = tenants
@@ -524,7 +530,9 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
         for p in parts {
             out.extend(p?);
         }
-        out.sort_by(|a, b| (&a.tenant, &a.currency, &a.basis, a.correction).cmp(&(&b.tenant, &b.currency, &b.basis, b.correction)));
+        out.sort_by(|a, b| {
+            (&a.tenant, a.period_start, &a.currency, &a.basis, a.correction).cmp(&(&b.tenant, b.period_start, &b.currency, &b.basis, b.correction))
+        });
         Ok(out)
     });
     match tokio::time::timeout(timeout, work).await {
@@ -533,8 +541,85 @@ pub async fn spend(engine: &Engine, period: &str, timeout: Duration) -> Result<V
     }
 }
 
+/// The UTC instants bounding the month `period` (`YYYY-MM`).
+pub fn month_bounds(period: &str) -> Result<(Timestamp, Timestamp)> {
+    let bad = || Error::BadRequest(format!("period: {period:?} is not YYYY-MM"));
+    let start: jiff::civil::Date = format!("{period}-01").parse().ok().filter(|_| period.len() == 7).ok_or_else(bad)?;
+    let end = start.checked_add(jiff::Span::new().months(1)).map_err(|e| Error::BadRequest(format!("period: {e}")))?;
+    let utc = |d: jiff::civil::Date| d.to_zoned(TimeZone::UTC).map(|z| z.timestamp()).map_err(|e| Error::BadRequest(format!("period: {e}")));
+    Ok((utc(start)?, utc(end)?))
+}
+
+/// The log origin named by the first line of the tenant's projected checkpoint.
+fn log_origin(mark: &tally_projection::Watermark) -> Option<String> {
+    mark.checkpoint.as_deref().and_then(|note| note.lines().next()).map(str::to_string)
+}
+
+/// One tenant's spend in the UTC month, from its roll-ups.
+fn month_spend(root: &Path, tenant: &str, month: &str, (start, end): (Timestamp, Timestamp)) -> tally_projection::Result<Vec<Spend>> {
+    use tally_projection::{currency_sums, list_files};
+    // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they cover the
+    // whole log, are the smaller read.
+    let mark = read_watermark(root, tenant)?;
+    let daily = daily_complete(&mark, "UTC");
+    let origin = log_origin(&mark);
+    let (tree, zone) = if daily { (Tree::Daily, Some("UTC")) } else { (Tree::Rollups, None) };
+    let mut total: BTreeMap<tally_projection::SpendKey, RollupSums> = BTreeMap::new();
+    for file in list_files(root, tree, tenant, |m| m == month)? {
+        for (key, sums) in currency_sums(&file.path, zone, None)? {
+            total.entry(key).or_default().add(sums)?;
+        }
+    }
+    Ok(total
+        .into_iter()
+        .map(|(k, sums)| Spend {
+            tenant: tenant.to_string(),
+            currency: Some(k.currency),
+            basis: k.basis,
+            correction: k.correction,
+            sums,
+            origin: origin.clone(),
+            period_start: start,
+            period_end: end,
+            statement_seq: None,
+        })
+        .collect())
+}
+
+/// One tenant's spend in its billing periods that start in `month`, from its statements.
+fn billing_spend(root: &Path, tenant: &str, month: &str) -> tally_projection::Result<Vec<Spend>> {
+    let mark = read_watermark(root, tenant)?;
+    let origin = log_origin(&mark);
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    for held in tally_projection::read_statements(root, tenant, mark.next_seq)? {
+        let s = &held.statement;
+        if s.period.strftime("%Y-%m").to_string() != month {
+            continue;
+        }
+        out.extend(s.totals.iter().map(|t| Spend {
+            tenant: tenant.to_string(),
+            currency: Some(t.currency.clone()),
+            basis: Some(t.basis.as_str().to_string()),
+            correction: t.correction,
+            sums: RollupSums {
+                events: count(t.events),
+                cost_micros: 0,
+                charge_micros: t.micros,
+                input_tokens: count(t.input_tokens),
+                output_tokens: count(t.output_tokens),
+            },
+            origin: origin.clone(),
+            period_start: s.period_start,
+            period_end: s.period_end,
+            statement_seq: Some(held.seq),
+        }));
+    }
+    Ok(out)
+}
+
 /// An audit export: a seq range of the tenant's rows with the evidence that it is complete.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct AuditExport {
     pub tenant_id: String,
     pub from_seq: u64,

@@ -230,6 +230,8 @@ async fn spend_and_costs_bill_the_recorded_charge_with_focus_columns() {
     let unknown_model = event("acme", "e3", at, "llm_call", "a", "mystery", "t", None);
     let euros = event("acme", "e4", at, "llm_call", "a", "m", "t", Some((9, "EUR")));
     let late = event("acme", "e5", at, "llm_call", "a", "gpt-5-mini", "t", None);
+    // Occurred in October, billed in November's period: in October's usage, November's bill.
+    let october = event("acme", "e6", t("2026-10-20T10:00:00Z"), "llm_call", "a", "gpt-5-mini", "t", None);
     let f = Fixture::new();
     f.ingest_charged(
         &[
@@ -238,6 +240,7 @@ async fn spend_and_costs_bill_the_recorded_charge_with_focus_columns() {
             (unknown_model, Some(charge(40_000, "USD", ChargeBasis::Ceiling, None))),
             (euros, Some(charge(9, "EUR", ChargeBasis::Event, None))),
             (late, Some(charge(1_000, "USD", ChargeBasis::Table, Some("2026-10-01")))),
+            (october, Some(charge(300, "USD", ChargeBasis::Table, Some("2026-10-01")))),
         ],
         &["UTC"],
     );
@@ -291,6 +294,88 @@ async fn spend_and_costs_bill_the_recorded_charge_with_focus_columns() {
     let costs = get_json(&r, "/v1/tenants/acme/costs?from=2026-11-01&to=2026-11-30", &f.tokens["acme"]).await;
     let usd = costs["totals"].as_array().unwrap().iter().find(|t| t["currency"] == "USD").unwrap().clone();
     assert_eq!((usd["charge_micros"].as_i64(), usd["cost_micros"].as_i64()), (Some(250_000 + 7 + 40_000 + 1_000), Some(7)), "{costs}");
+
+    // The report of the billing period: every charge billed in it, whenever the event occurred.
+    let usd_of =
+        |costs: &serde_json::Value| costs["totals"].as_array().unwrap().iter().find(|t| t["currency"] == "USD").map(|t| t["charge_micros"].as_i64().unwrap());
+    let period = get_json(&r, "/v1/tenants/acme/costs?billing_period=2026-11-01&group_by=day", &f.tokens["acme"]).await;
+    assert_eq!((usd_of(&period), period["billing_period"].as_str()), (Some(250_000 + 7 + 40_000 + 1_000 + 300), Some("2026-11-01")), "{period}");
+    assert!(period["rows"].as_array().unwrap().iter().any(|r| r["day"] == "2026-10-20"), "the late event's own day: {period}");
+    let narrowed = get_json(&r, "/v1/tenants/acme/costs?billing_period=2026-11-01&from=2026-11-01&to=2026-11-30", &f.tokens["acme"]).await;
+    assert_eq!(usd_of(&narrowed), Some(250_000 + 7 + 40_000 + 1_000));
+    let october = get_json(&r, "/v1/tenants/acme/costs?billing_period=2026-10-01", &f.tokens["acme"]).await;
+    assert_eq!(october["totals"].as_array().unwrap().len(), 0, "nothing is billed in the closed period");
+    let (status, body) = send(&r, "GET", "/v1/tenants/acme/costs?billing_period=November", Some(&f.tokens["acme"]), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("billing_period"));
+    let (status, body) = send(&r, "GET", "/v1/tenants/acme/costs?to=2026-11-30", Some(&f.tokens["acme"]), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("from is required"));
+}
+
+/// The billing-period view: each tenant's closed periods that start in the month, one row per
+/// statement line, bounded by the tenant's own period and naming the statement's seq; a tenant
+/// with no closed period there has no invoice lines.
+#[tokio::test]
+async fn spend_by_billing_period_comes_from_the_statements() {
+    use tally_log::{ChargeBasis, Statement, StatementTotal};
+    let f = fixture();
+    let total = |currency: &str, basis, correction, events, micros, input_tokens| StatementTotal {
+        currency: currency.into(),
+        basis,
+        correction,
+        events,
+        micros,
+        input_tokens,
+        output_tokens: 5,
+    };
+    // acme's periods start on the 15th, in Paris.
+    let statement = |period: &str, start: &str, end: &str, totals| Statement {
+        at: t("2026-12-20T00:00:00Z"),
+        period: period.parse().unwrap(),
+        period_start: t(start),
+        period_end: t(end),
+        time_zone: "Europe/Paris".into(),
+        first_seq: 0,
+        last_seq: 29,
+        tree_size: 0,
+        totals,
+    };
+    f.append_statement(
+        "acme",
+        &statement("2026-10-15", "2026-10-14T22:00:00Z", "2026-11-14T23:00:00Z", vec![total("USD", ChargeBasis::Event, false, 1, 1, 0)]),
+    );
+    let seq = f.append_statement(
+        "acme",
+        &statement(
+            "2026-11-15",
+            "2026-11-14T23:00:00Z",
+            "2026-12-14T23:00:00Z",
+            vec![total("USD", ChargeBasis::Table, false, 3, 9_000, 4_000), total("USD", ChargeBasis::Table, true, 1, 500, 10)],
+        ),
+    );
+    let r = f.router();
+    let spend = get_json(&r, "/v1/spend?period=2026-11&calendar=billing", &f.tokens["billing"]).await;
+    assert_eq!(spend["calendar"], "billing");
+    let rows = spend["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "acme's November period only; globex has closed none: {spend}");
+    let regular = &rows[0];
+    assert_eq!(
+        (regular["BillingPeriodStart"].as_str(), regular["BillingPeriodEnd"].as_str(), regular["ChargePeriodStart"].as_str()),
+        (Some("2026-11-14T23:00:00Z"), Some("2026-12-14T23:00:00Z"), Some("2026-11-14T23:00:00Z"))
+    );
+    assert_eq!((regular["x_StatementSeq"].as_u64(), regular["BilledCost"].as_str()), (Some(seq), Some("0.009000")));
+    assert_eq!((regular["PricingQuantity"].as_i64(), regular["PricingUnit"].as_str()), (Some(4_005), Some("Tokens")));
+    assert!(regular["x_ClaimedCostMicros"].is_null(), "a statement holds the charge, not the claim");
+    assert_eq!((rows[1]["ChargeClass"].as_str(), rows[1]["x_ChargedMicros"].as_i64()), (Some("Correction"), Some(500)));
+
+    // The calendar-month view stays as it was, with no statement seq.
+    let month = get_json(&r, "/v1/spend?period=2026-11", &f.tokens["billing"]).await;
+    assert_eq!(month["calendar"], "month");
+    assert!(month["rows"].as_array().unwrap().iter().all(|r| r["x_StatementSeq"].is_null() && r["x_ClaimedCostMicros"].is_i64()));
+    let (status, body) = send(&r, "GET", "/v1/spend?period=2026-11&calendar=fiscal", Some(&f.tokens["billing"]), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("calendar"));
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/events/tenant_id=<t>/date=<YYYY-MM-DD>/<first>-<last>-<rows>.parquet   record rows
 //! <root>/events/tenant_id=<t>/_projection.json                                  watermark
+//! <root>/events/tenant_id=<t>/_statements.json                                  its statements
 //! <root>/rollups/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    15-minute sums
 //! <root>/daily/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet      daily sums per zone
 //! ```
@@ -15,7 +16,8 @@
 //! * `_projection.json` says every record below `next_seq` has its rows on disk; it is replaced
 //!   only after a flush's files are all in place. Files with `first >= next_seq` are leftovers of
 //!   an unfinished flush and are deleted on recovery (the flush is redone identically).
-//! * Readers ([`list_files`]) see only files below the watermark.
+//! * Readers ([`list_files`], [`read_statements`]) see only files and statements below the
+//!   watermark.
 //! * Within one directory, flush ranges are disjoint; a merge replaces a contiguous run of files
 //!   by one whose range covers exactly theirs. A file covered by another is redundant: readers
 //!   skip it, and it is deleted only [`REPLACED_FILE_GRACE`] after the merge, so a query that
@@ -220,6 +222,47 @@ pub fn read_watermark(root: &Path, tenant: &str) -> Result<Watermark> {
 pub(crate) fn write_watermark(root: &Path, tenant: &str, mark: &Watermark) -> Result<()> {
     let bytes = serde_json::to_vec(mark).map_err(|e| Error::Projection(e.to_string()))?;
     write_atomically(&watermark_path(root, tenant), |file| {
+        use std::io::Write;
+        file.write_all(&bytes)
+    })
+}
+
+/// A `statement` record the projection holds for billing readers: its seq and its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectedStatement {
+    pub seq: u64,
+    pub statement: tally_log::Statement,
+}
+
+fn statements_path(root: &Path, tenant: &str) -> PathBuf {
+    tenant_dir(root, Tree::Events, tenant).join("_statements.json")
+}
+
+/// The tenant's statements below seq `below` (its watermark's `next_seq`: one a crash left past
+/// the watermark is not yet projected), in seq order.
+pub fn read_statements(root: &Path, tenant: &str, below: u64) -> Result<Vec<ProjectedStatement>> {
+    let path = statements_path(root, tenant);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let all: Vec<ProjectedStatement> =
+                serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
+            Ok(all.into_iter().filter(|s| s.seq < below).collect())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Adds `new` to the tenant's statements file (one statement per seq: a flush redone after a
+/// crash writes the same ones again). Written once a billing period, so rewritten whole.
+pub(crate) fn add_statements(root: &Path, tenant: &str, new: Vec<ProjectedStatement>) -> Result<()> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut all: std::collections::BTreeMap<u64, ProjectedStatement> = read_statements(root, tenant, u64::MAX)?.into_iter().map(|s| (s.seq, s)).collect();
+    all.extend(new.into_iter().map(|s| (s.seq, s)));
+    let bytes = serde_json::to_vec(&all.into_values().collect::<Vec<_>>()).map_err(|e| Error::Projection(e.to_string()))?;
+    write_atomically(&statements_path(root, tenant), |file| {
         use std::io::Write;
         file.write_all(&bytes)
     })

@@ -3,7 +3,8 @@
 //! The log is the truth; the projection is derived from committed records only and can always be
 //! rebuilt from it ([`rebuild_tenant`]). [`Projection::flush`] appends a tenant's records past its
 //! watermark: one Parquet file per date they fall on, one roll-up file per month, then the
-//! watermark (with the checkpoint of the log at that size). Daily roll-ups per report zone (UTC
+//! watermark (with the checkpoint of the log at that size); `statement` records are also kept
+//! whole in one small file per tenant ([`read_statements`]). Daily roll-ups per report zone (UTC
 //! by default) sit beside the 15-minute ones. Small files are merged in size tiers
 //! after each flush. See [`files`] for the on-disk invariants that make a crash at any instant
 //! leave only complete files visible, and re-running the flush exact.
@@ -21,7 +22,10 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-pub use files::{list_files, partition_dir, partitions, projected_tenants, read_watermark, tenant_dir, ProjectionFile, Tree, Watermark, REPLACED_FILE_GRACE};
+pub use files::{
+    list_files, partition_dir, partitions, projected_tenants, read_statements, read_watermark, tenant_dir, ProjectedStatement, ProjectionFile, Tree, Watermark,
+    REPLACED_FILE_GRACE,
+};
 pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_days, Daily, DailyKey, Rollup, RollupKey, RollupSums};
 
 pub use error::{Error, Result};
@@ -298,6 +302,14 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones
             rows::add_event_daily(&mut daily, zones, event, row.charge.as_ref())?;
         }
     }
+    // Statements are kept whole beside the rows, for the spend export by billing period.
+    let statements = rows
+        .iter()
+        .zip(entries)
+        .filter(|(row, _)| row.record_type == "statement")
+        .map(|(row, entry)| Ok(files::ProjectedStatement { seq: row.seq, statement: tally_log::Statement::decode(row.seq, entry)? }))
+        .collect::<Result<Vec<_>>>()?;
+    files::add_statements(root, tenant, statements)?;
     let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };
     let mut touched = Vec::new();
     for (date, rows) in &by_date {

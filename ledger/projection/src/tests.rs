@@ -255,3 +255,44 @@ fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
     assert!(rollups.len() >= 4, "the overflowing run stays in separate files: {}", rollups.len());
     check_matches_log(&root, &log);
 }
+
+/// A `statement` record as the ledger's budget module writes it (docs/billing.md).
+fn append_statement(log: &mut Ledger, period: &str) -> u64 {
+    let seq = log.next_seq("acme");
+    let record = format!(
+        r#"{{"type":"statement","seq":{seq},"at":"2026-12-02T00:00:00Z","period":"{period}","period_start":"{period}T00:00:00Z","period_end":"2026-12-01T00:00:00Z","time_zone":"UTC","first_seq":0,"last_seq":1,"tree_size":{seq},"totals":[{{"currency":"USD","basis":"event","events":2,"micros":2001,"input_tokens":20,"output_tokens":1}}]}}"#
+    );
+    log.append("acme", record.as_bytes()).unwrap();
+    log.commit(None).unwrap();
+    seq
+}
+
+#[test]
+fn statements_are_kept_whole_below_the_watermark_and_a_redone_flush_keeps_one_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 2);
+    let root = dir.path().join("parquet");
+    let first = append_statement(&mut log, "2026-11-01");
+    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    let mark = read_watermark(&root, "acme").unwrap();
+    let held = read_statements(&root, "acme", mark.next_seq).unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].seq, held[0].statement.period.to_string(), held[0].statement.totals[0].micros), (first, "2026-11-01".to_string(), 2001));
+    assert_eq!(held[0].statement, tally_log::Statement::decode(first, &log.tenant("acme").entry(first).unwrap()).unwrap());
+
+    // A second statement whose flush crashed before its watermark: not visible, then redone.
+    append(&mut log, 2, 3);
+    let second = append_statement(&mut log, "2026-10-01");
+    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    files::write_watermark(&root, "acme", &mark).unwrap();
+    assert_eq!(read_statements(&root, "acme", mark.next_seq).unwrap().len(), 1, "past the watermark");
+    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    let mark = read_watermark(&root, "acme").unwrap();
+    let seqs: Vec<u64> = read_statements(&root, "acme", mark.next_seq).unwrap().iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, vec![first, second]);
+
+    // A rebuild writes the same file.
+    let before = std::fs::read(tenant_dir(&root, Tree::Events, "acme").join("_statements.json")).unwrap();
+    rebuild_tenant(&root, "acme", &log, report_zones(&["UTC".into()]).unwrap(), |_, _| ()).unwrap();
+    assert_eq!(std::fs::read(tenant_dir(&root, Tree::Events, "acme").join("_statements.json")).unwrap(), before);
+}

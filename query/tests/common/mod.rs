@@ -113,6 +113,24 @@ impl Fixture {
         }
     }
 
+    /// Appends a `statement` record to `tenant`'s log, as the ledger's period close writes it,
+    /// and projects it; returns its seq.
+    pub fn append_statement(&self, tenant: &str, statement: &tally_log::Statement) -> u64 {
+        let ledger_dir = self.data_dir().join("partitions/tally.events-0");
+        let mut ledger = Ledger::open(&ledger_dir, vec![LedgerKey::parse(&self.key.to_text().unwrap()).unwrap()]).unwrap();
+        let seq = ledger.next_seq(tenant);
+        let mut record = serde_json::json!({ "type": "statement", "seq": seq });
+        record
+            .as_object_mut()
+            .unwrap()
+            .extend(serde_json::to_value(tally_log::Statement { tree_size: seq, ..statement.clone() }).unwrap().as_object().unwrap().clone());
+        ledger.append(tenant, &tally_log::budget_record(&record).unwrap()).unwrap();
+        ledger.commit(None).unwrap();
+        let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO);
+        projection.flush(tenant, &ledger, true).unwrap();
+        seq
+    }
+
     pub fn config(&self) -> QueryConfig {
         toml::from_str(&format!("data_dir = {:?}\ntokens = {:?}\n", self.data_dir(), self.dir.path().join("tokens.toml"))).unwrap()
     }
