@@ -6,7 +6,8 @@
 # it offline with `tally verify`, drive a tenant past its budget, show a gateway's retried,
 # throttled and frozen calls, then start the query service over the ledger's Parquet projection
 # and print a tenant's cost report, the billing spend (a tokens-only call charged from its
-# tenant's price table) and a billing statement verified offline from the ledger's tiles.
+# tenant's price table), a billing statement verified offline from the ledger's tiles and from an
+# audit export, and the invoices of the tenants' own billing periods.
 #
 # TALLY_BIN=<path> uses an already built binary (the test suite does); otherwise it builds one.
 set -euo pipefail
@@ -268,7 +269,22 @@ for index in range((size + 255) // 256):
         n //= 1000
     print("tile/entries/" + digits + ("" if width == 256 else ".p/%d" % width))
 PY
-"$TALLY" verify statement --vkey "$("$TALLY" vkey --key "$work/ledger.key" --tenant initech)" --tiles "$work/initech-tiles" --seq "$statement_seq"
+initech_vkey=$("$TALLY" vkey --key "$work/ledger.key" --tenant initech)
+"$TALLY" verify statement --vkey "$initech_vkey" --tiles "$work/initech-tiles" --seq "$statement_seq"
+echo "== the same statement, verified from initech's audit export (what a regulator is handed)"
+# The export serves the projected log: wait until the projection holds the statement.
+for _ in $(seq 1 60); do
+  curl -sf "${iauth[@]}" "$qbase/v1/tenants/initech/audit-export?from_seq=0" >"$work/initech-export.json" || true
+  python3 -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))["to_seq"] >= int(sys.argv[2]) else 1)' "$work/initech-export.json" "$statement_seq" 2>/dev/null && break
+  sleep 0.5
+done
+"$TALLY" verify statement --vkey "$initech_vkey" --export "$work/initech-export.json" --seq "$statement_seq"
+echo "== the billing system pulls the invoices of the billing periods starting in 2026-11 (closed by statements)"
+curl -sf -H "Authorization: Bearer $billing_token" "$qbase/v1/spend?period=2026-11&calendar=billing" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+for row in r["rows"]:
+    print("    invoice %-10s  %-4s %-8s %12s  %s .. %s  statement seq %d" % (row["SubAccountId"], row["BillingCurrency"], row["x_ChargeBasis"], row["BilledCost"], row["BillingPeriodStart"], row["BillingPeriodEnd"], row["x_StatementSeq"]))'
 echo "== acme's audit export proves its trail complete against the signed checkpoint"
 curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/audit-export" | python3 -c '
 import json, sys

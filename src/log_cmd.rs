@@ -90,8 +90,12 @@ pub enum VerifyCommand {
         #[arg(long)]
         vkey: String,
         /// The tiles directory.
+        #[arg(long, required_unless_present = "export", conflicts_with = "export")]
+        tiles: Option<PathBuf>,
+        /// Or an audit export of the tenant's log from seq 0 through the statement at least
+        /// (`GET /v1/tenants/{tenant}/export?from_seq=0`, saved as JSON).
         #[arg(long)]
-        tiles: PathBuf,
+        export: Option<PathBuf>,
         /// The statement's seq (`GET /v1/tenants/{tenant}/statements` lists them).
         #[arg(long)]
         seq: u64,
@@ -130,9 +134,14 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
             verify_consistency(old.size, new.size, &old.root, &new.root, &proof).context("consistency proof is not valid")?;
             println!("valid: {} at size {} extends size {}", new.origin, new.size, old.size);
         }
-        VerifyCommand::Statement { vkey, tiles, seq } => {
+        VerifyCommand::Statement { vkey, tiles, export, seq } => {
             let verifier = NoteVerifier::parse(&vkey)?;
-            println!("{}", verify_statement(&verifier, &tiles, seq)?);
+            let verified = match (tiles, export) {
+                (Some(tiles), _) => statement_in_tiles(&verifier, &tiles, seq)?,
+                (None, Some(export)) => statement_in_export(&verifier, &export, seq)?,
+                (None, None) => bail!("give --tiles or --export"),
+            };
+            println!("{}", describe_statement(&verified, seq));
         }
     }
     Ok(())
@@ -140,7 +149,7 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
 
 /// Checks the statement at `seq` against the tiles in `dir` (docs/billing.md, "Verifying a
 /// statement"), reading the entry bundles as the check asks for them. Returns the summary line.
-fn verify_statement(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Result<String> {
+fn statement_in_tiles(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Result<tally_ledger::budget::VerifiedStatement> {
     use tally_ledger::TilePath;
     let note = read_text(&dir.join("checkpoint"))?;
     // A bundle holds at most 256 entries of at most 64 KiB, each with its 2-byte length: a
@@ -157,7 +166,31 @@ fn verify_statement(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Re
         }
         Ok(bytes)
     };
-    let v = tally_ledger::budget::verify_statement(verifier, &note, &mut bundle, seq).context("statement is not valid")?;
+    tally_ledger::budget::verify_statement(verifier, &note, &mut bundle, seq).context("statement is not valid")
+}
+
+/// Verifies the statement at `seq` from an audit export saved as JSON.
+fn statement_in_export(verifier: &NoteVerifier, path: &Path, seq: u64) -> anyhow::Result<tally_ledger::budget::VerifiedStatement> {
+    let export: tally_query::reports::AuditExport =
+        serde_json::from_str(&read_text(path)?).with_context(|| format!("{} is not an audit export", path.display()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let entries = export
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| b64.decode(e).with_context(|| format!("entries[{i}] is not base64")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let proof = export
+        .range_proof
+        .iter()
+        .enumerate()
+        .map(|(i, h)| b64.decode(h).ok().and_then(|h| Hash::try_from(h).ok()).with_context(|| format!("range_proof[{i}] is not a base64 32-byte hash")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tally_ledger::budget::verify_statement_in_export(verifier, &export.checkpoint, export.from_seq, &entries, &proof, seq).context("statement is not valid")
+}
+
+/// What `tally verify statement` prints for a valid statement.
+fn describe_statement(v: &tally_ledger::budget::VerifiedStatement, seq: u64) -> String {
     let s = &v.statement;
     let totals: Vec<String> = s
         .totals
@@ -173,7 +206,7 @@ fn verify_statement(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Re
             )
         })
         .collect();
-    Ok(format!(
+    format!(
         "valid: statement of period {} ({} to {}, {}) at seq {seq} in {} at tree size {}, seqs {}..={}: {}",
         s.period,
         s.period_start,
@@ -184,7 +217,7 @@ fn verify_statement(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Re
         s.first_seq,
         s.last_seq,
         totals.join("; ")
-    ))
+    )
 }
 
 /// A ledger data directory and its signing keys (`--key` twice during a rotation).

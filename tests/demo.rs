@@ -51,5 +51,10 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     let initech = format!("gpt-5-mini        21  {claimed:>14}  {:>14}", claimed + 9_000);
     assert!(stdout.contains(&initech), "want {initech:?} in\n{stdout}");
     assert!(stdout.lines().any(|l| l.trim_start().starts_with("initech") && l.contains(" table ")), "no table-charged spend row: {stdout}");
-    assert!(stdout.contains("valid: statement of period 2026-11-01 (2026-11-01T00:00:00Z to 2026-12-01T00:00:00Z, UTC)"), "{stdout}");
+    let valid = "valid: statement of period 2026-11-01 (2026-11-01T00:00:00Z to 2026-12-01T00:00:00Z, UTC)";
+    assert_eq!(stdout.matches(valid).count(), 2, "verified from the tiles and from the audit export: {stdout}");
+    assert!(
+        stdout.lines().any(|l| l.trim_start().starts_with("invoice initech") && l.contains("2026-11-01T00:00:00Z .. 2026-12-01T00:00:00Z  statement seq")),
+        "no billing-period invoice line for initech: {stdout}"
+    );
 }
