@@ -93,7 +93,7 @@ pub enum VerifyCommand {
         #[arg(long, required_unless_present = "export", conflicts_with = "export")]
         tiles: Option<PathBuf>,
         /// Or an audit export of the tenant's log from seq 0 through the statement at least
-        /// (`GET /v1/tenants/{tenant}/export?from_seq=0`, saved as JSON).
+        /// (`GET /v1/tenants/{tenant}/audit-export?from_seq=0`, saved as JSON).
         #[arg(long)]
         export: Option<PathBuf>,
         /// The statement's seq (`GET /v1/tenants/{tenant}/statements` lists them).
@@ -206,7 +206,7 @@ fn describe_statement(v: &tally_ledger::budget::VerifiedStatement, seq: u64) -> 
             )
         })
         .collect();
-    format!(
+    let mut line = format!(
         "valid: statement of period {} ({} to {}, {}) at seq {seq} in {} at tree size {}, seqs {}..={}: {}",
         s.period,
         s.period_start,
@@ -217,7 +217,14 @@ fn describe_statement(v: &tally_ledger::budget::VerifiedStatement, seq: u64) -> 
         s.first_seq,
         s.last_seq,
         totals.join("; ")
-    )
+    );
+    if v.checked < v.tree_size {
+        line.push_str(&format!(
+            " (the evidence held entries 0..{} of {}: records from seq {} on were not seen; an export up to the tree size shows that none of them is charged in the closed period)",
+            v.checked, v.tree_size, v.checked
+        ));
+    }
+    line
 }
 
 /// A ledger data directory and its signing keys (`--key` twice during a rotation).

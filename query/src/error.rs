@@ -29,6 +29,9 @@ pub enum Error {
     NotFound(String),
     #[error("no signed checkpoint covers the projection of this tenant yet")]
     NoCheckpoint,
+    /// The projection was written by an older version and lacks what the report needs.
+    #[error("{0}")]
+    NeedsRebuild(String),
     #[error("bad configuration: {0}")]
     Config(String),
     /// The detail is logged, not shown: it can name server paths.
@@ -50,6 +53,7 @@ impl Error {
             Error::SumOverflow(_) => "sum_overflow",
             Error::NotFound(_) => "not_found",
             Error::NoCheckpoint => "no_checkpoint",
+            Error::NeedsRebuild(_) => "projection_needs_rebuild",
             Error::Config(_) => "bad_config",
             Error::Internal(_) => "internal",
         }
@@ -64,7 +68,7 @@ impl Error {
             Error::TooManyQueries(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::SumOverflow(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::NoCheckpoint => StatusCode::CONFLICT,
+            Error::NoCheckpoint | Error::NeedsRebuild(_) => StatusCode::CONFLICT,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,6 +136,7 @@ impl From<tally_projection::Error> for Error {
     fn from(e: tally_projection::Error) -> Self {
         match e {
             tally_projection::Error::SumOverflow(m) => Error::SumOverflow(m),
+            tally_projection::Error::NeedsRebuild(m) => Error::NeedsRebuild(m),
             other => Error::Internal(other.to_string()),
         }
     }

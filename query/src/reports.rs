@@ -589,31 +589,40 @@ fn month_spend(root: &Path, tenant: &str, month: &str, (start, end): (Timestamp,
 /// One tenant's spend in its billing periods that start in `month`, from its statements.
 fn billing_spend(root: &Path, tenant: &str, month: &str) -> tally_projection::Result<Vec<Spend>> {
     let mark = read_watermark(root, tenant)?;
+    if !mark.statements && mark.next_seq > 0 {
+        return Err(tally_projection::Error::NeedsRebuild(format!(
+            "the projection of {tenant} predates the statements file the billing calendar reads; rebuild it (tally parquet rebuild)"
+        )));
+    }
     let origin = log_origin(&mark);
-    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let count = |n: Option<u64>, what: &str| {
+        i64::try_from(n.unwrap_or(0)).map_err(|_| tally_projection::Error::SumOverflow(format!("{tenant}'s statement {what} exceeds the 64-bit range")))
+    };
     let mut out = Vec::new();
     for held in tally_projection::read_statements(root, tenant, mark.next_seq)? {
         let s = &held.statement;
         if s.period.strftime("%Y-%m").to_string() != month {
             continue;
         }
-        out.extend(s.totals.iter().map(|t| Spend {
-            tenant: tenant.to_string(),
-            currency: Some(t.currency.clone()),
-            basis: Some(t.basis.as_str().to_string()),
-            correction: t.correction,
-            sums: RollupSums {
-                events: count(t.events),
-                cost_micros: 0,
-                charge_micros: t.micros,
-                input_tokens: count(t.input_tokens),
-                output_tokens: count(t.output_tokens),
-            },
-            origin: origin.clone(),
-            period_start: s.period_start,
-            period_end: s.period_end,
-            statement_seq: Some(held.seq),
-        }));
+        for t in &s.totals {
+            out.push(Spend {
+                tenant: tenant.to_string(),
+                currency: Some(t.currency.clone()),
+                basis: Some(t.basis.as_str().to_string()),
+                correction: t.correction,
+                sums: RollupSums {
+                    events: count(Some(t.events), "event count")?,
+                    cost_micros: 0,
+                    charge_micros: t.micros,
+                    input_tokens: count(t.input_tokens, "input token count")?,
+                    output_tokens: count(t.output_tokens, "output token count")?,
+                },
+                origin: origin.clone(),
+                period_start: s.period_start,
+                period_end: s.period_end,
+                statement_seq: Some(held.seq),
+            });
+        }
     }
     Ok(out)
 }

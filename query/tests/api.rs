@@ -326,8 +326,8 @@ async fn spend_by_billing_period_comes_from_the_statements() {
         correction,
         events,
         micros,
-        input_tokens,
-        output_tokens: 5,
+        input_tokens: Some(input_tokens),
+        output_tokens: Some(5),
     };
     // acme's periods start on the 15th, in Paris.
     let statement = |period: &str, start: &str, end: &str, totals| Statement {
@@ -376,6 +376,16 @@ async fn spend_by_billing_period_comes_from_the_statements() {
     let (status, body) = send(&r, "GET", "/v1/spend?period=2026-11&calendar=fiscal", Some(&f.tokens["billing"]), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(&body).contains("calendar"));
+
+    // A projection written before statements were kept cannot say it holds them all: the bill
+    // is refused, never silently short.
+    let mark = f.data_dir().join("parquet/events/tenant_id=globex/_projection.json");
+    let old = std::fs::read_to_string(&mark).unwrap().replace(",\"statements\":true", "");
+    std::fs::write(&mark, old).unwrap();
+    let (status, body) = send(&r, "GET", "/v1/spend?period=2026-11&calendar=billing", Some(&f.tokens["billing"]), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("projection_needs_rebuild") && body.contains("globex") && body.contains("tally parquet rebuild"), "{body}");
 }
 
 #[tokio::test]

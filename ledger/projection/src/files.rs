@@ -203,6 +203,10 @@ pub struct Watermark {
     /// roll-ups are complete only if that is 0 (a zone added later is filled by a rebuild).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub daily_zones: std::collections::BTreeMap<String, u64>,
+    /// Whether `_statements.json` holds every `statement` record below `next_seq`: true for a
+    /// projection started (or rebuilt) by a version that keeps them, false for an older one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub statements: bool,
 }
 
 fn watermark_path(root: &Path, tenant: &str) -> PathBuf {
@@ -253,13 +257,14 @@ pub fn read_statements(root: &Path, tenant: &str, below: u64) -> Result<Vec<Proj
     }
 }
 
-/// Adds `new` to the tenant's statements file (one statement per seq: a flush redone after a
-/// crash writes the same ones again). Written once a billing period, so rewritten whole.
-pub(crate) fn add_statements(root: &Path, tenant: &str, new: Vec<ProjectedStatement>) -> Result<()> {
+/// Adds `new`, the statements of a flush from seq `first`, to the tenant's statements file. What
+/// the file holds from `first` on is left over from a flush that did not finish (or from a log
+/// since replaced), and is dropped. Written once a billing period, so rewritten whole.
+pub(crate) fn add_statements(root: &Path, tenant: &str, first: u64, new: Vec<ProjectedStatement>) -> Result<()> {
     if new.is_empty() {
         return Ok(());
     }
-    let mut all: std::collections::BTreeMap<u64, ProjectedStatement> = read_statements(root, tenant, u64::MAX)?.into_iter().map(|s| (s.seq, s)).collect();
+    let mut all: std::collections::BTreeMap<u64, ProjectedStatement> = read_statements(root, tenant, first)?.into_iter().map(|s| (s.seq, s)).collect();
     all.extend(new.into_iter().map(|s| (s.seq, s)));
     let bytes = serde_json::to_vec(&all.into_values().collect::<Vec<_>>()).map_err(|e| Error::Projection(e.to_string()))?;
     write_atomically(&statements_path(root, tenant), |file| {
@@ -413,7 +418,7 @@ mod tests {
     fn watermarks_round_trip_and_default_to_zero() {
         let root = tempfile::tempdir().unwrap();
         assert_eq!(read_watermark(root.path(), "acme").unwrap(), Watermark::default());
-        let mark = Watermark { next_seq: 7, checkpoint: Some("note".into()), daily_zones: [("UTC".to_string(), 0)].into() };
+        let mark = Watermark { next_seq: 7, checkpoint: Some("note".into()), daily_zones: [("UTC".to_string(), 0)].into(), statements: true };
         write_watermark(root.path(), "acme", &mark).unwrap();
         assert_eq!(read_watermark(root.path(), "acme").unwrap(), mark);
         assert_eq!(projected_tenants(root.path()).unwrap(), vec!["acme".to_string()]);

@@ -231,7 +231,12 @@ impl Projection {
         }
         let last = first + entries.len() as u64 - 1;
         let (mut report, touched) = write_flush(&root, &tenant, first, &entries, &zones)?;
-        let mark = files::Watermark { next_seq: last + 1, checkpoint: Some(checkpoint), daily_zones: zone_coverage(&state.mark, first, &zones) };
+        let mark = files::Watermark {
+            next_seq: last + 1,
+            checkpoint: Some(checkpoint),
+            daily_zones: zone_coverage(&state.mark, first, &zones),
+            statements: state.mark.statements || first == 0,
+        };
         files::write_watermark(&root, &tenant, &mark)?;
         state.mark = mark;
         state.last_flush = Some(Instant::now());
@@ -302,14 +307,6 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones
             rows::add_event_daily(&mut daily, zones, event, row.charge.as_ref())?;
         }
     }
-    // Statements are kept whole beside the rows, for the spend export by billing period.
-    let statements = rows
-        .iter()
-        .zip(entries)
-        .filter(|(row, _)| row.record_type == "statement")
-        .map(|(row, entry)| Ok(files::ProjectedStatement { seq: row.seq, statement: tally_log::Statement::decode(row.seq, entry)? }))
-        .collect::<Result<Vec<_>>>()?;
-    files::add_statements(root, tenant, statements)?;
     let mut report = FlushReport { records: rows.len() as u64, ..FlushReport::default() };
     let mut touched = Vec::new();
     for (date, rows) in &by_date {
@@ -330,6 +327,14 @@ fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones
         report.files += 1;
         touched.push((Tree::Daily, month.clone()));
     }
+    // Statements are kept whole beside the rows, for the spend export by billing period.
+    let statements = rows
+        .iter()
+        .zip(entries)
+        .filter(|(row, _)| row.record_type == "statement")
+        .map(|(row, entry)| Ok(files::ProjectedStatement { seq: row.seq, statement: tally_log::Statement::decode(row.seq, entry)? }))
+        .collect::<Result<Vec<_>>>()?;
+    files::add_statements(root, tenant, first, statements)?;
     Ok((report, touched))
 }
 
@@ -367,7 +372,8 @@ pub fn append_records(root: &Path, tenant: &str, entries: &[Vec<u8>], zones: &[(
     files::recover_tenant(root, tenant, mark.next_seq)?;
     let (mut report, touched) = write_flush(root, tenant, mark.next_seq, entries, zones)?;
     let daily_zones = zone_coverage(&mark, mark.next_seq, zones);
-    files::write_watermark(root, tenant, &files::Watermark { next_seq: mark.next_seq + entries.len() as u64, checkpoint: None, daily_zones })?;
+    let statements = mark.statements || mark.next_seq == 0;
+    files::write_watermark(root, tenant, &files::Watermark { next_seq: mark.next_seq + entries.len() as u64, checkpoint: None, daily_zones, statements })?;
     report.merged = merge_touched(root, tenant, &touched)?;
     Ok(report)
 }

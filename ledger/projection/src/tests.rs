@@ -275,6 +275,7 @@ fn statements_are_kept_whole_below_the_watermark_and_a_redone_flush_keeps_one_ea
     let first = append_statement(&mut log, "2026-11-01");
     Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
     let mark = read_watermark(&root, "acme").unwrap();
+    assert!(mark.statements, "a projection from seq 0 holds every statement");
     let held = read_statements(&root, "acme", mark.next_seq).unwrap();
     assert_eq!(held.len(), 1);
     assert_eq!((held[0].seq, held[0].statement.period.to_string(), held[0].statement.totals[0].micros), (first, "2026-11-01".to_string(), 2001));
