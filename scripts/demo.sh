@@ -54,6 +54,11 @@ with open(sys.argv[1], "w") as out:
     # A call that reports tokens but no cost: the ledger prices it from initech's table.
     out.write(json.dumps({"event_id": "demo-tokens-only", "tenant_id": "initech", "occurred_at": "2026-11-02T10:30:00Z", "kind": "llm_call",
                           "action": "gpt-5-mini", "agent_id": "support-bot", "usage": {"input_tokens": 20000, "output_tokens": 2000}}) + "\n")
+    # December's first calls: the ledger's input clock (the events' own times) passes November's
+    # end, so each tenant's November is closed by a statement before its December call.
+    for tenant in ["acme", "globex", "initech"]:
+        out.write(json.dumps({"event_id": "demo-december-" + tenant, "tenant_id": tenant, "occurred_at": "2026-12-01T00:30:00Z", "kind": "llm_call",
+                              "action": "gpt-5-mini", "agent_id": "support-bot", "cost": {"amount_micros": 1000, "currency": "USD"}}) + "\n")
 PY
 
 echo "== creating topics"
@@ -99,16 +104,16 @@ group = "demo-ledger-$run"
 listen = "127.0.0.1:$port"
 tokens = "$work/tokens.toml"
 budgets = "$work/budgets.toml"
-# Close a billing period as soon as it ends (default: a day later), so November's statement shows.
+# Close a billing period as soon as it ends on the input's clock (default: a day later), so
+# December's first calls close November.
 statement_grace_ms = 0
 TOML
 RUST_LOG=warn "$TALLY" --config "$work/ledger.toml" ledger 2>"$work/ledger.log" &
 LEDGER_PID=$!
 base=http://127.0.0.1:$port
 auth=(-H "Authorization: Bearer $acme_token")
-# November (the sample events' month) has ended, and this ledger closes a period at once
-# (statement_grace_ms = 0): wait until acme's statement is there and its signed size has stopped
-# growing for a second.
+# December's first calls close November (statement_grace_ms = 0): wait until acme's statement is
+# there and its signed size has stopped growing for a second.
 size= last= statements=0
 for _ in $(seq 1 120); do
   size=$(curl -sf "${auth[@]}" "$base/t/acme/checkpoint" | sed -n 2p || true)

@@ -19,9 +19,9 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("67 accepted for 4 tenants, 15 dead-lettered"), "{stdout}");
-    assert!(stdout.contains("acme's signed checkpoint covers its 24 records: 23 valid events"), "{stdout}");
-    assert!(stdout.contains("valid: entry 23 is in demo.tally.example/t/acme at tree size 24"), "{stdout}");
+    assert!(stdout.contains("70 accepted for 4 tenants, 15 dead-lettered"), "{stdout}");
+    assert!(stdout.contains("acme's signed checkpoint covers its 25 records: 24 valid events"), "{stdout}");
+    assert!(stdout.contains("valid: entry 24 is in demo.tally.example/t/acme at tree size 25"), "{stdout}");
     assert!(stdout.contains(r#"{"error":{"code":"forbidden""#), "{stdout}");
     assert!(stdout.contains("initech's budget state (also on the tally.budget topic): exceeded"), "{stdout}");
     assert!(stdout.contains("authorize: deny (denied by the day limit;"), "{stdout}");
@@ -35,7 +35,7 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     assert!(gateway.iter().any(|l| l.contains("denied by freeze")), "{stdout}");
     assert!(gateway.iter().any(|l| l.contains("active freeze frz-") && l.contains("runaway emails")), "{stdout}");
     assert!(gateway.iter().any(|l| l.contains("this tenant's audit trail")), "{stdout}");
-    assert!(stdout.contains("acme's audit trail holds 23 events"), "{stdout}");
+    assert!(stdout.contains("acme's audit trail holds 24 events"), "{stdout}");
     assert!(stdout.contains("2026-11-02  support-bot   gpt-5-mini"), "{stdout}");
     assert!(stdout.contains("total USD:"), "{stdout}");
     for tenant in ["acme", "globex", "initech"] {

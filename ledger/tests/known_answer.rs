@@ -102,7 +102,16 @@ fn messages() -> Vec<Delivery> {
         ("globex", event("globex", "g2", "2026-11-03T08:00:00Z", r#","decision":"deny","reason_code":"policy.blocked","attributes":{"b":"2","a":"1"}"#)),
         ("acme", event("acme", "a5", "2026-11-03T09:00:00Z", &format!(r#"{}{}"#, cost(9_500), r#","task_id":"t4""#))),
     ];
-    bodies.iter().enumerate().map(|(i, (key, value))| delivery(i as i64, key, value)).collect()
+    let mut messages: Vec<Delivery> = bodies.iter().enumerate().map(|(i, (key, value))| delivery(i as i64, key, value)).collect();
+    // December's first calls, published then: the input clock passes November's end plus the
+    // default grace of a day, so every tenant with charges in November gets its `statement`
+    // before the first of them.
+    for (i, tenant) in ["acme", "globex", "initech"].into_iter().enumerate() {
+        let mut d = delivery(messages.len() as i64, tenant, &event(tenant, &format!("dec-{i}"), "2026-12-02T00:00:00Z", &cost(1_000)));
+        d.timestamp_ms = Some(ts("2026-12-02T00:00:01Z").as_millisecond() + i as i64);
+        messages.push(d);
+    }
+    messages
 }
 
 fn request(task_id: Option<&str>, estimate_micros: i64, ttl_ms: i64) -> AuthorizeRequest {
@@ -141,15 +150,15 @@ fn run(dir: &Path) -> String {
     let mut p = open();
     // The reservation of t9 expires; days end, and with them initech's `exceeded`.
     p.tick(ts("2026-11-03T00:30:00Z")).unwrap();
-    for d in &messages[9..] {
+    for d in &messages[9..13] {
         p.apply(d).unwrap();
     }
     let decided = p.authorize("acme", ts("2026-11-03T09:30:00Z"), &request(None, 50_000, 1_000), &anonymous).unwrap();
     assert!(!decided.verdict.allowed, "the period limit denies it");
     p.tick(ts("2026-11-04T00:00:01Z")).unwrap();
-    // November has ended, plus the default grace of a day: every tenant with charges in it gets
-    // its `statement`.
-    p.tick(ts("2026-12-02T00:00:00Z")).unwrap();
+    for d in &messages[13..] {
+        p.apply(d).unwrap();
+    }
     p.commit().unwrap();
 
     let mut out = String::new();

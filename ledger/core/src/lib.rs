@@ -49,6 +49,7 @@ pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, Verifie
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
 pub use receipt::Receipt;
 pub use record::{
-    budget_record, conflict_record, event_record, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source, Statement, StatementTotal,
+    budget_record, conflict_record, event_record, input_time, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source, Statement,
+    StatementTotal,
 };
 pub use tiles::{available_width, parse_entry_bundle, TilePath, TILE_WIDTH};

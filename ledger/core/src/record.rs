@@ -175,11 +175,12 @@ pub struct StatementTotal {
     pub events: u64,
     pub micros: i64,
     /// The line's events' `usage` tokens: what the spend export's `PricingQuantity` counts for
-    /// lines priced per token.
-    #[serde(default)]
-    pub input_tokens: u64,
-    #[serde(default)]
-    pub output_tokens: u64,
+    /// lines priced per token. Absent in statements written before lines carried them (which
+    /// verify on their micros and events alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u64>,
 }
 
 impl Statement {
@@ -276,6 +277,24 @@ impl EventRecord {
     pub fn is_conflict(&self) -> bool {
         self.record_type == EventRecordType::Conflict
     }
+
+    /// The record's [`input_time`].
+    pub fn input_time(&self) -> Timestamp {
+        input_time(&self.event, &self.source)
+    }
+}
+
+/// How far an input shows time has come: the event's `occurred_at`, but never past its Kafka
+/// message's timestamp (when it has one). Billing periods close on this clock, the input's, so
+/// the ledger's lag never changes a bill and a replay closes them at the same records
+/// (docs/billing.md). An event cannot occur after it was published: the message timestamp
+/// bounds a gateway clock that runs ahead (and with `LogAppendTime` topics it is the broker's).
+pub fn input_time(event: &Event, source: &Source) -> Timestamp {
+    let published = match source {
+        Source::Kafka { timestamp_ms: Some(ms), .. } => Timestamp::from_millisecond(*ms).ok(),
+        _ => None,
+    };
+    published.map_or(event.occurred_at, |p| p.min(event.occurred_at))
 }
 
 #[cfg(test)]

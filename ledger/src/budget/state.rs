@@ -483,7 +483,8 @@ impl Eq for CalendarCache {}
 /// Version 3: events are charged what their record says (rated once, in the log), and the
 /// state keeps the seq of the `config` in force.
 /// Version 4: open periods count their events' tokens (statement lines carry them).
-pub const FOLD_VERSION: u32 = 4;
+/// Version 5: the state keeps its records' latest input time (the clock periods close on).
+pub const FOLD_VERSION: u32 = 5;
 
 /// The fold version a snapshot was written under; always written as [`FOLD_VERSION`], read as
 /// stored (absent: 0). Not part of a state's identity.
@@ -574,6 +575,10 @@ pub struct BudgetState {
     /// Statement seqs by period, the latest `MAX_LISTED_STATEMENTS`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     statements: BTreeMap<Date, u64>,
+    /// The latest [`tally_log::input_time`] of the tenant's `event` and `conflict` records: the
+    /// partition's input clock, on which periods close, is the latest of its tenants'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    input_time: Option<Timestamp>,
 }
 
 impl BudgetState {
@@ -672,7 +677,11 @@ impl BudgetState {
     /// record codec. Returns the decisions an event record triggers; the ledger appends them right
     /// after it, and replays check they are there.
     pub fn fold(&mut self, seq: u64, entry: &[u8]) -> Result<Vec<BudgetDecision>> {
-        match tally_log::Record::<BudgetRecord>::decode(seq, entry)? {
+        let record = tally_log::Record::<BudgetRecord>::decode(seq, entry)?;
+        if let tally_log::Record::Event(r) = &record {
+            self.observe_input(r.input_time());
+        }
+        match record {
             // Conflicts are not charged: the first record with that key was.
             tally_log::Record::Event(r) if r.is_conflict() => Ok(Vec::new()),
             tally_log::Record::Event(r) => match &r.charge {
@@ -953,6 +962,17 @@ impl BudgetState {
     pub fn next_close(&self, grace: jiff::SignedDuration) -> Option<Timestamp> {
         let period = self.open_periods.keys().next()?;
         Self::close_bounds(&self.billing_calendar(), *period, grace).map(|(_, _, at)| at)
+    }
+
+    /// Counts an `event` or `conflict` record's [`tally_log::input_time`] (the fold does it
+    /// itself; the partition when it appends one).
+    pub fn observe_input(&mut self, at: Timestamp) {
+        self.input_time = self.input_time.max(Some(at));
+    }
+
+    /// The latest input time of the tenant's records (see [`Self::observe_input`]).
+    pub fn input_time(&self) -> Option<Timestamp> {
+        self.input_time
     }
 
     /// The statements still listed, by period: (period, seq).

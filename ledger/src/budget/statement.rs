@@ -43,8 +43,8 @@ impl OpenPeriod {
                 correction: key.2,
                 events: 0,
                 micros: 0,
-                input_tokens: 0,
-                output_tokens: 0,
+                input_tokens: Some(0),
+                output_tokens: Some(0),
             };
             self.totals.insert(i, line);
             i
@@ -53,8 +53,8 @@ impl OpenPeriod {
         line.events = line.events.saturating_add(1);
         line.micros = line.micros.saturating_add(charge.micros);
         let usage = usage.copied().unwrap_or_default();
-        line.input_tokens = line.input_tokens.saturating_add(usage.input_tokens);
-        line.output_tokens = line.output_tokens.saturating_add(usage.output_tokens);
+        line.input_tokens = Some(line.input_tokens.unwrap_or(0).saturating_add(usage.input_tokens));
+        line.output_tokens = Some(line.output_tokens.unwrap_or(0).saturating_add(usage.output_tokens));
     }
 }
 
@@ -127,9 +127,16 @@ impl<'a> StatementCheck<'a> {
         if (found.first_seq, found.last_seq) != (statement.first_seq, statement.last_seq) {
             return Err(Mismatch::Range { said: (statement.first_seq, statement.last_seq), found: (found.first_seq, found.last_seq) });
         }
-        if found.totals != statement.totals {
+        // A statement written before its lines carried tokens is checked without them.
+        let mut found_totals = found.totals;
+        for (line, said) in found_totals.iter_mut().zip(&statement.totals) {
+            if said.input_tokens.is_none() && said.output_tokens.is_none() {
+                (line.input_tokens, line.output_tokens) = (None, None);
+            }
+        }
+        if found_totals != statement.totals {
             let text = |t: &[StatementTotal]| serde_json::to_string(t).unwrap_or_default();
-            return Err(Mismatch::Totals { said: text(&statement.totals), found: text(&found.totals) });
+            return Err(Mismatch::Totals { said: text(&statement.totals), found: text(&found_totals) });
         }
         Ok(())
     }
@@ -150,6 +157,9 @@ pub struct VerifiedStatement {
     pub statement: Statement,
     pub origin: String,
     pub tree_size: u64,
+    /// The entries checked, from seq 0: the tree size from tiles; an export's length, which may
+    /// stop before it (records after it were not seen).
+    pub checked: u64,
 }
 
 /// Verifies the statement at `seq` offline from a signed checkpoint note and the log's entry
@@ -192,7 +202,7 @@ pub fn verify_statement(
         return Err(Mismatch::Root);
     }
     check.finish()?;
-    Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size })
+    Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size, checked: size })
 }
 
 /// Verifies the statement at `seq` offline from an audit export of the tenant's log (`GET
@@ -211,7 +221,7 @@ pub fn verify_statement_in_export(
 ) -> Result<VerifiedStatement, Mismatch> {
     let checkpoint = checkpoint_covering(verifier, checkpoint_note, seq)?;
     let size = checkpoint.size;
-    let to = (from_seq + entries.len() as u64).saturating_sub(1);
+    let to = from_seq.saturating_add(entries.len() as u64).saturating_sub(1);
     if from_seq != 0 || entries.len() as u64 <= seq {
         return Err(Mismatch::ExportRange { from: from_seq, to, seq });
     }
@@ -225,7 +235,7 @@ pub fn verify_statement_in_export(
         check.push(i, entry)?;
     }
     check.finish()?;
-    Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size })
+    Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size, checked: entries.len() as u64 })
 }
 
 /// The checkpoint `note`, signed by `verifier`, of a tree that holds entry `seq`.

@@ -53,6 +53,7 @@ impl Log {
         let input = tally_log::EventInput { event: e, ce_source: None, payload_sha256: &[0; 32], source: &source };
         let (seq, charge) = (self.seq(), self.state.rate(e));
         self.entries.push(tally_log::event_record(seq, input, charge.as_ref()).unwrap());
+        self.state.observe_input(tally_log::input_time(e, &source));
         let decisions = self.state.apply_event(seq, e, charge.as_ref());
         for d in &decisions {
             let seq = self.seq();
@@ -721,8 +722,15 @@ fn a_period_closes_in_the_tenants_calendar_and_late_events_correct_it() {
     assert_eq!(statement.period.to_string(), "2026-10-31");
     assert_eq!((statement.period_start, statement.period_end), (ts("2026-10-31T04:00:00Z"), ts("2026-11-30T05:00:00Z")));
     assert_eq!((statement.first_seq, statement.last_seq, statement.tree_size, statement.at), (1, 3, seqs[0], ts("2026-11-30T06:00:00Z")));
-    let line =
-        |basis, micros, input_tokens| StatementTotal { currency: "USD".into(), basis, correction: false, events: 1, micros, input_tokens, output_tokens: 0 };
+    let line = |basis, micros, input_tokens| StatementTotal {
+        currency: "USD".into(),
+        basis,
+        correction: false,
+        events: 1,
+        micros,
+        input_tokens: Some(input_tokens),
+        output_tokens: Some(0),
+    };
     assert_eq!(statement.totals, vec![line(ChargeBasis::Event, 7, 0), line(ChargeBasis::Table, 250_000, 1_000_000), line(ChargeBasis::Ceiling, 10_000, 1_000)]);
     assert!(log.close("2026-12-30T00:00:00Z", 1).is_empty(), "the next period has not ended");
 
@@ -755,6 +763,11 @@ fn a_period_closes_in_the_tenants_calendar_and_late_events_correct_it() {
     let mut more_tokens = log.entries.clone();
     more_tokens[1] = String::from_utf8(more_tokens[1].clone()).unwrap().replace("\"input_tokens\":1000000", "\"input_tokens\":1000001").into_bytes();
     assert!(matches!(recompute(&statement, seqs[0], &more_tokens), Err(Mismatch::Totals { .. })), "the tokens are checked too");
+    // A statement from before lines carried tokens verifies on its micros and events.
+    let mut legacy = statement.clone();
+    legacy.totals.iter_mut().for_each(|t| (t.input_tokens, t.output_tokens) = (None, None));
+    recompute(&legacy, seqs[0], &more_tokens).unwrap();
+    assert!(matches!(recompute(&legacy, seqs[0], &changed), Err(Mismatch::Totals { .. })));
 }
 
 mod rated_once {
@@ -914,6 +927,7 @@ fn a_statement_verifies_from_an_audit_export() {
 
     let ok = run(0, entries, &proof).unwrap();
     assert_eq!((ok.tree_size, ok.statement.totals.iter().map(|t| t.micros).sum::<i64>()), (size, 7 + 250 + 20));
+    assert_eq!(ok.checked, seq + 1, "what the evidence held, said");
     assert!(!proof.is_empty(), "the test needs records after the statement");
     assert!(matches!(run(0, &entries[..seq as usize], &proof), Err(Mismatch::ExportRange { .. })), "stops before the statement");
     assert!(matches!(run(1, &entries[1..], &proof), Err(Mismatch::ExportRange { .. })), "does not start at seq 0");

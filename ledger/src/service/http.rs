@@ -871,9 +871,12 @@ mod tests {
         for (i, t) in ["acme", "globex", "acme"].iter().enumerate() {
             p.apply(&test_delivery(i as i64, t, &format!("e{i}"), 5)).unwrap();
         }
+        // A December call of globex moves the partition's input clock past November's end plus
+        // the grace: acme's November is closed by a statement (seq 2) before it.
+        p.apply(&super::super::partition::test_delivery_at(3, "globex", "g-dec", "2026-12-02T00:00:00Z")).unwrap();
         p.commit().unwrap();
         // Budgets arrive after those events: acme's `config` record is appended at its first
-        // admission (seq 2).
+        // admission (seq 3).
         let budgets: crate::budget::BudgetFile =
             toml::from_str("[tenants.acme]\nperiod_micros = 5_000_000\nceiling = { input_per_million_micros = 1, output_per_million_micros = 1 }\n").unwrap();
         p.set_budget_file(Some(Arc::new(budgets.clone())));
@@ -929,7 +932,7 @@ mod tests {
         let f = fixture();
         let (status, body, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.acme)).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(body.starts_with("tally.example.com/t/acme\n2\n"), "{body}");
+        assert!(body.starts_with("tally.example.com/t/acme\n3\n"), "two events and November's statement: {body}");
         assert_eq!(call(&f.app, "/v1/tenants/acme/records/1", Some(&f.acme)).await.0, StatusCode::OK);
         // Another tenant, existing or not, gets the same refusal: nothing to infer.
         let (s1, _, e1) = call(&f.app, "/t/globex/checkpoint", Some(&f.acme)).await;
@@ -1076,7 +1079,7 @@ mod tests {
         let (status, _) = post(&f.app, "/v1/tenants/globex/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         // Every decision is in acme's log.
-        let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/2", Some(&f.admin)).await;
+        let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/3", Some(&f.admin)).await;
         assert!(body.contains(r#""type":"config""#), "{body}");
     }
 
@@ -1289,26 +1292,26 @@ mod tests {
         assert!(!fresh.replayed && fresh.seq > first.seq);
     }
 
-    /// The fixture's events are of November 2026, long closed: the first admission's settling
-    /// appends the statement, and the route lists it once committed, as stored, to the tenant
-    /// and to billing.
+    /// The fixture's events are of November 2026, closed by a December call: the route lists
+    /// the statement as stored, to the tenant and to billing; admissions (wall-clock calls)
+    /// close nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn statements_list_the_closed_periods_as_stored() {
         let f = fixture();
         let (_, before, _) = call(&f.app, "/v1/tenants/acme/statements", Some(&f.acme)).await;
-        assert_eq!(before, r#"{"tenant_id":"acme","statements":[]}"#);
         post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
         let (status, body, doc) = call(&f.app, "/v1/tenants/acme/statements", Some(&f.billing)).await;
+        assert_eq!(before, body, "the admission closed nothing");
         assert_eq!(status, StatusCode::OK, "{body}");
         let statements = doc["statements"].as_array().unwrap();
         assert_eq!(statements.len(), 1, "{body}");
         let s = &statements[0];
         assert_eq!(
             (s["period"].as_str(), s["first_seq"].as_u64(), s["last_seq"].as_u64(), s["tree_size"].as_u64()),
-            (Some("2026-11-01"), Some(0), Some(1), Some(3))
+            (Some("2026-11-01"), Some(0), Some(1), Some(2))
         );
         assert_eq!(s["totals"], serde_json::json!([{"currency": "USD", "basis": "event", "events": 2, "micros": 10, "input_tokens": 0, "output_tokens": 0}]));
-        let (_, record, _) = call(&f.app, "/v1/tenants/acme/records/3", Some(&f.admin)).await;
+        let (_, record, _) = call(&f.app, "/v1/tenants/acme/records/2", Some(&f.admin)).await;
         assert!(body.contains(&record), "listed as stored: {record}");
     }
 
@@ -1321,8 +1324,8 @@ mod tests {
         assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, small.clone()).await.1["decision"], "deny");
         tokio::time::sleep(std::time::Duration::from_millis(80)).await;
         assert_eq!(post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, small).await.1["decision"], "allow");
-        // The expiry is on the record, before the admission it made room for (after the config,
-        // November's statement, and the two admissions: the fixture's events are of November).
+        // The expiry is on the record, before the admission it made room for (after November's
+        // statement, the config and the two admissions).
         let (_, body, _) = call(&f.app, "/v1/tenants/acme/records/6", Some(&f.admin)).await;
         assert!(body.contains(r#""type":"release""#) && body.contains(r#""reason":"expired""#), "{body}");
     }
@@ -1458,15 +1461,15 @@ mod tests {
             let (s2, e2) = send(&f.app, "POST", "/v1/tenants/nosuch/budget/authorize", Some(token), Some(authorize)).await;
             assert_eq!((s1, &e1), (s2, &e2));
         }
-        // Only the allowed writes were recorded: acme's two events, its budget config, the
-        // statement closing November (its events' month, closed at the first admission), one
-        // admission each by acme, the gateway and admin, and one freeze (admin's freeze of the
-        // same scope is acme's, not a second record); globex, which only refused callers wrote
-        // to, is as it was.
+        // Only the allowed writes were recorded: acme's two events, the statement closing
+        // November, its budget config, one admission each by acme, the gateway and admin, and
+        // one freeze (admin's freeze of the same scope is acme's, not a second record); globex,
+        // which only refused callers wrote to, is as it was (its two events and the statement
+        // between them).
         let (_, body, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.admin)).await;
         assert!(body.starts_with("tally.example.com/t/acme\n8\n"), "{body}");
         let (_, body, _) = call(&f.app, "/t/globex/checkpoint", Some(&f.admin)).await;
-        assert!(body.starts_with("tally.example.com/t/globex\n1\n"), "{body}");
+        assert!(body.starts_with("tally.example.com/t/globex\n3\n"), "{body}");
     }
 
     #[derive(Debug, Clone, Copy, PartialEq)]

@@ -41,7 +41,7 @@ use crate::budget::{
 };
 use crate::error::{Error, Result};
 use serde::de::IgnoredAny;
-use tally_log::{conflict_record, event_record, EventInput, Record, Source};
+use tally_log::{conflict_record, event_record, input_time, EventInput, Record, Source};
 
 /// Who made an authorize or release request, as its record names it, and the key that makes
 /// its retries safe.
@@ -89,6 +89,10 @@ pub enum Applied {
     Rejected,
 }
 
+/// Statements appended per input record at most, besides the delivering tenant's own (see
+/// [`PartitionLedger::close_due`]).
+const CLOSES_PER_INPUT: usize = 1_000;
+
 pub struct PartitionLedger {
     /// Exclusive lock on `<dir>/lock`, held while open: two instances never write one partition.
     _lock: std::fs::File,
@@ -120,6 +124,10 @@ pub struct PartitionLedger {
     close_of: HashMap<String, Timestamp>,
     /// `statement_grace_ms` (default a day); `None` when `statements = false`: no period closes.
     statement_grace: Option<jiff::SignedDuration>,
+    /// The partition's input clock: the latest input time ([`tally_log::input_time`]) of the
+    /// records appended here, rebuilt at open from its tenants' states. Periods close on it,
+    /// never on the wall clock, so consumer lag and replays do not move a close.
+    input_clock: Option<Timestamp>,
     /// Effective budgets resolved from `budget_file`, per tenant.
     effective: HashMap<String, crate::budget::TenantBudget>,
     /// Tenants whose committed records may not all be projected yet.
@@ -244,6 +252,7 @@ impl PartitionLedger {
         let statement_grace = Some(jiff::SignedDuration::from_hours(24));
         let close_of: HashMap<String, Timestamp> = budgets.iter().filter_map(|(t, s)| Some((t.clone(), s.next_close(statement_grace?)?))).collect();
         let closes = close_of.iter().map(|(t, at)| (*at, t.clone())).collect();
+        let input_clock = budgets.values().filter_map(BudgetState::input_time).max();
         let open_ms = started.elapsed().as_millis() as u64;
         tracing::info!(topic, partition, ?next_offset, tenants = ledger.tenant_count(), replayed, open_ms, "partition state opened");
         Ok(PartitionLedger {
@@ -271,6 +280,7 @@ impl PartitionLedger {
             closes,
             close_of,
             statement_grace,
+            input_clock,
             unprojected,
             closed: false,
             failed: false,
@@ -372,7 +382,18 @@ impl PartitionLedger {
         let seen = self.lookup(&key)?;
         let size = self.ledger.next_seq(&tenant);
         // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
-        let applied = match seen.filter(|s| s.seq < size) {
+        let seen = seen.filter(|s| s.seq < size);
+        if seen.is_none_or(|s| s.content != content) {
+            // A record will be appended: the input clock moves to it first, and the periods
+            // it closes get their statements before it (the tenant's own included, so the
+            // record is rated against them).
+            let at = input_time(&decoded.event, &source);
+            self.input_clock = self.input_clock.max(Some(at));
+            self.close_due(&tenant)?;
+            self.budgets.entry(tenant.clone()).or_default().observe_input(at);
+        }
+        let size = self.ledger.next_seq(&tenant);
+        let applied = match seen {
             Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
             Some(seen) => {
                 self.ledger.append(&tenant, &conflict_record(size, input, seen.seq)?)?;
@@ -511,16 +532,46 @@ impl PartitionLedger {
         }
     }
 
-    /// Time-driven records for every tenant at `now`: new configs after a reload, expired
-    /// reservations, restorations of ended windows and statements of closed billing periods. Returns how many records were
-    /// appended.
+    /// Appends the statements of the billing periods due on the input clock: the delivering
+    /// `tenant`'s first, then up to [`CLOSES_PER_INPUT`] others', earliest close first (a month's
+    /// end closes every tenant at once, under the partition's lock; the rest follow at the next
+    /// records). Only input moves the clock, so which record a statement precedes is a function
+    /// of the input: replays and restarts place it identically.
+    fn close_due(&mut self, tenant: &str) -> Result<()> {
+        let Some(clock) = self.input_clock else { return Ok(()) };
+        if self.close_of.get(tenant).is_some_and(|at| *at <= clock) {
+            self.close_periods(tenant, clock)?;
+        }
+        let due: Vec<String> = self.closes.iter().take_while(|(at, _)| *at <= clock).take(CLOSES_PER_INPUT).map(|(_, t)| t.clone()).collect();
+        for tenant in due {
+            self.close_periods(&tenant, clock)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a `statement` for each of the tenant's open periods due at `clock`, and files its
+    /// next close.
+    fn close_periods(&mut self, tenant: &str, clock: Timestamp) -> Result<()> {
+        let closing = match (self.statement_grace, self.budgets.get(tenant)) {
+            (Some(grace), Some(state)) => state.statements_due(clock, grace),
+            _ => Vec::new(),
+        };
+        for statement in closing {
+            let seq = self.append_budget(tenant, |seq| BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } })?;
+            tracing::info!(tenant, seq, "billing period closed by a statement");
+        }
+        // Also when nothing closed (its calendar moved): the tenant must not be taken again at
+        // every record.
+        self.schedule_close(tenant);
+        Ok(())
+    }
+
+    /// Time-driven records for every tenant at `now` (the wall clock): new configs after a
+    /// reload, expired reservations and restorations of ended windows. Billing periods close on
+    /// the input clock instead ([`Self::close_due`]). Returns how many records were appended.
     pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
         let mut tenants = std::mem::take(&mut self.config_pending);
         tenants.extend(self.budgets.iter().filter(|(_, s)| s.next_wakeup().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()));
-        // At most this many closes per tick: a month's end closes every tenant at once, and the
-        // tick runs under the partition's lock; the rest follow at the next ticks.
-        const CLOSES_PER_TICK: usize = 1_000;
-        tenants.extend(self.closes.iter().take_while(|(at, _)| *at <= now).take(CLOSES_PER_TICK).map(|(_, t)| t.clone()));
         let mut appended = 0;
         for tenant in tenants {
             appended += self.settle_time(&tenant, now)?;
@@ -540,20 +591,6 @@ impl PartitionLedger {
         let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(now)).unwrap_or_default();
         for decision in due {
             self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
-        }
-        let closing = match (self.statement_grace, self.budgets.get(tenant)) {
-            (Some(grace), Some(state)) => state.statements_due(now, grace),
-            _ => Vec::new(),
-        };
-        let closed = !closing.is_empty();
-        for statement in closing {
-            let seq = self.append_budget(tenant, |seq| BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } })?;
-            tracing::info!(tenant, seq, "billing period closed by a statement");
-        }
-        // A tenant the tick took at a close that has not come (its calendar moved) must not be
-        // taken again at every tick: file its real close.
-        if closed || self.close_of.get(tenant).is_some_and(|at| *at <= now) {
-            self.schedule_close(tenant);
         }
         Ok((self.ledger.next_seq(tenant) - before) as usize)
     }
@@ -910,6 +947,15 @@ pub(super) fn test_delivery(offset: i64, tenant: &str, id: &str, cost: i64) -> D
     )
 }
 
+/// A delivery of a valid `llm_call` event that occurred at `at` and was published a second
+/// later, for tests in this module and [`super::http`].
+#[cfg(test)]
+pub(super) fn test_delivery_at(offset: i64, tenant: &str, id: &str, at: &str) -> Delivery {
+    let mut delivery = json_delivery(offset, tenant, format!(r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"{at}","kind":"llm_call"}}"#));
+    delivery.timestamp_ms = at.parse::<Timestamp>().ok().map(|t| t.as_millisecond() + 1_000);
+    delivery
+}
+
 /// A delivery of `value` on partition 3, keyed by `tenant`, decoded as the consumer would.
 #[cfg(test)]
 fn json_delivery(offset: i64, tenant: &str, value: String) -> Delivery {
@@ -1037,14 +1083,24 @@ mod tests {
         assert!(changed.contains(&("newco".to_string(), Some("run-1".to_string()))), "{changed:?}");
     }
 
+    /// An acme call at `at` with tokens priced from the table, published a second later.
     fn priced_delivery(offset: i64, id: &str, at: &str, input_tokens: u64) -> Delivery {
-        json_delivery(
-            offset,
-            "acme",
-            format!(
-                r#"{{"event_id":"{id}","tenant_id":"acme","occurred_at":"{at}","kind":"llm_call","action":"m","usage":{{"input_tokens":{input_tokens},"output_tokens":0}}}}"#
+        published(
+            json_delivery(
+                offset,
+                "acme",
+                format!(
+                    r#"{{"event_id":"{id}","tenant_id":"acme","occurred_at":"{at}","kind":"llm_call","action":"m","usage":{{"input_tokens":{input_tokens},"output_tokens":0}}}}"#
+                ),
             ),
+            at,
         )
+    }
+
+    /// `delivery` with its message published a second after `at`.
+    fn published(mut delivery: Delivery, at: &str) -> Delivery {
+        delivery.timestamp_ms = Some(at.parse::<Timestamp>().unwrap().as_millisecond() + 1_000);
+        delivery
     }
 
     fn catalog(price: i64) -> Arc<BudgetFile> {
@@ -1053,13 +1109,14 @@ mod tests {
     }
 
     /// Replaying the same deliveries with budgets configured writes byte-identical logs however
-    /// the ticks fall: a `config` an event brings in takes its time from the event's message,
-    /// never the clock. A reload is an input of its own: its `config` is timed by the tick that
+    /// the ticks fall and however late the ledger reads them: a `config` an event brings in
+    /// takes its time from the event's message, and a period closes on the input clock, never
+    /// the wall clock. A reload is an input of its own: its `config` is timed by the tick that
     /// applies it, and the events after it are rated under the new catalog version.
     #[test]
     fn replaying_with_budgets_writes_the_same_bytes_and_a_reload_is_a_new_catalog() {
         let mut runs = Vec::new();
-        for (run, tick_at) in [(0, "2026-11-02T10:00:00Z"), (1, "2026-11-20T17:00:00Z")] {
+        for (run, tick_at) in [(0, "2026-11-02T10:00:00Z"), (1, "2027-03-20T17:00:00Z")] {
             let dir = tempfile::tempdir().unwrap();
             let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
             p.set_budget_file(Some(catalog(2_000_000)));
@@ -1067,14 +1124,20 @@ mod tests {
             p.apply(&priced_delivery(0, "e0", "2026-11-02T09:00:00Z", 1_000)).unwrap();
             p.tick(tick_at.parse().unwrap()).unwrap();
             p.apply(&priced_delivery(1, "e1", "2026-11-02T09:05:00Z", 1_000)).unwrap();
+            // December's first call closes November (a day's grace) before it, whenever read.
+            p.apply(&priced_delivery(2, "e2", "2026-12-02T00:00:00Z", 1_000)).unwrap();
+            p.tick(tick_at.parse().unwrap()).unwrap();
+            p.apply(&priced_delivery(3, "late", "2026-11-30T12:00:00Z", 1_000)).unwrap();
             p.commit().unwrap();
             let log = p.ledger().tenant("acme");
             runs.push((0..p.committed_size("acme")).map(|seq| log.entry(seq).unwrap()).collect::<Vec<_>>());
         }
         assert_eq!(runs[0], runs[1], "the same bytes whatever the ticks");
         let text: Vec<String> = runs[0].iter().map(|e| String::from_utf8(e.clone()).unwrap()).collect();
-        assert_eq!(text.len(), 3, "config, event, event: {text:#?}");
-        assert!(text[0].starts_with(r#"{"type":"config","seq":0,"at":"2023-11-14T22:13:20Z""#), "the message's timestamp: {}", text[0]);
+        assert_eq!(text.len(), 6, "config, event, event, statement, event, late event: {text:#?}");
+        assert!(text[0].starts_with(r#"{"type":"config","seq":0,"at":"2026-11-02T09:00:01Z""#), "the message's timestamp: {}", text[0]);
+        assert!(text[3].starts_with(r#"{"type":"statement","seq":3,"at":"2026-12-02T00:00:00Z","period":"2026-11-01""#), "{}", text[3]);
+        assert!(text[5].contains(r#""period":"2026-12-01","corrects":"2026-11-01"}"#), "{}", text[5]);
         assert!(text[1].contains(r#""charge":{"micros":2000,"currency":"USD","basis":"table","catalog_seq":0,"period":"2026-11-01"}"#), "{}", text[1]);
 
         let dir = tempfile::tempdir().unwrap();
@@ -1092,27 +1155,48 @@ mod tests {
         assert!(e1.contains(r#""charge":{"micros":3000,"currency":"USD","basis":"table","catalog_seq":2,"#), "{e1}");
     }
 
-    /// The tick closes a period once it has ended plus the grace, with a `statement` that
-    /// survives a reopen; a later event of that period is billed in the open one as a correction.
+    /// A period closes once the input clock (the records' own times, bounded by their
+    /// messages') passes its end plus the grace: before the first record past it, another
+    /// tenant's too, and never at a tick. The statement survives a reopen, which rebuilds the
+    /// clock; a later event of that period is billed in the open one as a correction.
     #[test]
-    fn the_tick_closes_a_period_and_a_late_event_corrects_it() {
+    fn a_period_closes_on_the_input_clock_and_a_late_event_corrects_it() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
         p.set_budget_file(Some(catalog(2_000_000)));
         p.set_statement_grace(Some(jiff::SignedDuration::from_hours(2)));
         p.apply(&priced_delivery(0, "e0", "2026-11-30T23:00:00Z", 1_000)).unwrap();
-        assert_eq!(p.tick("2026-12-01T01:59:59Z".parse().unwrap()).unwrap(), 0, "within the grace");
-        assert_eq!(p.tick("2026-12-01T02:00:00Z".parse().unwrap()).unwrap(), 1);
+        assert_eq!(p.tick("2027-06-01T00:00:00Z".parse().unwrap()).unwrap(), 0, "the wall clock closes nothing");
+        p.apply(&priced_delivery(1, "e1", "2026-12-01T01:59:58Z", 1_000)).unwrap();
+        assert_eq!(p.budget("acme").unwrap().statements().count(), 0, "within the grace");
+        // Another tenant's call, published at the close: acme's November closes before it.
+        let globex = r#"{"event_id":"g0","tenant_id":"globex","occurred_at":"2026-12-01T02:00:00Z","kind":"llm_call"}"#;
+        p.apply(&published(json_delivery(2, "globex", globex.into()), "2026-12-01T01:59:59Z")).unwrap();
         let listed: Vec<(jiff::civil::Date, u64)> = p.budget("acme").unwrap().statements().collect();
-        assert_eq!(listed, [(jiff::civil::date(2026, 11, 1), 2)]);
-        p.apply(&priced_delivery(1, "late", "2026-11-15T00:00:00Z", 1_000)).unwrap();
+        assert_eq!(listed, [(jiff::civil::date(2026, 11, 1), 3)]);
+        p.apply(&published(priced_delivery(3, "late", "2026-11-15T00:00:00Z", 1_000), "2026-12-01T02:00:00Z")).unwrap();
+        // A call that says it occurred later than it was published moves the clock only to its
+        // message's time: December stays open.
+        p.apply(&published(priced_delivery(4, "ahead", "2027-05-01T00:00:00Z", 1_000), "2026-12-01T03:00:00Z")).unwrap();
+        assert_eq!(p.budget("acme").unwrap().statements().count(), 1);
         p.commit().unwrap();
-        let late = String::from_utf8(p.ledger().tenant("acme").entry(3).unwrap()).unwrap();
+        let log = p.ledger().tenant("acme");
+        let e1 = String::from_utf8(log.entry(2).unwrap()).unwrap();
+        assert!(e1.contains(r#""period":"2026-12-01"}"#), "charged in its own period: {e1}");
+        let late = String::from_utf8(log.entry(4).unwrap()).unwrap();
         assert!(late.contains(r#""period":"2026-12-01","corrects":"2026-11-01"}"#), "{late}");
         drop(p);
-        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
         assert_eq!(p.budget("acme").unwrap().statements().collect::<Vec<_>>(), listed, "folded back at open");
+        // The reopened clock is where it was: December (anchored on the 1st) closes at 02:00 on
+        // 1 January, and a record before that closes nothing.
+        p.set_budget_file(Some(catalog(2_000_000)));
+        p.set_statement_grace(Some(jiff::SignedDuration::from_hours(2)));
+        p.apply(&priced_delivery(5, "e3", "2026-12-31T23:00:00Z", 1_000)).unwrap();
+        assert_eq!(p.budget("acme").unwrap().statements().count(), 1);
+        p.apply(&priced_delivery(6, "e4", "2027-01-01T02:00:00Z", 1_000)).unwrap();
+        assert_eq!(p.budget("acme").unwrap().statements().count(), 2, "the next close, on the clock");
     }
 
     /// Rate quotas at their window edges: the limit holds up to the last millisecond of a
