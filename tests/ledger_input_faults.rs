@@ -1,5 +1,5 @@
 //! The ledger service against the real broker, fed what a careless producer or operator sends:
-//! events off their tenant's home partition, a message too large to dead-letter whole, a budget
+//! events off their tenant's home partition, events dated after their message or ahead of the ledger, a message too large to dead-letter whole, a budget
 //! topic that does not exist, and a topic recreated under the ledger. Each reproduces a defect
 //! from the outside review: a forked log, a partition stopped for good, a late crash, offsets
 //! silently skipped.
@@ -72,6 +72,47 @@ async fn events_off_their_home_partition_are_dead_lettered_never_a_second_log() 
         })
         .collect();
     assert_eq!(logs, vec![home], "initech has exactly one log");
+}
+
+/// An event dated more than an hour after its message was published, or whose message is stamped
+/// more than an hour ahead of the ledger's clock, is a broken clock: it is dead-lettered
+/// (`occurred_after_publish`, `timestamp_in_future`), so it opens no billing period or budget
+/// window in the future and does not move the clock periods close on; the events around it are
+/// recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_dated_after_their_message_or_ahead_of_the_ledger_are_dead_lettered() {
+    let kafka = kafka();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("ahead", 1).await;
+    let producer = raw_producer(&kafka);
+    // event_json's events occurred at 2026-11-02T09:15:00Z.
+    let occurred_ms = 1_793_610_900_000;
+    let in_2099 = serde_json::to_vec(&serde_json::json!({
+        "event_id": "future", "tenant_id": "acme", "occurred_at": "2099-01-01T00:00:00Z", "kind": "llm_call",
+    }))
+    .unwrap();
+    let messages = [
+        (event_json("acme", "before", 10), occurred_ms + 1_000),
+        (event_json("acme", "skewed", 10), occurred_ms - 3_600_000),
+        (event_json("acme", "ahead", 10), occurred_ms - 3_601_000),
+        (in_2099, 4_070_908_800_000),
+        (event_json("acme", "after", 10), occurred_ms + 2_000),
+    ];
+    for (value, published_ms) in &messages {
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).key(&b"acme"[..]).payload(&value[..]).timestamp(*published_ms);
+        producer.send(record, Duration::from_secs(30)).await.unwrap();
+    }
+    let running = start_ledger(dir.path(), &key_path, &topic, &format!("{topic}.g"), 100).await;
+    wait_for_size(&running, "acme", 3).await;
+    let dlq = read_topic(&kafka, &format!("{topic}.dlq"), 1, 2);
+    let codes: Vec<(String, String)> = dlq
+        .iter()
+        .map(|(headers, value)| {
+            let id = serde_json::from_slice::<serde_json::Value>(value).ok().and_then(|v| v["event_id"].as_str().map(str::to_string)).unwrap_or_default();
+            (id, headers.get(HEADER_ERROR_CODE).cloned().unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(codes, [("ahead".to_string(), "occurred_after_publish".to_string()), ("future".to_string(), "timestamp_in_future".to_string())]);
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

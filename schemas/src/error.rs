@@ -49,11 +49,17 @@ pub enum RejectCode {
     /// The message is on another partition than its tenant's home partition (the producer does
     /// not use Kafka's murmur2 partitioner, or the topic's partition count changed).
     WrongPartition,
+    /// `occurred_at` is more than [`crate::MAX_CLOCK_AHEAD_SECONDS`] after the Kafka message
+    /// carrying the event was published.
+    OccurredAfterPublish,
+    /// The event's time (its message's timestamp, else `occurred_at`) is more than
+    /// [`crate::MAX_CLOCK_AHEAD_SECONDS`] ahead of the ledger's clock when it reads it.
+    TimestampInFuture,
 }
 
 impl RejectCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [RejectCode; 21] = [
+    pub const ALL: [RejectCode; 23] = [
         RejectCode::MissingKey,
         RejectCode::TenantMismatch,
         RejectCode::TooLarge,
@@ -75,6 +81,8 @@ impl RejectCode {
         RejectCode::DuplicateKey,
         RejectCode::AmountTooLarge,
         RejectCode::WrongPartition,
+        RejectCode::OccurredAfterPublish,
+        RejectCode::TimestampInFuture,
     ];
 
     /// The stable wire form, e.g. `tenant_mismatch`.
@@ -101,6 +109,8 @@ impl RejectCode {
             RejectCode::DuplicateKey => "duplicate_key",
             RejectCode::AmountTooLarge => "amount_too_large",
             RejectCode::WrongPartition => "wrong_partition",
+            RejectCode::OccurredAfterPublish => "occurred_after_publish",
+            RejectCode::TimestampInFuture => "timestamp_in_future",
         }
     }
 

@@ -122,6 +122,46 @@ pub fn decimal_units(micros: i64) -> String {
 }
 
 /// Checks a tenant id against `^[a-z0-9][a-z0-9_-]{0,62}$`.
+/// How far an event's time may run ahead: of its Kafka message's timestamp (`occurred_at`), and of
+/// the ledger's clock (the message's timestamp). The clock skew tolerated between gateways,
+/// producers and the ledger.
+pub const MAX_CLOCK_AHEAD_SECONDS: i64 = 3_600;
+
+/// Refuses an event whose time is a broken clock's, which the ledger would otherwise use to open
+/// billing periods and budget windows in the future, and to move the clock its periods close on
+/// (docs/billing.md):
+/// - `occurred_after_publish`: it says it occurred more than [`MAX_CLOCK_AHEAD_SECONDS`] after its
+///   message was published (`published_ms`, the Kafka timestamp). A function of the message
+///   alone: a replay refuses the same events.
+/// - `timestamp_in_future`: its message's timestamp (else its `occurred_at`) is more than
+///   [`MAX_CLOCK_AHEAD_SECONDS`] ahead of `now`, the reader's clock. The one check on the wall
+///   clock: a replay long after may accept such a message.
+pub fn check_event_time(event: &Event, published_ms: Option<i64>, now: jiff::Timestamp) -> Result<(), Rejection> {
+    let published = published_ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok());
+    if let Some(published) = published {
+        let ahead = event.occurred_at.duration_since(published).as_secs();
+        if ahead > MAX_CLOCK_AHEAD_SECONDS {
+            return Err(Rejection::new(
+                RejectCode::OccurredAfterPublish,
+                format!(
+                    "occurred_at {} is {ahead} s after the message was published ({published}); at most {MAX_CLOCK_AHEAD_SECONDS} s of clock skew is accepted",
+                    event.occurred_at
+                ),
+            ));
+        }
+    }
+    let stamped = published.unwrap_or(event.occurred_at);
+    let ahead = stamped.duration_since(now).as_secs();
+    if ahead > MAX_CLOCK_AHEAD_SECONDS {
+        let what = if published.is_some() { "the message's timestamp" } else { "occurred_at (the message has no timestamp)" };
+        return Err(Rejection::new(
+            RejectCode::TimestampInFuture,
+            format!("{what} {stamped} is {ahead} s ahead of the ledger's clock ({now}); at most {MAX_CLOCK_AHEAD_SECONDS} s of clock skew is accepted"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn validate_tenant_id(tenant_id: &str) -> Result<(), Rejection> {
     let bytes = tenant_id.as_bytes();
     let first_ok = bytes.first().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
@@ -407,6 +447,31 @@ mod tests {
 
     fn code_of(v: Value) -> RejectCode {
         Event::from_value(v).expect_err("must be rejected").code
+    }
+
+    /// An hour of clock skew is tolerated, a second more is not: after the message, and ahead
+    /// of the reader's clock (the message's timestamp, else `occurred_at`).
+    #[test]
+    fn an_event_may_not_occur_after_its_message_nor_ahead_of_the_ledger() {
+        let e = Event::from_value(base()).unwrap();
+        let now = e.occurred_at + jiff::SignedDuration::from_hours(24);
+        let published = e.occurred_at.as_millisecond() - MAX_CLOCK_AHEAD_SECONDS * 1_000;
+        assert!(check_event_time(&e, Some(published), now).is_ok());
+        let refused = check_event_time(&e, Some(published - 1_000), now).unwrap_err();
+        assert_eq!(refused.code, RejectCode::OccurredAfterPublish);
+        assert!(refused.detail.contains("3601 s after the message was published"), "{}", refused.detail);
+        assert!(check_event_time(&e, Some(e.occurred_at.as_millisecond() + 1_000), now).is_ok());
+        assert!(check_event_time(&e, None, now).is_ok());
+
+        let soon = e.occurred_at - jiff::SignedDuration::from_secs(MAX_CLOCK_AHEAD_SECONDS);
+        assert!(check_event_time(&e, Some(e.occurred_at.as_millisecond()), soon).is_ok());
+        let early = soon - jiff::SignedDuration::from_secs(1);
+        let ahead = check_event_time(&e, Some(e.occurred_at.as_millisecond()), early).unwrap_err();
+        assert_eq!(ahead.code, RejectCode::TimestampInFuture);
+        assert!(ahead.detail.contains("the message's timestamp"), "{}", ahead.detail);
+        assert_eq!(check_event_time(&e, None, early).unwrap_err().code, RejectCode::TimestampInFuture, "occurred_at without a timestamp");
+        // A timestamp out of any calendar's range is no timestamp: occurred_at is checked.
+        assert!(check_event_time(&e, Some(i64::MAX), now).is_ok());
     }
 
     #[test]

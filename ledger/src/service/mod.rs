@@ -799,6 +799,13 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     Ok(decoded) => tally_ingest::tenant_partition(&decoded.event.tenant_id, partitions),
                     Err(_) => continue,
                 };
+                // An event dated after its message, or ahead of this clock, would open billing
+                // periods and budget windows in the future (docs/events.md).
+                let now = jiff::Timestamp::now();
+                if let Err(rejection) = d.outcome.as_ref().map_or(Ok(()), |decoded| tally_schemas::check_event_time(&decoded.event, d.timestamp_ms, now)) {
+                    d.outcome = Err(rejection);
+                    continue;
+                }
                 if home != d.partition {
                     shared.metrics.wrong_partition.inc();
                     d.outcome = Err(tally_schemas::Rejection::new(
