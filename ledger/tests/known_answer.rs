@@ -64,7 +64,8 @@ fn delivery(offset: i64, key: &str, value: &str) -> Delivery {
     Delivery {
         partition: PARTITION,
         offset,
-        timestamp_ms: Some(1_793_000_000_000 + offset * 1_000),
+        // Published from 2026-11-03T10:00:00Z on, a second apart: after every November event.
+        timestamp_ms: Some(1_793_700_000_000 + offset * 1_000),
         key: Some(key.as_bytes().to_vec()),
         value,
         headers: vec![],
@@ -148,7 +149,8 @@ fn run(dir: &Path) -> String {
     // Recovery: the partition is closed and opened again in the middle of the input.
     drop(p);
     let mut p = open();
-    // The reservation of t9 expires; days end, and with them initech's `exceeded`.
+    // The reservation of t9 expires (on the wall clock). Days end on the input clock: initech's
+    // `exceeded` is restored once the records' times pass its midnight.
     p.tick(ts("2026-11-03T00:30:00Z")).unwrap();
     for d in &messages[9..13] {
         p.apply(d).unwrap();

@@ -1149,10 +1149,20 @@ impl BudgetState {
 
     /// When the next time-driven change (an expiry or a window end with an announcement) is due.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
-        let expiry = self.expiries.first().map(|(at, _)| *at);
-        let Some(calendar) = self.calendar() else { return expiry };
-        let window = self
-            .announced
+        [self.next_expiry(), self.next_window_end()].into_iter().flatten().min()
+    }
+
+    /// When the earliest held reservation expires (on the wall clock: reservations come from
+    /// admissions, which are API calls).
+    pub fn next_expiry(&self) -> Option<Timestamp> {
+        self.expiries.first().map(|(at, _)| *at)
+    }
+
+    /// When the earliest window with an announcement ends (its `restored` record is due; the
+    /// ledger goes by its input clock for those, see `PartitionLedger::settle_input`).
+    pub fn next_window_end(&self) -> Option<Timestamp> {
+        let calendar = self.calendar()?;
+        self.announced
             .iter()
             .filter_map(|(level, scope, _)| {
                 let d = scope.parse::<Date>().ok()?;
@@ -1162,8 +1172,7 @@ impl BudgetState {
                     Level::Task => None,
                 }
             })
-            .min();
-        [expiry, window].into_iter().flatten().min()
+            .min()
     }
 
     /// Spend, reservations and remaining budget per level at `now` (task level when `task_id`).

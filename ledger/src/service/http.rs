@@ -872,8 +872,9 @@ mod tests {
             p.apply(&test_delivery(i as i64, t, &format!("e{i}"), 5)).unwrap();
         }
         // A December call of globex moves the partition's input clock past November's end plus
-        // the grace: acme's November is closed by a statement (seq 2) before it.
+        // the grace: the tick closes acme's November with a statement (seq 2).
         p.apply(&super::super::partition::test_delivery_at(3, "globex", "g-dec", "2026-12-02T00:00:00Z")).unwrap();
+        p.tick(jiff::Timestamp::now()).unwrap();
         p.commit().unwrap();
         // Budgets arrive after those events: acme's `config` record is appended at its first
         // admission (seq 3).

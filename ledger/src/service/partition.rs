@@ -89,9 +89,8 @@ pub enum Applied {
     Rejected,
 }
 
-/// Statements appended per input record at most, besides the delivering tenant's own (see
-/// [`PartitionLedger::close_due`]).
-const CLOSES_PER_INPUT: usize = 1_000;
+/// Tenants whose billing periods a tick closes at most (see [`PartitionLedger::tick`]).
+const CLOSES_PER_TICK: usize = 1_000;
 
 pub struct PartitionLedger {
     /// Exclusive lock on `<dir>/lock`, held while open: two instances never write one partition.
@@ -383,28 +382,33 @@ impl PartitionLedger {
         let size = self.ledger.next_seq(&tenant);
         // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
         let seen = seen.filter(|s| s.seq < size);
+        let at = input_time(&decoded.event, &source);
         if seen.is_none_or(|s| s.content != content) {
-            // A record will be appended: the input clock moves to it first, and the periods
-            // it closes get their statements before it (the tenant's own included, so the
-            // record is rated against them).
-            let at = input_time(&decoded.event, &source);
+            // A record will be appended: the input clock moves to it first, and what that
+            // makes due for the tenant (ended windows, closed periods) is recorded before it,
+            // so the record is rated against them.
             self.input_clock = self.input_clock.max(Some(at));
-            self.close_due(&tenant)?;
-            self.budgets.entry(tenant.clone()).or_default().observe_input(at);
+            self.settle_input(&tenant, self.input_clock.unwrap_or(at))?;
         }
         let size = self.ledger.next_seq(&tenant);
         let applied = match seen {
             Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
             Some(seen) => {
                 self.ledger.append(&tenant, &conflict_record(size, input, seen.seq)?)?;
+                self.budgets.entry(tenant.clone()).or_default().observe_input(at);
                 Applied::Conflict { tenant: tenant.clone(), seq: size }
             }
             None => {
                 // A `config` this event brings in takes its time from the input (the message's
                 // timestamp, else the event's own), never the wall clock: replaying the topic
                 // gives byte-identical logs.
-                let at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
-                self.ensure_config(&tenant, at)?;
+                let config_at = delivery.timestamp_ms.and_then(|ms| Timestamp::from_millisecond(ms).ok()).unwrap_or(decoded.event.occurred_at);
+                if self.ensure_config(&tenant, config_at)? {
+                    // Its calendar may differ: what is due under it is recorded first too.
+                    if let Some(clock) = self.input_clock {
+                        self.settle_input(&tenant, clock)?;
+                    }
+                }
                 // Rated once, here, under the catalog just ensured; every reader sums this charge.
                 let state = self.budgets.entry(tenant.clone()).or_default();
                 let charge = state.rate(&decoded.event);
@@ -412,6 +416,7 @@ impl PartitionLedger {
                 let opens_period = charge.as_ref().is_some_and(|c| state.opens_period(&c.period));
                 let seq = self.ledger.next_seq(&tenant);
                 self.ledger.append(&tenant, &event_record(seq, input, charge.as_ref())?)?;
+                self.budgets.entry(tenant.clone()).or_default().observe_input(at);
                 self.pending.insert(key, Seen { content, seq });
                 self.after_event(&tenant, &decoded.event, charge.as_ref(), seq)?;
                 if opens_period {
@@ -449,22 +454,24 @@ impl PartitionLedger {
         Ok(seq)
     }
 
-    /// Records the tenant's effective budget if it differs from the last `config` record.
-    fn ensure_config(&mut self, tenant: &str, now: Timestamp) -> Result<()> {
-        let Some(file) = &self.budget_file else { return Ok(()) };
+    /// Records the tenant's effective budget if it differs from the last `config` record;
+    /// returns whether it did.
+    fn ensure_config(&mut self, tenant: &str, now: Timestamp) -> Result<bool> {
+        let Some(file) = &self.budget_file else { return Ok(false) };
         if !self.effective.contains_key(tenant) {
             let b = file.for_tenant(tenant)?;
             self.effective.insert(tenant.to_string(), b);
         }
-        let Some(effective) = self.effective.get(tenant) else { return Ok(()) };
+        let Some(effective) = self.effective.get(tenant) else { return Ok(false) };
         let current = self.budgets.get(tenant).and_then(BudgetState::budget);
         if current != Some(effective) && (effective.needs_record() || current.is_some()) {
             let effective = effective.clone();
             self.append_budget(tenant, |seq| BudgetRecord::Config { seq, at: now, budget: effective })?;
             // Its calendar may differ: the close of its open period moves with it.
             self.schedule_close(tenant);
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Charges an appended event (at `event_seq`) and appends the decisions it triggers, and a
@@ -532,26 +539,20 @@ impl PartitionLedger {
         }
     }
 
-    /// Appends the statements of the billing periods due on the input clock: the delivering
-    /// `tenant`'s first, then up to [`CLOSES_PER_INPUT`] others', earliest close first (a month's
-    /// end closes every tenant at once, under the partition's lock; the rest follow at the next
-    /// records). Only input moves the clock, so which record a statement precedes is a function
-    /// of the input: replays and restarts place it identically.
-    fn close_due(&mut self, tenant: &str) -> Result<()> {
-        let Some(clock) = self.input_clock else { return Ok(()) };
-        if self.close_of.get(tenant).is_some_and(|at| *at <= clock) {
-            self.close_periods(tenant, clock)?;
-        }
-        let due: Vec<String> = self.closes.iter().take_while(|(at, _)| *at <= clock).take(CLOSES_PER_INPUT).map(|(_, t)| t.clone()).collect();
-        for tenant in due {
-            self.close_periods(&tenant, clock)?;
-        }
-        Ok(())
-    }
-
-    /// Appends a `statement` for each of the tenant's open periods due at `clock`, and files its
+    /// Records what the input clock at `clock` makes due for `tenant`: `restored` notices of the
+    /// windows that ended, then a `statement` for each billing period that closed; files its
     /// next close.
-    fn close_periods(&mut self, tenant: &str, clock: Timestamp) -> Result<()> {
+    ///
+    /// Only input moves the clock, so where these land in the tenant's log is a function of the
+    /// input: they come after the tenant's records from before the clock passed their time and
+    /// before its first record after, whether the record that moved the clock was the tenant's
+    /// own (settled in `apply_new`) or another tenant's (settled by the next tick). Consumer lag,
+    /// restarts and replays place them identically (docs/billing.md).
+    fn settle_input(&mut self, tenant: &str, clock: Timestamp) -> Result<()> {
+        let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(clock)).unwrap_or_default();
+        for decision in due {
+            self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
+        }
         let closing = match (self.statement_grace, self.budgets.get(tenant)) {
             (Some(grace), Some(state)) => state.statements_due(clock, grace),
             _ => Vec::new(),
@@ -561,26 +562,42 @@ impl PartitionLedger {
             tracing::info!(tenant, seq, "billing period closed by a statement");
         }
         // Also when nothing closed (its calendar moved): the tenant must not be taken again at
-        // every record.
+        // every tick.
         self.schedule_close(tenant);
         Ok(())
     }
 
-    /// Time-driven records for every tenant at `now` (the wall clock): new configs after a
-    /// reload, expired reservations and restorations of ended windows. Billing periods close on
-    /// the input clock instead ([`Self::close_due`]). Returns how many records were appended.
+    /// Time-driven records. On the wall clock `now`: new configs after a reload and expired
+    /// reservations (both from outside the topic). On the input clock: ended windows'
+    /// `restored` notices and closed billing periods' statements of every tenant due, at most
+    /// [`CLOSES_PER_TICK`] tenants' closes per tick (a month's end closes every tenant at once,
+    /// under the partition's lock; the rest follow at the next ticks). Returns how many records
+    /// were appended.
     pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
-        let mut tenants = std::mem::take(&mut self.config_pending);
-        tenants.extend(self.budgets.iter().filter(|(_, s)| s.next_wakeup().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()));
-        let mut appended = 0;
-        for tenant in tenants {
-            appended += self.settle_time(&tenant, now)?;
+        let clock = self.input_clock;
+        let before: u64 = self.budgets.keys().map(|t| self.ledger.next_seq(t)).sum();
+        let configs = std::mem::take(&mut self.config_pending);
+        let expiring: Vec<String> = self.budgets.iter().filter(|(_, s)| s.next_expiry().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()).collect();
+        for tenant in configs.iter().chain(&expiring) {
+            self.settle_wall(tenant, now)?;
         }
-        Ok(appended)
+        if let Some(clock) = clock {
+            let mut due: BTreeSet<String> =
+                self.budgets.iter().filter(|(_, s)| s.next_window_end().is_some_and(|w| w <= clock)).map(|(t, _)| t.clone()).collect();
+            due.extend(self.closes.iter().take_while(|(at, _)| *at <= clock).take(CLOSES_PER_TICK).map(|(_, t)| t.clone()));
+            // A reload can lift a limit: its `restored` notice is due at once.
+            due.extend(configs);
+            for tenant in due {
+                self.settle_input(&tenant, clock)?;
+            }
+        }
+        let after: u64 = self.budgets.keys().map(|t| self.ledger.next_seq(t)).sum();
+        Ok((after - before) as usize)
     }
 
-    fn settle_time(&mut self, tenant: &str, now: Timestamp) -> Result<usize> {
-        let before = self.ledger.next_seq(tenant);
+    /// The wall clock's records for `tenant` at `now`: its `config` after a reload, and its
+    /// reservations' expiries.
+    fn settle_wall(&mut self, tenant: &str, now: Timestamp) -> Result<()> {
         self.ensure_config(tenant, now)?;
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let expired = state.expired(now);
@@ -588,11 +605,7 @@ impl PartitionLedger {
             let expiry = Release { at: now, reservation_id: id, reason: ReleaseReason::Expired, idempotency: None, token: None };
             self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release: expiry })?;
         }
-        let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(now)).unwrap_or_default();
-        for decision in due {
-            self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
-        }
-        Ok((self.ledger.next_seq(tenant) - before) as usize)
+        Ok(())
     }
 
     /// An admission decision for `tenant` at `now`, recorded in its log (not yet durable: the
@@ -612,7 +625,13 @@ impl PartitionLedger {
             let verdict = Verdict { allowed: admission.allowed, denied_by: admission.denied_by, throttled, levels };
             return Ok(Decided { verdict, admission, seq, replayed: true });
         }
-        self.settle_time(tenant, now)?;
+        // An admission is an API call at `now`: its tenant's records are settled on the wall clock
+        // (a log with admissions is not a function of the topic alone anyway).
+        self.settle_wall(tenant, now)?;
+        let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(now)).unwrap_or_default();
+        for decision in due {
+            self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
+        }
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let until = now + jiff::SignedDuration::from_millis(request.ttl_ms);
         // A freeze denies before any level is looked at: no budget makes a frozen scope run.
@@ -1104,7 +1123,12 @@ mod tests {
     }
 
     fn catalog(price: i64) -> Arc<BudgetFile> {
-        let text = format!("[tenants.acme]\nceiling = {{ input_per_million_micros = 1, output_per_million_micros = 1 }}\n[tenants.acme.prices.m]\ninput_per_million_micros = {price}\noutput_per_million_micros = 0\n");
+        limited_catalog(price, "")
+    }
+
+    /// [`catalog`] with more of acme's budget (`limits`: TOML lines).
+    fn limited_catalog(price: i64, limits: &str) -> Arc<BudgetFile> {
+        let text = format!("[tenants.acme]\n{limits}ceiling = {{ input_per_million_micros = 1, output_per_million_micros = 1 }}\n[tenants.acme.prices.m]\ninput_per_million_micros = {price}\noutput_per_million_micros = 0\n");
         Arc::new(toml::from_str(&text).unwrap())
     }
 
@@ -1119,7 +1143,8 @@ mod tests {
         for (run, tick_at) in [(0, "2026-11-02T10:00:00Z"), (1, "2027-03-20T17:00:00Z")] {
             let dir = tempfile::tempdir().unwrap();
             let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
-            p.set_budget_file(Some(catalog(2_000_000)));
+            // A day limit the two calls of 2 November exceed: its `restored` is due at midnight.
+            p.set_budget_file(Some(limited_catalog(2_000_000, "day_micros = 3_000\n")));
             p.tick(tick_at.parse::<Timestamp>().unwrap() - jiff::SignedDuration::from_secs(run * 3_600)).unwrap();
             p.apply(&priced_delivery(0, "e0", "2026-11-02T09:00:00Z", 1_000)).unwrap();
             p.tick(tick_at.parse().unwrap()).unwrap();
@@ -1134,10 +1159,16 @@ mod tests {
         }
         assert_eq!(runs[0], runs[1], "the same bytes whatever the ticks");
         let text: Vec<String> = runs[0].iter().map(|e| String::from_utf8(e.clone()).unwrap()).collect();
-        assert_eq!(text.len(), 6, "config, event, event, statement, event, late event: {text:#?}");
+        let types: Vec<&str> = text.iter().map(|t| t.split(r#""type":""#).nth(1).and_then(|r| r.split('"').next()).unwrap_or("")).collect();
+        assert_eq!(
+            types,
+            ["config", "event", "event", "budget", "budget", "statement", "event", "event"],
+            "config, two calls, the day exceeded and restored, November's statement, December's call and a late one: {text:#?}"
+        );
         assert!(text[0].starts_with(r#"{"type":"config","seq":0,"at":"2026-11-02T09:00:01Z""#), "the message's timestamp: {}", text[0]);
-        assert!(text[3].starts_with(r#"{"type":"statement","seq":3,"at":"2026-12-02T00:00:00Z","period":"2026-11-01""#), "{}", text[3]);
-        assert!(text[5].contains(r#""period":"2026-12-01","corrects":"2026-11-01"}"#), "{}", text[5]);
+        assert!(text[4].contains(r#""at":"2026-11-03T00:00:00Z","status":"restored""#), "{}", text[4]);
+        assert!(text[5].starts_with(r#"{"type":"statement","seq":5,"at":"2026-12-02T00:00:00Z","period":"2026-11-01""#), "{}", text[5]);
+        assert!(text[7].contains(r#""period":"2026-12-01","corrects":"2026-11-01"}"#), "{}", text[7]);
         assert!(text[1].contains(r#""charge":{"micros":2000,"currency":"USD","basis":"table","catalog_seq":0,"period":"2026-11-01"}"#), "{}", text[1]);
 
         let dir = tempfile::tempdir().unwrap();
@@ -1156,9 +1187,10 @@ mod tests {
     }
 
     /// A period closes once the input clock (the records' own times, bounded by their
-    /// messages') passes its end plus the grace: before the first record past it, another
-    /// tenant's too, and never at a tick. The statement survives a reopen, which rebuilds the
-    /// clock; a later event of that period is billed in the open one as a correction.
+    /// messages') passes its end plus the grace, never on the wall clock: by the tick after
+    /// another tenant's record moved the clock, or before the tenant's own next record. The
+    /// statement survives a reopen, which rebuilds the clock; a later event of that period is
+    /// billed in the open one as a correction.
     #[test]
     fn a_period_closes_on_the_input_clock_and_a_late_event_corrects_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -1170,9 +1202,12 @@ mod tests {
         assert_eq!(p.tick("2027-06-01T00:00:00Z".parse().unwrap()).unwrap(), 0, "the wall clock closes nothing");
         p.apply(&priced_delivery(1, "e1", "2026-12-01T01:59:58Z", 1_000)).unwrap();
         assert_eq!(p.budget("acme").unwrap().statements().count(), 0, "within the grace");
-        // Another tenant's call, published at the close: acme's November closes before it.
+        // Another tenant's call at the close moves the clock; the next tick closes acme's
+        // November (its next record would have, first).
         let globex = r#"{"event_id":"g0","tenant_id":"globex","occurred_at":"2026-12-01T02:00:00Z","kind":"llm_call"}"#;
         p.apply(&published(json_delivery(2, "globex", globex.into()), "2026-12-01T01:59:59Z")).unwrap();
+        assert_eq!(p.budget("acme").unwrap().statements().count(), 0);
+        assert_eq!(p.tick("2026-11-01T00:00:00Z".parse().unwrap()).unwrap(), 1, "on the input clock, whatever the wall clock says");
         let listed: Vec<(jiff::civil::Date, u64)> = p.budget("acme").unwrap().statements().collect();
         assert_eq!(listed, [(jiff::civil::date(2026, 11, 1), 3)]);
         p.apply(&published(priced_delivery(3, "late", "2026-11-15T00:00:00Z", 1_000), "2026-12-01T02:00:00Z")).unwrap();
