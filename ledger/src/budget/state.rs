@@ -1161,6 +1161,9 @@ impl BudgetState {
     /// When the earliest window with an announcement ends (its `restored` record is due; the
     /// ledger goes by its input clock for those, see `PartitionLedger::settle_input`).
     pub fn next_window_end(&self) -> Option<Timestamp> {
+        if self.announced.is_empty() {
+            return None;
+        }
         let calendar = self.calendar()?;
         self.announced
             .iter()

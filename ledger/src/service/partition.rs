@@ -22,7 +22,7 @@
 //! effective budget differs from its last `config` record gets a new one first.
 //! Admissions, releases, expiries and window restorations are records too.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -89,8 +89,8 @@ pub enum Applied {
     Rejected,
 }
 
-/// Tenants whose billing periods a tick closes at most (see [`PartitionLedger::tick`]).
-const CLOSES_PER_TICK: usize = 1_000;
+/// Tenants a tick settles on the input clock at most (see [`PartitionLedger::tick`]).
+const SETTLES_PER_TICK: usize = 1_000;
 
 pub struct PartitionLedger {
     /// Exclusive lock on `<dir>/lock`, held while open: two instances never write one partition.
@@ -388,7 +388,10 @@ impl PartitionLedger {
             // makes due for the tenant (ended windows, closed periods) is recorded before it,
             // so the record is rated against them.
             self.input_clock = self.input_clock.max(Some(at));
-            self.settle_input(&tenant, self.input_clock.unwrap_or(at))?;
+            let clock = self.input_clock.unwrap_or(at);
+            if self.due_on_input(&tenant, clock) {
+                self.settle_input(&tenant, clock)?;
+            }
         }
         let size = self.ledger.next_seq(&tenant);
         let applied = match seen {
@@ -548,64 +551,97 @@ impl PartitionLedger {
     /// before its first record after, whether the record that moved the clock was the tenant's
     /// own (settled in `apply_new`) or another tenant's (settled by the next tick). Consumer lag,
     /// restarts and replays place them identically (docs/billing.md).
-    fn settle_input(&mut self, tenant: &str, clock: Timestamp) -> Result<()> {
-        let due: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(clock)).unwrap_or_default();
-        for decision in due {
-            self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
-        }
+    fn settle_input(&mut self, tenant: &str, clock: Timestamp) -> Result<usize> {
+        let before = self.ledger.next_seq(tenant);
+        let restorations: Vec<BudgetDecision> = self.budgets.get(tenant).map(|s| s.restorations_due(clock)).unwrap_or_default();
         let closing = match (self.statement_grace, self.budgets.get(tenant)) {
             (Some(grace), Some(state)) => state.statements_due(clock, grace),
             _ => Vec::new(),
         };
-        for statement in closing {
-            let seq = self.append_budget(tenant, |seq| BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } })?;
-            tracing::info!(tenant, seq, "billing period closed by a statement");
+        // In the order they fell due (a restoration before a statement due at the same time):
+        // one settle at a late clock writes what several settles at earlier clocks would have.
+        enum Due {
+            Restore(BudgetDecision),
+            Close(Statement),
+        }
+        let mut due: Vec<(Timestamp, u8, Due)> = restorations.into_iter().map(|d| (d.at, 0, Due::Restore(d))).collect();
+        due.extend(closing.into_iter().map(|s| (s.at, 1, Due::Close(s))));
+        due.sort_by_key(|(at, kind, _)| (*at, *kind));
+        for (_, _, item) in due {
+            match item {
+                Due::Restore(decision) => {
+                    self.append_budget(tenant, |seq| BudgetRecord::Budget { seq, decision })?;
+                }
+                Due::Close(statement) => {
+                    let seq = self.append_budget(tenant, |seq| BudgetRecord::Statement { seq, statement: Statement { tree_size: seq, ..statement } })?;
+                    tracing::info!(tenant, seq, "billing period closed by a statement");
+                }
+            }
         }
         // Also when nothing closed (its calendar moved): the tenant must not be taken again at
         // every tick.
         self.schedule_close(tenant);
-        Ok(())
+        Ok((self.ledger.next_seq(tenant) - before) as usize)
+    }
+
+    /// Whether the input clock at `clock` makes anything due for `tenant` (see
+    /// [`Self::settle_input`]): checked before each record, so without calendar arithmetic for
+    /// a tenant with no open period due and no announcement.
+    fn due_on_input(&self, tenant: &str, clock: Timestamp) -> bool {
+        self.close_of.get(tenant).is_some_and(|at| *at <= clock)
+            || self.budgets.get(tenant).is_some_and(|s| s.next_window_end().is_some_and(|end| end <= clock))
     }
 
     /// Time-driven records. On the wall clock `now`: new configs after a reload and expired
     /// reservations (both from outside the topic). On the input clock: ended windows'
-    /// `restored` notices and closed billing periods' statements of every tenant due, at most
-    /// [`CLOSES_PER_TICK`] tenants' closes per tick (a month's end closes every tenant at once,
-    /// under the partition's lock; the rest follow at the next ticks). Returns how many records
+    /// `restored` notices and closed billing periods' statements, for at most
+    /// [`SETTLES_PER_TICK`] tenants per tick, earliest due first (a month's end makes every
+    /// tenant due at once, and the tick holds the partition's lock; the rest follow at the next
+    /// ticks), besides tenants whose new config may have lifted a limit. Returns how many records
     /// were appended.
     pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
-        let clock = self.input_clock;
-        let before: u64 = self.budgets.keys().map(|t| self.ledger.next_seq(t)).sum();
+        let mut appended = 0;
         let configs = std::mem::take(&mut self.config_pending);
         let expiring: Vec<String> = self.budgets.iter().filter(|(_, s)| s.next_expiry().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()).collect();
+        let mut reconfigured = Vec::new();
         for tenant in configs.iter().chain(&expiring) {
-            self.settle_wall(tenant, now)?;
-        }
-        if let Some(clock) = clock {
-            let mut due: BTreeSet<String> =
-                self.budgets.iter().filter(|(_, s)| s.next_window_end().is_some_and(|w| w <= clock)).map(|(t, _)| t.clone()).collect();
-            due.extend(self.closes.iter().take_while(|(at, _)| *at <= clock).take(CLOSES_PER_TICK).map(|(_, t)| t.clone()));
-            // A reload can lift a limit: its `restored` notice is due at once.
-            due.extend(configs);
-            for tenant in due {
-                self.settle_input(&tenant, clock)?;
+            let (records, new_config) = self.settle_wall(tenant, now)?;
+            appended += records;
+            if new_config {
+                reconfigured.push(tenant.clone());
             }
         }
-        let after: u64 = self.budgets.keys().map(|t| self.ledger.next_seq(t)).sum();
-        Ok((after - before) as usize)
+        let Some(clock) = self.input_clock else { return Ok(appended) };
+        // A new config can lift a limit: its `restored` notice is due at once.
+        let mut due: Vec<(Timestamp, String)> = reconfigured.into_iter().map(|t| (Timestamp::MIN, t)).collect();
+        due.extend(self.budgets.iter().filter_map(|(t, s)| s.next_window_end().filter(|w| *w <= clock).map(|w| (w, t.clone()))));
+        due.extend(self.closes.iter().take_while(|(at, _)| *at <= clock).take(SETTLES_PER_TICK).cloned());
+        due.sort();
+        let mut settled = HashSet::new();
+        for (at, tenant) in due {
+            if at != Timestamp::MIN && settled.len() >= SETTLES_PER_TICK {
+                break;
+            }
+            if settled.insert(tenant.clone()) {
+                appended += self.settle_input(&tenant, clock)?;
+            }
+        }
+        Ok(appended)
     }
 
     /// The wall clock's records for `tenant` at `now`: its `config` after a reload, and its
     /// reservations' expiries.
-    fn settle_wall(&mut self, tenant: &str, now: Timestamp) -> Result<()> {
-        self.ensure_config(tenant, now)?;
+    /// Returns how many records it appended and whether one is a new `config`.
+    fn settle_wall(&mut self, tenant: &str, now: Timestamp) -> Result<(usize, bool)> {
+        let before = self.ledger.next_seq(tenant);
+        let reconfigured = self.ensure_config(tenant, now)?;
         let state = self.budgets.entry(tenant.to_string()).or_default();
         let expired = state.expired(now);
         for id in expired {
             let expiry = Release { at: now, reservation_id: id, reason: ReleaseReason::Expired, idempotency: None, token: None };
             self.append_budget(tenant, |seq| BudgetRecord::Release { seq, release: expiry })?;
         }
-        Ok(())
+        Ok(((self.ledger.next_seq(tenant) - before) as usize, reconfigured))
     }
 
     /// An admission decision for `tenant` at `now`, recorded in its log (not yet durable: the
@@ -1186,6 +1222,47 @@ mod tests {
         assert!(e1.contains(r#""charge":{"micros":3000,"currency":"USD","basis":"table","catalog_seq":2,"#), "{e1}");
     }
 
+    /// Where a window's `restored` and a period's `statement` land does not depend on when
+    /// ticks run: a tick after every record, or none until the tenant's own next record, write
+    /// the same bytes. New York leaves daylight saving on 1 November 2026, so October closes
+    /// (04:00Z on the 2nd, with a day's grace) an hour before 1 November's day ends (05:00Z):
+    /// settled at once, they must still come in the order they fell due.
+    #[test]
+    fn ticks_anywhere_write_the_same_restorations_and_statements() {
+        let budgets = limited_catalog(2_000_000, "day_micros = 3_000\ntime_zone = \"America/New_York\"\n");
+        let globex = |offset: i64, id: &str, at: &str| {
+            published(json_delivery(offset, "globex", format!(r#"{{"event_id":"{id}","tenant_id":"globex","occurred_at":"{at}","kind":"llm_call"}}"#)), at)
+        };
+        let deliveries = [
+            priced_delivery(0, "e0", "2026-10-31T12:00:00Z", 1_000),
+            priced_delivery(1, "e1", "2026-11-01T12:00:00Z", 1_000),
+            priced_delivery(2, "e2", "2026-11-01T13:00:00Z", 1_000),
+            // Other tenants' records move the clock past October's close, then past the day's end.
+            globex(3, "g0", "2026-11-02T04:30:00Z"),
+            globex(4, "g1", "2026-11-02T05:30:00Z"),
+            priced_delivery(5, "e3", "2026-11-02T06:00:00Z", 1_000),
+        ];
+        let mut runs = Vec::new();
+        for tick_after_each in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
+            p.set_budget_file(Some(Arc::clone(&budgets)));
+            for d in &deliveries {
+                p.apply(d).unwrap();
+                if tick_after_each {
+                    p.tick("2030-01-01T00:00:00Z".parse().unwrap()).unwrap();
+                }
+            }
+            p.commit().unwrap();
+            let log = p.ledger().tenant("acme");
+            runs.push((0..p.committed_size("acme")).map(|seq| String::from_utf8(log.entry(seq).unwrap()).unwrap()).collect::<Vec<_>>());
+        }
+        assert_eq!(runs[0], runs[1]);
+        let types: Vec<&str> = runs[0].iter().map(|t| t.split(r#""type":""#).nth(1).and_then(|r| r.split('"').next()).unwrap_or("")).collect();
+        assert_eq!(types, ["config", "event", "event", "event", "budget", "statement", "budget", "event"], "{:#?}", runs[0]);
+        assert!(runs[0][5].contains(r#""period":"2026-10-01""#) && runs[0][6].contains(r#""status":"restored""#), "{:#?}", runs[0]);
+    }
+
     /// A period closes once the input clock (the records' own times, bounded by their
     /// messages') passes its end plus the grace, never on the wall clock: by the tick after
     /// another tenant's record moved the clock, or before the tenant's own next record. The
@@ -1211,7 +1288,8 @@ mod tests {
         let listed: Vec<(jiff::civil::Date, u64)> = p.budget("acme").unwrap().statements().collect();
         assert_eq!(listed, [(jiff::civil::date(2026, 11, 1), 3)]);
         p.apply(&published(priced_delivery(3, "late", "2026-11-15T00:00:00Z", 1_000), "2026-12-01T02:00:00Z")).unwrap();
-        // A call that says it occurred later than it was published moves the clock only to its
+        // A call that says it occurred later than it was published (the service dead-letters it
+        // as occurred_after_publish; the partition bounds it too) moves the clock only to its
         // message's time: December stays open.
         p.apply(&published(priced_delivery(4, "ahead", "2027-05-01T00:00:00Z", 1_000), "2026-12-01T03:00:00Z")).unwrap();
         assert_eq!(p.budget("acme").unwrap().statements().count(), 1);
