@@ -102,6 +102,11 @@ pub enum VerifyCommand {
     },
 }
 
+/// A proof hash as the tools print it: 32 bytes, standard base64.
+fn base64_hash(text: &str) -> Option<Hash> {
+    base64::engine::general_purpose::STANDARD.decode(text).ok().and_then(|h| Hash::try_from(h).ok())
+}
+
 fn read_text(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -123,13 +128,7 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
                 .lines()
                 .filter(|l| !l.is_empty())
                 .enumerate()
-                .map(|(i, l)| {
-                    base64::engine::general_purpose::STANDARD
-                        .decode(l)
-                        .ok()
-                        .and_then(|h| Hash::try_from(h).ok())
-                        .with_context(|| format!("proof line {} is not a base64 32-byte hash", i + 1))
-                })
+                .map(|(i, l)| base64_hash(l).with_context(|| format!("proof line {} is not a base64 32-byte hash", i + 1)))
                 .collect::<anyhow::Result<_>>()?;
             verify_consistency(old.size, new.size, &old.root, &new.root, &proof).context("consistency proof is not valid")?;
             println!("valid: {} at size {} extends size {}", new.origin, new.size, old.size);
@@ -184,7 +183,7 @@ fn statement_in_export(verifier: &NoteVerifier, path: &Path, seq: u64) -> anyhow
         .range_proof
         .iter()
         .enumerate()
-        .map(|(i, h)| b64.decode(h).ok().and_then(|h| Hash::try_from(h).ok()).with_context(|| format!("range_proof[{i}] is not a base64 32-byte hash")))
+        .map(|(i, h)| base64_hash(h).with_context(|| format!("range_proof[{i}] is not a base64 32-byte hash")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tally_ledger::budget::verify_statement_in_export(verifier, &export.checkpoint, export.from_seq, &entries, &proof, seq).context("statement is not valid")
 }
@@ -638,6 +637,22 @@ mod tests {
             }
             out.push((line, buf.clone()));
         }
+    }
+
+    /// A statement checked against evidence that stops before the tree size says so.
+    #[test]
+    fn a_statement_checked_on_part_of_the_log_says_what_was_not_seen() {
+        let statement: tally_ledger::budget::Statement = serde_json::from_value(serde_json::json!({
+            "at": "2026-12-02T00:00:00Z", "period": "2026-11-01", "period_start": "2026-11-01T00:00:00Z",
+            "period_end": "2026-12-01T00:00:00Z", "time_zone": "UTC", "first_seq": 1, "last_seq": 4, "tree_size": 6,
+            "totals": [{"currency": "USD", "basis": "table", "events": 2, "micros": 252000}]
+        }))
+        .unwrap();
+        let verified = |checked| tally_ledger::budget::VerifiedStatement { statement: statement.clone(), origin: "o/t/acme".into(), tree_size: 9, checked };
+        let whole = describe_statement(&verified(9), 6);
+        assert!(whole.starts_with("valid: statement of period 2026-11-01") && whole.ends_with("0.252000 USD table: 2 events"), "{whole}");
+        let part = describe_statement(&verified(7), 6);
+        assert!(part.contains("the evidence held entries 0..7 of 9: records from seq 7 on were not seen"), "{part}");
     }
 
     #[test]

@@ -392,10 +392,9 @@ async fn spend(State(state): State<Arc<AppState>>, Query(q): Query<HashMap<Strin
     who.check(Action::ReadAllSpend, None)?;
     let mut p = Params(q);
     let period = p.take("period").ok_or_else(|| Error::BadRequest("period is required (YYYY-MM)".into()))?;
-    let calendar = match p.take("calendar").as_deref() {
-        None | Some("month") => reports::SpendCalendar::Month,
-        Some("billing") => reports::SpendCalendar::Billing,
-        Some(other) => return Err(Error::BadRequest(format!("calendar: {other:?} is neither month nor billing"))),
+    let calendar = match p.take("calendar") {
+        None => reports::SpendCalendar::Month,
+        Some(name) => reports::SpendCalendar::parse(&name).ok_or_else(|| Error::BadRequest(format!("calendar: {name:?} is neither month nor billing")))?,
     };
     let format = p.format()?;
     p.finish()?;
@@ -462,11 +461,7 @@ async fn spend_response(state: &AppState, period: String, calendar: reports::Spe
                 row.entry(field.name().clone()).or_insert(serde_json::Value::Null);
             }
         }
-        let calendar = match calendar {
-            reports::SpendCalendar::Month => "month",
-            reports::SpendCalendar::Billing => "billing",
-        };
-        return Ok(Json(serde_json::json!({ "period": period, "calendar": calendar, "rows": rows })).into_response());
+        return Ok(Json(serde_json::json!({ "period": period, "calendar": calendar.as_str(), "rows": rows })).into_response());
     }
     Ok(body(format, encode(format, batch.schema(), &[batch])?, &[]))
 }

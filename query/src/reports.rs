@@ -500,6 +500,24 @@ pub enum SpendCalendar {
     Billing,
 }
 
+impl SpendCalendar {
+    /// The `calendar` parameter's value for each.
+    pub fn parse(name: &str) -> Option<SpendCalendar> {
+        match name {
+            "month" => Some(SpendCalendar::Month),
+            "billing" => Some(SpendCalendar::Billing),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpendCalendar::Month => "month",
+            SpendCalendar::Billing => "billing",
+        }
+    }
+}
+
 /// Every tenant's spend for `period` (`YYYY-MM`) in `calendar`: one row per tenant, currency,
 /// charge basis and correction (events with nothing charged are not billing lines).
 ///

@@ -1147,11 +1147,6 @@ impl BudgetState {
         self.reservations.contains_key(id)
     }
 
-    /// When the next time-driven change (an expiry or a window end with an announcement) is due.
-    pub fn next_wakeup(&self) -> Option<Timestamp> {
-        [self.next_expiry(), self.next_window_end()].into_iter().flatten().min()
-    }
-
     /// When the earliest held reservation expires (on the wall clock: reservations come from
     /// admissions, which are API calls).
     pub fn next_expiry(&self) -> Option<Timestamp> {

@@ -180,7 +180,7 @@ fn windows_restore_when_they_end_and_config_changes_take_effect() {
     assert_eq!(log.state.status(ts("2026-11-02T10:00:00Z"), None), "exceeded");
     assert!(log.state.restorations_due(ts("2026-11-02T22:59:59Z")).is_empty());
     // Berlin's next midnight is 23:00 UTC.
-    assert_eq!(log.state.next_wakeup(), Some(ts("2026-11-02T23:00:00Z")));
+    assert_eq!(log.state.next_window_end(), Some(ts("2026-11-02T23:00:00Z")));
     let due = log.state.restorations_due(ts("2026-11-02T23:00:00Z"));
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].status, due[0].at), (Status::Restored, ts("2026-11-02T23:00:00Z")));
@@ -296,7 +296,7 @@ fn reservations_of_a_tenant_without_limits_still_expire() {
         ..bare_admission("2026-11-02T10:00:00Z", None)
     };
     state.apply_record(&BudgetRecord::Admission { seq: 0, admission });
-    assert_eq!(state.next_wakeup(), Some(ts("2026-11-02T10:00:01Z")));
+    assert_eq!(state.next_expiry(), Some(ts("2026-11-02T10:00:01Z")));
 }
 
 /// Task totals live within a billing period: the first event of a new period forgets the tasks

@@ -613,16 +613,21 @@ impl PartitionLedger {
         }
         let Some(clock) = self.input_clock else { return Ok(appended) };
         // A new config can lift a limit: its `restored` notice is due at once.
-        let mut due: Vec<(Timestamp, String)> = reconfigured.into_iter().map(|t| (Timestamp::MIN, t)).collect();
-        due.extend(self.budgets.iter().filter_map(|(t, s)| s.next_window_end().filter(|w| *w <= clock).map(|w| (w, t.clone()))));
+        for tenant in &reconfigured {
+            appended += self.settle_input(tenant, clock)?;
+        }
+        let mut due: Vec<(Timestamp, String)> =
+            self.budgets.iter().filter_map(|(t, s)| s.next_window_end().filter(|w| *w <= clock).map(|w| (w, t.clone()))).collect();
         due.extend(self.closes.iter().take_while(|(at, _)| *at <= clock).take(SETTLES_PER_TICK).cloned());
         due.sort();
-        let mut settled = HashSet::new();
-        for (at, tenant) in due {
-            if at != Timestamp::MIN && settled.len() >= SETTLES_PER_TICK {
+        let mut settled: HashSet<String> = reconfigured.into_iter().collect();
+        let mut taken = 0;
+        for (_, tenant) in due {
+            if taken == SETTLES_PER_TICK {
                 break;
             }
             if settled.insert(tenant.clone()) {
+                taken += 1;
                 appended += self.settle_input(&tenant, clock)?;
             }
         }
@@ -1006,8 +1011,13 @@ pub(super) fn test_delivery(offset: i64, tenant: &str, id: &str, cost: i64) -> D
 /// later, for tests in this module and [`super::http`].
 #[cfg(test)]
 pub(super) fn test_delivery_at(offset: i64, tenant: &str, id: &str, at: &str) -> Delivery {
-    let mut delivery = json_delivery(offset, tenant, format!(r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"{at}","kind":"llm_call"}}"#));
-    delivery.timestamp_ms = at.parse::<Timestamp>().ok().map(|t| t.as_millisecond() + 1_000);
+    published(json_delivery(offset, tenant, format!(r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"{at}","kind":"llm_call"}}"#)), at)
+}
+
+/// `delivery` with its message published a second after `at`.
+#[cfg(test)]
+fn published(mut delivery: Delivery, at: &str) -> Delivery {
+    delivery.timestamp_ms = Some(at.parse::<Timestamp>().unwrap().as_millisecond() + 1_000);
     delivery
 }
 
@@ -1150,12 +1160,6 @@ mod tests {
             ),
             at,
         )
-    }
-
-    /// `delivery` with its message published a second after `at`.
-    fn published(mut delivery: Delivery, at: &str) -> Delivery {
-        delivery.timestamp_ms = Some(at.parse::<Timestamp>().unwrap().as_millisecond() + 1_000);
-        delivery
     }
 
     fn catalog(price: i64) -> Arc<BudgetFile> {
