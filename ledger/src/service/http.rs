@@ -4,7 +4,8 @@
 //! Errors are JSON `{"error": {"code": "...", "message": "..."}}` with stable codes:
 //! `unauthenticated`, `forbidden`, `bad_host`, `token_file_invalid` (503: the server's token file
 //! is missing or invalid), `bad_request`, `not_found`, `not_owner` (421: another instance owns the
-//! tenant's partition), `rebalancing` (503: the partition is moving), `request_timeout`,
+//! tenant's partition), `rebalancing` (503: the partition is moving), `overloaded` (503: the
+//! partition's admission queue is full), `request_timeout`,
 //! `internal` (docs/http-api.md). Tenant ids are validated before any path is built.
 //!
 //! Authorization (docs/http-api.md, [`tally_auth::Role::reach`]): every route but `/healthz`,
@@ -407,21 +408,12 @@ fn unavailable(partition: i32) -> ApiError {
     }
 }
 
-/// The outcome of blocking work on a partition; a task that failed (panicked) is logged and
-/// answered 500, its message never shown to the caller.
-fn joined_or_internal<T>(partition: i32, joined: Result<Result<T, ApiError>, tokio::task::JoinError>) -> Result<T, ApiError> {
-    joined.unwrap_or_else(|e| {
-        tracing::error!(partition, error = %e, "partition work failed");
-        Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))
-    })
-}
-
-/// Runs `f` on `owned` (open only: a closed partition answers 503 `rebalancing`) and, when it
-/// appended a record (`Some(seq)`), makes the tenant's log durable up to it before returning:
-/// the answer goes out only once its record survives a crash. One blocking task for both: the
-/// decision under the partition's lock, the commit after it (`commit_owned`, its `fdatasync`
-/// without that lock). Callers that arrive while another commit is syncing append meanwhile and
-/// share the next commit; a caller whose record a commit already covered returns at once.
+/// Runs `f` on `owned` (open only: a closed partition answers 503 `rebalancing`) through the
+/// partition's admission queue and, when it appended a record (`Some(seq)`), answers only once
+/// the tenant's log is durable up to it: the answer goes out only once its record survives a
+/// crash. The queue's thread decides every waiting request under one acquisition of the
+/// partition's lock and makes them durable with one commit (`admissions`), so concurrent callers
+/// share commits without a blocking thread each. A full queue answers 503 `overloaded`.
 ///
 /// The commit runs on the instance that appended the record (`owned`), closed or not by then: a
 /// closing commit after the append already covers it, and committing a closed partition is
@@ -433,25 +425,67 @@ async fn on_owned_durably<T: Send + 'static>(
     tenant: String,
     f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<(T, Option<u64>)> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let shared = Arc::clone(shared);
-    let joined = tokio::task::spawn_blocking(move || {
-        let (out, seq) = {
-            let mut p = super::lock(&owned);
-            if p.is_closed() {
-                return Err(unavailable(partition));
+    use super::admissions::{Decision, Durability, Enqueued};
+    let (answer, answered) = tokio::sync::oneshot::channel::<Result<(T, Option<super::CommitTimes>), ApiError>>();
+    let request = Box::new(move |p: &mut super::PartitionLedger| {
+        if p.is_closed() {
+            let _ = answer.send(Err(unavailable(partition)));
+            return Decision::Answered;
+        }
+        match f(p) {
+            Err(e) => {
+                let _ = answer.send(Err(ApiError::from(e)));
+                Decision::Answered
             }
-            f(&mut p)?
-        };
-        if let Some(seq) = seq {
-            let committed = super::commit_owned(&owned, false, |p| p.committed_size(&tenant) > seq)?;
-            if let Some((_, times)) = committed {
+            Ok((out, None)) => {
+                let _ = answer.send(Ok((out, None)));
+                Decision::Answered
+            }
+            Ok((out, Some(seq))) => Decision::Appended {
+                tenant,
+                seq,
+                answer: Box::new(move |durability| {
+                    let _ = answer.send(match durability {
+                        Durability::Durable(times) => Ok((out, times)),
+                        // Logged once for the batch by the queue's thread.
+                        Durability::Failed => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")),
+                    });
+                }),
+            },
+        }
+    });
+    match owned.admissions.enqueue(request) {
+        Enqueued::Queued => {}
+        Enqueued::Full => {
+            shared.metrics.admissions_overloaded.inc();
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    format!(
+                        "partition {partition}, which holds this tenant, already has {} requests waiting to be decided; retry",
+                        super::admissions::QUEUE_CAPACITY
+                    ),
+                )
+            });
+        }
+        Enqueued::Gone => return Err(unavailable(partition)),
+    }
+    match answered.await {
+        Ok(Ok((out, times))) => {
+            if let Some(times) = times {
                 shared.metrics.observe_commit(times);
             }
+            Ok(out)
         }
-        Ok(out)
-    })
-    .await;
-    joined_or_internal(partition, joined)
+        Ok(Err(e)) => Err(e),
+        // The request panicked (logged by the queue's thread) or its partition went away.
+        Err(_) => {
+            tracing::error!(partition, "an admission request was dropped unanswered");
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))
+        }
+    }
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response {
@@ -895,7 +929,7 @@ mod tests {
         let shared = Arc::new(Shared {
             root: dir.path().to_path_buf(),
             keys: vec![key],
-            partitions: std::sync::RwLock::new(BTreeMap::from([(0, crate::service::OwnedPartition::new(p, projection(dir.path())))])),
+            partitions: std::sync::RwLock::new(BTreeMap::from([(0, crate::service::OwnedPartition::new(0, p, projection(dir.path())).unwrap())])),
             fatal: Mutex::new(None),
             tokens: TokenStore::load(&path).unwrap(),
             budgets: crate::service::BudgetSource::new(None, Some(budgets)),
@@ -1545,7 +1579,7 @@ mod tests {
         let mut p1 = PartitionLedger::open(f.dir.path(), "events", 1, vec![key]).unwrap();
         p1.apply(&test_delivery(0, &other, "e0", 5)).unwrap();
         p1.commit().unwrap();
-        f.shared.partitions_mut().insert(1, crate::service::OwnedPartition::new(p1, projection(f.dir.path())));
+        f.shared.partitions_mut().insert(1, crate::service::OwnedPartition::new(1, p1, projection(f.dir.path())).unwrap());
         // Partition 0 is busy for as long as this thread holds it.
         let busy = f.shared.partition(0).unwrap();
         let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
@@ -1627,6 +1661,35 @@ mod tests {
         let (status, json) = send(&f.app, "GET", "/v1/tenants/acme/budget", Some(&f.admin), None).await;
         assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")), "{json}");
         assert_eq!(super::super::lock(&owned).committed_size("acme"), size, "nothing was appended");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_admission_queue_answers_503_overloaded_and_appends_nothing() {
+        use crate::service::admissions::{tests::fill_while_held, QUEUE_CAPACITY};
+        let f = fixture();
+        let owned = f.shared.partition(0).unwrap();
+        let size = super::super::lock(&owned).committed_size("acme");
+        // The partition is busy for as long as this thread holds it (the handler takes the
+        // lock itself, before queueing, to route the tenant).
+        let (held, release) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+        let busy = Arc::clone(&owned);
+        let holder = std::thread::spawn(move || {
+            let _guard = super::super::lock(&busy);
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        // Fill the queue while its thread waits for the lock with the first request.
+        assert!(fill_while_held(&owned.admissions) > QUEUE_CAPACITY);
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/budget/authorize", Some(&f.admin), Some(r#"{"estimate_micros":1}"#)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")), "{json}");
+        assert_eq!(f.shared.metrics.admissions_overloaded.get(), 1);
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(super::super::lock(&owned).committed_size("acme"), size, "nothing was appended");
+        // Once the queue drains, the same request is served.
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/budget/authorize", Some(&f.admin), Some(r#"{"estimate_micros":1}"#)).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
     }
 
     /// `method` on `path`, with or without a token and a JSON body: the status and the JSON body.

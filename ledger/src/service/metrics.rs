@@ -26,6 +26,8 @@ pub struct Metrics {
     pub admissions_allowed: IntCounter,
     pub admissions_denied: IntCounter,
     pub admissions_throttled: IntCounter,
+    /// Durable requests refused because their partition's admission queue was full.
+    pub admissions_overloaded: IntCounter,
     /// Keyed authorize and release retries answered from their first record.
     pub requests_replayed: IntCounter,
     pub projected_records: IntCounter,
@@ -93,6 +95,10 @@ impl Metrics {
             admissions_denied: t.counter("tally_ledger_admissions_denied_total", "Authorize requests denied."),
             admissions_throttled: t
                 .counter("tally_ledger_admissions_throttled_total", "Authorize requests throttled by a rate quota (retry after its window)."),
+            admissions_overloaded: t.counter(
+                "tally_ledger_admissions_overloaded_total",
+                "Authorize, release, freeze and unfreeze requests answered 503 overloaded: their partition's admission queue was full.",
+            ),
             requests_replayed: t.counter(
                 "tally_ledger_idempotent_replays_total",
                 "Authorize and release retries (same Idempotency-Key) answered from their first record; not counted as allowed or denied again.",

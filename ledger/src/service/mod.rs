@@ -13,6 +13,7 @@
 //!
 //! The HTTP API ([`http`]) serves checkpoints, tiles, records, receipts and consistency proofs.
 
+mod admissions;
 mod http;
 mod metrics;
 mod partition;
@@ -214,11 +215,19 @@ pub(crate) struct OwnedPartition {
     ledger: Mutex<PartitionLedger>,
     commits: Mutex<()>,
     projection: Mutex<tally_projection::Projection>,
+    /// Durable requests (authorize, release, freeze), decided and committed in batches.
+    admissions: admissions::AdmissionQueue,
 }
 
 impl OwnedPartition {
-    pub(crate) fn new(ledger: PartitionLedger, projection: tally_projection::Projection) -> Owned {
-        Arc::new(OwnedPartition { ledger: Mutex::new(ledger), commits: Mutex::new(()), projection: Mutex::new(projection) })
+    /// Partition `partition`, with the thread that drains its admission queue.
+    pub(crate) fn new(partition: i32, ledger: PartitionLedger, projection: tally_projection::Projection) -> Result<Owned> {
+        let (admissions, queued) = admissions::AdmissionQueue::new();
+        let owned = Arc::new(OwnedPartition { ledger: Mutex::new(ledger), commits: Mutex::new(()), projection: Mutex::new(projection), admissions });
+        queued
+            .spawn(Arc::downgrade(&owned), partition)
+            .map_err(|e| Error::Service(format!("cannot start the admission thread of partition {partition}: {e}")))?;
+        Ok(owned)
     }
 }
 
@@ -536,8 +545,16 @@ impl PartitionSink for Sink {
                 }
                 let projection =
                     tally_projection::Projection::new(&self.0.root.join("parquet"), self.0.projection_interval).with_zones(self.0.report_zones.clone());
-                self.0.partitions_mut().insert(partition, OwnedPartition::new(p, projection));
-                resume
+                match OwnedPartition::new(partition, p, projection) {
+                    Ok(owned) => {
+                        self.0.partitions_mut().insert(partition, owned);
+                        resume
+                    }
+                    Err(e) => {
+                        self.0.fail(e.to_string());
+                        Resume::Beginning
+                    }
+                }
             }
             Err(e @ Error::PartitionBusy(_)) if self.0.assignment == AssignmentMode::Assign => {
                 self.0.fail(format!(

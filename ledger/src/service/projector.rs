@@ -189,7 +189,7 @@ mod tests {
         let before = p.ledger().index_spans().len();
         assert!(before >= 2 * tally_log::MERGE_FAN as usize, "{before} index files");
         let projection = tally_projection::Projection::new(&dir.path().join("parquet"), Duration::from_secs(1));
-        let owned = OwnedPartition::new(p, projection);
+        let owned = OwnedPartition::new(0, p, projection).unwrap();
         let metrics = Metrics::new();
         merge_index_files(&owned, 3, &metrics);
         let p = lock(&owned);
