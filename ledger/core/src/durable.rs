@@ -1,7 +1,8 @@
 //! Durable whole-file replacement: the one way Tally replaces a small file (a log head, a
-//! checkpoint, a watermark, a pinned partition count, an owner note) so that after a crash or a
-//! power loss the path holds either the old bytes or the new bytes, never a mix, an empty file or
-//! nothing.
+//! checkpoint, a watermark, a pinned partition count, an owner note, a subject key shard) so that
+//! after a crash or a power loss the path holds either the old bytes or the new bytes, never a
+//! mix, an empty file or nothing. Secrets ([`replace_secret_file`]) are mode 0600 from the
+//! temporary's first byte.
 //!
 //! The steps are the classic ones: write a hidden temporary file beside the target, `fsync` it,
 //! `rename` it over the target, `fsync` the directory (the rename is a directory change and is
@@ -18,11 +19,22 @@ use crate::error::{Error, Result};
 /// Replaces `path` with the bytes `write` produces, durably (see the module docs). The parent
 /// directory must exist; use [`create_dir_durably`] first when it may not.
 pub fn replace_file_with(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    replace_with_mode(path, 0o644, write)
+}
+
+/// [`replace_file`] for a secret (keys): the file, and its temporary from the start, are readable
+/// and writable by the owner only (mode 0600).
+pub fn replace_secret_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_with_mode(path, 0o600, |f| f.write_all(bytes))
+}
+
+fn replace_with_mode(path: &Path, mode: u32, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = parent(path)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let written = (|| {
-        let mut file = File::create(&tmp)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         write(&mut file)?;
         file.sync_all()
     })();

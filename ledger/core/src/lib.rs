@@ -18,6 +18,8 @@
 //! * [`PartitionLog`]: every tenant log of a partition over one journal, with per-segment
 //!   indexes: tenants are keys, not directories.
 //! * [`durable`]: the one durable whole-file replace (temporary, fsync, rename, fsync the directory).
+//! * [`Commitment`] / [`SubjectKeys`]: salted commitments to personal fields and the per-subject
+//!   keys their salts derive from; erasing a key erases a subject (docs/privacy.md).
 //! * [`TilePath`]: the C2SP tlog-tiles layout; tiles and bundles come from [`TenantLog`].
 
 mod audit;
@@ -33,6 +35,7 @@ mod log;
 pub mod merkle;
 mod note;
 mod partition_log;
+mod privacy;
 mod receipt;
 mod record;
 mod tiles;
@@ -47,6 +50,7 @@ pub use ledger::{find_tenant_ledger, migrate, Ledger, Migrated, JOURNAL_DIR};
 pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
+pub use privacy::{Commitment, Salt, SubjectKey, SubjectKeys, SALT_BYTES};
 pub use receipt::Receipt;
 pub use record::{
     budget_record, conflict_record, event_record, input_time, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source, Statement,

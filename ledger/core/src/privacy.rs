@@ -1,0 +1,501 @@
+//! Personal data kept off the log (docs/privacy.md): salted commitments to personal fields, the
+//! subject keys their salts are derived from, and the store of those keys, where erasing a key
+//! is what erases a subject.
+//!
+//! * [`Commitment`]: `SHA-256(salt ‖ u32be(len(field)) ‖ field ‖ value)`, 32 bytes. The length
+//!   prefix pins where the field name ends, so `("ab", "c")` and `("a", "bc")` never commit to
+//!   the same bytes. A commitment without its salt says nothing about a guessable value.
+//! * [`SubjectKey`]: 32 random bytes per (tenant, subject). The salt of field `field` of record
+//!   `seq` in `tenant`'s log is the first 16 bytes of
+//!   `HMAC-SHA256(key, u32be(len(tenant)) ‖ tenant ‖ u64be(seq) ‖ field)`: deterministic, so a
+//!   replay with the same keys writes the same commitments, and unrecoverable once the key is
+//!   gone.
+//! * [`SubjectKeys`]: the keys of one partition, in 256 shard files under one directory, each
+//!   replaced whole and durably ([`crate::durable`]) when it changes. Erasing a subject rewrites
+//!   its shard without the key: afterwards no file of the store holds the key or the subject id
+//!   (a replaced file is unlinked, not overwritten in place; what the filesystem does with freed
+//!   blocks is outside any file).
+//!
+//! Invariants: a key handed out by [`SubjectKeys::key_for`] is durable once
+//! [`SubjectKeys::persist`] returns, and a caller persists before anything derived from it is
+//! durable; a shard file is whole (magic, entries in order, each in the shard its ids hash to,
+//! CRC-32C) or reading it fails naming it; one writer per store (an exclusive lock on its `lock`
+//! file, held while the store is open); files are the owner's only (0600, directory 0700); keys
+//! live in memory only for shards that were touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Salts are 128 bits: the least the privacy model allows (docs/privacy.md).
+pub const SALT_BYTES: usize = 16;
+
+/// The salt of one personal field of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Salt(pub [u8; SALT_BYTES]);
+
+/// A salted commitment to one personal field's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Commitment(pub [u8; 32]);
+
+impl Commitment {
+    /// The commitment to `value` of field `field` under `salt`.
+    pub fn of(salt: &Salt, field: &str, value: &str) -> Commitment {
+        let mut h = Sha256::new();
+        h.update(salt.0);
+        h.update(u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
+        h.update(field.as_bytes());
+        h.update(value.as_bytes());
+        Commitment(h.finalize().into())
+    }
+
+    /// Whether `value` (with `salt`) is what this commits to for `field`.
+    pub fn opens_to(&self, salt: &Salt, field: &str, value: &str) -> bool {
+        Commitment::of(salt, field, value) == *self
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<Commitment> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).map_err(|e| Error::BadRecord(format!("commitment {text:?} is not 64 hex digits: {e}")))?;
+        Ok(Commitment(bytes))
+    }
+}
+
+/// One subject's key: what its salts are derived from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubjectKey([u8; 32]);
+
+impl std::fmt::Debug for SubjectKey {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubjectKey(..)")
+    }
+}
+
+impl SubjectKey {
+    pub fn random() -> SubjectKey {
+        SubjectKey(rand::random())
+    }
+
+    /// A key with these bytes (tests and known answers).
+    pub fn from_bytes(bytes: [u8; 32]) -> SubjectKey {
+        SubjectKey(bytes)
+    }
+
+    /// The salt of field `field` of record `seq` in `tenant`'s log (see the module docs).
+    pub fn salt(&self, tenant: &str, seq: u64, field: &str) -> Salt {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else { unreachable!("HMAC takes keys of any length") };
+        mac.update(&u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes());
+        mac.update(tenant.as_bytes());
+        mac.update(&seq.to_be_bytes());
+        mac.update(field.as_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut salt = [0u8; SALT_BYTES];
+        salt.copy_from_slice(&full[..SALT_BYTES]);
+        Salt(salt)
+    }
+}
+
+/// First bytes of every shard file.
+const SHARD_MAGIC: &[u8; 12] = b"TALLYKEYS01\n";
+const SHARDS: usize = 256;
+/// Tenant ids and subject ids are at most this long (as identifiers are; docs/limits.md).
+const MAX_ID_BYTES: usize = 1024;
+
+/// Keys of one shard, by (tenant, subject).
+type Shard = BTreeMap<(String, String), SubjectKey>;
+
+/// The subject keys of one partition (see the module docs).
+pub struct SubjectKeys {
+    dir: PathBuf,
+    /// Held open for its exclusive lock: one writer per store.
+    _lock: std::fs::File,
+    /// Shards read so far (`None`: not read yet).
+    shards: Vec<Option<Shard>>,
+    /// Shards changed since the last [`SubjectKeys::persist`].
+    dirty: BTreeSet<usize>,
+}
+
+impl SubjectKeys {
+    /// The store under `dir`, created if missing (mode 0700); temporaries a crash left are
+    /// removed. Fails if another `SubjectKeys` has it open, in this process or another.
+    pub fn open(dir: &Path) -> Result<SubjectKeys> {
+        use std::os::unix::fs::PermissionsExt;
+        crate::durable::create_dir_durably(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(dir, e))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Corrupt { path: dir.display().to_string(), detail: "the subject key store is open in another writer".into() })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
+        // Only now: a live writer's temporary is never ours to remove.
+        crate::durable::remove_temporaries(dir)?;
+        Ok(SubjectKeys { dir: dir.to_path_buf(), _lock: lock, shards: vec![None; SHARDS], dirty: BTreeSet::new() })
+    }
+
+    /// The key of `subject` in `tenant`, if it has one (it was never created, or it was erased).
+    pub fn key(&mut self, tenant: &str, subject: &str) -> Result<Option<SubjectKey>> {
+        let shard = self.shard(tenant, subject)?;
+        Ok(shard.get(&(tenant.to_string(), subject.to_string())).cloned())
+    }
+
+    /// The key of `subject` in `tenant`, created (not yet durable: see [`SubjectKeys::persist`])
+    /// if it has none.
+    pub fn key_for(&mut self, tenant: &str, subject: &str) -> Result<SubjectKey> {
+        check_id("tenant", tenant)?;
+        check_id("subject", subject)?;
+        let index = shard_of(tenant, subject);
+        let shard = self.shard(tenant, subject)?;
+        let entry = shard.entry((tenant.to_string(), subject.to_string()));
+        if let std::collections::btree_map::Entry::Occupied(key) = &entry {
+            return Ok(key.get().clone());
+        }
+        let key = entry.or_insert_with(SubjectKey::random).clone();
+        self.dirty.insert(index);
+        Ok(key)
+    }
+
+    /// Forgets `subject`'s key in `tenant` (durably at the next [`SubjectKeys::persist`]);
+    /// whether it had one.
+    pub fn erase_subject(&mut self, tenant: &str, subject: &str) -> Result<bool> {
+        let index = shard_of(tenant, subject);
+        let removed = self.shard(tenant, subject)?.remove(&(tenant.to_string(), subject.to_string())).is_some();
+        if removed {
+            self.dirty.insert(index);
+        }
+        Ok(removed)
+    }
+
+    /// Forgets every key of `tenant` (offboarding); how many. Reads every shard.
+    pub fn erase_tenant(&mut self, tenant: &str) -> Result<usize> {
+        let mut removed = 0;
+        for index in 0..SHARDS {
+            let shard = self.load(index)?;
+            let before = shard.len();
+            shard.retain(|(t, _), _| t != tenant);
+            if shard.len() != before {
+                removed += before - shard.len();
+                self.dirty.insert(index);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Writes every changed shard durably (each replaced whole); how many were written. After
+    /// it returns, created keys survive a crash and erased keys are in no file of the store.
+    pub fn persist(&mut self) -> Result<usize> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for (done, &index) in dirty.iter().enumerate() {
+            let path = self.shard_path(index);
+            let shard = encode_shard(self.shards[index].as_ref().unwrap_or(&Shard::new()));
+            if let Err(e) = crate::durable::replace_secret_file(&path, &shard) {
+                // What was not written stays dirty, to be written at the next call.
+                self.dirty.extend(dirty.iter().skip(done));
+                return Err(e);
+            }
+        }
+        Ok(dirty.len())
+    }
+
+    fn shard(&mut self, tenant: &str, subject: &str) -> Result<&mut Shard> {
+        self.load(shard_of(tenant, subject))
+    }
+
+    fn load(&mut self, index: usize) -> Result<&mut Shard> {
+        if self.shards[index].is_none() {
+            let path = self.shard_path(index);
+            let shard = match std::fs::read(&path) {
+                Ok(bytes) => decode_shard(index, &bytes).map_err(|detail| Error::Corrupt { path: path.display().to_string(), detail })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Shard::new(),
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            self.shards[index] = Some(shard);
+        }
+        Ok(self.shards[index].get_or_insert_with(Shard::new))
+    }
+
+    fn shard_path(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("{index:02x}.keys"))
+    }
+}
+
+fn check_id(what: &str, id: &str) -> Result<()> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(Error::BadKey(format!("a {what} id is at most {MAX_ID_BYTES} bytes; this one is {}", id.len())));
+    }
+    Ok(())
+}
+
+/// Which shard holds (tenant, subject): spread by hash, so a tenant with many subjects does not
+/// make one shard large.
+fn shard_of(tenant: &str, subject: &str) -> usize {
+    let mut h = Sha256::new();
+    h.update(u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes());
+    h.update(tenant.as_bytes());
+    h.update(subject.as_bytes());
+    usize::from(h.finalize()[0])
+}
+
+/// `magic ‖ (u16be len ‖ tenant ‖ u16be len ‖ subject ‖ key[32])* ‖ u32be crc32c(all before)`.
+fn encode_shard(shard: &Shard) -> Vec<u8> {
+    let mut out = SHARD_MAGIC.to_vec();
+    for ((tenant, subject), key) in shard {
+        for id in [tenant, subject] {
+            // Ids are checked to fit in `key_for`.
+            out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+            out.extend_from_slice(id.as_bytes());
+        }
+        out.extend_from_slice(&key.0);
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// Reads shard `index`: refuses damage, and entries that are out of order, repeated, too long or
+/// in a shard their ids do not hash to (such an entry could not be found, so never erased).
+fn decode_shard(index: usize, bytes: &[u8]) -> std::result::Result<Shard, String> {
+    let body_len = bytes.len().checked_sub(4).filter(|n| *n >= SHARD_MAGIC.len()).ok_or("shorter than a key shard's magic and checksum")?;
+    let (body, crc) = bytes.split_at(body_len);
+    if !body.starts_with(SHARD_MAGIC) {
+        return Err("not a key shard (bad magic)".into());
+    }
+    let stored = u32::from_be_bytes(crc.try_into().map_err(|_| "bad checksum length")?);
+    if crc32c::crc32c(body) != stored {
+        return Err("checksum mismatch: the file is damaged".into());
+    }
+    let mut rest = &body[SHARD_MAGIC.len()..];
+    let mut shard = Shard::new();
+    let take = |n: usize, rest: &mut &[u8]| -> std::result::Result<Vec<u8>, String> {
+        if rest.len() < n {
+            return Err("truncated entry".into());
+        }
+        let (head, tail) = rest.split_at(n);
+        *rest = tail;
+        Ok(head.to_vec())
+    };
+    while !rest.is_empty() {
+        let mut ids = Vec::with_capacity(2);
+        for _ in 0..2 {
+            let len = take(2, &mut rest)?;
+            let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+            ids.push(String::from_utf8(take(len, &mut rest)?).map_err(|_| "an id is not UTF-8")?);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&take(32, &mut rest)?);
+        let subject = ids.pop().unwrap_or_default();
+        let tenant = ids.pop().unwrap_or_default();
+        if tenant.len() > MAX_ID_BYTES || subject.len() > MAX_ID_BYTES {
+            return Err("an id is longer than 1,024 bytes".into());
+        }
+        if shard_of(&tenant, &subject) != index {
+            return Err("an entry belongs to another shard".into());
+        }
+        let id = (tenant, subject);
+        if shard.last_key_value().is_some_and(|(last, _)| *last >= id) {
+            return Err("entries out of order or repeated".into());
+        }
+        shard.insert(id, SubjectKey(key));
+    }
+    Ok(shard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn salt(byte: u8) -> Salt {
+        Salt([byte; SALT_BYTES])
+    }
+
+    #[test]
+    fn a_commitment_opens_only_to_its_value_field_and_salt() {
+        let c = Commitment::of(&salt(1), "attributes.email", "ann@example.com");
+        assert!(c.opens_to(&salt(1), "attributes.email", "ann@example.com"));
+        assert!(!c.opens_to(&salt(1), "attributes.email", "bob@example.com"));
+        assert!(!c.opens_to(&salt(1), "attributes.mail", "ann@example.com"));
+        assert!(!c.opens_to(&salt(2), "attributes.email", "ann@example.com"));
+        // Moving the boundary between field and value changes the commitment.
+        assert_ne!(Commitment::of(&salt(1), "ab", "c"), Commitment::of(&salt(1), "a", "bc"));
+        assert_eq!(Commitment::from_hex(&c.to_hex()).unwrap(), c);
+        assert!(Commitment::from_hex("xyz").is_err());
+    }
+
+    #[test]
+    fn the_commitment_is_sha256_of_salt_length_field_and_value() {
+        // Spelled out, so an implementation in another language can be checked against it.
+        let mut bytes = vec![7u8; SALT_BYTES];
+        bytes.extend_from_slice(&[0, 0, 0, 5]);
+        bytes.extend_from_slice(b"email");
+        bytes.extend_from_slice(b"a@b");
+        let expected: [u8; 32] = Sha256::digest(&bytes).into();
+        assert_eq!(Commitment::of(&salt(7), "email", "a@b").0, expected);
+    }
+
+    #[test]
+    fn salts_are_deterministic_per_key_and_differ_per_tenant_seq_and_field() {
+        let key = SubjectKey::from_bytes([9; 32]);
+        let s = key.salt("acme", 7, "attributes.email");
+        assert_eq!(s, key.salt("acme", 7, "attributes.email"));
+        assert_ne!(s, key.salt("acme", 8, "attributes.email"));
+        assert_ne!(s, key.salt("acme", 7, "attributes.name"));
+        assert_ne!(s, key.salt("acmf", 7, "attributes.email"));
+        assert_ne!(s, SubjectKey::from_bytes([8; 32]).salt("acme", 7, "attributes.email"));
+        assert_eq!(format!("{key:?}"), "SubjectKey(..)", "a key never reaches a log line");
+    }
+
+    /// Every file under `dir`, read whole.
+    fn all_bytes(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            out.extend(std::fs::read(e.path()).unwrap());
+        }
+        out
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn keys_survive_a_reopen_only_once_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        let ann = keys.key_for("acme", "user-ann").unwrap();
+        assert_eq!(keys.key_for("acme", "user-ann").unwrap(), ann, "one key per subject");
+        let files = || std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name() != "lock").count();
+        assert_eq!(files(), 0, "nothing written before persist");
+        assert_eq!(keys.persist().unwrap(), 1);
+        assert_eq!(keys.persist().unwrap(), 0, "nothing changed since");
+        drop(keys);
+        let mut reopened = SubjectKeys::open(dir.path()).unwrap();
+        assert_eq!(reopened.key("acme", "user-ann").unwrap(), Some(ann));
+        assert_eq!(reopened.key("globex", "user-ann").unwrap(), None, "keys are per tenant");
+    }
+
+    #[test]
+    fn erasing_a_subject_leaves_neither_its_key_nor_its_id_in_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        let ann = keys.key_for("acme", "user-ann").unwrap();
+        let bob = keys.key_for("acme", "user-bob").unwrap();
+        let others: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+        for s in &others {
+            keys.key_for("acme", s).unwrap();
+        }
+        keys.persist().unwrap();
+        assert!(contains(&all_bytes(dir.path()), &ann.0) && contains(&all_bytes(dir.path()), b"user-ann"));
+        assert!(keys.erase_subject("acme", "user-ann").unwrap());
+        assert!(!keys.erase_subject("acme", "user-ann").unwrap(), "already gone");
+        keys.persist().unwrap();
+        let bytes = all_bytes(dir.path());
+        assert!(!contains(&bytes, &ann.0), "the erased key is in a file");
+        assert!(!contains(&bytes, b"user-ann"), "the erased subject id is in a file");
+        drop(keys);
+        let mut reopened = SubjectKeys::open(dir.path()).unwrap();
+        assert_eq!(reopened.key("acme", "user-ann").unwrap(), None);
+        assert_eq!(reopened.key("acme", "user-bob").unwrap(), Some(bob));
+        assert!(others.iter().all(|s| reopened.key("acme", s).unwrap().is_some()));
+        // A new key for the same subject is another key: nothing derived from the old one opens.
+        assert_ne!(reopened.key_for("acme", "user-ann").unwrap(), ann);
+    }
+
+    #[test]
+    fn erasing_a_tenant_forgets_all_its_subjects_and_no_one_elses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        for i in 0..50 {
+            keys.key_for("acme", &format!("s{i}")).unwrap();
+            keys.key_for("globex", &format!("s{i}")).unwrap();
+        }
+        keys.persist().unwrap();
+        assert_eq!(keys.erase_tenant("acme").unwrap(), 50);
+        keys.persist().unwrap();
+        assert!(!contains(&all_bytes(dir.path()), b"acme"));
+        drop(keys);
+        let mut reopened = SubjectKeys::open(dir.path()).unwrap();
+        assert!((0..50).all(|i| reopened.key("acme", &format!("s{i}")).unwrap().is_none()));
+        assert!((0..50).all(|i| reopened.key("globex", &format!("s{i}")).unwrap().is_some()));
+    }
+
+    #[test]
+    fn a_damaged_shard_is_refused_naming_its_file_and_a_crash_temporary_is_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        keys.key_for("acme", "user-ann").unwrap();
+        keys.persist().unwrap();
+        let shard = dir.path().join(format!("{:02x}.keys", shard_of("acme", "user-ann")));
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let last = bytes.len() - 10;
+        bytes[last] ^= 1;
+        std::fs::write(&shard, &bytes).unwrap();
+        std::fs::write(dir.path().join(".00.keys.0123456789abcdef.tmp"), b"half").unwrap();
+        drop(keys);
+        let mut reopened = SubjectKeys::open(dir.path()).unwrap();
+        let err = reopened.key("acme", "user-ann").unwrap_err().to_string();
+        assert!(err.contains(&shard.display().to_string()) && err.contains("checksum"), "{err}");
+        assert!(!dir.path().join(".00.keys.0123456789abcdef.tmp").exists());
+        assert_eq!(std::fs::read(&shard).unwrap(), bytes, "a refused shard is left as it was");
+    }
+
+    #[test]
+    fn a_shard_refuses_entries_it_could_not_find_and_repeats() {
+        // Two subjects that hash to different shards: either is misplaced in the other's file.
+        let a = "s".to_string();
+        let b = (0..).map(|i| format!("s{i}")).find(|s| shard_of("acme", s) != shard_of("acme", &a)).unwrap();
+        let misplaced = encode_shard(&Shard::from([(("acme".into(), b.clone()), SubjectKey([1; 32]))]));
+        assert_eq!(decode_shard(shard_of("acme", &a), &misplaced).unwrap_err(), "an entry belongs to another shard");
+        let one = encode_shard(&Shard::from([(("acme".into(), a.clone()), SubjectKey([1; 32]))]));
+        let body = &one[SHARD_MAGIC.len()..one.len() - 4];
+        let mut twice = SHARD_MAGIC.to_vec();
+        twice.extend_from_slice(body);
+        twice.extend_from_slice(body);
+        let crc = crc32c::crc32c(&twice);
+        twice.extend_from_slice(&crc.to_be_bytes());
+        assert_eq!(decode_shard(shard_of("acme", &a), &twice).unwrap_err(), "entries out of order or repeated");
+    }
+
+    #[test]
+    fn the_store_is_the_owners_only_and_has_one_writer() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("keys");
+        let mut keys = SubjectKeys::open(&store).unwrap();
+        keys.key_for("acme", "user-ann").unwrap();
+        keys.persist().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&store), 0o700);
+        for e in std::fs::read_dir(&store).unwrap().flatten().filter(|e| e.file_name() != "lock") {
+            assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+        }
+        let err = SubjectKeys::open(&store).err().expect("a second writer was let in").to_string();
+        assert!(err.contains("another writer"), "{err}");
+        drop(keys);
+        assert!(SubjectKeys::open(&store).is_ok(), "free again once the first is closed");
+    }
+
+    #[test]
+    fn shards_round_trip_and_refuse_truncation() {
+        let mut shard = Shard::new();
+        shard.insert(("acme".into(), "".into()), SubjectKey([1; 32]));
+        let index = shard_of("acme", "");
+        let bytes = encode_shard(&shard);
+        assert_eq!(decode_shard(index, &bytes).unwrap(), Shard::from([(("acme".into(), "".into()), SubjectKey([1; 32]))]));
+        for cut in 0..bytes.len() {
+            assert!(decode_shard(index, &bytes[..cut]).is_err(), "a shard cut at {cut} bytes was accepted");
+        }
+    }
+}
