@@ -77,7 +77,7 @@ struct JournalCandidate {
 
 impl Candidate for JournalCandidate {
     fn append(&mut self, tenant: u32, seq: u64, entry: &[u8], _first_node: u64, nodes: &[Hash]) {
-        let record = tally_log::RecordFrame { tenant: format!("t{tenant}"), seq, entry: entry.to_vec(), nodes: nodes.to_vec() };
+        let record = tally_log::RecordFrame { tenant: format!("t{tenant}"), seq, entry: entry.to_vec(), nodes: nodes.to_vec(), sealed: None };
         self.journal.append(&record).unwrap();
     }
 

@@ -8,8 +8,11 @@
 //! [body]`, where the CRC covers the body:
 //!
 //! * record `0x01`: `[tenant len u16][tenant][seq u64][entry len u32][entry][node count u8]
-//!   [nodes, 32 bytes each]`: entry `seq` of the tenant's log and the perfect Merkle nodes it
-//!   completes, in post-order (leaf hash first);
+//!   [nodes, 32 bytes each]`, then optionally `[sealed len u32][sealed]`: entry `seq` of the
+//!   tenant's log, the perfect Merkle nodes it completes, in post-order (leaf hash first), and
+//!   the record's personal values sealed under its subject's key (`privacy.rs`), kept beside the
+//!   entry and outside its leaf hash. Frames written before sealed values existed end after the
+//!   nodes and read as having none;
 //! * commit `0x02`: `[next offset i64, i64::MIN for none][records u32]`: everything since the
 //!   previous commit frame (that many record frames) is one durable group commit; the source's
 //!   next offset is durable with it.
@@ -55,9 +58,11 @@ const RECORD: u8 = 0x01;
 const COMMIT: u8 = 0x02;
 /// An append completes at most one node per level of a tree of up to 2^64 leaves.
 const MAX_NODES: usize = 64;
-/// No frame body is longer: a record holds at most a 255-byte tenant id, a 64 KiB entry and
-/// [`MAX_NODES`] nodes.
-const MAX_BODY: usize = 1 + 2 + 255 + 8 + 4 + MAX_ENTRY_BYTES + 1 + MAX_NODES * 32;
+/// Sealed personal values of one record are at most this long (a 64 KiB entry's worth).
+pub const MAX_SEALED_BYTES: usize = MAX_ENTRY_BYTES + 64;
+/// No frame body is longer: a record holds at most a 255-byte tenant id, a 64 KiB entry,
+/// [`MAX_NODES`] nodes and [`MAX_SEALED_BYTES`] of sealed values.
+const MAX_BODY: usize = 1 + 2 + 255 + 8 + 4 + MAX_ENTRY_BYTES + 1 + MAX_NODES * 32 + 4 + MAX_SEALED_BYTES;
 
 /// A record frame: entry `seq` of `tenant`'s log and the Merkle nodes it completes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +71,8 @@ pub struct RecordFrame {
     pub seq: u64,
     pub entry: Vec<u8>,
     pub nodes: Vec<Hash>,
+    /// The record's personal values, sealed (`privacy.rs`); not part of the entry or its hash.
+    pub sealed: Option<Vec<u8>>,
 }
 
 /// A group commit whose frames are written but not yet synced (see [`Journal::write_commit`]).
@@ -291,14 +298,17 @@ impl Journal {
 
     /// Appends a record frame to the next commit; returns the position it will have.
     pub fn append(&mut self, record: &RecordFrame) -> Result<u64> {
-        self.append_parts(&record.tenant, record.seq, &record.entry, &record.nodes)
+        self.append_parts(&record.tenant, record.seq, &record.entry, &record.nodes, record.sealed.as_deref())
     }
 
     /// Whether a record of this shape can be appended (what [`Journal::append_parts`] checks
     /// before it writes anything).
-    pub fn check_record(tenant: &str, entry: &[u8], nodes: usize) -> Result<()> {
+    pub fn check_record(tenant: &str, entry: &[u8], nodes: usize, sealed: Option<&[u8]>) -> Result<()> {
         if entry.len() > MAX_ENTRY_BYTES {
             return Err(Error::EntryTooLarge(entry.len()));
+        }
+        if let Some(sealed) = sealed.filter(|s| s.len() > MAX_SEALED_BYTES) {
+            return Err(Error::BadRecord(format!("sealed personal values are {} bytes; at most {MAX_SEALED_BYTES}", sealed.len())));
         }
         if tenant.len() > 255 || nodes > MAX_NODES {
             return Err(Error::BadRecord(format!(
@@ -310,8 +320,8 @@ impl Journal {
     }
 
     /// [`Journal::append`] from borrowed parts (no copy of the entry).
-    pub fn append_parts(&mut self, tenant: &str, seq: u64, entry: &[u8], nodes: &[Hash]) -> Result<u64> {
-        Self::check_record(tenant, entry, nodes.len())?;
+    pub fn append_parts(&mut self, tenant: &str, seq: u64, entry: &[u8], nodes: &[Hash], sealed: Option<&[u8]>) -> Result<u64> {
+        Self::check_record(tenant, entry, nodes.len(), sealed)?;
         let position = self.next_position();
         let start = self.pending.len();
         self.pending.extend_from_slice(&[0; FRAME_HEADER]);
@@ -324,6 +334,10 @@ impl Journal {
         self.pending.push(nodes.len() as u8);
         for n in nodes {
             self.pending.extend_from_slice(n);
+        }
+        if let Some(sealed) = sealed {
+            self.pending.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+            self.pending.extend_from_slice(sealed);
         }
         seal_frame(&mut self.pending, start);
         self.pending_records += 1;
@@ -613,7 +627,13 @@ fn decode_body(body: &[u8]) -> std::result::Result<Frame, String> {
             for _ in 0..count {
                 nodes.push(r.take(32)?.try_into().map_err(|_| "short node".to_string())?);
             }
-            Frame::Record(RecordFrame { tenant, seq, entry, nodes })
+            let sealed = if r.0.is_empty() {
+                None
+            } else {
+                let len = r.u32()? as usize;
+                Some(r.take(len)?.to_vec())
+            };
+            Frame::Record(RecordFrame { tenant, seq, entry, nodes, sealed })
         }
         COMMIT => {
             let next = r.u64()? as i64;
@@ -658,7 +678,9 @@ mod tests {
     use super::*;
 
     fn record(tenant: &str, seq: u64, fill: u8) -> RecordFrame {
-        RecordFrame { tenant: tenant.into(), seq, entry: vec![fill; 40 + seq as usize % 7], nodes: vec![[fill; 32]; 1 + (seq as usize % 3)] }
+        // Every third record carries sealed values.
+        let sealed = (seq % 3 == 1).then(|| vec![fill ^ 0x5a; 30 + seq as usize % 5]);
+        RecordFrame { tenant: tenant.into(), seq, entry: vec![fill; 40 + seq as usize % 7], nodes: vec![[fill; 32]; 1 + (seq as usize % 3)], sealed }
     }
 
     fn frames(j: &Journal) -> Vec<(u64, Frame)> {
@@ -809,9 +831,9 @@ mod tests {
     fn records_past_the_limits_are_refused_before_anything_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
-        let big = RecordFrame { tenant: "acme".into(), seq: 0, entry: vec![0; MAX_ENTRY_BYTES + 1], nodes: vec![] };
+        let big = RecordFrame { tenant: "acme".into(), seq: 0, entry: vec![0; MAX_ENTRY_BYTES + 1], nodes: vec![], sealed: None };
         assert!(matches!(j.append(&big), Err(Error::EntryTooLarge(_))));
-        let long = RecordFrame { tenant: "x".repeat(256), seq: 0, entry: vec![], nodes: vec![] };
+        let long = RecordFrame { tenant: "x".repeat(256), seq: 0, entry: vec![], nodes: vec![], sealed: None };
         assert!(j.append(&long).is_err());
         assert_eq!(j.commit(None).unwrap(), SEGMENT_MAGIC.len() as u64 + (FRAME_HEADER + 13) as u64, "only the commit frame");
     }

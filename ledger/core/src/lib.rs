@@ -50,7 +50,7 @@ pub use ledger::{find_tenant_ledger, migrate, Ledger, Migrated, JOURNAL_DIR};
 pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
-pub use privacy::{Commitment, Salt, SubjectKey, SubjectKeys, SALT_BYTES};
+pub use privacy::{Commitment, Salt, SealedHeader, SubjectKey, SubjectKeys, SALT_BYTES};
 pub use receipt::Receipt;
 pub use record::{
     budget_record, conflict_record, event_record, input_time, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source, Statement,

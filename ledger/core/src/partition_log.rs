@@ -437,11 +437,18 @@ impl PartitionLog {
     /// Appends `entry` to `tenant`'s log; returns its seq. Durable, and readable, once
     /// [`PartitionLog::commit`] returns.
     pub fn append(&mut self, tenant: &str, entry: &[u8]) -> Result<u64> {
+        self.append_sealed(tenant, entry, None)
+    }
+
+    /// [`PartitionLog::append`], with the record's personal values sealed (`privacy.rs`) kept
+    /// beside the entry in the same journal frame: durable with it, outside its leaf hash, read
+    /// back by [`PartitionLog::sealed`].
+    pub fn append_sealed(&mut self, tenant: &str, entry: &[u8], sealed: Option<&[u8]>) -> Result<u64> {
         if let Some(why) = &self.poisoned {
             return Err(Error::Commit(format!("{}: reopen the partition log: {why}", self.dir.display())));
         }
         // Checked first: past this point nothing fails, so the head never runs ahead of the journal.
-        Journal::check_record(tenant, entry, 64)?;
+        Journal::check_record(tenant, entry, 64, sealed)?;
         self.read_frontier(tenant)?;
         let head = match self.tenants.get_mut(tenant) {
             Some(h) => h,
@@ -454,7 +461,7 @@ impl PartitionLog {
         }
         self.nodes.clear();
         head.frontier.push(leaf_hash(entry), &mut self.nodes);
-        let position = self.journal.append_parts(tenant, seq, entry, &self.nodes)?;
+        let position = self.journal.append_parts(tenant, seq, entry, &self.nodes, sealed)?;
         head.active.push(position);
         Ok(seq)
     }
@@ -781,6 +788,11 @@ impl PartitionLog {
         Ok(self.record(tenant, seq)?.entry)
     }
 
+    /// The sealed personal values kept beside committed entry `seq` of `tenant`, if it has any.
+    pub fn sealed(&self, tenant: &str, seq: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.record(tenant, seq)?.sealed)
+    }
+
     /// Read access to `tenant`'s stored nodes, for [`crate::merkle`] proofs and roots.
     pub fn view<'a>(&'a self, tenant: &'a str) -> TenantView<'a> {
         TenantView { log: self, tenant }
@@ -1042,6 +1054,47 @@ mod tests {
     }
 
     #[test]
+    fn sealed_values_sit_beside_their_entry_outside_its_hash_across_segments_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trees: BTreeMap<String, MemoryTree> = BTreeMap::new();
+        let mut log = PartitionLog::open(dir.path(), 4096).unwrap();
+        let sealed_of = |t: &str, seq: u64| seq.is_multiple_of(2).then(|| format!("sealed {t} {seq}").into_bytes());
+        for round in 0..120u64 {
+            for t in ["acme", "globex"] {
+                let tree = trees.entry(t.to_string()).or_default();
+                let seq = log.append_sealed(t, &entry(t, tree.size()), sealed_of(t, tree.size()).as_deref()).unwrap();
+                tree.push_entry(&entry(t, seq));
+            }
+            if round % 7 == 6 {
+                log.commit(Some(round as i64)).unwrap();
+            }
+        }
+        log.commit(Some(120)).unwrap();
+        assert!(log.journal.segment_starts().len() > 3, "spans sealed segments");
+        // The sealed values change no leaf: roots are those of the entries alone.
+        check(&log, &trees);
+        let read_all = |log: &PartitionLog| {
+            for t in ["acme", "globex"] {
+                for seq in 0..120 {
+                    assert_eq!(log.sealed(t, seq).unwrap(), sealed_of(t, seq), "{t} {seq}");
+                    assert_eq!(log.entry(t, seq).unwrap(), entry(t, seq));
+                }
+            }
+        };
+        read_all(&log);
+        log.merge_indexes().unwrap();
+        read_all(&log);
+        drop(log);
+        let log = PartitionLog::open(dir.path(), 4096).unwrap();
+        check(&log, &trees);
+        read_all(&log);
+        let too_long = vec![0u8; crate::journal::MAX_SEALED_BYTES + 1];
+        let mut log = log;
+        assert!(log.append_sealed("acme", b"x", Some(&too_long)).is_err());
+        assert_eq!(log.size("acme"), 120, "a refused append leaves nothing");
+    }
+
+    #[test]
     fn uncommitted_appends_are_invisible_and_gone_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = PartitionLog::open(dir.path(), 8192).unwrap();
@@ -1228,9 +1281,9 @@ mod tests {
             drop(journal);
             PartitionLog::open(dir.path(), 1 << 20).err().unwrap().to_string()
         };
-        let err = open_with(RecordFrame { tenant: "acme".into(), seq: 0, entry: b"real".to_vec(), nodes: vec![leaf_hash(b"forged")] });
+        let err = open_with(RecordFrame { tenant: "acme".into(), seq: 0, entry: b"real".to_vec(), nodes: vec![leaf_hash(b"forged")], sealed: None });
         assert!(err.contains("stored hashes differ"), "{err}");
-        let err = open_with(RecordFrame { tenant: "acme".into(), seq: 5, entry: b"x".to_vec(), nodes: vec![leaf_hash(b"x")] });
+        let err = open_with(RecordFrame { tenant: "acme".into(), seq: 5, entry: b"x".to_vec(), nodes: vec![leaf_hash(b"x")], sealed: None });
         assert!(err.contains("acme record 5 follows 0 records"), "{err}");
     }
 }

@@ -10,6 +10,16 @@
 //!   `HMAC-SHA256(key, u32be(len(tenant)) ‖ tenant ‖ u64be(seq) ‖ field)`: deterministic, so a
 //!   replay with the same keys writes the same commitments, and unrecoverable once the key is
 //!   gone.
+//! * [`SubjectKey::seal`]: a record's personal values (field → value), sealed under its
+//!   subject's key with ChaCha20-Poly1305 (RFC 8439) so the ciphertext may sit in append-only
+//!   storage: `0x01 ‖ shard u8 ‖ key id[16] ‖ nonce[12] ‖ ciphertext ‖ tag[16]`, the
+//!   cipher key `HMAC-SHA256(key, 0xFF ‖ "tally-seal-v1")`, the key id the first 16 bytes of
+//!   `HMAC-SHA256(key, 0xFE ‖ "tally-key-id-v1")`, the associated data the version, shard and
+//!   key id bytes `‖ u32be(len(tenant)) ‖ tenant ‖ u64be(seq)` (a sealed blob opens only as its
+//!   own record's, and no header byte can change unnoticed).
+//!   The plaintext is the values as a JSON object with sorted members. Once the key is erased,
+//!   nothing opens it. (Salt inputs start with a tenant length, whose first byte is 0x00 for any
+//!   tenant id under 16 MiB, so none collides with the 0xFF and 0xFE inputs.)
 //! * [`SubjectKeys`]: the keys of one partition, in 256 shard files under one directory, each
 //!   replaced whole and durably ([`crate::durable`]) when it changes. Erasing a subject rewrites
 //!   its shard without the key: afterwards no file of the store holds the key or the subject id
@@ -26,6 +36,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::ChaCha20Poly1305;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -93,15 +105,105 @@ impl SubjectKey {
 
     /// The salt of field `field` of record `seq` in `tenant`'s log (see the module docs).
     pub fn salt(&self, tenant: &str, seq: u64, field: &str) -> Salt {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else { unreachable!("HMAC takes keys of any length") };
-        mac.update(&u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes());
-        mac.update(tenant.as_bytes());
-        mac.update(&seq.to_be_bytes());
-        mac.update(field.as_bytes());
-        let full = mac.finalize().into_bytes();
+        let tenant_len = u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes();
+        let full = self.hmac(&[&tenant_len, tenant.as_bytes(), &seq.to_be_bytes(), field.as_bytes()]);
         let mut salt = [0u8; SALT_BYTES];
         salt.copy_from_slice(&full[..SALT_BYTES]);
         Salt(salt)
+    }
+
+    /// HMAC-SHA256 under this key of the concatenation of `parts`.
+    fn hmac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(&self.0) else { unreachable!("HMAC takes keys of any length") };
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// The version byte of a sealed blob.
+const SEALED_V1: u8 = 0x01;
+/// Version, shard, key id and nonce.
+const SEALED_HEADER: usize = 1 + 1 + 16 + 12;
+/// Poly1305's tag.
+const TAG_BYTES: usize = 16;
+
+impl SubjectKey {
+    fn derive(&self, label: &[u8]) -> [u8; 32] {
+        self.hmac(&[label])
+    }
+
+    /// What a sealed blob names its key by: reveals nothing of the key or the subject.
+    pub fn id(&self) -> [u8; 16] {
+        let full = self.derive(b"\xFEtally-key-id-v1");
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&full[..16]);
+        id
+    }
+
+    /// Seals `values` of record `seq` in `tenant`'s log, a subject of shard `shard` (see
+    /// [`SubjectKeys::shard_of`]) — see the module docs for the bytes.
+    pub fn seal(&self, shard: u8, tenant: &str, seq: u64, values: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+        let plaintext = serde_json::to_vec(values).map_err(|e| Error::BadRecord(format!("personal values: {e}")))?;
+        let cipher = ChaCha20Poly1305::new(&self.derive(b"\xFFtally-seal-v1").into());
+        let nonce: [u8; 12] = rand::random();
+        let mut out = Vec::with_capacity(SEALED_HEADER + plaintext.len() + TAG_BYTES);
+        out.push(SEALED_V1);
+        out.push(shard);
+        out.extend_from_slice(&self.id());
+        let aad = associated_data(&out, tenant, seq);
+        let sealed =
+            cipher.encrypt(&nonce.into(), Payload { msg: &plaintext, aad: &aad }).map_err(|_| Error::BadRecord("personal values too long to seal".into()))?;
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// The values `sealed` holds, if it is record `seq` of `tenant` sealed under this key;
+    /// [`Error::BadRecord`] for anything else (another key, record or tenant, or changed bytes).
+    pub fn open(&self, tenant: &str, seq: u64, sealed: &[u8]) -> Result<BTreeMap<String, String>> {
+        let header = SealedHeader::parse(sealed)?;
+        if header.key_id != self.id() {
+            return Err(Error::BadRecord("sealed under another key".into()));
+        }
+        let cipher = ChaCha20Poly1305::new(&self.derive(b"\xFFtally-seal-v1").into());
+        let aad = associated_data(&sealed[..18], tenant, seq);
+        let plaintext = cipher
+            .decrypt(&header.nonce.into(), Payload { msg: &sealed[SEALED_HEADER..], aad: &aad })
+            .map_err(|_| Error::BadRecord(format!("sealed values of {tenant} seq {seq} do not open: changed, or not this record's")))?;
+        serde_json::from_slice(&plaintext).map_err(|e| Error::BadRecord(format!("sealed values of {tenant} seq {seq}: {e}")))
+    }
+}
+
+/// The header's version, shard and key id, then the record the blob belongs to.
+fn associated_data(header: &[u8], tenant: &str, seq: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + 4 + tenant.len() + 8);
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(&u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes());
+    aad.extend_from_slice(tenant.as_bytes());
+    aad.extend_from_slice(&seq.to_be_bytes());
+    aad
+}
+
+/// What a sealed blob says of its key, readable without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedHeader {
+    pub shard: u8,
+    pub key_id: [u8; 16],
+    nonce: [u8; 12],
+}
+
+impl SealedHeader {
+    pub fn parse(sealed: &[u8]) -> Result<SealedHeader> {
+        if sealed.len() < SEALED_HEADER + TAG_BYTES || sealed[0] != SEALED_V1 {
+            return Err(Error::BadRecord("not sealed personal values (bad version or too short)".into()));
+        }
+        let mut key_id = [0u8; 16];
+        key_id.copy_from_slice(&sealed[2..18]);
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&sealed[18..SEALED_HEADER]);
+        Ok(SealedHeader { shard: sealed[1], key_id, nonce })
     }
 }
 
@@ -166,6 +268,18 @@ impl SubjectKeys {
         let key = entry.or_insert_with(SubjectKey::random).clone();
         self.dirty.insert(index);
         Ok(key)
+    }
+
+    /// The shard a subject of `tenant` lives in: what [`SubjectKey::seal`] records.
+    pub fn shard_of(tenant: &str, subject: &str) -> u8 {
+        // `shard_of` is below 256 by construction.
+        u8::try_from(shard_of(tenant, subject)).unwrap_or_default()
+    }
+
+    /// The key a sealed blob of `tenant` names, if it still exists: `None` once erased.
+    pub fn key_of_sealed(&mut self, tenant: &str, header: &SealedHeader) -> Result<Option<SubjectKey>> {
+        let shard = self.load(usize::from(header.shard))?;
+        Ok(shard.iter().find(|((t, _), key)| t == tenant && key.id() == header.key_id).map(|(_, key)| key.clone()))
     }
 
     /// Forgets `subject`'s key in `tenant` (durably at the next [`SubjectKeys::persist`]);
@@ -355,6 +469,43 @@ mod tests {
         assert_ne!(s, key.salt("acmf", 7, "attributes.email"));
         assert_ne!(s, SubjectKey::from_bytes([8; 32]).salt("acme", 7, "attributes.email"));
         assert_eq!(format!("{key:?}"), "SubjectKey(..)", "a key never reaches a log line");
+    }
+
+    #[test]
+    fn sealed_values_open_only_as_their_own_record_under_their_own_key() {
+        let key = SubjectKey::from_bytes([3; 32]);
+        let values = BTreeMap::from([("attributes.email".to_string(), "ann@example.com".to_string())]);
+        let sealed = key.seal(7, "acme", 42, &values).unwrap();
+        assert!(!contains(&sealed, b"ann@example.com"), "sealed bytes hold the value in clear");
+        let header = SealedHeader::parse(&sealed).unwrap();
+        assert_eq!((header.shard, header.key_id), (7, key.id()));
+        assert_eq!(key.open("acme", 42, &sealed).unwrap(), values);
+        assert!(key.open("acme", 43, &sealed).is_err(), "another record's");
+        assert!(key.open("acmf", 42, &sealed).is_err(), "another tenant's");
+        assert!(SubjectKey::from_bytes([4; 32]).open("acme", 42, &sealed).is_err(), "another key");
+        for i in 0..sealed.len() {
+            let mut changed = sealed.clone();
+            changed[i] ^= 0x01;
+            assert!(key.open("acme", 42, &changed).is_err(), "byte {i} changed and it still opened");
+        }
+        assert_ne!(key.seal(7, "acme", 42, &values).unwrap(), sealed, "a fresh nonce each time");
+        assert!(SealedHeader::parse(&sealed[..SEALED_HEADER + TAG_BYTES - 1]).is_err());
+    }
+
+    #[test]
+    fn a_sealed_blob_finds_its_key_until_the_subject_is_erased() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        let ann = keys.key_for("acme", "user-ann").unwrap();
+        keys.key_for("acme", "user-bob").unwrap();
+        let values = BTreeMap::from([("attributes.name".to_string(), "Ann".to_string())]);
+        let sealed = ann.seal(SubjectKeys::shard_of("acme", "user-ann"), "acme", 1, &values).unwrap();
+        let header = SealedHeader::parse(&sealed).unwrap();
+        assert_eq!(keys.key_of_sealed("acme", &header).unwrap(), Some(ann.clone()));
+        assert_eq!(keys.key_of_sealed("globex", &header).unwrap(), None, "keys are per tenant");
+        keys.erase_subject("acme", "user-ann").unwrap();
+        keys.persist().unwrap();
+        assert_eq!(keys.key_of_sealed("acme", &header).unwrap(), None, "erased: nothing opens it");
     }
 
     /// Every file under `dir`, read whole.
