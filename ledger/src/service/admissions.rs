@@ -14,7 +14,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use super::{commit_owned, lock, CommitTimes, OwnedPartition, PartitionLedger};
 
@@ -29,8 +29,9 @@ const MAX_BATCH: usize = 256;
 /// How a request's commit went, handed to its answer.
 pub(crate) enum Durability {
     /// Its records are durable. The times of the commit that made them so, given to exactly
-    /// one request of that commit (for the metrics), `None` to the others and when an earlier
-    /// commit already covered them.
+    /// one request of that commit (which records them in the metrics, on this thread, whether
+    /// or not its caller still waits), `None` to the others and when an earlier commit already
+    /// covered them.
     Durable(Option<CommitTimes>),
     /// The commit failed (logged once, with its error, for the whole batch): nothing this
     /// request appended may be reported as done.
@@ -92,7 +93,9 @@ impl Queued {
     }
 }
 
-/// The thread: batch, decide, commit, answer, until the partition is gone.
+/// The thread: batch, decide, commit, answer, until the partition is gone. A panic anywhere in
+/// a batch (a request, the commit, an answer) costs that batch only: its callers' senders are
+/// dropped (they answer 500) and the thread goes on with the next batch.
 fn drain(queued: &Receiver<Request>, owned: &Weak<OwnedPartition>) {
     while let Ok(first) = queued.recv() {
         let mut batch = vec![first];
@@ -104,38 +107,51 @@ fn drain(queued: &Receiver<Request>, owned: &Weak<OwnedPartition>) {
         }
         // Dropping the batch drops its answers' senders: their callers learn the partition went.
         let Some(owned) = owned.upgrade() else { return };
-        let waiting: Vec<(String, u64, Answer)> = {
-            let mut p = lock(&owned);
-            batch
-                .into_iter()
-                .filter_map(|request| match catch_unwind(AssertUnwindSafe(|| request(&mut p))) {
-                    Ok(Decision::Appended { tenant, seq, answer }) => Some((tenant, seq, answer)),
-                    Ok(Decision::Answered) => None,
-                    Err(_) => {
-                        tracing::error!("an admission request panicked; answered as an internal error");
-                        None
-                    }
-                })
-                .collect()
-        };
-        if waiting.is_empty() {
-            continue;
+        if catch_unwind(AssertUnwindSafe(|| run_batch(&owned, batch))).is_err() {
+            tracing::error!("an admission batch panicked; its requests were answered as internal errors");
         }
-        // One commit for the batch, unless an earlier commit (the consume loop's, or a retry's
-        // first record) already covers every record in it.
-        let committed = commit_owned(&owned, false, |p| waiting.iter().all(|(tenant, seq, _)| p.committed_size(tenant) > *seq));
-        match committed {
-            Ok(done) => {
-                let mut times = done.map(|(_, times)| times);
-                for (_, _, answer) in waiting {
-                    answer(Durability::Durable(times.take()));
+    }
+}
+
+/// Decides `batch` under one acquisition of the partition's lock, commits once, answers.
+fn run_batch(owned: &Arc<OwnedPartition>, batch: Vec<Request>) {
+    let waiting: Vec<(String, u64, Answer)> = {
+        let mut p = lock(owned);
+        batch
+            .into_iter()
+            .filter_map(|request| match catch_unwind(AssertUnwindSafe(|| request(&mut p))) {
+                Ok(Decision::Appended { tenant, seq, answer }) => Some((tenant, seq, answer)),
+                Ok(Decision::Answered) => None,
+                Err(_) => {
+                    tracing::error!("an admission request panicked; answered as an internal error");
+                    None
                 }
+            })
+            .collect()
+    };
+    if waiting.is_empty() {
+        return;
+    }
+    let covered = |p: &PartitionLedger, waiting: &[(String, u64, Answer)]| waiting.iter().all(|(tenant, seq, _)| p.committed_size(tenant) > *seq);
+    // One commit for the batch, unless an earlier commit (the consume loop's, or a retry's first
+    // record) already covers every record in it.
+    let committed = commit_owned(owned, false, |p| covered(p, &waiting));
+    // Whatever the commit says, an answer says "durable" only for records the log now holds: a
+    // commit by someone else that failed in between drops the batch's unsynced records, and a
+    // commit after it can then succeed with nothing to write.
+    let durable = committed.as_ref().is_ok() && covered(&lock(owned), &waiting);
+    match committed {
+        Ok(done) if durable => {
+            let mut times = done.map(|(_, times)| times);
+            for (_, _, answer) in waiting {
+                answer(Durability::Durable(times.take()));
             }
-            Err(e) => {
-                tracing::error!(error = %e, requests = waiting.len(), "an admission commit failed");
-                for (_, _, answer) in waiting {
-                    answer(Durability::Failed);
-                }
+        }
+        outcome => {
+            let error = outcome.err().map_or_else(|| "the records were dropped by a failed commit".to_string(), |e| e.to_string());
+            tracing::error!(error = %error, requests = waiting.len(), "an admission commit failed");
+            for (_, _, answer) in waiting {
+                answer(Durability::Failed);
             }
         }
     }
@@ -144,7 +160,6 @@ fn drain(queued: &Receiver<Request>, owned: &Weak<OwnedPartition>) {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::mpsc::channel;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
@@ -219,13 +234,62 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_record_dropped_by_someone_elses_failed_commit_is_never_answered_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let owned = partition(dir.path());
+        let (decided, was_decided) = channel();
+        let (outcome, answered) = channel();
+        // The commit gate is ours: the thread decides, then waits for it.
+        let gate = owned.commits.lock().unwrap();
+        let request: Request = Box::new(move |p: &mut PartitionLedger| {
+            // An admission moves no consumer offset, so a commit after the failed one has
+            // nothing to write and succeeds.
+            let request = crate::budget::AuthorizeRequest {
+                task_id: None,
+                agent_id: None,
+                action: None,
+                kind: None,
+                estimate_micros: 1,
+                estimated_tokens: None,
+                ttl_ms: 60_000,
+            };
+            let caller = crate::service::Caller { token: None, idempotency_key: None };
+            let seq = p.authorize("acme", jiff::Timestamp::now(), &request, &caller).unwrap().seq;
+            decided.send(()).unwrap();
+            Decision::Appended {
+                tenant: "acme".into(),
+                seq,
+                answer: Box::new(move |durability| outcome.send(matches!(durability, Durability::Durable(_))).unwrap()),
+            }
+        });
+        assert!(matches!(owned.admissions.enqueue(request), Enqueued::Queued));
+        was_decided.recv_timeout(Duration::from_secs(20)).unwrap();
+        // Another commit (the consume loop's) carries the record and its sync fails: the record
+        // is dropped, the partition stops taking writes.
+        let written = lock(&owned).write_commit(false).unwrap();
+        let failed = Err(crate::error::Error::Service("injected fsync failure".into()));
+        assert!(lock(&owned).finish_commit(written, failed).is_err());
+        drop(gate);
+        let durable = answered.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(!durable, "answered durable for a record the log dropped");
+        assert_eq!(lock(&owned).committed_size("acme"), 0);
+    }
+
+    #[test]
     fn a_panicking_request_answers_nothing_and_the_next_is_still_served() {
         let dir = tempfile::tempdir().unwrap();
         let owned = partition(dir.path());
         let (answers, answered) = channel();
         let boom: Request = Box::new(|_| panic!("a bug in one request"));
         assert!(matches!(owned.admissions.enqueue(boom), Enqueued::Queued));
-        assert!(matches!(owned.admissions.enqueue(append(0, "acme", &owned, answers)), Enqueued::Queued));
+        // A panic after the commit, in an answer, costs its batch only, not the thread.
+        let late_boom: Request = Box::new(|p: &mut PartitionLedger| {
+            let Applied::Appended { seq, .. } = p.apply(&test_delivery(0, "globex", "g0", 1)).unwrap() else { panic!("not appended") };
+            Decision::Appended { tenant: "globex".into(), seq, answer: Box::new(|_| panic!("a bug in an answer")) }
+        });
+        assert!(matches!(owned.admissions.enqueue(late_boom), Enqueued::Queued));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(owned.admissions.enqueue(append(1, "acme", &owned, answers)), Enqueued::Queued));
         let (seq, _, committed) = answered.recv_timeout(Duration::from_secs(20)).unwrap();
         assert_eq!((seq, committed), (0, 1));
     }

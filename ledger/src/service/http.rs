@@ -426,7 +426,8 @@ async fn on_owned_durably<T: Send + 'static>(
     f: impl FnOnce(&mut super::PartitionLedger) -> crate::error::Result<(T, Option<u64>)> + Send + 'static,
 ) -> Result<T, ApiError> {
     use super::admissions::{Decision, Durability, Enqueued};
-    let (answer, answered) = tokio::sync::oneshot::channel::<Result<(T, Option<super::CommitTimes>), ApiError>>();
+    let (answer, answered) = tokio::sync::oneshot::channel::<Result<T, ApiError>>();
+    let metrics = Arc::clone(shared);
     let request = Box::new(move |p: &mut super::PartitionLedger| {
         if p.is_closed() {
             let _ = answer.send(Err(unavailable(partition)));
@@ -438,7 +439,7 @@ async fn on_owned_durably<T: Send + 'static>(
                 Decision::Answered
             }
             Ok((out, None)) => {
-                let _ = answer.send(Ok((out, None)));
+                let _ = answer.send(Ok(out));
                 Decision::Answered
             }
             Ok((out, Some(seq))) => Decision::Appended {
@@ -446,7 +447,13 @@ async fn on_owned_durably<T: Send + 'static>(
                 seq,
                 answer: Box::new(move |durability| {
                     let _ = answer.send(match durability {
-                        Durability::Durable(times) => Ok((out, times)),
+                        Durability::Durable(times) => {
+                            // Here, on the queue's thread: recorded even if the caller is gone.
+                            if let Some(times) = times {
+                                metrics.metrics.observe_commit(times);
+                            }
+                            Ok(out)
+                        }
                         // Logged once for the batch by the queue's thread.
                         Durability::Failed => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")),
                     });
@@ -473,13 +480,7 @@ async fn on_owned_durably<T: Send + 'static>(
         Enqueued::Gone => return Err(unavailable(partition)),
     }
     match answered.await {
-        Ok(Ok((out, times))) => {
-            if let Some(times) = times {
-                shared.metrics.observe_commit(times);
-            }
-            Ok(out)
-        }
-        Ok(Err(e)) => Err(e),
+        Ok(result) => result,
         // The request panicked (logged by the queue's thread) or its partition went away.
         Err(_) => {
             tracing::error!(partition, "an admission request was dropped unanswered");
