@@ -36,14 +36,24 @@ pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
             args.origin
         );
         eprintln!("kept the existing private key {}", args.out.display());
+        eprintln!("{}", which_vkey(&args.out, key.origin()));
         println!("{}", key.origin_verifier()?);
         return Ok(());
     }
     let key = LedgerKey::generate(&args.origin)?;
     key.write_new(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("wrote private key {} (mode 0600); tenant vkeys: tally vkey --key {} --tenant <id>", args.out.display(), args.out.display());
+    eprintln!("wrote private key {} (mode 0600)", args.out.display());
+    eprintln!("{}", which_vkey(&args.out, key.origin()));
     println!("{}", key.origin_verifier()?);
     Ok(())
+}
+
+/// What `keygen` says of the vkey it prints: which key verifies what.
+fn which_vkey(key: &Path, origin: &str) -> String {
+    format!(
+        "the vkey below is the log origin's ({origin}): it verifies no tenant checkpoint. Tenant checkpoints, receipts and statements verify with the tenant's own vkey (name {origin}/t/<id>): `tally vkey --key {} --tenant <id>`, or GET /t/<id>/vkey on the ledger",
+        key.display()
+    )
 }
 
 #[derive(clap::Args)]
@@ -65,8 +75,9 @@ pub fn vkey(args: VkeyArgs) -> anyhow::Result<()> {
 pub enum VerifyCommand {
     /// Check a tlog-proof receipt and its entry against a vkey.
     Receipt {
-        #[arg(long)]
-        vkey: String,
+        /// A verifier key; repeat it for every key that may have signed (a key rotation).
+        #[arg(long = "vkey", required = true)]
+        vkeys: Vec<String>,
         #[arg(long)]
         receipt: PathBuf,
         #[arg(long)]
@@ -74,8 +85,9 @@ pub enum VerifyCommand {
     },
     /// Check that a newer checkpoint extends an older one (proof: base64 hashes, one per line).
     Consistency {
-        #[arg(long)]
-        vkey: String,
+        /// A verifier key; repeat it for every key that may have signed (a key rotation).
+        #[arg(long = "vkey", required = true)]
+        vkeys: Vec<String>,
         #[arg(long)]
         old: PathBuf,
         #[arg(long)]
@@ -87,8 +99,9 @@ pub enum VerifyCommand {
     /// to a signed checkpoint, in a tlog-tiles directory (`checkpoint` and `tile/entries/…`, as
     /// `tally log export-tiles` writes or the ledger serves them).
     Statement {
-        #[arg(long)]
-        vkey: String,
+        /// A verifier key; repeat it for every key that may have signed (a key rotation).
+        #[arg(long = "vkey", required = true)]
+        vkeys: Vec<String>,
         /// The tiles directory.
         #[arg(long, required_unless_present = "export", conflicts_with = "export")]
         tiles: Option<PathBuf>,
@@ -107,23 +120,30 @@ fn base64_hash(text: &str) -> Option<Hash> {
     base64::engine::general_purpose::STANDARD.decode(text).ok().and_then(|h| Hash::try_from(h).ok())
 }
 
+/// Every `--vkey`, parsed; the error names the one that is not a vkey.
+fn parse_vkeys(vkeys: &[String]) -> anyhow::Result<Vec<NoteVerifier>> {
+    vkeys.iter().enumerate().map(|(i, v)| NoteVerifier::parse(v).with_context(|| format!("--vkey number {} is not a verifier key", i + 1))).collect()
+}
+
 fn read_text(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
     match command {
-        VerifyCommand::Receipt { vkey, receipt, entry } => {
-            let verifier = NoteVerifier::parse(&vkey)?;
+        VerifyCommand::Receipt { vkeys, receipt, entry } => {
+            let verifiers = parse_vkeys(&vkeys)?;
             let receipt = Receipt::parse(&read_text(&receipt)?)?;
             let entry = std::fs::read(&entry).with_context(|| format!("reading {}", entry.display()))?;
-            let checkpoint = receipt.verify(&entry, &[verifier], None).context("receipt is not valid")?;
+            let checkpoint = receipt.verify(&entry, &verifiers, None).context("receipt is not valid")?;
             println!("valid: entry {} is in {} at tree size {}", receipt.index, checkpoint.origin, checkpoint.size);
         }
-        VerifyCommand::Consistency { vkey, old, new, proof } => {
-            let verifier = NoteVerifier::parse(&vkey)?;
-            let old = Checkpoint::open(&read_text(&old)?, std::slice::from_ref(&verifier), None).context("old checkpoint")?;
-            let new = Checkpoint::open(&read_text(&new)?, &[verifier], Some(&old.origin)).context("new checkpoint")?;
+        VerifyCommand::Consistency { vkeys, old, new, proof } => {
+            // Across a key rotation the old checkpoint is signed by the old key, the new one by
+            // the new key: each must be signed by one of the keys given.
+            let verifiers = parse_vkeys(&vkeys)?;
+            let old = Checkpoint::open(&read_text(&old)?, &verifiers, None).context("old checkpoint")?;
+            let new = Checkpoint::open(&read_text(&new)?, &verifiers, Some(&old.origin)).context("new checkpoint")?;
             let proof: Vec<Hash> = read_text(&proof)?
                 .lines()
                 .filter(|l| !l.is_empty())
@@ -133,11 +153,11 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
             verify_consistency(old.size, new.size, &old.root, &new.root, &proof).context("consistency proof is not valid")?;
             println!("valid: {} at size {} extends size {}", new.origin, new.size, old.size);
         }
-        VerifyCommand::Statement { vkey, tiles, export, seq } => {
-            let verifier = NoteVerifier::parse(&vkey)?;
+        VerifyCommand::Statement { vkeys, tiles, export, seq } => {
+            let verifiers = parse_vkeys(&vkeys)?;
             let verified = match (tiles, export) {
-                (Some(tiles), _) => statement_in_tiles(&verifier, &tiles, seq)?,
-                (None, Some(export)) => statement_in_export(&verifier, &export, seq)?,
+                (Some(tiles), _) => statement_in_tiles(&verifiers, &tiles, seq)?,
+                (None, Some(export)) => statement_in_export(&verifiers, &export, seq)?,
                 (None, None) => bail!("give --tiles or --export"),
             };
             println!("{}", describe_statement(&verified, seq));
@@ -148,7 +168,7 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
 
 /// Checks the statement at `seq` against the tiles in `dir` (docs/billing.md, "Verifying a
 /// statement"), reading the entry bundles as the check asks for them. Returns the summary line.
-fn statement_in_tiles(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::Result<tally_ledger::budget::VerifiedStatement> {
+fn statement_in_tiles(verifiers: &[NoteVerifier], dir: &Path, seq: u64) -> anyhow::Result<tally_ledger::budget::VerifiedStatement> {
     use tally_ledger::TilePath;
     let note = read_text(&dir.join("checkpoint"))?;
     // A bundle holds at most 256 entries of at most 64 KiB, each with its 2-byte length: a
@@ -165,11 +185,11 @@ fn statement_in_tiles(verifier: &NoteVerifier, dir: &Path, seq: u64) -> anyhow::
         }
         Ok(bytes)
     };
-    tally_ledger::budget::verify_statement(verifier, &note, &mut bundle, seq).context("statement is not valid")
+    tally_ledger::budget::verify_statement(verifiers, &note, &mut bundle, seq).context("statement is not valid")
 }
 
 /// Verifies the statement at `seq` from an audit export saved as JSON.
-fn statement_in_export(verifier: &NoteVerifier, path: &Path, seq: u64) -> anyhow::Result<tally_ledger::budget::VerifiedStatement> {
+fn statement_in_export(verifiers: &[NoteVerifier], path: &Path, seq: u64) -> anyhow::Result<tally_ledger::budget::VerifiedStatement> {
     let export: tally_query::reports::AuditExport =
         serde_json::from_str(&read_text(path)?).with_context(|| format!("{} is not an audit export", path.display()))?;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -185,7 +205,7 @@ fn statement_in_export(verifier: &NoteVerifier, path: &Path, seq: u64) -> anyhow
         .enumerate()
         .map(|(i, h)| base64_hash(h).with_context(|| format!("range_proof[{i}] is not a base64 32-byte hash")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    tally_ledger::budget::verify_statement_in_export(verifier, &export.checkpoint, export.from_seq, &entries, &proof, seq).context("statement is not valid")
+    tally_ledger::budget::verify_statement_in_export(verifiers, &export.checkpoint, export.from_seq, &entries, &proof, seq).context("statement is not valid")
 }
 
 /// What `tally verify statement` prints for a valid statement.

@@ -126,6 +126,37 @@ fn key_rotation_both_keys_sign_then_the_new_one_alone() {
     let new_only = ok(&tally(&["log", "checkpoint", "--data", &p("d"), "--key", &p("new.key"), "--tenant", "acme"]));
     assert_eq!(new_only.matches('\u{2014}').count(), 1, "{new_only}");
     assert_eq!(new_only.split("\n\n").next(), both.split("\n\n").next(), "the same tree, the same checkpoint body");
+
+    // Across the rotation: a checkpoint signed by the old key alone, a later one by the new key
+    // alone. The consistency proof verifies with both vkeys given, not with either one.
+    let old_only = ok(&tally(&["log", "checkpoint", "--data", &p("d"), "--key", &p("old.key"), "--tenant", "acme"]));
+    std::fs::write(p("old.cp"), &old_only).unwrap();
+    events(&dir.path().join("b.jsonl"), 30, 45);
+    ok(&tally(&["log", "import", "--data", &p("d"), "--key", &p("new.key"), &p("b.jsonl")]));
+    std::fs::write(p("new.cp"), ok(&tally(&["log", "checkpoint", "--data", &p("d"), "--key", &p("new.key"), "--tenant", "acme"]))).unwrap();
+    std::fs::write(
+        p("proof"),
+        ok(&tally(&["log", "consistency", "--data", &p("d"), "--key", &p("new.key"), "--tenant", "acme", "--old", "10", "--new", "15"])),
+    )
+    .unwrap();
+    let new_vkey = ok(&tally(&["vkey", "--key", &p("new.key"), "--tenant", "acme"])).trim().to_string();
+    let consistency = |vkeys: &[&str]| {
+        let mut args = vec!["verify", "consistency"];
+        for v in vkeys {
+            args.extend(["--vkey", v]);
+        }
+        let (old, new, proof) = (p("old.cp"), p("new.cp"), p("proof"));
+        args.extend(["--old", &old, "--new", &new, "--proof", &proof]);
+        tally(&args)
+    };
+    let out = ok(&consistency(&[&old_vkey, &new_vkey]));
+    assert!(out.contains("at size 15 extends size 10"), "{out}");
+    for one in [&old_vkey, &new_vkey] {
+        let out = consistency(&[one]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let bad = consistency(&[&old_vkey, "not a vkey"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--vkey number 2 is not a verifier key"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
 
 #[test]

@@ -164,17 +164,17 @@ pub struct VerifiedStatement {
 
 /// Verifies the statement at `seq` offline from a signed checkpoint note and the log's entry
 /// bundles (`bundle(index, width)` returns the bytes of `tile/entries/<index>[.p/<width>]`): the
-/// checkpoint's signature by `verifier`; every entry up to its size, whose tree must have its
+/// checkpoint's signature by one of `verifiers`; every entry up to its size, whose tree must have its
 /// root (so a changed byte anywhere in the evidence fails); the statement record, which must
 /// cover exactly the entries below it; and its totals and seq range, recomputed from the
 /// entries ([`StatementCheck`]). Streams the bundles: bounded memory for any log size.
 pub fn verify_statement(
-    verifier: &NoteVerifier,
+    verifiers: &[NoteVerifier],
     checkpoint_note: &str,
     bundle: &mut dyn FnMut(u64, u64) -> Result<Vec<u8>, String>,
     seq: u64,
 ) -> Result<VerifiedStatement, Mismatch> {
-    let checkpoint = checkpoint_covering(verifier, checkpoint_note, seq)?;
+    let checkpoint = checkpoint_covering(verifiers, checkpoint_note, seq)?;
     let size = checkpoint.size;
     let mut entries = |index: u64| -> Result<Vec<Vec<u8>>, Mismatch> {
         let width = available_width(0, index, size);
@@ -206,20 +206,20 @@ pub fn verify_statement(
 }
 
 /// Verifies the statement at `seq` offline from an audit export of the tenant's log (`GET
-/// /v1/tenants/{t}/export`): its signed checkpoint (by `verifier`); its entries, which must start
+/// /v1/tenants/{t}/export`): its signed checkpoint (by one of `verifiers`); its entries, which must start
 /// at seq 0 and reach the statement, and with its range proof rebuild the checkpoint's root; then
 /// the statement's totals and seq range, recomputed from those entries. Records after the
 /// export's last seq are not seen: an export up to the checkpoint's size also shows that none of
 /// them is charged in the closed period.
 pub fn verify_statement_in_export(
-    verifier: &NoteVerifier,
+    verifiers: &[NoteVerifier],
     checkpoint_note: &str,
     from_seq: u64,
     entries: &[Vec<u8>],
     range_proof: &[Hash],
     seq: u64,
 ) -> Result<VerifiedStatement, Mismatch> {
-    let checkpoint = checkpoint_covering(verifier, checkpoint_note, seq)?;
+    let checkpoint = checkpoint_covering(verifiers, checkpoint_note, seq)?;
     let size = checkpoint.size;
     let to = from_seq.saturating_add(entries.len() as u64).saturating_sub(1);
     if from_seq != 0 || entries.len() as u64 <= seq {
@@ -238,9 +238,9 @@ pub fn verify_statement_in_export(
     Ok(VerifiedStatement { statement, origin: checkpoint.origin, tree_size: size, checked: entries.len() as u64 })
 }
 
-/// The checkpoint `note`, signed by `verifier`, of a tree that holds entry `seq`.
-fn checkpoint_covering(verifier: &NoteVerifier, note: &str, seq: u64) -> Result<Checkpoint, Mismatch> {
-    let checkpoint = Checkpoint::open(note, std::slice::from_ref(verifier), None).map_err(|e| Mismatch::Checkpoint(e.to_string()))?;
+/// The checkpoint `note`, signed by one of `verifiers`, of a tree that holds entry `seq`.
+fn checkpoint_covering(verifiers: &[NoteVerifier], note: &str, seq: u64) -> Result<Checkpoint, Mismatch> {
+    let checkpoint = Checkpoint::open(note, verifiers, None).map_err(|e| Mismatch::Checkpoint(e.to_string()))?;
     if seq >= checkpoint.size {
         return Err(Mismatch::BeyondCheckpoint { seq, size: checkpoint.size });
     }

@@ -882,13 +882,13 @@ fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
     use tally_log::TenantEntries as _;
     let SignedStatement { log, seq, _dir, verifier, ledger, note } = signed_statement();
     let bundle = ledger.tenant("acme").entry_bundle(0, log.seq() as u16).unwrap();
-    let run = |note: &str, bundle: &[u8]| verify_statement(&verifier, note, &mut |_, _| Ok(bundle.to_vec()), seq);
+    let run = |note: &str, bundle: &[u8]| verify_statement(std::slice::from_ref(&verifier), note, &mut |_, _| Ok(bundle.to_vec()), seq);
 
     let ok = run(&note, &bundle).unwrap();
     assert_eq!((ok.tree_size, ok.origin.as_str()), (log.seq(), "tally.example.com/t/acme"));
     assert_eq!(ok.statement.totals.iter().map(|t| t.micros).sum::<i64>(), 7 + 250 + 20);
     assert!(matches!(run(&note, &bundle[..bundle.len() - 1]), Err(Mismatch::Bundle { .. })));
-    assert!(matches!(verify_statement(&verifier, &note, &mut |_, _| Ok(bundle.clone()), 1), Err(Mismatch::NotAStatement(1))));
+    assert!(matches!(verify_statement(std::slice::from_ref(&verifier), &note, &mut |_, _| Ok(bundle.clone()), 1), Err(Mismatch::NotAStatement(1))));
     // A source that answers with other bytes the second time (the hashed pass) proves nothing.
     let mut forged = bundle.clone();
     let at = forged.len() - 1;
@@ -898,7 +898,7 @@ fn a_statement_verifies_offline_and_fails_after_any_byte_changes() {
         reads += 1;
         Ok(if reads == 1 { bundle.clone() } else { forged.clone() })
     };
-    assert!(verify_statement(&verifier, &note, &mut two_faced, seq).is_err());
+    assert!(verify_statement(std::slice::from_ref(&verifier), &note, &mut two_faced, seq).is_err());
     for i in 0..bundle.len() {
         let mut changed = bundle.clone();
         changed[i] ^= 0x01;
@@ -923,7 +923,7 @@ fn a_statement_verifies_from_an_audit_export() {
     let size = log.seq();
     let entries = &log.entries[..=seq as usize];
     let proof: Vec<Hash> = range_proof(&ledger.tenant("acme"), 0, seq + 1, size).unwrap();
-    let run = |from: u64, entries: &[Vec<u8>], proof: &[Hash]| verify_statement_in_export(&verifier, &note, from, entries, proof, seq);
+    let run = |from: u64, entries: &[Vec<u8>], proof: &[Hash]| verify_statement_in_export(std::slice::from_ref(&verifier), &note, from, entries, proof, seq);
 
     let ok = run(0, entries, &proof).unwrap();
     assert_eq!((ok.tree_size, ok.statement.totals.iter().map(|t| t.micros).sum::<i64>()), (size, 7 + 250 + 20));

@@ -81,6 +81,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        // Public keys, for anyone who verifies: the same for every tenant id, existing or not.
+        .route("/t/{tenant}/vkey", get(vkeys))
         .merge(per_tenant)
         .merge(budget_reads)
         .merge(statements)
@@ -270,6 +272,21 @@ fn with_partition<T>(shared: &Shared, tenant: &str, f: impl FnOnce(&mut super::P
 
 fn text(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// The verifier keys of `tenant`'s checkpoints, one line per signing key this instance holds
+/// (several during a key rotation), in the order of `keys`. Open to anyone: a vkey is public,
+/// and it is derived from the tenant id alone, so it says nothing of whether the tenant exists.
+async fn vkeys(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>) -> ApiResult {
+    if tally_schemas::validate_tenant_id(&tenant).is_err() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "not a valid tenant id"));
+    }
+    let mut body = String::new();
+    for key in &shared.keys {
+        body.push_str(&key.signer_for(&tenant)?.verifier().to_string());
+        body.push('\n');
+    }
+    Ok(([(header::CACHE_CONTROL, "public, max-age=300")], text(body)).into_response())
 }
 
 async fn checkpoint(State(shared): State<Arc<Shared>>, ApiPath(tenant): ApiPath<String>) -> ApiResult {
@@ -1519,7 +1536,7 @@ mod tests {
     }
 
     /// Every route of the API (`{t}` for the tenant) and who may call it (docs/http-api.md).
-    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 16] {
+    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 17] {
         use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
         // Scoped to a task nobody runs, so the walk's later authorizes are not denied by it.
         let freeze = r#"{"reason":"matrix walk","scope":{"task_id":"walk"}}"#;
@@ -1542,6 +1559,7 @@ mod tests {
             ("GET", "/healthz", None, /*                                      */ [A, A, A, A, A, A, A, A, A, A, A]),
             ("GET", "/readyz", None, /*                                       */ [A, A, A, A, A, A, A, A, A, A, A]),
             ("GET", "/openapi.json", None, /*                                 */ [A, A, A, A, A, A, A, A, A, A, A]),
+            ("GET", "/t/{t}/vkey", None, /*                                   */ [A, A, A, A, A, A, A, A, A, A, A]),
         ]
     }
 
@@ -1662,6 +1680,25 @@ mod tests {
         let (status, json) = send(&f.app, "GET", "/v1/tenants/acme/budget", Some(&f.admin), None).await;
         assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("rebalancing")), "{json}");
         assert_eq!(super::super::lock(&owned).committed_size("acme"), size, "nothing was appended");
+    }
+
+    #[tokio::test]
+    async fn anyone_gets_a_tenants_vkeys_and_they_verify_its_checkpoint() {
+        let f = fixture();
+        let (status, vkeys, _) = call(&f.app, "/t/acme/vkey", None).await;
+        assert_eq!(status, StatusCode::OK, "{vkeys}");
+        let verifiers: Vec<tally_log::NoteVerifier> = vkeys.lines().map(|l| tally_log::NoteVerifier::parse(l).unwrap()).collect();
+        assert_eq!(verifiers.len(), f.shared.keys.len());
+        let (_, note, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.admin)).await;
+        let checkpoint = tally_log::Checkpoint::open(&note, &verifiers, None).unwrap();
+        assert_eq!(checkpoint.origin, "tally.example.com/t/acme");
+        // Another tenant's vkey does not verify acme's checkpoint; a tenant that does not exist
+        // gets its vkey all the same (nothing to learn from the answer).
+        let (status, other, _) = call(&f.app, "/t/nobody-here/vkey", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let other: Vec<tally_log::NoteVerifier> = other.lines().map(|l| tally_log::NoteVerifier::parse(l).unwrap()).collect();
+        assert!(tally_log::Checkpoint::open(&note, &other, None).is_err());
+        assert_eq!(call(&f.app, "/t/..%2Fetc/vkey", None).await.0, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
