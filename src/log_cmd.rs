@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use tally_ledger::merkle::{verify_consistency, Hash};
-use tally_ledger::{event_record, tenant_origin, Checkpoint, EventInput, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantEntries};
+use tally_ledger::{tenant_origin, Checkpoint, EventInput, Ledger, LedgerKey, NoteVerifier, Receipt, Source, TenantEntries};
 use tally_schemas::{Event, IdempotencyKey, RejectCode, Rejection, MAX_MESSAGE_BYTES};
 
 #[derive(clap::Args)]
@@ -82,6 +82,10 @@ pub enum VerifyCommand {
         receipt: PathBuf,
         #[arg(long)]
         entry: PathBuf,
+        /// The record's personal values, as `GET /v1/tenants/{tenant}/records/{seq}/personal`
+        /// answers them: each value is checked against its commitment in the entry.
+        #[arg(long)]
+        personal: Option<PathBuf>,
     },
     /// Check that a newer checkpoint extends an older one (proof: base64 hashes, one per line).
     Consistency {
@@ -131,12 +135,15 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
 
 pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
     match command {
-        VerifyCommand::Receipt { vkeys, receipt, entry } => {
+        VerifyCommand::Receipt { vkeys, receipt, entry, personal } => {
             let verifiers = parse_vkeys(&vkeys)?;
             let receipt = Receipt::parse(&read_text(&receipt)?)?;
             let entry = std::fs::read(&entry).with_context(|| format!("reading {}", entry.display()))?;
             let checkpoint = receipt.verify(&entry, &verifiers, None).context("receipt is not valid")?;
             println!("valid: entry {} is in {} at tree size {}", receipt.index, checkpoint.origin, checkpoint.size);
+            if let Some(path) = personal {
+                println!("{}", personal_values(receipt.index, &entry, &path)?);
+            }
         }
         VerifyCommand::Consistency { vkeys, old, new, proof } => {
             // Across a key rotation the old checkpoint is signed by the old key, the new one by
@@ -186,6 +193,37 @@ fn statement_in_tiles(verifiers: &[NoteVerifier], dir: &Path, seq: u64) -> anyho
         Ok(bytes)
     };
     tally_ledger::budget::verify_statement(verifiers, &note, &mut bundle, seq).context("statement is not valid")
+}
+
+/// Checks a record's personal values (the ledger's `…/records/{seq}/personal` answer, saved as
+/// JSON) against the commitments in its verified entry; says which fields hold a verified value
+/// and which were erased.
+fn personal_values(seq: u64, entry: &[u8], path: &Path) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Given {
+        seq: u64,
+        #[serde(default)]
+        erased: bool,
+        fields: BTreeMap<String, tally_log::Opening>,
+    }
+    let given: Given = serde_json::from_str(&read_text(path)?).with_context(|| format!("{} is not a record's personal values", path.display()))?;
+    if given.seq != seq {
+        bail!("the personal values are seq {}'s, the receipt is for seq {seq}", given.seq);
+    }
+    let tally_log::Record::Event(record) = tally_log::Record::<serde::de::IgnoredAny>::decode(seq, entry)? else {
+        bail!("entry {seq} is not an event record: it has no personal fields");
+    };
+    record.check_openings(&given.fields).context("personal values are not valid")?;
+    // A record's fields are sealed, and erased, together: all of them, or none and `erased`.
+    // Anything else withholds values.
+    let fields: Vec<&str> = record.personal.keys().map(String::as_str).collect();
+    match (given.erased, given.fields.len()) {
+        (true, 0) if !fields.is_empty() => Ok(format!("personal values: 0 verified, erased: {}", fields.join(", "))),
+        (false, n) if n == fields.len() => Ok(format!("personal values: all {n} verified against their commitments")),
+        (true, _) => bail!("personal values are not valid: marked erased, yet they hold values (or the record has no personal fields)"),
+        (false, n) => bail!("personal values are not valid: {n} of the {} fields the record commits to are given, and it is not marked erased", fields.len()),
+    }
 }
 
 /// Verifies the statement at `seq` from an audit export saved as JSON.
@@ -384,7 +422,7 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
     let (mut rejected, mut conflicts, mut duplicates) = (0u64, 0u64, 0u64);
     let mut added: BTreeMap<String, u64> = BTreeMap::new();
     // Per tenant: every recorded idempotency key, with the seq and content digest of its event.
-    let mut recorded: HashMap<String, HashMap<IdempotencyKey, (u64, [u8; 32])>> = HashMap::new();
+    let mut recorded: HashMap<String, HashMap<IdempotencyKey, (u64, [u8; 16])>> = HashMap::new();
     let mut buf = Vec::new();
     let mut line_no = 0u64;
     loop {
@@ -423,7 +461,7 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
         }
         let seen = recorded.entry(tenant.clone()).or_default();
         let key = IdempotencyKey { source: None, id: event.event_id.clone() };
-        let content = content_digest(&event)?;
+        let content = ledger.content_digest(&event)?;
         if let Some(&(first_seq, first)) = seen.get(&key) {
             if first == content {
                 duplicates += 1;
@@ -437,12 +475,12 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
             continue;
         }
         let digest: [u8; 32] = sha2_digest(&buf);
-        let seq = ledger.next_seq(&tenant);
         let source = Source::File { file: name.clone(), line: line_no };
         // An import has no budgets: an event's own cost is its charge, in its UTC month.
         let charge = tally_ledger::budget::rate(&event, None, &tally_ledger::budget::Calendar::utc_months(), None);
-        let record = match event_record(seq, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, charge.as_ref()) {
-            Ok(r) => r,
+        // Personal fields are committed to and sealed, as the ledger service records them.
+        let seq = match ledger.append_event(EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, charge.as_ref(), None) {
+            Ok(seq) => seq,
             Err(e @ tally_log::Error::EntryTooLarge(_)) => {
                 reject(Rejection::new(RejectCode::TooLarge, e.to_string()));
                 rejected += 1;
@@ -450,7 +488,6 @@ fn import(args: &LedgerArgs, input: &Path) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        ledger.append(&tenant, &record)?;
         seen.insert(key, (seq, content));
         *added.entry(tenant).or_default() += 1;
     }
@@ -538,36 +575,22 @@ fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> std::i
     Ok(Line::Read)
 }
 
-/// The idempotency keys of the events a tenant's log holds, each with its first seq and content.
-fn recorded_events(ledger: &Ledger, tenant: &str) -> anyhow::Result<HashMap<IdempotencyKey, (u64, [u8; 32])>> {
+/// The idempotency keys of the events a tenant's log holds, each with its first seq and content
+/// (as [`Ledger::content_digest`] gives it: personal fields are compared through their key).
+fn recorded_events(ledger: &Ledger, tenant: &str) -> anyhow::Result<HashMap<IdempotencyKey, (u64, [u8; 16])>> {
     let log = ledger.tenant(tenant);
-    #[derive(serde::Deserialize)]
-    struct Stored {
-        #[serde(rename = "type")]
-        record_type: String,
-        #[serde(default)]
-        event: Option<serde_json::Value>,
-        #[serde(default)]
-        ce_source: Option<String>,
-    }
     let mut keys = HashMap::new();
     for seq in 0..log.size() {
         let entry = log.entry(seq)?;
-        let stored: Stored = serde_json::from_slice(&entry).with_context(|| format!("entry {seq} is not a ledger record"))?;
         // Budget and conflict records are not events of their own.
-        if let (Some(event), "event") = (stored.event, stored.record_type.as_str()) {
-            let event: Event = serde_json::from_value(event).with_context(|| format!("entry {seq} does not hold a valid event"))?;
-            let content = content_digest(&event)?;
-            keys.entry(IdempotencyKey { source: stored.ce_source, id: event.event_id }).or_insert((seq, content));
+        if let tally_log::Record::Event(r) = tally_log::Record::<serde::de::IgnoredAny>::decode(seq, &entry)? {
+            if !r.is_conflict() {
+                let content = ledger.recorded_content_digest(tenant, seq, &r)?;
+                keys.entry(IdempotencyKey { source: r.ce_source, id: r.event.event_id }).or_insert((seq, content));
+            }
         }
     }
     Ok(keys)
-}
-
-/// What "the same event" means: equal as validated events (as the ledger service compares them),
-/// whatever the whitespace or member order of the lines they came from.
-fn content_digest(event: &Event) -> anyhow::Result<[u8; 32]> {
-    Ok(sha2_digest(&serde_json::to_vec(event)?))
 }
 
 fn sha2_digest(bytes: &[u8]) -> [u8; 32] {

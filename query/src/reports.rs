@@ -674,13 +674,23 @@ pub struct AuditExport {
     /// (RFC 9162 leaf hash) and checks them against the rows.
     pub entries: Vec<String>,
     pub rows: serde_json::Value,
+    /// The personal values of the range's records that still have them, by seq: each field's
+    /// value and salt, which open the commitment in the entry's `personal` member
+    /// (docs/privacy.md). A record that commits to fields absent here had them erased; its row
+    /// shows `"erased"`.
+    #[serde(default)]
+    pub personal: BTreeMap<u64, BTreeMap<String, tally_log::Opening>>,
 }
 
 /// The journal holding `tenant`'s log under the ledger's `data_dir`, opened read-only: what the
 /// ledger had committed when it was opened (see [`tally_log::PartitionLog::open_read_only`]).
-fn open_partition_log(data_dir: &Path, tenant: &str) -> Result<tally_log::PartitionLog> {
+///
+/// With it, the partition's subject keys, read-only: the export reveals personal values as the
+/// projection does, to check the rows against the entries.
+fn open_partition_log(data_dir: &Path, tenant: &str) -> Result<(tally_log::PartitionLog, tally_log::SubjectKeys)> {
     let dir = tally_log::find_tenant_ledger(data_dir, tenant).ok_or_else(|| Error::Internal(format!("no log of {tenant} under the data directory")))?;
-    Ok(tally_log::PartitionLog::open_read_only(&dir.join(tally_log::JOURNAL_DIR))?)
+    let log = tally_log::PartitionLog::open_read_only(&dir.join(tally_log::JOURNAL_DIR))?;
+    Ok((log, tally_log::SubjectKeys::open_read_only(&dir.join(tally_log::SUBJECT_KEYS_DIR))))
 }
 
 /// Builds the export of seqs `[from, to]` (defaults: the whole projected log), cut after the
@@ -722,19 +732,23 @@ pub async fn audit_export(
     // The entries first: they decide how much of the range fits. The journal is opened once
     // (reading every segment index's header) and kept for the proof below.
     let (log_dir, tenant_owned) = (data_dir.to_path_buf(), tenant.to_string());
-    let (entries, partition) = tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u8>>, tally_log::PartitionLog)> {
-        let partition = open_partition_log(&log_dir, &tenant_owned)?;
-        let log = partition.view(&tenant_owned);
-        let (mut entries, mut bytes) = (Vec::new(), 0usize);
+    type Read = (Vec<Vec<u8>>, Vec<Option<tally_log::Revealed>>, tally_log::PartitionLog);
+    let (entries, revealed, partition) = tokio::task::spawn_blocking(move || -> Result<Read> {
+        let (partition, mut keys) = open_partition_log(&log_dir, &tenant_owned)?;
+        let (mut entries, mut revealed, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         for seq in from..=to {
             if bytes >= max_bytes {
                 break;
             }
-            let entry = log.entry(seq)?;
+            let (entry, sealed) = partition.entry_and_sealed(&tenant_owned, seq)?;
             bytes += entry.len();
             entries.push(entry);
+            revealed.push(match sealed {
+                Some(sealed) => Some(keys.reveal(&tenant_owned, seq, &sealed)?),
+                None => None,
+            });
         }
-        Ok((entries, partition))
+        Ok((entries, revealed, partition))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
@@ -765,13 +779,13 @@ pub async fn audit_export(
     let rows = crate::encode::json_rows(&batches)?;
     drop(batches);
     let tenant_owned = tenant.to_string();
-    let (rows, entries, missing, mismatched, proof, leaves) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let (rows, entries, missing, mismatched, proof, leaves, personal) = tokio::task::spawn_blocking(move || -> Result<_> {
         let log = partition.view(&tenant_owned);
         if log.size() < tree_size {
             return Err(Error::Internal(format!("the log holds {} records, fewer than its checkpoint's {tree_size}", log.size())));
         }
         // What the rows must be: derived from the log's own entries, field by field.
-        let expected = crate::encode::json_rows(&[tally_projection::expected_rows(from, &entries)?])?;
+        let expected = crate::encode::json_rows(&[tally_projection::expected_rows(from, &entries, &revealed)?])?;
         let mut by_seq: BTreeMap<u64, Vec<&serde_json::Value>> = BTreeMap::new();
         for row in rows.as_array().into_iter().flatten() {
             if let Some(seq) = row["seq"].as_u64() {
@@ -790,7 +804,15 @@ pub async fn audit_export(
         drop(by_seq);
         let proof = merkle::range_proof(&log, from, to + 1, tree_size)?;
         let leaves: Vec<Hash> = found.iter().map(|(_, h)| *h).collect();
-        Ok((rows, entries, missing, mismatched, proof, leaves))
+        let personal = revealed
+            .into_iter()
+            .zip(from..)
+            .filter_map(|(r, seq)| match r {
+                Some(tally_log::Revealed::Open(fields)) => Some((seq, fields)),
+                _ => None,
+            })
+            .collect();
+        Ok((rows, entries, missing, mismatched, proof, leaves, personal))
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))??;
@@ -811,6 +833,7 @@ pub async fn audit_export(
         range_proof: proof.iter().map(|h| b64.encode(h)).collect(),
         entries: entries.iter().map(|e| b64.encode(e)).collect(),
         rows,
+        personal,
     })
 }
 

@@ -16,8 +16,14 @@ use sha2::{Digest, Sha256};
 use crate::error::{RejectCode, Rejection};
 use crate::event::{truncate, type_name, Event};
 
-/// Largest accepted message value, in bytes (60 KiB).
+/// Largest accepted message value, in bytes (60 KiB), personal fields counted as
+/// [`PERSONAL_FIELD_BYTES`] more each.
 pub const MAX_MESSAGE_BYTES: usize = 60 * 1024;
+
+/// What each personal field (`actor_id`, each attribute) adds to a message's size for
+/// [`MAX_MESSAGE_BYTES`]: its record holds a commitment (64 hex digits) under a longer name
+/// instead of the value, so a message at the limit still makes a record that fits an entry.
+pub const PERSONAL_FIELD_BYTES: usize = 80;
 
 /// How the event arrived on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +117,19 @@ pub fn decode_message(key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])
         return Err(Rejection::new(
             RejectCode::TenantMismatch,
             format!("message key {:?} differs from tenant_id {:?}", truncate(&String::from_utf8_lossy(key)), event.tenant_id),
+        ));
+    }
+    // The ledger records personal fields as commitments (docs/privacy.md), longer than short
+    // values: the message must leave room for them, so that its record always fits an entry.
+    let personal = event.attributes.len() + usize::from(event.actor_id.is_some());
+    let with_commitments = value.len() + PERSONAL_FIELD_BYTES * personal;
+    if with_commitments > MAX_MESSAGE_BYTES {
+        return Err(Rejection::new(
+            RejectCode::TooLarge,
+            format!(
+                "value is {} bytes and has {personal} personal fields (actor_id, attributes), which count {PERSONAL_FIELD_BYTES} bytes each: {with_commitments} bytes; at most {MAX_MESSAGE_BYTES} are accepted",
+                value.len()
+            ),
         ));
     }
     Ok(Decoded { event, format, key: idem, payload_sha256: Sha256::digest(value).into() })
@@ -269,11 +288,14 @@ mod tests {
         let base = serde_json::to_vec(&v).unwrap().len();
         v["attributes"] = json!({"pad": ""});
         let overhead = serde_json::to_vec(&v).unwrap().len() - base;
-        v["attributes"]["pad"] = Value::String("x".repeat(MAX_MESSAGE_BYTES - base - overhead));
-        assert_eq!(serde_json::to_vec(&v).unwrap().len(), MAX_MESSAGE_BYTES);
+        // One personal field: the attribute.
+        v["attributes"]["pad"] = Value::String("x".repeat(MAX_MESSAGE_BYTES - base - overhead - PERSONAL_FIELD_BYTES));
+        assert_eq!(serde_json::to_vec(&v).unwrap().len(), MAX_MESSAGE_BYTES - PERSONAL_FIELD_BYTES);
         assert!(plain(Some(b"acme"), &v).is_ok());
-        v["attributes"]["pad"] = Value::String("x".repeat(MAX_MESSAGE_BYTES - base - overhead + 1));
-        assert_eq!(plain(Some(b"acme"), &v).unwrap_err().code, RejectCode::TooLarge);
+        v["attributes"]["pad"] = Value::String("x".repeat(MAX_MESSAGE_BYTES - base - overhead - PERSONAL_FIELD_BYTES + 1));
+        let refused = plain(Some(b"acme"), &v).unwrap_err();
+        assert_eq!(refused.code, RejectCode::TooLarge);
+        assert!(refused.detail.contains("1 personal fields"), "{}", refused.detail);
     }
 
     #[test]

@@ -19,11 +19,11 @@ mod json;
 mod partitioner;
 mod projection;
 
-pub use envelope::{decode_message, Decoded, IdempotencyKey, IngressFormat, MAX_MESSAGE_BYTES};
+pub use envelope::{decode_message, Decoded, IdempotencyKey, IngressFormat, MAX_MESSAGE_BYTES, PERSONAL_FIELD_BYTES};
 pub use error::{RejectCode, Rejection};
 pub use event::{
-    check_event_time, check_identifier, decimal_units, validate_tenant_id, Cost, Decision, Event, Usage, MAX_AMOUNT_MICROS, MAX_CLOCK_AHEAD_SECONDS,
-    MAX_ID_CHARS, MAX_TOKENS,
+    check_event_time, check_identifier, decimal_units, validate_tenant_id, Cost, Decision, Event, Usage, MAX_AMOUNT_MICROS, MAX_ATTRIBUTES,
+    MAX_CLOCK_AHEAD_SECONDS, MAX_ID_CHARS, MAX_TOKENS,
 };
 pub use partitioner::{murmur2, tenant_partition};
 pub use projection::{daily_rollup_schema, projection_schema, rollup_schema, ROLLUP_BUCKET_SECONDS};

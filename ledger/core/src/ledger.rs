@@ -16,24 +16,44 @@
 //! Layout: a directory in the pre-journal layout (`<dir>/t/<tenant>/`) is refused with
 //! [`Error::OldLayout`]; [`migrate`] converts it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::checkpoint::Checkpoint;
 use crate::entries::TenantEntries;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 use crate::partition_log::{PartitionLog, PendingCommit, TenantView};
+use crate::privacy::{Commitment, KeyRef, Revealed, SealedHeader, SubjectKeys};
 use crate::receipt::Receipt;
+use crate::record::{conflict_record, event_record, personal_event_record, split_personal, Erasure, EventInput, Record, PAYLOAD_FIELD};
+use crate::Charge;
 
 /// The journal's directory inside a ledger directory.
 pub const JOURNAL_DIR: &str = "journal";
 /// The pre-journal layout's directory of tenant logs.
 const OLD_TENANTS_DIR: &str = "t";
 
+/// An erasure to record ([`Ledger::erasure_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasurePlan {
+    pub erasure: Erasure,
+    /// Records of the subject written before personal fields were committed to: their values
+    /// are in clear in the log, and no key erases them.
+    pub unerasable: u64,
+}
+
+/// The subject key store's directory inside a ledger directory (docs/privacy.md).
+pub const SUBJECT_KEYS_DIR: &str = "subject-keys";
+
 pub struct Ledger {
     dir: PathBuf,
     keys: Vec<LedgerKey>,
     log: PartitionLog,
+    /// Behind a mutex so that `&self` readers can load shards; the ledger's owner serialises
+    /// writers anyway, so it is never contended for long.
+    subjects: Mutex<SubjectKeys>,
 }
 
 fn check_keys(keys: &[LedgerKey]) -> Result<()> {
@@ -42,6 +62,19 @@ fn check_keys(keys: &[LedgerKey]) -> Result<()> {
         return Err(Error::BadKey(format!("all signing keys must share one origin: {origin:?} and {:?}", other.origin())));
     }
     Ok(())
+}
+
+/// The first 16 bytes of SHA-256 of `event`'s normal form, then of `tag` when given.
+fn digest(event: &tally_schemas::Event, tag: Option<&[u8; 32]>) -> Result<[u8; 16]> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(event).map_err(|e| Error::BadRecord(e.to_string()))?);
+    if let Some(tag) = tag {
+        h.update(tag);
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    Ok(out)
 }
 
 /// Refuses a directory that still holds pre-journal tenant logs.
@@ -64,7 +97,8 @@ impl Ledger {
         check_keys(&keys)?;
         refuse_old_layout(dir)?;
         let log = PartitionLog::open(&dir.join(JOURNAL_DIR), segment_bytes)?;
-        Ok(Ledger { dir: dir.to_path_buf(), keys, log })
+        let subjects = Mutex::new(SubjectKeys::open(&dir.join(SUBJECT_KEYS_DIR))?);
+        Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects })
     }
 
     /// Opens a ledger another process may be writing, to read what it had committed (see
@@ -73,7 +107,8 @@ impl Ledger {
         check_keys(&keys)?;
         refuse_old_layout(dir)?;
         let log = PartitionLog::open_read_only(&dir.join(JOURNAL_DIR))?;
-        Ok(Ledger { dir: dir.to_path_buf(), keys, log })
+        let subjects = Mutex::new(SubjectKeys::open_read_only(&dir.join(SUBJECT_KEYS_DIR)));
+        Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects })
     }
 
     pub fn dir(&self) -> &Path {
@@ -83,6 +118,11 @@ impl Ledger {
     /// The log origin (tenant logs are `<origin>/t/<tenant>`).
     pub fn origin(&self) -> &str {
         self.keys[0].origin()
+    }
+
+    /// The keys it signs with (to open another view of the same directory).
+    pub fn signing_keys(&self) -> &[LedgerKey] {
+        &self.keys
     }
 
     /// The tenant's verifier keys, one per signing key.
@@ -117,16 +157,171 @@ impl Ledger {
         self.log.append(tenant_id, entry)
     }
 
+    /// Appends the `event` record of `input` (a `conflict` record with `conflicts_with`, the
+    /// seq of the first version) to its tenant's log, at the tenant's next seq. An event with
+    /// personal fields ([`split_personal`]) is recorded without them: the record commits to
+    /// each, `payload_sha256` included, under salts from its subject's key, and the values are
+    /// sealed under that key beside the entry (docs/privacy.md).
+    pub fn append_event(&mut self, input: EventInput<'_>, charge: Option<&Charge>, conflicts_with: Option<u64>) -> Result<u64> {
+        let tenant = input.event.tenant_id.as_str();
+        tally_schemas::validate_tenant_id(tenant).map_err(|r| Error::BadKey(r.detail))?;
+        let seq = self.log.next_seq(tenant);
+        let personal = split_personal(input.event);
+        if personal.values.is_empty() {
+            let entry = match conflicts_with {
+                Some(first) => conflict_record(seq, input, first)?,
+                None => event_record(seq, input, charge)?,
+            };
+            return self.log.append(tenant, &entry);
+        }
+        let mut values = personal.values;
+        values.insert(PAYLOAD_FIELD.to_string(), hex::encode(input.payload_sha256));
+        let key = self.subjects().key_for(tenant, &personal.subject)?;
+        let commitments: BTreeMap<String, String> =
+            values.iter().map(|(field, value)| (field.clone(), Commitment::of(&key.salt(tenant, seq, field), field, value).to_hex())).collect();
+        let sealed = key.seal(SubjectKeys::shard_of(tenant, &personal.subject), tenant, seq, &values)?;
+        let entry = personal_event_record(seq, EventInput { event: &personal.event, ..input }, &commitments, conflicts_with, charge)?;
+        self.log.append_sealed(tenant, &entry, Some(&sealed))
+    }
+
+    /// A digest of `event`'s content for deduplication (16 bytes): SHA-256 of its normal form
+    /// when it has no personal fields; with them, of the event without them and a tag of their
+    /// values only its subject's key computes ([`SubjectKey::content_tag`]), so no unsalted
+    /// digest of personal data is kept. Creates the subject's key if it has none.
+    pub fn content_digest(&self, event: &tally_schemas::Event) -> Result<[u8; 16]> {
+        let personal = split_personal(event);
+        if personal.values.is_empty() {
+            return digest(event, None);
+        }
+        let key = self.subjects().key_for(&event.tenant_id, &personal.subject)?;
+        digest(&personal.event, Some(&key.content_tag(&event.tenant_id, &personal.values)))
+    }
+
+    /// The content digest of `event` as records written before personal fields were committed
+    /// to were deduplicated by (SHA-256 of the whole normalised event): a retry of such an event
+    /// matches it. Kept in memory only, never stored for a new record.
+    pub fn plain_content_digest(event: &tally_schemas::Event) -> Result<[u8; 16]> {
+        digest(event, None)
+    }
+
+    /// [`Ledger::content_digest`] of the event committed as `record` (entry `seq` of `tenant`):
+    /// for a record with personal fields, from its sealed values; once they are erased, a digest
+    /// no input gives (a retry of an erased event is then kept as a `conflict`).
+    pub fn recorded_content_digest(&self, tenant: &str, seq: u64, record: &crate::EventRecord) -> Result<[u8; 16]> {
+        if record.personal.is_empty() {
+            return digest(&record.event, None);
+        }
+        let mut subjects = self.subjects();
+        let sealed = self.log.sealed(tenant, seq)?.ok_or_else(|| Error::BadRecord(format!("{tenant} entry {seq}: its personal values are missing")))?;
+        let Some(key) = subjects.key_of_sealed(tenant, &SealedHeader::parse(&sealed)?)? else { return digest(&record.event, Some(&[0; 32])) };
+        let mut values = key.open(tenant, seq, &sealed)?;
+        values.remove(PAYLOAD_FIELD);
+        digest(&record.event, Some(&key.content_tag(tenant, &values)))
+    }
+
+    /// The personal values of committed entry `seq` of `tenant` with their salts, or
+    /// [`Revealed::Erased`]; `None` for a record without any.
+    pub fn revealed(&self, tenant: &str, seq: u64) -> Result<Option<Revealed>> {
+        match self.log.sealed(tenant, seq)? {
+            None => Ok(None),
+            Some(sealed) => self.subjects().reveal(tenant, seq, &sealed).map(Some),
+        }
+    }
+
+    /// Committed entry `seq` of `tenant` with [`Ledger::revealed`], in one journal read.
+    pub fn entry_revealed(&self, tenant: &str, seq: u64) -> Result<(Vec<u8>, Option<Revealed>)> {
+        let (entry, sealed) = self.log.entry_and_sealed(tenant, seq)?;
+        let revealed = match sealed {
+            None => None,
+            Some(sealed) => Some(self.subjects().reveal(tenant, seq, &sealed)?),
+        };
+        Ok((entry, revealed))
+    }
+
+    /// What erasing the personal values of `tenant`'s records would take: the keys of
+    /// `subject` (or with `None`, of every subject: offboarding) and the committed records sealed
+    /// under them, as the `erasure` record names them. Changes nothing: the caller appends the
+    /// record, and once it is durable deletes the keys ([`Ledger::forget_keys`]), so that a crash
+    /// never leaves keys gone without the record that says so. `unerasable` counts the records of
+    /// the subject (or tenant) written before personal fields were committed to, which hold
+    /// them in clear: no key erases those.
+    ///
+    /// Reads every committed record of the tenant. Refused with [`Error::Uncommitted`] while
+    /// the tenant has appends not yet committed: they could be sealed under a key this names
+    /// without being named.
+    pub fn erasure_plan(&self, tenant: &str, subject: Option<&str>, at: jiff::Timestamp, by: &str) -> Result<ErasurePlan> {
+        let size = self.log.size(tenant);
+        if self.log.next_seq(tenant) != size {
+            return Err(Error::Uncommitted(tenant.to_string()));
+        }
+        let keys: Vec<KeyRef> = {
+            let mut subjects = self.subjects();
+            match subject {
+                Some(s) => subjects.key_ref(tenant, s)?.into_iter().collect(),
+                None => subjects.key_refs_of_tenant(tenant)?,
+            }
+        };
+        let ids: std::collections::HashSet<[u8; 16]> = keys.iter().map(|k| k.id).collect();
+        let (mut seqs, mut unerasable) = (Vec::new(), 0u64);
+        for seq in 0..size {
+            let (entry, sealed) = self.log.entry_and_sealed(tenant, seq)?;
+            match sealed {
+                Some(sealed) => {
+                    if ids.contains(&SealedHeader::parse(&sealed)?.key_id) {
+                        seqs.push(seq);
+                    }
+                }
+                None => {
+                    if let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(seq, &entry)? {
+                        let clear = split_personal(&r.event);
+                        if !clear.values.is_empty() && subject.is_none_or(|s| s == clear.subject) {
+                            unerasable += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let scope = if subject.is_some() { "subject" } else { "tenant" };
+        Ok(ErasurePlan { erasure: Erasure { at, by: by.to_string(), scope: scope.to_string(), keys, seqs }, unerasable })
+    }
+
+    /// Deletes `keys` of `tenant` from the subject key store, durably; how many were there. Run
+    /// once the `erasure` record naming them is durable; again at no harm.
+    pub fn forget_keys(&mut self, tenant: &str, keys: &[KeyRef]) -> Result<usize> {
+        let mut subjects = self.subjects();
+        let mut forgotten = 0;
+        for key in keys {
+            forgotten += usize::from(subjects.forget(tenant, *key)?);
+        }
+        subjects.persist()?;
+        Ok(forgotten)
+    }
+
+    /// The subject key store, for tests that need fixed keys
+    /// ([`SubjectKeys::derive_new_keys_for_tests`]).
+    pub fn subject_keys(&self) -> MutexGuard<'_, SubjectKeys> {
+        self.subjects()
+    }
+
+    fn subjects(&self) -> MutexGuard<'_, SubjectKeys> {
+        // A panic while holding it leaves at worst a key created but not persisted.
+        self.subjects.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Makes every append durable with one `fdatasync`, with the source's next offset (see
-    /// [`PartitionLog::commit`]). Returns the tenants whose size changed.
+    /// [`PartitionLog::commit`]). Returns the tenants whose size changed. Subject keys created
+    /// since the last commit are made durable first, before any record sealed under them.
     pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
+        self.subjects().persist()?;
         self.log.commit(next_offset)
     }
 
     /// [`Ledger::commit`] in two halves, so that the `fdatasync` between them
     /// ([`PendingCommit::sync`]) can run without the lock that guards the ledger: see
-    /// [`PartitionLog::write_commit`].
+    /// [`PartitionLog::write_commit`]. New subject keys are persisted here, under that lock:
+    /// only commits that bring a subject's first record pay for it.
     pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<PendingCommit> {
+        self.subjects().persist()?;
         self.log.write_commit(next_offset)
     }
 
@@ -320,6 +515,192 @@ fn remove_old(old: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Record;
+
+    /// Every file under `dir`, concatenated.
+    fn all_bytes(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in walk(dir) {
+            out.extend(std::fs::read(entry).unwrap());
+        }
+        out
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    fn personal_event(id: &str, actor: &str, email: &str) -> tally_schemas::Event {
+        let json = format!(
+            r#"{{"tenant_id":"acme","kind":"llm_call","event_id":"{id}","occurred_at":"2026-01-01T00:00:00Z","task_id":"t1","actor_id":"{actor}","attributes":{{"email":"{email}"}}}}"#
+        );
+        tally_schemas::Event::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn append(ledger: &mut Ledger, event: &tally_schemas::Event) -> u64 {
+        let source = crate::Source::File { file: "in.jsonl".into(), line: 1 };
+        let input = EventInput { event, ce_source: None, payload_sha256: &[9; 32], source: &source };
+        ledger.append_event(input, None, None).unwrap()
+    }
+
+    #[test]
+    fn personal_fields_are_committed_in_the_record_and_sealed_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
+        let ann = personal_event("e1", "user-ann", "ann@example.com");
+        assert_eq!(append(&mut ledger, &ann), 0);
+        ledger.commit(None).unwrap();
+        let entry = ledger.tenant("acme").entry(0).unwrap();
+        let text = String::from_utf8(entry.clone()).unwrap();
+        assert!(!text.contains("ann@example.com") && !text.contains("user-ann") && !text.contains(&"09".repeat(32)), "{text}");
+        assert!(text.contains(r#""task_id":"t1""#), "what budgets need stays in clear: {text}");
+        let Record::Event(record) = Record::<serde::de::IgnoredAny>::decode(0, &entry).unwrap() else { panic!("not an event") };
+        assert_eq!(record.personal.keys().collect::<Vec<_>>(), ["actor_id", "attributes.email", "payload_sha256"]);
+        assert!(record.payload_sha256.is_none());
+        drop(ledger);
+
+        // After a reopen: the values come back, with salts that open the commitments.
+        let ledger = Ledger::open(dir.path(), vec![key]).unwrap();
+        let Some(Revealed::Open(openings)) = ledger.revealed("acme", 0).unwrap() else { panic!("not revealed") };
+        record.check_openings(&openings).unwrap();
+        assert_eq!(openings["payload_sha256"].value, "09".repeat(32));
+        assert_eq!(record.revealed_event(ledger.revealed("acme", 0).unwrap().as_ref()), ann);
+        // A value that is not the committed one is refused, and so is a field never committed.
+        let mut wrong = openings.clone();
+        wrong.get_mut("attributes.email").unwrap().value = "bob@example.com".into();
+        assert!(record.check_openings(&wrong).unwrap_err().to_string().contains("does not match its commitment"));
+        let mut extra = openings.clone();
+        extra.insert("attributes.phone".into(), openings["attributes.email"].clone());
+        assert!(record.check_openings(&extra).unwrap_err().to_string().contains("commits to no field"));
+        // The dedup digest of the event survives the reopen, and differs for other values.
+        assert_eq!(ledger.content_digest(&ann).unwrap(), ledger.recorded_content_digest("acme", 0, &record).unwrap());
+        assert_ne!(ledger.content_digest(&ann).unwrap(), ledger.content_digest(&personal_event("e1", "user-ann", "ann@example.org")).unwrap());
+    }
+
+    #[test]
+    fn erasing_a_subject_leaves_no_value_in_the_directory_and_every_proof_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![key.clone()]).unwrap();
+        append(&mut ledger, &personal_event("e1", "user-ann", "ann@example.com"));
+        append(&mut ledger, &personal_event("e2", "user-bob", "bob@example.com"));
+        append(&mut ledger, &personal_event("e3", "user-ann", "ann2@example.com"));
+        ledger.commit(None).unwrap();
+        let (receipt, entry) = ledger.receipt("acme", 2).unwrap();
+        let root_before = ledger.checkpoint("acme").unwrap().0.root;
+        let bytes = all_bytes(dir.path());
+        assert!(!contains(&bytes, "ann@example.com"), "values are sealed, never in clear, even before erasure");
+
+        // Planning changes nothing.
+        let plan = ledger.erasure_plan("acme", Some("user-ann"), "2026-02-01T00:00:00Z".parse().unwrap(), "ops").unwrap();
+        assert_eq!((plan.erasure.keys.len(), plan.unerasable), (1, 0));
+        assert!(matches!(ledger.revealed("acme", 0).unwrap(), Some(Revealed::Open(_))));
+        let erased = erase(&mut ledger, Some("user-ann"));
+        assert_eq!(erased, plan.erasure);
+        assert_eq!(erased.seqs, [0, 2]);
+        assert_eq!(ledger.revealed("acme", 0).unwrap(), Some(Revealed::Erased));
+        assert!(matches!(ledger.revealed("acme", 1).unwrap(), Some(Revealed::Open(_))), "another subject keeps its values");
+        // Nothing derived from the erased key is left: no key, no subject id, no value.
+        let bytes = all_bytes(dir.path());
+        for gone in ["user-ann", "ann@example.com", "ann2@example.com"] {
+            assert!(!contains(&bytes, gone), "{gone} is still in the directory");
+        }
+        assert!(contains(&bytes, "user-bob"), "the scan can find what is there");
+        // The log is unchanged: the receipt issued before still verifies, the root is the same.
+        let vkey = key.signer_for("acme").unwrap().verifier();
+        receipt.verify(&entry, &[vkey], None).unwrap();
+        assert_eq!(ledger.tenant("acme").root_at(3).unwrap(), root_before, "the tree it was in is unchanged; the erasure record extends it");
+        let Record::Event(record) = Record::<serde::de::IgnoredAny>::decode(0, &entry_at(&ledger, 0)).unwrap() else { panic!() };
+        let shown = record.revealed_event(None);
+        assert_eq!((shown.actor_id.as_deref(), shown.attributes["email"].as_str()), (Some("erased"), "erased"));
+        // Erasing again finds nothing; erasing the tenant takes the rest; forgetting is idempotent.
+        assert!(erase(&mut ledger, Some("user-ann")).keys.is_empty());
+        let rest = erase(&mut ledger, None);
+        assert_eq!(rest.seqs, [1]);
+        assert!(!contains(&all_bytes(dir.path()), "user-bob"));
+        assert_eq!(ledger.forget_keys("acme", &rest.keys).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_largest_message_with_the_most_personal_fields_still_makes_a_record_that_fits() {
+        use tally_schemas::{decode_message, MAX_ATTRIBUTES, MAX_MESSAGE_BYTES, PERSONAL_FIELD_BYTES};
+        // Empty values under long keys: commitments add the most over the message.
+        let mut attributes = serde_json::Map::new();
+        let base = r#"{"tenant_id":"acme","kind":"llm_call","event_id":"e1","occurred_at":"2026-01-01T00:00:00Z","actor_id":"a","attributes":{}}"#.len();
+        let room = MAX_MESSAGE_BYTES - base - PERSONAL_FIELD_BYTES * (MAX_ATTRIBUTES + 1);
+        let key_len = room / MAX_ATTRIBUTES - 6;
+        for i in 0..MAX_ATTRIBUTES {
+            attributes.insert(format!("{i:02}{}", "k".repeat(key_len - 2)), serde_json::Value::String(String::new()));
+        }
+        let message = serde_json::json!({"tenant_id":"acme","kind":"llm_call","event_id":"e1","occurred_at":"2026-01-01T00:00:00Z","actor_id":"a","attributes":attributes});
+        let bytes = serde_json::to_vec(&message).unwrap();
+        assert!(
+            bytes.len() + PERSONAL_FIELD_BYTES * (MAX_ATTRIBUTES + 1) <= MAX_MESSAGE_BYTES && bytes.len() > MAX_MESSAGE_BYTES - 2 * PERSONAL_FIELD_BYTES * 65
+        );
+        let decoded = decode_message(Some(b"acme"), &bytes, &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
+        let source = crate::Source::Kafka { topic: "t".repeat(249), partition: 0, offset: i64::MAX, timestamp_ms: Some(i64::MAX) };
+        let input = EventInput { event: &decoded.event, ce_source: None, payload_sha256: &decoded.payload_sha256, source: &source };
+        ledger.append_event(input, None, None).unwrap();
+        ledger.append_event(input, None, Some(u64::MAX)).unwrap();
+    }
+
+    /// An erasure as the service runs it: the plan, its record made durable, then the keys.
+    fn erase(ledger: &mut Ledger, subject: Option<&str>) -> Erasure {
+        let plan = ledger.erasure_plan("acme", subject, "2026-02-01T00:00:00Z".parse().unwrap(), "ops").unwrap();
+        let seq = ledger.next_seq("acme");
+        ledger.append("acme", &crate::erasure_record(seq, &plan.erasure).unwrap()).unwrap();
+        ledger.commit(None).unwrap();
+        ledger.forget_keys("acme", &plan.erasure.keys).unwrap();
+        plan.erasure
+    }
+
+    fn entry_at(ledger: &Ledger, seq: u64) -> Vec<u8> {
+        ledger.tenant("acme").entry(seq).unwrap()
+    }
+
+    #[test]
+    fn erasure_waits_for_appends_to_be_committed_and_its_record_splits_to_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path(), vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
+        append(&mut ledger, &personal_event("e1", "user-ann", "ann@example.com"));
+        let at: jiff::Timestamp = "2026-02-01T00:00:00Z".parse().unwrap();
+        assert!(matches!(ledger.erasure_plan("acme", Some("user-ann"), at, "ops"), Err(Error::Uncommitted(_))));
+        ledger.commit(None).unwrap();
+        assert_eq!(ledger.erasure_plan("acme", Some("user-ann"), at, "ops").unwrap().erasure.seqs, [0]);
+
+        let keys: Vec<KeyRef> = (0..600u32).map(|i| KeyRef { shard: (i % 256) as u8, id: [i as u8; 16] }).collect();
+        let big = Erasure { at, by: "ops".into(), scope: "tenant".into(), keys: keys.clone(), seqs: (u64::MAX - 5_000..u64::MAX).collect() };
+        let parts = big.clone().parts();
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.seqs.len() <= crate::MAX_ERASED_SEQS_PER_RECORD && p.keys.len() <= crate::MAX_ERASED_KEYS_PER_RECORD && p.at == at));
+        assert_eq!(parts.iter().flat_map(|p| p.seqs.clone()).collect::<Vec<_>>(), big.seqs);
+        assert_eq!(parts.iter().flat_map(|p| p.keys.clone()).collect::<Vec<_>>(), keys);
+        for part in &parts {
+            crate::erasure_record(u64::MAX, part).unwrap();
+        }
+        assert_eq!(Erasure { seqs: Vec::new(), keys: Vec::new(), ..big }.parts().len(), 1);
+        let bytes = crate::erasure_record(4, &parts[0]).unwrap();
+        assert_eq!(Erasure::decode(4, &bytes).unwrap(), parts[0]);
+        assert!(String::from_utf8(bytes)
+            .unwrap()
+            .starts_with(r#"{"seq":4,"type":"erasure","at":"2026-02-01T00:00:00Z","by":"ops","scope":"tenant","keys":["0000000000000000000000000000000000","0101010101010101010101010101010101","#));
+    }
 
     #[test]
     fn commit_makes_checkpoints_and_receipts_that_verify_after_reopen() {

@@ -46,14 +46,15 @@ pub use entries::TenantEntries;
 pub use error::{Error, Result};
 pub use journal::{CommitFrame, Frame, Journal, Opened, RecordFrame, WrittenCommit, DEFAULT_SEGMENT_BYTES, SEGMENT_MAGIC};
 pub use keyfile::LedgerKey;
-pub use ledger::{find_tenant_ledger, migrate, Ledger, Migrated, JOURNAL_DIR};
+pub use ledger::{find_tenant_ledger, migrate, ErasurePlan, Ledger, Migrated, JOURNAL_DIR, SUBJECT_KEYS_DIR};
 pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
-pub use privacy::{Commitment, Salt, SealedHeader, SubjectKey, SubjectKeys, SALT_BYTES};
+pub use privacy::{Commitment, KeyRef, Opening, Revealed, Salt, SealedHeader, SubjectKey, SubjectKeys, SALT_BYTES};
 pub use receipt::Receipt;
 pub use record::{
-    budget_record, conflict_record, event_record, input_time, Charge, ChargeBasis, EventInput, EventRecord, EventRecordType, Record, Source, Statement,
-    StatementTotal,
+    budget_record, conflict_record, erasure_record, event_record, input_time, split_personal, Charge, ChargeBasis, Erasure, EventInput, EventRecord,
+    EventRecordType, PersonalFields, Record, Source, Statement, StatementTotal, ERASED, MAX_ERASED_KEYS_PER_RECORD, MAX_ERASED_SEQS_PER_RECORD, PAYLOAD_FIELD,
+    SUBJECT_FIELD,
 };
 pub use tiles::{available_width, parse_entry_bundle, TilePath, TILE_WIDTH};

@@ -793,6 +793,12 @@ impl PartitionLog {
         Ok(self.record(tenant, seq)?.sealed)
     }
 
+    /// Committed entry `seq` of `tenant` and its sealed personal values, in one read.
+    pub fn entry_and_sealed(&self, tenant: &str, seq: u64) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+        let r = self.record(tenant, seq)?;
+        Ok((r.entry, r.sealed))
+    }
+
     /// Read access to `tenant`'s stored nodes, for [`crate::merkle`] proofs and roots.
     pub fn view<'a>(&'a self, tenant: &'a str) -> TenantView<'a> {
         TenantView { log: self, tenant }

@@ -33,7 +33,7 @@
 //! file, held while the store is open); files are the owner's only (0600, directory 0700); keys
 //! live in memory only for shards that were touched.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -45,6 +45,12 @@ use crate::error::{Error, Result};
 
 /// Salts are 128 bits: the least the privacy model allows (docs/privacy.md).
 pub const SALT_BYTES: usize = 16;
+
+/// `u32be(len(text))`: the length prefix that fixes where a variable-length input ends.
+fn len_prefix(text: &str) -> [u8; 4] {
+    // Every text hashed here is far below 4 GiB (ids ≤ 1,024 bytes, entries ≤ 64 KiB).
+    u32::try_from(text.len()).unwrap_or(u32::MAX).to_be_bytes()
+}
 
 /// The salt of one personal field of one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +65,7 @@ impl Commitment {
     pub fn of(salt: &Salt, field: &str, value: &str) -> Commitment {
         let mut h = Sha256::new();
         h.update(salt.0);
-        h.update(u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
+        h.update(len_prefix(field));
         h.update(field.as_bytes());
         h.update(value.as_bytes());
         Commitment(h.finalize().into())
@@ -105,11 +111,20 @@ impl SubjectKey {
 
     /// The salt of field `field` of record `seq` in `tenant`'s log (see the module docs).
     pub fn salt(&self, tenant: &str, seq: u64, field: &str) -> Salt {
-        let tenant_len = u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes();
-        let full = self.hmac(&[&tenant_len, tenant.as_bytes(), &seq.to_be_bytes(), field.as_bytes()]);
+        let full = self.hmac(&[&len_prefix(tenant), tenant.as_bytes(), &seq.to_be_bytes(), field.as_bytes()]);
         let mut salt = [0u8; SALT_BYTES];
         salt.copy_from_slice(&full[..SALT_BYTES]);
         Salt(salt)
+    }
+
+    /// A tag of an event's personal `values` that only this key can compute: what the ledger's
+    /// deduplication compares instead of the values, so that no unsalted digest of personal
+    /// data is kept (docs/privacy.md). `HMAC-SHA256(key, 0xFD ‖ "tally-content-v1" ‖
+    /// u32be(len(tenant)) ‖ tenant ‖ values as sorted JSON)`.
+    pub fn content_tag(&self, tenant: &str, values: &BTreeMap<String, String>) -> [u8; 32] {
+        // A map of strings always serialises.
+        let json = serde_json::to_vec(values).unwrap_or_default();
+        self.hmac(&[b"\xFDtally-content-v1", &len_prefix(tenant), tenant.as_bytes(), &json])
     }
 
     /// HMAC-SHA256 under this key of the concatenation of `parts`.
@@ -180,10 +195,74 @@ impl SubjectKey {
 fn associated_data(header: &[u8], tenant: &str, seq: u64) -> Vec<u8> {
     let mut aad = Vec::with_capacity(header.len() + 4 + tenant.len() + 8);
     aad.extend_from_slice(header);
-    aad.extend_from_slice(&u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes());
+    aad.extend_from_slice(&len_prefix(tenant));
     aad.extend_from_slice(tenant.as_bytes());
     aad.extend_from_slice(&seq.to_be_bytes());
     aad
+}
+
+/// Where a subject key is, by what a sealed blob names it by: its shard and id. Reveals nothing
+/// of the key or the subject, so an `erasure` record can name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyRef {
+    pub shard: u8,
+    pub id: [u8; 16],
+}
+
+impl KeyRef {
+    /// `<shard, 2 hex digits><id, 32 hex digits>`.
+    pub fn to_hex(&self) -> String {
+        format!("{:02x}{}", self.shard, hex::encode(self.id))
+    }
+
+    /// Parses [`KeyRef::to_hex`].
+    pub fn from_hex(text: &str) -> Result<KeyRef> {
+        let mut bytes = [0u8; 17];
+        hex::decode_to_slice(text, &mut bytes).map_err(|e| Error::BadRecord(format!("key {text:?} is not 34 hex digits: {e}")))?;
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&bytes[1..]);
+        Ok(KeyRef { shard: bytes[0], id })
+    }
+}
+
+impl serde::Serialize for KeyRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeyRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        KeyRef::from_hex(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One personal field of a record as a reader is given it: the value and the salt that open the
+/// field's commitment in the signed record ([`Commitment::opens_to`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Opening {
+    pub value: String,
+    /// The salt, 32 lower-case hex digits.
+    pub salt: String,
+}
+
+impl Opening {
+    /// Whether this opens `commitment` for `field`; false for a salt that is not 16 bytes of hex.
+    pub fn opens(&self, field: &str, commitment: &Commitment) -> bool {
+        let mut salt = [0u8; SALT_BYTES];
+        hex::decode_to_slice(&self.salt, &mut salt).is_ok() && commitment.opens_to(&Salt(salt), field, &self.value)
+    }
+}
+
+/// A record's personal fields as a reader gets them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revealed {
+    /// Every field's value and salt, by field name.
+    Open(BTreeMap<String, Opening>),
+    /// The subject's key is erased: nothing opens them any more.
+    Erased,
 }
 
 /// What a sealed blob says of its key, readable without it.
@@ -216,13 +295,22 @@ const MAX_ID_BYTES: usize = 1024;
 /// Keys of one shard, by (tenant, subject).
 type Shard = BTreeMap<(String, String), SubjectKey>;
 
+/// Makes the key of a new (tenant, subject).
+type KeySource = Box<dyn FnMut(&str, &str) -> SubjectKey + Send>;
+
 /// The subject keys of one partition (see the module docs).
 pub struct SubjectKeys {
     dir: PathBuf,
-    /// Held open for its exclusive lock: one writer per store.
-    _lock: std::fs::File,
+    /// Held open for its exclusive lock: one writer per store. `None`: a read-only store
+    /// ([`SubjectKeys::open_read_only`]), which creates, erases and writes nothing.
+    lock: Option<std::fs::File>,
+    /// Where new keys come from: random, except in known-answer tests.
+    new_key: KeySource,
     /// Shards read so far (`None`: not read yet).
     shards: Vec<Option<Shard>>,
+    /// For each shard read, its keys by id ([`SubjectKey::id`]): a sealed blob names its key by
+    /// id, and finding it must not cost an HMAC per key of the shard.
+    ids: Vec<HashMap<[u8; 16], (String, String)>>,
     /// Shards changed since the last [`SubjectKeys::persist`].
     dirty: BTreeSet<usize>,
 }
@@ -245,7 +333,43 @@ impl SubjectKeys {
         }
         // Only now: a live writer's temporary is never ours to remove.
         crate::durable::remove_temporaries(dir)?;
-        Ok(SubjectKeys { dir: dir.to_path_buf(), _lock: lock, shards: vec![None; SHARDS], dirty: BTreeSet::new() })
+        Ok(SubjectKeys {
+            dir: dir.to_path_buf(),
+            lock: Some(lock),
+            new_key: Box::new(|_, _| SubjectKey::random()),
+            shards: vec![None; SHARDS],
+            ids: vec![HashMap::new(); SHARDS],
+            dirty: BTreeSet::new(),
+        })
+    }
+
+    /// The store under `dir` for reading what its writer persisted (a missing directory is an
+    /// empty store): takes no lock and changes no file. Shards are read when first needed and
+    /// each is whole (files are replaced, never written in place); an erasure persisted after
+    /// a shard was read is not seen by this handle.
+    pub fn open_read_only(dir: &Path) -> SubjectKeys {
+        SubjectKeys {
+            dir: dir.to_path_buf(),
+            lock: None,
+            new_key: Box::new(|_, _| SubjectKey::random()),
+            shards: vec![None; SHARDS],
+            ids: vec![HashMap::new(); SHARDS],
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    /// New keys from `new_key(tenant, subject)` instead of random ones: for known-answer tests,
+    /// whose records must be the same bytes every run. Never for a real store: a key anyone can
+    /// derive protects nothing.
+    pub fn derive_new_keys_for_tests(&mut self, new_key: impl FnMut(&str, &str) -> SubjectKey + Send + 'static) {
+        self.new_key = Box::new(new_key);
+    }
+
+    fn writable(&self) -> Result<()> {
+        match self.lock {
+            Some(_) => Ok(()),
+            None => Err(Error::Corrupt { path: self.dir.display().to_string(), detail: "the subject key store is open read-only".into() }),
+        }
     }
 
     /// The key of `subject` in `tenant`, if it has one (it was never created, or it was erased).
@@ -259,13 +383,14 @@ impl SubjectKeys {
     pub fn key_for(&mut self, tenant: &str, subject: &str) -> Result<SubjectKey> {
         check_id("tenant", tenant)?;
         check_id("subject", subject)?;
-        let index = shard_of(tenant, subject);
-        let shard = self.shard(tenant, subject)?;
-        let entry = shard.entry((tenant.to_string(), subject.to_string()));
-        if let std::collections::btree_map::Entry::Occupied(key) = &entry {
-            return Ok(key.get().clone());
+        if let Some(key) = self.key(tenant, subject)? {
+            return Ok(key);
         }
-        let key = entry.or_insert_with(SubjectKey::random).clone();
+        self.writable()?;
+        let key = (self.new_key)(tenant, subject);
+        let index = shard_of(tenant, subject);
+        self.shard(tenant, subject)?.insert((tenant.to_string(), subject.to_string()), key.clone());
+        self.ids[index].insert(key.id(), (tenant.to_string(), subject.to_string()));
         self.dirty.insert(index);
         Ok(key)
     }
@@ -278,32 +403,77 @@ impl SubjectKeys {
 
     /// The key a sealed blob of `tenant` names, if it still exists: `None` once erased.
     pub fn key_of_sealed(&mut self, tenant: &str, header: &SealedHeader) -> Result<Option<SubjectKey>> {
-        let shard = self.load(usize::from(header.shard))?;
-        Ok(shard.iter().find(|((t, _), key)| t == tenant && key.id() == header.key_id).map(|(_, key)| key.clone()))
+        let index = usize::from(header.shard);
+        self.load(index)?;
+        let Some((t, subject)) = self.ids[index].get(&header.key_id).filter(|(t, _)| t == tenant).cloned() else { return Ok(None) };
+        Ok(self.shards[index].as_ref().and_then(|shard| shard.get(&(t, subject)).cloned()))
+    }
+
+    /// Where `subject`'s key in `tenant` is (its shard and id), if it has one.
+    pub fn key_ref(&mut self, tenant: &str, subject: &str) -> Result<Option<KeyRef>> {
+        Ok(self.key(tenant, subject)?.map(|key| KeyRef { shard: SubjectKeys::shard_of(tenant, subject), id: key.id() }))
+    }
+
+    /// Where every key of `tenant` is. Reads every shard.
+    pub fn key_refs_of_tenant(&mut self, tenant: &str) -> Result<Vec<KeyRef>> {
+        let mut refs = Vec::new();
+        for index in 0..SHARDS {
+            self.load(index)?;
+            let shard = u8::try_from(index).unwrap_or_default();
+            refs.extend(self.ids[index].iter().filter(|(_, (t, _))| t == tenant).map(|(id, _)| KeyRef { shard, id: *id }));
+        }
+        refs.sort();
+        Ok(refs)
+    }
+
+    /// Forgets the key `key` names if it is one of `tenant`'s (durably at the next
+    /// [`SubjectKeys::persist`]); whether it was there.
+    pub fn forget(&mut self, tenant: &str, key: KeyRef) -> Result<bool> {
+        self.writable()?;
+        let index = usize::from(key.shard);
+        self.load(index)?;
+        let Some((t, subject)) = self.ids[index].get(&key.id).filter(|(t, _)| t == tenant).cloned() else { return Ok(false) };
+        self.ids[index].remove(&key.id);
+        if let Some(shard) = self.shards[index].as_mut() {
+            shard.remove(&(t, subject));
+        }
+        self.dirty.insert(index);
+        Ok(true)
+    }
+
+    /// The personal values sealed in `sealed` (record `seq` of `tenant`) with their salts, or
+    /// [`Revealed::Erased`] when the key they were sealed under is gone. A blob that does not
+    /// open under its key is an error: the journal's checksums make that damage, not erasure.
+    pub fn reveal(&mut self, tenant: &str, seq: u64, sealed: &[u8]) -> Result<Revealed> {
+        let header = SealedHeader::parse(sealed)?;
+        let Some(key) = self.key_of_sealed(tenant, &header)? else { return Ok(Revealed::Erased) };
+        let values = key.open(tenant, seq, sealed)?;
+        Ok(Revealed::Open(
+            values
+                .into_iter()
+                .map(|(field, value)| {
+                    let salt = hex::encode(key.salt(tenant, seq, &field).0);
+                    (field, Opening { value, salt })
+                })
+                .collect(),
+        ))
     }
 
     /// Forgets `subject`'s key in `tenant` (durably at the next [`SubjectKeys::persist`]);
     /// whether it had one.
     pub fn erase_subject(&mut self, tenant: &str, subject: &str) -> Result<bool> {
-        let index = shard_of(tenant, subject);
-        let removed = self.shard(tenant, subject)?.remove(&(tenant.to_string(), subject.to_string())).is_some();
-        if removed {
-            self.dirty.insert(index);
+        match self.key_ref(tenant, subject)? {
+            Some(key) => self.forget(tenant, key),
+            None => Ok(false),
         }
-        Ok(removed)
     }
 
     /// Forgets every key of `tenant` (offboarding); how many. Reads every shard.
     pub fn erase_tenant(&mut self, tenant: &str) -> Result<usize> {
+        self.writable()?;
         let mut removed = 0;
-        for index in 0..SHARDS {
-            let shard = self.load(index)?;
-            let before = shard.len();
-            shard.retain(|(t, _), _| t != tenant);
-            if shard.len() != before {
-                removed += before - shard.len();
-                self.dirty.insert(index);
-            }
+        for key in self.key_refs_of_tenant(tenant)? {
+            removed += usize::from(self.forget(tenant, key)?);
         }
         Ok(removed)
     }
@@ -311,6 +481,10 @@ impl SubjectKeys {
     /// Writes every changed shard durably (each replaced whole); how many were written. After
     /// it returns, created keys survive a crash and erased keys are in no file of the store.
     pub fn persist(&mut self) -> Result<usize> {
+        if self.dirty.is_empty() {
+            return Ok(0);
+        }
+        self.writable()?;
         let dirty = std::mem::take(&mut self.dirty);
         for (done, &index) in dirty.iter().enumerate() {
             let path = self.shard_path(index);
@@ -336,6 +510,7 @@ impl SubjectKeys {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Shard::new(),
                 Err(e) => return Err(Error::io(&path, e)),
             };
+            self.ids[index] = shard.iter().map(|(ids, key)| (key.id(), ids.clone())).collect();
             self.shards[index] = Some(shard);
         }
         Ok(self.shards[index].get_or_insert_with(Shard::new))
@@ -357,7 +532,7 @@ fn check_id(what: &str, id: &str) -> Result<()> {
 /// make one shard large.
 fn shard_of(tenant: &str, subject: &str) -> usize {
     let mut h = Sha256::new();
-    h.update(u32::try_from(tenant.len()).unwrap_or(u32::MAX).to_be_bytes());
+    h.update(len_prefix(tenant));
     h.update(tenant.as_bytes());
     h.update(subject.as_bytes());
     usize::from(h.finalize()[0])

@@ -5,7 +5,9 @@
 //! Canonical JSON: UTF-8, no insignificant whitespace, object members in the fixed order of the
 //! structs below, absent optionals omitted, maps sorted by key. The bytes depend only on the input
 //! (the event, the exact payload, its source) and never on wall-clock time, so replaying the same
-//! input yields byte-identical entries and roots.
+//! input yields byte-identical entries and roots; for an event with personal fields, whose
+//! record holds commitments salted from its subject's key ([`split_personal`],
+//! docs/privacy.md), with the same subject key store.
 //!
 //! Budget-side records (`config`, `budget`, `admission`, `release`) are written by the budget
 //! module of the ledger service, whose types the log core does not know: [`budget_record`] encodes
@@ -15,6 +17,7 @@
 //! outside the ledger read it too, so its body is defined here.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use jiff::civil::Date;
 use jiff::Timestamp;
@@ -24,6 +27,7 @@ use tally_schemas::Event;
 
 use crate::error::{Error, Result};
 use crate::log::MAX_ENTRY_BYTES;
+use crate::privacy::{Commitment, KeyRef, Opening, Revealed};
 
 /// Where a record's input came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,9 +97,15 @@ struct EventRecordOut<'a> {
     #[serde(rename = "type")]
     record_type: &'static str,
     event: &'a Event,
+    /// Commitments to the event's personal fields (field → 64 hex digits), which `event` then
+    /// lacks; absent for an event without any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    personal: Option<&'a BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ce_source: Option<&'a str>,
-    payload_sha256: String,
+    /// In clear only for an event without personal fields; else it is one of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_sha256: Option<String>,
     source: &'a Source,
     /// For `conflict` records: the sequence number of the record holding the first version.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,17 +124,143 @@ fn encode(record: &impl Serialize) -> Result<Vec<u8>> {
 }
 
 /// The entry bytes of an `event` record, with its charge (`None`: nothing to charge).
+///
+/// The event is written as it is, personal fields included: the ledger writes events with
+/// personal fields through [`crate::Ledger::append_event`], which commits to them instead.
 pub fn event_record(seq: u64, input: EventInput<'_>, charge: Option<&Charge>) -> Result<Vec<u8>> {
     encode(&EventRecordOut {
         seq,
         record_type: "event",
         event: input.event,
+        personal: None,
         ce_source: input.ce_source,
-        payload_sha256: hex::encode(input.payload_sha256),
+        payload_sha256: Some(hex::encode(input.payload_sha256)),
         source: input.source,
         conflicts_with_seq: None,
         charge,
     })
+}
+
+/// The entry bytes of an `event` (or, with `conflicts_with`, `conflict`) record whose event's
+/// personal fields were taken out ([`split_personal`]): `input.event` is the event without
+/// them and `commitments` holds a commitment to each (`payload_sha256` included).
+pub(crate) fn personal_event_record(
+    seq: u64,
+    input: EventInput<'_>,
+    commitments: &BTreeMap<String, String>,
+    conflicts_with: Option<u64>,
+    charge: Option<&Charge>,
+) -> Result<Vec<u8>> {
+    encode(&EventRecordOut {
+        seq,
+        record_type: if conflicts_with.is_some() { "conflict" } else { "event" },
+        event: input.event,
+        personal: Some(commitments),
+        ce_source: input.ce_source,
+        payload_sha256: None,
+        source: input.source,
+        conflicts_with_seq: conflicts_with,
+        charge: if conflicts_with.is_some() { None } else { charge },
+    })
+}
+
+/// What an erased personal field reads as, wherever a value would be.
+pub const ERASED: &str = "erased";
+/// The personal field that holds the input's SHA-256 (hex) in a record with personal fields:
+/// with the other fields in clear, a digest of the whole input would let anyone test a guess.
+pub const PAYLOAD_FIELD: &str = "payload_sha256";
+/// The event field that names a record's subject, and is personal itself.
+pub const SUBJECT_FIELD: &str = "actor_id";
+/// Prefix of an attribute's field name: `attributes.<key>`.
+const ATTRIBUTE_PREFIX: &str = "attributes.";
+
+/// An event's personal fields, taken out of it (docs/privacy.md, "What is personal").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonalFields {
+    /// The event without them: what a record's `event` member holds.
+    pub event: Event,
+    /// Whose they are: the event's `actor_id`, or `""` (the tenant itself) without one.
+    pub subject: String,
+    /// Field name → value: `actor_id` and `attributes.<key>`.
+    pub values: BTreeMap<String, String>,
+}
+
+/// Takes the personal fields out of `event`: `actor_id` and every attribute. What budgets,
+/// quotas and bills need (tenant, task, agent, workspace, model, tokens, cost, decision) stays.
+pub fn split_personal(event: &Event) -> PersonalFields {
+    let mut rest = event.clone();
+    let mut values = BTreeMap::new();
+    let subject = rest.actor_id.take();
+    if let Some(actor) = &subject {
+        values.insert(SUBJECT_FIELD.to_string(), actor.clone());
+    }
+    for (key, value) in std::mem::take(&mut rest.attributes) {
+        values.insert(format!("{ATTRIBUTE_PREFIX}{key}"), value);
+    }
+    PersonalFields { event: rest, subject: subject.unwrap_or_default(), values }
+}
+
+/// An erasure: the records whose personal values were erased, as the `erasure` record holds
+/// them (docs/privacy.md, "Erasure"). A record named here lost every field its `personal` member
+/// commits to (they were all sealed under the erased key), so the fields are not repeated. The
+/// subject is not named: its id is personal too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Erasure {
+    /// When it was done (the ledger's clock).
+    pub at: Timestamp,
+    /// The name of the token that asked.
+    pub by: String,
+    /// `subject` (one subject's key) or `tenant` (every key of the tenant).
+    pub scope: String,
+    /// The subject keys erased, by shard and id ([`KeyRef`]): what the ledger deletes once the
+    /// record is durable, and again at an open that finds the record not yet followed by it.
+    pub keys: Vec<KeyRef>,
+    /// The records erased, ascending.
+    pub seqs: Vec<u64>,
+}
+
+/// Most seqs one `erasure` record names: 20 digits and a comma each stay well below an entry.
+pub const MAX_ERASED_SEQS_PER_RECORD: usize = 2_048;
+/// Most keys one `erasure` record names (37 bytes each).
+pub const MAX_ERASED_KEYS_PER_RECORD: usize = 256;
+
+impl Erasure {
+    /// Decodes entry `seq` as an `erasure` record; any other record is a [`Error::BadRecord`].
+    pub fn decode(seq: u64, bytes: &[u8]) -> Result<Erasure> {
+        decode_body(seq, bytes, "erasure", "an")
+    }
+
+    /// Splits it into parts of at most [`MAX_ERASED_SEQS_PER_RECORD`] seqs and
+    /// [`MAX_ERASED_KEYS_PER_RECORD`] keys, each a record that fits an entry. An erasure naming
+    /// nothing is one part.
+    pub fn parts(self) -> Vec<Erasure> {
+        let Erasure { at, by, scope, keys, seqs } = self;
+        let seq_parts: Vec<&[u64]> = seqs.chunks(MAX_ERASED_SEQS_PER_RECORD).collect();
+        let key_parts: Vec<&[KeyRef]> = keys.chunks(MAX_ERASED_KEYS_PER_RECORD).collect();
+        let n = seq_parts.len().max(key_parts.len()).max(1);
+        (0..n)
+            .map(|i| Erasure {
+                at,
+                by: by.clone(),
+                scope: scope.clone(),
+                keys: key_parts.get(i).map_or_else(Vec::new, |k| k.to_vec()),
+                seqs: seq_parts.get(i).map_or_else(Vec::new, |s| s.to_vec()),
+            })
+            .collect()
+    }
+}
+
+/// The entry bytes of an `erasure` record.
+pub fn erasure_record(seq: u64, erasure: &Erasure) -> Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        seq: u64,
+        #[serde(rename = "type")]
+        record_type: &'static str,
+        #[serde(flatten)]
+        erasure: &'a Erasure,
+    }
+    encode(&Out { seq, record_type: "erasure", erasure })
 }
 
 /// The entry bytes of a `conflict` record: an event whose idempotency key was already used, with
@@ -134,8 +270,9 @@ pub fn conflict_record(seq: u64, input: EventInput<'_>, first_seq: u64) -> Resul
         seq,
         record_type: "conflict",
         event: input.event,
+        personal: None,
         ce_source: input.ce_source,
-        payload_sha256: hex::encode(input.payload_sha256),
+        payload_sha256: Some(hex::encode(input.payload_sha256)),
         source: input.source,
         conflicts_with_seq: Some(first_seq),
         // Conflicts are never charged: the first record with that key was.
@@ -187,17 +324,23 @@ impl Statement {
     /// Decodes entry `seq` of a tenant's log as a `statement` record; any other record is a
     /// [`Error::BadRecord`].
     pub fn decode(seq: u64, bytes: &[u8]) -> Result<Statement> {
-        #[derive(Deserialize)]
-        struct Body {
-            #[serde(rename = "type")]
-            record_type: String,
-            #[serde(flatten)]
-            statement: Statement,
-        }
-        match Record::<Body>::decode(seq, bytes)? {
-            Record::Budget(Body { record_type, statement }) if record_type == "statement" => Ok(statement),
-            _ => Err(Error::BadRecord(format!("entry {seq} is not a statement record"))),
-        }
+        decode_body(seq, bytes, "statement", "a")
+    }
+}
+
+/// The body of entry `seq` if it is a record of type `wanted` (`article` goes before its name in
+/// the error for any other record).
+fn decode_body<T: DeserializeOwned>(seq: u64, bytes: &[u8], wanted: &str, article: &str) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Body<T> {
+        #[serde(rename = "type")]
+        record_type: String,
+        #[serde(flatten)]
+        body: T,
+    }
+    match Record::<Body<T>>::decode(seq, bytes)? {
+        Record::Budget(Body { record_type, body }) if record_type == wanted => Ok(body),
+        _ => Err(Error::BadRecord(format!("entry {seq} is not {article} {wanted} record"))),
     }
 }
 
@@ -208,7 +351,8 @@ pub fn budget_record(record: &impl Serialize) -> Result<Vec<u8>> {
 }
 
 /// The record types of the budget side, in the order docs/records.md lists them.
-const BUDGET_TYPES: [&str; 8] = ["config", "budget", "admission", "release", "freeze", "unfreeze", "flag", "statement"];
+/// (`erasure`, written by the ledger service too, travels with them.)
+const BUDGET_TYPES: [&str; 9] = ["config", "budget", "admission", "release", "freeze", "unfreeze", "flag", "statement", "erasure"];
 
 /// One decoded record. `B` is what a reader takes from a budget-side record: the full record
 /// (the budget fold), a few members (the projection), or [`serde::de::IgnoredAny`].
@@ -227,11 +371,18 @@ pub struct EventRecord {
     pub seq: u64,
     #[serde(rename = "type")]
     pub record_type: EventRecordType,
+    /// The event, without its personal fields when `personal` commits to them.
     pub event: Event,
+    /// Commitments to the event's personal fields, field → 64 hex digits (docs/privacy.md);
+    /// empty for an event without any, and in records written before they were committed to.
+    #[serde(default)]
+    pub personal: BTreeMap<String, String>,
     #[serde(default)]
     pub ce_source: Option<String>,
-    /// SHA-256 of the exact input bytes, lower-case hex.
-    pub payload_sha256: String,
+    /// SHA-256 of the exact input bytes, lower-case hex; in `personal` instead when that is not
+    /// empty.
+    #[serde(default)]
+    pub payload_sha256: Option<String>,
     pub source: Source,
     /// For `conflict` records: the sequence number of the record holding the first version.
     #[serde(default)]
@@ -282,6 +433,39 @@ impl EventRecord {
     pub fn input_time(&self) -> Timestamp {
         input_time(&self.event, &self.source)
     }
+
+    /// The event with its personal fields put back as `revealed` gives them (the record's
+    /// sealed values), each `"erased"` where they are gone (`None`, or [`Revealed::Erased`]).
+    /// `payload_sha256` is not an event field and stays out.
+    pub fn revealed_event(&self, revealed: Option<&Revealed>) -> Event {
+        let mut event = self.event.clone();
+        for field in self.personal.keys() {
+            let value = match revealed {
+                Some(Revealed::Open(values)) => values.get(field).map_or(ERASED, |o| o.value.as_str()),
+                _ => ERASED,
+            };
+            if field == SUBJECT_FIELD {
+                event.actor_id = Some(value.to_string());
+            } else if let Some(key) = field.strip_prefix(ATTRIBUTE_PREFIX) {
+                event.attributes.insert(key.to_string(), value.to_string());
+            }
+        }
+        event
+    }
+
+    /// Checks values a reader was given against the record's commitments: each must be a field
+    /// the record commits to, and open its commitment. Fields not given are the erased ones.
+    pub fn check_openings(&self, openings: &BTreeMap<String, Opening>) -> Result<()> {
+        for (field, opening) in openings {
+            let Some(committed) = self.personal.get(field) else {
+                return Err(Error::BadRecord(format!("entry {}: it commits to no field {field:?}", self.seq)));
+            };
+            if !opening.opens(field, &Commitment::from_hex(committed)?) {
+                return Err(Error::BadRecord(format!("entry {}: the value given for {field:?} does not match its commitment", self.seq)));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How far an input shows time has come: the event's `occurred_at`, but never past its Kafka
@@ -331,7 +515,7 @@ mod tests {
         assert!(r.is_conflict());
         assert_eq!(r.event, event);
         assert_eq!(r.ce_source.as_deref(), Some("gw/eu"));
-        assert_eq!(r.payload_sha256, "cd".repeat(32));
+        assert_eq!(r.payload_sha256, Some("cd".repeat(32)));
         assert_eq!(r.source, src);
         assert_eq!(r.conflicts_with_seq, Some(1));
         let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(4, &event_record(4, input, None).unwrap()).unwrap() else { panic!("not an event") };
@@ -357,7 +541,7 @@ mod tests {
     fn decode_refuses_wrong_seq_unknown_type_and_non_records() {
         let err = |bytes: &[u8]| Record::<serde::de::IgnoredAny>::decode(5, bytes).unwrap_err().to_string();
         assert!(err(br#"{"type":"release","seq":6}"#).contains("says it is seq 6"));
-        assert!(err(br#"{"seq":5,"type":"erasure"}"#).contains("unknown record type \"erasure\""));
+        assert!(err(br#"{"seq":5,"type":"erasing"}"#).contains("unknown record type \"erasing\""));
         assert!(err(b"not json").contains("entry 5"));
         assert!(err(br#"{"seq":5,"type":"event"}"#).contains("entry 5"), "an event record without its event");
         let huge = serde_json::json!({"type": "release", "seq": 1, "pad": "x".repeat(MAX_ENTRY_BYTES)});

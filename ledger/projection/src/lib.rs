@@ -30,7 +30,7 @@ pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_day
 
 pub use error::{Error, Result};
 use rows::Row;
-use tally_log::{Ledger, TenantEntries};
+use tally_log::{Ledger, Revealed, TenantEntries};
 
 /// Records projected per flush at most, to bound memory (a catch-up takes several flushes).
 const MAX_FLUSH_RECORDS: u64 = 250_000;
@@ -70,8 +70,8 @@ pub fn read_parquet(path: &Path) -> Result<Vec<arrow_array::RecordBatch>> {
 
 /// The projection rows `entries` (a tenant's records from seq `first` on) must have, as one
 /// batch under the projection schema: what an audit compares projected rows with.
-pub fn expected_rows(first: u64, entries: &[Vec<u8>]) -> Result<arrow_array::RecordBatch> {
-    let rows = entries.iter().zip(first..).map(|(entry, seq)| Row::parse(seq, entry)).collect::<Result<Vec<_>>>()?;
+pub fn expected_rows(first: u64, entries: &[Vec<u8>], revealed: &[Option<Revealed>]) -> Result<arrow_array::RecordBatch> {
+    let rows = parse_rows(first, entries, revealed)?;
     rows::rows_batch(&rows.iter().collect::<Vec<_>>())
 }
 
@@ -176,6 +176,15 @@ impl Projection {
         &self.root
     }
 
+    /// Rewrites the tenant's projection from `ledger` ([`rebuild_tenant`], with this
+    /// projection's zones), as after an erasure: rows then show what the log reveals now.
+    /// Returns how many records it holds.
+    pub fn rebuild(&mut self, tenant: &str, ledger: &Ledger) -> Result<u64> {
+        // Its state is read from disk again at its next use.
+        self.tenants.remove(tenant);
+        rebuild_tenant(&self.root, tenant, ledger, self.zones.clone(), |_, _| {})
+    }
+
     /// The tenant's state, recovered from disk on first use in this process.
     fn tenant(&mut self, tenant: &str) -> Result<&mut TenantProjection> {
         if !self.tenants.contains_key(tenant) {
@@ -224,13 +233,13 @@ impl Projection {
     pub fn write(&mut self, input: FlushInput) -> Result<FlushReport> {
         let root = self.root.clone();
         let zones = self.zones.clone();
-        let FlushInput { tenant, first, entries, checkpoint } = input;
+        let FlushInput { tenant, first, entries, revealed, checkpoint } = input;
         let state = self.tenant(&tenant)?;
         if state.mark.next_seq != first || entries.is_empty() {
             return Ok(FlushReport::default());
         }
         let last = first + entries.len() as u64 - 1;
-        let (mut report, touched) = write_flush(&root, &tenant, first, &entries, &zones)?;
+        let (mut report, touched) = write_flush(&root, &tenant, first, &entries, &revealed, &zones)?;
         let mark = files::Watermark {
             next_seq: last + 1,
             checkpoint: Some(checkpoint),
@@ -250,6 +259,8 @@ pub struct FlushInput {
     tenant: String,
     first: u64,
     entries: Vec<Vec<u8>>,
+    /// Each entry's personal values ([`Ledger::entry_revealed`]): rows show them, or `"erased"`.
+    revealed: Vec<Option<Revealed>>,
     /// The signed checkpoint of exactly the projected size: with it the projection alone can
     /// prove any of its ranges complete.
     checkpoint: String,
@@ -259,6 +270,13 @@ impl FlushInput {
     /// Bytes of entries it holds.
     pub fn bytes(&self) -> usize {
         self.entries.iter().map(Vec::len).sum()
+    }
+
+    /// Whether it holds an `erasure` record: rows already written may show values it erased,
+    /// so the tenant's projection is rebuilt rather than appended to (docs/privacy.md).
+    pub fn has_erasure(&self) -> bool {
+        // Budget-side records start with their type (docs/records.md).
+        self.entries.iter().any(|e| e.starts_with(br#"{"type":"erasure""#))
     }
 }
 
@@ -275,17 +293,18 @@ pub fn read_flush(ledger: &Ledger, tenant: &str, first: u64, max_bytes: usize) -
         return Ok(None);
     }
     let end = (first + MAX_FLUSH_RECORDS).min(size);
-    let (mut entries, mut bytes) = (Vec::new(), 0usize);
+    let (mut entries, mut revealed, mut bytes) = (Vec::new(), Vec::new(), 0usize);
     for seq in first..end {
         if !entries.is_empty() && bytes >= max_bytes {
             break;
         }
-        let entry = log.entry(seq)?;
+        let (entry, values) = ledger.entry_revealed(tenant, seq)?;
         bytes += entry.len();
         entries.push(entry);
+        revealed.push(values);
     }
     let checkpoint = ledger.checkpoint_at(tenant, first + entries.len() as u64)?;
-    Ok(Some(FlushInput { tenant: tenant.to_string(), first, entries, checkpoint }))
+    Ok(Some(FlushInput { tenant: tenant.to_string(), first, entries, revealed, checkpoint }))
 }
 
 /// The directories a flush wrote to: (tree, date or month).
@@ -293,9 +312,22 @@ type Touched = Vec<(Tree, String)>;
 
 /// Writes the rows of `entries` (the tenant's records from seq `first` on) and their roll-ups as
 /// one flush: a file per date and per month, all named with the flush's seq range.
-fn write_flush(root: &Path, tenant: &str, first: u64, entries: &[Vec<u8>], zones: &[(String, jiff::tz::TimeZone)]) -> Result<(FlushReport, Touched)> {
+/// The rows of `entries` (from seq `first` on), each with its personal values from `revealed`
+/// (parallel to `entries`; shorter, or empty, for entries without any).
+fn parse_rows(first: u64, entries: &[Vec<u8>], revealed: &[Option<Revealed>]) -> Result<Vec<Row>> {
+    entries.iter().zip(first..).enumerate().map(|(i, (entry, seq))| Row::parse(seq, entry, revealed.get(i).and_then(Option::as_ref))).collect()
+}
+
+fn write_flush(
+    root: &Path,
+    tenant: &str,
+    first: u64,
+    entries: &[Vec<u8>],
+    revealed: &[Option<Revealed>],
+    zones: &[(String, jiff::tz::TimeZone)],
+) -> Result<(FlushReport, Touched)> {
     let last = first + entries.len() as u64 - 1;
-    let rows = entries.iter().zip(first..).map(|(entry, seq)| Row::parse(seq, entry)).collect::<Result<Vec<_>>>()?;
+    let rows = parse_rows(first, entries, revealed)?;
     let mut by_date: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
     let mut by_month: BTreeMap<String, Rollup> = BTreeMap::new();
     let mut daily: BTreeMap<String, Daily> = BTreeMap::new();
@@ -370,7 +402,8 @@ pub fn append_records(root: &Path, tenant: &str, entries: &[Vec<u8>], zones: &[(
     }
     let mark = files::read_watermark(root, tenant)?;
     files::recover_tenant(root, tenant, mark.next_seq)?;
-    let (mut report, touched) = write_flush(root, tenant, mark.next_seq, entries, zones)?;
+    // Records written by tools and benchmarks carry no sealed personal values.
+    let (mut report, touched) = write_flush(root, tenant, mark.next_seq, entries, &[], zones)?;
     let daily_zones = zone_coverage(&mark, mark.next_seq, zones);
     let statements = mark.statements || mark.next_seq == 0;
     files::write_watermark(root, tenant, &files::Watermark { next_seq: mark.next_seq + entries.len() as u64, checkpoint: None, daily_zones, statements })?;

@@ -22,7 +22,7 @@ use tally_schemas::{daily_rollup_schema, projection_schema, rollup_schema, Event
 
 use crate::error::{Error, Result};
 use tally_log::merkle::{leaf_hash, Hash};
-use tally_log::{Charge, ChargeBasis, Record, Source};
+use tally_log::{Charge, ChargeBasis, Record, Revealed, Source};
 
 /// One record, parsed for projection.
 #[derive(Debug, Clone)]
@@ -58,7 +58,9 @@ struct BudgetSide {
 
 impl Row {
     /// Parses entry `seq` of a tenant's log with the log core's record codec.
-    pub fn parse(seq: u64, entry: &[u8]) -> Result<Row> {
+    /// `revealed`: the record's personal values ([`tally_log::Ledger::entry_revealed`]); the
+    /// row shows them, or `"erased"` for each field the record commits to without them.
+    pub fn parse(seq: u64, entry: &[u8], revealed: Option<&Revealed>) -> Result<Row> {
         let leaf_hash = leaf_hash(entry);
         Ok(match Record::<BudgetSide>::decode(seq, entry)? {
             Record::Event(r) => {
@@ -68,8 +70,9 @@ impl Row {
                 };
                 let record_type = if r.is_conflict() { "conflict" } else { "event" }.to_string();
                 let detail = r.conflicts_with_seq.map(|first| format!("{{\"conflicts_with_seq\":{first}}}"));
+                let event = r.revealed_event(revealed);
                 let charge = if r.is_conflict() { None } else { recorded_charge(r.charge, &r.event) };
-                Row { seq, leaf_hash, record_type, at: Some(r.event.occurred_at), event: Some(r.event), charge, kafka, detail }
+                Row { seq, leaf_hash, record_type, at: Some(event.occurred_at), event: Some(event), charge, kafka, detail }
             }
             Record::Budget(b) => Row {
                 seq,
