@@ -7,7 +7,8 @@
 # throttled and frozen calls, then start the query service over the ledger's Parquet projection
 # and print a tenant's cost report, the billing spend (a tokens-only call charged from its
 # tenant's price table), a billing statement verified offline from the ledger's tiles and from an
-# audit export, and the invoices of the tenants' own billing periods.
+# audit export, the invoices of the tenants' own billing periods, and an end user's erasure after
+# which a receipt issued before still verifies.
 #
 # TALLY_BIN=<path> uses an already built binary (the test suite does); otherwise it builds one.
 set -euo pipefail
@@ -48,9 +49,13 @@ with open(sys.argv[1], "w") as out:
     # A few dozen more calls, so the logs have some depth.
     for i in range(60):
         tenant = ["acme", "globex", "initech"][i % 3]
-        out.write(json.dumps({"event_id": f"demo-{i}", "tenant_id": tenant, "occurred_at": "2026-11-02T09:%02d:00Z" % (i % 60),
-                              "kind": "llm_call", "action": "gpt-5-mini", "agent_id": "support-bot",
-                              "cost": {"amount_micros": 1200 + i, "currency": "USD"}}) + "\n")
+        event = {"event_id": f"demo-{i}", "tenant_id": tenant, "occurred_at": "2026-11-02T09:%02d:00Z" % (i % 60),
+                 "kind": "llm_call", "action": "gpt-5-mini", "agent_id": "support-bot",
+                 "cost": {"amount_micros": 1200 + i, "currency": "USD"}}
+        # Two of acme's calls act for an end user: personal data, which the ledger commits to.
+        if i in (0, 3):
+            event.update({"actor_id": "user-ann", "attributes": {"email": "ann@example.com"}})
+        out.write(json.dumps(event) + "\n")
     # A call that reports tokens but no cost: the ledger prices it from initech's table.
     out.write(json.dumps({"event_id": "demo-tokens-only", "tenant_id": "initech", "occurred_at": "2026-11-02T10:30:00Z", "kind": "llm_call",
                           "action": "gpt-5-mini", "agent_id": "support-bot", "usage": {"input_tokens": 20000, "output_tokens": 2000}}) + "\n")
@@ -290,6 +295,21 @@ import json, sys
 r = json.load(sys.stdin)
 for row in r["rows"]:
     print("    invoice %-10s  %-4s %-8s %12s  %s .. %s  statement seq %d" % (row["SubAccountId"], row["BillingCurrency"], row["x_ChargeBasis"], row["BilledCost"], row["BillingPeriodStart"], row["BillingPeriodEnd"], row["x_StatementSeq"]))'
+echo "== acme's user-ann asks to be forgotten (GDPR art. 17): erasure, and a receipt from before it still verifies"
+ann_seq=$(curl -sf -D - -o "$work/ann.tlog-proof" "${auth[@]}" "$base/v1/tenants/acme/receipt?event_id=demo-0" | tr -d '\r' | sed -n 's/^x-tally-seq: //Ip')
+curl -sf "${auth[@]}" "$base/v1/tenants/acme/records/$ann_seq" >"$work/ann.entry"
+curl -sf "${auth[@]}" "$base/v1/tenants/acme/records/$ann_seq/personal" >"$work/ann.personal"
+echo "record $ann_seq holds commitments, not values: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["personal"])' "$work/ann.entry")"
+"$TALLY" verify receipt --vkey "$vkey" --receipt "$work/ann.tlog-proof" --entry "$work/ann.entry" --personal "$work/ann.personal"
+curl -sf "${auth[@]}" -X POST -H 'Content-Type: application/json' -d '{"subject":"user-ann"}' "$base/v1/tenants/acme/erase" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("erased: %d key, the personal values of %d records; erasure record at seq %d; projection rewritten" % (r["keys"], r["records"], r["seq"]))'
+curl -sf "${auth[@]}" "$base/v1/tenants/acme/records/$ann_seq/personal" >"$work/ann.erased"
+"$TALLY" verify receipt --vkey "$vkey" --receipt "$work/ann.tlog-proof" --entry "$work/ann.entry" --personal "$work/ann.erased"
+if grep -rqF "ann@example.com" "$work/ledger"; then echo "ann@example.com is still under the data directory"; exit 1; fi
+echo "a byte scan of the ledger's data directory finds no ann@example.com"
+
 echo "== acme's audit export proves its trail complete against the signed checkpoint"
 curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/audit-export" | python3 -c '
 import json, sys

@@ -84,6 +84,31 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Erase personal data of a tenant's records in a stopped ledger's data directory: one
+    /// subject's (its events' actor_id) or every subject's. A running ledger does the same on
+    /// `POST /v1/tenants/{tenant}/erase` (docs/privacy.md). Irreversible.
+    Erase {
+        /// The ledger's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The ledger's private key file (repeat it during a rotation).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        tenant: String,
+        /// The subject whose data to erase (`""`: the tenant's events without an actor_id).
+        #[arg(long, required_unless_present = "all_subjects", conflicts_with = "all_subjects")]
+        subject: Option<String>,
+        /// Erase every subject's data (offboarding).
+        #[arg(long)]
+        all_subjects: bool,
+        /// Who asks, named in the `erasure` records.
+        #[arg(long, default_value = "tally-erase")]
+        by: String,
+        /// A zone to keep daily cost roll-ups for: the ledger's `report_time_zones` (repeat it).
+        #[arg(long = "zone", default_value = "UTC")]
+        zones: Vec<String>,
+    },
     /// Bearer tokens for the HTTP services.
     #[command(subcommand)]
     Token(token_cmd::TokenCommand),
@@ -172,6 +197,28 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Parquet(ParquetCommand::Rebuild { data_dir, keys, tenant, zones }) => parquet_rebuild(&data_dir, &keys, tenant.as_deref(), &zones),
         Command::Migrate { data_dir } => migrate(&data_dir),
+        Command::Erase { data_dir, keys, tenant, subject, all_subjects: _, by, zones } => {
+            let keys = keys
+                .iter()
+                .map(|k| tally_ledger::LedgerKey::read(k).with_context(|| format!("reading key {}", k.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (erased, rows) = tally_ledger::service::erase_offline(&data_dir, keys, &tenant, subject.as_deref(), &by, &zones)
+                .with_context(|| format!("erasing under {}", data_dir.display()))?;
+            match erased.seq {
+                None => println!("{tenant}: nothing to erase (no such subject)"),
+                Some(seq) => println!(
+                    "{tenant}: erased {} key(s) and the personal values of {} record(s); recorded in {} erasure record(s), the last at seq {seq}; projection rewritten ({rows} records)",
+                    erased.keys, erased.records, erased.erasure_records
+                ),
+            }
+            if erased.unerasable > 0 {
+                println!(
+                    "{tenant}: {} record(s) written before personal fields were committed to hold them in clear; no key erases those (docs/privacy.md)",
+                    erased.unerasable
+                );
+            }
+            Ok(())
+        }
         Command::Topics { events_topic, dlq_topic, budget_topic, partitions } => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             let ledger = config.ledger.as_ref();

@@ -3,7 +3,8 @@
 //! a tenant past its day limit is denied its next call, a gateway's retried, throttled and frozen
 //! calls are answered as docs/gateways.md says, and the query service prints a cost report,
 //! the billing spend table (a tokens-only call charged from the table), a statement verified
-//! offline and a complete audit export.
+//! offline, an end user's erasure after which a receipt from before still verifies, and a
+//! complete audit export.
 
 mod common;
 
@@ -44,6 +45,11 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
             "no spend row for {tenant}: {stdout}"
         );
     }
+    // The erasure: values verified before, erased after, the same receipt still valid.
+    assert!(stdout.contains("personal values: all 3 verified against their commitments"), "{stdout}");
+    assert!(stdout.contains("erased: 1 key, the personal values of 2 records"), "{stdout}");
+    assert!(stdout.contains("personal values: 0 verified, erased: actor_id, attributes.email, payload_sha256"), "{stdout}");
+    assert!(stdout.contains("a byte scan of the ledger's data directory finds no ann@example.com"), "{stdout}");
     assert!(stdout.contains("complete=true"), "{stdout}");
     // Rated once, in the log: initech's tokens-only call (20,000 in, 2,000 out at 0.25 and 2 USD
     // per million) is charged 9,000 micros from its table, beside 20 calls with their own cost.

@@ -10,18 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tally_ingest::EventPublisher;
 
-/// Starts `tally_query::run` on a free port over `data`; no tokens (loopback only).
-async fn start_query(data: &std::path::Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let config: tally_query::QueryConfig = toml::from_str(&format!("data_dir = {:?}\n", data)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tally_query::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
-    (addr, stop)
-}
-
 /// The event ids `/events` serves for `tenant`, in seq order.
 async fn served_ids(addr: SocketAddr, tenant: &str) -> Vec<String> {
     let Some((200, body)) = http_get(addr, &format!("/v1/tenants/{tenant}/events?record_type=event&limit=10000")).await else { return Vec::new() };

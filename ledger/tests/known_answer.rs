@@ -95,7 +95,7 @@ fn messages() -> Vec<Delivery> {
         // Not JSON, and a tenant id that is not one: rejected, nothing recorded.
         ("acme", "{not json".to_string()),
         ("bad tenant!", event("bad tenant!", "x1", "2026-11-02T09:02:00Z", "")),
-        ("acme", event("acme", "a3", "2026-11-02T09:03:00Z", &format!(r#"{}{}"#, cost(6_000), r#","task_id":"t2""#))),
+        ("acme", event("acme", "a3", "2026-11-02T09:03:00Z", &format!(r#"{}{}"#, cost(6_000), r#","task_id":"t2","actor_id":"user-7""#))),
         // a2 again, with other content: a conflict record.
         ("acme", event("acme", "a2", "2026-11-02T09:01:00Z", &cost(1))),
         ("initech", event("initech", "i2", "2026-11-02T23:10:00Z", &cost(2_500))),
@@ -126,6 +126,11 @@ fn run(dir: &Path) -> String {
     let open = || {
         let mut p = PartitionLedger::open(dir, "events", PARTITION, vec![key.clone()]).unwrap();
         p.set_budget_file(Some(Arc::clone(&budgets)));
+        // Subject keys derived from their ids: commitments to personal fields are then the
+        // same bytes every run (a real store's keys are random).
+        p.ledger().subject_keys().derive_new_keys_for_tests(|tenant, subject| {
+            tally_log::SubjectKey::from_bytes(Sha256::digest(format!("kat subject key {tenant} {subject}")).into())
+        });
         p
     };
     let messages = messages();
@@ -177,6 +182,10 @@ fn run(dir: &Path) -> String {
             entries.update((entry.len() as u64).to_be_bytes());
             entries.update(&entry);
             records.push_str(&format!("{}\n", String::from_utf8(entry).unwrap()));
+            // The values and salts that open a record's commitments (docs/privacy.md).
+            if let Some(tally_log::Revealed::Open(fields)) = ledger.revealed(tenant, seq).unwrap() {
+                records.push_str(&format!("   personal {}\n", serde_json::to_string(&fields).unwrap()));
+            }
         }
         let (receipt, _) = ledger.receipt(tenant, size - 1).unwrap();
         out.push_str(&format!(

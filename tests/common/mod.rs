@@ -353,3 +353,16 @@ impl Drop for PrivateBroker {
         let _ = Self::script("stop", self.port, self.data.path());
     }
 }
+
+/// Starts `tally_query::run` on a free port over `data`; no tokens (loopback only). Sending on
+/// (or dropping) the returned sender stops it.
+pub async fn start_query(data: &std::path::Path) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let config: tally_query::QueryConfig = toml::from_str(&format!("data_dir = {:?}\n", data)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tally_query::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}

@@ -64,6 +64,8 @@ pub enum Action {
     SpendBudget,
     /// Freezing and unfreezing a tenant, or a scope of it (the kill switch).
     Freeze,
+    /// Erasing personal data of a tenant's records (one subject's, or all): irreversible.
+    Erase,
     /// Every tenant's spend (`/v1/spend`).
     ReadAllSpend,
     /// A service's `/metrics` (which never carry a tenant id).
@@ -71,8 +73,16 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 7] =
-        [Action::ReadAudit, Action::ReadCosts, Action::ReadBudget, Action::SpendBudget, Action::Freeze, Action::ReadAllSpend, Action::ReadMetrics];
+    pub const ALL: [Action; 8] = [
+        Action::ReadAudit,
+        Action::ReadCosts,
+        Action::ReadBudget,
+        Action::SpendBudget,
+        Action::Freeze,
+        Action::Erase,
+        Action::ReadAllSpend,
+        Action::ReadMetrics,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -81,6 +91,7 @@ impl Action {
             Action::ReadBudget => "read_budget",
             Action::SpendBudget => "spend_budget",
             Action::Freeze => "freeze",
+            Action::Erase => "erase",
             Action::ReadAllSpend => "read_all_spend",
             Action::ReadMetrics => "read_metrics",
         }
@@ -88,7 +99,7 @@ impl Action {
 
     /// Whether the action is about one tenant (the path names it).
     pub fn is_per_tenant(self) -> bool {
-        matches!(self, Action::ReadAudit | Action::ReadCosts | Action::ReadBudget | Action::SpendBudget | Action::Freeze)
+        matches!(self, Action::ReadAudit | Action::ReadCosts | Action::ReadBudget | Action::SpendBudget | Action::Freeze | Action::Erase)
     }
 
     /// What a refusal says the token does not grant.
@@ -99,6 +110,7 @@ impl Action {
             Action::ReadBudget => "this tenant's budget state",
             Action::SpendBudget => "changes to this tenant's budget",
             Action::Freeze => "freezing this tenant (its own tenant token or admin)",
+            Action::Erase => "erasing this tenant's personal data (its own tenant token or admin)",
             Action::ReadAllSpend => "billing reports (role billing or admin)",
             Action::ReadMetrics => "metrics access",
         }
@@ -133,8 +145,9 @@ impl Role {
         use Action::*;
         match (self, action) {
             (Role::Admin, _) => Reach::Everything,
-            // A tenant may stop itself; a gateway only obeys freezes, it never sets them.
-            (Role::Tenant, ReadAudit | ReadCosts | ReadBudget | SpendBudget | Freeze) => Reach::NamedTenants,
+            // A tenant may stop itself, and erase its own people's data (the controller under
+            // GDPR); a gateway only obeys freezes, it never sets them; a regulator reads.
+            (Role::Tenant, ReadAudit | ReadCosts | ReadBudget | SpendBudget | Freeze | Erase) => Reach::NamedTenants,
             (Role::Gateway, ReadBudget | SpendBudget) => Reach::NamedTenants,
             (Role::Regulator, ReadAudit | ReadCosts | ReadBudget) => Reach::NamedTenants,
             // Billing sees what every tenant is charged, per tenant too, but no record.
@@ -433,13 +446,13 @@ mod tests {
         type Row = (Action, bool, bool);
         let (n, y) = (false, true);
         #[rustfmt::skip]
-        let want: [(Role, [Row; 7]); 6] = [
-            (Role::Tenant,    [(ReadAudit, y, n), (ReadCosts, y, n), (ReadBudget, y, n), (SpendBudget, y, n), (Freeze, y, n), (ReadAllSpend, n, n), (ReadMetrics, n, n)]),
-            (Role::Gateway,   [(ReadAudit, n, n), (ReadCosts, n, n), (ReadBudget, y, n), (SpendBudget, y, n), (Freeze, n, n), (ReadAllSpend, n, n), (ReadMetrics, n, n)]),
-            (Role::Regulator, [(ReadAudit, y, n), (ReadCosts, y, n), (ReadBudget, y, n), (SpendBudget, n, n), (Freeze, n, n), (ReadAllSpend, n, n), (ReadMetrics, n, n)]),
-            (Role::Billing,   [(ReadAudit, n, n), (ReadCosts, y, y), (ReadBudget, n, n), (SpendBudget, n, n), (Freeze, n, n), (ReadAllSpend, y, y), (ReadMetrics, n, n)]),
-            (Role::Metrics,   [(ReadAudit, n, n), (ReadCosts, n, n), (ReadBudget, n, n), (SpendBudget, n, n), (Freeze, n, n), (ReadAllSpend, n, n), (ReadMetrics, y, y)]),
-            (Role::Admin,     [(ReadAudit, y, y), (ReadCosts, y, y), (ReadBudget, y, y), (SpendBudget, y, y), (Freeze, y, y), (ReadAllSpend, y, y), (ReadMetrics, y, y)]),
+        let want: [(Role, [Row; 8]); 6] = [
+            (Role::Tenant,    [(ReadAudit, y, n), (ReadCosts, y, n), (ReadBudget, y, n), (SpendBudget, y, n), (Freeze, y, n), (Erase, y, n), (ReadAllSpend, n, n), (ReadMetrics, n, n)]),
+            (Role::Gateway,   [(ReadAudit, n, n), (ReadCosts, n, n), (ReadBudget, y, n), (SpendBudget, y, n), (Freeze, n, n), (Erase, n, n), (ReadAllSpend, n, n), (ReadMetrics, n, n)]),
+            (Role::Regulator, [(ReadAudit, y, n), (ReadCosts, y, n), (ReadBudget, y, n), (SpendBudget, n, n), (Freeze, n, n), (Erase, n, n), (ReadAllSpend, n, n), (ReadMetrics, n, n)]),
+            (Role::Billing,   [(ReadAudit, n, n), (ReadCosts, y, y), (ReadBudget, n, n), (SpendBudget, n, n), (Freeze, n, n), (Erase, n, n), (ReadAllSpend, y, y), (ReadMetrics, n, n)]),
+            (Role::Metrics,   [(ReadAudit, n, n), (ReadCosts, n, n), (ReadBudget, n, n), (SpendBudget, n, n), (Freeze, n, n), (Erase, n, n), (ReadAllSpend, n, n), (ReadMetrics, y, y)]),
+            (Role::Admin,     [(ReadAudit, y, y), (ReadCosts, y, y), (ReadBudget, y, y), (SpendBudget, y, y), (Freeze, y, y), (Erase, y, y), (ReadAllSpend, y, y), (ReadMetrics, y, y)]),
         ];
         // Every action is in every row: a new action cannot be left out of this table.
         for (role, row) in &want {

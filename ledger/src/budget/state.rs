@@ -383,6 +383,12 @@ pub enum BudgetRecord {
         #[serde(flatten)]
         statement: Statement,
     },
+    /// Personal values erased (docs/privacy.md); no budget state depends on them.
+    Erasure {
+        seq: u64,
+        #[serde(flatten)]
+        erasure: tally_log::Erasure,
+    },
 }
 
 impl BudgetRecord {
@@ -757,7 +763,7 @@ impl BudgetState {
             BudgetRecord::Unfreeze { unfreeze, .. } => {
                 self.freezes.remove(&unfreeze.freeze_id);
             }
-            BudgetRecord::Flag { .. } => {}
+            BudgetRecord::Flag { .. } | BudgetRecord::Erasure { .. } => {}
             BudgetRecord::Statement { seq, statement } => {
                 self.open_periods.remove(&statement.period);
                 self.closed_through = self.closed_through.max(Some(statement.period));

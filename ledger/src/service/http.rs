@@ -54,6 +54,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/t/{tenant}/checkpoint", get(checkpoint))
         .route("/t/{tenant}/tile/{*rest}", get(tile))
         .route("/v1/tenants/{tenant}/records/{seq}", get(record))
+        .route("/v1/tenants/{tenant}/records/{seq}/personal", get(personal))
         .route("/v1/tenants/{tenant}/receipt/{seq}", get(receipt))
         .route("/v1/tenants/{tenant}/receipt", get(receipt_by_event))
         .route("/v1/tenants/{tenant}/consistency", get(consistency))
@@ -75,6 +76,11 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tenants/{tenant}/freeze", post(freeze))
         .route("/v1/tenants/{tenant}/unfreeze", post(unfreeze))
         .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::Freeze), tenant_access));
+    // Erasure cannot be undone: the tenant itself (the controller of its people's data) or an
+    // admin, never a reader.
+    let erasures = Router::new()
+        .route("/v1/tenants/{tenant}/erase", post(erase))
+        .route_layer(middleware::from_fn_with_state((Arc::clone(&shared), Action::Erase), tenant_access));
     let metrics = Router::new().route("/metrics", get(metrics)).route_layer(middleware::from_fn_with_state(Arc::clone(&shared), metrics_access));
     let telemetry = shared.metrics.telemetry().clone();
     let app = Router::new()
@@ -88,6 +94,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .merge(statements)
         .merge(per_tenant_writes)
         .merge(freezes)
+        .merge(erasures)
         .merge(metrics)
         .with_state(shared);
     telemetry.instrument(app)
@@ -199,6 +206,7 @@ impl From<tally_log::Error> for ApiError {
         match e {
             L::NoSuchEntry { .. } | L::NoSuchTile(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             L::BadTilePath(_) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            L::Uncommitted(_) => ApiError { retry_after: Some(1), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "uncommitted", e.to_string()) },
             other => internal(&other),
         }
     }
@@ -309,6 +317,19 @@ async fn tile(State(shared): State<Arc<Shared>>, ApiPath((tenant, rest)): ApiPat
 async fn record(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
     let entry = with_tenant(&shared, &tenant, |l| l.tenant(&tenant).entry(seq))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], entry).into_response())
+}
+
+/// The personal values of a record (docs/privacy.md): each field's value and salt, which open
+/// the commitment in the record's `personal` member, or `"erased"`. A record without personal
+/// fields answers with none.
+async fn personal(State(shared): State<Arc<Shared>>, ApiPath((tenant, seq)): ApiPath<(String, u64)>) -> ApiResult {
+    let revealed = with_tenant(&shared, &tenant, |l| l.revealed(&tenant, seq))?;
+    let body = match revealed {
+        None => serde_json::json!({"seq": seq, "fields": {}}),
+        Some(tally_log::Revealed::Open(fields)) => serde_json::json!({"seq": seq, "fields": fields}),
+        Some(tally_log::Revealed::Erased) => serde_json::json!({"seq": seq, "erased": true, "fields": {}}),
+    };
+    Ok(json(StatusCode::OK, body))
 }
 
 /// The tenant's committed `statement` records (closed billing periods), oldest first, as stored:
@@ -786,6 +807,117 @@ async fn freeze(
         Err(e) => e.into_response(),
     }
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EraseBody {
+    /// One subject's personal data (the events' `actor_id`; `""`: events without one).
+    #[serde(default)]
+    subject: Option<String>,
+    /// Every subject's: the tenant's personal data (offboarding).
+    #[serde(default)]
+    all_subjects: bool,
+}
+
+/// `POST …/erase`: erases the personal values of one subject's records, or of all the tenant's,
+/// appends the signed `erasure` records naming them (durable before the answer), then rewrites
+/// the tenant's Parquet projection without the values (docs/privacy.md, "Erasure").
+async fn erase(
+    State(shared): State<Arc<Shared>>,
+    Extension(who): Extension<Principal>,
+    ApiPath(tenant): ApiPath<String>,
+    body: Result<ApiJson<EraseBody>, ApiError>,
+) -> Response {
+    let body = match body {
+        Ok(ApiJson(b)) => b,
+        Err(e) => return e.into_response(),
+    };
+    let subject = match (body.subject, body.all_subjects) {
+        (Some(s), false) => Some(s),
+        (None, true) => None,
+        _ => return ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "give exactly one of subject and all_subjects = true").into_response(),
+    };
+    if let Some(s) = &subject {
+        if s.chars().count() > tally_schemas::MAX_ID_CHARS || s.chars().any(char::is_control) {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("subject must be at most {} characters without control characters", tally_schemas::MAX_ID_CHARS),
+            )
+            .into_response();
+        }
+    }
+    if subject.is_none() && who.role != tally_auth::Role::Admin {
+        // Every subject at once is offboarding: an operator's act, not an app token's.
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "all_subjects needs an admin token; a tenant token erases one subject at a time")
+            .into_response();
+    }
+    let (partition, owned) = match home(&shared, &tenant) {
+        Ok(home) => home,
+        Err(e) => return e.into_response(),
+    };
+    // The erasure must name every record sealed under the keys it deletes, so the tenant's
+    // appends are committed first; ingestion may append more meanwhile, then it is tried again.
+    let mut attempts = 0;
+    let erased = loop {
+        attempts += 1;
+        let t = tenant.clone();
+        let committed = tokio::task::spawn_blocking({
+            let owned = Arc::clone(&owned);
+            move || super::commit_owned(&owned, false, |p| p.ledger().next_seq(&t) == p.ledger().size(&t))
+        })
+        .await;
+        match committed {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return ApiError::from(e).into_response(),
+            Err(e) => return internal(&e).into_response(),
+        }
+        let (t, token, subject) = (tenant.clone(), who.name.clone(), subject.clone());
+        let erased = on_owned_durably(&shared, Arc::clone(&owned), partition, tenant.clone(), move |p| {
+            let erased = p.erase(&t, subject.as_deref(), jiff::Timestamp::now(), &Caller { token: Some(&token), idempotency_key: None })?;
+            let seq = erased.seq;
+            Ok((erased, seq))
+        })
+        .await;
+        match erased {
+            Err(e) if e.code == "uncommitted" && attempts < MAX_ERASE_ATTEMPTS => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Err(e) => return e.into_response(),
+            Ok(erased) => break erased,
+        }
+    };
+    shared.metrics.erased_records.inc_by(erased.records);
+    tracing::warn!(tenant_id = %tenant, token = %who.name, keys = erased.keys, records = erased.records, unerasable = erased.unerasable, seq = ?erased.seq, "personal data erased");
+    // The keys are gone (the commit that made the records durable deleted them); the projection
+    // still shows the values: rewrite the tenant's rows. If this does not finish (the request is
+    // dropped, the process stops), the projector rebuilds the tenant when it meets the record.
+    let rebuilt = if erased.records > 0 {
+        let tenant = tenant.clone();
+        match tokio::task::spawn_blocking(move || super::projector::reproject_tenant(&owned, &tenant)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                return internal(&format!("the erasure is recorded and its keys deleted, but rewriting the projection failed (the projector retries): {e}"))
+                    .into_response()
+            }
+            Err(e) => return internal(&e).into_response(),
+        }
+    } else {
+        Some(0)
+    };
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "seq": erased.seq,
+            "keys": erased.keys,
+            "records": erased.records,
+            "erasure_records": erased.erasure_records,
+            "unerasable_records": erased.unerasable,
+            "projection_rows_rewritten": rebuilt,
+        }),
+    )
+}
+
+/// How often an erasure waits for the tenant's appends to be committed before answering 503.
+const MAX_ERASE_ATTEMPTS: usize = 50;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1525,6 +1657,80 @@ mod tests {
         assert!(body.starts_with("tally.example.com/t/globex\n3\n"), "{body}");
     }
 
+    /// Erasing a subject over HTTP: its values leave the journal's readers and the Parquet
+    /// projection, an `erasure` record names its records, and a receipt issued before still
+    /// verifies against the checkpoint after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn erasing_a_subject_keeps_every_proof_and_leaves_no_value_in_the_projection() {
+        use crate::service::partition::test_personal_delivery;
+        let f = fixture();
+        let owned = f.shared.partition(0).unwrap();
+        {
+            let mut p = super::super::lock(&owned);
+            p.apply(&test_personal_delivery(10, "acme", "p1", "user-ann", "ann@example.com")).unwrap();
+            p.apply(&test_personal_delivery(11, "acme", "p2", "user-bob", "bob@example.com")).unwrap();
+            p.commit().unwrap();
+        }
+        let seq = super::super::lock(&owned).committed_size("acme") - 2;
+        super::super::projector::project_partition(&owned, 0, true);
+        let parquet = f.dir.path().join("parquet");
+        assert!(scan(&parquet, "ann@example.com"), "the projection shows the value before the erasure");
+        let (status, _, before) = call(&f.app, &format!("/v1/tenants/acme/records/{seq}/personal"), Some(&f.acme)).await;
+        assert_eq!((status, before["fields"]["attributes.email"]["value"].as_str()), (StatusCode::OK, Some("ann@example.com")), "{before}");
+        let (_, receipt, _) = call(&f.app, &format!("/v1/tenants/acme/receipt/{seq}"), Some(&f.acme)).await;
+        let (_, entry, _) = call(&f.app, &format!("/v1/tenants/acme/records/{seq}"), Some(&f.acme)).await;
+        // The record commits to the values, and the values and salts open the commitments.
+        let tally_log::Record::Event(record) = tally_log::Record::<serde::de::IgnoredAny>::decode(seq, entry.as_bytes()).unwrap() else {
+            panic!("not an event")
+        };
+        let openings: BTreeMap<String, tally_log::Opening> = serde_json::from_value(before["fields"].clone()).unwrap();
+        record.check_openings(&openings).unwrap();
+
+        // Bodies that name neither or both are refused.
+        for body in [r#"{}"#, r#"{"subject":"user-ann","all_subjects":true}"#] {
+            let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {json}");
+        }
+        // Every subject at once is an operator's act.
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(r#"{"all_subjects":true}"#)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{json}");
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(r#"{"subject":"user-ann"}"#)).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!((json["keys"].as_u64(), json["records"].as_u64(), json["erasure_records"].as_u64()), (Some(1), Some(1), Some(1)), "{json}");
+        let erasure_seq = json["seq"].as_u64().unwrap();
+        assert!(json["projection_rows_rewritten"].as_u64().unwrap() > erasure_seq, "{json}");
+
+        let (_, _, after) = call(&f.app, &format!("/v1/tenants/acme/records/{seq}/personal"), Some(&f.acme)).await;
+        assert_eq!((after["erased"].as_bool(), after["fields"].as_object().map(|m| m.len())), (Some(true), Some(0)), "{after}");
+        let (_, _, bob) = call(&f.app, &format!("/v1/tenants/acme/records/{}/personal", seq + 1), Some(&f.acme)).await;
+        assert_eq!(bob["fields"]["actor_id"]["value"].as_str(), Some("user-bob"), "{bob}");
+        // The erasure record names the record, not the subject.
+        let (_, erasure, _) = call(&f.app, &format!("/v1/tenants/acme/records/{erasure_seq}"), Some(&f.acme)).await;
+        assert_eq!(tally_log::Erasure::decode(erasure_seq, erasure.as_bytes()).unwrap().seqs, [seq], "{erasure}");
+        assert!(!erasure.contains("user-ann"), "{erasure}");
+        // No value is left in the projection or anywhere in the data directory.
+        for gone in ["ann@example.com", "user-ann"] {
+            assert!(!scan(f.dir.path(), gone), "{gone} is still under the data directory");
+        }
+        assert!(scan(&parquet, "bob@example.com"), "the scan finds what is there");
+        // The receipt issued before the erasure still verifies, against the checkpoint after it.
+        let (_, checkpoint, _) = call(&f.app, "/t/acme/checkpoint", Some(&f.acme)).await;
+        let vkeys = f.shared.keys[0].signer_for("acme").map(|s| vec![s.verifier()]).unwrap();
+        Receipt::parse(&receipt).unwrap().verify(entry.as_bytes(), &vkeys, Some("tally.example.com/t/acme")).unwrap();
+        let now = Checkpoint::open(&checkpoint, &vkeys, None).unwrap();
+        assert_eq!(now.size, erasure_seq + 1);
+    }
+
+    /// Whether any file under `dir` holds `needle`.
+    fn scan(dir: &std::path::Path, needle: &str) -> bool {
+        let mut found = false;
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            found |= if path.is_dir() { scan(&path, needle) } else { std::fs::read(&path).unwrap().windows(needle.len()).any(|w| w == needle.as_bytes()) };
+        }
+        found
+    }
+
     #[derive(Debug, Clone, Copy, PartialEq)]
     enum Want {
         /// Reaches the handler: anything but 401 and 403.
@@ -1536,16 +1742,19 @@ mod tests {
     }
 
     /// Every route of the API (`{t}` for the tenant) and who may call it (docs/http-api.md).
-    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 17] {
+    fn route_matrix<'a>(authorize: &'a str, release: &'a str) -> [(&'static str, &'static str, Option<&'a str>, [Want; 11]); 19] {
         use Want::{Allowed as A, Expired as E, Forbidden as F, Unauthenticated as U};
         // Scoped to a task nobody runs, so the walk's later authorizes are not denied by it.
         let freeze = r#"{"reason":"matrix walk","scope":{"task_id":"walk"}}"#;
         let unfreeze = r#"{"freeze_id":"frz-none"}"#;
+        // A subject nobody is: an allowed erasure finds no key and records nothing.
+        let erase = r#"{"subject":"nobody"}"#;
         //                                                                        own other reg+ reg- gw+ gw- bill metr admin exp none
         [
             ("GET", "/t/{t}/checkpoint", None, /*                             */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/t/{t}/tile/0/000.p/1", None, /*                         */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/v1/tenants/{t}/records/0", None, /*                     */ [A, F, A, F, F, F, F, F, A, E, U]),
+            ("GET", "/v1/tenants/{t}/records/0/personal", None, /*            */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/v1/tenants/{t}/receipt/0", None, /*                     */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/v1/tenants/{t}/receipt?event_id=e0", None, /*           */ [A, F, A, F, F, F, F, F, A, E, U]),
             ("GET", "/v1/tenants/{t}/consistency?old=0&new=1", None, /*       */ [A, F, A, F, F, F, F, F, A, E, U]),
@@ -1555,6 +1764,7 @@ mod tests {
             ("POST", "/v1/tenants/{t}/budget/release", Some(release), /*      */ [A, F, F, F, A, F, F, F, A, E, U]),
             ("POST", "/v1/tenants/{t}/freeze", Some(freeze), /*               */ [A, F, F, F, F, F, F, F, A, E, U]),
             ("POST", "/v1/tenants/{t}/unfreeze", Some(unfreeze), /*           */ [A, F, F, F, F, F, F, F, A, E, U]),
+            ("POST", "/v1/tenants/{t}/erase", Some(erase), /*                 */ [A, F, F, F, F, F, F, F, A, E, U]),
             ("GET", "/metrics", None, /*                                      */ [F, F, F, F, F, F, F, A, A, E, U]),
             ("GET", "/healthz", None, /*                                      */ [A, A, A, A, A, A, A, A, A, A, A]),
             ("GET", "/readyz", None, /*                                       */ [A, A, A, A, A, A, A, A, A, A, A]),

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub admissions_overloaded: IntCounter,
     /// Keyed authorize and release retries answered from their first record.
     pub requests_replayed: IntCounter,
+    /// Records whose personal values were erased.
+    pub erased_records: IntCounter,
     pub projected_records: IntCounter,
     pub projection_files: IntCounter,
     pub projection_errors: IntCounter,
@@ -99,6 +101,7 @@ impl Metrics {
                 "tally_ledger_admissions_overloaded_total",
                 "Authorize, release, freeze and unfreeze requests answered 503 overloaded: their partition's admission queue was full.",
             ),
+            erased_records: t.counter("tally_ledger_erased_records_total", "Records whose personal values were erased (POST …/erase)."),
             requests_replayed: t.counter(
                 "tally_ledger_idempotent_replays_total",
                 "Authorize and release retries (same Idempotency-Key) answered from their first record; not counted as allowed or denied again.",

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use tally_ingest::{DeadLetterQueue, Delivery, EventConsumer, KafkaConfig, PartitionSink, Resume};
 
 pub use metrics::{CommitTimes, Metrics};
-pub use partition::{Applied, AuthorizeRequest, Caller, Decided, Frozen, PartitionLedger, Released, WrittenCommit};
+pub use partition::{Applied, AuthorizeRequest, Caller, Decided, Erased, Frozen, PartitionLedger, Released, WrittenCommit};
 
 use crate::budget::BudgetFile;
 use crate::error::{Error, Result};
@@ -616,16 +616,53 @@ pub fn rebuild_projection(
     let root = data_dir.join("parquet");
     let mut done = Vec::new();
     for dir in dirs {
-        let _lock = partition::lock_partition(&dir)?;
-        let ledger = tally_log::Ledger::open_read_only(&dir, keys.clone())?;
+        // Opened as its owner would (taking its lock): an erasure whose record is durable but
+        // whose keys a stop left behind is completed first, so no row shows what it erased.
+        let (topic, partition) = partition_of_dir(&dir)?;
+        let owner = PartitionLedger::open(data_dir, &topic, partition, keys.clone())?;
+        let ledger = owner.ledger();
         let mut tenants = ledger.tenant_ids();
         tenants.retain(|t| only.is_none_or(|o| o == t));
         for tenant in tenants {
-            let records = tally_projection::rebuild_tenant(&root, &tenant, &ledger, zones.clone(), |d, t| progress(&tenant, d, t))?;
+            let records = tally_projection::rebuild_tenant(&root, &tenant, ledger, zones.clone(), |d, t| progress(&tenant, d, t))?;
             done.push((tenant, records));
         }
     }
     Ok(done)
+}
+
+/// The topic and partition a partition directory (`<topic>-<partition>`) holds.
+fn partition_of_dir(dir: &std::path::Path) -> Result<(String, i32)> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|name| name.rsplit_once('-'))
+        .and_then(|(topic, n)| Some((topic.to_string(), n.parse::<i32>().ok()?)))
+        .ok_or_else(|| Error::BadKey(format!("{} is not a partition directory (<topic>-<partition>)", dir.display())))
+}
+
+/// Erases personal data of `tenant` in a stopped ledger's `data_dir`, as `POST …/erase` does on
+/// a running one (docs/privacy.md, "Erasure"): `subject`'s, or every subject's with `None`; the
+/// `erasure` records name the token `by`. Then rewrites the tenant's projection. Locks the
+/// tenant's partition, so it refuses to run beside the instance that owns it.
+pub fn erase_offline(
+    data_dir: &std::path::Path,
+    keys: Vec<LedgerKey>,
+    tenant: &str,
+    subject: Option<&str>,
+    by: &str,
+    zones: &[String],
+) -> Result<(Erased, u64)> {
+    let dir =
+        tally_log::find_tenant_ledger(data_dir, tenant).ok_or_else(|| Error::BadKey(format!("no log of tenant {tenant} under {}", data_dir.display())))?;
+    let (topic, partition) = partition_of_dir(&dir)?;
+    let erased = {
+        let mut p = PartitionLedger::open(data_dir, &topic, partition, keys.clone())?;
+        let erased = p.erase(tenant, subject, jiff::Timestamp::now(), &Caller { token: Some(by), idempotency_key: None })?;
+        p.commit_closing()?;
+        erased
+    };
+    let rebuilt = if erased.records > 0 { rebuild_projection(data_dir, keys, Some(tenant), zones, |_, _, _| {})?.iter().map(|(_, n)| n).sum() } else { 0 };
+    Ok((erased, rebuilt))
 }
 
 /// Converts every partition under a ledger service's `data_dir` (or a `tally log` directory

@@ -41,7 +41,7 @@ use crate::budget::{
 };
 use crate::error::{Error, Result};
 use serde::de::IgnoredAny;
-use tally_log::{conflict_record, event_record, input_time, EventInput, Record, Source};
+use tally_log::{input_time, EventInput, Record, Source};
 
 /// Who made an authorize or release request, as its record names it, and the key that makes
 /// its retries safe.
@@ -70,6 +70,22 @@ pub struct Frozen {
     pub freeze_id: String,
     pub seq: u64,
     pub existing: bool,
+}
+
+/// An erasure answer (docs/privacy.md, "Erasure").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erased {
+    /// The last `erasure` record's seq; `None` when there was no key to erase (no record).
+    pub seq: Option<u64>,
+    /// Subject keys erased.
+    pub keys: u64,
+    /// Records whose personal values were erased.
+    pub records: u64,
+    /// How many `erasure` records name them (one unless they are very many).
+    pub erasure_records: u64,
+    /// Records of the subject written before personal fields were committed to: their values
+    /// are in clear in the log, and no erasure removes them (docs/privacy.md).
+    pub unerasable: u64,
 }
 
 /// A release answer: its record, and whether it was a retry answered from it.
@@ -135,6 +151,9 @@ pub struct PartitionLedger {
     closed: bool,
     /// A journal write or sync failed (see `PartitionLedger::failed`).
     failed: bool,
+    /// Subject keys named by `erasure` records appended but not yet committed: deleted by the
+    /// commit that makes those records durable, never before (docs/privacy.md, "Erasure").
+    keys_to_forget: Vec<(String, Vec<tally_log::KeyRef>)>,
 }
 
 /// Takes the exclusive lock of a partition directory (held while the returned file is open).
@@ -156,11 +175,6 @@ fn dedup_key(tenant: &str, key: &IdempotencyKey) -> DedupKey {
     h.finalize()[..16].try_into().unwrap_or_default()
 }
 
-fn content_digest(event: &Event) -> Result<[u8; 16]> {
-    let bytes = serde_json::to_vec(event).map_err(|e| Error::BadRecord(e.to_string()))?;
-    Ok(Sha256::digest(bytes)[..16].try_into().unwrap_or_default())
-}
-
 impl PartitionLedger {
     /// Opens (or creates) the state of `topic`/`partition` under `root`. Costs one scan of the
     /// budget snapshots and a replay of the journal past the store's durable position (at most
@@ -177,7 +191,7 @@ impl PartitionLedger {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Lock before anything is read or repaired: the previous owner may still be closing it.
         let lock = lock_partition(&dir)?;
-        let ledger = Ledger::open_with(&dir, keys, segment_bytes)?;
+        let mut ledger = Ledger::open_with(&dir, keys, segment_bytes)?;
         let store = PartitionStore::open(&dir.join("state.redb"))?;
         let next_offset = ledger.next_offset();
         let corrupt = |detail: String| Error::Corrupt { path: dir.display().to_string(), detail };
@@ -204,6 +218,7 @@ impl PartitionLedger {
         // sooner (two fsyncs of a large write, per partition).
         let mut catch_up = Batch { durable: false, ..Batch::default() };
         let mut replayed = 0u64;
+        let mut erased_keys = Vec::new();
         ledger.replay(from, |tenant, seq, entry| -> Result<()> {
             replayed += 1;
             let budget = budgets.entry(tenant.to_string()).or_default();
@@ -216,12 +231,20 @@ impl PartitionLedger {
                 budget.fold(seq, entry)?;
                 *done = seq + 1;
             }
+            if entry.starts_with(br#"{"type":"erasure""#) {
+                // Its keys may still exist, if the process stopped between the record's commit
+                // and their deletion: deleted below, before the store moves past the record.
+                let erasure = tally_log::Erasure::decode(seq, entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))?;
+                erased_keys.push((tenant.to_string(), erasure.keys));
+                return Ok(());
+            }
             let Record::Event(record) = Record::<IgnoredAny>::decode(seq, entry).map_err(|e| Error::BadRecord(format!("{tenant}: {e}")))? else {
                 return Ok(());
             };
             if !record.is_conflict() {
+                let content = ledger.recorded_content_digest(tenant, seq, &record)?;
                 let key = IdempotencyKey { source: record.ce_source, id: record.event.event_id.clone() };
-                catch_up.seen.push((dedup_key(tenant, &key), Seen { content: content_digest(&record.event)?, seq }));
+                catch_up.seen.push((dedup_key(tenant, &key), Seen { content, seq }));
             }
             Ok(())
         })?;
@@ -243,6 +266,12 @@ impl PartitionLedger {
         // than the replay itself).
         let budget_stale: BTreeSet<String> =
             folded.iter().filter(|(tenant, done)| snapshot_covered.get(*tenant) != Some(*done) && **done > 0).map(|(tenant, _)| tenant.clone()).collect();
+        for (tenant, keys) in erased_keys {
+            let forgotten = ledger.forget_keys(&tenant, &keys)?;
+            if forgotten > 0 {
+                tracing::warn!(tenant_id = %tenant, partition, keys = forgotten, "deleted the subject keys of an erasure recorded before a stop");
+            }
+        }
         catch_up.journal_position = Some(ledger.journal_end());
         if !catch_up.seen.is_empty() || !catch_up.budgets.is_empty() || from != ledger.journal_end() {
             store.commit(&catch_up)?;
@@ -283,6 +312,7 @@ impl PartitionLedger {
             unprojected,
             closed: false,
             failed: false,
+            keys_to_forget: Vec::new(),
         })
     }
 
@@ -377,13 +407,17 @@ impl PartitionLedger {
         let source = Source::Kafka { topic: self.topic.clone(), partition: self.partition, offset: delivery.offset, timestamp_ms: delivery.timestamp_ms };
         let input = EventInput { event: &decoded.event, ce_source: decoded.key.source.as_deref(), payload_sha256: &decoded.payload_sha256, source: &source };
         let key = dedup_key(&tenant, &decoded.key);
-        let content = content_digest(&decoded.event)?;
+        let content = self.ledger.content_digest(&decoded.event)?;
+        // A first version recorded before personal fields were committed to was deduplicated
+        // by the digest of the whole event: a retry of it still matches.
+        let plain = Ledger::plain_content_digest(&decoded.event)?;
         let seen = self.lookup(&key)?;
         let size = self.ledger.next_seq(&tenant);
         // An entry naming a record the log does not hold (a lost tail) is no evidence of a retry.
         let seen = seen.filter(|s| s.seq < size);
         let at = input_time(&decoded.event, &source);
-        if seen.is_none_or(|s| s.content != content) {
+        let same = |s: &Seen| s.content == content || s.content == plain;
+        if seen.is_none_or(|s| !same(&s)) {
             // A record will be appended: the input clock moves to it first, and what that
             // makes due for the tenant (ended windows, closed periods) is recorded before it,
             // so the record is rated against them.
@@ -395,9 +429,9 @@ impl PartitionLedger {
         }
         let size = self.ledger.next_seq(&tenant);
         let applied = match seen {
-            Some(seen) if seen.content == content => Applied::Deduplicated { tenant: tenant.clone() },
+            Some(seen) if same(&seen) => Applied::Deduplicated { tenant: tenant.clone() },
             Some(seen) => {
-                self.ledger.append(&tenant, &conflict_record(size, input, seen.seq)?)?;
+                self.ledger.append_event(input, None, Some(seen.seq))?;
                 self.budgets.entry(tenant.clone()).or_default().observe_input(at);
                 Applied::Conflict { tenant: tenant.clone(), seq: size }
             }
@@ -417,8 +451,7 @@ impl PartitionLedger {
                 let charge = state.rate(&decoded.event);
                 // Only a charge in a period with none yet can move the tenant's next close.
                 let opens_period = charge.as_ref().is_some_and(|c| state.opens_period(&c.period));
-                let seq = self.ledger.next_seq(&tenant);
-                self.ledger.append(&tenant, &event_record(seq, input, charge.as_ref())?)?;
+                let seq = self.ledger.append_event(input, charge.as_ref(), None)?;
                 self.budgets.entry(tenant.clone()).or_default().observe_input(at);
                 self.pending.insert(key, Seen { content, seq });
                 self.after_event(&tenant, &decoded.event, charge.as_ref(), seq)?;
@@ -794,6 +827,29 @@ impl PartitionLedger {
         Ok(Frozen { freeze_id, seq, existing: false })
     }
 
+    /// Erases the personal values of the tenant's records: `subject`'s, or every subject's
+    /// with `None` (offboarding). Appends the `erasure` records naming the keys and records (not
+    /// yet durable: the caller commits); the commit that makes them durable deletes the keys
+    /// (`finish_commit`). Nothing is appended when there is no key to erase. Refused with
+    /// [`tally_log::Error::Uncommitted`] while the tenant has appends not yet committed: the
+    /// caller commits and asks again.
+    pub fn erase(&mut self, tenant: &str, subject: Option<&str>, now: Timestamp, caller: &Caller) -> Result<Erased> {
+        let plan = self.ledger.erasure_plan(tenant, subject, now, caller.token.unwrap_or("anonymous"))?;
+        let (keys, records, unerasable) = (plan.erasure.keys.len() as u64, plan.erasure.seqs.len() as u64, plan.unerasable);
+        if keys == 0 {
+            return Ok(Erased { seq: None, keys, records, erasure_records: 0, unerasable });
+        }
+        let all_keys = plan.erasure.keys.clone();
+        let mut seq = None;
+        let mut erasure_records = 0;
+        for part in plan.erasure.parts() {
+            seq = Some(self.append_budget(tenant, |seq| BudgetRecord::Erasure { seq, erasure: part })?);
+            erasure_records += 1;
+        }
+        self.keys_to_forget.push((tenant.to_string(), all_keys));
+        Ok(Erased { seq, keys, records, erasure_records, unerasable })
+    }
+
     /// Ends a freeze: the `unfreeze` record's seq, or `None` if the tenant has no such active
     /// freeze.
     pub fn unfreeze(&mut self, tenant: &str, freeze_id: &str, now: Timestamp, caller: &Caller) -> Result<Option<u64>> {
@@ -887,6 +943,8 @@ impl PartitionLedger {
         self.failed = true;
         self.pending.clear();
         self.in_flight.clear();
+        // Their `erasure` records were not made durable: the keys stay.
+        self.keys_to_forget.clear();
     }
 
     /// Whether a journal write or sync failed: the partition must be opened again.
@@ -946,6 +1004,15 @@ impl PartitionLedger {
             other => tally_log::Error::Commit(other.to_string()),
         });
         let changed = self.ledger.finish_commit(written.pending, synced).inspect_err(|_| self.failed())?;
+        // The `erasure` records are durable: now their keys go, before the store's durable
+        // position can move past the records (an open replays them and deletes what is left).
+        for (tenant, keys) in std::mem::take(&mut self.keys_to_forget) {
+            if let Err(e) = self.ledger.forget_keys(&tenant, &keys) {
+                // Gone from memory already; the shard stays dirty and the next commit writes it
+                // first, or fails as this one would have.
+                tracing::error!(tenant_id = %tenant, partition = self.partition, error = %e, "could not write a subject key shard after an erasure; retried at the next commit");
+            }
+        }
         let mut times = CommitTimes { logs: written.started.elapsed(), state: None };
         let durable = written.journal_position.is_some();
         if !durable {
@@ -1007,6 +1074,19 @@ pub(super) fn test_delivery(offset: i64, tenant: &str, id: &str, cost: i64) -> D
     )
 }
 
+/// A delivery of an event of `actor` with an `email` attribute (personal fields), for tests in
+/// this module and [`super::http`].
+#[cfg(test)]
+pub(super) fn test_personal_delivery(offset: i64, tenant: &str, id: &str, actor: &str, email: &str) -> Delivery {
+    json_delivery(
+        offset,
+        tenant,
+        format!(
+            r#"{{"event_id":"{id}","tenant_id":"{tenant}","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","actor_id":"{actor}","attributes":{{"email":"{email}"}},"cost":{{"amount_micros":1,"currency":"USD"}}}}"#
+        ),
+    )
+}
+
 /// A delivery of a valid `llm_call` event that occurred at `at` and was published a second
 /// later, for tests in this module and [`super::http`].
 #[cfg(test)]
@@ -1050,6 +1130,67 @@ mod tests {
         assert_eq!(p.commit().unwrap(), Some(4));
         let conflict = String::from_utf8(p.ledger().tenant("acme").entry(1).unwrap()).unwrap();
         assert!(conflict.contains(r#""type":"conflict""#) && conflict.contains(r#""conflicts_with_seq":0"#), "{conflict}");
+    }
+
+    /// The keys of an erasure go with the commit that makes its record durable; a stop between
+    /// the two leaves them for the next open, which deletes them before anything reads them.
+    #[test]
+    fn an_erasures_keys_go_with_its_commit_or_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let caller = Caller { token: Some("ops"), idempotency_key: None };
+        let now: Timestamp = "2026-11-03T00:00:00Z".parse().unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        p.apply(&test_personal_delivery(0, "acme", "p0", "user-ann", "ann@example.com")).unwrap();
+        p.apply(&test_personal_delivery(1, "acme", "p1", "user-bob", "bob@example.com")).unwrap();
+        // Not yet committed: refused, so that nothing sealed under the key goes unnamed.
+        let refused = p.erase("acme", Some("user-ann"), now, &caller).unwrap_err();
+        assert!(matches!(refused, Error::Log(tally_log::Error::Uncommitted(_))), "{refused}");
+        p.commit().unwrap();
+        let erased = p.erase("acme", Some("user-ann"), now, &caller).unwrap();
+        assert_eq!((erased.keys, erased.records, erased.erasure_records, erased.unerasable), (1, 1, 1, 0));
+        // Appended, not durable: the key is still there.
+        assert!(matches!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Open(_))));
+        p.commit().unwrap();
+        assert_eq!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Erased));
+        assert!(matches!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Open(_))));
+
+        // A stop after the record's fsync and before its keys are deleted.
+        let erased = p.erase("acme", Some("user-bob"), now, &caller).unwrap();
+        let written = p.write_commit(false).unwrap();
+        written.sync().unwrap();
+        drop(written);
+        drop(p);
+        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert_eq!(p.committed_size("acme"), erased.seq.unwrap() + 1, "the erasure record is durable");
+        assert_eq!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Erased), "the open deleted the key");
+    }
+
+    /// A retry of an event recorded before personal fields were committed to (its dedup digest
+    /// is the whole event's) is still a retry, not a conflict.
+    #[test]
+    fn a_retry_of_an_event_recorded_in_the_old_format_is_still_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let old = test_personal_delivery(0, "acme", "p0", "user-ann", "ann@example.com");
+        {
+            let mut ledger = Ledger::open(&dir.path().join("partitions/events-3"), vec![key.clone()]).unwrap();
+            let decoded = old.outcome.as_ref().unwrap();
+            let source = Source::Kafka { topic: "events".into(), partition: 3, offset: 0, timestamp_ms: None };
+            let input = EventInput { event: &decoded.event, ce_source: None, payload_sha256: &decoded.payload_sha256, source: &source };
+            // What the ledger wrote before: the event whole, personal fields included.
+            ledger.append("acme", &tally_log::event_record(0, input, None).unwrap()).unwrap();
+            ledger.commit(Some(1)).unwrap();
+        }
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        let retry = test_personal_delivery(1, "acme", "p0", "user-ann", "ann@example.com");
+        assert_eq!(p.apply(&retry).unwrap(), Applied::Deduplicated { tenant: "acme".into() });
+        let changed = test_personal_delivery(2, "acme", "p0", "user-ann", "ann@example.org");
+        assert_eq!(p.apply(&changed).unwrap(), Applied::Conflict { tenant: "acme".into(), seq: 1 });
+        // The old record holds its values in clear: an erasure says it cannot remove them.
+        p.commit().unwrap();
+        let erased = p.erase("acme", Some("user-ann"), "2026-11-03T00:00:00Z".parse().unwrap(), &Caller::default()).unwrap();
+        assert_eq!((erased.records, erased.unerasable), (1, 1), "{erased:?}");
     }
 
     fn agent_delivery(offset: i64, tenant: &str, id: &str, agent: &str) -> Delivery {

@@ -39,6 +39,30 @@ pub struct Projected {
     pub errors: usize,
 }
 
+/// Rewrites `tenant`'s projection from its committed log, as an erasure needs: under the
+/// partition's projection mutex (no pass runs meanwhile), from a read-only view of the journal,
+/// so the partition's lock is held only to find its directory, never while files are written.
+/// Returns the records the projection now holds; `None` for a closed partition, which belongs
+/// to its next owner (whose projector rebuilds it when it meets the `erasure` record).
+pub(crate) fn reproject_tenant(owned: &Owned, tenant: &str) -> crate::error::Result<Option<u64>> {
+    let mut projection = owned.projection.lock().unwrap_or_else(PoisonError::into_inner);
+    rebuild(owned, &mut projection, tenant)
+}
+
+fn rebuild(owned: &Owned, projection: &mut tally_projection::Projection, tenant: &str) -> crate::error::Result<Option<u64>> {
+    let (dir, keys) = {
+        let p = lock(owned);
+        if p.is_closed() {
+            return Ok(None);
+        }
+        (p.ledger().dir().to_path_buf(), p.ledger().signing_keys().to_vec())
+    };
+    let ledger = tally_log::Ledger::open_read_only(&dir, keys)?;
+    let records = projection.rebuild(tenant, &ledger)?;
+    lock(owned).projected(tenant, records);
+    Ok(Some(records))
+}
+
 /// Projects the due tenants of one partition; with `force`, every tenant, whatever its last
 /// flush, until none is left behind (or a pass makes no progress).
 pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> Projected {
@@ -63,6 +87,7 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
                 }
             }
             let mut inputs = Vec::new();
+            let mut rebuilds = Vec::new();
             let mut caught_up = Vec::new();
             {
                 let p = lock(owned);
@@ -72,6 +97,9 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
                         break;
                     }
                     match tally_projection::read_flush(p.ledger(), &tenant, first, ROUND_BYTES - bytes) {
+                        // Its keys are gone (the commit that made it durable deleted them), but
+                        // rows written before may show what it erased.
+                        Ok(Some(input)) if input.has_erasure() => rebuilds.push(tenant),
                         Ok(Some(input)) => {
                             bytes += input.bytes();
                             inputs.push((tenant, input));
@@ -79,6 +107,16 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
                         Ok(None) => caught_up.push((tenant, first)),
                         Err(e) => failed(&mut out, partition, &tenant, &e.to_string()),
                     }
+                }
+            }
+            for tenant in rebuilds {
+                match rebuild(owned, &mut projection, &tenant) {
+                    Ok(Some(records)) => {
+                        out.records += records;
+                        tracing::info!(tenant_id = %tenant, partition, records, "projection rebuilt after an erasure");
+                    }
+                    Ok(None) => {}
+                    Err(e) => failed(&mut out, partition, &tenant, &e.to_string()),
                 }
             }
             let mut written = Vec::with_capacity(inputs.len());
