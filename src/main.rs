@@ -102,6 +102,10 @@ enum Command {
         /// Erase every subject's data (offboarding).
         #[arg(long)]
         all_subjects: bool,
+        /// Only what occurred in months wholly before this date (YYYY-MM-DD): keys are per UTC
+        /// month, so the month holding the date is kept.
+        #[arg(long)]
+        before: Option<jiff::civil::Date>,
         /// Who asks, named in the `erasure` records.
         #[arg(long, default_value = "tally-erase")]
         by: String,
@@ -197,12 +201,13 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Parquet(ParquetCommand::Rebuild { data_dir, keys, tenant, zones }) => parquet_rebuild(&data_dir, &keys, tenant.as_deref(), &zones),
         Command::Migrate { data_dir } => migrate(&data_dir),
-        Command::Erase { data_dir, keys, tenant, subject, all_subjects: _, by, zones } => {
+        Command::Erase { data_dir, keys, tenant, subject, all_subjects: _, before, by, zones } => {
             let keys = keys
                 .iter()
                 .map(|k| tally_ledger::LedgerKey::read(k).with_context(|| format!("reading key {}", k.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let (erased, rows) = tally_ledger::service::erase_offline(&data_dir, keys, &tenant, subject.as_deref(), &by, &zones)
+            let before = before.map(|d| d.strftime("%Y-%m").to_string());
+            let (erased, rows) = tally_ledger::service::erase_offline(&data_dir, keys, &tenant, subject.as_deref(), before.as_deref(), &by, &zones)
                 .with_context(|| format!("erasing under {}", data_dir.display()))?;
             match erased.seq {
                 None => println!("{tenant}: nothing to erase (no such subject)"),

@@ -164,3 +164,58 @@ async fn an_erased_subject_leaves_no_value_behind_and_every_proof_still_verifies
     let (ok, out) = verify_receipt(&files, &vkey, 1, &files.join("1.personal"));
     assert!(ok && out.contains("all 4 verified"), "{out}");
 }
+
+/// Retention runs by itself: with `personal_data_days = 30`, an event from a month wholly past
+/// the window loses its values at the ledger's next tick, with an `erasure` record by
+/// `retention`, while a recent one keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_erases_values_past_the_window_by_itself() {
+    let kafka = kafka();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("retention", 1).await;
+    let data = dir.path().join("data");
+    let budgets = dir.path().join("budgets.toml");
+    std::fs::write(&budgets, "[tenants.acme]\npersonal_data_days = 30\n").unwrap();
+    let mut config = ledger_config(&data, &key_path, &topic, &unique_topic("retention-group"), 100);
+    config.budgets = Some(budgets);
+    let ledger = start_service(config).await;
+    let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+    let now = jiff::Timestamp::now();
+    let old = now.checked_sub(jiff::SignedDuration::from_hours(24 * 70)).unwrap();
+    for (id, at, email) in [("old", old, "old@example.com"), ("new", now, "new@example.com")] {
+        let mut event: serde_json::Value = serde_json::from_slice(&personal_event(id, "user-ann", email)).unwrap();
+        event["occurred_at"] = at.to_string().into();
+        publisher.publish(Some(b"acme"), &serde_json::to_vec(&event).unwrap(), &[]).await.unwrap();
+    }
+    // The two events, their tenant's `config` record (the policy is part of it), then the erasure.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let erasure = loop {
+        let checkpoint = http_get(ledger.addr, "/t/acme/checkpoint").await.filter(|(s, _)| *s == 200).map(|(_, b)| String::from_utf8(b).unwrap());
+        let size: u64 = checkpoint.as_deref().and_then(|c| c.lines().nth(1)).and_then(|n| n.parse().ok()).unwrap_or(0);
+        if size > 0 {
+            let last = String::from_utf8(get_ok(ledger.addr, &format!("/v1/tenants/acme/records/{}", size - 1)).await).unwrap();
+            if last.contains(r#""type":"erasure""#) {
+                break last;
+            }
+        }
+        assert!(Instant::now() < deadline, "no retention erasure within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(erasure.contains(r#""by":"retention""#), "{erasure}");
+    let mut states = BTreeMap::new();
+    for seq in 0..3u64 {
+        let entry = String::from_utf8(get_ok(ledger.addr, &format!("/v1/tenants/acme/records/{seq}")).await).unwrap();
+        let personal: serde_json::Value = serde_json::from_slice(&get_ok(ledger.addr, &format!("/v1/tenants/acme/records/{seq}/personal")).await).unwrap();
+        if let Some(id) = ["old", "new"].into_iter().find(|id| entry.contains(&format!(r#""event_id":"{id}""#))) {
+            states.insert(id, personal["erased"].as_bool().unwrap_or(false));
+        }
+    }
+    assert_eq!(states, BTreeMap::from([("new", false), ("old", true)]), "{erasure}");
+    assert!(!found_under(&data.join("partitions"), "old@example.com"));
+    // The projector meets the erasure record and rewrites the tenant's rows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while found_under(&data, "old@example.com") || !found_under(&data.join("parquet"), "new@example.com") {
+        assert!(Instant::now() < deadline, "the projection still shows the expired value, or not the recent one");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ledger.stop().await;
+}

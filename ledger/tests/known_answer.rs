@@ -128,8 +128,8 @@ fn run(dir: &Path) -> String {
         p.set_budget_file(Some(Arc::clone(&budgets)));
         // Subject keys derived from their ids: commitments to personal fields are then the
         // same bytes every run (a real store's keys are random).
-        p.ledger().subject_keys().derive_new_keys_for_tests(|tenant, subject| {
-            tally_log::SubjectKey::from_bytes(Sha256::digest(format!("kat subject key {tenant} {subject}")).into())
+        p.ledger().subject_keys().derive_new_keys_for_tests(|tenant, subject, period| {
+            tally_log::SubjectKey::from_bytes(Sha256::digest(format!("kat subject key {tenant} {subject} {period}")).into())
         });
         p
     };

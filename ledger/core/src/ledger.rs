@@ -25,7 +25,7 @@ use crate::entries::TenantEntries;
 use crate::error::{Error, Result};
 use crate::keyfile::LedgerKey;
 use crate::partition_log::{PartitionLog, PendingCommit, TenantView};
-use crate::privacy::{Commitment, KeyRef, Revealed, SealedHeader, SubjectKeys};
+use crate::privacy::{period_of, Commitment, KeyRef, Revealed, SealedHeader, SubjectKeys};
 use crate::receipt::Receipt;
 use crate::record::{conflict_record, event_record, personal_event_record, split_personal, Erasure, EventInput, Record, PAYLOAD_FIELD};
 use crate::Charge;
@@ -176,7 +176,7 @@ impl Ledger {
         }
         let mut values = personal.values;
         values.insert(PAYLOAD_FIELD.to_string(), hex::encode(input.payload_sha256));
-        let key = self.subjects().key_for(tenant, &personal.subject)?;
+        let key = self.subjects().key_for(tenant, &personal.subject, &period_of(input.event.occurred_at))?;
         let commitments: BTreeMap<String, String> =
             values.iter().map(|(field, value)| (field.clone(), Commitment::of(&key.salt(tenant, seq, field), field, value).to_hex())).collect();
         let sealed = key.seal(SubjectKeys::shard_of(tenant, &personal.subject), tenant, seq, &values)?;
@@ -193,7 +193,7 @@ impl Ledger {
         if personal.values.is_empty() {
             return digest(event, None);
         }
-        let key = self.subjects().key_for(&event.tenant_id, &personal.subject)?;
+        let key = self.subjects().key_for(&event.tenant_id, &personal.subject, &period_of(event.occurred_at))?;
         digest(&personal.event, Some(&key.content_tag(&event.tenant_id, &personal.values)))
     }
 
@@ -249,18 +249,26 @@ impl Ledger {
     /// Reads every committed record of the tenant. Refused with [`Error::Uncommitted`] while
     /// the tenant has appends not yet committed: they could be sealed under a key this names
     /// without being named.
-    pub fn erasure_plan(&self, tenant: &str, subject: Option<&str>, at: jiff::Timestamp, by: &str) -> Result<ErasurePlan> {
+    pub fn erasure_plan(&self, tenant: &str, subject: Option<&str>, before: Option<&str>, at: jiff::Timestamp, by: &str) -> Result<ErasurePlan> {
+        let keys = self.subjects().key_refs(tenant, subject, before)?;
+        self.plan_for_keys(tenant, subject, before, keys, at, by)
+    }
+
+    /// [`Ledger::erasure_plan`] for keys found otherwise (a retention pass over every tenant:
+    /// [`SubjectKeys::expired`]).
+    pub fn plan_for_keys(
+        &self,
+        tenant: &str,
+        subject: Option<&str>,
+        before: Option<&str>,
+        keys: Vec<KeyRef>,
+        at: jiff::Timestamp,
+        by: &str,
+    ) -> Result<ErasurePlan> {
         let size = self.log.size(tenant);
         if self.log.next_seq(tenant) != size {
             return Err(Error::Uncommitted(tenant.to_string()));
         }
-        let keys: Vec<KeyRef> = {
-            let mut subjects = self.subjects();
-            match subject {
-                Some(s) => subjects.key_ref(tenant, s)?.into_iter().collect(),
-                None => subjects.key_refs_of_tenant(tenant)?,
-            }
-        };
         let ids: std::collections::HashSet<[u8; 16]> = keys.iter().map(|k| k.id).collect();
         let (mut seqs, mut unerasable) = (Vec::new(), 0u64);
         for seq in 0..size {
@@ -274,7 +282,8 @@ impl Ledger {
                 None => {
                     if let Record::Event(r) = Record::<serde::de::IgnoredAny>::decode(seq, &entry)? {
                         let clear = split_personal(&r.event);
-                        if !clear.values.is_empty() && subject.is_none_or(|s| s == clear.subject) {
+                        let old_enough = before.is_none_or(|b| period_of(r.event.occurred_at).as_str() < b);
+                        if !clear.values.is_empty() && subject.is_none_or(|s| s == clear.subject) && old_enough {
                             unerasable += 1;
                         }
                     }
@@ -282,7 +291,8 @@ impl Ledger {
             }
         }
         let scope = if subject.is_some() { "subject" } else { "tenant" };
-        Ok(ErasurePlan { erasure: Erasure { at, by: by.to_string(), scope: scope.to_string(), keys, seqs }, unerasable })
+        let erasure = Erasure { at, by: by.to_string(), scope: scope.to_string(), before: before.map(str::to_string), keys, seqs };
+        Ok(ErasurePlan { erasure, unerasable })
     }
 
     /// Deletes `keys` of `tenant` from the subject key store, durably; how many were there. Run
@@ -606,7 +616,7 @@ mod tests {
         assert!(!contains(&bytes, "ann@example.com"), "values are sealed, never in clear, even before erasure");
 
         // Planning changes nothing.
-        let plan = ledger.erasure_plan("acme", Some("user-ann"), "2026-02-01T00:00:00Z".parse().unwrap(), "ops").unwrap();
+        let plan = ledger.erasure_plan("acme", Some("user-ann"), None, "2026-02-01T00:00:00Z".parse().unwrap(), "ops").unwrap();
         assert_eq!((plan.erasure.keys.len(), plan.unerasable), (1, 0));
         assert!(matches!(ledger.revealed("acme", 0).unwrap(), Some(Revealed::Open(_))));
         let erased = erase(&mut ledger, Some("user-ann"));
@@ -662,7 +672,7 @@ mod tests {
 
     /// An erasure as the service runs it: the plan, its record made durable, then the keys.
     fn erase(ledger: &mut Ledger, subject: Option<&str>) -> Erasure {
-        let plan = ledger.erasure_plan("acme", subject, "2026-02-01T00:00:00Z".parse().unwrap(), "ops").unwrap();
+        let plan = ledger.erasure_plan("acme", subject, None, "2026-02-01T00:00:00Z".parse().unwrap(), "ops").unwrap();
         let seq = ledger.next_seq("acme");
         ledger.append("acme", &crate::erasure_record(seq, &plan.erasure).unwrap()).unwrap();
         ledger.commit(None).unwrap();
@@ -680,12 +690,12 @@ mod tests {
         let mut ledger = Ledger::open(dir.path(), vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
         append(&mut ledger, &personal_event("e1", "user-ann", "ann@example.com"));
         let at: jiff::Timestamp = "2026-02-01T00:00:00Z".parse().unwrap();
-        assert!(matches!(ledger.erasure_plan("acme", Some("user-ann"), at, "ops"), Err(Error::Uncommitted(_))));
+        assert!(matches!(ledger.erasure_plan("acme", Some("user-ann"), None, at, "ops"), Err(Error::Uncommitted(_))));
         ledger.commit(None).unwrap();
-        assert_eq!(ledger.erasure_plan("acme", Some("user-ann"), at, "ops").unwrap().erasure.seqs, [0]);
+        assert_eq!(ledger.erasure_plan("acme", Some("user-ann"), None, at, "ops").unwrap().erasure.seqs, [0]);
 
         let keys: Vec<KeyRef> = (0..600u32).map(|i| KeyRef { shard: (i % 256) as u8, id: [i as u8; 16] }).collect();
-        let big = Erasure { at, by: "ops".into(), scope: "tenant".into(), keys: keys.clone(), seqs: (u64::MAX - 5_000..u64::MAX).collect() };
+        let big = Erasure { at, by: "ops".into(), scope: "tenant".into(), before: None, keys: keys.clone(), seqs: (u64::MAX - 5_000..u64::MAX).collect() };
         let parts = big.clone().parts();
         assert_eq!(parts.len(), 3);
         assert!(parts.iter().all(|p| p.seqs.len() <= crate::MAX_ERASED_SEQS_PER_RECORD && p.keys.len() <= crate::MAX_ERASED_KEYS_PER_RECORD && p.at == at));

@@ -50,7 +50,7 @@ pub use ledger::{find_tenant_ledger, migrate, ErasurePlan, Ledger, Migrated, JOU
 pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};
-pub use privacy::{Commitment, KeyRef, Opening, Revealed, Salt, SealedHeader, SubjectKey, SubjectKeys, SALT_BYTES};
+pub use privacy::{period_of, Commitment, KeyRef, Opening, Revealed, Salt, SealedHeader, SubjectKey, SubjectKeys, SALT_BYTES};
 pub use receipt::Receipt;
 pub use record::{
     budget_record, conflict_record, erasure_record, event_record, input_time, split_personal, Charge, ChargeBasis, Erasure, EventInput, EventRecord,

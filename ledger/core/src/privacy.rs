@@ -5,7 +5,7 @@
 //! * [`Commitment`]: `SHA-256(salt ‖ u32be(len(field)) ‖ field ‖ value)`, 32 bytes. The length
 //!   prefix pins where the field name ends, so `("ab", "c")` and `("a", "bc")` never commit to
 //!   the same bytes. A commitment without its salt says nothing about a guessable value.
-//! * [`SubjectKey`]: 32 random bytes per (tenant, subject). The salt of field `field` of record
+//! * [`SubjectKey`]: 32 random bytes per (tenant, subject, month). The salt of field `field` of record
 //!   `seq` in `tenant`'s log is the first 16 bytes of
 //!   `HMAC-SHA256(key, u32be(len(tenant)) ‖ tenant ‖ u64be(seq) ‖ field)`: deterministic, so a
 //!   replay with the same keys writes the same commitments, and unrecoverable once the key is
@@ -287,16 +287,32 @@ impl SealedHeader {
 }
 
 /// First bytes of every shard file.
-const SHARD_MAGIC: &[u8; 12] = b"TALLYKEYS01\n";
+const SHARD_MAGIC: &[u8; 12] = b"TALLYKEYS02\n";
 const SHARDS: usize = 256;
 /// Tenant ids and subject ids are at most this long (as identifiers are; docs/limits.md).
 const MAX_ID_BYTES: usize = 1024;
 
-/// Keys of one shard, by (tenant, subject).
-type Shard = BTreeMap<(String, String), SubjectKey>;
+/// Keys of one shard, by (tenant, subject, period).
+type Shard = BTreeMap<Holder, SubjectKey>;
 
-/// Makes the key of a new (tenant, subject).
-type KeySource = Box<dyn FnMut(&str, &str) -> SubjectKey + Send>;
+/// Whose a key is: a subject of a tenant, for one period (a UTC month, `YYYY-MM`). A subject has
+/// a key per month its records occurred in, so that retention erases old months and keeps the
+/// rest; all of a subject's keys live in one shard, so erasing it reads one file.
+type Holder = (String, String, String);
+
+/// Makes the key of a new (tenant, subject, period).
+type KeySource = Box<dyn FnMut(&str, &str, &str) -> SubjectKey + Send>;
+
+/// The period of a record that occurred at `at`: its UTC month, `YYYY-MM`.
+pub fn period_of(at: jiff::Timestamp) -> String {
+    at.strftime("%Y-%m").to_string()
+}
+
+/// Whether `period` is a `YYYY-MM` month.
+fn is_period(period: &str) -> bool {
+    let b = period.as_bytes();
+    b.len() == 7 && b[4] == b'-' && b.iter().enumerate().all(|(i, c)| i == 4 || c.is_ascii_digit())
+}
 
 /// The subject keys of one partition (see the module docs).
 pub struct SubjectKeys {
@@ -310,7 +326,7 @@ pub struct SubjectKeys {
     shards: Vec<Option<Shard>>,
     /// For each shard read, its keys by id ([`SubjectKey::id`]): a sealed blob names its key by
     /// id, and finding it must not cost an HMAC per key of the shard.
-    ids: Vec<HashMap<[u8; 16], (String, String)>>,
+    ids: Vec<HashMap<[u8; 16], Holder>>,
     /// Shards changed since the last [`SubjectKeys::persist`].
     dirty: BTreeSet<usize>,
 }
@@ -336,7 +352,7 @@ impl SubjectKeys {
         Ok(SubjectKeys {
             dir: dir.to_path_buf(),
             lock: Some(lock),
-            new_key: Box::new(|_, _| SubjectKey::random()),
+            new_key: Box::new(|_, _, _| SubjectKey::random()),
             shards: vec![None; SHARDS],
             ids: vec![HashMap::new(); SHARDS],
             dirty: BTreeSet::new(),
@@ -351,7 +367,7 @@ impl SubjectKeys {
         SubjectKeys {
             dir: dir.to_path_buf(),
             lock: None,
-            new_key: Box::new(|_, _| SubjectKey::random()),
+            new_key: Box::new(|_, _, _| SubjectKey::random()),
             shards: vec![None; SHARDS],
             ids: vec![HashMap::new(); SHARDS],
             dirty: BTreeSet::new(),
@@ -361,7 +377,7 @@ impl SubjectKeys {
     /// New keys from `new_key(tenant, subject)` instead of random ones: for known-answer tests,
     /// whose records must be the same bytes every run. Never for a real store: a key anyone can
     /// derive protects nothing.
-    pub fn derive_new_keys_for_tests(&mut self, new_key: impl FnMut(&str, &str) -> SubjectKey + Send + 'static) {
+    pub fn derive_new_keys_for_tests(&mut self, new_key: impl FnMut(&str, &str, &str) -> SubjectKey + Send + 'static) {
         self.new_key = Box::new(new_key);
     }
 
@@ -372,25 +388,30 @@ impl SubjectKeys {
         }
     }
 
-    /// The key of `subject` in `tenant`, if it has one (it was never created, or it was erased).
-    pub fn key(&mut self, tenant: &str, subject: &str) -> Result<Option<SubjectKey>> {
+    /// The key of `subject` in `tenant` for `period`, if it has one (it was never created, or it
+    /// was erased).
+    pub fn key(&mut self, tenant: &str, subject: &str, period: &str) -> Result<Option<SubjectKey>> {
         let shard = self.shard(tenant, subject)?;
-        Ok(shard.get(&(tenant.to_string(), subject.to_string())).cloned())
+        Ok(shard.get(&(tenant.to_string(), subject.to_string(), period.to_string())).cloned())
     }
 
-    /// The key of `subject` in `tenant`, created (not yet durable: see [`SubjectKeys::persist`])
-    /// if it has none.
-    pub fn key_for(&mut self, tenant: &str, subject: &str) -> Result<SubjectKey> {
+    /// The key of `subject` in `tenant` for `period` ([`period_of`]), created (not yet durable:
+    /// see [`SubjectKeys::persist`]) if it has none.
+    pub fn key_for(&mut self, tenant: &str, subject: &str, period: &str) -> Result<SubjectKey> {
         check_id("tenant", tenant)?;
         check_id("subject", subject)?;
-        if let Some(key) = self.key(tenant, subject)? {
+        if !is_period(period) {
+            return Err(Error::BadKey(format!("a key period is a month, YYYY-MM, not {period:?}")));
+        }
+        if let Some(key) = self.key(tenant, subject, period)? {
             return Ok(key);
         }
         self.writable()?;
-        let key = (self.new_key)(tenant, subject);
+        let key = (self.new_key)(tenant, subject, period);
         let index = shard_of(tenant, subject);
-        self.shard(tenant, subject)?.insert((tenant.to_string(), subject.to_string()), key.clone());
-        self.ids[index].insert(key.id(), (tenant.to_string(), subject.to_string()));
+        let holder = (tenant.to_string(), subject.to_string(), period.to_string());
+        self.shard(tenant, subject)?.insert(holder.clone(), key.clone());
+        self.ids[index].insert(key.id(), holder);
         self.dirty.insert(index);
         Ok(key)
     }
@@ -405,25 +426,48 @@ impl SubjectKeys {
     pub fn key_of_sealed(&mut self, tenant: &str, header: &SealedHeader) -> Result<Option<SubjectKey>> {
         let index = usize::from(header.shard);
         self.load(index)?;
-        let Some((t, subject)) = self.ids[index].get(&header.key_id).filter(|(t, _)| t == tenant).cloned() else { return Ok(None) };
-        Ok(self.shards[index].as_ref().and_then(|shard| shard.get(&(t, subject)).cloned()))
+        let Some(holder) = self.ids[index].get(&header.key_id).filter(|(t, _, _)| t == tenant).cloned() else { return Ok(None) };
+        Ok(self.shards[index].as_ref().and_then(|shard| shard.get(&holder).cloned()))
     }
 
-    /// Where `subject`'s key in `tenant` is (its shard and id), if it has one.
-    pub fn key_ref(&mut self, tenant: &str, subject: &str) -> Result<Option<KeyRef>> {
-        Ok(self.key(tenant, subject)?.map(|key| KeyRef { shard: SubjectKeys::shard_of(tenant, subject), id: key.id() }))
-    }
-
-    /// Where every key of `tenant` is. Reads every shard.
-    pub fn key_refs_of_tenant(&mut self, tenant: &str) -> Result<Vec<KeyRef>> {
+    /// Where the keys of `tenant` are (shard and id): `subject`'s (reading its one shard), or
+    /// with `None` every subject's (reading every shard); with `before`, only those of periods
+    /// before that month (`YYYY-MM`).
+    pub fn key_refs(&mut self, tenant: &str, subject: Option<&str>, before: Option<&str>) -> Result<Vec<KeyRef>> {
+        let shards: Vec<usize> = match subject {
+            Some(s) => vec![shard_of(tenant, s)],
+            None => (0..SHARDS).collect(),
+        };
         let mut refs = Vec::new();
-        for index in 0..SHARDS {
+        for index in shards {
             self.load(index)?;
             let shard = u8::try_from(index).unwrap_or_default();
-            refs.extend(self.ids[index].iter().filter(|(_, (t, _))| t == tenant).map(|(id, _)| KeyRef { shard, id: *id }));
+            let wanted = |(t, s, p): &Holder| t == tenant && subject.is_none_or(|x| x == s) && before.is_none_or(|b| p.as_str() < b);
+            refs.extend(self.ids[index].iter().filter(|(_, h)| wanted(h)).map(|(id, _)| KeyRef { shard, id: *id }));
         }
         refs.sort();
         Ok(refs)
+    }
+
+    /// Every key, in every shard, whose period is before the cutoff `cutoff(tenant)` gives for
+    /// its tenant (`None`: keep), by tenant: what a retention pass erases. Reads every shard.
+    pub fn expired(&mut self, cutoff: impl Fn(&str) -> Option<String>) -> Result<BTreeMap<String, Vec<KeyRef>>> {
+        let mut out: BTreeMap<String, Vec<KeyRef>> = BTreeMap::new();
+        let mut cutoffs: HashMap<String, Option<String>> = HashMap::new();
+        for index in 0..SHARDS {
+            self.load(index)?;
+            let shard = u8::try_from(index).unwrap_or_default();
+            for (id, (tenant, _, period)) in &self.ids[index] {
+                let before = cutoffs.entry(tenant.clone()).or_insert_with(|| cutoff(tenant));
+                if before.as_deref().is_some_and(|b| period.as_str() < b) {
+                    out.entry(tenant.clone()).or_default().push(KeyRef { shard, id: *id });
+                }
+            }
+        }
+        for refs in out.values_mut() {
+            refs.sort();
+        }
+        Ok(out)
     }
 
     /// Forgets the key `key` names if it is one of `tenant`'s (durably at the next
@@ -432,10 +476,10 @@ impl SubjectKeys {
         self.writable()?;
         let index = usize::from(key.shard);
         self.load(index)?;
-        let Some((t, subject)) = self.ids[index].get(&key.id).filter(|(t, _)| t == tenant).cloned() else { return Ok(false) };
+        let Some(holder) = self.ids[index].get(&key.id).filter(|(t, _, _)| t == tenant).cloned() else { return Ok(false) };
         self.ids[index].remove(&key.id);
         if let Some(shard) = self.shards[index].as_mut() {
-            shard.remove(&(t, subject));
+            shard.remove(&holder);
         }
         self.dirty.insert(index);
         Ok(true)
@@ -459,20 +503,21 @@ impl SubjectKeys {
         ))
     }
 
-    /// Forgets `subject`'s key in `tenant` (durably at the next [`SubjectKeys::persist`]);
-    /// whether it had one.
-    pub fn erase_subject(&mut self, tenant: &str, subject: &str) -> Result<bool> {
-        match self.key_ref(tenant, subject)? {
-            Some(key) => self.forget(tenant, key),
-            None => Ok(false),
+    /// Forgets every key of `subject` in `tenant`, all periods (durably at the next
+    /// [`SubjectKeys::persist`]); how many.
+    pub fn erase_subject(&mut self, tenant: &str, subject: &str) -> Result<usize> {
+        let mut removed = 0;
+        for key in self.key_refs(tenant, Some(subject), None)? {
+            removed += usize::from(self.forget(tenant, key)?);
         }
+        Ok(removed)
     }
 
     /// Forgets every key of `tenant` (offboarding); how many. Reads every shard.
     pub fn erase_tenant(&mut self, tenant: &str) -> Result<usize> {
         self.writable()?;
         let mut removed = 0;
-        for key in self.key_refs_of_tenant(tenant)? {
+        for key in self.key_refs(tenant, None, None)? {
             removed += usize::from(self.forget(tenant, key)?);
         }
         Ok(removed)
@@ -538,11 +583,12 @@ fn shard_of(tenant: &str, subject: &str) -> usize {
     usize::from(h.finalize()[0])
 }
 
-/// `magic ‖ (u16be len ‖ tenant ‖ u16be len ‖ subject ‖ key[32])* ‖ u32be crc32c(all before)`.
+/// `magic ‖ (u16be len ‖ tenant ‖ u16be len ‖ subject ‖ u16be len ‖ period ‖ key[32])* ‖
+/// u32be crc32c(all before)`.
 fn encode_shard(shard: &Shard) -> Vec<u8> {
     let mut out = SHARD_MAGIC.to_vec();
-    for ((tenant, subject), key) in shard {
-        for id in [tenant, subject] {
+    for ((tenant, subject, period), key) in shard {
+        for id in [tenant, subject, period] {
             // Ids are checked to fit in `key_for`.
             out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
             out.extend_from_slice(id.as_bytes());
@@ -577,23 +623,27 @@ fn decode_shard(index: usize, bytes: &[u8]) -> std::result::Result<Shard, String
         Ok(head.to_vec())
     };
     while !rest.is_empty() {
-        let mut ids = Vec::with_capacity(2);
-        for _ in 0..2 {
+        let mut ids = Vec::with_capacity(3);
+        for _ in 0..3 {
             let len = take(2, &mut rest)?;
             let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
             ids.push(String::from_utf8(take(len, &mut rest)?).map_err(|_| "an id is not UTF-8")?);
         }
         let mut key = [0u8; 32];
         key.copy_from_slice(&take(32, &mut rest)?);
+        let period = ids.pop().unwrap_or_default();
         let subject = ids.pop().unwrap_or_default();
         let tenant = ids.pop().unwrap_or_default();
         if tenant.len() > MAX_ID_BYTES || subject.len() > MAX_ID_BYTES {
             return Err("an id is longer than 1,024 bytes".into());
         }
+        if !is_period(&period) {
+            return Err("a key's period is not a YYYY-MM month".into());
+        }
         if shard_of(&tenant, &subject) != index {
             return Err("an entry belongs to another shard".into());
         }
-        let id = (tenant, subject);
+        let id = (tenant, subject, period);
         if shard.last_key_value().is_some_and(|(last, _)| *last >= id) {
             return Err("entries out of order or repeated".into());
         }
@@ -605,6 +655,33 @@ fn decode_shard(index: usize, bytes: &[u8]) -> std::result::Result<Shard, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The period of every key these tests make.
+    const P: &str = "2026-11";
+
+    #[test]
+    fn a_subject_has_a_key_per_month_and_retention_finds_the_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        let old = keys.key_for("acme", "user-ann", "2026-01").unwrap();
+        let new = keys.key_for("acme", "user-ann", "2026-11").unwrap();
+        assert_ne!(old, new, "another month, another key");
+        keys.key_for("globex", "user-ann", "2026-01").unwrap();
+        assert!(keys.key_for("acme", "user-ann", "2026-1").is_err() && keys.key_for("acme", "user-ann", "../x").is_err(), "periods are months");
+        assert_eq!(keys.key_refs("acme", Some("user-ann"), None).unwrap().len(), 2);
+        assert_eq!(keys.key_refs("acme", None, Some("2026-06")).unwrap(), [KeyRef { shard: SubjectKeys::shard_of("acme", "user-ann"), id: old.id() }]);
+        // Retention: acme keeps 6 months from 2026-12, globex has no policy.
+        let expired = keys.expired(|t| (t == "acme").then(|| "2026-06".to_string())).unwrap();
+        assert_eq!(expired.keys().collect::<Vec<_>>(), ["acme"]);
+        assert_eq!(expired["acme"].len(), 1);
+        assert!(keys.forget("acme", expired["acme"][0]).unwrap());
+        keys.persist().unwrap();
+        let mut reopened = SubjectKeys::open_read_only(dir.path());
+        assert_eq!(reopened.key("acme", "user-ann", "2026-01").unwrap(), None);
+        assert_eq!(reopened.key("acme", "user-ann", "2026-11").unwrap(), Some(new));
+        assert!(reopened.key("globex", "user-ann", "2026-01").unwrap().is_some());
+        assert!(reopened.key_for("acme", "someone", P).is_err(), "a read-only store creates nothing");
+    }
 
     fn salt(byte: u8) -> Salt {
         Salt([byte; SALT_BYTES])
@@ -671,8 +748,8 @@ mod tests {
     fn a_sealed_blob_finds_its_key_until_the_subject_is_erased() {
         let dir = tempfile::tempdir().unwrap();
         let mut keys = SubjectKeys::open(dir.path()).unwrap();
-        let ann = keys.key_for("acme", "user-ann").unwrap();
-        keys.key_for("acme", "user-bob").unwrap();
+        let ann = keys.key_for("acme", "user-ann", P).unwrap();
+        keys.key_for("acme", "user-bob", P).unwrap();
         let values = BTreeMap::from([("attributes.name".to_string(), "Ann".to_string())]);
         let sealed = ann.seal(SubjectKeys::shard_of("acme", "user-ann"), "acme", 1, &values).unwrap();
         let header = SealedHeader::parse(&sealed).unwrap();
@@ -700,43 +777,45 @@ mod tests {
     fn keys_survive_a_reopen_only_once_persisted() {
         let dir = tempfile::tempdir().unwrap();
         let mut keys = SubjectKeys::open(dir.path()).unwrap();
-        let ann = keys.key_for("acme", "user-ann").unwrap();
-        assert_eq!(keys.key_for("acme", "user-ann").unwrap(), ann, "one key per subject");
+        let ann = keys.key_for("acme", "user-ann", P).unwrap();
+        assert_eq!(keys.key_for("acme", "user-ann", P).unwrap(), ann, "one key per subject");
         let files = || std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name() != "lock").count();
         assert_eq!(files(), 0, "nothing written before persist");
         assert_eq!(keys.persist().unwrap(), 1);
         assert_eq!(keys.persist().unwrap(), 0, "nothing changed since");
         drop(keys);
         let mut reopened = SubjectKeys::open(dir.path()).unwrap();
-        assert_eq!(reopened.key("acme", "user-ann").unwrap(), Some(ann));
-        assert_eq!(reopened.key("globex", "user-ann").unwrap(), None, "keys are per tenant");
+        assert_eq!(reopened.key("acme", "user-ann", P).unwrap(), Some(ann));
+        assert_eq!(reopened.key("globex", "user-ann", P).unwrap(), None, "keys are per tenant");
     }
 
     #[test]
     fn erasing_a_subject_leaves_neither_its_key_nor_its_id_in_any_file() {
         let dir = tempfile::tempdir().unwrap();
         let mut keys = SubjectKeys::open(dir.path()).unwrap();
-        let ann = keys.key_for("acme", "user-ann").unwrap();
-        let bob = keys.key_for("acme", "user-bob").unwrap();
+        let ann = keys.key_for("acme", "user-ann", P).unwrap();
+        let bob = keys.key_for("acme", "user-bob", P).unwrap();
         let others: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
         for s in &others {
-            keys.key_for("acme", s).unwrap();
+            keys.key_for("acme", s, P).unwrap();
         }
         keys.persist().unwrap();
         assert!(contains(&all_bytes(dir.path()), &ann.0) && contains(&all_bytes(dir.path()), b"user-ann"));
-        assert!(keys.erase_subject("acme", "user-ann").unwrap());
-        assert!(!keys.erase_subject("acme", "user-ann").unwrap(), "already gone");
+        // Every period of the subject goes.
+        keys.key_for("acme", "user-ann", "2026-12").unwrap();
+        assert_eq!(keys.erase_subject("acme", "user-ann").unwrap(), 2);
+        assert_eq!(keys.erase_subject("acme", "user-ann").unwrap(), 0, "already gone");
         keys.persist().unwrap();
         let bytes = all_bytes(dir.path());
         assert!(!contains(&bytes, &ann.0), "the erased key is in a file");
         assert!(!contains(&bytes, b"user-ann"), "the erased subject id is in a file");
         drop(keys);
         let mut reopened = SubjectKeys::open(dir.path()).unwrap();
-        assert_eq!(reopened.key("acme", "user-ann").unwrap(), None);
-        assert_eq!(reopened.key("acme", "user-bob").unwrap(), Some(bob));
-        assert!(others.iter().all(|s| reopened.key("acme", s).unwrap().is_some()));
+        assert_eq!(reopened.key("acme", "user-ann", P).unwrap(), None);
+        assert_eq!(reopened.key("acme", "user-bob", P).unwrap(), Some(bob));
+        assert!(others.iter().all(|s| reopened.key("acme", s, P).unwrap().is_some()));
         // A new key for the same subject is another key: nothing derived from the old one opens.
-        assert_ne!(reopened.key_for("acme", "user-ann").unwrap(), ann);
+        assert_ne!(reopened.key_for("acme", "user-ann", P).unwrap(), ann);
     }
 
     #[test]
@@ -744,8 +823,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut keys = SubjectKeys::open(dir.path()).unwrap();
         for i in 0..50 {
-            keys.key_for("acme", &format!("s{i}")).unwrap();
-            keys.key_for("globex", &format!("s{i}")).unwrap();
+            keys.key_for("acme", &format!("s{i}"), P).unwrap();
+            keys.key_for("globex", &format!("s{i}"), P).unwrap();
         }
         keys.persist().unwrap();
         assert_eq!(keys.erase_tenant("acme").unwrap(), 50);
@@ -753,15 +832,15 @@ mod tests {
         assert!(!contains(&all_bytes(dir.path()), b"acme"));
         drop(keys);
         let mut reopened = SubjectKeys::open(dir.path()).unwrap();
-        assert!((0..50).all(|i| reopened.key("acme", &format!("s{i}")).unwrap().is_none()));
-        assert!((0..50).all(|i| reopened.key("globex", &format!("s{i}")).unwrap().is_some()));
+        assert!((0..50).all(|i| reopened.key("acme", &format!("s{i}"), P).unwrap().is_none()));
+        assert!((0..50).all(|i| reopened.key("globex", &format!("s{i}"), P).unwrap().is_some()));
     }
 
     #[test]
     fn a_damaged_shard_is_refused_naming_its_file_and_a_crash_temporary_is_swept() {
         let dir = tempfile::tempdir().unwrap();
         let mut keys = SubjectKeys::open(dir.path()).unwrap();
-        keys.key_for("acme", "user-ann").unwrap();
+        keys.key_for("acme", "user-ann", P).unwrap();
         keys.persist().unwrap();
         let shard = dir.path().join(format!("{:02x}.keys", shard_of("acme", "user-ann")));
         let mut bytes = std::fs::read(&shard).unwrap();
@@ -771,7 +850,7 @@ mod tests {
         std::fs::write(dir.path().join(".00.keys.0123456789abcdef.tmp"), b"half").unwrap();
         drop(keys);
         let mut reopened = SubjectKeys::open(dir.path()).unwrap();
-        let err = reopened.key("acme", "user-ann").unwrap_err().to_string();
+        let err = reopened.key("acme", "user-ann", P).unwrap_err().to_string();
         assert!(err.contains(&shard.display().to_string()) && err.contains("checksum"), "{err}");
         assert!(!dir.path().join(".00.keys.0123456789abcdef.tmp").exists());
         assert_eq!(std::fs::read(&shard).unwrap(), bytes, "a refused shard is left as it was");
@@ -782,9 +861,9 @@ mod tests {
         // Two subjects that hash to different shards: either is misplaced in the other's file.
         let a = "s".to_string();
         let b = (0..).map(|i| format!("s{i}")).find(|s| shard_of("acme", s) != shard_of("acme", &a)).unwrap();
-        let misplaced = encode_shard(&Shard::from([(("acme".into(), b.clone()), SubjectKey([1; 32]))]));
+        let misplaced = encode_shard(&Shard::from([(("acme".into(), b.clone(), P.into()), SubjectKey([1; 32]))]));
         assert_eq!(decode_shard(shard_of("acme", &a), &misplaced).unwrap_err(), "an entry belongs to another shard");
-        let one = encode_shard(&Shard::from([(("acme".into(), a.clone()), SubjectKey([1; 32]))]));
+        let one = encode_shard(&Shard::from([(("acme".into(), a.clone(), P.into()), SubjectKey([1; 32]))]));
         let body = &one[SHARD_MAGIC.len()..one.len() - 4];
         let mut twice = SHARD_MAGIC.to_vec();
         twice.extend_from_slice(body);
@@ -800,7 +879,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("keys");
         let mut keys = SubjectKeys::open(&store).unwrap();
-        keys.key_for("acme", "user-ann").unwrap();
+        keys.key_for("acme", "user-ann", P).unwrap();
         keys.persist().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&store), 0o700);
@@ -816,10 +895,10 @@ mod tests {
     #[test]
     fn shards_round_trip_and_refuse_truncation() {
         let mut shard = Shard::new();
-        shard.insert(("acme".into(), "".into()), SubjectKey([1; 32]));
+        shard.insert(("acme".into(), "".into(), P.into()), SubjectKey([1; 32]));
         let index = shard_of("acme", "");
         let bytes = encode_shard(&shard);
-        assert_eq!(decode_shard(index, &bytes).unwrap(), Shard::from([(("acme".into(), "".into()), SubjectKey([1; 32]))]));
+        assert_eq!(decode_shard(index, &bytes).unwrap(), Shard::from([(("acme".into(), "".into(), P.into()), SubjectKey([1; 32]))]));
         for cut in 0..bytes.len() {
             assert!(decode_shard(index, &bytes[..cut]).is_err(), "a shard cut at {cut} bytes was accepted");
         }

@@ -210,8 +210,12 @@ pub struct Erasure {
     pub at: Timestamp,
     /// The name of the token that asked.
     pub by: String,
-    /// `subject` (one subject's key) or `tenant` (every key of the tenant).
+    /// `subject` (one subject's keys) or `tenant` (every subject's).
     pub scope: String,
+    /// Only the keys of periods (UTC months) before this one, `YYYY-MM`: a retention pass, or an
+    /// erasure asked `before` a date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
     /// The subject keys erased, by shard and id ([`KeyRef`]): what the ledger deletes once the
     /// record is durable, and again at an open that finds the record not yet followed by it.
     pub keys: Vec<KeyRef>,
@@ -234,7 +238,7 @@ impl Erasure {
     /// [`MAX_ERASED_KEYS_PER_RECORD`] keys, each a record that fits an entry. An erasure naming
     /// nothing is one part.
     pub fn parts(self) -> Vec<Erasure> {
-        let Erasure { at, by, scope, keys, seqs } = self;
+        let Erasure { at, by, scope, before, keys, seqs } = self;
         let seq_parts: Vec<&[u64]> = seqs.chunks(MAX_ERASED_SEQS_PER_RECORD).collect();
         let key_parts: Vec<&[KeyRef]> = keys.chunks(MAX_ERASED_KEYS_PER_RECORD).collect();
         let n = seq_parts.len().max(key_parts.len()).max(1);
@@ -243,6 +247,7 @@ impl Erasure {
                 at,
                 by: by.clone(),
                 scope: scope.clone(),
+                before: before.clone(),
                 keys: key_parts.get(i).map_or_else(Vec::new, |k| k.to_vec()),
                 seqs: seq_parts.get(i).map_or_else(Vec::new, |s| s.to_vec()),
             })

@@ -81,6 +81,9 @@ pub struct Settings {
     /// Rate quotas, `selector = "<n>/<s|m|h|d>"`; a tenant's entries replace its plan's.
     #[serde(default)]
     pub quotas: BTreeMap<String, String>,
+    /// How many days personal values are kept (docs/privacy.md, "Retention"); none: until
+    /// erased.
+    pub personal_data_days: Option<u32>,
 }
 
 /// A rate quota: at most `limit` per fixed window of `window_secs`, windows aligned to the Unix
@@ -91,6 +94,9 @@ pub struct Quota {
     pub limit: u64,
     pub window_secs: u64,
 }
+
+/// The longest retention of personal values: a hundred years.
+const MAX_PERSONAL_DATA_DAYS: u32 = 36_525;
 
 /// The most a quota may allow per window, and the units it may count per.
 const MAX_QUOTA_LIMIT: u64 = 1_000_000_000_000;
@@ -192,6 +198,10 @@ pub struct TenantBudget {
     /// Rate quotas by selector key (validated: [`QuotaSelector::parse`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub quotas: BTreeMap<String, Quota>,
+    /// How many days personal values are kept before a retention pass erases them; none: until
+    /// erased (docs/privacy.md, "Retention").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personal_data_days: Option<u32>,
 }
 
 impl TenantBudget {
@@ -210,7 +220,12 @@ impl TenantBudget {
     /// prices events (a catalog: charges name its record), or bills in a calendar of its own.
     /// A budget of defaults only is never recorded.
     pub fn needs_record(&self) -> bool {
-        self.enforces_anything() || !self.prices.is_empty() || self.ceiling.is_some() || self.time_zone != "UTC" || self.period_anchor_day != 1
+        self.enforces_anything()
+            || !self.prices.is_empty()
+            || self.ceiling.is_some()
+            || self.time_zone != "UTC"
+            || self.period_anchor_day != 1
+            || self.personal_data_days.is_some()
     }
 
     /// The limit in `unit` at `level`.
@@ -320,7 +335,11 @@ fn resolve(plan: Option<&str>, base: &Settings, own: &Settings) -> Result<Tenant
         ceiling: own.ceiling.or(base.ceiling),
         prices,
         quotas,
+        personal_data_days: own.personal_data_days.or(base.personal_data_days),
     };
+    if budget.personal_data_days.is_some_and(|d| !(1..=MAX_PERSONAL_DATA_DAYS).contains(&d)) {
+        return Err(Error::BadBudget(format!("personal_data_days must be 1..={MAX_PERSONAL_DATA_DAYS}")));
+    }
     for (name, limit) in [("task_micros", budget.task_micros), ("day_micros", budget.day_micros), ("period_micros", budget.period_micros)] {
         if limit.is_some_and(|l| l <= 0) {
             return Err(Error::BadBudget(format!("{name} must be positive")));

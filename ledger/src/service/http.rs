@@ -817,6 +817,10 @@ struct EraseBody {
     /// Every subject's: the tenant's personal data (offboarding).
     #[serde(default)]
     all_subjects: bool,
+    /// Only what occurred in months wholly before this date (`YYYY-MM-DD`; keys are per UTC
+    /// month, so the month holding the date is kept).
+    #[serde(default)]
+    before: Option<jiff::civil::Date>,
 }
 
 /// `POST …/erase`: erases the personal values of one subject's records, or of all the tenant's,
@@ -873,8 +877,10 @@ async fn erase(
             Err(e) => return internal(&e).into_response(),
         }
         let (t, token, subject) = (tenant.clone(), who.name.clone(), subject.clone());
+        let before = body.before.map(|d| d.strftime("%Y-%m").to_string());
         let erased = on_owned_durably(&shared, Arc::clone(&owned), partition, tenant.clone(), move |p| {
-            let erased = p.erase(&t, subject.as_deref(), jiff::Timestamp::now(), &Caller { token: Some(&token), idempotency_key: None })?;
+            let caller = Caller { token: Some(&token), idempotency_key: None };
+            let erased = p.erase(&t, subject.as_deref(), before.as_deref(), jiff::Timestamp::now(), &caller)?;
             let seq = erased.seq;
             Ok((erased, seq))
         })
@@ -1691,6 +1697,11 @@ mod tests {
             let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(body)).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {json}");
         }
+        // `before` a date: only months wholly before it. The events are of November 2026.
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(r#"{"subject":"user-bob","before":"2026-11-30"}"#)).await;
+        assert_eq!((status, json["keys"].as_u64(), json["seq"].is_null()), (StatusCode::OK, Some(0), true), "{json}");
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(r#"{"subject":"user-bob","before":"30/11/2026"}"#)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{json}");
         // Every subject at once is an operator's act.
         let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/erase", Some(&f.acme), Some(r#"{"all_subjects":true}"#)).await;
         assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{json}");

@@ -641,7 +641,8 @@ fn partition_of_dir(dir: &std::path::Path) -> Result<(String, i32)> {
 }
 
 /// Erases personal data of `tenant` in a stopped ledger's `data_dir`, as `POST …/erase` does on
-/// a running one (docs/privacy.md, "Erasure"): `subject`'s, or every subject's with `None`; the
+/// a running one (docs/privacy.md, "Erasure"): `subject`'s, or every subject's with `None`, and
+/// with `before` (`YYYY-MM`) only the months before it; the
 /// `erasure` records name the token `by`. Then rewrites the tenant's projection. Locks the
 /// tenant's partition, so it refuses to run beside the instance that owns it.
 pub fn erase_offline(
@@ -649,6 +650,7 @@ pub fn erase_offline(
     keys: Vec<LedgerKey>,
     tenant: &str,
     subject: Option<&str>,
+    before: Option<&str>,
     by: &str,
     zones: &[String],
 ) -> Result<(Erased, u64)> {
@@ -657,7 +659,7 @@ pub fn erase_offline(
     let (topic, partition) = partition_of_dir(&dir)?;
     let erased = {
         let mut p = PartitionLedger::open(data_dir, &topic, partition, keys.clone())?;
-        let erased = p.erase(tenant, subject, jiff::Timestamp::now(), &Caller { token: Some(by), idempotency_key: None })?;
+        let erased = p.erase(tenant, subject, before, jiff::Timestamp::now(), &Caller { token: Some(by), idempotency_key: None })?;
         p.commit_closing()?;
         erased
     };

@@ -154,6 +154,8 @@ pub struct PartitionLedger {
     /// Subject keys named by `erasure` records appended but not yet committed: deleted by the
     /// commit that makes those records durable, never before (docs/privacy.md, "Erasure").
     keys_to_forget: Vec<(String, Vec<tally_log::KeyRef>)>,
+    /// When the last retention pass ran (`None`: due at the next tick).
+    retention_checked: Option<std::time::Instant>,
 }
 
 /// Takes the exclusive lock of a partition directory (held while the returned file is open).
@@ -313,6 +315,7 @@ impl PartitionLedger {
             closed: false,
             failed: false,
             keys_to_forget: Vec::new(),
+            retention_checked: None,
         })
     }
 
@@ -454,6 +457,7 @@ impl PartitionLedger {
                 let seq = self.ledger.append_event(input, charge.as_ref(), None)?;
                 self.budgets.entry(tenant.clone()).or_default().observe_input(at);
                 self.pending.insert(key, Seen { content, seq });
+                self.retention_hint(&tenant, decoded.event.occurred_at);
                 self.after_event(&tenant, &decoded.event, charge.as_ref(), seq)?;
                 if opens_period {
                     self.schedule_close(&tenant);
@@ -633,7 +637,7 @@ impl PartitionLedger {
     /// ticks), besides tenants whose new config may have lifted a limit. Returns how many records
     /// were appended.
     pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
-        let mut appended = 0;
+        let mut appended = self.retention_pass(now)?;
         let configs = std::mem::take(&mut self.config_pending);
         let expiring: Vec<String> = self.budgets.iter().filter(|(_, s)| s.next_expiry().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()).collect();
         let mut reconfigured = Vec::new();
@@ -833,8 +837,17 @@ impl PartitionLedger {
     /// (`finish_commit`). Nothing is appended when there is no key to erase. Refused with
     /// [`tally_log::Error::Uncommitted`] while the tenant has appends not yet committed: the
     /// caller commits and asks again.
-    pub fn erase(&mut self, tenant: &str, subject: Option<&str>, now: Timestamp, caller: &Caller) -> Result<Erased> {
-        let plan = self.ledger.erasure_plan(tenant, subject, now, caller.token.unwrap_or("anonymous"))?;
+    ///
+    /// With `before` (a `YYYY-MM` month), only the keys of earlier months: the values of records
+    /// that occurred before it.
+    pub fn erase(&mut self, tenant: &str, subject: Option<&str>, before: Option<&str>, now: Timestamp, caller: &Caller) -> Result<Erased> {
+        let plan = self.ledger.erasure_plan(tenant, subject, before, now, caller.token.unwrap_or("anonymous"))?;
+        self.record_erasure(tenant, plan)
+    }
+
+    /// Appends the `erasure` records of `plan` and stages its keys for the commit that makes them
+    /// durable.
+    fn record_erasure(&mut self, tenant: &str, plan: tally_log::ErasurePlan) -> Result<Erased> {
         let (keys, records, unerasable) = (plan.erasure.keys.len() as u64, plan.erasure.seqs.len() as u64, plan.unerasable);
         if keys == 0 {
             return Ok(Erased { seq: None, keys, records, erasure_records: 0, unerasable });
@@ -957,6 +970,55 @@ impl PartitionLedger {
         self.closed
     }
 
+    /// A retention pass, at most every [`RETENTION_EVERY`]: for each tenant whose budget sets
+    /// `personal_data_days`, the subject keys of months wholly older than that are erased, as
+    /// an erasure of every subject `before` the month the cutoff falls in, by `retention`
+    /// (docs/privacy.md, "Retention"). Reads every key shard of the partition. A tenant with
+    /// appends not yet committed is left for the next tick. Returns the records appended.
+    fn retention_pass(&mut self, now: Timestamp) -> Result<usize> {
+        if self.retention_checked.is_some_and(|at| at.elapsed() < RETENTION_EVERY) {
+            return Ok(0);
+        }
+        self.retention_checked = Some(std::time::Instant::now());
+        let cutoffs: HashMap<String, String> = self
+            .budgets
+            .iter()
+            .filter_map(|(tenant, state)| {
+                let days = state.budget()?.personal_data_days?;
+                let cutoff = now.checked_sub(jiff::SignedDuration::from_hours(24 * i64::from(days))).ok()?;
+                Some((tenant.clone(), tally_log::period_of(cutoff)))
+            })
+            .collect();
+        if cutoffs.is_empty() {
+            return Ok(0);
+        }
+        let expired = self.ledger.subject_keys().expired(|tenant| cutoffs.get(tenant).cloned())?;
+        let mut appended = 0;
+        for (tenant, keys) in expired {
+            if self.keys_to_forget.iter().any(|(t, _)| *t == tenant) {
+                continue;
+            }
+            let before = cutoffs.get(&tenant).cloned();
+            match self.ledger.plan_for_keys(&tenant, None, before.as_deref(), keys, now, "retention") {
+                Ok(plan) => appended += self.record_erasure(&tenant, plan)?.erasure_records as usize,
+                Err(tally_log::Error::Uncommitted(_)) => self.retention_checked = None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(appended)
+    }
+
+    /// An event of `tenant` that occurred at `at` arrived: if that is already past the tenant's
+    /// retention window (a late or replayed event), the next tick runs a retention pass rather
+    /// than the next hour's, so its values do not outlive the window by an hour.
+    fn retention_hint(&mut self, tenant: &str, at: Timestamp) {
+        let Some(days) = self.budgets.get(tenant).and_then(BudgetState::budget).and_then(|b| b.personal_data_days) else { return };
+        let cutoff = Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(24 * i64::from(days)));
+        if cutoff.is_ok_and(|c| tally_log::period_of(at) < tally_log::period_of(c)) {
+            self.retention_checked = None;
+        }
+    }
+
     fn commit_with(&mut self, closing: bool) -> Result<(Option<i64>, CommitTimes)> {
         let written = self.write_commit(closing)?;
         let synced = written.sync();
@@ -1057,6 +1119,10 @@ impl WrittenCommit {
     }
 }
 
+/// How often a partition looks for personal values past their tenant's retention. Keys are per
+/// month, so a pass finds new ones at most once a month per tenant; an hour keeps the lag small.
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(3_600);
+
 /// How long the store goes without a durable commit (and so how much journal an open after a
 /// crash replays). Budget snapshots are JSON of the whole state: taken at every commit, they made
 /// every durable authorize serialise it.
@@ -1144,10 +1210,10 @@ mod tests {
         p.apply(&test_personal_delivery(0, "acme", "p0", "user-ann", "ann@example.com")).unwrap();
         p.apply(&test_personal_delivery(1, "acme", "p1", "user-bob", "bob@example.com")).unwrap();
         // Not yet committed: refused, so that nothing sealed under the key goes unnamed.
-        let refused = p.erase("acme", Some("user-ann"), now, &caller).unwrap_err();
+        let refused = p.erase("acme", Some("user-ann"), None, now, &caller).unwrap_err();
         assert!(matches!(refused, Error::Log(tally_log::Error::Uncommitted(_))), "{refused}");
         p.commit().unwrap();
-        let erased = p.erase("acme", Some("user-ann"), now, &caller).unwrap();
+        let erased = p.erase("acme", Some("user-ann"), None, now, &caller).unwrap();
         assert_eq!((erased.keys, erased.records, erased.erasure_records, erased.unerasable), (1, 1, 1, 0));
         // Appended, not durable: the key is still there.
         assert!(matches!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Open(_))));
@@ -1156,7 +1222,7 @@ mod tests {
         assert!(matches!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Open(_))));
 
         // A stop after the record's fsync and before its keys are deleted.
-        let erased = p.erase("acme", Some("user-bob"), now, &caller).unwrap();
+        let erased = p.erase("acme", Some("user-bob"), None, now, &caller).unwrap();
         let written = p.write_commit(false).unwrap();
         written.sync().unwrap();
         drop(written);
@@ -1164,6 +1230,39 @@ mod tests {
         let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
         assert_eq!(p.committed_size("acme"), erased.seq.unwrap() + 1, "the erasure record is durable");
         assert_eq!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Erased), "the open deleted the key");
+    }
+
+    /// Retention runs by itself on the tick: the months wholly older than the tenant's
+    /// `personal_data_days` lose their keys, later months and other tenants keep theirs.
+    #[test]
+    fn retention_erases_the_months_past_the_window_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        let budgets: crate::budget::BudgetFile = toml::from_str("[tenants.acme]\npersonal_data_days = 30\n").unwrap();
+        p.set_budget_file(Some(Arc::new(budgets)));
+        let appended = |applied: Applied| match applied {
+            Applied::Appended { seq, .. } => seq,
+            other => panic!("not appended: {other:?}"),
+        };
+        let nov = appended(p.apply(&test_personal_delivery(0, "acme", "nov", "user-ann", "ann@example.com")).unwrap());
+        let december = r#"{"event_id":"dec","tenant_id":"acme","occurred_at":"2026-12-20T09:00:00Z","kind":"llm_call","actor_id":"user-ann","attributes":{"email":"ann@example.org"}}"#;
+        let dec = appended(p.apply(&json_delivery(1, "acme", december.to_string())).unwrap());
+        p.apply(&test_personal_delivery(2, "globex", "g", "user-gil", "gil@example.com")).unwrap();
+        p.commit().unwrap();
+        // 2027-01-15 minus 30 days is in December: November is past the window, December is not.
+        let now: Timestamp = "2027-01-15T00:00:00Z".parse().unwrap();
+        assert!(p.tick(now).unwrap() >= 1, "the pass appends an erasure record");
+        p.commit().unwrap();
+        let revealed = |p: &PartitionLedger, tenant: &str, seq: u64| p.ledger().revealed(tenant, seq).unwrap();
+        assert_eq!(revealed(&p, "acme", nov), Some(tally_log::Revealed::Erased));
+        assert!(matches!(revealed(&p, "acme", dec), Some(tally_log::Revealed::Open(_))), "December is within the window");
+        assert!(matches!(revealed(&p, "globex", 0), Some(tally_log::Revealed::Open(_))), "globex has no retention");
+        let last = p.committed_size("acme") - 1;
+        let erasure = tally_log::Erasure::decode(last, &p.ledger().tenant("acme").entry(last).unwrap()).unwrap();
+        assert_eq!((erasure.by.as_str(), erasure.before.as_deref(), erasure.seqs.as_slice()), ("retention", Some("2026-12"), &[nov][..]));
+        // Within the hour nothing runs again; nothing is left to erase anyway.
+        assert_eq!(p.tick(now).unwrap(), 0);
     }
 
     /// A retry of an event recorded before personal fields were committed to (its dedup digest
@@ -1189,7 +1288,7 @@ mod tests {
         assert_eq!(p.apply(&changed).unwrap(), Applied::Conflict { tenant: "acme".into(), seq: 1 });
         // The old record holds its values in clear: an erasure says it cannot remove them.
         p.commit().unwrap();
-        let erased = p.erase("acme", Some("user-ann"), "2026-11-03T00:00:00Z".parse().unwrap(), &Caller::default()).unwrap();
+        let erased = p.erase("acme", Some("user-ann"), None, "2026-11-03T00:00:00Z".parse().unwrap(), &Caller::default()).unwrap();
         assert_eq!((erased.records, erased.unerasable), (1, 1), "{erased:?}");
     }
 
