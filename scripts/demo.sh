@@ -307,6 +307,8 @@ r = json.load(sys.stdin)
 print("erased: %d key, the personal values of %d records; erasure record at seq %d; projection rewritten" % (r["keys"], r["records"], r["seq"]))'
 curl -sf "${auth[@]}" "$base/v1/tenants/acme/records/$ann_seq/personal" >"$work/ann.erased"
 "$TALLY" verify receipt --vkey "$vkey" --receipt "$work/ann.tlog-proof" --entry "$work/ann.entry" --personal "$work/ann.erased"
+echo "the same, with the independent verifier (Python, standard library only):"
+python3 verifiers/python/tally_verify.py receipt --vkey "$vkey" --receipt "$work/ann.tlog-proof" --entry "$work/ann.entry" --personal "$work/ann.erased" | sed 's/^/    /'
 if grep -rqF "ann@example.com" "$work/ledger"; then echo "ann@example.com is still under the data directory"; exit 1; fi
 echo "a byte scan of the ledger's data directory finds no ann@example.com"
 

@@ -50,6 +50,7 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     assert!(stdout.contains("erased: 1 key, the personal values of 2 records"), "{stdout}");
     assert!(stdout.contains("personal values: 0 verified, erased: actor_id, attributes.email, payload_sha256"), "{stdout}");
     assert!(stdout.contains("a byte scan of the ledger's data directory finds no ann@example.com"), "{stdout}");
+    assert!(stdout.contains("    personal values: erased: actor_id, attributes.email, payload_sha256"), "the independent verifier: {stdout}");
     assert!(stdout.contains("complete=true"), "{stdout}");
     // Rated once, in the log: initech's tokens-only call (20,000 in, 2,000 out at 0.25 and 2 USD
     // per million) is charged 9,000 micros from its table, beside 20 calls with their own cost.

@@ -2,8 +2,9 @@
 //! recorded as commitments; the ledger serves the values back with their salts, and `tally
 //! verify` checks them against the receipt's entry. Erasing a subject over HTTP leaves none of
 //! its values in any file of the data directory; the audit export shows `"erased"` and still
-//! rebuilds the root; every receipt issued before still verifies. `tally erase` does the same on
-//! a stopped ledger.
+//! rebuilds the root; every receipt issued before still verifies, with `tally verify` and with
+//! the independent verifier in `verifiers/python/`. `tally erase` does the same on a stopped
+//! ledger. Retention erases by itself what is past a tenant's window.
 
 mod common;
 
@@ -50,6 +51,23 @@ async fn get_ok(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
 fn verify_receipt(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["verify", "receipt", "--vkey", vkey])
+        .arg("--receipt")
+        .arg(files.join(format!("{seq}.receipt")))
+        .arg("--entry")
+        .arg(files.join(format!("{seq}.entry")))
+        .arg("--personal")
+        .arg(personal)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `verifiers/python/tally_verify.py receipt` (standard library only, no Tally code) of `seq`
+/// with the personal values in `personal`: (success, output).
+fn independent_verify(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/verifiers/python/tally_verify.py"))
+        .args(["receipt", "--vkey", vkey])
         .arg("--receipt")
         .arg(files.join(format!("{seq}.receipt")))
         .arg("--entry")
@@ -121,6 +139,11 @@ async fn an_erased_subject_leaves_no_value_behind_and_every_proof_still_verifies
     assert!(ok && out.contains("erased: actor_id, attributes.email, attributes.plan, payload_sha256"), "{out}");
     let (ok, out) = verify_receipt(&files, &vkey, 1, &files.join("1.personal"));
     assert!(ok, "{out}");
+    // And with an independent verifier, written from the formats alone.
+    let (ok, out) = independent_verify(&files, &vkey, 0, &files.join("0.erased"));
+    assert!(ok && out.contains("valid: entry 0 is in") && out.contains("personal values: erased: actor_id"), "{out}");
+    let (ok, out) = independent_verify(&files, &vkey, 1, &files.join("forged.personal"));
+    assert!(!ok && out.contains("does not match its commitment"), "{out}");
     // The erasure record names the records, never the subject.
     let record = String::from_utf8(get_ok(ledger.addr, &format!("/v1/tenants/acme/records/{erasure_seq}")).await).unwrap();
     assert!(record.contains(r#""type":"erasure""#) && record.contains(r#""seqs":[0,2]"#) && !record.contains("user-ann"), "{record}");

@@ -305,8 +305,16 @@ type KeySource = Box<dyn FnMut(&str, &str, &str) -> SubjectKey + Send>;
 
 /// The period of a record that occurred at `at`: its UTC month, `YYYY-MM`.
 pub fn period_of(at: jiff::Timestamp) -> String {
+    // Instants before year 0 (jiff reaches -9999) would print a sign: they share month 0000-01,
+    // so that no valid event can make a key's period malformed.
+    if at.as_second() < FIRST_PERIOD_START_SECOND {
+        return "0000-01".to_string();
+    }
     at.strftime("%Y-%m").to_string()
 }
+
+/// 0000-01-01T00:00:00Z, in seconds since the Unix epoch.
+const FIRST_PERIOD_START_SECOND: i64 = -62_167_219_200;
 
 /// Whether `period` is a `YYYY-MM` month.
 fn is_period(period: &str) -> bool {
@@ -658,6 +666,20 @@ mod tests {
 
     /// The period of every key these tests make.
     const P: &str = "2026-11";
+
+    #[test]
+    fn every_instant_has_a_well_formed_period() {
+        assert_eq!(period_of(jiff::Timestamp::MIN), "0000-01");
+        for (at, want) in [
+            ("0000-01-01T00:30:00+01:00", "0000-01"),
+            ("0000-01-01T00:00:00Z", "0000-01"),
+            ("2026-11-30T23:59:59Z", "2026-11"),
+            ("9999-12-30T00:00:00Z", "9999-12"),
+        ] {
+            let period = period_of(at.parse().unwrap());
+            assert!(is_period(&period) && period == want, "{at}: {period}");
+        }
+    }
 
     #[test]
     fn a_subject_has_a_key_per_month_and_retention_finds_the_old_ones() {
