@@ -47,10 +47,11 @@ async fn get_ok(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
     body
 }
 
-/// `tally verify receipt` of `seq`, with the personal values in `personal`: (success, output).
-fn verify_receipt(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["verify", "receipt", "--vkey", vkey])
+/// Verifies receipt `seq` in `files` with the personal values in `personal`, by `verifier`
+/// (`tally verify` or the independent one): (success, output).
+fn run_verifier(mut verifier: Command, files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool, String) {
+    let out = verifier
+        .args(["receipt", "--vkey", vkey])
         .arg("--receipt")
         .arg(files.join(format!("{seq}.receipt")))
         .arg("--entry")
@@ -62,21 +63,18 @@ fn verify_receipt(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool,
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-/// `verifiers/python/tally_verify.py receipt` (standard library only, no Tally code) of `seq`
-/// with the personal values in `personal`: (success, output).
+/// `tally verify receipt …`.
+fn verify_receipt(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool, String) {
+    let mut tally = Command::new(env!("CARGO_BIN_EXE_tally"));
+    tally.arg("verify");
+    run_verifier(tally, files, vkey, seq, personal)
+}
+
+/// `verifiers/python/tally_verify.py receipt …` (standard library only, no Tally code).
 fn independent_verify(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (bool, String) {
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/verifiers/python/tally_verify.py"))
-        .args(["receipt", "--vkey", vkey])
-        .arg("--receipt")
-        .arg(files.join(format!("{seq}.receipt")))
-        .arg("--entry")
-        .arg(files.join(format!("{seq}.entry")))
-        .arg("--personal")
-        .arg(personal)
-        .output()
-        .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let mut python = Command::new("python3");
+    python.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/verifiers/python/tally_verify.py"));
+    run_verifier(python, files, vkey, seq, personal)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

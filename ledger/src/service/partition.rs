@@ -151,8 +151,9 @@ pub struct PartitionLedger {
     closed: bool,
     /// A journal write or sync failed (see `PartitionLedger::failed`).
     failed: bool,
-    /// Subject keys named by `erasure` records appended but not yet committed: deleted by the
-    /// commit that makes those records durable, never before (docs/privacy.md, "Erasure").
+    /// Subject keys named by `erasure` records appended but not yet written: the next
+    /// `write_commit` takes them, and its `finish_commit` deletes them once those records are
+    /// durable, never before (docs/privacy.md, "Erasure").
     keys_to_forget: Vec<(String, Vec<tally_log::KeyRef>)>,
     /// When the last retention pass ran (`None`: due at the next tick).
     retention_checked: Option<std::time::Instant>,
@@ -1053,7 +1054,10 @@ impl PartitionLedger {
             }
         }
         let journal_position = durable.then(|| pending.journal_end().unwrap_or(self.ledger.journal_end()));
-        Ok(WrittenCommit { pending, next_offset: self.next_offset, started, snapshots, journal_position })
+        // The keys of the erasures this commit writes, and only those: an erasure appended while
+        // it syncs (the lock is free then) is in the next commit, and its keys wait for it.
+        let forget = std::mem::take(&mut self.keys_to_forget);
+        Ok(WrittenCommit { pending, next_offset: self.next_offset, started, snapshots, journal_position, forget })
     }
 
     /// The second half of a commit, with `synced` the outcome of [`WrittenCommit::sync`]: the
@@ -1068,7 +1072,7 @@ impl PartitionLedger {
         let changed = self.ledger.finish_commit(written.pending, synced).inspect_err(|_| self.failed())?;
         // The `erasure` records are durable: now their keys go, before the store's durable
         // position can move past the records (an open replays them and deletes what is left).
-        for (tenant, keys) in std::mem::take(&mut self.keys_to_forget) {
+        for (tenant, keys) in written.forget {
             if let Err(e) = self.ledger.forget_keys(&tenant, &keys) {
                 // Gone from memory already; the shard stays dirty and the next commit writes it
                 // first, or fails as this one would have.
@@ -1110,6 +1114,8 @@ pub struct WrittenCommit {
     snapshots: Vec<(String, u64, Vec<u8>)>,
     /// The journal position after this commit, when it makes the store durable.
     journal_position: Option<u64>,
+    /// Subject keys of the `erasure` records this commit writes: deleted once it is durable.
+    forget: Vec<(String, Vec<tally_log::KeyRef>)>,
 }
 
 impl WrittenCommit {
@@ -1221,6 +1227,19 @@ mod tests {
         assert_eq!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Erased));
         assert!(matches!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Open(_))));
 
+        // An erasure appended while another commit syncs (the lock is free then) keeps its keys
+        // until its own record is durable.
+        let written = p.write_commit(false).unwrap();
+        let during = p.erase("acme", Some("user-bob"), None, now, &caller).unwrap();
+        let synced = written.sync();
+        p.finish_commit(written, synced).unwrap();
+        assert!(matches!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Open(_))), "its record is not durable yet");
+        p.commit().unwrap();
+        assert_eq!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Erased));
+        assert_eq!(during.records, 1);
+        p.apply(&test_personal_delivery(2, "acme", "p2", "user-bob", "bob@example.com")).unwrap();
+        p.commit().unwrap();
+
         // A stop after the record's fsync and before its keys are deleted.
         let erased = p.erase("acme", Some("user-bob"), None, now, &caller).unwrap();
         let written = p.write_commit(false).unwrap();
@@ -1229,7 +1248,8 @@ mod tests {
         drop(p);
         let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
         assert_eq!(p.committed_size("acme"), erased.seq.unwrap() + 1, "the erasure record is durable");
-        assert_eq!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Erased), "the open deleted the key");
+        let bob = p.committed_size("acme") - 2;
+        assert_eq!(p.ledger().revealed("acme", bob).unwrap(), Some(tally_log::Revealed::Erased), "the open deleted the key");
     }
 
     /// Retention runs by itself on the tick: the months wholly older than the tenant's
