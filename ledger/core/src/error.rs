@@ -38,9 +38,6 @@ pub enum Error {
     BadTilePath(String),
     #[error("no such tile in this tree: {0}")]
     NoSuchTile(String),
-    /// An erasure asked while the tenant has records appended but not yet committed.
-    #[error("{0} has records not yet committed; retry the erasure")]
-    Uncommitted(String),
     #[error("sequence number {seq} is out of range: the log has {size} entries")]
     NoSuchEntry { seq: u64, size: u64 },
     #[error("i/o error on {path}: {source}")]

@@ -16,7 +16,7 @@
 //! Layout: a directory in the pre-journal layout (`<dir>/t/<tenant>/`) is refused with
 //! [`Error::OldLayout`]; [`migrate`] converts it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -44,6 +44,38 @@ pub struct ErasurePlan {
     pub unerasable: u64,
 }
 
+/// A record's seq and the id of the key its personal values are sealed under.
+type SealedUnder = (u64, [u8; 16]);
+
+/// How far an erasure's reading of a tenant's committed records has got
+/// ([`Ledger::scan_for_erasure`]): a long log is read in steps, so a caller holding a lock can let
+/// go of it between them, and the plan ([`Ledger::plan_erasure`]) reads only what came after.
+#[derive(Debug, Clone, Default)]
+pub struct ErasureScan {
+    /// The ids of the keys wanted when the scan began; a key created later seals only records
+    /// at or after `keyed_at`.
+    ids: HashSet<[u8; 16]>,
+    keyed_at: u64,
+    /// The next seq to read.
+    next: u64,
+    /// The records read so far sealed under one of `ids`.
+    found: Vec<SealedUnder>,
+    unerasable: u64,
+}
+
+impl ErasureScan {
+    /// The seq the scan reads next.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// The tenant's next seq when the scan began: reading up to there is enough, the plan reads
+    /// the rest.
+    pub fn began_at(&self) -> u64 {
+        self.keyed_at
+    }
+}
+
 /// The subject key store's directory inside a ledger directory (docs/privacy.md).
 pub const SUBJECT_KEYS_DIR: &str = "subject-keys";
 
@@ -54,6 +86,10 @@ pub struct Ledger {
     /// Behind a mutex so that `&self` readers can load shards; the ledger's owner serialises
     /// writers anyway, so it is never contended for long.
     subjects: Mutex<SubjectKeys>,
+    /// For each tenant, the (seq, key) of its appends sealed under a subject key and not yet
+    /// committed, in seq order: an erasure planned now names them too (their records cannot be
+    /// read until committed). Bounded by the appends of one commit.
+    unsettled: HashMap<String, Vec<(u64, KeyRef)>>,
 }
 
 fn check_keys(keys: &[LedgerKey]) -> Result<()> {
@@ -98,7 +134,7 @@ impl Ledger {
         refuse_old_layout(dir)?;
         let log = PartitionLog::open(&dir.join(JOURNAL_DIR), segment_bytes)?;
         let subjects = Mutex::new(SubjectKeys::open(&dir.join(SUBJECT_KEYS_DIR))?);
-        Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects })
+        Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects, unsettled: HashMap::new() })
     }
 
     /// Opens a ledger another process may be writing, to read what it had committed (see
@@ -108,7 +144,7 @@ impl Ledger {
         refuse_old_layout(dir)?;
         let log = PartitionLog::open_read_only(&dir.join(JOURNAL_DIR))?;
         let subjects = Mutex::new(SubjectKeys::open_read_only(&dir.join(SUBJECT_KEYS_DIR)));
-        Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects })
+        Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects, unsettled: HashMap::new() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -179,9 +215,12 @@ impl Ledger {
         let key = self.subjects().key_for(tenant, &personal.subject, &period_of(input.event.occurred_at))?;
         let commitments: BTreeMap<String, String> =
             values.iter().map(|(field, value)| (field.clone(), Commitment::of(&key.salt(tenant, seq, field), field, value).to_hex())).collect();
-        let sealed = key.seal(SubjectKeys::shard_of(tenant, &personal.subject), tenant, seq, &values)?;
+        let shard = SubjectKeys::shard_of(tenant, &personal.subject);
+        let sealed = key.seal(shard, tenant, seq, &values)?;
         let entry = personal_event_record(seq, EventInput { event: &personal.event, ..input }, &commitments, conflicts_with, charge)?;
-        self.log.append_sealed(tenant, &entry, Some(&sealed))
+        let seq = self.log.append_sealed(tenant, &entry, Some(&sealed))?;
+        self.unsettled.entry(tenant.to_string()).or_default().push((seq, KeyRef { shard, id: key.id() }));
+        Ok(seq)
     }
 
     /// A digest of `event`'s content for deduplication (16 bytes): SHA-256 of its normal form
@@ -239,44 +278,110 @@ impl Ledger {
     }
 
     /// What erasing the personal values of `tenant`'s records would take: the keys of
-    /// `subject` (or with `None`, of every subject: offboarding) and the committed records sealed
-    /// under them, as the `erasure` record names them. Changes nothing: the caller appends the
-    /// record, and once it is durable deletes the keys ([`Ledger::forget_keys`]), so that a crash
-    /// never leaves keys gone without the record that says so. `unerasable` counts the records of
-    /// the subject (or tenant) written before personal fields were committed to, which hold
-    /// them in clear: no key erases those.
+    /// `subject` (or with `None`, of every subject: offboarding; with `before`, a `YYYY-MM`
+    /// month, only the keys of earlier months) and every record sealed under them, committed or
+    /// not, as the `erasure` record names them. Changes nothing: the caller appends the record,
+    /// retires the keys once it is written ([`Ledger::retire_keys`]) and deletes them once it is
+    /// durable ([`Ledger::forget_keys`]), so that a crash never leaves keys gone without the
+    /// record that says so. `unerasable` counts the records of the subject (or tenant) written
+    /// before personal fields were committed to, which hold them in clear: no key erases those.
     ///
-    /// Reads every committed record of the tenant. Refused with [`Error::Uncommitted`] while
-    /// the tenant has appends not yet committed: they could be sealed under a key this names
-    /// without being named.
+    /// Reads every committed record of the tenant; [`Ledger::scan_for_erasure`] does that in
+    /// steps, and [`Ledger::plan_erasure`] finishes.
     pub fn erasure_plan(&self, tenant: &str, subject: Option<&str>, before: Option<&str>, at: jiff::Timestamp, by: &str) -> Result<ErasurePlan> {
+        let mut scan = self.begin_erasure_scan(tenant, subject, before)?;
+        self.scan_for_erasure(tenant, subject, before, &mut scan, u64::MAX)?;
         let keys = self.subjects().key_refs(tenant, subject, before)?;
-        self.plan_for_keys(tenant, subject, before, keys, at, by)
+        self.plan_erasure(tenant, subject, before, keys, scan, at, by)
     }
 
-    /// [`Ledger::erasure_plan`] for keys found otherwise (a retention pass over every tenant:
-    /// [`SubjectKeys::expired`]).
-    pub fn plan_for_keys(
+    /// The start of an erasure's scan: the keys it looks for are `subject`'s (every subject's
+    /// with `None`) as they are now.
+    pub fn begin_erasure_scan(&self, tenant: &str, subject: Option<&str>, before: Option<&str>) -> Result<ErasureScan> {
+        let keyed_at = self.log.next_seq(tenant);
+        let ids = self.subjects().key_refs(tenant, subject, before)?.into_iter().map(|k| k.id).collect();
+        Ok(ErasureScan { ids, keyed_at, ..ErasureScan::default() })
+    }
+
+    /// Reads up to `max` more committed records of `tenant` for `scan`; whether it has read all
+    /// that are committed.
+    pub fn scan_for_erasure(&self, tenant: &str, subject: Option<&str>, before: Option<&str>, scan: &mut ErasureScan, max: u64) -> Result<bool> {
+        if scan.ids.is_empty() {
+            // No key to erase when the scan began: the plan reads what came after it.
+            return Ok(true);
+        }
+        let size = self.log.size(tenant);
+        let end = scan.next.saturating_add(max).min(size);
+        let ids = std::mem::take(&mut scan.ids);
+        let read = self.read_sealed(tenant, subject, before, scan.next..end, |id| ids.contains(id));
+        scan.ids = ids;
+        let (found, unerasable) = read?;
+        scan.found.extend(found);
+        scan.unerasable += unerasable;
+        scan.next = scan.next.max(end);
+        Ok(scan.next >= size)
+    }
+
+    /// The plan that erases `keys` (found by [`SubjectKeys::key_refs`] or
+    /// [`SubjectKeys::expired`]; `subject` and `before` say what they were chosen by): what
+    /// `scan` found, filtered to `keys`, the committed records it has not read yet, and the
+    /// appends not yet committed. Keys created after the scan began seal only records from
+    /// where it began, which are read again for them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_erasure(
         &self,
         tenant: &str,
         subject: Option<&str>,
         before: Option<&str>,
         keys: Vec<KeyRef>,
+        scan: ErasureScan,
         at: jiff::Timestamp,
         by: &str,
     ) -> Result<ErasurePlan> {
-        let size = self.log.size(tenant);
-        if self.log.next_seq(tenant) != size {
-            return Err(Error::Uncommitted(tenant.to_string()));
+        let scope = if subject.is_some() { "subject" } else { "tenant" };
+        let mut erasure = Erasure { at, by: by.to_string(), scope: scope.to_string(), before: before.map(str::to_string), keys, seqs: Vec::new() };
+        if erasure.keys.is_empty() {
+            // Nothing to erase, nothing to read (the old-format records it would count are
+            // counted only by a plan that erases something).
+            return Ok(ErasurePlan { erasure, unerasable: scan.unerasable });
         }
-        let ids: std::collections::HashSet<[u8; 16]> = keys.iter().map(|k| k.id).collect();
-        let (mut seqs, mut unerasable) = (Vec::new(), 0u64);
-        for seq in 0..size {
+        let ids: HashSet<[u8; 16]> = erasure.keys.iter().map(|k| k.id).collect();
+        let size = self.log.size(tenant);
+        let mut seqs: Vec<u64> = scan.found.iter().filter(|(_, id)| ids.contains(id)).map(|(seq, _)| *seq).collect();
+        let (rest, unerasable) = self.read_sealed(tenant, subject, before, scan.next.min(size)..size, |id| ids.contains(id))?;
+        seqs.extend(rest.into_iter().map(|(seq, _)| seq));
+        let newer: HashSet<[u8; 16]> = ids.difference(&scan.ids).copied().collect();
+        if !newer.is_empty() && scan.keyed_at < scan.next {
+            let (again, _) = self.read_sealed(tenant, subject, before, scan.keyed_at..scan.next.min(size), |id| newer.contains(id))?;
+            seqs.extend(again.into_iter().map(|(seq, _)| seq));
+        }
+        let unsettled = self.unsettled.get(tenant).into_iter().flatten();
+        seqs.extend(unsettled.filter(|(seq, key)| *seq >= size && ids.contains(&key.id)).map(|(seq, _)| *seq));
+        seqs.sort_unstable();
+        seqs.dedup();
+        erasure.seqs = seqs;
+        Ok(ErasurePlan { erasure, unerasable: scan.unerasable + unerasable })
+    }
+
+    /// The (seq, key id) of `tenant`'s committed records in `seqs` sealed under a key `wanted`,
+    /// and how many of them are old-format records of the subject holding personal fields in
+    /// clear (occurring before `before`).
+    fn read_sealed(
+        &self,
+        tenant: &str,
+        subject: Option<&str>,
+        before: Option<&str>,
+        seqs: std::ops::Range<u64>,
+        wanted: impl Fn(&[u8; 16]) -> bool,
+    ) -> Result<(Vec<SealedUnder>, u64)> {
+        let (mut found, mut unerasable) = (Vec::new(), 0u64);
+        for seq in seqs {
             let (entry, sealed) = self.log.entry_and_sealed(tenant, seq)?;
             match sealed {
                 Some(sealed) => {
-                    if ids.contains(&SealedHeader::parse(&sealed)?.key_id) {
-                        seqs.push(seq);
+                    let id = SealedHeader::parse(&sealed)?.key_id;
+                    if wanted(&id) {
+                        found.push((seq, id));
                     }
                 }
                 None => {
@@ -290,18 +395,46 @@ impl Ledger {
                 }
             }
         }
-        let scope = if subject.is_some() { "subject" } else { "tenant" };
-        let erasure = Erasure { at, by: by.to_string(), scope: scope.to_string(), before: before.map(str::to_string), keys, seqs };
-        Ok(ErasurePlan { erasure, unerasable })
+        Ok((found, unerasable))
+    }
+
+    /// The seqs after `after` of `tenant`'s appends not yet committed that are sealed under one
+    /// of `keys`: records appended after an erasure's record but before its commit, which its
+    /// keys' deletion erases too, so a further `erasure` record must name them.
+    pub fn unsettled_under(&self, tenant: &str, after: u64, keys: &[KeyRef]) -> Vec<u64> {
+        let ids: HashSet<[u8; 16]> = keys.iter().map(|k| k.id).collect();
+        self.unsettled.get(tenant).into_iter().flatten().filter(|(seq, key)| *seq > after && ids.contains(&key.id)).map(|(seq, _)| *seq).collect()
+    }
+
+    /// Retires `keys` of `tenant` ([`SubjectKeys::retire`]): run once the `erasure` records
+    /// naming them are written (after [`Ledger::write_commit`], whose persist must not drop
+    /// them), so that appends from then on are sealed under new keys and the records the
+    /// erasure names are all it erases. Its sync failing leaves the ledger to be reopened,
+    /// which reads the keys back.
+    pub fn retire_keys(&mut self, tenant: &str, keys: &[KeyRef]) -> Result<usize> {
+        let mut subjects = self.subjects();
+        let mut retired = 0;
+        for key in keys {
+            retired += usize::from(subjects.retire(tenant, *key)?);
+        }
+        Ok(retired)
     }
 
     /// Deletes `keys` of `tenant` from the subject key store, durably; how many were there. Run
     /// once the `erasure` record naming them is durable; again at no harm.
     pub fn forget_keys(&mut self, tenant: &str, keys: &[KeyRef]) -> Result<usize> {
+        self.forget_keys_of(&[(tenant.to_string(), keys.to_vec())])
+    }
+
+    /// [`Ledger::forget_keys`] for several tenants, with one persist: a failure leaves no tenant's
+    /// keys half forgotten in memory while another's shard still holds them.
+    pub fn forget_keys_of(&mut self, keys: &[(String, Vec<KeyRef>)]) -> Result<usize> {
         let mut subjects = self.subjects();
         let mut forgotten = 0;
-        for key in keys {
-            forgotten += usize::from(subjects.forget(tenant, *key)?);
+        for (tenant, keys) in keys {
+            for key in keys {
+                forgotten += usize::from(subjects.forget(tenant, *key)?);
+            }
         }
         subjects.persist()?;
         Ok(forgotten)
@@ -322,8 +455,9 @@ impl Ledger {
     /// [`PartitionLog::commit`]). Returns the tenants whose size changed. Subject keys created
     /// since the last commit are made durable first, before any record sealed under them.
     pub fn commit(&mut self, next_offset: Option<i64>) -> Result<Vec<String>> {
-        self.subjects().persist()?;
-        self.log.commit(next_offset)
+        let pending = self.write_commit(next_offset)?;
+        let synced = pending.sync();
+        self.finish_commit(pending, synced)
     }
 
     /// [`Ledger::commit`] in two halves, so that the `fdatasync` between them
@@ -331,13 +465,27 @@ impl Ledger {
     /// [`PartitionLog::write_commit`]. New subject keys are persisted here, under that lock:
     /// only commits that bring a subject's first record pay for it.
     pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<PendingCommit> {
+        // Checked before any shard is written: a log that must be reopened may hold retired
+        // keys whose erasure never became durable, and its shards must not lose them.
+        self.log.check_commit()?;
         self.subjects().persist()?;
-        self.log.write_commit(next_offset)
+        self.log.write_commit(next_offset).inspect_err(|_| self.unsettled.clear())
     }
 
     /// The second half of [`Ledger::write_commit`]; returns the tenants whose size changed.
     pub fn finish_commit(&mut self, pending: PendingCommit, synced: Result<()>) -> Result<Vec<String>> {
-        self.log.finish_commit(pending, synced)
+        // A failed write or sync forgets every append not yet durable.
+        let changed = self.log.finish_commit(pending, synced).inspect_err(|_| self.unsettled.clear())?;
+        for tenant in &changed {
+            let size = self.log.size(tenant);
+            if let Some(list) = self.unsettled.get_mut(tenant) {
+                list.retain(|(seq, _)| *seq >= size);
+                if list.is_empty() {
+                    self.unsettled.remove(tenant);
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// The source's next offset, as the last commit naming one recorded it.
@@ -685,14 +833,27 @@ mod tests {
     }
 
     #[test]
-    fn erasure_waits_for_appends_to_be_committed_and_its_record_splits_to_fit() {
+    fn erasure_names_appends_not_yet_committed_and_its_record_splits_to_fit() {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = Ledger::open(dir.path(), vec![LedgerKey::generate("tally.example.com").unwrap()]).unwrap();
         append(&mut ledger, &personal_event("e1", "user-ann", "ann@example.com"));
         let at: jiff::Timestamp = "2026-02-01T00:00:00Z".parse().unwrap();
-        assert!(matches!(ledger.erasure_plan("acme", Some("user-ann"), None, at, "ops"), Err(Error::Uncommitted(_))));
+        assert_eq!(ledger.erasure_plan("acme", Some("user-ann"), None, at, "ops").unwrap().erasure.seqs, [0], "not committed, named");
         ledger.commit(None).unwrap();
-        assert_eq!(ledger.erasure_plan("acme", Some("user-ann"), None, at, "ops").unwrap().erasure.seqs, [0]);
+        append(&mut ledger, &personal_event("e2", "user-bob", "bob@example.com"));
+        append(&mut ledger, &personal_event("e3", "user-ann", "ann@example.org"));
+        assert_eq!(ledger.erasure_plan("acme", Some("user-ann"), None, at, "ops").unwrap().erasure.seqs, [0, 2], "committed and not");
+        // In steps: a scan that began before a new key still finds that key's records.
+        ledger.commit(None).unwrap();
+        let mut scan = ledger.begin_erasure_scan("acme", None, None).unwrap();
+        assert!(!ledger.scan_for_erasure("acme", None, None, &mut scan, 2).unwrap());
+        append(&mut ledger, &personal_event("e4", "user-carl", "carl@example.com"));
+        ledger.commit(None).unwrap();
+        assert!(ledger.scan_for_erasure("acme", None, None, &mut scan, 2).unwrap());
+        assert_eq!(scan.next(), 4, "the commit's record is read too");
+        let keys = ledger.subject_keys().key_refs("acme", None, None).unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!(ledger.plan_erasure("acme", None, None, keys, scan, at, "ops").unwrap().erasure.seqs, [0, 1, 2, 3]);
 
         let keys: Vec<KeyRef> = (0..600u32).map(|i| KeyRef { shard: (i % 256) as u8, id: [i as u8; 16] }).collect();
         let big = Erasure { at, by: "ops".into(), scope: "tenant".into(), before: None, keys: keys.clone(), seqs: (u64::MAX - 5_000..u64::MAX).collect() };

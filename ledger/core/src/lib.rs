@@ -46,7 +46,7 @@ pub use entries::TenantEntries;
 pub use error::{Error, Result};
 pub use journal::{CommitFrame, Frame, Journal, Opened, RecordFrame, WrittenCommit, DEFAULT_SEGMENT_BYTES, SEGMENT_MAGIC};
 pub use keyfile::LedgerKey;
-pub use ledger::{find_tenant_ledger, migrate, ErasurePlan, Ledger, Migrated, JOURNAL_DIR, SUBJECT_KEYS_DIR};
+pub use ledger::{find_tenant_ledger, migrate, ErasurePlan, ErasureScan, Ledger, Migrated, JOURNAL_DIR, SUBJECT_KEYS_DIR};
 pub use log::{LogReader, TenantLog, MAX_ENTRY_BYTES};
 pub use note::{key_id, sign_note, verify_note, NoteSigner, NoteVerifier, VerifiedNote};
 pub use partition_log::{IndexMerge, IndexSpan, MergedIndex, PartitionLog, PendingCommit, TenantView, INDEX_MAGIC, MAX_MERGED_SEGMENTS, MERGE_FAN};

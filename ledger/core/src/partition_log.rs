@@ -475,11 +475,9 @@ impl PartitionLog {
         self.finish_commit(written, synced)
     }
 
-    /// The first half of [`PartitionLog::commit`]: writes every append and the commit frame
-    /// (see [`Journal::write_commit`]). Sync the result without holding whatever guards this
-    /// log, then call [`PartitionLog::finish_commit`]; meanwhile reads see the previous commit
-    /// and appends go to the next one.
-    pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<PendingCommit> {
+    /// Whether a commit may begin now: refused (and nothing forgotten) when the log takes no
+    /// more writes until reopened, or while another commit is being synced.
+    pub fn check_commit(&self) -> Result<()> {
         if let Some(why) = &self.poisoned {
             return Err(Error::Commit(format!("{}: reopen the partition log: {why}", self.dir.display())));
         }
@@ -487,6 +485,15 @@ impl PartitionLog {
             // A caller error, not a failed write: nothing is forgotten.
             return Err(Error::Commit(format!("{}: a commit is already being synced; commits are one at a time", self.dir.display())));
         }
+        Ok(())
+    }
+
+    /// The first half of [`PartitionLog::commit`]: writes every append and the commit frame
+    /// (see [`Journal::write_commit`]). Sync the result without holding whatever guards this
+    /// log, then call [`PartitionLog::finish_commit`]; meanwhile reads see the previous commit
+    /// and appends go to the next one.
+    pub fn write_commit(&mut self, next_offset: Option<i64>) -> Result<PendingCommit> {
+        self.check_commit()?;
         if self.dirty.is_empty() && (next_offset.is_none() || next_offset == self.next_offset) {
             // Nothing new to make durable: no write, no fsync.
             return Ok(PendingCommit { written: None, heads: Vec::new(), next_offset: None });

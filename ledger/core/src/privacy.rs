@@ -337,6 +337,9 @@ pub struct SubjectKeys {
     ids: Vec<HashMap<[u8; 16], Holder>>,
     /// Shards changed since the last [`SubjectKeys::persist`].
     dirty: BTreeSet<usize>,
+    /// Keys retired by [`SubjectKeys::retire`]: no new record is sealed under them, but they
+    /// still open what was, until [`SubjectKeys::forget`] deletes them. By id.
+    retired: HashMap<[u8; 16], (usize, Holder, SubjectKey)>,
 }
 
 impl SubjectKeys {
@@ -364,6 +367,7 @@ impl SubjectKeys {
             shards: vec![None; SHARDS],
             ids: vec![HashMap::new(); SHARDS],
             dirty: BTreeSet::new(),
+            retired: HashMap::new(),
         })
     }
 
@@ -379,6 +383,7 @@ impl SubjectKeys {
             shards: vec![None; SHARDS],
             ids: vec![HashMap::new(); SHARDS],
             dirty: BTreeSet::new(),
+            retired: HashMap::new(),
         }
     }
 
@@ -434,6 +439,9 @@ impl SubjectKeys {
     pub fn key_of_sealed(&mut self, tenant: &str, header: &SealedHeader) -> Result<Option<SubjectKey>> {
         let index = usize::from(header.shard);
         self.load(index)?;
+        if let Some((_, (t, _, _), key)) = self.retired.get(&header.key_id).filter(|(i, _, _)| *i == index) {
+            return Ok((t == tenant).then(|| key.clone()));
+        }
         let Some(holder) = self.ids[index].get(&header.key_id).filter(|(t, _, _)| t == tenant).cloned() else { return Ok(None) };
         Ok(self.shards[index].as_ref().and_then(|shard| shard.get(&holder).cloned()))
     }
@@ -484,12 +492,36 @@ impl SubjectKeys {
         self.writable()?;
         let index = usize::from(key.shard);
         self.load(index)?;
+        if self.retired.get(&key.id).is_some_and(|(i, (t, _, _), _)| *i == index && t == tenant) {
+            // Out of its shard already (`retire`): the next persist writes the shard without it.
+            self.retired.remove(&key.id);
+            self.dirty.insert(index);
+            return Ok(true);
+        }
         let Some(holder) = self.ids[index].get(&key.id).filter(|(t, _, _)| t == tenant).cloned() else { return Ok(false) };
         self.ids[index].remove(&key.id);
         if let Some(shard) = self.shards[index].as_mut() {
             shard.remove(&holder);
         }
         self.dirty.insert(index);
+        Ok(true)
+    }
+
+    /// Retires `key` of `tenant`, named by an `erasure` record about to be made durable: from now
+    /// on [`SubjectKeys::key_for`] hands out a new key for its (subject, month), so no record
+    /// appended after the erasure is sealed under a key it deletes; what was sealed under it still
+    /// opens until [`SubjectKeys::forget`]. Changes no file, and the next
+    /// [`SubjectKeys::persist`] must wait for the record to be durable: the caller persists
+    /// before it retires, and only forgets (which persists) after (see `Ledger::retire_keys`).
+    /// Whether it was one of `tenant`'s live keys.
+    pub fn retire(&mut self, tenant: &str, key: KeyRef) -> Result<bool> {
+        self.writable()?;
+        let index = usize::from(key.shard);
+        self.load(index)?;
+        let Some(holder) = self.ids[index].get(&key.id).filter(|(t, _, _)| t == tenant).cloned() else { return Ok(false) };
+        self.ids[index].remove(&key.id);
+        let Some(live) = self.shards[index].as_mut().and_then(|shard| shard.remove(&holder)) else { return Ok(false) };
+        self.retired.insert(key.id, (index, holder, live));
         Ok(true)
     }
 
@@ -780,6 +812,32 @@ mod tests {
         keys.erase_subject("acme", "user-ann").unwrap();
         keys.persist().unwrap();
         assert_eq!(keys.key_of_sealed("acme", &header).unwrap(), None, "erased: nothing opens it");
+    }
+
+    /// A retired key still opens what it sealed, but new records get a new key; forgetting it
+    /// removes it from the shard file at the next persist, with the new key written.
+    #[test]
+    fn a_retired_key_opens_old_records_seals_no_new_ones_and_goes_when_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        let old = keys.key_for("acme", "user-ann", P).unwrap();
+        keys.persist().unwrap();
+        let shard = SubjectKeys::shard_of("acme", "user-ann");
+        let sealed = old.seal(shard, "acme", 1, &BTreeMap::from([("actor_id".to_string(), "user-ann".to_string())])).unwrap();
+        let header = SealedHeader::parse(&sealed).unwrap();
+        let old_ref = KeyRef { shard, id: old.id() };
+        assert!(!keys.retire("globex", old_ref).unwrap(), "keys are per tenant");
+        assert!(keys.retire("acme", old_ref).unwrap());
+        assert_eq!(keys.key_of_sealed("acme", &header).unwrap(), Some(old.clone()), "still opens what it sealed");
+        assert_eq!(keys.key_refs("acme", None, None).unwrap(), Vec::<KeyRef>::new(), "no longer a live key to erase");
+        let new = keys.key_for("acme", "user-ann", P).unwrap();
+        assert_ne!(new, old);
+        assert!(contains(&all_bytes(dir.path()), &old.0), "retiring writes nothing");
+        assert!(keys.forget("acme", old_ref).unwrap());
+        assert_eq!(keys.persist().unwrap(), 1);
+        assert_eq!(keys.key_of_sealed("acme", &header).unwrap(), None);
+        let bytes = all_bytes(dir.path());
+        assert!(!contains(&bytes, &old.0) && contains(&bytes, &new.0));
     }
 
     /// Every file under `dir`, read whole.

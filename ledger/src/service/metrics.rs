@@ -30,8 +30,9 @@ pub struct Metrics {
     pub admissions_overloaded: IntCounter,
     /// Keyed authorize and release retries answered from their first record.
     pub requests_replayed: IntCounter,
-    /// Records whose personal values were erased.
+    /// Records whose personal values were erased, and retention passes that failed.
     pub erased_records: IntCounter,
+    pub retention_errors: IntCounter,
     pub projected_records: IntCounter,
     pub projection_files: IntCounter,
     pub projection_errors: IntCounter,
@@ -101,7 +102,11 @@ impl Metrics {
                 "tally_ledger_admissions_overloaded_total",
                 "Authorize, release, freeze and unfreeze requests answered 503 overloaded: their partition's admission queue was full.",
             ),
-            erased_records: t.counter("tally_ledger_erased_records_total", "Records whose personal values were erased (POST …/erase)."),
+            erased_records: t.counter("tally_ledger_erased_records_total", "Records whose personal values were erased: by POST …/erase or a retention pass."),
+            retention_errors: t.counter(
+                "tally_ledger_retention_errors_total",
+                "Retention passes (per tenant, or reading the key store) that failed; each is tried again at the next pass.",
+            ),
             requests_replayed: t.counter(
                 "tally_ledger_idempotent_replays_total",
                 "Authorize and release retries (same Idempotency-Key) answered from their first record; not counted as allowed or denied again.",

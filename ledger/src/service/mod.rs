@@ -607,11 +607,15 @@ pub fn rebuild_projection(
 ) -> Result<Vec<(String, u64)>> {
     let zones = tally_projection::report_zones(zones)?;
     let parts = data_dir.join("partitions");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parts)
-        .map_err(|e| Error::io(&parts, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join(tally_log::JOURNAL_DIR).is_dir() || p.join("t").is_dir())
-        .collect();
+    let mut dirs: Vec<PathBuf> = match only {
+        // One tenant: only the partition that holds it is opened.
+        Some(tenant) => tally_log::find_tenant_ledger(data_dir, tenant).into_iter().collect(),
+        None => std::fs::read_dir(&parts)
+            .map_err(|e| Error::io(&parts, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(tally_log::JOURNAL_DIR).is_dir() || p.join("t").is_dir())
+            .collect(),
+    };
     dirs.sort();
     let root = data_dir.join("parquet");
     let mut done = Vec::new();
@@ -952,6 +956,9 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     }
                     if tick {
                         appended |= p.tick(now)? > 0;
+                        let (erased, retention_errors) = p.take_erasure_counts();
+                        shared.metrics.erased_records.inc_by(erased);
+                        shared.metrics.retention_errors.inc_by(retention_errors);
                     }
                     for (tenant, task) in p.take_budget_changes() {
                         if let Some(state) = p.budget(&tenant) {

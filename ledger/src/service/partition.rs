@@ -88,6 +88,17 @@ pub struct Erased {
     pub unerasable: u64,
 }
 
+/// An erasure appended but not yet durable (see `PartitionLedger::staged_erasures`).
+struct StagedErasure {
+    tenant: String,
+    /// What its records say, without their seqs: a further record repeats it.
+    erasure: tally_log::Erasure,
+    /// The seq of its last record: appends after it under its keys need another.
+    last_seq: u64,
+    /// How many records its records name (for the metrics, once durable).
+    records: u64,
+}
+
 /// A release answer: its record, and whether it was a retry answered from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
@@ -151,10 +162,14 @@ pub struct PartitionLedger {
     closed: bool,
     /// A journal write or sync failed (see `PartitionLedger::failed`).
     failed: bool,
-    /// Subject keys named by `erasure` records appended but not yet written: the next
-    /// `write_commit` takes them, and its `finish_commit` deletes them once those records are
-    /// durable, never before (docs/privacy.md, "Erasure").
-    keys_to_forget: Vec<(String, Vec<tally_log::KeyRef>)>,
+    /// Erasures whose records are appended but not yet written: the next `write_commit` names
+    /// in a further record what was sealed under their keys since, retires the keys and takes
+    /// them, and its `finish_commit` deletes them once those records are durable, never before
+    /// (docs/privacy.md, "Erasure").
+    staged_erasures: Vec<StagedErasure>,
+    /// Erasure outcomes since `take_erasure_counts`: records erased, retention passes failed.
+    erased_since: u64,
+    retention_errors_since: u64,
     /// When the last retention pass ran (`None`: due at the next tick).
     retention_checked: Option<std::time::Instant>,
 }
@@ -315,7 +330,9 @@ impl PartitionLedger {
             unprojected,
             closed: false,
             failed: false,
-            keys_to_forget: Vec::new(),
+            staged_erasures: Vec::new(),
+            erased_since: 0,
+            retention_errors_since: 0,
             retention_checked: None,
         })
     }
@@ -638,7 +655,7 @@ impl PartitionLedger {
     /// ticks), besides tenants whose new config may have lifted a limit. Returns how many records
     /// were appended.
     pub fn tick(&mut self, now: Timestamp) -> Result<usize> {
-        let mut appended = self.retention_pass(now)?;
+        let mut appended = self.retention_pass(now);
         let configs = std::mem::take(&mut self.config_pending);
         let expiring: Vec<String> = self.budgets.iter().filter(|(_, s)| s.next_expiry().is_some_and(|w| w <= now)).map(|(t, _)| t.clone()).collect();
         let mut reconfigured = Vec::new();
@@ -833,17 +850,41 @@ impl PartitionLedger {
     }
 
     /// Erases the personal values of the tenant's records: `subject`'s, or every subject's
-    /// with `None` (offboarding). Appends the `erasure` records naming the keys and records (not
-    /// yet durable: the caller commits); the commit that makes them durable deletes the keys
-    /// (`finish_commit`). Nothing is appended when there is no key to erase. Refused with
-    /// [`tally_log::Error::Uncommitted`] while the tenant has appends not yet committed: the
-    /// caller commits and asks again.
+    /// with `None` (offboarding). Appends the `erasure` records naming the keys and every record
+    /// sealed under them, committed or not (not yet durable: the caller commits); the commit that
+    /// makes them durable deletes the keys (`finish_commit`). Nothing is appended when there is no
+    /// key to erase.
     ///
     /// With `before` (a `YYYY-MM` month), only the keys of earlier months: the values of records
-    /// that occurred before it.
+    /// that occurred before it. Reads every committed record of the tenant under this lock;
+    /// [`PartitionLedger::erase_scanned`] takes a scan done in steps beforehand.
     pub fn erase(&mut self, tenant: &str, subject: Option<&str>, before: Option<&str>, now: Timestamp, caller: &Caller) -> Result<Erased> {
-        let plan = self.ledger.erasure_plan(tenant, subject, before, now, caller.token.unwrap_or("anonymous"))?;
+        let mut scan = self.ledger.begin_erasure_scan(tenant, subject, before)?;
+        self.ledger.scan_for_erasure(tenant, subject, before, &mut scan, u64::MAX)?;
+        self.erase_scanned(tenant, subject, before, scan, now, caller)
+    }
+
+    /// [`PartitionLedger::erase`] after `scan` ([`tally_log::Ledger::scan_for_erasure`], run in
+    /// steps by the caller): reads only the committed records the scan has not.
+    pub fn erase_scanned(
+        &mut self,
+        tenant: &str,
+        subject: Option<&str>,
+        before: Option<&str>,
+        scan: tally_log::ErasureScan,
+        now: Timestamp,
+        caller: &Caller,
+    ) -> Result<Erased> {
+        let mut keys = self.ledger.subject_keys().key_refs(tenant, subject, before)?;
+        self.drop_staged(tenant, &mut keys);
+        let plan = self.ledger.plan_erasure(tenant, subject, before, keys, scan, now, caller.token.unwrap_or("anonymous"))?;
         self.record_erasure(tenant, plan)
+    }
+
+    /// Drops from `keys` those an erasure staged for the next commit already deletes: a second
+    /// erasure before that commit does not name their records again.
+    fn drop_staged(&self, tenant: &str, keys: &mut Vec<tally_log::KeyRef>) {
+        keys.retain(|k| !self.staged_erasures.iter().any(|s| s.tenant == tenant && s.erasure.keys.contains(k)));
     }
 
     /// Appends the `erasure` records of `plan` and stages its keys for the commit that makes them
@@ -853,15 +894,35 @@ impl PartitionLedger {
         if keys == 0 {
             return Ok(Erased { seq: None, keys, records, erasure_records: 0, unerasable });
         }
-        let all_keys = plan.erasure.keys.clone();
-        let mut seq = None;
-        let mut erasure_records = 0;
-        for part in plan.erasure.parts() {
-            seq = Some(self.append_budget(tenant, |seq| BudgetRecord::Erasure { seq, erasure: part })?);
-            erasure_records += 1;
+        let template = tally_log::Erasure { seqs: Vec::new(), ..plan.erasure.clone() };
+        let (seq, erasure_records) = self.append_erasure_parts(tenant, plan.erasure)?;
+        self.staged_erasures.push(StagedErasure { tenant: tenant.to_string(), erasure: template, last_seq: seq, records });
+        Ok(Erased { seq: Some(seq), keys, records, erasure_records, unerasable })
+    }
+
+    /// Appends `erasure` in records of bounded size ([`tally_log::Erasure::parts`]); the last
+    /// one's seq, and how many. All or nothing: if a part after the first fails to append, the
+    /// partition stops (as after a failed journal write), so no commit makes a part durable
+    /// without the rest, and the keys stay.
+    fn append_erasure_parts(&mut self, tenant: &str, erasure: tally_log::Erasure) -> Result<(u64, u64)> {
+        let mut written: Option<(u64, u64)> = None;
+        for part in erasure.parts() {
+            match self.append_budget(tenant, |seq| BudgetRecord::Erasure { seq, erasure: part }) {
+                Ok(seq) => written = Some((seq, written.map_or(1, |(_, n)| n + 1))),
+                Err(e) => {
+                    if written.is_some() {
+                        self.failed();
+                    }
+                    return Err(e);
+                }
+            }
         }
-        self.keys_to_forget.push((tenant.to_string(), all_keys));
-        Ok(Erased { seq, keys, records, erasure_records, unerasable })
+        written.ok_or_else(|| Error::BadRecord("an erasure with no record".into()))
+    }
+
+    /// Records erased since the last call, and retention passes that failed (for the metrics).
+    pub fn take_erasure_counts(&mut self) -> (u64, u64) {
+        (std::mem::take(&mut self.erased_since), std::mem::take(&mut self.retention_errors_since))
     }
 
     /// Ends a freeze: the `unfreeze` record's seq, or `None` if the tenant has no such active
@@ -958,7 +1019,7 @@ impl PartitionLedger {
         self.pending.clear();
         self.in_flight.clear();
         // Their `erasure` records were not made durable: the keys stay.
-        self.keys_to_forget.clear();
+        self.staged_erasures.clear();
     }
 
     /// Whether a journal write or sync failed: the partition must be opened again.
@@ -974,11 +1035,12 @@ impl PartitionLedger {
     /// A retention pass, at most every [`RETENTION_EVERY`]: for each tenant whose budget sets
     /// `personal_data_days`, the subject keys of months wholly older than that are erased, as
     /// an erasure of every subject `before` the month the cutoff falls in, by `retention`
-    /// (docs/privacy.md, "Retention"). Reads every key shard of the partition. A tenant with
-    /// appends not yet committed is left for the next tick. Returns the records appended.
-    fn retention_pass(&mut self, now: Timestamp) -> Result<usize> {
+    /// (docs/privacy.md, "Retention"). Reads every key shard of the partition, and the whole log
+    /// of each tenant with keys to erase. A failure is logged and counted, and the pass is tried
+    /// again at the next one: it never stops the partition. Returns the records appended.
+    fn retention_pass(&mut self, now: Timestamp) -> usize {
         if self.retention_checked.is_some_and(|at| at.elapsed() < RETENTION_EVERY) {
-            return Ok(0);
+            return 0;
         }
         self.retention_checked = Some(std::time::Instant::now());
         let cutoffs: HashMap<String, String> = self
@@ -991,22 +1053,34 @@ impl PartitionLedger {
             })
             .collect();
         if cutoffs.is_empty() {
-            return Ok(0);
+            return 0;
         }
-        let expired = self.ledger.subject_keys().expired(|tenant| cutoffs.get(tenant).cloned())?;
+        let expired = match self.ledger.subject_keys().expired(|tenant| cutoffs.get(tenant).cloned()) {
+            Ok(expired) => expired,
+            Err(e) => {
+                self.retention_errors_since += 1;
+                tracing::error!(partition = self.partition, error = %e, "retention pass: could not read the subject keys; tried again at the next pass");
+                return 0;
+            }
+        };
         let mut appended = 0;
-        for (tenant, keys) in expired {
-            if self.keys_to_forget.iter().any(|(t, _)| *t == tenant) {
-                continue;
-            }
+        for (tenant, mut keys) in expired {
+            self.drop_staged(&tenant, &mut keys);
             let before = cutoffs.get(&tenant).cloned();
-            match self.ledger.plan_for_keys(&tenant, None, before.as_deref(), keys, now, "retention") {
-                Ok(plan) => appended += self.record_erasure(&tenant, plan)?.erasure_records as usize,
-                Err(tally_log::Error::Uncommitted(_)) => self.retention_checked = None,
-                Err(e) => return Err(e.into()),
+            let erased = self
+                .ledger
+                .plan_erasure(&tenant, None, before.as_deref(), keys, tally_log::ErasureScan::default(), now, "retention")
+                .map_err(Error::from)
+                .and_then(|plan| self.record_erasure(&tenant, plan));
+            match erased {
+                Ok(erased) => appended += erased.erasure_records as usize,
+                Err(e) => {
+                    self.retention_errors_since += 1;
+                    tracing::error!(tenant_id = %tenant, partition = self.partition, error = %e, "retention pass: erasure failed; tried again at the next pass");
+                }
             }
         }
-        Ok(appended)
+        appended
     }
 
     /// An event of `tenant` that occurred at `at` arrived: if that is already past the tenant's
@@ -1026,6 +1100,28 @@ impl PartitionLedger {
         self.finish_commit(written, synced)
     }
 
+    /// Names, in a further `erasure` record, each staged erasure's records appended after its
+    /// last record and sealed under its keys (ingestion appended them before this commit): the
+    /// commit deletes those keys, and every record it erases must be named.
+    fn name_late_records(&mut self) -> Result<()> {
+        for i in 0..self.staged_erasures.len() {
+            let staged = &self.staged_erasures[i];
+            let late = self.ledger.unsettled_under(&staged.tenant, staged.last_seq, &staged.erasure.keys);
+            if late.is_empty() {
+                continue;
+            }
+            let (tenant, named) = (staged.tenant.clone(), late.len() as u64);
+            let further = tally_log::Erasure { seqs: late, ..staged.erasure.clone() };
+            // Any failure here stops the partition: the staged keys must not go without it.
+            let (seq, _) = self.append_erasure_parts(&tenant, further).inspect_err(|_| self.failed())?;
+            if let Some(staged) = self.staged_erasures.get_mut(i) {
+                staged.last_seq = seq;
+                staged.records += named;
+            }
+        }
+        Ok(())
+    }
+
     /// The first half of a commit: writes every tenant's new records and the next offset to the
     /// journal, without syncing. The caller runs [`WrittenCommit::sync`] without holding this
     /// partition's lock, so reads and admissions go on during the `fdatasync`, then calls
@@ -1034,11 +1130,25 @@ impl PartitionLedger {
     /// Every [`STORE_DURABLE_EVERY`], or when `closing` (then the partition takes no new work),
     /// the commit also snapshots every budget it changed or left stale, as of this commit.
     pub fn write_commit(&mut self, closing: bool) -> Result<WrittenCommit> {
+        if self.failed {
+            // Its state may be ahead of its journal (and its key store hold retired keys whose
+            // erasure never became durable): nothing more is written until it is reopened.
+            return Err(Error::Log(tally_log::Error::Commit(format!("partition {}-{} stopped after a failed write; reopen it", self.topic, self.partition))));
+        }
         if closing {
             self.closed = true;
         }
         let started = std::time::Instant::now();
+        self.name_late_records()?;
         let pending = self.ledger.write_commit(self.next_offset).inspect_err(|_| self.failed())?;
+        // The erasures' records are written: appends from now on (during the sync, when the
+        // lock is free) are sealed under new keys, not under those this commit deletes.
+        for staged in &self.staged_erasures {
+            if let Err(e) = self.ledger.retire_keys(&staged.tenant, &staged.erasure.keys) {
+                self.failed();
+                return Err(e.into());
+            }
+        }
         self.in_flight = std::mem::take(&mut self.pending);
         let durable = closing || self.store_durable_at.elapsed() >= STORE_DURABLE_EVERY;
         let mut snapshots = Vec::new();
@@ -1056,7 +1166,7 @@ impl PartitionLedger {
         let journal_position = durable.then(|| pending.journal_end().unwrap_or(self.ledger.journal_end()));
         // The keys of the erasures this commit writes, and only those: an erasure appended while
         // it syncs (the lock is free then) is in the next commit, and its keys wait for it.
-        let forget = std::mem::take(&mut self.keys_to_forget);
+        let forget = std::mem::take(&mut self.staged_erasures);
         Ok(WrittenCommit { pending, next_offset: self.next_offset, started, snapshots, journal_position, forget })
     }
 
@@ -1072,12 +1182,17 @@ impl PartitionLedger {
         let changed = self.ledger.finish_commit(written.pending, synced).inspect_err(|_| self.failed())?;
         // The `erasure` records are durable: now their keys go, before the store's durable
         // position can move past the records (an open replays them and deletes what is left).
-        for (tenant, keys) in written.forget {
-            if let Err(e) = self.ledger.forget_keys(&tenant, &keys) {
-                // Gone from memory already; the shard stays dirty and the next commit writes it
-                // first, or fails as this one would have.
-                tracing::error!(tenant_id = %tenant, partition = self.partition, error = %e, "could not write a subject key shard after an erasure; retried at the next commit");
+        if !written.forget.is_empty() {
+            let keys: Vec<(String, Vec<tally_log::KeyRef>)> = written.forget.iter().map(|s| (s.tenant.clone(), s.erasure.keys.clone())).collect();
+            if let Err(e) = self.ledger.forget_keys_of(&keys) {
+                // The records say the keys are gone but a shard file still holds them: the
+                // partition stops before the store's durable position can pass the records, and
+                // the open that follows replays them and deletes the keys (or fails naming why).
+                tracing::error!(partition = self.partition, error = %e, "could not delete the subject keys of a durable erasure; the partition stops and its next open deletes them");
+                self.failed();
+                return Err(e.into());
             }
+            self.erased_since += written.forget.iter().map(|s| s.records).sum::<u64>();
         }
         let mut times = CommitTimes { logs: written.started.elapsed(), state: None };
         let durable = written.journal_position.is_some();
@@ -1115,7 +1230,7 @@ pub struct WrittenCommit {
     /// The journal position after this commit, when it makes the store durable.
     journal_position: Option<u64>,
     /// Subject keys of the `erasure` records this commit writes: deleted once it is durable.
-    forget: Vec<(String, Vec<tally_log::KeyRef>)>,
+    forget: Vec<StagedErasure>,
 }
 
 impl WrittenCommit {
@@ -1215,17 +1330,29 @@ mod tests {
         let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
         p.apply(&test_personal_delivery(0, "acme", "p0", "user-ann", "ann@example.com")).unwrap();
         p.apply(&test_personal_delivery(1, "acme", "p1", "user-bob", "bob@example.com")).unwrap();
-        // Not yet committed: refused, so that nothing sealed under the key goes unnamed.
-        let refused = p.erase("acme", Some("user-ann"), None, now, &caller).unwrap_err();
-        assert!(matches!(refused, Error::Log(tally_log::Error::Uncommitted(_))), "{refused}");
-        p.commit().unwrap();
+        // Not yet committed: named all the same.
         let erased = p.erase("acme", Some("user-ann"), None, now, &caller).unwrap();
         assert_eq!((erased.keys, erased.records, erased.erasure_records, erased.unerasable), (1, 1, 1, 0));
-        // Appended, not durable: the key is still there.
-        assert!(matches!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Open(_))));
+        // Appended after the erasure's record, before its commit, under the key it deletes: the
+        // commit names it in a further record.
+        p.apply(&test_personal_delivery(2, "acme", "p2", "user-ann", "ann2@example.com")).unwrap();
+        let written = p.write_commit(false).unwrap();
+        // Appended while the commit syncs: under a new key, which the erasure does not delete.
+        p.apply(&test_personal_delivery(3, "acme", "p3", "user-ann", "ann3@example.com")).unwrap();
+        // Written, not durable: the keys are still there.
+        let synced = written.sync();
+        p.finish_commit(written, synced).unwrap();
         p.commit().unwrap();
-        assert_eq!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Erased));
-        assert!(matches!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Open(_))));
+        let erasure = |p: &PartitionLedger, seq: u64| tally_log::Erasure::decode(seq, &p.ledger().tenant("acme").entry(seq).unwrap()).unwrap();
+        assert_eq!((erasure(&p, 2).seqs, erasure(&p, 4).seqs), (vec![0], vec![3]));
+        assert_eq!(erasure(&p, 4).keys, erasure(&p, 2).keys);
+        for seq in [0, 3] {
+            assert_eq!(p.ledger().revealed("acme", seq).unwrap(), Some(tally_log::Revealed::Erased), "seq {seq}");
+        }
+        for seq in [1, 5] {
+            assert!(matches!(p.ledger().revealed("acme", seq).unwrap(), Some(tally_log::Revealed::Open(_))), "seq {seq}");
+        }
+        let bob = 1;
 
         // An erasure appended while another commit syncs (the lock is free then) keeps its keys
         // until its own record is durable.
@@ -1233,11 +1360,11 @@ mod tests {
         let during = p.erase("acme", Some("user-bob"), None, now, &caller).unwrap();
         let synced = written.sync();
         p.finish_commit(written, synced).unwrap();
-        assert!(matches!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Open(_))), "its record is not durable yet");
+        assert!(matches!(p.ledger().revealed("acme", bob).unwrap(), Some(tally_log::Revealed::Open(_))), "its record is not durable yet");
         p.commit().unwrap();
-        assert_eq!(p.ledger().revealed("acme", 1).unwrap(), Some(tally_log::Revealed::Erased));
+        assert_eq!(p.ledger().revealed("acme", bob).unwrap(), Some(tally_log::Revealed::Erased));
         assert_eq!(during.records, 1);
-        p.apply(&test_personal_delivery(2, "acme", "p2", "user-bob", "bob@example.com")).unwrap();
+        p.apply(&test_personal_delivery(4, "acme", "p4", "user-bob", "bob@example.com")).unwrap();
         p.commit().unwrap();
 
         // A stop after the record's fsync and before its keys are deleted.
@@ -1250,6 +1377,66 @@ mod tests {
         assert_eq!(p.committed_size("acme"), erased.seq.unwrap() + 1, "the erasure record is durable");
         let bob = p.committed_size("acme") - 2;
         assert_eq!(p.ledger().revealed("acme", bob).unwrap(), Some(tally_log::Revealed::Erased), "the open deleted the key");
+    }
+
+    const OPS: Caller<'static> = Caller { token: Some("ops"), idempotency_key: None };
+    const ERASED_AT: &str = "2026-11-03T00:00:00Z";
+
+    /// A partition holding one committed event of user-ann in tenant acme, and the path of the
+    /// key shard that holds ann's key.
+    fn one_committed_subject() -> (tempfile::TempDir, LedgerKey, PartitionLedger, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = LedgerKey::generate("tally.example.com").unwrap();
+        let mut p = PartitionLedger::open(dir.path(), "events", 3, vec![key.clone()]).unwrap();
+        p.apply(&test_personal_delivery(0, "acme", "p0", "user-ann", "ann@example.com")).unwrap();
+        p.commit().unwrap();
+        let shard = format!("{:02x}.keys", tally_log::SubjectKeys::shard_of("acme", "user-ann"));
+        let shard = dir.path().join("partitions/events-3").join(tally_log::SUBJECT_KEYS_DIR).join(shard);
+        (dir, key, p, shard)
+    }
+
+    /// An erasure whose commit fails to sync: its keys were retired and a new key took the
+    /// subject's place meanwhile, but no later commit may write that shard without the old key.
+    #[test]
+    fn after_an_erasures_failed_sync_no_commit_writes_its_keys_away() {
+        let (dir, key, mut p, shard) = one_committed_subject();
+        let before = std::fs::read(&shard).unwrap();
+        p.erase("acme", Some("user-ann"), None, ERASED_AT.parse().unwrap(), &OPS).unwrap();
+        let written = p.write_commit(false).unwrap();
+        // During the sync: ann's next event gets a new key in the same shard.
+        p.apply(&test_personal_delivery(1, "acme", "p1", "user-ann", "ann2@example.com")).unwrap();
+        assert!(p.finish_commit(written, Err(Error::Service("injected fsync failure".into()))).is_err());
+        assert!(p.commit().is_err() && p.commit_closing().is_err(), "a failed partition commits nothing more");
+        assert_eq!(before, std::fs::read(&shard).unwrap(), "the shard still holds the key no durable record erased");
+        drop(p);
+        // The injected failure left the frames written (as a real one may): the open finds the
+        // record whole, so it is durable after all, and the open deletes the key. Either way the
+        // record and the deletion go together.
+        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert_eq!(p.committed_size("acme"), 2, "the event and the erasure; not the event appended during the sync");
+        assert!(tally_log::Erasure::decode(1, &p.ledger().tenant("acme").entry(1).unwrap()).is_ok());
+        assert_eq!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Erased));
+    }
+
+    /// A key shard that cannot be written after an erasure's record is durable stops the
+    /// partition before its store passes the record; the next open deletes the key.
+    #[test]
+    fn a_failed_key_deletion_stops_the_partition_and_the_next_open_finishes_it() {
+        let (dir, key, mut p, shard) = one_committed_subject();
+        let saved = std::fs::read(&shard).unwrap();
+        let erased = p.erase("acme", Some("user-ann"), None, ERASED_AT.parse().unwrap(), &OPS).unwrap();
+        // A directory where the shard is: replacing it fails (as a full or broken disk would).
+        std::fs::remove_file(&shard).unwrap();
+        std::fs::create_dir_all(shard.join("in-the-way")).unwrap();
+        assert!(p.commit().is_err());
+        assert!(p.has_failed(), "the partition takes no more work");
+        drop(p);
+        std::fs::remove_dir_all(&shard).unwrap();
+        std::fs::write(&shard, saved).unwrap();
+        let p = PartitionLedger::open(dir.path(), "events", 3, vec![key]).unwrap();
+        assert_eq!(p.committed_size("acme"), erased.seq.unwrap() + 1, "the erasure record is durable");
+        assert_eq!(p.ledger().revealed("acme", 0).unwrap(), Some(tally_log::Revealed::Erased), "the open deleted the key");
+        assert!(std::fs::read(&shard).unwrap().len() < 40, "and the shard no longer holds it");
     }
 
     /// Retention runs by itself on the tick: the months wholly older than the tenant's
