@@ -7,8 +7,9 @@
 # throttled and frozen calls, then start the query service over the ledger's Parquet projection
 # and print a tenant's cost report, the billing spend (a tokens-only call charged from its
 # tenant's price table), a billing statement verified offline from the ledger's tiles and from an
-# audit export, the invoices of the tenants' own billing periods, and an end user's erasure after
-# which a receipt issued before still verifies.
+# audit export, the invoices of the tenants' own billing periods, an end user's erasure after
+# which a receipt issued before still verifies, and the tenant's audit export verified offline
+# (with `tally verify export` and with the Python reference verifier).
 #
 # TALLY_BIN=<path> uses an already built binary (the test suite does); otherwise it builds one.
 set -euo pipefail
@@ -312,8 +313,12 @@ python3 verifiers/python/tally_verify.py receipt --vkey "$vkey" --receipt "$work
 if grep -rqF "ann@example.com" "$work/ledger"; then echo "ann@example.com is still under the data directory"; exit 1; fi
 echo "a byte scan of the ledger's data directory finds no ann@example.com"
 
-echo "== acme's audit export proves its trail complete against the signed checkpoint"
-curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/audit-export" | python3 -c '
+echo "== acme's audit export proves its trail complete against the signed checkpoint, checked offline"
+curl -sf "${auth[@]}" "$qbase/v1/tenants/acme/audit-export" >"$work/acme-export.json"
+python3 -c '
 import json, sys
-e = json.load(sys.stdin)
-print("audit export: seqs %d..%d of tree size %d, complete=%s, %d proof hashes" % (e["from_seq"], e["to_seq"], e["tree_size"], str(e["complete"]).lower(), len(e["range_proof"])))'
+e = json.load(open(sys.argv[1]))
+print("audit export: seqs %d..%d of tree size %d, complete=%s, %d proof hashes" % (e["from_seq"], e["to_seq"], e["tree_size"], str(e["complete"]).lower(), len(e["range_proof"])))' "$work/acme-export.json"
+"$TALLY" verify export --vkey "$vkey" "$work/acme-export.json"
+echo "the same, with the independent verifier (Python, standard library only):"
+python3 verifiers/python/tally_verify.py export --vkey "$vkey" "$work/acme-export.json" | sed 's/^/    /'

@@ -99,6 +99,16 @@ pub enum VerifyCommand {
         #[arg(long)]
         proof: PathBuf,
     },
+    /// Check an audit export (`GET /v1/tenants/{tenant}/audit-export`, saved as JSON): its
+    /// checkpoint, its entries against the checkpoint's root with the range proof, the personal
+    /// values against their commitments, and every row against its entry.
+    Export {
+        /// A verifier key; repeat it for every key that may have signed (a key rotation).
+        #[arg(long = "vkey", required = true)]
+        vkeys: Vec<String>,
+        /// The export, as JSON.
+        export: PathBuf,
+    },
     /// Check a billing statement: recompute its totals from every entry of the tenant's log up
     /// to a signed checkpoint, in a tlog-tiles directory (`checkpoint` and `tile/entries/…`, as
     /// `tally log export-tiles` writes or the ledger serves them).
@@ -159,6 +169,22 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?;
             verify_consistency(old.size, new.size, &old.root, &new.root, &proof).context("consistency proof is not valid")?;
             println!("valid: {} at size {} extends size {}", new.origin, new.size, old.size);
+        }
+        VerifyCommand::Export { vkeys, export } => {
+            let verifiers = parse_vkeys(&vkeys)?;
+            let export: tally_query::reports::AuditExport =
+                serde_json::from_str(&read_text(&export)?).with_context(|| format!("{} is not an audit export", export.display()))?;
+            let v = tally_query::verify_export(&export, &verifiers).context("export is not valid")?;
+            println!(
+                "valid: seqs {}..={} of {} at tree size {}: {} entries in the checkpoint's tree, each row what its entry gives; personal values: {} records verified, {} erased",
+                v.from_seq,
+                v.to_seq,
+                v.origin,
+                v.tree_size,
+                v.to_seq - v.from_seq + 1,
+                v.personal_open,
+                v.personal_erased
+            );
         }
         VerifyCommand::Statement { vkeys, tiles, export, seq } => {
             let verifiers = parse_vkeys(&vkeys)?;

@@ -4,7 +4,7 @@
 //! calls are answered as docs/gateways.md says, and the query service prints a cost report,
 //! the billing spend table (a tokens-only call charged from the table), a statement verified
 //! offline, an end user's erasure after which a receipt from before still verifies, and a
-//! complete audit export.
+//! complete audit export that `tally verify export` and the Python verifier both accept.
 
 mod common;
 
@@ -52,6 +52,10 @@ fn the_main_job_verifies_a_receipt_end_to_end() {
     assert!(stdout.contains("a byte scan of the ledger's data directory finds no ann@example.com"), "{stdout}");
     assert!(stdout.contains("    personal values: erased: actor_id, attributes.email, payload_sha256"), "the independent verifier: {stdout}");
     assert!(stdout.contains("complete=true"), "{stdout}");
+    // Checked offline by `tally verify export` and by the Python verifier: the same line twice.
+    let verified: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("valid: seqs 0..=") && l.contains("of demo.tally.example/t/acme")).collect();
+    assert_eq!(verified.len(), 2, "{stdout}");
+    assert!(verified.iter().all(|l| l.contains("each row what its entry gives") && l.contains("erased")), "{stdout}");
     // Rated once, in the log: initech's tokens-only call (20,000 in, 2,000 out at 0.25 and 2 USD
     // per million) is charged 9,000 micros from its table, beside 20 calls with their own cost.
     let claimed: i64 = (0..60).filter(|i| i % 3 == 2).map(|i| 1_200 + i).sum();

@@ -77,6 +77,15 @@ fn independent_verify(files: &Path, vkey: &str, seq: u64, personal: &Path) -> (b
     run_verifier(python, files, vkey, seq, personal)
 }
 
+/// `tally verify` and the Python reference verifier, each ready for `export …` arguments.
+fn export_verifiers() -> [(&'static str, Command); 2] {
+    let mut tally = Command::new(env!("CARGO_BIN_EXE_tally"));
+    tally.arg("verify");
+    let mut python = Command::new("python3");
+    python.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/verifiers/python/tally_verify.py"));
+    [("tally", tally), ("python", python)]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_subject_leaves_no_value_behind_and_every_proof_still_verifies() {
     let kafka = kafka();
@@ -164,6 +173,22 @@ async fn an_erased_subject_leaves_no_value_behind_and_every_proof_still_verifies
     assert_eq!(rows[0]["actor_id"], "erased", "{}", rows[0]);
     assert_eq!(rows[1]["actor_id"], "user-bob", "{}", rows[1]);
     assert!(export["personal"].get("0").is_none() && export["personal"]["1"]["actor_id"]["value"] == "user-bob", "{}", export["personal"]);
+    // A regulator verifies it offline, with Tally and without: then a changed value is caught.
+    std::fs::write(files.join("export.json"), serde_json::to_vec(&export).unwrap()).unwrap();
+    let mut forged = export.clone();
+    forged["rows"][1]["actor_id"] = "user-eve".into();
+    std::fs::write(files.join("forged-export.json"), serde_json::to_vec(&forged).unwrap()).unwrap();
+    for (name, mut verifier) in export_verifiers() {
+        let out = verifier.args(["export", "--vkey", &vkey]).arg(files.join("export.json")).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let want = format!("valid: seqs 0..={erasure_seq} of ");
+        assert!(out.status.success() && text.contains(&want) && text.contains("1 records verified, 2 erased"), "{name}: {text}");
+    }
+    for (name, mut verifier) in export_verifiers() {
+        let out = verifier.args(["export", "--vkey", &vkey]).arg(files.join("forged-export.json")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.code() == Some(1) && text.contains("the row of seq 1 is not what its entry gives"), "{name}: {text}");
+    }
     let _ = stop_query.send(());
     ledger.stop().await;
 

@@ -6,11 +6,13 @@
 //! * [`run`]: serves the API on a listener until a shutdown future completes.
 //! * [`guard`]: the read-only SQL gate; [`Engine`]: per-request, per-tenant DataFusion contexts.
 //! * [`reports`]: the queries behind each route, usable without HTTP (benchmarks, tests).
+//! * [`verify_export`]: checks an audit export offline (`tally verify export`).
 
 mod bounded;
 mod config;
 mod encode;
 mod error;
+mod export_check;
 pub mod guard;
 mod http;
 pub mod reports;
@@ -22,6 +24,7 @@ use std::sync::Arc;
 pub use config::QueryConfig;
 pub use encode::Format;
 pub use error::{Error, Result};
+pub use export_check::{verify_export, ExportInvalid, VerifiedExport};
 pub use tables::Engine;
 pub use tally_schemas::projection_schema;
 

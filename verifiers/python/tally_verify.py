@@ -3,8 +3,9 @@
 docs/privacy.md), with Python's standard library only: no Tally code, no third-party package.
 
     tally_verify.py receipt --vkey V [--vkey V2] --receipt R.tlog-proof --entry R.entry [--personal P.json]
+    tally_verify.py export --vkey V [--vkey V2] EXPORT.json
 
-Checks, in order:
+`receipt` checks, in order:
 
 1. The receipt's checkpoint is a C2SP signed note carrying a valid Ed25519 signature by one of
    the given verifier keys (a signature by another key is ignored; a given key whose signature
@@ -14,6 +15,17 @@ Checks, in order:
    value opens its commitment in the entry's `personal` member,
    SHA-256(salt ‖ u32be(len(field)) ‖ field ‖ value); either every committed field is given, or
    none and the answer says `erased`.
+
+`export` checks an audit export (`GET /v1/tenants/{tenant}/audit-export`, saved as JSON;
+docs/formats.md, "The audit export's range proof"):
+
+1. The checkpoint as above, its origin ending in `/t/<tenant_id>`, its size `tree_size`.
+2. The entries' leaf hashes, with `range_proof`, rebuild the checkpoint's root over
+   `[from_seq, to_seq + 1)`: they are the log's entries of exactly that range.
+3. Each record's personal values in `personal` open its commitments, all of them or none.
+4. Each seq has exactly one row, and each row is, column by column, what its entry gives
+   (docs/formats.md, "Rows from entries").
+5. `complete`, `missing_seqs`, `mismatched_seqs`, `truncated` and `next_from_seq` agree.
 
 Exit status: 0 valid, 1 invalid (the reason on stderr), 2 bad usage or unreadable input.
 Ed25519 verification follows the reference code of RFC 8032, section 6: slow, and enough for a
@@ -247,6 +259,199 @@ def check_personal(entry, given):
     raise Invalid("the personal values are partial: neither every committed field nor an erasure")
 
 
+# --- Audit exports ------------------------------------------------------------------------------
+
+
+def split(n):
+    """The largest power of two strictly less than n (n >= 2)."""
+    k = 1
+    while k << 1 < n:
+        k <<= 1
+    return k
+
+
+def root_from_range(leaves, lo, size, proof):
+    """docs/formats.md, "Verifying it": the root the leaves of [lo, lo + len) and the proof give."""
+    hi = lo + len(leaves)
+    if not leaves or hi > size:
+        raise Invalid("the range is empty or beyond the tree")
+    leaves, proof = list(leaves), list(proof)
+
+    def walk(a, b):
+        if b <= lo or a >= hi:
+            if not proof:
+                raise Invalid("the range proof is too short")
+            return proof.pop(0)
+        if b - a == 1:
+            return leaves.pop(0)
+        k = split(b - a)
+        left = walk(a, a + k)
+        return node_hash(left, walk(a + k, b))
+
+    root = walk(0, size)
+    if proof or leaves:
+        raise Invalid("the range proof has hashes left over")
+    return root
+
+
+def micros(text):
+    """An RFC 3339 UTC time (as records and rows write it) in microseconds since the epoch."""
+    import datetime
+
+    if not isinstance(text, str) or not text.endswith("Z"):
+        raise Invalid(f"not a UTC time: {text!r}")
+    body, frac = text[:-1], 0
+    if "." in body:
+        body, digits = body.split(".", 1)
+        if not digits.isdigit() or len(digits) > 9:
+            raise Invalid(f"not a UTC time: {text!r}")
+        frac = int(digits.ljust(9, "0")) // 1000
+    at = datetime.datetime.strptime(body, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    return int(at.timestamp()) * 1_000_000 + frac
+
+
+TIME_COLUMNS = ("occurred_at", "kafka_timestamp")
+
+
+def expected_row(seq, entry, opened):
+    """The row an entry gives (docs/formats.md, "Rows from entries"); `opened` is the record's
+    personal values (field -> value), or None when erased. Absent keys are null columns."""
+    record = json.loads(entry)
+    if record.get("seq") != seq:
+        raise Invalid(f"entry {seq} says it is seq {record.get('seq')}")
+    row = {"seq": seq, "leaf_hash": leaf_hash(entry).hex()}
+    if record.get("type") != "event":
+        row["record_type"] = record.get("type")
+        if "at" in record:
+            row["occurred_at"] = record["at"]
+        row["detail"] = entry.decode("utf-8", "replace")
+        return row
+    event = dict(record["event"])
+    conflict = "conflicts_with_seq" in record
+    row["record_type"] = "conflict" if conflict else "event"
+    attributes = dict(event.get("attributes", {}))
+    for field in record.get("personal", {}):
+        value = "erased" if opened is None else opened[field]
+        if field == "actor_id":
+            event["actor_id"] = value
+        elif field.startswith("attributes."):
+            attributes[field[len("attributes.") :]] = value
+    row["occurred_at"] = event["occurred_at"]
+    for column in ("event_id", "kind", "decision", "reason_code", "agent_id", "actor_id", "workspace_id", "task_id"):
+        if event.get(column) is not None:
+            row[column] = event[column]
+    if event.get("delegation"):
+        row["delegation"] = event["delegation"]
+    for column in ("action", "policy_profile", "quota_class"):
+        if event.get(column) is not None:
+            row[column] = event[column]
+    usage, cost = event.get("usage"), event.get("cost")
+    if usage:
+        row["input_tokens"], row["output_tokens"] = usage["input_tokens"], usage["output_tokens"]
+    if cost:
+        row["cost_micros"], row["currency"] = cost["amount_micros"], cost["currency"]
+    charge = None if conflict else record.get("charge")
+    if charge is None and not conflict and cost:
+        # A record from before rating: its cost stands for its charge, in its UTC month.
+        charge = {"micros": cost["amount_micros"], "currency": cost["currency"], "basis": "event", "period": event["occurred_at"][:8] + "01"}
+    if charge:
+        row["charge_micros"], row["charge_currency"], row["charge_basis"] = charge["micros"], charge["currency"], charge["basis"]
+        if charge.get("catalog_seq") is not None:
+            row["catalog_seq"] = charge["catalog_seq"]
+        row["billing_period"] = charge["period"]
+        if charge.get("corrects") is not None:
+            row["corrects_period"] = charge["corrects"]
+    if event.get("reservation_id") is not None:
+        row["reservation_id"] = event["reservation_id"]
+    if attributes:
+        row["attributes"] = dict(sorted(attributes.items()))
+    source = record.get("source", {})
+    if source.get("kind") == "kafka":
+        row["kafka_partition"], row["kafka_offset"] = source["partition"], source["offset"]
+        if source.get("timestamp_ms") is not None:
+            ms = source["timestamp_ms"]
+            row["kafka_timestamp"] = ms * 1000
+    if conflict:
+        row["detail"] = json.dumps({"conflicts_with_seq": record["conflicts_with_seq"]}, separators=(",", ":"))
+    return row
+
+
+def same_row(got, want):
+    """Whether a row equals the expected one: the same columns, times compared as instants."""
+    if set(got) != set(want):
+        return False
+    for column, value in want.items():
+        if column in TIME_COLUMNS:
+            expected = value if isinstance(value, int) else micros(value)
+            if micros(got[column]) != expected:
+                return False
+        elif got[column] != value:
+            return False
+    return True
+
+
+def verify_export(export, vkeys):
+    tenant = export["tenant_id"]
+    origin, size, root = parse_checkpoint(open_note(export["checkpoint"], vkeys))
+    if not origin.endswith(f"/t/{tenant}"):
+        raise Invalid(f"the checkpoint's origin {origin} is not tenant {tenant}'s log")
+    if size != export["tree_size"]:
+        raise Invalid(f"tree_size is {export['tree_size']}, the checkpoint's size is {size}")
+    lo, hi = export["from_seq"], export["to_seq"]
+    if not (0 <= lo <= hi < size):
+        raise Invalid(f"the range {lo}..={hi} is not within the checkpointed log of {size} records")
+    entries = [base64.b64decode(e, validate=True) for e in export["entries"]]
+    if len(entries) != hi - lo + 1:
+        raise Invalid(f"the range {lo}..={hi} needs {hi - lo + 1} entries, the export has {len(entries)}")
+    proof = [base64.b64decode(h, validate=True) for h in export["range_proof"]]
+    if any(len(h) != 32 for h in proof):
+        raise Invalid("a range proof hash is not 32 bytes")
+    if root_from_range([leaf_hash(e) for e in entries], lo, size, proof) != root:
+        raise Invalid("the entries with the range proof do not rebuild the checkpoint's root")
+    personal = {int(seq): fields for seq, fields in export.get("personal", {}).items()}
+    if any(not lo <= seq <= hi for seq in personal):
+        raise Invalid("personal values are given for a seq outside the range")
+    rows = {}
+    for row in export["rows"]:
+        if row["seq"] in rows:
+            raise Invalid(f"seq {row['seq']} has several rows")
+        rows[row["seq"]] = row
+    opened_count = erased_count = 0
+    for seq, entry in zip(range(lo, hi + 1), entries):
+        record = json.loads(entry)
+        committed = record.get("personal", {}) if record.get("type") == "event" else {}
+        fields = personal.get(seq)
+        opened = None
+        if fields is not None:
+            if set(fields) != set(committed):
+                raise Invalid(f"seq {seq}: the personal values given are not every field the record commits to")
+            for field, opening in fields.items():
+                salt = opening["salt"]
+                if len(salt) != 32 or any(c not in "0123456789abcdef" for c in salt):
+                    raise Invalid(f"seq {seq}: the salt of {field!r} is not 32 lowercase hex digits")
+                if commitment(bytes.fromhex(salt), field, opening["value"]) != bytes.fromhex(committed[field]):
+                    raise Invalid(f"seq {seq}: the value given for {field!r} does not match its commitment")
+            opened = {field: o["value"] for field, o in fields.items()}
+            opened_count += 1
+        elif committed:
+            erased_count += 1
+        if seq not in rows:
+            raise Invalid(f"seq {seq} has no row")
+        if not same_row(rows.pop(seq), expected_row(seq, entry, opened)):
+            raise Invalid(f"the row of seq {seq} is not what its entry gives")
+    if rows:
+        raise Invalid(f"a row of seq {min(rows)} is outside the range")
+    truncated, after = export["truncated"], export.get("next_from_seq")
+    if (truncated and after != hi + 1) or (not truncated and after is not None):
+        raise Invalid("truncated and next_from_seq disagree")
+    if export["complete"] is not True or export["missing_seqs"] or export["mismatched_seqs"]:
+        raise Invalid("the export says it is incomplete, yet every row matches its entry")
+    return (
+        f"valid: seqs {lo}..={hi} of {origin} at tree size {size}: {len(entries)} entries in the checkpoint's tree, "
+        f"each row what its entry gives; personal values: {opened_count} records verified, {erased_count} erased"
+    )
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,27 +460,37 @@ def main(argv):
     receipt.add_argument("--receipt", required=True)
     receipt.add_argument("--entry", required=True)
     receipt.add_argument("--personal")
+    export = sub.add_parser("export", help="verify an audit export")
+    export.add_argument("--vkey", action="append", required=True)
+    export.add_argument("export")
     args = parser.parse_args(argv)
     try:
         vkeys = [parse_vkey(v) for v in args.vkey]
-        with open(args.receipt, encoding="utf-8") as f:
-            index, proof, note = parse_receipt(f.read())
-        with open(args.entry, "rb") as f:
-            entry = f.read()
-        given = None
-        if args.personal:
-            with open(args.personal, encoding="utf-8") as f:
-                given = json.load(f)
+        if args.command == "export":
+            with open(args.export, encoding="utf-8") as f:
+                document = json.load(f)
+        else:
+            with open(args.receipt, encoding="utf-8") as f:
+                index, proof, note = parse_receipt(f.read())
+            with open(args.entry, "rb") as f:
+                entry = f.read()
+            given = None
+            if args.personal:
+                with open(args.personal, encoding="utf-8") as f:
+                    given = json.load(f)
     except (OSError, ValueError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        if args.command == "export":
+            print(verify_export(document, vkeys))
+            return 0
         origin, size, root = parse_checkpoint(open_note(note, vkeys))
         verify_inclusion(leaf_hash(entry), index, size, proof, root)
         print(f"valid: entry {index} is in {origin} at tree size {size}")
         if given is not None:
             print(check_personal(entry, given))
-    except (Invalid, ValueError, KeyError, TypeError) as e:
+    except (Invalid, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         print(f"invalid: {e}", file=sys.stderr)
         return 1
     return 0
