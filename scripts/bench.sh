@@ -2,6 +2,8 @@
 # Benchmarks (never timed assertions in tests). `scripts/bench.sh ingest` starts the pinned broker
 # unless KAFKA_BOOTSTRAP is set, runs the ingest benchmark, and stops the broker.
 # `scripts/bench.sh ledger` runs the ledger's append/proof benchmark (no broker needed).
+# `scripts/bench.sh subject-keys` times making new subjects' keys durable in a store of 1M keys
+# against writing the same shards whole (no broker needed).
 # `scripts/bench.sh storage` compares storage candidates for per-partition durability (tenant
 # files, a journal, redb, fjall) at 1, 10,000 and 100,000 tenants (no broker needed).
 # `scripts/bench.sh recovery` builds 8 partitions with 100,000 tenants and 10M records through the
@@ -36,6 +38,9 @@ case "$what" in
     ;;
   storage)
     cargo bench --locked -p tally-log --bench storage
+    ;;
+  subject-keys)
+    cargo bench --locked -p tally-log --bench subject_keys
     ;;
   recovery)
     cargo bench --locked -p tally --bench recovery

@@ -287,7 +287,9 @@ impl SealedHeader {
 }
 
 /// First bytes of every shard file.
-const SHARD_MAGIC: &[u8; 12] = b"TALLYKEYS02\n";
+const SHARD_MAGIC: &[u8; 12] = b"TALLYKEYS03\n";
+/// The format before appends: one sorted run of entries and a checksum, read and rewritten.
+const OLD_SHARD_MAGIC: &[u8; 12] = b"TALLYKEYS02\n";
 const SHARDS: usize = 256;
 /// Tenant ids and subject ids are at most this long (as identifiers are; docs/limits.md).
 const MAX_ID_BYTES: usize = 1024;
@@ -335,8 +337,10 @@ pub struct SubjectKeys {
     /// For each shard read, its keys by id ([`SubjectKey::id`]): a sealed blob names its key by
     /// id, and finding it must not cost an HMAC per key of the shard.
     ids: Vec<HashMap<[u8; 16], Holder>>,
-    /// Shards changed since the last [`SubjectKeys::persist`].
-    dirty: BTreeSet<usize>,
+    /// Shards to write whole at the next [`SubjectKeys::persist`] (a key forgotten, a torn
+    /// tail or an older format found), and keys created since the last one, to append.
+    rewrite: BTreeSet<usize>,
+    appends: BTreeMap<usize, Vec<Holder>>,
     /// Keys retired by [`SubjectKeys::retire`]: no new record is sealed under them, but they
     /// still open what was, until [`SubjectKeys::forget`] deletes them. By id.
     retired: HashMap<[u8; 16], (usize, Holder, SubjectKey)>,
@@ -366,7 +370,8 @@ impl SubjectKeys {
             new_key: Box::new(|_, _, _| SubjectKey::random()),
             shards: vec![None; SHARDS],
             ids: vec![HashMap::new(); SHARDS],
-            dirty: BTreeSet::new(),
+            rewrite: BTreeSet::new(),
+            appends: BTreeMap::new(),
             retired: HashMap::new(),
         })
     }
@@ -382,7 +387,8 @@ impl SubjectKeys {
             new_key: Box::new(|_, _, _| SubjectKey::random()),
             shards: vec![None; SHARDS],
             ids: vec![HashMap::new(); SHARDS],
-            dirty: BTreeSet::new(),
+            rewrite: BTreeSet::new(),
+            appends: BTreeMap::new(),
             retired: HashMap::new(),
         }
     }
@@ -424,8 +430,8 @@ impl SubjectKeys {
         let index = shard_of(tenant, subject);
         let holder = (tenant.to_string(), subject.to_string(), period.to_string());
         self.shard(tenant, subject)?.insert(holder.clone(), key.clone());
-        self.ids[index].insert(key.id(), holder);
-        self.dirty.insert(index);
+        self.ids[index].insert(key.id(), holder.clone());
+        self.appends.entry(index).or_default().push(holder);
         Ok(key)
     }
 
@@ -495,7 +501,7 @@ impl SubjectKeys {
         if self.retired.get(&key.id).is_some_and(|(i, (t, _, _), _)| *i == index && t == tenant) {
             // Out of its shard already (`retire`): the next persist writes the shard without it.
             self.retired.remove(&key.id);
-            self.dirty.insert(index);
+            self.rewrite.insert(index);
             return Ok(true);
         }
         let Some(holder) = self.ids[index].get(&key.id).filter(|(t, _, _)| t == tenant).cloned() else { return Ok(false) };
@@ -503,7 +509,7 @@ impl SubjectKeys {
         if let Some(shard) = self.shards[index].as_mut() {
             shard.remove(&holder);
         }
-        self.dirty.insert(index);
+        self.rewrite.insert(index);
         Ok(true)
     }
 
@@ -563,24 +569,73 @@ impl SubjectKeys {
         Ok(removed)
     }
 
-    /// Writes every changed shard durably (each replaced whole); how many were written. After
-    /// it returns, created keys survive a crash and erased keys are in no file of the store.
+    /// Makes every change durable; how many shard files were written. A shard that lost a key
+    /// is replaced whole (temporary file, fsync, rename: [`crate::durable`]); new keys are
+    /// appended to their shard's file as one checksummed batch and fsynced, so a commit that
+    /// brings new subjects costs a few hundred bytes per shard, not the shard's size. After it
+    /// returns, created keys survive a crash and forgotten keys are in no file of the store.
     pub fn persist(&mut self) -> Result<usize> {
-        if self.dirty.is_empty() {
+        if self.rewrite.is_empty() && self.appends.is_empty() {
             return Ok(0);
         }
         self.writable()?;
-        let dirty = std::mem::take(&mut self.dirty);
-        for (done, &index) in dirty.iter().enumerate() {
+        let rewrite = std::mem::take(&mut self.rewrite);
+        let mut appends = std::mem::take(&mut self.appends);
+        let touched: BTreeSet<usize> = rewrite.iter().copied().chain(appends.keys().copied()).collect();
+        for (done, &index) in touched.iter().enumerate() {
             let path = self.shard_path(index);
-            let shard = encode_shard(self.shards[index].as_ref().unwrap_or(&Shard::new()));
-            if let Err(e) = crate::durable::replace_secret_file(&path, &shard) {
-                // What was not written stays dirty, to be written at the next call.
-                self.dirty.extend(dirty.iter().skip(done));
+            let whole = rewrite.contains(&index) || !path.exists();
+            let written = if whole {
+                crate::durable::replace_secret_file(&path, &self.encode_whole(index))
+            } else {
+                let new = appends.remove(&index).unwrap_or_default();
+                self.append_batch(&path, index, &new)
+            };
+            if let Err(e) = written {
+                // What was not written is written whole at the next call (an append may have
+                // left a torn batch, which a whole rewrite replaces).
+                self.rewrite.extend(touched.iter().skip(done));
                 return Err(e);
             }
         }
-        Ok(dirty.len())
+        Ok(touched.len())
+    }
+
+    /// Shard `index` as a whole file: its retired keys first (still to be forgotten), then its
+    /// live ones, so that a reader takes the live key of a (tenant, subject, month) as the last.
+    fn encode_whole(&self, index: usize) -> Vec<u8> {
+        let mut entries = Vec::new();
+        for (_, (i, holder, key)) in self.retired.iter().filter(|(_, (i, _, _))| *i == index) {
+            debug_assert_eq!(*i, index);
+            encode_entry(&mut entries, holder, key);
+        }
+        for (holder, key) in self.shards[index].iter().flatten() {
+            encode_entry(&mut entries, holder, key);
+        }
+        let mut out = SHARD_MAGIC.to_vec();
+        encode_batch(&mut out, &entries);
+        out
+    }
+
+    /// Appends the keys of `holders` (created since the last persist) to shard `index`'s file
+    /// as one batch, and fsyncs it.
+    fn append_batch(&self, path: &Path, index: usize, holders: &[Holder]) -> Result<()> {
+        use std::io::Write as _;
+        let mut entries = Vec::new();
+        let shard = self.shards[index].as_ref();
+        for holder in holders {
+            // A key created and forgotten before this persist is in no file: nothing to append.
+            if let Some(key) = shard.and_then(|s| s.get(holder)) {
+                encode_entry(&mut entries, holder, key);
+            }
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::new();
+        encode_batch(&mut batch, &entries);
+        let mut file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io(path, e))?;
+        file.write_all(&batch).and_then(|()| file.sync_data()).map_err(|e| Error::io(path, e))
     }
 
     fn shard(&mut self, tenant: &str, subject: &str) -> Result<&mut Shard> {
@@ -590,11 +645,20 @@ impl SubjectKeys {
     fn load(&mut self, index: usize) -> Result<&mut Shard> {
         if self.shards[index].is_none() {
             let path = self.shard_path(index);
-            let shard = match std::fs::read(&path) {
+            let decoded = match std::fs::read(&path) {
                 Ok(bytes) => decode_shard(index, &bytes).map_err(|detail| Error::Corrupt { path: path.display().to_string(), detail })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Shard::new(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Decoded::default(),
                 Err(e) => return Err(Error::io(&path, e)),
             };
+            if decoded.rewrite && self.lock.is_some() {
+                // A torn last batch (a crash during an append: no record depended on its keys
+                // yet) or the older format: the next persist writes the shard whole.
+                self.rewrite.insert(index);
+            }
+            for (holder, key) in decoded.superseded {
+                self.retired.insert(key.id(), (index, holder, key));
+            }
+            let shard = decoded.live;
             self.ids[index] = shard.iter().map(|(ids, key)| (key.id(), ids.clone())).collect();
             self.shards[index] = Some(shard);
         }
@@ -623,37 +687,91 @@ fn shard_of(tenant: &str, subject: &str) -> usize {
     usize::from(h.finalize()[0])
 }
 
-/// `magic ‖ (u16be len ‖ tenant ‖ u16be len ‖ subject ‖ u16be len ‖ period ‖ key[32])* ‖
-/// u32be crc32c(all before)`.
-fn encode_shard(shard: &Shard) -> Vec<u8> {
-    let mut out = SHARD_MAGIC.to_vec();
-    for ((tenant, subject, period), key) in shard {
-        for id in [tenant, subject, period] {
-            // Ids are checked to fit in `key_for`.
-            out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
-            out.extend_from_slice(id.as_bytes());
-        }
-        out.extend_from_slice(&key.0);
+/// `u16be len ‖ tenant ‖ u16be len ‖ subject ‖ u16be len ‖ period ‖ key[32]`, appended to `out`.
+fn encode_entry(out: &mut Vec<u8>, (tenant, subject, period): &Holder, key: &SubjectKey) {
+    for id in [tenant, subject, period] {
+        // Ids are checked to fit in `key_for`.
+        out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(id.as_bytes());
     }
-    let crc = crc32c::crc32c(&out);
-    out.extend_from_slice(&crc.to_be_bytes());
-    out
+    out.extend_from_slice(&key.0);
 }
 
-/// Reads shard `index`: refuses damage, and entries that are out of order, repeated, too long or
-/// in a shard their ids do not hash to (such an entry could not be found, so never erased).
-fn decode_shard(index: usize, bytes: &[u8]) -> std::result::Result<Shard, String> {
-    let body_len = bytes.len().checked_sub(4).filter(|n| *n >= SHARD_MAGIC.len()).ok_or("shorter than a key shard's magic and checksum")?;
-    let (body, crc) = bytes.split_at(body_len);
-    if !body.starts_with(SHARD_MAGIC) {
+/// `u32be len(entries) ‖ entries ‖ u32be crc32c(entries)`, appended to `out`.
+fn encode_batch(out: &mut Vec<u8>, entries: &[u8]) {
+    // A batch holds the keys of one commit or one shard: far below 4 GiB.
+    out.extend_from_slice(&u32::try_from(entries.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(entries);
+    out.extend_from_slice(&crc32c::crc32c(entries).to_be_bytes());
+}
+
+/// A shard file, read.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Decoded {
+    /// The live key of each (tenant, subject, month): the last entry for it.
+    live: Shard,
+    /// Earlier keys of a (tenant, subject, month) a later entry replaced: retired keys whose
+    /// erasure was not yet complete when the file was written. They still open their records.
+    superseded: Vec<(Holder, SubjectKey)>,
+    /// The file should be written whole: a torn last batch was dropped, or it is in the older
+    /// format.
+    rewrite: bool,
+}
+
+/// Reads shard `index`: `SHARD_MAGIC ‖ batch*` ([`encode_batch`] of [`encode_entry`]s). A last
+/// batch cut short or failing its checksum is a torn append (a crash before its fsync returned,
+/// so no record depended on its keys) and is dropped; any other damage is refused, as are
+/// entries too long or in a shard their ids do not hash to (such an entry could not be found,
+/// so never erased). The older whole-file format (`TALLYKEYS02`) is read too.
+fn decode_shard(index: usize, bytes: &[u8]) -> std::result::Result<Decoded, String> {
+    if bytes.starts_with(OLD_SHARD_MAGIC) {
+        let live = decode_old_shard(index, bytes)?;
+        return Ok(Decoded { live, superseded: Vec::new(), rewrite: true });
+    }
+    if !bytes.starts_with(SHARD_MAGIC) {
         return Err("not a key shard (bad magic)".into());
     }
-    let stored = u32::from_be_bytes(crc.try_into().map_err(|_| "bad checksum length")?);
-    if crc32c::crc32c(body) != stored {
-        return Err("checksum mismatch: the file is damaged".into());
+    let mut out = Decoded::default();
+    let mut pos = SHARD_MAGIC.len();
+    while pos < bytes.len() {
+        let rest = &bytes[pos..];
+        let Some(len) = rest.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize) else {
+            out.rewrite = true;
+            break;
+        };
+        let Some(end) = len.checked_add(8).filter(|end| *end <= rest.len()) else {
+            out.rewrite = true;
+            break;
+        };
+        let entries = &rest[4..4 + len];
+        let stored = u32::from_be_bytes([rest[4 + len], rest[5 + len], rest[6 + len], rest[7 + len]]);
+        if crc32c::crc32c(entries) != stored {
+            if pos + end == bytes.len() {
+                out.rewrite = true;
+                break;
+            }
+            return Err("checksum mismatch: the file is damaged".into());
+        }
+        decode_entries(index, entries, &mut out)?;
+        pos += end;
     }
-    let mut rest = &body[SHARD_MAGIC.len()..];
-    let mut shard = Shard::new();
+    Ok(out)
+}
+
+/// The entries of one batch, into `out`: a later entry for the same (tenant, subject, month)
+/// supersedes an earlier one.
+fn decode_entries(index: usize, mut rest: &[u8], out: &mut Decoded) -> std::result::Result<(), String> {
+    while !rest.is_empty() {
+        let (holder, key) = decode_entry(index, &mut rest)?;
+        if let Some(earlier) = out.live.insert(holder.clone(), key) {
+            out.superseded.push((holder, earlier));
+        }
+    }
+    Ok(())
+}
+
+/// One entry from the front of `rest`, checked.
+fn decode_entry(index: usize, rest: &mut &[u8]) -> std::result::Result<(Holder, SubjectKey), String> {
     let take = |n: usize, rest: &mut &[u8]| -> std::result::Result<Vec<u8>, String> {
         if rest.len() < n {
             return Err("truncated entry".into());
@@ -662,32 +780,46 @@ fn decode_shard(index: usize, bytes: &[u8]) -> std::result::Result<Shard, String
         *rest = tail;
         Ok(head.to_vec())
     };
+    let mut ids = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let len = take(2, rest)?;
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        ids.push(String::from_utf8(take(len, rest)?).map_err(|_| "an id is not UTF-8")?);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&take(32, rest)?);
+    let period = ids.pop().unwrap_or_default();
+    let subject = ids.pop().unwrap_or_default();
+    let tenant = ids.pop().unwrap_or_default();
+    if tenant.len() > MAX_ID_BYTES || subject.len() > MAX_ID_BYTES {
+        return Err("an id is longer than 1,024 bytes".into());
+    }
+    if !is_period(&period) {
+        return Err("a key's period is not a YYYY-MM month".into());
+    }
+    if shard_of(&tenant, &subject) != index {
+        return Err("an entry belongs to another shard".into());
+    }
+    Ok(((tenant, subject, period), SubjectKey(key)))
+}
+
+/// The older format: `TALLYKEYS02\n ‖ entry* ‖ u32be crc32c(all before)`, entries in order and
+/// unique, replaced whole at every change.
+fn decode_old_shard(index: usize, bytes: &[u8]) -> std::result::Result<Shard, String> {
+    let body_len = bytes.len().checked_sub(4).filter(|n| *n >= OLD_SHARD_MAGIC.len()).ok_or("shorter than a key shard's magic and checksum")?;
+    let (body, crc) = bytes.split_at(body_len);
+    let stored = u32::from_be_bytes(crc.try_into().map_err(|_| "bad checksum length")?);
+    if crc32c::crc32c(body) != stored {
+        return Err("checksum mismatch: the file is damaged".into());
+    }
+    let mut rest = &body[OLD_SHARD_MAGIC.len()..];
+    let mut shard = Shard::new();
     while !rest.is_empty() {
-        let mut ids = Vec::with_capacity(3);
-        for _ in 0..3 {
-            let len = take(2, &mut rest)?;
-            let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-            ids.push(String::from_utf8(take(len, &mut rest)?).map_err(|_| "an id is not UTF-8")?);
-        }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&take(32, &mut rest)?);
-        let period = ids.pop().unwrap_or_default();
-        let subject = ids.pop().unwrap_or_default();
-        let tenant = ids.pop().unwrap_or_default();
-        if tenant.len() > MAX_ID_BYTES || subject.len() > MAX_ID_BYTES {
-            return Err("an id is longer than 1,024 bytes".into());
-        }
-        if !is_period(&period) {
-            return Err("a key's period is not a YYYY-MM month".into());
-        }
-        if shard_of(&tenant, &subject) != index {
-            return Err("an entry belongs to another shard".into());
-        }
-        let id = (tenant, subject, period);
-        if shard.last_key_value().is_some_and(|(last, _)| *last >= id) {
+        let (holder, key) = decode_entry(index, &mut rest)?;
+        if shard.last_key_value().is_some_and(|(last, _)| *last >= holder) {
             return Err("entries out of order or repeated".into());
         }
-        shard.insert(id, SubjectKey(key));
+        shard.insert(holder, key);
     }
     Ok(shard)
 }
@@ -923,9 +1055,13 @@ mod tests {
         keys.key_for("acme", "user-ann", P).unwrap();
         keys.persist().unwrap();
         let shard = dir.path().join(format!("{:02x}.keys", shard_of("acme", "user-ann")));
+        let first_batch_end = std::fs::metadata(&shard).unwrap().len() as usize;
+        // A second batch after it (a later month's key): the first is then not the torn tail.
+        keys.key_for("acme", "user-ann", "2026-12").unwrap();
+        keys.persist().unwrap();
         let mut bytes = std::fs::read(&shard).unwrap();
-        let last = bytes.len() - 10;
-        bytes[last] ^= 1;
+        assert!(bytes.len() > first_batch_end, "the new key was appended");
+        bytes[first_batch_end - 10] ^= 1;
         std::fs::write(&shard, &bytes).unwrap();
         std::fs::write(dir.path().join(".00.keys.0123456789abcdef.tmp"), b"half").unwrap();
         drop(keys);
@@ -936,21 +1072,77 @@ mod tests {
         assert_eq!(std::fs::read(&shard).unwrap(), bytes, "a refused shard is left as it was");
     }
 
+    /// A whole shard file holding `entries`, as `persist` writes one.
+    fn shard_file(entries: &[(Holder, SubjectKey)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (holder, key) in entries {
+            encode_entry(&mut body, holder, key);
+        }
+        let mut out = SHARD_MAGIC.to_vec();
+        encode_batch(&mut out, &body);
+        out
+    }
+
     #[test]
-    fn a_shard_refuses_entries_it_could_not_find_and_repeats() {
+    fn a_shard_refuses_entries_it_could_not_find_and_a_later_entry_supersedes() {
         // Two subjects that hash to different shards: either is misplaced in the other's file.
         let a = "s".to_string();
         let b = (0..).map(|i| format!("s{i}")).find(|s| shard_of("acme", s) != shard_of("acme", &a)).unwrap();
-        let misplaced = encode_shard(&Shard::from([(("acme".into(), b.clone(), P.into()), SubjectKey([1; 32]))]));
+        let misplaced = shard_file(&[(("acme".into(), b.clone(), P.into()), SubjectKey([1; 32]))]);
         assert_eq!(decode_shard(shard_of("acme", &a), &misplaced).unwrap_err(), "an entry belongs to another shard");
-        let one = encode_shard(&Shard::from([(("acme".into(), a.clone(), P.into()), SubjectKey([1; 32]))]));
-        let body = &one[SHARD_MAGIC.len()..one.len() - 4];
-        let mut twice = SHARD_MAGIC.to_vec();
-        twice.extend_from_slice(body);
-        twice.extend_from_slice(body);
-        let crc = crc32c::crc32c(&twice);
-        twice.extend_from_slice(&crc.to_be_bytes());
-        assert_eq!(decode_shard(shard_of("acme", &a), &twice).unwrap_err(), "entries out of order or repeated");
+        // The same (tenant, subject, month) twice: the later key is live, the earlier one (a
+        // retired key not yet forgotten when the file was written) still opens its records.
+        let holder: Holder = ("acme".into(), a.clone(), P.into());
+        let twice = shard_file(&[(holder.clone(), SubjectKey([1; 32])), (holder.clone(), SubjectKey([2; 32]))]);
+        let decoded = decode_shard(shard_of("acme", &a), &twice).unwrap();
+        assert_eq!(decoded.live, Shard::from([(holder.clone(), SubjectKey([2; 32]))]));
+        assert_eq!(decoded.superseded, vec![(holder, SubjectKey([1; 32]))]);
+    }
+
+    /// Shards in the format before appends are read, and written anew at the next persist.
+    #[test]
+    fn an_old_format_shard_is_read_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder: Holder = ("acme".into(), "user-ann".into(), P.into());
+        let index = shard_of("acme", "user-ann");
+        let mut old = OLD_SHARD_MAGIC.to_vec();
+        encode_entry(&mut old, &holder, &SubjectKey([5; 32]));
+        let crc = crc32c::crc32c(&old);
+        old.extend_from_slice(&crc.to_be_bytes());
+        let path = dir.path().join(format!("{index:02x}.keys"));
+        std::fs::write(&path, &old).unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        assert_eq!(keys.key("acme", "user-ann", P).unwrap(), Some(SubjectKey([5; 32])));
+        assert_eq!(keys.persist().unwrap(), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), shard_file(&[(holder, SubjectKey([5; 32]))]));
+    }
+
+    /// A crash while new keys were appended leaves a torn last batch: its keys are dropped (no
+    /// record was sealed under them yet: keys are persisted before the journal is written), the
+    /// keys before it are kept, and the next persist writes the shard whole.
+    #[test]
+    fn a_torn_append_is_dropped_and_the_keys_before_it_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = SubjectKeys::open(dir.path()).unwrap();
+        let ann = keys.key_for("acme", "user-ann", P).unwrap();
+        keys.persist().unwrap();
+        let path = dir.path().join(format!("{:02x}.keys", shard_of("acme", "user-ann")));
+        let whole = std::fs::read(&path).unwrap();
+        keys.key_for("acme", "user-ann", "2026-12").unwrap();
+        keys.persist().unwrap();
+        let appended = std::fs::read(&path).unwrap();
+        drop(keys);
+        for cut in whole.len() + 1..appended.len() {
+            std::fs::write(&path, &appended[..cut]).unwrap();
+            let mut keys = SubjectKeys::open(dir.path()).unwrap();
+            assert_eq!(keys.key("acme", "user-ann", P).unwrap(), Some(ann.clone()), "cut at {cut}");
+            assert_eq!(keys.key("acme", "user-ann", "2026-12").unwrap(), None, "cut at {cut}");
+            assert_eq!(keys.persist().unwrap(), 1, "cut at {cut}: written whole");
+            assert_eq!(std::fs::read(&path).unwrap(), whole);
+        }
+        // Cut inside the magic: not a shard.
+        std::fs::write(&path, &whole[..5]).unwrap();
+        assert!(SubjectKeys::open(dir.path()).unwrap().key("acme", "user-ann", P).is_err());
     }
 
     #[test]
@@ -973,13 +1165,13 @@ mod tests {
     }
 
     #[test]
-    fn shards_round_trip_and_refuse_truncation() {
-        let mut shard = Shard::new();
-        shard.insert(("acme".into(), "".into(), P.into()), SubjectKey([1; 32]));
+    fn shards_round_trip() {
+        let holder: Holder = ("acme".into(), "".into(), P.into());
         let index = shard_of("acme", "");
-        let bytes = encode_shard(&shard);
-        assert_eq!(decode_shard(index, &bytes).unwrap(), Shard::from([(("acme".into(), "".into(), P.into()), SubjectKey([1; 32]))]));
-        for cut in 0..bytes.len() {
+        let bytes = shard_file(&[(holder.clone(), SubjectKey([1; 32]))]);
+        let decoded = decode_shard(index, &bytes).unwrap();
+        assert_eq!((decoded.live, decoded.superseded, decoded.rewrite), (Shard::from([(holder, SubjectKey([1; 32]))]), Vec::new(), false));
+        for cut in 0..SHARD_MAGIC.len() {
             assert!(decode_shard(index, &bytes[..cut]).is_err(), "a shard cut at {cut} bytes was accepted");
         }
     }
