@@ -172,18 +172,21 @@ pub fn verify(command: VerifyCommand) -> anyhow::Result<()> {
         }
         VerifyCommand::Export { vkeys, export } => {
             let verifiers = parse_vkeys(&vkeys)?;
-            let export: tally_query::reports::AuditExport =
-                serde_json::from_str(&read_text(&export)?).with_context(|| format!("{} is not an audit export", export.display()))?;
+            let export = tally_query::parse_export(&read_text(&export)?).context("export is not valid")?;
             let v = tally_query::verify_export(&export, &verifiers).context("export is not valid")?;
             println!(
-                "valid: seqs {}..={} of {} at tree size {}: {} entries in the checkpoint's tree, each row what its entry gives; personal values: {} records verified, {} erased",
+                "valid: seqs {}..={} of {} at tree size {}: {} entries in the checkpoint's tree, each row what its entry gives; personal values: {} records verified, {} erased{}",
                 v.from_seq,
                 v.to_seq,
                 v.origin,
                 v.tree_size,
                 v.to_seq - v.from_seq + 1,
                 v.personal_open,
-                v.personal_erased
+                v.personal_erased,
+                match v.personal_withheld {
+                    0 => String::new(),
+                    n => format!(", {n} not given (no erasure record in the export names them)"),
+                }
             );
         }
         VerifyCommand::Statement { vkeys, tiles, export, seq } => {

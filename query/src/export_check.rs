@@ -8,7 +8,10 @@
 //! given must open the entries' commitments, all of a record's or none; and the rows must be
 //! exactly the rows the entries give, one per seq, column by column. The export's own verdicts
 //! (`complete`, `missing_seqs`, `mismatched_seqs`, `truncated`, `next_from_seq`) must agree with
-//! what is found.
+//! what is found. A record whose values are not given is reported as erased only when an
+//! `erasure` record in the export names it; otherwise as withheld: the export alone cannot show
+//! why. The file itself is read strictly ([`parse_export`]): no unknown member, and no member
+//! repeated at any depth (a reader taking the first of two would see other content).
 
 use std::collections::BTreeMap;
 
@@ -23,6 +26,62 @@ use crate::reports::AuditExport;
 #[error("{0}")]
 pub struct ExportInvalid(pub String);
 
+/// Reads an export from its JSON text, refusing a member repeated in any object and members
+/// [`AuditExport`] does not have.
+pub fn parse_export(text: &str) -> Result<AuditExport, ExportInvalid> {
+    serde_json::from_str::<NoRepeats>(text).map_err(|e| invalid(format!("not an audit export: {e}")))?;
+    serde_json::from_str(text).map_err(|e| invalid(format!("not an audit export: {e}")))
+}
+
+/// Any JSON value in which no object repeats a member.
+struct NoRepeats;
+
+impl<'de> serde::Deserialize<'de> for NoRepeats {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoRepeats)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoRepeats {
+    type Value = NoRepeats;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<NoRepeats, E> {
+        Ok(NoRepeats)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<NoRepeats, E> {
+        Ok(NoRepeats)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<NoRepeats, E> {
+        Ok(NoRepeats)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<NoRepeats, E> {
+        Ok(NoRepeats)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<NoRepeats, E> {
+        Ok(NoRepeats)
+    }
+    fn visit_unit<E>(self) -> Result<NoRepeats, E> {
+        Ok(NoRepeats)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NoRepeats, A::Error> {
+        while seq.next_element::<NoRepeats>()?.is_some() {}
+        Ok(NoRepeats)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NoRepeats, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("the member {key:?} is repeated")));
+            }
+            map.next_value::<NoRepeats>()?;
+        }
+        Ok(NoRepeats)
+    }
+}
+
 /// What a valid export proves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedExport {
@@ -33,8 +92,12 @@ pub struct VerifiedExport {
     pub to_seq: u64,
     /// Records whose personal values the export gives, each opening its commitments.
     pub personal_open: u64,
-    /// Records committing to personal values the export does not give: erased.
+    /// Records committing to personal values the export does not give, named by an `erasure`
+    /// record in the export: erased.
     pub personal_erased: u64,
+    /// Records committing to personal values the export does not give, named by no `erasure`
+    /// record in the export (it may be outside the range): the export does not show why.
+    pub personal_withheld: u64,
 }
 
 fn invalid(why: impl Into<String>) -> ExportInvalid {
@@ -44,6 +107,8 @@ fn invalid(why: impl Into<String>) -> ExportInvalid {
 /// Verifies `export` against the tenant's verifier keys (several during a key rotation).
 pub fn verify_export(export: &AuditExport, vkeys: &[NoteVerifier]) -> Result<VerifiedExport, ExportInvalid> {
     let tenant = export.tenant_id.as_str();
+    // A tenant id holds no "/": the origin's last two segments are then exactly "t/<tenant>".
+    tally_schemas::validate_tenant_id(tenant).map_err(|r| invalid(format!("tenant_id: {}", r.detail)))?;
     let expected_suffix = format!("/t/{tenant}");
     let checkpoint = Checkpoint::open(&export.checkpoint, vkeys, None).map_err(|e| invalid(format!("checkpoint: {e}")))?;
     if !checkpoint.origin.ends_with(&expected_suffix) {
@@ -77,21 +142,34 @@ pub fn verify_export(export: &AuditExport, vkeys: &[NoteVerifier]) -> Result<Ver
     if let Some(seq) = export.personal.keys().find(|s| **s < from || **s > to) {
         return Err(invalid(format!("personal values are given for seq {seq}, outside the export's range")));
     }
-    let (mut open, mut erased) = (0u64, 0u64);
+    let records: Vec<Record<RecordType>> =
+        (from..).zip(&entries).map(|(seq, entry)| Record::decode(seq, entry).map_err(|e| invalid(format!("entry {seq}: {e}")))).collect::<Result<_, _>>()?;
+    // The seqs the range's `erasure` records name.
+    let mut named = std::collections::BTreeSet::new();
+    for ((seq, entry), record) in (from..).zip(&entries).zip(&records) {
+        if matches!(record, Record::Budget(RecordType { record_type }) if record_type == "erasure") {
+            named.extend(tally_log::Erasure::decode(seq, entry).map_err(|e| invalid(format!("entry {seq}: {e}")))?.seqs);
+        }
+    }
+    let (mut open, mut erased, mut withheld) = (0u64, 0u64, 0u64);
     let mut revealed = Vec::with_capacity(entries.len());
-    for (seq, entry) in (from..).zip(&entries) {
-        let record = Record::<serde::de::IgnoredAny>::decode(seq, entry).map_err(|e| invalid(format!("entry {seq}: {e}")))?;
-        let committed = match &record {
+    for (seq, record) in (from..).zip(&records) {
+        let committed = match record {
             Record::Event(r) => r.personal.keys().cloned().collect::<Vec<_>>(),
             Record::Budget(_) => Vec::new(),
         };
         let given = export.personal.get(&seq);
-        revealed.push(match (given, &record) {
+        revealed.push(match (given, record) {
             (None, _) if committed.is_empty() => None,
             (None, _) => {
-                erased += 1;
+                if named.contains(&seq) {
+                    erased += 1;
+                } else {
+                    withheld += 1;
+                }
                 Some(Revealed::Erased)
             }
+            (Some(_), _) if committed.is_empty() => return Err(invalid(format!("personal values are given for seq {seq}, which commits to none"))),
             (Some(fields), Record::Event(r)) => {
                 // One spelling per salt (lowercase hex), so that no changed byte goes unseen.
                 if let Some((field, _)) =
@@ -127,7 +205,22 @@ pub fn verify_export(export: &AuditExport, vkeys: &[NoteVerifier]) -> Result<Ver
             export.missing_seqs, export.mismatched_seqs
         )));
     }
-    Ok(VerifiedExport { origin: checkpoint.origin, tree_size: checkpoint.size, from_seq: from, to_seq: to, personal_open: open, personal_erased: erased })
+    Ok(VerifiedExport {
+        origin: checkpoint.origin,
+        tree_size: checkpoint.size,
+        from_seq: from,
+        to_seq: to,
+        personal_open: open,
+        personal_erased: erased,
+        personal_withheld: withheld,
+    })
+}
+
+/// The type of a budget-side record (what tells an `erasure` from the rest).
+#[derive(serde::Deserialize)]
+struct RecordType {
+    #[serde(rename = "type")]
+    record_type: String,
 }
 
 /// The rows must be one per seq of the range, each equal, member by member, to the row its entry

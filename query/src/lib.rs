@@ -24,7 +24,7 @@ use std::sync::Arc;
 pub use config::QueryConfig;
 pub use encode::Format;
 pub use error::{Error, Result};
-pub use export_check::{verify_export, ExportInvalid, VerifiedExport};
+pub use export_check::{parse_export, verify_export, ExportInvalid, VerifiedExport};
 pub use tables::Engine;
 pub use tally_schemas::projection_schema;
 

@@ -646,7 +646,9 @@ fn billing_spend(root: &Path, tenant: &str, month: &str) -> tally_projection::Re
 }
 
 /// An audit export: a seq range of the tenant's rows with the evidence that it is complete.
+/// Read back with [`crate::parse_export`], which refuses unknown and repeated members.
 #[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditExport {
     pub tenant_id: String,
     pub from_seq: u64,

@@ -12,7 +12,7 @@ use tally_projection::Projection;
 use tally_query::reports::AuditExport;
 
 /// acme's log: seq 0 plain, 1 user-ann's (erased), 2 user-bob's, 3 plain, 4 the erasure of
-/// user-ann, 5 plain; projected.
+/// user-ann, 5 plain, 6 a `conflict` with seq 2 (bob's, other values); projected.
 fn fixture() -> Fixture {
     let f = Fixture::new();
     let partitions = f.data_dir().join("partitions");
@@ -44,7 +44,10 @@ fn fixture() -> Fixture {
     let last = event("acme", "e5", at, "llm_call", "planner", "gpt-x", "task-1", Some((2_000, "USD")));
     let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: 4, timestamp_ms: None };
     ledger.append_event(EventInput { event: &last, ce_source: None, payload_sha256: &[8; 32], source: &source }, None, None).unwrap();
-    ledger.commit(Some(5)).unwrap();
+    let conflict = personal("e2", "user-bob", "bob2@example.com");
+    let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: 5, timestamp_ms: Some(1_700_000_000_123) };
+    ledger.append_event(EventInput { event: &conflict, ce_source: None, payload_sha256: &[9; 32], source: &source }, None, Some(2)).unwrap();
+    ledger.commit(Some(6)).unwrap();
     let mut projection = Projection::new(&f.data_dir().join("parquet"), std::time::Duration::ZERO);
     while projection.behind("acme", &ledger).unwrap() > 0 {
         projection.flush("acme", &ledger, true).unwrap();
@@ -61,28 +64,74 @@ async fn a_real_export_verifies_and_says_what_it_proves() {
     let f = fixture();
     let whole = export(&f, "").await;
     let v = tally_query::verify_export(&whole, &f.verifiers("acme")).unwrap();
-    assert_eq!((v.from_seq, v.to_seq, v.tree_size, v.personal_open, v.personal_erased), (0, 5, 6, 1, 1));
+    assert_eq!((v.from_seq, v.to_seq, v.tree_size), (0, 6, 7));
+    assert_eq!((v.personal_open, v.personal_erased, v.personal_withheld), (2, 1, 0), "bob's event and conflict open, ann's erased");
     assert_eq!(v.origin, "tally.test/t/acme");
     // Another tenant's key, or none of the right ones, proves nothing.
     assert!(tally_query::verify_export(&whole, &f.verifiers("globex")).is_err());
     // A part of the log verifies on its own, with its proof.
     let part = export(&f, "?from_seq=1&to_seq=3").await;
     assert_eq!(part.range_proof.len(), 2);
-    tally_query::verify_export(&part, &f.verifiers("acme")).unwrap();
+    let v = tally_query::verify_export(&part, &f.verifiers("acme")).unwrap();
+    assert_eq!((v.personal_open, v.personal_erased, v.personal_withheld), (1, 0, 1), "the erasure record is outside the part: ann's values are only withheld");
 
-    // The reference verifier, written from docs/formats.md alone, agrees on both, and refuses a
-    // row that is not what its entry gives.
+    // The file is read strictly: a member repeated at any depth, or one the export has not, is
+    // refused (a reader taking the first of two members would see other content).
+    let text = serde_json::to_string(&whole).unwrap();
+    assert!(tally_query::parse_export(&text).is_ok());
+    let repeated = text.replacen(r#""seq":0,"#, r#""seq":0,"seq":0,"#, 1);
+    assert!(repeated.len() > text.len(), "a row's seq repeated");
+    assert!(tally_query::parse_export(&repeated).unwrap_err().to_string().contains(r#"the member "seq" is repeated"#));
+    let unknown = text.replacen(r#"{"tenant_id""#, r#"{"note":"trust me","tenant_id""#, 1);
+    assert!(tally_query::parse_export(&unknown).unwrap_err().to_string().contains("unknown field"));
+
+    // The reference verifier, written from docs/formats.md alone, agrees on both.
     let vkey = f.verifiers("acme")[0].to_string();
-    for (name, export, want) in
-        [("whole", &whole, "valid: seqs 0..=5 of tally.test/t/acme at tree size 6"), ("part", &part, "valid: seqs 1..=3 of tally.test/t/acme at tree size 6")]
-    {
+    let whole_line = "valid: seqs 0..=6 of tally.test/t/acme at tree size 7: 7 entries in the checkpoint's tree, each row what its entry gives; personal values: 2 records verified, 1 erased\n";
+    let part_line = "valid: seqs 1..=3 of tally.test/t/acme at tree size 7: 3 entries in the checkpoint's tree, each row what its entry gives; personal values: 1 records verified, 0 erased, 1 not given (no erasure record in the export names them)\n";
+    for (name, export, want) in [("whole", &whole, whole_line), ("part", &part, part_line)] {
         let (code, out) = python_verify(&f, name, &serde_json::to_value(export).unwrap(), &vkey);
-        assert!(code == Some(0) && out.contains(want) && out.contains("1 records verified, 1 erased"), "{name}: {out}");
+        assert!(code == Some(0) && out == want, "{name}: {out}");
     }
+    // And refuses what Rust's verifier refuses: a row not what its entry gives,
     let mut forged = serde_json::to_value(&whole).unwrap();
     forged["rows"][2]["attributes"]["email"] = "eve@example.com".into();
     let (code, out) = python_verify(&f, "forged", &forged, &vkey);
     assert!(code == Some(1) && out.contains("the row of seq 2 is not what its entry gives"), "{out}");
+    // a boolean for an integer, a seq spelled another way,
+    let mut forged = serde_json::to_value(&whole).unwrap();
+    forged["rows"][1]["seq"] = true.into();
+    assert_eq!(python_verify(&f, "bool-seq", &forged, &vkey).0, Some(1));
+    let mut forged = serde_json::to_value(&whole).unwrap();
+    let bob = forged["personal"]["2"].take();
+    forged["personal"].as_object_mut().unwrap().remove("2");
+    forged["personal"]["+2"] = bob;
+    let (code, out) = python_verify(&f, "plus-seq", &forged, &vkey);
+    assert!(code == Some(1) && out.contains("is not a seq"), "{out}");
+    // and another tenant's checkpoint with its signature line renamed to acme's key: one key
+    // signs every tenant, so the key's name must be the checkpoint's origin.
+    let globex_note = {
+        let dir = f.data_dir().join("partitions/tally.events-0");
+        let mut ledger = Ledger::open(&dir, vec![LedgerKey::parse(&f.key.to_text().unwrap()).unwrap()]).unwrap();
+        let e = event("globex", "g0", "2026-11-02T10:00:00Z".parse().unwrap(), "llm_call", "a", "m", "t", None);
+        let source = Source::File { file: "g.jsonl".into(), line: 1 };
+        ledger.append_event(EventInput { event: &e, ce_source: None, payload_sha256: &[1; 32], source: &source }, None, None).unwrap();
+        ledger.commit(None).unwrap();
+        ledger.checkpoint_note("globex").unwrap()
+    };
+    let acme_id = f.verifiers("acme")[0].id().to_be_bytes();
+    let (text, signature) = globex_note.rsplit_once("\n\u{2014} ").unwrap();
+    let sig = base64::engine::general_purpose::STANDARD.decode(signature.trim_end().rsplit_once(' ').unwrap().1).unwrap();
+    let mut renamed_sig = acme_id.to_vec();
+    renamed_sig.extend_from_slice(&sig[4..]);
+    let renamed = format!("{text}\n\u{2014} tally.test/t/acme {}\n", base64::engine::general_purpose::STANDARD.encode(renamed_sig));
+    let mut forged = serde_json::to_value(&whole).unwrap();
+    forged["checkpoint"] = renamed.into();
+    forged["tenant_id"] = "globex".into();
+    let (code, out) = python_verify(&f, "renamed-key", &forged, &vkey);
+    assert!(code == Some(1) && out.contains("is not the name of a key that signed it"), "{out}");
+    let export: AuditExport = serde_json::from_value(forged).unwrap();
+    assert!(tally_query::verify_export(&export, &f.verifiers("acme")).is_err());
 }
 
 /// `verifiers/python/tally_verify.py export` on `export`: its exit code and output.

@@ -8,8 +8,9 @@ docs/privacy.md), with Python's standard library only: no Tally code, no third-p
 `receipt` checks, in order:
 
 1. The receipt's checkpoint is a C2SP signed note carrying a valid Ed25519 signature by one of
-   the given verifier keys (a signature by another key is ignored; a given key whose signature
-   fails rejects the note).
+   the given verifier keys whose name is the checkpoint's origin (a signature by another key is
+   ignored; a given key whose signature fails rejects the note). One key signs every tenant's
+   checkpoints under a name per tenant: the name is what binds a signature to a tenant's log.
 2. The entry is at `index` in that checkpoint's tree: RFC 9162 leaf hash and inclusion proof.
 3. With --personal (the ledger's `GET /v1/tenants/{tenant}/records/{seq}/personal` answer): every
    value opens its commitment in the entry's `personal` member,
@@ -19,10 +20,12 @@ docs/privacy.md), with Python's standard library only: no Tally code, no third-p
 `export` checks an audit export (`GET /v1/tenants/{tenant}/audit-export`, saved as JSON;
 docs/formats.md, "The audit export's range proof"):
 
+0. The file: no member repeated in any object, no unknown top-level member.
 1. The checkpoint as above, its origin ending in `/t/<tenant_id>`, its size `tree_size`.
 2. The entries' leaf hashes, with `range_proof`, rebuild the checkpoint's root over
    `[from_seq, to_seq + 1)`: they are the log's entries of exactly that range.
-3. Each record's personal values in `personal` open its commitments, all of them or none.
+3. Each record's personal values in `personal` open its commitments, all of them or none; a
+   record without them is erased if an `erasure` record in the export names it, else withheld.
 4. Each seq has exactly one row, and each row is, column by column, what its entry gives
    (docs/formats.md, "Rows from entries").
 5. `complete`, `missing_seqs`, `mismatched_seqs`, `truncated` and `next_from_seq` agree.
@@ -148,12 +151,13 @@ def parse_vkey(text):
 
 
 def open_note(note, vkeys):
-    """The note's text, if a given key signed it (C2SP signed-note rules)."""
+    """The note's text and the names of the given keys whose signatures verified, if any did
+    (C2SP signed-note rules)."""
     split = note.rfind("\n\n")
     if split < 0:
         raise Invalid("the checkpoint is not a signed note (no blank line before its signatures)")
     text, signatures = note[: split + 1], note[split + 2 :]
-    verified = False
+    verified = set()
     for line in signatures.splitlines():
         if not line.startswith("\u2014 "):
             raise Invalid(f"malformed signature line {line!r}")
@@ -165,10 +169,21 @@ def open_note(note, vkeys):
             if vname == name and raw[:4] == key_id(vname, public):
                 if len(raw) != 68 or not ed25519_verify(public, text.encode(), raw[4:]):
                     raise Invalid(f"bad signature by {name}")
-                verified = True
+                verified.add(name)
     if not verified:
         raise Invalid("no signature by a given verifier key")
-    return text
+    return text, verified
+
+
+def open_checkpoint(note, vkeys):
+    """(origin, size, root) of a checkpoint signed by a given key whose name is its origin: one
+    Ed25519 key signs every tenant's checkpoints, under a key name per tenant, so the name is
+    what ties a signature to a tenant's log."""
+    text, signed_by = open_note(note, vkeys)
+    origin, size, root = parse_checkpoint(text)
+    if origin not in signed_by:
+        raise Invalid(f"the checkpoint's origin {origin} is not the name of a key that signed it")
+    return origin, size, root
 
 
 def parse_checkpoint(text):
@@ -294,41 +309,68 @@ def root_from_range(leaves, lo, size, proof):
     return root
 
 
-def micros(text):
-    """An RFC 3339 UTC time (as records and rows write it) in microseconds since the epoch."""
-    import datetime
+TIME = None  # compiled on first use
 
-    if not isinstance(text, str) or not text.endswith("Z"):
+
+def micros(text, digits):
+    """An RFC 3339 UTC time as records and rows write it (ASCII, four-digit year, at most
+    `digits` fraction digits) in microseconds since the epoch, a finer fraction cut toward zero
+    as the projection cuts it."""
+    import datetime
+    import re
+
+    global TIME
+    if TIME is None:
+        TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z", re.ASCII)
+    m = TIME.fullmatch(text) if isinstance(text, str) else None
+    if not m or (m.group(7) and len(m.group(7)) > digits):
         raise Invalid(f"not a UTC time: {text!r}")
-    body, frac = text[:-1], 0
-    if "." in body:
-        body, digits = body.split(".", 1)
-        if not digits.isdigit() or len(digits) > 9:
-            raise Invalid(f"not a UTC time: {text!r}")
-        frac = int(digits.ljust(9, "0")) // 1000
-    at = datetime.datetime.strptime(body, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
-    return int(at.timestamp()) * 1_000_000 + frac
+    at = datetime.datetime(*(int(g) for g in m.groups()[:6]), tzinfo=datetime.timezone.utc)
+    seconds = (at - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(seconds=1)
+    nanos = seconds * 1_000_000_000 + int((m.group(7) or "").ljust(9, "0"))
+    return nanos // 1000 if nanos >= 0 else -(-nanos // 1000)
 
 
 TIME_COLUMNS = ("occurred_at", "kafka_timestamp")
+EVENT_TYPES = ("event", "conflict")
+EXPORT_MEMBERS = {
+    "tenant_id", "from_seq", "to_seq", "truncated", "next_from_seq", "tree_size", "complete",
+    "missing_seqs", "mismatched_seqs", "checkpoint", "range_proof", "entries", "rows", "personal",
+}
+
+
+def is_int(x):
+    """A JSON integer: not a boolean, not a float."""
+    return type(x) is int
+
+
+def no_repeats(pairs):
+    """`object_pairs_hook` for json.load: refuse an object that repeats a member (a reader
+    taking the first of two would see other content than one taking the last)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise Invalid(f"the member {key!r} is repeated")
+        obj[key] = value
+    return obj
 
 
 def expected_row(seq, entry, opened):
     """The row an entry gives (docs/formats.md, "Rows from entries"); `opened` is the record's
-    personal values (field -> value), or None when erased. Absent keys are null columns."""
-    record = json.loads(entry)
-    if record.get("seq") != seq:
-        raise Invalid(f"entry {seq} says it is seq {record.get('seq')}")
+    personal values (field -> value), or None when not given. Absent keys are null columns."""
+    record = json.loads(entry, object_pairs_hook=no_repeats)
+    if record.get("seq") != seq or not is_int(record.get("seq")):
+        raise Invalid(f"entry {seq} says it is seq {record.get('seq')!r}")
     row = {"seq": seq, "leaf_hash": leaf_hash(entry).hex()}
-    if record.get("type") != "event":
+    if record.get("type") not in EVENT_TYPES:
         row["record_type"] = record.get("type")
         if "at" in record:
-            row["occurred_at"] = record["at"]
+            row["occurred_at"] = micros(record["at"], 9)
         row["detail"] = entry.decode("utf-8", "replace")
         return row
     event = dict(record["event"])
-    conflict = "conflicts_with_seq" in record
-    row["record_type"] = "conflict" if conflict else "event"
+    conflict = record["type"] == "conflict"
+    row["record_type"] = record["type"]
     attributes = dict(event.get("attributes", {}))
     for field in record.get("personal", {}):
         value = "erased" if opened is None else opened[field]
@@ -336,7 +378,7 @@ def expected_row(seq, entry, opened):
             event["actor_id"] = value
         elif field.startswith("attributes."):
             attributes[field[len("attributes.") :]] = value
-    row["occurred_at"] = event["occurred_at"]
+    row["occurred_at"] = micros(event["occurred_at"], 9)
     for column in ("event_id", "kind", "decision", "reason_code", "agent_id", "actor_id", "workspace_id", "task_id"):
         if event.get(column) is not None:
             row[column] = event[column]
@@ -369,35 +411,58 @@ def expected_row(seq, entry, opened):
     if source.get("kind") == "kafka":
         row["kafka_partition"], row["kafka_offset"] = source["partition"], source["offset"]
         if source.get("timestamp_ms") is not None:
-            ms = source["timestamp_ms"]
-            row["kafka_timestamp"] = ms * 1000
+            row["kafka_timestamp"] = source["timestamp_ms"] * 1000
     if conflict:
         row["detail"] = json.dumps({"conflicts_with_seq": record["conflicts_with_seq"]}, separators=(",", ":"))
     return row
 
 
+def same(got, want):
+    """JSON equality that tells integers from booleans and floats."""
+    if type(got) is not type(want):
+        return False
+    if isinstance(want, dict):
+        return set(got) == set(want) and all(same(got[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+    return got == want
+
+
 def same_row(got, want):
-    """Whether a row equals the expected one: the same columns, times compared as instants."""
-    if set(got) != set(want):
+    """Whether a row equals the expected one: the same columns, times (at most microseconds, as
+    the projection keeps them) compared as instants."""
+    if not isinstance(got, dict) or set(got) != set(want):
         return False
     for column, value in want.items():
         if column in TIME_COLUMNS:
-            expected = value if isinstance(value, int) else micros(value)
-            if micros(got[column]) != expected:
+            if micros(got[column], 6) != value:
                 return False
-        elif got[column] != value:
+        elif not same(got[column], value):
             return False
     return True
 
 
+def seq_key(text):
+    """A `personal` member's name: a seq in canonical decimal."""
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+        raise Invalid(f"personal: {text!r} is not a seq")
+    return int(text)
+
+
 def verify_export(export, vkeys):
+    if not isinstance(export, dict) or set(export) - EXPORT_MEMBERS or not {"tenant_id", "checkpoint", "entries", "rows"} <= set(export):
+        raise Invalid(f"not an audit export: members {sorted(set(export) - EXPORT_MEMBERS) if isinstance(export, dict) else ''} unknown, or some missing")
     tenant = export["tenant_id"]
-    origin, size, root = parse_checkpoint(open_note(export["checkpoint"], vkeys))
+    if not isinstance(tenant, str) or not tenant or "/" in tenant:
+        raise Invalid(f"tenant_id {tenant!r} is not a tenant id")
+    origin, size, root = open_checkpoint(export["checkpoint"], vkeys)
     if not origin.endswith(f"/t/{tenant}"):
         raise Invalid(f"the checkpoint's origin {origin} is not tenant {tenant}'s log")
-    if size != export["tree_size"]:
-        raise Invalid(f"tree_size is {export['tree_size']}, the checkpoint's size is {size}")
-    lo, hi = export["from_seq"], export["to_seq"]
+    lo, hi, tree_size = export["from_seq"], export["to_seq"], export["tree_size"]
+    if not (is_int(lo) and is_int(hi) and is_int(tree_size)):
+        raise Invalid("from_seq, to_seq and tree_size must be integers")
+    if tree_size != size:
+        raise Invalid(f"tree_size is {tree_size}, the checkpoint's size is {size}")
     if not (0 <= lo <= hi < size):
         raise Invalid(f"the range {lo}..={hi} is not within the checkpointed log of {size} records")
     entries = [base64.b64decode(e, validate=True) for e in export["entries"]]
@@ -408,47 +473,59 @@ def verify_export(export, vkeys):
         raise Invalid("a range proof hash is not 32 bytes")
     if root_from_range([leaf_hash(e) for e in entries], lo, size, proof) != root:
         raise Invalid("the entries with the range proof do not rebuild the checkpoint's root")
-    personal = {int(seq): fields for seq, fields in export.get("personal", {}).items()}
+    # The entries are the log's: now the personal values and the rows, against them.
+    personal = {seq_key(seq): fields for seq, fields in export.get("personal", {}).items()}
     if any(not lo <= seq <= hi for seq in personal):
         raise Invalid("personal values are given for a seq outside the range")
+    records = [json.loads(e, object_pairs_hook=no_repeats) for e in entries]
+    named = set()
+    for record in records:
+        if record.get("type") == "erasure":
+            named.update(record["seqs"])
     rows = {}
     for row in export["rows"]:
+        if not isinstance(row, dict) or not is_int(row.get("seq")):
+            raise Invalid("a row has no integer seq")
         if row["seq"] in rows:
             raise Invalid(f"seq {row['seq']} has several rows")
         rows[row["seq"]] = row
-    opened_count = erased_count = 0
-    for seq, entry in zip(range(lo, hi + 1), entries):
-        record = json.loads(entry)
-        committed = record.get("personal", {}) if record.get("type") == "event" else {}
+    opened_count = erased_count = withheld_count = 0
+    for seq, entry, record in zip(range(lo, hi + 1), entries, records):
+        committed = record.get("personal", {}) if record.get("type") in EVENT_TYPES else {}
         fields = personal.get(seq)
         opened = None
         if fields is not None:
-            if set(fields) != set(committed):
+            if not committed or set(fields) != set(committed):
                 raise Invalid(f"seq {seq}: the personal values given are not every field the record commits to")
             for field, opening in fields.items():
+                if not isinstance(opening, dict) or set(opening) != {"value", "salt"} or not isinstance(opening["value"], str):
+                    raise Invalid(f"seq {seq}: the opening of {field!r} is not a value and a salt")
                 salt = opening["salt"]
-                if len(salt) != 32 or any(c not in "0123456789abcdef" for c in salt):
+                if not isinstance(salt, str) or len(salt) != 32 or any(c not in "0123456789abcdef" for c in salt):
                     raise Invalid(f"seq {seq}: the salt of {field!r} is not 32 lowercase hex digits")
                 if commitment(bytes.fromhex(salt), field, opening["value"]) != bytes.fromhex(committed[field]):
                     raise Invalid(f"seq {seq}: the value given for {field!r} does not match its commitment")
             opened = {field: o["value"] for field, o in fields.items()}
             opened_count += 1
-        elif committed:
+        elif committed and seq in named:
             erased_count += 1
+        elif committed:
+            withheld_count += 1
         if seq not in rows:
             raise Invalid(f"seq {seq} has no row")
         if not same_row(rows.pop(seq), expected_row(seq, entry, opened)):
             raise Invalid(f"the row of seq {seq} is not what its entry gives")
     if rows:
         raise Invalid(f"a row of seq {min(rows)} is outside the range")
-    truncated, after = export["truncated"], export.get("next_from_seq")
-    if (truncated and after != hi + 1) or (not truncated and after is not None):
+    truncated, after = export["truncated"], export["next_from_seq"]
+    if truncated is True and (not is_int(after) or after != hi + 1) or truncated is False and after is not None or type(truncated) is not bool:
         raise Invalid("truncated and next_from_seq disagree")
-    if export["complete"] is not True or export["missing_seqs"] or export["mismatched_seqs"]:
+    if export["complete"] is not True or export["missing_seqs"] != [] or export["mismatched_seqs"] != []:
         raise Invalid("the export says it is incomplete, yet every row matches its entry")
+    withheld = f", {withheld_count} not given (no erasure record in the export names them)" if withheld_count else ""
     return (
         f"valid: seqs {lo}..={hi} of {origin} at tree size {size}: {len(entries)} entries in the checkpoint's tree, "
-        f"each row what its entry gives; personal values: {opened_count} records verified, {erased_count} erased"
+        f"each row what its entry gives; personal values: {opened_count} records verified, {erased_count} erased{withheld}"
     )
 
 
@@ -468,7 +545,7 @@ def main(argv):
         vkeys = [parse_vkey(v) for v in args.vkey]
         if args.command == "export":
             with open(args.export, encoding="utf-8") as f:
-                document = json.load(f)
+                document = json.load(f, object_pairs_hook=no_repeats)
         else:
             with open(args.receipt, encoding="utf-8") as f:
                 index, proof, note = parse_receipt(f.read())
@@ -478,14 +555,14 @@ def main(argv):
             if args.personal:
                 with open(args.personal, encoding="utf-8") as f:
                     given = json.load(f)
-    except (OSError, ValueError, IndexError) as e:
+    except (OSError, ValueError, IndexError, Invalid) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if args.command == "export":
             print(verify_export(document, vkeys))
             return 0
-        origin, size, root = parse_checkpoint(open_note(note, vkeys))
+        origin, size, root = open_checkpoint(note, vkeys)
         verify_inclusion(leaf_hash(entry), index, size, proof, root)
         print(f"valid: entry {index} is in {origin} at tree size {size}")
         if given is not None:
