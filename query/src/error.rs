@@ -32,6 +32,9 @@ pub enum Error {
     /// The projection was written by an older version and lacks what the report needs.
     #[error("{0}")]
     NeedsRebuild(String),
+    /// A request body over the service's limit.
+    #[error("the request body is over {0} bytes")]
+    BodyTooLarge(usize),
     #[error("bad configuration: {0}")]
     Config(String),
     /// The detail is logged, not shown: it can name server paths.
@@ -49,6 +52,7 @@ impl Error {
             Error::Query(_) => "query_failed",
             Error::Timeout(_) => "query_timeout",
             Error::ResourcesExhausted(_) => "query_too_large",
+            Error::BodyTooLarge(_) => "body_too_large",
             Error::TooManyQueries(_) => "too_many_queries",
             Error::SumOverflow(_) => "sum_overflow",
             Error::NotFound(_) => "not_found",
@@ -64,7 +68,7 @@ impl Error {
             Error::Auth(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
             Error::BadRequest(_) | Error::SqlRejected(_) | Error::Query(_) => StatusCode::BAD_REQUEST,
             Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::ResourcesExhausted(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::ResourcesExhausted(_) | Error::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::TooManyQueries(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::SumOverflow(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,

@@ -95,6 +95,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(per_tenant_costs)
         .route("/v1/spend", get(spend))
         .fallback(|| async { Error::NotFound("no such route; see /openapi.json".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
     telemetry.instrument(app)
 }
@@ -350,7 +351,17 @@ struct SqlBody {
     sql: String,
 }
 
-async fn sql(State(state): State<Arc<AppState>>, Path(tenant): Path<String>, Query(q): Query<HashMap<String, String>>, raw: Bytes) -> Result<Response> {
+async fn sql(
+    State(state): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    raw: std::result::Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response> {
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => return Err(Error::BodyTooLarge(MAX_BODY_BYTES)),
+        Err(e) => return Err(Error::BadRequest(format!("the body could not be read: {}", e.body_text()))),
+    };
     let mut p = Params(q);
     let format = p.format()?;
     p.finish()?;

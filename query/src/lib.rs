@@ -44,7 +44,7 @@ pub async fn run(config: QueryConfig, listener: tokio::net::TcpListener, shutdow
         request_timeout: (std::time::Duration::from_millis(config.query_timeout_ms) + std::time::Duration::from_secs(30)).max(defaults.request_timeout),
         ..defaults
     };
-    let mut app = http::router(state).layer(axum::extract::DefaultBodyLimit::max(http::MAX_BODY_BYTES));
+    let mut app = http::router(state);
     if !auth {
         // No token file (loopback only): refuse other Host names, against DNS rebinding.
         app = app.layer(axum::middleware::from_fn(tally_auth::serve::loopback_host_only));

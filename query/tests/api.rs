@@ -665,6 +665,16 @@ async fn the_openapi_document_lists_every_route() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"]["code"], "not_found");
 }
 
+/// A SQL body past the service's bound is refused in the API's error shape.
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_body_too_large() {
+    let f = fixture();
+    let sql = format!("SELECT seq FROM events WHERE event_id = '{}'", "x".repeat(2 << 20));
+    let (status, body) = send(&f.router(), "POST", "/v1/tenants/acme/sql", Some(&f.tokens["acme"]), Some(serde_json::json!({ "sql": sql }))).await;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large")), "{json}");
+}
+
 /// A `max_rows` below the default page size caps the default page instead of refusing a
 /// request that names no `limit`.
 #[tokio::test]

@@ -6,6 +6,10 @@
 //! * At most `max_connections` connections are open at once. When all slots are taken the loop
 //!   **stops accepting** until one frees; later connections wait in the kernel's listen backlog
 //!   (they are not closed), and are accepted in arrival order as slots free.
+//! * A request head (request line, query string and headers) is at most `max_head_bytes` and
+//!   100 headers; a larger one is answered `431` (`head_too_large`, or hyper's own empty 431
+//!   when its read buffer, bounded near `max_head_bytes`, fills first), so a connection's read
+//!   buffer, and the memory of all of them, is bounded.
 //! * A request head must arrive within `header_read_timeout`, or the connection is closed
 //!   (slowloris). hyper 1.12 starts that clock whenever the connection begins waiting for a head:
 //!   at accept, and again as soon as a response has been written on a kept-alive connection
@@ -65,10 +69,13 @@ pub struct ServeLimits {
     pub request_timeout: Duration,
     /// After shutdown, how long in-flight requests get before their connections are dropped.
     pub shutdown_timeout: Duration,
+    /// Bytes a request head may take (hyper's read buffer; at least 8,192).
+    pub max_head_bytes: usize,
 }
 
 impl Default for ServeLimits {
-    /// 1024 connections, 10 s to send a request head, 60 s idle, 60 s per request, 10 s to drain.
+    /// 1024 connections, 10 s to send a request head, 60 s idle, 60 s per request, 10 s to drain,
+    /// 64 KiB per request head.
     fn default() -> Self {
         ServeLimits {
             max_connections: 1024,
@@ -76,6 +83,7 @@ impl Default for ServeLimits {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
+            max_head_bytes: 64 * 1024,
         }
     }
 }
@@ -180,6 +188,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, limits: Se
             let app = app.clone();
             async move {
                 let _in_flight = in_flight;
+                if let Some(size) = head_size(&request).filter(|size| *size > limits.max_head_bytes) {
+                    // hyper's buffer bound is approximate (a head that arrives in one large read
+                    // passes it): the exact bound is applied here, before any handler.
+                    tracing::debug!(%peer, size, "request head too large");
+                    return Ok::<_, Infallible>(head_too_large(limits.max_head_bytes));
+                }
                 let (method, path) = (request.method().clone(), request.uri().path().to_owned());
                 let response = match tokio::time::timeout(limits.request_timeout, app.oneshot(request)).await {
                     Ok(Ok(response)) => response,
@@ -194,7 +208,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, limits: Se
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES))
+        .max_headers(MAX_HEADERS);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let watchdog = tokio::time::sleep(limits.idle_timeout);
@@ -225,6 +243,26 @@ async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, limits: Se
         }
     }
 }
+
+/// The bytes of `request`'s head as sent: its request line and headers (`None`: no overflow
+/// possible in practice; a sum past `usize` is too large anyway).
+fn head_size<B>(request: &hyper::Request<B>) -> Option<usize> {
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    request.headers().iter().try_fold(line, |sum, (name, value)| sum.checked_add(name.as_str().len() + value.len() + 4)).or(Some(usize::MAX))
+}
+
+fn head_too_large(limit: usize) -> Response {
+    let body = serde_json::json!({"error": {
+        "code": "head_too_large",
+        "message": format!("the request line and headers are over {limit} bytes"),
+    }});
+    (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, [(header::CONTENT_TYPE, "application/json"), (header::CONNECTION, "close")], body.to_string()).into_response()
+}
+
+/// hyper refuses a read buffer below 8 KiB.
+const MIN_HEAD_BYTES: usize = 8 * 1024;
+/// Headers a request may carry (hyper's default, stated).
+const MAX_HEADERS: usize = 100;
 
 fn request_timeout(limit: Duration) -> Response {
     let body = serde_json::json!({"error": {
@@ -413,6 +451,7 @@ mod tests {
             idle_timeout: Duration::from_millis(idle_ms),
             request_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(5),
+            max_head_bytes: 64 * 1024,
         }
     }
 
@@ -482,6 +521,46 @@ mod tests {
     async fn stop(server: Server) {
         let _ = server.stop.send(());
         tokio::time::timeout(PATIENCE, server.done).await.expect("serve returns after shutdown").unwrap().unwrap();
+    }
+
+    /// Sends `head` (and nothing else) on a new connection: the status answered.
+    async fn send_head(addr: SocketAddr, head: &[u8]) -> u16 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // The server may answer and close before it has read everything: ignore a reset.
+        let _ = stream.write_all(head).await;
+        read_response(&mut stream).await.0
+    }
+
+    #[test]
+    fn a_heads_size_counts_its_request_line_and_every_header() {
+        let request = hyper::Request::get("/x?q=abc").header("host", "localhost").header("x-a", "1234").body(()).unwrap();
+        // "GET" + "/x?q=abc" + 12 (spaces, "HTTP/1.1", CRLF), then name + value + 4 per header.
+        assert_eq!(head_size(&request), Some(3 + 8 + 12 + (4 + 9 + 4) + (3 + 4 + 4)));
+        let response = head_too_large(64);
+        assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn huge_heads_query_strings_and_header_counts_are_refused_and_others_still_served() {
+        let server = start(app(), limits(10_000, 30_000)).await;
+        let big_header = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(100 * 1024));
+        assert_eq!(send_head(server.addr, big_header.as_bytes()).await, 431);
+        // A request line past 64 KiB: hyper answers 414 URI Too Long itself.
+        let big_query = format!("GET /?q={} HTTP/1.1\r\nHost: localhost\r\n\r\n", "a".repeat(70 * 1024));
+        assert_eq!(send_head(server.addr, big_query.as_bytes()).await, 414);
+        // Headers that pass hyper's buffer in one read but not the bound: 431 head_too_large.
+        let split = format!("GET /?q={} HTTP/1.1\r\nHost: localhost\r\nX-A: {}\r\n\r\n", "a".repeat(40 * 1024), "b".repeat(30 * 1024));
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(split.as_bytes()).await.unwrap();
+        let (status, body) = read_response(&mut stream).await;
+        assert!(status == 431 && (body.is_empty() || body.contains("head_too_large")), "{status} {body}");
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-H{i}: v\r\n")).collect();
+        assert_eq!(send_head(server.addr, format!("GET / HTTP/1.1\r\nHost: localhost\r\n{many}\r\n").as_bytes()).await, 431);
+        // Just under the bound is served.
+        let fits = format!("GET /?q={} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", "a".repeat(60 * 1024));
+        assert_eq!(send_head(server.addr, fits.as_bytes()).await, 200);
+        assert_eq!(fetch(server.addr, "/").await, (200, "ok".into()));
+        stop(server).await;
     }
 
     #[tokio::test]

@@ -96,9 +96,14 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .merge(freezes)
         .merge(erasures)
         .merge(metrics)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(shared);
     telemetry.instrument(app)
 }
+
+/// A request body's bound: every body this API takes is a small JSON object (an authorize with
+/// every optional member is under 4 KiB). A larger one is `413 body_too_large`.
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 fn authenticate(shared: &Shared, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -240,6 +245,9 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(request, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the request body is over {MAX_BODY_BYTES} bytes")))
+            }
             Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
         }
     }
@@ -1745,6 +1753,17 @@ mod tests {
         Receipt::parse(&receipt).unwrap().verify(entry.as_bytes(), &vkeys, Some("tally.example.com/t/acme")).unwrap();
         let now = Checkpoint::open(&checkpoint, &vkeys, None).unwrap();
         assert_eq!(now.size, erasure_seq + 1);
+    }
+
+    /// A body past the bound is refused in the API's error shape, before anything is decided.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_over_the_limit_is_413_body_too_large_and_records_nothing() {
+        let f = fixture();
+        let before = super::super::lock(&f.shared.partition(0).unwrap()).ledger().next_seq("acme");
+        let huge = format!(r#"{{"estimate_micros":1,"task_id":"{}"}}"#, "t".repeat(MAX_BODY_BYTES));
+        let (status, json) = send(&f.app, "POST", "/v1/tenants/acme/budget/authorize", Some(&f.gateway), Some(&huge)).await;
+        assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large")), "{json}");
+        assert_eq!(super::super::lock(&f.shared.partition(0).unwrap()).ledger().next_seq("acme"), before);
     }
 
     /// Whether any file under `dir` holds `needle`.
