@@ -29,9 +29,12 @@ fn personal_event(id: &str, actor: &str, email: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Whether any file under `dir` holds `needle`.
+/// Whether any file under `dir` holds `needle`. The service runs meanwhile: a file or
+/// directory replaced or removed between listing and reading (a projection merge or rewrite)
+/// holds nothing any more, and is skipped.
 fn found_under(dir: &Path, needle: &str) -> bool {
-    std::fs::read_dir(dir).unwrap().flatten().any(|e| {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
         let path = e.path();
         if path.is_dir() {
             found_under(&path, needle)
