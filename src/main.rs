@@ -4,6 +4,7 @@
 
 mod config;
 mod consume;
+mod dlq_cmd;
 mod log_cmd;
 mod publish;
 mod token_cmd;
@@ -57,6 +58,9 @@ enum Command {
     Publish(publish::Args),
     /// Consume events, dead-letter bad ones, and print a per-tenant summary.
     Consume(consume::Args),
+    /// The dead-letter queue: count and show what was refused, and publish it again once fixed.
+    #[command(subcommand)]
+    Dlq(dlq_cmd::DlqCommand),
     /// Create a ledger signing key (private key file, mode 0600) and print the origin's vkey.
     Keygen(log_cmd::KeygenArgs),
     /// Print a tenant's verifier key (vkey).
@@ -177,6 +181,10 @@ fn main() -> anyhow::Result<()> {
         Command::Consume(args) => {
             let (config, rt) = online(cli.config, cli.bootstrap)?;
             rt.block_on(consume::run(&config, args))
+        }
+        Command::Dlq(command) => {
+            let (config, rt) = online(cli.config, cli.bootstrap)?;
+            rt.block_on(dlq_cmd::run(&config, command))
         }
         Command::Ledger => {
             let (mut config, rt) = online(cli.config, cli.bootstrap)?;

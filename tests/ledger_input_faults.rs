@@ -339,3 +339,72 @@ async fn hostile_messages_on_the_broker_are_dead_lettered_with_a_code_and_the_va
     running.wait_for(&valid).await;
     running.stop().await;
 }
+
+/// `tally …` against the test broker: (success, stdout + stderr).
+fn tally(args: &[&str]) -> (bool, String) {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally")).args(args).env("KAFKA_BOOTSTRAP", kafka().bootstrap).env("RUST_LOG", "warn").output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// An operator reads the DLQ (counts by code, samples, an export), replays a stray event once
+/// its producer is fixed, and replays a malformed one after fixing it in the export: each is
+/// recorded once, even when replayed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_inspected_by_code_and_replayed_once_fixed() {
+    let kafka = kafka();
+    let LedgerFixture { topic, dir, key_path, .. } = ledger_fixture("dlqtools", 2).await;
+    let dlq = format!("{topic}.dlq");
+    let publisher = EventPublisher::new(&kafka, &topic).unwrap();
+    for i in 0..3 {
+        publisher.publish(Some(b"initech"), &event_json("initech", &format!("ok-{i}"), 10), &[]).await.unwrap();
+    }
+    // On the wrong partition (a producer without the murmur2 partitioner), and a string where
+    // integer micros belong.
+    let producer = raw_producer(&kafka);
+    let stray = event_json("initech", "stray", 10);
+    let wrong = (tenant_partition("initech", 2) + 1) % 2;
+    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).key(&b"initech"[..]).payload(&stray[..]).partition(wrong);
+    producer.send(record, Duration::from_secs(30)).await.unwrap();
+    let malformed =
+        br#"{"event_id":"fixme","tenant_id":"initech","occurred_at":"2026-11-02T09:15:00Z","kind":"llm_call","cost":{"amount_micros":"10","currency":"USD"}}"#;
+    publisher.publish(Some(b"initech"), malformed, &[("trace", b"t-9")]).await.unwrap();
+
+    let running = start_ledger(dir.path(), &key_path, &topic, &format!("{topic}.g"), 100).await;
+    let mut sizes = BTreeMap::from([("initech".to_string(), 3u64)]);
+    running.wait_for(&sizes).await;
+    assert_eq!(read_topic(&kafka, &dlq, 2, 2).len(), 2);
+
+    let (ok, out) = tally(&["dlq", "inspect", "--dlq-topic", &dlq]);
+    assert!(ok && out.contains("2 dead letters"), "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("wrong_partition") && l.trim_end().ends_with(" 1")), "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("wrong_type") && l.trim_end().ends_with(" 1")), "{out}");
+    assert!(out.contains("key=initech") && out.contains("fixme"), "samples show the key and the value: {out}");
+
+    // The stray event, as it is: the publisher puts it on its tenant's partition. Twice.
+    for _ in 0..2 {
+        let (ok, out) = tally(&["dlq", "replay", "--topic", &topic, "--dlq-topic", &dlq, "--code", "wrong_partition"]);
+        assert!(ok && out.contains("replayed 1 to"), "{out}");
+    }
+    // The malformed one, fixed in an export of it.
+    let export = dir.path().join("wrong_type.jsonl");
+    let (ok, out) = tally(&["dlq", "inspect", "--dlq-topic", &dlq, "--code", "wrong_type", "--export", export.to_str().unwrap()]);
+    assert!(ok && out.contains("wrote 1 to"), "{out}");
+    let fixed = std::fs::read_to_string(&export).unwrap().replace(r#"\"amount_micros\":\"10\""#, r#"\"amount_micros\":10"#);
+    assert!(fixed.contains(r#"\"amount_micros\":10"#) && fixed.contains(r#""trace""#), "{fixed}");
+    std::fs::write(&export, fixed).unwrap();
+    for _ in 0..2 {
+        let (ok, out) = tally(&["dlq", "replay", "--topic", &topic, "--file", export.to_str().unwrap()]);
+        assert!(ok && out.contains("replayed 1 to"), "{out}");
+    }
+    // Each recorded once: a marker published after the replays lands as the sixth record.
+    publisher.publish(Some(b"initech"), &event_json("initech", "marker", 10), &[]).await.unwrap();
+    sizes.insert("initech".into(), 6);
+    running.wait_for(&sizes).await;
+    for (seq, id) in [(3, "stray"), (4, "fixme"), (5, "marker")] {
+        let (status, record) = http_get(running.addr, &format!("/v1/tenants/initech/records/{seq}")).await.unwrap();
+        let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        assert_eq!((status, record["event"]["event_id"].as_str()), (200, Some(id)), "{record}");
+    }
+    running.stop().await;
+}

@@ -7,7 +7,7 @@
 //!   assigned partition resumes is decided by a [`PartitionSink`], not by the group's committed
 //!   offset, so the ledger can own its offsets; the sink is told before a partition is revoked.
 //! * [`DeadLetterQueue`]: the original bytes and headers of a rejected message, plus
-//!   `tally-error-*` headers, to `<topic>.dlq`.
+//!   `tally-error-*` headers, to `<topic>.dlq`; [`read_dead_letters`] reads them back.
 //! * [`tenant_partition`]: the partition a tenant's events land in (Kafka's murmur2 partitioner).
 //! * [`KafkaConfig`]: bootstrap plus librdkafka pass-through properties.
 //!
@@ -17,6 +17,7 @@ mod admin;
 mod config;
 mod consumer;
 mod dlq;
+mod dlq_reader;
 mod error;
 mod publisher;
 
@@ -27,6 +28,7 @@ pub use dlq::{
     DeadLetterQueue, DeadLettered, DlqForm, HEADER_DLQ_FORM, HEADER_ERROR_CODE, HEADER_ERROR_DETAIL, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
 };
+pub use dlq_reader::{read_dead_letters, DeadLetter};
 pub use error::{Error, Result};
 pub use publisher::{EventPublisher, Published};
 pub use tally_schemas::{murmur2, tenant_partition};
