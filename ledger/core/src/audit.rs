@@ -135,7 +135,7 @@ mod tests {
 
     fn ledger(dir: &Path) -> Ledger {
         let key = LedgerKey::generate("tally.example.com").unwrap();
-        let mut ledger = Ledger::open_with(dir, vec![key], 4096).unwrap();
+        let mut ledger = Ledger::open_with(dir, vec![key], 4096, 0).unwrap();
         for i in 0..300u64 {
             let tenant = ["acme", "globex", "initech"][(i % 3) as usize];
             ledger.append(tenant, format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "p".repeat((i % 40) as usize)).as_bytes()).unwrap();

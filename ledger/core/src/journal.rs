@@ -34,11 +34,14 @@
 //! * Every frame read is checked against its CRC and its declared length; a damaged frame is an
 //!   error naming the segment and offset, never skipped.
 //!
-//! Limit: at open, a torn tail and damage inside the last segment's committed frames look the
-//! same (the scan stops at the first bad frame), so both are cut, and [`Opened::cut_bytes`] says
-//! how much. A crash can only tear the one commit that was not yet acknowledged; a larger cut
-//! means the disk lost acknowledged data, and the caller should report it loudly. Records a
-//! cut removes come back from the source (Kafka), since the next offset goes back with them.
+//! A torn tail and damage inside the last segment's committed frames look the same to the scan
+//! (it stops at the first bad frame). A crash can only tear the one commit that was not yet
+//! acknowledged, so a caller that recorded how far the journal was acknowledged durable opens
+//! with [`Journal::open_acknowledged`]: intact commits ending short of that position are damage,
+//! refused with an error naming the segment and byte, and nothing is cut, created or repaired.
+//! The partition service records that position with its state (`state.redb`). Without one
+//! ([`Journal::open`]), both are cut and [`Opened::cut_bytes`] says how much; records a cut
+//! removes come back from the source (Kafka), since the next offset goes back with them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -165,23 +168,46 @@ fn corrupt(path: &Path, offset: u64, detail: impl std::fmt::Display) -> Error {
     Error::Corrupt { path: path.display().to_string(), detail: format!("at byte {offset}: {detail}") }
 }
 
+/// The error of an open whose intact commits end at byte `committed` of the last segment (which
+/// starts at journal position `first`), short of the position acknowledged durable.
+fn lost_acknowledged(path: &Path, first: u64, committed: u64, acknowledged: u64) -> Error {
+    corrupt(
+        path,
+        committed,
+        format!(
+            "the intact commits end here (journal position {}), but the journal was acknowledged durable through position {acknowledged}: \
+             acknowledged records are damaged or missing, and nothing was cut or repaired: restore the segment from a backup",
+            first + committed
+        ),
+    )
+}
+
 impl Journal {
     /// Opens the journal in `dir` (creating it when empty) and cuts whatever follows the last
     /// intact commit of its last segment. `segment_bytes` is the roll size.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Journal, Opened)> {
-        Self::open_with(dir, segment_bytes, Access::Write)
+        Self::open_with(dir, segment_bytes, Access::Write, 0)
+    }
+
+    /// [`Journal::open`] for a caller that knows the journal was durable through position
+    /// `acknowledged` (a position it recorded after a commit's sync). Intact commits ending
+    /// short of it mean the disk lost or damaged acknowledged data, not a torn tail: the open
+    /// fails naming the segment and the byte, and nothing is cut, created or repaired, so the
+    /// damaged file is there to restore or examine.
+    pub fn open_acknowledged(dir: &Path, segment_bytes: u64, acknowledged: u64) -> Result<(Journal, Opened)> {
+        Self::open_with(dir, segment_bytes, Access::Write, acknowledged)
     }
 
     /// Opens a journal another process may be writing, to read it: nothing is created, cut or
     /// repaired, and only what ends in the last intact commit is seen (frames after it are a
     /// commit still being written). Every write fails.
     pub fn open_read_only(dir: &Path) -> Result<(Journal, Opened)> {
-        Self::open_with(dir, DEFAULT_SEGMENT_BYTES, Access::Read)
+        Self::open_with(dir, DEFAULT_SEGMENT_BYTES, Access::Read, 0)
     }
 
-    fn open_with(dir: &Path, segment_bytes: u64, access: Access) -> Result<(Journal, Opened)> {
+    fn open_with(dir: &Path, segment_bytes: u64, access: Access, acknowledged: u64) -> Result<(Journal, Opened)> {
         let write = access == Access::Write;
-        if write {
+        if write && acknowledged == 0 {
             crate::durable::create_dir_durably(dir)?;
         }
         let mut segments = Vec::new();
@@ -206,6 +232,9 @@ impl Journal {
             }
         }
         if segments.is_empty() {
+            if acknowledged > 0 {
+                return Err(corrupt(dir, 0, format!("no journal segment, but the journal was acknowledged durable through position {acknowledged}")));
+            }
             if !write {
                 return Err(Error::io(&segment_path(dir, 0), std::io::Error::new(std::io::ErrorKind::NotFound, "no journal segment")));
             }
@@ -227,6 +256,9 @@ impl Journal {
             }
             if !write {
                 return Err(corrupt(&last.path, 0, "a segment still being created"));
+            }
+            if last.first + committed < acknowledged {
+                return Err(lost_acknowledged(&last.path, last.first, 0, acknowledged));
             }
             // A segment whose creation was cut short: write its magic again.
             active.set_len(0).and_then(|_| active.write_all_at(SEGMENT_MAGIC, 0)).and_then(|_| active.sync_data()).map_err(|e| Error::io(&last.path, e))?;
@@ -255,6 +287,9 @@ impl Journal {
                     Frame::Commit(_) => break,
                 }
             }
+        }
+        if last.first + committed < acknowledged {
+            return Err(lost_acknowledged(&last.path, last.first, committed, acknowledged));
         }
         if file_len > committed && write {
             opened.cut_bytes = file_len - committed;
@@ -740,6 +775,44 @@ mod tests {
         assert_eq!(opened, Opened { cut_bytes: tail.len() as u64, next_offset: Some(1) });
         assert_eq!(j.end(), committed);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), committed);
+    }
+
+    #[test]
+    fn damage_short_of_the_acknowledged_position_is_refused_and_nothing_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        let mut ends = Vec::new();
+        for c in 0..3u64 {
+            j.append(&record("acme", c, c as u8)).unwrap();
+            ends.push(j.commit(Some(c as i64)).unwrap());
+        }
+        drop(j);
+        let path = segment_path(dir.path(), 0);
+        let intact = std::fs::read(&path).unwrap();
+        // One bit flipped in the first commit's record: the scan stops there.
+        let mut damaged = intact.clone();
+        damaged[SEGMENT_MAGIC.len() + FRAME_HEADER + 4] ^= 0x01;
+        std::fs::write(&path, &damaged).unwrap();
+        let err = Journal::open_acknowledged(dir.path(), DEFAULT_SEGMENT_BYTES, ends[2]).err().expect("damage is refused");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()) && text.contains("acknowledged durable through position"), "{text}");
+        assert_eq!(std::fs::read(&path).unwrap(), damaged, "nothing cut or repaired");
+        // Cut short at a commit boundary: whole commits, but not as many as were acknowledged.
+        std::fs::write(&path, &intact[..ends[0] as usize]).unwrap();
+        assert!(Journal::open_acknowledged(dir.path(), DEFAULT_SEGMENT_BYTES, ends[1]).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), ends[0]);
+        // A torn tail past the acknowledged position is still cut.
+        std::fs::write(&path, &intact[..ends[2] as usize - 3]).unwrap();
+        let (j, opened) = Journal::open_acknowledged(dir.path(), DEFAULT_SEGMENT_BYTES, ends[1]).unwrap();
+        assert_eq!((j.end(), opened.cut_bytes), (ends[1], ends[2] - 3 - ends[1]));
+        drop(j);
+        // No segment at all, though one was acknowledged: refused, and nothing is created.
+        std::fs::remove_file(&path).unwrap();
+        assert!(Journal::open_acknowledged(dir.path(), DEFAULT_SEGMENT_BYTES, ends[0]).is_err());
+        assert!(!path.exists());
+        let gone = dir.path().join("gone");
+        assert!(Journal::open_acknowledged(&gone, DEFAULT_SEGMENT_BYTES, ends[0]).is_err());
+        assert!(!gone.exists(), "a missing journal directory is not created");
     }
 
     #[test]

@@ -105,7 +105,11 @@ impl LedgerKey {
         }
         let mut text = String::new();
         file.read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
-        LedgerKey::parse(&text)
+        // A file that is not a key is named, so an operator with several keys knows which one.
+        LedgerKey::parse(&text).map_err(|e| match e {
+            Error::BadKey(why) => Error::BadKey(format!("{}: {why}", path.display())),
+            other => other,
+        })
     }
 }
 

@@ -125,14 +125,17 @@ impl Ledger {
     /// Opens the ledger in `dir` (creating it), signing with every key in `keys` (one, or several
     /// during a rotation; all must share one origin).
     pub fn open(dir: &Path, keys: Vec<LedgerKey>) -> Result<Ledger> {
-        Self::open_with(dir, keys, crate::journal::DEFAULT_SEGMENT_BYTES)
+        Self::open_with(dir, keys, crate::journal::DEFAULT_SEGMENT_BYTES, 0)
     }
 
-    /// [`Ledger::open`] with journal segments rolled at `segment_bytes` (tests use small ones).
-    pub fn open_with(dir: &Path, keys: Vec<LedgerKey>, segment_bytes: u64) -> Result<Ledger> {
+    /// [`Ledger::open`] with journal segments rolled at `segment_bytes` (tests use small ones),
+    /// for a caller that recorded the journal durable through position `acknowledged` (0 for
+    /// none): damage short of it fails the open and nothing is cut (see
+    /// [`crate::Journal::open_acknowledged`]).
+    pub fn open_with(dir: &Path, keys: Vec<LedgerKey>, segment_bytes: u64, acknowledged: u64) -> Result<Ledger> {
         check_keys(&keys)?;
         refuse_old_layout(dir)?;
-        let log = PartitionLog::open(&dir.join(JOURNAL_DIR), segment_bytes)?;
+        let log = PartitionLog::open_acknowledged(&dir.join(JOURNAL_DIR), segment_bytes, acknowledged)?;
         let subjects = Mutex::new(SubjectKeys::open(&dir.join(SUBJECT_KEYS_DIR))?);
         Ok(Ledger { dir: dir.to_path_buf(), keys, log, subjects, unsettled: HashMap::new() })
     }
@@ -939,7 +942,7 @@ mod tests {
     fn a_reader_sees_what_was_committed_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let key = LedgerKey::generate("tally.example.com").unwrap();
-        let mut writer = Ledger::open_with(dir.path(), vec![key.clone()], 4096).unwrap();
+        let mut writer = Ledger::open_with(dir.path(), vec![key.clone()], 4096, 0).unwrap();
         for i in 0..200u64 {
             writer.append(["acme", "globex"][(i % 2) as usize], format!("entry {i:04} {}", "x".repeat(40)).as_bytes()).unwrap();
             if i % 10 == 9 {

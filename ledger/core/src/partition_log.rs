@@ -271,6 +271,13 @@ impl PartitionLog {
         Self::open_with(dir, Journal::open(dir, segment_bytes)?, true)
     }
 
+    /// [`PartitionLog::open`] for a caller that recorded the journal durable through position
+    /// `acknowledged`: damage short of it is refused, nothing cut (see
+    /// [`Journal::open_acknowledged`]).
+    pub fn open_acknowledged(dir: &Path, segment_bytes: u64, acknowledged: u64) -> Result<PartitionLog> {
+        Self::open_with(dir, Journal::open_acknowledged(dir, segment_bytes, acknowledged)?, true)
+    }
+
     /// Opens a partition log another process may be writing, to read it (see
     /// [`Journal::open_read_only`]): what it holds up to its last commit. A missing or damaged
     /// index is rebuilt in memory, not written. Every write fails.

@@ -14,6 +14,7 @@
 //! The HTTP API ([`http`]) serves checkpoints, tiles, records, receipts and consistency proofs.
 
 mod admissions;
+mod data_dir;
 mod http;
 mod metrics;
 mod partition;
@@ -190,7 +191,8 @@ impl ServiceConfig {
         if self.tokens.is_none() && !self.listen.ip().is_loopback() {
             return Err(Error::BadKey(format!("ledger.tokens is required when ledger.listen ({}) is not a loopback address", self.listen)));
         }
-        Ok(self.keys.iter().map(|k| LedgerKey::read(k)).collect::<tally_log::Result<_>>()?)
+        // The key error names the file; the prefix names the setting that pointed at it.
+        self.keys.iter().map(|k| LedgerKey::read(k).map_err(|e| Error::BadKey(format!("ledger.keys: {e}")))).collect()
     }
 
     /// The budgets file `budgets` names, validated.
@@ -722,6 +724,8 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     let keys = config.load_keys()?;
     let tokens = config.load_tokens()?;
     let budgets = BudgetSource::new(config.budgets.clone(), config.load_budgets()?);
+    // Before the broker: a data directory that cannot be used fails the start at once, naming it.
+    data_dir::prepare(&config.data_dir)?;
     let advertise_url = match &config.advertise_url {
         Some(url) => url.clone(),
         None => format!("http://{}", listener.local_addr().map_err(|e| Error::Service(format!("listener address: {e}")))?),

@@ -209,8 +209,17 @@ impl PartitionLedger {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // Lock before anything is read or repaired: the previous owner may still be closing it.
         let lock = lock_partition(&dir)?;
-        let mut ledger = Ledger::open_with(&dir, keys, segment_bytes)?;
-        let store = PartitionStore::open(&dir.join("state.redb"))?;
+        // The store's journal position first: it was recorded after that commit's sync, so a
+        // journal whose intact commits end short of it lost acknowledged records, and the open
+        // refuses it rather than cutting them (a torn tail lies past it). Read without writing,
+        // so a refused open leaves the store as it was too.
+        let state = dir.join("state.redb");
+        let acknowledged = match PartitionStore::recorded_journal_position(&state) {
+            Some(position) => position,
+            None => PartitionStore::open(&state)?.journal_position()?,
+        };
+        let mut ledger = Ledger::open_with(&dir, keys, segment_bytes, acknowledged)?;
+        let store = PartitionStore::open(&state)?;
         let next_offset = ledger.next_offset();
         let corrupt = |detail: String| Error::Corrupt { path: dir.display().to_string(), detail };
         // Budgets: each tenant's snapshot, then the records it does not cover, in journal order.

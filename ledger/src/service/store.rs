@@ -103,6 +103,24 @@ impl PartitionStore {
         Ok(store)
     }
 
+    /// The journal position recorded in the store at `path`, read without writing to it: what
+    /// the journal's open needs before anything is repaired (a damaged journal must leave the
+    /// store as it was too). 0 when there is no store; `None` when it cannot be read that way
+    /// (redb wants a repair after a crash, or the file is not a store): the caller then opens
+    /// it with [`PartitionStore::open`], which repairs or names what is wrong.
+    pub fn recorded_journal_position(path: &Path) -> Option<u64> {
+        if !path.exists() {
+            return Some(0);
+        }
+        let db = redb::ReadOnlyDatabase::open(path).ok()?;
+        let txn = db.begin_read().ok()?;
+        match txn.open_table(META) {
+            Ok(table) => Some(table.get(JOURNAL_POSITION).ok()?.map_or(0, |v| v.value().max(0) as u64)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Some(0),
+            Err(_) => None,
+        }
+    }
+
     fn err(&self, e: impl Into<redb::Error>) -> Error {
         Error::Corrupt { path: self.path.clone(), detail: e.into().to_string() }
     }
@@ -200,6 +218,23 @@ impl PartitionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recorded_journal_position_is_read_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        assert_eq!(PartitionStore::recorded_journal_position(&path), Some(0), "no store, no position");
+        assert!(!path.exists(), "and none is created");
+        let store = PartitionStore::open(&path).unwrap();
+        store.commit(&Batch { durable: true, journal_position: Some(6787), ..Batch::default() }).unwrap();
+        drop(store);
+        let before = std::fs::read(&path).unwrap();
+        assert_eq!(PartitionStore::recorded_journal_position(&path), Some(6787));
+        assert_eq!(std::fs::read(&path).unwrap(), before, "read without writing");
+        std::fs::write(&path, vec![0x5a; 4096]).unwrap();
+        assert_eq!(PartitionStore::recorded_journal_position(&path), None, "not a store: the full open names it");
+        assert!(PartitionStore::open(&path).is_err());
+    }
 
     /// A state.redb from before the journal: its snapshot covers the tenant's `indexed` records,
     /// until the tenant's first new snapshot replaces it; its next offset is still readable.
