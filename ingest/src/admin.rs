@@ -38,6 +38,36 @@ pub async fn topic_partitions(config: &KafkaConfig, timeout: Duration) -> Result
     .map_err(|e| Error::PollThread(e.to_string()))?
 }
 
+/// A long-lived client that asks the broker for its topics, for a service that checks, every
+/// few seconds, that the broker answers and that a topic's partition count has not changed: one
+/// connection for the service's life, not one per check.
+pub struct BrokerProbe {
+    admin: std::sync::Arc<AdminClient<DefaultClientContext>>,
+}
+
+impl BrokerProbe {
+    pub fn new(config: &KafkaConfig) -> Result<BrokerProbe> {
+        config.validate()?;
+        Ok(BrokerProbe { admin: std::sync::Arc::new(config.client_config().create().map_err(Error::Client)?) })
+    }
+
+    /// The partition count of `topic` (`None` when the broker does not list it), or an error
+    /// when the broker does not answer within `timeout`. Lists all topics, like
+    /// [`topic_partitions`], so asking never creates one.
+    pub async fn partitions(&self, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+        let (admin, topic) = (std::sync::Arc::clone(&self.admin), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(None, timeout)
+                .map_err(|e| Error::Admin { topic: topic.clone(), detail: format!("the broker did not answer: {e}") })?;
+            Ok(metadata.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len() as i32))
+        })
+        .await
+        .map_err(|e| Error::PollThread(e.to_string()))?
+    }
+}
+
 /// Creates every topic that does not exist yet; an existing topic is left as it is.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<()> {
     config.validate()?;

@@ -21,7 +21,7 @@ mod dlq_reader;
 mod error;
 mod publisher;
 
-pub use admin::{ensure_topics, topic_partitions, TopicSpec};
+pub use admin::{ensure_topics, topic_partitions, BrokerProbe, TopicSpec};
 pub use config::KafkaConfig;
 pub use consumer::{Delivery, EventConsumer, PartitionSink, Resume};
 pub use dlq::{

@@ -335,6 +335,18 @@ impl PrivateBroker {
         PrivateBroker { kafka: KafkaConfig::with_bootstrap(bootstrap), port, data }
     }
 
+    /// Stops the broker, keeping its storage, as an outage would.
+    pub fn stop(&self) {
+        let out = Self::script("stop", self.port, self.data.path());
+        assert!(out.status.success(), "kafka.sh stop failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts the broker again on the same port and storage, after [`PrivateBroker::stop`].
+    pub fn start_again(&self) {
+        let out = Self::script("start", self.port, self.data.path());
+        assert!(out.status.success(), "kafka.sh start failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     fn script(action: &str, port: u16, data: &std::path::Path) -> std::process::Output {
         std::process::Command::new("bash")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh"))

@@ -1025,6 +1025,12 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if let Some(error) = shared.dlq_stalled.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
         body.push_str(&format!("degraded: dead-letter queue unreachable, its partition waits: {error}\n"));
     }
+    if let Some((lasted, error)) = shared.broker.down() {
+        body.push_str(&format!(
+            "degraded: broker unreachable for {} s, no events are consumed (reads, receipts and authorize go on): {error}\n",
+            lasted.as_secs()
+        ));
+    }
     body.into_response()
 }
 
@@ -1120,6 +1126,7 @@ mod tests {
             budget_outbox: Default::default(),
             publish_soon: tokio::sync::Notify::new(),
             dlq_stalled: Mutex::new(None),
+            broker: super::super::BrokerHealth::default(),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin, scraper, gateway, expired] = tokens.map(|(t, _)| t);
@@ -1259,6 +1266,20 @@ mod tests {
         let (status, body, _) = call(&f.app, "/readyz", None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("degraded: dead-letter queue unreachable") && body.contains("3 tries"), "{body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_reports_a_broker_outage_while_authorize_still_decides() {
+        let f = fixture();
+        assert!(f.shared.broker.unanswered("the broker did not answer: timed out".into()));
+        let (status, body, _) = call(&f.app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK, "reads and admissions go on: the instance stays in service");
+        assert!(body.contains("degraded: broker unreachable for 0 s") && body.contains("timed out"), "{body}");
+        let (status, allow) = post(&f.app, "/v1/tenants/acme/budget/authorize", &f.acme, serde_json::json!({"estimate_micros": 1})).await;
+        assert_eq!((status, allow["decision"].as_str()), (StatusCode::OK, Some("allow")), "{allow}");
+        assert!(f.shared.broker.answered().is_some());
+        let (_, body, _) = call(&f.app, "/readyz", None).await;
+        assert!(!body.contains("broker unreachable"), "{body}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

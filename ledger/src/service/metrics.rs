@@ -51,6 +51,10 @@ pub struct Metrics {
     pub budget_states_dropped: IntCounter,
     /// Offsets found below what was recorded (the topic was recreated or lost data).
     pub offset_regressions: IntCounter,
+    /// 1 while the broker answers the watcher's metadata requests, 0 during an outage; and the
+    /// outages seen.
+    pub broker_reachable: IntGauge,
+    pub broker_outages: IntCounter,
     /// An authorize request, from its arrival to its durable answer.
     pub authorize_seconds: Histogram,
     /// A partition's group commit, all phases.
@@ -136,6 +140,8 @@ impl Metrics {
             checkpoint_wait_seconds: t
                 .histogram("tally_ledger_checkpoint_wait_seconds", "How long the oldest record of a group commit waited for its signed checkpoint."),
             partitions: t.int_gauge("tally_ledger_partitions", "Partitions owned by this instance."),
+            broker_reachable: t.int_gauge("tally_ledger_broker_reachable", "1 while the broker answers metadata requests, 0 while it does not."),
+            broker_outages: t.counter("tally_ledger_broker_outages_total", "Times the broker stopped answering (each outage counted once)."),
             checkpoint_lag: t.gauge("tally_ledger_checkpoint_lag_seconds", "Age of the oldest record not yet in a signed checkpoint (0: all signed)."),
             consumer_lag_gauge: t.int_gauge_vec("tally_ledger_consumer_lag", "Messages behind the partition's high watermark.", &["partition"]),
             consumer_lag: Mutex::new(BTreeMap::new()),

@@ -289,6 +289,8 @@ pub struct Shared {
     publish_soon: tokio::sync::Notify,
     /// Why dead-lettering is failing right now (the loop waits on it), if it is.
     dlq_stalled: Mutex<Option<String>>,
+    /// Whether the broker answers.
+    broker: BrokerHealth,
     pub metrics: Metrics,
 }
 
@@ -396,25 +398,79 @@ async fn publish_budget_states(shared: Arc<Shared>, publisher: tally_ingest::Eve
     }
 }
 
-/// Partitions added to the events topic while the ledger runs would move tenants to other
-/// partitions: `every` so often, the count is read again, and a change is reported to `fail`
-/// (which stops the service, as a start would refuse). Runs beside the consume loop, not in it:
-/// a metadata request can take a second on a loaded broker, and the loop would stall for it.
-async fn watch_partition_count(kafka: KafkaConfig, topic: String, partitions: i32, every: Duration, fail: impl FnOnce(String)) {
+/// Whether the broker answers, as the watcher ([`watch_broker`]) last saw it: shown by
+/// `/readyz` and the metrics. While it does not, no event is consumed and budget states wait in
+/// their outbox; reads, receipts and admissions go on, since a decision is durable in the local
+/// journal, not on the broker (docs/events.md, "When the broker is away").
+#[derive(Default)]
+pub(super) struct BrokerHealth {
+    /// Since when, and the last error, while the broker does not answer.
+    down: Mutex<Option<(Instant, String)>>,
+}
+
+impl BrokerHealth {
+    /// How long the broker has not answered, and why, if it does not.
+    pub(super) fn down(&self) -> Option<(Duration, String)> {
+        self.down.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    /// Records an answer; returns how long the outage it ends lasted, if one did.
+    fn answered(&self) -> Option<Duration> {
+        self.down.lock().unwrap_or_else(PoisonError::into_inner).take().map(|(since, _)| since.elapsed())
+    }
+
+    /// Records a failed request; returns whether it starts an outage.
+    fn unanswered(&self, why: String) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        let starts = down.is_none();
+        let since = down.as_ref().map_or_else(Instant::now, |(since, _)| *since);
+        *down = Some((since, why));
+        starts
+    }
+}
+
+/// Asks the broker for the events topic `every` so often, on one long-lived client: records in
+/// `health` whether it answers (and counts outages in `metrics`), and reports to `fail` a
+/// partition count that changed, since partitions added while the ledger runs would move tenants
+/// to other partitions (`fail` stops the service, as a start would refuse). Runs beside the
+/// consume loop, not in it: a metadata request can take seconds on a loaded or absent broker,
+/// and the loop would stall for it.
+async fn watch_broker(
+    probe: tally_ingest::BrokerProbe,
+    topic: String,
+    partitions: i32,
+    every: Duration,
+    health: &BrokerHealth,
+    metrics: &Metrics,
+    fail: impl FnOnce(String),
+) {
+    metrics.broker_reachable.set(1);
     loop {
         tokio::time::sleep(every).await;
-        match tally_ingest::topic_partitions(&kafka, Duration::from_secs(5)).await {
-            Ok(topics) => match topics.get(&topic) {
-                Some(&now) if now != partitions => {
-                    fail(format!(
-                        "topic {topic} grew from {partitions} to {now} partitions while this ledger ran: every tenant's home partition would change and its log would fork (see README, \"Growing the events topic\")"
-                    ));
-                    return;
+        match probe.partitions(&topic, BROKER_ANSWER_WITHIN).await {
+            Ok(count) => {
+                if let Some(lasted) = health.answered() {
+                    metrics.broker_reachable.set(1);
+                    tracing::warn!(topic = %topic, outage_s = lasted.as_secs_f64(), "the broker answers again");
                 }
-                Some(_) => {}
-                None => tracing::warn!(topic = %topic, "the events topic is missing from the broker's metadata"),
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot check the events topic's partition count"),
+                match count {
+                    Some(now) if now != partitions => {
+                        fail(format!(
+                            "topic {topic} grew from {partitions} to {now} partitions while this ledger ran: every tenant's home partition would change and its log would fork (see README, \"Growing the events topic\")"
+                        ));
+                        return;
+                    }
+                    Some(_) => {}
+                    None => tracing::warn!(topic = %topic, "the events topic is missing from the broker's metadata"),
+                }
+            }
+            Err(e) => {
+                if health.unanswered(e.to_string()) {
+                    metrics.broker_reachable.set(0);
+                    metrics.broker_outages.inc();
+                    tracing::error!(topic = %topic, error = %e, "the broker does not answer: no events are consumed until it does; reads and admissions go on");
+                }
+            }
         }
     }
 }
@@ -509,8 +565,11 @@ enum Woke {
 /// How often expiries, window ends and budget-file changes are looked for.
 const TICK_EVERY: Duration = Duration::from_millis(100);
 
-/// How often the events topic's partition count is compared with the pinned one.
-const PARTITION_COUNT_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often the broker is asked for the events topic: how soon an outage shows in `/readyz`,
+/// and a changed partition count stops the service.
+const BROKER_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// A metadata request unanswered for this long counts as an outage.
+const BROKER_ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// How often progress is committed to the group (for lag tools; never read back by the ledger).
 const KAFKA_COMMIT_EVERY: Duration = Duration::from_secs(5);
@@ -771,6 +830,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         budget_outbox: BudgetOutbox::default(),
         publish_soon: tokio::sync::Notify::new(),
         dlq_stalled: Mutex::new(None),
+        broker: BrokerHealth::default(),
         metrics: Metrics::default(),
     });
     let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
@@ -800,7 +860,12 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
     let publishing = tokio::spawn(publish_budget_states(Arc::clone(&shared), budget_publisher, Arc::clone(&closing)));
     let counting = {
         let shared = Arc::clone(&shared);
-        tokio::spawn(watch_partition_count(kafka.clone(), config.topic.clone(), partitions, PARTITION_COUNT_CHECK_EVERY, move |e| shared.fail(e)))
+        let probe = tally_ingest::BrokerProbe::new(&kafka).map_err(kafka_err)?;
+        let topic = config.topic.clone();
+        tokio::spawn(async move {
+            let failing = Arc::clone(&shared);
+            watch_broker(probe, topic, partitions, BROKER_CHECK_EVERY, &shared.broker, &shared.metrics, move |e| failing.fail(e)).await
+        })
     };
 
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1116,6 +1181,29 @@ mod tests {
     /// Against the test broker (`KAFKA_BOOTSTRAP`, set by scripts/test.sh). Tansu cannot add
     /// partitions to a topic, so the topic has 3 from the start and the ledger's pinned count is
     /// 2, as after a grow.
+    #[tokio::test]
+    async fn a_broker_that_does_not_answer_is_an_outage_counted_once() {
+        // Nothing listens on port 1: every metadata request goes unanswered.
+        let probe = tally_ingest::BrokerProbe::new(&KafkaConfig::with_bootstrap("127.0.0.1:1")).unwrap();
+        let (health, metrics) = (Arc::new(BrokerHealth::default()), Arc::new(Metrics::default()));
+        let watching = {
+            let (health, metrics) = (Arc::clone(&health), Arc::clone(&metrics));
+            tokio::spawn(async move { watch_broker(probe, "events".into(), 1, Duration::from_millis(100), &health, &metrics, |_| {}).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metrics.broker_outages.get() < 1 {
+            assert!(Instant::now() < deadline, "the outage was never noticed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, why) = health.down().expect("down");
+        assert!(why.contains("the broker did not answer"), "{why}");
+        assert_eq!(metrics.broker_reachable.get(), 0);
+        // Further failed requests extend the same outage.
+        tokio::time::sleep(BROKER_ANSWER_WITHIN + Duration::from_secs(1)).await;
+        assert_eq!(metrics.broker_outages.get(), 1);
+        watching.abort();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_changed_partition_count_is_reported_and_an_unchanged_one_is_not() {
         let bootstrap = std::env::var("KAFKA_BOOTSTRAP").expect("KAFKA_BOOTSTRAP: the test broker (scripts/test.sh starts one)");
@@ -1124,18 +1212,27 @@ mod tests {
         tally_ingest::ensure_topics(&kafka, &[tally_ingest::TopicSpec::new(&topic, 3)]).await.unwrap();
         let every = Duration::from_millis(200);
         let (tx, mut unchanged) = tokio::sync::oneshot::channel();
-        let watching = tokio::spawn(watch_partition_count(kafka.clone(), topic.clone(), 3, every, move |e| {
-            let _ = tx.send(e);
-        }));
+        let watch = |count: i32, tx: tokio::sync::oneshot::Sender<String>| {
+            let (probe, topic) = (tally_ingest::BrokerProbe::new(&kafka).unwrap(), topic.clone());
+            let (health, metrics) = (Arc::new(BrokerHealth::default()), Arc::new(Metrics::default()));
+            let seen = Arc::clone(&health);
+            let task = tokio::spawn(async move {
+                watch_broker(probe, topic, count, every, &health, &metrics, move |e| {
+                    let _ = tx.send(e);
+                })
+                .await
+            });
+            (task, seen)
+        };
+        let (watching, health) = watch(3, tx);
         let (tx, grown) = tokio::sync::oneshot::channel();
-        let reporting = tokio::spawn(watch_partition_count(kafka.clone(), topic.clone(), 2, every, move |e| {
-            let _ = tx.send(e);
-        }));
+        let (reporting, _) = watch(2, tx);
         let message = tokio::time::timeout(Duration::from_secs(30), grown).await.expect("reported").unwrap();
         assert!(message.contains(&format!("topic {topic} grew from 2 to 3 partitions")), "{message}");
         reporting.await.unwrap();
         tokio::time::sleep(3 * every).await;
         assert!(unchanged.try_recv().is_err() && !watching.is_finished(), "an unchanged count is not a failure");
+        assert!(health.down().is_none(), "the broker answered");
         watching.abort();
     }
 
