@@ -3,9 +3,14 @@
 //!
 //! Invariants of [`serve`], each bounded by a field of [`ServeLimits`]:
 //!
-//! * At most `max_connections` connections are open at once. When all slots are taken the loop
-//!   **stops accepting** until one frees; later connections wait in the kernel's listen backlog
-//!   (they are not closed), and are accepted in arrival order as slots free.
+//! * At most `max_connections` connections are served at once. When all slots are taken, the
+//!   next connection is accepted and held (one at most, so `max_connections + 1` sockets) while
+//!   room is made for it: the connection quiet for longest, with no request in a handler and no
+//!   byte moved for at least [`EVICT_QUIET_AT_LEAST`], is closed. So thousands of idle sockets
+//!   cannot keep a client that sends its request out: each new connection displaces the oldest
+//!   idle one, and a client that is sending is never the quietest. When every slot has a
+//!   request in a handler, the held connection waits for one to finish, and later connections
+//!   wait in the kernel's listen backlog (they are not closed).
 //! * A request head (request line, query string and headers) is at most `max_head_bytes` and
 //!   100 headers; a larger one is answered `431` (`head_too_large`, or hyper's own empty 431
 //!   when its read buffer, bounded near `max_head_bytes`, fills first), so a connection's read
@@ -92,6 +97,63 @@ impl Default for ServeLimits {
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(250);
 /// At most one "connection limit reached" warning per this interval.
 const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// A connection is closed to make room only after this long without a byte either way and with
+/// no request in a handler: a client whose request is on its way is not displaced.
+pub const EVICT_QUIET_AT_LEAST: Duration = Duration::from_secs(1);
+/// While the server is full and nothing can be displaced, how often it looks again.
+const FULL_RETRY: Duration = Duration::from_millis(50);
+
+/// Each connection being served: what it is doing, and how to tell it to close.
+type OpenConnections = std::collections::HashMap<u64, (Arc<Activity>, Arc<tokio::sync::Notify>)>;
+
+/// The connections being served, so that a full server can close the quietest to make room.
+#[derive(Default)]
+struct Served {
+    next_id: AtomicU64,
+    open: std::sync::Mutex<OpenConnections>,
+}
+
+impl Served {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a new connection: its activity, and the `Notify` that tells it to close.
+    fn register(self: &Arc<Self>) -> ServedGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (activity, evict) = (Arc::new(Activity::new()), Arc::new(tokio::sync::Notify::new()));
+        self.lock().insert(id, (Arc::clone(&activity), Arc::clone(&evict)));
+        ServedGuard { served: Arc::clone(self), id, activity, evict }
+    }
+
+    /// Tells the connection quiet for longest (at least [`EVICT_QUIET_AT_LEAST`], with no
+    /// request in a handler) to close; `false` when none is.
+    fn evict_quietest(&self) -> bool {
+        let open = self.lock();
+        let quietest = open.iter().filter_map(|(id, (activity, _))| activity.quiet_for().filter(|q| *q >= EVICT_QUIET_AT_LEAST).map(|q| (q, *id))).max();
+        match quietest.and_then(|(_, id)| open.get(&id)) {
+            Some((_, evict)) => {
+                evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A connection's entry in [`Served`], removed when the connection ends.
+struct ServedGuard {
+    served: Arc<Served>,
+    id: u64,
+    activity: Arc<Activity>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ServedGuard {
+    fn drop(&mut self) {
+        self.served.lock().remove(&self.id);
+    }
+}
 
 /// Serves `app` on `listener` within `limits` until `shutdown` completes, then drains (bounded
 /// by `limits.shutdown_timeout`) and returns. Accept errors are logged and retried, never
@@ -103,8 +165,9 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
     let mut connections = JoinSet::new();
     let mut held: Option<OwnedSemaphorePermit> = None;
     let mut last_full_warning: Option<Instant> = None;
+    let served = Arc::new(Served::default());
     tokio::pin!(shutdown);
-    loop {
+    'accepting: loop {
         // Reap finished connections so the set holds only live ones.
         while let Some(done) = connections.try_join_next() {
             if let Err(e) = done {
@@ -118,15 +181,44 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
             None => match Arc::clone(&slots).try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_INTERVAL) {
-                        tracing::warn!(max_connections = max, "http connection limit reached; new connections wait in the listen backlog");
-                        last_full_warning = Some(Instant::now());
-                    }
-                    tokio::select! {
+                    // Full: take the next connection, then make room for it.
+                    let accepted = tokio::select! {
                         biased;
                         () = &mut shutdown => break,
-                        p = Arc::clone(&slots).acquire_owned() => p.expect("the connection semaphore is never closed"),
+                        accepted = listener.accept() => accepted,
+                    };
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            if !is_connection_error(&e) {
+                                tracing::error!(error = %e, "accept failed; retrying shortly");
+                                tokio::select! {
+                                    biased;
+                                    () = &mut shutdown => break,
+                                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_INTERVAL) {
+                        tracing::warn!(max_connections = max, "http connection limit reached; closing the quietest idle connections to make room");
+                        last_full_warning = Some(Instant::now());
                     }
+                    let permit = loop {
+                        served.evict_quietest();
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => break 'accepting,
+                            p = Arc::clone(&slots).acquire_owned() => break p.expect("the connection semaphore is never closed"),
+                            // Nothing to displace (every slot busy or recently active), or the
+                            // displaced one is still closing: look again.
+                            () = tokio::time::sleep(FULL_RETRY) => {}
+                        }
+                    };
+                    let guard = served.register();
+                    connections.spawn(connection(stream, peer, app.clone(), limits, stop_rx.clone(), permit, guard));
+                    continue;
                 }
             },
         };
@@ -137,7 +229,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
         };
         match accepted {
             Ok((stream, peer)) => {
-                connections.spawn(connection(stream, peer, app.clone(), limits, stop_rx.clone(), permit));
+                let guard = served.register();
+                connections.spawn(connection(stream, peer, app.clone(), limits, stop_rx.clone(), permit, guard));
             }
             Err(e) => {
                 held = Some(permit);
@@ -177,9 +270,17 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 }
 
 /// Serves one connection until it ends, is idle for `idle_timeout`, or shutdown drains it.
-async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, limits: ServeLimits, mut stop: watch::Receiver<bool>, _slot: OwnedSemaphorePermit) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+    served: ServedGuard,
+) {
     let _ = stream.set_nodelay(true);
-    let activity = Arc::new(Activity::new());
+    let (activity, evict) = (Arc::clone(&served.activity), Arc::clone(&served.evict));
     let io = TokioIo::new(Tracked { inner: stream, activity: Arc::clone(&activity) });
     let service = {
         let activity = Arc::clone(&activity);
@@ -231,6 +332,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, app: Router, limits: Se
                 // Idle connections close now; a request in flight finishes, without keep-alive.
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
+            }
+            () = evict.notified() => {
+                // The server is full and this connection was the quietest: dropping `conn`
+                // closes the socket and frees the slot for a new one.
+                tracing::debug!(%peer, "closing the quietest idle http connection to make room");
+                return;
             }
             () = watchdog.as_mut() => match activity.idle_deadline(limits.idle_timeout) {
                 Some(deadline) => watchdog.as_mut().reset(deadline),
@@ -287,6 +394,15 @@ impl Activity {
 
     fn touch(&self) {
         self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long no byte moved either way, when no request is in a handler.
+    fn quiet_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(Instant::now().saturating_duration_since(last))
     }
 
     /// When to look again, or `None` if the connection has been idle for `idle_timeout`.
@@ -622,21 +738,108 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn at_the_connection_cap_new_connections_wait_until_a_slot_frees() {
-        let server = start(app(), ServeLimits { max_connections: 4, ..limits(30_000, 30_000) }).await;
+    async fn at_the_connection_cap_with_every_slot_busy_new_connections_wait_until_one_frees() {
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let app = {
+            let release = Arc::clone(&release);
+            app().route(
+                "/hold",
+                get(move || {
+                    let release = Arc::clone(&release);
+                    async move {
+                        release.acquire().await.unwrap().forget();
+                        "held"
+                    }
+                }),
+            )
+        };
+        let server = start(app, ServeLimits { max_connections: 4, ..limits(30_000, 30_000) }).await;
         let mut held = Vec::new();
         for _ in 0..4 {
-            held.push(TcpStream::connect(server.addr).await.unwrap());
+            let mut h = TcpStream::connect(server.addr).await.unwrap();
+            h.write_all(b"GET /hold HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+            held.push(h);
         }
         let mut fifth = TcpStream::connect(server.addr).await.unwrap();
         fifth.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
         let mut byte = [0u8; 1];
-        let early = tokio::time::timeout(Duration::from_millis(500), fifth.peek(&mut byte)).await;
-        assert!(early.is_err(), "the fifth connection was served while four held every slot");
-        // One held connection goes away: its slot lets the fifth in.
-        drop(held.pop());
-        assert_eq!(read_response(&mut fifth).await, (200, "ok".into()));
+        // Longer than a connection must be quiet to be displaced: a busy one never is.
+        let early = tokio::time::timeout(EVICT_QUIET_AT_LEAST + Duration::from_millis(500), fifth.peek(&mut byte)).await;
+        assert!(early.is_err(), "the fifth connection was served while four requests held every slot");
+        // One held request finishes; its connection closes and lets the fifth in.
+        release.add_permits(1);
+        assert_eq!(tokio::time::timeout(PATIENCE, read_response(&mut fifth)).await.expect("served once a slot freed"), (200, "ok".into()));
+        release.add_permits(3);
         drop(held);
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn at_the_connection_cap_the_quietest_idle_connection_makes_room() {
+        // The header timeout is far away: only displacement can let the fifth in.
+        let server = start(app(), ServeLimits { max_connections: 4, ..limits(120_000, 120_000) }).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        tokio::time::sleep(EVICT_QUIET_AT_LEAST).await;
+        let answered = tokio::time::timeout(PATIENCE, fetch(server.addr, "/")).await.expect("the fifth displaced an idle connection");
+        assert_eq!(answered, (200, "ok".into()));
+        // Exactly one made room: the first to have gone quiet (they all went quiet together; any
+        // one of them is the quietest), and the other three are still open.
+        let mut closed = 0;
+        for h in &mut idle {
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(200), h.read(&mut byte)).await {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 1, "one idle connection made room");
+        stop(server).await;
+    }
+
+    /// Ten thousand sockets that never send a byte (issue #19, item 7) cannot keep out a client
+    /// that sends its request: each new connection displaces the quietest, and the server never
+    /// holds more than its limit plus one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_idle_connections_do_not_keep_out_a_client_that_sends_its_request() {
+        const IDLE: usize = 10_000;
+        let server = start(app(), ServeLimits { max_connections: 1024, ..limits(120_000, 120_000) }).await;
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut idle = JoinSet::new();
+        for wave in 0..IDLE / 500 {
+            for _ in 0..500 {
+                let (addr, opened) = (server.addr, Arc::clone(&opened));
+                idle.spawn(async move {
+                    let stream = TcpStream::connect(addr).await;
+                    if stream.is_ok() {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stream
+                });
+            }
+            // Waves, so the listen backlog is not flooded faster than the server accepts.
+            if wave % 4 == 3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let mut sockets = Vec::new();
+        while let Some(joined) = idle.join_next().await {
+            if let Ok(stream) = joined.unwrap() {
+                sockets.push(stream);
+            }
+        }
+        assert_eq!(opened.load(Ordering::Relaxed), IDLE, "every idle connection was accepted by the kernel");
+        tokio::time::sleep(EVICT_QUIET_AT_LEAST).await;
+        // This process holds the 10,000 client sockets; the server's side is at most its limit
+        // plus the one it holds while making room (and a few descriptors of the runtime).
+        let descriptors = std::fs::read_dir("/proc/self/fd").unwrap().count();
+        assert!(descriptors <= IDLE + 1025 + 64, "{descriptors} descriptors open: the server kept more than its limit");
+        for _ in 0..3 {
+            let answered = tokio::time::timeout(PATIENCE, fetch(server.addr, "/")).await.expect("served while 10,000 idle sockets are open");
+            assert_eq!(answered, (200, "ok".into()));
+        }
+        drop(sockets);
         stop(server).await;
     }
 
