@@ -20,3 +20,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Benches are built (so they cannot rot) but run only by scripts/bench.sh.
 cargo build --workspace --benches --locked
 cargo test --workspace --lib --bins --tests --locked "$@"
+
+# Every fuzz target, briefly, over the committed corpora (scripts/fuzz.sh; docs/fuzzing.md).
+scripts/fuzz.sh smoke
