@@ -135,7 +135,7 @@ async fn a_start_on_bad_state_names_the_path_exits_non_zero_and_modifies_nothing
         publisher.publish(Some(b"acme"), &event_json("acme", &format!("e-{i}"), 10), &[]).await.unwrap();
     }
     let running = start_ledger(&good, &key_path, &topic, &format!("{topic}.g"), 50).await;
-    wait_for_size(&running, "acme", 12).await;
+    running.wait_for(&BTreeMap::from([("acme".to_string(), 12)])).await;
     running.stop().await;
     let partition = good.join("partitions").join(format!("{topic}-0"));
     assert!(partition.join("journal").join("00000000000000000000.seg").is_file() && partition.join("state.redb").is_file());
@@ -193,8 +193,4 @@ async fn a_start_on_bad_state_names_the_path_exits_non_zero_and_modifies_nothing
         std::fs::write(&count, b"many\n").unwrap();
         case.refuses(&[], count.to_str().unwrap());
     });
-}
-
-async fn wait_for_size(running: &Running, tenant: &str, size: u64) {
-    running.wait_for(&BTreeMap::from([(tenant.to_string(), size)])).await;
 }

@@ -163,7 +163,6 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
     let slots = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let mut held: Option<OwnedSemaphorePermit> = None;
     let mut last_full_warning: Option<Instant> = None;
     let served = Arc::new(Served::default());
     tokio::pin!(shutdown);
@@ -176,76 +175,51 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServeLimits, shut
                 }
             }
         }
-        let permit = match held.take() {
-            Some(p) => p,
-            None => match Arc::clone(&slots).try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    // Full: take the next connection, then make room for it.
-                    let accepted = tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        accepted = listener.accept() => accepted,
-                    };
-                    let (stream, peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            if !is_connection_error(&e) {
-                                tracing::error!(error = %e, "accept failed; retrying shortly");
-                                tokio::select! {
-                                    biased;
-                                    () = &mut shutdown => break,
-                                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                                }
-                            }
-                            continue;
-                        }
-                    };
-                    if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_INTERVAL) {
-                        tracing::warn!(max_connections = max, "http connection limit reached; closing the quietest idle connections to make room");
-                        last_full_warning = Some(Instant::now());
-                    }
-                    let permit = loop {
-                        served.evict_quietest();
-                        tokio::select! {
-                            biased;
-                            () = &mut shutdown => break 'accepting,
-                            p = Arc::clone(&slots).acquire_owned() => break p.expect("the connection semaphore is never closed"),
-                            // Nothing to displace (every slot busy or recently active), or the
-                            // displaced one is still closing: look again.
-                            () = tokio::time::sleep(FULL_RETRY) => {}
-                        }
-                    };
-                    let guard = served.register();
-                    connections.spawn(connection(stream, peer, app.clone(), limits, stop_rx.clone(), permit, guard));
-                    continue;
-                }
-            },
-        };
         let accepted = tokio::select! {
             biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let guard = served.register();
-                connections.spawn(connection(stream, peer, app.clone(), limits, stop_rx.clone(), permit, guard));
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_connection_error(&e) => {
+                tracing::debug!(error = %e, "accept: connection failed before it was accepted");
+                continue;
             }
             Err(e) => {
-                held = Some(permit);
-                if is_connection_error(&e) {
-                    tracing::debug!(error = %e, "accept: connection failed before it was accepted");
-                    continue;
-                }
                 tracing::error!(error = %e, "accept failed; retrying shortly");
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
                     () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
                 }
+                continue;
             }
-        }
+        };
+        // A slot for it; when all are taken, make room by closing the quietest idle connection.
+        // Until a slot frees this one is held and no other is accepted: they wait in the backlog.
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_INTERVAL) {
+                    tracing::warn!(max_connections = max, "http connection limit reached; closing the quietest idle connections to make room");
+                    last_full_warning = Some(Instant::now());
+                }
+                loop {
+                    // A displaced connection closes at once and frees its slot; with nothing to
+                    // displace (every slot busy or recently active), look again shortly.
+                    let displaced = served.evict_quietest();
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break 'accepting,
+                        p = Arc::clone(&slots).acquire_owned() => break p.expect("the connection semaphore is never closed"),
+                        () = tokio::time::sleep(FULL_RETRY), if !displaced => {}
+                    }
+                }
+            }
+        };
+        let guard = served.register();
+        connections.spawn(connection(stream, peer, app.clone(), limits, stop_rx.clone(), permit, guard));
     }
     // Stop accepting: from here the kernel refuses new connections.
     drop(listener);
@@ -408,13 +382,11 @@ impl Activity {
     /// When to look again, or `None` if the connection has been idle for `idle_timeout`.
     fn idle_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
         let now = Instant::now();
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        match self.quiet_for() {
             // A handler is running: `request_timeout` bounds it; look again later.
-            return Some(now + idle_timeout);
+            None => Some(now + idle_timeout),
+            Some(quiet) => (quiet < idle_timeout).then(|| now + (idle_timeout - quiet)),
         }
-        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        let deadline = last + idle_timeout;
-        (deadline > now).then_some(deadline)
     }
 }
 
