@@ -359,6 +359,32 @@ impl EventConsumer {
         self.consumer.commit(&tpl, CommitMode::Async).map_err(Error::Commit)
     }
 
+    /// Stops fetching `partition` (still assigned) until [`EventConsumer::rewind`]: for a
+    /// partition whose owner cannot take its messages for a while (its storage failed).
+    /// Messages of it already polled may still arrive in the next batch; the caller drops them.
+    pub fn pause(&self, partition: i32) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        self.consumer.pause(&tpl).map_err(Error::Consume)
+    }
+
+    /// Moves a paused (or fetching) `partition` back to `resume` and fetches it again. librdkafka
+    /// raises the partition's version barrier on a seek, so nothing it fetched before comes
+    /// through afterwards: the next delivery of `partition` is the one at `resume`. Call it
+    /// between polls (no [`EventConsumer::spawn_poll`] running), so no batch in the making
+    /// straddles the seek. Blocks until the seek is done (up to [`WATERMARK_TIMEOUT`]).
+    pub fn rewind(&self, partition: i32, resume: Resume) -> Result<()> {
+        let offset = match resume {
+            Resume::At(o) => Offset::Offset(o),
+            Resume::Beginning => Offset::Beginning,
+            Resume::Committed => Offset::Stored,
+        };
+        self.consumer.seek(&self.topic, partition, offset, WATERMARK_TIMEOUT).map_err(Error::Consume)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        self.consumer.resume(&tpl).map_err(Error::Consume)
+    }
+
     /// The partitions currently assigned to this member.
     pub fn assignment(&self) -> Result<Vec<i32>> {
         let tpl = self.consumer.assignment().map_err(Error::Consume)?;

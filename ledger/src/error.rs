@@ -41,6 +41,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is a failure of the partition's storage (a write, sync or read of its files
+    /// failed: a full or failing disk), as opposed to bad input or bad state. A partition that
+    /// meets one stops and is opened again once its files can be written (docs/storage.md,
+    /// "When the disk fills up"); any other error stops the service.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, Error::Log(tally_log::Error::Io { .. } | tally_log::Error::Commit(_)))
+    }
+
     /// An i/o failure on `path`: the log core's error, which names the path, wrapped.
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         tally_log::Error::io(path, source).into()

@@ -34,8 +34,9 @@ pub(crate) enum Durability {
     /// covered them.
     Durable(Option<CommitTimes>),
     /// The commit failed (logged once, with its error, for the whole batch): nothing this
-    /// request appended may be reported as done.
-    Failed,
+    /// request appended may be reported as done. With the partition's failure, when its storage
+    /// failed (the partition is then halted and opens again by itself).
+    Failed(Option<String>),
 }
 
 /// What a request does once its commit is done: answers its caller.
@@ -150,8 +151,11 @@ fn run_batch(owned: &Arc<OwnedPartition>, batch: Vec<Request>) {
         outcome => {
             let error = outcome.err().map_or_else(|| "the records were dropped by a failed commit".to_string(), |e| e.to_string());
             tracing::error!(error = %error, requests = waiting.len(), "an admission commit failed");
+            // A failed commit stops the partition (it is halted and opened again): its reason,
+            // when it is the storage, tells the callers to come back.
+            let storage = lock(owned).failure().map(str::to_string);
             for (_, _, answer) in waiting {
-                answer(Durability::Failed);
+                answer(Durability::Failed(storage.clone()));
             }
         }
     }
@@ -259,7 +263,14 @@ pub(crate) mod tests {
             Decision::Appended {
                 tenant: "acme".into(),
                 seq,
-                answer: Box::new(move |durability| outcome.send(matches!(durability, Durability::Durable(_))).unwrap()),
+                answer: Box::new(move |durability| {
+                    outcome
+                        .send(match durability {
+                            Durability::Durable(_) => None,
+                            Durability::Failed(why) => Some(why),
+                        })
+                        .unwrap()
+                }),
             }
         });
         assert!(matches!(owned.admissions.enqueue(request), Enqueued::Queued));
@@ -270,8 +281,11 @@ pub(crate) mod tests {
         let failed = Err(crate::error::Error::Service("injected fsync failure".into()));
         assert!(lock(&owned).finish_commit(written, failed).is_err());
         drop(gate);
-        let durable = answered.recv_timeout(Duration::from_secs(20)).unwrap();
-        assert!(!durable, "answered durable for a record the log dropped");
+        let failed = answered.recv_timeout(Duration::from_secs(20)).unwrap();
+        let why = failed.expect("answered durable for a record the log dropped");
+        // With the partition's failure: the caller is told the storage failed (503
+        // storage_unavailable), not an internal error.
+        assert!(why.is_some_and(|why| why.contains("injected fsync failure")));
         assert_eq!(lock(&owned).committed_size("acme"), 0);
     }
 

@@ -428,6 +428,9 @@ fn home(shared: &Shared, tenant: &str) -> Result<(i32, super::Owned), ApiError> 
     if let Some(owned) = shared.partition(partition) {
         return Ok((partition, owned));
     }
+    if let Some(why) = shared.halted_because(partition) {
+        return Err(storage_unavailable(partition, &why));
+    }
     match super::read_owner(&shared.root, &shared.topic, partition) {
         Some(owner) if owner != shared.advertise_url => Err(ApiError {
             owner: Some(owner),
@@ -438,6 +441,19 @@ fn home(shared: &Shared, tenant: &str) -> Result<(i32, super::Owned), ApiError> 
             )
         }),
         _ => Err(unavailable(partition)),
+    }
+}
+
+/// 503 `storage_unavailable`: the tenant's partition is halted by a failure of its storage (a
+/// full disk) and opens again by itself (docs/storage.md, "When the disk fills up").
+fn storage_unavailable(partition: i32, why: &str) -> ApiError {
+    ApiError {
+        retry_after: Some(super::REOPEN_EVERY.as_secs() as u32),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            format!("partition {partition}, which holds this tenant, is halted because its storage failed ({why}); it opens again by itself once its files can be written"),
+        )
     }
 }
 
@@ -500,7 +516,8 @@ async fn on_owned_durably<T: Send + 'static>(
                             Ok(out)
                         }
                         // Logged once for the batch by the queue's thread.
-                        Durability::Failed => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")),
+                        Durability::Failed(Some(why)) => Err(storage_unavailable(partition, &why)),
+                        Durability::Failed(None) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")),
                     });
                 }),
             },
@@ -1012,13 +1029,26 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some() {
         return (StatusCode::SERVICE_UNAVAILABLE, "failed\n").into_response();
     }
+    // A partition halted by its storage is reported whether or not others are served.
+    let halted: String = shared
+        .halted_partitions()
+        .into_iter()
+        .map(|(p, lasted, why)| format!("degraded: partition {p} halted for {} s, its storage fails (opened again every 2 s): {why}\n", lasted.as_secs()))
+        .collect();
     let n = match shared.partitions().len() {
-        0 => return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response(),
+        0 if halted.is_empty() => return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response(),
+        0 => return (StatusCode::SERVICE_UNAVAILABLE, halted).into_response(),
         n => n,
     };
     // Reads, receipts and admissions do not need the budget topic or the DLQ: an outage of
     // either is reported here, and in the metrics, without taking the instance out of service.
-    let mut body = format!("ready: {n} partitions\n");
+    let mut body = format!("ready: {n} partitions\n{halted}");
+    if let Some((lasted, error)) = shared.projection_failing() {
+        body.push_str(&format!(
+            "degraded: parquet projection failing for {} s, queries see records up to its last flush (retried at every pass): {error}\n",
+            lasted.as_secs()
+        ));
+    }
     if let Some((error, waiting)) = shared.budget_outbox.failing() {
         body.push_str(&format!("degraded: budget topic unreachable, {waiting} states waiting: {error}\n"));
     }
@@ -1127,6 +1157,8 @@ mod tests {
             publish_soon: tokio::sync::Notify::new(),
             dlq_stalled: Mutex::new(None),
             broker: super::super::BrokerHealth::default(),
+            halted: Mutex::new(BTreeMap::new()),
+            projection_failing: Mutex::new(None),
             metrics: Metrics::default(),
         });
         let [acme, regulator, billing, admin, scraper, gateway, expired] = tokens.map(|(t, _)| t);
@@ -1280,6 +1312,52 @@ mod tests {
         assert!(f.shared.broker.answered().is_some());
         let (_, body, _) = call(&f.app, "/readyz", None).await;
         assert!(!body.contains("broker unreachable"), "{body}");
+    }
+
+    /// A full disk (docs/storage.md, "When the disk fills up"): flushes that fail show in
+    /// readiness and a gauge until a pass has none; a partition halted by its storage answers
+    /// every request of its tenants 503 `storage_unavailable` with the cause, and readiness and
+    /// the metrics say so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_shows_in_readiness_and_metrics_and_halted_tenants_get_storage_unavailable() {
+        let f = fixture();
+        let metric = |name: &str| -> f64 {
+            let text = f.shared.metrics.render(1, 0);
+            let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("{name} missing from\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        f.shared.projection_passed(Some("tenant acme of partition 0: No space left on device (os error 28)".into()));
+        let (status, body, _) = call(&f.app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK, "reads and admissions go on");
+        assert!(body.contains("degraded: parquet projection failing for 0 s") && body.contains("os error 28"), "{body}");
+        assert_eq!(metric("tally_ledger_projection_failing"), 1.0);
+        f.shared.projection_passed(None);
+        let (_, body, _) = call(&f.app, "/readyz", None).await;
+        assert!(!body.contains("projection failing"), "{body}");
+        assert_eq!(metric("tally_ledger_projection_failing"), 0.0);
+
+        let held = f.shared.partition(0).unwrap();
+        let error = crate::error::Error::io(std::path::Path::new("/data/partitions/events-0/journal/0.seg"), std::io::Error::from_raw_os_error(28));
+        assert!(error.is_storage());
+        f.shared.halt(0, &error);
+        f.shared.halt(0, &error);
+        assert!(super::super::lock(&held).is_closed(), "a request already holding it answers rebalancing");
+        for (path, body) in [("/t/acme/checkpoint", None), ("/v1/tenants/acme/budget/authorize", Some(serde_json::json!({"estimate_micros": 1})))] {
+            let mut request = axum::http::Request::builder().uri(path).header(header::AUTHORIZATION, format!("Bearer {}", f.acme));
+            if body.is_some() {
+                request = request.method("POST").header(header::CONTENT_TYPE, "application/json");
+            }
+            let response = f.app.clone().oneshot(request.body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty)).unwrap()).await.unwrap();
+            let (status, retry) = (response.status(), response.headers().get(header::RETRY_AFTER).cloned());
+            let json: serde_json::Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            assert_eq!((status, json["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("storage_unavailable")), "{path}: {json}");
+            assert_eq!(retry.as_ref().and_then(|v| v.to_str().ok()), Some("2"), "{path}");
+            assert!(json["error"]["message"].as_str().unwrap().contains("No space left on device"), "{json}");
+        }
+        let (status, body, _) = call(&f.app, "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "its only partition is halted");
+        assert!(body.contains("degraded: partition 0 halted for 0 s") && body.contains("No space left on device"), "{body}");
+        assert_eq!((metric("tally_ledger_partitions_halted"), metric("tally_ledger_partition_halts_total")), (1.0, 1.0), "one halt, counted once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,12 @@ pub struct Metrics {
     /// outages seen.
     pub broker_reachable: IntGauge,
     pub broker_outages: IntCounter,
+    /// Partitions stopped by a failure of their storage (a full disk) and not yet opened again,
+    /// and how many times a partition was stopped that way.
+    pub partitions_halted: IntGauge,
+    pub partition_halts: IntCounter,
+    /// 1 while the last projection pass had failures (a full disk, say), else 0.
+    pub projection_failing: IntGauge,
     /// An authorize request, from its arrival to its durable answer.
     pub authorize_seconds: Histogram,
     /// A partition's group commit, all phases.
@@ -142,6 +148,12 @@ impl Metrics {
             partitions: t.int_gauge("tally_ledger_partitions", "Partitions owned by this instance."),
             broker_reachable: t.int_gauge("tally_ledger_broker_reachable", "1 while the broker answers metadata requests, 0 while it does not."),
             broker_outages: t.counter("tally_ledger_broker_outages_total", "Times the broker stopped answering (each outage counted once)."),
+            partitions_halted: t.int_gauge(
+                "tally_ledger_partitions_halted",
+                "Partitions stopped because their storage failed (a full disk); each is opened again every 2 s until it opens.",
+            ),
+            partition_halts: t.counter("tally_ledger_partition_halts_total", "Times a partition stopped because a write, sync or read of its files failed."),
+            projection_failing: t.int_gauge("tally_ledger_projection_failing", "1 while the last projection pass had failed flushes (retried at every pass)."),
             checkpoint_lag: t.gauge("tally_ledger_checkpoint_lag_seconds", "Age of the oldest record not yet in a signed checkpoint (0: all signed)."),
             consumer_lag_gauge: t.int_gauge_vec("tally_ledger_consumer_lag", "Messages behind the partition's high watermark.", &["partition"]),
             consumer_lag: Mutex::new(BTreeMap::new()),

@@ -291,7 +291,29 @@ pub struct Shared {
     dlq_stalled: Mutex<Option<String>>,
     /// Whether the broker answers.
     broker: BrokerHealth,
+    /// Partitions stopped by a failure of their storage, until they open again.
+    halted: Mutex<BTreeMap<i32, Halted>>,
+    /// Since when, and why, projection passes fail (a full disk), while they do.
+    projection_failing: Mutex<Option<(Instant, String)>>,
     pub metrics: Metrics,
+}
+
+/// How often a partition stopped by a storage failure is opened again.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+
+/// A partition stopped because a write, sync or read of its files failed (a full disk, an I/O
+/// error): it is neither served (its tenants get 503 `storage_unavailable`) nor consumed (the
+/// consumer is paused on it), and the consume loop opens it again every [`REOPEN_EVERY`]. The
+/// open rebuilds its state from what is durable, so nothing half-written is ever used, and the
+/// consumer is moved back to the partition's durable next offset (docs/storage.md, "When the
+/// disk fills up").
+pub(super) struct Halted {
+    since: Instant,
+    /// The failure that stopped it, or the last failed open.
+    error: String,
+    next_try: Instant,
+    /// Whether the consumer was paused on it.
+    paused: bool,
 }
 
 /// Most budget states waiting for the budget topic at once (one per tenant and task key); past
@@ -527,22 +549,160 @@ impl Shared {
         self.partitions().get(&p).map(Arc::clone)
     }
 
+    fn halted(&self) -> MutexGuard<'_, BTreeMap<i32, Halted>> {
+        self.halted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Why partition `partition` is halted, if it is (see [`Halted`]).
+    pub(super) fn halted_because(&self, partition: i32) -> Option<String> {
+        self.halted().get(&partition).map(|h| h.error.clone())
+    }
+
+    /// Every halted partition: for how long, and why.
+    pub(super) fn halted_partitions(&self) -> Vec<(i32, Duration, String)> {
+        self.halted().iter().map(|(p, h)| (*p, h.since.elapsed(), h.error.clone())).collect()
+    }
+
+    /// Since when, and why, projection passes fail, while they do.
+    pub(super) fn projection_failing(&self) -> Option<(Duration, String)> {
+        self.projection_failing.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    /// Records the outcome of a projection pass over every partition: `Some(error)` while
+    /// flushes fail (the first failure starts the clock), `None` once a pass has none.
+    pub(super) fn projection_passed(&self, failure: Option<String>) {
+        let mut failing = self.projection_failing.lock().unwrap_or_else(PoisonError::into_inner);
+        match failure {
+            Some(why) => {
+                let since = failing.as_ref().map_or_else(Instant::now, |(since, _)| *since);
+                *failing = Some((since, why));
+            }
+            None => {
+                if let Some((since, _)) = failing.take() {
+                    tracing::warn!(failed_s = since.elapsed().as_secs_f64(), "no projection flush fails any more");
+                }
+            }
+        }
+        self.metrics.projection_failing.set(i64::from(failing.is_some()));
+    }
+
+    /// Opens partition `partition` of `topic` as this instance's own: its state from disk, the
+    /// budgets in force, its owner note, its projection and its admission thread. Returns it
+    /// with where its consumption resumes. Blocks (it reads the disk).
+    fn open_owned(&self, topic: &str, partition: i32) -> Result<(Owned, Resume)> {
+        let mut p = PartitionLedger::open(&self.root, topic, partition, self.keys.clone())?;
+        p.set_budget_file(self.budgets.current());
+        p.set_statement_grace(self.statement_grace);
+        let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
+        // The budget topic may lack the last states of this partition's tenants (lost in a
+        // crash, or never sent by a previous owner): publish them again. The topic is compacted,
+        // so a repeated state costs nothing.
+        let dropped = self.budget_outbox.put(p.current_budget_messages(jiff::Timestamp::now()), true);
+        self.metrics.budget_states_dropped.inc_by(dropped);
+        if let Err(e) = write_owner(&self.root, topic, partition, &self.advertise_url) {
+            tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
+        }
+        let projection = tally_projection::Projection::new(&self.root.join("parquet"), self.projection_interval).with_zones(self.report_zones.clone());
+        Ok((OwnedPartition::new(partition, p, projection)?, resume))
+    }
+
+    /// Stops partition `partition` after `error`, a failure of its storage (see [`Halted`]):
+    /// out of the owned map, so no request or delivery reaches it, and marked failed, so a
+    /// request already holding it answers `rebalancing` and nothing more is committed.
+    fn halt(&self, partition: i32, error: &Error) {
+        let owned = self.partitions_mut().remove(&partition);
+        if let Some(owned) = owned {
+            lock(&owned).stop_after_failure(error);
+        }
+        let mut halted = self.halted();
+        match halted.get_mut(&partition) {
+            Some(h) => h.error = error.to_string(),
+            None => {
+                tracing::error!(
+                    partition,
+                    error = %error,
+                    "partition halted: its storage failed; none of its events are taken and its tenants are answered 503 storage_unavailable until it opens again (tried every 2 s)"
+                );
+                self.metrics.partition_halts.inc();
+                let now = Instant::now();
+                halted.insert(partition, Halted { since: now, error: error.to_string(), next_try: now + REOPEN_EVERY, paused: false });
+            }
+        }
+        self.metrics.partitions_halted.set(halted.len() as i64);
+    }
+
+    /// Pauses the consumer on halted partitions it still fetches: their messages would only be
+    /// dropped, and read again from the durable offset once the partition opens.
+    fn pause_halted(&self, consumer: &EventConsumer) {
+        for (partition, h) in self.halted().iter_mut().filter(|(_, h)| !h.paused) {
+            match consumer.pause(*partition) {
+                Ok(()) => h.paused = true,
+                Err(e) => tracing::warn!(partition, error = %e, "cannot pause the consumer on a halted partition; its messages are dropped until it opens"),
+            }
+        }
+    }
+
+    /// Opens again each halted partition whose try is due, then moves the consumer back to
+    /// where the partition resumes: its durable next offset, so what was applied but never made
+    /// durable is read again and nothing is skipped. Call between polls (see
+    /// [`EventConsumer::rewind`]). Blocks (disk, and the seek).
+    fn reopen_halted(&self, consumer: &EventConsumer) {
+        let now = Instant::now();
+        let due: Vec<i32> = self.halted().iter().filter(|(_, h)| h.next_try <= now).map(|(p, _)| *p).collect();
+        for partition in due {
+            let reopened = self.open_owned(&self.topic, partition).and_then(|(owned, resume)| {
+                consumer
+                    .rewind(partition, resume)
+                    .map_err(|e| Error::Service(format!("cannot move the consumer back to where partition {partition} resumes ({resume:?}): {e}")))?;
+                Ok(owned)
+            });
+            let mut halted = self.halted();
+            match reopened {
+                Ok(owned) => {
+                    self.partitions_mut().insert(partition, owned);
+                    if let Some(h) = halted.remove(&partition) {
+                        tracing::warn!(
+                            partition,
+                            halted_s = h.since.elapsed().as_secs_f64(),
+                            "halted partition opened again; consuming from its durable offset"
+                        );
+                    }
+                }
+                Err(e) => {
+                    if let Some(h) = halted.get_mut(&partition) {
+                        tracing::warn!(partition, error = %e, "halted partition does not open yet; trying again in 2 s");
+                        h.error = e.to_string();
+                        h.next_try = Instant::now() + REOPEN_EVERY;
+                    }
+                }
+            }
+            self.metrics.partitions_halted.set(halted.len() as i64);
+        }
+    }
+
     fn fail(&self, message: String) {
         tracing::error!(error = %message, "ledger service failure");
         self.fatal.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(message);
     }
 
-    /// Commits every open partition; returns the durable next offset of each.
+    /// Commits every open partition; returns the durable next offset of each. A partition whose
+    /// storage fails (now, or in an admission's commit before) is halted, and the others are
+    /// committed all the same.
     fn commit_all(&self) -> Result<Vec<(i32, i64)>> {
         let mut out = Vec::new();
         // Everything appended before this point is signed once the loop below succeeds.
         let signing = Instant::now();
         for (p, owned) in self.owned() {
-            if let Some((next, times)) = commit_owned(&owned, false, |_| false)? {
-                self.metrics.observe_commit(times);
-                if let Some(next) = next {
-                    out.push((p, next));
+            match commit_owned(&owned, false, |_| false) {
+                Ok(Some((next, times))) => {
+                    self.metrics.observe_commit(times);
+                    if let Some(next) = next {
+                        out.push((p, next));
+                    }
                 }
+                Ok(None) => {}
+                Err(e) if e.is_storage() => self.halt(p, &e),
+                Err(e) => return Err(e),
             }
         }
         self.metrics.signed(signing);
@@ -582,41 +742,26 @@ impl PartitionSink for Sink {
         if let Some(p) = self.0.partition(partition) {
             return lock(&p).resume_offset().map_or(Resume::Beginning, Resume::At);
         }
-        // Opened without holding the partition map, so HTTP reads go on meanwhile. The previous owner (another instance) releases the partition when its revocation
-        // completes; a rebalance can assign it here a moment before that.
+        // Assigned (again): whatever stopped it before is the open's to find now.
+        self.0.halted().remove(&partition);
+        // Opened without holding the partition map, so HTTP reads go on meanwhile. The previous
+        // owner (another instance) releases the partition when its revocation completes; a
+        // rebalance can assign it here a moment before that.
         let deadline = Instant::now() + PARTITION_LOCK_WAIT;
         let opened = loop {
-            match PartitionLedger::open(&self.0.root, topic, partition, self.0.keys.clone()) {
+            match self.0.open_owned(topic, partition) {
                 Err(Error::PartitionBusy(_)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 other => break other,
             }
         };
         match opened {
-            Ok(mut p) => {
-                p.set_budget_file(self.0.budgets.current());
-                p.set_statement_grace(self.0.statement_grace);
-                let resume = p.resume_offset().map_or(Resume::Beginning, Resume::At);
-                // The budget topic may lack the last states of this partition's tenants (lost in
-                // a crash, or never sent by a previous owner): publish them again. The topic is
-                // compacted, so a repeated state costs nothing.
-                let dropped = self.0.budget_outbox.put(p.current_budget_messages(jiff::Timestamp::now()), true);
-                self.0.metrics.budget_states_dropped.inc_by(dropped);
-                if let Err(e) = write_owner(&self.0.root, topic, partition, &self.0.advertise_url) {
-                    tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
-                }
-                let projection =
-                    tally_projection::Projection::new(&self.0.root.join("parquet"), self.0.projection_interval).with_zones(self.0.report_zones.clone());
-                match OwnedPartition::new(partition, p, projection) {
-                    Ok(owned) => {
-                        self.0.partitions_mut().insert(partition, owned);
-                        resume
-                    }
-                    Err(e) => {
-                        self.0.fail(e.to_string());
-                        Resume::Beginning
-                    }
-                }
+            Ok((owned, resume)) => {
+                self.0.partitions_mut().insert(partition, owned);
+                resume
             }
+            // Any failure to open at assignment, a full disk included, stops the service naming
+            // it: the same files that fail here fail a start (docs/storage.md, "Bad state at
+            // start"), and nothing was taken from the partition yet.
             Err(e @ Error::PartitionBusy(_)) if self.0.assignment == AssignmentMode::Assign => {
                 self.0.fail(format!(
                     "cannot open partition {partition}: {e}; with assignment = \"assign\" (the default) one instance reads every partition, so another process holds it: to run several instances on one data_dir, set assignment = \"group\" on all of them"
@@ -638,6 +783,13 @@ impl PartitionSink for Sink {
     }
 
     fn partitions_revoked(&self, _topic: &str, partitions: &[i32]) {
+        {
+            let mut halted = self.0.halted();
+            for p in partitions {
+                halted.remove(p);
+            }
+            self.0.metrics.partitions_halted.set(halted.len() as i64);
+        }
         let removed: Vec<(i32, Owned)> = {
             let mut parts = self.0.partitions_mut();
             partitions.iter().filter_map(|p| parts.remove(p).map(|o| (*p, o))).collect()
@@ -648,6 +800,8 @@ impl PartitionSink for Sink {
             match commit_owned(&owned, true, |_| false) {
                 Ok(Some((_, times))) => self.0.metrics.observe_commit(times),
                 Ok(None) => {}
+                // Its next owner reads again what this commit could not make durable.
+                Err(e) if e.is_storage() => tracing::error!(partition = p, error = %e, "revoked partition not committed: its storage fails"),
                 Err(e) => self.0.fail(format!("cannot commit revoked partition {p}: {e}")),
             }
             self.0.metrics.projected(projector::project_partition(&owned, p, true));
@@ -831,6 +985,8 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         publish_soon: tokio::sync::Notify::new(),
         dlq_stalled: Mutex::new(None),
         broker: BrokerHealth::default(),
+        halted: Mutex::new(BTreeMap::new()),
+        projection_failing: Mutex::new(None),
         metrics: Metrics::default(),
     });
     let dlq = DeadLetterQueue::new(&kafka, &dlq_topic).map_err(kafka_err)?;
@@ -909,7 +1065,8 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
             }
-            if !shared.partitions().is_empty() {
+            // A halted partition is still this member's: no rejoin for it.
+            if !shared.partitions().is_empty() || !shared.halted().is_empty() {
                 unassigned_since = Instant::now();
             } else if config.assignment == AssignmentMode::Group && polling.is_none() && !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
                 tracing::warn!(seconds = unassigned_since.elapsed().as_secs(), group = %config.group, "no partitions assigned; leaving the group and joining again");
@@ -986,28 +1143,43 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
             }
             let mut appended = false;
+            // Partitions whose storage failed in this batch: halted once their locks are let go.
+            let mut failed: BTreeMap<i32, Error> = BTreeMap::new();
             {
                 let parts = shared.owned();
                 let now = jiff::Timestamp::now();
                 for d in &batch {
                     let Some(owned) = parts.get(&d.partition) else { continue };
+                    if failed.contains_key(&d.partition) {
+                        continue;
+                    }
                     let mut p = lock(owned);
-                    if p.has_failed() {
-                        return Err(Error::Service(format!(
-                            "partition {} stopped after a failed journal write; nothing unacknowledged is lost: restart to reopen it",
-                            d.partition
-                        )));
+                    if let Some(why) = p.failure() {
+                        // An admission's commit failed: what it applied since is forgotten, and
+                        // the partition is read again from its durable offset once it reopens.
+                        failed.insert(d.partition, Error::Log(tally_log::Error::Commit(why.to_string())));
+                        continue;
                     }
                     if p.is_closed() {
                         // Revoked: the next owner reads it again from its durable offset.
                         continue;
                     }
                     let m = &shared.metrics;
-                    let applied = p.apply(d);
-                    if let Err(Error::OffsetRegression { .. }) = &applied {
-                        m.offset_regressions.inc();
-                    }
-                    match applied? {
+                    let applied = match p.apply(d) {
+                        Ok(applied) => applied,
+                        Err(e) if e.is_storage() => {
+                            p.stop_after_failure(&e);
+                            failed.insert(d.partition, e);
+                            continue;
+                        }
+                        Err(e) => {
+                            if let Error::OffsetRegression { .. } = &e {
+                                m.offset_regressions.inc();
+                            }
+                            return Err(e);
+                        }
+                    };
+                    match applied {
                         Applied::Appended { .. } => {
                             appended = true;
                             m.accepted.inc()
@@ -1029,13 +1201,21 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 if tick {
                     last_tick = Instant::now();
                 }
-                for owned in parts.values() {
+                for (partition, owned) in &parts {
                     let mut p = lock(owned);
                     if p.is_closed() {
                         continue;
                     }
                     if tick {
-                        appended |= p.tick(now)? > 0;
+                        match p.tick(now) {
+                            Ok(records) => appended |= records > 0,
+                            Err(e) if e.is_storage() => {
+                                p.stop_after_failure(&e);
+                                failed.insert(*partition, e);
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        }
                         let (erased, retention_errors) = p.take_erasure_counts();
                         shared.metrics.erased_records.inc_by(erased);
                         shared.metrics.retention_errors.inc_by(retention_errors);
@@ -1045,6 +1225,17 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                             unpublished.push(budget_message(&tenant, task.as_deref(), state, now));
                         }
                     }
+                }
+            }
+            if !failed.is_empty() {
+                // Their budget states since the last commit were never made durable: not
+                // published. Each reopened partition publishes its tenants' durable states.
+                unpublished.retain(|(key, _)| {
+                    let tenant = key.split_once('/').map_or(key.as_str(), |(tenant, _)| tenant);
+                    !failed.contains_key(&tally_ingest::tenant_partition(tenant, partitions))
+                });
+                for (partition, e) in failed {
+                    shared.halt(partition, &e);
                 }
             }
             if appended {
@@ -1066,6 +1257,14 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
                 last_commit = Instant::now();
                 shared.metrics.set_consumer_lag(consumer.consumer_lag());
+            }
+            // Halted partitions: paused at once, and opened again when due. Only between polls,
+            // so no batch in the making straddles the consumer's move back.
+            if polling.is_none() {
+                tokio::task::block_in_place(|| {
+                    shared.pause_halted(&consumer);
+                    shared.reopen_halted(&consumer);
+                });
             }
         }
         Ok(())

@@ -160,8 +160,9 @@ pub struct PartitionLedger {
     unprojected: BTreeSet<String>,
     /// The closing commit has run (see [`PartitionLedger::commit_closing`]), or a commit failed.
     closed: bool,
-    /// A journal write or sync failed (see `PartitionLedger::failed`).
-    failed: bool,
+    /// The first journal write or sync (or store commit) that failed (see
+    /// `PartitionLedger::failed`).
+    failure: Option<String>,
     /// Erasures whose records are appended but not yet written: the next `write_commit` names
     /// in a further record what was sealed under their keys since, retires the keys and takes
     /// them, and its `finish_commit` deletes them once those records are durable, never before
@@ -338,7 +339,7 @@ impl PartitionLedger {
             input_clock,
             unprojected,
             closed: false,
-            failed: false,
+            failure: None,
             staged_erasures: Vec::new(),
             erased_since: 0,
             retention_errors_since: 0,
@@ -920,7 +921,7 @@ impl PartitionLedger {
                 Ok(seq) => written = Some((seq, written.map_or(1, |(_, n)| n + 1))),
                 Err(e) => {
                     if written.is_some() {
-                        self.failed();
+                        self.failed(&e);
                     }
                     return Err(e);
                 }
@@ -1022,18 +1023,30 @@ impl PartitionLedger {
     /// derived from it here (dedup keys, budget folds) may be ahead of it. The partition takes no
     /// new work (handlers answer `rebalancing`) until it is opened again, which rebuilds that
     /// state from the journal.
-    fn failed(&mut self) {
+    fn failed(&mut self, why: &dyn std::fmt::Display) {
         self.closed = true;
-        self.failed = true;
+        self.failure.get_or_insert_with(|| why.to_string());
         self.pending.clear();
         self.in_flight.clear();
         // Their `erasure` records were not made durable: the keys stay.
         self.staged_erasures.clear();
     }
 
+    /// Stops the partition after a failure of its storage met outside a commit (a read or write
+    /// of its files while applying a delivery): as after a failed commit, it takes no more work
+    /// and must be opened again.
+    pub fn stop_after_failure(&mut self, why: &Error) {
+        self.failed(why);
+    }
+
     /// Whether a journal write or sync failed: the partition must be opened again.
     pub fn has_failed(&self) -> bool {
-        self.failed
+        self.failure.is_some()
+    }
+
+    /// The first failure that stopped the partition, if one did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     /// Whether [`PartitionLedger::commit_closing`] has run: it takes no new work.
@@ -1122,7 +1135,7 @@ impl PartitionLedger {
             let (tenant, named) = (staged.tenant.clone(), late.len() as u64);
             let further = tally_log::Erasure { seqs: late, ..staged.erasure.clone() };
             // Any failure here stops the partition: the staged keys must not go without it.
-            let (seq, _) = self.append_erasure_parts(&tenant, further).inspect_err(|_| self.failed())?;
+            let (seq, _) = self.append_erasure_parts(&tenant, further).inspect_err(|e| self.failed(e))?;
             if let Some(staged) = self.staged_erasures.get_mut(i) {
                 staged.last_seq = seq;
                 staged.records += named;
@@ -1139,7 +1152,7 @@ impl PartitionLedger {
     /// Every [`STORE_DURABLE_EVERY`], or when `closing` (then the partition takes no new work),
     /// the commit also snapshots every budget it changed or left stale, as of this commit.
     pub fn write_commit(&mut self, closing: bool) -> Result<WrittenCommit> {
-        if self.failed {
+        if self.failure.is_some() {
             // Its state may be ahead of its journal (and its key store hold retired keys whose
             // erasure never became durable): nothing more is written until it is reopened.
             return Err(Error::Log(tally_log::Error::Commit(format!("partition {}-{} stopped after a failed write; reopen it", self.topic, self.partition))));
@@ -1149,12 +1162,12 @@ impl PartitionLedger {
         }
         let started = std::time::Instant::now();
         self.name_late_records()?;
-        let pending = self.ledger.write_commit(self.next_offset).inspect_err(|_| self.failed())?;
+        let pending = self.ledger.write_commit(self.next_offset).inspect_err(|e| self.failed(e))?;
         // The erasures' records are written: appends from now on (during the sync, when the
         // lock is free) are sealed under new keys, not under those this commit deletes.
         for staged in &self.staged_erasures {
             if let Err(e) = self.ledger.retire_keys(&staged.tenant, &staged.erasure.keys) {
-                self.failed();
+                self.failed(&e);
                 return Err(e.into());
             }
         }
@@ -1188,7 +1201,7 @@ impl PartitionLedger {
             Error::Log(e) => e,
             other => tally_log::Error::Commit(other.to_string()),
         });
-        let changed = self.ledger.finish_commit(written.pending, synced).inspect_err(|_| self.failed())?;
+        let changed = self.ledger.finish_commit(written.pending, synced).inspect_err(|e| self.failed(e))?;
         // The `erasure` records are durable: now their keys go, before the store's durable
         // position can move past the records (an open replays them and deletes what is left).
         if !written.forget.is_empty() {
@@ -1198,7 +1211,7 @@ impl PartitionLedger {
                 // partition stops before the store's durable position can pass the records, and
                 // the open that follows replays them and deletes the keys (or fails naming why).
                 tracing::error!(partition = self.partition, error = %e, "could not delete the subject keys of a durable erasure; the partition stops and its next open deletes them");
-                self.failed();
+                self.failed(&e);
                 return Err(e.into());
             }
             self.erased_since += written.forget.iter().map(|s| s.records).sum::<u64>();
@@ -1213,11 +1226,10 @@ impl PartitionLedger {
         if !batch.is_empty() {
             let started = std::time::Instant::now();
             if let Err(e) = self.store.commit(&batch) {
-                // Nothing is forgotten: the next commit hands the store all of it again.
-                for (key, seen) in batch.seen {
-                    self.pending.entry(key).or_insert(seen);
-                }
-                self.budget_stale.extend(batch.budgets.into_iter().map(|(tenant, _, _)| tenant));
+                // redb takes no further transaction after a failed write until it is opened
+                // again; the records are durable in the journal, and the open that follows
+                // replays into the store what it misses.
+                self.failed(&e);
                 return Err(e);
             }
             times.state = Some(started.elapsed());

@@ -32,11 +32,13 @@ const ROUND_BYTES: usize = 16 << 20;
 const TICK: Duration = Duration::from_millis(200);
 
 /// What one projection pass did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Projected {
     pub records: u64,
     pub files: usize,
     pub errors: usize,
+    /// The last failure, when there were any.
+    pub last_error: Option<String>,
 }
 
 /// Rewrites `tenant`'s projection from its committed log, as an erasure needs: under the
@@ -72,7 +74,7 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
         return out;
     }
     loop {
-        let before = out;
+        let before = (out.records, out.files);
         let mut after = String::new();
         loop {
             let round = lock(owned).unprojected_after(&after, TENANTS_PER_ROUND);
@@ -141,7 +143,7 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
                 }
             }
         }
-        let progress = out.records != before.records || out.files != before.files;
+        let progress = (out.records, out.files) != before;
         if !force || !lock(owned).has_unprojected() || !progress {
             return out;
         }
@@ -150,6 +152,7 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
 
 fn failed(out: &mut Projected, partition: i32, tenant: &str, error: &str) {
     out.errors += 1;
+    out.last_error = Some(format!("tenant {tenant} of partition {partition}: {error}"));
     tracing::error!(tenant_id = %tenant, partition, error, "parquet projection failed; retrying at the next pass");
 }
 
@@ -157,11 +160,15 @@ fn failed(out: &mut Projected, partition: i32, tenant: &str, error: &str) {
 /// dropped or sent to.
 pub(crate) fn run(shared: Arc<Shared>, stop: std::sync::mpsc::Receiver<()>) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(TICK) {
+        // A full disk fails every flush: shown in `/readyz` and a gauge until a pass has none.
+        let mut failure = None;
         for (partition, owned) in shared.owned() {
             let projected = project_partition(&owned, partition, false);
+            failure = projected.last_error.clone().or(failure);
             shared.metrics.projected(projected);
             merge_index_files(&owned, partition, &shared.metrics);
         }
+        shared.projection_passed(failure);
     }
 }
 

@@ -92,11 +92,22 @@ fn legacy_indexed(v: [u8; 16]) -> u64 {
     u64::from_le_bytes(indexed)
 }
 
+/// A redb failure as the service's error: a failed read or write of the file (a full disk) is
+/// an i/o error, which stops the partition until it can be opened again (the service retries);
+/// anything else is a store that is not what it should be.
+fn store_error(path: &str, e: redb::Error) -> Error {
+    match e {
+        redb::Error::Io(source) => Error::io(Path::new(path), source),
+        // redb refuses every transaction after a failed write until the file is opened again.
+        redb::Error::PreviousIo => Error::Log(tally_log::Error::Commit(format!("{path}: an earlier write failed; the store must be opened again"))),
+        other => Error::Corrupt { path: path.to_string(), detail: other.to_string() },
+    }
+}
+
 impl PartitionStore {
     pub fn open(path: &Path) -> Result<Self> {
         let shown = path.display().to_string();
-        let err = |e: redb::Error| Error::Corrupt { path: shown.clone(), detail: e.to_string() };
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| err(e.into()))?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| store_error(&shown, e.into()))?;
         let store = PartitionStore { db, path: shown };
         // Create the tables, so that reads never meet a missing one.
         store.commit(&Batch { durable: true, ..Batch::default() })?;
@@ -122,7 +133,7 @@ impl PartitionStore {
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> Error {
-        Error::Corrupt { path: self.path.clone(), detail: e.into().to_string() }
+        store_error(&self.path, e.into())
     }
 
     pub fn next_offset(&self) -> Result<Option<i64>> {
@@ -177,7 +188,7 @@ impl PartitionStore {
         if batch.durable {
             txn.set_quick_repair(true);
         } else {
-            txn.set_durability(redb::Durability::None).map_err(|e| Error::Corrupt { path: self.path.clone(), detail: e.to_string() })?;
+            txn.set_durability(redb::Durability::None).map_err(|e| self.err(e))?;
         }
         {
             let mut dedup = txn.open_table(DEDUP).map_err(|e| self.err(e))?;
@@ -218,6 +229,18 @@ impl PartitionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed write of the file (a full disk) stops the partition until it reopens; a file
+    /// that is not a store is named as corrupt.
+    #[test]
+    fn i_o_failures_of_the_store_are_storage_errors_and_bad_files_are_corrupt() {
+        let full = store_error("/d/state.redb", redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(full.is_storage() && full.to_string().contains("/d/state.redb") && full.to_string().contains("No space left"), "{full}");
+        let earlier = store_error("/d/state.redb", redb::Error::PreviousIo);
+        assert!(earlier.is_storage() && earlier.to_string().contains("opened again"), "{earlier}");
+        let bad = store_error("/d/state.redb", redb::Error::Corrupted("bad magic".into()));
+        assert!(!bad.is_storage() && bad.to_string().contains("corrupt state /d/state.redb"), "{bad}");
+    }
 
     #[test]
     fn the_recorded_journal_position_is_read_without_writing() {
