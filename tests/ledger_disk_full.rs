@@ -168,16 +168,27 @@ async fn a_full_disk_halts_the_partition_and_it_resumes_by_itself_when_space_ret
     assert!(ready.contains("No space left on device"), "{ready}");
     let (_, metrics) = text(addr, "/metrics").await;
     assert!(metric_sum(&metrics, "tally_ledger_partition_halts_total") >= 1.0, "{metrics}");
-    let (status, answer) = http_post(addr, "/v1/tenants/acme/budget/authorize", &serde_json::json!({"estimate_micros": 1})).await.expect("the ledger answers");
-    // Between a failed reopen and the next halt it may answer for a moment; while halted, 503.
-    if status == 503 {
-        assert_eq!(answer["error"]["code"], "storage_unavailable", "{answer}");
+    // While the disk is full, an admission is answered 503 storage_unavailable while the
+    // partition is halted (or rebalancing, for a request that held it as it stopped), never 500.
+    // A reopen may succeed in between (cutting the torn tail frees room in the last page), and
+    // a commit that still fits there is durable: then, and only then, a decision (200).
+    let mut refused = 0;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, answer) =
+            http_post(addr, "/v1/tenants/acme/budget/authorize", &serde_json::json!({"estimate_micros": 1})).await.expect("the ledger answers");
+        if status == 200 {
+            assert!(answer["decision"].is_string(), "{answer}");
+            continue;
+        }
+        assert_eq!(status, 503, "{answer}");
+        let code = answer["error"]["code"].as_str().unwrap_or_default().to_string();
+        assert!(code == "storage_unavailable" || code == "rebalancing", "{answer}");
+        refused += usize::from(code == "storage_unavailable");
     }
-    // Full for a while: the ledger keeps trying, and keeps running.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(refused > 0, "no admission was answered storage_unavailable");
     assert!(ledger.0.try_wait().unwrap().is_none(), "the ledger stopped:\n{}", logged());
-    let (_, metrics) = text(addr, "/metrics").await;
-    assert!(metric_sum(&metrics, "tally_ledger_partitions_halted") <= 1.0, "{metrics}");
     // The query service writes nothing: it answers from what was projected before.
     let served = served_ids(query, "acme").await.expect("the query service answers on a full disk");
     assert!((EACH as usize..=2 * EACH as usize).contains(&served.len()), "{} rows", served.len());

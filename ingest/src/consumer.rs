@@ -170,6 +170,10 @@ impl ConsumerContext for SinkContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.set_resume_positions(consumer, &partitions, tpl);
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                // librdkafka keeps an application's pause across an unassign and a new assign: a
+                // partition paused by its previous owner here (`pause`) would be assigned and
+                // never fetched. Resuming one that is not paused does nothing.
+                let result = result.and_then(|()| consumer.resume(tpl));
                 match result {
                     Ok(()) => {
                         tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");

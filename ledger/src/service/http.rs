@@ -1339,8 +1339,14 @@ mod tests {
         let held = f.shared.partition(0).unwrap();
         let error = crate::error::Error::io(std::path::Path::new("/data/partitions/events-0/journal/0.seg"), std::io::Error::from_raw_os_error(28));
         assert!(error.is_storage());
-        f.shared.halt(0, &error);
-        f.shared.halt(0, &error);
+        // Budget states built since the last commit, of the halted partition's tenant: dropped.
+        let mut states = vec![("acme".to_string(), b"{}".to_vec()), ("acme/run-1".to_string(), b"{}".to_vec())];
+        f.shared.drop_states_of_halted(&mut states);
+        assert_eq!(states.len(), 2, "nothing is halted yet");
+        f.shared.halt(0, &held, &error);
+        f.shared.halt(0, &held, &error);
+        f.shared.drop_states_of_halted(&mut states);
+        assert!(states.is_empty(), "{states:?}");
         assert!(super::super::lock(&held).is_closed(), "a request already holding it answers rebalancing");
         for (path, body) in [("/t/acme/checkpoint", None), ("/v1/tenants/acme/budget/authorize", Some(serde_json::json!({"estimate_micros": 1})))] {
             let mut request = axum::http::Request::builder().uri(path).header(header::AUTHORIZATION, format!("Bearer {}", f.acme));
@@ -1358,6 +1364,29 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "its only partition is halted");
         assert!(body.contains("degraded: partition 0 halted for 0 s") && body.contains("No space left on device"), "{body}");
         assert_eq!((metric("tally_ledger_partitions_halted"), metric("tally_ledger_partition_halts_total")), (1.0, 1.0), "one halt, counted once");
+    }
+
+    /// A halt that comes after a rebalance revoked the partition, or opened it again, stops the
+    /// instance that failed and nothing else: no halted entry, the new instance still served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_halt_of_a_partition_already_replaced_or_revoked_halts_nothing() {
+        let f = fixture();
+        let stale = f.shared.partition(0).unwrap();
+        let error = crate::error::Error::io(std::path::Path::new("/data/j"), std::io::Error::from_raw_os_error(28));
+        let fresh = crate::service::OwnedPartition::new(
+            0,
+            PartitionLedger::open(&f.dir.path().join("elsewhere"), "events", 0, f.shared.keys.clone()).unwrap(),
+            projection(f.dir.path()),
+        )
+        .unwrap();
+        f.shared.partitions_mut().insert(0, Arc::clone(&fresh));
+        f.shared.halt(0, &stale, &error);
+        assert!(super::super::lock(&stale).is_closed() && !super::super::lock(&fresh).is_closed());
+        assert!(f.shared.halted_because(0).is_none());
+        assert!(Arc::ptr_eq(&f.shared.partition(0).unwrap(), &fresh), "the partition opened since is still served");
+        f.shared.partitions_mut().remove(&0);
+        f.shared.halt(0, &fresh, &error);
+        assert!(f.shared.halted_because(0).is_none(), "revoked meanwhile: nothing to reopen");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

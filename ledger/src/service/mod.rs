@@ -608,35 +608,66 @@ impl Shared {
 
     /// Stops partition `partition` after `error`, a failure of its storage (see [`Halted`]):
     /// out of the owned map, so no request or delivery reaches it, and marked failed, so a
-    /// request already holding it answers `rebalancing` and nothing more is committed.
-    fn halt(&self, partition: i32, error: &Error) {
-        let owned = self.partitions_mut().remove(&partition);
-        if let Some(owned) = owned {
-            lock(&owned).stop_after_failure(error);
-        }
+    /// request already holding it answers `rebalancing` and nothing more is committed. `owned`
+    /// is the instance that failed: if the map holds another one by now (a rebalance revoked
+    /// the partition, or opened it again, meanwhile), only `owned` is stopped and nothing is
+    /// halted. The `halted` lock is held across the map's, in that order (as in
+    /// `partitions_revoked`), so a revocation never leaves a halted entry behind.
+    fn halt(&self, partition: i32, owned: &Owned, error: &Error) {
+        let why = {
+            let mut p = lock(owned);
+            p.stop_after_failure(error);
+            // The first failure is the cause; a later one may only say the partition had stopped.
+            p.failure().map_or_else(|| error.to_string(), str::to_string)
+        };
         let mut halted = self.halted();
-        match halted.get_mut(&partition) {
-            Some(h) => h.error = error.to_string(),
-            None => {
-                tracing::error!(
-                    partition,
-                    error = %error,
-                    "partition halted: its storage failed; none of its events are taken and its tenants are answered 503 storage_unavailable until it opens again (tried every 2 s)"
-                );
-                self.metrics.partition_halts.inc();
-                let now = Instant::now();
-                halted.insert(partition, Halted { since: now, error: error.to_string(), next_try: now + REOPEN_EVERY, paused: false });
+        {
+            let mut parts = self.partitions_mut();
+            if !parts.get(&partition).is_some_and(|current| Arc::ptr_eq(current, owned)) {
+                return;
             }
+            parts.remove(&partition);
         }
+        if !halted.contains_key(&partition) {
+            tracing::error!(
+                partition,
+                error = %why,
+                "partition halted: its storage failed; none of its events are taken and its tenants are answered 503 storage_unavailable until it opens again (tried every 2 s)"
+            );
+            self.metrics.partition_halts.inc();
+        }
+        let now = Instant::now();
+        halted.insert(partition, Halted { since: now, error: why, next_try: now + REOPEN_EVERY, paused: false });
         self.metrics.partitions_halted.set(halted.len() as i64);
+    }
+
+    /// Drops the budget states of halted partitions' tenants from `states` (states built since
+    /// the last commit): their records were never made durable. Each partition publishes its
+    /// tenants' durable states when it opens again.
+    fn drop_states_of_halted(&self, states: &mut Vec<(String, Vec<u8>)>) {
+        let halted = self.halted();
+        if halted.is_empty() {
+            return;
+        }
+        let count = self.partition_count.load(Ordering::Relaxed);
+        states.retain(|(key, _)| {
+            let tenant = key.split_once('/').map_or(key.as_str(), |(tenant, _)| tenant);
+            !halted.contains_key(&tally_ingest::tenant_partition(tenant, count))
+        });
     }
 
     /// Pauses the consumer on halted partitions it still fetches: their messages would only be
     /// dropped, and read again from the durable offset once the partition opens.
     fn pause_halted(&self, consumer: &EventConsumer) {
-        for (partition, h) in self.halted().iter_mut().filter(|(_, h)| !h.paused) {
-            match consumer.pause(*partition) {
-                Ok(()) => h.paused = true,
+        let unpaused: Vec<i32> = self.halted().iter().filter(|(_, h)| !h.paused).map(|(p, _)| *p).collect();
+        for partition in unpaused {
+            // Not under the lock: readiness and requests read it.
+            match consumer.pause(partition) {
+                Ok(()) => {
+                    if let Some(h) = self.halted().get_mut(&partition) {
+                        h.paused = true;
+                    }
+                }
                 Err(e) => tracing::warn!(partition, error = %e, "cannot pause the consumer on a halted partition; its messages are dropped until it opens"),
             }
         }
@@ -701,7 +732,7 @@ impl Shared {
                     }
                 }
                 Ok(None) => {}
-                Err(e) if e.is_storage() => self.halt(p, &e),
+                Err(e) if e.is_storage() => self.halt(p, &owned, &e),
                 Err(e) => return Err(e),
             }
         }
@@ -783,14 +814,15 @@ impl PartitionSink for Sink {
     }
 
     fn partitions_revoked(&self, _topic: &str, partitions: &[i32]) {
-        {
+        // Both under the `halted` lock (then the map's, as `halt` takes them): a halt running
+        // meanwhile either finishes first, and its entry is removed here, or finds the partition
+        // gone from the map and halts nothing.
+        let removed: Vec<(i32, Owned)> = {
             let mut halted = self.0.halted();
             for p in partitions {
                 halted.remove(p);
             }
             self.0.metrics.partitions_halted.set(halted.len() as i64);
-        }
-        let removed: Vec<(i32, Owned)> = {
             let mut parts = self.0.partitions_mut();
             partitions.iter().filter_map(|p| parts.remove(p).map(|o| (*p, o))).collect()
         };
@@ -1065,8 +1097,10 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
             if let Some(message) = shared.fatal.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 return Err(Error::Service(message));
             }
-            // A halted partition is still this member's: no rejoin for it.
-            if !shared.partitions().is_empty() || !shared.halted().is_empty() {
+            // A halted partition is still this member's: no rejoin for it. (Each lock on its own:
+            // never the map's while waiting for `halted`.)
+            let owns_some = !shared.partitions().is_empty();
+            if owns_some || !shared.halted().is_empty() {
                 unassigned_since = Instant::now();
             } else if config.assignment == AssignmentMode::Group && polling.is_none() && !rejoin_after.is_zero() && unassigned_since.elapsed() >= rejoin_after {
                 tracing::warn!(seconds = unassigned_since.elapsed().as_secs(), group = %config.group, "no partitions assigned; leaving the group and joining again");
@@ -1144,7 +1178,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
             }
             let mut appended = false;
             // Partitions whose storage failed in this batch: halted once their locks are let go.
-            let mut failed: BTreeMap<i32, Error> = BTreeMap::new();
+            let mut failed: BTreeMap<i32, (Owned, Error)> = BTreeMap::new();
             {
                 let parts = shared.owned();
                 let now = jiff::Timestamp::now();
@@ -1157,7 +1191,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     if let Some(why) = p.failure() {
                         // An admission's commit failed: what it applied since is forgotten, and
                         // the partition is read again from its durable offset once it reopens.
-                        failed.insert(d.partition, Error::Log(tally_log::Error::Commit(why.to_string())));
+                        failed.insert(d.partition, (Arc::clone(owned), Error::Log(tally_log::Error::Commit(why.to_string()))));
                         continue;
                     }
                     if p.is_closed() {
@@ -1169,7 +1203,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                         Ok(applied) => applied,
                         Err(e) if e.is_storage() => {
                             p.stop_after_failure(&e);
-                            failed.insert(d.partition, e);
+                            failed.insert(d.partition, (Arc::clone(owned), e));
                             continue;
                         }
                         Err(e) => {
@@ -1211,7 +1245,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                             Ok(records) => appended |= records > 0,
                             Err(e) if e.is_storage() => {
                                 p.stop_after_failure(&e);
-                                failed.insert(*partition, e);
+                                failed.insert(*partition, (Arc::clone(owned), e));
                                 continue;
                             }
                             Err(e) => return Err(e),
@@ -1227,22 +1261,17 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     }
                 }
             }
-            if !failed.is_empty() {
-                // Their budget states since the last commit were never made durable: not
-                // published. Each reopened partition publishes its tenants' durable states.
-                unpublished.retain(|(key, _)| {
-                    let tenant = key.split_once('/').map_or(key.as_str(), |(tenant, _)| tenant);
-                    !failed.contains_key(&tally_ingest::tenant_partition(tenant, partitions))
-                });
-                for (partition, e) in failed {
-                    shared.halt(partition, &e);
-                }
+            for (partition, (owned, e)) in failed {
+                shared.halt(partition, &owned, &e);
             }
             if appended {
                 shared.metrics.appended_unsigned();
             }
             if publish_now || last_commit.elapsed() >= interval {
                 let offsets = tokio::task::block_in_place(|| shared.commit_all())?;
+                // A partition halted in this batch or by this commit made nothing durable since
+                // the last commit: its tenants' states are dropped.
+                shared.drop_states_of_halted(&mut unpublished);
                 // Durable now: queued for the publishing task. A state lost with the process (a
                 // crash, a shutdown during an outage) is published again when its partition is
                 // next opened.
@@ -1283,6 +1312,7 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
         }
     }
     let committed = tokio::task::block_in_place(|| shared.commit_all());
+    shared.drop_states_of_halted(&mut unpublished);
     if committed.is_ok() {
         let dropped = shared.budget_outbox.put(unpublished, false);
         shared.metrics.budget_states_dropped.inc_by(dropped);
