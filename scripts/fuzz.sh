@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../fuzz"
 
 CACHE=${TALLY_CACHE:-$HOME/.cache/tally}
 CARGO_FUZZ_VERSION=0.13.2
-TARGETS=(decode_message signed_note receipt tile token_file)
+TARGETS=(decode_message signed_note receipt tile token_file budgets_file sql_gate)
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
   echo "fuzz.sh: the nightly toolchain is required (libFuzzer's sanitizer flags): rustup toolchain install nightly" >&2
@@ -23,7 +23,9 @@ if ! cargo-fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
 fi
 # The main build's settings are not the fuzz build's: it has a target directory of its own.
 unset CARGO_TARGET_DIR
-fuzz() { cargo +nightly fuzz "$@" --target-dir "$CACHE/fuzz-target"; }
+# `--target-dir` goes right after the subcommand: after `--` libFuzzer would take its path for a
+# corpus directory, and write what it finds among the build's files.
+fuzz() { local sub=$1; shift; cargo +nightly fuzz "$sub" --target-dir "$CACHE/fuzz-target" "$@"; }
 
 case "${1:-}" in
   list) printf '%s\n' "${TARGETS[@]}" ;;

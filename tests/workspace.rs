@@ -50,12 +50,19 @@ fn one_datafusion_build() {
 }
 
 #[test]
-fn the_query_service_has_no_kafka_and_the_log_core_no_kafka_parquet_or_tokio() {
+fn the_query_service_has_no_kafka_and_the_log_core_budgets_and_sql_gate_no_kafka_parquet_or_tokio() {
     let query = cargo_tree(&["-p", "tally-query", "-e", "normal", "-f", "{p}"]);
     assert!(query.lines().any(|l| l.starts_with("datafusion ")), "{query}");
     assert!(!query.lines().any(|l| l.starts_with("rdkafka")), "tally-query depends on rdkafka:\n{query}");
-    let core = cargo_tree(&["-p", "tally-log", "-e", "normal", "-f", "{p}"]);
-    for forbidden in ["rdkafka ", "parquet ", "tokio ", "datafusion"] {
-        assert!(!core.lines().any(|l| l.starts_with(forbidden)), "tally-log depends on {forbidden}:\n{core}");
+    // The log core, and the crates the fuzz targets build on their own: budgets and the SQL gate.
+    for (krate, forbidden) in [
+        ("tally-log", &["rdkafka ", "parquet ", "tokio ", "datafusion"][..]),
+        ("tally-budget", &["rdkafka ", "parquet ", "tokio ", "datafusion"][..]),
+        ("tally-sql-gate", &["rdkafka ", "parquet ", "tokio ", "datafusion", "arrow"][..]),
+    ] {
+        let tree = cargo_tree(&["-p", krate, "-e", "normal", "-f", "{p}"]);
+        for f in forbidden {
+            assert!(!tree.lines().any(|l| l.starts_with(f)), "{krate} depends on {f}:\n{tree}");
+        }
     }
 }

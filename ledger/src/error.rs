@@ -7,8 +7,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("bad configuration: {0}")]
     BadKey(String),
-    #[error("bad budget configuration: {0}")]
-    BadBudget(String),
     #[error("ledger service: {0}")]
     Service(String),
     #[error("bad record: {0}")]
@@ -36,6 +34,8 @@ pub enum Error {
     Log(#[from] tally_log::Error),
     #[error(transparent)]
     Projection(#[from] tally_projection::Error),
+    #[error(transparent)]
+    Budget(#[from] tally_budget::Error),
     #[error(transparent)]
     Auth(#[from] tally_auth::Error),
 }

@@ -15,7 +15,7 @@
 //!
 //! Invariant: the estimate is never below what the function can return for those arguments.
 //! Functions whose output cannot be bounded cheaply from their arguments (`levenshtein`,
-//! `array_repeat`, `range`, …) are refused by the SQL gate instead (see `guard.rs`).
+//! `array_repeat`, `range`, …) are refused by the SQL gate instead (see the `tally-sql-gate` crate).
 
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};

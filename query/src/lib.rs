@@ -4,7 +4,8 @@
 //!
 //! * [`QueryConfig`]: the service's settings (`[query]` in its TOML file).
 //! * [`run`]: serves the API on a listener until a shutdown future completes.
-//! * [`guard`]: the read-only SQL gate; [`Engine`]: per-request, per-tenant DataFusion contexts.
+//! * [`Engine`]: per-request, per-tenant DataFusion contexts; the read-only SQL gate that runs
+//!   before them is its own crate, `tally-sql-gate`.
 //! * [`reports`]: the queries behind each route, usable without HTTP (benchmarks, tests).
 //! * [`verify_export`]: checks an audit export offline (`tally verify export`).
 
@@ -13,7 +14,6 @@ mod config;
 mod encode;
 mod error;
 mod export_check;
-pub mod guard;
 mod http;
 pub mod reports;
 mod tables;

@@ -176,7 +176,7 @@ fn page_prefix(files: &[tally_projection::ProjectionFile], limit: usize) -> usiz
 /// The filtered, seq-ordered first `limit` rows of the context's `events`.
 async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, timeout: Duration, engine: &Engine) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let root = engine.root();
-    let mut df = ctx.table(crate::guard::EVENTS_TABLE).await.map_err(df_err(root))?;
+    let mut df = ctx.table(tally_sql_gate::EVENTS_TABLE).await.map_err(df_err(root))?;
     let mut conditions = Vec::new();
     if let Some(from) = filter.from {
         conditions.push(col("occurred_at").gt_eq(ts_lit(from)));
@@ -213,7 +213,7 @@ pub async fn tenant_sql(
     max_rows: usize,
     timeout: Duration,
 ) -> Result<(SchemaRef, Vec<RecordBatch>, bool)> {
-    crate::guard::check_read_only(sql, max_sql_bytes)?;
+    tally_sql_gate::check_read_only(sql, max_sql_bytes).map_err(|tally_sql_gate::Error::Rejected(why)| Error::SqlRejected(why))?;
     let ctx = engine.tenant_sql_context(tenant).await?;
     let root = engine.root();
     let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
@@ -759,7 +759,7 @@ pub async fn audit_export(
     let ctx = engine.tenant_events(tenant, |_| true).await?;
     let eroot = engine.root();
     let df = ctx
-        .table(crate::guard::EVENTS_TABLE)
+        .table(tally_sql_gate::EVENTS_TABLE)
         .await
         .map_err(df_err(eroot))?
         .filter(col("seq").gt_eq(lit(from)).and(col("seq").lt_eq(lit(to))))

@@ -164,14 +164,14 @@ impl Engine {
     pub async fn tenant_sql_context(&self, tenant: &str) -> Result<SessionContext> {
         let files = self.files(Tree::Events, tenant, |_| true).await?;
         let ctx = self.context_with_batch(TENANT_SQL_BATCH_ROWS)?;
-        self.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files)?;
+        self.register(&ctx, tally_sql_gate::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), &files)?;
         Ok(ctx)
     }
 
     /// A context whose only table, `events`, is exactly the `listed` files of the events tree.
     pub fn events_context(&self, listed: &Listed) -> Result<SessionContext> {
         let ctx = self.context()?;
-        self.register(&ctx, crate::guard::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), listed)?;
+        self.register(&ctx, tally_sql_gate::EVENTS_TABLE, Arc::new(tally_schemas::projection_schema()), listed)?;
         Ok(ctx)
     }
 

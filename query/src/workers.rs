@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 /// Stack of each query worker thread. Planning recursion is bounded by the SQL gate; this is the
 /// margin that makes the bound safe in debug builds too.
 pub const WORKER_STACK_BYTES: usize = 64 << 20;
+// The SQL gate runs on these threads too, before planning.
+const _: () = assert!(WORKER_STACK_BYTES >= tally_sql_gate::REQUIRED_STACK_BYTES);
 
 /// What a query is told when the process-wide pool, not its own limit, is full.
 pub const GLOBAL_POOL_BUSY: &str = "the service's memory for queries is in use by other queries";

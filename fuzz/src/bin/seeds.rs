@@ -47,5 +47,23 @@ fn main() {
     }
     cloud.extend_from_slice(event);
     write("decode_message", "cloudevent", &cloud);
+    // The budgets file of docs/budgets.md's example: plans, overrides, prices and quotas.
+    write(
+        "budgets_file",
+        "plans",
+        b"default_plan = \"standard\"\n[plans.standard]\ntask_micros = 2_000_000\nday_micros = 20_000_000\nsoft_threshold = 0.8\nday_tokens = 2_000_000\ntask_calls = 50\ntime_zone = \"UTC\"\nperiod_anchor_day = 1\ncurrency = \"USD\"\nceiling = { input_per_million_micros = 15_000_000, output_per_million_micros = 60_000_000 }\n[plans.standard.prices.\"gpt-5-mini\"]\ninput_per_million_micros = 250_000\noutput_per_million_micros = 2_000_000\n[plans.standard.quotas]\ncalls = \"600/m\"\n\"action:send_email\" = \"50/h\"\n[tenants.acme]\nplan = \"standard\"\nday_micros = 5_000_000\ntime_zone = \"Europe/Berlin\"\npersonal_data_days = 30\n",
+    );
+    // Queries the gate accepts, and a few it refuses for each reason.
+    for (name, sql) in [
+        ("count", "SELECT count(*) FROM events"),
+        ("group", "select kind, sum(cost_micros) from Events where occurred_at > now() - interval '1 day' group by kind"),
+        ("cte", "WITH x AS (SELECT * FROM events) SELECT * FROM x JOIN events e ON x.seq = e.seq"),
+        ("window", "SELECT seq, sum(cost_micros) OVER (PARTITION BY kind ORDER BY seq) FROM events ORDER BY 2 DESC LIMIT 10"),
+        ("table-function", "SELECT * FROM read_parquet('/etc/passwd')"),
+        ("other-table", "SELECT * FROM events UNION ALL SELECT * FROM other_tenant"),
+        ("two", "SELECT 1; SELECT 2"),
+    ] {
+        write("sql_gate", name, sql.as_bytes());
+    }
     println!("seeds written under corpus/");
 }

@@ -197,7 +197,7 @@ impl ServiceConfig {
 
     /// The budgets file `budgets` names, validated.
     pub fn load_budgets(&self) -> Result<Option<BudgetFile>> {
-        self.budgets.as_deref().map(BudgetFile::load).transpose()
+        Ok(self.budgets.as_deref().map(BudgetFile::load).transpose()?)
     }
 
     /// The token store `tokens` names, or authorization off.
