@@ -45,6 +45,9 @@ queries = {
           AND occurred_at < TIMESTAMPTZ '2026-12-01 00:00:00+00'
         GROUP BY ALL""",
 }
+if r.get("small_tenant"):
+    # The median tenant of a Zipf run (`--sizes zipf`): a small tenant's report.
+    queries["small_tenant_monthly_report"] = queries["tenant_monthly_report"].replace(f"tenant_id={big}/", f"tenant_id={r['small_tenant']}/")
 con = duckdb.connect()
 con.execute("SET threads = 2")
 print(f"{'DuckDB ' + duckdb.__version__:<32} {'p50':>9} {'p90':>9}   tally p50 / DuckDB p50")
@@ -61,4 +64,5 @@ for name, sql in queries.items():
     ours = r.get(f"{name}_p50_ms")
     ratio = f"{ours / p50:.2f}x" if ours else "(no tally equivalent)"
     print(f"{name:<32} {p50:>9.1f} {p90:>9.1f}   {ratio}")
+print(f"files in the projection: {r.get('files', '?')}")
 print(f"bytes/event on disk (events tree): {r['events_bytes'] / r['events']:.1f}; with both roll-up trees: {(r['events_bytes'] + r['rollup_bytes']) / r['events']:.1f}")

@@ -12,7 +12,7 @@
 # restart after kill -9) with the real binary; it starts the broker like `ingest`.
 # `scripts/bench.sh budget` runs the admission/budget benchmark (in-process, HTTP at 1/16/256
 # callers, event → budget topic); it starts the broker too.
-# `scripts/bench.sh query [-- --events N --tenants T --days D --runs R --dir PATH]` generates a
+# `scripts/bench.sh query [-- --events N --tenants T --days D --runs R --dir PATH --sizes zipf]` generates a
 # projection (default 10M events, 100 tenants, 30 days), times the cost report, billing spend and
 # an audit page in process, then the same SQL through DuckDB (installed from PyPI into
 # ~/.cache/tally/venv) over the same files, and prints the ratios and bytes per event.

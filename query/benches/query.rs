@@ -8,7 +8,11 @@
 //! `scripts/bench.sh query` runs it, then `bench/duckdb_compare.py` runs the same SQL through
 //! DuckDB over the same files in the same run. Arguments (after `--`): `--events N`
 //! (default 10,000,000), `--tenants T` (100), `--days D` (30), `--runs R` (20), `--dir PATH`
-//! (default: a new temporary directory, kept). Tenant t000 holds 20% of the events.
+//! (default: a new temporary directory, kept), `--sizes uniform|zipf` (default `uniform`: the
+//! first tenant holds 20% of the events and the others equal shares; `zipf`: tenant `i` holds a
+//! share proportional to 1/(i+1)^0.9, so at 100,000 tenants the first holds about 5% and the
+//! median tenant a few hundred events per 100M, as issue #17 asks). With `zipf`, the median
+//! tenant's monthly report is timed as well (a small tenant).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,10 +29,28 @@ struct Args {
     days: i64,
     runs: usize,
     dir: Option<PathBuf>,
+    zipf: bool,
+}
+
+/// The exponent of the Zipf sizes: at 100,000 tenants the largest holds about 5% of the events.
+const ZIPF_EXPONENT: f64 = 0.9;
+
+/// Events per tenant, largest first: every tenant has at least one (billing lists it).
+fn tenant_sizes(a: &Args) -> Vec<u64> {
+    if a.zipf {
+        let weights: Vec<f64> = (0..a.tenants).map(|i| 1.0 / ((i + 1) as f64).powf(ZIPF_EXPONENT)).collect();
+        let total: f64 = weights.iter().sum();
+        return weights.iter().map(|w| ((a.events as f64 * w / total).round() as u64).max(1)).collect();
+    }
+    // The big tenant's share plus an equal share for each other one (N minus the rounding of
+    // (N - big) / (T - 1)).
+    let big = a.events / 5;
+    let per_other = (a.events - big) / (a.tenants - 1).max(1);
+    (0..a.tenants).map(|i| if i == 0 { big } else { per_other }).collect()
 }
 
 fn args() -> Args {
-    let mut a = Args { events: 10_000_000, tenants: 100, days: 30, runs: 20, dir: None };
+    let mut a = Args { events: 10_000_000, tenants: 100, days: 30, runs: 20, dir: None, zipf: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -38,6 +60,13 @@ fn args() -> Args {
             "--days" => a.days = value().parse().expect("--days D"),
             "--runs" => a.runs = value().parse().expect("--runs R"),
             "--dir" => a.dir = Some(PathBuf::from(value())),
+            "--sizes" => {
+                a.zipf = match value().as_str() {
+                    "zipf" => true,
+                    "uniform" => false,
+                    other => panic!("--sizes uniform|zipf, not {other}"),
+                }
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -113,19 +142,19 @@ fn main() {
     let dir = a.dir.clone().unwrap_or_else(|| tempfile::Builder::new().prefix("tally-query-bench").tempdir().expect("temp dir").keep());
     let data = dir.join("data");
     let root = data.join("parquet");
-    let big = a.events / 5;
-    let per_other = (a.events - big) / (a.tenants - 1).max(1);
-    let tenant = |i: u64| format!("t{i:03}");
-    // What the generator writes: the big tenant's share plus an equal share for each other one
-    // (N minus the rounding of (N - big) / (T - 1)).
-    let total_events = big + per_other * (a.tenants - 1);
+    let sizes = tenant_sizes(&a);
+    let big = sizes[0];
+    let width = a.tenants.saturating_sub(1).to_string().len().max(3);
+    let tenant = |i: u64| format!("t{i:0width$}");
+    let small = a.zipf.then_some(a.tenants / 2);
+    let total_events: u64 = sizes.iter().sum();
     if root.exists() {
         println!("reusing the projection under {}", root.display());
     } else {
         let started = Instant::now();
         let mut rng = StdRng::seed_from_u64(7);
-        for i in 0..a.tenants {
-            generate_tenant(&root, &tenant(i), if i == 0 { big } else { per_other }, a.days, &mut rng);
+        for (i, count) in sizes.iter().enumerate() {
+            generate_tenant(&root, &tenant(i as u64), *count, a.days, &mut rng);
         }
         println!("generated {} events over {} tenants and {} days in {:.1} s", total_events, a.tenants, a.days, started.elapsed().as_secs_f64());
     }
@@ -141,7 +170,8 @@ fn main() {
     let report =
         CostQuery { from: month_start, to: month_end, tz: jiff::tz::TimeZone::UTC, group_by: vec![Dim::Day, Dim::Agent, Dim::Action], billing_period: None };
     let page = EventFilter { after: Some(big / 2), limit: 1000, ..EventFilter::default() };
-    let mut timings: Vec<(&str, Vec<Duration>)> = vec![("tenant_monthly_report", vec![]), ("billing_spend", vec![]), ("audit_page", vec![])];
+    let mut timings: Vec<(&str, Vec<Duration>)> =
+        vec![("tenant_monthly_report", vec![]), ("billing_spend", vec![]), ("audit_page", vec![]), ("small_tenant_monthly_report", vec![])];
     let mut report_rows = 0;
     let mut report_source = "";
     for run in 0..=a.runs {
@@ -157,13 +187,20 @@ fn main() {
         let (_, batches, _) = rt.block_on(events_page(&engine, &tenant(0), &page, timeout)).expect("audit page");
         let d2 = t.elapsed();
         assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);
+        let d3 = small.map(|i| {
+            let t = Instant::now();
+            rt.block_on(costs(&engine, &tenant(i), &report, timeout)).expect("small tenant's cost report");
+            t.elapsed()
+        });
         if run > 0 {
             // Run 0 warms the page cache, as a long-running service's would be.
             timings[0].1.push(d0);
             timings[1].1.push(d1);
             timings[2].1.push(d2);
+            timings[3].1.extend(d3);
         }
     }
+    timings.retain(|(_, samples)| !samples.is_empty());
     println!("projection: {} under {}", total_events, root.display());
     println!(
         "  events tree: {:.1} MiB in {} files, {:.1} bytes/event",
@@ -177,10 +214,16 @@ fn main() {
         file_count(&root.join("rollups")) + file_count(&root.join("daily")),
         rollup_bytes as f64 / total_events as f64
     );
-    println!("  big tenant t000: {big} events; monthly report has {report_rows} rows (from the {report_source} roll-ups)");
+    println!("  big tenant {}: {big} events; monthly report has {report_rows} rows (from the {report_source} roll-ups)", tenant(0));
+    if let Some(i) = small {
+        println!("  small tenant {}: {} events (the median size)", tenant(i), sizes[i as usize]);
+    }
+    let files = file_count(&root);
+    println!("  files in the projection: {files}");
     let mut json = serde_json::json!({
         "root": root, "events": total_events, "tenants": a.tenants, "days": a.days, "big_tenant": tenant(0), "big_events": big,
-        "page_after": big / 2, "events_bytes": events_bytes, "rollup_bytes": rollup_bytes, "runs": a.runs,
+        "page_after": big / 2, "events_bytes": events_bytes, "rollup_bytes": rollup_bytes, "runs": a.runs, "files": files,
+        "small_tenant": small.map(tenant),
     });
     println!("{:<24} {:>9} {:>9}   ({} runs, ms)", "tally (DataFusion)", "p50", "p90", a.runs);
     for (name, samples) in timings.iter_mut() {
