@@ -42,6 +42,17 @@ pub enum Resume {
     Committed,
 }
 
+impl Resume {
+    /// The librdkafka position it names.
+    fn offset(self) -> Offset {
+        match self {
+            Resume::At(o) => Offset::Offset(o),
+            Resume::Beginning => Offset::Beginning,
+            Resume::Committed => Offset::Stored,
+        }
+    }
+}
+
 /// The owner of what is consumed: it decides where partitions resume and is told of revocations.
 /// Both calls run inside a rebalance, on the librdkafka poll thread, and may block, briefly;
 /// `resume` runs for several partitions at once, each on a thread of its own.
@@ -156,8 +167,7 @@ impl SinkContext {
                 }
                 Offset::Offset(o)
             }
-            Resume::Beginning => Offset::Beginning,
-            Resume::Committed => Offset::Stored,
+            other => other.offset(),
         }
     }
 }
@@ -378,12 +388,7 @@ impl EventConsumer {
     /// between polls (no [`EventConsumer::spawn_poll`] running), so no batch in the making
     /// straddles the seek. Blocks until the seek is done (up to [`WATERMARK_TIMEOUT`]).
     pub fn rewind(&self, partition: i32, resume: Resume) -> Result<()> {
-        let offset = match resume {
-            Resume::At(o) => Offset::Offset(o),
-            Resume::Beginning => Offset::Beginning,
-            Resume::Committed => Offset::Stored,
-        };
-        self.consumer.seek(&self.topic, partition, offset, WATERMARK_TIMEOUT).map_err(Error::Consume)?;
+        self.consumer.seek(&self.topic, partition, resume.offset(), WATERMARK_TIMEOUT).map_err(Error::Consume)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
         self.consumer.resume(&tpl).map_err(Error::Consume)

@@ -1177,7 +1177,8 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                 }
             }
             let mut appended = false;
-            // Partitions whose storage failed in this batch: halted once their locks are let go.
+            // Partitions whose storage failed in this batch: skipped for the rest of it, and
+            // stopped and halted (`Shared::halt`) once their locks are let go.
             let mut failed: BTreeMap<i32, (Owned, Error)> = BTreeMap::new();
             {
                 let parts = shared.owned();
@@ -1202,7 +1203,6 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     let applied = match p.apply(d) {
                         Ok(applied) => applied,
                         Err(e) if e.is_storage() => {
-                            p.stop_after_failure(&e);
                             failed.insert(d.partition, (Arc::clone(owned), e));
                             continue;
                         }
@@ -1236,6 +1236,9 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                     last_tick = Instant::now();
                 }
                 for (partition, owned) in &parts {
+                    if failed.contains_key(partition) {
+                        continue;
+                    }
                     let mut p = lock(owned);
                     if p.is_closed() {
                         continue;
@@ -1244,7 +1247,6 @@ pub async fn run(config: ServiceConfig, kafka: KafkaConfig, listener: tokio::net
                         match p.tick(now) {
                             Ok(records) => appended |= records > 0,
                             Err(e) if e.is_storage() => {
-                                p.stop_after_failure(&e);
                                 failed.insert(*partition, (Arc::clone(owned), e));
                                 continue;
                             }

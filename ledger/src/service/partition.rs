@@ -1039,12 +1039,8 @@ impl PartitionLedger {
         self.failed(why);
     }
 
-    /// Whether a journal write or sync failed: the partition must be opened again.
-    pub fn has_failed(&self) -> bool {
-        self.failure.is_some()
-    }
-
-    /// The first failure that stopped the partition, if one did.
+    /// The first failure that stopped the partition (a journal write or sync, a store commit),
+    /// if one did: the partition must be opened again.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
@@ -1450,7 +1446,7 @@ mod tests {
         std::fs::remove_file(&shard).unwrap();
         std::fs::create_dir_all(shard.join("in-the-way")).unwrap();
         assert!(p.commit().is_err());
-        assert!(p.has_failed(), "the partition takes no more work");
+        assert!(p.failure().is_some(), "the partition takes no more work");
         drop(p);
         std::fs::remove_dir_all(&shard).unwrap();
         std::fs::write(&shard, saved).unwrap();

@@ -187,7 +187,7 @@ mod tests {
     use super::*;
 
     /// The gate on a thread with the stack it asks for.
-    fn check_on_worker_stack(sql: String) -> Result<()> {
+    fn check_on_required_stack(sql: String) -> Result<()> {
         std::thread::Builder::new().stack_size(REQUIRED_STACK_BYTES).spawn(move || check_read_only(&sql, 1 << 20)).unwrap().join().unwrap()
     }
 
@@ -211,12 +211,12 @@ mod tests {
             ("SELECT array_agg(event_id) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) FROM events".to_string(), "window"),
         ];
         for (sql, why) in cases {
-            let err = check_on_worker_stack(sql.clone()).err().unwrap_or_else(|| panic!("accepted: {}", &sql[..sql.len().min(60)]));
+            let err = check_on_required_stack(sql.clone()).err().unwrap_or_else(|| panic!("accepted: {}", &sql[..sql.len().min(60)]));
             assert!(err.to_string().to_lowercase().contains(why), "{}: {err}", &sql[..sql.len().min(60)]);
         }
         // Within the bounds, long queries pass.
-        check_on_worker_stack(chain(100, "+")).unwrap();
-        check_on_worker_stack(format!("SELECT * FROM events WHERE agent_id IN ({})", vec!["'a'"; 1_000].join(","))).unwrap();
+        check_on_required_stack(chain(100, "+")).unwrap();
+        check_on_required_stack(format!("SELECT * FROM events WHERE agent_id IN ({})", vec!["'a'"; 1_000].join(","))).unwrap();
     }
 
     #[test]
