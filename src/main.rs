@@ -143,11 +143,12 @@ enum ParquetCommand {
         /// The ledger's data directory.
         #[arg(long)]
         data_dir: PathBuf,
-        /// The ledger's private key file, to sign the checkpoint each watermark keeps (repeat it
+        /// The ledger's private key file, to sign the checkpoint each tenant's state keeps (repeat it
         /// during a rotation).
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
-        /// Only this tenant.
+        /// Only the partition holding this tenant (its tenants share their files, so the whole
+        /// partition is rebuilt).
         #[arg(long)]
         tenant: Option<String>,
         /// A zone to keep daily cost roll-ups for: the ledger's `report_time_zones` (repeat it).
@@ -250,7 +251,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `tally parquet rebuild`: one progress bar per tenant, then a summary line.
+/// `tally parquet rebuild`: one progress bar per partition (its tenants share their files), then
+/// a summary line.
 fn parquet_rebuild(data_dir: &std::path::Path, keys: &[PathBuf], tenant: Option<&str>, zones: &[String]) -> anyhow::Result<()> {
     let keys =
         keys.iter().map(|k| tally_ledger::LedgerKey::read(k).with_context(|| format!("reading key {}", k.display()))).collect::<anyhow::Result<Vec<_>>>()?;
@@ -271,7 +273,7 @@ fn parquet_rebuild(data_dir: &std::path::Path, keys: &[PathBuf], tenant: Option<
         anyhow::bail!("no log of tenant {t} under {}", data_dir.display());
     }
     let records: u64 = rebuilt.iter().map(|(_, n)| n).sum();
-    println!("rebuilt the projection of {} tenant(s), {records} records, under {}", rebuilt.len(), data_dir.join("parquet").display());
+    println!("rebuilt the projection of {} partition(s), {records} records, under {}", rebuilt.len(), data_dir.join("parquet").display());
     Ok(())
 }
 

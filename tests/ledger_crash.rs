@@ -157,16 +157,19 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     // visible rows are exactly its log's records, once each, with their leaf hashes.
     let root = data.join("parquet");
     for (tenant, &at) in &finals {
-        use arrow_array::{Array, FixedSizeBinaryArray, UInt64Array};
-        use tally_ledger::projection::{list_files, read_parquet, read_watermark, Tree};
+        use arrow_array::{Array, FixedSizeBinaryArray, StringArray, UInt64Array};
+        use tally_ledger::projection::{list_files, read_parquet, read_watermark, unit_of_tenant, Tree};
         let log = ledgers[at].tenant(tenant);
-        assert_eq!(read_watermark(&root, tenant).unwrap().next_seq, log.size(), "{tenant}'s projection is behind its log");
+        // The tenants of a partition share its projection's files.
+        let unit = unit_of_tenant(&data, tenant).unwrap();
+        assert_eq!(read_watermark(&root, &unit, tenant).unwrap().next_seq, log.size(), "{tenant}'s projection is behind its log");
         let mut rows = Vec::new();
-        for file in list_files(&root, Tree::Events, tenant, |_| true).unwrap() {
+        for file in list_files(&root, Tree::Events, &unit, |_| true).unwrap() {
             for b in read_parquet(&file.path).unwrap() {
+                let owner = b.column_by_name("tenant_id").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
                 let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<UInt64Array>().unwrap().clone();
                 let leaf = b.column_by_name("leaf_hash").unwrap().as_any().downcast_ref::<FixedSizeBinaryArray>().unwrap().clone();
-                rows.extend((0..b.num_rows()).map(|i| (seq.value(i), leaf.value(i).to_vec())));
+                rows.extend((0..b.num_rows()).filter(|&i| owner.value(i) == tenant).map(|i| (seq.value(i), leaf.value(i).to_vec())));
             }
         }
         rows.sort();

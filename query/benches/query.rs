@@ -78,13 +78,65 @@ const AGENTS: usize = 20;
 const MODELS: [&str; 10] =
     ["gpt-5", "gpt-5-mini", "claude-opus", "claude-sonnet", "gemini-pro", "search", "crm.update", "s3.put_object", "email.send", "sql.query"];
 
-/// Writes `count` events of `tenant`, spread evenly over `days` days from 2026-11-01.
-fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut StdRng) {
+/// Partitions the generated tenants are spread over, as the ledger spreads them.
+const PARTITIONS: i32 = 16;
+/// Records buffered per partition before they are written as one flush of its projection.
+const FLUSH_RECORDS: usize = 100_000;
+
+/// One partition's buffered records, by tenant.
+type Buffered = std::collections::BTreeMap<String, Vec<Vec<u8>>>;
+
+/// The partitions' projections being generated: each buffers records of many tenants and writes
+/// them as one flush (files shared by the tenants), as the ledger's projector does.
+struct Generator {
+    data: PathBuf,
+    zones: Vec<(String, jiff::tz::TimeZone)>,
+    buffers: Vec<(Buffered, usize)>,
+}
+
+impl Generator {
+    /// Pins the partition count and creates the partition directories, so the query service
+    /// finds each tenant's partition as it would under a ledger.
+    fn new(data: &Path) -> Generator {
+        let partitions = data.join("partitions");
+        for p in 0..PARTITIONS {
+            std::fs::create_dir_all(partitions.join(format!("tally.events-{p}")).join(tally_log::JOURNAL_DIR)).expect("partition directory");
+        }
+        std::fs::write(partitions.join("tally.events.partition-count"), format!("{PARTITIONS}\n")).expect("partition count");
+        let zones = tally_projection::report_zones(&["UTC".to_string()]).expect("zones");
+        Generator { data: data.to_path_buf(), zones, buffers: (0..PARTITIONS).map(|_| Default::default()).collect() }
+    }
+
+    fn push(&mut self, tenant: &str, record: Vec<u8>) {
+        let p = tally_schemas::tenant_partition(tenant, PARTITIONS);
+        let (buffer, n) = &mut self.buffers[p as usize];
+        buffer.entry(tenant.to_string()).or_default().push(record);
+        *n += 1;
+        if *n >= FLUSH_RECORDS {
+            self.flush(p);
+        }
+    }
+
+    fn flush(&mut self, p: i32) {
+        let (buffer, n) = std::mem::take(&mut self.buffers[p as usize]);
+        if n > 0 {
+            let root = self.data.join("parquet");
+            tally_projection::append_records(&root, &format!("tally.events-{p}"), buffer.into_iter().collect(), &self.zones).expect("projection write");
+        }
+    }
+
+    fn finish(mut self) {
+        for p in 0..PARTITIONS {
+            self.flush(p);
+        }
+    }
+}
+
+/// Generates `count` events of `tenant`, spread evenly over `days` days from 2026-11-01.
+fn generate_tenant(generator: &mut Generator, tenant: &str, count: u64, days: i64, rng: &mut StdRng) {
     let start = jiff::Timestamp::from_second(1_793_491_200).expect("2026-11-01T00:00:00Z");
     let span_us = days * 86_400 * 1_000_000;
-    let mut chunk = Vec::with_capacity(250_000);
     let mut task = 0u64;
-    let zones = tally_projection::report_zones(&["UTC".to_string()]).expect("zones");
     for i in 0..count {
         if rng.gen_ratio(1, 20) {
             task += 1;
@@ -112,13 +164,8 @@ fn generate_tenant(root: &Path, tenant: &str, count: u64, days: i64, rng: &mut S
         let event: tally_schemas::Event = serde_json::from_value(value).expect("generated event");
         let digest: [u8; 32] = rng.gen();
         let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: i as i64, timestamp_ms: Some(at.as_millisecond()) };
-        chunk.push(event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, None).expect("record"));
-        if chunk.len() == chunk.capacity() {
-            tally_projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
-            chunk.clear();
-        }
+        generator.push(tenant, event_record(i, EventInput { event: &event, ce_source: None, payload_sha256: &digest, source: &source }, None).expect("record"));
     }
-    tally_projection::append_records(root, tenant, &chunk, &zones).expect("projection write");
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -153,9 +200,11 @@ fn main() {
     } else {
         let started = Instant::now();
         let mut rng = StdRng::seed_from_u64(7);
+        let mut generator = Generator::new(&data);
         for (i, count) in sizes.iter().enumerate() {
-            generate_tenant(&root, &tenant(i as u64), *count, a.days, &mut rng);
+            generate_tenant(&mut generator, &tenant(i as u64), *count, a.days, &mut rng);
         }
+        generator.finish();
         println!("generated {} events over {} tenants and {} days in {:.1} s", total_events, a.tenants, a.days, started.elapsed().as_secs_f64());
     }
     let events_bytes = dir_bytes(&root.join("events"));

@@ -17,6 +17,7 @@ mod export_check;
 mod http;
 pub mod reports;
 mod tables;
+mod tenant_table;
 mod workers;
 
 use std::sync::Arc;

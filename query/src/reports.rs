@@ -120,57 +120,19 @@ pub struct EventFilter {
 
 /// One page of the tenant's records, in seq order, and the cursor of the next page.
 ///
-/// File names carry each file's seq range, so a page reads only the first files after the cursor
-/// rather than every file of the tenant: with `files` sorted by first seq, the rows of a prefix
-/// are the page when the prefix's `limit`-th row comes before the first seq of every file left
-/// out. Ranges overlap across dates (an event's date is when it happened, its seq when it
-/// arrived, and a flush names every date's file with its whole range), so the check is against
-/// the next file's first seq, not the prefix's last. When the check fails, the prefix grows to
-/// every file that starts by the page's last row (or doubles, if filters left less than a page).
+/// Reads the files of the dates the range allows; the tenant's rows in them are found by the
+/// files' statistics on `tenant_id` and `seq` (rows are sorted by both), and the page is the
+/// first `limit` of them past the cursor (a top-k sort, never the whole trail in memory).
 pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, timeout: Duration) -> Result<(SchemaRef, Vec<RecordBatch>, Option<u64>)> {
-    let listed = engine.files(Tree::Events, tenant, date_range(filter.from, filter.to)).await?;
-    let files = listed.after_seq(filter.after);
-    let pages = async {
-        let mut take = page_prefix(&files.files, filter.limit);
-        loop {
-            let ctx = engine.events_context(&files.prefix(take))?;
-            let (schema, batches) = page_of(&ctx, filter, timeout, engine).await?;
-            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let last = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
-            let complete = match (files.files.get(take), last) {
-                (None, _) => true,
-                (Some(next), Some(last)) => last < next.first,
-                (Some(_), None) => false,
-            };
-            if complete {
-                return Ok((schema, batches, last));
-            }
-            take = match last {
-                // Only files starting at or before the page's last row can hold rows before it,
-                // and a wider prefix can only lower that row: the next round is the last.
-                Some(last) => files.files.partition_point(|f| f.first <= last).max(take + 1),
-                // Filters thinned the rows below a page: read twice as many files.
-                None => (take * 2).min(files.files.len()),
-            };
-        }
+    let page = async {
+        let listed = engine.files(Tree::Events, tenant, date_range(filter.from, filter.to)).await?;
+        let ctx = engine.events_context(&listed)?;
+        let (schema, batches) = page_of(&ctx, filter, timeout, engine).await?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let next = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
+        Ok((schema, batches, next))
     };
-    tokio::time::timeout(timeout, pages).await.map_err(|_| Error::Timeout(timeout.as_millis() as u64))?
-}
-
-/// How many of `files` (sorted by first seq) the first try of a page reads: enough to hold
-/// `limit` rows if no filter drops any, at least one.
-///
-/// One flush writes a file per date with the flush's seq range in every name, so files that
-/// share a first seq are read together (their rows interleave by seq).
-fn page_prefix(files: &[tally_projection::ProjectionFile], limit: usize) -> usize {
-    let mut rows = 0u64;
-    for (i, f) in files.iter().enumerate() {
-        rows += f.rows;
-        if rows >= limit as u64 {
-            return files.partition_point(|g| g.first <= f.first).max(i + 1);
-        }
-    }
-    files.len()
+    tokio::time::timeout(timeout, page).await.map_err(|_| Error::Timeout(timeout.as_millis() as u64))?
 }
 
 /// The filtered, seq-ordered first `limit` rows of the context's `events`.
@@ -330,11 +292,16 @@ impl CostRow {
     }
 }
 
-/// The tenant's watermark (how far its projection and its daily roll-ups reach).
+/// The tenant's watermark (how far its projection and its daily roll-ups reach); zero for a
+/// tenant with no log.
 async fn watermark(engine: &Engine, tenant: &str) -> Result<tally_projection::Watermark> {
-    let root = engine.root().to_path_buf();
+    let engine = engine.clone();
     let tenant = tenant.to_string();
-    tokio::task::spawn_blocking(move || read_watermark(&root, &tenant)).await.map_err(|e| Error::Internal(e.to_string()))?.map_err(Error::from)
+    let read = move || match engine.unit_of(&tenant) {
+        Some(unit) => read_watermark(engine.root(), &unit, &tenant),
+        None => Ok(tally_projection::Watermark::default()),
+    };
+    tokio::task::spawn_blocking(read).await.map_err(|e| Error::Internal(e.to_string()))?.map_err(Error::from)
 }
 
 /// Whether the tenant's daily roll-ups in `zone` cover its whole log.
@@ -521,26 +488,25 @@ impl SpendCalendar {
 /// Every tenant's spend for `period` (`YYYY-MM`) in `calendar`: one row per tenant, currency,
 /// charge basis and correction (events with nothing charged are not billing lines).
 ///
-/// Billing reads every tenant's few small files (the roll-ups of the month, or its statements)
-/// directly with the Parquet and JSON readers, on all cores, rather than planning a DataFusion
-/// query per tenant (which cost about 2.5 ms per tenant in planning and listing alone).
+/// Billing reads each partition's few shared files (the daily roll-ups of the month, one row per
+/// tenant, day and dimension; or its statements) directly with the Parquet reader, partitions on
+/// all cores: O(partitions × files) reads, whatever the number of tenants.
 pub async fn spend(engine: &Engine, period: &str, calendar: SpendCalendar, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
     let month = period.to_string();
     let bounds = month_bounds(period)?;
     let work = tokio::task::spawn_blocking(move || -> tally_projection::Result<Vec<Spend>> {
-        use tally_projection::projected_tenants;
-        let tenants = projected_tenants(&root)?;
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(tenants.len().max(1));
-        let chunk = tenants.len().div_ceil(threads).max(1);
-        let per_tenant = |tenant: &String| match calendar {
-            SpendCalendar::Month => month_spend(&root, tenant, &month, bounds),
-            SpendCalendar::Billing => billing_spend(&root, tenant, &month),
+        let units = tally_projection::projected_units(&root)?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(units.len().max(1));
+        let chunk = units.len().div_ceil(threads).max(1);
+        let per_unit = |unit: &String| match calendar {
+            SpendCalendar::Month => month_spend(&root, unit, &month, bounds),
+            SpendCalendar::Billing => billing_spend(&root, unit, &month),
         };
         let parts: Vec<tally_projection::Result<Vec<Spend>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = tenants
+            let handles: Vec<_> = units
                 .chunks(chunk)
-                .map(|ts| scope.spawn(move || ts.iter().map(per_tenant).collect::<tally_projection::Result<Vec<Vec<Spend>>>>().map(|v| v.concat())))
+                .map(|us| scope.spawn(move || us.iter().map(per_unit).collect::<tally_projection::Result<Vec<Vec<Spend>>>>().map(|v| v.concat())))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(tally_projection::Error::Projection("a spend worker panicked".into())))).collect()
         });
@@ -573,51 +539,62 @@ fn log_origin(mark: &tally_projection::Watermark) -> Option<String> {
     mark.checkpoint.as_deref().and_then(|note| note.lines().next()).map(str::to_string)
 }
 
-/// One tenant's spend in the UTC month, from its roll-ups.
-fn month_spend(root: &Path, tenant: &str, month: &str, (start, end): (Timestamp, Timestamp)) -> tally_projection::Result<Vec<Spend>> {
+/// The spend of a partition's tenants in the UTC month, from their roll-ups.
+fn month_spend(root: &Path, unit: &str, month: &str, (start, end): (Timestamp, Timestamp)) -> tally_projection::Result<Vec<Spend>> {
     use tally_projection::{currency_sums, list_files};
-    // A UTC month is exactly the UTC days of that month: the daily roll-ups, if they cover the
-    // whole log, are the smaller read.
-    let mark = read_watermark(root, tenant)?;
-    let daily = daily_complete(&mark, "UTC");
-    let origin = log_origin(&mark);
-    let (tree, zone) = if daily { (Tree::Daily, Some("UTC")) } else { (Tree::Rollups, None) };
-    let mut total: BTreeMap<tally_projection::SpendKey, RollupSums> = BTreeMap::new();
-    for file in list_files(root, tree, tenant, |m| m == month)? {
-        for (key, sums) in currency_sums(&file.path, zone, None)? {
-            total.entry(key).or_default().add(sums)?;
+    let marks = tally_projection::read_watermarks(root, unit)?;
+    // A UTC month is exactly the UTC days of that month: the daily roll-ups, for the tenants they
+    // cover over their whole log, are the smaller read; the others are read from the 15-minute
+    // roll-ups.
+    let daily = |t: &str| marks.get(t).is_some_and(|m| daily_complete(m, "UTC"));
+    let mut total = tally_projection::TenantSpend::new();
+    let mut add = |sums: tally_projection::TenantSpend| -> tally_projection::Result<()> {
+        for (tenant, lines) in sums {
+            let into = total.entry(tenant).or_default();
+            for (key, s) in lines {
+                into.entry(key).or_default().add(s)?;
+            }
+        }
+        Ok(())
+    };
+    for file in list_files(root, Tree::Daily, unit, |m| m == month)? {
+        add(currency_sums(&file.path, Some("UTC"), None, daily)?)?;
+    }
+    if marks.keys().any(|t| !daily(t)) {
+        for file in list_files(root, Tree::Rollups, unit, |m| m == month)? {
+            add(currency_sums(&file.path, None, None, |t| !daily(t))?)?;
         }
     }
     Ok(total
         .into_iter()
-        .map(|(k, sums)| Spend {
-            tenant: tenant.to_string(),
-            currency: Some(k.currency),
-            basis: k.basis,
-            correction: k.correction,
-            sums,
-            origin: origin.clone(),
-            period_start: start,
-            period_end: end,
-            statement_seq: None,
+        .flat_map(|(tenant, lines)| {
+            let origin = marks.get(&tenant).and_then(log_origin);
+            lines.into_iter().map(move |(k, sums)| Spend {
+                tenant: tenant.clone(),
+                currency: Some(k.currency),
+                basis: k.basis,
+                correction: k.correction,
+                sums,
+                origin: origin.clone(),
+                period_start: start,
+                period_end: end,
+                statement_seq: None,
+            })
         })
         .collect())
 }
 
-/// One tenant's spend in its billing periods that start in `month`, from its statements.
-fn billing_spend(root: &Path, tenant: &str, month: &str) -> tally_projection::Result<Vec<Spend>> {
-    let mark = read_watermark(root, tenant)?;
-    if !mark.statements && mark.next_seq > 0 {
-        return Err(tally_projection::Error::NeedsRebuild(format!(
-            "the projection of {tenant} predates the statements file the billing calendar reads; rebuild it (tally parquet rebuild)"
-        )));
-    }
-    let origin = log_origin(&mark);
-    let count = |n: Option<u64>, what: &str| {
-        i64::try_from(n.unwrap_or(0)).map_err(|_| tally_projection::Error::SumOverflow(format!("{tenant}'s statement {what} exceeds the 64-bit range")))
-    };
+/// The spend of a partition's tenants in their billing periods that start in `month`, from
+/// their statements.
+fn billing_spend(root: &Path, unit: &str, month: &str) -> tally_projection::Result<Vec<Spend>> {
+    let marks = tally_projection::read_watermarks(root, unit)?;
+    let below = |t: &str| marks.get(t).map_or(0, |m| m.next_seq);
     let mut out = Vec::new();
-    for held in tally_projection::read_statements(root, tenant, mark.next_seq)? {
+    for (tenant, held) in tally_projection::read_unit_statements(root, unit, |t, seq| seq < below(t))? {
+        let origin = marks.get(&tenant).and_then(log_origin);
+        let count = |n: Option<u64>, what: &str| {
+            i64::try_from(n.unwrap_or(0)).map_err(|_| tally_projection::Error::SumOverflow(format!("{tenant}'s statement {what} exceeds the 64-bit range")))
+        };
         let s = &held.statement;
         if s.period.strftime("%Y-%m").to_string() != month {
             continue;
@@ -710,9 +687,7 @@ pub async fn audit_export(
     max_bytes: usize,
     timeout: Duration,
 ) -> Result<AuditExport> {
-    let root = engine.root().to_path_buf();
-    let tenant_owned = tenant.to_string();
-    let mark = tokio::task::spawn_blocking(move || read_watermark(&root, &tenant_owned)).await.map_err(|e| Error::Internal(e.to_string()))??;
+    let mark = watermark(engine, tenant).await?;
     let checkpoint = mark.checkpoint.ok_or(Error::NoCheckpoint)?;
     let stated =
         tally_log::Checkpoint::parse_note(&checkpoint).map_err(|e| Error::Internal(format!("unreadable checkpoint in the projection watermark: {e}")))?;
@@ -837,24 +812,4 @@ pub async fn audit_export(
         rows,
         personal,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::page_prefix;
-    use tally_projection::ProjectionFile;
-
-    fn file(first: u64, last: u64, rows: u64) -> ProjectionFile {
-        ProjectionFile { path: format!("{first}-{last}-{rows}.parquet").into(), partition: String::new(), first, last, rows }
-    }
-
-    #[test]
-    fn a_page_starts_with_enough_rows_and_whole_flushes() {
-        let files = [file(0, 99, 40), file(0, 99, 60), file(100, 199, 100), file(200, 299, 100)];
-        assert_eq!(page_prefix(&files, 10), 2, "the flush's other date file comes along");
-        assert_eq!(page_prefix(&files, 100), 2);
-        assert_eq!(page_prefix(&files, 101), 3);
-        assert_eq!(page_prefix(&files, 1000), 4, "all, when no prefix holds a page");
-        assert_eq!(page_prefix(&[], 10), 0);
-    }
 }

@@ -1,10 +1,10 @@
-//! Per-request DataFusion contexts, each seeing exactly one tenant's files (or, for billing, the
-//! roll-ups of the tenants it asks for).
+//! Per-request DataFusion contexts, each seeing exactly one tenant's rows.
 //!
 //! Isolation by construction: a context is created for one request and holds only tables built
-//! from explicit file lists of that tenant's directories (`events`, or `rollups`). There is no
-//! catalog to browse (`information_schema` off), no URL tables, and the files never come from the
-//! query text. Memory is bounded per context with spilling off (nothing is written, not even
+//! from explicit file lists of the tenant's partition (`events`, or `rollups`), each wrapped in a
+//! [`TenantTable`] that filters to the tenant below SQL and hides the `tenant_id` column. There
+//! is no catalog to browse (`information_schema` off), no URL tables, and the files never come
+//! from the query text. Memory is bounded per context with spilling off (nothing is written, not even
 //! temporary files), and every context's pool draws from one process-wide pool
 //! ([`crate::workers::QueryPool`]); value-building functions reserve what they build in it
 //! ([`crate::bounded`]). Time is bounded by the caller.
@@ -25,27 +25,12 @@ use tally_projection::{list_files, ProjectionFile, Tree};
 use crate::config::QueryConfig;
 use crate::error::{Error, Result};
 
-/// Files of a tenant's tree, and their URLs for DataFusion.
+/// The files of a tenant's partition in one tree, their URLs for DataFusion, and the tenant whose
+/// rows a table over them shows.
 pub struct Listed {
+    pub tenant: String,
     pub files: Vec<ProjectionFile>,
     pub urls: Vec<ListingTableUrl>,
-}
-
-impl Listed {
-    /// The files that can hold a seq above `after`, sorted by first seq (as a seq-ordered page
-    /// reads them).
-    pub fn after_seq(self, after: Option<u64>) -> Listed {
-        let mut pairs: Vec<_> = self.files.into_iter().zip(self.urls).filter(|(f, _)| after.is_none_or(|a| f.last > a)).collect();
-        pairs.sort_by_key(|(f, _)| (f.first, f.last));
-        let (files, urls) = pairs.into_iter().unzip();
-        Listed { files, urls }
-    }
-
-    /// The first `n` files.
-    pub fn prefix(&self, n: usize) -> Listed {
-        let n = n.min(self.files.len());
-        Listed { files: self.files[..n].to_vec(), urls: self.urls[..n].to_vec() }
-    }
 }
 
 /// Rows per batch of a tenant's own SQL: with values of at most 64 KiB (an event's largest, and
@@ -59,6 +44,8 @@ pub const TENANT_SQL_BATCH_ROWS: usize = 8192;
 #[derive(Debug, Clone)]
 pub struct Engine {
     root: PathBuf,
+    /// The ledger's data directory: where a tenant's partition is found.
+    data_dir: PathBuf,
     memory_bytes: usize,
     /// Shared by every context this engine makes: the process-wide cap.
     global_pool: Arc<GreedyMemoryPool>,
@@ -70,6 +57,7 @@ impl Engine {
     pub fn new(config: &QueryConfig) -> Engine {
         Engine {
             root: config.projection_root(),
+            data_dir: config.data_dir.clone(),
             memory_bytes: config.query_memory_mb << 20,
             global_pool: Arc::new(GreedyMemoryPool::new(config.query_memory_total_mb << 20)),
             builders: crate::bounded::Builders::of_default_context(),
@@ -119,13 +107,23 @@ impl Engine {
         Ok(ctx)
     }
 
-    /// The tenant's visible files of `tree` whose partition (date or month) passes `wanted`,
-    /// with their URLs (parsing one stats the file: done here, off the async runtime).
+    /// The projection unit (partition) holding `tenant`'s rows; None for a tenant with no log.
+    /// Reads the data directory: call it off the async runtime.
+    pub fn unit_of(&self, tenant: &str) -> Option<String> {
+        tally_projection::unit_of_tenant(&self.data_dir, tenant)
+    }
+
+    /// The visible files of `tree` of the tenant's partition whose partition value (date or
+    /// month) passes `wanted`, with their URLs (parsing one stats the file: done here, off the
+    /// async runtime). None for a tenant with no log.
     pub async fn files(&self, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool + Send + 'static) -> Result<Listed> {
-        let root = self.root.clone();
+        let engine = self.clone();
         let tenant = tenant.to_string();
         tokio::task::spawn_blocking(move || -> Result<Listed> {
-            let files = list_files(&root, tree, &tenant, wanted)?;
+            let files = match engine.unit_of(&tenant) {
+                Some(unit) => list_files(&engine.root, tree, &unit, wanted)?,
+                None => Vec::new(),
+            };
             let urls = files
                 .iter()
                 .map(|f| {
@@ -133,21 +131,24 @@ impl Engine {
                     ListingTableUrl::parse(path).map_err(|e| Error::Internal(e.to_string()))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Listed { files, urls })
+            Ok(Listed { tenant, files, urls })
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
     }
 
-    /// Registers `name` in `ctx` as a table over exactly the `listed` files.
+    /// Registers `name` in `ctx` as the listed tenant's rows (under `schema`) of exactly the
+    /// `listed` files (stored with `tenant_id` first).
     pub fn register(&self, ctx: &SessionContext, name: &str, schema: SchemaRef, listed: &Listed) -> Result<()> {
         let table: Arc<dyn datafusion::catalog::TableProvider> = if listed.files.is_empty() {
             Arc::new(MemTable::try_new(Arc::clone(&schema), vec![vec![]]).map_err(|e| Error::Internal(e.to_string()))?)
         } else {
             let urls = listed.urls.clone();
             let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(schema);
-            Arc::new(ListingTable::try_new(config).map_err(|e| Error::Internal(e.to_string()))?)
+            let stored = Arc::new(tally_schemas::stored_schema(&schema));
+            let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(stored);
+            let files = Arc::new(ListingTable::try_new(config).map_err(|e| Error::Internal(e.to_string()))?);
+            Arc::new(crate::tenant_table::TenantTable::new(files, schema, &listed.tenant))
         };
         ctx.register_table(name, table).map_err(|e| Error::Internal(e.to_string()))?;
         Ok(())
@@ -185,11 +186,10 @@ impl Engine {
     }
 }
 
-/// The schema of a roll-up tree's files.
+/// The schema of a roll-up tree's rows, as a tenant's queries see them.
 pub fn rollup_schema_of(tree: Tree) -> SchemaRef {
     Arc::new(match tree {
         Tree::Daily => tally_schemas::daily_rollup_schema(),
-        Tree::Rollups => tally_schemas::rollup_schema(),
-        Tree::Events => tally_schemas::projection_schema(),
+        _ => tally_schemas::rollup_schema(),
     })
 }

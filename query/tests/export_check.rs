@@ -48,10 +48,7 @@ fn fixture() -> Fixture {
     let source = Source::Kafka { topic: "tally.events".into(), partition: 0, offset: 5, timestamp_ms: Some(1_700_000_000_123) };
     ledger.append_event(EventInput { event: &conflict, ce_source: None, payload_sha256: &[9; 32], source: &source }, None, Some(2)).unwrap();
     ledger.commit(Some(6)).unwrap();
-    let mut projection = Projection::new(&f.data_dir().join("parquet"), std::time::Duration::ZERO);
-    while projection.behind("acme", &ledger).unwrap() > 0 {
-        projection.flush("acme", &ledger, true).unwrap();
-    }
+    Projection::new(&f.data_dir().join("parquet"), common::UNIT, std::time::Duration::ZERO).catch_up(&ledger).unwrap();
     f
 }
 

@@ -80,17 +80,17 @@ fn attempts(root: &str) -> Vec<Attempt> {
         get("/v1/tenants/acme/events?format=../../x", rejected()),
     ];
     let refused_sql = [
-        "SELECT * FROM read_parquet('{root}/events/tenant_id=globex')".to_string(),
+        "SELECT * FROM read_parquet('{root}/events/partition=tally.events-0')".to_string(),
         "SELECT * FROM read_csv('/etc/passwd')".into(),
-        "SELECT * FROM read_json('{root}/events/tenant_id=globex/_projection.json')".into(),
-        "SELECT * FROM '{root}/events/tenant_id=globex/'".into(),
-        "SELECT * FROM 'file://{root}/events/tenant_id=globex/'".into(),
-        "SELECT * FROM \"{root}/events/tenant_id=globex\"".into(),
-        "CREATE EXTERNAL TABLE g STORED AS PARQUET LOCATION '{root}/events/tenant_id=globex/'".into(),
+        "SELECT * FROM read_json('{root}/events/partition=tally.events-0/_projection.json')".into(),
+        "SELECT * FROM '{root}/events/partition=tally.events-0/'".into(),
+        "SELECT * FROM 'file://{root}/events/partition=tally.events-0/'".into(),
+        "SELECT * FROM \"{root}/events/partition=tally.events-0\"".into(),
+        "CREATE EXTERNAL TABLE g STORED AS PARQUET LOCATION '{root}/events/partition=tally.events-0/'".into(),
         "CREATE TABLE g AS SELECT * FROM events".into(),
         "CREATE VIEW g AS SELECT * FROM events".into(),
         "COPY events TO '/tmp/tally-leak.parquet'".into(),
-        "COPY (SELECT * FROM events) TO '{root}/events/tenant_id=acme/x.parquet'".into(),
+        "COPY (SELECT * FROM events) TO '{root}/events/partition=tally.events-0/x.parquet'".into(),
         "INSERT INTO events SELECT * FROM events".into(),
         "DELETE FROM events".into(),
         "UPDATE events SET cost_micros = 0".into(),
@@ -105,7 +105,7 @@ fn attempts(root: &str) -> Vec<Attempt> {
         "EXPLAIN ANALYZE SELECT * FROM events".into(),
         "SET datafusion.catalog.information_schema = true".into(),
         "SELECT * FROM events UNION ALL SELECT * FROM globex".into(),
-        "SELECT * FROM events UNION SELECT * FROM read_parquet('{root}/events/tenant_id=globex')".into(),
+        "SELECT * FROM events UNION SELECT * FROM read_parquet('{root}/events/partition=tally.events-0')".into(),
         "SELECT * FROM datafusion.public.events".into(),
         "SELECT * FROM public.events".into(),
         "WITH g AS (SELECT * FROM read_parquet('{root}/events')) SELECT * FROM g".into(),
@@ -209,4 +209,61 @@ async fn queries_past_their_time_or_row_limits_are_stopped_with_a_clear_error() 
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&body[..body.len().min(300)]));
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["error"]["code"], "query_too_large");
+}
+
+/// The tenants of a partition share their files (docs/parquet.md), so the restriction to the
+/// caller's rows sits below SQL, in the table itself: no predicate, cast, aggregate or error can
+/// reach a row of another tenant of the same file, nor name the `tenant_id` column.
+#[tokio::test]
+async fn shared_files_show_a_tenant_only_its_rows_whatever_the_query() {
+    let f = fixture();
+    let r = f.router();
+    let token = &f.tokens["acme"];
+    let units = std::fs::read_dir(f.data_dir().join("parquet/events")).unwrap().count();
+    assert_eq!(units, 1, "acme and globex share one partition's files: the attacks below need that");
+    let query = |q: &str| {
+        let r = r.clone();
+        let body = serde_json::json!({ "sql": q });
+        async move {
+            let (status, body) = send(&r, "POST", "/v1/tenants/acme/sql", Some(token), Some(body)).await;
+            (status, String::from_utf8_lossy(&body).to_string())
+        }
+    };
+    // Exact answers: acme's 20 rows, seqs 0..=19, whatever the predicate's logic.
+    for (q, want) in [
+        ("SELECT count(*) AS n FROM events", 20),
+        ("SELECT count(*) AS n FROM events WHERE seq >= 0 OR seq IS NULL OR NOT (seq >= 0)", 20),
+        ("SELECT count(*) AS n FROM events WHERE true OR NULL", 20),
+        ("SELECT count(*) AS n FROM events WHERE NOT (kind = 'llm_call') IS NOT FALSE", 0),
+        ("SELECT count(DISTINCT event_id) AS n FROM events", 20),
+        ("SELECT max(seq) + 1 AS n FROM events", 20),
+        ("SELECT count(*) AS n FROM (SELECT * FROM events UNION ALL SELECT * FROM events WHERE currency = 'EUR')", 20),
+        ("SELECT count(*) AS n FROM events a JOIN events b ON a.seq = b.seq", 20),
+        // Evaluated on the caller's rows only: on another tenant's row the cast would fail and
+        // the error would quote its value.
+        ("SELECT count(*) AS n FROM events WHERE CASE WHEN event_id LIKE 'g-%' THEN CAST(event_id AS INT) ELSE 0 END = 0", 20),
+        ("SELECT count(*) AS n FROM events WHERE CASE WHEN currency = 'EUR' THEN 1 / 0 ELSE 1 END = 1", 20),
+    ] {
+        let (status, text) = query(q).await;
+        assert_eq!(status, StatusCode::OK, "{q}: {text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["rows"][0]["n"], want, "{q}: {text}");
+    }
+    // The column does not exist for the caller, in any spelling; errors that quote values quote
+    // only the caller's.
+    for q in [
+        "SELECT tenant_id FROM events",
+        "SELECT \"TENANT_ID\" FROM events",
+        "SELECT * FROM events WHERE tenant_id = 'globex' OR true",
+        "SELECT * FROM events WHERE CAST(tenant_id AS VARCHAR) COLLATE \"C\" = 'globex'",
+        "SELECT CAST(event_id AS INT) FROM events",
+        "SELECT arrow_cast(event_id, 'Int64') FROM events WHERE seq >= 0",
+        "SELECT * FROM events WHERE CAST(event_id AS INT) > 0",
+    ] {
+        let (status, text) = query(q).await;
+        assert!(status.is_client_error(), "{q}: {status} {text}");
+        for secret in SECRETS {
+            assert!(!text.contains(secret), "{q} leaked {secret}: {text}");
+        }
+    }
 }

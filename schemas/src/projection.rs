@@ -1,7 +1,8 @@
 //! The Arrow schema of the Parquet projection (docs/parquet.md): one row per ledger record, every event
 //! field as a typed column, plus `seq` and `leaf_hash` so any report row can be proved against the
-//! tenant's log. `tenant_id` and `date` are hive partition columns (`tenant_id=<t>/date=<d>/`), so
-//! they are not stored inside the files; [`projection_schema`] lists the columns a file holds.
+//! tenant's log. [`projection_schema`] is what a tenant's queries see; files shared by the tenants
+//! of a partition store a `tenant_id` column first ([`stored_schema`]), and `date` is a hive
+//! partition column of the path (`partition=<p>/date=<d>/`).
 //!
 //! The record's `payload_sha256` is not projected: the leaf hash already commits to it, and 32
 //! random bytes per row would be a third of the on-disk budget. Non-event records (budget
@@ -18,7 +19,19 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 
-/// Columns stored in each projection Parquet file.
+/// The column a shared file names each row's tenant in, first of its columns.
+pub const TENANT_COLUMN: &str = "tenant_id";
+
+/// The schema of the files that store `schema`'s rows for many tenants: [`TENANT_COLUMN`] first,
+/// then `schema`'s columns. Rows are sorted by tenant, then by seq (rows) or key (roll-ups).
+pub fn stored_schema(schema: &Schema) -> Schema {
+    let mut fields = vec![Arc::new(Field::new(TENANT_COLUMN, DataType::Utf8, false))];
+    fields.extend(schema.fields().iter().cloned());
+    Schema::new(fields)
+}
+
+/// The columns of one tenant's projection rows, as its queries see them (files store them
+/// after a `tenant_id` column: [`stored_schema`]).
 pub fn projection_schema() -> Schema {
     let utc = || Some(Arc::<str>::from("UTC"));
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
@@ -70,7 +83,8 @@ pub fn projection_schema() -> Schema {
     ])
 }
 
-/// Columns of each daily roll-up file (`tenant_id` and `month` are hive partition columns): the
+/// Columns of a tenant's daily roll-ups (files store them after `tenant_id`; `month` is a hive
+/// partition column): the
 /// same sums per local `date` in each of the ledger's configured report zones, without the task
 /// dimension, so a month's report reads a few thousand rows whatever the event volume.
 pub fn daily_rollup_schema() -> Schema {
@@ -97,7 +111,8 @@ pub fn daily_rollup_schema() -> Schema {
 /// Width of a roll-up bucket in seconds.
 pub const ROLLUP_BUCKET_SECONDS: i64 = 15 * 60;
 
-/// Columns of each roll-up Parquet file (`tenant_id` and `month` are hive partition columns).
+/// Columns of a tenant's 15-minute roll-ups (files store them after `tenant_id`; `month` is a
+/// hive partition column).
 pub fn rollup_schema() -> Schema {
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
     Schema::new(vec![

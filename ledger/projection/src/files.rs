@@ -1,27 +1,33 @@
 //! The projection's files on disk, shared by the ledger (writer) and the query service (reader).
 //!
 //! ```text
-//! <root>/events/tenant_id=<t>/date=<YYYY-MM-DD>/<first>-<last>-<rows>.parquet   record rows
-//! <root>/events/tenant_id=<t>/_projection.json                                  watermark
-//! <root>/events/tenant_id=<t>/_statements.json                                  its statements
-//! <root>/rollups/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    15-minute sums
-//! <root>/daily/tenant_id=<t>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet      daily sums per zone
+//! <root>/events/partition=<p>/date=<YYYY-MM-DD>/<first>-<last>-<rows>.parquet   record rows
+//! <root>/events/partition=<p>/_projection.json                                  the watermark
+//! <root>/rollups/partition=<p>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    15-minute sums
+//! <root>/daily/partition=<p>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet      daily sums per zone
+//! <root>/tenants/partition=<p>/<first>-<last>-<rows>.parquet                    tenant states
+//! <root>/statements/partition=<p>/<first>-<last>-<rows>.parquet                 statements
 //! ```
 //!
-//! `first`/`last` are the seq range of the flush (or merged flushes) a file came from, not of its
-//! own rows: one flush writes one file per date it touches, all named with the flush's range.
-//! Invariants the readers and the recovery rely on:
+//! `<p>` is a *unit*: the ledger directory of one Kafka partition (`<topic>-<n>`), whose tenants
+//! share every file. A flush writes one file per directory it touches for all the tenants it
+//! projects, rows sorted by tenant then seq, so the number of files grows with partitions and
+//! time, never with tenants. `first`/`last` are the range of flush numbers (the unit's flushes
+//! are numbered 0, 1, 2, …) a file holds, not seqs. Invariants the readers and the recovery rely
+//! on:
 //! * A file appears under its final name only complete: it is written as a hidden `.tmp` file,
 //!   synced, then renamed; its directory is synced.
-//! * `_projection.json` says every record below `next_seq` has its rows on disk; it is replaced
-//!   only after a flush's files are all in place. Files with `first >= next_seq` are leftovers of
-//!   an unfinished flush and are deleted on recovery (the flush is redone identically).
-//! * Readers ([`list_files`], [`read_statements`]) see only files and statements below the
-//!   watermark.
+//! * `_projection.json` says every flush below `next_flush` has all its files on disk; it is
+//!   replaced only after a flush's files are all in place. Files with `first >= next_flush` are
+//!   leftovers of an unfinished flush and are deleted on recovery (the flush is redone).
+//! * Readers ([`list_files`]) see only files below the watermark. A tenant's state (how far its
+//!   rows reach, its checkpoint) is the row of the newest visible `tenants` file naming it.
 //! * Within one directory, flush ranges are disjoint; a merge replaces a contiguous run of files
 //!   by one whose range covers exactly theirs. A file covered by another is redundant: readers
 //!   skip it, and it is deleted only [`REPLACED_FILE_GRACE`] after the merge, so a query that
 //!   listed it before the merge never finds it gone.
+//! * A file may be rewritten under its own name with the same rows re-derived from the log (an
+//!   erasure): an atomic replace, so a reader sees the old file or the new one, whole.
 
 use std::path::{Path, PathBuf};
 
@@ -29,8 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Which of the two trees a file belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which tree a file belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tree {
     /// One row per record, in `date=` directories.
     Events,
@@ -38,11 +44,15 @@ pub enum Tree {
     Rollups,
     /// Cost sums per local day in each report zone, in `month=` directories (local month).
     Daily,
+    /// Each tenant's state after a flush (watermark, checkpoint), in the unit's directory.
+    Tenants,
+    /// `statement` records, whole, in the unit's directory.
+    Statements,
 }
 
 impl Tree {
     /// Every tree, in the order a flush writes them.
-    pub const ALL: [Tree; 3] = [Tree::Events, Tree::Rollups, Tree::Daily];
+    pub const ALL: [Tree; 5] = [Tree::Events, Tree::Rollups, Tree::Daily, Tree::Statements, Tree::Tenants];
 }
 
 impl Tree {
@@ -51,13 +61,18 @@ impl Tree {
             Tree::Events => "events",
             Tree::Rollups => "rollups",
             Tree::Daily => "daily",
+            Tree::Tenants => "tenants",
+            Tree::Statements => "statements",
         }
     }
 
-    fn partition_key(self) -> &'static str {
+    /// The hive key of its subdirectories; none for the trees whose files sit in the unit's
+    /// directory itself.
+    fn partition_key(self) -> Option<&'static str> {
         match self {
-            Tree::Events => "date=",
-            Tree::Rollups | Tree::Daily => "month=",
+            Tree::Events => Some("date="),
+            Tree::Rollups | Tree::Daily => Some("month="),
+            Tree::Tenants | Tree::Statements => None,
         }
     }
 }
@@ -66,21 +81,32 @@ impl Tree {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectionFile {
     pub path: PathBuf,
-    /// The hive value of its directory: `YYYY-MM-DD` (events) or `YYYY-MM` (roll-ups).
+    /// The hive value of its directory: `YYYY-MM-DD` (events), `YYYY-MM` (roll-ups) or empty.
     pub partition: String,
+    /// The range of flush numbers it holds.
     pub first: u64,
     pub last: u64,
     pub rows: u64,
 }
 
-/// `<root>/<tree>/tenant_id=<t>`.
-pub fn tenant_dir(root: &Path, tree: Tree, tenant: &str) -> PathBuf {
-    root.join(tree.dir_name()).join(format!("tenant_id={tenant}"))
+/// Whether `unit` can name a unit directory: a ledger directory name (`<topic>-<n>`), ASCII
+/// letters, digits, `.`, `_` and `-`, not starting with a dot.
+pub fn valid_unit(unit: &str) -> bool {
+    !unit.is_empty() && unit.len() <= 255 && !unit.starts_with('.') && unit.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// `<root>/<tree>/tenant_id=<t>/<date|month>=<value>`.
-pub fn partition_dir(root: &Path, tree: Tree, tenant: &str, value: &str) -> PathBuf {
-    tenant_dir(root, tree, tenant).join(format!("{}{value}", tree.partition_key()))
+/// `<root>/<tree>/partition=<unit>`.
+pub fn unit_dir(root: &Path, tree: Tree, unit: &str) -> PathBuf {
+    root.join(tree.dir_name()).join(format!("partition={unit}"))
+}
+
+/// `<root>/<tree>/partition=<unit>/<date|month>=<value>` (the unit's directory itself for the
+/// trees without subdirectories).
+pub fn partition_dir(root: &Path, tree: Tree, unit: &str, value: &str) -> PathBuf {
+    match tree.partition_key() {
+        Some(key) => unit_dir(root, tree, unit).join(format!("{key}{value}")),
+        None => unit_dir(root, tree, unit),
+    }
 }
 
 pub(crate) fn file_name(first: u64, last: u64, rows: u64) -> String {
@@ -105,21 +131,22 @@ fn names_in(dir: &Path) -> Result<Vec<String>> {
     }
 }
 
-/// Tenants that have a projection under `root`, sorted.
-pub fn projected_tenants(root: &Path) -> Result<Vec<String>> {
+/// Units that have a projection under `root`, sorted.
+pub fn projected_units(root: &Path) -> Result<Vec<String>> {
     let mut out: Vec<String> = names_in(&root.join(Tree::Events.dir_name()))?
         .into_iter()
-        .filter_map(|name| name.strip_prefix("tenant_id=").map(str::to_string))
-        .filter(|t| tally_schemas::validate_tenant_id(t).is_ok())
+        .filter_map(|name| name.strip_prefix("partition=").map(str::to_string))
+        .filter(|u| valid_unit(u))
         .collect();
     out.sort();
     Ok(out)
 }
 
-/// Partition values (dates or months) of a tenant's tree, sorted.
-pub fn partitions(root: &Path, tree: Tree, tenant: &str) -> Result<Vec<String>> {
-    let mut out: Vec<String> =
-        names_in(&tenant_dir(root, tree, tenant))?.into_iter().filter_map(|name| name.strip_prefix(tree.partition_key()).map(str::to_string)).collect();
+/// Partition values (dates or months) of a unit's tree, sorted; `[""]` for the trees without
+/// subdirectories.
+pub fn partitions(root: &Path, tree: Tree, unit: &str) -> Result<Vec<String>> {
+    let Some(key) = tree.partition_key() else { return Ok(vec![String::new()]) };
+    let mut out: Vec<String> = names_in(&unit_dir(root, tree, unit))?.into_iter().filter_map(|name| name.strip_prefix(key).map(str::to_string)).collect();
     out.sort();
     Ok(out)
 }
@@ -137,6 +164,11 @@ fn dir_files(dir: &Path, partition: &str) -> Result<Vec<ProjectionFile>> {
     Ok(out)
 }
 
+/// Every complete file of one directory of a unit's tree, redundant ones included.
+pub(crate) fn all_files(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<Vec<ProjectionFile>> {
+    dir_files(&partition_dir(root, tree, unit, value), value)
+}
+
 /// Splits a directory's files into the visible ones and the redundant ones (covered by another).
 fn split_redundant(files: Vec<ProjectionFile>) -> (Vec<ProjectionFile>, Vec<ProjectionFile>) {
     // Sorted by first ascending, widest first: a file is covered iff an earlier kept file
@@ -152,16 +184,21 @@ fn split_redundant(files: Vec<ProjectionFile>) -> (Vec<ProjectionFile>, Vec<Proj
     (keep, redundant)
 }
 
-/// The visible files of one tenant's tree whose partition value passes `wanted`, sorted by
+/// The visible files of one unit's tree whose partition value passes `wanted`, sorted by
 /// partition then range.
-pub fn list_files(root: &Path, tree: Tree, tenant: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<ProjectionFile>> {
+pub fn list_files(root: &Path, tree: Tree, unit: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<ProjectionFile>> {
     // Files of a flush appear before its watermark; until then (or forever, if the flush was cut
     // short by a crash) they are not part of the projection.
-    let next_seq = read_watermark(root, tenant)?.next_seq;
+    let next_flush = read_unit_mark(root, unit)?.next_flush;
+    list_files_below(root, tree, unit, next_flush, wanted)
+}
+
+/// As [`list_files`], with the watermark given.
+pub(crate) fn list_files_below(root: &Path, tree: Tree, unit: &str, next_flush: u64, wanted: impl Fn(&str) -> bool) -> Result<Vec<ProjectionFile>> {
     let mut out = Vec::new();
-    for value in partitions(root, tree, tenant)?.into_iter().filter(|v| wanted(v)) {
-        let (keep, _) = split_redundant(dir_files(&partition_dir(root, tree, tenant, &value), &value)?);
-        out.extend(keep.into_iter().filter(|f| f.first < next_seq));
+    for value in partitions(root, tree, unit)?.into_iter().filter(|v| wanted(v)) {
+        let (keep, _) = split_redundant(dir_files(&partition_dir(root, tree, unit, &value), &value)?);
+        out.extend(keep.into_iter().filter(|f| f.first < next_flush));
     }
     Ok(out)
 }
@@ -191,44 +228,50 @@ pub(crate) fn sweep_replaced(dir: &Path, partition: &str, grace: std::time::Dura
     Ok(removed)
 }
 
-/// `_projection.json`: how far the tenant's projection is complete, and the signed checkpoint
-/// (C2SP note) of the log at exactly that size, if the flush reached the log's end.
+/// `_projection.json`: how many of the unit's flushes are complete.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Watermark {
-    pub next_seq: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<String>,
-    /// Report zones with daily roll-ups, each with the first seq they cover: a zone's daily
-    /// roll-ups are complete only if that is 0 (a zone added later is filled by a rebuild).
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub daily_zones: std::collections::BTreeMap<String, u64>,
-    /// Whether `_statements.json` holds every `statement` record below `next_seq`: true for a
-    /// projection started (or rebuilt) by a version that keeps them, false for an older one.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub statements: bool,
+pub struct UnitMark {
+    /// Every flush below it has all its files on disk; files of later flushes are not part of
+    /// the projection.
+    pub next_flush: u64,
 }
 
-fn watermark_path(root: &Path, tenant: &str) -> PathBuf {
-    tenant_dir(root, Tree::Events, tenant).join("_projection.json")
+fn unit_mark_path(root: &Path, unit: &str) -> PathBuf {
+    unit_dir(root, Tree::Events, unit).join("_projection.json")
 }
 
-/// The tenant's watermark (zero when it has never been projected).
-pub fn read_watermark(root: &Path, tenant: &str) -> Result<Watermark> {
-    let path = watermark_path(root, tenant);
+/// The unit's watermark (zero when nothing was ever projected).
+pub fn read_unit_mark(root: &Path, unit: &str) -> Result<UnitMark> {
+    let path = unit_mark_path(root, unit);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: path.display().to_string(), detail: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Watermark::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(UnitMark::default()),
         Err(e) => Err(Error::io(&path, e)),
     }
 }
 
-pub(crate) fn write_watermark(root: &Path, tenant: &str, mark: &Watermark) -> Result<()> {
+pub(crate) fn write_unit_mark(root: &Path, unit: &str, mark: &UnitMark) -> Result<()> {
     let bytes = serde_json::to_vec(mark).map_err(|e| Error::Projection(e.to_string()))?;
-    write_atomically(&watermark_path(root, tenant), |file| {
+    write_atomically(&unit_mark_path(root, unit), |file| {
         use std::io::Write;
         file.write_all(&bytes)
     })
+}
+
+/// A tenant's state in the projection: how far its rows reach, the signed checkpoint (C2SP note)
+/// of its log at exactly that size, and which report zones its daily roll-ups cover. Kept as a
+/// row of the unit's `tenants` tree, written by every flush that projects the tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub next_seq: u64,
+    pub checkpoint: Option<String>,
+    /// Report zones with daily roll-ups, each with the first seq they cover: a zone's daily
+    /// roll-ups are complete only if that is 0 (a zone added later is filled by a rebuild).
+    pub daily_zones: std::collections::BTreeMap<String, u64>,
+    /// Whether the `statements` tree holds every `statement` record below `next_seq`: always
+    /// true in this layout, which keeps them from the tenant's first flush.
+    pub statements: bool,
 }
 
 /// A `statement` record the projection holds for billing readers: its seq and its body.
@@ -238,41 +281,6 @@ pub struct ProjectedStatement {
     pub statement: tally_log::Statement,
 }
 
-fn statements_path(root: &Path, tenant: &str) -> PathBuf {
-    tenant_dir(root, Tree::Events, tenant).join("_statements.json")
-}
-
-/// The tenant's statements below seq `below` (its watermark's `next_seq`: one a crash left past
-/// the watermark is not yet projected), in seq order.
-pub fn read_statements(root: &Path, tenant: &str, below: u64) -> Result<Vec<ProjectedStatement>> {
-    let path = statements_path(root, tenant);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let all: Vec<ProjectedStatement> =
-                serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
-            Ok(all.into_iter().filter(|s| s.seq < below).collect())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(Error::io(&path, e)),
-    }
-}
-
-/// Adds `new`, the statements of a flush from seq `first`, to the tenant's statements file. What
-/// the file holds from `first` on is left over from a flush that did not finish (or from a log
-/// since replaced), and is dropped. Written once a billing period, so rewritten whole.
-pub(crate) fn add_statements(root: &Path, tenant: &str, first: u64, new: Vec<ProjectedStatement>) -> Result<()> {
-    if new.is_empty() {
-        return Ok(());
-    }
-    let mut all: std::collections::BTreeMap<u64, ProjectedStatement> = read_statements(root, tenant, first)?.into_iter().map(|s| (s.seq, s)).collect();
-    all.extend(new.into_iter().map(|s| (s.seq, s)));
-    let bytes = serde_json::to_vec(&all.into_values().collect::<Vec<_>>()).map_err(|e| Error::Projection(e.to_string()))?;
-    write_atomically(&statements_path(root, tenant), |file| {
-        use std::io::Write;
-        file.write_all(&bytes)
-    })
-}
-
 /// Writes `path` durably (tally-log's one replace helper), creating its directory durably first.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().ok_or_else(|| Error::Projection(format!("{} has no parent directory", path.display())))?;
@@ -280,25 +288,23 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::Fil
     Ok(tally_log::durable::replace_file_with(path, write)?)
 }
 
-/// Deletes what a crash can leave in a tenant's trees: temporary files, files of a flush that
-/// did not finish (`first >= next_seq`) and files made redundant by a merge. Returns how many.
-pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result<usize> {
+/// Deletes what a crash can leave in a unit's trees: temporary files, files of a flush that did
+/// not finish (`first >= next_flush`) and files made redundant by a merge past the grace.
+/// Returns how many.
+pub(crate) fn recover_unit(root: &Path, unit: &str, next_flush: u64) -> Result<usize> {
     let mut removed = 0;
     for tree in Tree::ALL {
-        // The watermark's temporary lives in the tenant's directory itself.
-        removed += tally_log::durable::remove_temporaries(&tenant_dir(root, tree, tenant))?;
-        for value in partitions(root, tree, tenant)? {
-            let dir = partition_dir(root, tree, tenant, &value);
-            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
-                if entry.file_name().to_str().is_some_and(tally_log::durable::is_temporary) {
-                    remove(&entry.path())?;
-                    removed += 1;
-                }
+        // The watermark's temporary lives in the unit's directory itself.
+        removed += tally_log::durable::remove_temporaries(&unit_dir(root, tree, unit))?;
+        for value in partitions(root, tree, unit)? {
+            let dir = partition_dir(root, tree, unit, &value);
+            if tree.partition_key().is_some() {
+                removed += tally_log::durable::remove_temporaries(&dir)?;
             }
             // Files of an unfinished flush were never visible to readers: delete them now.
             // Files a merge replaced may still be read by a query that listed them before.
             let (keep, _) = split_redundant(dir_files(&dir, &value)?);
-            for f in keep.iter().filter(|f| f.first >= next_seq) {
+            for f in keep.iter().filter(|f| f.first >= next_flush) {
                 remove(&f.path)?;
                 removed += 1;
             }
@@ -308,12 +314,12 @@ pub(crate) fn recover_tenant(root: &Path, tenant: &str, next_seq: u64) -> Result
     Ok(removed)
 }
 
-/// Deletes a tenant's whole projection (both trees and the watermark), for a rebuild.
-pub(crate) fn remove_tenant(root: &Path, tenant: &str) -> Result<()> {
+/// Deletes a unit's whole projection (every tree and the watermark), for a rebuild.
+pub(crate) fn remove_unit(root: &Path, unit: &str) -> Result<()> {
     // The watermark goes first: a crash midway leaves files that recovery deletes.
-    remove(&watermark_path(root, tenant))?;
+    remove(&unit_mark_path(root, unit))?;
     for tree in Tree::ALL {
-        let dir = tenant_dir(root, tree, tenant);
+        let dir = unit_dir(root, tree, unit);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -335,8 +341,8 @@ pub(crate) fn remove(path: &Path) -> Result<()> {
 /// size tier (powers of 8 rows) below `max_rows`, when it is at least `min_files` long. Size
 /// tiers keep the rewrite cost per row logarithmic; taking only a trailing run keeps every
 /// merged range free of other files' rows.
-pub(crate) fn merge_candidates(root: &Path, tree: Tree, tenant: &str, value: &str, min_files: usize, max_rows: u64) -> Result<Vec<ProjectionFile>> {
-    let (files, _) = split_redundant(dir_files(&partition_dir(root, tree, tenant, value), value)?);
+pub(crate) fn merge_candidates(root: &Path, tree: Tree, unit: &str, value: &str, min_files: usize, max_rows: u64) -> Result<Vec<ProjectionFile>> {
+    let (files, _) = split_redundant(dir_files(&partition_dir(root, tree, unit, value), value)?);
     let tier = |rows: u64| (64 - rows.max(1).leading_zeros()) / 3;
     let Some(last) = files.last() else { return Ok(Vec::new()) };
     let t = tier(last.rows);
@@ -370,25 +376,41 @@ mod tests {
     }
 
     #[test]
+    fn unit_names_are_plain_directory_names() {
+        for good in ["tally.events-0", "a", "topic_x-12"] {
+            assert!(valid_unit(good), "{good}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a\\b", "a b", "a=b", "é"] {
+            assert!(!valid_unit(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn covered_files_are_invisible_and_recovery_deletes_them_and_unfinished_flushes() {
         let root = tempfile::tempdir().unwrap();
-        let dir = partition_dir(root.path(), Tree::Events, "acme", "2026-11-01");
+        let dir = partition_dir(root.path(), Tree::Events, "t-0", "2026-11-01");
         touch(&dir, 0, 9, 5);
         touch(&dir, 10, 19, 5);
         touch(&dir, 0, 19, 10); // a merge whose inputs were not yet deleted
         touch(&dir, 20, 29, 3); // a flush the watermark does not cover
         std::fs::write(dir.join(".00-tmp.parquet.tmp"), b"half").unwrap();
-        // A watermark replace cut short by a crash leaves its temporary in the tenant directory.
-        let watermark_tmp = tenant_dir(root.path(), Tree::Events, "acme").join("._projection.json.0123456789abcdef.tmp");
+        // A watermark replace cut short by a crash leaves its temporary in the unit's directory.
+        let watermark_tmp = unit_dir(root.path(), Tree::Events, "t-0").join("._projection.json.0123456789abcdef.tmp");
         std::fs::write(&watermark_tmp, b"{").unwrap();
+        // The trees without subdirectories hold their files in the unit's directory.
+        let tenants = partition_dir(root.path(), Tree::Tenants, "t-0", "");
+        touch(&tenants, 0, 19, 2);
+        touch(&tenants, 20, 20, 1);
         // Without a watermark, nothing is visible yet.
-        assert!(list_files(root.path(), Tree::Events, "acme", |_| true).unwrap().is_empty());
-        write_watermark(root.path(), "acme", &Watermark { next_seq: 20, ..Watermark::default() }).unwrap();
-        let visible = list_files(root.path(), Tree::Events, "acme", |_| true).unwrap();
+        assert!(list_files(root.path(), Tree::Events, "t-0", |_| true).unwrap().is_empty());
+        write_unit_mark(root.path(), "t-0", &UnitMark { next_flush: 20 }).unwrap();
+        let visible = list_files(root.path(), Tree::Events, "t-0", |_| true).unwrap();
         assert_eq!(visible.iter().map(|f| (f.first, f.last)).collect::<Vec<_>>(), vec![(0, 19)], "the unfinished flush 20-29 is not visible");
-        // Recovery deletes the unfinished flush and the temporary file at once, the replaced
+        let visible = list_files(root.path(), Tree::Tenants, "t-0", |_| true).unwrap();
+        assert_eq!(visible.iter().map(|f| (f.first, f.last)).collect::<Vec<_>>(), vec![(0, 19)]);
+        // Recovery deletes the unfinished flushes and the temporary files at once, the replaced
         // files only once the merge is older than the grace period.
-        assert_eq!(recover_tenant(root.path(), "acme", 20).unwrap(), 3);
+        assert_eq!(recover_unit(root.path(), "t-0", 20).unwrap(), 4);
         assert!(!watermark_tmp.exists());
         let names = |dir: &Path| {
             let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -396,6 +418,7 @@ mod tests {
             v
         };
         assert_eq!(names(&dir).len(), 3);
+        assert_eq!(names(&tenants), vec![file_name(0, 19, 2)]);
         assert_eq!(sweep_replaced(&dir, "2026-11-01", std::time::Duration::ZERO).unwrap(), 2);
         assert_eq!(names(&dir), vec![file_name(0, 19, 10)]);
     }
@@ -403,24 +426,23 @@ mod tests {
     #[test]
     fn merges_take_a_trailing_run_of_one_tier() {
         let root = tempfile::tempdir().unwrap();
-        let dir = partition_dir(root.path(), Tree::Rollups, "acme", "2026-11");
+        let dir = partition_dir(root.path(), Tree::Rollups, "t-0", "2026-11");
         touch(&dir, 0, 99, 5000);
         for i in 0..7 {
             touch(&dir, 100 + i * 10, 109 + i * 10, 3);
         }
-        assert!(merge_candidates(root.path(), Tree::Rollups, "acme", "2026-11", 8, 1 << 20).unwrap().is_empty());
+        assert!(merge_candidates(root.path(), Tree::Rollups, "t-0", "2026-11", 8, 1 << 20).unwrap().is_empty());
         touch(&dir, 170, 179, 2);
-        let run = merge_candidates(root.path(), Tree::Rollups, "acme", "2026-11", 8, 1 << 20).unwrap();
+        let run = merge_candidates(root.path(), Tree::Rollups, "t-0", "2026-11", 8, 1 << 20).unwrap();
         assert_eq!((run.len(), run[0].first, run[7].last), (8, 100, 179));
     }
 
     #[test]
-    fn watermarks_round_trip_and_default_to_zero() {
+    fn unit_marks_round_trip_and_default_to_zero() {
         let root = tempfile::tempdir().unwrap();
-        assert_eq!(read_watermark(root.path(), "acme").unwrap(), Watermark::default());
-        let mark = Watermark { next_seq: 7, checkpoint: Some("note".into()), daily_zones: [("UTC".to_string(), 0)].into(), statements: true };
-        write_watermark(root.path(), "acme", &mark).unwrap();
-        assert_eq!(read_watermark(root.path(), "acme").unwrap(), mark);
-        assert_eq!(projected_tenants(root.path()).unwrap(), vec!["acme".to_string()]);
+        assert_eq!(read_unit_mark(root.path(), "t-0").unwrap(), UnitMark::default());
+        write_unit_mark(root.path(), "t-0", &UnitMark { next_flush: 7 }).unwrap();
+        assert_eq!(read_unit_mark(root.path(), "t-0").unwrap(), UnitMark { next_flush: 7 });
+        assert_eq!(projected_units(root.path()).unwrap(), vec!["t-0".to_string()]);
     }
 }

@@ -38,34 +38,52 @@ fn open_ledger(dir: &Path) -> Ledger {
 }
 
 fn append(log: &mut Ledger, from: u64, to: u64) {
+    append_for(log, "acme", from, to);
+}
+
+fn append_for(log: &mut Ledger, tenant: &str, from: u64, to: u64) {
     for i in from..to {
-        let e = event(i);
+        let mut e = event(i);
+        e.tenant_id = tenant.to_string();
         let source = Source::Kafka { topic: "t".into(), partition: 0, offset: i as i64, timestamp_ms: Some(1) };
-        let seq = log.next_seq("acme");
-        log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }, None).unwrap()).unwrap();
+        let seq = log.next_seq(tenant);
+        log.append(tenant, &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }, None).unwrap()).unwrap();
         if i % 3 == 2 {
-            let seq = log.next_seq("acme");
+            let seq = log.next_seq(tenant);
             // A budget record as the ledger service writes it (docs/records.md).
             let record = format!(
                 r#"{{"type":"budget","seq":{seq},"at":"{}","status":"warning","level":"day","scope":"2025-12-01","limit_micros":1,"spent_micros":1}}"#,
                 e.occurred_at
             );
-            log.append("acme", record.as_bytes()).unwrap();
+            log.append(tenant, record.as_bytes()).unwrap();
         }
     }
     log.commit(None).unwrap();
 }
 
-/// (seq, leaf hash, record type) of every visible row of the tenant.
-fn projected(root: &Path) -> Vec<(u64, [u8; 32], String)> {
+/// The unit every test projects into.
+const UNIT: &str = "t-0";
+
+fn projection(root: &Path) -> Projection {
+    Projection::new(root, UNIT, Duration::ZERO)
+}
+
+/// (seq, leaf hash, record type) of every visible row of `tenant`.
+fn projected_of(root: &Path, tenant: &str) -> Vec<(u64, [u8; 32], String)> {
     let mut out = Vec::new();
-    for f in list_files(root, Tree::Events, "acme", |_| true).unwrap() {
+    for f in list_files(root, Tree::Events, UNIT, |_| true).unwrap() {
         for b in read_parquet(&f.path).unwrap() {
-            let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<UInt64Array>().unwrap();
-            let leaf = b.column_by_name("leaf_hash").unwrap().as_any().downcast_ref::<FixedSizeBinaryArray>().unwrap();
-            let ty = b.column_by_name("record_type").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
-            for i in 0..b.num_rows() {
-                out.push((seq.value(i), leaf.value(i).try_into().unwrap(), ty.value(i).to_string()));
+            for (t, offset, len) in shared::tenant_runs(&b).unwrap() {
+                if t != tenant {
+                    continue;
+                }
+                let b = shared::without_tenant(&b.slice(offset, len)).unwrap();
+                let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<UInt64Array>().unwrap();
+                let leaf = b.column_by_name("leaf_hash").unwrap().as_any().downcast_ref::<FixedSizeBinaryArray>().unwrap();
+                let ty = b.column_by_name("record_type").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+                for i in 0..b.num_rows() {
+                    out.push((seq.value(i), leaf.value(i).try_into().unwrap(), ty.value(i).to_string()));
+                }
             }
         }
     }
@@ -73,25 +91,47 @@ fn projected(root: &Path) -> Vec<(u64, [u8; 32], String)> {
     out
 }
 
-fn rollup_total(root: &Path) -> RollupSums {
+fn projected(root: &Path) -> Vec<(u64, [u8; 32], String)> {
+    projected_of(root, "acme")
+}
+
+fn rollup_total_of(root: &Path, tenant: &str) -> RollupSums {
     let mut total = RollupSums::default();
-    for f in list_files(root, Tree::Rollups, "acme", |_| true).unwrap() {
+    for f in list_files(root, Tree::Rollups, UNIT, |_| true).unwrap() {
         for b in read_parquet(&f.path).unwrap() {
-            let mut r = Rollup::new();
-            rows::fold_rollup_batch(&mut r, &b).unwrap();
-            r.values().for_each(|s| total.add(*s).unwrap());
+            for (t, offset, len) in shared::tenant_runs(&b).unwrap() {
+                if t == tenant {
+                    let mut r = Rollup::new();
+                    rows::fold_rollup_batch(&mut r, &b.slice(offset, len)).unwrap();
+                    r.values().for_each(|s| total.add(*s).unwrap());
+                }
+            }
         }
     }
     total
 }
 
-fn check_matches_log(root: &Path, log: &Ledger) {
-    let rows = projected(root);
-    assert_eq!(rows.len() as u64, log.size("acme"));
+fn rollup_total(root: &Path) -> RollupSums {
+    rollup_total_of(root, "acme")
+}
+
+fn check_matches_log_of(root: &Path, log: &Ledger, tenant: &str) {
+    let rows = projected_of(root, tenant);
+    assert_eq!(rows.len() as u64, log.size(tenant));
     for (i, (seq, leaf, _)) in rows.iter().enumerate() {
         assert_eq!(*seq, i as u64);
-        assert_eq!(*leaf, leaf_hash(&log.tenant("acme").entry(*seq).unwrap()));
+        assert_eq!(*leaf, leaf_hash(&log.tenant(tenant).entry(*seq).unwrap()));
     }
+}
+
+fn check_matches_log(root: &Path, log: &Ledger) {
+    check_matches_log_of(root, log, "acme");
+}
+
+/// Sets the unit's watermark back, as a crash after a flush's files and before its watermark
+/// leaves it.
+fn crash_back_to(root: &Path, mark: &UnitMark) {
+    files::write_unit_mark(root, UNIT, mark).unwrap();
 }
 
 #[test]
@@ -99,20 +139,48 @@ fn every_record_becomes_one_row_with_its_leaf_hash_and_rollups_sum_the_events() 
     let dir = tempfile::tempdir().unwrap();
     let log = log_with(&dir.path().join("log"), 9);
     let root = dir.path().join("parquet");
-    let mut p = Projection::new(&root, Duration::ZERO);
-    let report = p.flush("acme", &log, false).unwrap().unwrap();
-    assert_eq!(report.records, 12);
+    let mut p = projection(&root);
+    assert!(p.due(false).unwrap());
+    assert_eq!(p.catch_up(&log).unwrap(), 12);
     check_matches_log(&root, &log);
     // Nine events over three UTC days.
-    assert_eq!(partitions(&root, Tree::Events, "acme").unwrap(), vec!["2025-12-01", "2025-12-02", "2025-12-03"]);
+    assert_eq!(partitions(&root, Tree::Events, UNIT).unwrap(), vec!["2025-12-01", "2025-12-02", "2025-12-03"]);
     let types: BTreeSet<String> = projected(&root).into_iter().map(|r| r.2).collect();
     assert_eq!(types, ["budget", "event"].into_iter().map(String::from).collect());
     let total = rollup_total(&root);
     // Records without a `charge` (as before rating) are charged their own cost.
     let cost: i64 = (0..9).map(|i| 1000 + i).sum();
     assert_eq!(total, RollupSums { events: 9, cost_micros: cost, charge_micros: cost, input_tokens: 90, output_tokens: 36 });
-    let mark = read_watermark(&root, "acme").unwrap();
+    let mark = read_watermark(&root, UNIT, "acme").unwrap();
     assert_eq!(mark.next_seq, 12);
+    assert_eq!(read_watermark(&root, UNIT, "nobody").unwrap(), Watermark::default());
+}
+
+#[test]
+fn the_tenants_of_a_unit_share_their_files_grouped_by_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open_ledger(&dir.path().join("log"));
+    let tenants: Vec<String> = (0..200).map(|i| format!("tenant-{i:03}")).collect();
+    for t in tenants.iter().rev() {
+        append_for(&mut log, t, 0, 3);
+    }
+    let root = dir.path().join("parquet");
+    let mut p = projection(&root);
+    p.catch_up(&log).unwrap();
+    // One flush: a file per date and month, one tenants file; never a file per tenant.
+    let events = list_files(&root, Tree::Events, UNIT, |_| true).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].rows, 200 * 4);
+    assert_eq!(list_files(&root, Tree::Rollups, UNIT, |_| true).unwrap().len(), 1);
+    assert_eq!(list_files(&root, Tree::Tenants, UNIT, |_| true).unwrap().len(), 1);
+    let batch = shared::concat(read_parquet(&events[0].path).unwrap()[0].schema(), &read_parquet(&events[0].path).unwrap()).unwrap();
+    let runs = shared::tenant_runs(&batch).unwrap();
+    assert_eq!(runs.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), tenants, "one run per tenant, in tenant order");
+    for t in &tenants {
+        check_matches_log_of(&root, &log, t);
+        assert_eq!(rollup_total_of(&root, t).events, 3);
+    }
+    assert_eq!(read_watermarks(&root, UNIT).unwrap().len(), 200);
 }
 
 #[test]
@@ -120,24 +188,33 @@ fn many_small_flushes_are_merged_and_stay_exact() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = log_with(&dir.path().join("log"), 1);
     let root = dir.path().join("parquet");
-    let mut p = Projection::new(&root, Duration::ZERO);
-    let mut merged = 0;
+    let mut p = projection(&root);
     for i in 1..40 {
         append(&mut log, i, i + 1);
-        merged += p.flush("acme", &log, false).unwrap().unwrap().merged;
+        // Another tenant in every other flush: merges regroup rows by tenant.
+        if i % 2 == 0 {
+            append_for(&mut log, "beta", i / 2 - 1, i / 2);
+        }
+        p.catch_up(&log).unwrap();
     }
-    assert!(merged >= 8, "merged {merged}");
     check_matches_log(&root, &log);
+    check_matches_log_of(&root, &log, "beta");
     assert_eq!(rollup_total(&root).events, 40);
-    let visible = list_files(&root, Tree::Events, "acme", |_| true).unwrap();
-    for date in partitions(&root, Tree::Events, "acme").unwrap() {
+    assert_eq!(rollup_total_of(&root, "beta").events, 19);
+    let visible = list_files(&root, Tree::Events, UNIT, |_| true).unwrap();
+    for date in partitions(&root, Tree::Events, UNIT).unwrap() {
         let n = visible.iter().filter(|f| f.partition == date).count();
         assert!(n < MERGE_MIN_FILES + 2, "{date}: {n} files");
     }
-    // Replaced files stay for queries that listed them, until the grace period has passed.
-    let dir = partition_dir(&root, Tree::Events, "acme", &visible[0].partition);
+    let tenants = list_files(&root, Tree::Tenants, UNIT, |_| true).unwrap();
+    assert!(tenants.len() < MERGE_MIN_FILES + 2, "{} tenants files", tenants.len());
+    assert_eq!(read_watermark(&root, UNIT, "acme").unwrap().next_seq, log.size("acme"));
+    // Replaced files stay for queries that listed them, until the grace period has passed. (Each
+    // flush writes a tenants file: 40 of them were merged.)
+    let dir = partition_dir(&root, Tree::Tenants, UNIT, "");
     let on_disk = std::fs::read_dir(&dir).unwrap().count();
-    let swept = files::sweep_replaced(&dir, &visible[0].partition, Duration::ZERO).unwrap();
+    let swept = files::sweep_replaced(&dir, "", Duration::ZERO).unwrap();
+    assert!(swept >= MERGE_MIN_FILES, "{swept}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), on_disk - swept);
     check_matches_log(&root, &log);
 }
@@ -147,34 +224,55 @@ fn a_flush_interrupted_before_its_watermark_is_redone_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = log_with(&dir.path().join("log"), 6);
     let root = dir.path().join("parquet");
-    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
-    let mark = read_watermark(&root, "acme").unwrap();
+    projection(&root).catch_up(&log).unwrap();
+    let mark = read_unit_mark(&root, UNIT).unwrap();
     append(&mut log, 6, 12);
-    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
+    append_for(&mut log, "beta", 0, 2);
+    projection(&root).catch_up(&log).unwrap();
     // Simulate a crash after the second flush's files but before its watermark.
-    files::write_watermark(&root, "acme", &mark).unwrap();
-    std::fs::write(partition_dir(&root, Tree::Events, "acme", "2025-12-01").join(".x.parquet.tmp"), b"half").unwrap();
-    let mut p = Projection::new(&root, Duration::ZERO);
-    assert_eq!(p.behind("acme", &log).unwrap(), log.size("acme") - mark.next_seq);
-    p.flush("acme", &log, false).unwrap();
+    crash_back_to(&root, &mark);
+    std::fs::write(partition_dir(&root, Tree::Events, UNIT, "2025-12-01").join(".x.parquet.tmp"), b"half").unwrap();
+    assert_eq!(read_watermark(&root, UNIT, "beta").unwrap().next_seq, 0, "the unfinished flush's tenant states are not visible");
+    let mut p = projection(&root);
+    assert_eq!(p.behind("acme", &log).unwrap(), log.size("acme") - 8);
+    p.catch_up(&log).unwrap();
     check_matches_log(&root, &log);
+    check_matches_log_of(&root, &log, "beta");
     assert_eq!(rollup_total(&root).events, 12);
 }
 
 #[test]
 fn a_rebuild_reproduces_the_projection_and_repairs_a_damaged_one() {
     let dir = tempfile::tempdir().unwrap();
-    let log = log_with(&dir.path().join("log"), 20);
+    let mut log = log_with(&dir.path().join("log"), 20);
+    append_for(&mut log, "beta", 0, 5);
     let root = dir.path().join("parquet");
-    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
-    let before = projected(&root);
-    let victim = list_files(&root, Tree::Events, "acme", |_| true).unwrap().remove(0);
+    projection(&root).catch_up(&log).unwrap();
+    let before = (projected(&root), projected_of(&root, "beta"));
+    let victim = list_files(&root, Tree::Events, UNIT, |_| true).unwrap().remove(0);
     std::fs::remove_file(&victim.path).unwrap();
-    assert_ne!(projected(&root), before);
+    assert_ne!((projected(&root), projected_of(&root, "beta")), before);
     let mut calls = Vec::new();
-    assert_eq!(rebuild_tenant(&root, "acme", &log, report_zones(&["UTC".into()]).unwrap(), |done, total| calls.push((done, total))).unwrap(), log.size("acme"));
-    assert_eq!(calls.last(), Some(&(log.size("acme"), log.size("acme"))));
-    assert_eq!(projected(&root), before);
+    let total = log.size("acme") + log.size("beta");
+    assert_eq!(rebuild_unit(&root, UNIT, &log, report_zones(&["UTC".into()]).unwrap(), |done, total| calls.push((done, total))).unwrap(), total);
+    assert_eq!(calls.last(), Some(&(total, total)));
+    assert_eq!((projected(&root), projected_of(&root, "beta")), before);
+}
+
+#[test]
+fn rewriting_a_tenant_replaces_only_its_rows_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 9);
+    append_for(&mut log, "beta", 0, 9);
+    let root = dir.path().join("parquet");
+    let mut p = projection(&root);
+    p.catch_up(&log).unwrap();
+    let names = |root: &Path| list_files(root, Tree::Events, UNIT, |_| true).unwrap().into_iter().map(|f| f.path).collect::<Vec<_>>();
+    let (files_before, acme, beta) = (names(&root), projected(&root), projected_of(&root, "beta"));
+    assert_eq!(p.rewrite_tenant("beta", &log).unwrap(), log.size("beta"));
+    assert_eq!(names(&root), files_before, "the same files, rewritten under their names");
+    assert_eq!((projected(&root), projected_of(&root, "beta")), (acme, beta));
+    assert_eq!(p.rewrite_tenant("nobody", &log).unwrap(), 0);
 }
 
 #[test]
@@ -182,12 +280,12 @@ fn the_watermark_keeps_the_checkpoint_of_exactly_the_projected_size() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = log_with(&dir.path().join("log"), 6);
     let root = dir.path().join("parquet");
-    let mut p = Projection::new(&root, Duration::ZERO);
-    p.flush("acme", &log, false).unwrap();
+    let mut p = projection(&root);
+    p.catch_up(&log).unwrap();
     let projected = log.size("acme");
     // More records after the flush: the watermark's checkpoint stays of the projected size.
     append(&mut log, 6, 9);
-    let mark = read_watermark(&root, "acme").unwrap();
+    let mark = read_watermark(&root, UNIT, "acme").unwrap();
     let checkpoint = tally_log::Checkpoint::open(mark.checkpoint.as_deref().unwrap(), &log.verifiers_for("acme").unwrap(), None).unwrap();
     assert_eq!(checkpoint.size, projected);
     assert_eq!(checkpoint.root, log.tenant("acme").root_at(projected).unwrap());
@@ -202,21 +300,23 @@ fn appended_records_continue_from_the_watermark_like_a_flush() {
     let root = dir.path().join("parquet");
     let (a, b) = entries.split_at(5);
     let zones = report_zones(&["UTC".into(), "Asia/Tokyo".into()]).unwrap();
-    append_records(&root, "acme", a, &zones).unwrap();
-    append_records(&root, "acme", b, &zones).unwrap();
+    append_records(&root, UNIT, vec![("acme".into(), a.to_vec())], &zones).unwrap();
+    append_records(&root, UNIT, vec![("acme".into(), b.to_vec())], &zones).unwrap();
     check_matches_log(&root, &log);
-    let mark = read_watermark(&root, "acme").unwrap();
+    let mark = read_watermark(&root, UNIT, "acme").unwrap();
     assert_eq!(mark.next_seq, log.size("acme"));
+    assert_eq!(mark.checkpoint, None, "records from no log have no checkpoint");
     assert_eq!(mark.daily_zones, [("Asia/Tokyo".to_string(), 0), ("UTC".to_string(), 0)].into());
 }
 
 #[test]
 fn a_watermark_past_the_log_is_an_error_not_silence() {
     let dir = tempfile::tempdir().unwrap();
-    let log = log_with(&dir.path().join("log"), 2);
     let root = dir.path().join("parquet");
-    files::write_watermark(&root, "acme", &files::Watermark { next_seq: 99, ..files::Watermark::default() }).unwrap();
-    let err = Projection::new(&root, Duration::ZERO).flush("acme", &log, true).unwrap_err();
+    projection(&root).catch_up(&log_with(&dir.path().join("long"), 9)).unwrap();
+    // Another, shorter log of the same tenant under the same projection.
+    let short = log_with(&dir.path().join("short"), 2);
+    let err = projection(&root).catch_up(&short).unwrap_err();
     assert!(err.to_string().contains("rebuild"), "{err}");
 }
 
@@ -237,7 +337,7 @@ fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open_ledger(&dir.path().join("log"));
     let root = dir.path().join("parquet");
-    let mut p = Projection::new(&root, Duration::ZERO);
+    let mut p = projection(&root);
     // Sixteen one-event flushes in one 15-minute bucket, each of 1/4 of i64::MAX: their merge
     // would overflow (amounts this large bypass validation, as in an older log).
     for i in 0..16u64 {
@@ -248,10 +348,10 @@ fn roll_ups_whose_merged_sum_would_overflow_stay_unmerged_and_flushes_go_on() {
         let seq = log.next_seq("acme");
         log.append("acme", &event_record(seq, EventInput { event: &e, ce_source: None, payload_sha256: &[7; 32], source: &source }, None).unwrap()).unwrap();
         log.commit(None).unwrap();
-        p.flush("acme", &log, false).unwrap();
+        p.catch_up(&log).unwrap();
     }
-    assert_eq!(read_watermark(&root, "acme").unwrap().next_seq, 16, "every flush went through");
-    let rollups = list_files(&root, Tree::Rollups, "acme", |_| true).unwrap();
+    assert_eq!(read_watermark(&root, UNIT, "acme").unwrap().next_seq, 16, "every flush went through");
+    let rollups = list_files(&root, Tree::Rollups, UNIT, |_| true).unwrap();
     assert!(rollups.len() >= 4, "the overflowing run stays in separate files: {}", rollups.len());
     check_matches_log(&root, &log);
 }
@@ -273,27 +373,28 @@ fn statements_are_kept_whole_below_the_watermark_and_a_redone_flush_keeps_one_ea
     let mut log = log_with(&dir.path().join("log"), 2);
     let root = dir.path().join("parquet");
     let first = append_statement(&mut log, "2026-11-01");
-    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
-    let mark = read_watermark(&root, "acme").unwrap();
+    projection(&root).catch_up(&log).unwrap();
+    let mark = read_watermark(&root, UNIT, "acme").unwrap();
     assert!(mark.statements, "a projection from seq 0 holds every statement");
-    let held = read_statements(&root, "acme", mark.next_seq).unwrap();
+    let held = read_statements(&root, UNIT, "acme", mark.next_seq).unwrap();
     assert_eq!(held.len(), 1);
     assert_eq!((held[0].seq, held[0].statement.period.to_string(), held[0].statement.totals[0].micros), (first, "2026-11-01".to_string(), 2001));
     assert_eq!(held[0].statement, tally_log::Statement::decode(first, &log.tenant("acme").entry(first).unwrap()).unwrap());
+    assert!(read_statements(&root, UNIT, "beta", u64::MAX).unwrap().is_empty(), "statements are the tenant's own");
 
     // A second statement whose flush crashed before its watermark: not visible, then redone.
+    let unit_mark = read_unit_mark(&root, UNIT).unwrap();
     append(&mut log, 2, 3);
     let second = append_statement(&mut log, "2026-10-01");
-    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
-    files::write_watermark(&root, "acme", &mark).unwrap();
-    assert_eq!(read_statements(&root, "acme", mark.next_seq).unwrap().len(), 1, "past the watermark");
-    Projection::new(&root, Duration::ZERO).flush("acme", &log, false).unwrap();
-    let mark = read_watermark(&root, "acme").unwrap();
-    let seqs: Vec<u64> = read_statements(&root, "acme", mark.next_seq).unwrap().iter().map(|s| s.seq).collect();
-    assert_eq!(seqs, vec![first, second]);
+    projection(&root).catch_up(&log).unwrap();
+    crash_back_to(&root, &unit_mark);
+    assert_eq!(read_statements(&root, UNIT, "acme", u64::MAX).unwrap().len(), 1, "past the watermark");
+    projection(&root).catch_up(&log).unwrap();
+    let mark = read_watermark(&root, UNIT, "acme").unwrap();
+    let held = read_statements(&root, UNIT, "acme", mark.next_seq).unwrap();
+    assert_eq!(held.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![first, second]);
 
-    // A rebuild writes the same file.
-    let before = std::fs::read(tenant_dir(&root, Tree::Events, "acme").join("_statements.json")).unwrap();
-    rebuild_tenant(&root, "acme", &log, report_zones(&["UTC".into()]).unwrap(), |_, _| ()).unwrap();
-    assert_eq!(std::fs::read(tenant_dir(&root, Tree::Events, "acme").join("_statements.json")).unwrap(), before);
+    // A rebuild holds the same statements.
+    rebuild_unit(&root, UNIT, &log, report_zones(&["UTC".into()]).unwrap(), |_, _| ()).unwrap();
+    assert_eq!(read_statements(&root, UNIT, "acme", u64::MAX).unwrap(), held);
 }

@@ -173,7 +173,7 @@ pub(crate) mod tests {
     fn partition(dir: &std::path::Path) -> Arc<OwnedPartition> {
         let key = tally_log::LedgerKey::generate("tally.example.com").unwrap();
         let p = PartitionLedger::open(dir, "events", 0, vec![key]).unwrap();
-        let projection = tally_projection::Projection::new(&dir.join("parquet"), Duration::from_secs(1));
+        let projection = tally_projection::Projection::new(&dir.join("parquet"), "events-0", Duration::from_secs(1));
         OwnedPartition::new(0, p, projection).unwrap()
     }
 

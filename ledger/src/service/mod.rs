@@ -602,7 +602,9 @@ impl Shared {
         if let Err(e) = write_owner(&self.root, topic, partition, &self.advertise_url) {
             tracing::warn!(partition, error = %e, "cannot record this instance as the partition's owner");
         }
-        let projection = tally_projection::Projection::new(&self.root.join("parquet"), self.projection_interval).with_zones(self.report_zones.clone());
+        // The partition's tenants share the files of one projection unit, named as its directory.
+        let unit = tally_projection::unit_of_ledger_dir(p.ledger().dir())?;
+        let projection = tally_projection::Projection::new(&self.root.join("parquet"), &unit, self.projection_interval).with_zones(self.report_zones.clone());
         Ok((OwnedPartition::new(partition, p, projection)?, resume))
     }
 
@@ -841,10 +843,11 @@ impl PartitionSink for Sink {
     }
 }
 
-/// Regenerates the Parquet projection of every tenant (or only `only`) under `data_dir` from
-/// the logs, calling `progress(tenant, done, total)` as it goes; `keys` sign the checkpoint each
-/// watermark keeps. Each partition is locked while its tenants are rebuilt, so this refuses to
-/// run beside a ledger instance that owns one.
+/// Regenerates the Parquet projection of every partition under `data_dir` (or only the one
+/// holding tenant `only`: its tenants share their files) from the logs, calling
+/// `progress(unit, done, total)` as it goes; `keys` sign the checkpoint each tenant's state
+/// keeps. Each partition is locked while it is rebuilt, so this refuses to run beside a ledger
+/// instance that owns one. Returns each unit rebuilt with the records it holds.
 pub fn rebuild_projection(
     data_dir: &std::path::Path,
     keys: Vec<LedgerKey>,
@@ -865,21 +868,34 @@ pub fn rebuild_projection(
     };
     dirs.sort();
     let root = data_dir.join("parquet");
+    // Trees of the layout before units (one directory per tenant) are left by an older
+    // version: they are rewritten as units, so the old ones go.
+    remove_tenant_layout(&root)?;
     let mut done = Vec::new();
     for dir in dirs {
         // Opened as its owner would (taking its lock): an erasure whose record is durable but
         // whose keys a stop left behind is completed first, so no row shows what it erased.
         let (topic, partition) = partition_of_dir(&dir)?;
         let owner = PartitionLedger::open(data_dir, &topic, partition, keys.clone())?;
-        let ledger = owner.ledger();
-        let mut tenants = ledger.tenant_ids();
-        tenants.retain(|t| only.is_none_or(|o| o == t));
-        for tenant in tenants {
-            let records = tally_projection::rebuild_tenant(&root, &tenant, ledger, zones.clone(), |d, t| progress(&tenant, d, t))?;
-            done.push((tenant, records));
-        }
+        let unit = tally_projection::unit_of_ledger_dir(owner.ledger().dir())?;
+        let records = tally_projection::rebuild_unit(&root, &unit, owner.ledger(), zones.clone(), |d, t| progress(&unit, d, t))?;
+        done.push((unit, records));
     }
     Ok(done)
+}
+
+/// Deletes the per-tenant directories (`<tree>/tenant_id=<t>`) of the projection layout before
+/// units, which no reader uses any more.
+fn remove_tenant_layout(root: &std::path::Path) -> Result<()> {
+    for tree in ["events", "rollups", "daily"] {
+        let Ok(entries) = std::fs::read_dir(root.join(tree)) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(|n| n.starts_with("tenant_id=")) {
+                std::fs::remove_dir_all(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The topic and partition a partition directory (`<topic>-<partition>`) holds.
@@ -894,7 +910,8 @@ fn partition_of_dir(dir: &std::path::Path) -> Result<(String, i32)> {
 /// Erases personal data of `tenant` in a stopped ledger's `data_dir`, as `POST …/erase` does on
 /// a running one (docs/privacy.md, "Erasure"): `subject`'s, or every subject's with `None`, and
 /// with `before` (`YYYY-MM`) only the months before it; the
-/// `erasure` records name the token `by`. Then rewrites the tenant's projection. Locks the
+/// `erasure` records name the token `by`. Then rewrites the tenant's projection rows (returns
+/// how many). Locks the
 /// tenant's partition, so it refuses to run beside the instance that owns it.
 pub fn erase_offline(
     data_dir: &std::path::Path,
@@ -908,14 +925,19 @@ pub fn erase_offline(
     let dir =
         tally_log::find_tenant_ledger(data_dir, tenant).ok_or_else(|| Error::BadKey(format!("no log of tenant {tenant} under {}", data_dir.display())))?;
     let (topic, partition) = partition_of_dir(&dir)?;
-    let erased = {
-        let mut p = PartitionLedger::open(data_dir, &topic, partition, keys.clone())?;
-        let erased = p.erase(tenant, subject, before, jiff::Timestamp::now(), &Caller { token: Some(by), idempotency_key: None })?;
-        p.commit_closing()?;
-        erased
+    let mut p = PartitionLedger::open(data_dir, &topic, partition, keys)?;
+    let erased = p.erase(tenant, subject, before, jiff::Timestamp::now(), &Caller { token: Some(by), idempotency_key: None })?;
+    p.commit_closing()?;
+    // The tenant's rows are rewritten in the files its partition's tenants share; the erasure
+    // records themselves are projected by the next owner.
+    let rewritten = if erased.records > 0 {
+        let unit = tally_projection::unit_of_ledger_dir(p.ledger().dir())?;
+        let zones = tally_projection::report_zones(zones)?;
+        tally_projection::Projection::new(&data_dir.join("parquet"), &unit, std::time::Duration::ZERO).with_zones(zones).rewrite_tenant(tenant, p.ledger())?
+    } else {
+        0
     };
-    let rebuilt = if erased.records > 0 { rebuild_projection(data_dir, keys, Some(tenant), zones, |_, _, _| {})?.iter().map(|(_, n)| n).sum() } else { 0 };
-    Ok((erased, rebuilt))
+    Ok((erased, rewritten))
 }
 
 /// Converts every partition under a ledger service's `data_dir` (or a `tally log` directory

@@ -3,17 +3,18 @@
 //! admissions and commits never wait for Parquet.
 //!
 //! A pass over a partition works in rounds of up to [`TENANTS_PER_ROUND`] tenants with
-//! unprojected records: which of them are due is decided without the partition's lock (loading a
-//! tenant's watermark the first time touches only its projection files); their records are read
-//! under the lock, at most [`ROUND_BYTES`] of entries per round, so memory stays bounded whatever
-//! the backlog; the files are written without it; and tenants whose projection reached their
-//! committed size are forgotten under it again.
+//! unprojected records, each round one flush of the partition's projection (files shared by its
+//! tenants: docs/parquet.md): the partition is flushed at most once per `projection_interval_ms`
+//! unless forced; the tenants' records are read under the lock, at most [`ROUND_BYTES`] of
+//! entries per round, so memory stays bounded whatever the backlog; the files are written
+//! without it; and tenants whose projection reached their committed size are forgotten under it
+//! again.
 //!
 //! Invariants: one pass at a time per partition (the partition's projection mutex, taken before
 //! its lock); a closed partition (revoked, or the service stopping) is projected only by the
-//! forced pass of whoever closed it, never by the thread, so the projection of a tenant is never
-//! written by two owners at once. A failure is logged and counted and retried at the next pass: the
-//! log is the truth, and the projection can be rebuilt from it.
+//! forced pass of whoever closed it, never by the thread, so a partition's projection is never
+//! written by two owners at once. A failure is logged and counted and retried at the next pass:
+//! the log is the truth, and the projection can be rebuilt from it.
 //!
 //! The same thread merges each partition's journal index files when a merge is due
 //! ([`merge_index_files`]): the merge reads and writes files without the partition's lock, which
@@ -24,9 +25,10 @@ use std::time::Duration;
 
 use super::{lock, Owned, Shared};
 
-/// Tenants looked at per round.
-const TENANTS_PER_ROUND: usize = 256;
-/// Entry bytes read per round, at most (past the first tenant's first record).
+/// Tenants looked at per round: one round is one flush, so its files hold up to this many
+/// tenants.
+const TENANTS_PER_ROUND: usize = 4096;
+/// Entry bytes read per round, at most (past each tenant's first record).
 const ROUND_BYTES: usize = 16 << 20;
 /// How often the thread looks for due tenants.
 const TICK: Duration = Duration::from_millis(200);
@@ -41,17 +43,17 @@ pub struct Projected {
     pub last_error: Option<String>,
 }
 
-/// Rewrites `tenant`'s projection from its committed log, as an erasure needs: under the
-/// partition's projection mutex (no pass runs meanwhile), from a read-only view of the journal,
-/// so the partition's lock is held only to find its directory, never while files are written.
-/// Returns the records the projection now holds; `None` for a closed partition, which belongs
-/// to its next owner (whose projector rebuilds it when it meets the `erasure` record).
+/// Rewrites `tenant`'s rows in its partition's projection from its committed log, as an erasure
+/// needs: under the partition's projection mutex (no pass runs meanwhile), from a read-only view
+/// of the journal, so the partition's lock is held only to find its directory, never while files
+/// are written. Returns the rows rewritten; `None` for a closed partition, which belongs to its
+/// next owner (whose projector rewrites them when it meets the `erasure` record).
 pub(crate) fn reproject_tenant(owned: &Owned, tenant: &str) -> crate::error::Result<Option<u64>> {
     let mut projection = owned.projection.lock().unwrap_or_else(PoisonError::into_inner);
-    rebuild(owned, &mut projection, tenant)
+    rewrite(owned, &mut projection, tenant)
 }
 
-fn rebuild(owned: &Owned, projection: &mut tally_projection::Projection, tenant: &str) -> crate::error::Result<Option<u64>> {
+fn rewrite(owned: &Owned, projection: &mut tally_projection::Projection, tenant: &str) -> crate::error::Result<Option<u64>> {
     let (dir, keys) = {
         let p = lock(owned);
         if p.is_closed() {
@@ -60,18 +62,24 @@ fn rebuild(owned: &Owned, projection: &mut tally_projection::Projection, tenant:
         (p.ledger().dir().to_path_buf(), p.ledger().signing_keys().to_vec())
     };
     let ledger = tally_log::Ledger::open_read_only(&dir, keys)?;
-    let records = projection.rebuild(tenant, &ledger)?;
-    lock(owned).projected(tenant, records);
-    Ok(Some(records))
+    Ok(Some(projection.rewrite_tenant(tenant, &ledger)?))
 }
 
-/// Projects the due tenants of one partition; with `force`, every tenant, whatever its last
+/// Projects the due tenants of one partition; with `force`, every tenant, whatever the last
 /// flush, until none is left behind (or a pass makes no progress).
 pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> Projected {
     let mut projection = owned.projection.lock().unwrap_or_else(PoisonError::into_inner);
     let mut out = Projected::default();
     if !force && lock(owned).is_closed() {
         return out;
+    }
+    match projection.due(force) {
+        Ok(true) => {}
+        Ok(false) => return out,
+        Err(e) => {
+            failed(&mut out, partition, None, &e.to_string());
+            return out;
+        }
     }
     loop {
         let before = (out.records, out.files);
@@ -82,14 +90,12 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
             after = last.clone();
             let mut due = Vec::with_capacity(round.len());
             for tenant in round {
-                match projection.due(&tenant, force) {
-                    Ok(Some(first)) => due.push((tenant, first)),
-                    Ok(None) => {}
-                    Err(e) => failed(&mut out, partition, &tenant, &e.to_string()),
+                match projection.next_seq(&tenant) {
+                    Ok(first) => due.push((tenant, first)),
+                    Err(e) => failed(&mut out, partition, Some(&tenant), &e.to_string()),
                 }
             }
             let mut inputs = Vec::new();
-            let mut rebuilds = Vec::new();
             let mut caught_up = Vec::new();
             {
                 let p = lock(owned);
@@ -99,37 +105,37 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
                         break;
                     }
                     match tally_projection::read_flush(p.ledger(), &tenant, first, ROUND_BYTES - bytes) {
-                        // Its keys are gone (the commit that made it durable deleted them), but
-                        // rows written before may show what it erased.
-                        Ok(Some(input)) if input.has_erasure() => rebuilds.push(tenant),
                         Ok(Some(input)) => {
                             bytes += input.bytes();
-                            inputs.push((tenant, input));
+                            inputs.push(input);
                         }
                         Ok(None) => caught_up.push((tenant, first)),
-                        Err(e) => failed(&mut out, partition, &tenant, &e.to_string()),
+                        Err(e) => failed(&mut out, partition, Some(&tenant), &e.to_string()),
                     }
                 }
             }
-            for tenant in rebuilds {
-                match rebuild(owned, &mut projection, &tenant) {
-                    Ok(Some(records)) => {
-                        out.records += records;
-                        tracing::info!(tenant_id = %tenant, partition, records, "projection rebuilt after an erasure");
-                    }
+            // An erasure's keys are gone (the commit that made it durable deleted them), but rows
+            // written before may show what it erased: those are rewritten first.
+            for tenant in inputs.iter().filter(|i| i.has_erasure()).map(|i| i.tenant().to_string()).collect::<Vec<_>>() {
+                match rewrite(owned, &mut projection, &tenant) {
+                    Ok(Some(rows)) => tracing::info!(tenant_id = %tenant, partition, rows, "projection rows rewritten after an erasure"),
                     Ok(None) => {}
-                    Err(e) => failed(&mut out, partition, &tenant, &e.to_string()),
+                    Err(e) => {
+                        failed(&mut out, partition, Some(&tenant), &e.to_string());
+                        inputs.retain(|i| i.tenant() != tenant);
+                    }
                 }
             }
-            let mut written = Vec::with_capacity(inputs.len());
-            for (tenant, input) in inputs {
-                match projection.write(input) {
+            let tenants: Vec<String> = inputs.iter().map(|i| i.tenant().to_string()).collect();
+            let mut written = Vec::new();
+            if !inputs.is_empty() {
+                match projection.write(inputs) {
                     Ok(report) => {
                         out.records += report.records;
                         out.files += report.files;
-                        written.push(tenant);
+                        written = tenants;
                     }
-                    Err(e) => failed(&mut out, partition, &tenant, &e.to_string()),
+                    Err(e) => failed(&mut out, partition, None, &e.to_string()),
                 }
             }
             let mut p = lock(owned);
@@ -150,10 +156,13 @@ pub(crate) fn project_partition(owned: &Owned, partition: i32, force: bool) -> P
     }
 }
 
-fn failed(out: &mut Projected, partition: i32, tenant: &str, error: &str) {
+fn failed(out: &mut Projected, partition: i32, tenant: Option<&str>, error: &str) {
     out.errors += 1;
-    out.last_error = Some(format!("tenant {tenant} of partition {partition}: {error}"));
-    tracing::error!(tenant_id = %tenant, partition, error, "parquet projection failed; retrying at the next pass");
+    out.last_error = Some(match tenant {
+        Some(tenant) => format!("tenant {tenant} of partition {partition}: {error}"),
+        None => format!("partition {partition}: {error}"),
+    });
+    tracing::error!(tenant_id = tenant, partition, error, "parquet projection failed; retrying at the next pass");
 }
 
 /// The thread's loop: every [`TICK`], a pass over every owned partition, until `stop` is
@@ -233,7 +242,7 @@ mod tests {
         p.commit().unwrap();
         let before = p.ledger().index_spans().len();
         assert!(before >= 2 * tally_log::MERGE_FAN as usize, "{before} index files");
-        let projection = tally_projection::Projection::new(&dir.path().join("parquet"), Duration::from_secs(1));
+        let projection = tally_projection::Projection::new(&dir.path().join("parquet"), "events-3", Duration::from_secs(1));
         let owned = OwnedPartition::new(0, p, projection).unwrap();
         let metrics = Metrics::new();
         merge_index_files(&owned, 3, &metrics);

@@ -13,6 +13,9 @@ use http_body_util::BodyExt;
 use tally_auth::Role;
 use tally_log::{event_record, Charge, EventInput, Ledger, LedgerKey, Source};
 use tally_projection::Projection;
+
+/// The projection unit of the fixture's one partition directory.
+pub const UNIT: &str = "tally.events-0";
 use tally_query::QueryConfig;
 use tally_schemas::Event;
 use tower::ServiceExt;
@@ -105,12 +108,7 @@ impl Fixture {
         }
         ledger.commit(Some(charged.len() as i64)).unwrap();
         let zones = tally_projection::report_zones(&zones.iter().map(|z| z.to_string()).collect::<Vec<_>>()).unwrap();
-        let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO).with_zones(zones);
-        for tenant in ledger.tenant_ids() {
-            while projection.behind(&tenant, &ledger).unwrap() > 0 {
-                projection.flush(&tenant, &ledger, true).unwrap();
-            }
-        }
+        Projection::new(&self.data_dir().join("parquet"), UNIT, Duration::ZERO).with_zones(zones).catch_up(&ledger).unwrap();
     }
 
     /// Appends a `statement` record to `tenant`'s log, as the ledger's period close writes it,
@@ -126,8 +124,7 @@ impl Fixture {
             .extend(serde_json::to_value(tally_log::Statement { tree_size: seq, ..statement.clone() }).unwrap().as_object().unwrap().clone());
         ledger.append(tenant, &tally_log::budget_record(&record).unwrap()).unwrap();
         ledger.commit(None).unwrap();
-        let mut projection = Projection::new(&self.data_dir().join("parquet"), Duration::ZERO);
-        projection.flush(tenant, &ledger, true).unwrap();
+        Projection::new(&self.data_dir().join("parquet"), UNIT, Duration::ZERO).catch_up(&ledger).unwrap();
         seq
     }
 
