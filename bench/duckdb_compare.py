@@ -15,39 +15,44 @@ import duckdb
 bench = sys.argv[1]
 r = json.load(open(f"{bench}/results.json"))
 root, big, runs = r["root"], r["big_tenant"], r["runs"]
+# The tenants of a partition share its files: a tenant's query reads its partition's files and
+# filters on the tenant_id column, as the service does.
+unit = r["big_unit"]
 month = "WHERE bucket_start >= TIMESTAMPTZ '2026-11-01 00:00:00+00' AND bucket_start < TIMESTAMPTZ '2026-12-01 00:00:00+00'"
 queries = {
     # The same SQL over the same files the service reads: the daily roll-ups (UTC).
     "tenant_monthly_report": f"""
         SELECT date, agent_id, action, currency, sum(events), sum(cost_micros), sum(input_tokens), sum(output_tokens)
-        FROM read_parquet('{root}/daily/tenant_id={big}/month=2026-11/*.parquet')
-        WHERE zone = 'UTC' AND date >= DATE '2026-11-01' AND date < DATE '2026-12-01'
+        FROM read_parquet('{root}/daily/partition={unit}/month=2026-11/*.parquet')
+        WHERE tenant_id = '{big}' AND zone = 'UTC' AND date >= DATE '2026-11-01' AND date < DATE '2026-12-01'
         GROUP BY ALL""",
     "billing_spend": f"""
         SELECT tenant_id, currency, sum(events), sum(cost_micros), sum(input_tokens), sum(output_tokens)
         FROM read_parquet('{root}/daily/*/month=2026-11/*.parquet', hive_partitioning = true)
         WHERE zone = 'UTC' AND currency IS NOT NULL GROUP BY ALL""",
     "audit_page": f"""
-        SELECT * FROM read_parquet('{root}/events/tenant_id={big}/*/*.parquet')
-        WHERE seq > {r['page_after']} ORDER BY seq LIMIT 1000""",
+        SELECT * FROM read_parquet('{root}/events/partition={unit}/*/*.parquet')
+        WHERE tenant_id = '{big}' AND seq > {r['page_after']} ORDER BY seq LIMIT 1000""",
     # For reference: the report from the 15-minute roll-ups (reports in zones without daily
     # roll-ups, or by task) and from raw rows (what a DuckDB user without roll-ups would run).
     "tenant_monthly_report_15min": f"""
         SELECT CAST(timezone('UTC', bucket_start) AS DATE) AS day, agent_id, action, currency,
                sum(events), sum(cost_micros), sum(input_tokens), sum(output_tokens)
-        FROM read_parquet('{root}/rollups/tenant_id={big}/month=2026-11/*.parquet') {month}
+        FROM read_parquet('{root}/rollups/partition={unit}/month=2026-11/*.parquet') {month} AND tenant_id = '{big}'
         GROUP BY ALL""",
     "tenant_monthly_report_raw_rows": f"""
         SELECT CAST(timezone('UTC', occurred_at) AS DATE) AS day, agent_id, action, currency,
                count(*), sum(cost_micros), sum(input_tokens), sum(output_tokens)
-        FROM read_parquet('{root}/events/tenant_id={big}/*/*.parquet')
-        WHERE record_type = 'event' AND occurred_at >= TIMESTAMPTZ '2026-11-01 00:00:00+00'
+        FROM read_parquet('{root}/events/partition={unit}/*/*.parquet')
+        WHERE tenant_id = '{big}' AND record_type = 'event' AND occurred_at >= TIMESTAMPTZ '2026-11-01 00:00:00+00'
           AND occurred_at < TIMESTAMPTZ '2026-12-01 00:00:00+00'
         GROUP BY ALL""",
 }
 if r.get("small_tenant"):
     # The median tenant of a Zipf run (`--sizes zipf`): a small tenant's report.
-    queries["small_tenant_monthly_report"] = queries["tenant_monthly_report"].replace(f"tenant_id={big}/", f"tenant_id={r['small_tenant']}/")
+    queries["small_tenant_monthly_report"] = (
+        queries["tenant_monthly_report"].replace(f"partition={unit}/", f"partition={r['small_unit']}/").replace(f"'{big}'", f"'{r['small_tenant']}'")
+    )
 con = duckdb.connect()
 con.execute("SET threads = 2")
 print(f"{'DuckDB ' + duckdb.__version__:<32} {'p50':>9} {'p90':>9}   tally p50 / DuckDB p50")

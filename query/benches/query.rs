@@ -92,6 +92,8 @@ struct Generator {
     data: PathBuf,
     zones: Vec<(String, jiff::tz::TimeZone)>,
     buffers: Vec<(Buffered, usize)>,
+    /// Bytes the flushes wrote, and bytes their merges wrote again.
+    written: (u64, u64),
 }
 
 impl Generator {
@@ -104,7 +106,7 @@ impl Generator {
         }
         std::fs::write(partitions.join("tally.events.partition-count"), format!("{PARTITIONS}\n")).expect("partition count");
         let zones = tally_projection::report_zones(&["UTC".to_string()]).expect("zones");
-        Generator { data: data.to_path_buf(), zones, buffers: (0..PARTITIONS).map(|_| Default::default()).collect() }
+        Generator { data: data.to_path_buf(), zones, buffers: (0..PARTITIONS).map(|_| Default::default()).collect(), written: (0, 0) }
     }
 
     fn push(&mut self, tenant: &str, record: Vec<u8>) {
@@ -121,15 +123,25 @@ impl Generator {
         let (buffer, n) = std::mem::take(&mut self.buffers[p as usize]);
         if n > 0 {
             let root = self.data.join("parquet");
-            tally_projection::append_records(&root, &format!("tally.events-{p}"), buffer.into_iter().collect(), &self.zones).expect("projection write");
+            let report =
+                tally_projection::append_records(&root, &format!("tally.events-{p}"), buffer.into_iter().collect(), &self.zones).expect("projection write");
+            self.written.0 += report.bytes;
+            self.written.1 += report.merge_bytes;
         }
     }
 
-    fn finish(mut self) {
+    /// Writes what is buffered; returns the bytes flushes wrote and the bytes merges wrote.
+    fn finish(mut self) -> (u64, u64) {
         for p in 0..PARTITIONS {
             self.flush(p);
         }
+        self.written
     }
+}
+
+/// The projection unit (partition directory) holding `tenant`, as the generator placed it.
+fn unit_of(tenant: &str) -> String {
+    format!("tally.events-{}", tally_schemas::tenant_partition(tenant, PARTITIONS))
 }
 
 /// Generates `count` events of `tenant`, spread evenly over `days` days from 2026-11-01.
@@ -204,7 +216,13 @@ fn main() {
         for (i, count) in sizes.iter().enumerate() {
             generate_tenant(&mut generator, &tenant(i as u64), *count, a.days, &mut rng);
         }
-        generator.finish();
+        let (flushed, merged) = generator.finish();
+        println!(
+            "compaction: flushes wrote {:.1} MiB, merges {:.1} MiB: write amplification {:.2}",
+            flushed as f64 / 1048576.0,
+            merged as f64 / 1048576.0,
+            (flushed + merged) as f64 / flushed.max(1) as f64
+        );
         println!("generated {} events over {} tenants and {} days in {:.1} s", total_events, a.tenants, a.days, started.elapsed().as_secs_f64());
     }
     let events_bytes = dir_bytes(&root.join("events"));
@@ -273,6 +291,7 @@ fn main() {
         "root": root, "events": total_events, "tenants": a.tenants, "days": a.days, "big_tenant": tenant(0), "big_events": big,
         "page_after": big / 2, "events_bytes": events_bytes, "rollup_bytes": rollup_bytes, "runs": a.runs, "files": files,
         "small_tenant": small.map(tenant),
+        "big_unit": unit_of(&tenant(0)), "small_unit": small.map(|i| unit_of(&tenant(i))),
     });
     println!("{:<24} {:>9} {:>9}   ({} runs, ms)", "tally (DataFusion)", "p50", "p90", a.runs);
     for (name, samples) in timings.iter_mut() {

@@ -29,9 +29,6 @@ pub enum Error {
     NotFound(String),
     #[error("no signed checkpoint covers the projection of this tenant yet")]
     NoCheckpoint,
-    /// The projection was written by an older version and lacks what the report needs.
-    #[error("{0}")]
-    NeedsRebuild(String),
     /// A request body over the service's limit.
     #[error("the request body is over {0} bytes")]
     BodyTooLarge(usize),
@@ -57,7 +54,6 @@ impl Error {
             Error::SumOverflow(_) => "sum_overflow",
             Error::NotFound(_) => "not_found",
             Error::NoCheckpoint => "no_checkpoint",
-            Error::NeedsRebuild(_) => "projection_needs_rebuild",
             Error::Config(_) => "bad_config",
             Error::Internal(_) => "internal",
         }
@@ -72,7 +68,7 @@ impl Error {
             Error::TooManyQueries(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::SumOverflow(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::NoCheckpoint | Error::NeedsRebuild(_) => StatusCode::CONFLICT,
+            Error::NoCheckpoint => StatusCode::CONFLICT,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,7 +136,6 @@ impl From<tally_projection::Error> for Error {
     fn from(e: tally_projection::Error) -> Self {
         match e {
             tally_projection::Error::SumOverflow(m) => Error::SumOverflow(m),
-            tally_projection::Error::NeedsRebuild(m) => Error::NeedsRebuild(m),
             other => Error::Internal(other.to_string()),
         }
     }

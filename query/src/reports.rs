@@ -121,13 +121,17 @@ pub struct EventFilter {
 /// One page of the tenant's records, in seq order, and the cursor of the next page.
 ///
 /// Reads the files of the dates the range allows; the tenant's rows in them are found by the
-/// files' statistics on `tenant_id` and `seq` (rows are sorted by both), and the page is the
-/// first `limit` of them past the cursor (a top-k sort, never the whole trail in memory).
+/// files' statistics on `tenant_id` and `seq` (rows are sorted by both). In two steps, so a page
+/// of a large tenant decodes a page's worth of rows, not its whole trail: first the seqs alone of
+/// the first `limit` matching rows past the cursor (a top-k sort over one column), then every
+/// column of the rows up to the last of them, which the page statistics on `seq` narrow to a few
+/// pages.
 pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, timeout: Duration) -> Result<(SchemaRef, Vec<RecordBatch>, Option<u64>)> {
     let page = async {
-        let listed = engine.files(Tree::Events, tenant, date_range(filter.from, filter.to)).await?;
-        let ctx = engine.events_context(&listed)?;
-        let (schema, batches) = page_of(&ctx, filter, timeout, engine).await?;
+        let listed = engine.files(Tree::Events, tenant, date_range(filter.from, filter.to)).await?.with_seq_range(filter.after, None);
+        let upto = page_bound(&engine.events_context(&listed)?, filter, timeout, engine).await?;
+        let ctx = engine.events_context(&listed.with_seq_range(filter.after, upto))?;
+        let (schema, batches) = page_of(&ctx, filter, upto, timeout, engine).await?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         let next = if rows == filter.limit && rows > 0 { last_seq(&batches)? } else { None };
         Ok((schema, batches, next))
@@ -135,11 +139,34 @@ pub async fn events_page(engine: &Engine, tenant: &str, filter: &EventFilter, ti
     tokio::time::timeout(timeout, page).await.map_err(|_| Error::Timeout(timeout.as_millis() as u64))?
 }
 
-/// The filtered, seq-ordered first `limit` rows of the context's `events`.
-async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, timeout: Duration, engine: &Engine) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+/// The seq of the `limit`-th row of the page, when there are that many: no row of the page lies
+/// past it.
+async fn page_bound(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, timeout: Duration, engine: &Engine) -> Result<Option<u64>> {
+    let root = engine.root();
+    let df = filtered_events(ctx, filter, None, engine).await?;
+    let df = df
+        .select(vec![col("seq")])
+        .map_err(df_err(root))?
+        .sort(vec![col("seq").sort(true, false)])
+        .map_err(df_err(root))?
+        .limit(0, Some(filter.limit))
+        .map_err(df_err(root))?;
+    let batches = collect(df, timeout, engine).await?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if rows < filter.limit {
+        return Ok(None);
+    }
+    last_seq(&batches)
+}
+
+/// The context's `events` with the page's conditions, and `seq <= upto` when given.
+async fn filtered_events(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter, upto: Option<u64>, engine: &Engine) -> Result<DataFrame> {
     let root = engine.root();
     let mut df = ctx.table(tally_sql_gate::EVENTS_TABLE).await.map_err(df_err(root))?;
     let mut conditions = Vec::new();
+    if let Some(upto) = upto {
+        conditions.push(col("seq").lt_eq(lit(upto)));
+    }
     if let Some(from) = filter.from {
         conditions.push(col("occurred_at").gt_eq(ts_lit(from)));
     }
@@ -155,6 +182,19 @@ async fn page_of(ctx: &datafusion::prelude::SessionContext, filter: &EventFilter
     if let Some(all) = conditions.into_iter().reduce(Expr::and) {
         df = df.filter(all).map_err(df_err(root))?;
     }
+    Ok(df)
+}
+
+/// The filtered, seq-ordered first `limit` rows of the context's `events` (up to seq `upto`).
+async fn page_of(
+    ctx: &datafusion::prelude::SessionContext,
+    filter: &EventFilter,
+    upto: Option<u64>,
+    timeout: Duration,
+    engine: &Engine,
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let root = engine.root();
+    let df = filtered_events(ctx, filter, upto, engine).await?;
     let df = df.sort(vec![col("seq").sort(true, false)]).map_err(df_err(root))?.limit(0, Some(filter.limit)).map_err(df_err(root))?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     Ok((schema, collect(df, timeout, engine).await?))

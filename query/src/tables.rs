@@ -31,6 +31,17 @@ pub struct Listed {
     pub tenant: String,
     pub files: Vec<ProjectionFile>,
     pub urls: Vec<ListingTableUrl>,
+    /// Seq bounds (exclusive, inclusive) the scan may skip pages by (see
+    /// [`crate::tenant_table::TenantTable::with_seq_range`]).
+    pub seq_range: (Option<u64>, Option<u64>),
+}
+
+impl Listed {
+    /// The same files, the scan skipping pages outside `seq > after AND seq <= upto`.
+    pub fn with_seq_range(mut self, after: Option<u64>, upto: Option<u64>) -> Listed {
+        self.seq_range = (after, upto);
+        self
+    }
 }
 
 /// Rows per batch of a tenant's own SQL: with values of at most 64 KiB (an event's largest, and
@@ -131,7 +142,7 @@ impl Engine {
                     ListingTableUrl::parse(path).map_err(|e| Error::Internal(e.to_string()))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Listed { tenant, files, urls })
+            Ok(Listed { tenant, files, urls, seq_range: (None, None) })
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -148,7 +159,8 @@ impl Engine {
             let stored = Arc::new(tally_schemas::stored_schema(&schema));
             let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(options).with_schema(stored);
             let files = Arc::new(ListingTable::try_new(config).map_err(|e| Error::Internal(e.to_string()))?);
-            Arc::new(crate::tenant_table::TenantTable::new(files, schema, &listed.tenant))
+            let (after, upto) = listed.seq_range;
+            Arc::new(crate::tenant_table::TenantTable::new(files, schema, &listed.tenant).with_seq_range(after, upto))
         };
         ctx.register_table(name, table).map_err(|e| Error::Internal(e.to_string()))?;
         Ok(())

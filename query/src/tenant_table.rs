@@ -4,12 +4,14 @@
 //! Invariant: whatever plan a query makes, every row that leaves [`TenantTable::scan`] passed
 //! [`TenantRestrictExec`], a node directly on the file scan that keeps the rows of `tenant_id =
 //! <tenant>` and drops the column, so a query can neither see another tenant's row nor name the
-//! column. The node is opaque to the optimizer on purpose: it accepts no filter, projection or
-//! limit from above, so no expression of the query is ever evaluated on another tenant's row
-//! (a cast that fails would quote that row's value in its error; a plain `FilterExec` lets the
-//! optimizer merge the query's predicates into it, which the isolation suite caught). The
-//! restriction and the query's filters are handed to the scan as pruning hints (row-group and
-//! page statistics, the bloom filter), which only skip data and never decide what is returned.
+//! column. The node is opaque to the optimizer on purpose: it accepts no filter, projection,
+//! sort or limit from above, and claims no input order, so no expression of the query is ever
+//! evaluated on another tenant's row (a cast that fails would quote that row's value in its
+//! error; a plain `FilterExec` lets the optimizer merge the query's predicates into it, which
+//! the isolation suite caught). The Parquet scan below it is given a pruning predicate built by
+//! the server only, never from the query: the tenant equality, and seq bounds a route sets
+//! ([`TenantTable::with_seq_range`]). It only skips row groups and pages by their statistics and
+//! the bloom filter (row filtering inside the scan stays off), never decides what is returned.
 //! The node reports no statistics, so no aggregate is answered from the files' row counts.
 
 use std::sync::Arc;
@@ -19,8 +21,11 @@ use datafusion::arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{DataFusionError, Result as DfResult};
+use datafusion::common::{DFSchema, DataFusionError, Result as DfResult};
+use datafusion::datasource::physical_plan::{FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::TableType;
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{col, lit, Expr, TableProviderFilterPushDown};
@@ -37,16 +42,51 @@ pub struct TenantTable {
     inner: Arc<dyn TableProvider>,
     schema: SchemaRef,
     tenant: String,
+    /// Seq bounds (exclusive low, inclusive high) that only prune: set by a route, never by a
+    /// query.
+    seq_range: (Option<u64>, Option<u64>),
 }
 
 impl TenantTable {
     pub fn new(inner: Arc<dyn TableProvider>, schema: SchemaRef, tenant: &str) -> TenantTable {
-        TenantTable { inner, schema, tenant: tenant.to_string() }
+        TenantTable { inner, schema, tenant: tenant.to_string(), seq_range: (None, None) }
     }
 
-    fn restriction(&self) -> Expr {
-        col(TENANT_COLUMN).eq(lit(self.tenant.clone()))
+    /// Lets the scan skip pages of the tenant's rows outside `seq > after AND seq <= upto` (the
+    /// rows are still filtered by the query itself: this only saves reading).
+    pub fn with_seq_range(mut self, after: Option<u64>, upto: Option<u64>) -> TenantTable {
+        self.seq_range = (after, upto);
+        self
     }
+
+    /// What the scan may skip data by: the tenant, and the route's seq bounds.
+    fn pruning(&self) -> Expr {
+        let mut all = col(TENANT_COLUMN).eq(lit(self.tenant.clone()));
+        if let Some(after) = self.seq_range.0 {
+            all = all.and(col("seq").gt(lit(after)));
+        }
+        if let Some(upto) = self.seq_range.1 {
+            all = all.and(col("seq").lt_eq(lit(upto)));
+        }
+        all
+    }
+}
+
+/// `scan` with `predicate` as its Parquet pruning predicate, when it is a Parquet file scan.
+/// The predicate only prunes: with `pushdown_filters` off (the default, which no query can
+/// change) the source evaluates it on statistics, never on rows.
+fn with_pruning(scan: Arc<dyn ExecutionPlan>, predicate: Arc<dyn PhysicalExpr>, config: &ConfigOptions) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let Some(files) = scan.downcast_ref::<DataSourceExec>().and_then(|exec| exec.data_source().downcast_ref::<FileScanConfig>()) else {
+        return Ok(scan);
+    };
+    if config.execution.parquet.pushdown_filters {
+        return Err(DataFusionError::Internal("row filters inside the scan must stay off for a tenant's table".into()));
+    }
+    let Some(source) = files.file_source.try_pushdown_filters(vec![predicate], config)?.updated_node else {
+        return Ok(scan);
+    };
+    let config = FileScanConfigBuilder::from(files.clone()).with_source(source).build();
+    Ok(DataSourceExec::from_data_source(config))
 }
 
 #[async_trait]
@@ -59,13 +99,12 @@ impl TableProvider for TenantTable {
         TableType::Base
     }
 
-    /// Filters are used to prune the scan, never trusted to have filtered: DataFusion keeps them
-    /// above it.
+    /// None: the query's filters run above the restriction, on the caller's rows only.
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+        Ok(vec![TableProviderFilterPushDown::Unsupported; filters.len()])
     }
 
-    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, filters: &[Expr], _limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    async fn scan(&self, state: &dyn Session, projection: Option<&Vec<usize>>, _filters: &[Expr], _limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
         let stored = self.inner.schema();
         let tenant_index = stored.index_of(TENANT_COLUMN)?;
         // The requested columns, by name, in the stored schema; the tenant column is read too,
@@ -76,10 +115,11 @@ impl TableProvider for TenantTable {
         };
         let mut read = vec![tenant_index];
         read.extend(wanted.iter().copied());
-        let mut pruning = filters.to_vec();
-        pruning.push(self.restriction());
-        // No limit below the filter: a limit there would count other tenants' rows.
-        let scan = self.inner.scan(state, Some(&read), &pruning, None).await?;
+        // Neither the query's filters nor its limit go below the restriction: a limit there
+        // would count other tenants' rows, a filter would be evaluated on them.
+        let scan = self.inner.scan(state, Some(&read), &[], None).await?;
+        let predicate = state.create_physical_expr(self.pruning(), &DFSchema::try_from(Arc::clone(&stored))?)?;
+        let scan = with_pruning(scan, predicate, state.config_options())?;
         Ok(Arc::new(TenantRestrictExec::new(scan, &self.tenant)?))
     }
 }
@@ -143,8 +183,10 @@ impl ExecutionPlan for TenantRestrictExec {
         vec![&self.input]
     }
 
+    /// No: an order claimed here would let the optimizer move a sort below this node, where
+    /// its key would be evaluated on every tenant's rows (and on shifted columns).
     fn maintains_input_order(&self) -> Vec<bool> {
-        vec![true]
+        vec![false]
     }
 
     fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>) -> DfResult<TreeNodeRecursion> {

@@ -103,6 +103,10 @@ async fn a_tenant_past_its_concurrent_queries_is_told_to_retry() {
     // 500 ms: the six-way join below (64M rows) takes seconds even on an idle machine, so it
     // always outlives the limit (with 3 s it once finished in time, failing the test).
     config.query_timeout_ms = 500;
+    // Memory enough for the join to run until its time is up: a tenant's table reports no row
+    // count (docs/parquet.md, isolation), so the planner builds the join on its large side.
+    config.query_memory_mb = 4096;
+    config.query_memory_total_mb = 4096;
     let r = tally_query::router_for_tests(config).unwrap();
     let token = f.tokens["acme"].clone();
     let slow = "SELECT sum(a.seq + b.seq + c.seq + d.seq + e.seq + g.seq) FROM events a, events b, events c, events d, events e, events g";

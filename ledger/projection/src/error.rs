@@ -9,9 +9,6 @@ pub enum Error {
     /// A sum of money, tokens or events would leave the 64-bit range (reported, never wrapped).
     #[error("{0}")]
     SumOverflow(String),
-    /// The projection was written before it kept what a reader needs (see its message).
-    #[error("{0}")]
-    NeedsRebuild(String),
     #[error("bad record: {0}")]
     BadRecord(String),
     #[error("corrupt projection {path}: {detail}")]

@@ -27,7 +27,8 @@
 //!   skip it, and it is deleted only [`REPLACED_FILE_GRACE`] after the merge, so a query that
 //!   listed it before the merge never finds it gone.
 //! * A file may be rewritten under its own name with the same rows re-derived from the log (an
-//!   erasure): an atomic replace, so a reader sees the old file or the new one, whole.
+//!   erasure): an atomic replace, so a reader that opens it sees the old file or the new one,
+//!   whole. A query that listed it before may fail reading it (its offsets are the old file's).
 
 use std::path::{Path, PathBuf};
 

@@ -62,16 +62,20 @@ fn writer_properties() -> WriterProperties {
         .build()
 }
 
-fn write_parquet(path: &Path, batches: &[arrow_array::RecordBatch]) -> Result<()> {
+/// Writes `batches` as the Parquet file `path` (atomically); returns the bytes written.
+fn write_parquet(path: &Path, batches: &[arrow_array::RecordBatch]) -> Result<u64> {
     let schema = batches.first().map(|b| b.schema()).ok_or_else(|| Error::Projection("nothing to write".into()))?;
+    let mut written = 0;
     files::write_atomically(path, |file| {
         let mut writer = ArrowWriter::try_new(file, schema, Some(writer_properties())).map_err(std::io::Error::other)?;
         for batch in batches {
             writer.write(batch).map_err(std::io::Error::other)?;
         }
+        written = writer.bytes_written() as u64;
         writer.close().map_err(std::io::Error::other)?;
         Ok(())
-    })
+    })?;
+    Ok(written)
 }
 
 /// Reads a whole projection file.
@@ -161,7 +165,13 @@ pub struct SpendKey {
 pub struct FlushReport {
     pub records: u64,
     pub files: usize,
+    /// Bytes of the files the flush wrote.
+    pub bytes: u64,
+    /// Files its merges replaced.
     pub merged: usize,
+    /// Bytes of the files its merges wrote: the write amplification of compaction is
+    /// `(bytes + merge_bytes) / bytes`.
+    pub merge_bytes: u64,
 }
 
 /// What a unit's projection knows once loaded: its watermark and every tenant's state.
@@ -296,7 +306,19 @@ impl Projection {
     /// every input, the tenants' new states, then the unit's watermark. Needs no access to the
     /// log. An input that no longer starts at its tenant's watermark (another flush wrote it
     /// meanwhile) is skipped.
+    ///
+    /// A failure forgets the unit's state, so its next use recovers it from disk first: files the
+    /// failed flush left are deleted before the flush is written again (a second flush with the
+    /// same number and other rows must never meet them).
     pub fn write(&mut self, inputs: Vec<FlushInput>) -> Result<FlushReport> {
+        let written = self.write_flush_of(inputs);
+        if written.is_err() {
+            self.loaded = None;
+        }
+        written
+    }
+
+    fn write_flush_of(&mut self, inputs: Vec<FlushInput>) -> Result<FlushReport> {
         let (root, unit, zones) = (self.root.clone(), self.unit.clone(), self.zones.clone());
         let loaded = self.loaded()?;
         let mut by_tenant: BTreeMap<String, FlushInput> = BTreeMap::new();
@@ -323,7 +345,7 @@ impl Projection {
             states.insert(tenant.clone(), (flush, mark));
         }
         let path = files::partition_dir(&root, Tree::Tenants, &unit, "").join(files::file_name(flush, flush, states.len() as u64));
-        write_parquet(&path, &[shared::tenant_state_batch(&states)?])?;
+        report.bytes += write_parquet(&path, &[shared::tenant_state_batch(&states)?])?;
         report.files += 1;
         files::write_unit_mark(&root, &unit, &files::UnitMark { next_flush: flush + 1 })?;
         loaded.next_flush = flush + 1;
@@ -333,7 +355,8 @@ impl Projection {
         }
         let mut touched = touched;
         touched.push((Tree::Tenants, String::new()));
-        report.merged = merge_touched(&root, &unit, &touched)?;
+        let (merged, merged_bytes) = merge_touched(&root, &unit, &touched)?;
+        (report.merged, report.merge_bytes) = (merged, merged_bytes);
         Ok(report)
     }
 
@@ -499,14 +522,14 @@ fn write_flush(
         for (value, batches) in groups {
             let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
             let path = files::partition_dir(root, tree, unit, &value).join(files::file_name(flush, flush, rows as u64));
-            write_parquet(&path, &batches)?;
+            report.bytes += write_parquet(&path, &batches)?;
             report.files += 1;
             touched.push((tree, value));
         }
     }
     if !statements.is_empty() {
         let path = files::partition_dir(root, Tree::Statements, unit, "").join(files::file_name(flush, flush, statements.len() as u64));
-        write_parquet(&path, &[shared::statement_batch(&statements)?])?;
+        report.bytes += write_parquet(&path, &[shared::statement_batch(&statements)?])?;
         report.files += 1;
         touched.push((Tree::Statements, String::new()));
     }
@@ -527,13 +550,16 @@ fn skip_overflow(folded: Result<()>, unit: &str, partition: &str) -> Result<bool
     }
 }
 
-fn merge_touched(root: &Path, unit: &str, touched: &Touched) -> Result<usize> {
-    let mut merged = 0;
+/// Merges every directory a flush wrote to; returns the files replaced and the bytes written.
+fn merge_touched(root: &Path, unit: &str, touched: &Touched) -> Result<(usize, u64)> {
+    let (mut merged, mut bytes) = (0, 0);
     for (tree, value) in touched {
-        merged += merge(root, *tree, unit, value)?;
+        let (files, written) = merge(root, *tree, unit, value)?;
+        merged += files;
+        bytes += written;
         files::sweep_replaced(&files::partition_dir(root, *tree, unit, value), value, files::REPLACED_FILE_GRACE)?;
     }
-    Ok(merged)
+    Ok((merged, bytes))
 }
 
 /// Projects records that are not in a log on this machine (a generator, an import): each
@@ -568,13 +594,14 @@ fn stored_schema_of(tree: Tree) -> arrow_schema::Schema {
     }
 }
 
-/// Merges the directory's trailing run of small files, if long enough; returns files replaced.
-fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<usize> {
-    let mut replaced = 0;
+/// Merges the directory's trailing run of small files, if long enough; returns the files
+/// replaced and the bytes written.
+fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<(usize, u64)> {
+    let (mut replaced, mut bytes) = (0, 0);
     let schema = Arc::new(stored_schema_of(tree));
     loop {
         let run = files::merge_candidates(root, tree, unit, value, MERGE_MIN_FILES, MERGE_MAX_ROWS)?;
-        let (Some(head), Some(tail)) = (run.first(), run.last()) else { return Ok(replaced) };
+        let (Some(head), Some(tail)) = (run.first(), run.last()) else { return Ok((replaced, bytes)) };
         let mut batches = Vec::new();
         for f in &run {
             for batch in read_parquet(&f.path)? {
@@ -590,7 +617,7 @@ fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<usize> {
                 for batch in &batches {
                     for (tenant, offset, len) in shared::tenant_runs(batch)? {
                         if skip_overflow(rows::fold_rollup_batch(sums.entry(tenant).or_default(), &batch.slice(offset, len)), unit, value)? {
-                            return Ok(replaced);
+                            return Ok((replaced, bytes));
                         }
                     }
                 }
@@ -602,7 +629,7 @@ fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<usize> {
                 for batch in &batches {
                     for (tenant, offset, len) in shared::tenant_runs(batch)? {
                         if skip_overflow(rows::fold_daily_batch(sums.entry(tenant).or_default(), &batch.slice(offset, len)), unit, value)? {
-                            return Ok(replaced);
+                            return Ok((replaced, bytes));
                         }
                     }
                 }
@@ -619,7 +646,7 @@ fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<usize> {
             }
         };
         let path = files::partition_dir(root, tree, unit, value).join(files::file_name(head.first, tail.last, merged.num_rows() as u64));
-        write_parquet(&path, &[merged])?;
+        bytes += write_parquet(&path, &[merged])?;
         // The merged file now covers the inputs: readers skip them from here on, and they are
         // deleted once no query that listed them before can still be running.
         replaced += run.len();

@@ -398,3 +398,28 @@ fn statements_are_kept_whole_below_the_watermark_and_a_redone_flush_keeps_one_ea
     rebuild_unit(&root, UNIT, &log, report_zones(&["UTC".into()]).unwrap(), |_, _| ()).unwrap();
     assert_eq!(read_statements(&root, UNIT, "acme", u64::MAX).unwrap(), held);
 }
+
+#[test]
+fn a_flush_that_fails_midway_is_redone_exactly_by_the_same_projection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 6);
+    let root = dir.path().join("parquet");
+    let mut p = projection(&root);
+    p.catch_up(&log).unwrap();
+    append(&mut log, 6, 12);
+    append_for(&mut log, "beta", 0, 3);
+    // The daily tree cannot be created: the flush fails after its events and 15-minute files.
+    std::fs::remove_dir_all(root.join("daily")).unwrap();
+    std::fs::write(root.join("daily"), b"in the way").unwrap();
+    assert!(p.catch_up(&log).is_err());
+    std::fs::remove_file(root.join("daily")).unwrap();
+    // A retry with other tenants' records in the same flush number must not meet the failed
+    // flush's files.
+    append_for(&mut log, "gamma", 0, 2);
+    p.catch_up(&log).unwrap();
+    for tenant in ["acme", "beta", "gamma"] {
+        check_matches_log_of(&root, &log, tenant);
+    }
+    assert_eq!(rollup_total(&root).events, 12);
+    assert_eq!(rollup_total_of(&root, "beta").events, 3);
+}
