@@ -150,11 +150,45 @@ pub(crate) fn fold_tenant_states(out: &mut BTreeMap<String, (u64, Watermark)>, b
 pub(crate) fn read_tenant_states(root: &Path, unit: &str, next_flush: u64, only: impl Fn(&str) -> bool) -> Result<BTreeMap<String, (u64, Watermark)>> {
     let mut out = BTreeMap::new();
     for file in files::list_files_below(root, Tree::Tenants, unit, next_flush, |_| true)? {
-        for batch in crate::read_parquet(&file.path)? {
+        for batch in read_rows_of(&file.path, &only)? {
             fold_tenant_states(&mut out, &batch, &file.path, &only)?;
         }
     }
     Ok(out)
+}
+
+/// The rows of a stored file whose tenant `only` passes (and maybe a few others): the tenant
+/// column is read first, then every column of the selected rows only. One tenant's state is
+/// then a read of the small tenant column plus its own row, not of every tenant's checkpoint.
+fn read_rows_of(path: &Path, only: impl Fn(&str) -> bool) -> Result<Vec<RecordBatch>> {
+    use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+    use parquet::arrow::ProjectionMask;
+    let bad = |e: &dyn std::fmt::Display| Error::Projection(format!("{}: {e}", path.display()));
+    let open = || {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))
+    };
+    let builder = open()?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), [TENANT_COLUMN]);
+    let mut selectors: Vec<RowSelector> = Vec::new();
+    let mut any = false;
+    for batch in builder.with_projection(mask).build().map_err(|e| bad(&e))? {
+        let batch = batch.map_err(|e| bad(&e))?;
+        let tenants = column::<StringArray>(&batch, TENANT_COLUMN, path)?;
+        for i in 0..tenants.len() {
+            let keep = only(tenants.value(i));
+            any |= keep;
+            match selectors.last_mut() {
+                Some(last) if last.skip != keep => last.row_count += 1,
+                _ => selectors.push(if keep { RowSelector::select(1) } else { RowSelector::skip(1) }),
+            }
+        }
+    }
+    if !any {
+        return Ok(Vec::new());
+    }
+    let reader = open()?.with_row_selection(RowSelection::from(selectors)).build().map_err(|e| bad(&e))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| bad(&e))
 }
 
 /// The tenant's watermark in the unit's projection (zero when it was never projected).
