@@ -27,9 +27,10 @@ queries = {
         WHERE tenant_id = '{big}' AND zone = 'UTC' AND date >= DATE '2026-11-01' AND date < DATE '2026-12-01'
         GROUP BY ALL""",
     "billing_spend": f"""
-        SELECT tenant_id, currency, sum(events), sum(cost_micros), sum(input_tokens), sum(output_tokens)
-        FROM read_parquet('{root}/daily/*/month=2026-11/*.parquet', hive_partitioning = true)
-        WHERE zone = 'UTC' AND currency IS NOT NULL GROUP BY ALL""",
+        SELECT tenant_id, currency, charge_basis, corrects_period IS NOT NULL,
+               sum(events), sum(cost_micros), sum(charge_micros), sum(input_tokens), sum(output_tokens)
+        FROM read_parquet('{root}/billing/*/month=2026-11/*.parquet', hive_partitioning = true)
+        GROUP BY ALL""",
     "audit_page": f"""
         SELECT * FROM read_parquet('{root}/events/partition={unit}/*/*.parquet')
         WHERE tenant_id = '{big}' AND seq > {r['page_after']} ORDER BY seq LIMIT 1000""",

@@ -528,8 +528,8 @@ impl SpendCalendar {
 /// Every tenant's spend for `period` (`YYYY-MM`) in `calendar`: one row per tenant, currency,
 /// charge basis and correction (events with nothing charged are not billing lines).
 ///
-/// Billing reads each partition's few shared files (the daily roll-ups of the month, one row per
-/// tenant, day and dimension; or its statements) directly with the Parquet reader, partitions on
+/// Billing reads each partition's few shared files (the billing roll-ups of the month, a few
+/// rows per tenant; or its statements) directly with the Parquet reader, partitions on
 /// all cores: O(partitions × files) reads, whatever the number of tenants.
 pub async fn spend(engine: &Engine, period: &str, calendar: SpendCalendar, timeout: Duration) -> Result<Vec<Spend>> {
     let root = engine.root().to_path_buf();
@@ -583,26 +583,15 @@ fn log_origin(mark: &tally_projection::Watermark) -> Option<String> {
 fn month_spend(root: &Path, unit: &str, month: &str, (start, end): (Timestamp, Timestamp)) -> tally_projection::Result<Vec<Spend>> {
     use tally_projection::{currency_sums, list_files};
     let marks = tally_projection::read_watermarks(root, unit)?;
-    // A UTC month is exactly the UTC days of that month: the daily roll-ups, for the tenants they
-    // cover over their whole log, are the smaller read; the others are read from the 15-minute
-    // roll-ups.
-    let daily = |t: &str| marks.get(t).is_some_and(|m| daily_complete(m, "UTC"));
+    // The billing roll-up of the UTC month: a few rows per tenant, every line already summed
+    // (kept from each tenant's first flush, so always complete).
     let mut total = tally_projection::TenantSpend::new();
-    let mut add = |sums: tally_projection::TenantSpend| -> tally_projection::Result<()> {
-        for (tenant, lines) in sums {
+    for file in list_files(root, Tree::Billing, unit, |m| m == month)? {
+        for (tenant, lines) in currency_sums(&file.path, None, None, |_| true)? {
             let into = total.entry(tenant).or_default();
             for (key, s) in lines {
                 into.entry(key).or_default().add(s)?;
             }
-        }
-        Ok(())
-    };
-    for file in list_files(root, Tree::Daily, unit, |m| m == month)? {
-        add(currency_sums(&file.path, Some("UTC"), None, daily)?)?;
-    }
-    if marks.keys().any(|t| !daily(t)) {
-        for file in list_files(root, Tree::Rollups, unit, |m| m == month)? {
-            add(currency_sums(&file.path, None, None, |t| !daily(t))?)?;
         }
     }
     Ok(total

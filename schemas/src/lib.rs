@@ -26,4 +26,4 @@ pub use event::{
     MAX_CLOCK_AHEAD_SECONDS, MAX_ID_CHARS, MAX_TOKENS,
 };
 pub use partitioner::{murmur2, tenant_partition};
-pub use projection::{daily_rollup_schema, projection_schema, rollup_schema, stored_schema, ROLLUP_BUCKET_SECONDS, TENANT_COLUMN};
+pub use projection::{billing_rollup_schema, daily_rollup_schema, projection_schema, rollup_schema, stored_schema, ROLLUP_BUCKET_SECONDS, TENANT_COLUMN};

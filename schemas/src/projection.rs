@@ -108,6 +108,27 @@ pub fn daily_rollup_schema() -> Schema {
     ])
 }
 
+/// Columns of a tenant's billing roll-up (files store them after `tenant_id`; `month` is a hive
+/// partition column, the UTC month of the events): what the spend export bills, one row per UTC
+/// `date`, currency, charge basis, billing period and corrected period, without any other
+/// dimension, so a month's spend of every tenant of a partition is a few rows per tenant and
+/// active day. (Days, not months: one day's sum fitting 64 bits is what a flush needs; a month's
+/// is checked when it is read.)
+pub fn billing_rollup_schema() -> Schema {
+    Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("currency", DataType::Utf8, false),
+        Field::new("billing_period", DataType::Date32, true),
+        Field::new("charge_basis", DataType::Utf8, true),
+        Field::new("corrects_period", DataType::Date32, true),
+        Field::new("events", DataType::Int64, false),
+        Field::new("cost_micros", DataType::Int64, false),
+        Field::new("charge_micros", DataType::Int64, false),
+        Field::new("input_tokens", DataType::Int64, false),
+        Field::new("output_tokens", DataType::Int64, false),
+    ])
+}
+
 /// Width of a roll-up bucket in seconds.
 pub const ROLLUP_BUCKET_SECONDS: i64 = 15 * 60;
 

@@ -5,6 +5,7 @@
 //! <root>/events/partition=<p>/_projection.json                                  the watermark
 //! <root>/rollups/partition=<p>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    15-minute sums
 //! <root>/daily/partition=<p>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet      daily sums per zone
+//! <root>/billing/partition=<p>/month=<YYYY-MM>/<first>-<last>-<rows>.parquet    billing lines
 //! <root>/tenants/partition=<p>/<first>-<last>-<rows>.parquet                    tenant states
 //! <root>/statements/partition=<p>/<first>-<last>-<rows>.parquet                 statements
 //! ```
@@ -45,6 +46,9 @@ pub enum Tree {
     Rollups,
     /// Cost sums per local day in each report zone, in `month=` directories (local month).
     Daily,
+    /// What the spend export bills: sums per tenant and billing line, in `month=` directories
+    /// (UTC month).
+    Billing,
     /// Each tenant's state after a flush (watermark, checkpoint), in the unit's directory.
     Tenants,
     /// `statement` records, whole, in the unit's directory.
@@ -53,7 +57,7 @@ pub enum Tree {
 
 impl Tree {
     /// Every tree, in the order a flush writes them.
-    pub const ALL: [Tree; 5] = [Tree::Events, Tree::Rollups, Tree::Daily, Tree::Statements, Tree::Tenants];
+    pub const ALL: [Tree; 6] = [Tree::Events, Tree::Rollups, Tree::Daily, Tree::Billing, Tree::Statements, Tree::Tenants];
 }
 
 impl Tree {
@@ -62,6 +66,7 @@ impl Tree {
             Tree::Events => "events",
             Tree::Rollups => "rollups",
             Tree::Daily => "daily",
+            Tree::Billing => "billing",
             Tree::Tenants => "tenants",
             Tree::Statements => "statements",
         }
@@ -72,7 +77,7 @@ impl Tree {
     fn partition_key(self) -> Option<&'static str> {
         match self {
             Tree::Events => Some("date="),
-            Tree::Rollups | Tree::Daily => Some("month="),
+            Tree::Rollups | Tree::Daily | Tree::Billing => Some("month="),
             Tree::Tenants | Tree::Statements => None,
         }
     }

@@ -31,7 +31,9 @@ pub use files::{
     list_files, partition_dir, partitions, projected_units, read_unit_mark, unit_dir, valid_unit, ProjectedStatement, ProjectionFile, Tree, UnitMark,
     Watermark, REPLACED_FILE_GRACE,
 };
-pub use rows::{add_event, add_event_daily, bucket_of, epoch_days, from_epoch_days, Daily, DailyKey, Rollup, RollupKey, RollupSums};
+pub use rows::{
+    add_event, add_event_billing, add_event_daily, bucket_of, epoch_days, from_epoch_days, Billing, BillingKey, Daily, DailyKey, Rollup, RollupKey, RollupSums,
+};
 pub use shared::{read_statements, read_unit_statements, read_watermark, read_watermarks};
 
 pub use error::{Error, Result};
@@ -67,12 +69,12 @@ fn write_parquet(path: &Path, batches: &[arrow_array::RecordBatch]) -> Result<u6
     let schema = batches.first().map(|b| b.schema()).ok_or_else(|| Error::Projection("nothing to write".into()))?;
     let mut written = 0;
     files::write_atomically(path, |file| {
-        let mut writer = ArrowWriter::try_new(file, schema, Some(writer_properties())).map_err(std::io::Error::other)?;
+        let mut writer = ArrowWriter::try_new(&mut *file, schema, Some(writer_properties())).map_err(std::io::Error::other)?;
         for batch in batches {
             writer.write(batch).map_err(std::io::Error::other)?;
         }
-        written = writer.bytes_written() as u64;
         writer.close().map_err(std::io::Error::other)?;
+        written = file.metadata()?.len();
         Ok(())
     })?;
     Ok(written)
@@ -486,6 +488,7 @@ fn write_flush(
     let mut by_date: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     let mut by_month: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     let mut daily_by_month: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
+    let mut billing_by_month: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
     let mut statements = Vec::new();
     let mut report = FlushReport::default();
     // Tenants in ascending order, so every file is grouped by tenant.
@@ -495,12 +498,14 @@ fn write_flush(
         let mut dates: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
         let mut months: BTreeMap<String, Rollup> = BTreeMap::new();
         let mut daily: BTreeMap<String, Daily> = BTreeMap::new();
+        let mut billing: BTreeMap<String, Billing> = BTreeMap::new();
         for row in &rows {
             dates.entry(row.date()).or_default().push(row);
             if let (Some(event), "event") = (&row.event, row.record_type.as_str()) {
                 let month = rows::month_of(rows::bucket_of(event.occurred_at));
                 rows::add_event(months.entry(month).or_default(), event, row.charge.as_ref())?;
                 rows::add_event_daily(&mut daily, zones, event, row.charge.as_ref())?;
+                rows::add_event_billing(&mut billing, event, row.charge.as_ref())?;
             }
         }
         for (date, rows) in dates {
@@ -512,13 +517,16 @@ fn write_flush(
         for (month, rollup) in daily {
             daily_by_month.entry(month).or_default().push(shared::with_tenant(&rows::daily_batch(rollup.iter())?, tenant)?);
         }
+        for (month, lines) in billing {
+            billing_by_month.entry(month).or_default().push(shared::with_tenant(&rows::billing_batch(lines.iter())?, tenant)?);
+        }
         // Statements are kept whole beside the rows, for the spend export by billing period.
         for (row, entry) in rows.iter().zip(&input.entries).filter(|(row, _)| row.record_type == "statement") {
             statements.push((tenant.clone(), files::ProjectedStatement { seq: row.seq, statement: tally_log::Statement::decode(row.seq, entry)? }));
         }
     }
     let mut touched = Vec::new();
-    for (tree, groups) in [(Tree::Events, by_date), (Tree::Rollups, by_month), (Tree::Daily, daily_by_month)] {
+    for (tree, groups) in [(Tree::Events, by_date), (Tree::Rollups, by_month), (Tree::Daily, daily_by_month), (Tree::Billing, billing_by_month)] {
         for (value, batches) in groups {
             let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
             let path = files::partition_dir(root, tree, unit, &value).join(files::file_name(flush, flush, rows as u64));
@@ -589,6 +597,7 @@ fn stored_schema_of(tree: Tree) -> arrow_schema::Schema {
         Tree::Events => tally_schemas::stored_schema(&tally_schemas::projection_schema()),
         Tree::Rollups => tally_schemas::stored_schema(&tally_schemas::rollup_schema()),
         Tree::Daily => tally_schemas::stored_schema(&tally_schemas::daily_rollup_schema()),
+        Tree::Billing => tally_schemas::stored_schema(&tally_schemas::billing_rollup_schema()),
         Tree::Tenants => shared::tenant_state_schema(),
         Tree::Statements => shared::statement_schema(),
     }
@@ -634,6 +643,18 @@ fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<(usize, u64
                     }
                 }
                 let parts = sums.iter().map(|(t, r)| shared::with_tenant(&rows::daily_batch(r.iter())?, t)).collect::<Result<Vec<_>>>()?;
+                shared::concat(Arc::clone(&schema), &parts)?
+            }
+            Tree::Billing => {
+                let mut sums: BTreeMap<String, Billing> = BTreeMap::new();
+                for batch in &batches {
+                    for (tenant, offset, len) in shared::tenant_runs(batch)? {
+                        if skip_overflow(rows::fold_billing_batch(sums.entry(tenant).or_default(), &batch.slice(offset, len)), unit, value)? {
+                            return Ok((replaced, bytes));
+                        }
+                    }
+                }
+                let parts = sums.iter().map(|(t, r)| shared::with_tenant(&rows::billing_batch(r.iter())?, t)).collect::<Result<Vec<_>>>()?;
                 shared::concat(Arc::clone(&schema), &parts)?
             }
             // A tenant's latest state replaces its earlier ones.

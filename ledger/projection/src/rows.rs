@@ -18,7 +18,7 @@ use arrow_array::{Array, ArrayRef, Date32Array, Int64Array, RecordBatch, StringA
 use arrow_schema::{Field, Schema, SchemaRef};
 use jiff::Timestamp;
 use serde::Deserialize;
-use tally_schemas::{daily_rollup_schema, projection_schema, rollup_schema, Event, ROLLUP_BUCKET_SECONDS};
+use tally_schemas::{billing_rollup_schema, daily_rollup_schema, projection_schema, rollup_schema, Event, ROLLUP_BUCKET_SECONDS};
 
 use crate::error::{Error, Result};
 use tally_log::merkle::{leaf_hash, Hash};
@@ -528,7 +528,81 @@ pub(crate) fn fold_daily_batch(daily: &mut Daily, batch: &RecordBatch) -> Result
     Ok(())
 }
 
-/// The sum columns of a roll-up batch (both kinds), in [`RollupSums::values`] order.
+/// What a billing roll-up row is keyed by: what a spend line is, and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BillingKey {
+    /// The UTC date of the events, days since 1970-01-01.
+    pub date: i32,
+    pub currency: String,
+    pub billing_period: Option<i32>,
+    pub charge_basis: Option<String>,
+    pub corrects_period: Option<i32>,
+}
+
+/// Billing roll-up rows by key.
+pub type Billing = BTreeMap<BillingKey, RollupSums>;
+
+/// Adds an event to the billing roll-up of its UTC month (`month → rows`); an event with no
+/// currency (no charge, no cost) bills nothing and is left out.
+pub fn add_event_billing(billing: &mut BTreeMap<String, Billing>, event: &Event, charge: Option<&Charge>) -> Result<()> {
+    let Some(currency) = sum_currency(event, charge) else { return Ok(()) };
+    let key = BillingKey {
+        date: epoch_days(event.occurred_at.to_zoned(jiff::tz::TimeZone::UTC).date()),
+        currency,
+        billing_period: charge.and_then(period_days),
+        charge_basis: charge.map(|c| c.basis.as_str().to_string()),
+        corrects_period: charge.and_then(corrects_days),
+    };
+    let month = month_of(bucket_of(event.occurred_at));
+    billing.entry(month).or_default().entry(key).or_default().add(event_sums(event, charge))
+}
+
+/// The Arrow batch of billing roll-ups under [`billing_rollup_schema`].
+pub(crate) fn billing_batch<'a>(rows: impl Iterator<Item = (&'a BillingKey, &'a RollupSums)>) -> Result<RecordBatch> {
+    let mut date = Date32Builder::new();
+    let mut currency = StringBuilder::new();
+    let mut period = Date32Builder::new();
+    let mut basis = StringBuilder::new();
+    let mut corrects = Date32Builder::new();
+    let mut sums: Vec<Int64Builder> = (0..5).map(|_| Int64Builder::new()).collect();
+    for (k, s) in rows {
+        date.append_value(k.date);
+        currency.append_value(&k.currency);
+        period.append_option(k.billing_period);
+        basis.append_option(k.charge_basis.as_deref());
+        corrects.append_option(k.corrects_period);
+        for (b, v) in sums.iter_mut().zip(s.values()) {
+            b.append_value(v);
+        }
+    }
+    let mut columns: Vec<ArrayRef> =
+        vec![Arc::new(date.finish()), Arc::new(currency.finish()), Arc::new(period.finish()), Arc::new(basis.finish()), Arc::new(corrects.finish())];
+    columns.extend(sums.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    RecordBatch::try_new(Arc::new(billing_rollup_schema()), columns).map_err(|e| Error::Projection(format!("billing roll-up batch: {e}")))
+}
+
+/// Adds the rows of a billing roll-up batch to `billing`.
+pub(crate) fn fold_billing_batch(billing: &mut Billing, batch: &RecordBatch) -> Result<()> {
+    let date = column::<Date32Array>(batch, "date")?;
+    let currency = column::<StringArray>(batch, "currency")?;
+    let period = column::<Date32Array>(batch, "billing_period")?;
+    let basis = column::<StringArray>(batch, "charge_basis")?;
+    let corrects = column::<Date32Array>(batch, "corrects_period")?;
+    let sums = SumColumns::of(batch)?;
+    for i in 0..batch.num_rows() {
+        let key = BillingKey {
+            date: date.value(i),
+            currency: currency.value(i).to_string(),
+            billing_period: (!period.is_null(i)).then(|| period.value(i)),
+            charge_basis: (!basis.is_null(i)).then(|| basis.value(i).to_string()),
+            corrects_period: (!corrects.is_null(i)).then(|| corrects.value(i)),
+        };
+        billing.entry(key).or_default().add(sums.row(i))?;
+    }
+    Ok(())
+}
+
+/// The sum columns of a roll-up batch (all kinds), in [`RollupSums::values`] order.
 pub(crate) struct SumColumns<'a>([&'a Int64Array; 5]);
 
 impl<'a> SumColumns<'a> {

@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use arrow_array::{Array, FixedSizeBinaryArray, StringArray, UInt64Array};
 use tally_schemas::Event;
@@ -422,4 +422,29 @@ fn a_flush_that_fails_midway_is_redone_exactly_by_the_same_projection() {
     }
     assert_eq!(rollup_total(&root).events, 12);
     assert_eq!(rollup_total_of(&root, "beta").events, 3);
+}
+
+#[test]
+fn the_billing_roll_up_holds_every_charged_event_once_per_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = log_with(&dir.path().join("log"), 9);
+    append_for(&mut log, "beta", 0, 4);
+    let root = dir.path().join("parquet");
+    let mut p = projection(&root);
+    // Many flushes, so the billing files are merged too.
+    for i in 9..30 {
+        append(&mut log, i, i + 1);
+        p.catch_up(&log).unwrap();
+    }
+    let mut billed: BTreeMap<String, RollupSums> = BTreeMap::new();
+    for f in list_files(&root, Tree::Billing, UNIT, |_| true).unwrap() {
+        for (tenant, lines) in currency_sums(&f.path, None, None, |_| true).unwrap() {
+            for sums in lines.into_values() {
+                billed.entry(tenant.clone()).or_default().add(sums).unwrap();
+            }
+        }
+    }
+    assert_eq!(billed.get("acme"), Some(&rollup_total(&root)));
+    assert_eq!(billed.get("beta"), Some(&rollup_total_of(&root, "beta")));
+    assert_eq!(billed["acme"].events, 30);
 }
