@@ -89,23 +89,23 @@ pub fn projection_schema() -> Schema {
 /// dimension, so a month's report reads a few thousand rows whatever the event volume.
 pub fn daily_rollup_schema() -> Schema {
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
-    Schema::new(vec![
-        Field::new("zone", DataType::Utf8, false),
-        Field::new("date", DataType::Date32, false),
-        Field::new("kind", DataType::Utf8, false),
-        text("decision"),
-        text("agent_id"),
-        text("action"),
-        text("currency"),
-        Field::new("billing_period", DataType::Date32, true),
-        text("charge_basis"),
-        Field::new("corrects_period", DataType::Date32, true),
-        Field::new("events", DataType::Int64, false),
-        Field::new("cost_micros", DataType::Int64, false),
-        Field::new("charge_micros", DataType::Int64, false),
-        Field::new("input_tokens", DataType::Int64, false),
-        Field::new("output_tokens", DataType::Int64, false),
-    ])
+    Schema::new(
+        vec![
+            Field::new("zone", DataType::Utf8, false),
+            Field::new("date", DataType::Date32, false),
+            Field::new("kind", DataType::Utf8, false),
+            text("decision"),
+            text("agent_id"),
+            text("action"),
+            text("currency"),
+            Field::new("billing_period", DataType::Date32, true),
+            text("charge_basis"),
+            Field::new("corrects_period", DataType::Date32, true),
+        ]
+        .into_iter()
+        .chain(sum_fields())
+        .collect::<Vec<_>>(),
+    )
 }
 
 /// Columns of a tenant's billing roll-up (files store them after `tenant_id`; `month` is a hive
@@ -115,18 +115,24 @@ pub fn daily_rollup_schema() -> Schema {
 /// active day. (Days, not months: one day's sum fitting 64 bits is what a flush needs; a month's
 /// is checked when it is read.)
 pub fn billing_rollup_schema() -> Schema {
-    Schema::new(vec![
-        Field::new("date", DataType::Date32, false),
-        Field::new("currency", DataType::Utf8, false),
-        Field::new("billing_period", DataType::Date32, true),
-        Field::new("charge_basis", DataType::Utf8, true),
-        Field::new("corrects_period", DataType::Date32, true),
-        Field::new("events", DataType::Int64, false),
-        Field::new("cost_micros", DataType::Int64, false),
-        Field::new("charge_micros", DataType::Int64, false),
-        Field::new("input_tokens", DataType::Int64, false),
-        Field::new("output_tokens", DataType::Int64, false),
-    ])
+    Schema::new(
+        vec![
+            Field::new("date", DataType::Date32, false),
+            Field::new("currency", DataType::Utf8, false),
+            Field::new("billing_period", DataType::Date32, true),
+            Field::new("charge_basis", DataType::Utf8, true),
+            Field::new("corrects_period", DataType::Date32, true),
+        ]
+        .into_iter()
+        .chain(sum_fields())
+        .collect::<Vec<_>>(),
+    )
+}
+
+/// The sums every roll-up row ends with: events, what the gateways claimed, what was charged,
+/// and tokens.
+fn sum_fields() -> [Field; 5] {
+    ["events", "cost_micros", "charge_micros", "input_tokens", "output_tokens"].map(|name| Field::new(name, DataType::Int64, false))
 }
 
 /// Width of a roll-up bucket in seconds.
@@ -136,23 +142,23 @@ pub const ROLLUP_BUCKET_SECONDS: i64 = 15 * 60;
 /// hive partition column).
 pub fn rollup_schema() -> Schema {
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
-    Schema::new(vec![
-        Field::new("bucket_start", DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::<str>::from("UTC"))), false),
-        Field::new("kind", DataType::Utf8, false),
-        text("decision"),
-        text("agent_id"),
-        text("action"),
-        text("task_id"),
-        text("currency"),
-        Field::new("billing_period", DataType::Date32, true),
-        text("charge_basis"),
-        Field::new("corrects_period", DataType::Date32, true),
-        Field::new("events", DataType::Int64, false),
-        Field::new("cost_micros", DataType::Int64, false),
-        Field::new("charge_micros", DataType::Int64, false),
-        Field::new("input_tokens", DataType::Int64, false),
-        Field::new("output_tokens", DataType::Int64, false),
-    ])
+    Schema::new(
+        vec![
+            Field::new("bucket_start", DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::<str>::from("UTC"))), false),
+            Field::new("kind", DataType::Utf8, false),
+            text("decision"),
+            text("agent_id"),
+            text("action"),
+            text("task_id"),
+            text("currency"),
+            Field::new("billing_period", DataType::Date32, true),
+            text("charge_basis"),
+            Field::new("corrects_period", DataType::Date32, true),
+        ]
+        .into_iter()
+        .chain(sum_fields())
+        .collect::<Vec<_>>(),
+    )
 }
 
 #[cfg(test)]

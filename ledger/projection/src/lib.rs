@@ -603,6 +603,29 @@ fn stored_schema_of(tree: Tree) -> arrow_schema::Schema {
     }
 }
 
+/// The roll-up rows of `batches` (stored, with `tenant_id`) summed again per tenant and key,
+/// folded by `fold` and written by `batch`; None when a merged sum would overflow (see
+/// [`skip_overflow`]).
+fn resum<K: Ord>(
+    schema: &arrow_schema::SchemaRef,
+    batches: &[RecordBatch],
+    unit: &str,
+    value: &str,
+    fold: impl Fn(&mut BTreeMap<K, RollupSums>, &RecordBatch) -> Result<()>,
+    batch: impl Fn(&BTreeMap<K, RollupSums>) -> Result<RecordBatch>,
+) -> Result<Option<RecordBatch>> {
+    let mut sums: BTreeMap<String, BTreeMap<K, RollupSums>> = BTreeMap::new();
+    for stored in batches {
+        for (tenant, offset, len) in shared::tenant_runs(stored)? {
+            if skip_overflow(fold(sums.entry(tenant).or_default(), &stored.slice(offset, len)), unit, value)? {
+                return Ok(None);
+            }
+        }
+    }
+    let parts = sums.iter().map(|(t, rows)| shared::with_tenant(&batch(rows)?, t)).collect::<Result<Vec<_>>>()?;
+    shared::concat(Arc::clone(schema), &parts).map(Some)
+}
+
 /// Merges the directory's trailing run of small files, if long enough; returns the files
 /// replaced and the bytes written.
 fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<(usize, u64)> {
@@ -621,42 +644,20 @@ fn merge(root: &Path, tree: Tree, unit: &str, value: &str) -> Result<(usize, u64
         let merged = match tree {
             // Rows and statements are concatenated, per tenant in flush order.
             Tree::Events | Tree::Statements => shared::regroup(Arc::clone(&schema), &batches)?,
-            Tree::Rollups => {
-                let mut sums: BTreeMap<String, Rollup> = BTreeMap::new();
-                for batch in &batches {
-                    for (tenant, offset, len) in shared::tenant_runs(batch)? {
-                        if skip_overflow(rows::fold_rollup_batch(sums.entry(tenant).or_default(), &batch.slice(offset, len)), unit, value)? {
-                            return Ok((replaced, bytes));
-                        }
-                    }
-                }
-                let parts = sums.iter().map(|(t, r)| shared::with_tenant(&rows::rollup_batch(r.iter())?, t)).collect::<Result<Vec<_>>>()?;
-                shared::concat(Arc::clone(&schema), &parts)?
-            }
-            Tree::Daily => {
-                let mut sums: BTreeMap<String, Daily> = BTreeMap::new();
-                for batch in &batches {
-                    for (tenant, offset, len) in shared::tenant_runs(batch)? {
-                        if skip_overflow(rows::fold_daily_batch(sums.entry(tenant).or_default(), &batch.slice(offset, len)), unit, value)? {
-                            return Ok((replaced, bytes));
-                        }
-                    }
-                }
-                let parts = sums.iter().map(|(t, r)| shared::with_tenant(&rows::daily_batch(r.iter())?, t)).collect::<Result<Vec<_>>>()?;
-                shared::concat(Arc::clone(&schema), &parts)?
-            }
-            Tree::Billing => {
-                let mut sums: BTreeMap<String, Billing> = BTreeMap::new();
-                for batch in &batches {
-                    for (tenant, offset, len) in shared::tenant_runs(batch)? {
-                        if skip_overflow(rows::fold_billing_batch(sums.entry(tenant).or_default(), &batch.slice(offset, len)), unit, value)? {
-                            return Ok((replaced, bytes));
-                        }
-                    }
-                }
-                let parts = sums.iter().map(|(t, r)| shared::with_tenant(&rows::billing_batch(r.iter())?, t)).collect::<Result<Vec<_>>>()?;
-                shared::concat(Arc::clone(&schema), &parts)?
-            }
+            // Roll-up rows are summed again per tenant and key; a sum that would overflow leaves
+            // the run unmerged.
+            Tree::Rollups => match resum(&schema, &batches, unit, value, rows::fold_rollup_batch, |r: &Rollup| rows::rollup_batch(r.iter()))? {
+                Some(merged) => merged,
+                None => return Ok((replaced, bytes)),
+            },
+            Tree::Daily => match resum(&schema, &batches, unit, value, rows::fold_daily_batch, |r: &Daily| rows::daily_batch(r.iter()))? {
+                Some(merged) => merged,
+                None => return Ok((replaced, bytes)),
+            },
+            Tree::Billing => match resum(&schema, &batches, unit, value, rows::fold_billing_batch, |r: &Billing| rows::billing_batch(r.iter()))? {
+                Some(merged) => merged,
+                None => return Ok((replaced, bytes)),
+            },
             // A tenant's latest state replaces its earlier ones.
             Tree::Tenants => {
                 let mut states = BTreeMap::new();
